@@ -1,0 +1,39 @@
+// Logging to stderr: one line per event, "2026-11-26T03:37:35.123Z level message".
+//
+// printf-style so call sites stay short; the level check happens before any formatting, so a
+// disabled debug line costs one comparison. Secrets must never be passed to these functions.
+//
+// Thread safety: safe from any thread (each line is one write(2)).
+
+#ifndef BROKERPROXY_LOOP_LOG_H_
+#define BROKERPROXY_LOOP_LOG_H_
+
+#include <optional>
+#include <string_view>
+
+namespace brokerproxy {
+
+enum class LogLevel { kDebug = 0, kInfo = 1, kWarn = 2, kError = 3 };
+
+// Default: kInfo.
+void SetLogLevel(LogLevel level);
+LogLevel GetLogLevel();
+inline bool LogEnabled(LogLevel level) { return level >= GetLogLevel(); }
+std::optional<LogLevel> ParseLogLevel(std::string_view name);
+
+void Logf(LogLevel level, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+
+}  // namespace brokerproxy
+
+#define BP_LOG(level, ...)                                         \
+  do {                                                             \
+    if (::brokerproxy::LogEnabled(level)) {                        \
+      ::brokerproxy::Logf(level, __VA_ARGS__);                     \
+    }                                                              \
+  } while (0)
+#define LOG_DEBUG(...) BP_LOG(::brokerproxy::LogLevel::kDebug, __VA_ARGS__)
+#define LOG_INFO(...) BP_LOG(::brokerproxy::LogLevel::kInfo, __VA_ARGS__)
+#define LOG_WARN(...) BP_LOG(::brokerproxy::LogLevel::kWarn, __VA_ARGS__)
+#define LOG_ERROR(...) BP_LOG(::brokerproxy::LogLevel::kError, __VA_ARGS__)
+
+#endif  // BROKERPROXY_LOOP_LOG_H_

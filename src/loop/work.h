@@ -1,0 +1,64 @@
+// Work on libuv's thread pool, and name resolution (which also runs there).
+//
+// Both return a Pending token. Dropping the token before completion detaches the callback: it
+// is then never called (a job that already started still runs to its end on the pool, and its
+// results are discarded on the loop thread). So an owner that holds the token may die at any
+// time without a late callback reaching it. A token that is kept does not make the owner wait.
+//
+// Loop-thread only, except the `work` function itself, which runs on a pool thread and must
+// touch nothing that the loop thread uses meanwhile.
+
+#ifndef BROKERPROXY_LOOP_WORK_H_
+#define BROKERPROXY_LOOP_WORK_H_
+
+#include <sys/socket.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loop/loop.h"
+
+namespace brokerproxy::loop {
+
+namespace internal {
+struct PendingState;
+}
+
+// Owner-side handle of an asynchronous request. Movable, not copyable.
+class Pending {
+ public:
+  Pending() = default;
+  explicit Pending(internal::PendingState* state);
+  Pending(Pending&& other) noexcept;
+  Pending& operator=(Pending&& other) noexcept;
+  Pending(const Pending&) = delete;
+  Pending& operator=(const Pending&) = delete;
+  ~Pending() { Detach(); }
+
+  // True until the callback ran or the request was detached.
+  bool active() const { return state_ != nullptr; }
+  // Cancels if not started yet; the callback will not be called.
+  void Detach();
+
+ private:
+  friend struct internal::PendingState;
+  internal::PendingState* state_ = nullptr;
+};
+
+// Runs `work` on the thread pool, then `after` on the loop thread.
+Pending QueueWork(Loop& loop, std::function<void()> work, std::function<void()> after);
+
+// Resolves `host` (a name or a numeric address) and `port` to TCP socket addresses, IPv4 and
+// IPv6, in the order getaddrinfo gives them. Numeric addresses are answered without the pool,
+// on a later loop iteration.
+using ResolveCallback = std::function<void(Result<std::vector<sockaddr_storage>>)>;
+Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback cb);
+
+// Parses a numeric IPv4/IPv6 address (no brackets) and port; nullopt if not numeric.
+std::optional<sockaddr_storage> ParseNumericAddress(const std::string& host, int port);
+
+}  // namespace brokerproxy::loop
+
+#endif  // BROKERPROXY_LOOP_WORK_H_
