@@ -1,0 +1,143 @@
+// The configuration: one option table drives config.ini, the command-line overrides, the
+// help text and config.ini.example (STYLE.md P17).
+//
+// Precedence, lowest first: built-in defaults (which work for a single user with no file at
+// all), then the file (-c FILE, else $BROKERPROXY_CONFIG, else /etc/brokerproxy/config.ini if it
+// exists), then command-line flags (`--set section.key=value`, and the per-option flags the
+// table names, e.g. `run --listen`).
+//
+// Errors name the file, the line and the key: "/etc/brokerproxy/config.ini:12: [proxy]
+// max_connections: 'many' is not an integer".
+
+#ifndef BROKERPROXY_CLI_OPTIONS_H_
+#define BROKERPROXY_CLI_OPTIONS_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "loop/address.h"
+#include "loop/log.h"
+#include "loop/status.h"
+#include "registry/registry.h"
+
+namespace CLI {
+class App;
+}
+
+namespace brokerproxy::cli {
+
+struct Config {
+  // [broker]
+  std::string state_dir;       // default: /var/lib/brokerproxy (root), else
+                               // ${XDG_STATE_HOME:-~/.local/state}/brokerproxy
+  std::string control_socket;  // default: <state_dir>/control.sock
+  LogLevel log_level = LogLevel::kInfo;
+
+  // [registry]
+  registry::PortRange port_range;    // 41000-41999
+  int secret_bits = 256;             // 128..4096, multiple of 8
+  int64_t default_ttl_ms = 0;        // 0: jobs do not expire
+  int64_t ready_timeout_ms = 120000; // how long `save --wait` and exec mode wait for a listener
+
+  // [proxy]
+  std::vector<HostPort> listen{{"127.0.0.1", 7000}};
+  std::vector<std::string> plain_allow{"127.0.0.0/8", "::1"};  // each a valid Cidr
+  int max_connections = 4096;
+  int64_t handshake_timeout_ms = 10000;
+  int64_t connect_timeout_ms = 10000;
+  int64_t idle_timeout_ms = 0;          // 0: off (notebooks and VNC sit idle for hours)
+  int64_t half_close_timeout_ms = 300000;
+  int64_t keepalive_ms = 60000;         // TCP keepalive idle time; 0: off
+  int throttle_failures = 10;           // failed handshakes per window before throttling
+  int64_t throttle_window_ms = 60000;
+
+  // [tls]
+  std::string tls_domain = "localhost";  // SNI <job_id>.<tls_domain>
+  std::string ca_cert;                   // default: <state_dir>/ca.pem
+  std::string ca_key;                    // default: <state_dir>/ca-key.pem
+  int cert_days = 365;
+
+  // [ssh]
+  std::string host_key;  // default: <state_dir>/ssh_host_ed25519_key
+
+  // [client]
+  std::string broker;                   // login host for --via; empty: the local daemon
+  HostPort proxy{"127.0.0.1", 7000};    // the proxy port as the client reaches it
+  std::string remote_command = "brokerproxy";
+
+  // Where the values came from, for messages ("built-in defaults" or the file path).
+  std::string source = "built-in defaults";
+};
+
+enum class OptionType {
+  kString,
+  kPath,
+  kInt,
+  kDuration,
+  kPortRange,
+  kHostPort,
+  kHostPortList,
+  kCidrList,
+  kLogLevel,
+};
+
+// Which subcommands get a dedicated flag for an option (all of them accept --set).
+enum class FlagScope { kNone, kDaemon, kClient, kAll };
+
+struct OptionSpec {
+  const char* section;
+  const char* key;
+  OptionType type;
+  const char* default_text;  // as shown in config.ini.example
+  const char* help;          // one or more sentences for the example file and --help
+  const char* flag;          // e.g. "--listen", or nullptr
+  FlagScope scope;
+  int min = 0;               // kInt bounds
+  int max = 0;
+};
+
+// The table, in the order of config.ini.example.
+const std::vector<OptionSpec>& OptionTable();
+
+// Defaults for this user (state_dir depends on the uid and the environment); derived paths
+// (control_socket, ca_cert, ...) are left empty until Finalize().
+Config DefaultConfig();
+
+// Parses INI text on top of `*config`. `name` is used in error messages. Unknown sections and
+// keys, duplicate keys (except list keys, which accumulate), malformed lines and bad values are
+// errors naming `name`, the line and the key.
+Status ParseConfigText(std::string_view text, const std::string& name, Config* config);
+// Reads and parses a file (at most 1 MiB).
+Status LoadConfigFile(const std::string& path, Config* config);
+// Applies "section.key=value" (as given to --set).
+Status ApplyOverride(std::string_view assignment, Config* config);
+// Fills the derived paths from state_dir.
+void Finalize(Config* config);
+
+// Flags shared by every subcommand: -c/--config, --set, and the table's flags for `scope`.
+// Parse with CLI11, then call Resolve().
+class ConfigFlags {
+ public:
+  void AddTo(CLI::App* app, FlagScope scope);
+  // Defaults -> file -> flags -> Finalize().
+  Result<Config> Resolve() const;
+
+ private:
+  struct FlagValue {
+    const OptionSpec* spec;
+    std::vector<std::string> values;
+  };
+  std::string config_path_;
+  std::vector<std::string> sets_;
+  std::vector<FlagValue> flags_;  // reserved up front: CLI11 keeps pointers into it
+};
+
+// The text of config.ini.example: every option, commented out, with its default and meaning.
+std::string GenerateExampleConfig();
+
+}  // namespace brokerproxy::cli
+
+#endif  // BROKERPROXY_CLI_OPTIONS_H_

@@ -1,0 +1,48 @@
+// Job: one registered service, and the rules for its fields.
+//
+// A job is what `brokerproxy save` creates: a service of some `type` that its `owner` runs at
+// backend `host`:`port`, reachable through the proxy by whoever knows its `secret`.
+
+#ifndef BROKERPROXY_REGISTRY_JOB_H_
+#define BROKERPROXY_REGISTRY_JOB_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace brokerproxy::registry {
+
+enum class JobType { kSsh, kSsl };
+
+const char* JobTypeName(JobType type);  // "ssh" | "ssl"
+std::optional<JobType> ParseJobType(std::string_view name);
+
+struct Job {
+  std::string id;       // ValidJobId()
+  JobType type = JobType::kSsh;
+  uid_t owner = 0;      // uid of the user who saved it
+  std::string host;     // backend host name or address, ValidHost()
+  int port = 0;         // backend port, 1..65535
+  bool port_allocated = false;  // true if the port came from [registry] port_range
+  std::string secret;   // lower-case hex, 2 * secret_bits / 8 characters; never logged
+  std::string cert_path;  // `ssl` jobs: the issued certificate (PEM), else empty
+  std::string key_path;   // `ssl` jobs: its private key (PEM, 0600), else empty
+  int64_t created = 0;  // unix seconds
+  int64_t expires = 0;  // unix seconds; 0 = never
+  bool ready = true;    // false while the daemon waits for the backend to listen
+
+  bool operator==(const Job&) const = default;
+};
+
+// Job ids: [A-Za-z0-9._-]{1,64}, not "." or "..".
+bool ValidJobId(std::string_view id);
+// Backend hosts: a DNS name or an IPv4/IPv6 literal, 1..253 characters of
+// [A-Za-z0-9.:_-]; no spaces, no brackets, nothing a shell or a log line could misread.
+bool ValidHost(std::string_view host);
+
+}  // namespace brokerproxy::registry
+
+#endif  // BROKERPROXY_REGISTRY_JOB_H_

@@ -1,0 +1,124 @@
+// Registry: the in-memory table of jobs, with the rules for who may do what.
+//
+// Pure data structure: no I/O, no clock (callers pass `now`, in unix seconds), no loop. The
+// daemon keeps one Registry on its loop thread and persists it through registry/store.h;
+// tests drive it directly.
+//
+// Access rules: a user sees and changes only their own jobs; uid 0 sees and changes all. Job
+// ids form one namespace shared by all users, so saving an id that another user holds is
+// refused (PermissionDenied), while the owner saving an existing id replaces that entry (a
+// restarted job script must not fail on its own stale record).
+//
+// Thread safety: none; loop-thread only.
+
+#ifndef BROKERPROXY_REGISTRY_REGISTRY_H_
+#define BROKERPROXY_REGISTRY_REGISTRY_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "loop/status.h"
+#include "registry/job.h"
+
+namespace brokerproxy::registry {
+
+// An inclusive range of TCP ports, "41000-41999".
+struct PortRange {
+  int first = 41000;
+  int last = 41999;
+
+  // Accepts "A-B" with 1 <= A <= B <= 65535 (whitespace around the numbers allowed).
+  static Result<PortRange> Parse(std::string_view text);
+  std::string ToString() const;
+  int size() const { return last - first + 1; }
+  bool Contains(int port) const { return port >= first && port <= last; }
+  bool operator==(const PortRange&) const = default;
+};
+
+struct SaveRequest {
+  std::string id;       // REQUIRES: ValidJobId (else InvalidArgument)
+  JobType type = JobType::kSsh;
+  std::string host;     // REQUIRES: ValidHost (else InvalidArgument)
+  int port = 0;         // 0: allocate from the port range; else 1..65535
+  int64_t ttl = -1;     // seconds until expiry; -1: the registry's default; 0: never
+  bool ready = true;    // false: the job waits for its backend to listen
+  std::string cert_path;
+  std::string key_path;
+};
+
+class Registry {
+ public:
+  struct Options {
+    PortRange ports;          // where Save() allocates ports; default 41000-41999
+    int secret_bits = 256;    // length of generated secrets
+    int64_t default_ttl = 0;  // seconds; 0 = jobs never expire unless asked to
+  };
+
+  explicit Registry(Options options);
+
+  // Creates job `req.id` owned by `caller`, or replaces the caller's existing job of that id
+  // (a fresh secret; a fresh port unless `req.port` is given). On success `*replaced` holds
+  // the previous record, if any, so the caller can undo. Errors: InvalidArgument (bad field),
+  // PermissionDenied (the id belongs to another user and caller != 0), ResourceExhausted (no
+  // free port in the range).
+  Result<Job> Save(const SaveRequest& req, uid_t caller, int64_t now,
+                   std::optional<Job>* replaced);
+
+  // The job, if it exists (NotFound) and `caller` may see it (PermissionDenied).
+  Result<const Job*> Get(std::string_view id, uid_t caller) const;
+
+  // Removes the job and returns it; same errors as Get().
+  Result<Job> Remove(std::string_view id, uid_t caller);
+
+  // The proxy's check: the job if `id` exists and `secret` matches, else nullptr. Unknown ids
+  // are compared against a dummy secret, so both failures take the same time.
+  const Job* Authenticate(std::string_view id, std::string_view secret) const;
+
+  // Unchecked lookup (no caller): nullptr if absent. The pointer is valid until the next
+  // mutation of the registry.
+  const Job* Find(std::string_view id) const;
+
+  // Jobs `caller` may see (all for uid 0), sorted by id.
+  std::vector<const Job*> List(uid_t caller) const;
+  // Every job, sorted by id (for snapshots).
+  std::vector<const Job*> All() const { return List(0); }
+
+  // Ids of jobs with 0 < expires <= now, sorted.
+  std::vector<std::string> Expired(int64_t now) const;
+
+  // NotFound if absent.
+  Status SetReady(std::string_view id, bool ready);
+
+  // Inserts or overwrites exactly this record (loading a snapshot, undoing a change). Checks
+  // every field (InvalidArgument); keeps the port index right.
+  Status Put(Job job);
+  // Removes `id` if present.
+  void Erase(std::string_view id);
+
+  size_t size() const { return jobs_.size(); }
+  const Options& options() const { return options_; }
+
+ private:
+  struct Hash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  Result<int> AllocatePort() const;
+  void IndexPort(const Job& job, int delta);
+
+  Options options_;
+  std::unordered_map<std::string, Job, Hash, std::equal_to<>> jobs_;
+  // Jobs holding each port of the range (ports outside it are not tracked).
+  std::unordered_map<int, int> ports_in_use_;
+  std::string dummy_secret_;  // compared against for unknown ids
+};
+
+}  // namespace brokerproxy::registry
+
+#endif  // BROKERPROXY_REGISTRY_REGISTRY_H_
