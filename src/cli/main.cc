@@ -1,1 +1,214 @@
-int main() { return 0; }
+// brokerproxy: the command line. Subcommands are thin: parse flags with CLI11, resolve the
+// configuration, call a Run* function, map its Status to an exit code.
+
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "cli/control_client.h"
+#include "cli/daemon.h"
+#include "cli/exit_codes.h"
+#include "cli/options.h"
+
+namespace brokerproxy::cli {
+namespace {
+
+struct ClientFlags {
+  bool json = false;
+};
+
+OutputFormat FormatOf(const ClientFlags& f) {
+  return f.json ? OutputFormat::kJson : OutputFormat::kHuman;
+}
+
+int Main(int argc, char** argv) {
+  // Exec mode: everything after the first "--" is the command to run, untouched by CLI11.
+  std::vector<std::string> command;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::string_view(argv[i]) == "--") {
+      for (int j = i + 1; j < argc; ++j) command.emplace_back(argv[j]);
+      break;
+    }
+    args.push_back(argv[i]);
+  }
+
+  CLI::App app{"brokerproxy: reach services running inside batch jobs through one proxy port"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "brokerproxy 0.1.0");
+
+  ConfigFlags run_cfg;
+  CLI::App* run = app.add_subcommand("run", "Run the daemon: registry, control socket and proxy");
+  run_cfg.AddTo(run, FlagScope::kDaemon);
+
+  ConfigFlags save_cfg;
+  SaveArgs save_args;
+  ClientFlags save_flags;
+  std::string save_format = "human";
+  CLI::App* save = app.add_subcommand(
+      "save", "Register a service of this job: ssh|ssl [flags] [-- CMD ARGS...]");
+  save->add_option("type", save_args.type, "ssh or ssl")->required()->check(
+      CLI::IsMember({"ssh", "ssl"}));
+  save->add_option("--job-id", save_args.job_id, "Job id (default: $SLURM_JOB_ID or $PBS_JOBID)");
+  save->add_option("--name", save_args.name,
+                   "Suffix for several services in one job: the id becomes JOB.NAME");
+  save->add_option("--host", save_args.host,
+                   "Backend host the proxy connects to (default: 127.0.0.1)");
+  save->add_option("--port", save_args.port, "Backend port the service already has (default: "
+                                             "allocate one from [registry] port_range)")
+      ->check(CLI::Range(1, 65535));
+  save->add_option("--ttl", save_args.ttl, "Remove the job after this long (e.g. 12h)");
+  save->add_flag("--wait", save_args.wait,
+                 "Return only once something listens on the backend port");
+  save->add_option("--wait-timeout", save_args.wait_timeout,
+                   "How long --wait waits (default: [registry] ready_timeout)");
+  save->add_option("--format", save_format, "Output: human, json or env")
+      ->check(CLI::IsMember({"human", "json", "env"}));
+  save->add_flag("--json", save_flags.json, "Same as --format json");
+  save->footer(
+      "Exec mode: brokerproxy save ssh [flags] -- CMD ARGS... registers the job, runs CMD with\n"
+      "{port} {secret} {cert} {certkey} {job} {host} replaced in its arguments and BROKER_*\n"
+      "in its environment, forwards signals to it, removes the job when it exits and exits\n"
+      "with its status.");
+  save_cfg.AddTo(save, FlagScope::kClient);
+
+  ConfigFlags load_cfg;
+  ClientFlags load_flags;
+  std::string load_job;
+  std::string load_format = "human";
+  CLI::App* load = app.add_subcommand("load", "Show a job: port, secret, type");
+  load->add_option("job", load_job, "Job id")->required();
+  load->add_flag("--json", load_flags.json, "Print the reply as JSON");
+  load->add_option("--format", load_format, "Output: human, json or env")
+      ->check(CLI::IsMember({"human", "json", "env"}));
+  load_cfg.AddTo(load, FlagScope::kClient);
+
+  ConfigFlags verify_cfg;
+  ClientFlags verify_flags;
+  std::string verify_job, verify_secret;
+  CLI::App* verify =
+      app.add_subcommand("verify", "Check a secret: exit 0 if it matches, 1 if not");
+  verify->add_option("job", verify_job, "Job id")->required();
+  verify->add_option("secret", verify_secret, "The secret, or - to read it from stdin")
+      ->required();
+  verify->add_flag("--json", verify_flags.json, "Print the reply as JSON");
+  verify_cfg.AddTo(verify, FlagScope::kClient);
+
+  ConfigFlags query_cfg;
+  ClientFlags query_flags;
+  CLI::App* query = app.add_subcommand("query", "List your jobs");
+  query->add_flag("--json", query_flags.json, "Print the reply as JSON");
+  query_cfg.AddTo(query, FlagScope::kClient);
+
+  ConfigFlags remove_cfg;
+  ClientFlags remove_flags;
+  std::string remove_job;
+  CLI::App* remove = app.add_subcommand("remove", "Remove a job");
+  remove->add_option("job", remove_job, "Job id")->required();
+  remove->add_flag("--json", remove_flags.json, "Print the reply as JSON");
+  remove_cfg.AddTo(remove, FlagScope::kClient);
+
+  ConfigFlags stats_cfg;
+  ClientFlags stats_flags;
+  CLI::App* stats = app.add_subcommand("stats", "Show counters of the daemon and your jobs");
+  stats->add_flag("--json", stats_flags.json, "Print the reply as JSON");
+  stats_cfg.AddTo(stats, FlagScope::kClient);
+
+  ConfigFlags config_cfg;
+  bool config_example = false;
+  CLI::App* config_cmd =
+      app.add_subcommand("config", "Print config.ini.example (every option, its default and "
+                                   "meaning)");
+  config_cmd->add_flag("--example", config_example, "Print the annotated example (default)");
+  (void)config_cfg;
+
+  try {
+    app.parse(static_cast<int>(args.size()), args.data());
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : kExitUsage;
+  }
+  if (!command.empty() && !save->parsed()) {
+    std::fprintf(stderr, "brokerproxy: '--' and a command are only valid with 'save'\n");
+    return kExitUsage;
+  }
+
+  // Every subcommand below needs the configuration.
+  auto resolve = [](const ConfigFlags& flags) { return flags.Resolve(); };
+  bool json = false;
+  Status status;
+  int exit_code = kExitOk;
+  auto with_client = [&](const ConfigFlags& flags, bool as_json, auto fn) {
+    json = as_json;
+    auto config = resolve(flags);
+    if (!config.ok()) {
+      status = config.status();
+      return;
+    }
+    LocalClient client(config->control_socket);
+    status = fn(*config, &client);
+  };
+
+  if (run->parsed()) {
+    auto config = resolve(run_cfg);
+    status = config.ok() ? RunDaemon(*config) : config.status();
+  } else if (save->parsed()) {
+    save_args.format = save_flags.json || save_format == "json" ? OutputFormat::kJson
+                       : save_format == "env"                   ? OutputFormat::kEnv
+                                                                : OutputFormat::kHuman;
+    save_args.command = command;
+    with_client(save_cfg, save_args.format == OutputFormat::kJson,
+                [&](const Config& c, BrokerClient* cl) {
+                  return RunSave(c, cl, save_args, &exit_code);
+                });
+  } else if (load->parsed()) {
+    OutputFormat f = load_flags.json || load_format == "json" ? OutputFormat::kJson
+                     : load_format == "env"                   ? OutputFormat::kEnv
+                                                              : OutputFormat::kHuman;
+    with_client(load_cfg, f == OutputFormat::kJson,
+                [&](const Config&, BrokerClient* cl) { return RunLoad(cl, load_job, f); });
+  } else if (verify->parsed()) {
+    bool match = false;
+    with_client(verify_cfg, verify_flags.json, [&](const Config&, BrokerClient* cl) {
+      return RunVerify(cl, verify_job, verify_secret, FormatOf(verify_flags), &match);
+    });
+    if (status.ok() && !match) exit_code = kExitNoMatch;
+  } else if (query->parsed()) {
+    with_client(query_cfg, query_flags.json, [&](const Config&, BrokerClient* cl) {
+      return RunQuery(cl, FormatOf(query_flags));
+    });
+  } else if (remove->parsed()) {
+    with_client(remove_cfg, remove_flags.json, [&](const Config&, BrokerClient* cl) {
+      return RunRemove(cl, remove_job, FormatOf(remove_flags));
+    });
+  } else if (stats->parsed()) {
+    with_client(stats_cfg, stats_flags.json, [&](const Config&, BrokerClient* cl) {
+      return RunStats(cl, FormatOf(stats_flags));
+    });
+  } else if (config_cmd->parsed()) {
+    std::fputs(GenerateExampleConfig().c_str(), stdout);
+  }
+
+  if (!status.ok()) {
+    if (json) {
+      PrintJsonError(status);
+    } else {
+      std::fprintf(stderr, "brokerproxy: %s\n", status.message().c_str());
+    }
+    return ExitCodeFor(status);
+  }
+  return exit_code;
+}
+
+}  // namespace
+}  // namespace brokerproxy::cli
+
+int main(int argc, char** argv) {
+  // Writes to a peer that went away must fail with EPIPE, not kill the process.
+  signal(SIGPIPE, SIG_IGN);
+  return brokerproxy::cli::Main(argc, argv);
+}

@@ -58,6 +58,8 @@ void Poll::OnClosing() {
 void Poll::OnPoll(uv_poll_t* p, int status, int events) noexcept {
   auto* self = static_cast<Poll*>(p->data);
   if (self->closing() || !self->cb_) return;
+  // On POLLERR libuv stops the handle itself and reports UV_EBADF.
+  if (status < 0) self->events_ = 0;
   // The callback may change the mask or close the handle; both keep this wrapper alive.
   self->in_callback_ = true;
   self->cb_(status, events);

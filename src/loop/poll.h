@@ -25,7 +25,8 @@ enum class FdOwnership { kOwned, kBorrowed };
 class Poll final : public HandleBase {
  public:
   // `status` is 0 or a negative libuv error; `events` is a mask of UV_READABLE, UV_WRITABLE,
-  // UV_DISCONNECT.
+  // UV_DISCONNECT. On a socket error (POLLERR) libuv reports UV_EBADF and stops watching;
+  // getsockopt(SO_ERROR) tells the real error.
   using Callback = std::function<void(int status, int events)>;
 
   // On failure an owned fd is closed as well, so the caller never has to.

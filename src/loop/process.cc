@@ -3,7 +3,8 @@
 namespace brokerproxy::loop {
 
 Result<HandlePtr<Process>> Process::Spawn(Loop& loop, const std::vector<std::string>& args,
-                                          const std::vector<std::string>& env, ExitCallback cb) {
+                                          const std::vector<std::string>& env, ExitCallback cb,
+                                          bool new_session) {
   if (args.empty()) return Status::InvalidArgument("no command to run");
   std::vector<char*> argv;
   for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
@@ -24,6 +25,7 @@ Result<HandlePtr<Process>> Process::Spawn(Loop& loop, const std::vector<std::str
   options.env = envp.data();
   options.stdio_count = 3;
   options.stdio = stdio;
+  if (new_session) options.flags |= UV_PROCESS_DETACHED;
 
   HandlePtr<Process> p(new Process(loop));
   p->cb_ = std::move(cb);

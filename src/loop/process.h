@@ -22,9 +22,12 @@ class Process final : public HandleBase {
   using ExitCallback = std::function<void(int64_t exit_status, int term_signal)>;
 
   // Starts args[0] (searched in PATH) with `args` and exactly the environment `env`
-  // ("NAME=value" entries). Stdin, stdout and stderr are inherited.
+  // ("NAME=value" entries). Stdin, stdout and stderr are inherited. With `new_session` the
+  // child gets its own session and process group, so a terminal's ^C reaches only this
+  // process, which forwards it once (rather than the child getting it twice).
   static Result<HandlePtr<Process>> Spawn(Loop& loop, const std::vector<std::string>& args,
-                                          const std::vector<std::string>& env, ExitCallback cb);
+                                          const std::vector<std::string>& env, ExitCallback cb,
+                                          bool new_session = false);
 
   pid_t pid() const { return process_.pid; }
   bool exited() const { return exited_; }

@@ -72,6 +72,18 @@ struct DeferredState final : PendingState {
 
 }  // namespace
 
+Pending Post(Loop& loop, std::function<void()> fn) {
+  auto* st = new DeferredState;
+  Pending token(st);
+  loop.Defer([st, fn = std::move(fn)] {
+    std::unique_ptr<DeferredState> owned(st);
+    if (!st->owner) return;
+    st->Unlink();
+    fn();
+  });
+  return token;
+}
+
 Pending QueueWork(Loop& loop, std::function<void()> work, std::function<void()> after) {
   auto* st = new WorkState;
   st->req.data = st;
@@ -102,15 +114,9 @@ std::optional<sockaddr_storage> ParseNumericAddress(const std::string& host, int
 
 Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback cb) {
   if (auto numeric = ParseNumericAddress(host, port)) {
-    auto* st = new DeferredState;
-    Pending token(st);
-    loop.Defer([st, cb = std::move(cb), addr = *numeric]() {
-      std::unique_ptr<DeferredState> owned(st);
-      if (!st->owner) return;
-      st->Unlink();
+    return Post(loop, [cb = std::move(cb), addr = *numeric] {
       cb(std::vector<sockaddr_storage>{addr});
     });
-    return token;
   }
   auto* st = new ResolveState;
   st->req.data = st;
@@ -158,15 +164,7 @@ Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback c
     ResolveCallback cb2 = std::move(st->cb);
     st->Unlink();
     delete st;
-    auto* ds = new DeferredState;
-    Pending t2(ds);
-    loop.Defer([ds, cb2 = std::move(cb2), err]() {
-      std::unique_ptr<DeferredState> owned(ds);
-      if (!ds->owner) return;
-      ds->Unlink();
-      cb2(err);
-    });
-    return t2;
+    return Post(loop, [cb2 = std::move(cb2), err] { cb2(err); });
   }
   return token;
 }

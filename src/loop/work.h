@@ -47,6 +47,9 @@ class Pending {
   internal::PendingState* state_ = nullptr;
 };
 
+// Runs `fn` on a later loop iteration (Loop::Defer), unless the token was dropped first.
+Pending Post(Loop& loop, std::function<void()> fn);
+
 // Runs `work` on the thread pool, then `after` on the loop thread.
 Pending QueueWork(Loop& loop, std::function<void()> work, std::function<void()> after);
 

@@ -1,0 +1,374 @@
+#include "cli/commands.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <iostream>
+#include <memory>
+
+#include "loop/address.h"
+#include "loop/handle.h"
+#include "loop/loop.h"
+#include "loop/process.h"
+#include "loop/signal.h"
+#include "registry/control_protocol.h"
+#include "registry/json.h"
+
+extern char** environ;
+
+namespace brokerproxy::cli {
+
+using registry::Job;
+using registry::JsonPtr;
+using registry::Op;
+using registry::Request;
+using registry::SecretField;
+
+namespace {
+
+constexpr int64_t kCallTimeoutMs = 30000;
+
+std::string FormatTime(int64_t unix_seconds) {
+  if (unix_seconds == 0) return "never";
+  time_t t = static_cast<time_t>(unix_seconds);
+  tm utc{};
+  gmtime_r(&t, &utc);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &utc);
+  return buf;
+}
+
+Result<Job> JobFromReply(const cJSON* reply, const char* member, SecretField secret) {
+  const cJSON* j = cJSON_GetObjectItemCaseSensitive(reply, member);
+  if (!j) return Status::IOError(std::string("reply has no '") + member + "'");
+  return registry::JobFromJson(j, secret);
+}
+
+void PrintJob(const Job& job, OutputFormat format) {
+  if (format == OutputFormat::kEnv) {
+    std::printf("BROKER_JOB_ID=%s\nBROKER_TYPE=%s\nBROKER_HOST=%s\nBROKER_PORT=%d\n",
+                job.id.c_str(), registry::JobTypeName(job.type), job.host.c_str(), job.port);
+    if (!job.secret.empty()) std::printf("BROKER_SECRET=%s\n", job.secret.c_str());
+    if (!job.cert_path.empty()) {
+      std::printf("BROKER_CERT=%s\nBROKER_CERTKEY=%s\n", job.cert_path.c_str(),
+                  job.key_path.c_str());
+    }
+    return;
+  }
+  std::printf("job:      %s\ntype:     %s\nbackend:  %s:%d\n", job.id.c_str(),
+              registry::JobTypeName(job.type), job.host.c_str(), job.port);
+  if (!job.secret.empty()) std::printf("secret:   %s\n", job.secret.c_str());
+  if (!job.cert_path.empty()) {
+    std::printf("cert:     %s\ncertkey:  %s\n", job.cert_path.c_str(), job.key_path.c_str());
+  }
+  std::printf("state:    %s\nexpires:  %s\n", job.ready ? "ready" : "waiting",
+              FormatTime(job.expires).c_str());
+}
+
+void PrintRaw(const cJSON* reply) { std::printf("%s\n", registry::PrintJson(reply).c_str()); }
+
+// Runs `cmd` with the job's values, forwarding signals, and returns its exit code.
+Result<int> RunCommand(const std::vector<std::string>& command, const Job& job) {
+  std::vector<std::string> args;
+  for (const auto& a : command) args.push_back(SubstitutePlaceholders(a, job));
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) {
+    if (std::string_view(*e).substr(0, 7) != "BROKER_") env.emplace_back(*e);
+  }
+  env.push_back("BROKER_JOB_ID=" + job.id);
+  env.push_back(std::string("BROKER_TYPE=") + registry::JobTypeName(job.type));
+  env.push_back("BROKER_HOST=" + job.host);
+  env.push_back("BROKER_PORT=" + std::to_string(job.port));
+  env.push_back("BROKER_SECRET=" + job.secret);
+  if (!job.cert_path.empty()) {
+    env.push_back("BROKER_CERT=" + job.cert_path);
+    env.push_back("BROKER_CERTKEY=" + job.key_path);
+  }
+
+  auto loop = loop::Loop::Create();
+  if (!loop.ok()) return loop.status();
+  int exit_code = 0;
+  std::vector<loop::HandlePtr<loop::Signal>> signals;
+  loop::HandlePtr<loop::Process> child;
+  {
+    auto proc = loop::Process::Spawn(
+        **loop, args, env,
+        [&](int64_t status, int term_signal) {
+          exit_code = term_signal ? 128 + term_signal : static_cast<int>(status);
+          signals.clear();
+          child.reset();
+        },
+        /*new_session=*/true);
+    if (!proc.ok()) return proc.status();
+    child = std::move(proc).value();
+  }
+  for (int signum : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2}) {
+    auto sig = loop::Signal::Create(**loop);
+    if (!sig.ok()) return sig.status();
+    Status s = (*sig)->Start(signum, [&](int n) {
+      if (child) child->Kill(n);
+    });
+    if (!s.ok()) return s;
+    signals.push_back(std::move(sig).value());
+  }
+  (*loop)->Run();
+  signals.clear();
+  child.reset();
+  Status closed = (*loop)->Close();
+  if (!closed.ok()) return closed;
+  return exit_code;
+}
+
+}  // namespace
+
+void PrintJsonError(const Status& status) {
+  std::printf("%s\n", registry::EncodeError(status).c_str());
+}
+
+Result<std::string> ResolveJobId(const std::string& job_id, const std::string& name) {
+  std::string id = job_id;
+  if (id.empty()) {
+    for (const char* var : {"SLURM_JOB_ID", "PBS_JOBID"}) {
+      const char* v = std::getenv(var);
+      if (v && *v) {
+        id = v;
+        break;
+      }
+    }
+  }
+  if (id.empty()) {
+    return Status::InvalidArgument(
+        "no job id: pass --job-id, or run inside a Slurm or PBS job ($SLURM_JOB_ID, $PBS_JOBID)");
+  }
+  if (!name.empty()) id += "." + name;
+  if (!registry::ValidJobId(id)) {
+    return Status::InvalidArgument("'" + id +
+                                   "' is not a valid job id (1-64 of A-Z a-z 0-9 . _ -)");
+  }
+  return id;
+}
+
+std::string SubstitutePlaceholders(const std::string& arg, const Job& job) {
+  const std::pair<const char*, std::string> vars[] = {
+      {"{port}", std::to_string(job.port)}, {"{secret}", job.secret},
+      {"{cert}", job.cert_path},            {"{certkey}", job.key_path},
+      {"{job}", job.id},                    {"{host}", job.host},
+  };
+  std::string out;
+  for (size_t i = 0; i < arg.size();) {
+    bool replaced = false;
+    for (const auto& [name, value] : vars) {
+      std::string_view n(name);
+      if (arg.compare(i, n.size(), n) == 0) {
+        out += value;
+        i += n.size();
+        replaced = true;
+        break;
+      }
+    }
+    if (!replaced) out += arg[i++];
+  }
+  return out;
+}
+
+Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
+               int* exit_code) {
+  *exit_code = 0;
+  Request req;
+  req.op = Op::kSave;
+  auto id = ResolveJobId(args.job_id, args.name);
+  if (!id.ok()) return id.status();
+  req.job = *id;
+  req.save.id = *id;
+  auto type = registry::ParseJobType(args.type);
+  if (!type) return Status::InvalidArgument("type must be ssh or ssl, not '" + args.type + "'");
+  req.save.type = *type;
+  req.save.host = args.host.empty() ? "127.0.0.1" : args.host;
+  if (!registry::ValidHost(req.save.host)) {
+    return Status::InvalidArgument("'" + req.save.host + "' is not a valid host");
+  }
+  req.save.port = args.port;
+  if (!args.ttl.empty()) {
+    auto ttl = ParseDuration(args.ttl);
+    if (!ttl.ok()) return ttl.status().WithContext("--ttl");
+    req.save.ttl = (*ttl + 999) / 1000;
+  }
+  bool exec_mode = !args.command.empty();
+  // Exec mode always waits: the command is what will listen.
+  req.save.ready = !(args.wait || exec_mode);
+  int64_t wait_ms = config.ready_timeout_ms;
+  if (!args.wait_timeout.empty()) {
+    auto t = ParseDuration(args.wait_timeout);
+    if (!t.ok()) return t.status().WithContext("--wait-timeout");
+    wait_ms = *t;
+  }
+
+  auto reply = client->Call(req, kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
+  if (!job.ok()) return job.status();
+
+  if (args.wait && !exec_mode) {
+    Request wait;
+    wait.op = Op::kWait;
+    wait.job = job->id;
+    wait.timeout_ms = wait_ms;
+    auto ready = client->Call(wait, wait_ms + kCallTimeoutMs);
+    if (!ready.ok()) {
+      // Leave nothing behind that points at a service that never came up.
+      Request remove;
+      remove.op = Op::kRemove;
+      remove.job = job->id;
+      (void)client->Call(remove, kCallTimeoutMs);
+      return ready.status();
+    }
+    reply = std::move(ready);
+    job = JobFromReply(reply->get(), "job", SecretField::kInclude);
+    if (!job.ok()) return job.status();
+  }
+
+  if (!exec_mode) {
+    if (args.format == OutputFormat::kJson) {
+      PrintRaw(reply->get());
+    } else {
+      PrintJob(*job, args.format);
+    }
+    return Status::OK();
+  }
+
+  std::fprintf(stderr, "brokerproxy: job %s saved (backend %s:%d); running %s\n",
+               job->id.c_str(), job->host.c_str(), job->port, args.command[0].c_str());
+  std::fflush(stdout);
+  auto code = RunCommand(args.command, *job);
+  Request remove;
+  remove.op = Op::kRemove;
+  remove.job = job->id;
+  auto removed = client->Call(remove, kCallTimeoutMs);
+  if (!removed.ok() && removed.status().code() != Status::Code::kNotFound) {
+    std::fprintf(stderr, "brokerproxy: warning: could not remove job %s: %s\n", job->id.c_str(),
+                 removed.status().message().c_str());
+  }
+  if (!code.ok()) return code.status();
+  *exit_code = *code;
+  return Status::OK();
+}
+
+Status RunLoad(BrokerClient* client, const std::string& job_id, OutputFormat format) {
+  Request req;
+  req.op = Op::kLoad;
+  req.job = job_id;
+  auto reply = client->Call(req, kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  if (format == OutputFormat::kJson) {
+    PrintRaw(reply->get());
+    return Status::OK();
+  }
+  auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
+  if (!job.ok()) return job.status();
+  PrintJob(*job, format);
+  return Status::OK();
+}
+
+Status RunVerify(BrokerClient* client, const std::string& job_id, const std::string& secret,
+                 OutputFormat format, bool* match) {
+  *match = false;
+  Request req;
+  req.op = Op::kVerify;
+  req.job = job_id;
+  req.secret = secret;
+  if (secret == "-") {
+    // From stdin, so the secret need not appear in `ps`.
+    std::string line;
+    if (!std::getline(std::cin, line)) return Status::InvalidArgument("no secret on stdin");
+    while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+    req.secret = line;
+  }
+  if (req.secret.size() > 8192) return Status::InvalidArgument("secret too long");
+  auto reply = client->Call(req, kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  const cJSON* m = cJSON_GetObjectItemCaseSensitive(reply->get(), "match");
+  if (!cJSON_IsBool(m)) return Status::IOError("reply has no 'match'");
+  *match = cJSON_IsTrue(m);
+  if (format == OutputFormat::kJson) {
+    PrintRaw(reply->get());
+  } else {
+    std::printf("%s\n", *match ? "yes" : "no");
+  }
+  return Status::OK();
+}
+
+Status RunQuery(BrokerClient* client, OutputFormat format) {
+  Request req;
+  req.op = Op::kQuery;
+  auto reply = client->Call(req, kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  if (format == OutputFormat::kJson) {
+    PrintRaw(reply->get());
+    return Status::OK();
+  }
+  const cJSON* jobs = cJSON_GetObjectItemCaseSensitive(reply->get(), "jobs");
+  if (!cJSON_IsArray(jobs)) return Status::IOError("reply has no 'jobs'");
+  if (cJSON_GetArraySize(jobs) == 0) {
+    std::printf("no jobs\n");
+    return Status::OK();
+  }
+  std::printf("%-24s %-4s %-28s %-8s %s\n", "JOB", "TYPE", "BACKEND", "STATE", "EXPIRES");
+  for (const cJSON* j = jobs->child; j; j = j->next) {
+    auto job = registry::JobFromJson(j, SecretField::kOmit);
+    if (!job.ok()) return job.status();
+    std::string backend = job->host + ":" + std::to_string(job->port);
+    std::printf("%-24s %-4s %-28s %-8s %s\n", job->id.c_str(), registry::JobTypeName(job->type),
+                backend.c_str(), job->ready ? "ready" : "waiting",
+                FormatTime(job->expires).c_str());
+  }
+  return Status::OK();
+}
+
+Status RunRemove(BrokerClient* client, const std::string& job_id, OutputFormat format) {
+  Request req;
+  req.op = Op::kRemove;
+  req.job = job_id;
+  auto reply = client->Call(req, kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  if (format == OutputFormat::kJson) {
+    PrintRaw(reply->get());
+  } else {
+    std::printf("removed job %s\n", job_id.c_str());
+  }
+  return Status::OK();
+}
+
+Status RunStats(BrokerClient* client, OutputFormat format) {
+  Request req;
+  req.op = Op::kStats;
+  auto reply = client->Call(req, kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  if (format == OutputFormat::kJson) {
+    PrintRaw(reply->get());
+    return Status::OK();
+  }
+  const cJSON* stats = cJSON_GetObjectItemCaseSensitive(reply->get(), "stats");
+  if (!cJSON_IsObject(stats)) return Status::IOError("reply has no 'stats'");
+  // Flat members as "name: value"; nested objects indented under their name.
+  std::function<void(const cJSON*, int)> print = [&](const cJSON* obj, int depth) {
+    for (const cJSON* m = obj->child; m; m = m->next) {
+      std::string pad(depth * 2, ' ');
+      if (cJSON_IsObject(m) || cJSON_IsArray(m)) {
+        std::printf("%s%s:\n", pad.c_str(), m->string ? m->string : "-");
+        print(m, depth + 1);
+      } else if (cJSON_IsString(m)) {
+        std::printf("%s%s: %s\n", pad.c_str(), m->string ? m->string : "-", m->valuestring);
+      } else {
+        std::printf("%s%s: %s\n", pad.c_str(), m->string ? m->string : "-",
+                    registry::PrintJson(m).c_str());
+      }
+    }
+  };
+  print(stats, 0);
+  return Status::OK();
+}
+
+}  // namespace brokerproxy::cli

@@ -1,0 +1,54 @@
+// The short-lived subcommands: save (plain and exec mode), load, verify, query, remove, stats.
+//
+// Each takes the resolved Config and a BrokerClient (the local daemon, or the login node with
+// --via), prints its result to stdout and returns a Status that main() maps to an exit code.
+
+#ifndef BROKERPROXY_CLI_COMMANDS_H_
+#define BROKERPROXY_CLI_COMMANDS_H_
+
+#include <string>
+#include <vector>
+
+#include "cli/control_client.h"
+#include "cli/options.h"
+#include "loop/status.h"
+
+namespace brokerproxy::cli {
+
+enum class OutputFormat { kHuman, kJson, kEnv };
+
+struct SaveArgs {
+  std::string type;          // "ssh" | "ssl"
+  std::string job_id;        // empty: $SLURM_JOB_ID / $PBS_JOBID
+  std::string name;          // optional suffix: "<job>.<name>", for several services per job
+  std::string host;          // empty: 127.0.0.1 here, the node's host name with --via
+  int port = 0;              // 0: allocate
+  std::string ttl;           // duration text; empty: the broker's default
+  bool wait = false;         // wait until the backend listens
+  std::string wait_timeout;  // duration text; empty: [registry] ready_timeout
+  OutputFormat format = OutputFormat::kHuman;
+  std::vector<std::string> command;  // exec mode: what follows "--"
+};
+
+// Picks the job id from the flags and the batch system's environment.
+Result<std::string> ResolveJobId(const std::string& job_id, const std::string& name);
+
+Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
+               int* exit_code);
+Status RunLoad(BrokerClient* client, const std::string& job, OutputFormat format);
+// `secret` "-" reads it from stdin. Sets *match.
+Status RunVerify(BrokerClient* client, const std::string& job, const std::string& secret,
+                 OutputFormat format, bool* match);
+Status RunQuery(BrokerClient* client, OutputFormat format);
+Status RunRemove(BrokerClient* client, const std::string& job, OutputFormat format);
+Status RunStats(BrokerClient* client, OutputFormat format);
+
+// {port} {secret} {cert} {certkey} {job} {host} in `arg`, replaced by the job's values.
+std::string SubstitutePlaceholders(const std::string& arg, const registry::Job& job);
+
+// With --json, an error is printed to stdout as the reply object {"ok":false,...}.
+void PrintJsonError(const Status& status);
+
+}  // namespace brokerproxy::cli
+
+#endif  // BROKERPROXY_CLI_COMMANDS_H_

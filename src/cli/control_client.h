@@ -1,0 +1,48 @@
+// BrokerClient: how a short-lived subcommand reaches the broker.
+//
+// LocalClient talks to the daemon on this machine over its control socket; the SSH client of
+// `--via` (remote.h) runs the same request on the login node. Both are blocking, with a
+// deadline: a CLI process does one thing at a time and must never hang.
+
+#ifndef BROKERPROXY_CLI_CONTROL_CLIENT_H_
+#define BROKERPROXY_CLI_CONTROL_CLIENT_H_
+
+#include <cstdint>
+#include <string>
+
+#include "loop/status.h"
+#include "registry/control_protocol.h"
+#include "registry/json.h"
+
+namespace brokerproxy::cli {
+
+class BrokerClient {
+ public:
+  virtual ~BrokerClient() = default;
+  // Sends `request`; returns the reply object when it says "ok", else the Status it carried.
+  // Fails with Unavailable when the broker cannot be reached, Timeout after `timeout_ms`.
+  virtual Result<registry::JsonPtr> Call(const registry::Request& request,
+                                         int64_t timeout_ms) = 0;
+  // Says where requests go, for messages ("the daemon on /path/control.sock").
+  virtual std::string Describe() const = 0;
+};
+
+class LocalClient final : public BrokerClient {
+ public:
+  explicit LocalClient(std::string socket_path) : path_(std::move(socket_path)) {}
+  Result<registry::JsonPtr> Call(const registry::Request& request, int64_t timeout_ms) override;
+  std::string Describe() const override { return "the daemon on " + path_; }
+
+ private:
+  std::string path_;
+};
+
+// Sends one line and reads one line back over a connected blocking-or-not socket `fd`, within
+// `deadline_ms` (CLOCK_MONOTONIC milliseconds). Shared by the local and test clients.
+Result<std::string> ExchangeLine(int fd, const std::string& line, int64_t deadline_ms,
+                                 size_t max_reply);
+int64_t MonotonicMs();
+
+}  // namespace brokerproxy::cli
+
+#endif  // BROKERPROXY_CLI_CONTROL_CLIENT_H_

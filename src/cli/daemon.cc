@@ -1,0 +1,165 @@
+#include "cli/daemon.h"
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include <cerrno>
+#include <memory>
+#include <vector>
+
+#include "loop/handle.h"
+#include "loop/log.h"
+#include "loop/loop.h"
+#include "loop/signal.h"
+#include "loop/timer.h"
+#include "registry/broker.h"
+#include "registry/control_server.h"
+#include "registry/registry.h"
+#include "registry/store.h"
+
+namespace brokerproxy::cli {
+namespace {
+
+// mkdir -p with `mode` for the directories it creates.
+Status MakeDirs(const std::string& path, mode_t mode) {
+  if (path.empty()) return Status::InvalidArgument("empty directory path");
+  for (size_t pos = 1; pos <= path.size(); ++pos) {
+    if (pos != path.size() && path[pos] != '/') continue;
+    std::string prefix = path.substr(0, pos);
+    if (::mkdir(prefix.c_str(), mode) != 0 && errno != EEXIST) {
+      return PosixError("cannot create directory " + prefix, errno);
+    }
+  }
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return Status::IOError(path + " is not a directory");
+  }
+  return Status::OK();
+}
+
+std::string DirName(const std::string& path) {
+  size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+class Daemon {
+ public:
+  explicit Daemon(const Config& config) : config_(config) {}
+
+  Status Start() {
+    // The state dir holds the registry and keys (each 0600); others may traverse it to reach
+    // the control socket and their own certificate directory, but not list it.
+    BP_RETURN_IF_ERROR(MakeDirs(config_.state_dir, 0711));
+    BP_RETURN_IF_ERROR(MakeDirs(DirName(config_.control_socket), 0755));
+
+    registry::Registry::Options ro;
+    ro.ports = config_.port_range;
+    ro.secret_bits = config_.secret_bits;
+    ro.default_ttl = config_.default_ttl_ms / 1000;
+    registry_ = std::make_unique<registry::Registry>(ro);
+    std::string snapshot = config_.state_dir + "/registry.json";
+    BP_RETURN_IF_ERROR(registry::Store::Load(snapshot, registry_.get()));
+
+    auto loop = loop::Loop::Create();
+    if (!loop.ok()) return loop.status();
+    loop_ = std::move(loop).value();
+    store_ = std::make_unique<registry::Store>(loop_.get(), registry_.get(), snapshot);
+    broker_ = std::make_unique<registry::Broker>(loop_.get(), registry_.get(), store_.get(),
+                                                 registry::Broker::Options{},
+                                                 [] { return static_cast<int64_t>(::time(nullptr)); });
+    BP_RETURN_IF_ERROR(broker_->Start());
+
+    control_ = std::make_unique<registry::ControlServer>(
+        loop_.get(),
+        [this](registry::Request req, uid_t caller, registry::ControlServer::Reply reply) {
+          if (!broker_) {
+            reply(registry::EncodeError(Status::Unavailable("the daemon is shutting down")));
+            return;
+          }
+          broker_->Handle(std::move(req), caller, std::move(reply));
+        },
+        registry::ControlServer::Options{});
+    BP_RETURN_IF_ERROR(control_->Listen(config_.control_socket));
+
+    for (int signum : {SIGTERM, SIGINT, SIGHUP}) {
+      auto sig = loop::Signal::Create(*loop_);
+      if (!sig.ok()) return sig.status();
+      BP_RETURN_IF_ERROR((*sig)->Start(signum, [this](int s) { Shutdown(s); }));
+      signals_.push_back(std::move(sig).value());
+    }
+    LOG_INFO("brokerproxy started: %zu job(s) loaded from %s; control socket %s",
+             registry_->size(), snapshot.c_str(), config_.control_socket.c_str());
+    return Status::OK();
+  }
+
+  void Run() { loop_->Run(); }
+
+  // Releases everything in dependency order, then closes the loop.
+  Status Finish() {
+    broker_.reset();
+    control_.reset();
+    signals_.clear();
+    drain_timer_.reset();
+    store_.reset();
+    if (!loop_) return Status::OK();
+    Status s = loop_->Close();
+    if (s.ok()) loop_.reset();
+    return s;
+  }
+
+ private:
+  void Shutdown(int signum) {
+    if (stopping_) return;
+    stopping_ = true;
+    LOG_INFO("received signal %d; shutting down", signum);
+    control_->Close();
+    broker_.reset();  // drops probes, waits, the expiry timer
+    WaitForStore();
+  }
+
+  // Lets a registry write in flight land before the loop stops.
+  void WaitForStore() {
+    if (!store_->busy()) {
+      loop_->Stop();
+      return;
+    }
+    if (!drain_timer_) {
+      auto t = loop::Timer::Create(*loop_);
+      if (!t.ok()) {
+        loop_->Stop();
+        return;
+      }
+      drain_timer_ = std::move(t).value();
+    }
+    drain_timer_->Start(10, [this] { WaitForStore(); });
+  }
+
+  Config config_;
+  std::unique_ptr<loop::Loop> loop_;
+  std::unique_ptr<registry::Registry> registry_;
+  std::unique_ptr<registry::Store> store_;
+  std::unique_ptr<registry::Broker> broker_;
+  std::unique_ptr<registry::ControlServer> control_;
+  std::vector<loop::HandlePtr<loop::Signal>> signals_;
+  loop::HandlePtr<loop::Timer> drain_timer_;
+  bool stopping_ = false;
+};
+
+}  // namespace
+
+Status RunDaemon(const Config& config) {
+  SetLogLevel(config.log_level);
+  Daemon daemon(config);
+  Status s = daemon.Start();
+  if (s.ok()) daemon.Run();
+  Status f = daemon.Finish();
+  if (!s.ok()) return s;
+  if (!f.ok()) LOG_ERROR("shutdown: %s", f.ToString().c_str());
+  LOG_INFO("brokerproxy stopped");
+  return Status::OK();
+}
+
+}  // namespace brokerproxy::cli

@@ -1,0 +1,20 @@
+// `brokerproxy run`: the daemon on the login node.
+//
+// One loop hosts the registry (Broker + Store), the control socket and the proxy listener.
+// SIGTERM, SIGINT and SIGHUP stop it cleanly: it stops accepting, lets a registry write in
+// flight land, closes every connection and exits 0.
+
+#ifndef BROKERPROXY_CLI_DAEMON_H_
+#define BROKERPROXY_CLI_DAEMON_H_
+
+#include "cli/options.h"
+#include "loop/status.h"
+
+namespace brokerproxy::cli {
+
+// Runs in the foreground until stopped; returns the start-up error if it cannot start.
+Status RunDaemon(const Config& config);
+
+}  // namespace brokerproxy::cli
+
+#endif  // BROKERPROXY_CLI_DAEMON_H_

@@ -1,0 +1,80 @@
+// Dialer: a non-blocking TCP connect to host:port, trying each resolved address in turn.
+//
+// Names are resolved on the thread pool (loop/work.h) through a small cache shared by all
+// dials (ResolveCache), so a busy job does not cost one getaddrinfo per connection; numeric
+// addresses never leave the loop thread. The connected socket is handed over as a Poll that
+// owns it, ready for a Relay.
+//
+// Ownership: the caller owns the Dialer; dropping it cancels the attempt and closes the socket.
+// `*loop` and `*cache` must outlive it. The callback runs at most once, never inside Dial(),
+// and the Dialer may be destroyed from inside it. Loop-thread only.
+
+#ifndef BROKERPROXY_PROXY_DIALER_H_
+#define BROKERPROXY_PROXY_DIALER_H_
+
+#include <sys/socket.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "loop/handle.h"
+#include "loop/loop.h"
+#include "loop/poll.h"
+#include "loop/work.h"
+
+namespace brokerproxy::proxy {
+
+class ResolveCache {
+ public:
+  using Addresses = std::vector<sockaddr_storage>;
+  using Callback = std::function<void(Result<Addresses>)>;
+
+  // Answers are kept `ttl_ms`; failures are not cached.
+  ResolveCache(loop::Loop* loop, int64_t ttl_ms) : loop_(loop), ttl_ms_(ttl_ms) {}
+
+  // As loop::Resolve, served from the cache when fresh.
+  loop::Pending Resolve(const std::string& host, int port, Callback cb);
+
+ private:
+  struct Entry {
+    Addresses addresses;  // with port 0
+    uint64_t expires_ms = 0;
+  };
+  loop::Loop* loop_;
+  int64_t ttl_ms_;
+  std::unordered_map<std::string, Entry> entries_;
+};
+
+class Dialer {
+ public:
+  using Callback = std::function<void(Result<loop::HandlePtr<loop::Poll>>)>;
+
+  Dialer(loop::Loop* loop, ResolveCache* cache) : loop_(loop), cache_(cache) {}
+  Dialer(const Dialer&) = delete;
+  Dialer& operator=(const Dialer&) = delete;
+
+  // REQUIRES: called once.
+  void Dial(const std::string& host, int port, Callback cb);
+
+ private:
+  void TryNext();
+  void OnWritable(int status);
+  void Fail(Status status);
+
+  loop::Loop* loop_;
+  ResolveCache* cache_;
+  Callback cb_;
+  std::string target_;  // "host:port", for messages
+  loop::Pending resolve_;
+  std::vector<sockaddr_storage> addresses_;
+  size_t next_ = 0;
+  loop::HandlePtr<loop::Poll> socket_;
+  Status last_error_;
+};
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_DIALER_H_

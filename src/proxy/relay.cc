@@ -1,0 +1,404 @@
+#include "proxy/relay.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cassert>
+#include <cerrno>
+
+namespace brokerproxy::proxy {
+namespace {
+
+constexpr size_t kCopyBufferSize = 64 * 1024;
+// Chunks moved per event before yielding to other sessions (epoll is level-triggered, so
+// whatever is left is reported again on the next loop iteration).
+constexpr int kRoundsPerEvent = 8;
+constexpr unsigned kSpliceFlags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
+
+bool IsSocket(int fd) {
+  struct stat st {};
+  return fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
+}
+
+bool WouldBlock(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
+
+}  // namespace
+
+// ---- PipePool ----
+
+PipePool::PipePool(int pipe_size, size_t max_idle) : pipe_size_(pipe_size), max_idle_(max_idle) {}
+
+PipePool::~PipePool() {
+  for (const Pipe& p : idle_) {
+    ::close(p.read_fd);
+    ::close(p.write_fd);
+  }
+}
+
+Result<PipePool::Pipe> PipePool::Acquire() {
+  if (!idle_.empty()) {
+    Pipe p = idle_.back();
+    idle_.pop_back();
+    ++in_use_;
+    return p;
+  }
+  int fds[2];
+  if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return PosixError("pipe2", errno);
+  Pipe p{fds[0], fds[1], 0};
+  // A larger pipe means fewer syscalls per byte; the kernel may refuse (pipe-max-size, or the
+  // per-user pipe quota), and the default 64 KiB then stays.
+  if (pipe_size_ > 0) (void)::fcntl(p.write_fd, F_SETPIPE_SZ, pipe_size_);
+  p.capacity = ::fcntl(p.write_fd, F_GETPIPE_SZ);
+  if (p.capacity <= 0) p.capacity = 64 * 1024;
+  ++in_use_;
+  return p;
+}
+
+void PipePool::Release(Pipe p, bool empty) {
+  assert(in_use_ > 0);
+  --in_use_;
+  if (empty && idle_.size() < max_idle_) {
+    idle_.push_back(p);
+    return;
+  }
+  ::close(p.read_fd);
+  ::close(p.write_fd);
+}
+
+// ---- Pump: one direction ----
+
+struct Relay::Pump {
+  loop::Poll* src = nullptr;
+  loop::Poll* dst = nullptr;
+  const char* src_name = "";
+  const char* dst_name = "";
+  bool splice_mode = true;  // both sockets: splice through a pipe; else read/write
+  bool dst_is_socket = true;
+  std::string prefix;  // written to dst before anything else
+  size_t prefix_off = 0;
+  PipePool::Pipe pipe;
+  bool has_pipe = false;
+  size_t in_pipe = 0;
+  std::unique_ptr<char[]> buf;
+  size_t buf_len = 0;
+  size_t buf_off = 0;
+  bool src_eof = false;
+  bool done = false;
+  bool want_read = false;
+  bool want_write = false;
+  uint64_t* moved = nullptr;
+
+  bool holding() const {
+    return prefix_off < prefix.size() || in_pipe > 0 || buf_off < buf_len;
+  }
+
+  Status SrcError(int err) const { return PosixError(std::string("reading from ") + src_name, err); }
+  Status DstError(int err) const { return PosixError(std::string("writing to ") + dst_name, err); }
+
+  void ReleaseHeld(PipePool* pool) {
+    if (has_pipe) {
+      pool->Release(pipe, in_pipe == 0);
+      has_pipe = false;
+      in_pipe = 0;
+    }
+    buf.reset();
+    buf_len = buf_off = 0;
+  }
+
+  // Writes what is held to dst. OK with want_write set if dst is full.
+  Status Drain() {
+    while (prefix_off < prefix.size()) {
+      ssize_t n = ::send(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off,
+                         MSG_NOSIGNAL);
+      if (n < 0 && errno == ENOTSOCK) {
+        n = ::write(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off);
+      }
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (WouldBlock(errno)) {
+          want_write = true;
+          return Status::OK();
+        }
+        return DstError(errno);
+      }
+      prefix_off += n;
+    }
+    if (!prefix.empty()) {
+      std::string().swap(prefix);
+      prefix_off = 0;
+    }
+    while (in_pipe > 0) {
+      ssize_t n = ::splice(pipe.read_fd, nullptr, dst->fd(), nullptr, in_pipe, kSpliceFlags);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (WouldBlock(errno)) {
+          want_write = true;
+          return Status::OK();
+        }
+        return DstError(errno);
+      }
+      in_pipe -= n;
+      *moved += n;
+    }
+    while (buf_off < buf_len) {
+      ssize_t n = ::write(dst->fd(), buf.get() + buf_off, buf_len - buf_off);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (WouldBlock(errno)) {
+          want_write = true;
+          return Status::OK();
+        }
+        return DstError(errno);
+      }
+      buf_off += n;
+      *moved += n;
+    }
+    return Status::OK();
+  }
+
+  // Reads one chunk from src into the pipe or buffer. OK with want_read set if src is empty.
+  Status Fill(PipePool* pool) {
+    if (splice_mode) {
+      if (!has_pipe) {
+        auto p = pool->Acquire();
+        if (!p.ok()) {
+          splice_mode = false;  // out of fds for pipes: copying still works
+          return Fill(pool);
+        }
+        pipe = *p;
+        has_pipe = true;
+      }
+      for (;;) {
+        ssize_t n = ::splice(src->fd(), nullptr, pipe.write_fd, nullptr, pipe.capacity,
+                             kSpliceFlags);
+        if (n > 0) {
+          in_pipe = n;
+          return Status::OK();
+        }
+        if (n == 0) {
+          src_eof = true;
+          return Status::OK();
+        }
+        if (errno == EINTR) continue;
+        if (WouldBlock(errno)) {
+          want_read = true;
+          return Status::OK();
+        }
+        if (errno == EINVAL) {  // this pair of fds cannot splice: copy instead
+          splice_mode = false;
+          return Fill(pool);
+        }
+        return SrcError(errno);
+      }
+    }
+    if (!buf) buf.reset(new char[kCopyBufferSize]);
+    for (;;) {
+      ssize_t n = ::read(src->fd(), buf.get(), kCopyBufferSize);
+      if (n > 0) {
+        buf_len = n;
+        buf_off = 0;
+        return Status::OK();
+      }
+      if (n == 0) {
+        src_eof = true;
+        return Status::OK();
+      }
+      if (errno == EINTR) continue;
+      if (WouldBlock(errno)) {
+        want_read = true;
+        return Status::OK();
+      }
+      return SrcError(errno);
+    }
+  }
+
+  // Moves as much as the peers allow, up to the per-event budget.
+  Status Step(PipePool* pool) {
+    want_read = want_write = false;
+    if (done) return Status::OK();
+    for (int round = 0; round < kRoundsPerEvent; ++round) {
+      BP_RETURN_IF_ERROR(Drain());
+      if (want_write) return Status::OK();
+      ReleaseHeld(pool);  // nothing held: an idle direction keeps no pipe and no buffer
+      if (src_eof) {
+        if (dst_is_socket) ::shutdown(dst->fd(), SHUT_WR);
+        done = true;
+        return Status::OK();
+      }
+      Status s = Fill(pool);
+      if (!s.ok() || want_read) {
+        ReleaseHeld(pool);
+        return s;
+      }
+    }
+    // Budget used up with work left: come back on the next loop iteration.
+    if (holding()) {
+      want_write = true;
+    } else {
+      want_read = true;
+    }
+    return Status::OK();
+  }
+};
+
+// ---- Relay ----
+
+Relay::Relay(PipePool* pool, Side a, Side b, const char* a_name, const char* b_name,
+             std::string prefix_to_a, std::string prefix_to_b, DoneCallback done)
+    : pool_(pool), done_(std::move(done)) {
+  loop::Poll* a_in = a.in.get();
+  loop::Poll* a_out = a.out ? a.out.get() : a_in;
+  loop::Poll* b_in = b.in.get();
+  loop::Poll* b_out = b.out ? b.out.get() : b_in;
+  for (auto* side : {&a, &b}) {
+    polls_.push_back(std::move(side->in));
+    if (side->out) polls_.push_back(std::move(side->out));
+  }
+  auto make = [&](loop::Poll* src, loop::Poll* dst, const char* sn, const char* dn,
+                  std::string prefix, uint64_t* moved) {
+    auto p = std::make_unique<Pump>();
+    p->src = src;
+    p->dst = dst;
+    p->src_name = sn;
+    p->dst_name = dn;
+    p->dst_is_socket = IsSocket(dst->fd());
+    p->splice_mode = p->dst_is_socket && IsSocket(src->fd());
+    p->prefix = std::move(prefix);
+    p->moved = moved;
+    return p;
+  };
+  a_to_b_ = make(a_in, b_out, a_name, b_name, std::move(prefix_to_b), &counters_.a_to_b);
+  b_to_a_ = make(b_in, a_out, b_name, a_name, std::move(prefix_to_a), &counters_.b_to_a);
+}
+
+Relay::~Relay() {
+  // Pipes still holding bytes are closed, not pooled.
+  if (a_to_b_) a_to_b_->ReleaseHeld(pool_);
+  if (b_to_a_) b_to_a_->ReleaseHeld(pool_);
+}
+
+void Relay::Start() {
+  loop_ = &polls_.front()->loop();
+  last_activity_ms_ = loop_->Now();
+  for (Pump* p : {a_to_b_.get(), b_to_a_.get()}) {
+    p->want_write = p->holding();
+    p->want_read = !p->want_write;
+  }
+  for (auto& poll : polls_) {
+    loop::Poll* raw = poll.get();
+    raw->Start(0, [this, raw](int status, int events) { OnEvent(raw, status, events); });
+  }
+  UpdateInterest();
+}
+
+bool Relay::half_closed() const { return a_to_b_->done || b_to_a_->done; }
+
+void Relay::OnEvent(loop::Poll* poll, int status, int events) {
+  if (finished_) return;
+  if (status < 0) {
+    int err = SocketError(poll->fd());
+    const char* who = (poll == a_to_b_->src || poll == b_to_a_->dst) ? a_to_b_->src_name
+                                                                     : b_to_a_->src_name;
+    Finish(PosixError(who, err ? err : ECONNRESET));
+    return;
+  }
+  uint64_t before = counters_.a_to_b + counters_.b_to_a;
+  for (Pump* p : {a_to_b_.get(), b_to_a_.get()}) {
+    bool ready = (p->src == poll && (events & UV_READABLE)) ||
+                 (p->dst == poll && (events & UV_WRITABLE));
+    if (ready && !Run(p)) return;  // finished: `this` may be gone
+  }
+  if (counters_.a_to_b + counters_.b_to_a != before) last_activity_ms_ = loop_->Now();
+  UpdateInterest();
+}
+
+bool Relay::Run(Pump* p) {
+  Status s = p->Step(pool_);
+  if (!s.ok()) {
+    Finish(s);
+    return false;
+  }
+  if (p->done && !p->dst_is_socket) {
+    // A pipe (stdout) has no half-close: closing it is how its reader sees the end.
+    for (auto& poll : polls_) {
+      if (poll.get() == p->dst) poll.reset();
+    }
+  }
+  if (a_to_b_->done && b_to_a_->done) {
+    Finish(Status::OK());
+    return false;
+  }
+  return true;
+}
+
+void Relay::UpdateInterest() {
+  for (auto& poll : polls_) {
+    if (!poll) continue;
+    int events = 0;
+    for (const Pump* p : {a_to_b_.get(), b_to_a_.get()}) {
+      if (p->done) continue;
+      if (p->src == poll.get() && p->want_read) events |= UV_READABLE;
+      if (p->dst == poll.get() && p->want_write) events |= UV_WRITABLE;
+    }
+    poll->SetEvents(events);
+  }
+}
+
+void Relay::Finish(Status status) {
+  if (finished_) return;
+  finished_ = true;
+  for (auto& poll : polls_) {
+    if (poll) poll->Stop();
+  }
+  DoneCallback done = std::move(done_);
+  if (done) done(std::move(status));  // may destroy this
+}
+
+// ---- socket helpers ----
+
+void TuneTcpSocket(int fd, int keepalive_s) {
+  int one = 1;
+  (void)::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  if (keepalive_s > 0) {
+    int interval = keepalive_s >= 30 ? 10 : 1;
+    int count = 6;
+    (void)::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &keepalive_s, sizeof(keepalive_s));
+    (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval));
+    (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count));
+  }
+}
+
+size_t SendBestEffort(int fd, std::string_view data) {
+  size_t off = 0;
+  while (off < data.size()) {
+    ssize_t n = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    off += n;
+  }
+  return off;
+}
+
+void CloseGracefully(int fd) {
+  ::shutdown(fd, SHUT_WR);
+  char sink[4096];
+  for (int i = 0; i < 16; ++i) {
+    ssize_t n = ::recv(fd, sink, sizeof(sink), MSG_DONTWAIT);
+    if (n <= 0) break;
+  }
+  ::close(fd);
+}
+
+int SocketError(int fd) {
+  int err = 0;
+  socklen_t len = sizeof(err);
+  if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) return errno;
+  return err;
+}
+
+}  // namespace brokerproxy::proxy

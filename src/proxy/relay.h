@@ -1,0 +1,138 @@
+// Moving bytes between two connected stream endpoints, both ways, with bounded memory.
+//
+// Relay drives two to four raw fds with uv_poll and moves each direction (a Pump) with
+// splice(2) through a kernel pipe when both fds are sockets: bytes never enter user space and a
+// chunk costs two syscalls. Anything else (a tty, a pipe on stdio) uses read/write through a
+// 64 KiB buffer. The pipe is borrowed from a PipePool only while it holds bytes, so an idle
+// session holds no pipe and no buffer (DESIGN.md "Splicing"; LIBRARIES.md section 3).
+//
+// Backpressure: a direction reads its source only while its pipe (or buffer) has room, and asks
+// for writability of its sink only while it holds bytes. So at most one pipe (1 MiB at most) or
+// one 64 KiB buffer per direction is in flight whatever the peers do, and the rest waits in the
+// peers' socket buffers.
+//
+// Half-close: EOF on a source is passed on as shutdown(SHUT_WR) of the sink once everything
+// read has been written; the relay finishes when both directions have. An error on either side
+// ends it at once.
+//
+// Ownership: the Relay owns its Polls (and, through them, the fds when they were created
+// kOwned). `*pool` must outlive it. The done callback runs at most once; the Relay may be
+// destroyed from inside it or at any other time. Loop-thread only.
+
+#ifndef BROKERPROXY_PROXY_RELAY_H_
+#define BROKERPROXY_PROXY_RELAY_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loop/handle.h"
+#include "loop/poll.h"
+#include "loop/status.h"
+
+namespace brokerproxy::proxy {
+
+// Idle pipes kept for reuse, so a busy proxy does not create and close a pipe per chunk.
+class PipePool {
+ public:
+  struct Pipe {
+    int read_fd = -1;
+    int write_fd = -1;
+    int capacity = 0;  // bytes the pipe holds (F_GETPIPE_SZ)
+  };
+
+  // `pipe_size`: requested capacity (F_SETPIPE_SZ; the kernel may cap it, then the default
+  // stays). `max_idle`: pipes kept when released.
+  PipePool(int pipe_size, size_t max_idle);
+  ~PipePool();
+  PipePool(const PipePool&) = delete;
+  PipePool& operator=(const PipePool&) = delete;
+
+  Result<Pipe> Acquire();
+  // An empty pipe goes back to the pool (or is closed if the pool is full); a pipe that still
+  // holds bytes is closed, since they belong to a session that is gone.
+  void Release(Pipe pipe, bool empty);
+
+  size_t idle() const { return idle_.size(); }
+  size_t in_use() const { return in_use_; }
+
+ private:
+  int pipe_size_;
+  size_t max_idle_;
+  size_t in_use_ = 0;
+  std::vector<Pipe> idle_;
+};
+
+class Relay {
+ public:
+  // One side of the relay: where its bytes are read and where bytes for it are written. For a
+  // socket both are the same Poll; for stdio they are stdin's and stdout's.
+  struct Side {
+    loop::HandlePtr<loop::Poll> in;
+    loop::HandlePtr<loop::Poll> out;  // null: same as `in`
+  };
+  // OK when both directions finished; otherwise the error that ended the relay, and which
+  // side it came from ("client", "backend", ...).
+  using DoneCallback = std::function<void(Status status)>;
+
+  // Bytes moved so far, per direction.
+  struct Counters {
+    uint64_t a_to_b = 0;
+    uint64_t b_to_a = 0;
+  };
+
+  // `a_name`/`b_name` label errors ("client", "backend"). `prefix_to_a` is written to side a
+  // before anything from b (e.g. the proxy's "OK\n"); `prefix_to_b` likewise (e.g. a buffered
+  // TLS ClientHello).
+  Relay(PipePool* pool, Side a, Side b, const char* a_name, const char* b_name,
+        std::string prefix_to_a, std::string prefix_to_b, DoneCallback done);
+  ~Relay();
+  Relay(const Relay&) = delete;
+  Relay& operator=(const Relay&) = delete;
+
+  // Starts moving bytes. The done callback never runs inside this call.
+  void Start();
+
+  const Counters& counters() const { return counters_; }
+  // True once one direction has finished (a half-closed session).
+  bool half_closed() const;
+  // Milliseconds (loop time) of the last byte moved.
+  uint64_t last_activity_ms() const { return last_activity_ms_; }
+
+ private:
+  struct Pump;
+  void OnEvent(loop::Poll* poll, int status, int events);
+  // Runs a pump and handles its outcome; false if the relay ended.
+  bool Run(Pump* p);
+  void UpdateInterest();
+  void Finish(Status status);
+
+  PipePool* pool_;
+  loop::Loop* loop_ = nullptr;
+  std::vector<loop::HandlePtr<loop::Poll>> polls_;  // an entry is null once closed
+  std::unique_ptr<Pump> a_to_b_;
+  std::unique_ptr<Pump> b_to_a_;
+  Counters counters_;
+  DoneCallback done_;
+  uint64_t last_activity_ms_ = 0;
+  bool finished_ = false;
+  bool in_event_ = false;
+};
+
+// Shared socket helpers for the proxy and the client.
+// TCP_NODELAY and keepalive (`keepalive_s` idle seconds; 0 = off) on a TCP socket.
+void TuneTcpSocket(int fd, int keepalive_s);
+// Best-effort write of a short reply on a non-blocking socket, for answers sent just before
+// closing; returns bytes written.
+size_t SendBestEffort(int fd, std::string_view data);
+// Half-closes, discards what the peer already sent (so close() sends FIN, not RST, and the
+// peer can read the last reply), then closes.
+void CloseGracefully(int fd);
+// The pending error of a socket (SO_ERROR), as an errno value.
+int SocketError(int fd);
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_RELAY_H_

@@ -1,0 +1,61 @@
+// Protocol sniffing and the plain preamble, as pure functions over bytes.
+//
+// The proxy port serves three protocols; the first byte decides (DESIGN.md "The proxy port"):
+//
+//   'B'  BROKER1 preamble  "BROKER1 <job_id> <secret>\n"  (at most kMaxPreambleBytes)
+//   0x16 TLS handshake record (ClientHello)
+//   'S'  SSH identification string "SSH-2.0-..." (RFC 4253 section 4.2)
+//
+// How sniffed bytes are kept (STYLE.md P11), per protocol:
+//   - SSH: peeked only (MSG_PEEK). libssh reads the socket itself and has no API to inject bytes
+//     already read, so the banner must stay in the kernel.
+//   - Plain: the preamble line is consumed exactly up to its newline (peek to find it, then read
+//     that many bytes), so bytes the client pipelined after it stay in the kernel and are
+//     spliced to the backend first, in order; no user-space carry buffer is needed.
+//   - TLS: the ClientHello is consumed into a buffer (a partial record cannot be left in a
+//     level-triggered socket without busy-looping) and carried forward: replayed to the backend
+//     for passthrough, or fed to OpenSSL for termination.
+
+#ifndef BROKERPROXY_PROXY_SNIFFER_H_
+#define BROKERPROXY_PROXY_SNIFFER_H_
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+namespace brokerproxy::proxy {
+
+enum class Protocol { kNeedMore, kPlain, kTls, kSsh, kUnknown };
+
+// Decides from the first byte(s); kNeedMore only for empty input.
+Protocol Sniff(std::string_view first_bytes);
+const char* ProtocolName(Protocol p);
+
+inline constexpr size_t kMaxPreambleBytes = 2048;
+inline constexpr std::string_view kPreambleMagic = "BROKER1 ";
+
+struct Preamble {
+  enum class State { kNeedMore, kDone, kBad };
+  State state = State::kNeedMore;
+  std::string job_id;
+  std::string secret;  // never logged
+  size_t length = 0;   // bytes of the line, newline included (kDone)
+  const char* error = nullptr;  // why kBad, for the debug log
+};
+
+// Parses "BROKER1 <job_id> <secret>\n" (an optional '\r' before the newline is accepted) at the
+// start of `data`, which may hold only part of the line, or the line and payload after it.
+// Fails as early as possible: a wrong magic, a character outside the job id or secret
+// alphabets, or kMaxPreambleBytes without a newline is kBad at once.
+Preamble ParsePreamble(std::string_view data);
+
+// The proxy's one-line replies.
+inline constexpr std::string_view kReplyOk = "OK\n";
+enum class ErrorCode { kDenied, kUnavailable, kBusy, kTimeout, kBadRequest };
+// "ERR denied\n", ...
+std::string_view ErrorReply(ErrorCode code);
+const char* ErrorCodeName(ErrorCode code);
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_SNIFFER_H_

@@ -1,0 +1,372 @@
+#include "registry/broker.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "loop/log.h"
+#include "registry/secret.h"
+
+namespace brokerproxy::registry {
+
+struct Broker::Probe {
+  std::string id;
+  std::string host;
+  int port = 0;
+  int64_t delay_ms = 0;
+  size_t attempt = 0;
+  loop::Pending resolve;
+  loop::HandlePtr<loop::Tcp> conn;
+  loop::HandlePtr<loop::Timer> timer;
+};
+
+namespace {
+
+JsonPtr JobBody(const Job& job, SecretField secret) {
+  JsonPtr body(cJSON_CreateObject());
+  cJSON_AddItemToObject(body.get(), "job", JobToJson(job, secret).release());
+  return body;
+}
+
+}  // namespace
+
+Broker::Broker(loop::Loop* loop, Registry* registry, Store* store, Options options, Clock clock)
+    : loop_(loop), registry_(registry), store_(store), options_(options), clock_(std::move(clock)) {}
+
+Broker::~Broker() { *alive_ = false; }
+
+Status Broker::Start() {
+  auto t = loop::Timer::Create(*loop_);
+  if (!t.ok()) return t.status();
+  expiry_timer_ = std::move(t).value();
+  expiry_timer_->Start(options_.expiry_check_ms, options_.expiry_check_ms,
+                       [this] { SweepExpired(); });
+  for (const Job* job : registry_->All()) {
+    if (!job->ready) StartProbe(*job);
+  }
+  return Status::OK();
+}
+
+void Broker::ReplyLater(Reply reply, std::string line) {
+  loop_->Defer([reply = std::move(reply), line = std::move(line)] { reply(line); });
+}
+
+void Broker::Handle(Request req, uid_t caller, Reply reply) {
+  switch (req.op) {
+    case Op::kSave: {
+      // Refuse early what the commit would refuse anyway, before issuing a certificate.
+      const Job* existing = registry_->Find(req.job);
+      if (existing && existing->owner != caller && caller != 0) {
+        ReplyLater(std::move(reply), EncodeError(Status::PermissionDenied(
+                                         "job " + req.job + " belongs to another user")));
+        return;
+      }
+      if (req.save.type != JobType::kSsl) {
+        Save(std::move(req), caller, std::move(reply), {});
+        return;
+      }
+      if (!cert_issuer_) {
+        ReplyLater(std::move(reply),
+                   EncodeError(Status::Unavailable("this broker has no TLS certificate authority "
+                                                   "set up, so it cannot save ssl jobs")));
+        return;
+      }
+      Job draft;
+      draft.id = req.job;
+      draft.type = JobType::kSsl;
+      draft.owner = caller;
+      draft.host = req.save.host;
+      uint64_t key = next_cert_job_++;
+      cert_jobs_[key] = cert_issuer_(
+          draft, [this, key, req = std::move(req), caller, reply](Result<CertFiles> certs) mutable {
+            cert_jobs_.erase(key);
+            if (!certs.ok()) {
+              reply(EncodeError(certs.status().WithContext("cannot issue a certificate")));
+              return;
+            }
+            Save(std::move(req), caller, std::move(reply), std::move(certs).value());
+          });
+      return;
+    }
+    case Op::kLoad: {
+      auto job = registry_->Get(req.job, caller);
+      ReplyLater(std::move(reply), job.ok() ? EncodeOk(JobBody(**job, SecretField::kInclude))
+                                            : EncodeError(job.status()));
+      return;
+    }
+    case Op::kVerify: {
+      auto job = registry_->Get(req.job, caller);
+      if (!job.ok()) {
+        ReplyLater(std::move(reply), EncodeError(job.status()));
+        return;
+      }
+      JsonPtr body(cJSON_CreateObject());
+      cJSON_AddBoolToObject(body.get(), "match", SecretMatches((*job)->secret, req.secret));
+      ReplyLater(std::move(reply), EncodeOk(std::move(body)));
+      return;
+    }
+    case Op::kQuery: {
+      JsonPtr body(cJSON_CreateObject());
+      cJSON* jobs = cJSON_AddArrayToObject(body.get(), "jobs");
+      for (const Job* job : registry_->List(caller)) {
+        cJSON_AddItemToArray(jobs, JobToJson(*job, SecretField::kOmit).release());
+      }
+      ReplyLater(std::move(reply), EncodeOk(std::move(body)));
+      return;
+    }
+    case Op::kRemove:
+      Remove(req.job, caller, std::move(reply));
+      return;
+    case Op::kStats: {
+      JsonPtr body(cJSON_CreateObject());
+      cJSON* stats = cJSON_AddObjectToObject(body.get(), "stats");
+      cJSON_AddNumberToObject(stats, "jobs", static_cast<double>(registry_->List(caller).size()));
+      if (stats_provider_) stats_provider_(stats, caller);
+      ReplyLater(std::move(reply), EncodeOk(std::move(body)));
+      return;
+    }
+    case Op::kWait:
+      Wait(req.job, caller, req.timeout_ms, std::move(reply));
+      return;
+    case Op::kCa: {
+      auto pem = ca_provider_ ? ca_provider_()
+                              : Result<std::string>(Status::Unavailable(
+                                    "this broker has no TLS certificate authority set up"));
+      if (!pem.ok()) {
+        ReplyLater(std::move(reply), EncodeError(pem.status()));
+        return;
+      }
+      JsonPtr body(cJSON_CreateObject());
+      cJSON_AddStringToObject(body.get(), "ca_cert", pem->c_str());
+      ReplyLater(std::move(reply), EncodeOk(std::move(body)));
+      return;
+    }
+  }
+}
+
+void Broker::Save(Request req, uid_t caller, Reply reply, CertFiles certs) {
+  auto saved = std::make_shared<Job>();
+  auto replaced = std::make_shared<std::optional<Job>>();
+  req.save.cert_path = certs.cert_path;
+  req.save.key_path = certs.key_path;
+  std::weak_ptr<bool> alive = alive_;
+  store_->Commit(
+      [this, req, caller, saved, replaced]() -> Result<Store::Undo> {
+        auto job = registry_->Save(req.save, caller, clock_(), replaced.get());
+        if (!job.ok()) return job.status();
+        *saved = *job;
+        return Store::Undo([this, id = job->id, replaced] {
+          registry_->Erase(id);
+          if (replaced->has_value()) registry_->Put(**replaced);
+        });
+      },
+      [this, alive, saved, replaced, caller, reply = std::move(reply)](Status s) {
+        if (alive.expired()) return;
+        if (!s.ok()) {
+          reply(EncodeError(s));
+          return;
+        }
+        if (replaced->has_value()) {
+          Forget(saved->id, Status::NotFound("job " + saved->id + " was replaced"));
+        }
+        LOG_INFO("saved job %s (%s, backend %s:%d%s) for uid %u%s", saved->id.c_str(),
+                 JobTypeName(saved->type), saved->host.c_str(), saved->port,
+                 saved->ready ? "" : ", waiting for a listener", static_cast<unsigned>(caller),
+                 replaced->has_value() ? ", replacing the previous entry" : "");
+        if (!saved->ready) StartProbe(*saved);
+        reply(EncodeOk(JobBody(*saved, SecretField::kInclude)));
+      });
+}
+
+void Broker::Remove(const std::string& id, uid_t caller, Reply reply) {
+  auto removed = std::make_shared<Job>();
+  std::weak_ptr<bool> alive = alive_;
+  store_->Commit(
+      [this, id, caller, removed]() -> Result<Store::Undo> {
+        auto job = registry_->Remove(id, caller);
+        if (!job.ok()) return job.status();
+        *removed = *job;
+        return Store::Undo([this, removed] { registry_->Put(*removed); });
+      },
+      [this, alive, removed, caller, reply = std::move(reply)](Status s) {
+        if (alive.expired()) return;
+        if (!s.ok()) {
+          reply(EncodeError(s));
+          return;
+        }
+        LOG_INFO("removed job %s for uid %u", removed->id.c_str(), static_cast<unsigned>(caller));
+        Forget(removed->id, Status::NotFound("job " + removed->id + " was removed"));
+        reply(EncodeOk(JobBody(*removed, SecretField::kOmit)));
+      });
+}
+
+void Broker::Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply) {
+  auto job = registry_->Get(id, caller);
+  if (!job.ok()) {
+    ReplyLater(std::move(reply), EncodeError(job.status()));
+    return;
+  }
+  if ((*job)->ready) {
+    ReplyLater(std::move(reply), EncodeOk(JobBody(**job, SecretField::kInclude)));
+    return;
+  }
+  auto timer = loop::Timer::Create(*loop_);
+  if (!timer.ok()) {
+    ReplyLater(std::move(reply), EncodeError(timer.status()));
+    return;
+  }
+  auto waiter = std::make_unique<Waiter>();
+  Waiter* w = waiter.get();
+  w->reply = std::move(reply);
+  w->timer = std::move(timer).value();
+  std::string what = "job " + id + ": nothing accepted connections on " + (*job)->host + ":" +
+                     std::to_string((*job)->port) + " within " +
+                     std::to_string(timeout_ms / 1000) + "s";
+  w->timer->Start(timeout_ms, [this, id, w, what] {
+    auto range = waiters_.equal_range(id);
+    for (auto it = range.first; it != range.second; ++it) {
+      if (it->second.get() != w) continue;
+      std::unique_ptr<Waiter> self = std::move(it->second);
+      waiters_.erase(it);
+      self->reply(EncodeError(Status::Timeout(what)));
+      return;  // `self` (and the running timer's owner) dies here; nothing touches it after
+    }
+  });
+  waiters_.emplace(id, std::move(waiter));
+}
+
+void Broker::ReleaseWaiters(const std::string& id, const Status& status) {
+  auto range = waiters_.equal_range(id);
+  std::vector<std::unique_ptr<Waiter>> released;
+  for (auto it = range.first; it != range.second; ++it) released.push_back(std::move(it->second));
+  waiters_.erase(range.first, range.second);
+  if (released.empty()) return;
+  std::string line;
+  if (status.ok()) {
+    const Job* job = registry_->Find(id);
+    line = job ? EncodeOk(JobBody(*job, SecretField::kInclude))
+               : EncodeError(Status::NotFound("job " + id + " is gone"));
+  } else {
+    line = EncodeError(status);
+  }
+  for (auto& w : released) w->reply(line);
+}
+
+void Broker::Forget(const std::string& id, const Status& waiter_status) {
+  probes_.erase(id);
+  ReleaseWaiters(id, waiter_status);
+}
+
+void Broker::SweepExpired() {
+  if (sweeping_) return;
+  std::vector<std::string> ids = registry_->Expired(clock_());
+  if (ids.empty()) return;
+  sweeping_ = true;
+  auto removed = std::make_shared<std::vector<Job>>();
+  std::weak_ptr<bool> alive = alive_;
+  store_->Commit(
+      [this, ids, removed]() -> Result<Store::Undo> {
+        int64_t now = clock_();
+        for (const auto& id : ids) {
+          const Job* job = registry_->Find(id);
+          if (!job || job->expires == 0 || job->expires > now) continue;  // changed meanwhile
+          removed->push_back(*job);
+          registry_->Erase(id);
+        }
+        return Store::Undo([this, removed] {
+          for (const auto& job : *removed) registry_->Put(job);
+        });
+      },
+      [this, alive, removed](Status s) {
+        if (alive.expired()) return;
+        sweeping_ = false;
+        if (!s.ok()) return;  // logged by the store; retried on the next sweep
+        for (const auto& job : *removed) {
+          LOG_INFO("job %s expired", job.id.c_str());
+          Forget(job.id, Status::NotFound("job " + job.id + " expired"));
+        }
+      });
+}
+
+void Broker::StartProbe(const Job& job) {
+  auto timer = loop::Timer::Create(*loop_);
+  if (!timer.ok()) {
+    LOG_ERROR("cannot probe job %s: %s", job.id.c_str(), timer.status().ToString().c_str());
+    return;
+  }
+  auto probe = std::make_unique<Probe>();
+  probe->id = job.id;
+  probe->host = job.host;
+  probe->port = job.port;
+  probe->delay_ms = options_.probe_min_ms;
+  probe->timer = std::move(timer).value();
+  Probe* p = probe.get();
+  probes_[job.id] = std::move(probe);
+  ProbeOnce(p);
+}
+
+void Broker::ProbeOnce(Probe* p) {
+  auto retry = [this, p] {
+    p->conn.reset();
+    p->timer->Start(p->delay_ms, [this, p] { ProbeOnce(p); });
+    p->delay_ms = std::min(p->delay_ms * 2, options_.probe_max_ms);
+  };
+  p->resolve = loop::Resolve(
+      *loop_, p->host, p->port,
+      [this, p, retry](Result<std::vector<sockaddr_storage>> addrs) {
+        if (!addrs.ok()) {
+          retry();
+          return;
+        }
+        const sockaddr_storage& addr = (*addrs)[p->attempt++ % addrs->size()];
+        auto conn = loop::Tcp::Create(*loop_);
+        if (!conn.ok()) {
+          retry();
+          return;
+        }
+        p->conn = std::move(conn).value();
+        Status s = p->conn->Connect(reinterpret_cast<const sockaddr*>(&addr), [this, p,
+                                                                             retry](Status s) {
+          if (s.ok()) {
+            OnProbeResult(p->id, true);  // frees *p: nothing may follow
+            return;
+          }
+          retry();
+        });
+        if (!s.ok()) {
+          retry();
+          return;
+        }
+        // A backend that silently drops SYNs must not stall the probe forever.
+        p->timer->Start(options_.probe_connect_timeout_ms, retry);
+      });
+}
+
+void Broker::OnProbeResult(const std::string& id_ref, bool listening) {
+  std::string id = id_ref;  // the probe owning `id_ref` is about to go
+  if (!listening) return;
+  probes_.erase(id);
+  std::weak_ptr<bool> alive = alive_;
+  store_->Commit(
+      [this, id]() -> Result<Store::Undo> {
+        const Job* job = registry_->Find(id);
+        if (!job) return Status::NotFound("job " + id + " is gone");
+        if (job->ready) return Store::Undo([] {});
+        BP_RETURN_IF_ERROR(registry_->SetReady(id, true));
+        return Store::Undo([this, id] { registry_->SetReady(id, false); });
+      },
+      [this, alive, id](Status s) {
+        if (alive.expired()) return;
+        if (!s.ok()) {
+          if (s.code() != Status::Code::kNotFound) {
+            // Not durable yet: look again shortly rather than report a state we lost.
+            const Job* job = registry_->Find(id);
+            if (job && !job->ready) StartProbe(*job);
+          }
+          return;
+        }
+        LOG_INFO("job %s is ready", id.c_str());
+        ReleaseWaiters(id, Status::OK());
+      });
+}
+
+}  // namespace brokerproxy::registry

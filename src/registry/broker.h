@@ -1,0 +1,118 @@
+// Broker: carries out control requests against the registry.
+//
+// It owns the policies around the bare Registry: persistence before acknowledging (Store),
+// expiry, readiness (a job saved with "wait" becomes ready once something accepts TCP
+// connections on its backend host:port, probed from the daemon, i.e. from where the proxy will
+// connect), and the "wait" op. Certificates for `ssl` jobs, proxy statistics and the CA
+// certificate come from hooks the daemon installs, so this layer does not depend on the proxy.
+//
+// Replies are always delivered on a later loop turn than the Handle() call (P8).
+//
+// Ownership: the daemon owns the Broker; `*loop`, `*registry` and `*store` must outlive it.
+// Destroying it drops pending probes, waits and replies. Loop-thread only.
+
+#ifndef BROKERPROXY_REGISTRY_BROKER_H_
+#define BROKERPROXY_REGISTRY_BROKER_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+
+#include "loop/handle.h"
+#include "loop/loop.h"
+#include "loop/stream.h"
+#include "loop/timer.h"
+#include "loop/work.h"
+#include "registry/control_protocol.h"
+#include "registry/json.h"
+#include "registry/registry.h"
+#include "registry/store.h"
+
+namespace brokerproxy::registry {
+
+class Broker {
+ public:
+  // One reply line, without the newline.
+  using Reply = std::function<void(std::string line)>;
+  // Adds members to the "stats" reply for `caller` (uid 0 sees every job).
+  using StatsProvider = std::function<void(cJSON* stats, uid_t caller)>;
+  // The broker CA certificate (PEM), or an error if TLS is not set up.
+  using CaProvider = std::function<Result<std::string>()>;
+  // Issues a certificate and key for `job` (off the loop) and reports their paths.
+  struct CertFiles {
+    std::string cert_path;
+    std::string key_path;
+  };
+  using CertIssuer =
+      std::function<loop::Pending(const Job& job, std::function<void(Result<CertFiles>)> done)>;
+  // Unix seconds.
+  using Clock = std::function<int64_t()>;
+
+  struct Options {
+    int64_t expiry_check_ms = 1000;       // how often expired jobs are swept
+    int64_t probe_min_ms = 100;           // readiness probe backoff, doubling ...
+    int64_t probe_max_ms = 2000;          // ... up to this
+    int64_t probe_connect_timeout_ms = 2000;
+  };
+
+  Broker(loop::Loop* loop, Registry* registry, Store* store, Options options, Clock clock);
+  ~Broker();
+  Broker(const Broker&) = delete;
+  Broker& operator=(const Broker&) = delete;
+
+  // Starts the expiry sweep and probes jobs that were loaded while not ready.
+  Status Start();
+
+  void Handle(Request request, uid_t caller, Reply reply);
+
+  void set_stats_provider(StatsProvider p) { stats_provider_ = std::move(p); }
+  void set_ca_provider(CaProvider p) { ca_provider_ = std::move(p); }
+  void set_cert_issuer(CertIssuer i) { cert_issuer_ = std::move(i); }
+
+ private:
+  struct Probe;
+  struct Waiter {
+    Reply reply;
+    loop::HandlePtr<loop::Timer> timer;
+  };
+
+  void Save(Request request, uid_t caller, Reply reply, CertFiles certs);
+  void Remove(const std::string& id, uid_t caller, Reply reply);
+  void Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply);
+  void SweepExpired();
+
+  void StartProbe(const Job& job);
+  void ProbeOnce(Probe* probe);
+  void OnProbeResult(const std::string& id, bool listening);
+  // The job changed identity (removed or replaced): stop its probe and release its waiters.
+  void Forget(const std::string& id, const Status& waiter_status);
+  void ReleaseWaiters(const std::string& id, const Status& status);
+
+  void ReplyLater(Reply reply, std::string line);
+
+  loop::Loop* loop_;
+  Registry* registry_;
+  Store* store_;
+  Options options_;
+  Clock clock_;
+  StatsProvider stats_provider_;
+  CaProvider ca_provider_;
+  CertIssuer cert_issuer_;
+
+  loop::HandlePtr<loop::Timer> expiry_timer_;
+  bool sweeping_ = false;
+  std::unordered_map<std::string, std::unique_ptr<Probe>> probes_;
+  std::unordered_multimap<std::string, std::unique_ptr<Waiter>> waiters_;
+  std::unordered_map<uint64_t, loop::Pending> cert_jobs_;
+  uint64_t next_cert_job_ = 0;
+  // Lets callbacks that may outlive this object (store commits) see that it is gone.
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+};
+
+}  // namespace brokerproxy::registry
+
+#endif  // BROKERPROXY_REGISTRY_BROKER_H_

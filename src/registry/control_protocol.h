@@ -1,0 +1,61 @@
+// The control API's wire format: one JSON object per line each way (DESIGN.md "Control API").
+//
+//   request:  {"op":"save","job":"12345","type":"ssh","host":"node7","port":0,"ttl":3600,
+//              "wait":true}
+//             {"op":"load"|"remove","job":"12345"}
+//             {"op":"verify","job":"12345","secret":"<hex>"}
+//             {"op":"wait","job":"12345","timeout":120000}     (milliseconds)
+//             {"op":"query"} {"op":"stats"} {"op":"ca"}
+//   reply:    {"ok":true, ...op-specific fields}
+//             {"ok":false,"error":"<one line for a person>","code":"<Status code name>"}
+//
+// A pure codec: no I/O, no registry access, so it is unit-tested and fuzzed on its own. The
+// CLI's --json output is exactly the reply object, which is also what `--via` reads back
+// from the login node.
+
+#ifndef BROKERPROXY_REGISTRY_CONTROL_PROTOCOL_H_
+#define BROKERPROXY_REGISTRY_CONTROL_PROTOCOL_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "loop/status.h"
+#include "registry/json.h"
+#include "registry/registry.h"
+
+namespace brokerproxy::registry {
+
+// Longest request or reply line accepted (a reply listing many jobs can be long, a request
+// cannot).
+inline constexpr size_t kMaxRequestBytes = 16 * 1024;
+inline constexpr size_t kMaxReplyBytes = 64u << 20;
+
+enum class Op { kSave, kLoad, kVerify, kQuery, kRemove, kStats, kWait, kCa };
+
+const char* OpName(Op op);
+
+struct Request {
+  Op op = Op::kQuery;
+  std::string job;        // load, verify, remove, wait; save: the id to save
+  SaveRequest save;       // save (save.id == job)
+  std::string secret;     // verify; never logged
+  int64_t timeout_ms = 0; // wait
+};
+
+// Strict: unknown ops, missing or mistyped fields and unknown fields are InvalidArgument with
+// a message naming the field. `line` excludes the newline.
+Result<Request> ParseRequest(std::string_view line);
+// The request as one line, without the newline.
+std::string EncodeRequest(const Request& request);
+
+// {"ok":true} plus the members of `body` (moved in), as one line without the newline.
+std::string EncodeOk(JsonPtr body);
+std::string EncodeError(const Status& status);
+
+// A reply line: the object if "ok" is true, else the Status it carries.
+Result<JsonPtr> ParseReply(std::string_view line);
+
+}  // namespace brokerproxy::registry
+
+#endif  // BROKERPROXY_REGISTRY_CONTROL_PROTOCOL_H_

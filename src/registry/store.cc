@@ -1,0 +1,72 @@
+#include "registry/store.h"
+
+#include <memory>
+
+#include "loop/log.h"
+#include "registry/snapshot.h"
+
+namespace brokerproxy::registry {
+
+Store::Store(loop::Loop* loop, Registry* registry, std::string path)
+    : loop_(loop), registry_(registry), path_(std::move(path)) {}
+
+Status Store::Load(const std::string& path, Registry* registry) {
+  auto data = ReadFileIfExists(path, kMaxSnapshotBytes);
+  if (!data.ok()) return data.status();
+  if (!data->has_value()) return Status::OK();  // first start
+  auto jobs = DecodeSnapshot(**data);
+  if (!jobs.ok()) {
+    return Status::Corruption(path + " is damaged (" + jobs.status().message() +
+                              "); refusing to start rather than lose jobs. Restore it from a "
+                              "backup or move it away to start empty");
+  }
+  for (auto& job : *jobs) {
+    Status s = registry->Put(std::move(job));
+    if (!s.ok()) return Status::Corruption(path + ": " + s.message());
+  }
+  return Status::OK();
+}
+
+void Store::Commit(Mutation mutation, Done done) {
+  queue_.push_back({std::move(mutation), std::move(done)});
+  if (!writing_) StartBatch();
+}
+
+void Store::StartBatch() {
+  while (!queue_.empty()) {
+    Entry e = std::move(queue_.front());
+    queue_.pop_front();
+    Result<Undo> undo = e.mutation();
+    if (!undo.ok()) {
+      // Answer on a later turn: never re-enter the caller of Commit().
+      loop_->Defer([done = std::move(e.done), s = undo.status()] { done(s); });
+      continue;
+    }
+    in_flight_.push_back({std::move(undo).value(), std::move(e.done)});
+  }
+  if (in_flight_.empty()) return;
+  writing_ = true;
+  // Encode on the loop (fast, and the registry is loop-only); write on the pool.
+  auto data = std::make_shared<std::string>(EncodeSnapshot(registry_->All()));
+  auto result = std::make_shared<Status>();
+  write_ = loop::QueueWork(
+      *loop_, [path = path_, data, result] { *result = WriteFileAtomic(path, *data, 0600); },
+      [this, result] { FinishBatch(*result); });
+}
+
+void Store::FinishBatch(Status status) {
+  std::vector<Applied> batch;
+  batch.swap(in_flight_);
+  writing_ = false;
+  if (!status.ok()) {
+    LOG_ERROR("cannot write the registry to %s: %s; %zu change(s) undone", path_.c_str(),
+              status.ToString().c_str(), batch.size());
+    for (auto it = batch.rbegin(); it != batch.rend(); ++it) it->undo();
+  }
+  // Start the next batch before answering, so that mutations queued meanwhile are not delayed
+  // by whatever the callbacks do.
+  StartBatch();
+  for (auto& a : batch) a.done(status);
+}
+
+}  // namespace brokerproxy::registry

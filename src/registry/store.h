@@ -1,0 +1,77 @@
+// Store: makes registry changes durable before they are acknowledged.
+//
+// Commit(mutation, done) applies `mutation` to the in-memory Registry on the loop thread, writes
+// the whole registry to disk on the thread pool (snapshot.h: temp file, fsync, rename, fsync
+// dir) and then calls `done(OK)`. If the write fails, the change is undone and `done` gets the
+// error, so the registry in memory never claims what the disk does not hold.
+//
+// Group commit: while one write is in flight, further mutations wait; when it lands they are
+// applied together and written once. Each waits for its own batch. A mutation that fails
+// validation is answered at once (on a later loop turn) and takes no part in the batch.
+// While a batch is in flight its changes are already visible in memory (the proxy may route to
+// a job whose save is being written); an undo removes them again.
+//
+// Ownership: the caller owns the Store; `*loop` and `*registry` must outlive it. Destroying
+// the Store while a write is in flight detaches its callbacks (the write itself completes on
+// the pool). Loop-thread only.
+
+#ifndef BROKERPROXY_REGISTRY_STORE_H_
+#define BROKERPROXY_REGISTRY_STORE_H_
+
+#include <deque>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "loop/loop.h"
+#include "loop/status.h"
+#include "loop/work.h"
+#include "registry/registry.h"
+
+namespace brokerproxy::registry {
+
+class Store {
+ public:
+  // Changes the registry and returns how to undo that change, or an error (nothing changed).
+  using Undo = std::function<void()>;
+  using Mutation = std::function<Result<Undo>()>;
+  using Done = std::function<void(Status)>;
+
+  Store(loop::Loop* loop, Registry* registry, std::string path);
+  Store(const Store&) = delete;
+  Store& operator=(const Store&) = delete;
+
+  // Reads `path` into `*registry` (blocking: for start-up, before the loop serves anyone).
+  // A missing file is an empty registry; a damaged one is Corruption naming the file.
+  static Status Load(const std::string& path, Registry* registry);
+
+  void Commit(Mutation mutation, Done done);
+
+  // True while a write is in flight or mutations wait.
+  bool busy() const { return writing_ || !queue_.empty(); }
+  const std::string& path() const { return path_; }
+
+ private:
+  struct Entry {
+    Mutation mutation;
+    Done done;
+  };
+  struct Applied {
+    Undo undo;
+    Done done;
+  };
+  void StartBatch();
+  void FinishBatch(Status status);
+
+  loop::Loop* loop_;
+  Registry* registry_;
+  std::string path_;
+  std::deque<Entry> queue_;
+  std::vector<Applied> in_flight_;
+  bool writing_ = false;
+  loop::Pending write_;
+};
+
+}  // namespace brokerproxy::registry
+
+#endif  // BROKERPROXY_REGISTRY_STORE_H_
