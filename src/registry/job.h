@@ -13,6 +13,8 @@
 #include <string>
 #include <string_view>
 
+#include "loop/status.h"
+
 namespace brokerproxy::registry {
 
 enum class JobType { kSsh, kSsl };
@@ -37,11 +39,23 @@ struct Job {
   bool operator==(const Job&) const = default;
 };
 
+// Job times are unix seconds in 0..kMaxJobTime (the last second of year 9999). The bound keeps
+// them exact in the snapshot: cJSON prints numbers with 15 significant digits.
+inline constexpr int64_t kMaxJobTime = 253'402'300'799;
+
 // Job ids: [A-Za-z0-9._-]{1,64}, not "." or "..".
 bool ValidJobId(std::string_view id);
 // Backend hosts: a DNS name or an IPv4/IPv6 literal, 1..253 characters of
-// [A-Za-z0-9.:_-]; no spaces, no brackets, nothing a shell or a log line could misread.
+// [A-Za-z0-9.:_-], not starting with '-'; no spaces, no brackets, nothing a shell, a command
+// line or a log line could misread.
 bool ValidHost(std::string_view host);
+
+// OK if every field of `job` obeys the rules above: ValidJobId, a known type, ValidHost, port
+// 1..65535, ValidSecretFormat, `created` and `expires` in 0..kMaxJobTime, and certificate paths
+// only for `ssl` jobs (both empty, or both absolute paths without control characters). Else
+// InvalidArgument naming the first bad field, never quoting the secret. Registry::Put and the
+// snapshot decoder share this check.
+Status CheckJob(const Job& job);
 
 }  // namespace brokerproxy::registry
 

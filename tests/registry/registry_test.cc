@@ -1,1 +1,521 @@
-// placeholder: implemented on its own branch
+#include "registry/registry.h"
+
+#include <gtest/gtest.h>
+
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "registry/secret.h"
+
+namespace brokerproxy::registry {
+namespace {
+
+constexpr uid_t kRoot = 0;
+constexpr uid_t kAlice = 1000;
+constexpr uid_t kBob = 1001;
+constexpr int64_t kNow = 1'700'000'000;
+
+SaveRequest Request(std::string id, int port = 0) {
+  SaveRequest req;
+  req.id = std::move(id);
+  req.host = "node17";
+  req.port = port;
+  return req;
+}
+
+Registry::Options RangeOptions(int first, int last) {
+  Registry::Options options;
+  options.ports = PortRange{first, last};
+  return options;
+}
+
+// Saves `id` for `caller` and returns the job, failing the test on error.
+Job MustSave(Registry& registry, const SaveRequest& req, uid_t caller = kAlice) {
+  Result<Job> job = registry.Save(req, caller, kNow, nullptr);
+  EXPECT_TRUE(job.ok()) << job.status().ToString();
+  return job.ok() ? *job : Job{};
+}
+
+Job ValidJob(std::string id, int port) {
+  Job job;
+  job.id = std::move(id);
+  job.host = "10.1.2.3";
+  job.port = port;
+  job.secret = std::string(64, 'a');
+  job.owner = kAlice;
+  job.created = kNow;
+  return job;
+}
+
+// ---- Job field rules ----
+
+TEST(RegistryJobTest, JobTypeNamesRoundTrip) {
+  EXPECT_STREQ(JobTypeName(JobType::kSsh), "ssh");
+  EXPECT_STREQ(JobTypeName(JobType::kSsl), "ssl");
+  EXPECT_EQ(ParseJobType("ssh"), JobType::kSsh);
+  EXPECT_EQ(ParseJobType("ssl"), JobType::kSsl);
+  EXPECT_FALSE(ParseJobType("SSH").has_value());
+  EXPECT_FALSE(ParseJobType("").has_value());
+  EXPECT_FALSE(ParseJobType("tls").has_value());
+}
+
+TEST(RegistryJobTest, ValidJobId) {
+  EXPECT_TRUE(ValidJobId("123456"));
+  EXPECT_TRUE(ValidJobId("123456.batch-0_a"));
+  EXPECT_TRUE(ValidJobId("..."));
+  EXPECT_TRUE(ValidJobId(std::string(64, 'x')));
+  EXPECT_FALSE(ValidJobId(""));
+  EXPECT_FALSE(ValidJobId("."));
+  EXPECT_FALSE(ValidJobId(".."));
+  EXPECT_FALSE(ValidJobId(std::string(65, 'x')));
+  EXPECT_FALSE(ValidJobId("a b"));
+  EXPECT_FALSE(ValidJobId("a/b"));
+  EXPECT_FALSE(ValidJobId("a\nb"));
+  EXPECT_FALSE(ValidJobId(std::string("a\0b", 3)));
+  EXPECT_FALSE(ValidJobId("j\xc3\xa9"));
+}
+
+TEST(RegistryJobTest, ValidHost) {
+  EXPECT_TRUE(ValidHost("node17"));
+  EXPECT_TRUE(ValidHost("node17.cluster.example.org"));
+  EXPECT_TRUE(ValidHost("10.1.2.3"));
+  EXPECT_TRUE(ValidHost("fe80::1"));
+  EXPECT_TRUE(ValidHost("under_score"));
+  EXPECT_TRUE(ValidHost(std::string(253, 'h')));
+  EXPECT_FALSE(ValidHost(""));
+  EXPECT_FALSE(ValidHost(std::string(254, 'h')));
+  EXPECT_FALSE(ValidHost("[::1]"));
+  EXPECT_FALSE(ValidHost("a b"));
+  EXPECT_FALSE(ValidHost("host;rm"));
+  EXPECT_FALSE(ValidHost("-oProxyCommand=x"));
+  EXPECT_FALSE(ValidHost("host\n"));
+}
+
+TEST(RegistryJobTest, CheckJobNamesTheBadField) {
+  EXPECT_TRUE(CheckJob(ValidJob("a", 80)).ok());
+  Job job = ValidJob("a", 0);
+  EXPECT_NE(CheckJob(job).message().find("'port'"), std::string::npos);
+  job = ValidJob("a", 80);
+  job.secret = "not-hex";
+  Status status = CheckJob(job);
+  EXPECT_EQ(status.code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(status.message().find("'secret'"), std::string::npos);
+  EXPECT_EQ(status.message().find("not-hex"), std::string::npos);  // never echo a secret
+}
+
+// ---- PortRange ----
+
+TEST(PortRangeTest, ParsesAndPrints) {
+  Result<PortRange> range = PortRange::Parse("41000-41999");
+  ASSERT_TRUE(range.ok()) << range.status().ToString();
+  EXPECT_EQ(*range, (PortRange{41000, 41999}));
+  EXPECT_EQ(range->ToString(), "41000-41999");
+  EXPECT_EQ(range->size(), 1000);
+  EXPECT_TRUE(range->Contains(41000));
+  EXPECT_TRUE(range->Contains(41999));
+  EXPECT_FALSE(range->Contains(40999));
+  EXPECT_FALSE(range->Contains(42000));
+
+  range = PortRange::Parse(" 1 - 65535 ");
+  ASSERT_TRUE(range.ok()) << range.status().ToString();
+  EXPECT_EQ(*range, (PortRange{1, 65535}));
+  range = PortRange::Parse("7000-7000");
+  ASSERT_TRUE(range.ok());
+  EXPECT_EQ(range->size(), 1);
+}
+
+TEST(PortRangeTest, RejectsMalformedText) {
+  for (const char* text :
+       {"", "41000", "41000-", "-41999", "a-b", "0-10", "10-5", "1-65536", "+1-5", "1--5", "1-2-3",
+        "1 0-20", "99999999999-1", "41000-41999x", "0x10-0x20", " - "}) {
+    Result<PortRange> range = PortRange::Parse(text);
+    ASSERT_FALSE(range.ok()) << "accepted \"" << text << "\"";
+    EXPECT_EQ(range.status().code(), Status::Code::kInvalidArgument);
+    EXPECT_NE(range.status().message().find("\"" + std::string(text) + "\""), std::string::npos)
+        << range.status().ToString();
+  }
+}
+
+// ---- Port allocation ----
+
+TEST(RegistryTest, SaveAllocatesDistinctPortsInTheRange) {
+  Registry registry(RangeOptions(41000, 41999));
+  std::set<int> ports;
+  for (int i = 0; i < 600; ++i) {
+    Job job = MustSave(registry, Request("job" + std::to_string(i)));
+    EXPECT_TRUE(job.port_allocated);
+    EXPECT_GE(job.port, 41000);
+    EXPECT_LE(job.port, 41999);
+    EXPECT_TRUE(ports.insert(job.port).second) << "port " << job.port << " handed out twice";
+  }
+  EXPECT_EQ(registry.size(), 600u);
+}
+
+TEST(RegistryTest, AllocationSkipsPortsHeldByExplicitJobs) {
+  // The scan starts at a random offset, so repeat to cover every start.
+  for (int round = 0; round < 50; ++round) {
+    Registry registry(RangeOptions(100, 102));
+    Job fixed = MustSave(registry, Request("fixed", 101));
+    EXPECT_FALSE(fixed.port_allocated);
+    EXPECT_EQ(fixed.port, 101);
+    std::set<int> ports = {MustSave(registry, Request("a")).port,
+                           MustSave(registry, Request("b")).port};
+    EXPECT_EQ(ports, (std::set<int>{100, 102}));
+    Result<Job> full = registry.Save(Request("c"), kAlice, kNow, nullptr);
+    ASSERT_FALSE(full.ok());
+    EXPECT_EQ(full.status().code(), Status::Code::kResourceExhausted);
+    EXPECT_EQ(full.status().message(), "port range 100-102 is exhausted");
+    EXPECT_EQ(registry.Find("c"), nullptr);
+  }
+}
+
+TEST(RegistryTest, ExplicitPortOutsideTheRangeIsNotTracked) {
+  Registry registry(RangeOptions(100, 100));
+  MustSave(registry, Request("outside", 22));
+  EXPECT_EQ(MustSave(registry, Request("a")).port, 100);
+}
+
+TEST(RegistryTest, RemovingAJobFreesItsPort) {
+  Registry registry(RangeOptions(100, 102));
+  MustSave(registry, Request("a"));
+  int freed = MustSave(registry, Request("b")).port;
+  MustSave(registry, Request("c"));
+  EXPECT_EQ(registry.Save(Request("d"), kAlice, kNow, nullptr).status().code(),
+            Status::Code::kResourceExhausted);
+  ASSERT_TRUE(registry.Remove("b", kAlice).ok());
+  EXPECT_EQ(MustSave(registry, Request("d")).port, freed);
+}
+
+TEST(RegistryTest, ErasingAJobFreesItsPort) {
+  Registry registry(RangeOptions(100, 100));
+  MustSave(registry, Request("a"));
+  registry.Erase("a");
+  registry.Erase("never-there");
+  EXPECT_EQ(registry.size(), 0u);
+  EXPECT_EQ(MustSave(registry, Request("b")).port, 100);
+}
+
+TEST(RegistryTest, ReplacementByTheOwnerFreesThenReallocates) {
+  // One port: the replacement can only succeed if the old record's port is freed first.
+  Registry registry(RangeOptions(100, 100));
+  Job first = MustSave(registry, Request("a"));
+  std::optional<Job> replaced;
+  Result<Job> second = registry.Save(Request("a"), kAlice, kNow + 5, &replaced);
+  ASSERT_TRUE(second.ok()) << second.status().ToString();
+  EXPECT_EQ(second->port, 100);
+  EXPECT_NE(second->secret, first.secret);
+  EXPECT_EQ(second->created, kNow + 5);
+  ASSERT_TRUE(replaced.has_value());
+  EXPECT_EQ(*replaced, first);
+  EXPECT_EQ(registry.size(), 1u);
+  EXPECT_EQ(*registry.Find("a"), *second);
+}
+
+TEST(RegistryTest, ReplacementWithAnExplicitPortReleasesTheOldOne) {
+  Registry registry(RangeOptions(100, 101));
+  int a_port = MustSave(registry, Request("a")).port;
+  MustSave(registry, Request("b"));
+  Job moved = MustSave(registry, Request("a", 5000));
+  EXPECT_FALSE(moved.port_allocated);
+  EXPECT_EQ(MustSave(registry, Request("c")).port, a_port);
+  EXPECT_EQ(registry.Save(Request("d"), kAlice, kNow, nullptr).status().code(),
+            Status::Code::kResourceExhausted);
+}
+
+TEST(RegistryTest, FailedReplacementKeepsTheOldJobAndItsPort) {
+  Registry registry(RangeOptions(100, 100));
+  Job first = MustSave(registry, Request("a"));
+  SaveRequest bad = Request("a");
+  bad.host = "bad host";
+  EXPECT_EQ(registry.Save(bad, kAlice, kNow, nullptr).status().code(),
+            Status::Code::kInvalidArgument);
+  EXPECT_EQ(*registry.Find("a"), first);
+  EXPECT_EQ(registry.Save(Request("b"), kAlice, kNow, nullptr).status().code(),
+            Status::Code::kResourceExhausted);
+}
+
+TEST(RegistryTest, FirstSaveReportsNothingReplaced) {
+  Registry registry(RangeOptions(100, 199));
+  std::optional<Job> replaced = ValidJob("stale", 1);
+  ASSERT_TRUE(registry.Save(Request("a"), kAlice, kNow, &replaced).ok());
+  EXPECT_FALSE(replaced.has_value());
+}
+
+TEST(RegistryTest, PutKeepsThePortIndexRight) {
+  Registry registry(RangeOptions(100, 102));
+  ASSERT_TRUE(registry.Put(ValidJob("x", 100)).ok());
+  ASSERT_TRUE(registry.Put(ValidJob("y", 101)).ok());
+  EXPECT_EQ(MustSave(registry, Request("a")).port, 102);
+  EXPECT_EQ(registry.Save(Request("b"), kAlice, kNow, nullptr).status().code(),
+            Status::Code::kResourceExhausted);
+
+  // Overwriting x moves it out of the range, which frees 100.
+  ASSERT_TRUE(registry.Put(ValidJob("x", 5000)).ok());
+  EXPECT_EQ(registry.size(), 3u);
+  EXPECT_EQ(MustSave(registry, Request("b")).port, 100);
+
+  // Two loaded jobs may share a port (different hosts); it stays held until both are gone.
+  ASSERT_TRUE(registry.Put(ValidJob("z", 101)).ok());
+  registry.Erase("y");
+  EXPECT_EQ(registry.Save(Request("c"), kAlice, kNow, nullptr).status().code(),
+            Status::Code::kResourceExhausted);
+  registry.Erase("z");
+  EXPECT_EQ(MustSave(registry, Request("c")).port, 101);
+}
+
+TEST(RegistryTest, PutRejectsBadFields) {
+  Registry registry(RangeOptions(100, 102));
+  std::vector<Job> bad;
+  bad.push_back(ValidJob("..", 80));
+  bad.push_back(ValidJob("a", 0));
+  bad.push_back(ValidJob("a", 65536));
+  Job job = ValidJob("a", 80);
+  job.host = "";
+  bad.push_back(job);
+  job = ValidJob("a", 80);
+  job.secret = std::string(64, 'A');
+  bad.push_back(job);
+  job = ValidJob("a", 80);
+  job.secret = std::string(31, 'a');
+  bad.push_back(job);
+  job = ValidJob("a", 80);
+  job.type = static_cast<JobType>(7);
+  bad.push_back(job);
+  job = ValidJob("a", 80);
+  job.cert_path = "/etc/cert.pem";
+  job.key_path = "/etc/key.pem";
+  bad.push_back(job);  // paths on an ssh job
+  job.type = JobType::kSsl;
+  job.key_path = "";
+  bad.push_back(job);  // a certificate without its key
+  job.key_path = "key.pem";
+  bad.push_back(job);  // relative path
+  job.key_path = "/etc/key\n.pem";
+  bad.push_back(job);
+  job = ValidJob("a", 80);
+  job.expires = -1;
+  bad.push_back(job);
+  job = ValidJob("a", 80);
+  job.created = kMaxJobTime + 1;
+  bad.push_back(job);
+  for (const Job& j : bad) {
+    EXPECT_EQ(registry.Put(j).code(), Status::Code::kInvalidArgument) << j.id << ":" << j.port;
+  }
+  EXPECT_EQ(registry.size(), 0u);
+
+  job = ValidJob("a", 80);
+  job.type = JobType::kSsl;
+  job.cert_path = "/var/lib/brokerproxy/a.crt";
+  job.key_path = "/var/lib/brokerproxy/a.key";
+  EXPECT_TRUE(registry.Put(job).ok());
+  EXPECT_EQ(*registry.Find("a"), job);
+}
+
+TEST(RegistryTest, SaveRejectsBadRequestsWithoutSideEffects) {
+  Registry registry(RangeOptions(100, 100));
+  std::vector<SaveRequest> bad = {Request(""),    Request(".."),    Request(std::string(65, 'a')),
+                                  Request("a b"), Request("a", -1), Request("a", 65536)};
+  for (const char* host : {"", "-x", "a b", "[::1]"}) {
+    bad.push_back(Request("a"));
+    bad.back().host = host;
+  }
+  bad.push_back(Request("a"));
+  bad.back().ttl = -2;
+  bad.push_back(Request("a"));
+  bad.back().ttl = kMaxJobTime;
+  bad.push_back(Request("a"));
+  bad.back().cert_path = "/x.crt";
+  bad.back().key_path = "/x.key";  // on an ssh job
+  bad.push_back(Request("a"));
+  bad.back().type = JobType::kSsl;
+  bad.back().cert_path = "x.crt";
+  bad.back().key_path = "/x.key";
+  for (const SaveRequest& req : bad) {
+    Result<Job> job = registry.Save(req, kAlice, kNow, nullptr);
+    ASSERT_FALSE(job.ok()) << req.id << " " << req.host;
+    EXPECT_EQ(job.status().code(), Status::Code::kInvalidArgument) << job.status().ToString();
+  }
+  EXPECT_EQ(registry.size(), 0u);
+  EXPECT_EQ(MustSave(registry, Request("a")).port, 100);  // nothing leaked in the port index
+}
+
+TEST(RegistryTest, SaveFillsEveryField) {
+  Registry::Options options = RangeOptions(100, 199);
+  options.secret_bits = 128;
+  Registry registry(options);
+  SaveRequest req = Request("job.1", 0);
+  req.type = JobType::kSsl;
+  req.ready = false;
+  req.cert_path = "/state/job.1.crt";
+  req.key_path = "/state/job.1.key";
+  Job job = MustSave(registry, req, kBob);
+  EXPECT_EQ(job.id, "job.1");
+  EXPECT_EQ(job.type, JobType::kSsl);
+  EXPECT_EQ(job.owner, kBob);
+  EXPECT_EQ(job.host, "node17");
+  EXPECT_TRUE(job.port_allocated);
+  EXPECT_EQ(job.secret.size(), 32u);
+  EXPECT_TRUE(ValidSecretFormat(job.secret));
+  EXPECT_EQ(job.cert_path, "/state/job.1.crt");
+  EXPECT_EQ(job.key_path, "/state/job.1.key");
+  EXPECT_EQ(job.created, kNow);
+  EXPECT_EQ(job.expires, 0);
+  EXPECT_FALSE(job.ready);
+  EXPECT_EQ(*registry.Find("job.1"), job);
+}
+
+TEST(RegistryTest, BadSecretBitsFailSave) {
+  Registry::Options options;
+  options.secret_bits = 100;
+  Registry registry(options);
+  EXPECT_EQ(registry.Save(Request("a"), kAlice, kNow, nullptr).status().code(),
+            Status::Code::kInvalidArgument);
+  EXPECT_EQ(registry.size(), 0u);
+}
+
+// ---- Ownership ----
+
+TEST(RegistryTest, OnlyTheOwnerOrRootMayTouchAJob) {
+  Registry registry(RangeOptions(100, 199));
+  Job job = MustSave(registry, Request("a"), kAlice);
+
+  Result<Job> stolen = registry.Save(Request("a"), kBob, kNow, nullptr);
+  EXPECT_EQ(stolen.status().code(), Status::Code::kPermissionDenied);
+  EXPECT_EQ(registry.Get("a", kBob).status().code(), Status::Code::kPermissionDenied);
+  EXPECT_EQ(registry.Remove("a", kBob).status().code(), Status::Code::kPermissionDenied);
+  EXPECT_EQ(*registry.Find("a"), job);
+
+  Result<const Job*> mine = registry.Get("a", kAlice);
+  ASSERT_TRUE(mine.ok());
+  EXPECT_EQ(**mine, job);
+  Result<const Job*> as_root = registry.Get("a", kRoot);
+  ASSERT_TRUE(as_root.ok());
+  EXPECT_EQ(**as_root, job);
+
+  EXPECT_EQ(registry.Get("nope", kAlice).status().code(), Status::Code::kNotFound);
+  EXPECT_EQ(registry.Remove("nope", kRoot).status().code(), Status::Code::kNotFound);
+  EXPECT_EQ(registry.Get("bad id\n", kAlice).status().code(), Status::Code::kNotFound);
+}
+
+TEST(RegistryTest, RootTakesOverWhatItReplaces) {
+  Registry registry(RangeOptions(100, 199));
+  Job old = MustSave(registry, Request("a"), kAlice);
+  std::optional<Job> replaced;
+  Result<Job> job = registry.Save(Request("a"), kRoot, kNow, &replaced);
+  ASSERT_TRUE(job.ok()) << job.status().ToString();
+  EXPECT_EQ(job->owner, kRoot);
+  ASSERT_TRUE(replaced.has_value());
+  EXPECT_EQ(*replaced, old);
+  EXPECT_EQ(registry.Get("a", kAlice).status().code(), Status::Code::kPermissionDenied);
+}
+
+TEST(RegistryTest, OwnerAndRootMayRemove) {
+  Registry registry(RangeOptions(100, 199));
+  Job a = MustSave(registry, Request("a"), kAlice);
+  MustSave(registry, Request("b"), kBob);
+  Result<Job> removed = registry.Remove("a", kAlice);
+  ASSERT_TRUE(removed.ok());
+  EXPECT_EQ(*removed, a);
+  EXPECT_EQ(registry.Find("a"), nullptr);
+  EXPECT_TRUE(registry.Remove("b", kRoot).ok());
+  EXPECT_EQ(registry.size(), 0u);
+}
+
+TEST(RegistryTest, ListFiltersByCallerAndSortsById) {
+  Registry registry(RangeOptions(100, 199));
+  MustSave(registry, Request("c"), kAlice);
+  MustSave(registry, Request("b"), kBob);
+  MustSave(registry, Request("a"), kAlice);
+  MustSave(registry, Request("B"), kAlice);
+  auto ids = [](const std::vector<const Job*>& jobs) {
+    std::vector<std::string> out;
+    for (const Job* job : jobs) {
+      out.push_back(job->id);
+    }
+    return out;
+  };
+  EXPECT_EQ(ids(registry.List(kAlice)), (std::vector<std::string>{"B", "a", "c"}));
+  EXPECT_EQ(ids(registry.List(kBob)), (std::vector<std::string>{"b"}));
+  EXPECT_EQ(ids(registry.List(kRoot)), (std::vector<std::string>{"B", "a", "b", "c"}));
+  EXPECT_EQ(ids(registry.All()), ids(registry.List(kRoot)));
+  EXPECT_TRUE(registry.List(4242).empty());
+}
+
+// ---- Expiry ----
+
+TEST(RegistryTest, TtlSetsExpiry) {
+  Registry registry(RangeOptions(100, 199));  // default_ttl 0: never
+  SaveRequest req = Request("default");
+  EXPECT_EQ(MustSave(registry, req).expires, 0);
+  req = Request("never");
+  req.ttl = 0;
+  EXPECT_EQ(MustSave(registry, req).expires, 0);
+  req = Request("minute");
+  req.ttl = 60;
+  EXPECT_EQ(MustSave(registry, req).expires, kNow + 60);
+}
+
+TEST(RegistryTest, DefaultTtlAppliesOnlyWhenAsked) {
+  Registry::Options options = RangeOptions(100, 199);
+  options.default_ttl = 3600;
+  Registry registry(options);
+  EXPECT_EQ(MustSave(registry, Request("default")).expires, kNow + 3600);
+  SaveRequest req = Request("never");
+  req.ttl = 0;
+  EXPECT_EQ(MustSave(registry, req).expires, 0);
+  req = Request("short");
+  req.ttl = 10;
+  EXPECT_EQ(MustSave(registry, req).expires, kNow + 10);
+}
+
+TEST(RegistryTest, ExpiredListsDueJobsSorted) {
+  Registry registry(RangeOptions(100, 199));
+  for (auto [id, ttl] : std::vector<std::pair<std::string, int64_t>>{
+           {"z", 60}, {"a", 60}, {"m", 120}, {"never", 0}}) {
+    SaveRequest req = Request(id);
+    req.ttl = ttl;
+    MustSave(registry, req);
+  }
+  EXPECT_TRUE(registry.Expired(kNow).empty());
+  EXPECT_TRUE(registry.Expired(kNow + 59).empty());
+  EXPECT_EQ(registry.Expired(kNow + 60), (std::vector<std::string>{"a", "z"}));
+  EXPECT_EQ(registry.Expired(kNow + 119), (std::vector<std::string>{"a", "z"}));
+  EXPECT_EQ(registry.Expired(kNow + 120), (std::vector<std::string>{"a", "m", "z"}));
+  EXPECT_EQ(registry.Expired(kMaxJobTime), (std::vector<std::string>{"a", "m", "z"}));
+}
+
+// ---- Readiness and authentication ----
+
+TEST(RegistryTest, SetReady) {
+  Registry registry(RangeOptions(100, 199));
+  MustSave(registry, Request("a"));
+  ASSERT_TRUE(registry.SetReady("a", false).ok());
+  EXPECT_FALSE(registry.Find("a")->ready);
+  ASSERT_TRUE(registry.SetReady("a", true).ok());
+  EXPECT_TRUE(registry.Find("a")->ready);
+  EXPECT_EQ(registry.SetReady("b", true).code(), Status::Code::kNotFound);
+}
+
+TEST(RegistryTest, AuthenticateNeedsTheExactSecret) {
+  Registry registry(RangeOptions(100, 199));
+  Job job = MustSave(registry, Request("a"));
+  const std::string& secret = job.secret;
+  const Job* found = registry.Authenticate("a", secret);
+  ASSERT_NE(found, nullptr);
+  EXPECT_EQ(*found, job);
+
+  std::string wrong = secret;
+  wrong.back() = wrong.back() == '0' ? '1' : '0';
+  EXPECT_EQ(registry.Authenticate("a", wrong), nullptr);
+  EXPECT_EQ(registry.Authenticate("a", ""), nullptr);
+  EXPECT_EQ(registry.Authenticate("a", secret + "0"), nullptr);
+  EXPECT_EQ(registry.Authenticate("a", secret.substr(0, secret.size() - 1)), nullptr);
+  EXPECT_EQ(registry.Authenticate("b", secret), nullptr);
+  EXPECT_EQ(registry.Authenticate("b", ""), nullptr);
+  EXPECT_EQ(registry.Authenticate("", secret), nullptr);
+}
+
+}  // namespace
+}  // namespace brokerproxy::registry
