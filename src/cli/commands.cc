@@ -44,7 +44,10 @@ std::string FormatTime(int64_t unix_seconds) {
 Result<Job> JobFromReply(const cJSON* reply, const char* member, SecretField secret) {
   const cJSON* j = cJSON_GetObjectItemCaseSensitive(reply, member);
   if (!j) return Status::IOError(std::string("reply has no '") + member + "'");
-  return registry::JobFromJson(j, secret);
+  Job job;
+  Status s = registry::JobFromJson(j, secret, &job);
+  if (!s.ok()) return Status::IOError("malformed reply: " + s.message());
+  return job;
 }
 
 void PrintJob(const Job& job, OutputFormat format) {
@@ -317,8 +320,10 @@ Status RunQuery(BrokerClient* client, OutputFormat format) {
   }
   std::printf("%-24s %-4s %-28s %-8s %s\n", "JOB", "TYPE", "BACKEND", "STATE", "EXPIRES");
   for (const cJSON* j = jobs->child; j; j = j->next) {
-    auto job = registry::JobFromJson(j, SecretField::kOmit);
-    if (!job.ok()) return job.status();
+    Job job_value;
+    Status js = registry::JobFromJson(j, SecretField::kOmit, &job_value);
+    if (!js.ok()) return Status::IOError("malformed reply: " + js.message());
+    const Job* job = &job_value;
     std::string backend = job->host + ":" + std::to_string(job->port);
     std::printf("%-24s %-4s %-28s %-8s %s\n", job->id.c_str(), registry::JobTypeName(job->type),
                 backend.c_str(), job->ready ? "ready" : "waiting",

@@ -22,8 +22,8 @@ struct Broker::Probe {
 namespace {
 
 JsonPtr JobBody(const Job& job, SecretField secret) {
-  JsonPtr body(cJSON_CreateObject());
-  cJSON_AddItemToObject(body.get(), "job", JobToJson(job, secret).release());
+  JsonPtr body = NewObject();
+  Adopt(body.get(), "job", JobToJson(job, secret));
   return body;
 }
 
@@ -99,16 +99,16 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
         ReplyLater(std::move(reply), EncodeError(job.status()));
         return;
       }
-      JsonPtr body(cJSON_CreateObject());
+      JsonPtr body = NewObject();
       cJSON_AddBoolToObject(body.get(), "match", SecretMatches((*job)->secret, req.secret));
       ReplyLater(std::move(reply), EncodeOk(std::move(body)));
       return;
     }
     case Op::kQuery: {
-      JsonPtr body(cJSON_CreateObject());
+      JsonPtr body = NewObject();
       cJSON* jobs = cJSON_AddArrayToObject(body.get(), "jobs");
       for (const Job* job : registry_->List(caller)) {
-        cJSON_AddItemToArray(jobs, JobToJson(*job, SecretField::kOmit).release());
+        Adopt(jobs, nullptr, JobToJson(*job, SecretField::kOmit));
       }
       ReplyLater(std::move(reply), EncodeOk(std::move(body)));
       return;
@@ -117,7 +117,7 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
       Remove(req.job, caller, std::move(reply));
       return;
     case Op::kStats: {
-      JsonPtr body(cJSON_CreateObject());
+      JsonPtr body = NewObject();
       cJSON* stats = cJSON_AddObjectToObject(body.get(), "stats");
       cJSON_AddNumberToObject(stats, "jobs", static_cast<double>(registry_->List(caller).size()));
       if (stats_provider_) stats_provider_(stats, caller);
@@ -135,7 +135,7 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
         ReplyLater(std::move(reply), EncodeError(pem.status()));
         return;
       }
-      JsonPtr body(cJSON_CreateObject());
+      JsonPtr body = NewObject();
       cJSON_AddStringToObject(body.get(), "ca_cert", pem->c_str());
       ReplyLater(std::move(reply), EncodeOk(std::move(body)));
       return;

@@ -25,76 +25,102 @@ const char* OpName(Op op) {
   return "?";
 }
 
+namespace {
+
+// Reads an optional integer member (absent: `fallback`).
+Status ReadOptionalInt(const cJSON* obj, const char* name, int64_t lo, int64_t hi,
+                       int64_t fallback, int64_t* out) {
+  if (!cJSON_GetObjectItemCaseSensitive(obj, name)) {
+    *out = fallback;
+    return Status::OK();
+  }
+  return ReadInt(obj, name, lo, hi, out);
+}
+
+Status ParseFields(const cJSON* obj, Request* req) {
+  std::string op;
+  BP_RETURN_IF_ERROR(ReadString(obj, "op", /*required=*/true, &op));
+  const OpEntry* entry = nullptr;
+  for (const auto& e : kOps) {
+    if (op == e.name) entry = &e;
+  }
+  if (!entry) return Status::Corruption("unknown op '" + op.substr(0, 40) + "'");
+  req->op = entry->op;
+  switch (req->op) {
+    case Op::kSave: {
+      BP_RETURN_IF_ERROR(
+          CheckFieldNames(obj, {"op", "job", "type", "host", "port", "ttl", "wait"}));
+      BP_RETURN_IF_ERROR(ReadString(obj, "job", true, &req->job));
+      std::string type;
+      BP_RETURN_IF_ERROR(ReadString(obj, "type", true, &type));
+      auto t = ParseJobType(type);
+      if (!t) return Status::Corruption("field 'type' must be \"ssh\" or \"ssl\"");
+      req->save.type = *t;
+      BP_RETURN_IF_ERROR(ReadString(obj, "host", true, &req->save.host));
+      int64_t port = 0, ttl = 0;
+      BP_RETURN_IF_ERROR(ReadOptionalInt(obj, "port", 0, 65535, 0, &port));
+      BP_RETURN_IF_ERROR(ReadOptionalInt(obj, "ttl", -1, kMaxTtlSeconds, -1, &ttl));
+      req->save.port = static_cast<int>(port);
+      req->save.ttl = ttl;
+      bool wait = false;
+      if (cJSON_GetObjectItemCaseSensitive(obj, "wait")) {
+        BP_RETURN_IF_ERROR(ReadBool(obj, "wait", &wait));
+      }
+      req->save.ready = !wait;
+      req->save.id = req->job;
+      return Status::OK();
+    }
+    case Op::kLoad:
+    case Op::kRemove:
+      BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"op", "job"}));
+      return ReadString(obj, "job", true, &req->job);
+    case Op::kVerify:
+      BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"op", "job", "secret"}));
+      BP_RETURN_IF_ERROR(ReadString(obj, "job", true, &req->job));
+      return ReadString(obj, "secret", true, &req->secret);
+    case Op::kWait:
+      BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"op", "job", "timeout"}));
+      BP_RETURN_IF_ERROR(ReadString(obj, "job", true, &req->job));
+      return ReadInt(obj, "timeout", 0, kMaxWaitMs, &req->timeout_ms);
+    case Op::kQuery:
+    case Op::kStats:
+    case Op::kCa:
+      return CheckFieldNames(obj, {"op"});
+  }
+  return Status::Corruption("unknown op");
+}
+
+}  // namespace
+
 Result<Request> ParseRequest(std::string_view line) {
   if (line.size() > kMaxRequestBytes) {
     return Status::InvalidArgument("request longer than " + std::to_string(kMaxRequestBytes) +
                                    " bytes");
   }
   auto json = ParseJson(line, kMaxRequestBytes);
-  if (!json.ok()) return json.status();
-  FieldReader r(json->get(), "request", Status::Code::kInvalidArgument);
-  std::string op = r.String("op");
-  if (!r.ok()) return r.status();
-
+  if (!json.ok()) return Status::InvalidArgument("request: " + json.status().message());
+  if (!cJSON_IsObject(json->get())) {
+    return Status::InvalidArgument("request: must be a JSON object");
+  }
   Request req;
-  bool found = false;
-  for (const auto& e : kOps) {
-    if (op == e.name) {
-      req.op = e.op;
-      found = true;
+  Status s = ParseFields(json->get(), &req);
+  if (!s.ok()) return Status::InvalidArgument("request: " + s.message());
+  if (!req.job.empty() || req.op == Op::kSave || req.op == Op::kLoad || req.op == Op::kRemove ||
+      req.op == Op::kVerify || req.op == Op::kWait) {
+    if (!ValidJobId(req.job)) {
+      return Status::InvalidArgument("request: '" + req.job.substr(0, 80) +
+                                     "' is not a valid job id (1-64 of A-Z a-z 0-9 . _ -)");
     }
-  }
-  if (!found) return Status::InvalidArgument("request: unknown op '" + op + "'");
-
-  switch (req.op) {
-    case Op::kSave: {
-      req.job = r.String("job");
-      std::string type = r.String("type");
-      req.save.host = r.String("host");
-      req.save.port = static_cast<int>(r.Int("port", 0, 65535, 0));
-      req.save.ttl = r.Int("ttl", -1, kMaxTtlSeconds, -1);
-      req.save.ready = !r.Bool("wait", false);
-      if (!r.ok()) break;
-      auto t = ParseJobType(type);
-      if (!t) {
-        r.Fail("field 'type' must be \"ssh\" or \"ssl\"");
-        break;
-      }
-      req.save.type = *t;
-      req.save.id = req.job;
-      break;
-    }
-    case Op::kLoad:
-    case Op::kRemove:
-      req.job = r.String("job");
-      break;
-    case Op::kVerify:
-      req.job = r.String("job");
-      req.secret = r.String("secret");
-      break;
-    case Op::kWait:
-      req.job = r.String("job");
-      req.timeout_ms = r.Int("timeout", 0, kMaxWaitMs);
-      break;
-    case Op::kQuery:
-    case Op::kStats:
-    case Op::kCa:
-      break;
-  }
-  r.RejectUnknown();
-  if (!r.ok()) return r.status();
-  if (!req.job.empty() && !ValidJobId(req.job)) {
-    return Status::InvalidArgument("request: '" + req.job +
-                                   "' is not a valid job id (1-64 of A-Z a-z 0-9 . _ -)");
   }
   if (req.op == Op::kSave && !ValidHost(req.save.host)) {
-    return Status::InvalidArgument("request: '" + req.save.host + "' is not a valid host");
+    return Status::InvalidArgument("request: '" + req.save.host.substr(0, 80) +
+                                   "' is not a valid host");
   }
   return req;
 }
 
 std::string EncodeRequest(const Request& req) {
-  JsonPtr o(cJSON_CreateObject());
+  JsonPtr o = NewObject();
   cJSON_AddStringToObject(o.get(), "op", OpName(req.op));
   switch (req.op) {
     case Op::kSave:
@@ -126,7 +152,7 @@ std::string EncodeRequest(const Request& req) {
 }
 
 std::string EncodeOk(JsonPtr body) {
-  JsonPtr o(cJSON_CreateObject());
+  JsonPtr o = NewObject();
   cJSON_AddBoolToObject(o.get(), "ok", true);
   if (body) {
     // Move every member of `body` into the reply.
@@ -139,7 +165,7 @@ std::string EncodeOk(JsonPtr body) {
 }
 
 std::string EncodeError(const Status& status) {
-  JsonPtr o(cJSON_CreateObject());
+  JsonPtr o = NewObject();
   cJSON_AddBoolToObject(o.get(), "ok", false);
   cJSON_AddStringToObject(o.get(), "error", status.message().c_str());
   cJSON_AddStringToObject(o.get(), "code", Status::CodeName(status.code()));
@@ -149,6 +175,7 @@ std::string EncodeError(const Status& status) {
 Result<JsonPtr> ParseReply(std::string_view line) {
   auto json = ParseJson(line, kMaxReplyBytes);
   if (!json.ok()) return Status::IOError("malformed reply: " + json.status().message());
+  if (!cJSON_IsObject(json->get())) return Status::IOError("malformed reply: not an object");
   const cJSON* ok = cJSON_GetObjectItemCaseSensitive(json->get(), "ok");
   if (!cJSON_IsBool(ok)) return Status::IOError("malformed reply: no 'ok' field");
   if (cJSON_IsTrue(ok)) return json;

@@ -1,159 +1,206 @@
 #include "registry/json.h"
 
 #include <cmath>
-
-#include "registry/secret.h"
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
 
 namespace brokerproxy::registry {
+namespace {
 
-Result<JsonPtr> ParseJson(std::string_view text, size_t max_bytes) {
-  if (text.size() > max_bytes) {
-    return Status::InvalidArgument("JSON text of " + std::to_string(text.size()) +
-                                   " bytes exceeds the limit of " + std::to_string(max_bytes));
+// cJSON reports only allocation failures while building; like operator new, we do not continue
+// without memory.
+template <typename T>
+T* CheckAlloc(T* p) {
+  if (p == nullptr) {
+    std::fputs("brokerproxy: out of memory while building JSON\n", stderr);
+    std::abort();
   }
-  const char* end = nullptr;
-  JsonPtr json(cJSON_ParseWithLengthOpts(text.data(), text.size(), &end, false));
-  if (!json) {
-    size_t at = end ? static_cast<size_t>(end - text.data()) : 0;
-    return Status::InvalidArgument("malformed JSON at byte " + std::to_string(at));
-  }
-  // Only whitespace may follow the value.
-  for (const char* p = end; p < text.data() + text.size(); ++p) {
-    if (*p != ' ' && *p != '\t' && *p != '\r' && *p != '\n') {
-      return Status::InvalidArgument("trailing bytes after JSON value at byte " +
-                                     std::to_string(p - text.data()));
-    }
-  }
-  return json;
+  return p;
 }
 
-std::string PrintJson(const cJSON* json) {
-  char* text = cJSON_PrintUnformatted(json);
-  if (!text) return "null";
-  std::string out(text);
-  cJSON_free(text);
+// A name from untrusted input, made safe to put in a message: short and printable.
+std::string Sanitize(const char* text) {
+  std::string out;
+  for (const char* p = text; *p != '\0' && out.size() < 40; ++p) {
+    out += (*p >= 0x20 && *p < 0x7f) ? *p : '?';
+  }
   return out;
 }
 
-FieldReader::FieldReader(const cJSON* object, std::string context, Status::Code code)
-    : object_(object), context_(std::move(context)), code_(code) {
-  if (!cJSON_IsObject(object_)) Fail("expected a JSON object");
+Status Missing(const char* name) {
+  return Status::Corruption("missing field '" + std::string(name) + "'");
 }
 
-void FieldReader::Fail(const std::string& what) {
-  if (status_.ok()) status_ = Status::FromCode(code_, context_ + ": " + what);
+void AddString(cJSON* obj, const char* name, const std::string& value) {
+  CheckAlloc(cJSON_AddStringToObject(obj, name, value.c_str()));
+}
+void AddNumber(cJSON* obj, const char* name, double value) {
+  CheckAlloc(cJSON_AddNumberToObject(obj, name, value));
+}
+void AddBool(cJSON* obj, const char* name, bool value) {
+  CheckAlloc(cJSON_AddBoolToObject(obj, name, value));
 }
 
-const cJSON* FieldReader::Member(const char* name, bool required) {
-  if (!status_.ok()) return nullptr;
-  seen_.emplace_back(name);
-  const cJSON* m = cJSON_GetObjectItemCaseSensitive(object_, name);
-  if (!m && required) Fail(std::string("field '") + name + "' is missing");
-  return m;
+// Stands in for an omitted secret while CheckJob() looks at the other fields.
+constexpr char kPlaceholderSecret[] = "00000000000000000000000000000000";
+
+}  // namespace
+
+JsonPtr NewObject() { return JsonPtr(CheckAlloc(cJSON_CreateObject())); }
+JsonPtr NewArray() { return JsonPtr(CheckAlloc(cJSON_CreateArray())); }
+
+void Adopt(cJSON* parent, const char* name, JsonPtr child) {
+  cJSON_bool added = name ? cJSON_AddItemToObject(parent, name, child.get())
+                          : cJSON_AddItemToArray(parent, child.get());
+  if (!added) CheckAlloc<cJSON>(nullptr);
+  child.release();
 }
 
-std::string FieldReader::String(const char* name, std::optional<std::string_view> fallback) {
-  const cJSON* m = Member(name, !fallback.has_value());
-  if (!m) return fallback ? std::string(*fallback) : std::string();
-  if (!cJSON_IsString(m)) {
-    Fail(std::string("field '") + name + "' must be a string");
-    return {};
+Result<JsonPtr> ParseJson(std::string_view data, size_t max_bytes) {
+  if (data.size() > max_bytes) {
+    return Status::Corruption(std::to_string(data.size()) + " bytes, more than the limit of " +
+                              std::to_string(max_bytes));
   }
-  return m->valuestring;
-}
-
-int64_t FieldReader::Int(const char* name, int64_t min, int64_t max,
-                         std::optional<int64_t> fallback) {
-  const cJSON* m = Member(name, !fallback.has_value());
-  if (!m) return fallback.value_or(0);
-  double v = cJSON_IsNumber(m) ? m->valuedouble : NAN;
-  // Exact integers only; doubles represent every integer up to 2^53 exactly.
-  if (!std::isfinite(v) || v != std::floor(v) || v < static_cast<double>(min) ||
-      v > static_cast<double>(max)) {
-    Fail(std::string("field '") + name + "' must be an integer in " + std::to_string(min) +
-         ".." + std::to_string(max));
-    return 0;
+  if (const void* nul = std::memchr(data.data(), '\0', data.size()); nul != nullptr) {
+    return Status::Corruption("NUL byte at offset " +
+                              std::to_string(static_cast<const char*>(nul) - data.data()));
   }
-  return static_cast<int64_t>(v);
-}
-
-bool FieldReader::Bool(const char* name, std::optional<bool> fallback) {
-  const cJSON* m = Member(name, !fallback.has_value());
-  if (!m) return fallback.value_or(false);
-  if (!cJSON_IsBool(m)) {
-    Fail(std::string("field '") + name + "' must be true or false");
-    return false;
+  // cJSON rejects trailing garbage only when it sees the terminating NUL inside the buffer.
+  const std::string text(data);
+  const char* end = nullptr;
+  JsonPtr root(cJSON_ParseWithLengthOpts(text.c_str(), text.size() + 1, &end,
+                                         /*require_null_terminated=*/true));
+  if (!root) {
+    std::string where = end != nullptr ? " near byte " + std::to_string(end - text.c_str()) : "";
+    return Status::Corruption("not valid JSON" + where);
   }
-  return cJSON_IsTrue(m);
+  return root;
 }
 
-void FieldReader::RejectUnknown() {
-  if (!status_.ok()) return;
-  for (const cJSON* m = object_->child; m; m = m->next) {
-    bool known = false;
-    for (const auto& s : seen_) known = known || (m->string && s == m->string);
-    if (!known) {
-      Fail(std::string("unknown field '") + (m->string ? m->string : "") + "'");
-      return;
+std::string PrintJson(const cJSON* json, bool pretty) {
+  std::unique_ptr<char, decltype(&cJSON_free)> text(
+      CheckAlloc(pretty ? cJSON_Print(json) : cJSON_PrintUnformatted(json)), &cJSON_free);
+  return std::string(text.get());
+}
+
+Status CheckFieldNames(const cJSON* obj, std::initializer_list<const char*> known) {
+  std::vector<bool> seen(known.size());
+  for (const cJSON* field = obj->child; field != nullptr; field = field->next) {
+    size_t i = 0;
+    for (const char* name : known) {
+      if (std::strcmp(field->string, name) == 0) break;
+      ++i;
     }
+    if (i == known.size()) {
+      return Status::Corruption("unknown field '" + Sanitize(field->string) + "'");
+    }
+    if (seen[i]) {
+      return Status::Corruption("field '" + Sanitize(field->string) + "' appears twice");
+    }
+    seen[i] = true;
   }
+  return Status::OK();
+}
+
+Status ReadInt(const cJSON* obj, const char* name, int64_t lo, int64_t hi, int64_t* out) {
+  const cJSON* item = cJSON_GetObjectItemCaseSensitive(obj, name);
+  if (item == nullptr) return Missing(name);
+  const double d = item->valuedouble;
+  if (!cJSON_IsNumber(item) || !(d >= static_cast<double>(lo) && d <= static_cast<double>(hi)) ||
+      d != std::floor(d)) {
+    return Status::Corruption("field '" + std::string(name) + "' must be an integer in " +
+                              std::to_string(lo) + ".." + std::to_string(hi));
+  }
+  *out = static_cast<int64_t>(d);
+  return Status::OK();
+}
+
+Status ReadString(const cJSON* obj, const char* name, bool required, std::string* out) {
+  const cJSON* item = cJSON_GetObjectItemCaseSensitive(obj, name);
+  if (item == nullptr) {
+    out->clear();
+    return required ? Missing(name) : Status::OK();
+  }
+  if (!cJSON_IsString(item)) {
+    return Status::Corruption("field '" + std::string(name) + "' must be a string");
+  }
+  *out = item->valuestring;
+  return Status::OK();
+}
+
+Status ReadBool(const cJSON* obj, const char* name, bool* out) {
+  const cJSON* item = cJSON_GetObjectItemCaseSensitive(obj, name);
+  if (item == nullptr) return Missing(name);
+  if (!cJSON_IsBool(item)) {
+    return Status::Corruption("field '" + std::string(name) + "' must be true or false");
+  }
+  *out = cJSON_IsTrue(item);
+  return Status::OK();
 }
 
 JsonPtr JobToJson(const Job& job, SecretField secret) {
-  JsonPtr o(cJSON_CreateObject());
-  cJSON_AddStringToObject(o.get(), "id", job.id.c_str());
-  cJSON_AddStringToObject(o.get(), "type", JobTypeName(job.type));
-  cJSON_AddNumberToObject(o.get(), "owner", job.owner);
-  cJSON_AddStringToObject(o.get(), "host", job.host.c_str());
-  cJSON_AddNumberToObject(o.get(), "port", job.port);
-  cJSON_AddBoolToObject(o.get(), "port_allocated", job.port_allocated);
-  if (secret == SecretField::kInclude) cJSON_AddStringToObject(o.get(), "secret", job.secret.c_str());
+  JsonPtr obj = NewObject();
+  AddString(obj.get(), "id", job.id);
+  AddString(obj.get(), "type", JobTypeName(job.type));
+  AddNumber(obj.get(), "owner", static_cast<double>(job.owner));
+  AddString(obj.get(), "host", job.host);
+  AddNumber(obj.get(), "port", job.port);
+  AddBool(obj.get(), "port_allocated", job.port_allocated);
+  if (secret == SecretField::kInclude) AddString(obj.get(), "secret", job.secret);
   if (job.type == JobType::kSsl) {
-    cJSON_AddStringToObject(o.get(), "cert_path", job.cert_path.c_str());
-    cJSON_AddStringToObject(o.get(), "key_path", job.key_path.c_str());
+    AddString(obj.get(), "cert_path", job.cert_path);
+    AddString(obj.get(), "key_path", job.key_path);
   }
-  cJSON_AddNumberToObject(o.get(), "created", static_cast<double>(job.created));
-  cJSON_AddNumberToObject(o.get(), "expires", static_cast<double>(job.expires));
-  cJSON_AddBoolToObject(o.get(), "ready", job.ready);
-  return o;
+  AddNumber(obj.get(), "created", static_cast<double>(job.created));
+  AddNumber(obj.get(), "expires", static_cast<double>(job.expires));
+  AddBool(obj.get(), "ready", job.ready);
+  return obj;
 }
 
-Result<Job> JobFromJson(const cJSON* json, SecretField secret) {
-  constexpr int64_t kMaxTime = int64_t{1} << 50;
-  FieldReader r(json, "job", Status::Code::kCorruption);
-  Job job;
-  job.id = r.String("id");
-  std::string type = r.String("type");
-  job.owner = static_cast<uid_t>(r.Int("owner", 0, 0xfffffffe));
-  job.host = r.String("host");
-  job.port = static_cast<int>(r.Int("port", 1, 65535));
-  job.port_allocated = r.Bool("port_allocated");
+Status JobFromJson(const cJSON* obj, SecretField secret, Job* job) {
+  if (!cJSON_IsObject(obj)) return Status::Corruption("must be a JSON object");
   if (secret == SecretField::kInclude) {
-    job.secret = r.String("secret");
+    BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"id", "type", "owner", "host", "port",
+                                             "port_allocated", "secret", "cert_path", "key_path",
+                                             "created", "expires", "ready"}));
   } else {
-    job.secret = r.String("secret", "");
+    BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"id", "type", "owner", "host", "port",
+                                             "port_allocated", "cert_path", "key_path",
+                                             "created", "expires", "ready"}));
   }
-  job.cert_path = r.String("cert_path", "");
-  job.key_path = r.String("key_path", "");
-  job.created = r.Int("created", 0, kMaxTime);
-  job.expires = r.Int("expires", 0, kMaxTime);
-  job.ready = r.Bool("ready");
-  r.RejectUnknown();
-  if (!r.ok()) return r.status();
-  auto t = ParseJobType(type);
-  if (!t) return Status::Corruption("job: field 'type' must be \"ssh\" or \"ssl\"");
-  job.type = *t;
-  if (!ValidJobId(job.id)) return Status::Corruption("job: field 'id' is not a valid job id");
-  if (!ValidHost(job.host)) {
-    return Status::Corruption("job " + job.id + ": field 'host' is not a valid host");
+  BP_RETURN_IF_ERROR(ReadString(obj, "id", /*required=*/true, &job->id));
+  std::string type;
+  BP_RETURN_IF_ERROR(ReadString(obj, "type", /*required=*/true, &type));
+  std::optional<JobType> parsed_type = ParseJobType(type);
+  if (!parsed_type) return Status::Corruption("field 'type' must be \"ssh\" or \"ssl\"");
+  job->type = *parsed_type;
+  int64_t owner = 0;
+  // uid_t(-1) means "no user" to the kernel, so no job can belong to it.
+  BP_RETURN_IF_ERROR(
+      ReadInt(obj, "owner", 0, std::numeric_limits<uid_t>::max() - int64_t{1}, &owner));
+  job->owner = static_cast<uid_t>(owner);
+  BP_RETURN_IF_ERROR(ReadString(obj, "host", /*required=*/true, &job->host));
+  int64_t port = 0;
+  BP_RETURN_IF_ERROR(ReadInt(obj, "port", 1, 65535, &port));
+  job->port = static_cast<int>(port);
+  BP_RETURN_IF_ERROR(ReadBool(obj, "port_allocated", &job->port_allocated));
+  if (secret == SecretField::kInclude) {
+    BP_RETURN_IF_ERROR(ReadString(obj, "secret", /*required=*/true, &job->secret));
+  } else {
+    job->secret = kPlaceholderSecret;
   }
-  if (!(job.secret.empty() && secret == SecretField::kOmit) && !ValidSecretFormat(job.secret)) {
-    return Status::Corruption("job " + job.id + ": field 'secret' is not a valid secret");
-  }
-  if (job.type == JobType::kSsh && (!job.cert_path.empty() || !job.key_path.empty())) {
-    return Status::Corruption("job " + job.id + ": an ssh job has no certificate");
-  }
-  return job;
+  BP_RETURN_IF_ERROR(ReadString(obj, "cert_path", /*required=*/false, &job->cert_path));
+  BP_RETURN_IF_ERROR(ReadString(obj, "key_path", /*required=*/false, &job->key_path));
+  BP_RETURN_IF_ERROR(ReadInt(obj, "created", 0, kMaxJobTime, &job->created));
+  BP_RETURN_IF_ERROR(ReadInt(obj, "expires", 0, kMaxJobTime, &job->expires));
+  BP_RETURN_IF_ERROR(ReadBool(obj, "ready", &job->ready));
+  Status valid = CheckJob(*job);
+  if (secret == SecretField::kOmit) job->secret.clear();
+  if (!valid.ok()) return Status::Corruption(valid.message());
+  return Status::OK();
 }
 
 }  // namespace brokerproxy::registry

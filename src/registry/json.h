@@ -1,5 +1,6 @@
-// cJSON ownership and the JSON form of a job, shared by the snapshot file, the control API and
-// the CLI's --json output, so a job has exactly one JSON shape everywhere.
+// cJSON ownership, strict field readers, and the JSON form of a job. Shared by the snapshot
+// file, the control API and the CLI's --json output, so a job has one JSON shape everywhere
+// and every reader checks fields the same way.
 
 #ifndef BROKERPROXY_REGISTRY_JSON_H_
 #define BROKERPROXY_REGISTRY_JSON_H_
@@ -7,11 +8,10 @@
 #include <cJSON.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
-#include <optional>
 #include <string>
 #include <string_view>
-#include <vector>
 
 #include "loop/status.h"
 #include "registry/job.h"
@@ -24,51 +24,41 @@ struct JsonDeleter {
 // Every cJSON tree gets an owner the moment it exists.
 using JsonPtr = std::unique_ptr<cJSON, JsonDeleter>;
 
-// Parses at most `max_bytes` of JSON text; InvalidArgument with cJSON's position on error.
+// A new object/array; cJSON fails only without memory, and like operator new we then abort.
+JsonPtr NewObject();
+JsonPtr NewArray();
+// Moves `child` into `parent` (an object member named `name`, or an array element if null).
+void Adopt(cJSON* parent, const char* name, JsonPtr child);
+
+// Parses exactly one JSON value (whitespace around it allowed) of at most `max_bytes`.
+// Corruption saying where it broke.
 Result<JsonPtr> ParseJson(std::string_view text, size_t max_bytes);
-// Compact one-line text of `json`.
-std::string PrintJson(const cJSON* json);
+// Compact (one line) or indented text.
+std::string PrintJson(const cJSON* json, bool pretty = false);
 
-// Reads the members of one JSON object with type and range checks. The first problem is kept
-// (later reads return defaults), so parsing code reads straight through and checks status()
-// once. Errors carry `code` and name the member: "<context>: field 'port' must be an integer
-// in 1..65535".
-class FieldReader {
- public:
-  FieldReader(const cJSON* object, std::string context, Status::Code code);
-
-  // A string member; required unless a default is given.
-  std::string String(const char* name, std::optional<std::string_view> fallback = {});
-  // An integer member (exact: 1.5 is refused) within [min, max].
-  int64_t Int(const char* name, int64_t min, int64_t max, std::optional<int64_t> fallback = {});
-  bool Bool(const char* name, std::optional<bool> fallback = {});
-  // Fails if the object has a member that was not read.
-  void RejectUnknown();
-
-  const Status& status() const { return status_; }
-  bool ok() const { return status_.ok(); }
-  void Fail(const std::string& what);
-
- private:
-  const cJSON* Member(const char* name, bool required);
-
-  const cJSON* object_;
-  std::string context_;
-  Status::Code code_;
-  std::vector<std::string> seen_;
-  Status status_;
-};
+// Field readers. Each fails with Corruption naming the field; callers that read untrusted
+// requests turn that into InvalidArgument.
+//
+// Every member of `obj` has a name from `known`, and none appears twice (cJSON would keep both
+// and a lookup would silently see only the first).
+Status CheckFieldNames(const cJSON* obj, std::initializer_list<const char*> known);
+// An exact integer (not 1.5, not 1e400) in lo..hi. REQUIRES |lo|, |hi| < 10^15, so every
+// accepted value prints back exactly.
+Status ReadInt(const cJSON* obj, const char* name, int64_t lo, int64_t hi, int64_t* out);
+// A string; an absent optional one reads as "".
+Status ReadString(const cJSON* obj, const char* name, bool required, std::string* out);
+Status ReadBool(const cJSON* obj, const char* name, bool* out);
 
 enum class SecretField { kOmit, kInclude };
 
 // {"id","type","owner","host","port","port_allocated","secret","cert_path","key_path",
-//  "created","expires","ready"}; "secret" only with kInclude, cert/key only for ssl jobs.
+//  "created","expires","ready"}: "secret" only with kInclude, the paths only for ssl jobs.
 JsonPtr JobToJson(const Job& job, SecretField secret);
 
-// The inverse, checking every field (types, ranges, ValidJobId, ValidHost, secret format).
-// With kOmit, a missing "secret" is allowed and left empty. Errors are Corruption naming the
-// field.
-Result<Job> JobFromJson(const cJSON* json, SecretField secret);
+// The inverse, checking every field name, type and range, and the job with CheckJob(). With
+// kOmit the secret must be absent (query replies carry none) and is left empty. On failure
+// `job->id` holds whatever id was read, for the caller's message.
+Status JobFromJson(const cJSON* obj, SecretField secret, Job* job);
 
 }  // namespace brokerproxy::registry
 

@@ -1,0 +1,116 @@
+#include "proxy/listener.h"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "loop/log.h"
+#include "loop/stream.h"
+
+namespace brokerproxy::proxy {
+namespace {
+
+// Connections accepted per readiness event before other work gets a turn.
+constexpr int kAcceptBatch = 64;
+constexpr uint64_t kPauseMs = 1000;
+
+}  // namespace
+
+Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostPort& address,
+                                                   AcceptCallback on_accept,
+                                                   PauseCallback on_pause) {
+  std::string host = address.host;
+  if (host == "*") host = "0.0.0.0";
+  // Start-up only (before the loop serves anyone), so a blocking lookup of "localhost" is fine.
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  std::string port = std::to_string(address.port);
+  int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) {
+    return Status::InvalidArgument("cannot listen on " + address.ToString() + ": " +
+                                   gai_strerror(rc));
+  }
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> list(res, ::freeaddrinfo);
+
+  int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return PosixError("socket", errno);
+  int one = 1;
+  (void)::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (res->ai_family == AF_INET6) {
+    // "::" means IPv6 only; list "0.0.0.0" separately for IPv4, so both are explicit.
+    (void)::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+  }
+  if (::bind(fd, res->ai_addr, res->ai_addrlen) != 0) {
+    Status s = PosixError("cannot listen on " + address.ToString(), errno);
+    ::close(fd);
+    return s;
+  }
+  if (::listen(fd, SOMAXCONN) != 0) {
+    Status s = PosixError("listen " + address.ToString(), errno);
+    ::close(fd);
+    return s;
+  }
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+
+  std::unique_ptr<Listener> l(new Listener(loop, std::move(on_accept), std::move(on_pause)));
+  l->address_ = loop::FormatAddress(reinterpret_cast<sockaddr*>(&bound));
+  l->port_ = ntohs(bound.ss_family == AF_INET
+                       ? reinterpret_cast<sockaddr_in*>(&bound)->sin_port
+                       : reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
+  auto poll = loop::Poll::Create(*loop, fd, loop::FdOwnership::kOwned);
+  if (!poll.ok()) return poll.status();
+  l->poll_ = std::move(poll).value();
+  auto timer = loop::Timer::Create(*loop);
+  if (!timer.ok()) return timer.status();
+  l->resume_ = std::move(timer).value();
+  Listener* raw = l.get();
+  l->poll_->Start(UV_READABLE, [raw](int status, int) {
+    if (status < 0) {
+      LOG_ERROR("listener %s: %s", raw->address_.c_str(), uv_strerror(status));
+      return;
+    }
+    raw->OnReadable();
+  });
+  return l;
+}
+
+void Listener::OnReadable() {
+  for (int i = 0; i < kAcceptBatch; ++i) {
+    sockaddr_storage peer{};
+    socklen_t len = sizeof(peer);
+    int fd = ::accept4(poll_->fd(), reinterpret_cast<sockaddr*>(&peer), &len,
+                       SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0) {
+      on_accept_(fd, peer);
+      continue;
+    }
+    switch (errno) {
+      case EAGAIN:
+      case EINTR:
+        return;
+      case EMFILE:
+      case ENFILE:
+      case ENOBUFS:
+      case ENOMEM:
+        // The pending connection stays in the backlog; retrying now would spin.
+        LOG_WARN("listener %s: cannot accept (%s); pausing for %llu ms", address_.c_str(),
+                 std::strerror(errno), static_cast<unsigned long long>(kPauseMs));
+        poll_->Stop();
+        if (on_pause_) on_pause_();
+        resume_->Start(kPauseMs, [this] { poll_->SetEvents(UV_READABLE); });
+        return;
+      default:
+        // ECONNABORTED and friends concern one connection only.
+        continue;
+    }
+  }
+}
+
+}  // namespace brokerproxy::proxy

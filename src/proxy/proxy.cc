@@ -1,0 +1,266 @@
+#include "proxy/proxy.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <ctime>
+
+#include "loop/log.h"
+#include "loop/stream.h"
+#include "proxy/session.h"
+
+namespace brokerproxy::proxy {
+namespace {
+
+// The address part of `peer` ("1.2.3.4", "::1"), IPv4-mapped IPv6 shown as IPv4.
+std::string HostOf(const sockaddr_storage& peer) {
+  char buf[INET6_ADDRSTRLEN] = "?";
+  if (peer.ss_family == AF_INET) {
+    inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(&peer)->sin_addr, buf, sizeof(buf));
+  } else if (peer.ss_family == AF_INET6) {
+    const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(&peer)->sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(&a)) {
+      inet_ntop(AF_INET, &a.s6_addr[12], buf, sizeof(buf));
+    } else {
+      inet_ntop(AF_INET6, &a, buf, sizeof(buf));
+    }
+  }
+  return buf;
+}
+
+bool IsLoopback(const sockaddr_storage& peer) {
+  if (peer.ss_family == AF_INET) {
+    return (ntohl(reinterpret_cast<const sockaddr_in*>(&peer)->sin_addr.s_addr) >> 24) == 127;
+  }
+  if (peer.ss_family == AF_INET6) {
+    const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(&peer)->sin6_addr;
+    return IN6_IS_ADDR_LOOPBACK(&a) || (IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127);
+  }
+  return false;
+}
+
+}  // namespace
+
+// ---- Connection ----
+
+Connection::Connection(Proxy* proxy, const sockaddr_storage& peer)
+    : proxy_(proxy), peer_(peer), started_ms_(proxy->loop()->Now()) {}
+
+std::string Connection::PeerString() const {
+  return loop::FormatAddress(reinterpret_cast<const sockaddr*>(&peer_));
+}
+
+// ---- Proxy ----
+
+Proxy::Proxy(loop::Loop* loop, const registry::Registry* registry, ProxyOptions options)
+    : loop_(loop),
+      registry_(registry),
+      options_(std::move(options)),
+      throttle_(options_.throttle_failures, static_cast<uint64_t>(options_.throttle_window_ms)),
+      pipes_(options_.pipe_size, options_.pipe_pool),
+      resolver_(loop, 30000) {}
+
+Proxy::~Proxy() {
+  *alive_ = false;
+  Stop();
+  graveyard_.clear();
+}
+
+Status Proxy::Start() {
+  auto dt = loop::Timer::Create(*loop_);
+  if (!dt.ok()) return dt.status();
+  deadline_timer_ = std::move(dt).value();
+  auto st = loop::Timer::Create(*loop_);
+  if (!st.ok()) return st.status();
+  sweep_timer_ = std::move(st).value();
+  sweep_timer_->Start(options_.sweep_interval_ms, options_.sweep_interval_ms, [this] { Sweep(); });
+  for (const HostPort& addr : options_.listen) {
+    auto l = Listener::Create(
+        loop_, addr, [this](int fd, const sockaddr_storage& peer) { OnAccept(fd, peer); },
+        [this] { stats_.global().accept_pauses++; });
+    if (!l.ok()) return l.status();
+    LOG_INFO("proxy listening on %s", (*l)->address().c_str());
+    listeners_.push_back(std::move(l).value());
+  }
+  return Status::OK();
+}
+
+void Proxy::Stop() {
+  listeners_.clear();
+  std::vector<Connection*> open;
+  for (auto& [id, c] : connections_) open.push_back(c.get());
+  for (Connection* c : open) c->Close("shutdown");
+  sweep_timer_.reset();
+  deadline_timer_.reset();
+}
+
+std::vector<std::string> Proxy::addresses() const {
+  std::vector<std::string> out;
+  for (const auto& l : listeners_) out.push_back(l->address());
+  return out;
+}
+
+void Proxy::set_frontend(Protocol protocol, Frontend frontend) {
+  frontends_[static_cast<int>(protocol)] = std::move(frontend);
+}
+
+void Proxy::OnAccept(int fd, const sockaddr_storage& peer) {
+  GlobalCounters& g = stats_.global();
+  g.accepted++;
+  if (connections_.size() >= static_cast<size_t>(options_.max_connections)) {
+    g.busy++;
+    SendBestEffort(fd, ErrorReply(ErrorCode::kBusy));
+    CloseGracefully(fd);
+    return;
+  }
+  auto poll = loop::Poll::Create(*loop_, fd, loop::FdOwnership::kOwned);
+  if (!poll.ok()) {
+    LOG_WARN("proxy: %s", poll.status().ToString().c_str());
+    return;
+  }
+  auto session = std::make_unique<Session>(this, std::move(poll).value(), peer);
+  Session* raw = session.get();
+  Adopt(std::move(session));
+  raw->Start();
+}
+
+Connection* Proxy::Adopt(std::unique_ptr<Connection> conn) {
+  Connection* raw = conn.get();
+  raw->id_ = next_id_++;
+  connections_.emplace(raw->id_, std::move(conn));
+  stats_.global().active = connections_.size();
+  return raw;
+}
+
+void Proxy::Retire(Connection* conn) {
+  if (conn->retired_) return;
+  conn->retired_ = true;
+  ClearDeadline(conn);
+  auto it = connections_.find(conn->id_);
+  if (it == connections_.end()) return;
+  graveyard_.push_back(std::move(it->second));
+  connections_.erase(it);
+  stats_.global().active = connections_.size();
+  if (reap_scheduled_) return;
+  reap_scheduled_ = true;
+  std::weak_ptr<bool> alive = alive_;
+  loop_->Defer([this, alive] {
+    if (alive.expired()) return;
+    reap_scheduled_ = false;
+    graveyard_.clear();
+  });
+}
+
+bool Proxy::HandOff(Protocol protocol, Handoff handoff) {
+  auto it = frontends_.find(static_cast<int>(protocol));
+  if (it == frontends_.end()) {
+    // Not enabled: best-effort answer in the only language every client shares here.
+    int fd = handoff.client->ReleaseFd();
+    handoff.client.reset();
+    SendBestEffort(fd, ErrorReply(ErrorCode::kBadRequest));
+    CloseGracefully(fd);
+    return false;
+  }
+  std::unique_ptr<Connection> conn = it->second(this, std::move(handoff));
+  if (conn) Adopt(std::move(conn));
+  return true;
+}
+
+Proxy::Authorization Proxy::Authorize(const std::string& job_id, const std::string& secret,
+                                      const sockaddr_storage& peer) {
+  Authorization out;
+  uint64_t now = loop_->Now();
+  std::string job_key = "job:" + job_id;
+  // Through `ssh -L` every client is the login node itself: loopback sources are told apart by
+  // job id only, so one user's typos do not lock everyone out.
+  std::string addr_key = IsLoopback(peer) ? std::string() : "addr:" + HostOf(peer);
+  const registry::Job* known = registry_->Find(job_id);
+  if (throttle_.Blocked(job_key, now) || (!addr_key.empty() && throttle_.Blocked(addr_key, now))) {
+    stats_.global().throttled++;
+    if (known) stats_.job(job_id).denied++;
+    out.error = ErrorCode::kBusy;
+    return out;
+  }
+  const registry::Job* job = registry_->Authenticate(job_id, secret);
+  if (job && job->expires != 0 && job->expires <= static_cast<int64_t>(::time(nullptr))) {
+    job = nullptr;  // expired, about to be swept
+  }
+  if (!job) {
+    stats_.global().denied++;
+    if (known) stats_.job(job_id).denied++;
+    std::string window = FormatDuration(options_.throttle_window_ms);
+    if (throttle_.RecordFailure(job_key, now)) {
+      LOG_WARN("throttling job %s: %d failed handshakes within %s", job_id.c_str(),
+               options_.throttle_failures, window.c_str());
+    }
+    if (!addr_key.empty() && throttle_.RecordFailure(addr_key, now)) {
+      // One line per episode, in a form fail2ban can match: "throttling <HOST>: ...".
+      LOG_WARN("throttling %s: %d failed handshakes within %s", HostOf(peer).c_str(),
+               options_.throttle_failures, window.c_str());
+    }
+    out.error = ErrorCode::kDenied;
+    return out;
+  }
+  out.target.job_id = job->id;
+  out.target.type = job->type;
+  out.target.host = job->host;
+  out.target.port = job->port;
+  return out;
+}
+
+void Proxy::SetDeadline(Connection* conn, uint64_t at_ms) {
+  if (conn->has_deadline_) deadlines_.erase(conn->deadline_);
+  conn->deadline_ = deadlines_.emplace(at_ms, conn);
+  conn->has_deadline_ = true;
+  RearmDeadlineTimer();
+}
+
+void Proxy::ClearDeadline(Connection* conn) {
+  if (!conn->has_deadline_) return;
+  deadlines_.erase(conn->deadline_);
+  conn->has_deadline_ = false;
+}
+
+void Proxy::RearmDeadlineTimer() {
+  if (deadlines_.empty() || !deadline_timer_) return;
+  uint64_t first = deadlines_.begin()->first;
+  if (deadline_timer_->active() && deadline_timer_at_ <= first) return;
+  uint64_t now = loop_->Now();
+  deadline_timer_at_ = first;
+  deadline_timer_->Start(first > now ? first - now : 0, [this] { OnDeadlineTimer(); });
+}
+
+void Proxy::OnDeadlineTimer() {
+  uint64_t now = loop_->Now();
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    Connection* c = deadlines_.begin()->second;
+    deadlines_.erase(deadlines_.begin());
+    c->has_deadline_ = false;
+    c->OnDeadline();
+  }
+  RearmDeadlineTimer();
+}
+
+void Proxy::Sweep() {
+  uint64_t now = loop_->Now();
+  std::vector<Connection*> open;
+  open.reserve(connections_.size());
+  for (auto& [id, c] : connections_) open.push_back(c.get());
+  for (Connection* c : open) {
+    if (!c->retired_) c->OnSweep(now);
+  }
+  throttle_.Sweep(now);
+  stats_.Prune([this](const std::string& id) { return registry_->Find(id) != nullptr; });
+}
+
+void Proxy::AddStats(cJSON* stats, uid_t caller) {
+  stats_.AddToJson(stats, [this, caller](const std::string& id) {
+    if (caller == 0) return true;
+    const registry::Job* job = registry_->Find(id);
+    return job && job->owner == caller;
+  });
+}
+
+}  // namespace brokerproxy::proxy

@@ -1,0 +1,197 @@
+// Proxy: the one fixed port. Owns the listeners, every connection on them in any protocol, and
+// what they share: the secret check against the live registry, the failure throttle, counters,
+// the backend dialer's resolve cache, the pipe pool, and the timers for deadlines and idle
+// sweeps.
+//
+// A connection starts as a Session (session.h) that sniffs the first byte. Plain preambles are
+// handled there; TLS and SSH connections are handed to a Frontend installed by their own
+// modules, which returns the Connection object that will own the socket from then on.
+//
+// Removing a job stops new sessions to it; sessions already spliced keep running on the copy of
+// the job they took at their handshake (P9). A notebook or an ssh session must not die because
+// its job record was replaced or removed; a user who wants them gone stops the service.
+//
+// Ownership: the daemon owns the Proxy; `*loop` and `*registry` must outlive it. Loop-thread
+// only.
+
+#ifndef BROKERPROXY_PROXY_PROXY_H_
+#define BROKERPROXY_PROXY_PROXY_H_
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <cJSON.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "loop/address.h"
+#include "loop/handle.h"
+#include "loop/loop.h"
+#include "loop/poll.h"
+#include "loop/timer.h"
+#include "proxy/dialer.h"
+#include "proxy/listener.h"
+#include "proxy/relay.h"
+#include "proxy/sniffer.h"
+#include "proxy/stats.h"
+#include "proxy/throttle.h"
+#include "registry/job.h"
+#include "registry/registry.h"
+
+namespace brokerproxy::proxy {
+
+struct ProxyOptions {
+  std::vector<HostPort> listen{{"127.0.0.1", 7000}};
+  std::vector<Cidr> plain_allow;  // sources allowed to send a plain preamble
+  int max_connections = 4096;
+  int64_t handshake_timeout_ms = 10000;
+  int64_t connect_timeout_ms = 10000;
+  int64_t idle_timeout_ms = 0;  // 0: off
+  int64_t half_close_timeout_ms = 300000;
+  int keepalive_s = 60;         // 0: off
+  int throttle_failures = 10;
+  int64_t throttle_window_ms = 60000;
+  int pipe_size = 1 << 20;      // splice pipe capacity asked for
+  size_t pipe_pool = 64;        // idle pipes kept
+  int64_t sweep_interval_ms = 1000;
+};
+
+class Proxy;
+
+// One client connection on the proxy port, in whatever protocol. Subclasses own their sockets
+// and handles; the Proxy owns the Connection.
+class Connection {
+ public:
+  Connection(Proxy* proxy, const sockaddr_storage& peer);
+  virtual ~Connection() = default;
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // Ends the connection now (shutdown, idle timeout, ...): releases every handle and calls
+  // Proxy::Retire(). Idempotent.
+  virtual void Close(const char* reason) = 0;
+  // The deadline set with Proxy::SetDeadline() passed.
+  virtual void OnDeadline() = 0;
+  // Called every sweep interval: idle checks, counters.
+  virtual void OnSweep(uint64_t now_ms) { (void)now_ms; }
+
+  uint64_t id() const { return id_; }
+  const sockaddr_storage& peer() const { return peer_; }
+  // "1.2.3.4:5678"
+  std::string PeerString() const;
+  uint64_t started_ms() const { return started_ms_; }
+
+ protected:
+  Proxy* proxy_;
+
+ private:
+  friend class Proxy;
+  uint64_t id_ = 0;
+  sockaddr_storage peer_;
+  uint64_t started_ms_ = 0;
+  bool retired_ = false;
+  bool has_deadline_ = false;
+  std::multimap<uint64_t, Connection*>::iterator deadline_;
+};
+
+// What the sniffer hands a TLS or SSH frontend: the client socket, with the bytes it peeked
+// still unread in the kernel.
+struct Handoff {
+  loop::HandlePtr<loop::Poll> client;  // owns the fd; no events requested
+  sockaddr_storage peer;
+};
+using Frontend = std::function<std::unique_ptr<Connection>(Proxy* proxy, Handoff handoff)>;
+
+// Where an authorised connection goes: a copy, valid however the registry changes later.
+struct Target {
+  std::string job_id;
+  registry::JobType type = registry::JobType::kSsh;
+  std::string host;
+  int port = 0;
+};
+
+class Proxy {
+ public:
+  Proxy(loop::Loop* loop, const registry::Registry* registry, ProxyOptions options);
+  ~Proxy();
+  Proxy(const Proxy&) = delete;
+  Proxy& operator=(const Proxy&) = delete;
+
+  // Binds every listen address; fails if any cannot be bound.
+  Status Start();
+  // Stops accepting and closes every connection.
+  void Stop();
+
+  // The bound addresses, e.g. {"127.0.0.1:7000"}.
+  std::vector<std::string> addresses() const;
+  // Adds the proxy's counters to a `stats` reply; per-job counters only for jobs `caller` may
+  // see (all for uid 0).
+  void AddStats(cJSON* stats, uid_t caller);
+
+  void set_frontend(Protocol protocol, Frontend frontend);
+
+  // ---- For connections (plain sessions and frontends) ----
+  loop::Loop* loop() const { return loop_; }
+  const registry::Registry& registry() const { return *registry_; }
+  const ProxyOptions& options() const { return options_; }
+  Stats& stats() { return stats_; }
+  PipePool* pipes() { return &pipes_; }
+  ResolveCache* resolver() { return &resolver_; }
+
+  // Checks `secret` for `job_id` against the live registry (constant time), applying the
+  // throttle for the job and for the source address; counts and logs failures. Returns the
+  // target, or the error to answer with.
+  struct Authorization {
+    std::optional<ErrorCode> error;
+    Target target;
+  };
+  Authorization Authorize(const std::string& job_id, const std::string& secret,
+                          const sockaddr_storage& peer);
+
+  // Calls conn->OnDeadline() at `at_ms` (loop time) unless cleared or replaced first.
+  void SetDeadline(Connection* conn, uint64_t at_ms);
+  void ClearDeadline(Connection* conn);
+
+  // Takes a connection created outside the accept path (a frontend's). Counts it as active.
+  Connection* Adopt(std::unique_ptr<Connection> conn);
+  // A connection is done: it is destroyed on a later loop turn (never under its own callback).
+  void Retire(Connection* conn);
+  // Used by the sniffing Session to pass a TLS or SSH connection on.
+  bool HandOff(Protocol protocol, Handoff handoff);
+
+ private:
+  void OnAccept(int fd, const sockaddr_storage& peer);
+  void OnDeadlineTimer();
+  void RearmDeadlineTimer();
+  void Sweep();
+
+  loop::Loop* loop_;
+  const registry::Registry* registry_;
+  ProxyOptions options_;
+  Stats stats_;
+  Throttle throttle_;
+  PipePool pipes_;
+  ResolveCache resolver_;
+  std::vector<std::unique_ptr<Listener>> listeners_;
+  std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
+  std::vector<std::unique_ptr<Connection>> graveyard_;
+  bool reap_scheduled_ = false;
+  uint64_t next_id_ = 1;
+  std::multimap<uint64_t, Connection*> deadlines_;
+  loop::HandlePtr<loop::Timer> deadline_timer_;
+  uint64_t deadline_timer_at_ = 0;
+  loop::HandlePtr<loop::Timer> sweep_timer_;
+  std::unordered_map<int, Frontend> frontends_;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+};
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_PROXY_H_

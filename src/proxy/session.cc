@@ -1,0 +1,228 @@
+#include "proxy/session.h"
+
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "loop/log.h"
+
+namespace brokerproxy::proxy {
+
+Session::Session(Proxy* proxy, loop::HandlePtr<loop::Poll> client, const sockaddr_storage& peer)
+    : Connection(proxy, peer), client_(std::move(client)) {}
+
+Session::~Session() = default;
+
+void Session::Start() {
+  proxy_->SetDeadline(this, proxy_->loop()->Now() + proxy_->options().handshake_timeout_ms);
+  client_->Start(UV_READABLE, [this](int status, int) { OnClientReadable(status); });
+}
+
+void Session::OnClientReadable(int status) {
+  if (status < 0) {
+    Finish("client error during handshake");
+    return;
+  }
+  int fd = client_->fd();
+  char buf[kMaxPreambleBytes];
+  size_t room = kMaxPreambleBytes - preamble_.size();
+  // Peek first, so that only the preamble line is consumed: what follows it stays in the
+  // socket for the backend (sniffer.h), and TLS/SSH bytes stay for their frontends.
+  ssize_t n = ::recv(fd, buf, room, MSG_PEEK);
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+    Finish("client error during handshake");
+    return;
+  }
+  if (n == 0) {
+    Finish("client closed during handshake");
+    return;
+  }
+  if (state_ == State::kSniffing) {
+    Protocol p = Sniff(std::string_view(buf, n));
+    if (p == Protocol::kTls || p == Protocol::kSsh) {
+      proxy_->ClearDeadline(this);
+      client_->Stop();
+      state_ = State::kClosed;
+      if (!proxy_->HandOff(p, Handoff{std::move(client_), peer()})) {
+        // No frontend for it in this build: answer like any unknown protocol.
+        proxy_->stats().global().bad_request++;
+        LOG_INFO("session %llu peer=%s proto=%s reason=protocol not enabled",
+                 static_cast<unsigned long long>(id()), PeerString().c_str(), ProtocolName(p));
+      }
+      proxy_->Retire(this);
+      return;
+    }
+    if (p != Protocol::kPlain) {
+      Reject(ErrorCode::kBadRequest, "unknown protocol");
+      return;
+    }
+    state_ = State::kPreamble;
+  }
+  const char* nl = static_cast<const char*>(std::memchr(buf, '\n', n));
+  size_t take = nl ? static_cast<size_t>(nl - buf + 1) : static_cast<size_t>(n);
+  size_t old = preamble_.size();
+  preamble_.resize(old + take);
+  ssize_t got = ::recv(fd, preamble_.data() + old, take, 0);
+  if (got != static_cast<ssize_t>(take)) {  // the peeked bytes are there: this cannot fail
+    Finish("client error during handshake");
+    return;
+  }
+  Preamble p = ParsePreamble(preamble_);
+  switch (p.state) {
+    case Preamble::State::kNeedMore:
+      return;
+    case Preamble::State::kBad:
+      LOG_DEBUG("session %llu: bad preamble: %s", static_cast<unsigned long long>(id()), p.error);
+      Reject(ErrorCode::kBadRequest, "bad preamble");
+      return;
+    case Preamble::State::kDone:
+      std::string().swap(preamble_);
+      OnPreamble(p);
+      return;
+  }
+}
+
+void Session::OnPreamble(const Preamble& p) {
+  if (!MatchesAny(proxy_->options().plain_allow, reinterpret_cast<const sockaddr*>(&peer()))) {
+    // Plain preambles carry the secret in clear: only from where a tunnel ends (loopback by
+    // default). Anywhere else must use TLS or SSH.
+    proxy_->stats().global().denied++;
+    target_.job_id = p.job_id;
+    Reject(ErrorCode::kDenied, "plain preamble from a source outside plain_allow");
+    return;
+  }
+  Proxy::Authorization auth = proxy_->Authorize(p.job_id, p.secret, peer());
+  target_.job_id = p.job_id;
+  if (auth.error) {
+    Reject(*auth.error, *auth.error == ErrorCode::kBusy ? "throttled" : "denied");
+    return;
+  }
+  target_ = std::move(auth.target);
+  client_->Stop();  // bytes after the preamble wait in the socket until the backend is up
+  state_ = State::kConnecting;
+  proxy_->SetDeadline(this, proxy_->loop()->Now() + proxy_->options().connect_timeout_ms);
+  dialer_ = std::make_unique<Dialer>(proxy_->loop(), proxy_->resolver());
+  dialer_->Dial(target_.host, target_.port, [this](Result<loop::HandlePtr<loop::Poll>> r) {
+    OnBackend(std::move(r));
+  });
+}
+
+void Session::OnBackend(Result<loop::HandlePtr<loop::Poll>> backend) {
+  if (!backend.ok()) {
+    LOG_DEBUG("session %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
+              target_.job_id.c_str(), backend.status().ToString().c_str());
+    proxy_->stats().global().unavailable++;
+    Reject(ErrorCode::kUnavailable, "backend unavailable");
+    return;
+  }
+  proxy_->ClearDeadline(this);
+  int keepalive = proxy_->options().keepalive_s;
+  TuneTcpSocket(client_->fd(), keepalive);
+  TuneTcpSocket((*backend)->fd(), keepalive);
+  state_ = State::kSplicing;
+  proxy_->stats().global().spliced++;
+  JobCounters& jc = proxy_->stats().job(target_.job_id);
+  jc.connections++;
+  jc.active++;
+  relay_ = std::make_unique<Relay>(
+      proxy_->pipes(), Relay::Side{std::move(client_), nullptr},
+      Relay::Side{std::move(backend).value(), nullptr}, "client", "backend",
+      std::string(kReplyOk), std::string(), [this](Status s) {
+        if (s.ok()) {
+          Finish("done");
+          return;
+        }
+        std::string reason = s.message();
+        Finish(reason.c_str());
+      });
+  relay_->Start();
+  dialer_.reset();  // its callback is running: the Dialer may go, it touches nothing after
+}
+
+void Session::Reject(ErrorCode code, const char* reason) {
+  GlobalCounters& g = proxy_->stats().global();
+  if (code == ErrorCode::kBadRequest) g.bad_request++;
+  if (code == ErrorCode::kTimeout) g.timeouts++;
+  if (client_) {
+    int fd = client_->ReleaseFd();
+    client_.reset();
+    SendBestEffort(fd, ErrorReply(code));
+    CloseGracefully(fd);
+  }
+  std::string why = std::string(ErrorCodeName(code)) + ": " + reason;
+  Finish(why.c_str());
+}
+
+void Session::OnDeadline() {
+  if (state_ == State::kConnecting) {
+    proxy_->stats().global().unavailable++;
+    Reject(ErrorCode::kUnavailable, "backend connect timeout");
+    return;
+  }
+  Reject(ErrorCode::kTimeout, "handshake timeout");
+}
+
+void Session::FlushCounters() {
+  if (!relay_) return;
+  const Relay::Counters& c = relay_->counters();
+  uint64_t up = c.a_to_b - reported_up_;
+  uint64_t down = c.b_to_a - reported_down_;
+  reported_up_ = c.a_to_b;
+  reported_down_ = c.b_to_a;
+  GlobalCounters& g = proxy_->stats().global();
+  g.bytes_up += up;
+  g.bytes_down += down;
+  JobCounters& jc = proxy_->stats().job(target_.job_id);
+  jc.bytes_up += up;
+  jc.bytes_down += down;
+}
+
+void Session::OnSweep(uint64_t now_ms) {
+  if (state_ != State::kSplicing) return;
+  FlushCounters();
+  uint64_t idle = now_ms - relay_->last_activity_ms();
+  const ProxyOptions& o = proxy_->options();
+  if (o.idle_timeout_ms > 0 && idle >= static_cast<uint64_t>(o.idle_timeout_ms)) {
+    proxy_->stats().global().idle_closed++;
+    Close("idle timeout");
+    return;
+  }
+  if (relay_->half_closed() && o.half_close_timeout_ms > 0 &&
+      idle >= static_cast<uint64_t>(o.half_close_timeout_ms)) {
+    proxy_->stats().global().idle_closed++;
+    Close("half-close timeout");
+  }
+}
+
+void Session::Close(const char* reason) { Finish(reason); }
+
+void Session::Finish(const char* reason) {
+  if (finished_) return;
+  finished_ = true;
+  bool spliced = state_ == State::kSplicing;
+  state_ = State::kClosed;
+  proxy_->ClearDeadline(this);
+  uint64_t up = 0, down = 0;
+  if (relay_) {
+    FlushCounters();
+    up = relay_->counters().a_to_b;
+    down = relay_->counters().b_to_a;
+  }
+  if (spliced) proxy_->stats().job(target_.job_id).active--;
+  // Release the sockets now (fds are precious); the object itself goes on a later turn.
+  relay_.reset();
+  dialer_.reset();
+  client_.reset();
+  uint64_t ms = proxy_->loop()->Now() - started_ms();
+  LOG_INFO("session %llu job=%s peer=%s up=%llu down=%llu duration=%llu.%03llus reason=%s",
+           static_cast<unsigned long long>(id()),
+           target_.job_id.empty() ? "-" : target_.job_id.c_str(), PeerString().c_str(),
+           static_cast<unsigned long long>(up), static_cast<unsigned long long>(down),
+           static_cast<unsigned long long>(ms / 1000), static_cast<unsigned long long>(ms % 1000),
+           reason);
+  proxy_->Retire(this);
+}
+
+}  // namespace brokerproxy::proxy

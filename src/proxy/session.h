@@ -1,0 +1,63 @@
+// Session: a connection from accept() until it is handed to a frontend or finishes as a plain
+// (BROKER1) session: sniff, read the preamble, check the secret, dial the backend, answer OK,
+// splice.
+//
+//   kSniffing --'B'--> kPreamble --secret ok--> kConnecting --connected--> kSplicing --> closed
+//       |                  |                         |
+//       +--0x16/'S': handed to the TLS/SSH frontend  +--> ERR unavailable
+//       +--else: ERR bad-request                     (every state: deadline -> ERR timeout)
+//
+// Ownership: the Proxy owns it (Connection). Loop-thread only.
+
+#ifndef BROKERPROXY_PROXY_SESSION_H_
+#define BROKERPROXY_PROXY_SESSION_H_
+
+#include <memory>
+#include <string>
+
+#include "loop/handle.h"
+#include "loop/poll.h"
+#include "proxy/dialer.h"
+#include "proxy/proxy.h"
+#include "proxy/relay.h"
+#include "proxy/sniffer.h"
+
+namespace brokerproxy::proxy {
+
+class Session final : public Connection {
+ public:
+  // Takes `client` (the accepted socket, owned by the Poll).
+  Session(Proxy* proxy, loop::HandlePtr<loop::Poll> client, const sockaddr_storage& peer);
+  ~Session() override;
+
+  void Start();
+  void Close(const char* reason) override;
+  void OnDeadline() override;
+  void OnSweep(uint64_t now_ms) override;
+
+ private:
+  enum class State { kSniffing, kPreamble, kConnecting, kSplicing, kClosed };
+
+  void OnClientReadable(int status);
+  void OnPreamble(const Preamble& p);
+  void OnBackend(Result<loop::HandlePtr<loop::Poll>> backend);
+  // Answers "ERR <code>" and closes.
+  void Reject(ErrorCode code, const char* reason);
+  // Releases everything, logs the session line and retires.
+  void Finish(const char* reason);
+  void FlushCounters();
+
+  State state_ = State::kSniffing;
+  bool finished_ = false;
+  loop::HandlePtr<loop::Poll> client_;
+  std::string preamble_;  // bytes of the preamble line read so far
+  Target target_;
+  std::unique_ptr<Dialer> dialer_;
+  std::unique_ptr<Relay> relay_;
+  uint64_t reported_up_ = 0;  // bytes already added to the counters
+  uint64_t reported_down_ = 0;
+};
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_SESSION_H_

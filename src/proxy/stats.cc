@@ -1,0 +1,48 @@
+#include "proxy/stats.h"
+
+namespace brokerproxy::proxy {
+
+void Stats::Prune(const std::function<bool(const std::string&)>& exists) {
+  for (auto it = jobs_.begin(); it != jobs_.end();) {
+    if (it->second.active == 0 && !exists(it->first)) {
+      it = jobs_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Stats::AddToJson(cJSON* out, const std::function<bool(const std::string&)>& visible) const {
+  auto num = [](cJSON* o, const char* name, uint64_t v) {
+    cJSON_AddNumberToObject(o, name, static_cast<double>(v));
+  };
+  const GlobalCounters& g = global_;
+  cJSON* c = cJSON_AddObjectToObject(out, "connections");
+  num(c, "accepted", g.accepted);
+  num(c, "active", g.active);
+  num(c, "spliced", g.spliced);
+  num(c, "denied", g.denied);
+  num(c, "bad_request", g.bad_request);
+  num(c, "timeouts", g.timeouts);
+  num(c, "unavailable", g.unavailable);
+  num(c, "busy", g.busy);
+  num(c, "throttled", g.throttled);
+  num(c, "idle_closed", g.idle_closed);
+  num(c, "accept_pauses", g.accept_pauses);
+  num(c, "tls_failures", g.tls_failures);
+  num(c, "ssh_failures", g.ssh_failures);
+  num(c, "bytes_up", g.bytes_up);
+  num(c, "bytes_down", g.bytes_down);
+  cJSON* jobs = cJSON_AddObjectToObject(out, "per_job");
+  for (const auto& [id, j] : jobs_) {
+    if (!visible(id)) continue;
+    cJSON* o = cJSON_AddObjectToObject(jobs, id.c_str());
+    num(o, "connections", j.connections);
+    num(o, "active", j.active);
+    num(o, "denied", j.denied);
+    num(o, "bytes_up", j.bytes_up);
+    num(o, "bytes_down", j.bytes_down);
+  }
+}
+
+}  // namespace brokerproxy::proxy
