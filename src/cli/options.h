@@ -97,6 +97,7 @@ struct OptionSpec {
   FlagScope scope;
   int min = 0;               // kInt bounds
   int max = 0;
+  int multiple = 1;          // kInt: the value must be a multiple of this (secret_bits: 8)
 };
 
 // The table, in the order of config.ini.example.
