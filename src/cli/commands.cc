@@ -156,9 +156,8 @@ Result<std::string> ResolveJobId(const std::string& job_id, const std::string& n
 
 std::string SubstitutePlaceholders(const std::string& arg, const Job& job) {
   const std::pair<const char*, std::string> vars[] = {
-      {"{port}", std::to_string(job.port)}, {"{secret}", job.secret},
-      {"{cert}", job.cert_path},            {"{certkey}", job.key_path},
-      {"{job}", job.id},                    {"{host}", job.host},
+      {"{port}", std::to_string(job.port)}, {"{secret}", job.secret}, {"{cert}", job.cert_path},
+      {"{certkey}", job.key_path},          {"{job}", job.id},        {"{host}", job.host},
   };
   std::string out;
   for (size_t i = 0; i < arg.size();) {
@@ -177,8 +176,7 @@ std::string SubstitutePlaceholders(const std::string& arg, const Job& job) {
   return out;
 }
 
-Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
-               int* exit_code) {
+Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args, int* exit_code) {
   *exit_code = 0;
   Request req;
   req.op = Op::kSave;
@@ -242,8 +240,8 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     return Status::OK();
   }
 
-  std::fprintf(stderr, "brokerproxy: job %s saved (backend %s:%d); running %s\n",
-               job->id.c_str(), job->host.c_str(), job->port, args.command[0].c_str());
+  std::fprintf(stderr, "brokerproxy: job %s saved (backend %s:%d); running %s\n", job->id.c_str(),
+               job->host.c_str(), job->port, args.command[0].c_str());
   std::fflush(stdout);
   auto code = RunCommand(args.command, *job);
   Request remove;

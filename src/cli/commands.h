@@ -33,8 +33,7 @@ struct SaveArgs {
 // Picks the job id from the flags and the batch system's environment.
 Result<std::string> ResolveJobId(const std::string& job_id, const std::string& name);
 
-Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
-               int* exit_code);
+Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args, int* exit_code);
 Status RunLoad(BrokerClient* client, const std::string& job, OutputFormat format);
 // `secret` "-" reads it from stdin. Sets *match.
 Status RunVerify(BrokerClient* client, const std::string& job, const std::string& secret,

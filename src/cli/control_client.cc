@@ -70,8 +70,7 @@ Result<std::string> ExchangeLine(int fd, const std::string& line, int64_t deadli
   }
 }
 
-Result<registry::JsonPtr> LocalClient::Call(const registry::Request& request,
-                                            int64_t timeout_ms) {
+Result<registry::JsonPtr> LocalClient::Call(const registry::Request& request, int64_t timeout_ms) {
   int64_t deadline = MonotonicMs() + timeout_ms;
   if (path_.size() >= sizeof(sockaddr_un::sun_path)) {
     return Status::InvalidArgument("control socket path too long: " + path_);
@@ -98,8 +97,8 @@ Result<registry::JsonPtr> LocalClient::Call(const registry::Request& request,
     if (err == EAGAIN) return Status::Unavailable("the daemon on " + path_ + " is overloaded");
     return PosixError("connect " + path_, err);
   }
-  auto reply = ExchangeLine(fd, registry::EncodeRequest(request) + "\n", deadline,
-                            registry::kMaxReplyBytes);
+  auto reply =
+      ExchangeLine(fd, registry::EncodeRequest(request) + "\n", deadline, registry::kMaxReplyBytes);
   if (!reply.ok()) {
     if (reply.status().code() == Status::Code::kTimeout) {
       return Status::Timeout("no reply from the daemon on " + path_ + " within " +

@@ -21,8 +21,7 @@ class BrokerClient {
   virtual ~BrokerClient() = default;
   // Sends `request`; returns the reply object when it says "ok", else the Status it carried.
   // Fails with Unavailable when the broker cannot be reached, Timeout after `timeout_ms`.
-  virtual Result<registry::JsonPtr> Call(const registry::Request& request,
-                                         int64_t timeout_ms) = 0;
+  virtual Result<registry::JsonPtr> Call(const registry::Request& request, int64_t timeout_ms) = 0;
   // Says where requests go, for messages ("the daemon on /path/control.sock").
   virtual std::string Describe() const = 0;
 };

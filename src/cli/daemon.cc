@@ -13,6 +13,7 @@
 #include "loop/loop.h"
 #include "loop/signal.h"
 #include "loop/timer.h"
+#include "proxy/proxy.h"
 #include "registry/broker.h"
 #include "registry/control_server.h"
 #include "registry/registry.h"
@@ -36,6 +37,25 @@ Status MakeDirs(const std::string& path, mode_t mode) {
     return Status::IOError(path + " is not a directory");
   }
   return Status::OK();
+}
+
+Result<proxy::ProxyOptions> ProxyOptionsFrom(const Config& c) {
+  proxy::ProxyOptions o;
+  o.listen = c.listen;
+  for (const std::string& net : c.plain_allow) {
+    auto cidr = Cidr::Parse(net);
+    if (!cidr.ok()) return cidr.status().WithContext("[proxy] plain_allow");
+    o.plain_allow.push_back(*cidr);
+  }
+  o.max_connections = c.max_connections;
+  o.handshake_timeout_ms = c.handshake_timeout_ms;
+  o.connect_timeout_ms = c.connect_timeout_ms;
+  o.idle_timeout_ms = c.idle_timeout_ms;
+  o.half_close_timeout_ms = c.half_close_timeout_ms;
+  o.keepalive_s = static_cast<int>((c.keepalive_ms + 999) / 1000);
+  o.throttle_failures = c.throttle_failures;
+  o.throttle_window_ms = c.throttle_window_ms;
+  return o;
 }
 
 std::string DirName(const std::string& path) {
@@ -67,9 +87,9 @@ class Daemon {
     if (!loop.ok()) return loop.status();
     loop_ = std::move(loop).value();
     store_ = std::make_unique<registry::Store>(loop_.get(), registry_.get(), snapshot);
-    broker_ = std::make_unique<registry::Broker>(loop_.get(), registry_.get(), store_.get(),
-                                                 registry::Broker::Options{},
-                                                 [] { return static_cast<int64_t>(::time(nullptr)); });
+    broker_ = std::make_unique<registry::Broker>(
+        loop_.get(), registry_.get(), store_.get(), registry::Broker::Options{},
+        [] { return static_cast<int64_t>(::time(nullptr)); });
     BP_RETURN_IF_ERROR(broker_->Start());
 
     control_ = std::make_unique<registry::ControlServer>(
@@ -84,14 +104,26 @@ class Daemon {
         registry::ControlServer::Options{});
     BP_RETURN_IF_ERROR(control_->Listen(config_.control_socket));
 
+    auto po = ProxyOptionsFrom(config_);
+    if (!po.ok()) return po.status();
+    proxy_ = std::make_unique<proxy::Proxy>(loop_.get(), registry_.get(), std::move(po).value());
+    BP_RETURN_IF_ERROR(proxy_->Start());
+    broker_->set_stats_provider([this](cJSON* stats, uid_t caller) {
+      if (proxy_) proxy_->AddStats(stats, caller);
+    });
+
     for (int signum : {SIGTERM, SIGINT, SIGHUP}) {
       auto sig = loop::Signal::Create(*loop_);
       if (!sig.ok()) return sig.status();
       BP_RETURN_IF_ERROR((*sig)->Start(signum, [this](int s) { Shutdown(s); }));
       signals_.push_back(std::move(sig).value());
     }
-    LOG_INFO("brokerproxy started: %zu job(s) loaded from %s; control socket %s",
-             registry_->size(), snapshot.c_str(), config_.control_socket.c_str());
+    std::string addresses;
+    for (const std::string& a : proxy_->addresses())
+      addresses += (addresses.empty() ? "" : " ") + a;
+    LOG_INFO("brokerproxy started: %zu job(s) loaded from %s; control socket %s; proxy port %s",
+             registry_->size(), snapshot.c_str(), config_.control_socket.c_str(),
+             addresses.c_str());
     return Status::OK();
   }
 
@@ -101,6 +133,7 @@ class Daemon {
   Status Finish() {
     broker_.reset();
     control_.reset();
+    proxy_.reset();
     signals_.clear();
     drain_timer_.reset();
     store_.reset();
@@ -116,6 +149,7 @@ class Daemon {
     stopping_ = true;
     LOG_INFO("received signal %d; shutting down", signum);
     control_->Close();
+    if (proxy_) proxy_->Stop();
     broker_.reset();  // drops probes, waits, the expiry timer
     WaitForStore();
   }
@@ -143,6 +177,7 @@ class Daemon {
   std::unique_ptr<registry::Store> store_;
   std::unique_ptr<registry::Broker> broker_;
   std::unique_ptr<registry::ControlServer> control_;
+  std::unique_ptr<proxy::Proxy> proxy_;
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
   loop::HandlePtr<loop::Timer> drain_timer_;
   bool stopping_ = false;

@@ -8,15 +8,15 @@
 namespace brokerproxy::cli {
 
 inline constexpr int kExitOk = 0;
-inline constexpr int kExitNoMatch = 1;            // verify: the secret does not match
-inline constexpr int kExitUsage = 2;              // bad flags, arguments or configuration
-inline constexpr int kExitNotRunning = 3;         // the daemon (or login node) cannot be reached
-inline constexpr int kExitPermissionDenied = 4;   // the job belongs to someone else
-inline constexpr int kExitNotFound = 5;           // no such job
-inline constexpr int kExitExhausted = 6;          // port range (or another pool) exhausted
-inline constexpr int kExitTimeout = 7;            // a deadline passed (e.g. save --wait)
-inline constexpr int kExitAlreadyExists = 8;      // e.g. a daemon already runs on the socket
-inline constexpr int kExitFailure = 10;           // anything else (I/O, corruption, internal)
+inline constexpr int kExitNoMatch = 1;           // verify: the secret does not match
+inline constexpr int kExitUsage = 2;             // bad flags, arguments or configuration
+inline constexpr int kExitNotRunning = 3;        // the daemon (or login node) cannot be reached
+inline constexpr int kExitPermissionDenied = 4;  // the job belongs to someone else
+inline constexpr int kExitNotFound = 5;          // no such job
+inline constexpr int kExitExhausted = 6;         // port range (or another pool) exhausted
+inline constexpr int kExitTimeout = 7;           // a deadline passed (e.g. save --wait)
+inline constexpr int kExitAlreadyExists = 8;     // e.g. a daemon already runs on the socket
+inline constexpr int kExitFailure = 10;          // anything else (I/O, corruption, internal)
 
 inline int ExitCodeFor(const Status& s) {
   switch (s.code()) {

@@ -52,15 +52,17 @@ int Main(int argc, char** argv) {
   std::string save_format = "human";
   CLI::App* save = app.add_subcommand(
       "save", "Register a service of this job: ssh|ssl [flags] [-- CMD ARGS...]");
-  save->add_option("type", save_args.type, "ssh or ssl")->required()->check(
-      CLI::IsMember({"ssh", "ssl"}));
+  save->add_option("type", save_args.type, "ssh or ssl")
+      ->required()
+      ->check(CLI::IsMember({"ssh", "ssl"}));
   save->add_option("--job-id", save_args.job_id, "Job id (default: $SLURM_JOB_ID or $PBS_JOBID)");
   save->add_option("--name", save_args.name,
                    "Suffix for several services in one job: the id becomes JOB.NAME");
   save->add_option("--host", save_args.host,
                    "Backend host the proxy connects to (default: 127.0.0.1)");
-  save->add_option("--port", save_args.port, "Backend port the service already has (default: "
-                                             "allocate one from [registry] port_range)")
+  save->add_option("--port", save_args.port,
+                   "Backend port the service already has (default: "
+                   "allocate one from [registry] port_range)")
       ->check(CLI::Range(1, 65535));
   save->add_option("--ttl", save_args.ttl, "Remove the job after this long (e.g. 12h)");
   save->add_flag("--wait", save_args.wait,
@@ -91,11 +93,9 @@ int Main(int argc, char** argv) {
   ConfigFlags verify_cfg;
   ClientFlags verify_flags;
   std::string verify_job, verify_secret;
-  CLI::App* verify =
-      app.add_subcommand("verify", "Check a secret: exit 0 if it matches, 1 if not");
+  CLI::App* verify = app.add_subcommand("verify", "Check a secret: exit 0 if it matches, 1 if not");
   verify->add_option("job", verify_job, "Job id")->required();
-  verify->add_option("secret", verify_secret, "The secret, or - to read it from stdin")
-      ->required();
+  verify->add_option("secret", verify_secret, "The secret, or - to read it from stdin")->required();
   verify->add_flag("--json", verify_flags.json, "Print the reply as JSON");
   verify_cfg.AddTo(verify, FlagScope::kClient);
 
@@ -122,8 +122,9 @@ int Main(int argc, char** argv) {
   ConfigFlags config_cfg;
   bool config_example = false;
   CLI::App* config_cmd =
-      app.add_subcommand("config", "Print config.ini.example (every option, its default and "
-                                   "meaning)");
+      app.add_subcommand("config",
+                         "Print config.ini.example (every option, its default and "
+                         "meaning)");
   config_cmd->add_flag("--example", config_example, "Print the annotated example (default)");
   (void)config_cfg;
 
@@ -161,10 +162,9 @@ int Main(int argc, char** argv) {
                        : save_format == "env"                   ? OutputFormat::kEnv
                                                                 : OutputFormat::kHuman;
     save_args.command = command;
-    with_client(save_cfg, save_args.format == OutputFormat::kJson,
-                [&](const Config& c, BrokerClient* cl) {
-                  return RunSave(c, cl, save_args, &exit_code);
-                });
+    with_client(
+        save_cfg, save_args.format == OutputFormat::kJson,
+        [&](const Config& c, BrokerClient* cl) { return RunSave(c, cl, save_args, &exit_code); });
   } else if (load->parsed()) {
     OutputFormat f = load_flags.json || load_format == "json" ? OutputFormat::kJson
                      : load_format == "env"                   ? OutputFormat::kEnv

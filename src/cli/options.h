@@ -37,10 +37,10 @@ struct Config {
   LogLevel log_level = LogLevel::kInfo;
 
   // [registry]
-  registry::PortRange port_range;    // 41000-41999
-  int secret_bits = 256;             // 128..4096, multiple of 8
-  int64_t default_ttl_ms = 0;        // 0: jobs do not expire
-  int64_t ready_timeout_ms = 120000; // how long `save --wait` and exec mode wait for a listener
+  registry::PortRange port_range;     // 41000-41999
+  int secret_bits = 256;              // 128..4096, multiple of 8
+  int64_t default_ttl_ms = 0;         // 0: jobs do not expire
+  int64_t ready_timeout_ms = 120000;  // how long `save --wait` and exec mode wait for a listener
 
   // [proxy]
   std::vector<HostPort> listen{{"127.0.0.1", 7000}};
@@ -48,10 +48,10 @@ struct Config {
   int max_connections = 4096;
   int64_t handshake_timeout_ms = 10000;
   int64_t connect_timeout_ms = 10000;
-  int64_t idle_timeout_ms = 0;          // 0: off (notebooks and VNC sit idle for hours)
+  int64_t idle_timeout_ms = 0;  // 0: off (notebooks and VNC sit idle for hours)
   int64_t half_close_timeout_ms = 300000;
-  int64_t keepalive_ms = 60000;         // TCP keepalive idle time; 0: off
-  int throttle_failures = 10;           // failed handshakes per window before throttling
+  int64_t keepalive_ms = 60000;  // TCP keepalive idle time; 0: off
+  int throttle_failures = 10;    // failed handshakes per window before throttling
   int64_t throttle_window_ms = 60000;
 
   // [tls]
@@ -64,8 +64,8 @@ struct Config {
   std::string host_key;  // default: <state_dir>/ssh_host_ed25519_key
 
   // [client]
-  std::string broker;                   // login host for --via; empty: the local daemon
-  HostPort proxy{"127.0.0.1", 7000};    // the proxy port as the client reaches it
+  std::string broker;                 // login host for --via; empty: the local daemon
+  HostPort proxy{"127.0.0.1", 7000};  // the proxy port as the client reaches it
   std::string remote_command = "brokerproxy";
 
   // Where the values came from, for messages ("built-in defaults" or the file path).
@@ -95,9 +95,9 @@ struct OptionSpec {
   const char* help;          // one or more sentences for the example file and --help
   const char* flag;          // e.g. "--listen", or nullptr
   FlagScope scope;
-  int min = 0;               // kInt bounds
+  int min = 0;  // kInt bounds
   int max = 0;
-  int multiple = 1;          // kInt: the value must be a multiple of this (secret_bits: 8)
+  int multiple = 1;  // kInt: the value must be a multiple of this (secret_bits: 8)
 };
 
 // The table, in the order of config.ini.example.

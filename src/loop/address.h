@@ -20,8 +20,8 @@
 namespace brokerproxy {
 
 struct HostPort {
-  std::string host;  // name or address literal, without brackets
-  int port = 0;      // 0..65535
+  std::string host;              // name or address literal, without brackets
+  int port = 0;                  // 0..65535
   std::string ToString() const;  // "h:p", or "[v6]:p"
   bool operator==(const HostPort&) const = default;
 };

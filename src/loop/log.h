@@ -25,11 +25,11 @@ void Logf(LogLevel level, const char* fmt, ...) __attribute__((format(printf, 2,
 
 }  // namespace brokerproxy
 
-#define BP_LOG(level, ...)                                         \
-  do {                                                             \
-    if (::brokerproxy::LogEnabled(level)) {                        \
-      ::brokerproxy::Logf(level, __VA_ARGS__);                     \
-    }                                                              \
+#define BP_LOG(level, ...)                     \
+  do {                                         \
+    if (::brokerproxy::LogEnabled(level)) {    \
+      ::brokerproxy::Logf(level, __VA_ARGS__); \
+    }                                          \
   } while (0)
 #define LOG_DEBUG(...) BP_LOG(::brokerproxy::LogLevel::kDebug, __VA_ARGS__)
 #define LOG_INFO(...) BP_LOG(::brokerproxy::LogLevel::kInfo, __VA_ARGS__)

@@ -19,7 +19,6 @@ Result<HandlePtr<Poll>> Poll::Create(Loop& loop, int fd, FdOwnership ownership) 
 }
 
 void Poll::Start(int events, Callback cb) {
-  assert(!in_callback_);
   cb_ = std::move(cb);
   events_ = -1;  // force the uv call
   SetEvents(events);
@@ -60,10 +59,12 @@ void Poll::OnPoll(uv_poll_t* p, int status, int events) noexcept {
   if (self->closing() || !self->cb_) return;
   // On POLLERR libuv stops the handle itself and reports UV_EBADF.
   if (status < 0) self->events_ = 0;
-  // The callback may change the mask or close the handle; both keep this wrapper alive.
-  self->in_callback_ = true;
-  self->cb_(status, events);
-  self->in_callback_ = false;
+  // The callback may change the mask, replace itself (Start) or close the handle; all keep this
+  // wrapper alive. It runs from a local so that replacing it does not destroy it mid-call.
+  Callback cb = std::move(self->cb_);
+  self->cb_ = nullptr;
+  cb(status, events);
+  if (!self->cb_) self->cb_ = std::move(cb);
 }
 
 }  // namespace brokerproxy::loop

@@ -33,8 +33,8 @@ class Poll final : public HandleBase {
   static Result<HandlePtr<Poll>> Create(Loop& loop, int fd, FdOwnership ownership);
 
   int fd() const { return fd_; }
-  // Watches `events`; an events mask of 0 stops. The callback is kept until replaced.
-  // REQUIRES: not called from inside this Poll's own callback (use SetEvents() there).
+  // Watches `events`; an events mask of 0 stops. The callback is kept until replaced (which
+  // may happen from inside the callback itself).
   void Start(int events, Callback cb);
   // Changes the mask, keeping the callback. Cheap when the mask is unchanged.
   void SetEvents(int events);
@@ -56,7 +56,6 @@ class Poll final : public HandleBase {
   int fd_;
   bool owned_;
   int events_ = 0;
-  bool in_callback_ = false;
   Callback cb_;
 };
 

@@ -100,7 +100,7 @@ Status PosixError(std::string_view context, int err);
 template <typename T>
 class Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}         // NOLINT: implicit by design
   Result(Status status) : status_(std::move(status)) {  // NOLINT: implicit by design
     assert(!status_.ok());
     if (status_.ok()) status_ = Status::Internal("Result built from an OK status");
@@ -133,10 +133,10 @@ class Result {
 }  // namespace brokerproxy
 
 // Returns early from the enclosing function when `expr` yields a non-OK Status.
-#define BP_RETURN_IF_ERROR(expr)                  \
-  do {                                            \
-    ::brokerproxy::Status bp_status_ = (expr);    \
-    if (!bp_status_.ok()) return bp_status_;      \
+#define BP_RETURN_IF_ERROR(expr)               \
+  do {                                         \
+    ::brokerproxy::Status bp_status_ = (expr); \
+    if (!bp_status_.ok()) return bp_status_;   \
   } while (0)
 
 #endif  // BROKERPROXY_LOOP_STATUS_H_

@@ -102,8 +102,8 @@ Status Stream::Shutdown(DoneCallback cb) {
   auto* req = new ShutdownReq;
   req->cb = std::move(cb);
   int rc = uv_shutdown(&req->req, stream_, [](uv_shutdown_t* r, int status) noexcept {
-    Complete(reinterpret_cast<ShutdownReq*>(r), reinterpret_cast<uv_handle_t*>(r->handle),
-             status, "shutdown");
+    Complete(reinterpret_cast<ShutdownReq*>(r), reinterpret_cast<uv_handle_t*>(r->handle), status,
+             "shutdown");
   });
   if (rc != 0) {
     delete req;

@@ -91,8 +91,7 @@ Pending QueueWork(Loop& loop, std::function<void()> work, std::function<void()> 
   st->after = std::move(after);
   Pending token(st);
   int rc = uv_queue_work(
-      loop.get(), &st->req,
-      [](uv_work_t* r) noexcept { static_cast<WorkState*>(r->data)->work(); },
+      loop.get(), &st->req, [](uv_work_t* r) noexcept { static_cast<WorkState*>(r->data)->work(); },
       [](uv_work_t* r, int) noexcept {
         std::unique_ptr<WorkState> st(static_cast<WorkState*>(r->data));
         if (!st->owner) return;  // detached (or cancelled)
@@ -114,9 +113,8 @@ std::optional<sockaddr_storage> ParseNumericAddress(const std::string& host, int
 
 Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback cb) {
   if (auto numeric = ParseNumericAddress(host, port)) {
-    return Post(loop, [cb = std::move(cb), addr = *numeric] {
-      cb(std::vector<sockaddr_storage>{addr});
-    });
+    return Post(loop,
+                [cb = std::move(cb), addr = *numeric] { cb(std::vector<sockaddr_storage>{addr}); });
   }
   auto* st = new ResolveState;
   st->req.data = st;

@@ -31,23 +31,23 @@ loop::Pending ResolveCache::Resolve(const std::string& host, int port, Callback 
     // Still answered on a later turn, like every other path.
     return loop::Post(*loop_, [cb = std::move(cb), out = std::move(out)] { cb(out); });
   }
-  if (loop::ParseNumericAddress(host, port)) return loop::Resolve(*loop_, host, port, std::move(cb));
-  return loop::Resolve(*loop_, host, port,
-                       [this, host, cb = std::move(cb)](Result<Addresses> r) {
-                         if (r.ok()) {
-                           if (entries_.size() > 4096) entries_.clear();  // bound the cache
-                           Entry e{*r, loop_->Now() + static_cast<uint64_t>(ttl_ms_)};
-                           for (auto& a : e.addresses) SetPort(&a, 0);
-                           entries_[host] = std::move(e);
-                         }
-                         cb(std::move(r));
-                       });
+  if (loop::ParseNumericAddress(host, port))
+    return loop::Resolve(*loop_, host, port, std::move(cb));
+  return loop::Resolve(*loop_, host, port, [this, host, cb = std::move(cb)](Result<Addresses> r) {
+    if (r.ok()) {
+      if (entries_.size() > 4096) entries_.clear();  // bound the cache
+      Entry e{*r, loop_->Now() + static_cast<uint64_t>(ttl_ms_)};
+      for (auto& a : e.addresses) SetPort(&a, 0);
+      entries_[host] = std::move(e);
+    }
+    cb(std::move(r));
+  });
 }
 
 void Dialer::Dial(const std::string& host, int port, Callback cb) {
   cb_ = std::move(cb);
-  target_ = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" +
-            std::to_string(port);
+  target_ =
+      (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
   resolve_ = cache_->Resolve(host, port, [this](Result<ResolveCache::Addresses> r) {
     if (!r.ok()) {
       Fail(r.status());
@@ -67,11 +67,9 @@ void Dialer::TryNext() {
       continue;
     }
     socklen_t len = addr.ss_family == AF_INET ? sizeof(sockaddr_in) : sizeof(sockaddr_in6);
-    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), len) != 0 &&
-        errno != EINPROGRESS) {
-      last_error_ = PosixError("connect " + loop::FormatAddress(
-                                                reinterpret_cast<const sockaddr*>(&addr)),
-                               errno);
+    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), len) != 0 && errno != EINPROGRESS) {
+      last_error_ = PosixError(
+          "connect " + loop::FormatAddress(reinterpret_cast<const sockaddr*>(&addr)), errno);
       ::close(fd);
       continue;
     }

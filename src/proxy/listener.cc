@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 
 #include "loop/log.h"
 #include "loop/stream.h"
@@ -61,9 +62,8 @@ Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostP
 
   std::unique_ptr<Listener> l(new Listener(loop, std::move(on_accept), std::move(on_pause)));
   l->address_ = loop::FormatAddress(reinterpret_cast<sockaddr*>(&bound));
-  l->port_ = ntohs(bound.ss_family == AF_INET
-                       ? reinterpret_cast<sockaddr_in*>(&bound)->sin_port
-                       : reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
+  l->port_ = ntohs(bound.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&bound)->sin_port
+                                              : reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
   auto poll = loop::Poll::Create(*loop, fd, loop::FdOwnership::kOwned);
   if (!poll.ok()) return poll.status();
   l->poll_ = std::move(poll).value();

@@ -35,8 +35,7 @@ class Listener {
   // Binds `address` (a numeric address, "localhost", "*" for every IPv4 address or "::" for
   // IPv6; port 0 picks a free port) and listens.
   static Result<std::unique_ptr<Listener>> Create(loop::Loop* loop, const HostPort& address,
-                                                  AcceptCallback on_accept,
-                                                  PauseCallback on_pause);
+                                                  AcceptCallback on_accept, PauseCallback on_pause);
 
   // The bound address, with the real port ("127.0.0.1:7000", "[::1]:7000").
   const std::string& address() const { return address_; }

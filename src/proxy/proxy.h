@@ -55,11 +55,11 @@ struct ProxyOptions {
   int64_t connect_timeout_ms = 10000;
   int64_t idle_timeout_ms = 0;  // 0: off
   int64_t half_close_timeout_ms = 300000;
-  int keepalive_s = 60;         // 0: off
+  int keepalive_s = 60;  // 0: off
   int throttle_failures = 10;
   int64_t throttle_window_ms = 60000;
-  int pipe_size = 1 << 20;      // splice pipe capacity asked for
-  size_t pipe_pool = 64;        // idle pipes kept
+  int pipe_size = 1 << 20;  // splice pipe capacity asked for
+  size_t pipe_pool = 64;    // idle pipes kept
   int64_t sweep_interval_ms = 1000;
 };
 

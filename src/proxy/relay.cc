@@ -92,11 +92,11 @@ struct Relay::Pump {
   bool want_write = false;
   uint64_t* moved = nullptr;
 
-  bool holding() const {
-    return prefix_off < prefix.size() || in_pipe > 0 || buf_off < buf_len;
-  }
+  bool holding() const { return prefix_off < prefix.size() || in_pipe > 0 || buf_off < buf_len; }
 
-  Status SrcError(int err) const { return PosixError(std::string("reading from ") + src_name, err); }
+  Status SrcError(int err) const {
+    return PosixError(std::string("reading from ") + src_name, err);
+  }
   Status DstError(int err) const { return PosixError(std::string("writing to ") + dst_name, err); }
 
   void ReleaseHeld(PipePool* pool) {
@@ -112,8 +112,8 @@ struct Relay::Pump {
   // Writes what is held to dst. OK with want_write set if dst is full.
   Status Drain() {
     while (prefix_off < prefix.size()) {
-      ssize_t n = ::send(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off,
-                         MSG_NOSIGNAL);
+      ssize_t n =
+          ::send(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off, MSG_NOSIGNAL);
       if (n < 0 && errno == ENOTSOCK) {
         n = ::write(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off);
       }
@@ -173,8 +173,8 @@ struct Relay::Pump {
         has_pipe = true;
       }
       for (;;) {
-        ssize_t n = ::splice(src->fd(), nullptr, pipe.write_fd, nullptr, pipe.capacity,
-                             kSpliceFlags);
+        ssize_t n =
+            ::splice(src->fd(), nullptr, pipe.write_fd, nullptr, pipe.capacity, kSpliceFlags);
         if (n > 0) {
           in_pipe = n;
           return Status::OK();
@@ -301,15 +301,15 @@ void Relay::OnEvent(loop::Poll* poll, int status, int events) {
   if (finished_) return;
   if (status < 0) {
     int err = SocketError(poll->fd());
-    const char* who = (poll == a_to_b_->src || poll == b_to_a_->dst) ? a_to_b_->src_name
-                                                                     : b_to_a_->src_name;
+    const char* who =
+        (poll == a_to_b_->src || poll == b_to_a_->dst) ? a_to_b_->src_name : b_to_a_->src_name;
     Finish(PosixError(who, err ? err : ECONNRESET));
     return;
   }
   uint64_t before = counters_.a_to_b + counters_.b_to_a;
   for (Pump* p : {a_to_b_.get(), b_to_a_.get()}) {
-    bool ready = (p->src == poll && (events & UV_READABLE)) ||
-                 (p->dst == poll && (events & UV_WRITABLE));
+    bool ready =
+        (p->src == poll && (events & UV_READABLE)) || (p->dst == poll && (events & UV_WRITABLE));
     if (ready && !Run(p)) return;  // finished: `this` may be gone
   }
   if (counters_.a_to_b + counters_.b_to_a != before) last_activity_ms_ = loop_->Now();

@@ -15,7 +15,8 @@ Session::Session(Proxy* proxy, loop::HandlePtr<loop::Poll> client, const sockadd
 Session::~Session() = default;
 
 void Session::Start() {
-  proxy_->SetDeadline(this, proxy_->loop()->Now() + proxy_->options().handshake_timeout_ms);
+  int64_t timeout = proxy_->options().handshake_timeout_ms;  // 0: no limit
+  if (timeout > 0) proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
   client_->Start(UV_READABLE, [this](int status, int) { OnClientReadable(status); });
 }
 
@@ -102,11 +103,15 @@ void Session::OnPreamble(const Preamble& p) {
   target_ = std::move(auth.target);
   client_->Stop();  // bytes after the preamble wait in the socket until the backend is up
   state_ = State::kConnecting;
-  proxy_->SetDeadline(this, proxy_->loop()->Now() + proxy_->options().connect_timeout_ms);
+  int64_t timeout = proxy_->options().connect_timeout_ms;  // 0: the OS's own limit
+  if (timeout > 0) {
+    proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
+  } else {
+    proxy_->ClearDeadline(this);
+  }
   dialer_ = std::make_unique<Dialer>(proxy_->loop(), proxy_->resolver());
-  dialer_->Dial(target_.host, target_.port, [this](Result<loop::HandlePtr<loop::Poll>> r) {
-    OnBackend(std::move(r));
-  });
+  dialer_->Dial(target_.host, target_.port,
+                [this](Result<loop::HandlePtr<loop::Poll>> r) { OnBackend(std::move(r)); });
 }
 
 void Session::OnBackend(Result<loop::HandlePtr<loop::Poll>> backend) {
@@ -126,17 +131,17 @@ void Session::OnBackend(Result<loop::HandlePtr<loop::Poll>> backend) {
   JobCounters& jc = proxy_->stats().job(target_.job_id);
   jc.connections++;
   jc.active++;
-  relay_ = std::make_unique<Relay>(
-      proxy_->pipes(), Relay::Side{std::move(client_), nullptr},
-      Relay::Side{std::move(backend).value(), nullptr}, "client", "backend",
-      std::string(kReplyOk), std::string(), [this](Status s) {
-        if (s.ok()) {
-          Finish("done");
-          return;
-        }
-        std::string reason = s.message();
-        Finish(reason.c_str());
-      });
+  relay_ =
+      std::make_unique<Relay>(proxy_->pipes(), Relay::Side{std::move(client_), nullptr},
+                              Relay::Side{std::move(backend).value(), nullptr}, "client", "backend",
+                              std::string(kReplyOk), std::string(), [this](Status s) {
+                                if (s.ok()) {
+                                  Finish("done");
+                                  return;
+                                }
+                                std::string reason = s.message();
+                                Finish(reason.c_str());
+                              });
   relay_->Start();
   dialer_.reset();  // its callback is running: the Dialer may go, it touches nothing after
 }

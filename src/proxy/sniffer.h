@@ -38,8 +38,8 @@ struct Preamble {
   enum class State { kNeedMore, kDone, kBad };
   State state = State::kNeedMore;
   std::string job_id;
-  std::string secret;  // never logged
-  size_t length = 0;   // bytes of the line, newline included (kDone)
+  std::string secret;           // never logged
+  size_t length = 0;            // bytes of the line, newline included (kDone)
   const char* error = nullptr;  // why kBad, for the debug log
 };
 

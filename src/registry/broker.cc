@@ -30,7 +30,11 @@ JsonPtr JobBody(const Job& job, SecretField secret) {
 }  // namespace
 
 Broker::Broker(loop::Loop* loop, Registry* registry, Store* store, Options options, Clock clock)
-    : loop_(loop), registry_(registry), store_(store), options_(options), clock_(std::move(clock)) {}
+    : loop_(loop),
+      registry_(registry),
+      store_(store),
+      options_(options),
+      clock_(std::move(clock)) {}
 
 Broker::~Broker() { *alive_ = false; }
 
@@ -56,8 +60,9 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
       // Refuse early what the commit would refuse anyway, before issuing a certificate.
       const Job* existing = registry_->Find(req.job);
       if (existing && existing->owner != caller && caller != 0) {
-        ReplyLater(std::move(reply), EncodeError(Status::PermissionDenied(
-                                         "job " + req.job + " belongs to another user")));
+        ReplyLater(
+            std::move(reply),
+            EncodeError(Status::PermissionDenied("job " + req.job + " belongs to another user")));
         return;
       }
       if (req.save.type != JobType::kSsl) {
@@ -219,8 +224,8 @@ void Broker::Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply
   w->reply = std::move(reply);
   w->timer = std::move(timer).value();
   std::string what = "job " + id + ": nothing accepted connections on " + (*job)->host + ":" +
-                     std::to_string((*job)->port) + " within " +
-                     std::to_string(timeout_ms / 1000) + "s";
+                     std::to_string((*job)->port) + " within " + std::to_string(timeout_ms / 1000) +
+                     "s";
   w->timer->Start(timeout_ms, [this, id, w, what] {
     auto range = waiters_.equal_range(id);
     for (auto it = range.first; it != range.second; ++it) {
@@ -311,8 +316,7 @@ void Broker::ProbeOnce(Probe* p) {
     p->delay_ms = std::min(p->delay_ms * 2, options_.probe_max_ms);
   };
   p->resolve = loop::Resolve(
-      *loop_, p->host, p->port,
-      [this, p, retry](Result<std::vector<sockaddr_storage>> addrs) {
+      *loop_, p->host, p->port, [this, p, retry](Result<std::vector<sockaddr_storage>> addrs) {
         if (!addrs.ok()) {
           retry();
           return;
@@ -324,14 +328,14 @@ void Broker::ProbeOnce(Probe* p) {
           return;
         }
         p->conn = std::move(conn).value();
-        Status s = p->conn->Connect(reinterpret_cast<const sockaddr*>(&addr), [this, p,
-                                                                             retry](Status s) {
-          if (s.ok()) {
-            OnProbeResult(p->id, true);  // frees *p: nothing may follow
-            return;
-          }
-          retry();
-        });
+        Status s =
+            p->conn->Connect(reinterpret_cast<const sockaddr*>(&addr), [this, p, retry](Status s) {
+              if (s.ok()) {
+                OnProbeResult(p->id, true);  // frees *p: nothing may follow
+                return;
+              }
+              retry();
+            });
         if (!s.ok()) {
           retry();
           return;

@@ -53,9 +53,9 @@ class Broker {
   using Clock = std::function<int64_t()>;
 
   struct Options {
-    int64_t expiry_check_ms = 1000;       // how often expired jobs are swept
-    int64_t probe_min_ms = 100;           // readiness probe backoff, doubling ...
-    int64_t probe_max_ms = 2000;          // ... up to this
+    int64_t expiry_check_ms = 1000;  // how often expired jobs are swept
+    int64_t probe_min_ms = 100;      // readiness probe backoff, doubling ...
+    int64_t probe_max_ms = 2000;     // ... up to this
     int64_t probe_connect_timeout_ms = 2000;
   };
 

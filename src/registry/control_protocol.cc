@@ -8,9 +8,8 @@ struct OpEntry {
   const char* name;
 };
 constexpr OpEntry kOps[] = {
-    {Op::kSave, "save"},   {Op::kLoad, "load"},     {Op::kVerify, "verify"},
-    {Op::kQuery, "query"}, {Op::kRemove, "remove"}, {Op::kStats, "stats"},
-    {Op::kWait, "wait"},   {Op::kCa, "ca"},
+    {Op::kSave, "save"},     {Op::kLoad, "load"},   {Op::kVerify, "verify"}, {Op::kQuery, "query"},
+    {Op::kRemove, "remove"}, {Op::kStats, "stats"}, {Op::kWait, "wait"},     {Op::kCa, "ca"},
 };
 
 constexpr int64_t kMaxTtlSeconds = int64_t{10} * 365 * 24 * 3600;
@@ -28,8 +27,8 @@ const char* OpName(Op op) {
 namespace {
 
 // Reads an optional integer member (absent: `fallback`).
-Status ReadOptionalInt(const cJSON* obj, const char* name, int64_t lo, int64_t hi,
-                       int64_t fallback, int64_t* out) {
+Status ReadOptionalInt(const cJSON* obj, const char* name, int64_t lo, int64_t hi, int64_t fallback,
+                       int64_t* out) {
   if (!cJSON_GetObjectItemCaseSensitive(obj, name)) {
     *out = fallback;
     return Status::OK();

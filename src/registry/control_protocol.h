@@ -37,10 +37,10 @@ const char* OpName(Op op);
 
 struct Request {
   Op op = Op::kQuery;
-  std::string job;        // load, verify, remove, wait; save: the id to save
-  SaveRequest save;       // save (save.id == job)
-  std::string secret;     // verify; never logged
-  int64_t timeout_ms = 0; // wait
+  std::string job;         // load, verify, remove, wait; save: the id to save
+  SaveRequest save;        // save (save.id == job)
+  std::string secret;      // verify; never logged
+  int64_t timeout_ms = 0;  // wait
 };
 
 // Strict: unknown ops, missing or mistyped fields and unknown fields are InvalidArgument with

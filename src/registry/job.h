@@ -23,18 +23,18 @@ const char* JobTypeName(JobType type);  // "ssh" | "ssl"
 std::optional<JobType> ParseJobType(std::string_view name);
 
 struct Job {
-  std::string id;       // ValidJobId()
+  std::string id;  // ValidJobId()
   JobType type = JobType::kSsh;
-  uid_t owner = 0;      // uid of the user who saved it
-  std::string host;     // backend host name or address, ValidHost()
-  int port = 0;         // backend port, 1..65535
+  uid_t owner = 0;              // uid of the user who saved it
+  std::string host;             // backend host name or address, ValidHost()
+  int port = 0;                 // backend port, 1..65535
   bool port_allocated = false;  // true if the port came from [registry] port_range
-  std::string secret;   // lower-case hex, 2 * secret_bits / 8 characters; never logged
-  std::string cert_path;  // `ssl` jobs: the issued certificate (PEM), else empty
-  std::string key_path;   // `ssl` jobs: its private key (PEM, 0600), else empty
-  int64_t created = 0;  // unix seconds
-  int64_t expires = 0;  // unix seconds; 0 = never
-  bool ready = true;    // false while the daemon waits for the backend to listen
+  std::string secret;           // lower-case hex, 2 * secret_bits / 8 characters; never logged
+  std::string cert_path;        // `ssl` jobs: the issued certificate (PEM), else empty
+  std::string key_path;         // `ssl` jobs: its private key (PEM, 0600), else empty
+  int64_t created = 0;          // unix seconds
+  int64_t expires = 0;          // unix seconds; 0 = never
+  bool ready = true;            // false while the daemon waits for the backend to listen
 
   bool operator==(const Job&) const = default;
 };

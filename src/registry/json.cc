@@ -163,13 +163,13 @@ JsonPtr JobToJson(const Job& job, SecretField secret) {
 Status JobFromJson(const cJSON* obj, SecretField secret, Job* job) {
   if (!cJSON_IsObject(obj)) return Status::Corruption("must be a JSON object");
   if (secret == SecretField::kInclude) {
-    BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"id", "type", "owner", "host", "port",
-                                             "port_allocated", "secret", "cert_path", "key_path",
-                                             "created", "expires", "ready"}));
+    BP_RETURN_IF_ERROR(
+        CheckFieldNames(obj, {"id", "type", "owner", "host", "port", "port_allocated", "secret",
+                              "cert_path", "key_path", "created", "expires", "ready"}));
   } else {
-    BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"id", "type", "owner", "host", "port",
-                                             "port_allocated", "cert_path", "key_path",
-                                             "created", "expires", "ready"}));
+    BP_RETURN_IF_ERROR(
+        CheckFieldNames(obj, {"id", "type", "owner", "host", "port", "port_allocated", "cert_path",
+                              "key_path", "created", "expires", "ready"}));
   }
   BP_RETURN_IF_ERROR(ReadString(obj, "id", /*required=*/true, &job->id));
   std::string type;

@@ -42,12 +42,12 @@ struct PortRange {
 };
 
 struct SaveRequest {
-  std::string id;       // REQUIRES: ValidJobId (else InvalidArgument)
+  std::string id;  // REQUIRES: ValidJobId (else InvalidArgument)
   JobType type = JobType::kSsh;
-  std::string host;     // REQUIRES: ValidHost (else InvalidArgument)
-  int port = 0;         // 0: allocate from the port range; else 1..65535
-  int64_t ttl = -1;     // seconds until expiry; -1: the registry's default; 0: never
-  bool ready = true;    // false: the job waits for its backend to listen
+  std::string host;   // REQUIRES: ValidHost (else InvalidArgument)
+  int port = 0;       // 0: allocate from the port range; else 1..65535
+  int64_t ttl = -1;   // seconds until expiry; -1: the registry's default; 0: never
+  bool ready = true;  // false: the job waits for its backend to listen
   std::string cert_path;
   std::string key_path;
 };
@@ -67,8 +67,7 @@ class Registry {
   // the previous record, if any, so the caller can undo. Errors: InvalidArgument (bad field),
   // PermissionDenied (the id belongs to another user and caller != 0), ResourceExhausted (no
   // free port in the range).
-  Result<Job> Save(const SaveRequest& req, uid_t caller, int64_t now,
-                   std::optional<Job>* replaced);
+  Result<Job> Save(const SaveRequest& req, uid_t caller, int64_t now, std::optional<Job>* replaced);
 
   // The job, if it exists (NotFound) and `caller` may see it (PermissionDenied).
   Result<const Job*> Get(std::string_view id, uid_t caller) const;

@@ -118,10 +118,12 @@ TEST_F(LoopTest, ReadWriteEcho) {
     auto c = server->Accept();
     ASSERT_TRUE(c.ok());
     server_conn = std::move(c).value();
-    ASSERT_TRUE(server_conn
-                    ->ReadStart([&](std::string_view d) { ASSERT_TRUE(server_conn->Write(std::string(d)).ok()); },
-                                [&](Status) { server_conn.reset(); })
-                    .ok());
+    ASSERT_TRUE(
+        server_conn
+            ->ReadStart(
+                [&](std::string_view d) { ASSERT_TRUE(server_conn->Write(std::string(d)).ok()); },
+                [&](Status) { server_conn.reset(); })
+            .ok());
   });
   auto c = Tcp::Create(*loop_);
   ASSERT_TRUE(c.ok());
@@ -226,8 +228,9 @@ TEST_F(LoopTest, CloseFromInsideReadCallback) {
                             [&](Status s) {
                               ASSERT_TRUE(s.ok());
                               ASSERT_TRUE(client->Write(std::string(1 << 20, 'y')).ok());
-                              ASSERT_TRUE(client->ReadStart([](std::string_view) {},
-                                                            [&](Status) { client.reset(); })
+                              ASSERT_TRUE(client
+                                              ->ReadStart([](std::string_view) {},
+                                                          [&](Status) { client.reset(); })
                                               .ok());
                             })
                   .ok());
@@ -262,14 +265,14 @@ TEST_F(LoopTest, ShutdownHalfClosesAndReplyStillArrives) {
   ASSERT_TRUE(c.ok());
   HandlePtr<Tcp> client = std::move(c).value();
   std::string reply;
-  ASSERT_TRUE(
-      client
-          ->Connect(reinterpret_cast<sockaddr*>(&addr),
-                    [&](Status s) {
-                      ASSERT_TRUE(s.ok());
-                      ASSERT_TRUE(client->Write("question").ok());
-                      ASSERT_TRUE(client->Shutdown().ok());
-                      ASSERT_TRUE(client
+  ASSERT_TRUE(client
+                  ->Connect(reinterpret_cast<sockaddr*>(&addr),
+                            [&](Status s) {
+                              ASSERT_TRUE(s.ok());
+                              ASSERT_TRUE(client->Write("question").ok());
+                              ASSERT_TRUE(client->Shutdown().ok());
+                              ASSERT_TRUE(
+                                  client
                                       ->ReadStart([&](std::string_view d) { reply.append(d); },
                                                   [&](Status end) {
                                                     EXPECT_TRUE(end.ok());
@@ -278,8 +281,8 @@ TEST_F(LoopTest, ShutdownHalfClosesAndReplyStillArrives) {
                                                     server.reset();
                                                   })
                                       .ok());
-                    })
-          .ok());
+                            })
+                  .ok());
   loop_->Run();
   EXPECT_EQ(reply, "reply:question");
   watchdog.reset();
@@ -288,15 +291,18 @@ TEST_F(LoopTest, ShutdownHalfClosesAndReplyStillArrives) {
 TEST_F(LoopTest, ConnectRefusedReportsUnavailable) {
   // Bind a port and close it again, so nothing listens there.
   sockaddr_storage addr{};
-  { auto s = Listen(&addr, [](Status) {}); }
+  {
+    auto s = Listen(&addr, [](Status) {});
+  }
   auto c = Tcp::Create(*loop_);
   ASSERT_TRUE(c.ok());
   Status result;
   bool called = false;
-  ASSERT_TRUE((*c)->Connect(reinterpret_cast<sockaddr*>(&addr), [&](Status s) {
-                    called = true;
-                    result = s;
-                  })
+  ASSERT_TRUE((*c)->Connect(reinterpret_cast<sockaddr*>(&addr),
+                            [&](Status s) {
+                              called = true;
+                              result = s;
+                            })
                   .ok());
   loop_->Run();
   EXPECT_TRUE(called);
@@ -367,7 +373,13 @@ TEST_F(LoopTest, PipePeerCredentials) {
   auto c = Pipe::Create(*loop_);
   ASSERT_TRUE(c.ok());
   HandlePtr<Pipe> client = std::move(c).value();
-  ASSERT_TRUE(client->Connect(path, [&](Status st) { ASSERT_TRUE(st.ok()); client.reset(); }).ok());
+  ASSERT_TRUE(client
+                  ->Connect(path,
+                            [&](Status st) {
+                              ASSERT_TRUE(st.ok());
+                              client.reset();
+                            })
+                  .ok());
   loop_->Run();
   EXPECT_EQ(seen_uid, getuid());
   EXPECT_EQ(seen_pid, getpid());
@@ -390,10 +402,11 @@ TEST_F(LoopTest, SignalIsDeliveredOnTheLoop) {
   ASSERT_TRUE(s.ok());
   HandlePtr<Signal> sig = std::move(s).value();
   int seen = 0;
-  ASSERT_TRUE(sig->Start(SIGUSR1, [&](int signum) {
-                   seen = signum;
-                   sig.reset();
-                 })
+  ASSERT_TRUE(sig->Start(SIGUSR1,
+                         [&](int signum) {
+                           seen = signum;
+                           sig.reset();
+                         })
                   .ok());
   ASSERT_EQ(kill(getpid(), SIGUSR1), 0);
   loop_->Run();
