@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/connect.h"
 #include "cli/control_client.h"
 #include "cli/daemon.h"
 #include "cli/exit_codes.h"
@@ -119,6 +120,24 @@ int Main(int argc, char** argv) {
   stats->add_flag("--json", stats_flags.json, "Print the reply as JSON");
   stats_cfg.AddTo(stats, FlagScope::kClient);
 
+  ConfigFlags connect_cfg;
+  ConnectArgs connect_args;
+  CLI::App* connect = app.add_subcommand(
+      "connect", "Reach a job's service from here: a local port (--listen) or stdin/stdout (--stdio)");
+  connect->add_option("job", connect_args.job, "Job id")->required();
+  connect->add_option("--listen", connect_args.listen,
+                      "Local [ADDR:]PORT to listen on (ADDR defaults to 127.0.0.1; 0 = any free port)");
+  connect->add_flag("--stdio", connect_args.stdio,
+                    "Use stdin/stdout (for ssh -o ProxyCommand='brokerproxy connect JOB --stdio')");
+  connect->add_flag("--tls", connect_args.tls, "Reach the proxy port over TLS");
+  connect->add_option("--ca", connect_args.ca,
+                      "CA certificate for --tls (default: the broker's, from `brokerproxy ca`)");
+  connect->footer(
+      "Examples:\n"
+      "  brokerproxy connect 12345 --listen 8888      # then open http://127.0.0.1:8888/\n"
+      "  ssh -o ProxyCommand='brokerproxy connect %h --stdio' user@12345");
+  connect_cfg.AddTo(connect, FlagScope::kClient);
+
   ConfigFlags config_cfg;
   bool config_example = false;
   CLI::App* config_cmd =
@@ -188,6 +207,11 @@ int Main(int argc, char** argv) {
   } else if (stats->parsed()) {
     with_client(stats_cfg, stats_flags.json, [&](const Config&, BrokerClient* cl) {
       return RunStats(cl, FormatOf(stats_flags));
+    });
+  } else if (connect->parsed()) {
+    with_client(connect_cfg, false, [&](const Config& c, BrokerClient* cl) {
+      if (connect_args.proxy.empty()) connect_args.proxy = c.proxy.ToString();
+      return RunConnect(c, cl, connect_args);
     });
   } else if (config_cmd->parsed()) {
     std::fputs(GenerateExampleConfig().c_str(), stdout);

@@ -1,0 +1,173 @@
+#include "cli/connect.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "cli/tunnel.h"
+#include "loop/address.h"
+#include "loop/handle.h"
+#include "loop/log.h"
+#include "loop/loop.h"
+#include "loop/poll.h"
+#include "loop/signal.h"
+#include "proxy/listener.h"
+#include "proxy/relay.h"
+#include "registry/control_protocol.h"
+#include "registry/json.h"
+
+namespace brokerproxy::cli {
+namespace {
+
+constexpr int64_t kHandshakeTimeoutMs = 30000;
+constexpr int64_t kLoadTimeoutMs = 30000;
+
+Result<std::string> LoadSecret(BrokerClient* client, const std::string& job) {
+  registry::Request req;
+  req.op = registry::Op::kLoad;
+  req.job = job;
+  auto reply = client->Call(req, kLoadTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  const cJSON* j = cJSON_GetObjectItemCaseSensitive(reply->get(), "job");
+  registry::Job loaded;
+  if (!j) return Status::IOError("malformed reply: no job");
+  Status s = registry::JobFromJson(j, registry::SecretField::kInclude, &loaded);
+  if (!s.ok()) return Status::IOError("malformed reply: " + s.message());
+  return loaded.secret;
+}
+
+// Owns the loop-side state of one `connect` run.
+class Connector {
+ public:
+  Connector(loop::Loop* loop, std::unique_ptr<ProxyPath> path) : loop_(loop), path_(std::move(path)) {}
+
+  Status Listen(const HostPort& address, const std::string& job) {
+    auto l = proxy::Listener::Create(
+        loop_, address, [this](int fd, const sockaddr_storage&) { OnLocal(fd); }, nullptr);
+    if (!l.ok()) return l.status();
+    listener_ = std::move(l).value();
+    std::printf("brokerproxy: listening on %s for job %s (proxy %s)\n",
+                listener_->address().c_str(), job.c_str(), path_->Describe().c_str());
+    std::fflush(stdout);
+    return Status::OK();
+  }
+
+  Status Stdio() {
+    // epoll cannot watch regular files; ssh's ProxyCommand gives pipes.
+    const char* kHint = "--stdio needs stdin and stdout to be pipes, sockets or a terminal "
+                        "(as ssh ProxyCommand gives them); for a file use `cat FILE | ...`";
+    auto in = loop::Poll::Create(*loop_, STDIN_FILENO, loop::FdOwnership::kBorrowed);
+    if (!in.ok()) return Status::InvalidArgument(std::string("stdin: ") + kHint);
+    auto out = loop::Poll::Create(*loop_, STDOUT_FILENO, loop::FdOwnership::kOwned);
+    if (!out.ok()) return Status::InvalidArgument(std::string("stdout: ") + kHint);
+    stdio_ = path_->Open(proxy::Relay::Side{std::move(in).value(), std::move(out).value()},
+                         [this](Status s) {
+                           stdio_status_ = std::move(s);
+                           Stop();
+                         });
+    return Status::OK();
+  }
+
+  Status WatchSignals() {
+    for (int signum : {SIGINT, SIGTERM, SIGHUP}) {
+      auto sig = loop::Signal::Create(*loop_);
+      if (!sig.ok()) return sig.status();
+      BP_RETURN_IF_ERROR((*sig)->Start(signum, [this](int) { Stop(); }));
+      signals_.push_back(std::move(sig).value());
+    }
+    return Status::OK();
+  }
+
+  void Stop() {
+    listener_.reset();
+    signals_.clear();
+    // Not inline: a tunnel's callback may be what called Stop().
+    loop_->Defer([this] {
+      tunnels_.clear();
+      stdio_.reset();
+    });
+  }
+
+  const Status& stdio_status() const { return stdio_status_; }
+
+ private:
+  void OnLocal(int fd) {
+    proxy::TuneTcpSocket(fd, 60);
+    auto poll = loop::Poll::Create(*loop_, fd, loop::FdOwnership::kOwned);
+    if (!poll.ok()) return;
+    uint64_t id = next_id_++;
+    tunnels_[id] = path_->Open(proxy::Relay::Side{std::move(poll).value(), nullptr},
+                               [this, id](Status s) {
+                                 if (!s.ok()) {
+                                   std::fprintf(stderr, "brokerproxy: connection %llu: %s\n",
+                                                static_cast<unsigned long long>(id),
+                                                s.message().c_str());
+                                 }
+                                 // The tunnel is on the stack: drop it on a later turn.
+                                 loop_->Defer([this, id] { tunnels_.erase(id); });
+                               });
+  }
+
+  loop::Loop* loop_;
+  std::unique_ptr<ProxyPath> path_;
+  std::unique_ptr<proxy::Listener> listener_;
+  std::vector<loop::HandlePtr<loop::Signal>> signals_;
+  std::unordered_map<uint64_t, std::unique_ptr<Tunnel>> tunnels_;
+  std::unique_ptr<Tunnel> stdio_;
+  Status stdio_status_;
+  uint64_t next_id_ = 1;
+};
+
+}  // namespace
+
+Status RunConnect(const Config& config, BrokerClient* client, const ConnectArgs& args) {
+  if (args.stdio == !args.listen.empty()) {
+    return Status::InvalidArgument("connect needs exactly one of --listen [ADDR:]PORT or --stdio");
+  }
+  if (!registry::ValidJobId(args.job)) {
+    return Status::InvalidArgument("'" + args.job + "' is not a valid job id");
+  }
+  HostPort proxy_addr = config.proxy;
+  if (!args.proxy.empty()) {
+    auto p = ParseHostPort(args.proxy, 7000);
+    if (!p.ok()) return p.status().WithContext("--proxy");
+    proxy_addr = *p;
+  }
+  std::optional<HostPort> listen;
+  if (!args.listen.empty()) {
+    auto l = ParseHostPort(args.listen, 0, "127.0.0.1", /*allow_zero=*/true);
+    if (!l.ok()) return l.status().WithContext("--listen");
+    listen = *l;
+  }
+  if (args.tls) return Status::Unavailable("--tls is not available in this build");
+
+  auto secret = LoadSecret(client, args.job);
+  if (!secret.ok()) return secret.status();
+
+  auto loop = loop::Loop::Create();
+  if (!loop.ok()) return loop.status();
+  Status result;
+  {
+    proxy::PipePool pipes(1 << 20, 16);
+    auto path = NewDirectPath(loop->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
+                              std::move(secret).value(), kHandshakeTimeoutMs);
+    Connector connector(loop->get(), std::move(path));
+    result = connector.WatchSignals();
+    if (result.ok()) result = listen ? connector.Listen(*listen, args.job) : connector.Stdio();
+    if (!result.ok()) {
+      connector.Stop();
+    }
+    (*loop)->Run();
+    if (result.ok() && args.stdio) result = connector.stdio_status();
+  }
+  (*loop)->Run();  // let close callbacks run
+  Status closed = (*loop)->Close();
+  if (!closed.ok()) LOG_ERROR("%s", closed.ToString().c_str());
+  return result;
+}
+
+}  // namespace brokerproxy::cli

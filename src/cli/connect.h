@@ -1,0 +1,31 @@
+// `brokerproxy connect JOB`: the laptop side. Fetches the job's secret (`load`), then either
+// listens locally and opens one tunnel per local connection, or (--stdio) carries stdin/stdout
+// through one tunnel, so it works as an OpenSSH ProxyCommand.
+
+#ifndef BROKERPROXY_CLI_CONNECT_H_
+#define BROKERPROXY_CLI_CONNECT_H_
+
+#include <string>
+
+#include "cli/control_client.h"
+#include "cli/options.h"
+#include "loop/status.h"
+
+namespace brokerproxy::cli {
+
+struct ConnectArgs {
+  std::string job;
+  std::string listen;  // "[addr:]port"; port 0 picks a free one (printed)
+  bool stdio = false;
+  std::string proxy;   // "host:port" of the proxy port; empty: [client] proxy
+  bool tls = false;    // TLS to the proxy port
+  std::string ca;      // CA certificate for --tls; empty: fetched with `brokerproxy ca`
+  std::string via;     // [user@]host[:port] of the login node (SSH); empty: [client] broker
+};
+
+// Runs until SIGINT/SIGTERM (listen mode) or until the stdio tunnel ends.
+Status RunConnect(const Config& config, BrokerClient* client, const ConnectArgs& args);
+
+}  // namespace brokerproxy::cli
+
+#endif  // BROKERPROXY_CLI_CONNECT_H_

@@ -1,0 +1,198 @@
+#include "cli/tunnel.h"
+
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "loop/handle.h"
+#include "loop/poll.h"
+#include "loop/timer.h"
+#include "proxy/dialer.h"
+
+namespace brokerproxy::cli {
+
+std::string PreambleLine(const std::string& job, const std::string& secret) {
+  return "BROKER1 " + job + " " + secret + "\n";
+}
+
+Status StatusFromReply(std::string_view line, const std::string& job) {
+  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+  if (line == "OK") return Status::OK();
+  std::string_view code = line.substr(0, 4) == "ERR " ? line.substr(4) : std::string_view();
+  std::string reply(line.substr(0, 80));
+  if (code == "denied") {
+    return Status::PermissionDenied("the proxy refused job " + job +
+                                    ": unknown job or wrong secret (" + reply + ")");
+  }
+  if (code == "unavailable") {
+    return Status::Unavailable("job " + job +
+                               " is registered but its service does not accept connections "
+                               "(not started yet, or stopped) (" + reply + ")");
+  }
+  if (code == "busy") {
+    return Status::ResourceExhausted("the proxy is busy or throttling job " + job +
+                                     "; try again shortly (" + reply + ")");
+  }
+  if (code == "timeout") return Status::Timeout("the proxy timed out the handshake (" + reply + ")");
+  if (code == "bad-request") {
+    return Status::InvalidArgument("the proxy did not understand the handshake (" + reply + ")");
+  }
+  return Status::IOError("unexpected reply from the proxy: '" + reply + "'");
+}
+
+namespace {
+
+// Longest reply line the proxy sends ("ERR unavailable\n" is 16 bytes).
+constexpr size_t kMaxReplyLine = 128;
+
+class DirectPath;
+
+class DirectTunnel final : public Tunnel {
+ public:
+  DirectTunnel(DirectPath* path, proxy::Relay::Side local, ProxyPath::Done done);
+  void Start();
+
+ private:
+  void OnConnected(Result<loop::HandlePtr<loop::Poll>> upstream);
+  void OnReadable(int status);
+  void Finish(Status status);
+
+  DirectPath* path_;
+  proxy::Relay::Side local_;
+  ProxyPath::Done done_;
+  proxy::Dialer dialer_;
+  loop::HandlePtr<loop::Timer> timer_;
+  loop::HandlePtr<loop::Poll> upstream_;
+  std::string reply_;
+  std::unique_ptr<proxy::Relay> relay_;
+};
+
+class DirectPath final : public ProxyPath {
+ public:
+  DirectPath(loop::Loop* loop, proxy::PipePool* pipes, std::string host, int port,
+             std::string job, std::string secret, int64_t timeout_ms)
+      : loop_(loop),
+        pipes_(pipes),
+        resolver_(loop, 60000),
+        host_(std::move(host)),
+        port_(port),
+        job_(std::move(job)),
+        secret_(std::move(secret)),
+        timeout_ms_(timeout_ms) {}
+
+  std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, Done done) override {
+    auto t = std::make_unique<DirectTunnel>(this, std::move(local), std::move(done));
+    t->Start();
+    return t;
+  }
+  std::string Describe() const override {
+    return (host_.find(':') != std::string::npos ? "[" + host_ + "]" : host_) + ":" +
+           std::to_string(port_);
+  }
+
+  loop::Loop* loop_;
+  proxy::PipePool* pipes_;
+  proxy::ResolveCache resolver_;
+  std::string host_;
+  int port_;
+  std::string job_;
+  std::string secret_;
+  int64_t timeout_ms_;
+};
+
+DirectTunnel::DirectTunnel(DirectPath* path, proxy::Relay::Side local, ProxyPath::Done done)
+    : path_(path),
+      local_(std::move(local)),
+      done_(std::move(done)),
+      dialer_(path->loop_, &path->resolver_) {}
+
+void DirectTunnel::Start() {
+  // A timer cannot fail to initialise (uv_timer_init allocates nothing); without one the
+  // tunnel would still end through the proxy's own handshake timeout.
+  auto t = loop::Timer::Create(*path_->loop_);
+  if (t.ok()) {
+    timer_ = std::move(t).value();
+    timer_->Start(static_cast<uint64_t>(path_->timeout_ms_), [this] {
+      Finish(Status::Timeout("no answer from the proxy at " + path_->Describe() + " within " +
+                             std::to_string(path_->timeout_ms_ / 1000) + "s"));
+    });
+  }
+  dialer_.Dial(path_->host_, path_->port_, [this](Result<loop::HandlePtr<loop::Poll>> r) {
+    OnConnected(std::move(r));
+  });
+}
+
+void DirectTunnel::OnConnected(Result<loop::HandlePtr<loop::Poll>> upstream) {
+  if (!upstream.ok()) {
+    Finish(Status::Unavailable("cannot reach the proxy: " + upstream.status().message()));
+    return;
+  }
+  upstream_ = std::move(upstream).value();
+  proxy::TuneTcpSocket(upstream_->fd(), 60);
+  std::string line = PreambleLine(path_->job_, path_->secret_);
+  // An empty socket buffer takes the short line at once.
+  if (proxy::SendBestEffort(upstream_->fd(), line) != line.size()) {
+    Finish(Status::IOError("cannot send the handshake to the proxy"));
+    return;
+  }
+  upstream_->Start(UV_READABLE, [this](int status, int) { OnReadable(status); });
+}
+
+void DirectTunnel::OnReadable(int status) {
+  if (status < 0) {
+    Finish(Status::Unavailable("the proxy closed the connection during the handshake"));
+    return;
+  }
+  char buf[kMaxReplyLine];
+  // Consume the reply line only: the backend's first bytes may follow it in the same segment.
+  ssize_t n = ::recv(upstream_->fd(), buf, sizeof(buf) - reply_.size(), MSG_PEEK);
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+  if (n <= 0) {
+    Finish(Status::Unavailable("the proxy closed the connection during the handshake"));
+    return;
+  }
+  const char* nl = static_cast<const char*>(std::memchr(buf, '\n', n));
+  size_t take = nl ? static_cast<size_t>(nl - buf + 1) : static_cast<size_t>(n);
+  size_t old = reply_.size();
+  reply_.resize(old + take);
+  if (::recv(upstream_->fd(), reply_.data() + old, take, 0) != static_cast<ssize_t>(take)) {
+    Finish(Status::IOError("reading the proxy's reply failed"));
+    return;
+  }
+  if (!nl) {
+    if (reply_.size() >= kMaxReplyLine) Finish(Status::IOError("the proxy's reply is too long"));
+    return;
+  }
+  reply_.pop_back();  // '\n'
+  Status s = StatusFromReply(reply_, path_->job_);
+  if (!s.ok()) {
+    Finish(s);
+    return;
+  }
+  timer_.reset();
+  upstream_->Stop();
+  relay_ = std::make_unique<proxy::Relay>(
+      path_->pipes_, std::move(local_), proxy::Relay::Side{std::move(upstream_), nullptr},
+      "local connection", "proxy", std::string(), std::string(),
+      [this](Status s) { Finish(std::move(s)); });
+  relay_->Start();
+}
+
+void DirectTunnel::Finish(Status status) {
+  timer_.reset();
+  upstream_.reset();
+  ProxyPath::Done done = std::move(done_);
+  if (done) done(std::move(status));  // may destroy this
+}
+
+}  // namespace
+
+std::unique_ptr<ProxyPath> NewDirectPath(loop::Loop* loop, proxy::PipePool* pipes,
+                                         std::string host, int port, std::string job,
+                                         std::string secret, int64_t handshake_timeout_ms) {
+  return std::make_unique<DirectPath>(loop, pipes, std::move(host), port, std::move(job),
+                                      std::move(secret), handshake_timeout_ms);
+}
+
+}  // namespace brokerproxy::cli

@@ -1,0 +1,55 @@
+// The laptop side of a tunnel: how `brokerproxy connect` carries one local connection to a job.
+//
+// A ProxyPath opens, per local connection, a way to the proxy port (direct TCP here; TLS and
+// an SSH direct-tcpip channel through the login node in their own modules), speaks the BROKER1
+// handshake on it and then relays bytes between the local side and the job's backend.
+//
+// Ownership: `connect` owns the path and every Tunnel; dropping a Tunnel closes both its ends.
+// The done callback runs at most once, never inside Open(), and the Tunnel may be destroyed
+// from inside it. Loop-thread only.
+
+#ifndef BROKERPROXY_CLI_TUNNEL_H_
+#define BROKERPROXY_CLI_TUNNEL_H_
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "loop/loop.h"
+#include "loop/status.h"
+#include "proxy/relay.h"
+
+namespace brokerproxy::cli {
+
+class Tunnel {
+ public:
+  virtual ~Tunnel() = default;
+};
+
+class ProxyPath {
+ public:
+  // OK when both directions finished; else why the tunnel failed or ended.
+  using Done = std::function<void(Status)>;
+  virtual ~ProxyPath() = default;
+  // Starts a tunnel for the local endpoint `local`.
+  virtual std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, Done done) = 0;
+  // "127.0.0.1:7000", "TLS to login:7000", "login via SSH", for messages.
+  virtual std::string Describe() const = 0;
+};
+
+// The BROKER1 line for `job` and `secret`, newline included.
+std::string PreambleLine(const std::string& job, const std::string& secret);
+
+// Maps the proxy's reply line ("OK", "ERR denied", ...) to a Status a person can act on.
+Status StatusFromReply(std::string_view line, const std::string& job);
+
+// Plain TCP straight to the proxy port (on this machine, or reachable from it, e.g. through an
+// `ssh -L` the user set up).
+std::unique_ptr<ProxyPath> NewDirectPath(loop::Loop* loop, proxy::PipePool* pipes,
+                                         std::string host, int port, std::string job,
+                                         std::string secret, int64_t handshake_timeout_ms);
+
+}  // namespace brokerproxy::cli
+
+#endif  // BROKERPROXY_CLI_TUNNEL_H_
