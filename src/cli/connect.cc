@@ -43,7 +43,8 @@ Result<std::string> LoadSecret(BrokerClient* client, const std::string& job) {
 // Owns the loop-side state of one `connect` run.
 class Connector {
  public:
-  Connector(loop::Loop* loop, std::unique_ptr<ProxyPath> path) : loop_(loop), path_(std::move(path)) {}
+  Connector(loop::Loop* loop, std::unique_ptr<ProxyPath> path)
+      : loop_(loop), path_(std::move(path)) {}
 
   Status Listen(const HostPort& address, const std::string& job) {
     auto l = proxy::Listener::Create(
@@ -58,8 +59,9 @@ class Connector {
 
   Status Stdio() {
     // epoll cannot watch regular files; ssh's ProxyCommand gives pipes.
-    const char* kHint = "--stdio needs stdin and stdout to be pipes, sockets or a terminal "
-                        "(as ssh ProxyCommand gives them); for a file use `cat FILE | ...`";
+    const char* kHint =
+        "--stdio needs stdin and stdout to be pipes, sockets or a terminal "
+        "(as ssh ProxyCommand gives them); for a file use `cat FILE | ...`";
     auto in = loop::Poll::Create(*loop_, STDIN_FILENO, loop::FdOwnership::kBorrowed);
     if (!in.ok()) return Status::InvalidArgument(std::string("stdin: ") + kHint);
     auto out = loop::Poll::Create(*loop_, STDOUT_FILENO, loop::FdOwnership::kOwned);
@@ -100,16 +102,15 @@ class Connector {
     auto poll = loop::Poll::Create(*loop_, fd, loop::FdOwnership::kOwned);
     if (!poll.ok()) return;
     uint64_t id = next_id_++;
-    tunnels_[id] = path_->Open(proxy::Relay::Side{std::move(poll).value(), nullptr},
-                               [this, id](Status s) {
-                                 if (!s.ok()) {
-                                   std::fprintf(stderr, "brokerproxy: connection %llu: %s\n",
-                                                static_cast<unsigned long long>(id),
-                                                s.message().c_str());
-                                 }
-                                 // The tunnel is on the stack: drop it on a later turn.
-                                 loop_->Defer([this, id] { tunnels_.erase(id); });
-                               });
+    tunnels_[id] =
+        path_->Open(proxy::Relay::Side{std::move(poll).value(), nullptr}, [this, id](Status s) {
+          if (!s.ok()) {
+            std::fprintf(stderr, "brokerproxy: connection %llu: %s\n",
+                         static_cast<unsigned long long>(id), s.message().c_str());
+          }
+          // The tunnel is on the stack: drop it on a later turn.
+          loop_->Defer([this, id] { tunnels_.erase(id); });
+        });
   }
 
   loop::Loop* loop_;

@@ -17,10 +17,10 @@ struct ConnectArgs {
   std::string job;
   std::string listen;  // "[addr:]port"; port 0 picks a free one (printed)
   bool stdio = false;
-  std::string proxy;   // "host:port" of the proxy port; empty: [client] proxy
-  bool tls = false;    // TLS to the proxy port
-  std::string ca;      // CA certificate for --tls; empty: fetched with `brokerproxy ca`
-  std::string via;     // [user@]host[:port] of the login node (SSH); empty: [client] broker
+  std::string proxy;  // "host:port" of the proxy port; empty: [client] proxy
+  bool tls = false;   // TLS to the proxy port
+  std::string ca;     // CA certificate for --tls; empty: fetched with `brokerproxy ca`
+  std::string via;    // [user@]host[:port] of the login node (SSH); empty: [client] broker
 };
 
 // Runs until SIGINT/SIGTERM (listen mode) or until the stdio tunnel ends.

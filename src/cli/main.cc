@@ -123,10 +123,12 @@ int Main(int argc, char** argv) {
   ConfigFlags connect_cfg;
   ConnectArgs connect_args;
   CLI::App* connect = app.add_subcommand(
-      "connect", "Reach a job's service from here: a local port (--listen) or stdin/stdout (--stdio)");
+      "connect",
+      "Reach a job's service from here: a local port (--listen) or stdin/stdout (--stdio)");
   connect->add_option("job", connect_args.job, "Job id")->required();
-  connect->add_option("--listen", connect_args.listen,
-                      "Local [ADDR:]PORT to listen on (ADDR defaults to 127.0.0.1; 0 = any free port)");
+  connect->add_option(
+      "--listen", connect_args.listen,
+      "Local [ADDR:]PORT to listen on (ADDR defaults to 127.0.0.1; 0 = any free port)");
   connect->add_flag("--stdio", connect_args.stdio,
                     "Use stdin/stdout (for ssh -o ProxyCommand='brokerproxy connect JOB --stdio')");
   connect->add_flag("--tls", connect_args.tls, "Reach the proxy port over TLS");

@@ -28,13 +28,15 @@ Status StatusFromReply(std::string_view line, const std::string& job) {
   if (code == "unavailable") {
     return Status::Unavailable("job " + job +
                                " is registered but its service does not accept connections "
-                               "(not started yet, or stopped) (" + reply + ")");
+                               "(not started yet, or stopped) (" +
+                               reply + ")");
   }
   if (code == "busy") {
     return Status::ResourceExhausted("the proxy is busy or throttling job " + job +
                                      "; try again shortly (" + reply + ")");
   }
-  if (code == "timeout") return Status::Timeout("the proxy timed out the handshake (" + reply + ")");
+  if (code == "timeout")
+    return Status::Timeout("the proxy timed out the handshake (" + reply + ")");
   if (code == "bad-request") {
     return Status::InvalidArgument("the proxy did not understand the handshake (" + reply + ")");
   }
@@ -70,8 +72,8 @@ class DirectTunnel final : public Tunnel {
 
 class DirectPath final : public ProxyPath {
  public:
-  DirectPath(loop::Loop* loop, proxy::PipePool* pipes, std::string host, int port,
-             std::string job, std::string secret, int64_t timeout_ms)
+  DirectPath(loop::Loop* loop, proxy::PipePool* pipes, std::string host, int port, std::string job,
+             std::string secret, int64_t timeout_ms)
       : loop_(loop),
         pipes_(pipes),
         resolver_(loop, 60000),
@@ -118,9 +120,8 @@ void DirectTunnel::Start() {
                              std::to_string(path_->timeout_ms_ / 1000) + "s"));
     });
   }
-  dialer_.Dial(path_->host_, path_->port_, [this](Result<loop::HandlePtr<loop::Poll>> r) {
-    OnConnected(std::move(r));
-  });
+  dialer_.Dial(path_->host_, path_->port_,
+               [this](Result<loop::HandlePtr<loop::Poll>> r) { OnConnected(std::move(r)); });
 }
 
 void DirectTunnel::OnConnected(Result<loop::HandlePtr<loop::Poll>> upstream) {
@@ -172,10 +173,10 @@ void DirectTunnel::OnReadable(int status) {
   }
   timer_.reset();
   upstream_->Stop();
-  relay_ = std::make_unique<proxy::Relay>(
-      path_->pipes_, std::move(local_), proxy::Relay::Side{std::move(upstream_), nullptr},
-      "local connection", "proxy", std::string(), std::string(),
-      [this](Status s) { Finish(std::move(s)); });
+  relay_ = std::make_unique<proxy::Relay>(path_->pipes_, std::move(local_),
+                                          proxy::Relay::Side{std::move(upstream_), nullptr},
+                                          "local connection", "proxy", std::string(), std::string(),
+                                          [this](Status s) { Finish(std::move(s)); });
   relay_->Start();
 }
 
@@ -188,9 +189,9 @@ void DirectTunnel::Finish(Status status) {
 
 }  // namespace
 
-std::unique_ptr<ProxyPath> NewDirectPath(loop::Loop* loop, proxy::PipePool* pipes,
-                                         std::string host, int port, std::string job,
-                                         std::string secret, int64_t handshake_timeout_ms) {
+std::unique_ptr<ProxyPath> NewDirectPath(loop::Loop* loop, proxy::PipePool* pipes, std::string host,
+                                         int port, std::string job, std::string secret,
+                                         int64_t handshake_timeout_ms) {
   return std::make_unique<DirectPath>(loop, pipes, std::move(host), port, std::move(job),
                                       std::move(secret), handshake_timeout_ms);
 }

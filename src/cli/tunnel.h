@@ -46,9 +46,9 @@ Status StatusFromReply(std::string_view line, const std::string& job);
 
 // Plain TCP straight to the proxy port (on this machine, or reachable from it, e.g. through an
 // `ssh -L` the user set up).
-std::unique_ptr<ProxyPath> NewDirectPath(loop::Loop* loop, proxy::PipePool* pipes,
-                                         std::string host, int port, std::string job,
-                                         std::string secret, int64_t handshake_timeout_ms);
+std::unique_ptr<ProxyPath> NewDirectPath(loop::Loop* loop, proxy::PipePool* pipes, std::string host,
+                                         int port, std::string job, std::string secret,
+                                         int64_t handshake_timeout_ms);
 
 }  // namespace brokerproxy::cli
 

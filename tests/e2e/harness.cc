@@ -1,0 +1,560 @@
+#include "e2e/harness.h"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/evp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <arpa/inet.h>
+
+#include <dirent.h>
+#include <ftw.h>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+namespace brokerproxy::testing {
+namespace {
+
+int64_t NowMs() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t{ts.tv_sec} * 1000 + ts.tv_nsec / 1000000;
+}
+
+void SleepMs(int ms) {
+  timespec ts{ms / 1000, (ms % 1000) * 1000000L};
+  nanosleep(&ts, nullptr);
+}
+
+int DecodeWaitStatus(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return -1;
+}
+
+// In a forked child: become `uid` (with its primary group) if asked, then exec.
+[[noreturn]] void ExecAs(const std::vector<std::string>& argv, const RunOptions& options) {
+  if (options.uid) {
+    gid_t gid = *options.uid == 65534 ? 65534 : *options.uid;
+    if (setgroups(0, nullptr) != 0 || setresgid(gid, gid, gid) != 0 ||
+        setresuid(*options.uid, *options.uid, *options.uid) != 0) {
+      _exit(126);
+    }
+  }
+  for (const auto& e : options.env) putenv(const_cast<char*>(e.c_str()));
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  execvp(args[0], args.data());
+  _exit(127);
+}
+
+uint64_t SplitMix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+void SetTimeouts(int fd, int ms) {
+  timeval tv{ms / 1000, (ms % 1000) * 1000};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+}
+
+}  // namespace
+
+std::string BinaryPath() { return BROKERPROXY_BINARY; }
+
+// ---- files ----
+
+TempDir::TempDir() {
+  char tmpl[] = "/tmp/bp-XXXXXX";
+  if (mkdtemp(tmpl) == nullptr) std::abort();
+  path_ = tmpl;
+  chmod(path_.c_str(), 0711);
+}
+
+TempDir::~TempDir() {
+  nftw(
+      path_.c_str(),
+      [](const char* p, const struct stat*, int, FTW*) { return ::remove(p) == 0 ? 0 : 0; }, 16,
+      FTW_DEPTH | FTW_PHYS);
+}
+
+void WriteFile(const std::string& path, const std::string& data, int mode) {
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd < 0) return;
+  SendAll(fd, data);  // write(2) on a file via the same loop
+  fchmod(fd, mode);
+  close(fd);
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// ---- processes ----
+
+std::ostream& operator<<(std::ostream& os, const RunResult& r) {
+  return os << "exit " << r.exit_code << (r.timed_out ? " (timed out)" : "")
+            << "\nstdout: " << r.out << "\nstderr: " << r.err;
+}
+
+RunResult RunCommand(const std::vector<std::string>& argv, const RunOptions& options) {
+  RunResult result;
+  int in[2], out[2], err[2];
+  if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC)) return result;
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(in[0], 0);
+    dup2(out[1], 1);
+    dup2(err[1], 2);
+    ExecAs(argv, options);
+  }
+  close(in[0]);
+  close(out[1]);
+  close(err[1]);
+  fcntl(in[1], F_SETFL, O_NONBLOCK);
+  size_t stdin_off = 0;
+  if (options.stdin_data.empty()) {
+    close(in[1]);
+    in[1] = -1;
+  }
+  int64_t deadline = NowMs() + options.timeout_ms;
+  bool out_open = true, err_open = true;
+  while (out_open || err_open || in[1] >= 0) {
+    pollfd fds[3] = {{out_open ? out[0] : -1, POLLIN, 0},
+                     {err_open ? err[0] : -1, POLLIN, 0},
+                     {in[1], POLLOUT, 0}};
+    int64_t left = deadline - NowMs();
+    if (left <= 0) {
+      result.timed_out = true;
+      kill(pid, SIGKILL);
+      break;
+    }
+    if (poll(fds, 3, static_cast<int>(left)) < 0 && errno != EINTR) break;
+    char buf[65536];
+    for (int i = 0; i < 2; ++i) {
+      if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      ssize_t n = read(fds[i].fd, buf, sizeof(buf));
+      if (n > 0) {
+        (i == 0 ? result.out : result.err).append(buf, n);
+      } else if (n == 0 || errno != EINTR) {
+        (i == 0 ? out_open : err_open) = false;
+      }
+    }
+    if (in[1] >= 0 && (fds[2].revents & (POLLOUT | POLLERR | POLLHUP))) {
+      ssize_t n = write(in[1], options.stdin_data.data() + stdin_off,
+                        options.stdin_data.size() - stdin_off);
+      if (n > 0) stdin_off += n;
+      if (n < 0 || stdin_off == options.stdin_data.size()) {
+        close(in[1]);
+        in[1] = -1;
+      }
+    }
+  }
+  if (in[1] >= 0) close(in[1]);
+  close(out[0]);
+  close(err[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  result.exit_code = DecodeWaitStatus(status);
+  return result;
+}
+
+std::unique_ptr<Child> Child::Spawn(const std::vector<std::string>& argv,
+                                    const std::string& output_path, const RunOptions& options) {
+  std::unique_ptr<Child> c(new Child());
+  c->output_path_ = output_path;
+  int fd = open(output_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) return nullptr;
+  pid_t pid = fork();
+  if (pid == 0) {
+    int devnull = open("/dev/null", O_RDONLY);
+    dup2(devnull, 0);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    ExecAs(argv, options);
+  }
+  close(fd);
+  c->pid_ = pid;
+  return c;
+}
+
+Child::~Child() {
+  if (!status_ && pid_ > 0) Stop(SIGKILL, 5000);
+}
+
+std::optional<std::string> Child::WaitFor(const std::string& needle, int timeout_ms) {
+  int64_t deadline = NowMs() + timeout_ms;
+  for (;;) {
+    std::string out = Output();
+    size_t at = out.find(needle);
+    if (at != std::string::npos) {
+      size_t start = out.rfind('\n', at);
+      start = start == std::string::npos ? 0 : start + 1;
+      size_t end = out.find('\n', at);
+      return out.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    }
+    if (NowMs() > deadline || !Running()) return std::nullopt;
+    SleepMs(10);
+  }
+}
+
+std::string Child::Output() const { return ReadFile(output_path_); }
+
+bool Child::Running() {
+  if (status_) return false;
+  int status = 0;
+  if (waitpid(pid_, &status, WNOHANG) == pid_) {
+    status_ = DecodeWaitStatus(status);
+    return false;
+  }
+  return true;
+}
+
+int Child::Stop(int signum, int timeout_ms) {
+  if (status_) return *status_;
+  kill(pid_, signum);
+  int64_t deadline = NowMs() + timeout_ms;
+  while (Running()) {
+    if (NowMs() > deadline) {
+      kill(pid_, SIGKILL);
+      int status = 0;
+      waitpid(pid_, &status, 0);
+      status_ = DecodeWaitStatus(status);
+      break;
+    }
+    SleepMs(5);
+  }
+  return *status_;
+}
+
+// ---- daemon ----
+
+Daemon::Daemon(const TempDir& dir, const std::string& extra_config, const std::string& proxy_extra)
+    : dir_(dir.path()),
+      config_path_(dir / "config.ini"),
+      state_dir_(dir / "state"),
+      socket_path_(dir / "control.sock"),
+      log_path_(dir / "daemon.log") {
+  WriteFile(config_path_, "[broker]\nstate_dir = " + state_dir_ + "\ncontrol_socket = " +
+                              socket_path_ + "\nlog_level = info\n[proxy]\nlisten = 127.0.0.1:0\n" +
+                              proxy_extra + "\n" + extra_config);
+}
+
+Daemon::~Daemon() {
+  if (child_) Stop(SIGKILL);
+}
+
+::testing::AssertionResult Daemon::Start() {
+  WriteFile(log_path_, "");  // a restart must not find the previous run's lines
+  child_ = Child::Spawn({BinaryPath(), "run", "-c", config_path_}, log_path_);
+  if (!child_) return ::testing::AssertionFailure() << "cannot spawn the daemon";
+  auto line = child_->WaitFor("brokerproxy started");
+  if (!line) {
+    std::string log = Log();
+    child_->Stop(SIGKILL);
+    child_.reset();
+    return ::testing::AssertionFailure() << "daemon did not start:\n" << log;
+  }
+  size_t at = line->find("proxy port 127.0.0.1:");
+  if (at != std::string::npos) proxy_port_ = std::stoi(line->substr(at + 21));
+  return ::testing::AssertionSuccess();
+}
+
+int Daemon::Stop(int signum) {
+  if (!child_) return -1;
+  int rc = child_->Stop(signum);
+  child_.reset();
+  return rc;
+}
+
+RunResult Daemon::Cli(std::vector<std::string> args, const RunOptions& options) const {
+  // Right after the subcommand, so it stays before an exec-mode "--".
+  args.insert(args.begin() + (args.empty() ? 0 : 1), {"-c", config_path_});
+  args.insert(args.begin(), BinaryPath());
+  return RunCommand(args, options);
+}
+
+std::string Daemon::SaveJob(const std::string& id, int backend_port, const std::string& type,
+                            const RunOptions& options) const {
+  RunResult r =
+      Cli({"save", type, "--job-id", id, "--port", std::to_string(backend_port), "--format", "env"},
+          options);
+  if (r.exit_code != 0) return "";
+  size_t at = r.out.find("BROKER_SECRET=");
+  if (at == std::string::npos) return "";
+  return r.out.substr(at + 14, r.out.find('\n', at) - at - 14);
+}
+
+pid_t Daemon::pid() const { return child_ ? child_->pid() : -1; }
+std::string Daemon::Log() const { return ReadFile(log_path_); }
+
+size_t Daemon::RssBytes() const {
+  std::string status = ReadFile("/proc/" + std::to_string(pid()) + "/status");
+  size_t at = status.find("VmRSS:");
+  if (at == std::string::npos) return 0;
+  return std::stoull(status.substr(at + 6)) * 1024;
+}
+
+int Daemon::OpenFds() const {
+  std::string dir = "/proc/" + std::to_string(pid()) + "/fd";
+  DIR* d = opendir(dir.c_str());
+  if (!d) return -1;
+  int n = 0;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] != '.') ++n;
+  }
+  closedir(d);
+  return n;
+}
+
+// ---- backend ----
+
+Backend::Backend(Options options) : options_(std::move(options)) {
+  listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int one = 1;
+  setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      listen(listen_fd_, 1024) != 0) {
+    std::abort();
+  }
+  socklen_t len = sizeof(addr);
+  getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+  port_ = ntohs(addr.sin_port);
+  acceptor_ = std::thread([this] { AcceptLoop(); });
+}
+
+Backend::~Backend() {
+  stop_ = true;
+  acceptor_.join();
+  close(listen_fd_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int fd : fds_) shutdown(fd, SHUT_RDWR);  // unblocks the workers
+  }
+  for (auto& t : workers_) t.join();
+}
+
+void Backend::AcceptLoop() {
+  while (!stop_) {
+    pollfd p{listen_fd_, POLLIN, 0};
+    if (poll(&p, 1, 50) <= 0) continue;
+    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    connections_++;
+    std::lock_guard<std::mutex> lock(mu_);
+    fds_.push_back(fd);
+    workers_.emplace_back([this, fd] { Serve(fd); });
+  }
+}
+
+void Backend::Serve(int fd) {
+  if (!options_.banner.empty()) SendAll(fd, options_.banner);
+  std::string line;
+  char c;
+  while (line.size() < 256 && recv(fd, &c, 1, 0) == 1 && c != '\n') line += c;
+  std::vector<char> buf(256 * 1024);
+  if (line == "echo") {
+    for (;;) {
+      ssize_t n = recv(fd, buf.data(), buf.size(), 0);
+      if (n <= 0) break;
+      if (!SendAll(fd, buf.data(), n)) break;
+    }
+    shutdown(fd, SHUT_WR);
+  } else if (line == "upload") {
+    Sha256 sha;
+    uint64_t total = 0;
+    for (;;) {
+      ssize_t n = recv(fd, buf.data(), buf.size(), 0);
+      if (n <= 0) break;
+      sha.Update(buf.data(), n);
+      total += n;
+    }
+    SendAll(fd, sha.Hex() + " " + std::to_string(total) + "\n");
+    shutdown(fd, SHUT_WR);
+  } else if (line.rfind("download ", 0) == 0 || line.rfind("reset ", 0) == 0) {
+    bool reset = line[0] == 'r';
+    uint64_t n = std::stoull(line.substr(line.find(' ') + 1));
+    for (uint64_t off = 0; off < n;) {
+      size_t chunk = std::min<uint64_t>(buf.size(), n - off);
+      Pattern(off, buf.data(), chunk);
+      if (!SendAll(fd, buf.data(), chunk)) break;
+      off += chunk;
+    }
+    if (reset) {
+      linger l{1, 0};
+      setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+    } else {
+      shutdown(fd, SHUT_WR);
+      // Wait for the peer's EOF so close() does not reset unread input.
+      while (recv(fd, buf.data(), buf.size(), 0) > 0) {
+      }
+    }
+  } else if (line == "slowread") {
+    for (;;) {
+      ssize_t n = recv(fd, buf.data(), 64 * 1024, 0);
+      if (n <= 0) break;
+      SleepMs(10);
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  close(fd);
+  for (auto& f : fds_) {
+    if (f == fd) f = -1;
+  }
+}
+
+// ---- clients ----
+
+int ConnectTcp(int port, const std::string& host, int timeout_ms) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, host.c_str(), &addr.sin_addr);
+  SetTimeouts(fd, timeout_ms);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return -1;
+  }
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  return fd;
+}
+
+bool SendAll(int fd, const void* data, size_t len) {
+  const char* p = static_cast<const char*>(data);
+  while (len > 0) {
+    ssize_t n = write(fd, p, len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    p += n;
+    len -= n;
+  }
+  return true;
+}
+
+bool SendAll(int fd, const std::string& data) { return SendAll(fd, data.data(), data.size()); }
+
+std::optional<std::string> ReadLine(int fd, size_t max) {
+  std::string line;
+  char c;
+  while (line.size() < max) {
+    ssize_t n = recv(fd, &c, 1, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return std::nullopt;
+    if (c == '\n') return line;
+    line += c;
+  }
+  return line;
+}
+
+std::string ReadToEof(int fd, size_t max) {
+  std::string out;
+  char buf[65536];
+  while (out.size() < max) {
+    ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    out.append(buf, n);
+  }
+  return out;
+}
+
+void Pattern(uint64_t offset, char* out, size_t len) {
+  for (size_t i = 0; i < len;) {
+    uint64_t pos = offset + i;
+    uint64_t word = SplitMix(pos / 8);
+    size_t in_word = pos % 8;
+    size_t take = std::min<size_t>(8 - in_word, len - i);
+    std::memcpy(out + i, reinterpret_cast<const char*>(&word) + in_word, take);
+    i += take;
+  }
+}
+
+Sha256::Sha256() {
+  auto* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  ctx_ = ctx;
+}
+
+Sha256::~Sha256() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(ctx_)); }
+
+void Sha256::Update(const void* data, size_t len) {
+  EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(ctx_), data, len);
+}
+
+std::string Sha256::Hex() {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(ctx_), digest, &len);
+  static const char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned i = 0; i < len; ++i) {
+    out += kHex[digest[i] >> 4];
+    out += kHex[digest[i] & 15];
+  }
+  return out;
+}
+
+std::string PatternHash(uint64_t bytes) {
+  Sha256 sha;
+  std::vector<char> buf(1 << 20);
+  for (uint64_t off = 0; off < bytes;) {
+    size_t chunk = std::min<uint64_t>(buf.size(), bytes - off);
+    Pattern(off, buf.data(), chunk);
+    sha.Update(buf.data(), chunk);
+    off += chunk;
+  }
+  return sha.Hex();
+}
+
+EchoResult EchoTransfer(int fd, uint64_t bytes) {
+  EchoResult r;
+  std::thread writer([&] {
+    Sha256 sha;
+    std::vector<char> buf(256 * 1024);
+    for (uint64_t off = 0; off < bytes;) {
+      size_t chunk = std::min<uint64_t>(buf.size(), bytes - off);
+      Pattern(off, buf.data(), chunk);
+      sha.Update(buf.data(), chunk);
+      if (!SendAll(fd, buf.data(), chunk)) break;
+      off += chunk;
+    }
+    shutdown(fd, SHUT_WR);
+    r.sent = sha.Hex();
+  });
+  Sha256 sha;
+  std::vector<char> buf(256 * 1024);
+  for (;;) {
+    ssize_t n = recv(fd, buf.data(), buf.size(), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    sha.Update(buf.data(), n);
+    r.received_bytes += n;
+  }
+  writer.join();
+  r.received = sha.Hex();
+  return r;
+}
+
+}  // namespace brokerproxy::testing

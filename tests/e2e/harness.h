@@ -1,0 +1,205 @@
+// End-to-end test harness: the real `brokerproxy` binary in child processes, backends in
+// threads of the test process, everything on 127.0.0.1 with ports picked by the kernel.
+//
+// Every wait has a deadline, every child is stopped by PID when its owner goes, and every
+// temporary directory is removed.
+
+#ifndef BROKERPROXY_TESTS_E2E_HARNESS_H_
+#define BROKERPROXY_TESTS_E2E_HARNESS_H_
+
+#include <gtest/gtest.h>
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace brokerproxy::testing {
+
+// The brokerproxy executable under test.
+std::string BinaryPath();
+
+// A fresh directory under /tmp (short paths: Unix sockets allow 107 bytes), removed with
+// everything in it on destruction. Mode 0711 so other users (the `nobody` tests) can reach
+// sockets inside it.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+void WriteFile(const std::string& path, const std::string& data, int mode = 0644);
+std::string ReadFile(const std::string& path);
+
+struct RunOptions {
+  std::string stdin_data;
+  std::optional<uid_t> uid;  // run as this user (and its primary group), e.g. 65534 = nobody
+  int timeout_ms = 60000;
+  std::vector<std::string> env;  // extra "NAME=value" entries
+};
+
+struct RunResult {
+  int exit_code = -1;  // 128 + signal if killed
+  std::string out;
+  std::string err;
+  bool timed_out = false;
+};
+std::ostream& operator<<(std::ostream& os, const RunResult& r);
+
+// Runs a command to completion (killed at the deadline).
+RunResult RunCommand(const std::vector<std::string>& argv, const RunOptions& options = {});
+
+// A long-running child (daemon, `connect --listen`, sshd), output appended to a file.
+class Child {
+ public:
+  static std::unique_ptr<Child> Spawn(const std::vector<std::string>& argv,
+                                      const std::string& output_path,
+                                      const RunOptions& options = {});
+  ~Child();  // SIGKILL if still running
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+
+  pid_t pid() const { return pid_; }
+  // Waits until a line containing `needle` was written; returns that line.
+  std::optional<std::string> WaitFor(const std::string& needle, int timeout_ms = 20000);
+  std::string Output() const;
+  bool Running();
+  // Sends `signum`, waits up to `timeout_ms` (then SIGKILL); returns the exit status or 128+sig.
+  int Stop(int signum = SIGTERM, int timeout_ms = 20000);
+
+ private:
+  Child() = default;
+  pid_t pid_ = -1;
+  std::string output_path_;
+  std::optional<int> status_;
+};
+
+// The daemon with a config in `dir`: state_dir dir/state, control socket dir/control.sock,
+// proxy on 127.0.0.1 with a free port. `extra_config` is appended to the generated file (later
+// keys of a section must not repeat generated ones: pass whole extra sections).
+class Daemon {
+ public:
+  Daemon(const TempDir& dir, const std::string& extra_config = "",
+         const std::string& proxy_extra = "");
+  ~Daemon();
+
+  ::testing::AssertionResult Start();
+  int Stop(int signum = SIGTERM);
+  bool running() const { return child_ != nullptr; }
+
+  // Runs `brokerproxy <args> -c <config>`.
+  RunResult Cli(std::vector<std::string> args, const RunOptions& options = {}) const;
+  // `save ssh --port <port> --job-id <id> --json`, returning the secret ("" on failure).
+  std::string SaveJob(const std::string& id, int backend_port, const std::string& type = "ssh",
+                      const RunOptions& options = {}) const;
+
+  int proxy_port() const { return proxy_port_; }
+  const std::string& config_path() const { return config_path_; }
+  const std::string& state_dir() const { return state_dir_; }
+  const std::string& socket_path() const { return socket_path_; }
+  pid_t pid() const;
+  std::string Log() const;
+  // Resident memory (VmRSS) and open file descriptors of the daemon process.
+  size_t RssBytes() const;
+  int OpenFds() const;
+
+ private:
+  std::string dir_;
+  std::string config_path_;
+  std::string state_dir_;
+  std::string socket_path_;
+  std::string log_path_;
+  int proxy_port_ = 0;
+  std::unique_ptr<Child> child_;
+};
+
+// A backend service in threads of the test process, on 127.0.0.1:port. Each connection's first
+// line says what to do:
+//   "echo\n"          echo everything back; on EOF, shut down writing
+//   "upload\n"        read to EOF, then reply "<sha256 hex> <bytes>\n" (tests half-close)
+//   "download N\n"    send N bytes of Pattern(0..N) and close
+//   "reset N\n"       send N bytes, then reset the connection (RST)
+//   "slowread\n"      read 64 KiB every 10 ms until EOF
+//   "banner\n"        (never sent by clients) -- see Options::banner
+// With Options::banner set, the backend first sends that text itself (like sshd), then
+// expects the command line.
+class Backend {
+ public:
+  struct Options {
+    std::string banner;
+  };
+  Backend() : Backend(Options{}) {}
+  explicit Backend(Options options);
+  ~Backend();
+  Backend(const Backend&) = delete;
+  Backend& operator=(const Backend&) = delete;
+
+  int port() const { return port_; }
+  int connections() const { return connections_.load(); }
+
+ private:
+  void AcceptLoop();
+  void Serve(int fd);
+
+  Options options_;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> connections_{0};
+  std::thread acceptor_;
+  std::mutex mu_;
+  std::vector<std::thread> workers_;
+  std::vector<int> fds_;
+};
+
+// Blocking TCP client helpers (every call bounded by a socket timeout).
+int ConnectTcp(int port, const std::string& host = "127.0.0.1", int timeout_ms = 10000);
+bool SendAll(int fd, const void* data, size_t len);
+bool SendAll(int fd, const std::string& data);
+// Reads up to and including '\n' (at most `max` bytes), without the newline; nullopt on EOF or
+// error first.
+std::optional<std::string> ReadLine(int fd, size_t max = 4096);
+// Reads until EOF (at most `max` bytes).
+std::string ReadToEof(int fd, size_t max = 1 << 20);
+
+// The deterministic byte stream the backend and tests share: byte i = f(i).
+void Pattern(uint64_t offset, char* out, size_t len);
+
+class Sha256 {
+ public:
+  Sha256();
+  ~Sha256();
+  void Update(const void* data, size_t len);
+  std::string Hex();
+
+ private:
+  void* ctx_;
+};
+
+// Sends `bytes` of Pattern through `fd` while reading the same amount back (an echo backend
+// behind it), both hashed; returns {sent hash, received hash, received bytes}.
+struct EchoResult {
+  std::string sent;
+  std::string received;
+  uint64_t received_bytes = 0;
+};
+EchoResult EchoTransfer(int fd, uint64_t bytes);
+
+// Hex SHA-256 of Pattern(0..bytes).
+std::string PatternHash(uint64_t bytes);
+
+}  // namespace brokerproxy::testing
+
+#endif  // BROKERPROXY_TESTS_E2E_HARNESS_H_
