@@ -1,0 +1,443 @@
+// The proxy port end to end (issue 3's acceptance): the real daemon, real sockets, backends in
+// threads, `connect` as a real child process, and a real OpenSSH sshd behind --stdio.
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "e2e/harness.h"
+
+namespace brokerproxy::testing {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::steady_clock;
+
+// Opens a raw session: connect, send the preamble (plus `extra` pipelined bytes), read the
+// reply line. Returns the fd (or -1) and the reply.
+int OpenSession(int port, const std::string& job, const std::string& secret,
+                std::string* reply, const std::string& extra = "") {
+  int fd = ConnectTcp(port);
+  if (fd < 0) return -1;
+  SendAll(fd, "BROKER1 " + job + " " + secret + "\n" + extra);
+  auto line = ReadLine(fd, 256);
+  *reply = line.value_or("<closed>");
+  return fd;
+}
+
+class ProxyTest : public ::testing::Test {
+ protected:
+  void StartDaemon(const std::string& proxy_extra = "") {
+    daemon_ = std::make_unique<Daemon>(dir_, "", proxy_extra);
+    ASSERT_TRUE(daemon_->Start());
+    secret_ = daemon_->SaveJob("job1", backend_.port());
+    ASSERT_FALSE(secret_.empty());
+  }
+  // A session to job1 that asked the backend for `command`.
+  int Session(const std::string& command) {
+    std::string reply;
+    int fd = OpenSession(daemon_->proxy_port(), "job1", secret_, &reply, command + "\n");
+    EXPECT_EQ(reply, "OK");
+    return fd;
+  }
+  void ExpectStillServing() {
+    int fd = Session("echo");
+    ASSERT_GE(fd, 0);
+    EchoResult r = EchoTransfer(fd, 1000);
+    EXPECT_EQ(r.received, r.sent);
+    close(fd);
+  }
+
+  TempDir dir_;
+  Backend backend_;
+  std::unique_ptr<Daemon> daemon_;
+  std::string secret_;
+};
+
+TEST_F(ProxyTest, EchoOneByteAnd64KiB) {
+  StartDaemon();
+  for (uint64_t n : {uint64_t{1}, uint64_t{64 * 1024}}) {
+    int fd = Session("echo");
+    ASSERT_GE(fd, 0);
+    EchoResult r = EchoTransfer(fd, n);
+    EXPECT_EQ(r.received_bytes, n);
+    EXPECT_EQ(r.received, r.sent);
+    close(fd);
+  }
+}
+
+TEST_F(ProxyTest, Transfers256MiBEachWayByHash) {
+  StartDaemon();
+  constexpr uint64_t kBytes = 256ull << 20;
+  // Client -> backend: the backend hashes what it got, after the client's EOF (half-close).
+  int up = Session("upload");
+  ASSERT_GE(up, 0);
+  EchoResult sent = [&] {
+    EchoResult r;
+    Sha256 sha;
+    std::vector<char> buf(1 << 20);
+    for (uint64_t off = 0; off < kBytes; off += buf.size()) {
+      Pattern(off, buf.data(), buf.size());
+      sha.Update(buf.data(), buf.size());
+      EXPECT_TRUE(SendAll(up, buf.data(), buf.size()));
+    }
+    r.sent = sha.Hex();
+    return r;
+  }();
+  shutdown(up, SHUT_WR);
+  auto reply = ReadLine(up, 256);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(*reply, sent.sent + " " + std::to_string(kBytes));
+  close(up);
+  // Backend -> client.
+  int down = Session("download " + std::to_string(kBytes));
+  ASSERT_GE(down, 0);
+  Sha256 sha;
+  uint64_t got = 0;
+  std::vector<char> buf(1 << 20);
+  for (;;) {
+    ssize_t n = recv(down, buf.data(), buf.size(), 0);
+    if (n <= 0) break;
+    sha.Update(buf.data(), n);
+    got += n;
+  }
+  EXPECT_EQ(got, kBytes);
+  EXPECT_EQ(sha.Hex(), PatternHash(kBytes));
+  close(down);
+}
+
+TEST_F(ProxyTest, PipelinedBytesReachTheBackendFirstAndInOrder) {
+  StartDaemon();
+  // The command line and the first payload arrive in the same segment as the preamble.
+  std::string reply;
+  int fd = OpenSession(daemon_->proxy_port(), "job1", secret_, &reply, "echo\nfirst-");
+  ASSERT_EQ(reply, "OK");
+  SendAll(fd, "second");
+  shutdown(fd, SHUT_WR);
+  EXPECT_EQ(ReadToEof(fd), "first-second");
+  close(fd);
+}
+
+TEST_F(ProxyTest, TwoHundredConcurrentSessions) {
+  StartDaemon();
+  constexpr int kSessions = 200;
+  std::atomic<int> good{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kSessions; ++i) {
+    threads.emplace_back([&, i] {
+      std::string reply;
+      int fd = OpenSession(daemon_->proxy_port(), "job1", secret_, &reply, "echo\n");
+      if (fd < 0 || reply != "OK") return;
+      EchoResult r = EchoTransfer(fd, 64 * 1024 + i);
+      if (r.received == r.sent && r.received_bytes == 64 * 1024u + i) good++;
+      close(fd);
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(good.load(), kSessions);
+}
+
+TEST_F(ProxyTest, ConnectListenCarriesSessions) {
+  StartDaemon();
+  auto connect = Child::Spawn({BinaryPath(), "connect", "job1", "--listen", "0", "-c",
+                               daemon_->config_path(), "--proxy",
+                               "127.0.0.1:" + std::to_string(daemon_->proxy_port())},
+                              dir_ / "connect.log");
+  auto line = connect->WaitFor("listening on 127.0.0.1:");
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  for (uint64_t n : {uint64_t{1}, uint64_t{64 * 1024}, uint64_t{256} << 20}) {
+    int fd = ConnectTcp(port);
+    ASSERT_GE(fd, 0);
+    SendAll(fd, "echo\n");
+    EchoResult r = EchoTransfer(fd, n);
+    EXPECT_EQ(r.received_bytes, n);
+    EXPECT_EQ(r.received, r.sent);
+    close(fd);
+  }
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
+TEST_F(ProxyTest, ConnectReportsTheProxysRefusal) {
+  StartDaemon();
+  // The job exists but nothing listens on its port: `connect` says so in words.
+  ASSERT_FALSE(daemon_->SaveJob("gone", 1).empty());
+  RunOptions in;
+  in.stdin_data = "x";
+  RunResult r = daemon_->Cli({"connect", "gone", "--stdio", "--proxy",
+                              "127.0.0.1:" + std::to_string(daemon_->proxy_port())},
+                             in);
+  EXPECT_EQ(r.exit_code, 3) << r;  // nothing listens on port 1: unavailable
+  EXPECT_NE(r.err.find("does not accept connections"), std::string::npos) << r;
+}
+
+TEST_F(ProxyTest, DeniedAndMalformedHandshakes) {
+  StartDaemon("handshake_timeout = 1s\n");
+  int port = daemon_->proxy_port();
+  std::string reply;
+  int fd = OpenSession(port, "nosuchjob", secret_, &reply);
+  EXPECT_EQ(reply, "ERR denied");
+  close(fd);
+  std::string wrong = secret_;
+  wrong[5] = wrong[5] == '0' ? '1' : '0';
+  fd = OpenSession(port, "job1", wrong, &reply);
+  EXPECT_EQ(reply, "ERR denied");  // same answer as an unknown job
+  close(fd);
+
+  for (const std::string& bad :
+       {std::string("BROKER1 job1\n"), std::string("BROKER2 job1 00\n"),
+        std::string("BROKER1 job/1 00\n"), std::string("BROKER1 job1 XYZ\n"),
+        std::string("BROKER1 job1 ") + std::string(3000, 'a'), std::string("hello\n")}) {
+    fd = ConnectTcp(port);
+    ASSERT_GE(fd, 0);
+    SendAll(fd, bad);
+    EXPECT_EQ(ReadLine(fd).value_or("<closed>"), "ERR bad-request") << bad.substr(0, 40);
+    close(fd);
+  }
+
+  // A silent client gets the timeout answer after handshake_timeout.
+  auto start = steady_clock::now();
+  fd = ConnectTcp(port);
+  EXPECT_EQ(ReadLine(fd).value_or("<closed>"), "ERR timeout");
+  EXPECT_LT(steady_clock::now() - start, milliseconds(5000));
+  close(fd);
+
+  // One byte every 100 ms is still bounded by the same deadline.
+  fd = ConnectTcp(port);
+  start = steady_clock::now();
+  std::string slow = "BROKER1 job1 " + secret_ + "\n";
+  std::atomic<bool> stop{false};
+  std::thread dripper([&] {
+    for (char c : slow) {
+      if (stop || send(fd, &c, 1, MSG_NOSIGNAL) != 1) return;
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+  });
+  EXPECT_EQ(ReadLine(fd).value_or("<closed>"), "ERR timeout");
+  EXPECT_LT(steady_clock::now() - start, milliseconds(3000));
+  stop = true;
+  dripper.join();
+  close(fd);
+
+  ExpectStillServing();
+}
+
+TEST_F(ProxyTest, PlainPreambleOnlyFromAllowedSources) {
+  StartDaemon("plain_allow = 10.0.0.0/8\n");
+  std::string reply;
+  int fd = OpenSession(daemon_->proxy_port(), "job1", secret_, &reply);
+  EXPECT_EQ(reply, "ERR denied");
+  close(fd);
+}
+
+TEST_F(ProxyTest, ThrottlesRepeatedFailuresPerJob) {
+  StartDaemon("throttle_failures = 3\nthrottle_window = 1m\n");
+  std::string reply;
+  for (int i = 0; i < 3; ++i) {
+    close(OpenSession(daemon_->proxy_port(), "job1", "00", &reply));
+    EXPECT_EQ(reply, "ERR denied");
+  }
+  // Throttled now: even the right secret waits for the window to pass.
+  close(OpenSession(daemon_->proxy_port(), "job1", secret_, &reply));
+  EXPECT_EQ(reply, "ERR busy");
+  EXPECT_NE(daemon_->Log().find("throttling job job1: 3 failed handshakes within 1m"),
+            std::string::npos)
+      << daemon_->Log();
+}
+
+TEST_F(ProxyTest, BackendRefusesGivesUnavailable) {
+  StartDaemon();
+  std::string secret = daemon_->SaveJob("dead", 1);  // nothing listens on port 1
+  std::string reply;
+  int fd = OpenSession(daemon_->proxy_port(), "dead", secret, &reply);
+  EXPECT_EQ(reply, "ERR unavailable");
+  close(fd);
+  ExpectStillServing();
+}
+
+TEST_F(ProxyTest, MaxConnectionsAnswersBusy) {
+  StartDaemon("max_connections = 2\n");
+  int a = Session("echo"), b = Session("echo");
+  std::string reply;
+  int c = OpenSession(daemon_->proxy_port(), "job1", secret_, &reply);
+  EXPECT_EQ(reply, "ERR busy");
+  close(c);
+  close(a);
+  close(b);
+}
+
+TEST_F(ProxyTest, BackendClosesMidTransfer) {
+  StartDaemon();
+  int fd = Session("reset 1000000");
+  std::string got = ReadToEof(fd, 8 << 20);
+  EXPECT_LE(got.size(), 1000000u);  // what arrived before the reset, then the end
+  close(fd);
+  ExpectStillServing();
+}
+
+TEST_F(ProxyTest, ClientResetsMidTransfer) {
+  StartDaemon();
+  int before = daemon_->OpenFds();
+  int fd = Session("download 1000000000");
+  char buf[4096];
+  ASSERT_GT(recv(fd, buf, sizeof(buf), 0), 0);
+  linger l{1, 0};
+  setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+  close(fd);  // RST
+  // The daemon drops both ends; its fds come back.
+  auto deadline = steady_clock::now() + milliseconds(5000);
+  while (daemon_->OpenFds() > before + 2 && steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  EXPECT_LE(daemon_->OpenFds(), before + 2);  // at most one pooled pipe pair
+  ExpectStillServing();
+}
+
+TEST_F(ProxyTest, HalfCloseEachDirection) {
+  StartDaemon();
+  // Client shuts down writing and still receives the whole reply.
+  int fd = Session("upload");
+  SendAll(fd, "some bytes");
+  shutdown(fd, SHUT_WR);
+  auto line = ReadLine(fd);
+  ASSERT_TRUE(line);
+  EXPECT_NE(line->find(" 10"), std::string::npos);
+  close(fd);
+  // The backend finishes first (shuts down writing); the client can still send afterwards.
+  fd = Session("download 5");
+  EXPECT_EQ(ReadToEof(fd).size(), 5u);  // EOF seen while our side is still open
+  EXPECT_TRUE(SendAll(fd, "late bytes the backend drains"));
+  shutdown(fd, SHUT_WR);
+  close(fd);
+  ExpectStillServing();
+}
+
+TEST_F(ProxyTest, SlowReadersKeepMemoryBounded) {
+  StartDaemon();
+  size_t baseline = daemon_->RssBytes();
+  constexpr uint64_t kDown = 1ull << 30;
+  int fd = Session("download " + std::to_string(kDown));
+  int rcvbuf = 64 * 1024;
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
+  std::vector<char> buf(256 * 1024);
+  uint64_t got = 0;
+  size_t peak = baseline;
+  int reads = 0;
+  while (got < kDown) {
+    ssize_t n = recv(fd, buf.data(), buf.size(), 0);
+    if (n <= 0) break;
+    got += n;
+    if (++reads % 64 == 0) {
+      std::this_thread::sleep_for(milliseconds(1));  // a reader slower than the backend
+      peak = std::max(peak, daemon_->RssBytes());
+    }
+  }
+  close(fd);
+  EXPECT_EQ(got, kDown);
+  // Splicing keeps the bytes in the kernel: the daemon's memory does not follow the transfer.
+  EXPECT_LT(peak - baseline, 16u << 20) << "baseline " << baseline << " peak " << peak;
+
+  // The other way: the backend reads slowly.
+  fd = Session("slowread");
+  std::atomic<bool> done{false};
+  std::thread writer([&] {
+    std::vector<char> chunk(1 << 20, 'x');
+    for (int i = 0; i < 64 && !done; ++i) SendAll(fd, chunk.data(), chunk.size());
+    shutdown(fd, SHUT_WR);
+  });
+  size_t peak2 = baseline;
+  for (int i = 0; i < 40; ++i) {
+    std::this_thread::sleep_for(milliseconds(50));
+    peak2 = std::max(peak2, daemon_->RssBytes());
+  }
+  done = true;
+  shutdown(fd, SHUT_RDWR);
+  writer.join();
+  close(fd);
+  EXPECT_LT(peak2 - baseline, 16u << 20) << "baseline " << baseline << " peak " << peak2;
+}
+
+TEST_F(ProxyTest, NoDescriptorLeakAfterTenThousandSessions) {
+  StartDaemon();
+  auto run = [&](int sessions, int threads) {
+    std::vector<std::thread> ts;
+    std::atomic<int> ok{0};
+    for (int t = 0; t < threads; ++t) {
+      ts.emplace_back([&] {
+        for (int i = 0; i < sessions / threads; ++i) {
+          std::string reply;
+          int fd = OpenSession(daemon_->proxy_port(), "job1", secret_, &reply, "echo\nz");
+          char c = 0;
+          if (reply == "OK" && recv(fd, &c, 1, 0) == 1 && c == 'z') ok++;
+          close(fd);
+        }
+      });
+    }
+    for (auto& t : ts) t.join();
+    return ok.load();
+  };
+  EXPECT_EQ(run(200, 8), 200);  // warm up: the pipe pool reaches its working size
+  std::this_thread::sleep_for(milliseconds(300));
+  int before = daemon_->OpenFds();
+  EXPECT_EQ(run(10000, 8), 10000);
+  auto deadline = steady_clock::now() + milliseconds(10000);
+  while (daemon_->OpenFds() != before && steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(50));
+  }
+  EXPECT_EQ(daemon_->OpenFds(), before);
+}
+
+// ---- --stdio as an OpenSSH ProxyCommand to a real sshd registered as a job ----
+
+TEST_F(ProxyTest, StdioWorksAsSshProxyCommand) {
+  if (access("/usr/sbin/sshd", X_OK) != 0 || access("/usr/bin/ssh-keygen", X_OK) != 0) {
+    GTEST_SKIP() << "openssh-server is not installed";
+  }
+  StartDaemon();
+  std::string keys = dir_ / "keys";
+  ASSERT_EQ(RunCommand({"mkdir", "-p", keys}).exit_code, 0);
+  ASSERT_EQ(RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", keys + "/host"}).exit_code, 0);
+  ASSERT_EQ(RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", keys + "/user"}).exit_code, 0);
+  WriteFile(keys + "/authorized_keys", ReadFile(keys + "/user.pub"), 0600);
+  // A free port for sshd: bind 0, read it back, release.
+  int probe = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  bind(probe, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  getsockname(probe, reinterpret_cast<sockaddr*>(&addr), &len);
+  int sshd_port = ntohs(addr.sin_port);
+  close(probe);
+  WriteFile(dir_ / "sshd_config",
+            "ListenAddress 127.0.0.1\nPort " + std::to_string(sshd_port) + "\nHostKey " + keys +
+                "/host\nAuthorizedKeysFile " + keys +
+                "/authorized_keys\nPidFile none\nUsePAM no\nStrictModes no\n"
+                "PermitRootLogin prohibit-password\nPasswordAuthentication no\n");
+  RunCommand({"mkdir", "-p", "/run/sshd"});
+  auto sshd = Child::Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", dir_ / "sshd_config"},
+                           dir_ / "sshd.log");
+  ASSERT_TRUE(sshd->WaitFor("Server listening", 10000)) << sshd->Output();
+  ASSERT_FALSE(daemon_->SaveJob("sshjob", sshd_port).empty());
+
+  std::string proxy_command = BinaryPath() + " connect %h --stdio -c " + daemon_->config_path() +
+                              " --proxy 127.0.0.1:" + std::to_string(daemon_->proxy_port());
+  RunResult r = RunCommand({"ssh", "-F", "/dev/null", "-i", keys + "/user", "-o",
+                            "ProxyCommand=" + proxy_command, "-o", "StrictHostKeyChecking=no",
+                            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o",
+                            "ConnectTimeout=20", "root@sshjob", "echo", "hello-from-the-job"});
+  EXPECT_EQ(r.exit_code, 0) << r << "\nsshd: " << sshd->Output();
+  EXPECT_EQ(r.out, "hello-from-the-job\n");
+  sshd->Stop();
+}
+
+}  // namespace
+}  // namespace brokerproxy::testing
