@@ -1,7 +1,11 @@
 #include "cli/commands.h"
 
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
+
+#include <cerrno>
 
 #include <cstdio>
 #include <cstdlib>
@@ -69,6 +73,22 @@ void PrintJob(const Job& job, OutputFormat format) {
   }
   std::printf("state:    %s\nexpires:  %s\n", job.ready ? "ready" : "waiting",
               FormatTime(job.expires).c_str());
+}
+
+// Can a service on this host bind `port`? A port of the range may be held here by anything
+// (another program, an outgoing connection) even though no job holds it.
+bool PortFreeHere(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return true;  // cannot tell: let the service try
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  bool free =
+      ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 || errno != EADDRINUSE;
+  ::close(fd);
+  return free;
 }
 
 void PrintRaw(const cJSON* reply) { std::printf("%s\n", registry::PrintJson(reply).c_str()); }
@@ -211,6 +231,15 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   if (!reply.ok()) return reply.status();
   auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
   if (!job.ok()) return job.status();
+  // The command runs here and binds the port: if something here already holds it, saving
+  // again replaces the job with a fresh port.
+  for (int attempt = 0; exec_mode && job->port_allocated && !PortFreeHere(job->port) && attempt < 8;
+       ++attempt) {
+    reply = client->Call(req, kCallTimeoutMs);
+    if (!reply.ok()) return reply.status();
+    job = JobFromReply(reply->get(), "job", SecretField::kInclude);
+    if (!job.ok()) return job.status();
+  }
 
   if (args.wait && !exec_mode) {
     Request wait;

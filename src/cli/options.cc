@@ -61,11 +61,13 @@ const std::vector<Entry>& Entries() {
         "--log-level", FlagScope::kAll},
        &Config::log_level},
       // [registry]
-      {{"registry", "port_range", T::kPortRange, "41000-41999",
+      {{"registry", "port_range", T::kPortRange, "28000-28999",
         "Inclusive range of TCP ports (A-B) handed out to jobs saved without --port; the job's "
         "service listens on its port on the compute node. Choose a range no other service on "
-        "the compute nodes uses; its size caps how many jobs can hold an allocated port at "
-        "once.",
+        "the compute nodes uses and outside their ephemeral port range "
+        "(/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default): a port in it can be "
+        "held by any outgoing connection, and the service then fails to bind it. Its size caps "
+        "how many jobs can hold an allocated port at once.",
         nullptr, kNo},
        &Config::port_range},
       {{"registry", "secret_bits", T::kInt, "256",
@@ -277,7 +279,7 @@ Status ParsePortRange(std::string_view v, registry::PortRange* out) {
     auto [end, ec] = std::from_chars(part[i].data(), part[i].data() + part[i].size(), bound[i]);
     if (part[i].empty() || part[i][0] == '-' || ec != std::errc() ||
         end != part[i].data() + part[i].size()) {
-      return Bad(Quote(v) + " is not a port range A-B (e.g. 41000-41999)");
+      return Bad(Quote(v) + " is not a port range A-B (e.g. 28000-28999)");
     }
   }
   if (bound[0] < 1 || bound[1] > 65535 || bound[0] > bound[1]) {

@@ -37,7 +37,7 @@ struct Config {
   LogLevel log_level = LogLevel::kInfo;
 
   // [registry]
-  registry::PortRange port_range;     // 41000-41999
+  registry::PortRange port_range;     // 28000-28999
   int secret_bits = 256;              // 128..4096, multiple of 8
   int64_t default_ttl_ms = 0;         // 0: jobs do not expire
   int64_t ready_timeout_ms = 120000;  // how long `save --wait` and exec mode wait for a listener

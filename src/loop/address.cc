@@ -280,4 +280,14 @@ std::string FormatDuration(int64_t ms) {
   return std::to_string(ms) + "ms";  // not reached: every value is a whole number of ms
 }
 
+bool IsSelfConnected(int fd) {
+  sockaddr_storage local{}, peer{};
+  socklen_t llen = sizeof(local), plen = sizeof(peer);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &llen) != 0 ||
+      getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &plen) != 0) {
+    return false;
+  }
+  return llen == plen && std::memcmp(&local, &peer, llen) == 0;
+}
+
 }  // namespace brokerproxy

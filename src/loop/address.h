@@ -52,6 +52,11 @@ class Cidr {
 // True if `addr` is in any of `nets`.
 bool MatchesAny(const std::vector<Cidr>& nets, const sockaddr* addr);
 
+// True if the connected TCP socket `fd` is connected to itself: a connect() to a local port
+// that nothing listens on can, when that port lies in the ephemeral range, be given the same
+// port as its source and complete as a "simultaneous open" with itself.
+bool IsSelfConnected(int fd);
+
 // Duration text: "250ms", "30s", "5m", "2h", "1d", or bare seconds "30"; "0" means off.
 // Returns milliseconds.
 Result<int64_t> ParseDuration(std::string_view text);

@@ -6,6 +6,7 @@
 
 #include <cerrno>
 
+#include "loop/address.h"
 #include "loop/stream.h"
 #include "proxy/relay.h"
 
@@ -88,6 +89,8 @@ void Dialer::TryNext() {
 
 void Dialer::OnWritable(int) {
   int err = SocketError(socket_->fd());
+  // A local backend port that nothing listens on can yield a connection to ourselves.
+  if (err == 0 && IsSelfConnected(socket_->fd())) err = ECONNREFUSED;
   if (err != 0) {
     last_error_ = PosixError("connect " + target_, err);
     socket_.reset();

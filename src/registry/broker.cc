@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "loop/address.h"
 #include "loop/log.h"
 #include "registry/secret.h"
 

@@ -28,10 +28,12 @@
 
 namespace brokerproxy::registry {
 
-// An inclusive range of TCP ports, "41000-41999".
+// An inclusive range of TCP ports, "28000-28999".
 struct PortRange {
-  int first = 41000;
-  int last = 41999;
+  // Below Linux's ephemeral range (32768-60999): a port inside it may be held by any outgoing
+  // connection on the compute node when the service tries to bind it.
+  int first = 28000;
+  int last = 28999;
 
   // Accepts "A-B" with 1 <= A <= B <= 65535 (whitespace around the numbers allowed).
   static Result<PortRange> Parse(std::string_view text);
@@ -55,7 +57,7 @@ struct SaveRequest {
 class Registry {
  public:
   struct Options {
-    PortRange ports;          // where Save() allocates ports; default 41000-41999
+    PortRange ports;          // where Save() allocates ports; default 28000-28999
     int secret_bits = 256;    // length of generated secrets
     int64_t default_ttl = 0;  // seconds; 0 = jobs never expire unless asked to
   };

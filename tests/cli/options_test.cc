@@ -416,10 +416,10 @@ INSTANTIATE_TEST_SUITE_P(
                   "<= A <= B <= 65535"},
         BadConfig{"[registry]\nport_range = 41000\n",
                   "test.ini:2: [registry] port_range: '41000' is not a port range A-B (e.g. "
-                  "41000-41999)"},
+                  "28000-28999)"},
         BadConfig{"[registry]\nport_range = 1--5\n",
                   "test.ini:2: [registry] port_range: '1--5' is not a port range A-B (e.g. "
-                  "41000-41999)"},
+                  "28000-28999)"},
         // Addresses.
         BadConfig{"[proxy]\nlisten = 127.0.0.1\n",
                   "test.ini:2: [proxy] listen: '127.0.0.1': missing port; expected host:port"},

@@ -252,6 +252,20 @@ int Child::Stop(int signum, int timeout_ms) {
 
 // ---- daemon ----
 
+namespace {
+
+// A sanitizer report in a child's output fails the test that ran it.
+void CheckForSanitizerReports(const std::string& output, const char* who) {
+  for (const char* marker : {"ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"}) {
+    if (output.find(marker) != std::string::npos) {
+      ADD_FAILURE() << who << " reported a sanitizer error:\n" << output;
+      return;
+    }
+  }
+}
+
+}  // namespace
+
 Daemon::Daemon(const TempDir& dir, const std::string& extra_config, const std::string& proxy_extra)
     : dir_(dir.path()),
       config_path_(dir / "config.ini"),
@@ -264,7 +278,7 @@ Daemon::Daemon(const TempDir& dir, const std::string& extra_config, const std::s
 }
 
 Daemon::~Daemon() {
-  if (child_) Stop(SIGKILL);
+  if (child_) Stop(SIGTERM);
 }
 
 ::testing::AssertionResult Daemon::Start() {
@@ -287,6 +301,7 @@ int Daemon::Stop(int signum) {
   if (!child_) return -1;
   int rc = child_->Stop(signum);
   child_.reset();
+  CheckForSanitizerReports(Log(), "the daemon");
   return rc;
 }
 
@@ -294,7 +309,9 @@ RunResult Daemon::Cli(std::vector<std::string> args, const RunOptions& options) 
   // Right after the subcommand, so it stays before an exec-mode "--".
   args.insert(args.begin() + (args.empty() ? 0 : 1), {"-c", config_path_});
   args.insert(args.begin(), BinaryPath());
-  return RunCommand(args, options);
+  RunResult r = RunCommand(args, options);
+  CheckForSanitizerReports(r.err, "brokerproxy");
+  return r;
 }
 
 std::string Daemon::SaveJob(const std::string& id, int backend_port, const std::string& type,

@@ -23,8 +23,8 @@ using std::chrono::steady_clock;
 
 // Opens a raw session: connect, send the preamble (plus `extra` pipelined bytes), read the
 // reply line. Returns the fd (or -1) and the reply.
-int OpenSession(int port, const std::string& job, const std::string& secret,
-                std::string* reply, const std::string& extra = "") {
+int OpenSession(int port, const std::string& job, const std::string& secret, std::string* reply,
+                const std::string& extra = "") {
   int fd = ConnectTcp(port);
   if (fd < 0) return -1;
   SendAll(fd, "BROKER1 " + job + " " + secret + "\n" + extra);
@@ -147,10 +147,10 @@ TEST_F(ProxyTest, TwoHundredConcurrentSessions) {
 
 TEST_F(ProxyTest, ConnectListenCarriesSessions) {
   StartDaemon();
-  auto connect = Child::Spawn({BinaryPath(), "connect", "job1", "--listen", "0", "-c",
-                               daemon_->config_path(), "--proxy",
-                               "127.0.0.1:" + std::to_string(daemon_->proxy_port())},
-                              dir_ / "connect.log");
+  auto connect =
+      Child::Spawn({BinaryPath(), "connect", "job1", "--listen", "0", "-c", daemon_->config_path(),
+                    "--proxy", "127.0.0.1:" + std::to_string(daemon_->proxy_port())},
+                   dir_ / "connect.log");
   auto line = connect->WaitFor("listening on 127.0.0.1:");
   ASSERT_TRUE(line) << connect->Output();
   int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
@@ -404,8 +404,12 @@ TEST_F(ProxyTest, StdioWorksAsSshProxyCommand) {
   StartDaemon();
   std::string keys = dir_ / "keys";
   ASSERT_EQ(RunCommand({"mkdir", "-p", keys}).exit_code, 0);
-  ASSERT_EQ(RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", keys + "/host"}).exit_code, 0);
-  ASSERT_EQ(RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", keys + "/user"}).exit_code, 0);
+  ASSERT_EQ(
+      RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", keys + "/host"}).exit_code,
+      0);
+  ASSERT_EQ(
+      RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", keys + "/user"}).exit_code,
+      0);
   WriteFile(keys + "/authorized_keys", ReadFile(keys + "/user.pub"), 0600);
   // A free port for sshd: bind 0, read it back, release.
   int probe = socket(AF_INET, SOCK_STREAM, 0);
@@ -423,16 +427,16 @@ TEST_F(ProxyTest, StdioWorksAsSshProxyCommand) {
                 "/authorized_keys\nPidFile none\nUsePAM no\nStrictModes no\n"
                 "PermitRootLogin prohibit-password\nPasswordAuthentication no\n");
   RunCommand({"mkdir", "-p", "/run/sshd"});
-  auto sshd = Child::Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", dir_ / "sshd_config"},
-                           dir_ / "sshd.log");
+  auto sshd =
+      Child::Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", dir_ / "sshd_config"}, dir_ / "sshd.log");
   ASSERT_TRUE(sshd->WaitFor("Server listening", 10000)) << sshd->Output();
   ASSERT_FALSE(daemon_->SaveJob("sshjob", sshd_port).empty());
 
   std::string proxy_command = BinaryPath() + " connect %h --stdio -c " + daemon_->config_path() +
                               " --proxy 127.0.0.1:" + std::to_string(daemon_->proxy_port());
   RunResult r = RunCommand({"ssh", "-F", "/dev/null", "-i", keys + "/user", "-o",
-                            "ProxyCommand=" + proxy_command, "-o", "StrictHostKeyChecking=no",
-                            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o",
+                            "ProxyCommand=" + proxy_command, "-o", "StrictHostKeyChecking=no", "-o",
+                            "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o",
                             "ConnectTimeout=20", "root@sshjob", "echo", "hello-from-the-job"});
   EXPECT_EQ(r.exit_code, 0) << r << "\nsshd: " << sshd->Output();
   EXPECT_EQ(r.out, "hello-from-the-job\n");

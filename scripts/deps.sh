@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what building brokerproxy needs (Debian 12 packages only); with --test, also the
+# real peers the test suite drives (sshd, socat, haproxy, chromium, curl).
+set -euo pipefail
+build=(build-essential cmake ninja-build pkg-config libuv1-dev libssh-dev libssl-dev
+       libcjson-dev libcli11-dev libbenchmark-dev libgtest-dev socat procps)
+test=(openssh-server openssh-client haproxy chromium libnss3-tools curl ca-certificates
+      openssl iproute2)
+want=("${build[@]}")
+[ "${1:-}" = "--test" ] && want+=("${test[@]}")
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

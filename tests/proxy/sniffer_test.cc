@@ -1,0 +1,103 @@
+#include "proxy/sniffer.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+namespace brokerproxy::proxy {
+namespace {
+
+const std::string kSecret(64, 'a');
+
+TEST(SniffTest, FirstByteDecides) {
+  EXPECT_EQ(Sniff(""), Protocol::kNeedMore);
+  EXPECT_EQ(Sniff("B"), Protocol::kPlain);
+  EXPECT_EQ(Sniff("\x16\x03\x01"), Protocol::kTls);
+  EXPECT_EQ(Sniff("SSH-2.0-OpenSSH_9.2"), Protocol::kSsh);
+  EXPECT_EQ(Sniff("GET / HTTP/1.1"), Protocol::kUnknown);
+  EXPECT_EQ(Sniff(std::string(1, '\0')), Protocol::kUnknown);
+}
+
+struct PreambleCase {
+  std::string name;
+  std::string input;
+  Preamble::State state;
+  std::string job;
+  size_t length;
+};
+
+void PrintTo(const PreambleCase& c, std::ostream* os) { *os << c.name; }
+
+class PreambleTest : public ::testing::TestWithParam<PreambleCase> {};
+
+TEST_P(PreambleTest, Parses) {
+  const PreambleCase& c = GetParam();
+  Preamble p = ParsePreamble(c.input);
+  EXPECT_EQ(p.state, c.state);
+  if (c.state == Preamble::State::kDone) {
+    EXPECT_EQ(p.job_id, c.job);
+    EXPECT_EQ(p.length, c.length);
+  }
+}
+
+// Byte-at-a-time delivery: every strict prefix of a good preamble needs more, never fails.
+TEST_P(PreambleTest, EveryPrefixOfAGoodOneNeedsMore) {
+  const PreambleCase& c = GetParam();
+  if (c.state != Preamble::State::kDone) return;
+  for (size_t n = 0; n < c.length; ++n) {
+    EXPECT_EQ(ParsePreamble(c.input.substr(0, n)).state, Preamble::State::kNeedMore) << n;
+  }
+}
+
+const std::string kLine = "BROKER1 job-1.x_y " + kSecret + "\n";
+
+INSTANTIATE_TEST_SUITE_P(
+    Table, PreambleTest,
+    ::testing::Values(
+        PreambleCase{"plain", kLine, Preamble::State::kDone, "job-1.x_y", kLine.size()},
+        PreambleCase{"crlf", "BROKER1 j " + kSecret + "\r\n", Preamble::State::kDone, "j",
+                     12 + kSecret.size()},
+        PreambleCase{"payload_after", kLine + "GET / HTTP/1.1\r\n", Preamble::State::kDone,
+                     "job-1.x_y", kLine.size()},
+        PreambleCase{"wrong_magic", "BROKER2 j " + kSecret + "\n", Preamble::State::kBad, "", 0},
+        PreambleCase{"lowercase_magic", "broker1 j ab\n", Preamble::State::kBad, "", 0},
+        PreambleCase{"no_secret", "BROKER1 j\n", Preamble::State::kBad, "", 0},
+        PreambleCase{"empty_secret", "BROKER1 j \n", Preamble::State::kBad, "", 0},
+        PreambleCase{"empty_job", "BROKER1  ab\n", Preamble::State::kBad, "", 0},
+        PreambleCase{"slash_in_job", "BROKER1 a/b ab\n", Preamble::State::kBad, "", 0},
+        PreambleCase{"upper_hex", "BROKER1 j AB\n", Preamble::State::kBad, "", 0},
+        PreambleCase{"space_after_secret", "BROKER1 j ab \n", Preamble::State::kBad, "", 0},
+        PreambleCase{"long_job", "BROKER1 " + std::string(65, 'j') + " ab\n", Preamble::State::kBad,
+                     "", 0},
+        PreambleCase{"max_job", "BROKER1 " + std::string(64, 'j') + " ab\n", Preamble::State::kDone,
+                     std::string(64, 'j'), 76},
+        PreambleCase{"oversized", "BROKER1 j " + std::string(3000, 'a'), Preamble::State::kBad, "",
+                     0},
+        PreambleCase{"tls_bytes", "\x16\x03\x01\x02\x00", Preamble::State::kBad, "", 0}),
+    [](const auto& info) { return info.param.name; });
+
+TEST(PreambleTest, FailsEarlyOnAWrongPrefix) {
+  EXPECT_EQ(ParsePreamble("BX").state, Preamble::State::kBad);
+  EXPECT_EQ(ParsePreamble("BROKER1 j ab\r").state, Preamble::State::kNeedMore);
+  EXPECT_EQ(ParsePreamble("BROKER1 j ab\rx").state, Preamble::State::kBad);
+}
+
+TEST(PreambleTest, ExactlyAtTheLimit) {
+  // The longest accepted line is kMaxPreambleBytes including the newline.
+  std::string secret(kMaxPreambleBytes - std::string("BROKER1 j \n").size(), 'b');
+  std::string line = "BROKER1 j " + secret + "\n";
+  ASSERT_EQ(line.size(), kMaxPreambleBytes);
+  EXPECT_EQ(ParsePreamble(line).state, Preamble::State::kDone);
+  EXPECT_EQ(ParsePreamble("BROKER1 j " + secret + "b\n").state, Preamble::State::kBad);
+}
+
+TEST(ErrorReplyTest, DocumentedCodes) {
+  EXPECT_EQ(ErrorReply(ErrorCode::kDenied), "ERR denied\n");
+  EXPECT_EQ(ErrorReply(ErrorCode::kUnavailable), "ERR unavailable\n");
+  EXPECT_EQ(ErrorReply(ErrorCode::kBusy), "ERR busy\n");
+  EXPECT_EQ(ErrorReply(ErrorCode::kTimeout), "ERR timeout\n");
+  EXPECT_EQ(ErrorReply(ErrorCode::kBadRequest), "ERR bad-request\n");
+}
+
+}  // namespace
+}  // namespace brokerproxy::proxy

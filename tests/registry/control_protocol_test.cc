@@ -1,0 +1,94 @@
+#include "registry/control_protocol.h"
+
+#include <gtest/gtest.h>
+
+namespace brokerproxy::registry {
+namespace {
+
+TEST(ControlProtocolTest, RequestsRoundTrip) {
+  Request save;
+  save.op = Op::kSave;
+  save.job = "123.lab";
+  save.save.id = "123.lab";
+  save.save.type = JobType::kSsl;
+  save.save.host = "node7";
+  save.save.port = 8888;
+  save.save.ttl = 3600;
+  save.save.ready = false;
+  Request verify;
+  verify.op = Op::kVerify;
+  verify.job = "j";
+  verify.secret = "abcd";
+  Request wait;
+  wait.op = Op::kWait;
+  wait.job = "j";
+  wait.timeout_ms = 5000;
+  for (const Request& r : {save, verify, wait}) {
+    auto back = ParseRequest(EncodeRequest(r));
+    ASSERT_TRUE(back.ok()) << back.status().ToString();
+    EXPECT_EQ(back->op, r.op);
+    EXPECT_EQ(back->job, r.job);
+    EXPECT_EQ(back->secret, r.secret);
+    EXPECT_EQ(back->timeout_ms, r.timeout_ms);
+    EXPECT_EQ(back->save.host, r.save.host);
+    EXPECT_EQ(back->save.port, r.save.port);
+    EXPECT_EQ(back->save.ttl, r.save.ttl);
+    EXPECT_EQ(back->save.ready, r.save.ready);
+    EXPECT_EQ(back->save.type, r.save.type);
+  }
+}
+
+TEST(ControlProtocolTest, RejectsBadRequestsWithAReason) {
+  struct Case {
+    const char* line;
+    const char* mentions;
+  } cases[] = {
+      {"", "JSON"},
+      {"nonsense", "JSON"},
+      {"[]", "object"},
+      {"{}", "op"},
+      {"{\"op\":7}", "op"},
+      {"{\"op\":\"fly\"}", "unknown op"},
+      {"{\"op\":\"load\"}", "job"},
+      {"{\"op\":\"load\",\"job\":\"a b\"}", "valid job id"},
+      {"{\"op\":\"load\",\"job\":\"x\",\"extra\":1}", "unknown field"},
+      {"{\"op\":\"load\",\"job\":\"x\",\"job\":\"y\"}", "twice"},
+      {"{\"op\":\"save\",\"job\":\"x\",\"type\":\"ftp\",\"host\":\"h\"}", "type"},
+      {"{\"op\":\"save\",\"job\":\"x\",\"type\":\"ssh\",\"host\":\"h\",\"port\":70000}", "port"},
+      {"{\"op\":\"save\",\"job\":\"x\",\"type\":\"ssh\",\"host\":\"h\",\"port\":1.5}", "port"},
+      {"{\"op\":\"save\",\"job\":\"x\",\"type\":\"ssh\",\"host\":\"-oProxy\"}", "host"},
+      {"{\"op\":\"wait\",\"job\":\"x\",\"timeout\":-1}", "timeout"},
+      {"{\"op\":\"query\"} trailing", "JSON"},
+  };
+  for (const auto& c : cases) {
+    auto r = ParseRequest(c.line);
+    ASSERT_FALSE(r.ok()) << c.line;
+    EXPECT_EQ(r.status().code(), Status::Code::kInvalidArgument) << c.line;
+    EXPECT_NE(r.status().message().find(c.mentions), std::string::npos)
+        << c.line << " -> " << r.status().ToString();
+  }
+  EXPECT_FALSE(ParseRequest(std::string(kMaxRequestBytes + 1, ' ')).ok());
+}
+
+TEST(ControlProtocolTest, RepliesCarryStatusCodes) {
+  auto ok = ParseReply(EncodeOk(nullptr));
+  EXPECT_TRUE(ok.ok());
+  auto err = ParseReply(EncodeError(Status::PermissionDenied("not yours")));
+  ASSERT_FALSE(err.ok());
+  EXPECT_EQ(err.status().code(), Status::Code::kPermissionDenied);
+  EXPECT_EQ(err.status().message(), "not yours");
+  EXPECT_EQ(ParseReply("{\"ok\":false,\"code\":\"weird\"}").status().code(),
+            Status::Code::kInternal);
+  EXPECT_EQ(ParseReply("{\"ok\":\"yes\"}").status().code(), Status::Code::kIOError);
+  EXPECT_EQ(ParseReply("<html>").status().code(), Status::Code::kIOError);
+}
+
+TEST(ControlProtocolTest, EncodeOkMovesTheBodyMembers) {
+  JsonPtr body = NewObject();
+  cJSON_AddNumberToObject(body.get(), "n", 3);
+  cJSON_AddStringToObject(body.get(), "s", "x");
+  EXPECT_EQ(EncodeOk(std::move(body)), "{\"ok\":true,\"n\":3,\"s\":\"x\"}");
+}
+
+}  // namespace
+}  // namespace brokerproxy::registry

@@ -1,0 +1,119 @@
+#include "registry/store.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include "registry/snapshot.h"
+
+namespace brokerproxy::registry {
+namespace {
+
+class StoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/bp-store-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    auto l = loop::Loop::Create();
+    ASSERT_TRUE(l.ok());
+    loop_ = std::move(l).value();
+  }
+  void TearDown() override {
+    store_.reset();
+    loop_->Run();
+    EXPECT_TRUE(loop_->Close().ok());
+    std::string cmd = "rm -rf " + dir_;
+    ASSERT_EQ(system(cmd.c_str()), 0);
+  }
+  Store::Mutation SaveJob(const std::string& id) {
+    return [this, id]() -> Result<Store::Undo> {
+      SaveRequest req;
+      req.id = id;
+      req.host = "127.0.0.1";
+      std::optional<Job> replaced;
+      auto job = registry_.Save(req, 1000, 1, &replaced);
+      if (!job.ok()) return job.status();
+      return Store::Undo([this, id] { registry_.Erase(id); });
+    };
+  }
+
+  std::string dir_;
+  std::unique_ptr<loop::Loop> loop_;
+  Registry registry_{Registry::Options{}};
+  std::unique_ptr<Store> store_;
+};
+
+TEST_F(StoreTest, DurableBeforeDoneAndGroupCommits) {
+  std::string path = dir_ + "/registry.json";
+  store_ = std::make_unique<Store>(loop_.get(), &registry_, path);
+  std::vector<std::string> order;
+  std::vector<size_t> jobs_on_disk;
+  for (const char* id : {"a", "b", "c"}) {
+    store_->Commit(SaveJob(id), [&, id](Status s) {
+      EXPECT_TRUE(s.ok()) << s.ToString();
+      order.push_back(id);
+      auto data = ReadFileIfExists(path, kMaxSnapshotBytes);
+      ASSERT_TRUE(data.ok() && data->has_value());
+      auto decoded = DecodeSnapshot(**data);
+      ASSERT_TRUE(decoded.ok());
+      jobs_on_disk.push_back(decoded->size());
+    });
+  }
+  EXPECT_TRUE(order.empty()) << "never answered inside Commit()";
+  loop_->Run();
+  EXPECT_EQ(order, (std::vector<std::string>{"a", "b", "c"}));
+  // "a" went alone; "b" and "c" queued behind it and were written together.
+  EXPECT_EQ(jobs_on_disk, (std::vector<size_t>{1, 3, 3}));
+  struct stat st {};
+  ASSERT_EQ(stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  Registry reloaded{Registry::Options{}};
+  ASSERT_TRUE(Store::Load(path, &reloaded).ok());
+  EXPECT_EQ(reloaded.size(), 3u);
+}
+
+TEST_F(StoreTest, FailedWriteUndoesTheChangeAndReportsIt) {
+  store_ = std::make_unique<Store>(loop_.get(), &registry_, dir_ + "/missing/registry.json");
+  Status result;
+  store_->Commit(SaveJob("x"), [&](Status s) { result = s; });
+  loop_->Run();
+  EXPECT_FALSE(result.ok());
+  EXPECT_EQ(registry_.size(), 0u) << "memory must not claim what the disk does not hold";
+  EXPECT_EQ(registry_.Find("x"), nullptr);
+}
+
+TEST_F(StoreTest, InvalidMutationIsAnsweredAndSkipped) {
+  store_ = std::make_unique<Store>(loop_.get(), &registry_, dir_ + "/registry.json");
+  Status bad, good;
+  store_->Commit([]() -> Result<Store::Undo> { return Status::InvalidArgument("nope"); },
+                 [&](Status s) { bad = s; });
+  store_->Commit(SaveJob("y"), [&](Status s) { good = s; });
+  loop_->Run();
+  EXPECT_EQ(bad.code(), Status::Code::kInvalidArgument);
+  EXPECT_TRUE(good.ok());
+  EXPECT_NE(registry_.Find("y"), nullptr);
+}
+
+TEST_F(StoreTest, MissingFileIsAnEmptyRegistryDamagedOneIsRefused) {
+  EXPECT_TRUE(Store::Load(dir_ + "/none.json", &registry_).ok());
+  std::string path = dir_ + "/bad.json";
+  ASSERT_TRUE(WriteFileAtomic(path, "{\"format\":1,", 0600).ok());
+  Status s = Store::Load(path, &registry_);
+  EXPECT_EQ(s.code(), Status::Code::kCorruption);
+  EXPECT_NE(s.message().find(path), std::string::npos);
+}
+
+TEST_F(StoreTest, DestroyingTheStoreMidWriteDropsTheCallbacks) {
+  store_ = std::make_unique<Store>(loop_.get(), &registry_, dir_ + "/registry.json");
+  bool called = false;
+  store_->Commit(SaveJob("z"), [&](Status) { called = true; });
+  store_.reset();
+  loop_->Run();
+  EXPECT_FALSE(called);
+}
+
+}  // namespace
+}  // namespace brokerproxy::registry
