@@ -48,7 +48,7 @@ class Connector {
 
   Status Listen(const HostPort& address, const std::string& job) {
     auto l = proxy::Listener::Create(
-        loop_, address, [this](int fd, const sockaddr_storage&) { OnLocal(fd); }, nullptr);
+        loop_, address, 60, [this](int fd, const sockaddr_storage&) { OnLocal(fd); }, nullptr);
     if (!l.ok()) return l.status();
     listener_ = std::move(l).value();
     std::printf("brokerproxy: listening on %s for job %s (proxy %s)\n",
@@ -98,7 +98,6 @@ class Connector {
 
  private:
   void OnLocal(int fd) {
-    proxy::TuneTcpSocket(fd, 60);
     auto poll = loop::Poll::Create(*loop_, fd, loop::FdOwnership::kOwned);
     if (!poll.ok()) return;
     uint64_t id = next_id_++;

@@ -280,14 +280,28 @@ std::string FormatDuration(int64_t ms) {
   return std::to_string(ms) + "ms";  // not reached: every value is a whole number of ms
 }
 
-bool IsSelfConnected(int fd) {
-  sockaddr_storage local{}, peer{};
-  socklen_t llen = sizeof(local), plen = sizeof(peer);
-  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &llen) != 0 ||
-      getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &plen) != 0) {
-    return false;
+bool IsSelfConnected(int fd, const sockaddr* peer) {
+  sockaddr_storage local{}, remote{};
+  socklen_t llen = sizeof(local);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &llen) != 0) return false;
+  if (peer == nullptr) {
+    socklen_t rlen = sizeof(remote);
+    if (getpeername(fd, reinterpret_cast<sockaddr*>(&remote), &rlen) != 0) return false;
+    peer = reinterpret_cast<const sockaddr*>(&remote);
   }
-  return llen == plen && std::memcmp(&local, &peer, llen) == 0;
+  if (local.ss_family != peer->sa_family) return false;
+  if (local.ss_family == AF_INET) {
+    auto* a = reinterpret_cast<const sockaddr_in*>(&local);
+    auto* b = reinterpret_cast<const sockaddr_in*>(peer);
+    return a->sin_port == b->sin_port && a->sin_addr.s_addr == b->sin_addr.s_addr;
+  }
+  if (local.ss_family == AF_INET6) {
+    auto* a = reinterpret_cast<const sockaddr_in6*>(&local);
+    auto* b = reinterpret_cast<const sockaddr_in6*>(peer);
+    return a->sin6_port == b->sin6_port &&
+           std::memcmp(&a->sin6_addr, &b->sin6_addr, sizeof(in6_addr)) == 0;
+  }
+  return false;
 }
 
 }  // namespace brokerproxy

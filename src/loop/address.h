@@ -54,8 +54,9 @@ bool MatchesAny(const std::vector<Cidr>& nets, const sockaddr* addr);
 
 // True if the connected TCP socket `fd` is connected to itself: a connect() to a local port
 // that nothing listens on can, when that port lies in the ephemeral range, be given the same
-// port as its source and complete as a "simultaneous open" with itself.
-bool IsSelfConnected(int fd);
+// port as its source and complete as a "simultaneous open" with itself. `peer` is the address
+// it connected to, if known (saves a getpeername()).
+bool IsSelfConnected(int fd, const sockaddr* peer = nullptr);
 
 // Duration text: "250ms", "30s", "5m", "2h", "1d", or bare seconds "30"; "0" means off.
 // Returns milliseconds.

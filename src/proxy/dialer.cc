@@ -90,7 +90,10 @@ void Dialer::TryNext() {
 void Dialer::OnWritable(int) {
   int err = SocketError(socket_->fd());
   // A local backend port that nothing listens on can yield a connection to ourselves.
-  if (err == 0 && IsSelfConnected(socket_->fd())) err = ECONNREFUSED;
+  if (err == 0 &&
+      IsSelfConnected(socket_->fd(), reinterpret_cast<const sockaddr*>(&addresses_[next_ - 1]))) {
+    err = ECONNREFUSED;
+  }
   if (err != 0) {
     last_error_ = PosixError("connect " + target_, err);
     socket_.reset();

@@ -9,6 +9,7 @@
 
 #include "loop/log.h"
 #include "loop/stream.h"
+#include "proxy/relay.h"
 
 namespace brokerproxy::proxy {
 namespace {
@@ -20,7 +21,7 @@ constexpr uint64_t kPauseMs = 1000;
 }  // namespace
 
 Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostPort& address,
-                                                   AcceptCallback on_accept,
+                                                   int keepalive_s, AcceptCallback on_accept,
                                                    PauseCallback on_pause) {
   std::string host = address.host;
   if (host == "*") host = "0.0.0.0";
@@ -51,6 +52,7 @@ Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostP
     ::close(fd);
     return s;
   }
+  TuneTcpSocket(fd, keepalive_s);
   if (::listen(fd, SOMAXCONN) != 0) {
     Status s = PosixError("listen " + address.ToString(), errno);
     ::close(fd);

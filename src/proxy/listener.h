@@ -33,9 +33,12 @@ class Listener {
   using PauseCallback = std::function<void()>;
 
   // Binds `address` (a numeric address, "localhost", "*" for every IPv4 address or "::" for
-  // IPv6; port 0 picks a free port) and listens.
+  // IPv6; port 0 picks a free port) and listens. TCP_NODELAY and keepalive (`keepalive_s` idle
+  // seconds, 0 = off) are set on the listening socket, which Linux copies to every accepted
+  // one: no per-connection setsockopt().
   static Result<std::unique_ptr<Listener>> Create(loop::Loop* loop, const HostPort& address,
-                                                  AcceptCallback on_accept, PauseCallback on_pause);
+                                                  int keepalive_s, AcceptCallback on_accept,
+                                                  PauseCallback on_pause);
 
   // The bound address, with the real port ("127.0.0.1:7000", "[::1]:7000").
   const std::string& address() const { return address_; }

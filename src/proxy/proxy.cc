@@ -78,7 +78,8 @@ Status Proxy::Start() {
   sweep_timer_->Start(options_.sweep_interval_ms, options_.sweep_interval_ms, [this] { Sweep(); });
   for (const HostPort& addr : options_.listen) {
     auto l = Listener::Create(
-        loop_, addr, [this](int fd, const sockaddr_storage& peer) { OnAccept(fd, peer); },
+        loop_, addr, options_.keepalive_s,
+        [this](int fd, const sockaddr_storage& peer) { OnAccept(fd, peer); },
         [this] { stats_.global().accept_pauses++; });
     if (!l.ok()) return l.status();
     LOG_INFO("proxy listening on %s", (*l)->address().c_str());

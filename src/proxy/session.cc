@@ -123,9 +123,8 @@ void Session::OnBackend(Result<loop::HandlePtr<loop::Poll>> backend) {
     return;
   }
   proxy_->ClearDeadline(this);
-  int keepalive = proxy_->options().keepalive_s;
-  TuneTcpSocket(client_->fd(), keepalive);
-  TuneTcpSocket((*backend)->fd(), keepalive);
+  // The client socket inherited these from the listener.
+  TuneTcpSocket((*backend)->fd(), proxy_->options().keepalive_s);
   state_ = State::kSplicing;
   proxy_->stats().global().spliced++;
   JobCounters& jc = proxy_->stats().job(target_.job_id);
