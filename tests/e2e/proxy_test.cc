@@ -230,6 +230,28 @@ TEST_F(ProxyTest, DeniedAndMalformedHandshakes) {
   ExpectStillServing();
 }
 
+TEST_F(ProxyTest, ListensOnIpv4AndIpv6) {
+  StartDaemon("listen = [::1]:0\n");
+  std::string log = daemon_->Log();
+  size_t at = log.find("proxy listening on [::1]:");
+  ASSERT_NE(at, std::string::npos) << log;
+  int port6 = std::stoi(log.substr(at + 25));
+  int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in6 addr{};
+  addr.sin6_family = AF_INET6;
+  addr.sin6_port = htons(static_cast<uint16_t>(port6));
+  addr.sin6_addr = in6addr_loopback;
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  timeval tv{10, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  SendAll(fd, "BROKER1 job1 " + secret_ + "\necho\n");
+  EXPECT_EQ(ReadLine(fd).value_or("<closed>"), "OK");  // ::1 is in the default plain_allow
+  EchoResult r = EchoTransfer(fd, 4096);
+  EXPECT_EQ(r.received, r.sent);
+  close(fd);
+  ExpectStillServing();  // and IPv4 still works
+}
+
 TEST_F(ProxyTest, PlainPreambleOnlyFromAllowedSources) {
   StartDaemon("plain_allow = 10.0.0.0/8\n");
   std::string reply;
