@@ -46,6 +46,7 @@ void Store::StartBatch() {
   }
   if (in_flight_.empty()) return;
   writing_ = true;
+  ++writes_;
   // Encode on the loop (fast, and the registry is loop-only); write on the pool.
   auto data = std::make_shared<std::string>(EncodeSnapshot(registry_->All()));
   auto result = std::make_shared<Status>();

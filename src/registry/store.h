@@ -49,6 +49,8 @@ class Store {
 
   // True while a write is in flight or mutations wait.
   bool busy() const { return writing_ || !queue_.empty(); }
+  // Snapshot writes started so far (one per batch).
+  uint64_t writes() const { return writes_; }
   const std::string& path() const { return path_; }
 
  private:
@@ -69,6 +71,7 @@ class Store {
   std::deque<Entry> queue_;
   std::vector<Applied> in_flight_;
   bool writing_ = false;
+  uint64_t writes_ = 0;
   loop::Pending write_;
 };
 

@@ -174,6 +174,9 @@ TEST_F(BrokerTest, UsersAreIsolated) {
   ASSERT_TRUE(d.Start());
   RunOptions nobody;
   nobody.uid = kNobody;
+  // The build tree may sit where `nobody` cannot reach (/root): give it its own copy.
+  nobody.binary = dir_ / "brokerproxy";
+  ASSERT_EQ(RunCommand({"install", "-m", "0755", BinaryPath(), nobody.binary}).exit_code, 0);
   ASSERT_FALSE(d.SaveJob("root-job", 6001).empty());
   std::string their = d.SaveJob("nobody-job", 6002, "ssh", nobody);
   ASSERT_FALSE(their.empty()) << d.Cli({"save", "ssh", "--job-id", "x"}, nobody);

@@ -308,7 +308,7 @@ int Daemon::Stop(int signum) {
 RunResult Daemon::Cli(std::vector<std::string> args, const RunOptions& options) const {
   // Right after the subcommand, so it stays before an exec-mode "--".
   args.insert(args.begin() + (args.empty() ? 0 : 1), {"-c", config_path_});
-  args.insert(args.begin(), BinaryPath());
+  args.insert(args.begin(), options.binary.empty() ? BinaryPath() : options.binary);
   RunResult r = RunCommand(args, options);
   CheckForSanitizerReports(r.err, "brokerproxy");
   return r;

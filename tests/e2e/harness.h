@@ -48,6 +48,7 @@ struct RunOptions {
   std::optional<uid_t> uid;  // run as this user (and its primary group), e.g. 65534 = nobody
   int timeout_ms = 60000;
   std::vector<std::string> env;  // extra "NAME=value" entries
+  std::string binary;            // Daemon::Cli: run this copy of brokerproxy instead
 };
 
 struct RunResult {

@@ -3,6 +3,7 @@
 // reports any callback that runs on freed memory).
 
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -470,13 +471,21 @@ TEST_F(LoopTest, ResolveNumericAndName) {
     numeric = *r;
   });
   inline_call = false;
+  loop_->Run();
+  ASSERT_EQ(numeric.size(), 1u);
+  EXPECT_EQ(FormatAddress(reinterpret_cast<sockaddr*>(&numeric[0])), "127.0.0.1:80");
+
+  // Names go through the thread pool; a bare chroot may have no /etc/hosts to resolve with.
+  addrinfo* probe = nullptr;
+  if (getaddrinfo("localhost", nullptr, nullptr, &probe) != 0) {
+    GTEST_SKIP() << "this machine cannot resolve 'localhost' (no /etc/hosts)";
+  }
+  freeaddrinfo(probe);
   Pending b = Resolve(*loop_, "localhost", 81, [&](Result<std::vector<sockaddr_storage>> r) {
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     named = *r;
   });
   loop_->Run();
-  ASSERT_EQ(numeric.size(), 1u);
-  EXPECT_EQ(FormatAddress(reinterpret_cast<sockaddr*>(&numeric[0])), "127.0.0.1:80");
   ASSERT_FALSE(named.empty());
   std::string first = FormatAddress(reinterpret_cast<sockaddr*>(&named[0]));
   EXPECT_TRUE(first == "127.0.0.1:81" || first == "[::1]:81") << first;
