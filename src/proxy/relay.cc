@@ -109,13 +109,23 @@ struct Relay::Pump {
     buf_len = buf_off = 0;
   }
 
-  // Writes what is held to dst. OK with want_write set if dst is full.
+  // Writes what is held to dst, in order: the prefix, then the pipe or the buffer. OK with
+  // want_write set if dst is full.
   Status Drain() {
-    while (prefix_off < prefix.size()) {
-      ssize_t n =
-          ::send(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off, MSG_NOSIGNAL);
-      if (n < 0 && errno == ENOTSOCK) {
-        n = ::write(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off);
+    for (;;) {
+      ssize_t n;
+      if (prefix_off < prefix.size()) {
+        // send() rather than write(): a vanished peer must not raise SIGPIPE.
+        n = dst_is_socket
+                ? ::send(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off,
+                         MSG_NOSIGNAL)
+                : ::write(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off);
+      } else if (in_pipe > 0) {
+        n = ::splice(pipe.read_fd, nullptr, dst->fd(), nullptr, in_pipe, kSpliceFlags);
+      } else if (buf_off < buf_len) {
+        n = ::write(dst->fd(), buf.get() + buf_off, buf_len - buf_off);
+      } else {
+        break;
       }
       if (n < 0) {
         if (errno == EINTR) continue;
@@ -125,82 +135,56 @@ struct Relay::Pump {
         }
         return DstError(errno);
       }
-      prefix_off += n;
+      if (prefix_off < prefix.size()) {
+        prefix_off += n;
+        continue;  // the prefix is protocol, not payload: not counted
+      }
+      if (in_pipe > 0) {
+        in_pipe -= n;
+      } else {
+        buf_off += n;
+      }
+      *moved += n;
     }
     if (!prefix.empty()) {
       std::string().swap(prefix);
       prefix_off = 0;
     }
-    while (in_pipe > 0) {
-      ssize_t n = ::splice(pipe.read_fd, nullptr, dst->fd(), nullptr, in_pipe, kSpliceFlags);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        if (WouldBlock(errno)) {
-          want_write = true;
-          return Status::OK();
-        }
-        return DstError(errno);
-      }
-      in_pipe -= n;
-      *moved += n;
-    }
-    while (buf_off < buf_len) {
-      ssize_t n = ::write(dst->fd(), buf.get() + buf_off, buf_len - buf_off);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        if (WouldBlock(errno)) {
-          want_write = true;
-          return Status::OK();
-        }
-        return DstError(errno);
-      }
-      buf_off += n;
-      *moved += n;
-    }
     return Status::OK();
   }
 
-  // Reads one chunk from src into the pipe or buffer. OK with want_read set if src is empty.
+  // Reads one chunk from src into the pipe (splice mode) or the buffer. OK with want_read set
+  // if src is empty.
   Status Fill(PipePool* pool) {
-    if (splice_mode) {
-      if (!has_pipe) {
-        auto p = pool->Acquire();
-        if (!p.ok()) {
-          splice_mode = false;  // out of fds for pipes: copying still works
-          return Fill(pool);
-        }
-        pipe = *p;
-        has_pipe = true;
-      }
-      for (;;) {
-        ssize_t n =
-            ::splice(src->fd(), nullptr, pipe.write_fd, nullptr, pipe.capacity, kSpliceFlags);
-        if (n > 0) {
-          in_pipe = n;
-          return Status::OK();
-        }
-        if (n == 0) {
-          src_eof = true;
-          return Status::OK();
-        }
-        if (errno == EINTR) continue;
-        if (WouldBlock(errno)) {
-          want_read = true;
-          return Status::OK();
-        }
-        if (errno == EINVAL) {  // this pair of fds cannot splice: copy instead
-          splice_mode = false;
-          return Fill(pool);
-        }
-        return SrcError(errno);
-      }
-    }
-    if (!buf) buf.reset(new char[kCopyBufferSize]);
     for (;;) {
-      ssize_t n = ::read(src->fd(), buf.get(), kCopyBufferSize);
+      ssize_t n;
+      if (splice_mode) {
+        if (!has_pipe) {
+          auto p = pool->Acquire();
+          if (!p.ok()) {
+            splice_mode = false;  // out of fds for pipes: copying still works
+            continue;
+          }
+          pipe = *p;
+          has_pipe = true;
+        }
+        n = ::splice(src->fd(), nullptr, pipe.write_fd, nullptr, pipe.capacity, kSpliceFlags);
+        if (n < 0 && errno == EINVAL) {  // this pair of fds cannot splice: copy instead
+          ReleaseHeld(pool);
+          splice_mode = false;
+          continue;
+        }
+      } else {
+        if (!buf) buf.reset(new char[kCopyBufferSize]);
+        n = ::read(src->fd(), buf.get(), kCopyBufferSize);
+      }
       if (n > 0) {
-        buf_len = n;
-        buf_off = 0;
+        if (splice_mode) {
+          in_pipe = n;
+        } else {
+          buf_len = n;
+          buf_off = 0;
+        }
         return Status::OK();
       }
       if (n == 0) {
