@@ -1,0 +1,142 @@
+#include "loop/reactor.h"
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include "loop/timer.h"
+
+namespace brokerproxy::loop {
+namespace {
+
+class ReactorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto l = Loop::Create();
+    ASSERT_TRUE(l.ok());
+    loop_ = std::move(l).value();
+    auto r = Reactor::Create(*loop_);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    reactor_ = std::move(r).value();
+  }
+  void TearDown() override {
+    reactor_.reset();
+    loop_->Run();
+    EXPECT_TRUE(loop_->Close().ok());
+  }
+  // Runs the loop for about `ms` (a few iterations at least).
+  void Spin(int ms = 50) {
+    auto t = Timer::Create(*loop_);
+    bool done = false;
+    (*t)->Start(ms, [&] { done = true; });
+    while (!done) loop_->Run(UV_RUN_ONCE);
+  }
+  // A non-blocking socketpair: sv[0] for the reactor, sv[1] for the test.
+  void Pair(int sv[2]) {
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
+  }
+
+  std::unique_ptr<Loop> loop_;
+  std::unique_ptr<Reactor> reactor_;
+};
+
+TEST_F(ReactorTest, EdgeTriggeredReadinessIsKeptInUserSpace) {
+  int sv[2];
+  Pair(sv);
+  int calls = 0;
+  std::string got;
+  auto h = reactor_->Add(sv[0], [&](IoWatch* w) {
+    ++calls;
+    char buf[4];
+    // Read only part of what is there: the watch stays readable, no new edge is needed.
+    if (w->readable()) {
+      ssize_t n = read(w->fd(), buf, sizeof(buf));
+      if (n > 0) got.append(buf, n);
+      if (n < 0 && errno == EAGAIN) w->ClearReadable();
+    }
+  });
+  ASSERT_TRUE(h.ok());
+  Spin();
+  EXPECT_EQ(calls, 1) << "registered writable: one first callback";
+  EXPECT_TRUE((*h)->writable());
+  ASSERT_EQ(write(sv[1], "0123456789", 10), 10);
+  Spin();
+  EXPECT_EQ(calls, 2) << "one edge, one callback";
+  EXPECT_EQ(got, "0123");
+  EXPECT_TRUE((*h)->readable());
+  (*h)->Yield();  // come back without an edge
+  Spin();
+  EXPECT_EQ(calls, 3);
+  EXPECT_EQ(got, "01234567");
+  close(sv[1]);
+  Spin();
+  EXPECT_TRUE((*h)->hangup());
+}
+
+TEST_F(ReactorTest, HandleMayBeDroppedInsideItsOwnCallback) {
+  int sv[2];
+  Pair(sv);
+  auto h = reactor_->Add(sv[0], nullptr);
+  ASSERT_TRUE(h.ok());
+  IoHandle handle = std::move(h).value();
+  int calls = 0;
+  handle->SetCallback([&](IoWatch*) {
+    ++calls;
+    handle.reset();  // closes the fd while its callback runs
+  });
+  Spin();
+  EXPECT_EQ(calls, 1);
+  EXPECT_FALSE(handle);
+  char c;
+  EXPECT_EQ(read(sv[1], &c, 1), 0) << "the reactor's end was closed";
+  close(sv[1]);
+  EXPECT_EQ(reactor_->size(), 0u);
+}
+
+TEST_F(ReactorTest, ReleaseHandsTheFdBackOpenAndSilent) {
+  int sv[2];
+  Pair(sv);
+  int calls = 0;
+  auto h = reactor_->Add(sv[0], [&](IoWatch*) { ++calls; });
+  ASSERT_TRUE(h.ok());
+  Spin();
+  int fd = (*h)->fd();
+  EXPECT_EQ(h->Release(), fd);
+  int before = calls;
+  ASSERT_EQ(write(sv[1], "x", 1), 1);
+  Spin();
+  EXPECT_EQ(calls, before) << "no events after release";
+  char c;
+  EXPECT_EQ(read(fd, &c, 1), 1) << "still open";
+  close(fd);
+  close(sv[1]);
+}
+
+TEST_F(ReactorTest, ManySocketsOneEpollSet) {
+  constexpr int kN = 300;  // more than one epoll_wait batch
+  std::vector<IoHandle> handles;
+  std::vector<int> peers;
+  int ready = 0;
+  for (int i = 0; i < kN; ++i) {
+    int sv[2];
+    Pair(sv);
+    auto h = reactor_->Add(sv[0], [&](IoWatch* w) {
+      char c;
+      while (read(w->fd(), &c, 1) == 1) ++ready;
+      w->ClearReadable();
+    });
+    ASSERT_TRUE(h.ok());
+    handles.push_back(std::move(h).value());
+    peers.push_back(sv[1]);
+  }
+  for (int p : peers) ASSERT_EQ(write(p, "y", 1), 1);
+  Spin(100);
+  EXPECT_EQ(ready, kN);
+  handles.clear();
+  for (int p : peers) close(p);
+}
+
+}  // namespace
+}  // namespace brokerproxy::loop
