@@ -325,7 +325,7 @@ void SshSession::OnBackend(uint64_t channel_id, Result<loop::HandlePtr<loop::Pol
     jc.connections++;
     jc.active++;
     c->counted = true;
-    c->splice->Attach(std::move(backend).value(), std::string());
+    c->splice->Attach(std::move(backend).value(), nullptr, std::string());
   }
   c->dialer.reset();  // its callback is running: the Dialer may go, it touches nothing after
   Service();

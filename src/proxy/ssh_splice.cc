@@ -104,16 +104,24 @@ ChannelSplice::~ChannelSplice() {
   // CLOSE if the channel is still open; libssh frees its half once the peer's CLOSE arrives.
   ssh_remove_channel_callbacks(channel_, &callbacks_);
   ssh_channel_free(channel_);
-  socket_.reset();
+  out_.reset();
+  in_.reset();
 }
 
-void ChannelSplice::Attach(loop::HandlePtr<loop::Poll> socket, std::string to_socket) {
-  socket_ = std::move(socket);
-  loop_ = &socket_->loop();
+void ChannelSplice::Attach(loop::HandlePtr<loop::Poll> socket, loop::HandlePtr<loop::Poll> out,
+                           std::string to_socket) {
+  in_ = std::move(socket);
+  out_ = std::move(out);
+  loop_ = &in_->loop();
   to_socket_ = std::move(to_socket);
   to_socket_off_ = 0;
   Touch();
-  socket_->Start(0, [this](int status, int events) { OnSocketEvent(status, events); });
+  loop::Poll* in = in_.get();
+  in_->Start(0, [this, in](int status, int events) { OnSocketEvent(in, status, events); });
+  if (out_) {
+    loop::Poll* out = out_.get();
+    out_->Start(0, [this, out](int status, int events) { OnSocketEvent(out, status, events); });
+  }
 }
 
 Result<std::string> ChannelSplice::ReadRaw(size_t max) {
@@ -141,9 +149,10 @@ void ChannelSplice::Touch() {
 int ChannelSplice::OnData(ssh_session, ssh_channel, void* data, uint32_t len, int is_stderr,
                           void* userdata) noexcept {
   auto* self = static_cast<ChannelSplice*>(userdata);
-  if (is_stderr) return static_cast<int>(len);        // direct-tcpip has no stderr; drop it
-  if (self->finished_) return static_cast<int>(len);  // nowhere to go any more
-  if (!self->socket_) {
+  if (is_stderr) return static_cast<int>(len);  // direct-tcpip has no stderr; drop it
+  // Nowhere to go any more (or a peer that sends after its own EOF): dropped.
+  if (self->finished_ || self->socket_shut_) return static_cast<int>(len);
+  if (!self->in_) {
     // Not spliced yet (backend still connecting, reply line not read): leave it in libssh.
     self->retained_ = len;
     return 0;
@@ -155,7 +164,7 @@ int ChannelSplice::OnData(ssh_session, ssh_channel, void* data, uint32_t len, in
     self->to_socket_.clear();
     self->to_socket_off_ = 0;
     while (consumed < len) {
-      ssize_t n = ::send(self->socket_->fd(), p + consumed, len - consumed, MSG_NOSIGNAL);
+      ssize_t n = ::write(self->out_fd(), p + consumed, len - consumed);
       if (n > 0) {
         consumed += n;
         continue;
@@ -185,12 +194,12 @@ void ChannelSplice::OnClose(ssh_session, ssh_channel, void* userdata) noexcept {
   self->peer_closed_ = true;
 }
 
-void ChannelSplice::OnSocketEvent(int status, int events) {
+void ChannelSplice::OnSocketEvent(loop::Poll* poll, int status, int events) {
   if (finished_) return;
   if (status < 0) {
     int err = 0;
     socklen_t len = sizeof(err);
-    getsockopt(socket_->fd(), SOL_SOCKET, SO_ERROR, &err, &len);
+    getsockopt(poll->fd(), SOL_SOCKET, SO_ERROR, &err, &len);
     Finish(PosixError("socket", err ? err : EIO));
   } else {
     if (events & UV_WRITABLE) FlushToSocket();
@@ -202,8 +211,8 @@ void ChannelSplice::OnSocketEvent(int status, int events) {
 
 bool ChannelSplice::FlushToSocket() {
   while (to_socket_off_ < to_socket_.size()) {
-    ssize_t n = ::send(socket_->fd(), to_socket_.data() + to_socket_off_,
-                       to_socket_.size() - to_socket_off_, MSG_NOSIGNAL);
+    ssize_t n =
+        ::write(out_fd(), to_socket_.data() + to_socket_off_, to_socket_.size() - to_socket_off_);
     if (n > 0) {
       to_socket_off_ += n;
       continue;
@@ -271,7 +280,7 @@ void ChannelSplice::ReadSocket() {
     uint32_t window = ssh_channel_window_size(channel_);
     if (window == 0) return;
     size_t want = std::min<size_t>(window, kChunk);
-    ssize_t n = ::recv(socket_->fd(), g_chunk, want, 0);
+    ssize_t n = ::read(in_->fd(), g_chunk, want);
     if (n < 0) {
       if (WouldBlock(errno)) return;
       Finish(PosixError("reading from the socket", errno));
@@ -287,7 +296,7 @@ void ChannelSplice::ReadSocket() {
 }
 
 void ChannelSplice::Service() {
-  if (finished_ || !socket_) return;
+  if (finished_ || !in_) return;
   if (!FlushToSocket()) return;
   DrainRetained();
   if (finished_) return;
@@ -295,7 +304,11 @@ void ChannelSplice::Service() {
   if (finished_) return;
   // The peer's EOF reaches the socket once everything before it was written.
   if (peer_eof_ && !socket_shut_ && retained_ == 0 && pending_to_socket() == 0) {
-    ::shutdown(socket_->fd(), SHUT_WR);
+    if (out_) {
+      out_.reset();  // a pipe (stdout): closing it is its EOF
+    } else {
+      ::shutdown(in_->fd(), SHUT_WR);
+    }
     socket_shut_ = true;
   }
   // The socket's EOF reaches the peer once libssh took everything before it.
@@ -316,14 +329,19 @@ void ChannelSplice::Service() {
 }
 
 void ChannelSplice::UpdateInterest() {
-  if (!socket_ || finished_) return;
-  int events = 0;
+  if (!in_ || finished_) return;
+  int read = 0, write = 0;
   if (!socket_eof_ && !peer_closed_ && to_channel_.empty() &&
       ssh_channel_window_size(channel_) > 0) {
-    events |= UV_READABLE;
+    read = UV_READABLE;
   }
-  if (pending_to_socket() > 0) events |= UV_WRITABLE;
-  socket_->SetEvents(events);
+  if (pending_to_socket() > 0 && !socket_shut_) write = UV_WRITABLE;
+  if (out_) {
+    in_->SetEvents(read);
+    out_->SetEvents(write);
+  } else {
+    in_->SetEvents(read | write);
+  }
 }
 
 void ChannelSplice::Fail(Status status) { Finish(std::move(status)); }
@@ -332,7 +350,8 @@ void ChannelSplice::Finish(Status status) {
   if (finished_) return;
   finished_ = true;
   status_ = std::move(status);
-  if (socket_) socket_->Stop();
+  if (in_) in_->Stop();
+  if (out_) out_->Stop();
 }
 
 }  // namespace brokerproxy::proxy

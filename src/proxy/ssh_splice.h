@@ -120,10 +120,12 @@ class ChannelSplice {
 
   ssh_channel channel() const { return channel_; }
 
-  // Starts splicing with `socket` (a connected stream socket, owned by the Poll). `to_socket`
-  // is written to it before anything else from the channel.
-  void Attach(loop::HandlePtr<loop::Poll> socket, std::string to_socket);
-  bool attached() const { return socket_ != nullptr; }
+  // Starts splicing with `socket` (a connected stream socket, owned by the Poll), or with a
+  // pair of fds (`out` non-null: e.g. stdin and stdout; the peer's EOF then closes `out`).
+  // `to_socket` is written before anything else from the channel.
+  void Attach(loop::HandlePtr<loop::Poll> socket, loop::HandlePtr<loop::Poll> out,
+              std::string to_socket);
+  bool attached() const { return in_ != nullptr; }
 
   // Before Attach: reads up to `max` bytes the peer sent. Empty when nothing is there yet.
   Result<std::string> ReadRaw(size_t max);
@@ -156,7 +158,8 @@ class ChannelSplice {
   static void OnEof(ssh_session session, ssh_channel channel, void* userdata) noexcept;
   static void OnClose(ssh_session session, ssh_channel channel, void* userdata) noexcept;
 
-  void OnSocketEvent(int status, int events);
+  void OnSocketEvent(loop::Poll* poll, int status, int events);
+  int out_fd() const { return out_ ? out_->fd() : in_->fd(); }
   // Socket -> channel, while the window allows.
   void ReadSocket();
   // Our buffer -> socket. False on a socket error (then finished).
@@ -172,7 +175,8 @@ class ChannelSplice {
   ssh_channel channel_;
   std::function<void()> kick_;
   ssh_channel_callbacks_struct callbacks_{};
-  loop::HandlePtr<loop::Poll> socket_;
+  loop::HandlePtr<loop::Poll> in_;   // read side (and write side when out_ is null)
+  loop::HandlePtr<loop::Poll> out_;  // separate write side, or null
   loop::Loop* loop_ = nullptr;
 
   std::string to_socket_;     // from the channel, not yet written to the socket
