@@ -87,10 +87,12 @@ class Connector {
   void Stop() {
     listener_.reset();
     signals_.clear();
-    // Not inline: a tunnel's callback may be what called Stop().
+    // Not inline: a tunnel's callback may be what called Stop(). The path goes last: the
+    // tunnels use it, and it may hold handles of its own (the SSH session's poll).
     loop_->Defer([this] {
       tunnels_.clear();
       stdio_.reset();
+      path_.reset();
     });
   }
 
