@@ -14,6 +14,9 @@ namespace {
 // Replies can list many jobs; stderr is only for messages.
 constexpr size_t kMaxOutput = registry::kMaxReplyBytes;
 
+// A session idle longer than this is replaced before the next call.
+constexpr int64_t kIdleReconnectMs = 60000;
+
 // Exit codes of a shell that could not run the command at all.
 constexpr int kShellNotFound = 127;
 constexpr int kShellNotExecutable = 126;
@@ -72,6 +75,10 @@ RemoteInvocation RemoteCommandFor(const std::string& remote_command, const Reque
       args = {"ca"};
       break;
   }
+  // On the login node the daemon is local: a shared config.ini that names a broker must not
+  // send the command over SSH again.
+  args.push_back("--via");
+  args.push_back("");
   args.push_back("--json");
   // remote_command is the site's shell fragment (e.g. an absolute path, or "env X=Y path"),
   // used as written; every argument we add is quoted.
@@ -108,6 +115,12 @@ Result<registry::JsonPtr> ParseRemoteReply(const ExecResult& result, const std::
 std::string RemoteClient::Describe() const { return target_.ToString() + " over ssh"; }
 
 Status RemoteClient::EnsureConnected() {
+  // A session left idle for long (exec mode holds the client while its command runs, maybe for
+  // hours) may have been dropped by the server or a firewall: start a fresh one then.
+  if (session_ && (MonotonicMs() - last_used_ms_ > kIdleReconnectMs ||
+                   !ssh_is_connected(session_.get()))) {
+    session_.reset();
+  }
   if (session_) return Status::OK();
   auto s = SshConnect(target_, options_);
   if (!s.ok()) return s.status();
@@ -119,6 +132,7 @@ Result<registry::JsonPtr> RemoteClient::Call(const Request& request, int64_t tim
   BP_RETURN_IF_ERROR(EnsureConnected());
   RemoteInvocation inv = RemoteCommandFor(remote_command_, request);
   auto result = SshExec(session_.get(), inv.command, inv.input, timeout_ms, kMaxOutput);
+  last_used_ms_ = MonotonicMs();
   if (!result.ok()) {
     // A session that failed mid-call is not reused.
     session_.reset();

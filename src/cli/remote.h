@@ -7,8 +7,10 @@
 // shell-quoted; the secret of `verify` goes through the command's stdin, never its command
 // line.
 //
-// One SSH session (ssh_client.h) is opened on the first call and reused by later ones;
-// `connect --via` takes it over for its tunnel (TakeSession).
+// One SSH session (ssh_client.h) is opened on the first call and reused by later ones (a new
+// one replaces it after a minute idle); `connect --via` takes it over for its tunnel
+// (TakeSession). The remote command gets `--via ''`, so a config.ini shared with the login
+// node that names a broker does not send it over SSH once more.
 //
 // Blocking, with deadlines. Main-thread only.
 
@@ -55,6 +57,7 @@ class RemoteClient final : public BrokerClient {
   std::string remote_command_;
   SshClientOptions options_;
   proxy::SshSessionPtr session_;
+  int64_t last_used_ms_ = 0;
 };
 
 }  // namespace brokerproxy::cli

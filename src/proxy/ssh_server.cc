@@ -238,7 +238,8 @@ bool SshSession::CheckSecret(const std::string& user, const char* secret) {
   proxy_->stats().global().ssh_failures++;
   ++auth_failures_;
   LOG_DEBUG("ssh %llu peer=%s: authentication as '%s' refused (%s), failure %d",
-            static_cast<unsigned long long>(id()), PeerString().c_str(), user.c_str(),
+            static_cast<unsigned long long>(id()), PeerString().c_str(),
+            registry::ValidJobId(user) ? user.c_str() : "(not a job id)",
             ErrorCodeName(*auth.error), auth_failures_);
   if (auth_failures_ >= options_->max_auth_failures) {
     RequestClose("too many authentication failures");
@@ -269,8 +270,9 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
   }
   const char* dest = ssh_message_channel_request_open_destination(msg);
   if (dest == nullptr || target_.job_id != dest) {
+    std::string shown = dest && registry::ValidHost(dest) ? dest : "(invalid)";
     LOG_INFO("ssh %llu job=%s: refused a forward to '%.64s' (the destination must be the job id)",
-             static_cast<unsigned long long>(id()), target_.job_id.c_str(), dest ? dest : "");
+             static_cast<unsigned long long>(id()), target_.job_id.c_str(), shown.c_str());
     return 1;
   }
   if (channels_.size() >= static_cast<size_t>(options_->max_channels)) {
@@ -346,7 +348,10 @@ void SshSession::Service() {
   if (!s.ok() && !close_reason_) {
     close_reason_ = state_ == State::kHandshake ? "key exchange or authentication failed"
                                                 : "client disconnected";
-    if (state_ == State::kHandshake) proxy_->stats().global().ssh_failures++;
+    // A failed key exchange counts here; failed passwords were counted one by one.
+    if (state_ == State::kHandshake && auth_failures_ == 0) {
+      proxy_->stats().global().ssh_failures++;
+    }
   }
   if (!close_reason_) {
     // Index loop: a channel's libssh calls may accept new channels (push_back).

@@ -76,17 +76,17 @@ registry::Request Req(registry::Op op, const std::string& job = "") {
 TEST(RemoteCommandTest, EachOpIsItsSubcommandWithJson) {
   const std::string cmd = "/opt/bp/bin/brokerproxy";
   EXPECT_EQ(RemoteCommandFor(cmd, Req(registry::Op::kLoad, "j1")).command,
-            "/opt/bp/bin/brokerproxy load j1 --json");
+            "/opt/bp/bin/brokerproxy load j1 --via '' --json");
   EXPECT_EQ(RemoteCommandFor(cmd, Req(registry::Op::kQuery)).command,
-            "/opt/bp/bin/brokerproxy query --json");
+            "/opt/bp/bin/brokerproxy query --via '' --json");
   EXPECT_EQ(RemoteCommandFor(cmd, Req(registry::Op::kStats)).command,
-            "/opt/bp/bin/brokerproxy stats --json");
+            "/opt/bp/bin/brokerproxy stats --via '' --json");
   EXPECT_EQ(RemoteCommandFor(cmd, Req(registry::Op::kRemove, "j.1_x-y")).command,
-            "/opt/bp/bin/brokerproxy remove j.1_x-y --json");
+            "/opt/bp/bin/brokerproxy remove j.1_x-y --via '' --json");
   registry::Request wait = Req(registry::Op::kWait, "j1");
   wait.timeout_ms = 120000;
   EXPECT_EQ(RemoteCommandFor(cmd, wait).command,
-            "/opt/bp/bin/brokerproxy wait j1 --timeout 120000ms --json");
+            "/opt/bp/bin/brokerproxy wait j1 --timeout 120000ms --via '' --json");
 
   registry::Request save = Req(registry::Op::kSave, "j1");
   save.save.id = "j1";
@@ -97,19 +97,19 @@ TEST(RemoteCommandTest, EachOpIsItsSubcommandWithJson) {
   save.save.ready = false;
   EXPECT_EQ(RemoteCommandFor(cmd, save).command,
             "/opt/bp/bin/brokerproxy save ssl --job-id j1 --host node7 --port 8888 --ttl 3600s "
-            "--pending --json");
+            "--pending --via '' --json");
   save.save.port = 0;
   save.save.ttl = -1;
   save.save.ready = true;
   EXPECT_EQ(RemoteCommandFor(cmd, save).command,
-            "/opt/bp/bin/brokerproxy save ssl --job-id j1 --host node7 --json");
+            "/opt/bp/bin/brokerproxy save ssl --job-id j1 --host node7 --via '' --json");
 }
 
 TEST(RemoteCommandTest, TheSecretGoesToStdinNotTheCommandLine) {
   registry::Request verify = Req(registry::Op::kVerify, "j1");
   verify.secret = "0123abcd";
   RemoteInvocation inv = RemoteCommandFor("brokerproxy", verify);
-  EXPECT_EQ(inv.command, "brokerproxy verify j1 - --json");
+  EXPECT_EQ(inv.command, "brokerproxy verify j1 - --via '' --json");
   EXPECT_EQ(inv.input, "0123abcd\n");
   EXPECT_EQ(inv.command.find("0123abcd"), std::string::npos);
 }
@@ -118,7 +118,7 @@ TEST(RemoteCommandTest, RemoteCommandIsUsedAsWritten) {
   EXPECT_EQ(RemoteCommandFor("env BROKERPROXY_CONFIG=/etc/bp.ini /usr/bin/brokerproxy",
                              Req(registry::Op::kQuery))
                 .command,
-            "env BROKERPROXY_CONFIG=/etc/bp.ini /usr/bin/brokerproxy query --json");
+            "env BROKERPROXY_CONFIG=/etc/bp.ini /usr/bin/brokerproxy query --via '' --json");
 }
 
 TEST(RemoteReplyTest, ReadsTheReplyObjectOrExplains) {

@@ -253,6 +253,14 @@ TEST_F(ViaTest, CommandsThroughTheLoginNode) {
   EXPECT_EQ(gone_json.exit_code, 5) << gone_json;
   EXPECT_EQ(Str(ParseOut(gone_json.out).get(), {"code"}), "not_found") << gone_json;
   EXPECT_EQ(daemon_.Log().find(secret), std::string::npos) << "secrets never appear in logs";
+
+  // A host alias from ~/.ssh/config.
+  WriteFile(sshd_.home() + "/.ssh/config", "Host loginalias\n  HostName 127.0.0.1\n  Port " +
+                                               std::to_string(sshd_.port()) + "\n  User root\n");
+  std::vector<std::string> argv = {BinaryPath(),        "query", "-c",
+                                   dir_ / "client.ini", "--via", "loginalias"};
+  RunResult alias = RunCommand(argv, ClientEnv());
+  EXPECT_EQ(alias.exit_code, 0) << alias;
 }
 
 TEST_F(ViaTest, ChangedHostKeyIsRefused) {
@@ -540,9 +548,19 @@ TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
             std::string::npos);
   EXPECT_EQ(backend.connections(), 0);
 
+  // A client that keeps guessing in one connection is dropped after 6 failures (libssh itself
+  // has no limit).
+  // (ssh takes the first value of an option: these go before Ssh()'s own.)
+  std::vector<std::string> argv = Ssh(d.proxy_port(), "e2", {"-N"});
+  argv.insert(argv.begin() + 1,
+              {"-o", "NumberOfPasswordPrompts=20", "-o", "PreferredAuthentications=password"});
+  RunResult guesses = RunCommand(argv, SecretEnv(wrong));
+  EXPECT_EQ(guesses.exit_code, 255) << guesses;
+  EXPECT_NE(d.Log().find("reason=too many authentication failures"), std::string::npos) << d.Log();
+
   RunResult stats = d.Cli({"stats", "--json"});
   auto sj = ParseOut(stats.out);
-  EXPECT_GE(std::stoi(Str(sj.get(), {"stats", "connections", "ssh_failures"})), 2) << stats;
+  EXPECT_GE(std::stoi(Str(sj.get(), {"stats", "connections", "ssh_failures"})), 8) << stats;
   EXPECT_EQ(d.Log().find(secret), std::string::npos);
   EXPECT_EQ(d.Log().find(wrong), std::string::npos);
 }
