@@ -83,7 +83,10 @@ RemoteInvocation RemoteCommandFor(const std::string& remote_command, const Reque
   // remote_command is the site's shell fragment (e.g. an absolute path, or "env X=Y path"),
   // used as written; every argument we add is quoted.
   inv.command = remote_command;
-  for (const std::string& a : args) inv.command += " " + ShellQuote(a);
+  for (const std::string& a : args) {
+    inv.command += ' ';
+    inv.command += ShellQuote(a);
+  }
   return inv;
 }
 
@@ -117,8 +120,8 @@ std::string RemoteClient::Describe() const { return target_.ToString() + " over 
 Status RemoteClient::EnsureConnected() {
   // A session left idle for long (exec mode holds the client while its command runs, maybe for
   // hours) may have been dropped by the server or a firewall: start a fresh one then.
-  if (session_ && (MonotonicMs() - last_used_ms_ > kIdleReconnectMs ||
-                   !ssh_is_connected(session_.get()))) {
+  if (session_ &&
+      (MonotonicMs() - last_used_ms_ > kIdleReconnectMs || !ssh_is_connected(session_.get()))) {
     session_.reset();
   }
   if (session_) return Status::OK();

@@ -101,10 +101,14 @@ Status Authenticate(ssh_session s, const std::string& name) {
 }  // namespace
 
 std::string SshTarget::ToString() const {
-  std::string out = user.empty() ? "" : user + "@";
-  bool v6 = host.find(':') != std::string::npos;
-  out += v6 && port ? "[" + host + "]" : host;
-  if (port) out += ":" + std::to_string(port);
+  // Appends only: GCC 12 warns (-Wrestrict, a false positive) on "literal" + std::string&&.
+  std::string out;
+  if (!user.empty()) out.append(user).append("@");
+  bool brackets = port != 0 && host.find(':') != std::string::npos;
+  if (brackets) out.append("[");
+  out.append(host);
+  if (brackets) out.append("]");
+  if (port) out.append(":").append(std::to_string(port));
   return out;
 }
 

@@ -271,6 +271,7 @@ Result<std::unique_ptr<ProxyPath>> NewSshPath(loop::Loop* loop, proxy::SshSessio
   if (!poll.ok()) return poll.status();
   auto transport = proxy::SshTransport::Create(std::move(session), std::move(poll).value());
   if (!transport.ok()) return transport.status();
+  (*transport)->set_disconnect_on_close(true);
   auto path = std::make_unique<SshPath>(loop, std::move(transport).value(), std::move(via),
                                         std::move(host), port, std::move(job), std::move(secret),
                                         handshake_timeout_ms, std::move(on_lost));

@@ -59,7 +59,9 @@ void SshTransport::Start(std::function<void(int status)> on_event) {
 }
 
 Status SshTransport::Process() {
-  for (int i = 0; i < kMaxRounds; ++i) {
+  // Paused: leave what the peer sent in the kernel (processing it would read it). Our own
+  // output went out when it was queued (libssh tries at once), or goes out on resuming.
+  for (int i = 0; i < kMaxRounds && !paused_; ++i) {
     int rc = ssh_event_dopoll(event_, 0);
     if (rc == SSH_ERROR) break;
     if (rc == SSH_AGAIN) break;
@@ -73,8 +75,12 @@ Status SshTransport::Process() {
 
 void SshTransport::UpdateEvents() {
   if (!poll_) return;
-  int events = paused_ ? 0 : UV_READABLE;
-  if (ssh_get_poll_flags(session_.get()) & SSH_WRITE_PENDING) events |= UV_WRITABLE;
+  // Paused: nothing at all (Process() would not flush either, so writability would spin).
+  int events = 0;
+  if (!paused_) {
+    events = UV_READABLE;
+    if (ssh_get_poll_flags(session_.get()) & SSH_WRITE_PENDING) events |= UV_WRITABLE;
+  }
   poll_->SetEvents(events);
 }
 

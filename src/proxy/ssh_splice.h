@@ -76,8 +76,8 @@ class SshTransport {
   Status Process();
   // Recomputes the poll mask: readable unless paused, writable while output is pending.
   void UpdateEvents();
-  // Stops (or resumes) reading from the peer, e.g. to slow down password guessing. Output
-  // still flushes.
+  // Stops (or resumes) all processing of the session, e.g. to slow down password guessing:
+  // what the peer sends waits in the kernel meanwhile.
   void SetPaused(bool paused);
   // True until the session closed or failed.
   bool alive() const;
