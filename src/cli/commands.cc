@@ -219,7 +219,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   }
   bool exec_mode = !args.command.empty();
   // Exec mode always waits: the command is what will listen.
-  req.save.ready = !(args.wait || exec_mode);
+  req.save.ready = !(args.wait || exec_mode || args.pending);
   int64_t wait_ms = config.ready_timeout_ms;
   if (!args.wait_timeout.empty()) {
     auto t = ParseDuration(args.wait_timeout);
@@ -370,6 +370,24 @@ Status RunRemove(BrokerClient* client, const std::string& job_id, OutputFormat f
   } else {
     std::printf("removed job %s\n", job_id.c_str());
   }
+  return Status::OK();
+}
+
+Status RunWait(BrokerClient* client, const std::string& job_id, int64_t timeout_ms,
+               OutputFormat format) {
+  Request req;
+  req.op = Op::kWait;
+  req.job = job_id;
+  req.timeout_ms = timeout_ms;
+  auto reply = client->Call(req, timeout_ms + kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  if (format == OutputFormat::kJson) {
+    PrintRaw(reply->get());
+    return Status::OK();
+  }
+  auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
+  if (!job.ok()) return job.status();
+  PrintJob(*job, format);
   return Status::OK();
 }
 

@@ -25,6 +25,7 @@ struct SaveArgs {
   int port = 0;              // 0: allocate
   std::string ttl;           // duration text; empty: the broker's default
   bool wait = false;         // wait until the backend listens
+  bool pending = false;      // register as not ready, return at once (what --via sends)
   std::string wait_timeout;  // duration text; empty: [registry] ready_timeout
   OutputFormat format = OutputFormat::kHuman;
   std::vector<std::string> command;  // exec mode: what follows "--"
@@ -41,6 +42,9 @@ Status RunVerify(BrokerClient* client, const std::string& job, const std::string
 Status RunQuery(BrokerClient* client, OutputFormat format);
 Status RunRemove(BrokerClient* client, const std::string& job, OutputFormat format);
 Status RunStats(BrokerClient* client, OutputFormat format);
+// Waits until the job's service listens (at most `timeout_ms`), then shows the job.
+Status RunWait(BrokerClient* client, const std::string& job, int64_t timeout_ms,
+               OutputFormat format);
 
 // {port} {secret} {cert} {certkey} {job} {host} in `arg`, replaced by the job's values.
 std::string SubstitutePlaceholders(const std::string& arg, const registry::Job& job);

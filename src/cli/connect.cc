@@ -87,10 +87,12 @@ class Connector {
   void Stop() {
     listener_.reset();
     signals_.clear();
-    // Not inline: a tunnel's callback may be what called Stop().
+    // Not inline: a tunnel's callback may be what called Stop(). The path goes last: the
+    // tunnels use it, and it may hold handles of its own (the SSH session's poll).
     loop_->Defer([this] {
       tunnels_.clear();
       stdio_.reset();
+      path_.reset();
     });
   }
 
@@ -124,7 +126,8 @@ class Connector {
 
 }  // namespace
 
-Status RunConnect(const Config& config, BrokerClient* client, const ConnectArgs& args) {
+Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remote,
+                  const ConnectArgs& args) {
   if (args.stdio == !args.listen.empty()) {
     return Status::InvalidArgument("connect needs exactly one of --listen [ADDR:]PORT or --stdio");
   }
@@ -147,15 +150,37 @@ Status RunConnect(const Config& config, BrokerClient* client, const ConnectArgs&
 
   auto secret = LoadSecret(client, args.job);
   if (!secret.ok()) return secret.status();
+  // Through the login node: the session that just loaded the secret carries the tunnels.
+  proxy::SshSessionPtr session;
+  if (remote) {
+    auto s = remote->TakeSession();
+    if (!s.ok()) return s.status();
+    session = std::move(s).value();
+  }
 
   auto loop = loop::Loop::Create();
   if (!loop.ok()) return loop.status();
   Status result;
   {
     proxy::PipePool pipes(1 << 20, 16);
-    auto path = NewDirectPath(loop->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
-                              std::move(secret).value(), kHandshakeTimeoutMs);
+    Connector* connector_ptr = nullptr;
+    Status lost;
+    std::unique_ptr<ProxyPath> path;
+    if (remote) {
+      auto p = NewSshPath(loop->get(), std::move(session), remote->target().ToString(),
+                          proxy_addr.host, proxy_addr.port, args.job, std::move(secret).value(),
+                          kHandshakeTimeoutMs, [&](Status s) {
+                            lost = std::move(s);
+                            if (connector_ptr) connector_ptr->Stop();
+                          });
+      if (!p.ok()) return p.status();
+      path = std::move(p).value();
+    } else {
+      path = NewDirectPath(loop->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
+                           std::move(secret).value(), kHandshakeTimeoutMs);
+    }
     Connector connector(loop->get(), std::move(path));
+    connector_ptr = &connector;
     result = connector.WatchSignals();
     if (result.ok()) result = listen ? connector.Listen(*listen, args.job) : connector.Stdio();
     if (!result.ok()) {
@@ -163,6 +188,8 @@ Status RunConnect(const Config& config, BrokerClient* client, const ConnectArgs&
     }
     (*loop)->Run();
     if (result.ok() && args.stdio) result = connector.stdio_status();
+    if (result.ok() && !lost.ok()) result = lost;
+    connector_ptr = nullptr;
   }
   (*loop)->Run();  // let close callbacks run
   Status closed = (*loop)->Close();

@@ -9,6 +9,7 @@
 
 #include "cli/control_client.h"
 #include "cli/options.h"
+#include "cli/remote.h"
 #include "loop/status.h"
 
 namespace brokerproxy::cli {
@@ -20,11 +21,14 @@ struct ConnectArgs {
   std::string proxy;  // "host:port" of the proxy port; empty: [client] proxy
   bool tls = false;   // TLS to the proxy port
   std::string ca;     // CA certificate for --tls; empty: fetched with `brokerproxy ca`
-  std::string via;    // [user@]host[:port] of the login node (SSH); empty: [client] broker
 };
 
-// Runs until SIGINT/SIGTERM (listen mode) or until the stdio tunnel ends.
-Status RunConnect(const Config& config, BrokerClient* client, const ConnectArgs& args);
+// Runs until SIGINT/SIGTERM (listen mode) or until the stdio tunnel ends. With `remote` (the
+// client is the login node over SSH), the secret is loaded through that SSH session and the
+// same session then carries every tunnel as a direct-tcpip channel; the session's failure
+// ends the command.
+Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remote,
+                  const ConnectArgs& args);
 
 }  // namespace brokerproxy::cli
 

@@ -14,6 +14,7 @@
 #include "loop/signal.h"
 #include "loop/timer.h"
 #include "proxy/proxy.h"
+#include "proxy/ssh_server.h"
 #include "registry/broker.h"
 #include "registry/control_server.h"
 #include "registry/registry.h"
@@ -106,10 +107,21 @@ class Daemon {
 
     auto po = ProxyOptionsFrom(config_);
     if (!po.ok()) return po.status();
+    // The SSH endpoint's host key: loaded, or generated on first run (blocking, before the loop
+    // serves anyone), and printed so users can check what their ssh client shows.
+    proxy::SshEndpointOptions so;
+    so.host_key_path = config_.host_key;
+    auto ssh = proxy::SshEndpoint::Create(so);
+    if (!ssh.ok()) return ssh.status().WithContext("[ssh] host_key");
+    ssh_ = std::move(ssh).value();
+    LOG_INFO("ssh host key %s (ED25519) from %s", ssh_->fingerprint().c_str(),
+             config_.host_key.c_str());
     proxy_ = std::make_unique<proxy::Proxy>(loop_.get(), registry_.get(), std::move(po).value());
+    proxy_->set_frontend(proxy::Protocol::kSsh, ssh_->frontend());
     BP_RETURN_IF_ERROR(proxy_->Start());
     broker_->set_stats_provider([this](cJSON* stats, uid_t caller) {
       if (proxy_) proxy_->AddStats(stats, caller);
+      if (ssh_) cJSON_AddStringToObject(stats, "ssh_host_key", ssh_->fingerprint().c_str());
     });
 
     for (int signum : {SIGTERM, SIGINT, SIGHUP}) {
@@ -134,6 +146,7 @@ class Daemon {
     broker_.reset();
     control_.reset();
     proxy_.reset();
+    ssh_.reset();  // after the proxy: its sessions were accepted from this endpoint's bind
     signals_.clear();
     drain_timer_.reset();
     store_.reset();
@@ -177,6 +190,7 @@ class Daemon {
   std::unique_ptr<registry::Store> store_;
   std::unique_ptr<registry::Broker> broker_;
   std::unique_ptr<registry::ControlServer> control_;
+  std::unique_ptr<proxy::SshEndpoint> ssh_;
   std::unique_ptr<proxy::Proxy> proxy_;
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
   loop::HandlePtr<loop::Timer> drain_timer_;

@@ -2,6 +2,7 @@
 // configuration, call a Run* function, map its Status to an exit code.
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -15,6 +16,8 @@
 #include "cli/daemon.h"
 #include "cli/exit_codes.h"
 #include "cli/options.h"
+#include "cli/remote.h"
+#include "cli/ssh_client.h"
 
 namespace brokerproxy::cli {
 namespace {
@@ -25,6 +28,20 @@ struct ClientFlags {
 
 OutputFormat FormatOf(const ClientFlags& f) {
   return f.json ? OutputFormat::kJson : OutputFormat::kHuman;
+}
+
+// This machine's host name: the backend host that `save --via` registers from a compute node.
+std::string LocalHostName() {
+  char buf[256] = {0};
+  if (gethostname(buf, sizeof(buf) - 1) != 0 || buf[0] == '\0') return "";
+  return buf;
+}
+
+// --accept-new-host-key on every subcommand that may go through --via.
+void AddSshFlags(CLI::App* app, bool* accept_new_host_key) {
+  app->add_flag("--accept-new-host-key", *accept_new_host_key,
+                "With --via: add the login node's host key to ~/.ssh/known_hosts if it is not "
+                "there yet (a changed key is always refused)");
 }
 
 int Main(int argc, char** argv) {
@@ -73,12 +90,19 @@ int Main(int argc, char** argv) {
   save->add_option("--format", save_format, "Output: human, json or env")
       ->check(CLI::IsMember({"human", "json", "env"}));
   save->add_flag("--json", save_flags.json, "Same as --format json");
+  // What `--via` sends for exec mode and --wait (which wait on this side): register the job as
+  // waiting for its service, and return at once. Internal, hence hidden.
+  save->add_flag("--pending", save_args.pending,
+                 "Register the job as not ready yet and return without waiting")
+      ->group("");
   save->footer(
       "Exec mode: brokerproxy save ssh [flags] -- CMD ARGS... registers the job, runs CMD with\n"
       "{port} {secret} {cert} {certkey} {job} {host} replaced in its arguments and BROKER_*\n"
       "in its environment, forwards signals to it, removes the job when it exits and exits\n"
       "with its status.");
   save_cfg.AddTo(save, FlagScope::kClient);
+  bool accept_new_host_key = false;
+  AddSshFlags(save, &accept_new_host_key);
 
   ConfigFlags load_cfg;
   ClientFlags load_flags;
@@ -90,6 +114,7 @@ int Main(int argc, char** argv) {
   load->add_option("--format", load_format, "Output: human, json or env")
       ->check(CLI::IsMember({"human", "json", "env"}));
   load_cfg.AddTo(load, FlagScope::kClient);
+  AddSshFlags(load, &accept_new_host_key);
 
   ConfigFlags verify_cfg;
   ClientFlags verify_flags;
@@ -99,12 +124,14 @@ int Main(int argc, char** argv) {
   verify->add_option("secret", verify_secret, "The secret, or - to read it from stdin")->required();
   verify->add_flag("--json", verify_flags.json, "Print the reply as JSON");
   verify_cfg.AddTo(verify, FlagScope::kClient);
+  AddSshFlags(verify, &accept_new_host_key);
 
   ConfigFlags query_cfg;
   ClientFlags query_flags;
   CLI::App* query = app.add_subcommand("query", "List your jobs");
   query->add_flag("--json", query_flags.json, "Print the reply as JSON");
   query_cfg.AddTo(query, FlagScope::kClient);
+  AddSshFlags(query, &accept_new_host_key);
 
   ConfigFlags remove_cfg;
   ClientFlags remove_flags;
@@ -113,12 +140,26 @@ int Main(int argc, char** argv) {
   remove->add_option("job", remove_job, "Job id")->required();
   remove->add_flag("--json", remove_flags.json, "Print the reply as JSON");
   remove_cfg.AddTo(remove, FlagScope::kClient);
+  AddSshFlags(remove, &accept_new_host_key);
 
   ConfigFlags stats_cfg;
   ClientFlags stats_flags;
   CLI::App* stats = app.add_subcommand("stats", "Show counters of the daemon and your jobs");
   stats->add_flag("--json", stats_flags.json, "Print the reply as JSON");
   stats_cfg.AddTo(stats, FlagScope::kClient);
+  AddSshFlags(stats, &accept_new_host_key);
+
+  // `wait`: what `save --wait` sends through --via. Internal, hence hidden.
+  ConfigFlags wait_cfg;
+  ClientFlags wait_flags;
+  std::string wait_job, wait_timeout = "2m";
+  CLI::App* wait = app.add_subcommand("wait", "Wait until a job's service listens");
+  wait->group("");
+  wait->add_option("job", wait_job, "Job id")->required();
+  wait->add_option("--timeout", wait_timeout, "How long to wait");
+  wait->add_flag("--json", wait_flags.json, "Print the reply as JSON");
+  wait_cfg.AddTo(wait, FlagScope::kClient);
+  AddSshFlags(wait, &accept_new_host_key);
 
   ConfigFlags connect_cfg;
   ConnectArgs connect_args;
@@ -137,8 +178,10 @@ int Main(int argc, char** argv) {
   connect->footer(
       "Examples:\n"
       "  brokerproxy connect 12345 --listen 8888      # then open http://127.0.0.1:8888/\n"
-      "  ssh -o ProxyCommand='brokerproxy connect %h --stdio' user@12345");
+      "  ssh -o ProxyCommand='brokerproxy connect %h --stdio' user@12345\n"
+      "  brokerproxy connect 12345 --listen 8888 --via login.example.org");
   connect_cfg.AddTo(connect, FlagScope::kClient);
+  AddSshFlags(connect, &accept_new_host_key);
 
   ConfigFlags config_cfg;
   bool config_example = false;
@@ -164,11 +207,28 @@ int Main(int argc, char** argv) {
   bool json = false;
   Status status;
   int exit_code = kExitOk;
+  // The client for the resolved configuration: the login node over SSH when --via (or
+  // [client] broker) names one, else the daemon on this host.
+  RemoteClient* remote = nullptr;
   auto with_client = [&](const ConfigFlags& flags, bool as_json, auto fn) {
     json = as_json;
     auto config = resolve(flags);
     if (!config.ok()) {
       status = config.status();
+      return;
+    }
+    if (!config->broker.empty()) {
+      auto target = ParseSshTarget(config->broker);
+      if (!target.ok()) {
+        status = target.status();
+        return;
+      }
+      SshClientOptions ssh_options;
+      ssh_options.accept_new_host_key = accept_new_host_key;
+      RemoteClient client(std::move(target).value(), config->remote_command, ssh_options);
+      remote = &client;
+      status = fn(*config, &client);
+      remote = nullptr;
       return;
     }
     LocalClient client(config->control_socket);
@@ -183,9 +243,12 @@ int Main(int argc, char** argv) {
                        : save_format == "env"                   ? OutputFormat::kEnv
                                                                 : OutputFormat::kHuman;
     save_args.command = command;
-    with_client(
-        save_cfg, save_args.format == OutputFormat::kJson,
-        [&](const Config& c, BrokerClient* cl) { return RunSave(c, cl, save_args, &exit_code); });
+    with_client(save_cfg, save_args.format == OutputFormat::kJson,
+                [&](const Config& c, BrokerClient* cl) {
+                  // From a compute node, the proxy on the login node must connect back here.
+                  if (save_args.host.empty() && remote) save_args.host = LocalHostName();
+                  return RunSave(c, cl, save_args, &exit_code);
+                });
   } else if (load->parsed()) {
     OutputFormat f = load_flags.json || load_format == "json" ? OutputFormat::kJson
                      : load_format == "env"                   ? OutputFormat::kEnv
@@ -210,10 +273,16 @@ int Main(int argc, char** argv) {
     with_client(stats_cfg, stats_flags.json, [&](const Config&, BrokerClient* cl) {
       return RunStats(cl, FormatOf(stats_flags));
     });
+  } else if (wait->parsed()) {
+    with_client(wait_cfg, wait_flags.json, [&](const Config&, BrokerClient* cl) {
+      auto timeout = ParseDuration(wait_timeout);
+      if (!timeout.ok()) return timeout.status().WithContext("--timeout");
+      return RunWait(cl, wait_job, *timeout, FormatOf(wait_flags));
+    });
   } else if (connect->parsed()) {
     with_client(connect_cfg, false, [&](const Config& c, BrokerClient* cl) {
       if (connect_args.proxy.empty()) connect_args.proxy = c.proxy.ToString();
-      return RunConnect(c, cl, connect_args);
+      return RunConnect(c, cl, remote, connect_args);
     });
   } else if (config_cmd->parsed()) {
     std::fputs(GenerateExampleConfig().c_str(), stdout);

@@ -178,9 +178,10 @@ const std::vector<Entry>& Entries() {
       // [client]
       {{"client", "broker", T::kString, "",
         "Login host where the daemon runs, as [user@]host[:port]; client commands started "
-        "elsewhere reach it over SSH, as with --via. Empty means the daemon on this host, "
-        "through control_socket.",
-        "--broker", FlagScope::kClient},
+        "elsewhere reach it over SSH (ssh-agent or ~/.ssh identities, ~/.ssh/known_hosts, "
+        "~/.ssh/config aliases) and run remote_command there. Empty means the daemon on this "
+        "host, through control_socket.",
+        "--via", FlagScope::kClient},
        &Config::broker},
       {{"client", "proxy", T::kHostPort, "127.0.0.1:7000",
         "The proxy port as clients reach it: host:port, or [v6addr]:port; a bare host means "

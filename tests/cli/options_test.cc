@@ -120,7 +120,7 @@ TEST(OptionTableTest, EntriesAreWellFormed) {
               {"control_socket", "--socket", FlagScope::kAll},
               {"log_level", "--log-level", FlagScope::kAll},
               {"proxy", "--proxy", FlagScope::kClient},
-              {"broker", "--broker", FlagScope::kClient}};
+              {"broker", "--via", FlagScope::kClient}};
   for (const auto& w : want) {
     const OptionSpec* spec = find(w.key);
     ASSERT_NE(spec, nullptr) << w.key;
@@ -607,7 +607,7 @@ TEST_F(ConfigFileTest, PrecedenceIsFileThenSetThenFlags) {
 TEST_F(ConfigFileTest, FlagsBeatSetsForPaths) {
   Result<Config> c =
       ParseArgs({"connect", "--set", "broker.state_dir=/a", "--state-dir", "/b", "--socket",
-                 "/tmp/s.sock", "--set", "client.proxy=h:1", "--proxy", "h2", "--broker",
+                 "/tmp/s.sock", "--set", "client.proxy=h:1", "--proxy", "h2", "--via",
                  "bob@login2", "--set", "broker.control_socket=/tmp/other.sock"});
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->state_dir, "/b");

@@ -1,0 +1,460 @@
+#include "proxy/ssh_server.h"
+
+#include <unistd.h>
+
+#include <cstring>
+
+#include <libssh/callbacks.h>
+
+#include "loop/log.h"
+#include "loop/timer.h"
+
+namespace brokerproxy::proxy {
+namespace {
+
+// Modern algorithms only (as OpenSSH 9 prefers them). No diffie-hellman-group-exchange: it
+// would make libssh read /etc/ssh/moduli, blocking, on the loop thread.
+constexpr const char* kKex =
+    "curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,ecdh-sha2-nistp384,"
+    "ecdh-sha2-nistp521";
+constexpr const char* kCiphers =
+    "chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-gcm@openssh.com,aes256-ctr,"
+    "aes192-ctr,aes128-ctr";
+constexpr const char* kMacs =
+    "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512";
+// The software version in our identification string: "SSH-2.0-brokerproxy".
+constexpr const char* kBanner = "brokerproxy";
+
+const char* ChannelTypeName(int subtype) {
+  switch (subtype) {
+    case SSH_CHANNEL_SESSION:
+      return "session";
+    case SSH_CHANNEL_DIRECT_TCPIP:
+      return "direct-tcpip";
+    case SSH_CHANNEL_FORWARDED_TCPIP:
+      return "forwarded-tcpip";
+    case SSH_CHANNEL_X11:
+      return "x11";
+    case SSH_CHANNEL_AUTH_AGENT:
+      return "auth-agent";
+    default:
+      return "unknown";
+  }
+}
+
+}  // namespace
+
+// ---- SshEndpoint ----
+
+Result<std::unique_ptr<SshEndpoint>> SshEndpoint::Create(SshEndpointOptions options) {
+  auto key = LoadOrCreateHostKey(options.host_key_path);
+  if (!key.ok()) return key.status();
+  auto fingerprint = SshFingerprint(key->get());
+  if (!fingerprint.ok()) return fingerprint.status();
+  SshBindPtr bind(ssh_bind_new());
+  if (!bind) return Status::Internal("ssh_bind_new failed");
+  bool no = false;
+  struct StringOption {
+    ssh_bind_options_e option;
+    const char* value;
+  };
+  const StringOption strings[] = {
+      {SSH_BIND_OPTIONS_BANNER, kBanner},
+      {SSH_BIND_OPTIONS_KEY_EXCHANGE, kKex},
+      {SSH_BIND_OPTIONS_CIPHERS_C_S, kCiphers},
+      {SSH_BIND_OPTIONS_CIPHERS_S_C, kCiphers},
+      {SSH_BIND_OPTIONS_HMAC_C_S, kMacs},
+      {SSH_BIND_OPTIONS_HMAC_S_C, kMacs},
+      {SSH_BIND_OPTIONS_HOSTKEY_ALGORITHMS, "ssh-ed25519"},
+  };
+  // Not the system-wide libssh server config: our policy is fixed here.
+  if (ssh_bind_options_set(bind.get(), SSH_BIND_OPTIONS_PROCESS_CONFIG, &no) != SSH_OK) {
+    return Status::Internal("ssh bind: cannot disable the global config");
+  }
+  for (const StringOption& o : strings) {
+    if (ssh_bind_options_set(bind.get(), o.option, o.value) != SSH_OK) {
+      return Status::Internal(std::string("ssh bind option: ") +
+                              ssh_get_error(static_cast<void*>(bind.get())));
+    }
+  }
+  // IMPORT_KEY takes ownership of the key (LIBRARIES.md 1.1).
+  if (ssh_bind_options_set(bind.get(), SSH_BIND_OPTIONS_IMPORT_KEY, key->get()) != SSH_OK) {
+    return Status::Internal("ssh bind: cannot use the host key");
+  }
+  (void)key->release();
+  return std::unique_ptr<SshEndpoint>(
+      new SshEndpoint(std::move(options), std::move(bind), std::move(fingerprint).value()));
+}
+
+Frontend SshEndpoint::frontend() {
+  return [this](Proxy* proxy, Handoff handoff) -> std::unique_ptr<Connection> {
+    auto session = std::make_unique<SshSession>(proxy, handoff.peer, &options_);
+    Status s = session->Start(bind_.get(), std::move(handoff.client));
+    if (!s.ok()) {
+      proxy->stats().global().ssh_failures++;
+      LOG_WARN("ssh: cannot start a session for %s: %s", session->PeerString().c_str(),
+               s.ToString().c_str());
+      return nullptr;
+    }
+    return session;
+  };
+}
+
+// ---- SshSession ----
+
+SshSession::SshSession(Proxy* proxy, const sockaddr_storage& peer,
+                       const SshEndpointOptions* options)
+    : Connection(proxy, peer), options_(options) {}
+
+SshSession::~SshSession() {
+  // Normally Close() already released everything; this covers a failed Start().
+  channels_.clear();
+  transport_.reset();
+}
+
+Status SshSession::Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client) {
+  last_activity_ms_ = proxy_->loop()->Now();
+  int fd = client->ReleaseFd();  // the fd is libssh's from here on; the Poll only watches it
+  SshSessionPtr session(ssh_new());
+  if (!session) {
+    client.reset();
+    ::close(fd);
+    return Status::Internal("ssh_new failed");
+  }
+  if (ssh_bind_accept_fd(bind, session.get(), fd) != SSH_OK) {
+    std::string err = ssh_get_error(static_cast<void*>(bind));
+    bool owned = ssh_get_fd(session.get()) == fd;  // else ssh_free() will not close it
+    client.reset();
+    session.reset();
+    if (!owned) ::close(fd);
+    return Status::Internal("ssh_bind_accept_fd: " + err);
+  }
+  ssh_set_blocking(session.get(), 0);
+  ssh_set_auth_methods(session.get(), SSH_AUTH_METHOD_PASSWORD | SSH_AUTH_METHOD_INTERACTIVE);
+  // Passwords through the server callback; everything else (keyboard-interactive, channel
+  // opens, requests) through the message callback: libssh 0.10 has no server callback for
+  // direct-tcpip.
+  server_callbacks_.userdata = this;
+  server_callbacks_.auth_password_function = &SshSession::OnPassword;
+  ssh_callbacks_init(&server_callbacks_);
+  ssh_set_server_callbacks(session.get(), &server_callbacks_);
+  ssh_set_message_callback(session.get(), &SshSession::OnMessage, this);
+  int rc = ssh_handle_key_exchange(session.get());  // sends our banner; SSH_AGAIN expected
+  if (rc == SSH_ERROR) {
+    Status err = SshError(session.get(), "ssh key exchange");
+    client.reset();
+    return err;
+  }
+  auto transport = SshTransport::Create(std::move(session), std::move(client));
+  if (!transport.ok()) return transport.status();
+  transport_ = std::move(transport).value();
+  auto timer = loop::Timer::Create(*proxy_->loop());
+  if (!timer.ok()) return timer.status();
+  pause_timer_ = std::move(timer).value();
+  int64_t timeout = proxy_->options().handshake_timeout_ms;
+  if (timeout > 0) proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
+  transport_->Start([this](int status) { OnSocket(status); });
+  return Status::OK();
+}
+
+// ---- libssh callbacks: record state, answer messages, never free anything ----
+
+int SshSession::OnMessage(ssh_session, ssh_message msg, void* userdata) noexcept {
+  return static_cast<SshSession*>(userdata)->HandleMessage(msg);
+}
+
+int SshSession::HandleMessage(ssh_message msg) {
+  // 0: handled here; 1: libssh sends its default answer (a refusal for everything but the
+  // ssh-userauth service request).
+  if (state_ == State::kClosed || close_reason_) return 1;
+  switch (ssh_message_type(msg)) {
+    case SSH_REQUEST_AUTH:
+      return HandleAuth(msg);
+    case SSH_REQUEST_CHANNEL_OPEN:
+      return HandleChannelOpen(msg);
+    case SSH_REQUEST_CHANNEL:
+      LOG_INFO("ssh %llu job=%s: refused a channel request (only direct-tcpip is served)",
+               static_cast<unsigned long long>(id()), target_.job_id.c_str());
+      return 1;
+    case SSH_REQUEST_GLOBAL:
+      LOG_INFO("ssh %llu job=%s: refused a global request (remote forwarding is not served)",
+               static_cast<unsigned long long>(id()),
+               target_.job_id.empty() ? "-" : target_.job_id.c_str());
+      return 1;
+    default:
+      return 1;
+  }
+}
+
+int SshSession::HandleAuth(ssh_message msg) {
+  if (state_ != State::kHandshake) return 1;
+  switch (ssh_message_subtype(msg)) {
+    case SSH_AUTH_METHOD_INTERACTIVE: {
+      if (!ssh_message_auth_kbdint_is_response(msg)) {
+        const char* user = ssh_message_auth_user(msg);
+        kbdint_user_ = user ? user : "";
+        const char* prompts[] = {"Job secret: "};
+        char echo[] = {0};
+        // No name or instruction: OpenSSH would print them on every attempt.
+        if (ssh_message_auth_interactive_request(msg, "", "", 1, prompts, echo) != SSH_OK) {
+          return 1;
+        }
+        return 0;
+      }
+      ssh_session s = transport_ ? transport_->session() : nullptr;
+      const char* answer = nullptr;
+      if (s && ssh_userauth_kbdint_getnanswers(s) == 1) {
+        answer = ssh_userauth_kbdint_getanswer(s, 0);
+      }
+      if (CheckSecret(kbdint_user_, answer)) {
+        ssh_message_auth_reply_success(msg, 0);
+      } else {
+        ssh_message_reply_default(msg);  // USERAUTH_FAILURE
+      }
+      return 0;
+    }
+    default:
+      return 1;  // "none", publickey, ...: refused, listing password and keyboard-interactive
+  }
+}
+
+int SshSession::OnPassword(ssh_session, const char* user, const char* password,
+                           void* userdata) noexcept {
+  auto* self = static_cast<SshSession*>(userdata);
+  if (self->state_ != State::kHandshake || self->close_reason_) return SSH_AUTH_DENIED;
+  return self->CheckSecret(user ? user : "", password) ? SSH_AUTH_SUCCESS : SSH_AUTH_DENIED;
+}
+
+bool SshSession::CheckSecret(const std::string& user, const char* secret) {
+  Proxy::Authorization auth = proxy_->Authorize(user, secret ? secret : "", peer());
+  if (!auth.error) {
+    target_ = std::move(auth.target);
+    state_ = State::kAuthenticated;
+    proxy_->ClearDeadline(this);
+    LOG_DEBUG("ssh %llu job=%s peer=%s: authenticated", static_cast<unsigned long long>(id()),
+              target_.job_id.c_str(), PeerString().c_str());
+    return true;
+  }
+  proxy_->stats().global().ssh_failures++;
+  ++auth_failures_;
+  LOG_DEBUG("ssh %llu peer=%s: authentication as '%s' refused (%s), failure %d",
+            static_cast<unsigned long long>(id()), PeerString().c_str(),
+            registry::ValidJobId(user) ? user.c_str() : "(not a job id)",
+            ErrorCodeName(*auth.error), auth_failures_);
+  if (auth_failures_ >= options_->max_auth_failures) {
+    RequestClose("too many authentication failures");
+    return false;
+  }
+  // libssh answers at once and has no limit of its own (LIBRARIES.md 1.2): slow the next guess
+  // down by not reading from this client for a while.
+  if (pause_timer_ && options_->auth_failure_pause_ms > 0) {
+    transport_->SetPaused(true);
+    pause_timer_->Start(static_cast<uint64_t>(options_->auth_failure_pause_ms) * auth_failures_,
+                        [this] {
+                          if (state_ == State::kClosed || !transport_) return;
+                          transport_->SetPaused(false);
+                          Service();
+                        });
+  }
+  return false;
+}
+
+int SshSession::HandleChannelOpen(ssh_message msg) {
+  int subtype = ssh_message_subtype(msg);
+  if (state_ != State::kAuthenticated) return 1;
+  if (subtype != SSH_CHANNEL_DIRECT_TCPIP) {
+    LOG_INFO("ssh %llu job=%s: refused a %s channel (only direct-tcpip is served)",
+             static_cast<unsigned long long>(id()), target_.job_id.c_str(),
+             ChannelTypeName(subtype));
+    return 1;
+  }
+  const char* dest = ssh_message_channel_request_open_destination(msg);
+  if (dest == nullptr || target_.job_id != dest) {
+    std::string shown = dest && registry::ValidHost(dest) ? dest : "(invalid)";
+    LOG_INFO("ssh %llu job=%s: refused a forward to '%.64s' (the destination must be the job id)",
+             static_cast<unsigned long long>(id()), target_.job_id.c_str(), shown.c_str());
+    return 1;
+  }
+  if (channels_.size() >= static_cast<size_t>(options_->max_channels)) {
+    LOG_INFO("ssh %llu job=%s: refused a channel: %d already open",
+             static_cast<unsigned long long>(id()), target_.job_id.c_str(), options_->max_channels);
+    return 1;
+  }
+  ssh_channel channel = ssh_message_channel_request_open_reply_accept(msg);
+  if (channel == nullptr) return 0;  // the session is failing; Service() will see it
+  auto c = std::make_unique<Channel>();
+  c->id = next_channel_id_++;
+  uint64_t cid = c->id;
+  c->splice = std::make_unique<ChannelSplice>(channel, [this] { Service(); });
+  // libssh frees the message when this returns, so the answer had to be given before the
+  // backend is reached: if the backend fails, the client sees the channel close.
+  c->dialer = std::make_unique<Dialer>(proxy_->loop(), proxy_->resolver());
+  c->dialer->Dial(target_.host, target_.port, [this, cid](Result<loop::HandlePtr<loop::Poll>> r) {
+    OnBackend(cid, std::move(r));
+  });
+  channels_.push_back(std::move(c));
+  ++channels_opened_;
+  return 0;
+}
+
+void SshSession::RequestClose(const char* reason) {
+  if (!close_reason_) close_reason_ = reason;
+}
+
+// ---- entry points from libuv ----
+
+void SshSession::OnSocket(int status) {
+  if (state_ == State::kClosed) return;
+  if (status < 0) {
+    RequestClose("client socket error");
+  }
+  Service();
+}
+
+void SshSession::OnBackend(uint64_t channel_id, Result<loop::HandlePtr<loop::Poll>> backend) {
+  Channel* c = FindChannel(channel_id);
+  if (c == nullptr || state_ == State::kClosed) return;
+  if (!backend.ok()) {
+    proxy_->stats().global().unavailable++;
+    LOG_INFO("ssh %llu job=%s: backend unavailable: %s", static_cast<unsigned long long>(id()),
+             target_.job_id.c_str(), backend.status().message().c_str());
+    c->splice->Fail(Status::Unavailable("backend unavailable"));
+  } else {
+    int keepalive = proxy_->options().keepalive_s;
+    TuneTcpSocket((*backend)->fd(), keepalive);
+    proxy_->stats().global().spliced++;
+    JobCounters& jc = proxy_->stats().job(target_.job_id);
+    jc.connections++;
+    jc.active++;
+    c->counted = true;
+    c->splice->Attach(std::move(backend).value(), nullptr, std::string());
+  }
+  c->dialer.reset();  // its callback is running: the Dialer may go, it touches nothing after
+  Service();
+}
+
+SshSession::Channel* SshSession::FindChannel(uint64_t id) {
+  for (auto& c : channels_) {
+    if (c->id == id) return c.get();
+  }
+  return nullptr;
+}
+
+void SshSession::Service() {
+  // Never re-entered: libssh callbacks do not call it, and entry points come from libuv.
+  if (state_ == State::kClosed || in_service_ || !transport_) return;
+  in_service_ = true;
+  Status s = transport_->Process();
+  if (!s.ok() && !close_reason_) {
+    close_reason_ = state_ == State::kHandshake ? "key exchange or authentication failed"
+                                                : "client disconnected";
+    // A failed key exchange counts here; failed passwords were counted one by one.
+    if (state_ == State::kHandshake && auth_failures_ == 0) {
+      proxy_->stats().global().ssh_failures++;
+    }
+  }
+  if (!close_reason_) {
+    // Index loop: a channel's libssh calls may accept new channels (push_back).
+    for (size_t i = 0; i < channels_.size(); ++i) channels_[i]->splice->Service();
+    for (size_t i = 0; i < channels_.size();) {
+      if (!channels_[i]->splice->finished()) {
+        ++i;
+        continue;
+      }
+      std::unique_ptr<Channel> done = std::move(channels_[i]);
+      channels_.erase(channels_.begin() + static_cast<long>(i));
+      EndChannel(*done);
+      done.reset();  // frees the channel: libssh may process packets (callbacks) in there
+    }
+  }
+  in_service_ = false;
+  if (close_reason_ || !transport_->alive()) {
+    Close(close_reason_ ? close_reason_ : "client disconnected");
+    return;
+  }
+  transport_->UpdateEvents();
+}
+
+void SshSession::FlushCounters(Channel& c) {
+  uint64_t up = c.splice->to_socket_bytes() - c.reported_up;
+  uint64_t down = c.splice->to_channel_bytes() - c.reported_down;
+  c.reported_up += up;
+  c.reported_down += down;
+  bytes_up_ += up;
+  bytes_down_ += down;
+  if (up == 0 && down == 0) return;
+  GlobalCounters& g = proxy_->stats().global();
+  g.bytes_up += up;
+  g.bytes_down += down;
+  JobCounters& jc = proxy_->stats().job(target_.job_id);
+  jc.bytes_up += up;
+  jc.bytes_down += down;
+}
+
+void SshSession::EndChannel(Channel& c) {
+  FlushCounters(c);
+  last_activity_ms_ = std::max(last_activity_ms_, c.splice->last_activity_ms());
+  if (c.counted) {
+    proxy_->stats().job(target_.job_id).active--;
+    c.counted = false;
+  }
+  const Status& s = c.splice->status();
+  LOG_DEBUG("ssh %llu job=%s channel %llu closed: up=%llu down=%llu %s",
+            static_cast<unsigned long long>(id()), target_.job_id.c_str(),
+            static_cast<unsigned long long>(c.id),
+            static_cast<unsigned long long>(c.splice->to_socket_bytes()),
+            static_cast<unsigned long long>(c.splice->to_channel_bytes()),
+            s.ok() ? "done" : s.message().c_str());
+}
+
+void SshSession::OnDeadline() {
+  if (state_ != State::kHandshake) return;
+  proxy_->stats().global().timeouts++;
+  proxy_->stats().global().ssh_failures++;
+  Close("handshake timeout");
+}
+
+void SshSession::OnSweep(uint64_t now_ms) {
+  if (state_ != State::kAuthenticated) return;
+  for (auto& c : channels_) {
+    FlushCounters(*c);
+    last_activity_ms_ = std::max(last_activity_ms_, c->splice->last_activity_ms());
+  }
+  int64_t idle = proxy_->options().idle_timeout_ms;
+  if (idle > 0 && now_ms - last_activity_ms_ >= static_cast<uint64_t>(idle)) {
+    proxy_->stats().global().idle_closed++;
+    Close("idle timeout");
+  }
+}
+
+void SshSession::Close(const char* reason) {
+  if (state_ == State::kClosed) return;
+  bool authenticated = state_ == State::kAuthenticated;
+  state_ = State::kClosed;
+  proxy_->ClearDeadline(this);
+  if (pause_timer_) pause_timer_.reset();
+  if (transport_) ssh_set_message_callback(transport_->session(), nullptr, nullptr);
+  // Channels first (each unhooks its callbacks), then the session (which closes the socket).
+  while (!channels_.empty()) {
+    std::unique_ptr<Channel> c = std::move(channels_.back());
+    channels_.pop_back();
+    EndChannel(*c);
+    c.reset();
+  }
+  if (transport_) {
+    transport_->set_disconnect_on_close(true);
+    transport_.reset();
+  }
+  uint64_t ms = proxy_->loop()->Now() - started_ms();
+  LOG_INFO(
+      "ssh %llu job=%s peer=%s channels=%llu up=%llu down=%llu duration=%llu.%03llus "
+      "reason=%s",
+      static_cast<unsigned long long>(id()), authenticated ? target_.job_id.c_str() : "-",
+      PeerString().c_str(), static_cast<unsigned long long>(channels_opened_),
+      static_cast<unsigned long long>(bytes_up_), static_cast<unsigned long long>(bytes_down_),
+      static_cast<unsigned long long>(ms / 1000), static_cast<unsigned long long>(ms % 1000),
+      reason);
+  proxy_->Retire(this);
+}
+
+}  // namespace brokerproxy::proxy

@@ -1,0 +1,145 @@
+// The embedded SSH endpoint on the proxy port: a libssh server session per connection that the
+// sniffer saw start with "SSH-" (DESIGN.md "The proxy port").
+//
+//   user name  = job id; password or keyboard-interactive answer = the job's secret, checked by
+//                Proxy::Authorize() (constant time, throttled per job and per source, counted).
+//                At most `max_auth_failures` failures per connection, then it is dropped; each
+//                failure also pauses reading from that client for a moment.
+//   channels   = direct-tcpip only, and only to the authenticated job (the destination host
+//                must be the job id; the port is a placeholder: OpenSSH refuses port 0 in -L).
+//                Each channel is a fresh backend connection (Dialer), spliced by a
+//                ChannelSplice (ssh_splice.h) with window backpressure both ways. Everything
+//                else (session channels, so shell/exec/subsystem/pty, x11, agent, tcpip-forward)
+//                is refused.
+//   deadline   = key exchange plus authentication within handshake_timeout.
+//
+// Fd ownership (STYLE.md P11): the sniffer only peeked, so the "SSH-" banner is still in the
+// kernel. The Handoff's Poll gives up its fd (ReleaseFd) to libssh (ssh_bind_accept_fd), which
+// owns it from then on and closes it in ssh_free(); the same Poll, now borrowing the fd, drives
+// libssh (SshTransport). No uv_tcp_t ever touches it.
+//
+// Ownership: the daemon owns the SshEndpoint and must keep it until the Proxy is destroyed;
+// the Proxy owns each SshSession (Connection). Loop-thread only.
+
+#ifndef BROKERPROXY_PROXY_SSH_SERVER_H_
+#define BROKERPROXY_PROXY_SSH_SERVER_H_
+
+#include <libssh/callbacks.h>
+#include <libssh/libssh.h>
+#include <libssh/server.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loop/handle.h"
+#include "loop/poll.h"
+#include "proxy/dialer.h"
+#include "proxy/proxy.h"
+#include "proxy/ssh_common.h"
+#include "proxy/ssh_splice.h"
+
+namespace brokerproxy::proxy {
+
+struct SshEndpointOptions {
+  std::string host_key_path;            // ed25519 private key; created (0600) if missing
+  int max_auth_failures = 6;            // per connection, like OpenSSH's MaxAuthTries
+  int max_channels = 64;                // open channels per session
+  int64_t auth_failure_pause_ms = 300;  // reading pauses this long times the failure count
+};
+
+class SshEndpoint {
+ public:
+  // Loads or creates the host key (blocking file I/O: call before the loop serves clients) and
+  // prepares the ssh_bind every session is accepted from: modern kex/ciphers/MACs only, our
+  // banner, and no /etc/ssh/libssh_server_config.
+  static Result<std::unique_ptr<SshEndpoint>> Create(SshEndpointOptions options);
+
+  // "SHA256:..." of the host key.
+  const std::string& fingerprint() const { return fingerprint_; }
+  // For Proxy::set_frontend(Protocol::kSsh, ...).
+  Frontend frontend();
+
+ private:
+  SshEndpoint(SshEndpointOptions options, SshBindPtr bind, std::string fingerprint)
+      : options_(std::move(options)),
+        bind_(std::move(bind)),
+        fingerprint_(std::move(fingerprint)) {}
+
+  SshEndpointOptions options_;
+  SshBindPtr bind_;
+  std::string fingerprint_;
+};
+
+// One SSH connection on the proxy port.
+//
+//   kHandshake --auth ok--> kAuthenticated --(channels come and go)--> closed
+//       |  (deadline, too many failures, protocol error, peer gone)      ^
+//       +----------------------------------------------------------------+
+class SshSession final : public Connection {
+ public:
+  SshSession(Proxy* proxy, const sockaddr_storage& peer, const SshEndpointOptions* options);
+  ~SshSession() override;
+
+  // Hands the client socket to libssh and starts the key exchange. On error nothing is left
+  // open (the socket is closed) and the session must just be destroyed (never adopted).
+  Status Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client);
+
+  void Close(const char* reason) override;
+  void OnDeadline() override;
+  void OnSweep(uint64_t now_ms) override;
+
+ private:
+  enum class State { kHandshake, kAuthenticated, kClosed };
+  struct Channel {
+    uint64_t id = 0;
+    std::unique_ptr<ChannelSplice> splice;
+    std::unique_ptr<Dialer> dialer;
+    uint64_t reported_up = 0;  // bytes already added to the counters
+    uint64_t reported_down = 0;
+    bool counted = false;  // counted as an active connection of the job
+  };
+
+  static int OnMessage(ssh_session session, ssh_message msg, void* userdata) noexcept;
+  int HandleMessage(ssh_message msg);
+  int HandleAuth(ssh_message msg);
+  int HandleChannelOpen(ssh_message msg);
+  static int OnPassword(ssh_session session, const char* user, const char* password,
+                        void* userdata) noexcept;
+  // Checks an authentication attempt for `user` with `secret`: true if it succeeded. Counts
+  // failures, pauses reading after one, and asks to close after too many.
+  bool CheckSecret(const std::string& user, const char* secret);
+
+  // Entry points from libuv; each ends with Service().
+  void OnSocket(int status);
+  void OnBackend(uint64_t channel_id, Result<loop::HandlePtr<loop::Poll>> backend);
+  // Runs after every entry point, outside libssh: process packets, move data, reap channels,
+  // close if asked.
+  void Service();
+  Channel* FindChannel(uint64_t id);
+  void EndChannel(Channel& c);
+  void FlushCounters(Channel& c);
+  void RequestClose(const char* reason);
+
+  const SshEndpointOptions* options_;
+  ssh_server_callbacks_struct server_callbacks_{};  // must outlive the session (not copied)
+  State state_ = State::kHandshake;
+  std::unique_ptr<SshTransport> transport_;
+  loop::HandlePtr<loop::Timer> pause_timer_;
+  std::vector<std::unique_ptr<Channel>> channels_;
+  uint64_t next_channel_id_ = 1;
+  Target target_;            // the authenticated job (a copy, P9)
+  std::string kbdint_user_;  // user name of a keyboard-interactive exchange in progress
+  int auth_failures_ = 0;
+  bool in_service_ = false;
+  const char* close_reason_ = nullptr;  // set by callbacks; acted on in Service()
+  uint64_t channels_opened_ = 0;
+  uint64_t bytes_up_ = 0;
+  uint64_t bytes_down_ = 0;
+  uint64_t last_activity_ms_ = 0;
+};
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_SSH_SERVER_H_

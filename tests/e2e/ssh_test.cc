@@ -1,0 +1,704 @@
+// SSH end to end (issue 4's acceptance), with real OpenSSH on loopback:
+//   - a real sshd stands for the login node: save/load/query/verify/remove/stats and
+//     connect --via go through it (host keys, agent, identity files);
+//   - the stock ssh client talks to the daemon's embedded SSH endpoint (ssh -N -L).
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
+#include "e2e/harness.h"
+#include "registry/json.h"
+
+namespace brokerproxy::testing {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t ElapsedMs(Clock::time_point since) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
+}
+
+registry::JsonPtr ParseOut(const std::string& out) {
+  auto j = registry::ParseJson(out, 1 << 20);
+  return j.ok() ? std::move(j).value() : nullptr;
+}
+
+std::string Str(const cJSON* obj, std::initializer_list<const char*> path) {
+  const cJSON* v = obj;
+  for (const char* p : path) v = cJSON_GetObjectItemCaseSensitive(v, p);
+  if (cJSON_IsString(v)) return v->valuestring;
+  if (cJSON_IsNumber(v)) return std::to_string(static_cast<long long>(v->valuedouble));
+  if (cJSON_IsBool(v)) return cJSON_IsTrue(v) ? "true" : "false";
+  return "";
+}
+
+// A port that was free a moment ago (for programs that cannot report the one they bound).
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// Connects to 127.0.0.1:port, retrying until something listens there.
+int ConnectWhenReady(int port, int timeout_ms = 15000) {
+  auto start = Clock::now();
+  while (ElapsedMs(start) < timeout_ms) {
+    int fd = ConnectTcp(port);
+    if (fd >= 0) return fd;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return -1;
+}
+
+size_t CountOf(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) {
+    ++n;
+  }
+  return n;
+}
+
+// Resident set of a process, from /proc.
+size_t RssOf(pid_t pid) {
+  std::string status = ReadFile("/proc/" + std::to_string(pid) + "/status");
+  size_t at = status.find("VmRSS:");
+  return at == std::string::npos ? 0 : std::stoull(status.substr(at + 6)) * 1024;
+}
+
+// A real OpenSSH sshd on 127.0.0.1 standing for the login node. The test user (root) logs in
+// with a key generated in `dir`; home() is the HOME the client side runs with, so known_hosts
+// and identity files are the test's own.
+class Sshd {
+ public:
+  explicit Sshd(const TempDir& dir) : dir_(dir.path()), port_(FreePort()) {
+    ::mkdir((dir_ + "/home").c_str(), 0700);
+    ::mkdir((dir_ + "/home/.ssh").c_str(), 0700);
+    ::mkdir("/run/sshd", 0755);  // privilege separation directory
+    RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f",
+                home() + "/.ssh/id_ed25519"});
+    WriteFile(dir_ + "/authorized_keys", ReadFile(home() + "/.ssh/id_ed25519.pub"), 0600);
+    NewHostKey();
+    WriteFile(dir_ + "/sshd_config",
+              "ListenAddress 127.0.0.1\n"
+              "HostKey " +
+                  dir_ +
+                  "/host_key\n"
+                  "PidFile none\nUsePAM no\nStrictModes no\n"
+                  "AuthorizedKeysFile " +
+                  dir_ +
+                  "/authorized_keys\n"
+                  "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                  "KbdInteractiveAuthentication no\nAllowTcpForwarding yes\n"
+                  "Subsystem sftp internal-sftp\nLogLevel VERBOSE\n");
+  }
+  ~Sshd() { Stop(); }
+
+  // A fresh host key (the login node "was reinstalled").
+  void NewHostKey() {
+    ::unlink((dir_ + "/host_key").c_str());
+    ::unlink((dir_ + "/host_key.pub").c_str());
+    RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", dir_ + "/host_key"});
+  }
+
+  ::testing::AssertionResult Start() {
+    child_ = Child::Spawn(
+        {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port_)},
+        dir_ + "/sshd.log");
+    if (!child_ || !child_->WaitFor("Server listening on", 10000)) {
+      return ::testing::AssertionFailure() << "sshd did not start:\n" << Log();
+    }
+    return ::testing::AssertionSuccess();
+  }
+  void Stop() {
+    if (child_) child_->Stop(SIGTERM, 5000);
+    child_.reset();
+  }
+
+  int port() const { return port_; }
+  std::string via() const { return "127.0.0.1:" + std::to_string(port_); }
+  std::string home() const { return dir_ + "/home"; }
+  std::string Log() const { return ReadFile(dir_ + "/sshd.log"); }
+  // SSH sessions sshd accepted so far.
+  size_t Logins() const { return CountOf(Log(), "Accepted publickey"); }
+
+ private:
+  std::string dir_;
+  int port_;
+  std::unique_ptr<Child> child_;
+};
+
+// The daemon (as on the login node), sshd in front of it, and a client configuration whose
+// remote_command reaches that daemon.
+class ViaTest : public ::testing::Test {
+ protected:
+  ViaTest() : daemon_(dir_), sshd_(dir_) {}
+
+  void SetUp() override {
+    ASSERT_TRUE(daemon_.Start());
+    ASSERT_TRUE(sshd_.Start());
+    WriteFile(dir_ / "client.ini",
+              "[client]\nremote_command = env BROKERPROXY_CONFIG=" + daemon_.config_path() + " " +
+                  BinaryPath() + "\nproxy = 127.0.0.1:" + std::to_string(daemon_.proxy_port()) +
+                  "\n");
+  }
+
+  // The client side: its own HOME, no agent unless asked.
+  RunOptions ClientEnv(const std::string& agent_socket = "") const {
+    RunOptions o;
+    o.env = {"HOME=" + sshd_.home(), "SSH_AUTH_SOCK=" + agent_socket};
+    o.timeout_ms = 60000;
+    return o;
+  }
+  // `brokerproxy <args> -c client.ini --via <sshd>`
+  std::vector<std::string> Via(std::vector<std::string> args) const {
+    std::vector<std::string> argv = {BinaryPath()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.insert(argv.end(), {"-c", dir_ / "client.ini", "--via", sshd_.via()});
+    return argv;
+  }
+  RunResult RunVia(std::vector<std::string> args, RunOptions o) const {
+    return RunCommand(Via(std::move(args)), o);
+  }
+  RunResult RunVia(std::vector<std::string> args) const { return RunVia(args, ClientEnv()); }
+  std::string KnownHosts() const { return sshd_.home() + "/.ssh/known_hosts"; }
+
+  TempDir dir_;
+  Daemon daemon_;
+  Sshd sshd_;
+};
+
+TEST_F(ViaTest, CommandsThroughTheLoginNode) {
+  // Unknown host key: refused, nothing written.
+  RunResult unknown = RunVia({"query"});
+  EXPECT_EQ(unknown.exit_code, 4) << unknown;
+  EXPECT_NE(unknown.err.find("--accept-new-host-key"), std::string::npos) << unknown;
+  EXPECT_NE(unknown.err.find(KnownHosts()), std::string::npos) << unknown;
+  EXPECT_TRUE(ReadFile(KnownHosts()).empty());
+
+  // Accepted and added; later calls need no flag. No agent: the identity file logs in.
+  RunResult accepted = RunVia({"query", "--accept-new-host-key"});
+  ASSERT_EQ(accepted.exit_code, 0) << accepted;
+  EXPECT_NE(accepted.err.find("added the host key"), std::string::npos) << accepted;
+  EXPECT_NE(ReadFile(KnownHosts()).find("ssh-ed25519"), std::string::npos);
+
+  // save from a "compute node": the backend host defaults to this machine's name.
+  RunResult save = RunVia({"save", "ssh", "--job-id", "via1", "--port", "5555", "--json"});
+  ASSERT_EQ(save.exit_code, 0) << save;
+  auto saved = ParseOut(save.out);
+  ASSERT_TRUE(saved) << save;
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  EXPECT_EQ(Str(saved.get(), {"job", "host"}), host);
+  std::string secret = Str(saved.get(), {"job", "secret"});
+  ASSERT_EQ(secret.size(), 64u);
+
+  // The job is really in the login node's daemon.
+  RunResult local = daemon_.Cli({"load", "via1", "--json"});
+  ASSERT_EQ(local.exit_code, 0) << local;
+  EXPECT_EQ(Str(ParseOut(local.out).get(), {"job", "secret"}), secret);
+
+  // load: --json is the reply object itself; human and env output as if local.
+  RunResult load = RunVia({"load", "via1", "--json"});
+  ASSERT_EQ(load.exit_code, 0) << load;
+  EXPECT_EQ(load.out, local.out);
+  RunResult env = RunVia({"load", "via1", "--format", "env"});
+  ASSERT_EQ(env.exit_code, 0) << env;
+  EXPECT_NE(env.out.find("BROKER_SECRET=" + secret + "\n"), std::string::npos) << env;
+
+  // verify: same answers and exit codes; the secret never appears on the remote command line.
+  RunResult right = RunVia({"verify", "via1", secret});
+  EXPECT_EQ(right.exit_code, 0) << right;
+  EXPECT_EQ(right.out, "yes\n");
+  std::string wrong_secret = secret;
+  wrong_secret[0] = wrong_secret[0] == 'a' ? 'b' : 'a';
+  RunResult wrong = RunVia({"verify", "via1", wrong_secret});
+  EXPECT_EQ(wrong.exit_code, 1) << wrong;
+  EXPECT_EQ(wrong.out, "no\n");
+  EXPECT_EQ(sshd_.Log().find(secret), std::string::npos);
+
+  RunResult query = RunVia({"query", "--json"});
+  ASSERT_EQ(query.exit_code, 0) << query;
+  EXPECT_NE(query.out.find("\"via1\""), std::string::npos) << query;
+  EXPECT_EQ(query.out.find(secret), std::string::npos);
+
+  RunResult stats = RunVia({"stats", "--json"});
+  ASSERT_EQ(stats.exit_code, 0) << stats;
+  EXPECT_EQ(Str(ParseOut(stats.out).get(), {"stats", "ssh_host_key"}).rfind("SHA256:", 0), 0u)
+      << stats;
+
+  // Errors keep their exit codes: remove, then a missing job is "not found" (5).
+  RunResult remove = RunVia({"remove", "via1"});
+  EXPECT_EQ(remove.exit_code, 0) << remove;
+  RunResult gone = RunVia({"load", "via1"});
+  EXPECT_EQ(gone.exit_code, 5) << gone;
+  EXPECT_NE(gone.err.find("via1"), std::string::npos) << gone;
+  RunResult gone_json = RunVia({"load", "via1", "--json"});
+  EXPECT_EQ(gone_json.exit_code, 5) << gone_json;
+  EXPECT_EQ(Str(ParseOut(gone_json.out).get(), {"code"}), "not_found") << gone_json;
+  EXPECT_EQ(daemon_.Log().find(secret), std::string::npos) << "secrets never appear in logs";
+
+  // A host alias from ~/.ssh/config.
+  WriteFile(sshd_.home() + "/.ssh/config", "Host loginalias\n  HostName 127.0.0.1\n  Port " +
+                                               std::to_string(sshd_.port()) + "\n  User root\n");
+  std::vector<std::string> argv = {BinaryPath(),        "query", "-c",
+                                   dir_ / "client.ini", "--via", "loginalias"};
+  RunResult alias = RunCommand(argv, ClientEnv());
+  EXPECT_EQ(alias.exit_code, 0) << alias;
+}
+
+TEST_F(ViaTest, ChangedHostKeyIsRefused) {
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  sshd_.Stop();
+  sshd_.NewHostKey();
+  ASSERT_TRUE(sshd_.Start());
+  for (bool accept : {false, true}) {
+    std::vector<std::string> args = {"query"};
+    if (accept) args.push_back("--accept-new-host-key");  // never overrides a changed key
+    RunResult r = RunVia(args);
+    EXPECT_EQ(r.exit_code, 4) << r;
+    EXPECT_NE(r.err.find("CHANGED"), std::string::npos) << r;
+    EXPECT_NE(r.err.find(KnownHosts()), std::string::npos) << r;
+  }
+}
+
+TEST_F(ViaTest, AgentFirstThenIdentityFiles) {
+  // A real ssh-agent holding the key, and no identity file left on disk: only the agent can
+  // log in.
+  std::string sock = dir_ / "agent.sock";
+  auto agent = Child::Spawn({"ssh-agent", "-D", "-a", sock}, dir_ / "agent.log");
+  ASSERT_TRUE(agent);
+  for (int i = 0; i < 500 && access(sock.c_str(), F_OK) != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  RunOptions with_agent = ClientEnv(sock);
+  std::string key = sshd_.home() + "/.ssh/id_ed25519";
+  RunResult add = RunCommand({"ssh-add", key}, with_agent);
+  ASSERT_EQ(add.exit_code, 0) << add;
+  ASSERT_EQ(rename(key.c_str(), (dir_ / "moved_key").c_str()), 0);
+  ASSERT_EQ(rename((key + ".pub").c_str(), (dir_ / "moved_key.pub").c_str()), 0);
+
+  RunResult via_agent = RunVia({"query", "--accept-new-host-key"}, with_agent);
+  EXPECT_EQ(via_agent.exit_code, 0) << via_agent;
+  RunResult no_agent = RunVia({"query"});
+  EXPECT_EQ(no_agent.exit_code, 4) << no_agent;
+  EXPECT_NE(no_agent.err.find("cannot log in"), std::string::npos) << no_agent;
+  agent->Stop(SIGTERM, 5000);
+}
+
+TEST_F(ViaTest, ConnectCarriesManyConnectionsOverOneSession) {
+  Backend backend;
+  std::string secret = daemon_.SaveJob("cv", backend.port());
+  ASSERT_FALSE(secret.empty());
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  size_t logins_before = sshd_.Logins();
+
+  RunOptions env = ClientEnv();
+  auto connect = Child::Spawn(Via({"connect", "cv", "--listen", "0"}), dir_ / "connect.log", env);
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+
+  // 50 concurrent local connections, each an echo with its own data.
+  constexpr int kConns = 50;
+  constexpr uint64_t kEach = 256 * 1024;
+  std::atomic<int> good{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kConns; ++i) {
+    threads.emplace_back([&] {
+      int fd = ConnectTcp(port, "127.0.0.1", 60000);
+      if (fd < 0 || !SendAll(fd, "echo\n")) return;
+      EchoResult r = EchoTransfer(fd, kEach);
+      close(fd);
+      if (r.received_bytes == kEach && r.sent == r.received) good++;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(good.load(), kConns);
+  EXPECT_EQ(sshd_.Logins(), logins_before + 1) << "one SSH session carries every connection";
+
+  // 256 MiB each way, checked by hash; EOF travels through the channel both ways.
+  constexpr uint64_t kBig = 256ull << 20;
+  {
+    int fd = ConnectTcp(port, "127.0.0.1", 120000);
+    ASSERT_GE(fd, 0);
+    ASSERT_TRUE(SendAll(fd, "upload\n"));
+    std::thread writer([&] {
+      std::vector<char> buf(1 << 20);
+      for (uint64_t off = 0; off < kBig; off += buf.size()) {
+        Pattern(off, buf.data(), buf.size());
+        if (!SendAll(fd, buf.data(), buf.size())) break;
+      }
+      shutdown(fd, SHUT_WR);
+    });
+    auto reply = ReadLine(fd);
+    writer.join();
+    close(fd);
+    ASSERT_TRUE(reply);
+    EXPECT_EQ(*reply, PatternHash(kBig) + " " + std::to_string(kBig));
+  }
+  {
+    int fd = ConnectTcp(port, "127.0.0.1", 120000);
+    ASSERT_GE(fd, 0);
+    ASSERT_TRUE(SendAll(fd, "download " + std::to_string(kBig) + "\n"));
+    shutdown(fd, SHUT_WR);
+    Sha256 sha;
+    uint64_t total = 0;
+    std::vector<char> buf(1 << 20);
+    for (;;) {
+      ssize_t n = recv(fd, buf.data(), buf.size(), 0);
+      if (n <= 0) break;
+      sha.Update(buf.data(), n);
+      total += n;
+    }
+    close(fd);
+    EXPECT_EQ(total, kBig);
+    EXPECT_EQ(sha.Hex(), PatternHash(kBig));
+  }
+  EXPECT_EQ(sshd_.Logins(), logins_before + 1);
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
+// ---- the embedded endpoint, with the stock OpenSSH client ----
+
+class EndpointTest : public ::testing::Test {
+ protected:
+  // The stock client: no config files, no keys, the secret from an askpass script.
+  std::vector<std::string> Ssh(int proxy_port, const std::string& user,
+                               const std::vector<std::string>& extra,
+                               const std::vector<std::string>& command = {}) const {
+    std::vector<std::string> argv = {"ssh",
+                                     "-F",
+                                     "/dev/null",
+                                     "-p",
+                                     std::to_string(proxy_port),
+                                     "-o",
+                                     "StrictHostKeyChecking=no",
+                                     "-o",
+                                     "UserKnownHostsFile=" + (dir_ / "known_hosts"),
+                                     "-o",
+                                     "PubkeyAuthentication=no",
+                                     "-o",
+                                     "NumberOfPasswordPrompts=1",
+                                     "-o",
+                                     "ExitOnForwardFailure=yes",
+                                     "-o",
+                                     "ConnectTimeout=10"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    argv.push_back(user + "@127.0.0.1");
+    argv.insert(argv.end(), command.begin(), command.end());
+    return argv;
+  }
+  RunOptions SecretEnv(const std::string& secret) {
+    std::string script = dir_ / ("askpass" + std::to_string(++scripts_));
+    WriteFile(script, "#!/bin/sh\necho '" + secret + "'\n", 0755);
+    RunOptions o;
+    o.env = {"SSH_ASKPASS=" + script, "SSH_ASKPASS_REQUIRE=force", "DISPLAY=:0",
+             "HOME=" + (dir_ / "nohome"), "SSH_AUTH_SOCK="};
+    o.timeout_ms = 30000;
+    return o;
+  }
+  // `ssh -N -L port:job:1 ...` in the background; returns once the forward accepts.
+  std::unique_ptr<Child> Forward(int proxy_port, const std::string& job, const std::string& secret,
+                                 const std::vector<int>& ports) {
+    std::vector<std::string> extra = {"-N"};
+    for (int p : ports) {
+      extra.push_back("-L");
+      extra.push_back(std::to_string(p) + ":" + job + ":1");  // the port is a placeholder
+    }
+    auto child =
+        Child::Spawn(Ssh(proxy_port, job, extra),
+                     dir_ / ("ssh" + std::to_string(++children_) + ".log"), SecretEnv(secret));
+    if (!child) return nullptr;
+    int fd = ConnectWhenReady(ports[0]);
+    if (fd < 0) return nullptr;
+    close(fd);
+    return child;
+  }
+
+  TempDir dir_;
+  int scripts_ = 0;
+  int children_ = 0;
+};
+
+TEST_F(EndpointTest, StockSshForwardsWithTheSecret) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  std::string secret = d.SaveJob("e1", backend.port());
+  ASSERT_FALSE(secret.empty());
+  int p1 = FreePort(), p2 = FreePort();
+  auto ssh = Forward(d.proxy_port(), "e1", secret, {p1, p2});
+  ASSERT_TRUE(ssh) << d.Log();
+
+  // Several channels at once, over two forwards of one session, data checked by hash.
+  constexpr int kConns = 6;
+  constexpr uint64_t kEach = 8ull << 20;
+  std::atomic<int> good{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kConns; ++i) {
+    threads.emplace_back([&, i] {
+      int fd = ConnectTcp(i % 2 ? p1 : p2, "127.0.0.1", 60000);
+      if (fd < 0 || !SendAll(fd, "echo\n")) return;
+      EchoResult r = EchoTransfer(fd, kEach);
+      close(fd);
+      if (r.received_bytes == kEach && r.sent == r.received) good++;
+    });
+  }
+  // Meanwhile a download (backend -> client only) of its own.
+  constexpr uint64_t kDown = 32ull << 20;
+  std::string down_hash;
+  uint64_t down_bytes = 0;
+  threads.emplace_back([&] {
+    int fd = ConnectTcp(p1, "127.0.0.1", 60000);
+    if (fd < 0 || !SendAll(fd, "download " + std::to_string(kDown) + "\n")) return;
+    shutdown(fd, SHUT_WR);
+    Sha256 sha;
+    std::vector<char> buf(1 << 20);
+    for (ssize_t n; (n = recv(fd, buf.data(), buf.size(), 0)) > 0;) {
+      sha.Update(buf.data(), n);
+      down_bytes += n;
+    }
+    close(fd);
+    down_hash = sha.Hex();
+  });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(good.load(), kConns);
+  EXPECT_EQ(down_bytes, kDown);
+  EXPECT_EQ(down_hash, PatternHash(kDown));
+
+  // The host key is the one in the state dir (0600), and stats shows its fingerprint.
+  std::string key_path = d.state_dir() + "/ssh_host_ed25519_key";
+  struct stat st {};
+  ASSERT_EQ(stat(key_path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  RunResult keygen = RunCommand({"ssh-keygen", "-lf", key_path});
+  ASSERT_EQ(keygen.exit_code, 0) << keygen;
+  std::string fingerprint = keygen.out.substr(keygen.out.find("SHA256:"));
+  fingerprint = fingerprint.substr(0, fingerprint.find(' '));
+  RunResult stats = d.Cli({"stats", "--json"});
+  auto sj = ParseOut(stats.out);
+  EXPECT_EQ(Str(sj.get(), {"stats", "ssh_host_key"}), fingerprint) << stats;
+  std::string download_line = "download " + std::to_string(kDown) + "\n";
+  EXPECT_EQ(Str(sj.get(), {"stats", "per_job", "e1", "bytes_up"}),
+            std::to_string(kEach * kConns + download_line.size() + 5 * kConns /* "echo\n" */));
+  EXPECT_NE(d.Log().find("ssh host key " + fingerprint), std::string::npos);
+  ssh->Stop(SIGKILL);
+
+  // Kept across restarts.
+  d.Stop();
+  ASSERT_TRUE(d.Start());
+  EXPECT_NE(d.Log().find("ssh host key " + fingerprint), std::string::npos) << d.Log();
+  EXPECT_EQ(d.Log().find(secret), std::string::npos) << "secrets never appear in logs";
+}
+
+TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  std::string secret = d.SaveJob("e2", backend.port());
+  ASSERT_FALSE(secret.empty());
+  int p = FreePort();
+  std::vector<std::string> forward = {"-N", "-L", std::to_string(p) + ":e2:1"};
+
+  std::string wrong = secret;
+  wrong[0] = wrong[0] == 'a' ? 'b' : 'a';
+  RunResult bad = RunCommand(Ssh(d.proxy_port(), "e2", forward), SecretEnv(wrong));
+  EXPECT_EQ(bad.exit_code, 255) << bad;
+  EXPECT_NE(bad.err.find("Permission denied"), std::string::npos) << bad;
+
+  RunResult unknown = RunCommand(Ssh(d.proxy_port(), "nosuchjob", forward), SecretEnv(secret));
+  EXPECT_EQ(unknown.exit_code, 255) << unknown;
+  EXPECT_NE(unknown.err.find("Permission denied"), std::string::npos) << unknown;
+
+  // Right secret, but a shell (a session channel): refused.
+  RunResult sh = RunCommand(Ssh(d.proxy_port(), "e2", {}, {"true"}), SecretEnv(secret));
+  EXPECT_EQ(sh.exit_code, 255) << sh;
+  EXPECT_NE(sh.err.find("open failed"), std::string::npos) << sh;
+
+  // Right secret, but forwarding somewhere else than the job: the channel is refused.
+  int q = FreePort();
+  auto elsewhere =
+      Child::Spawn(Ssh(d.proxy_port(), "e2", {"-N", "-L", std::to_string(q) + ":127.0.0.1:22"}),
+                   dir_ / "elsewhere.log", SecretEnv(secret));
+  int fd = ConnectWhenReady(q);
+  ASSERT_GE(fd, 0);
+  EXPECT_EQ(ReadToEof(fd), "");  // closed at once, nothing reached
+  close(fd);
+  // SIGKILL: OpenSSH 9.2's client loop can miss a SIGTERM that lands just before its poll().
+  elsewhere->Stop(SIGKILL);
+  EXPECT_NE(ReadFile(dir_ / "elsewhere.log").find("administratively prohibited"),
+            std::string::npos);
+  EXPECT_EQ(backend.connections(), 0);
+
+  // A client that keeps guessing in one connection is dropped after 6 failures (libssh itself
+  // has no limit).
+  // (ssh takes the first value of an option: these go before Ssh()'s own.)
+  std::vector<std::string> argv = Ssh(d.proxy_port(), "e2", {"-N"});
+  argv.insert(argv.begin() + 1,
+              {"-o", "NumberOfPasswordPrompts=20", "-o", "PreferredAuthentications=password"});
+  RunResult guesses = RunCommand(argv, SecretEnv(wrong));
+  EXPECT_EQ(guesses.exit_code, 255) << guesses;
+  EXPECT_NE(d.Log().find("reason=too many authentication failures"), std::string::npos) << d.Log();
+
+  RunResult stats = d.Cli({"stats", "--json"});
+  auto sj = ParseOut(stats.out);
+  EXPECT_GE(std::stoi(Str(sj.get(), {"stats", "connections", "ssh_failures"})), 8) << stats;
+  EXPECT_EQ(d.Log().find(secret), std::string::npos);
+  EXPECT_EQ(d.Log().find(wrong), std::string::npos);
+}
+
+TEST_F(EndpointTest, StalledKeyExchangeTimesOutWhileOthersFlow) {
+  Daemon d(dir_, "", "handshake_timeout = 2s\n");
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  std::string secret = d.SaveJob("e3", backend.port());
+  int p = FreePort();
+  auto ssh = Forward(d.proxy_port(), "e3", secret, {p});
+  ASSERT_TRUE(ssh) << d.Log();
+
+  // Two clients stop mid-handshake: one after its banner, one inside its KEXINIT packet.
+  auto start = Clock::now();
+  int stalled[2];
+  for (int i = 0; i < 2; ++i) {
+    stalled[i] = ConnectTcp(d.proxy_port());
+    ASSERT_GE(stalled[i], 0);
+    ASSERT_TRUE(SendAll(stalled[i], "SSH-2.0-stall\r\n"));
+    auto banner = ReadLine(stalled[i]);
+    ASSERT_TRUE(banner);
+    EXPECT_EQ(banner->rfind("SSH-2.0-brokerproxy", 0), 0u) << *banner;
+  }
+  ASSERT_TRUE(SendAll(stalled[1], std::string("\x00\x00\x01\x00\x0a\x14", 6)));  // partial
+
+  // Meanwhile the authenticated session keeps moving data.
+  int fd = ConnectTcp(p, "127.0.0.1", 30000);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "echo\n"));
+  EchoResult r = EchoTransfer(fd, 16ull << 20);
+  close(fd);
+  EXPECT_EQ(r.sent, r.received);
+
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(ReadToEof(stalled[i]).find("SSH-"), std::string::npos);  // EOF, not more data
+    close(stalled[i]);
+  }
+  int64_t ms = ElapsedMs(start);
+  EXPECT_GE(ms, 1500);
+  EXPECT_LT(ms, 8000);
+  // Each session logs its line right after releasing its socket.
+  auto deadline = Clock::now() + std::chrono::seconds(5);
+  while (CountOf(d.Log(), "reason=handshake timeout") < 2 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(CountOf(d.Log(), "reason=handshake timeout"), 2u) << d.Log();
+
+  // And the session still works afterwards.
+  fd = ConnectTcp(p, "127.0.0.1", 30000);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "echo\n"));
+  r = EchoTransfer(fd, 1 << 20);
+  close(fd);
+  EXPECT_EQ(r.sent, r.received);
+  EXPECT_EQ(r.received_bytes, 1u << 20);
+}
+
+// Pushes into `fd` for `ms` milliseconds without reading; returns the bytes the socket took.
+uint64_t PushFor(int fd, int ms) {
+  std::vector<char> buf(256 * 1024);
+  Pattern(0, buf.data(), buf.size());
+  uint64_t total = 0;
+  auto start = Clock::now();
+  while (ElapsedMs(start) < ms) {
+    pollfd p{fd, POLLOUT, 0};
+    if (poll(&p, 1, 50) <= 0) continue;
+    ssize_t n = send(fd, buf.data(), buf.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) total += n;
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) break;
+  }
+  return total;
+}
+
+TEST_F(EndpointTest, SlowReadersKeepMemoryBounded) {
+  // Under AddressSanitizer freed memory sits in a quarantine (256 MiB by default) that would
+  // show up as resident; a small one lets VmRSS measure what the daemon really holds. The
+  // daemon inherits this; without ASan the variable is ignored.
+  std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
+  setenv("ASAN_OPTIONS", (asan + (asan.empty() ? "" : ":") + "quarantine_size_mb=1").c_str(), 1);
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  std::string secret = d.SaveJob("e4", backend.port());
+  int p = FreePort();
+  auto ssh = Forward(d.proxy_port(), "e4", secret, {p});
+  ASSERT_TRUE(ssh) << d.Log();
+  // Warm up (first channel, buffers), then take the baseline.
+  {
+    int fd = ConnectTcp(p);
+    ASSERT_TRUE(SendAll(fd, "echo\n"));
+    EXPECT_EQ(EchoTransfer(fd, 4 << 20).received_bytes, 4u << 20);
+    close(fd);
+  }
+  size_t base = RssOf(d.pid());
+  ASSERT_GT(base, 0u);
+  constexpr size_t kBound = 48u << 20;
+
+  // The backend reads slowly (64 KiB per 10 ms): the client cannot push much faster than
+  // that, so the bytes it gets rid of are bounded by the buffers on the way, not by the daemon.
+  int up = ConnectTcp(p);
+  ASSERT_TRUE(SendAll(up, "slowread\n"));
+  uint64_t pushed = PushFor(up, 3000);
+  size_t rss_up = RssOf(d.pid());
+  close(up);
+  EXPECT_LT(pushed, 96ull << 20) << "the writer was not held back";
+  EXPECT_LT(rss_up, base + kBound) << "base " << base << " now " << rss_up;
+
+  // The client does not read a large download: the daemon reads the backend only as the
+  // client's window allows.
+  constexpr uint64_t kDown = 256ull << 20;
+  int down = ConnectTcp(p, "127.0.0.1", 60000);
+  ASSERT_TRUE(SendAll(down, "download " + std::to_string(kDown) + "\n"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // the sweep flushes counters
+  size_t rss_down = RssOf(d.pid());
+  RunResult stats = d.Cli({"stats", "--json"});
+  uint64_t moved =
+      std::stoull("0" + Str(ParseOut(stats.out).get(), {"stats", "per_job", "e4", "bytes_down"}));
+  EXPECT_LT(rss_down, base + kBound) << "base " << base << " now " << rss_down;
+  EXPECT_LT(moved, (4ull << 20) + (32ull << 20)) << "the daemon kept reading the backend";
+  // Then everything arrives intact.
+  Sha256 sha;
+  uint64_t total = 0;
+  std::vector<char> buf(1 << 20);
+  shutdown(down, SHUT_WR);
+  for (ssize_t n; (n = recv(down, buf.data(), buf.size(), 0)) > 0;) {
+    sha.Update(buf.data(), n);
+    total += n;
+  }
+  close(down);
+  EXPECT_EQ(total, kDown);
+  EXPECT_EQ(sha.Hex(), PatternHash(kDown));
+  size_t rss_end = RssOf(d.pid());
+  EXPECT_LT(rss_end, base + kBound);
+  std::printf(
+      "daemon RSS: base %zu KiB, slow backend %zu KiB, slow client %zu KiB, after %zu KiB\n",
+      base >> 10, rss_up >> 10, rss_down >> 10, rss_end >> 10);
+}
+
+}  // namespace
+}  // namespace brokerproxy::testing
