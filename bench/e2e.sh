@@ -99,38 +99,45 @@ wait_listen() {  # PORT [TIMEOUT_S]
   done
 }
 
-descendants() {  # PID: the PID and all its descendants
-  local p=$1 c
-  echo "$p"
-  for c in $(pgrep -P "$p" 2>/dev/null || true); do descendants "$c"; done
+# The given PIDs and all their descendants, one per line (one `ps` call, however many
+# processes: socat forks one per session).
+descendants() {
+  ps -e -o pid=,ppid= | awk -v roots="$*" '
+    { kids[$2] = kids[$2] " " $1 }
+    END {
+      n = split(roots, queue, " ")
+      for (i = 1; i <= n; i++) {
+        p = queue[i]
+        print p
+        m = split(kids[p], c, " ")
+        for (j = 1; j <= m; j++) queue[++n] = c[j]
+      }
+    }'
 }
 
 CLK_TCK=$(getconf CLK_TCK)
 # CPU seconds used so far by the given processes, their descendants and their reaped children.
 tree_cpu() {
-  local ticks=0 p root v
-  for root in "$@"; do
-    for p in $(descendants "$root"); do
-      v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13 + $14 + $15}') || true
-      ticks=$((ticks + ${v:-0}))
-    done
-  done
-  awk -v t="$ticks" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }'
+  local files=()
+  local p
+  for p in $(descendants "$@"); do files+=("/proc/$p/stat"); done
+  # Fields after the ") " that ends the command name: utime stime cutime cstime are 12..15.
+  cat "${files[@]}" 2>/dev/null | sed 's/^.*) //' |
+    awk -v hz="$CLK_TCK" '{ t += $12 + $13 + $14 + $15 } END { printf "%.2f", t / hz }'
 }
 
 # "RSS_KB PSS_KB PROCS" summed over the given processes and their descendants.
 tree_mem() {
-  local rss=0 pss=0 n=0 p root v w
-  for root in "$@"; do
-    for p in $(descendants "$root"); do
-      v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || true
-      w=$(awk '/^Pss:/ {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null) || true
-      rss=$((rss + ${v:-0}))
-      pss=$((pss + ${w:-0}))
-      n=$((n + 1))
-    done
+  local status=() rollup=()
+  local p
+  for p in $(descendants "$@"); do
+    status+=("/proc/$p/status")
+    rollup+=("/proc/$p/smaps_rollup")
   done
-  echo "$rss $pss $n"
+  local rss pss
+  rss=$(cat "${status[@]}" 2>/dev/null | awk '/^VmRSS:/ { s += $2 } END { print s + 0 }')
+  pss=$(cat "${rollup[@]}" 2>/dev/null | awk '/^Pss:/ { s += $2 } END { print s + 0 }')
+  echo "$rss $pss ${#status[@]}"
 }
 
 start_bg() {  # NAME CMD...: starts CMD in the background, logs to $T/NAME.log, sets BG_PID
@@ -182,7 +189,10 @@ log_level = warn
 listen = 127.0.0.1:$PPORT
 max_connections = 9500
 EOF
-start_bg daemon "$BP" run -c "$T/config.ini"
+# Started through a symlink of another name: on a shared machine, someone's clean-up by process
+# name (`killall brokerproxy`) must not end the run halfway.
+ln -s "$BP" "$T/bp-e2e-daemon"
+start_bg daemon "$T/bp-e2e-daemon" run -c "$T/config.ini"
 DAEMON_PID=$BG_PID
 wait_listen "$PPORT"
 "$BP" save ssh --job-id bench --port "$BPORT" --host 127.0.0.1 --json -c "$T/config.ini" >"$T/save.json"
@@ -324,6 +334,54 @@ rotate() {  # N WORDS...: the words rotated left by N
   for ((i = 0; i < k; i++)); do printf '%s ' "${a[(i + n) % k]}"; done
 }
 
+# Memory first, while every peer is fresh (nothing has grown its pools or left TIME_WAIT
+# sockets yet): RSS (and PSS) of the peer's processes idle, with K established idle sessions,
+# and after they are closed again. Per session = (RSS with K - RSS idle) / K, against the one
+# idle baseline taken before the peer's first session.
+MEM_MIN=$(tr ' ' '\n' <<<"$IDLE_COUNTS" | sort -n | head -1)
+run=0
+for peer in $MEM_PEERS; do
+  [[ -n ${PORT[$peer]:-} && -n ${PROCS[$peer]} ]] || continue
+  read -r rss_idle pss_idle _ <<<"$(tree_mem ${PROCS[$peer]})"
+  for k in $IDLE_COUNTS; do
+    if [[ $peer == socat || $peer == ssh-* ]] && ((k > MEM_MIN)); then continue; fi
+    run=$((run + 1))
+    out=$T/idle-$run.out err=$T/idle-$run.err
+    read -r rss0 pss0 _ <<<"$(tree_mem ${PROCS[$peer]})"
+    args=(--connect "127.0.0.1:${PORT[$peer]}" --count "$k" --parallel 64)
+    [[ ${PREAMBLE[$peer]} == 1 ]] && args+=(--preamble-file "$T/preamble")
+    "$LG" idle "${args[@]}" >"$out" 2>"$err" &
+    idle_pid=$!
+    PIDS+=("$idle_pid")
+    deadline=$((SECONDS + 120))
+    while [[ ! -s $out ]] && alive "$idle_pid" && ((SECONDS < deadline)); do sleep 0.1; done
+    sleep 1
+    read -r rss1 pss1 n1 <<<"$(tree_mem ${PROCS[$peer]})"
+    fds=""
+    [[ $peer == brokerproxy ]] && fds=$(ls "/proc/$DAEMON_PID/fd" | wc -l)
+    kill -TERM "$idle_pid" 2>/dev/null || true
+    wait "$idle_pid" 2>/dev/null || true
+    sleep 1.5
+    read -r rss2 pss2 _ <<<"$(tree_mem ${PROCS[$peer]})"
+    idle_json=$(cat "$out" 2>/dev/null || true)
+    [[ -n $idle_json ]] || idle_json='{"ok":false,"established":0}'
+    jq -c --arg peer "$peer" --argjson k "$k" --argjson rssi "$rss_idle" --argjson pssi "$pss_idle" \
+      --argjson rss0 "$rss0" --argjson rss1 "$rss1" --argjson rss2 "$rss2" \
+      --argjson pss0 "$pss0" --argjson pss1 "$pss1" --argjson pss2 "$pss2" \
+      --argjson procs "$n1" --arg fds "$fds" --arg endline "$(tail -1 "$err" 2>/dev/null)" \
+      '{mode: "memory", peer: $peer, sessions: $k, ok: .ok, established: .established,
+        errors: .errors, rss_idle_kb: $rssi, rss_before_kb: $rss0, rss_kb: $rss1,
+        rss_after_kb: $rss2, pss_idle_kb: $pssi, pss_before_kb: $pss0, pss_kb: $pss1,
+        pss_after_kb: $pss2, processes: $procs,
+        daemon_fds: (if $fds == "" then null else ($fds | tonumber) end),
+        idle_end: (try ($endline | fromjson) catch null),
+        bytes_per_session: (if .established > 0 then (($rss1 - $rssi) * 1024 / .established | floor) else null end),
+        pss_bytes_per_session: (if .established > 0 then (($pss1 - $pssi) * 1024 / .established | floor) else null end)}' \
+      <<<"$idle_json" >>"$RAW"
+    log "memory $peer x$k: RSS idle ${rss_idle}, before ${rss0}, with $(jq -r .established <<<"$idle_json") sessions ${rss1}, after close ${rss2} kB"
+  done
+done
+
 read -r -a ACTIVE_ARR <<<"$ACTIVE"
 log "throughput: $REPS reps x {1,8} streams x {up,down} x ${#ACTIVE_ARR[@]} peers, ${RUN_S}s each"
 for ((rep = 1; rep <= REPS; rep++)); do
@@ -345,47 +403,6 @@ for ((rep = 1; rep <= REPS; rep++)); do
     done
   done
   log "  handshake rep $rep done"
-done
-
-# Memory: RSS (and PSS) of the peer's processes idle, with K established idle sessions, and after
-# they are closed again.
-MEM_MIN=$(tr ' ' '\n' <<<"$IDLE_COUNTS" | sort -n | head -1)
-for peer in $MEM_PEERS; do
-  [[ -n ${PORT[$peer]:-} && -n ${PROCS[$peer]} ]] || continue
-  for k in $IDLE_COUNTS; do
-    if [[ $peer == socat || $peer == ssh-* ]] && ((k > MEM_MIN)); then continue; fi
-    sleep 0.5
-    read -r rss0 pss0 n0 <<<"$(tree_mem ${PROCS[$peer]})"
-    args=(--connect "127.0.0.1:${PORT[$peer]}" --count "$k" --parallel 64)
-    [[ ${PREAMBLE[$peer]} == 1 ]] && args+=(--preamble-file "$T/preamble")
-    "$LG" idle "${args[@]}" >"$T/idle.out" 2>"$T/idle.err" &
-    idle_pid=$!
-    PIDS+=("$idle_pid")
-    deadline=$((SECONDS + 120))
-    while [[ ! -s $T/idle.out ]] && alive "$idle_pid" && ((SECONDS < deadline)); do sleep 0.1; done
-    sleep 1
-    read -r rss1 pss1 n1 <<<"$(tree_mem ${PROCS[$peer]})"
-    fds=""
-    [[ $peer == brokerproxy ]] && fds=$(ls "/proc/$DAEMON_PID/fd" | wc -l)
-    kill -TERM "$idle_pid" 2>/dev/null || true
-    wait "$idle_pid" 2>/dev/null || true
-    sleep 1.5
-    read -r rss2 pss2 n2 <<<"$(tree_mem ${PROCS[$peer]})"
-    idle_json=$(cat "$T/idle.out" 2>/dev/null || true)
-    [[ -n $idle_json ]] || idle_json='{"ok":false,"established":0}'
-    jq -c --arg peer "$peer" --argjson k "$k" --argjson rss0 "$rss0" --argjson rss1 "$rss1" \
-      --argjson rss2 "$rss2" --argjson pss0 "$pss0" --argjson pss1 "$pss1" --argjson pss2 "$pss2" \
-      --argjson procs "$n1" --arg fds "$fds" --arg endline "$(tail -1 "$T/idle.err" 2>/dev/null)" \
-      '{mode: "memory", peer: $peer, sessions: $k, ok: .ok, established: .established,
-        errors: .errors, rss_idle_kb: $rss0, rss_kb: $rss1, rss_after_kb: $rss2,
-        pss_idle_kb: $pss0, pss_kb: $pss1, pss_after_kb: $pss2, processes: $procs,
-        daemon_fds: (if $fds == "" then null else ($fds | tonumber) end),
-        idle_end: (try ($endline | fromjson) catch null),
-        bytes_per_session: (if .established > 0 then (($rss1 - $rss0) * 1024 / .established | floor) else null end),
-        pss_bytes_per_session: (if .established > 0 then (($pss1 - $pss0) * 1024 / .established | floor) else null end)}' \
-      <<<"$idle_json" >>"$RAW"
-    log "memory $peer x$k: RSS ${rss0} -> ${rss1} kB (after close ${rss2} kB)"
-  done
 done
 
 # Slow readers: the peer's memory while SLOW_STREAMS clients each read 64 KiB every 10 ms from a
@@ -436,6 +453,35 @@ if [[ $PROFILE == 1 ]] && command -v perf >/dev/null; then
     perf report -i "$T/perf.data" --stdio --no-children --sort symbol --percent-limit 0.7 2>/dev/null |
       grep -v '^$' | head -150
   } >"$OUT/e2e-profile.txt" || true
+fi
+
+# Optional: system calls per connection, brokerproxy next to HAProxy (strace slows both down, so
+# only the counts matter, not the rates).
+if [[ $PROFILE == 1 ]] && command -v strace >/dev/null; then
+  mkdir -p "$OUT"
+  {
+    echo "# strace -c -f of the proxy during \`loadgen handshake --concurrency 1 --seconds 1\`;"
+    echo "# calls and errors divided by the connections completed in that run."
+    for peer in brokerproxy haproxy; do
+      [[ -n ${PORT[$peer]:-} && -n ${PROCS[$peer]} ]] || continue
+      args=(--connect "127.0.0.1:${PORT[$peer]}" --concurrency 1 --seconds 1)
+      [[ ${PREAMBLE[$peer]} == 1 ]] && args+=(--preamble-file "$T/preamble")
+      strace -c -f -o "$T/strace-$peer.txt" -p "${PROCS[$peer]%% *}" >/dev/null 2>&1 &
+      strace_pid=$!
+      sleep 0.5
+      conns=$("$LG" handshake "${args[@]}" 2>>"$T/loadgen.err" | jq -r '.connections') || conns=0
+      kill -INT "$strace_pid" 2>/dev/null || true
+      wait "$strace_pid" 2>/dev/null || true
+      echo
+      echo "## $peer: $conns connections"
+      printf '%-14s %10s %10s\n' syscall calls/conn errors/conn
+      awk -v n="$conns" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {
+          err = ($5 ~ /^[0-9]+$/) ? $5 : 0
+          printf "%-14s %10.2f %10.2f\n", $NF, $4 / n, err / n
+          calls += $4; errs += err }
+        END { printf "%-14s %10.2f %10.2f\n", "TOTAL", calls / n, errs / n }' "$T/strace-$peer.txt"
+    done
+  } >"$OUT/e2e-syscalls.txt" 2>&1 || true
 fi
 
 # ---- facts, summary, report ----

@@ -83,7 +83,7 @@ def med(f): (map(f) | stats | if . == null then null else .median end);
         | {target: "p99 added latency at concurrency 1 < 100 us", value: $v, unit: "us",
            pass: (if $v == null then null else $v < 100 end)}]
       + [($s.memory | map(select(.peer == "brokerproxy")) | max_by(.sessions)) as $m
-        | {target: "daemon memory per idle session at \($m.sessions // "?") sessions <= 2 KiB",
+        | {target: "daemon memory per idle session at \($m.sessions // "?") sessions <= 2 KiB (\($m.established // 0) established)",
            value: ($m.bytes_per_session // null), unit: "bytes",
            pass: (if $m.bytes_per_session == null then null else $m.bytes_per_session <= 2048 end)}]
     )

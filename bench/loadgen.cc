@@ -933,7 +933,11 @@ class ProbeRun {
     while (in_flight_ > 0 && NowNs() < hard && !stop.stopped()) poller_.Wait(100);
     end_ns_ = NowNs();
     if (!idle_) return ReportHandshake();
-    int rc = ReportIdle(in_flight_ > 0);
+    const char* unfinished = nullptr;
+    if (in_flight_ > 0) {
+      unfinished = stop.stopped() ? "stopped before all sessions were established" : "timeout";
+    }
+    int rc = ReportIdle(unfinished);
     // Hold the sessions until told to stop.
     while (!stop.stopped()) poller_.Wait(1000);
     std::fprintf(stderr,
@@ -1010,8 +1014,9 @@ class ProbeRun {
     return errors_.total() == 0 && !latencies_.empty() ? 0 : 1;
   }
 
-  int ReportIdle(bool timed_out) {
-    if (timed_out) errors_.Add("timeout");
+  // `unfinished`: why sessions were still being set up when the run ended, or null.
+  int ReportIdle(const char* unfinished) {
+    if (unfinished) errors_.Add(unfinished);
     bool ok = established_ == count_;
     std::printf(
         "{\"mode\":\"idle\",\"ok\":%s,\"target\":\"%s\",\"preamble\":%s,\"requested\":%" PRIu64
