@@ -442,16 +442,31 @@ done
 # Optional: where the daemon spends its time accepting connections.
 if [[ $PROFILE == 1 ]] && command -v perf >/dev/null; then
   log "profiling the daemon during a concurrency-32 handshake run"
-  perf record -F 2999 -g -p "$DAEMON_PID" -o "$T/perf.data" -- sleep "$RUN_S" >/dev/null 2>&1 &
+  # perf needs a moment to attach; it records a little longer than the run on both sides.
+  perf record -F 2999 -g -p "$DAEMON_PID" -o "$T/perf.data" -- sleep "$(awk -v s="$RUN_S" 'BEGIN { print s + 1 }')" \
+    >/dev/null 2>&1 &
   perf_pid=$!
+  sleep 0.5
   "$LG" handshake --connect "127.0.0.1:$PPORT" --preamble-file "$T/preamble" --concurrency 32 \
     --seconds "$RUN_S" >"$T/profile-run.json" 2>>"$T/loadgen.err" || true
   wait "$perf_pid" || true
   mkdir -p "$OUT"
+  report() { perf report -i "$T/perf.data" --stdio -g none "$@" 2>/dev/null | grep -E '^ +[0-9]' | sed 's/ *$//'; }
   {
     echo "# perf record -F 2999 -g -p <daemon> during: $(cat "$T/profile-run.json")"
-    perf report -i "$T/perf.data" --stdio --no-children --sort symbol --percent-limit 0.7 2>/dev/null |
-      grep -v '^$' | head -150
+    echo
+    echo "## Samples by object"
+    report --no-children --sort dso
+    echo
+    echo "## Self time by symbol (>= 0.4%)"
+    report --no-children --sort dso,symbol --percent-limit 0.4
+    echo
+    echo "## Inclusive time by system call"
+    report --children --sort symbol | grep -E '\] (__x64_sys_|__do_sys_)' || true
+    echo
+    echo "## Self time in brokerproxy's own code, libuv, libc, libstdc++ and libcrypto (>= 0.05%)"
+    report --no-children --sort dso,symbol --percent-limit 0.05 |
+      grep -E 'brokerproxy|bp-e2e-daemon|libuv|libc\.so|libstdc|libcrypto' | head -40
   } >"$OUT/e2e-profile.txt" || true
 fi
 
@@ -531,6 +546,7 @@ if command -v gnuplot >/dev/null; then
          (.[] | [.peer, .c1.conns_per_s.median, .c32.conns_per_s.median] | @tsv)' "$OUT/e2e.json" >"$T/hs.tsv"
   gnuplot <<EOF || log "gnuplot failed"
 set terminal pngcairo size 1100,520 noenhanced font "sans,10"
+set datafile separator "\t"
 set output "$OUT/e2e-throughput.png"
 set title "Throughput through each peer, median of $REPS (Gbit/s, loopback, 2 cores shared)"
 set style data histograms
