@@ -48,21 +48,27 @@ LOAD_START=$(cut -d" " -f1-3 /proc/loadavg)
 
 log() { printf '[e2e %3ds] %s\n' "$SECONDS" "$*" >&2; }
 
+# True if PID is still a child of this script (a PID of a child that has exited may have been
+# reused by someone else's process, which must not be signalled).
+ours() {
+  [[ -r /proc/$1/stat ]] && [[ $(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $2 }') == "$$" ]]
+}
+
 # Every child is stopped by its PID (and, for forking peers, its children by parent PID).
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  local i
+  local i p
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-    local p=${PIDS[i]}
-    if kill -0 "$p" 2>/dev/null; then
+    p=${PIDS[i]}
+    if ours "$p"; then
       pkill -TERM -P "$p" 2>/dev/null || true
       kill -TERM "$p" 2>/dev/null || true
     fi
   done
   for p in "${PIDS[@]}"; do
-    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$p" 2>/dev/null || true
+    for _ in 1 2 3 4 5 6 7 8 9 10; do ours "$p" || break; sleep 0.2; done
+    if ours "$p"; then kill -KILL "$p" 2>/dev/null || true; fi
   done
   wait 2>/dev/null || true
   if [[ ${KEEP_TMP:-0} == 1 ]]; then log "temporary files kept in $T"; else rm -rf "$T"; fi
@@ -122,7 +128,8 @@ tree_cpu() {
   local p
   for p in $(descendants "$@"); do files+=("/proc/$p/stat"); done
   # Fields after the ") " that ends the command name: utime stime cutime cstime are 12..15.
-  cat "${files[@]}" 2>/dev/null | sed 's/^.*) //' |
+  # A forked child may exit between `ps` and `cat`: a missing file is not an error.
+  { cat "${files[@]}" 2>/dev/null || true; } | sed 's/^.*) //' |
     awk -v hz="$CLK_TCK" '{ t += $12 + $13 + $14 + $15 } END { printf "%.2f", t / hz }'
 }
 
@@ -135,8 +142,8 @@ tree_mem() {
     rollup+=("/proc/$p/smaps_rollup")
   done
   local rss pss
-  rss=$(cat "${status[@]}" 2>/dev/null | awk '/^VmRSS:/ { s += $2 } END { print s + 0 }')
-  pss=$(cat "${rollup[@]}" 2>/dev/null | awk '/^Pss:/ { s += $2 } END { print s + 0 }')
+  rss=$({ cat "${status[@]}" 2>/dev/null || true; } | awk '/^VmRSS:/ { s += $2 } END { print s + 0 }')
+  pss=$({ cat "${rollup[@]}" 2>/dev/null || true; } | awk '/^Pss:/ { s += $2 } END { print s + 0 }')
   echo "$rss $pss ${#status[@]}"
 }
 
