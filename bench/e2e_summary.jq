@@ -1,0 +1,97 @@
+# Summarises bench/e2e.sh's raw records (slurped: one array of loadgen/memory objects) into
+# medians, ranges and ratios. Called with --argjson facts and --argjson stats.
+
+def order: ["direct", "brokerproxy", "haproxy", "haproxy-splice", "socat", "ssh-aes", "ssh-chacha"];
+
+# {median, min, max, n} of the non-null numbers, or null.
+def stats:
+  (map(select(. != null)) | sort) as $s
+  | ($s | length) as $n
+  | if $n == 0 then null
+    else {median: (if $n % 2 == 1 then $s[(($n - 1) / 2) | floor]
+                   else ($s[($n / 2) - 1] + $s[$n / 2]) / 2 end),
+          min: $s[0], max: $s[-1], n: $n}
+    end;
+
+def med(f): (map(f) | stats | if . == null then null else .median end);
+
+. as $runs
+| ($runs | map(.peer) | unique) as $present
+| [order[] | select(. as $p | $present | index($p))] as $peers
+| [{config: "up x1", streams: 1, direction: "up"}, {config: "down x1", streams: 1, direction: "down"},
+   {config: "up x8", streams: 8, direction: "up"}, {config: "down x8", streams: 8, direction: "down"}] as $cfgs
+| ($runs | map(select(.mode == "throughput"))) as $tp
+| ($runs | map(select(.mode == "handshake"))) as $hs
+| {
+    throughput: [$peers[] as $p | {
+      peer: $p,
+      configs: [$cfgs[] as $c
+        | ($tp | map(select(.peer == $p and .streams == $c.streams and .direction == $c.direction))) as $r
+        | ($r | map(select(.ok == true))) as $ok
+        | $c + {
+            runs: ($r | length), failed: (($r | length) - ($ok | length)),
+            errors: ($r | map(select(.ok != true) | .errors)),
+            gbit_per_s: ($ok | map(.gbit_per_s) | stats),
+            peer_cpu_s_per_gib: ($ok | map(if .peer_cpu_s == null then null
+                                            else .peer_cpu_s / (.total_bytes / 1073741824) end) | stats),
+            # client + backend + peer: what the 2 shared cores had to do per GiB moved.
+            all_cpu_s_per_gib: ($ok | map(((.peer_cpu_s // 0) + (.backend_cpu_s // 0) + .client_cpu_s)
+                                          / (.total_bytes / 1073741824)) | stats)
+          }]
+    }],
+    handshake: [$peers[] as $p | {peer: $p} + ([[1, 32][] as $c
+      | ($hs | map(select(.peer == $p and .concurrency == $c))) as $r
+      | ($r | map(select(.ok == true))) as $ok
+      | {("c" + ($c | tostring)): {
+          runs: ($r | length), failed: (($r | length) - ($ok | length)),
+          errors: ($r | map(select(.ok != true) | .errors)),
+          conns_per_s: ($ok | map(.conns_per_s) | stats),
+          p50_us: ($ok | map(.latency_us.p50) | stats),
+          p99_us: ($ok | map(.latency_us.p99) | stats),
+          p999_us: ($ok | map(.latency_us.p999) | stats),
+          peer_cpu_us_per_conn: ($ok | map(if .peer_cpu_s == null then null
+                                          else .peer_cpu_s * 1e6 / .connections end) | stats),
+          all_cpu_us_per_conn: ($ok | map(((.peer_cpu_s // 0) + (.backend_cpu_s // 0) + .client_cpu_s)
+                                          * 1e6 / .connections) | stats)
+        }}] | add)
+    ],
+    memory: ($runs | map(select(.mode == "memory"))),
+    slowread: ($runs | map(select(.mode == "slowread-memory")))
+  } as $s
+| ($s.throughput | map({key: .peer, value: .configs}) | from_entries) as $tpm
+| ($s.handshake | map({key: .peer, value: .}) | from_entries) as $hsm
+| def tput(p; c): ($tpm[p] // [] | map(select(.config == c)) | .[0].gbit_per_s.median) // null;
+  def ratio(a; b): if a == null or b == null or b == 0 then null else a / b end;
+  $s + {
+    ratios: {
+      throughput_vs_direct: [$peers[] as $p | {peer: $p} +
+        ([$cfgs[].config as $c | {($c): ratio(tput($p; $c); tput("direct"; $c))}] | add)],
+      brokerproxy_throughput_vs_peer: [$peers[] as $p | {peer: $p} +
+        ([$cfgs[].config as $c | {($c): ratio(tput("brokerproxy"; $c); tput($p; $c))}] | add)],
+      brokerproxy_conn_rate_vs_peer: [$peers[] as $p | {peer: $p,
+        c1: ratio($hsm.brokerproxy.c1.conns_per_s.median; $hsm[$p].c1.conns_per_s.median),
+        c32: ratio($hsm.brokerproxy.c32.conns_per_s.median; $hsm[$p].c32.conns_per_s.median)}]
+    },
+    targets: (
+      [$cfgs[].config as $c | ratio(tput("brokerproxy"; $c); tput("direct"; $c)) as $r
+        | {target: "throughput \($c) >= 90% of direct", value: $r, unit: "ratio",
+           pass: (if $r == null then null else $r >= 0.9 end)}]
+      + [["c1", "c32"][] as $c
+        | ratio($hsm.brokerproxy[$c].conns_per_s.median; $hsm.haproxy[$c].conns_per_s.median) as $r
+        | {target: "connection rate \($c) >= 1.2x HAProxy nbthread 1", value: $r, unit: "ratio",
+           pass: (if $r == null then null else $r >= 1.2 end)}]
+      + [($hsm.brokerproxy.c1.p50_us.median // null) as $b | ($hsm.direct.c1.p50_us.median // null) as $d
+        | (if $b == null or $d == null then null else $b - $d end) as $v
+        | {target: "(for reference, no target) p50 added latency at concurrency 1", value: $v, unit: "us",
+           pass: null}]
+      + [($hsm.brokerproxy.c1.p99_us.median // null) as $b | ($hsm.direct.c1.p99_us.median // null) as $d
+        | (if $b == null or $d == null then null else $b - $d end) as $v
+        | {target: "p99 added latency at concurrency 1 < 100 us", value: $v, unit: "us",
+           pass: (if $v == null then null else $v < 100 end)}]
+      + [($s.memory | map(select(.peer == "brokerproxy")) | max_by(.sessions)) as $m
+        | {target: "daemon memory per idle session at \($m.sessions // "?") sessions <= 2 KiB (\($m.established // 0) established)",
+           value: ($m.bytes_per_session // null), unit: "bytes",
+           pass: (if $m.bytes_per_session == null then null else $m.bytes_per_session <= 2048 end)}]
+    )
+  }
+| {facts: $facts, daemon_stats: $stats, summary: ., runs: $runs}
