@@ -8,6 +8,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cli/commands.h"
+#include "cli/tls_path.h"
 #include "cli/tunnel.h"
 #include "loop/address.h"
 #include "loop/handle.h"
@@ -19,6 +21,7 @@
 #include "proxy/relay.h"
 #include "registry/control_protocol.h"
 #include "registry/json.h"
+#include "registry/snapshot.h"
 
 namespace brokerproxy::cli {
 namespace {
@@ -144,7 +147,26 @@ Status RunConnect(const Config& config, BrokerClient* client, const ConnectArgs&
     if (!l.ok()) return l.status().WithContext("--listen");
     listen = *l;
   }
-  if (args.tls) return Status::Unavailable("--tls is not available in this build");
+  if (!args.ca.empty() && !args.tls) return Status::InvalidArgument("--ca is only for --tls");
+  proxy::SslCtxPtr tls_ctx;
+  if (args.tls) {
+    // The CA the proxy's certificate must chain to: a file, or the broker's own, fetched now
+    // and kept in memory only.
+    std::string ca_pem;
+    if (!args.ca.empty()) {
+      auto text = registry::ReadFileIfExists(args.ca, 1 << 20);
+      if (!text.ok()) return text.status().WithContext("--ca");
+      if (!text->has_value()) return Status::NotFound("--ca: no such file: " + args.ca);
+      ca_pem = std::move(**text);
+    } else {
+      auto fetched = FetchCaPem(client);
+      if (!fetched.ok()) return fetched.status().WithContext("fetching the broker's CA");
+      ca_pem = std::move(fetched).value();
+    }
+    auto ctx = proxy::NewClientContext(ca_pem);
+    if (!ctx.ok()) return ctx.status().WithContext(args.ca.empty() ? "the broker's CA" : args.ca);
+    tls_ctx = std::move(ctx).value();
+  }
 
   auto secret = LoadSecret(client, args.job);
   if (!secret.ok()) return secret.status();
@@ -154,8 +176,11 @@ Status RunConnect(const Config& config, BrokerClient* client, const ConnectArgs&
   Status result;
   {
     proxy::PipePool pipes(1 << 20, 16);
-    auto path = NewDirectPath(loop->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
-                              std::move(secret).value(), kHandshakeTimeoutMs);
+    std::unique_ptr<ProxyPath> path =
+        args.tls ? NewTlsPath(loop->get(), std::move(tls_ctx), proxy_addr.host, proxy_addr.port,
+                              args.job, std::move(secret).value(), kHandshakeTimeoutMs)
+                 : NewDirectPath(loop->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
+                                 std::move(secret).value(), kHandshakeTimeoutMs);
     Connector connector(loop->get(), std::move(path));
     result = connector.WatchSignals();
     if (result.ok()) result = listen ? connector.Listen(*listen, args.job) : connector.Stdio();
