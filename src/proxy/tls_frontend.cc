@@ -49,9 +49,9 @@ class TlsConnection final : public Connection {
   void OnPreamble(const Preamble& p);
   void OnTerminatedBackend(Result<loop::HandlePtr<loop::Poll>> backend);
   void OnTlsDone(Status status);
-  // A TLS-level failure before any handshake completed: count, answer with an alert (if
-  // `alert` != 0) while the socket is still ours, close.
-  void FailHello(const char* reason, unsigned char alert);
+  // Ends the connection before any TLS session exists: answers with an alert (if `alert` !=
+  // 0) while the socket is still ours, closes; counts a TLS failure if `tls_failure`.
+  void FailHello(const char* reason, unsigned char alert, bool tls_failure = true);
   // Inside TLS: "ERR <code>\n", close_notify, close.
   void Reject(ErrorCode code, const char* reason);
   void CountTlsFailure() { proxy_->stats().global().tls_failures++; }
@@ -158,7 +158,7 @@ void TlsConnection::OnPassthroughBackend(Result<loop::HandlePtr<loop::Poll>> bac
     LOG_DEBUG("tls %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
               target_.job_id.c_str(), backend.status().ToString().c_str());
     proxy_->stats().global().unavailable++;
-    FailHello("backend unavailable", kAlertInternalError);
+    FailHello("backend unavailable", kAlertInternalError, /*tls_failure=*/false);
     return;
   }
   proxy_->ClearDeadline(this);
@@ -281,8 +281,8 @@ void TlsConnection::StartSplicing() {
   jc.active++;
 }
 
-void TlsConnection::FailHello(const char* reason, unsigned char alert) {
-  CountTlsFailure();
+void TlsConnection::FailHello(const char* reason, unsigned char alert, bool tls_failure) {
+  if (tls_failure) CountTlsFailure();
   if (client_) {
     int fd = client_->ReleaseFd();
     client_.reset();
@@ -319,7 +319,7 @@ void TlsConnection::OnDeadline() {
       return;
     case State::kDialing:
       proxy_->stats().global().unavailable++;
-      FailHello("backend connect timeout", kAlertInternalError);
+      FailHello("backend connect timeout", kAlertInternalError, /*tls_failure=*/false);
       return;
     case State::kConnecting:
       proxy_->stats().global().unavailable++;

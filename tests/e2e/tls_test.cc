@@ -17,6 +17,7 @@
 #include <chrono>
 #include <fstream>
 #include <functional>
+#include <sstream>
 #include <thread>
 
 #include "e2e/harness.h"
@@ -58,6 +59,27 @@ int FreePort() {
   getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
   close(fd);
   return ntohs(addr.sin_port);
+}
+
+// CPU seconds (user + system) a process has used so far.
+double CpuSeconds(pid_t pid) {
+  std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
+  size_t close_paren = stat.rfind(')');
+  if (close_paren == std::string::npos) return 0;
+  std::istringstream in(stat.substr(close_paren + 2));
+  std::string field;
+  unsigned long long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && in >> field; ++i) {
+    if (i == 14) utime = std::stoull(field);
+    if (i == 15) stime = std::stoull(field);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// Transfer sizes may be raised for measurements: BROKERPROXY_TLS_BYTES=1073741824.
+uint64_t TransferBytes(uint64_t fallback) {
+  const char* env = std::getenv("BROKERPROXY_TLS_BYTES");
+  return env && *env ? std::stoull(env) : fallback;
 }
 
 mode_t ModeOf(const std::string& path) {
@@ -310,7 +332,46 @@ TEST_F(TlsTest, PassthroughToAnHttpsBackendStartedByExecMode) {
   RunResult again = Curl(ca, "web.localhost", d.proxy_port());
   EXPECT_EQ(again.exit_code, 0) << again;
   EXPECT_GE(GlobalStat(d, "tls_failures"), 2u);
+  std::string key = dir_ / "certs/web.key";
+  EXPECT_EQ(ModeOf(key), 0600u);
+  // Stopping exec mode removes the job, and with it the key and certificate files.
   server->Stop(SIGTERM);
+  EXPECT_EQ(d.Cli({"load", "web"}).exit_code, 5);
+  EXPECT_NE(access(key.c_str(), F_OK), 0) << "the key outlived its job";
+  EXPECT_TRUE(d.running());
+}
+
+TEST_F(TlsTest, OnlyModernProtocolsAndCiphers) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string ca = SaveCa(d);
+  std::string addr = "127.0.0.1:" + std::to_string(d.proxy_port());
+  auto s_client = [&](std::vector<std::string> extra) {
+    std::vector<std::string> argv = {
+        "openssl",    "s_client",  "-connect", addr, "-CAfile", ca, "-verify_return_error",
+        "-verify_ip", "127.0.0.1", "-ign_eof"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    RunOptions o;
+    o.stdin_data = "BROKER1 nosuch 00\n";
+    o.timeout_ms = 20000;
+    return RunCommand(argv, o);
+  };
+  RunResult tls13 = s_client({"-tls1_3"});
+  EXPECT_NE(tls13.out.find("New, TLSv1.3"), std::string::npos) << tls13;
+  EXPECT_NE(tls13.out.find("Verification: OK"), std::string::npos) << tls13;
+  EXPECT_NE(tls13.out.find("ERR denied"), std::string::npos) << tls13;
+  RunResult tls12 = s_client({"-tls1_2"});
+  EXPECT_NE(tls12.out.find("ECDHE-ECDSA-AES"), std::string::npos) << tls12;
+  RunResult chacha = s_client({"-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"});
+  EXPECT_NE(chacha.out.find("Cipher is ECDHE-ECDSA-CHACHA20-POLY1305"), std::string::npos)
+      << chacha;
+  // No TLS 1.1, no CBC, no static key exchange.
+  RunResult tls11 = s_client({"-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"});
+  EXPECT_EQ(tls11.out.find("ERR denied"), std::string::npos) << tls11;
+  EXPECT_NE(tls11.exit_code, 0) << tls11;
+  RunResult cbc = s_client({"-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA256"});
+  EXPECT_NE(cbc.exit_code, 0) << cbc;
+  EXPECT_EQ(cbc.out.find("ERR denied"), std::string::npos) << cbc;
   EXPECT_TRUE(d.running());
 }
 
@@ -399,20 +460,24 @@ TEST_F(TlsTest, ConnectTlsCarriesAnEchoSessionOf256MiB) {
   int fd = ConnectTcp(connect.port(), "127.0.0.1", 60000);
   ASSERT_GE(fd, 0);
   ASSERT_TRUE(SendAll(fd, "echo\n"));
-  constexpr uint64_t kBytes = 256ull << 20;
+  const uint64_t kBytes = TransferBytes(256ull << 20);
+  double cpu_before = CpuSeconds(d.pid());
   auto start = Clock::now();
   EchoResult r = EchoTransfer(fd, kBytes);
   int64_t ms = MsSince(start);
+  double cpu = CpuSeconds(d.pid()) - cpu_before;
   close(fd);
   EXPECT_EQ(r.received_bytes, kBytes) << connect.Output() << d.Log();
   EXPECT_EQ(r.received, r.sent);
   EXPECT_EQ(r.received, PatternHash(kBytes));
-  std::printf("[ metric ] connect --tls echo 256 MiB each way: %lld ms (%.0f MB/s each way)\n",
-              static_cast<long long>(ms), kBytes / 1e3 / std::max<int64_t>(ms, 1));
+  std::printf(
+      "[ metric ] connect --tls echo %llu MiB each way: %lld ms (%.0f MB/s each way); daemon "
+      "CPU %.2f s (%.2f s per GiB moved)\n",
+      static_cast<unsigned long long>(kBytes >> 20), static_cast<long long>(ms),
+      kBytes / 1e3 / std::max<int64_t>(ms, 1), cpu, cpu / (2.0 * kBytes / (1 << 30)));
   // Counted as a spliced session of the job, over TLS termination.
-  EXPECT_TRUE(WaitUntil(
-      [&] { return d.Log().find("mode=terminated up=268435461") != std::string::npos; }, 5000))
-      << d.Log();
+  std::string up = "mode=terminated up=" + std::to_string(kBytes + 5);  // + "echo\n"
+  EXPECT_TRUE(WaitUntil([&] { return d.Log().find(up) != std::string::npos; }, 5000)) << d.Log();
   EXPECT_EQ(d.Log().find(secret), std::string::npos) << "secrets never appear in logs";
 
   // --ca FILE instead of the fetched CA; and a wrong CA is refused before the secret is sent.
@@ -556,7 +621,7 @@ TEST_F(TlsTest, SlowReaderKeepsTheDaemonsMemoryBounded) {
   ASSERT_FALSE(d.SaveJob("slow", backend.port()).empty());
   TlsConnect connect(d, dir_, "slow");
   ASSERT_GT(connect.port(), 0) << connect.Output();
-  constexpr uint64_t kBytes = 256ull << 20;
+  const uint64_t kBytes = TransferBytes(256ull << 20);
   int fd = ConnectTcp(connect.port(), "127.0.0.1", 60000);
   ASSERT_GE(fd, 0);
   int small = 64 * 1024;
@@ -594,12 +659,23 @@ TEST_F(TlsTest, SlowReaderKeepsTheDaemonsMemoryBounded) {
   size_t rss_before2 = d.RssBytes();
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
   EXPECT_LT(d.RssBytes(), rss_before2 + (24u << 20));
+  double cpu_before = CpuSeconds(d.pid());
+  uint64_t fast_from = got;
+  auto start = Clock::now();
   for (;;) {
     ssize_t n = recv(fd, buf.data(), buf.size(), 0);
     if (n <= 0) break;
     sha.Update(buf.data(), n);
     got += n;
   }
+  int64_t ms = MsSince(start);
+  double cpu = CpuSeconds(d.pid()) - cpu_before;
+  std::printf(
+      "[ metric ] connect --tls download of %llu MiB at full speed: %.0f MB/s; daemon CPU "
+      "%.2f s per GiB\n",
+      static_cast<unsigned long long>((got - fast_from) >> 20),
+      (got - fast_from) / 1e3 / std::max<int64_t>(ms, 1),
+      cpu / (static_cast<double>(got - fast_from) / (1 << 30)));
   close(fd);
   EXPECT_EQ(got, kBytes);
   EXPECT_EQ(sha.Hex(), PatternHash(kBytes));
