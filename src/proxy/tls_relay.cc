@@ -165,6 +165,11 @@ Status TlsRelay::Work(bool* more) {
   return Status::OK();
 }
 
+size_t TlsRelay::buffered() const {
+  return net_out_.size() + app_.size() + plain_retry_.size() + BIO_ctrl_pending(rbio_) +
+         BIO_ctrl_pending(wbio_);
+}
+
 size_t TlsRelay::NetPending() const { return net_out_.size() + BIO_ctrl_pending(wbio_); }
 
 void TlsRelay::UpdateWatermarks() {

@@ -134,6 +134,8 @@ class TlsRelay {
   uint64_t last_activity_ms() const { return last_activity_ms_; }
   // Pauses taken because a buffer crossed kHighWater (for tests and stats).
   uint64_t pauses() const { return pauses_; }
+  // Bytes held in this relay's buffers and memory BIOs right now.
+  size_t buffered() const;
 
  private:
   void Kick();
