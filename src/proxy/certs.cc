@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cstring>
 #include <set>
 
 #include "loop/log.h"
@@ -265,6 +266,31 @@ bool IsIpLiteral(std::string_view text) {
   return inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1;
 }
 
+bool IsGlobalAddress(std::string_view text) {
+  std::string s(text);
+  unsigned char a[16];
+  if (inet_pton(AF_INET, s.c_str(), a) == 1) {
+    if (a[0] == 0 || a[0] == 10 || a[0] == 127) return false;
+    if (a[0] == 100 && (a[1] & 0xc0) == 64) return false;
+    if (a[0] == 169 && a[1] == 254) return false;
+    if (a[0] == 172 && (a[1] & 0xf0) == 16) return false;
+    if (a[0] == 192 && a[1] == 168) return false;
+    return true;
+  }
+  if (inet_pton(AF_INET6, s.c_str(), a) != 1) return false;
+  static const unsigned char kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+  if (std::memcmp(a, kMapped, 12) == 0) {
+    char v4[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, a + 12, v4, sizeof(v4));
+    return IsGlobalAddress(v4);
+  }
+  static const unsigned char kZero[15] = {};
+  if (std::memcmp(a, kZero, 15) == 0 && (a[15] == 0 || a[15] == 1)) return false;  // :: and ::1
+  if ((a[0] & 0xfe) == 0xfc) return false;                                         // fc00::/7
+  if (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) return false;                         // fe80::/10
+  return true;
+}
+
 LeafProfile JobLeafProfile(const std::string& job_id, const std::string& domain,
                            const std::string& host, const std::vector<std::string>& host_addresses,
                            int days) {
@@ -280,20 +306,18 @@ LeafProfile JobLeafProfile(const std::string& job_id, const std::string& domain,
       p.dns_names.push_back(n);
   };
   auto add_ip = [&p](const std::string& ip) {
-    if (IsIpLiteral(ip) &&
+    if (IsIpLiteral(ip) && !IsGlobalAddress(ip) &&
         std::find(p.ip_addresses.begin(), p.ip_addresses.end(), ip) == p.ip_addresses.end())
       p.ip_addresses.push_back(ip);
   };
   add_dns(own);
   if (IsIpLiteral(host)) {
     add_ip(host);
-  } else {
-    std::string h = Lower(host);
-    std::string suffix = "." + Lower(domain);
-    bool under_domain = h.size() > suffix.size() && h.ends_with(suffix);
-    // Names under the domain are jobs' names: a backend host there would be a certificate for
-    // some other job (save ssl --host other.<domain>).
-    if (!under_domain || h == own) add_dns(h);
+  } else if (host.find('.') == std::string::npos) {
+    // A single-label name ("node7"): meaningful inside the cluster only. Dotted names are left
+    // out: under the domain they are other jobs' names (save ssl --host other.<domain>), and
+    // elsewhere they may be anyone's (save ssl --host www.example.org).
+    add_dns(host);
   }
   for (const std::string& a : host_addresses) add_ip(a);
   return p;

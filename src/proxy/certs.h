@@ -77,11 +77,21 @@ struct LeafProfile {
 bool ValidDnsName(std::string_view name);
 // True for a textual IPv4 or IPv6 address.
 bool IsIpLiteral(std::string_view text);
+// True for an address reachable on the public Internet: anything but 0/8, 10/8, 100.64/10,
+// 127/8, 169.254/16, 172.16/12, 192.168/16, ::, ::1, fc00::/7, fe80::/10 (IPv4-mapped IPv6
+// judged as IPv4). False for text that is no address.
+bool IsGlobalAddress(std::string_view text);
 
 // The profile of job `job_id`'s certificate. SANs: DNS:<job_id>.<domain>; the backend `host`
-// (IP: for a literal, else DNS:); each of `host_addresses`. A backend host name that falls
-// under `domain` (ends with ".<domain>") is left out unless it is the job's own name: under
-// the domain, names belong to jobs. Duplicates are dropped, order kept.
+// (IP: for a literal, else DNS:); each of `host_addresses`. Users choose backend hosts, and the
+// CA is trusted by their browsers, so a backend name or address goes into the certificate only
+// where no one outside the cluster can be impersonated with it:
+//   - DNS names only if single-label ("node7", "localhost"): a dotted name such as
+//     "www.example.org" would let any user mint a browser-trusted certificate for it;
+//   - never a name under `domain` other than the job's own (names there belong to jobs);
+//   - IP addresses only if not globally routable (loopback, RFC 1918, CGNAT, link-local,
+//     unique-local IPv6).
+// Duplicates are dropped, order kept.
 LeafProfile JobLeafProfile(const std::string& job_id, const std::string& domain,
                            const std::string& host, const std::vector<std::string>& host_addresses,
                            int days);

@@ -117,8 +117,14 @@ void TlsConnection::OnClientReadable(int status) {
 void TlsConnection::Route(const ClientHello& hello) {
   client_->Stop();  // the rest waits in the socket until we know where it goes
   const std::string& domain = settings_->domain;
-  if (hello.state == ClientHello::State::kSni && hello.sni.size() > domain.size() + 1 &&
-      hello.sni.ends_with(domain) && hello.sni[hello.sni.size() - domain.size() - 1] == '.') {
+  const auto& own = settings_->proxy_names;
+  // The proxy's own names are never a job's, even if a job id spells one (a job "login" under
+  // domain "example.org" must not capture connections to login.example.org).
+  bool proxy_name = hello.state == ClientHello::State::kSni &&
+                    std::find(own.begin(), own.end(), hello.sni) != own.end();
+  if (!proxy_name && hello.state == ClientHello::State::kSni &&
+      hello.sni.size() > domain.size() + 1 && hello.sni.ends_with(domain) &&
+      hello.sni[hello.sni.size() - domain.size() - 1] == '.') {
     std::string job_id = hello.sni.substr(0, hello.sni.size() - domain.size() - 1);
     const registry::Job* job = proxy_->registry().Find(job_id);
     bool live = job && (job->expires == 0 || job->expires > static_cast<int64_t>(::time(nullptr)));
@@ -141,14 +147,11 @@ void TlsConnection::Route(const ClientHello& hello) {
       });
       return;
     }
-    const auto& own = settings_->proxy_names;
-    if (std::find(own.begin(), own.end(), hello.sni) == own.end()) {
-      LOG_DEBUG("tls %llu: no ssl job for server name %s", static_cast<unsigned long long>(id()),
-                hello.sni.c_str());
-      mode_ = "refused";
-      FailHello("no ssl job for this server name", kAlertUnrecognizedName);
-      return;
-    }
+    LOG_DEBUG("tls %llu: no ssl job for server name %s", static_cast<unsigned long long>(id()),
+              hello.sni.c_str());
+    mode_ = "refused";
+    FailHello("no ssl job for this server name", kAlertUnrecognizedName);
+    return;
   }
   StartTermination();
 }

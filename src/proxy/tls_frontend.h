@@ -1,16 +1,17 @@
 // TLS on the proxy port: the Frontend the sniffer hands connections starting with 0x16 to.
 //
-//   kHello --SNI <job>.<domain> of an ssl job--> kDialing --> kPassthrough (raw splice)
+//   kHello --SNI <job>.<domain> of an ssl job, not one of the proxy's own names--> kDialing
+//     |                                                              --> kPassthrough (splice)
 //     |
 //     +--SNI <x>.<domain>, not an ssl job nor a proxy name--> alert unrecognized_name
 //     |
 //     +--any other SNI, or none--> kHandshake (terminate, read "BROKER1 <job> <secret>\n"
 //            inside TLS) --secret ok--> kConnecting --> kRelaying (plaintext both ways)
+//   every state: deadline, error, close --> closed, counted, logged once
 //
 // A name under the domain that is no ssl job (a typo, a job that ended) is refused with a TLS
 // alert before any certificate is shown: a browser then says the site is unreachable instead
 // of offering to click through a name mismatch into the proxy's own endpoint.
-//   every state: deadline, error, close --> closed, counted, logged once
 //
 // The ClientHello is read (consumed, not peeked: a partial record cannot wait in a
 // level-triggered socket) into a buffer of at most kMaxClientHelloBuffer bytes and parsed with

@@ -96,6 +96,8 @@ TEST_F(CertsTest, IssuesFromCsrWithOnlyTheBrokersNames) {
   EXPECT_TRUE(VerifyAgainstCa(cert->get(), ca_->cert()).ok());
   EXPECT_EQ(Sorted(SubjectAltNames(cert->get())),
             Sorted({"DNS:job7.localhost", "DNS:node7", "IP:10.1.2.3", "IP:::1"}));
+  EXPECT_EQ(X509_check_host(cert->get(), "job7.localhost", 0, 0, nullptr), 1);
+  EXPECT_EQ(X509_check_host(cert->get(), "job8.localhost", 0, 0, nullptr), 0);
   EXPECT_EQ(SubjectUnit(cert->get()), kJobCertUnit);
   EXPECT_FALSE(IsProxyCertificate(cert->get()));
   // Validity: 30 days from now, backdated a few minutes.
@@ -166,19 +168,37 @@ TEST_F(CertsTest, RefusesBadCsrs) {
   EVP_PKEY_free(ed);
 }
 
-TEST(JobLeafProfileTest, NamesUnderTheDomainBelongToJobs) {
+TEST(JobLeafProfileTest, NoNameOfAnotherJobOrOfTheInternet) {
+  // Another job's name is never added.
   LeafProfile p = JobLeafProfile("a", "localhost", "b.localhost", {"127.0.0.1"}, 1);
   EXPECT_EQ(p.dns_names, std::vector<std::string>{"a.localhost"});
   EXPECT_EQ(p.ip_addresses, std::vector<std::string>{"127.0.0.1"});
-  p = JobLeafProfile("a", "localhost", "A.localhost", {}, 1);
+  // Nor a public name or address, which a browser trusting the CA would then accept.
+  p = JobLeafProfile("a", "localhost", "www.example.org", {"93.184.216.34", "10.0.0.9"}, 1);
   EXPECT_EQ(p.dns_names, std::vector<std::string>{"a.localhost"});
-  p = JobLeafProfile("12.web", "hpc.example.org", "Node7.cluster", {"10.0.0.7", "10.0.0.7"}, 1);
-  EXPECT_EQ(p.dns_names, (std::vector<std::string>{"12.web.hpc.example.org", "node7.cluster"}));
-  EXPECT_EQ(p.ip_addresses, std::vector<std::string>{"10.0.0.7"});
+  EXPECT_EQ(p.ip_addresses, std::vector<std::string>{"10.0.0.9"});
+  p = JobLeafProfile("a", "localhost", "8.8.8.8", {"8.8.8.8"}, 1);
+  EXPECT_TRUE(p.ip_addresses.empty());
+  // Cluster names and private addresses are kept, lower-cased and without duplicates.
+  p = JobLeafProfile("12.web", "hpc.example.org", "Node7", {"10.0.0.7", "10.0.0.7", "fd00::7"}, 1);
+  EXPECT_EQ(p.dns_names, (std::vector<std::string>{"12.web.hpc.example.org", "node7"}));
+  EXPECT_EQ(p.ip_addresses, (std::vector<std::string>{"10.0.0.7", "fd00::7"}));
   EXPECT_EQ(p.unit, kJobCertUnit);
   p = JobLeafProfile("x", "localhost", "::1", {"::1"}, 1);
   EXPECT_EQ(p.ip_addresses, std::vector<std::string>{"::1"});
   EXPECT_EQ(p.dns_names, std::vector<std::string>{"x.localhost"});
+}
+
+TEST(IsGlobalAddressTest, PrivateRangesAreNot) {
+  for (const char* a :
+       {"10.1.2.3", "127.0.0.1", "172.16.0.1", "172.31.255.255", "192.168.1.1", "100.64.0.1",
+        "169.254.1.1", "0.0.0.0", "::1", "::", "fd12::1", "fe80::1", "::ffff:10.0.0.1"}) {
+    EXPECT_FALSE(IsGlobalAddress(a)) << a;
+  }
+  for (const char* a : {"8.8.8.8", "172.32.0.1", "100.128.0.1", "2001:db8::1", "::ffff:8.8.8.8"}) {
+    EXPECT_TRUE(IsGlobalAddress(a)) << a;
+  }
+  EXPECT_FALSE(IsGlobalAddress("node7"));
 }
 
 TEST(ValidDnsNameTest, Rules) {
