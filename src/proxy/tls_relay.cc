@@ -234,7 +234,12 @@ Status TlsRelay::FlushNet(bool* progress) {
 }
 
 bool TlsRelay::CanReadNet() const {
-  return !net_eof_ && !peer_closed_ && !net_paused_ && !app_paused_ &&
+  // Not gated by net_paused_: the peer's bytes must keep flowing while our own output waits
+  // for it, or two relays facing each other (the proxy and `connect --tls`) each stop reading
+  // because the other stopped reading (measured: a 2 GiB echo hung with both receive queues
+  // full). Bulk output is held back in CanReadPlain; what reading can still add (protocol
+  // answers such as KeyUpdate) is capped by kMaxNetPending.
+  return !net_eof_ && !peer_closed_ && !app_paused_ && NetPending() < kMaxNetPending &&
          BIO_ctrl_pending(rbio_) < kMaxReadBio;
 }
 
@@ -292,9 +297,9 @@ Status TlsRelay::Advance(bool* progress) {
       return HandshakeError();
     }
   }
-  // Decrypt while the plaintext side keeps up and TLS output is not backed up (SSL_read may
-  // produce output: a KeyUpdate answer).
-  while (!peer_closed_ && !app_paused_ && !net_paused_) {
+  // Decrypt while the plaintext side keeps up (and below the hard cap on TLS output: SSL_read
+  // may produce some, e.g. a KeyUpdate answer).
+  while (!peer_closed_ && !app_paused_ && NetPending() < kMaxNetPending) {
     char* dst = app_.Reserve(kRecordPlaintext);
     ERR_clear_error();
     int n = SSL_read(ssl_.get(), dst, static_cast<int>(kRecordPlaintext));

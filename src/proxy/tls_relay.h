@@ -13,14 +13,17 @@
 //
 // Memory is bounded whatever the peers do (LIBRARIES.md 2.1: a memory BIO never says
 // WANT_WRITE; without watermarks a slow reader made the prototype's RSS reach 816 MB):
-//   - ciphertext waiting for the socket (write BIO + send buffer) above kHighWater stops every
-//     producer of TLS output: no SSL_read (it may answer a KeyUpdate), no socket reads, no
-//     plaintext reads; they resume below kLowWater;
+//   - ciphertext waiting for the socket (write BIO + send buffer) above kHighWater stops the
+//     bulk producer, reads from the plaintext side (so no SSL_write); they resume below
+//     kLowWater. Reading the socket and SSL_read go on (see CanReadNet: gating them on our
+//     own output deadlocks two relays facing each other) until kMaxNetPending, which only
+//     protocol answers (KeyUpdate, alerts) to a peer that sends but never reads can reach;
 //   - decrypted plaintext waiting for the plaintext side above kHighWater stops SSL_read and,
 //     with it, socket reads; the read BIO never holds more than kMaxReadBio plus one read;
 //   - one read of at most kReadChunk bytes from either side per step.
-// So a connection holds at most about 2 x (kHighWater + kReadChunk) + kMaxReadBio bytes of
-// buffers, plus OpenSSL's record buffers (released when idle: SSL_MODE_RELEASE_BUFFERS).
+// So a connection holds at most about kMaxNetPending + kHighWater + 2 x kReadChunk +
+// kMaxReadBio bytes of buffers, plus OpenSSL's record buffers (released when idle:
+// SSL_MODE_RELEASE_BUFFERS).
 //
 // Half-close (LIBRARIES.md 2.1): the peer's close_notify becomes shutdown(SHUT_WR) of the
 // plaintext side once everything before it was written there; EOF on the plaintext side
@@ -80,6 +83,10 @@ class TlsRelay {
   static constexpr size_t kLowWater = 64 * 1024;
   static constexpr size_t kReadChunk = 64 * 1024;
   static constexpr size_t kMaxReadBio = 64 * 1024;
+  // Ciphertext output beyond which even the peer's bytes stop being read. Bulk output stops at
+  // kHighWater (plus one read), so only protocol answers to a peer that sends but never reads
+  // can get here.
+  static constexpr size_t kMaxNetPending = 2 * kHighWater;
 
   struct Callbacks {
     // The handshake completed (a client has verified the server's certificate chain and name).
