@@ -94,12 +94,28 @@ Status MakePrivateDirs(const std::string& path) {
   return Status::OK();
 }
 
-// The key and certificate files of an ssl job, on the client side.
+// The key and certificate files of an ssl job, on the client side. The new key waits under a
+// temporary name until the broker accepted the job, so a refused save (another user's id, a
+// daemon that is down) leaves the key of an earlier save of the same job in place.
 struct JobKeyFiles {
   std::string cert_path;
   std::string key_path;
+  std::string pending_key_path;
   std::string csr_pem;
+
+  // Moves the new key into place.
+  Status Commit() {
+    if (::rename(pending_key_path.c_str(), key_path.c_str()) != 0) {
+      return PosixError("cannot rename " + pending_key_path + " to " + key_path, errno);
+    }
+    pending_key_path.clear();
+    return Status::OK();
+  }
+  void Discard() const {
+    if (!pending_key_path.empty()) ::unlink(pending_key_path.c_str());
+  }
   void Remove() const {
+    Discard();
     ::unlink(key_path.c_str());
     ::unlink(cert_path.c_str());
   }
@@ -117,8 +133,9 @@ Result<JobKeyFiles> PrepareJobKey(const std::string& dir_arg, const std::string&
   JobKeyFiles files;
   files.key_path = std::string(real) + "/" + job_id + ".key";
   files.cert_path = std::string(real) + "/" + job_id + ".crt";
+  files.pending_key_path = files.key_path + ".pending-" + std::to_string(::getpid());
   files.csr_pem = std::move(key->csr_pem);
-  BP_RETURN_IF_ERROR(proxy::WriteNewFile(files.key_path, key->key_pem, 0600));
+  BP_RETURN_IF_ERROR(proxy::WriteNewFile(files.pending_key_path, key->key_pem, 0600));
   return files;
 }
 
@@ -279,15 +296,19 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
 
   auto reply = client->Call(req, kCallTimeoutMs);
   if (!reply.ok()) {
-    if (key_files) key_files->Remove();
+    if (key_files) key_files->Discard();
     return reply.status();
   }
   auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
-  if (!job.ok()) return job.status();
+  if (!job.ok()) {
+    if (key_files) key_files->Discard();
+    return job.status();
+  }
   if (key_files) {
     std::string cert_pem = StringField(reply->get(), "cert_pem");
     Status s = cert_pem.empty() ? Status::IOError("the broker's reply has no certificate")
-                                : proxy::WriteNewFile(key_files->cert_path, cert_pem, 0644);
+                                : key_files->Commit();
+    if (s.ok()) s = proxy::WriteNewFile(key_files->cert_path, cert_pem, 0644);
     if (!s.ok()) {
       (void)remove_job(job->id);  // nothing may point at files that are not there
       key_files->Remove();

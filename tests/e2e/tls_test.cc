@@ -274,6 +274,16 @@ TEST_F(TlsTest, SaveSslIssuesACertificateForAKeyThatStaysWithTheUser) {
   auto ca2 = proxy::ParseCertificatePem(d.Cli({"ca"}).out);
   EXPECT_TRUE(proxy::VerifyAgainstCa(cert->get(), ca2->get()).ok());
   EXPECT_EQ(d.Log().find("PRIVATE KEY"), std::string::npos);
+
+  // A save the broker refuses (here: no daemon) leaves the job's key as it was, and no
+  // temporary file behind.
+  EXPECT_EQ(d.Stop(), 0);
+  RunResult refused =
+      d.Cli({"save", "ssl", "--job-id", "web1", "--port", "8443", "--cert-dir", certs});
+  EXPECT_EQ(refused.exit_code, 3) << refused;  // not running
+  EXPECT_EQ(ReadFile(key_path), key_pem);
+  RunResult ls = RunCommand({"ls", "-A", certs});
+  EXPECT_EQ(ls.out, "evil.crt\nevil.key\nweb1.crt\nweb1.key\n") << ls;
 }
 
 TEST_F(TlsTest, PassthroughToAnHttpsBackendStartedByExecMode) {
