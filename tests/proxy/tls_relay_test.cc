@@ -27,10 +27,10 @@ using brokerproxy::testing::Pattern;
 using brokerproxy::testing::PatternHash;
 using brokerproxy::testing::Sha256;
 
-// Everything a relay may hold: two buffers at their high watermark plus one read each, the
-// read BIO's limit plus one read, and slack for record overhead.
-constexpr size_t kBound = 2 * (TlsRelay::kHighWater + TlsRelay::kReadChunk + 16 * 1024) +
-                          TlsRelay::kMaxReadBio + TlsRelay::kReadChunk + 64 * 1024;
+// Everything a relay may hold (tls_relay.h): the ciphertext cap, the plaintext high
+// watermark, one read from each side, the read BIO's limit, and slack for record overhead.
+constexpr size_t kBound = TlsRelay::kMaxNetPending + TlsRelay::kHighWater +
+                          2 * TlsRelay::kReadChunk + TlsRelay::kMaxReadBio + 64 * 1024;
 
 struct Pair {
   int relay_fd = -1;  // non-blocking, for the relay
