@@ -3,9 +3,11 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <climits>
 
 #include <cstdio>
 #include <cstdlib>
@@ -18,6 +20,7 @@
 #include "loop/loop.h"
 #include "loop/process.h"
 #include "loop/signal.h"
+#include "proxy/certs.h"
 #include "registry/control_protocol.h"
 #include "registry/json.h"
 
@@ -92,6 +95,72 @@ bool PortFreeHere(int port) {
 }
 
 void PrintRaw(const cJSON* reply) { std::printf("%s\n", registry::PrintJson(reply).c_str()); }
+
+// mkdir -p; directories it creates get mode 0700 (they hold private keys).
+Status MakePrivateDirs(const std::string& path) {
+  for (size_t pos = 1; pos <= path.size(); ++pos) {
+    if (pos != path.size() && path[pos] != '/') continue;
+    std::string prefix = path.substr(0, pos);
+    if (::mkdir(prefix.c_str(), 0700) != 0 && errno != EEXIST) {
+      return PosixError("cannot create directory " + prefix, errno);
+    }
+  }
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return Status::IOError(path + " is not a directory");
+  }
+  return Status::OK();
+}
+
+// The key and certificate files of an ssl job, on the client side. The new key waits under a
+// temporary name until the broker accepted the job, so a refused save (another user's id, a
+// daemon that is down) leaves the key of an earlier save of the same job in place.
+struct JobKeyFiles {
+  std::string cert_path;
+  std::string key_path;
+  std::string pending_key_path;
+  std::string csr_pem;
+
+  // Moves the new key into place.
+  Status Commit() {
+    if (::rename(pending_key_path.c_str(), key_path.c_str()) != 0) {
+      return PosixError("cannot rename " + pending_key_path + " to " + key_path, errno);
+    }
+    pending_key_path.clear();
+    return Status::OK();
+  }
+  void Discard() const {
+    if (!pending_key_path.empty()) ::unlink(pending_key_path.c_str());
+  }
+  void Remove() const {
+    Discard();
+    ::unlink(key_path.c_str());
+    ::unlink(cert_path.c_str());
+  }
+};
+
+// Creates the job's key (0600) in `dir` and a CSR for it. The key never leaves this machine.
+Result<JobKeyFiles> PrepareJobKey(const std::string& dir_arg, const std::string& job_id) {
+  std::string dir = dir_arg.empty() ? DefaultCertDir() : dir_arg;
+  if (dir.empty()) return Status::InvalidArgument("no certificate directory: pass --cert-dir");
+  BP_RETURN_IF_ERROR(MakePrivateDirs(dir));
+  char real[PATH_MAX];
+  if (::realpath(dir.c_str(), real) == nullptr) return PosixError("cannot resolve " + dir, errno);
+  auto key = proxy::GenerateKeyAndCsr(job_id);
+  if (!key.ok()) return key.status();
+  JobKeyFiles files;
+  files.key_path = std::string(real) + "/" + job_id + ".key";
+  files.cert_path = std::string(real) + "/" + job_id + ".crt";
+  files.pending_key_path = files.key_path + ".pending-" + std::to_string(::getpid());
+  files.csr_pem = std::move(key->csr_pem);
+  BP_RETURN_IF_ERROR(proxy::WriteNewFile(files.pending_key_path, key->key_pem, 0600));
+  return files;
+}
+
+std::string StringField(const cJSON* obj, const char* name) {
+  const cJSON* v = cJSON_GetObjectItemCaseSensitive(obj, name);
+  return cJSON_IsString(v) ? v->valuestring : "";
+}
 
 // Runs `cmd` with the job's values, forwarding signals, and returns its exit code.
 Result<int> RunCommand(const std::vector<std::string>& command, const Job& job) {
@@ -227,18 +296,54 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     wait_ms = *t;
   }
 
+  std::optional<JobKeyFiles> key_files;
+  if (req.save.type == registry::JobType::kSsl) {
+    auto files = PrepareJobKey(args.cert_dir, req.job);
+    if (!files.ok()) return files.status().WithContext("the job's TLS key");
+    key_files = std::move(files).value();
+    req.csr = key_files->csr_pem;
+    req.save.cert_path = key_files->cert_path;
+    req.save.key_path = key_files->key_path;
+  }
+  auto remove_job = [&](const std::string& id) {
+    Request remove;
+    remove.op = Op::kRemove;
+    remove.job = id;
+    return client->Call(remove, kCallTimeoutMs);
+  };
+
   auto reply = client->Call(req, kCallTimeoutMs);
-  if (!reply.ok()) return reply.status();
+  if (!reply.ok()) {
+    if (key_files) key_files->Discard();
+    return reply.status();
+  }
   auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
-  if (!job.ok()) return job.status();
   // The command runs here and binds the port: if something here already holds it, saving
-  // again replaces the job with a fresh port.
-  for (int attempt = 0; exec_mode && job->port_allocated && !PortFreeHere(job->port) && attempt < 8;
+  // again replaces the job with a fresh port (the same key; a fresh certificate).
+  for (int attempt = 0;
+       job.ok() && exec_mode && job->port_allocated && !PortFreeHere(job->port) && attempt < 8;
        ++attempt) {
     reply = client->Call(req, kCallTimeoutMs);
-    if (!reply.ok()) return reply.status();
+    if (!reply.ok()) {
+      if (key_files) key_files->Discard();
+      return reply.status();
+    }
     job = JobFromReply(reply->get(), "job", SecretField::kInclude);
-    if (!job.ok()) return job.status();
+  }
+  if (!job.ok()) {
+    if (key_files) key_files->Discard();
+    return job.status();
+  }
+  if (key_files) {
+    std::string cert_pem = StringField(reply->get(), "cert_pem");
+    Status s = cert_pem.empty() ? Status::IOError("the broker's reply has no certificate")
+                                : key_files->Commit();
+    if (s.ok()) s = proxy::WriteNewFile(key_files->cert_path, cert_pem, 0644);
+    if (!s.ok()) {
+      (void)remove_job(job->id);  // nothing may point at files that are not there
+      key_files->Remove();
+      return s;
+    }
   }
 
   if (args.wait && !exec_mode) {
@@ -249,10 +354,8 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     auto ready = client->Call(wait, wait_ms + kCallTimeoutMs);
     if (!ready.ok()) {
       // Leave nothing behind that points at a service that never came up.
-      Request remove;
-      remove.op = Op::kRemove;
-      remove.job = job->id;
-      (void)client->Call(remove, kCallTimeoutMs);
+      (void)remove_job(job->id);
+      if (key_files) key_files->Remove();
       return ready.status();
     }
     reply = std::move(ready);
@@ -273,10 +376,8 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
                job->host.c_str(), job->port, args.command[0].c_str());
   std::fflush(stdout);
   auto code = RunCommand(args.command, *job);
-  Request remove;
-  remove.op = Op::kRemove;
-  remove.job = job->id;
-  auto removed = client->Call(remove, kCallTimeoutMs);
+  auto removed = remove_job(job->id);
+  if (key_files) key_files->Remove();  // the service is gone: so is its key
   if (!removed.ok() && removed.status().code() != Status::Code::kNotFound) {
     std::fprintf(stderr, "brokerproxy: warning: could not remove job %s: %s\n", job->id.c_str(),
                  removed.status().message().c_str());
@@ -418,6 +519,39 @@ Status RunStats(BrokerClient* client, OutputFormat format) {
     }
   };
   print(stats, 0);
+  return Status::OK();
+}
+
+std::string DefaultCertDir() {
+  const char* xdg = std::getenv("XDG_STATE_HOME");
+  if (xdg != nullptr && xdg[0] == '/') return std::string(xdg) + "/brokerproxy/certs";
+  const char* home = std::getenv("HOME");
+  if (home == nullptr || home[0] != '/') return "";
+  return std::string(home) + "/.local/state/brokerproxy/certs";
+}
+
+Result<std::string> FetchCaPem(BrokerClient* client) {
+  Request req;
+  req.op = Op::kCa;
+  auto reply = client->Call(req, kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  std::string pem = StringField(reply->get(), "ca_cert");
+  if (pem.empty()) return Status::IOError("the broker's reply has no 'ca_cert'");
+  return pem;
+}
+
+Status RunCa(BrokerClient* client, OutputFormat format) {
+  Request req;
+  req.op = Op::kCa;
+  auto reply = client->Call(req, kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  if (format == OutputFormat::kJson) {
+    PrintRaw(reply->get());
+    return Status::OK();
+  }
+  std::string pem = StringField(reply->get(), "ca_cert");
+  if (pem.empty()) return Status::IOError("the broker's reply has no 'ca_cert'");
+  std::fputs(pem.c_str(), stdout);
   return Status::OK();
 }
 

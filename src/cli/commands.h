@@ -1,4 +1,12 @@
-// The short-lived subcommands: save (plain and exec mode), load, verify, query, remove, stats.
+// The short-lived subcommands: save (plain and exec mode), load, verify, query, remove, stats,
+// ca.
+//
+// `save ssl` keeps the job's private key on the machine where it runs (proxy/certs.h explains
+// the CSR model): it creates an ECDSA P-256 key, writes it to <cert_dir>/<job>.key (mode 0600,
+// a new file renamed into place), sends only a CSR with the save request, and writes the
+// certificate the broker returns to <cert_dir>/<job>.crt. The job records both absolute paths;
+// `load` shows them and exec mode passes them as {cert} and {certkey}. Exec mode deletes both
+// files when the command ends.
 //
 // Each takes the resolved Config and a BrokerClient (the local daemon, or the login node with
 // --via), prints its result to stdout and returns a Status that main() maps to an exit code.
@@ -29,7 +37,11 @@ struct SaveArgs {
   std::string wait_timeout;  // duration text; empty: [registry] ready_timeout
   OutputFormat format = OutputFormat::kHuman;
   std::vector<std::string> command;  // exec mode: what follows "--"
+  std::string cert_dir;  // ssl: where the key and certificate go; empty: DefaultCertDir()
 };
+
+// ${XDG_STATE_HOME:-$HOME/.local/state}/brokerproxy/certs
+std::string DefaultCertDir();
 
 // Picks the job id from the flags and the batch system's environment.
 Result<std::string> ResolveJobId(const std::string& job_id, const std::string& name);
@@ -45,6 +57,10 @@ Status RunStats(BrokerClient* client, OutputFormat format);
 // Waits until the job's service listens (at most `timeout_ms`), then shows the job.
 Status RunWait(BrokerClient* client, const std::string& job, int64_t timeout_ms,
                OutputFormat format);
+// Prints the broker's CA certificate (PEM), for browsers and `connect --tls --ca`.
+Status RunCa(BrokerClient* client, OutputFormat format);
+// The broker's CA certificate (PEM) through the control API.
+Result<std::string> FetchCaPem(BrokerClient* client);
 
 // {port} {secret} {cert} {certkey} {job} {host} in `arg`, replaced by the job's values.
 std::string SubstitutePlaceholders(const std::string& arg, const registry::Job& job);

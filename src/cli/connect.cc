@@ -8,6 +8,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cli/commands.h"
+#include "cli/tls_path.h"
 #include "cli/tunnel.h"
 #include "loop/address.h"
 #include "loop/handle.h"
@@ -19,6 +21,7 @@
 #include "proxy/relay.h"
 #include "registry/control_protocol.h"
 #include "registry/json.h"
+#include "registry/snapshot.h"
 
 namespace brokerproxy::cli {
 namespace {
@@ -146,7 +149,31 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     if (!l.ok()) return l.status().WithContext("--listen");
     listen = *l;
   }
-  if (args.tls) return Status::Unavailable("--tls is not available in this build");
+  if (!args.ca.empty() && !args.tls) return Status::InvalidArgument("--ca is only for --tls");
+  if (args.tls && remote) {
+    return Status::InvalidArgument(
+        "--tls and --via do not combine: the SSH session to the login node already encrypts "
+        "the tunnel");
+  }
+  proxy::SslCtxPtr tls_ctx;
+  if (args.tls) {
+    // The CA the proxy's certificate must chain to: a file, or the broker's own, fetched now
+    // and kept in memory only.
+    std::string ca_pem;
+    if (!args.ca.empty()) {
+      auto text = registry::ReadFileIfExists(args.ca, 1 << 20);
+      if (!text.ok()) return text.status().WithContext("--ca");
+      if (!text->has_value()) return Status::NotFound("--ca: no such file: " + args.ca);
+      ca_pem = std::move(**text);
+    } else {
+      auto fetched = FetchCaPem(client);
+      if (!fetched.ok()) return fetched.status().WithContext("fetching the broker's CA");
+      ca_pem = std::move(fetched).value();
+    }
+    auto ctx = proxy::NewClientContext(ca_pem);
+    if (!ctx.ok()) return ctx.status().WithContext(args.ca.empty() ? "the broker's CA" : args.ca);
+    tls_ctx = std::move(ctx).value();
+  }
 
   auto secret = LoadSecret(client, args.job);
   if (!secret.ok()) return secret.status();
@@ -175,6 +202,9 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
                           });
       if (!p.ok()) return p.status();
       path = std::move(p).value();
+    } else if (args.tls) {
+      path = NewTlsPath(loop->get(), std::move(tls_ctx), proxy_addr.host, proxy_addr.port,
+                        args.job, std::move(secret).value(), kHandshakeTimeoutMs);
     } else {
       path = NewDirectPath(loop->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
                            std::move(secret).value(), kHandshakeTimeoutMs);

@@ -4,17 +4,21 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include <cctype>
 #include <cerrno>
 #include <memory>
 #include <vector>
 
+#include "cli/daemon_tls.h"
 #include "loop/handle.h"
 #include "loop/log.h"
 #include "loop/loop.h"
 #include "loop/signal.h"
 #include "loop/timer.h"
+#include "loop/work.h"
 #include "proxy/proxy.h"
 #include "proxy/ssh_server.h"
+#include "proxy/tls_frontend.h"
 #include "registry/broker.h"
 #include "registry/control_server.h"
 #include "registry/registry.h"
@@ -66,6 +70,9 @@ std::string DirName(const std::string& path) {
   return path.substr(0, slash);
 }
 
+// How often the proxy's certificate is checked for renewal.
+constexpr uint64_t kRenewCheckMs = 6 * 3600 * 1000;
+
 class Daemon {
  public:
   explicit Daemon(const Config& config) : config_(config) {}
@@ -92,6 +99,7 @@ class Daemon {
         loop_.get(), registry_.get(), store_.get(), registry::Broker::Options{},
         [] { return static_cast<int64_t>(::time(nullptr)); });
     BP_RETURN_IF_ERROR(broker_->Start());
+    BP_RETURN_IF_ERROR(StartTls());
 
     control_ = std::make_unique<registry::ControlServer>(
         loop_.get(),
@@ -118,6 +126,7 @@ class Daemon {
              config_.host_key.c_str());
     proxy_ = std::make_unique<proxy::Proxy>(loop_.get(), registry_.get(), std::move(po).value());
     proxy_->set_frontend(proxy::Protocol::kSsh, ssh_->frontend());
+    proxy_->set_frontend(proxy::Protocol::kTls, proxy::NewTlsFrontend(tls_settings_));
     BP_RETURN_IF_ERROR(proxy_->Start());
     broker_->set_stats_provider([this](cJSON* stats, uid_t caller) {
       if (proxy_) proxy_->AddStats(stats, caller);
@@ -143,6 +152,8 @@ class Daemon {
 
   // Releases everything in dependency order, then closes the loop.
   Status Finish() {
+    renew_timer_.reset();
+    renewal_ = loop::Pending();
     broker_.reset();
     control_.reset();
     proxy_.reset();
@@ -157,11 +168,71 @@ class Daemon {
   }
 
  private:
+  // The CA, the proxy's certificate, the `ca` op and `save ssl`'s issuer. Keys and signatures
+  // are made on the thread pool even here, before anything else runs on the loop.
+  Status StartTls() {
+    Result<DaemonTls> tls = Status::Internal("TLS set-up did not run");
+    bool done = false;
+    loop::Pending work = loop::QueueWork(
+        *loop_, [this, &tls] { tls = SetUpDaemonTls(config_); }, [&done] { done = true; });
+    while (!done) loop_->Run(UV_RUN_ONCE);
+    if (!tls.ok()) return tls.status();
+    ca_ = tls->ca;
+    tls_settings_ = std::make_shared<proxy::TlsSettings>();
+    for (char c : config_.tls_domain) {
+      tls_settings_->domain += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    }
+    auto ctx = proxy::NewServerContext(tls->server.cert_pem, tls->server.key_pem);
+    if (!ctx.ok()) return ctx.status().WithContext("the proxy's TLS certificate");
+    tls_settings_->server_ctx = std::move(ctx).value();
+    if (auto cert = proxy::ParseCertificatePem(tls->server.cert_pem); cert.ok()) {
+      for (const std::string& name : proxy::SubjectAltNames(cert->get())) {
+        if (name.starts_with("DNS:")) tls_settings_->proxy_names.push_back(name.substr(4));
+      }
+    }
+    broker_->set_ca_provider([ca = ca_]() -> Result<std::string> { return ca->cert_pem(); });
+    broker_->set_cert_issuer(
+        MakeCertIssuer(loop_.get(), ca_, tls_settings_->domain, config_.cert_days));
+    auto timer = loop::Timer::Create(*loop_);
+    if (!timer.ok()) return timer.status();
+    renew_timer_ = std::move(timer).value();
+    renew_timer_->Start(kRenewCheckMs, kRenewCheckMs, [this] { RenewServerCert(); });
+    LOG_INFO("TLS: CA %s (SHA-256 %s); server names under %s go to ssl jobs",
+             config_.ca_cert.c_str(), ca_->Fingerprint().c_str(), tls_settings_->domain.c_str());
+    return Status::OK();
+  }
+
+  void RenewServerCert() {
+    if (renewal_.active()) return;
+    auto result =
+        std::make_shared<Result<std::optional<proxy::KeyAndCert>>>(Status::Internal("not run"));
+    renewal_ = loop::QueueWork(
+        *loop_,
+        [config = config_, ca = ca_, result] { *result = RenewServerCertIfDue(config, *ca); },
+        [this, result] {
+          if (!result->ok()) {
+            LOG_WARN("renewing the proxy's TLS certificate: %s",
+                     result->status().ToString().c_str());
+            return;
+          }
+          if (!result->value()) return;
+          auto ctx =
+              proxy::NewServerContext((*result)->value().cert_pem, (*result)->value().key_pem);
+          if (!ctx.ok()) {
+            LOG_WARN("renewed TLS certificate unusable: %s", ctx.status().ToString().c_str());
+            return;
+          }
+          tls_settings_->server_ctx = std::move(ctx).value();  // for new connections
+          LOG_INFO("renewed the proxy's TLS certificate");
+        });
+  }
+
   void Shutdown(int signum) {
     if (stopping_) return;
     stopping_ = true;
     LOG_INFO("received signal %d; shutting down", signum);
     control_->Close();
+    renew_timer_.reset();
     if (proxy_) proxy_->Stop();
     broker_.reset();  // drops probes, waits, the expiry timer
     WaitForStore();
@@ -194,6 +265,10 @@ class Daemon {
   std::unique_ptr<proxy::Proxy> proxy_;
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
   loop::HandlePtr<loop::Timer> drain_timer_;
+  std::shared_ptr<const proxy::CertificateAuthority> ca_;
+  std::shared_ptr<proxy::TlsSettings> tls_settings_;
+  loop::HandlePtr<loop::Timer> renew_timer_;
+  loop::Pending renewal_;
   bool stopping_ = false;
 };
 

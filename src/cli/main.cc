@@ -95,11 +95,19 @@ int Main(int argc, char** argv) {
   save->add_flag("--pending", save_args.pending,
                  "Register the job as not ready yet and return without waiting")
       ->group("");
+  save->add_option("--cert-dir", save_args.cert_dir,
+                   "ssl: directory for the job's key (0600) and certificate (default: "
+                   "${XDG_STATE_HOME:-~/.local/state}/brokerproxy/certs)");
   save->footer(
       "Exec mode: brokerproxy save ssh [flags] -- CMD ARGS... registers the job, runs CMD with\n"
       "{port} {secret} {cert} {certkey} {job} {host} replaced in its arguments and BROKER_*\n"
       "in its environment, forwards signals to it, removes the job when it exits and exits\n"
-      "with its status.");
+      "with its status.\n"
+      "ssl jobs: the key is made here and never leaves this machine; the broker signs a\n"
+      "certificate for https://JOB.<tls_domain>:<proxy port>/ (the proxy passes TLS through\n"
+      "to the service, which should use {secret} as its access token), e.g.\n"
+      "  brokerproxy save ssl -- jupyter lab --port {port} --certfile {cert} \\\n"
+      "      --keyfile {certkey} --IdentityProvider.token={secret}");
   save_cfg.AddTo(save, FlagScope::kClient);
   bool accept_new_host_key = false;
   AddSshFlags(save, &accept_new_host_key);
@@ -160,6 +168,13 @@ int Main(int argc, char** argv) {
   wait->add_flag("--json", wait_flags.json, "Print the reply as JSON");
   wait_cfg.AddTo(wait, FlagScope::kClient);
   AddSshFlags(wait, &accept_new_host_key);
+
+  ConfigFlags ca_cfg;
+  ClientFlags ca_flags;
+  CLI::App* ca = app.add_subcommand(
+      "ca", "Print the broker's CA certificate (PEM), to trust in browsers and `connect --tls`");
+  ca->add_flag("--json", ca_flags.json, "Print the reply as JSON");
+  ca_cfg.AddTo(ca, FlagScope::kClient);
 
   ConfigFlags connect_cfg;
   ConnectArgs connect_args;
@@ -279,6 +294,9 @@ int Main(int argc, char** argv) {
       if (!timeout.ok()) return timeout.status().WithContext("--timeout");
       return RunWait(cl, wait_job, *timeout, FormatOf(wait_flags));
     });
+  } else if (ca->parsed()) {
+    with_client(ca_cfg, ca_flags.json,
+                [&](const Config&, BrokerClient* cl) { return RunCa(cl, FormatOf(ca_flags)); });
   } else if (connect->parsed()) {
     with_client(connect_cfg, false, [&](const Config& c, BrokerClient* cl) {
       if (connect_args.proxy.empty()) connect_args.proxy = c.proxy.ToString();

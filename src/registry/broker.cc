@@ -67,7 +67,7 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
         return;
       }
       if (req.save.type != JobType::kSsl) {
-        Save(std::move(req), caller, std::move(reply), {});
+        Save(std::move(req), caller, std::move(reply), std::nullopt);
         return;
       }
       if (!cert_issuer_) {
@@ -82,14 +82,16 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
       draft.owner = caller;
       draft.host = req.save.host;
       uint64_t key = next_cert_job_++;
+      std::string csr = req.csr;
       cert_jobs_[key] = cert_issuer_(
-          draft, [this, key, req = std::move(req), caller, reply](Result<CertFiles> certs) mutable {
+          draft, csr,
+          [this, key, req = std::move(req), caller, reply](Result<IssuedCert> cert) mutable {
             cert_jobs_.erase(key);
-            if (!certs.ok()) {
-              reply(EncodeError(certs.status().WithContext("cannot issue a certificate")));
+            if (!cert.ok()) {
+              reply(EncodeError(cert.status().WithContext("cannot issue a certificate")));
               return;
             }
-            Save(std::move(req), caller, std::move(reply), std::move(certs).value());
+            Save(std::move(req), caller, std::move(reply), std::move(cert).value());
           });
       return;
     }
@@ -149,11 +151,9 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
   }
 }
 
-void Broker::Save(Request req, uid_t caller, Reply reply, CertFiles certs) {
+void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCert> cert) {
   auto saved = std::make_shared<Job>();
   auto replaced = std::make_shared<std::optional<Job>>();
-  req.save.cert_path = certs.cert_path;
-  req.save.key_path = certs.key_path;
   std::weak_ptr<bool> alive = alive_;
   store_->Commit(
       [this, req, caller, saved, replaced]() -> Result<Store::Undo> {
@@ -165,7 +165,8 @@ void Broker::Save(Request req, uid_t caller, Reply reply, CertFiles certs) {
           if (replaced->has_value()) registry_->Put(**replaced);
         });
       },
-      [this, alive, saved, replaced, caller, reply = std::move(reply)](Status s) {
+      [this, alive, saved, replaced, caller, cert = std::move(cert),
+       reply = std::move(reply)](Status s) {
         if (alive.expired()) return;
         if (!s.ok()) {
           reply(EncodeError(s));
@@ -179,7 +180,12 @@ void Broker::Save(Request req, uid_t caller, Reply reply, CertFiles certs) {
                  saved->ready ? "" : ", waiting for a listener", static_cast<unsigned>(caller),
                  replaced->has_value() ? ", replacing the previous entry" : "");
         if (!saved->ready) StartProbe(*saved);
-        reply(EncodeOk(JobBody(*saved, SecretField::kInclude)));
+        JsonPtr body = JobBody(*saved, SecretField::kInclude);
+        if (cert) {
+          cJSON_AddStringToObject(body.get(), "cert_pem", cert->cert_pem.c_str());
+          cJSON_AddStringToObject(body.get(), "ca_pem", cert->ca_pem.c_str());
+        }
+        reply(EncodeOk(std::move(body)));
       });
 }
 

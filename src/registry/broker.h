@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 
@@ -42,13 +43,15 @@ class Broker {
   using StatsProvider = std::function<void(cJSON* stats, uid_t caller)>;
   // The broker CA certificate (PEM), or an error if TLS is not set up.
   using CaProvider = std::function<Result<std::string>()>;
-  // Issues a certificate and key for `job` (off the loop) and reports their paths.
-  struct CertFiles {
-    std::string cert_path;
-    std::string key_path;
+  // Issues the certificate of ssl job `job` (its id, owner and backend host are set) for the
+  // public key in `csr_pem`, off the loop, and reports it with the CA certificate. The key
+  // stays with the client (proxy/certs.h explains the CSR model).
+  struct IssuedCert {
+    std::string cert_pem;
+    std::string ca_pem;
   };
-  using CertIssuer =
-      std::function<loop::Pending(const Job& job, std::function<void(Result<CertFiles>)> done)>;
+  using CertIssuer = std::function<loop::Pending(const Job& job, const std::string& csr_pem,
+                                                 std::function<void(Result<IssuedCert>)> done)>;
   // Unix seconds.
   using Clock = std::function<int64_t()>;
 
@@ -80,7 +83,7 @@ class Broker {
     loop::HandlePtr<loop::Timer> timer;
   };
 
-  void Save(Request request, uid_t caller, Reply reply, CertFiles certs);
+  void Save(Request request, uid_t caller, Reply reply, std::optional<IssuedCert> cert);
   void Remove(const std::string& id, uid_t caller, Reply reply);
   void Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply);
   void SweepExpired();

@@ -47,8 +47,8 @@ Status ParseFields(const cJSON* obj, Request* req) {
   req->op = entry->op;
   switch (req->op) {
     case Op::kSave: {
-      BP_RETURN_IF_ERROR(
-          CheckFieldNames(obj, {"op", "job", "type", "host", "port", "ttl", "wait"}));
+      BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"op", "job", "type", "host", "port", "ttl", "wait",
+                                               "csr", "cert_path", "key_path"}));
       BP_RETURN_IF_ERROR(ReadString(obj, "job", true, &req->job));
       std::string type;
       BP_RETURN_IF_ERROR(ReadString(obj, "type", true, &type));
@@ -67,6 +67,18 @@ Status ParseFields(const cJSON* obj, Request* req) {
       }
       req->save.ready = !wait;
       req->save.id = req->job;
+      BP_RETURN_IF_ERROR(ReadString(obj, "csr", false, &req->csr));
+      BP_RETURN_IF_ERROR(ReadString(obj, "cert_path", false, &req->save.cert_path));
+      BP_RETURN_IF_ERROR(ReadString(obj, "key_path", false, &req->save.key_path));
+      if (req->save.type == JobType::kSsl) {
+        // The broker issues every ssl job a certificate for a key the client made and keeps.
+        if (req->csr.empty() || req->save.cert_path.empty() || req->save.key_path.empty()) {
+          return Status::Corruption(
+              "an ssl job needs 'csr', 'cert_path' and 'key_path' (the client keeps the key)");
+        }
+      } else if (!req->csr.empty() || !req->save.cert_path.empty() || !req->save.key_path.empty()) {
+        return Status::Corruption("'csr', 'cert_path' and 'key_path' are only for ssl jobs");
+      }
       return Status::OK();
     }
     case Op::kLoad:
@@ -129,6 +141,13 @@ std::string EncodeRequest(const Request& req) {
       cJSON_AddNumberToObject(o.get(), "port", req.save.port);
       cJSON_AddNumberToObject(o.get(), "ttl", static_cast<double>(req.save.ttl));
       cJSON_AddBoolToObject(o.get(), "wait", !req.save.ready);
+      if (!req.csr.empty()) cJSON_AddStringToObject(o.get(), "csr", req.csr.c_str());
+      if (!req.save.cert_path.empty()) {
+        cJSON_AddStringToObject(o.get(), "cert_path", req.save.cert_path.c_str());
+      }
+      if (!req.save.key_path.empty()) {
+        cJSON_AddStringToObject(o.get(), "key_path", req.save.key_path.c_str());
+      }
       break;
     case Op::kLoad:
     case Op::kRemove:

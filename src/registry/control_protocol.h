@@ -2,6 +2,9 @@
 //
 //   request:  {"op":"save","job":"12345","type":"ssh","host":"node7","port":0,"ttl":3600,
 //              "wait":true}
+//             ssl jobs add {"csr":"<PEM>","cert_path":"/abs/J.crt","key_path":"/abs/J.key"}:
+//             the key stays with the client, the broker signs the CSR (proxy/certs.h) and the
+//             reply adds "cert_pem" and "ca_pem"; the paths are where the client keeps them
 //             {"op":"load"|"remove","job":"12345"}
 //             {"op":"verify","job":"12345","secret":"<hex>"}
 //             {"op":"wait","job":"12345","timeout":120000}     (milliseconds)
@@ -28,7 +31,7 @@ namespace brokerproxy::registry {
 
 // Longest request or reply line accepted (a reply listing many jobs can be long, a request
 // cannot).
-inline constexpr size_t kMaxRequestBytes = 16 * 1024;
+inline constexpr size_t kMaxRequestBytes = 32 * 1024;
 inline constexpr size_t kMaxReplyBytes = 64u << 20;
 
 enum class Op { kSave, kLoad, kVerify, kQuery, kRemove, kStats, kWait, kCa };
@@ -40,6 +43,7 @@ struct Request {
   std::string job;         // load, verify, remove, wait; save: the id to save
   SaveRequest save;        // save (save.id == job)
   std::string secret;      // verify; never logged
+  std::string csr;         // save of an ssl job: PEM certificate signing request
   int64_t timeout_ms = 0;  // wait
 };
 

@@ -1,0 +1,250 @@
+// ParseClientHello against real ClientHellos captured from OpenSSL in-process (a client with
+// memory BIOs; its first flight is the hello), re-fragmented, truncated and damaged.
+
+#include "proxy/client_hello.h"
+
+#include <gtest/gtest.h>
+#include <openssl/bio.h>
+#include <openssl/ssl.h>
+
+#include <random>
+#include <string>
+
+namespace brokerproxy::proxy {
+namespace {
+
+using State = ClientHello::State;
+
+// The first flight of an OpenSSL client: one record holding the ClientHello.
+std::string CaptureClientHello(const char* sni, int max_version = 0) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  if (max_version) SSL_CTX_set_max_proto_version(ctx, max_version);
+  SSL* ssl = SSL_new(ctx);
+  BIO* rbio = BIO_new(BIO_s_mem());
+  BIO* wbio = BIO_new(BIO_s_mem());
+  SSL_set_bio(ssl, rbio, wbio);
+  SSL_set_connect_state(ssl);
+  if (sni) SSL_set_tlsext_host_name(ssl, sni);
+  SSL_do_handshake(ssl);  // WANT_READ after writing the hello
+  char* data = nullptr;
+  long len = BIO_get_mem_data(wbio, &data);
+  std::string out(data, static_cast<size_t>(len));
+  SSL_free(ssl);
+  SSL_CTX_free(ctx);
+  return out;
+}
+
+// The handshake bytes of a single-record flight.
+std::string HandshakeOf(const std::string& record) { return record.substr(5); }
+
+// Splits handshake bytes into records of at most `size` bytes each.
+std::string Fragment(const std::string& handshake, size_t size) {
+  std::string out;
+  for (size_t off = 0; off < handshake.size(); off += size) {
+    size_t n = std::min(size, handshake.size() - off);
+    out += std::string{22, 3, 1, static_cast<char>(n >> 8), static_cast<char>(n & 0xff)};
+    out += handshake.substr(off, n);
+  }
+  return out;
+}
+
+// A ClientHello body built by hand: version, random, session id, suites, compression and the
+// given extensions block (omitted if `extensions` is null).
+std::string HandHello(const std::string* extensions, size_t session_id_len = 0) {
+  std::string body = "\x03\x03" + std::string(32, 'r');
+  body += static_cast<char>(session_id_len);
+  body += std::string(session_id_len, 's');
+  body += std::string("\x00\x02\x13\x01", 4);  // one suite
+  body += std::string("\x01\x00", 2);          // null compression
+  if (extensions) {
+    body += static_cast<char>(extensions->size() >> 8);
+    body += static_cast<char>(extensions->size() & 0xff);
+    body += *extensions;
+  }
+  std::string hs = std::string{1, static_cast<char>(body.size() >> 16),
+                               static_cast<char>((body.size() >> 8) & 0xff),
+                               static_cast<char>(body.size() & 0xff)} +
+                   body;
+  return hs;
+}
+
+std::string SniExtension(const std::string& name) {
+  std::string entry =
+      std::string{0, static_cast<char>(name.size() >> 8), static_cast<char>(name.size() & 0xff)} +
+      name;
+  std::string list =
+      std::string{static_cast<char>(entry.size() >> 8), static_cast<char>(entry.size() & 0xff)} +
+      entry;
+  return std::string{0, 0, static_cast<char>(list.size() >> 8),
+                     static_cast<char>(list.size() & 0xff)} +
+         list;
+}
+
+TEST(ClientHelloTest, RealHelloWithSni) {
+  std::string hello = CaptureClientHello("job-42.example.org");
+  ASSERT_GT(hello.size(), 100u);
+  ClientHello h = ParseClientHello(hello);
+  EXPECT_EQ(h.state, State::kSni) << (h.error ? h.error : "");
+  EXPECT_EQ(h.sni, "job-42.example.org");
+}
+
+TEST(ClientHelloTest, RealTls12HelloWithSni) {
+  ClientHello h = ParseClientHello(CaptureClientHello("a.localhost", TLS1_2_VERSION));
+  EXPECT_EQ(h.state, State::kSni);
+  EXPECT_EQ(h.sni, "a.localhost");
+}
+
+TEST(ClientHelloTest, RealHelloWithoutSni) {
+  ClientHello h = ParseClientHello(CaptureClientHello(nullptr));
+  EXPECT_EQ(h.state, State::kNoSni);
+  EXPECT_TRUE(h.sni.empty());
+}
+
+TEST(ClientHelloTest, UpperCaseIsFolded) {
+  ClientHello h = ParseClientHello(CaptureClientHello("Job.LocalHost"));
+  EXPECT_EQ(h.state, State::kSni);
+  EXPECT_EQ(h.sni, "job.localhost");
+}
+
+TEST(ClientHelloTest, EveryStrictPrefixNeedsMore) {
+  for (const char* sni : {"job.localhost", static_cast<const char*>(nullptr)}) {
+    std::string hello = CaptureClientHello(sni);
+    for (size_t n = 0; n < hello.size(); ++n) {
+      ClientHello h = ParseClientHello(std::string_view(hello).substr(0, n));
+      ASSERT_EQ(h.state, State::kNeedMore)
+          << "prefix " << n << " of " << hello.size() << ": " << (h.error ? h.error : "");
+    }
+  }
+}
+
+TEST(ClientHelloTest, FragmentedIntoSmallRecords) {
+  std::string hs = HandshakeOf(CaptureClientHello("frag.localhost"));
+  for (size_t size : {1, 2, 3, 7, 64, 100}) {
+    std::string stream = Fragment(hs, size);
+    ClientHello h = ParseClientHello(stream);
+    EXPECT_EQ(h.state, State::kSni) << "records of " << size;
+    EXPECT_EQ(h.sni, "frag.localhost");
+    // And every prefix of the fragmented stream still needs more.
+    for (size_t n = 0; n < stream.size(); n += 13) {
+      ASSERT_EQ(ParseClientHello(std::string_view(stream).substr(0, n)).state, State::kNeedMore)
+          << "records of " << size << ", prefix " << n;
+    }
+  }
+}
+
+TEST(ClientHelloTest, BytesAfterTheHelloAreIgnored) {
+  std::string hello = CaptureClientHello("x.localhost") + std::string("\x17\x03\x03\x00\x10", 5) +
+                      std::string(16, 'e');
+  ClientHello h = ParseClientHello(hello);
+  EXPECT_EQ(h.state, State::kSni);
+  EXPECT_EQ(h.sni, "x.localhost");
+}
+
+TEST(ClientHelloTest, HandBuiltHellos) {
+  std::string ext = SniExtension("hand.localhost");
+  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&ext), 16384)).sni, "hand.localhost");
+  EXPECT_EQ(ParseClientHello(Fragment(HandHello(nullptr), 16384)).state, State::kNoSni);
+  std::string empty;
+  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&empty), 16384)).state, State::kNoSni);
+  // Another extension before the server name.
+  std::string two = std::string("\x00\x0b\x00\x02\x01\x00", 6) + ext;
+  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&two), 16384)).sni, "hand.localhost");
+}
+
+TEST(ClientHelloTest, MalformedLengths) {
+  std::string record = CaptureClientHello("job.localhost");
+  auto damaged = [&](size_t at, char value) {
+    std::string d = record;
+    d[at] = value;
+    return ParseClientHello(d).state;
+  };
+  EXPECT_EQ(damaged(0, 0x17), State::kMalformed);  // not a handshake record
+  EXPECT_EQ(damaged(1, 0x02), State::kMalformed);  // record version
+  EXPECT_EQ(damaged(3, 0x41), State::kMalformed);  // record longer than 2^14
+  EXPECT_EQ(damaged(5, 0x02), State::kMalformed);  // handshake type ServerHello
+  EXPECT_EQ(damaged(6, 0x01), State::kMalformed);  // handshake longer than the buffer
+  // session_id length 33 (offset: 5 record + 4 handshake + 2 version + 32 random).
+  EXPECT_EQ(damaged(5 + 4 + 34, 33), State::kMalformed);
+
+  std::string ext = SniExtension("job.localhost");
+  std::string hs = HandHello(&ext);
+  // Extensions length one too long / one too short.
+  size_t ext_len_at = 4 + 2 + 32 + 1 + 4 + 2;
+  std::string longer = hs;
+  longer[ext_len_at + 1] = static_cast<char>(longer[ext_len_at + 1] + 1);
+  EXPECT_EQ(ParseClientHello(Fragment(longer, 16384)).state, State::kMalformed);
+  std::string shorter = hs;
+  shorter[ext_len_at + 1] = static_cast<char>(shorter[ext_len_at + 1] - 1);
+  EXPECT_EQ(ParseClientHello(Fragment(shorter, 16384)).state, State::kMalformed);
+  // Server name list longer than its extension.
+  std::string bad_list = hs;
+  bad_list[ext_len_at + 2 + 4 + 1] = 0x7f;
+  EXPECT_EQ(ParseClientHello(Fragment(bad_list, 16384)).state, State::kMalformed);
+  // Odd cipher suites length.
+  std::string odd = HandHello(&ext);
+  odd[4 + 2 + 32 + 1 + 1] = 3;
+  EXPECT_EQ(ParseClientHello(Fragment(odd, 16384)).state, State::kMalformed);
+  // Session id of 33 bytes, consistently encoded.
+  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&ext, 33), 16384)).state, State::kMalformed);
+  // Empty record; zero-length handshake.
+  EXPECT_EQ(ParseClientHello(std::string("\x16\x03\x01\x00\x00", 5)).state, State::kMalformed);
+  EXPECT_EQ(ParseClientHello(std::string("\x16\x03\x01\x00\x04\x01\x00\x00\x00", 9)).state,
+            State::kMalformed);
+}
+
+TEST(ClientHelloTest, BadServerNames) {
+  for (const std::string& name :
+       {std::string("bad name"), std::string("a/b"), std::string("x\0y", 3), std::string("."),
+        std::string("trailing."), std::string(300, 'a')}) {
+    std::string ext = SniExtension(name);
+    EXPECT_EQ(ParseClientHello(Fragment(HandHello(&ext), 16384)).state, State::kMalformed) << name;
+  }
+  std::string twice = SniExtension("a.localhost") + SniExtension("b.localhost");
+  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&twice), 16384)).state, State::kMalformed);
+}
+
+TEST(ClientHelloTest, OversizedIsMalformed) {
+  // A handshake length that could never fit the buffer is refused at once.
+  EXPECT_EQ(ParseClientHello(std::string("\x16\x03\x01\x00\x04\x01\x00\x40\x00", 9)).state,
+            State::kMalformed);
+  // A hello that fits one record but, cut into 1-byte records, outgrows the buffer.
+  std::string pad(12000, '\0');
+  std::string ext = std::string("\x00\x15", 2) + static_cast<char>(pad.size() >> 8) +
+                    static_cast<char>(pad.size() & 0xff) + pad + SniExtension("big.localhost");
+  std::string hs = HandHello(&ext);
+  EXPECT_EQ(ParseClientHello(Fragment(hs, 16384)).sni, "big.localhost");
+  std::string many = Fragment(hs, 1);
+  ASSERT_GT(many.size(), kMaxClientHelloBuffer);
+  EXPECT_EQ(ParseClientHello(std::string_view(many).substr(0, kMaxClientHelloBuffer - 1)).state,
+            State::kNeedMore);
+  EXPECT_EQ(ParseClientHello(std::string_view(many).substr(0, kMaxClientHelloBuffer)).state,
+            State::kMalformed);
+}
+
+TEST(ClientHelloTest, GarbageNeverCrashes) {
+  std::mt19937 rng(7);
+  std::string real = CaptureClientHello("fuzz.localhost");
+  for (int i = 0; i < 20000; ++i) {
+    std::string input;
+    if (i % 2 == 0) {
+      size_t n = rng() % 600;
+      for (size_t k = 0; k < n; ++k) input += static_cast<char>(rng());
+      if (!input.empty() && i % 4 == 0) input[0] = 22;
+    } else {
+      input = real;
+      for (int k = 0; k < 1 + static_cast<int>(rng() % 4); ++k) {
+        input[rng() % input.size()] = static_cast<char>(rng());
+      }
+    }
+    ClientHello h = ParseClientHello(input);
+    if (h.state == State::kSni) {
+      EXPECT_FALSE(h.sni.empty());
+    }
+    if (h.state == State::kMalformed) {
+      EXPECT_NE(h.error, nullptr);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace brokerproxy::proxy

@@ -1,0 +1,286 @@
+// TlsRelay on a real loop with socket pairs: a server relay and a client relay talk TLS to each
+// other, each relaying to a plaintext socket driven by a test thread. Checks the handshake,
+// the pre-Attach line exchange, half-close mapping, truncation, and the buffer bound under a
+// stalled reader.
+
+#include "proxy/tls_relay.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <thread>
+
+#include "e2e/harness.h"
+#include "loop/loop.h"
+#include "loop/timer.h"
+#include "proxy/certs.h"
+
+namespace brokerproxy::proxy {
+namespace {
+
+using brokerproxy::testing::Pattern;
+using brokerproxy::testing::PatternHash;
+using brokerproxy::testing::Sha256;
+
+// Everything a relay may hold (tls_relay.h): the ciphertext cap, the plaintext high
+// watermark, one read from each side, the read BIO's limit, and slack for record overhead.
+constexpr size_t kBound = TlsRelay::kMaxNetPending + TlsRelay::kHighWater +
+                          2 * TlsRelay::kReadChunk + TlsRelay::kMaxReadBio + 64 * 1024;
+
+struct Pair {
+  int relay_fd = -1;  // non-blocking, for the relay
+  int test_fd = -1;   // blocking, for a test thread
+};
+
+Pair SocketPair() {
+  int fds[2];
+  EXPECT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+  int flags = fcntl(fds[0], F_GETFL);
+  fcntl(fds[0], F_SETFL, flags | O_NONBLOCK);
+  return Pair{fds[0], fds[1]};
+}
+
+void WritePattern(int fd, uint64_t bytes, bool shutdown_after) {
+  std::vector<char> buf(256 * 1024);
+  for (uint64_t off = 0; off < bytes;) {
+    size_t chunk = std::min<uint64_t>(buf.size(), bytes - off);
+    Pattern(off, buf.data(), chunk);
+    if (!brokerproxy::testing::SendAll(fd, buf.data(), chunk)) return;
+    off += chunk;
+  }
+  if (shutdown_after) shutdown(fd, SHUT_WR);
+}
+
+// Reads to EOF; returns {bytes, hash}.
+std::pair<uint64_t, std::string> ReadAll(int fd) {
+  Sha256 sha;
+  uint64_t total = 0;
+  std::vector<char> buf(256 * 1024);
+  for (;;) {
+    ssize_t n = recv(fd, buf.data(), buf.size(), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    sha.Update(buf.data(), n);
+    total += n;
+  }
+  return {total, sha.Hex()};
+}
+
+class TlsRelayTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { signal(SIGPIPE, SIG_IGN); }
+  void SetUp() override {
+    auto l = loop::Loop::Create();
+    ASSERT_TRUE(l.ok());
+    loop_ = std::move(l).value();
+    auto ca = CertificateAuthority::Create("relay test CA");
+    ASSERT_TRUE(ca.ok());
+    LeafProfile p;
+    p.common_name = "localhost";
+    p.unit = kProxyCertUnit;
+    p.dns_names = {"localhost"};
+    p.days = 1;
+    auto server = (*ca)->IssueWithNewKey(p);
+    ASSERT_TRUE(server.ok());
+    auto sctx = NewServerContext(server->cert_pem, server->key_pem);
+    ASSERT_TRUE(sctx.ok()) << sctx.status().ToString();
+    server_ctx_ = std::move(sctx).value();
+    auto cctx = NewClientContext((*ca)->cert_pem());
+    ASSERT_TRUE(cctx.ok());
+    client_ctx_ = std::move(cctx).value();
+    auto tick = loop::Timer::Create(*loop_);
+    ASSERT_TRUE(tick.ok());
+    tick_ = std::move(tick).value();
+    tick_->Start(10, 10, [] {});
+  }
+  void TearDown() override {
+    server_.reset();
+    client_.reset();
+    tick_.reset();
+    loop_->Run(UV_RUN_NOWAIT);
+    EXPECT_TRUE(loop_->Close().ok());
+  }
+
+  loop::HandlePtr<loop::Poll> PollOf(int fd) {
+    auto p = loop::Poll::Create(*loop_, fd, loop::FdOwnership::kOwned);
+    EXPECT_TRUE(p.ok());
+    return std::move(p).value();
+  }
+
+  bool RunUntil(const std::function<bool()>& pred, uint64_t ms = 20000) {
+    uint64_t deadline = loop_->Now() + ms;
+    while (!pred()) {
+      if (loop_->Now() > deadline) return false;
+      loop_->Run(UV_RUN_ONCE);
+    }
+    return true;
+  }
+
+  // A server and a client relay over a socket pair: the client sends "HELLO\n" after the
+  // handshake, the server answers "WELCOME\n" and attaches `server_plain`; the client attaches
+  // `client_plain` once it read the answer.
+  void Connect(int server_plain, int client_plain) {
+    Pair tls = SocketPair();
+    int flags = fcntl(tls.test_fd, F_GETFL);
+    fcntl(tls.test_fd, F_SETFL, flags | O_NONBLOCK);
+    TlsRelay::Callbacks s;
+    s.on_data = [this, server_plain] {
+      if (server_->inbox().substr(0, 6) != "HELLO\n") return;
+      server_->Consume(6);
+      ASSERT_TRUE(server_->Send("WELCOME\n").ok());
+      server_->Attach(Relay::Side{PollOf(server_plain), nullptr}, "backend");
+    };
+    s.on_done = [this](Status st) {
+      server_status_ = st;
+      server_done_ = true;
+    };
+    server_ =
+        std::make_unique<TlsRelay>(TlsRelay::Role::kServer, SslPtr(SSL_new(server_ctx_.get())),
+                                   PollOf(tls.relay_fd), std::string(), "client", s);
+    SslPtr cssl(SSL_new(client_ctx_.get()));
+    ASSERT_TRUE(SetClientPeerName(cssl.get(), "localhost").ok());
+    TlsRelay::Callbacks c;
+    c.on_handshake = [this] { ASSERT_TRUE(client_->Send("HELLO\n").ok()); };
+    c.on_data = [this, client_plain] {
+      if (client_->inbox().substr(0, 8) != "WELCOME\n") return;
+      client_->Consume(8);
+      client_->Attach(Relay::Side{PollOf(client_plain), nullptr}, "local");
+    };
+    c.on_done = [this](Status st) {
+      client_status_ = st;
+      client_done_ = true;
+    };
+    client_ = std::make_unique<TlsRelay>(TlsRelay::Role::kClient, std::move(cssl),
+                                         PollOf(tls.test_fd), std::string(), "proxy", c);
+    server_->Start();
+    client_->Start();
+  }
+
+  std::unique_ptr<loop::Loop> loop_;
+  loop::HandlePtr<loop::Timer> tick_;
+  SslCtxPtr server_ctx_;
+  SslCtxPtr client_ctx_;
+  std::unique_ptr<TlsRelay> server_;
+  std::unique_ptr<TlsRelay> client_;
+  Status server_status_, client_status_;
+  bool server_done_ = false, client_done_ = false;
+};
+
+TEST_F(TlsRelayTest, RelaysBothWaysAndMapsHalfCloses) {
+  Pair backend = SocketPair();
+  Pair local = SocketPair();
+  Connect(backend.relay_fd, local.relay_fd);
+  constexpr uint64_t kBytes = 8 << 20;
+  std::pair<uint64_t, std::string> at_backend, at_local;
+  // Local -> backend, then EOF; the backend answers after it saw EOF (needs the half-close).
+  std::thread local_writer([&] { WritePattern(local.test_fd, kBytes, true); });
+  std::thread backend_side([&] {
+    at_backend = ReadAll(backend.test_fd);
+    WritePattern(backend.test_fd, kBytes / 2, true);
+  });
+  std::thread local_reader([&] { at_local = ReadAll(local.test_fd); });
+  EXPECT_TRUE(RunUntil([&] { return server_done_ && client_done_; }));
+  local_writer.join();
+  backend_side.join();
+  local_reader.join();
+  EXPECT_TRUE(server_status_.ok()) << server_status_.ToString();
+  EXPECT_TRUE(client_status_.ok()) << client_status_.ToString();
+  EXPECT_EQ(at_backend.first, kBytes);
+  EXPECT_EQ(at_backend.second, PatternHash(kBytes));
+  EXPECT_EQ(at_local.first, kBytes / 2);
+  EXPECT_EQ(at_local.second, PatternHash(kBytes / 2));
+  EXPECT_EQ(server_->counters().tls_to_plain, kBytes);
+  EXPECT_EQ(server_->counters().plain_to_tls, kBytes / 2);
+  EXPECT_EQ(client_->counters().plain_to_tls, kBytes);
+  EXPECT_EQ(server_->buffered(), 0u);
+  close(backend.test_fd);
+  close(local.test_fd);
+}
+
+// Both sides push bulk at once while reading: two relays facing each other must not each wait
+// for the other to read (regression: gating socket reads on our own TLS output deadlocked a
+// 2 GiB echo through connect --tls).
+TEST_F(TlsRelayTest, FullDuplexBulkNeverDeadlocks) {
+  Pair backend = SocketPair();
+  Pair local = SocketPair();
+  Connect(backend.relay_fd, local.relay_fd);
+  constexpr uint64_t kBytes = 48 << 20;
+  std::pair<uint64_t, std::string> at_backend, at_local;
+  std::thread local_writer([&] { WritePattern(local.test_fd, kBytes, true); });
+  std::thread backend_writer([&] { WritePattern(backend.test_fd, kBytes, true); });
+  std::thread local_reader([&] { at_local = ReadAll(local.test_fd); });
+  std::thread backend_reader([&] { at_backend = ReadAll(backend.test_fd); });
+  EXPECT_TRUE(RunUntil([&] { return server_done_ && client_done_; }, 30000))
+      << "server buffered " << server_->buffered() << ", client buffered " << client_->buffered();
+  if (!(server_done_ && client_done_)) {
+    shutdown(backend.test_fd, SHUT_RDWR);
+    shutdown(local.test_fd, SHUT_RDWR);
+  }
+  local_writer.join();
+  backend_writer.join();
+  local_reader.join();
+  backend_reader.join();
+  EXPECT_TRUE(server_status_.ok()) << server_status_.ToString();
+  EXPECT_TRUE(client_status_.ok()) << client_status_.ToString();
+  EXPECT_EQ(at_backend.second, PatternHash(kBytes));
+  EXPECT_EQ(at_local.second, PatternHash(kBytes));
+  close(backend.test_fd);
+  close(local.test_fd);
+}
+
+TEST_F(TlsRelayTest, AStalledReaderBoundsEveryBuffer) {
+  Pair backend = SocketPair();
+  Pair local = SocketPair();
+  int small = 64 * 1024;
+  setsockopt(local.test_fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+  Connect(backend.relay_fd, local.relay_fd);
+  std::atomic<bool> stop{false};
+  std::thread backend_writer([&] { WritePattern(backend.test_fd, 256u << 20, false); });
+  // Nobody reads local.test_fd: the backend pushes until every buffer is full.
+  size_t peak_server = 0, peak_client = 0;
+  uint64_t until = loop_->Now() + 1500;
+  RunUntil([&] {
+    peak_server = std::max(peak_server, server_ ? server_->buffered() : 0);
+    peak_client = std::max(peak_client, client_ ? client_->buffered() : 0);
+    return loop_->Now() > until || server_done_ || client_done_;
+  });
+  EXPECT_FALSE(server_done_ || client_done_)
+      << server_status_.ToString() << client_status_.ToString();
+  EXPECT_GT(server_->pauses() + client_->pauses(), 0u);
+  EXPECT_LT(peak_server, kBound);
+  EXPECT_LT(peak_client, kBound);
+  std::printf("[ metric ] stalled reader: peak buffered %zu KiB (server), %zu KiB (client)\n",
+              peak_server / 1024, peak_client / 1024);
+  EXPECT_LT(server_->counters().plain_to_tls, 64u << 20) << "the backend was not held back";
+  // Unblock the writer and tear down.
+  shutdown(backend.test_fd, SHUT_RDWR);
+  backend_writer.join();
+  stop = true;
+  close(backend.test_fd);
+  close(local.test_fd);
+}
+
+TEST_F(TlsRelayTest, EofWithoutCloseNotifyIsATruncation) {
+  Pair backend = SocketPair();
+  Pair local = SocketPair();
+  Connect(backend.relay_fd, local.relay_fd);
+  ASSERT_TRUE(RunUntil([&] { return server_->handshake_done() && client_->handshake_done(); }));
+  // Let the line exchange finish, then drop the client without close_notify.
+  RunUntil([] { return false; }, 200);
+  ASSERT_FALSE(server_done_);
+  client_.reset();
+  EXPECT_TRUE(RunUntil([&] { return server_done_; }));
+  EXPECT_FALSE(server_status_.ok());
+  EXPECT_NE(server_status_.message().find("close_notify"), std::string::npos)
+      << server_status_.ToString();
+  close(backend.test_fd);
+  close(local.test_fd);
+}
+
+}  // namespace
+}  // namespace brokerproxy::proxy
