@@ -113,7 +113,8 @@ sockaddr_in ParseEndpoint(const std::string& text) {
   a.sin_family = AF_INET;
   char* end = nullptr;
   long port = std::strtol(text.c_str() + colon + 1, &end, 10);
-  if (*end != '\0' || port < 0 || port > 65535 || inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) {
+  if (*end != '\0' || port < 0 || port > 65535 ||
+      inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1) {
     Die("bad address '%s' (want IPv4:port)", text.c_str());
   }
   a.sin_port = htons(static_cast<uint16_t>(port));
@@ -175,7 +176,8 @@ class Flags {
   }
   void CheckAllUsed() const {
     for (const auto& [k, v] : values_) {
-      if (std::find(used_.begin(), used_.end(), k) == used_.end()) Die("unknown flag --%s", k.c_str());
+      if (std::find(used_.begin(), used_.end(), k) == used_.end())
+        Die("unknown flag --%s", k.c_str());
     }
   }
 
@@ -488,7 +490,8 @@ class Server : public Handler {
     for (int i = 0; i < 256; ++i) {
       int c = accept4(fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (c < 0) {
-        if (errno == EMFILE || errno == ENFILE) std::fprintf(stderr, "loadgen: accept: out of fds\n");
+        if (errno == EMFILE || errno == ENFILE)
+          std::fprintf(stderr, "loadgen: accept: out of fds\n");
         return;
       }
       SetNoDelay(c);
@@ -516,7 +519,8 @@ int RunServer(const char* mode, Flags& flags) {
   Poller poller;
   StopWatch stop(&poller, false);
   Server server(&poller, addr, b);
-  std::printf("{\"mode\":\"%s\",\"listen\":\"%s\"}\n", mode, FormatEndpoint(server.bound()).c_str());
+  std::printf("{\"mode\":\"%s\",\"listen\":\"%s\"}\n", mode,
+              FormatEndpoint(server.bound()).c_str());
   std::fflush(stdout);
   while (!stop.stopped()) poller.Wait(-1);
   const ServerStats& s = server.stats();
@@ -629,14 +633,16 @@ class ClientConn : public Handler {
         char buf[64];
         ssize_t n = read(fd_, buf, sizeof(buf));
         if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-        if (n <= 0) return Fail(line_.empty() ? "closed before OK" : "closed after " + Printable(line_));
+        if (n <= 0)
+          return Fail(line_.empty() ? "closed before OK" : "closed after " + Printable(line_));
         line_.append(buf, static_cast<size_t>(n));
         size_t nl = line_.find('\n');
         if (nl == std::string::npos) {
           if (line_.size() > 32) return Fail("no newline in the reply");
           return;
         }
-        if (line_ != "OK\n") return Fail(nl + 1 == line_.size() ? Printable(line_) : "bytes after OK");
+        if (line_ != "OK\n")
+          return Fail(nl + 1 == line_.size() ? Printable(line_) : "bytes after OK");
         phase_ = Phase::kReady;
         return OnReady();
       }
@@ -714,7 +720,7 @@ class StreamConn : public ClientConn {
   uint64_t total_ = 0;  // bytes of this transfer
   uint64_t done_ = 0;   // sent (up) or received (down)
   uint64_t reads_ = 0;
-  std::string out_;     // the request line
+  std::string out_;  // the request line
   std::string ack_;
 };
 
@@ -741,7 +747,8 @@ class ThroughputRun {
         return Report(false);
       }
     }
-    while (active_ + finished_ < streams_ && errors_.total() == 0 && NowNs() < deadline) poller_.Wait(100);
+    while (active_ + finished_ < streams_ && errors_.total() == 0 && NowNs() < deadline)
+      poller_.Wait(100);
     if (errors_.total() != 0 || NowNs() >= deadline) return Report(false);
     // Every stream is connected (and past its preamble): measure from here.
     start_ns_ = NowNs();
@@ -778,7 +785,8 @@ class ThroughputRun {
     std::printf(
         "{\"mode\":\"throughput\",\"ok\":%s,\"target\":\"%s\",\"preamble\":%s,\"direction\":\"%s\","
         "\"streams\":%d,\"transfer_bytes\":%" PRIu64 ",\"transfers\":%" PRIu64
-        ",\"total_bytes\":%" PRIu64 ",\"seconds\":%.3f,\"gbit_per_s\":%.3f,\"mbyte_per_s\":%.1f,"
+        ",\"total_bytes\":%" PRIu64
+        ",\"seconds\":%.3f,\"gbit_per_s\":%.3f,\"mbyte_per_s\":%.1f,"
         "\"client_cpu_s\":%.3f,\"pattern_errors\":%" PRIu64 ",\"errors\":%s}\n",
         ok && pattern_errors_ == 0 ? "true" : "false", FormatEndpoint(opts_.target).c_str(),
         opts_.preamble.empty() ? "false" : "true", up_ ? "up" : "down", streams_, bytes_,
@@ -868,8 +876,10 @@ void StreamConn::OnData(uint32_t ev) {
       ack_.append(buf, static_cast<size_t>(n));
       size_t nl = ack_.find('\n');
       if (nl == std::string::npos) continue;
-      if (nl + 1 != ack_.size() || done_ != total_) return Fail("unexpected bytes from the backend");
-      if (std::strtoull(ack_.c_str(), nullptr, 10) != total_) return Fail("backend acknowledged a wrong count");
+      if (nl + 1 != ack_.size() || done_ != total_)
+        return Fail("unexpected bytes from the backend");
+      if (std::strtoull(ack_.c_str(), nullptr, 10) != total_)
+        return Fail("backend acknowledged a wrong count");
       return run_->TransferDone(this, total_);
     }
     if (done_ >= total_) return Fail("more bytes than requested");
@@ -1056,7 +1066,8 @@ void ProbeConn::OnData(uint32_t) {
   char buf[16];
   ssize_t n = read(fd_, buf, sizeof(buf));
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-  if (n <= 0) return Fail(n == 0 ? "closed before the echo" : std::string("read: ") + std::strerror(errno));
+  if (n <= 0)
+    return Fail(n == 0 ? "closed before the echo" : std::string("read: ") + std::strerror(errno));
   if (echoed_ || n != 1 || buf[0] != 'x') return Fail("wrong echo");
   echoed_ = true;
   run_->Echoed(this);
@@ -1102,7 +1113,8 @@ class SlowConn : public ClientConn {
  protected:
   void OnReady() override {
     static const std::string kRequest = "D 1125899906842624\n";  // 1 PiB: endless
-    if (send(fd_, kRequest.data(), kRequest.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(kRequest.size())) {
+    if (send(fd_, kRequest.data(), kRequest.size(), MSG_NOSIGNAL) !=
+        static_cast<ssize_t>(kRequest.size())) {
       return Fail("request: short write");
     }
     ready_ = true;

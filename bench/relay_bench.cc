@@ -74,6 +74,9 @@ class Harness {
     auto loop = loop::Loop::Create();
     if (!loop.ok()) return Fail(error, loop.status().ToString());
     loop_ = std::move(loop).value();
+    auto reactor = loop::Reactor::Create(*loop_);
+    if (!reactor.ok()) return Fail(error, reactor.status().ToString());
+    reactor_ = std::move(reactor).value();
     pool_ = std::make_unique<PipePool>(1 << 20, 64);  // the proxy's defaults (proxy.h)
 
     int backend[2];
@@ -88,23 +91,21 @@ class Harness {
       }
       client_app_ = in[1];
       client_app_in_ = out[0];
-      auto pin = loop::Poll::Create(*loop_, in[0], loop::FdOwnership::kOwned);
-      auto pout = loop::Poll::Create(*loop_, out[1], loop::FdOwnership::kOwned);
-      if (!pin.ok() || !pout.ok()) return Fail(error, "Poll::Create");
-      a.in = std::move(pin).value();
-      a.out = std::move(pout).value();
+      auto pin = reactor_->Add(in[0], nullptr);
+      auto pout = reactor_->Add(out[1], nullptr);
+      if (!pin.ok() || !pout.ok()) return Fail(error, "Reactor::Add");
+      a = Relay::Side(std::move(pin).value(), std::move(pout).value());
     } else {
       int client[2];
       if (!SocketPair(t, client)) return Fail(error, "client socket pair");
       client_app_ = client[0];
-      auto p = loop::Poll::Create(*loop_, client[1], loop::FdOwnership::kOwned);
-      if (!p.ok()) return Fail(error, "Poll::Create");
-      a.in = std::move(p).value();
+      auto p = reactor_->Add(client[1], nullptr);
+      if (!p.ok()) return Fail(error, "Reactor::Add");
+      a = Relay::Side(std::move(p).value());
     }
-    auto pb = loop::Poll::Create(*loop_, relay_backend_fd_, loop::FdOwnership::kOwned);
-    if (!pb.ok()) return Fail(error, "Poll::Create");
-    Relay::Side b;
-    b.in = std::move(pb).value();
+    auto pb = reactor_->Add(relay_backend_fd_, nullptr);
+    if (!pb.ok()) return Fail(error, "Reactor::Add");
+    Relay::Side b(std::move(pb).value());
     relay_ = std::make_unique<Relay>(pool_.get(), std::move(a), std::move(b), "client", "backend",
                                      std::string(), std::string(),
                                      [this](Status s) { done_ = std::move(s), finished_ = true; });
@@ -113,11 +114,15 @@ class Harness {
   }
 
   ~Harness() {
-    relay_.reset();  // drops the Polls, which close the relay's fds
+    relay_.reset();  // closes the relay's fds
     for (int fd : {client_app_, client_app_in_, backend_app_}) {
       if (fd >= 0) ::close(fd);
     }
-    if (loop_) (void)loop_->Close();
+    reactor_.reset();
+    if (loop_) {
+      loop_->Run(UV_RUN_NOWAIT);
+      (void)loop_->Close();
+    }
     pool_.reset();
   }
 
@@ -164,6 +169,7 @@ class Harness {
   }
 
   std::unique_ptr<loop::Loop> loop_;
+  std::unique_ptr<loop::Reactor> reactor_;
   std::unique_ptr<PipePool> pool_;
   std::unique_ptr<Relay> relay_;
   int client_app_ = -1;     // the benchmark writes the client's bytes here

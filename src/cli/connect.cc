@@ -1,5 +1,6 @@
 #include "cli/connect.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -46,8 +47,8 @@ Result<std::string> LoadSecret(BrokerClient* client, const std::string& job) {
 // Owns the loop-side state of one `connect` run.
 class Connector {
  public:
-  Connector(loop::Loop* loop, std::unique_ptr<ProxyPath> path)
-      : loop_(loop), path_(std::move(path)) {}
+  Connector(loop::Reactor* reactor, std::unique_ptr<ProxyPath> path)
+      : loop_(&reactor->loop()), reactor_(reactor), path_(std::move(path)) {}
 
   Status Listen(const HostPort& address, const std::string& job) {
     auto l = proxy::Listener::Create(
@@ -65,10 +66,19 @@ class Connector {
     const char* kHint =
         "--stdio needs stdin and stdout to be pipes, sockets or a terminal "
         "(as ssh ProxyCommand gives them); for a file use `cat FILE | ...`";
-    auto in = loop::Poll::Create(*loop_, STDIN_FILENO, loop::FdOwnership::kBorrowed);
+    // The reactor closes what it holds at the end: give it copies of stdin and stdout.
+    auto in = reactor_->Add(::fcntl(STDIN_FILENO, F_DUPFD_CLOEXEC, 3), nullptr);
     if (!in.ok()) return Status::InvalidArgument(std::string("stdin: ") + kHint);
-    auto out = loop::Poll::Create(*loop_, STDOUT_FILENO, loop::FdOwnership::kOwned);
+    auto out = reactor_->Add(::fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3), nullptr);
     if (!out.ok()) return Status::InvalidArgument(std::string("stdout: ") + kHint);
+    // The copy of stdout is the last reference to the pipe once the original is closed: closing
+    // it is then what tells the reader the stream ended.
+    ::close(STDOUT_FILENO);
+    ::open("/dev/null", O_WRONLY | O_CLOEXEC);  // fd 1 stays valid for stray writes
+    for (loop::IoHandle* io : {&*in, &*out}) {
+      int flags = ::fcntl(io->fd(), F_GETFL);
+      ::fcntl(io->fd(), F_SETFL, flags | O_NONBLOCK);
+    }
     stdio_ = path_->Open(proxy::Relay::Side{std::move(in).value(), std::move(out).value()},
                          [this](Status s) {
                            stdio_status_ = std::move(s);
@@ -103,21 +113,21 @@ class Connector {
 
  private:
   void OnLocal(int fd) {
-    auto poll = loop::Poll::Create(*loop_, fd, loop::FdOwnership::kOwned);
-    if (!poll.ok()) return;
+    auto io = reactor_->Add(fd, nullptr);
+    if (!io.ok()) return;
     uint64_t id = next_id_++;
-    tunnels_[id] =
-        path_->Open(proxy::Relay::Side{std::move(poll).value(), nullptr}, [this, id](Status s) {
-          if (!s.ok()) {
-            std::fprintf(stderr, "brokerproxy: connection %llu: %s\n",
-                         static_cast<unsigned long long>(id), s.message().c_str());
-          }
-          // The tunnel is on the stack: drop it on a later turn.
-          loop_->Defer([this, id] { tunnels_.erase(id); });
-        });
+    tunnels_[id] = path_->Open(proxy::Relay::Side{std::move(io).value()}, [this, id](Status s) {
+      if (!s.ok()) {
+        std::fprintf(stderr, "brokerproxy: connection %llu: %s\n",
+                     static_cast<unsigned long long>(id), s.message().c_str());
+      }
+      // The tunnel is on the stack: drop it on a later turn.
+      loop_->Defer([this, id] { tunnels_.erase(id); });
+    });
   }
 
   loop::Loop* loop_;
+  loop::Reactor* reactor_;
   std::unique_ptr<ProxyPath> path_;
   std::unique_ptr<proxy::Listener> listener_;
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
@@ -189,6 +199,8 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
   if (!loop.ok()) return loop.status();
   Status result;
   {
+    auto reactor = loop::Reactor::Create(**loop);
+    if (!reactor.ok()) return reactor.status();
     proxy::PipePool pipes(1 << 20, 16);
     Connector* connector_ptr = nullptr;
     Status lost;
@@ -203,13 +215,13 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
       if (!p.ok()) return p.status();
       path = std::move(p).value();
     } else if (args.tls) {
-      path = NewTlsPath(loop->get(), std::move(tls_ctx), proxy_addr.host, proxy_addr.port,
+      path = NewTlsPath(reactor->get(), std::move(tls_ctx), proxy_addr.host, proxy_addr.port,
                         args.job, std::move(secret).value(), kHandshakeTimeoutMs);
     } else {
-      path = NewDirectPath(loop->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
+      path = NewDirectPath(reactor->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
                            std::move(secret).value(), kHandshakeTimeoutMs);
     }
-    Connector connector(loop->get(), std::move(path));
+    Connector connector(reactor->get(), std::move(path));
     connector_ptr = &connector;
     result = connector.WatchSignals();
     if (result.ok()) result = listen ? connector.Listen(*listen, args.job) : connector.Stdio();

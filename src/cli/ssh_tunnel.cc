@@ -244,8 +244,16 @@ void SshTunnel::Step() {
       std::string early = reply_.substr(nl + 1);  // the backend's first bytes, if any
       std::string().swap(reply_);
       timer_.reset();
-      state_ = State::kSplicing;
-      splice_->Attach(std::move(local_.in), std::move(local_.out), std::move(early));
+      {
+        // The channel moves bytes in user space, on level-triggered polls.
+        auto local = proxy::ToPolls(*path_->loop_, std::move(local_));
+        if (!local.ok()) {
+          Fail(local.status());
+          return;
+        }
+        state_ = State::kSplicing;
+        splice_->Attach(std::move(local->in), std::move(local->out), std::move(early));
+      }
       [[fallthrough]];
     }
     case State::kSplicing:

@@ -24,7 +24,7 @@ class TlsTunnel final : public Tunnel {
   void Start();
 
  private:
-  void OnConnected(Result<loop::HandlePtr<loop::Poll>> upstream);
+  void OnConnected(Result<loop::IoHandle> upstream);
   void OnHandshake();
   void OnData();
   void Finish(Status status);
@@ -40,11 +40,12 @@ class TlsTunnel final : public Tunnel {
 
 class TlsPath final : public ProxyPath {
  public:
-  TlsPath(loop::Loop* loop, proxy::SslCtxPtr ctx, std::string host, int port, std::string job,
+  TlsPath(loop::Reactor* reactor, proxy::SslCtxPtr ctx, std::string host, int port, std::string job,
           std::string secret, int64_t timeout_ms)
-      : loop_(loop),
+      : loop_(&reactor->loop()),
+        reactor_(reactor),
         ctx_(std::move(ctx)),
-        resolver_(loop, 60000),
+        resolver_(loop_, 60000),
         host_(std::move(host)),
         port_(port),
         job_(std::move(job)),
@@ -62,6 +63,7 @@ class TlsPath final : public ProxyPath {
   }
 
   loop::Loop* loop_;
+  loop::Reactor* reactor_;
   proxy::SslCtxPtr ctx_;
   proxy::ResolveCache resolver_;
   std::string host_;
@@ -75,7 +77,7 @@ TlsTunnel::TlsTunnel(TlsPath* path, proxy::Relay::Side local, ProxyPath::Done do
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      dialer_(path->loop_, &path->resolver_) {}
+      dialer_(path->reactor_, &path->resolver_) {}
 
 void TlsTunnel::Start() {
   auto t = loop::Timer::Create(*path_->loop_);
@@ -87,12 +89,18 @@ void TlsTunnel::Start() {
     });
   }
   dialer_.Dial(path_->host_, path_->port_,
-               [this](Result<loop::HandlePtr<loop::Poll>> r) { OnConnected(std::move(r)); });
+               [this](Result<loop::IoHandle> r) { OnConnected(std::move(r)); });
 }
 
-void TlsTunnel::OnConnected(Result<loop::HandlePtr<loop::Poll>> upstream) {
+void TlsTunnel::OnConnected(Result<loop::IoHandle> io) {
+  if (!io.ok()) {
+    Finish(Status::Unavailable("cannot reach the proxy: " + io.status().message()));
+    return;
+  }
+  // TLS moves bytes in user space, on a level-triggered poll.
+  auto upstream = proxy::ToPoll(*path_->loop_, std::move(io).value());
   if (!upstream.ok()) {
-    Finish(Status::Unavailable("cannot reach the proxy: " + upstream.status().message()));
+    Finish(upstream.status());
     return;
   }
   proxy::TuneTcpSocket((*upstream)->fd(), 60);
@@ -152,7 +160,12 @@ void TlsTunnel::OnData() {
   }
   timer_.reset();
   relaying_ = true;
-  tls_->Attach(std::move(local_), "local connection");
+  auto local = proxy::ToPolls(*path_->loop_, std::move(local_));
+  if (!local.ok()) {
+    Finish(local.status());
+    return;
+  }
+  tls_->Attach(std::move(local).value(), "local connection");
 }
 
 void TlsTunnel::Finish(Status status) {
@@ -164,10 +177,10 @@ void TlsTunnel::Finish(Status status) {
 
 }  // namespace
 
-std::unique_ptr<ProxyPath> NewTlsPath(loop::Loop* loop, proxy::SslCtxPtr ctx, std::string host,
-                                      int port, std::string job, std::string secret,
-                                      int64_t handshake_timeout_ms) {
-  return std::make_unique<TlsPath>(loop, std::move(ctx), std::move(host), port, std::move(job),
+std::unique_ptr<ProxyPath> NewTlsPath(loop::Reactor* reactor, proxy::SslCtxPtr ctx,
+                                      std::string host, int port, std::string job,
+                                      std::string secret, int64_t handshake_timeout_ms) {
+  return std::make_unique<TlsPath>(reactor, std::move(ctx), std::move(host), port, std::move(job),
                                    std::move(secret), handshake_timeout_ms);
 }
 

@@ -21,14 +21,15 @@
 
 #include "cli/tunnel.h"
 #include "loop/loop.h"
+#include "loop/reactor.h"
 #include "proxy/tls_context.h"
 
 namespace brokerproxy::cli {
 
 // `ctx`: a client context from proxy::NewClientContext(ca_pem).
-std::unique_ptr<ProxyPath> NewTlsPath(loop::Loop* loop, proxy::SslCtxPtr ctx, std::string host,
-                                      int port, std::string job, std::string secret,
-                                      int64_t handshake_timeout_ms);
+std::unique_ptr<ProxyPath> NewTlsPath(loop::Reactor* reactor, proxy::SslCtxPtr ctx,
+                                      std::string host, int port, std::string job,
+                                      std::string secret, int64_t handshake_timeout_ms);
 
 }  // namespace brokerproxy::cli
 

@@ -56,8 +56,8 @@ class DirectTunnel final : public Tunnel {
   void Start();
 
  private:
-  void OnConnected(Result<loop::HandlePtr<loop::Poll>> upstream);
-  void OnReadable(int status);
+  void OnConnected(Result<loop::IoHandle> upstream);
+  void OnReadable();
   void Finish(Status status);
 
   DirectPath* path_;
@@ -65,18 +65,19 @@ class DirectTunnel final : public Tunnel {
   ProxyPath::Done done_;
   proxy::Dialer dialer_;
   loop::HandlePtr<loop::Timer> timer_;
-  loop::HandlePtr<loop::Poll> upstream_;
+  loop::IoHandle upstream_;
   std::string reply_;
   std::unique_ptr<proxy::Relay> relay_;
 };
 
 class DirectPath final : public ProxyPath {
  public:
-  DirectPath(loop::Loop* loop, proxy::PipePool* pipes, std::string host, int port, std::string job,
-             std::string secret, int64_t timeout_ms)
-      : loop_(loop),
+  DirectPath(loop::Reactor* reactor, proxy::PipePool* pipes, std::string host, int port,
+             std::string job, std::string secret, int64_t timeout_ms)
+      : loop_(&reactor->loop()),
+        reactor_(reactor),
         pipes_(pipes),
-        resolver_(loop, 60000),
+        resolver_(loop_, 60000),
         host_(std::move(host)),
         port_(port),
         job_(std::move(job)),
@@ -94,6 +95,7 @@ class DirectPath final : public ProxyPath {
   }
 
   loop::Loop* loop_;
+  loop::Reactor* reactor_;
   proxy::PipePool* pipes_;
   proxy::ResolveCache resolver_;
   std::string host_;
@@ -107,7 +109,7 @@ DirectTunnel::DirectTunnel(DirectPath* path, proxy::Relay::Side local, ProxyPath
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      dialer_(path->loop_, &path->resolver_) {}
+      dialer_(path->reactor_, &path->resolver_) {}
 
 void DirectTunnel::Start() {
   // A timer cannot fail to initialise (uv_timer_init allocates nothing); without one the
@@ -121,10 +123,10 @@ void DirectTunnel::Start() {
     });
   }
   dialer_.Dial(path_->host_, path_->port_,
-               [this](Result<loop::HandlePtr<loop::Poll>> r) { OnConnected(std::move(r)); });
+               [this](Result<loop::IoHandle> r) { OnConnected(std::move(r)); });
 }
 
-void DirectTunnel::OnConnected(Result<loop::HandlePtr<loop::Poll>> upstream) {
+void DirectTunnel::OnConnected(Result<loop::IoHandle> upstream) {
   if (!upstream.ok()) {
     Finish(Status::Unavailable("cannot reach the proxy: " + upstream.status().message()));
     return;
@@ -137,18 +139,17 @@ void DirectTunnel::OnConnected(Result<loop::HandlePtr<loop::Poll>> upstream) {
     Finish(Status::IOError("cannot send the handshake to the proxy"));
     return;
   }
-  upstream_->Start(UV_READABLE, [this](int status, int) { OnReadable(status); });
+  upstream_->SetCallback([this](loop::IoWatch*) { OnReadable(); });
+  if (upstream_->readable()) upstream_->Yield();  // the reply may be there already
 }
 
-void DirectTunnel::OnReadable(int status) {
-  if (status < 0) {
-    Finish(Status::Unavailable("the proxy closed the connection during the handshake"));
-    return;
-  }
+void DirectTunnel::OnReadable() {
+  if (!upstream_->readable()) return;
   char buf[kMaxReplyLine];
   // Consume the reply line only: the backend's first bytes may follow it in the same segment.
   ssize_t n = ::recv(upstream_->fd(), buf, sizeof(buf) - reply_.size(), MSG_PEEK);
-  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) upstream_->ClearReadable();
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
   if (n <= 0) {
     Finish(Status::Unavailable("the proxy closed the connection during the handshake"));
     return;
@@ -172,9 +173,8 @@ void DirectTunnel::OnReadable(int status) {
     return;
   }
   timer_.reset();
-  upstream_->Stop();
   relay_ = std::make_unique<proxy::Relay>(path_->pipes_, std::move(local_),
-                                          proxy::Relay::Side{std::move(upstream_), nullptr},
+                                          proxy::Relay::Side{std::move(upstream_)},
                                           "local connection", "proxy", std::string(), std::string(),
                                           [this](Status s) { Finish(std::move(s)); });
   relay_->Start();
@@ -189,10 +189,10 @@ void DirectTunnel::Finish(Status status) {
 
 }  // namespace
 
-std::unique_ptr<ProxyPath> NewDirectPath(loop::Loop* loop, proxy::PipePool* pipes, std::string host,
-                                         int port, std::string job, std::string secret,
-                                         int64_t handshake_timeout_ms) {
-  return std::make_unique<DirectPath>(loop, pipes, std::move(host), port, std::move(job),
+std::unique_ptr<ProxyPath> NewDirectPath(loop::Reactor* reactor, proxy::PipePool* pipes,
+                                         std::string host, int port, std::string job,
+                                         std::string secret, int64_t handshake_timeout_ms) {
+  return std::make_unique<DirectPath>(reactor, pipes, std::move(host), port, std::move(job),
                                       std::move(secret), handshake_timeout_ms);
 }
 

@@ -47,9 +47,9 @@ Status StatusFromReply(std::string_view line, const std::string& job);
 
 // Plain TCP straight to the proxy port (on this machine, or reachable from it, e.g. through an
 // `ssh -L` the user set up).
-std::unique_ptr<ProxyPath> NewDirectPath(loop::Loop* loop, proxy::PipePool* pipes, std::string host,
-                                         int port, std::string job, std::string secret,
-                                         int64_t handshake_timeout_ms);
+std::unique_ptr<ProxyPath> NewDirectPath(loop::Reactor* reactor, proxy::PipePool* pipes,
+                                         std::string host, int port, std::string job,
+                                         std::string secret, int64_t handshake_timeout_ms);
 
 // Through the login node (ssh_tunnel.cc): `session` is connected and authenticated
 // (ssh_client.h); it becomes nonblocking and is driven on `loop`. Each tunnel is a direct-tcpip

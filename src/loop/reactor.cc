@@ -62,6 +62,8 @@ Result<std::unique_ptr<Reactor>> Reactor::Create(Loop& loop) {
   Reactor* raw = r.get();
   // The epoll fd is readable while any socket in the set has an event pending.
   r->poll_->Start(UV_READABLE, [raw](int, int) { raw->Dispatch(); });
+  // Like any handle, the reactor keeps Loop::Run() going only while it watches something.
+  r->poll_->Unref();
   return r;
 }
 
@@ -83,7 +85,7 @@ Result<IoHandle> Reactor::Add(int fd, IoWatch::Callback cb) {
     delete w;
     return s;
   }
-  ++live_;
+  if (live_++ == 0) poll_->Ref();
   return IoHandle(w);
 }
 
@@ -131,7 +133,7 @@ void Reactor::RunYielded() {
 
 void Reactor::Retire(IoWatch* w, bool close_fd) {
   w->dead_ = true;
-  --live_;
+  if (--live_ == 0) poll_->Unref();
   if (close_fd) {
     ::close(w->fd_);  // also leaves the epoll set (we never dup these fds)
   } else {

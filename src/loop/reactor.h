@@ -14,6 +14,9 @@
 // EAGAIN, or remember that the fd is still ready (the flags do that) and come back without a
 // new edge: call Yield() to be called again on a later loop turn.
 //
+// The reactor keeps Loop::Run() from returning only while it has registered fds, like any
+// active handle.
+//
 // Ownership: an IoHandle owns one registered fd (and closes it); the Reactor owns the IoWatch
 // records, which it frees only after the dispatch that may still reference them, so a callback
 // may drop any IoHandle, its own included. The Reactor must outlive every IoHandle. Loop-thread
@@ -41,6 +44,7 @@ class IoWatch {
   using Callback = std::function<void(IoWatch* watch)>;
 
   int fd() const { return fd_; }
+  Reactor& reactor() const { return *reactor_; }
   // An edge said a read (or write) would not block, and no EAGAIN has been seen since. A hangup
   // or an error counts as readable and writable: the next call reports it.
   bool readable() const { return readable_; }

@@ -49,17 +49,23 @@ void Dialer::Dial(const std::string& host, int port, Callback cb) {
   cb_ = std::move(cb);
   target_ =
       (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
-  resolve_ = cache_->Resolve(host, port, [this](Result<ResolveCache::Addresses> r) {
+  // The common case, a numeric backend address, connects now: no extra loop turn.
+  if (auto numeric = loop::ParseNumericAddress(host, port)) {
+    addresses_.push_back(*numeric);
+    if (!TryNext()) Fail(last_error_);
+    return;
+  }
+  pending_ = cache_->Resolve(host, port, [this](Result<ResolveCache::Addresses> r) {
     if (!r.ok()) {
       Fail(r.status());
       return;
     }
     addresses_ = std::move(r).value();
-    TryNext();
+    if (!TryNext()) Fail(last_error_);
   });
 }
 
-void Dialer::TryNext() {
+bool Dialer::TryNext() {
   while (next_ < addresses_.size()) {
     const sockaddr_storage& addr = addresses_[next_++];
     int fd = ::socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -74,40 +80,44 @@ void Dialer::TryNext() {
       ::close(fd);
       continue;
     }
-    auto poll = loop::Poll::Create(*loop_, fd, loop::FdOwnership::kOwned);
-    if (!poll.ok()) {
-      last_error_ = poll.status();
+    // Writable (or failed) once the handshake is done, whether connect() finished at once.
+    auto io = reactor_->Add(fd, [this](loop::IoWatch* w) { OnEvent(w); });
+    if (!io.ok()) {
+      last_error_ = io.status();
       continue;
     }
-    socket_ = std::move(poll).value();
-    // Writable (or an error) once the handshake is done, whether connect() finished at once.
-    socket_->Start(UV_WRITABLE, [this](int status, int) { OnWritable(status); });
-    return;
+    socket_ = std::move(io).value();
+    return true;
   }
-  Fail(last_error_.ok() ? Status::Unavailable("no address to connect to") : last_error_);
+  if (last_error_.ok()) last_error_ = Status::Unavailable("no address to connect to");
+  return false;
 }
 
-void Dialer::OnWritable(int) {
-  int err = SocketError(socket_->fd());
+void Dialer::OnEvent(loop::IoWatch* w) {
+  if (!w->writable()) return;  // e.g. a first byte from the backend before the EPOLLOUT edge
+  int err = SocketError(w->fd());
   // A local backend port that nothing listens on can yield a connection to ourselves.
   if (err == 0 &&
-      IsSelfConnected(socket_->fd(), reinterpret_cast<const sockaddr*>(&addresses_[next_ - 1]))) {
+      IsSelfConnected(w->fd(), reinterpret_cast<const sockaddr*>(&addresses_[next_ - 1]))) {
     err = ECONNREFUSED;
   }
   if (err != 0) {
     last_error_ = PosixError("connect " + target_, err);
     socket_.reset();
-    TryNext();
+    if (!TryNext()) Fail(last_error_);
     return;
   }
-  socket_->Stop();
+  socket_->SetCallback(nullptr);
   Callback cb = std::move(cb_);
   cb(std::move(socket_));  // may destroy this
 }
 
 void Dialer::Fail(Status status) {
-  Callback cb = std::move(cb_);
-  if (cb) cb(status.WithContext(target_));
+  // Never inside Dial(): report on a later turn.
+  pending_ = loop::Post(reactor_->loop(), [this, status] {
+    Callback cb = std::move(cb_);
+    if (cb) cb(status.WithContext(target_));
+  });
 }
 
 }  // namespace brokerproxy::proxy

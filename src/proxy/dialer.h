@@ -1,12 +1,13 @@
 // Dialer: a non-blocking TCP connect to host:port, trying each resolved address in turn.
 //
 // Names are resolved on the thread pool (loop/work.h) through a small cache shared by all
-// dials (ResolveCache), so a busy job does not cost one getaddrinfo per connection; numeric
-// addresses never leave the loop thread. The connected socket is handed over as a Poll that
-// owns it, ready for a Relay.
+// dials (ResolveCache), so a busy job does not cost one getaddrinfo per connection; a numeric
+// address is connected to at once, inside Dial(). The socket is registered in the Reactor
+// from the start and handed over as the IoHandle that owns it, with what the reactor learnt
+// of its readiness (a backend that speaks first, like sshd, may already be readable).
 //
 // Ownership: the caller owns the Dialer; dropping it cancels the attempt and closes the socket.
-// `*loop` and `*cache` must outlive it. The callback runs at most once, never inside Dial(),
+// `*reactor` and `*cache` must outlive it. The callback runs at most once, never inside Dial(),
 // and the Dialer may be destroyed from inside it. Loop-thread only.
 
 #ifndef BROKERPROXY_PROXY_DIALER_H_
@@ -20,9 +21,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "loop/handle.h"
 #include "loop/loop.h"
-#include "loop/poll.h"
+#include "loop/reactor.h"
 #include "loop/work.h"
 
 namespace brokerproxy::proxy {
@@ -50,9 +50,9 @@ class ResolveCache {
 
 class Dialer {
  public:
-  using Callback = std::function<void(Result<loop::HandlePtr<loop::Poll>>)>;
+  using Callback = std::function<void(Result<loop::IoHandle>)>;
 
-  Dialer(loop::Loop* loop, ResolveCache* cache) : loop_(loop), cache_(cache) {}
+  Dialer(loop::Reactor* reactor, ResolveCache* cache) : reactor_(reactor), cache_(cache) {}
   Dialer(const Dialer&) = delete;
   Dialer& operator=(const Dialer&) = delete;
 
@@ -60,18 +60,19 @@ class Dialer {
   void Dial(const std::string& host, int port, Callback cb);
 
  private:
-  void TryNext();
-  void OnWritable(int status);
+  // Starts connecting to the next address; false when none is left.
+  bool TryNext();
+  void OnEvent(loop::IoWatch* watch);
   void Fail(Status status);
 
-  loop::Loop* loop_;
+  loop::Reactor* reactor_;
   ResolveCache* cache_;
   Callback cb_;
-  std::string target_;  // "host:port", for messages
-  loop::Pending resolve_;
+  std::string target_;     // "host:port", for messages
+  loop::Pending pending_;  // a name being resolved, or a failure being reported
   std::vector<sockaddr_storage> addresses_;
   size_t next_ = 0;
-  loop::HandlePtr<loop::Poll> socket_;
+  loop::IoHandle socket_;
   Status last_error_;
 };
 

@@ -69,6 +69,9 @@ Proxy::~Proxy() {
 }
 
 Status Proxy::Start() {
+  auto reactor = loop::Reactor::Create(*loop_);
+  if (!reactor.ok()) return reactor.status();
+  reactor_ = std::move(reactor).value();
   auto dt = loop::Timer::Create(*loop_);
   if (!dt.ok()) return dt.status();
   deadline_timer_ = std::move(dt).value();
@@ -116,12 +119,12 @@ void Proxy::OnAccept(int fd, const sockaddr_storage& peer) {
     CloseGracefully(fd);
     return;
   }
-  auto poll = loop::Poll::Create(*loop_, fd, loop::FdOwnership::kOwned);
-  if (!poll.ok()) {
-    LOG_WARN("proxy: %s", poll.status().ToString().c_str());
+  auto io = reactor_->Add(fd, nullptr);
+  if (!io.ok()) {
+    LOG_WARN("proxy: %s", io.status().ToString().c_str());
     return;
   }
-  auto session = std::make_unique<Session>(this, std::move(poll).value(), peer);
+  auto session = std::make_unique<Session>(this, std::move(io).value(), peer);
   Session* raw = session.get();
   Adopt(std::move(session));
   raw->Start();
@@ -154,17 +157,21 @@ void Proxy::Retire(Connection* conn) {
   });
 }
 
-bool Proxy::HandOff(Protocol protocol, Handoff handoff) {
+bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const sockaddr_storage& peer) {
   auto it = frontends_.find(static_cast<int>(protocol));
   if (it == frontends_.end()) {
     // Not enabled: best-effort answer in the only language every client shares here.
-    int fd = handoff.client->ReleaseFd();
-    handoff.client.reset();
+    int fd = client.Release();
     SendBestEffort(fd, ErrorReply(ErrorCode::kBadRequest));
     CloseGracefully(fd);
     return false;
   }
-  std::unique_ptr<Connection> conn = it->second(this, std::move(handoff));
+  auto poll = ToPoll(*loop_, std::move(client));
+  if (!poll.ok()) {
+    LOG_WARN("proxy: %s", poll.status().ToString().c_str());
+    return true;
+  }
+  std::unique_ptr<Connection> conn = it->second(this, Handoff{std::move(poll).value(), peer});
   if (conn) Adopt(std::move(conn));
   return true;
 }

@@ -35,6 +35,7 @@
 #include "loop/handle.h"
 #include "loop/loop.h"
 #include "loop/poll.h"
+#include "loop/reactor.h"
 #include "loop/timer.h"
 #include "proxy/dialer.h"
 #include "proxy/listener.h"
@@ -144,6 +145,8 @@ class Proxy {
   Stats& stats() { return stats_; }
   PipePool* pipes() { return &pipes_; }
   ResolveCache* resolver() { return &resolver_; }
+  // The edge-triggered set that plain sessions, dialers and relays register their sockets in.
+  loop::Reactor* reactor() { return reactor_.get(); }
 
   // Checks `secret` for `job_id` against the live registry (constant time), applying the
   // throttle for the job and for the source address; counts and logs failures. Returns the
@@ -163,8 +166,9 @@ class Proxy {
   Connection* Adopt(std::unique_ptr<Connection> conn);
   // A connection is done: it is destroyed on a later loop turn (never under its own callback).
   void Retire(Connection* conn);
-  // Used by the sniffing Session to pass a TLS or SSH connection on.
-  bool HandOff(Protocol protocol, Handoff handoff);
+  // Used by the sniffing Session to pass a TLS or SSH connection on: the socket leaves the
+  // reactor for the frontend's Poll.
+  bool HandOff(Protocol protocol, loop::IoHandle client, const sockaddr_storage& peer);
 
  private:
   void OnAccept(int fd, const sockaddr_storage& peer);
@@ -179,6 +183,7 @@ class Proxy {
   Throttle throttle_;
   PipePool pipes_;
   ResolveCache resolver_;
+  std::unique_ptr<loop::Reactor> reactor_;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
   std::vector<std::unique_ptr<Connection>> graveyard_;

@@ -14,15 +14,10 @@ namespace brokerproxy::proxy {
 namespace {
 
 constexpr size_t kCopyBufferSize = 64 * 1024;
-// Chunks moved per event before yielding to other sessions (epoll is level-triggered, so
-// whatever is left is reported again on the next loop iteration).
+// Chunks moved per event before yielding to other sessions; what is left is picked up on a
+// later loop turn (IoWatch::Yield: edge-triggered readiness does not repeat itself).
 constexpr int kRoundsPerEvent = 8;
 constexpr unsigned kSpliceFlags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
-
-bool IsSocket(int fd) {
-  struct stat st {};
-  return fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
-}
 
 bool WouldBlock(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
 
@@ -72,8 +67,8 @@ void PipePool::Release(Pipe p, bool empty) {
 // ---- Pump: one direction ----
 
 struct Relay::Pump {
-  loop::Poll* src = nullptr;
-  loop::Poll* dst = nullptr;
+  loop::IoWatch* src = nullptr;
+  loop::IoWatch* dst = nullptr;
   const char* src_name = "";
   const char* dst_name = "";
   bool splice_mode = true;  // both sockets: splice through a pipe; else read/write
@@ -88,8 +83,6 @@ struct Relay::Pump {
   size_t buf_off = 0;
   bool src_eof = false;
   bool done = false;
-  bool want_read = false;
-  bool want_write = false;
   uint64_t* moved = nullptr;
 
   bool holding() const { return prefix_off < prefix.size() || in_pipe > 0 || buf_off < buf_len; }
@@ -109,8 +102,8 @@ struct Relay::Pump {
     buf_len = buf_off = 0;
   }
 
-  // Writes what is held to dst, in order: the prefix, then the pipe or the buffer. OK with
-  // want_write set if dst is full.
+  // Writes what is held to dst, in order: the prefix, then the pipe or the buffer, until all
+  // is written or dst is full (then its writable flag is cleared).
   Status Drain() {
     for (;;) {
       ssize_t n;
@@ -130,7 +123,7 @@ struct Relay::Pump {
       if (n < 0) {
         if (errno == EINTR) continue;
         if (WouldBlock(errno)) {
-          want_write = true;
+          dst->ClearWritable();
           return Status::OK();
         }
         return DstError(errno);
@@ -153,8 +146,8 @@ struct Relay::Pump {
     return Status::OK();
   }
 
-  // Reads one chunk from src into the pipe (splice mode) or the buffer. OK with want_read set
-  // if src is empty.
+  // Reads one chunk from src into the pipe (splice mode) or the buffer, or learns that src is
+  // empty (then its readable flag is cleared) or at its end.
   Status Fill(PipePool* pool) {
     for (;;) {
       ssize_t n;
@@ -193,7 +186,7 @@ struct Relay::Pump {
       }
       if (errno == EINTR) continue;
       if (WouldBlock(errno)) {
-        want_read = true;
+        src->ClearReadable();
         return Status::OK();
       }
       return SrcError(errno);
@@ -202,29 +195,28 @@ struct Relay::Pump {
 
   // Moves as much as the peers allow, up to the per-event budget.
   Status Step(PipePool* pool) {
-    want_read = want_write = false;
     if (done) return Status::OK();
     for (int round = 0; round < kRoundsPerEvent; ++round) {
-      BP_RETURN_IF_ERROR(Drain());
-      if (want_write) return Status::OK();
+      if (holding()) {
+        if (!dst->writable()) return Status::OK();  // an EPOLLOUT edge brings us back
+        BP_RETURN_IF_ERROR(Drain());
+        if (holding()) return Status::OK();
+      }
       ReleaseHeld(pool);  // nothing held: an idle direction keeps no pipe and no buffer
       if (src_eof) {
         if (dst_is_socket) ::shutdown(dst->fd(), SHUT_WR);
         done = true;
         return Status::OK();
       }
+      if (!src->readable()) return Status::OK();  // an EPOLLIN edge brings us back
       Status s = Fill(pool);
-      if (!s.ok() || want_read) {
+      if (!s.ok() || (!holding() && !src_eof)) {
         ReleaseHeld(pool);
         return s;
       }
     }
-    // Budget used up with work left: come back on the next loop iteration.
-    if (holding()) {
-      want_write = true;
-    } else {
-      want_read = true;
-    }
+    // Budget used up with work left: no new edge will announce it, so ask to come back.
+    if (holding() ? dst->writable() : src->readable()) (holding() ? dst : src)->Yield();
     return Status::OK();
   }
 };
@@ -234,29 +226,30 @@ struct Relay::Pump {
 Relay::Relay(PipePool* pool, Side a, Side b, const char* a_name, const char* b_name,
              std::string prefix_to_a, std::string prefix_to_b, DoneCallback done)
     : pool_(pool), done_(std::move(done)) {
-  loop::Poll* a_in = a.in.get();
-  loop::Poll* a_out = a.out ? a.out.get() : a_in;
-  loop::Poll* b_in = b.in.get();
-  loop::Poll* b_out = b.out ? b.out.get() : b_in;
-  for (auto* side : {&a, &b}) {
-    polls_.push_back(std::move(side->in));
-    if (side->out) polls_.push_back(std::move(side->out));
-  }
-  auto make = [&](loop::Poll* src, loop::Poll* dst, const char* sn, const char* dn,
-                  std::string prefix, uint64_t* moved) {
+  loop::IoWatch* a_in = a.in.get();
+  loop::IoWatch* a_out = a.out ? a.out.get() : a_in;
+  loop::IoWatch* b_in = b.in.get();
+  loop::IoWatch* b_out = b.out ? b.out.get() : b_in;
+  loop_ = &a_in->reactor().loop();
+  auto make = [&](loop::IoWatch* src, loop::IoWatch* dst, const Side& from, const Side& to,
+                  const char* sn, const char* dn, std::string prefix, uint64_t* moved) {
     auto p = std::make_unique<Pump>();
     p->src = src;
     p->dst = dst;
     p->src_name = sn;
     p->dst_name = dn;
-    p->dst_is_socket = IsSocket(dst->fd());
-    p->splice_mode = p->dst_is_socket && IsSocket(src->fd());
+    p->dst_is_socket = to.sockets;
+    p->splice_mode = from.sockets && to.sockets;
     p->prefix = std::move(prefix);
     p->moved = moved;
     return p;
   };
-  a_to_b_ = make(a_in, b_out, a_name, b_name, std::move(prefix_to_b), &counters_.a_to_b);
-  b_to_a_ = make(b_in, a_out, b_name, a_name, std::move(prefix_to_a), &counters_.b_to_a);
+  a_to_b_ = make(a_in, b_out, a, b, a_name, b_name, std::move(prefix_to_b), &counters_.a_to_b);
+  b_to_a_ = make(b_in, a_out, b, a, b_name, a_name, std::move(prefix_to_a), &counters_.b_to_a);
+  for (Side* side : {&a, &b}) {
+    fds_.push_back(std::move(side->in));
+    if (side->out) fds_.push_back(std::move(side->out));
+  }
 }
 
 Relay::~Relay() {
@@ -266,50 +259,39 @@ Relay::~Relay() {
 }
 
 void Relay::Start() {
-  loop_ = &polls_.front()->loop();
   last_activity_ms_ = loop_->Now();
-  for (Pump* p : {a_to_b_.get(), b_to_a_.get()}) {
-    p->want_write = p->holding();
-    p->want_read = !p->want_write;
+  for (loop::IoHandle& io : fds_) {
+    io->SetCallback([this](loop::IoWatch* w) { OnEvent(w); });
   }
-  for (auto& poll : polls_) {
-    loop::Poll* raw = poll.get();
-    raw->Start(0, [this, raw](int status, int events) { OnEvent(raw, status, events); });
-  }
-  UpdateInterest();
+  // What the fds were already known to be ready for (a previous owner saw the edges) moves on
+  // the next turn.
+  fds_.front()->Yield();
 }
 
 bool Relay::half_closed() const { return a_to_b_->done || b_to_a_->done; }
 
-void Relay::OnEvent(loop::Poll* poll, int status, int events) {
+void Relay::OnEvent(loop::IoWatch*) {
   if (finished_) return;
-  if (status < 0) {
-    int err = SocketError(poll->fd());
-    const char* who =
-        (poll == a_to_b_->src || poll == b_to_a_->dst) ? a_to_b_->src_name : b_to_a_->src_name;
-    Finish(PosixError(who, err ? err : ECONNRESET));
-    return;
-  }
   uint64_t before = counters_.a_to_b + counters_.b_to_a;
+  // Both directions: the event may be readiness for one's source or the other's sink, and a
+  // pump that cannot move returns after two flag checks.
   for (Pump* p : {a_to_b_.get(), b_to_a_.get()}) {
-    bool ready =
-        (p->src == poll && (events & UV_READABLE)) || (p->dst == poll && (events & UV_WRITABLE));
-    if (ready && !Run(p)) return;  // finished: `this` may be gone
+    if (!Run(p)) return;  // finished: `this` may be gone
   }
   if (counters_.a_to_b + counters_.b_to_a != before) last_activity_ms_ = loop_->Now();
-  UpdateInterest();
 }
 
 bool Relay::Run(Pump* p) {
+  bool was_done = p->done;
   Status s = p->Step(pool_);
   if (!s.ok()) {
     Finish(s);
     return false;
   }
-  if (p->done && !p->dst_is_socket) {
+  if (p->done && !was_done && !p->dst_is_socket) {
     // A pipe (stdout) has no half-close: closing it is how its reader sees the end.
-    for (auto& poll : polls_) {
-      if (poll.get() == p->dst) poll.reset();
+    for (loop::IoHandle& io : fds_) {
+      if (io.get() == p->dst) io.reset();
     }
   }
   if (a_to_b_->done && b_to_a_->done) {
@@ -319,27 +301,36 @@ bool Relay::Run(Pump* p) {
   return true;
 }
 
-void Relay::UpdateInterest() {
-  for (auto& poll : polls_) {
-    if (!poll) continue;
-    int events = 0;
-    for (const Pump* p : {a_to_b_.get(), b_to_a_.get()}) {
-      if (p->done) continue;
-      if (p->src == poll.get() && p->want_read) events |= UV_READABLE;
-      if (p->dst == poll.get() && p->want_write) events |= UV_WRITABLE;
-    }
-    poll->SetEvents(events);
-  }
-}
-
 void Relay::Finish(Status status) {
   if (finished_) return;
   finished_ = true;
-  for (auto& poll : polls_) {
-    if (poll) poll->Stop();
-  }
   DoneCallback done = std::move(done_);
   if (done) done(std::move(status));  // may destroy this
+}
+
+// ---- conversions between reactor fds and libuv polls ----
+
+Result<loop::HandlePtr<loop::Poll>> ToPoll(loop::Loop& loop, loop::IoHandle io) {
+  if (!io) return loop::HandlePtr<loop::Poll>();
+  int fd = io.Release();
+  return loop::Poll::Create(loop, fd, loop::FdOwnership::kOwned);
+}
+
+Result<PollSide> ToPolls(loop::Loop& loop, Relay::Side side) {
+  PollSide out;
+  auto in = ToPoll(loop, std::move(side.in));
+  if (!in.ok()) return in.status();
+  out.in = std::move(in).value();
+  auto o = ToPoll(loop, std::move(side.out));
+  if (!o.ok()) return o.status();
+  out.out = std::move(o).value();
+  return out;
+}
+
+Result<loop::IoHandle> ToIo(loop::Reactor& reactor, loop::HandlePtr<loop::Poll> poll) {
+  int fd = poll->ReleaseFd();
+  poll.reset();  // leaves libuv's epoll set before joining ours
+  return reactor.Add(fd, nullptr);
 }
 
 // ---- socket helpers ----

@@ -1,23 +1,25 @@
 // Moving bytes between two connected stream endpoints, both ways, with bounded memory.
 //
-// Relay drives two to four raw fds with uv_poll and moves each direction (a Pump) with
-// splice(2) through a kernel pipe when both fds are sockets: bytes never enter user space and a
-// chunk costs two syscalls. Anything else (a tty, a pipe on stdio) uses read/write through a
-// 64 KiB buffer. The pipe is borrowed from a PipePool only while it holds bytes, so an idle
-// session holds no pipe and no buffer (DESIGN.md "Splicing"; LIBRARIES.md section 3).
+// Relay moves each direction (a Pump) of two to four raw fds registered in the edge-triggered
+// Reactor (loop/reactor.h): with splice(2) through a kernel pipe when both fds are sockets, so
+// bytes never enter user space and a chunk costs two syscalls; with read/write through a 64 KiB
+// buffer otherwise (a tty, pipes on stdio). Readiness is known from the reactor's flags, so
+// the relay never changes an epoll registration while it runs. The pipe is borrowed from a
+// PipePool only while it holds bytes, so an idle session holds no pipe and no buffer
+// (DESIGN.md "Splicing"; LIBRARIES.md section 3).
 //
-// Backpressure: a direction reads its source only while its pipe (or buffer) has room, and asks
-// for writability of its sink only while it holds bytes. So at most one pipe (1 MiB at most) or
-// one 64 KiB buffer per direction is in flight whatever the peers do, and the rest waits in the
-// peers' socket buffers.
+// Backpressure: a direction reads its source only while its pipe (or buffer) is empty, and
+// writes only what it holds. So at most one pipe (1 MiB at most) or one 64 KiB buffer per
+// direction is in flight whatever the peers do, and the rest waits in the peers' socket
+// buffers.
 //
 // Half-close: EOF on a source is passed on as shutdown(SHUT_WR) of the sink once everything
 // read has been written; the relay finishes when both directions have. An error on either side
 // ends it at once.
 //
-// Ownership: the Relay owns its Polls (and, through them, the fds when they were created
-// kOwned). `*pool` must outlive it. The done callback runs at most once; the Relay may be
-// destroyed from inside it or at any other time. Loop-thread only.
+// Ownership: the Relay owns its IoHandles (and so the fds). `*pool` and the reactor must
+// outlive it. The done callback runs at most once; the Relay may be destroyed from inside it or
+// at any other time. Loop-thread only.
 
 #ifndef BROKERPROXY_PROXY_RELAY_H_
 #define BROKERPROXY_PROXY_RELAY_H_
@@ -30,6 +32,7 @@
 
 #include "loop/handle.h"
 #include "loop/poll.h"
+#include "loop/reactor.h"
 #include "loop/status.h"
 
 namespace brokerproxy::proxy {
@@ -68,10 +71,18 @@ class PipePool {
 class Relay {
  public:
   // One side of the relay: where its bytes are read and where bytes for it are written. For a
-  // socket both are the same Poll; for stdio they are stdin's and stdout's.
+  // socket both are the same fd; for stdio they are stdin and stdout.
   struct Side {
-    loop::HandlePtr<loop::Poll> in;
-    loop::HandlePtr<loop::Poll> out;  // null: same as `in`
+    Side() = default;
+    // A socket.
+    explicit Side(loop::IoHandle socket) : in(std::move(socket)) {}
+    // Separate fds for reading and writing (stdio), not sockets.
+    Side(loop::IoHandle read, loop::IoHandle write)
+        : in(std::move(read)), out(std::move(write)), sockets(false) {}
+
+    loop::IoHandle in;
+    loop::IoHandle out;   // empty: same as `in`
+    bool sockets = true;  // false: pipes or a tty (copy, and close rather than shut down)
   };
   // OK when both directions finished; otherwise the error that ended the relay, and which
   // side it came from ("client", "backend", ...).
@@ -92,7 +103,8 @@ class Relay {
   Relay(const Relay&) = delete;
   Relay& operator=(const Relay&) = delete;
 
-  // Starts moving bytes. The done callback never runs inside this call.
+  // Starts moving bytes (on a later loop turn: what is already readable moves then). The done
+  // callback never runs inside this call.
   void Start();
 
   const Counters& counters() const { return counters_; }
@@ -103,23 +115,32 @@ class Relay {
 
  private:
   struct Pump;
-  void OnEvent(loop::Poll* poll, int status, int events);
+  void OnEvent(loop::IoWatch* watch);
   // Runs a pump and handles its outcome; false if the relay ended.
   bool Run(Pump* p);
-  void UpdateInterest();
   void Finish(Status status);
 
   PipePool* pool_;
   loop::Loop* loop_ = nullptr;
-  std::vector<loop::HandlePtr<loop::Poll>> polls_;  // an entry is null once closed
+  std::vector<loop::IoHandle> fds_;  // an entry is empty once closed
   std::unique_ptr<Pump> a_to_b_;
   std::unique_ptr<Pump> b_to_a_;
   Counters counters_;
   DoneCallback done_;
   uint64_t last_activity_ms_ = 0;
   bool finished_ = false;
-  bool in_event_ = false;
 };
+
+// A side as level-triggered libuv polls, for relays that move bytes in user space (TLS,
+// SSH channels): the fds leave the reactor, and the polls see whatever is pending.
+struct PollSide {
+  loop::HandlePtr<loop::Poll> in;
+  loop::HandlePtr<loop::Poll> out;  // null: same as `in`
+};
+Result<PollSide> ToPolls(loop::Loop& loop, Relay::Side side);
+Result<loop::HandlePtr<loop::Poll>> ToPoll(loop::Loop& loop, loop::IoHandle io);
+// And back: a socket a Poll watched, registered in `reactor` instead.
+Result<loop::IoHandle> ToIo(loop::Reactor& reactor, loop::HandlePtr<loop::Poll> poll);
 
 // Shared socket helpers for the proxy and the client.
 // TCP_NODELAY and keepalive (`keepalive_s` idle seconds; 0 = off) on a TCP socket.

@@ -9,7 +9,7 @@
 
 namespace brokerproxy::proxy {
 
-Session::Session(Proxy* proxy, loop::HandlePtr<loop::Poll> client, const sockaddr_storage& peer)
+Session::Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& peer)
     : Connection(proxy, peer), client_(std::move(client)) {}
 
 Session::~Session() = default;
@@ -17,14 +17,11 @@ Session::~Session() = default;
 void Session::Start() {
   int64_t timeout = proxy_->options().handshake_timeout_ms;  // 0: no limit
   if (timeout > 0) proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
-  client_->Start(UV_READABLE, [this](int status, int) { OnClientReadable(status); });
+  client_->SetCallback([this](loop::IoWatch*) { OnClientReadable(); });
 }
 
-void Session::OnClientReadable(int status) {
-  if (status < 0) {
-    Finish("client error during handshake");
-    return;
-  }
+void Session::OnClientReadable() {
+  if (!client_->readable() || state_ == State::kConnecting) return;
   int fd = client_->fd();
   char buf[kMaxPreambleBytes];
   size_t room = kMaxPreambleBytes - preamble_.size();
@@ -32,6 +29,7 @@ void Session::OnClientReadable(int status) {
   // socket for the backend (sniffer.h), and TLS/SSH bytes stay for their frontends.
   ssize_t n = ::recv(fd, buf, room, MSG_PEEK);
   if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) client_->ClearReadable();
     if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
     Finish("client error during handshake");
     return;
@@ -44,9 +42,8 @@ void Session::OnClientReadable(int status) {
     Protocol p = Sniff(std::string_view(buf, n));
     if (p == Protocol::kTls || p == Protocol::kSsh) {
       proxy_->ClearDeadline(this);
-      client_->Stop();
       state_ = State::kClosed;
-      if (!proxy_->HandOff(p, Handoff{std::move(client_), peer()})) {
+      if (!proxy_->HandOff(p, std::move(client_), peer())) {
         // No frontend for it in this build: answer like any unknown protocol.
         proxy_->stats().global().bad_request++;
         LOG_INFO("session %llu peer=%s proto=%s reason=protocol not enabled",
@@ -68,6 +65,11 @@ void Session::OnClientReadable(int status) {
   ssize_t got = ::recv(fd, preamble_.data() + old, take, 0);
   if (got != static_cast<ssize_t>(take)) {  // the peeked bytes are there: this cannot fail
     Finish("client error during handshake");
+    return;
+  }
+  // Parse the whole line once it is complete; before that only the short head, so that
+  // garbage fails at once while a line arriving byte by byte costs O(n), not O(n^2).
+  if (!nl && preamble_.size() > 2 * kPreambleMagic.size() && preamble_.size() < kMaxPreambleBytes) {
     return;
   }
   Preamble p = ParsePreamble(preamble_);
@@ -101,7 +103,8 @@ void Session::OnPreamble(const Preamble& p) {
     return;
   }
   target_ = std::move(auth.target);
-  client_->Stop();  // bytes after the preamble wait in the socket until the backend is up
+  // Bytes after the preamble wait in the socket until the backend is up (kConnecting ignores
+  // the client's events; the readable flag keeps what is pending for the relay).
   state_ = State::kConnecting;
   int64_t timeout = proxy_->options().connect_timeout_ms;  // 0: the OS's own limit
   if (timeout > 0) {
@@ -109,12 +112,12 @@ void Session::OnPreamble(const Preamble& p) {
   } else {
     proxy_->ClearDeadline(this);
   }
-  dialer_ = std::make_unique<Dialer>(proxy_->loop(), proxy_->resolver());
+  dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
   dialer_->Dial(target_.host, target_.port,
-                [this](Result<loop::HandlePtr<loop::Poll>> r) { OnBackend(std::move(r)); });
+                [this](Result<loop::IoHandle> r) { OnBackend(std::move(r)); });
 }
 
-void Session::OnBackend(Result<loop::HandlePtr<loop::Poll>> backend) {
+void Session::OnBackend(Result<loop::IoHandle> backend) {
   if (!backend.ok()) {
     LOG_DEBUG("session %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
               target_.job_id.c_str(), backend.status().ToString().c_str());
@@ -130,17 +133,19 @@ void Session::OnBackend(Result<loop::HandlePtr<loop::Poll>> backend) {
   JobCounters& jc = proxy_->stats().job(target_.job_id);
   jc.connections++;
   jc.active++;
-  relay_ =
-      std::make_unique<Relay>(proxy_->pipes(), Relay::Side{std::move(client_), nullptr},
-                              Relay::Side{std::move(backend).value(), nullptr}, "client", "backend",
-                              std::string(kReplyOk), std::string(), [this](Status s) {
-                                if (s.ok()) {
-                                  Finish("done");
-                                  return;
-                                }
-                                std::string reason = s.message();
-                                Finish(reason.c_str());
-                              });
+  // "OK\n" goes out now, on a fresh socket with an empty buffer; only if it does not fit does
+  // the relay carry the rest, before the backend's first bytes.
+  size_t sent = SendBestEffort(client_.fd(), kReplyOk);
+  relay_ = std::make_unique<Relay>(
+      proxy_->pipes(), Relay::Side{std::move(client_)}, Relay::Side{std::move(backend).value()},
+      "client", "backend", std::string(kReplyOk.substr(sent)), std::string(), [this](Status s) {
+        if (s.ok()) {
+          Finish("done");
+          return;
+        }
+        std::string reason = s.message();
+        Finish(reason.c_str());
+      });
   relay_->Start();
   dialer_.reset();  // its callback is running: the Dialer may go, it touches nothing after
 }
@@ -150,8 +155,7 @@ void Session::Reject(ErrorCode code, const char* reason) {
   if (code == ErrorCode::kBadRequest) g.bad_request++;
   if (code == ErrorCode::kTimeout) g.timeouts++;
   if (client_) {
-    int fd = client_->ReleaseFd();
-    client_.reset();
+    int fd = client_.Release();
     SendBestEffort(fd, ErrorReply(code));
     CloseGracefully(fd);
   }

@@ -15,8 +15,7 @@
 #include <memory>
 #include <string>
 
-#include "loop/handle.h"
-#include "loop/poll.h"
+#include "loop/reactor.h"
 #include "proxy/dialer.h"
 #include "proxy/proxy.h"
 #include "proxy/relay.h"
@@ -26,8 +25,8 @@ namespace brokerproxy::proxy {
 
 class Session final : public Connection {
  public:
-  // Takes `client` (the accepted socket, owned by the Poll).
-  Session(Proxy* proxy, loop::HandlePtr<loop::Poll> client, const sockaddr_storage& peer);
+  // Takes `client` (the accepted socket, registered in the proxy's reactor).
+  Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& peer);
   ~Session() override;
 
   void Start();
@@ -38,9 +37,9 @@ class Session final : public Connection {
  private:
   enum class State { kSniffing, kPreamble, kConnecting, kSplicing, kClosed };
 
-  void OnClientReadable(int status);
+  void OnClientReadable();
   void OnPreamble(const Preamble& p);
-  void OnBackend(Result<loop::HandlePtr<loop::Poll>> backend);
+  void OnBackend(Result<loop::IoHandle> backend);
   // Answers "ERR <code>" and closes.
   void Reject(ErrorCode code, const char* reason);
   // Releases everything, logs the session line and retires.
@@ -49,7 +48,7 @@ class Session final : public Connection {
 
   State state_ = State::kSniffing;
   bool finished_ = false;
-  loop::HandlePtr<loop::Poll> client_;
+  loop::IoHandle client_;
   std::string preamble_;  // bytes of the preamble line read so far
   Target target_;
   std::unique_ptr<Dialer> dialer_;

@@ -288,10 +288,9 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
   c->splice = std::make_unique<ChannelSplice>(channel, [this] { Service(); });
   // libssh frees the message when this returns, so the answer had to be given before the
   // backend is reached: if the backend fails, the client sees the channel close.
-  c->dialer = std::make_unique<Dialer>(proxy_->loop(), proxy_->resolver());
-  c->dialer->Dial(target_.host, target_.port, [this, cid](Result<loop::HandlePtr<loop::Poll>> r) {
-    OnBackend(cid, std::move(r));
-  });
+  c->dialer = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
+  c->dialer->Dial(target_.host, target_.port,
+                  [this, cid](Result<loop::IoHandle> r) { OnBackend(cid, std::move(r)); });
   channels_.push_back(std::move(c));
   ++channels_opened_;
   return 0;
@@ -311,9 +310,13 @@ void SshSession::OnSocket(int status) {
   Service();
 }
 
-void SshSession::OnBackend(uint64_t channel_id, Result<loop::HandlePtr<loop::Poll>> backend) {
+void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> io) {
   Channel* c = FindChannel(channel_id);
   if (c == nullptr || state_ == State::kClosed) return;
+  // Channels move bytes in user space on level-triggered polls.
+  Result<loop::HandlePtr<loop::Poll>> backend =
+      io.ok() ? ToPoll(*proxy_->loop(), std::move(io).value())
+              : Result<loop::HandlePtr<loop::Poll>>(io.status());
   if (!backend.ok()) {
     proxy_->stats().global().unavailable++;
     LOG_INFO("ssh %llu job=%s: backend unavailable: %s", static_cast<unsigned long long>(id()),

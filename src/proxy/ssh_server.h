@@ -113,7 +113,7 @@ class SshSession final : public Connection {
 
   // Entry points from libuv; each ends with Service().
   void OnSocket(int status);
-  void OnBackend(uint64_t channel_id, Result<loop::HandlePtr<loop::Poll>> backend);
+  void OnBackend(uint64_t channel_id, Result<loop::IoHandle> backend);
   // Runs after every entry point, outside libssh: process packets, move data, reap channels,
   // close if asked.
   void Service();

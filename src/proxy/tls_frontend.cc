@@ -43,11 +43,11 @@ class TlsConnection final : public Connection {
 
   void OnClientReadable(int status);
   void Route(const ClientHello& hello);
-  void OnPassthroughBackend(Result<loop::HandlePtr<loop::Poll>> backend);
+  void OnPassthroughBackend(Result<loop::IoHandle> backend);
   void StartTermination();
   void OnPlaintext();
   void OnPreamble(const Preamble& p);
-  void OnTerminatedBackend(Result<loop::HandlePtr<loop::Poll>> backend);
+  void OnTerminatedBackend(Result<loop::IoHandle> backend);
   void OnTlsDone(Status status);
   // Ends the connection before any TLS session exists: answers with an alert (if `alert` !=
   // 0) while the socket is still ours, closes; counts a TLS failure if `tls_failure`.
@@ -141,10 +141,9 @@ void TlsConnection::Route(const ClientHello& hello) {
       } else {
         proxy_->ClearDeadline(this);
       }
-      dialer_ = std::make_unique<Dialer>(proxy_->loop(), proxy_->resolver());
-      dialer_->Dial(target_.host, target_.port, [this](Result<loop::HandlePtr<loop::Poll>> r) {
-        OnPassthroughBackend(std::move(r));
-      });
+      dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
+      dialer_->Dial(target_.host, target_.port,
+                    [this](Result<loop::IoHandle> r) { OnPassthroughBackend(std::move(r)); });
       return;
     }
     LOG_DEBUG("tls %llu: no ssl job for server name %s", static_cast<unsigned long long>(id()),
@@ -156,7 +155,7 @@ void TlsConnection::Route(const ClientHello& hello) {
   StartTermination();
 }
 
-void TlsConnection::OnPassthroughBackend(Result<loop::HandlePtr<loop::Poll>> backend) {
+void TlsConnection::OnPassthroughBackend(Result<loop::IoHandle> backend) {
   if (!backend.ok()) {
     LOG_DEBUG("tls %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
               target_.job_id.c_str(), backend.status().ToString().c_str());
@@ -165,14 +164,20 @@ void TlsConnection::OnPassthroughBackend(Result<loop::HandlePtr<loop::Poll>> bac
     return;
   }
   proxy_->ClearDeadline(this);
-  int keepalive = proxy_->options().keepalive_s;
-  TuneTcpSocket(client_->fd(), keepalive);
-  TuneTcpSocket((*backend)->fd(), keepalive);
+  // The client socket inherited its options from the listener.
+  TuneTcpSocket((*backend)->fd(), proxy_->options().keepalive_s);
+  // Raw bytes both ways from here: the client's socket joins the reactor for splicing.
+  auto client = ToIo(*proxy_->reactor(), std::move(client_));
+  if (!client.ok()) {
+    std::string reason = client.status().message();
+    Finish(reason.c_str());
+    return;
+  }
   state_ = State::kPassthrough;
   StartSplicing();
-  relay_ = std::make_unique<Relay>(proxy_->pipes(), Relay::Side{std::move(client_), nullptr},
-                                   Relay::Side{std::move(backend).value(), nullptr}, "client",
-                                   "backend", std::string(), std::move(hello_), [this](Status s) {
+  relay_ = std::make_unique<Relay>(proxy_->pipes(), Relay::Side{std::move(client).value()},
+                                   Relay::Side{std::move(backend).value()}, "client", "backend",
+                                   std::string(), std::move(hello_), [this](Status s) {
                                      std::string reason = s.ok() ? "done" : s.message();
                                      Finish(reason.c_str());
                                    });
@@ -238,13 +243,12 @@ void TlsConnection::OnPreamble(const Preamble& p) {
   } else {
     proxy_->ClearDeadline(this);
   }
-  dialer_ = std::make_unique<Dialer>(proxy_->loop(), proxy_->resolver());
-  dialer_->Dial(target_.host, target_.port, [this](Result<loop::HandlePtr<loop::Poll>> r) {
-    OnTerminatedBackend(std::move(r));
-  });
+  dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
+  dialer_->Dial(target_.host, target_.port,
+                [this](Result<loop::IoHandle> r) { OnTerminatedBackend(std::move(r)); });
 }
 
-void TlsConnection::OnTerminatedBackend(Result<loop::HandlePtr<loop::Poll>> backend) {
+void TlsConnection::OnTerminatedBackend(Result<loop::IoHandle> backend) {
   if (!backend.ok()) {
     LOG_DEBUG("tls %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
               target_.job_id.c_str(), backend.status().ToString().c_str());
@@ -261,9 +265,15 @@ void TlsConnection::OnTerminatedBackend(Result<loop::HandlePtr<loop::Poll>> back
     Finish(reason.c_str());
     return;
   }
+  auto poll = ToPoll(*proxy_->loop(), std::move(backend).value());
+  if (!poll.ok()) {
+    std::string reason = poll.status().message();
+    Finish(reason.c_str());
+    return;
+  }
   state_ = State::kRelaying;
   StartSplicing();
-  tls_->Attach(Relay::Side{std::move(backend).value(), nullptr}, "backend");
+  tls_->Attach(PollSide{std::move(poll).value(), nullptr}, "backend");
   dialer_.reset();
 }
 

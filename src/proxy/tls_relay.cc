@@ -461,7 +461,7 @@ Status TlsRelay::Send(std::string_view plaintext) {
   return Status::OK();
 }
 
-void TlsRelay::Attach(Relay::Side plain, const char* plain_name) {
+void TlsRelay::Attach(PollSide plain, const char* plain_name) {
   assert(!attached_);
   plain_name_ = plain_name;
   plain_in_ = std::move(plain.in);

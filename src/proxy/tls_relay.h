@@ -129,7 +129,7 @@ class TlsRelay {
   // Encrypts `plaintext` into the TLS stream. REQUIRES: handshake_done().
   Status Send(std::string_view plaintext);
   // Relays between the TLS stream and `plain` from now on. Use `plain_name` in errors.
-  void Attach(Relay::Side plain, const char* plain_name);
+  void Attach(PollSide plain, const char* plain_name);
   // Ends the connection at once: sends `last` (may be empty) and close_notify as far as the
   // socket takes them right now, then closes the socket gracefully. No callback runs after.
   void Abort(std::string_view last);

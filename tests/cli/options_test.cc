@@ -607,8 +607,8 @@ TEST_F(ConfigFileTest, PrecedenceIsFileThenSetThenFlags) {
 TEST_F(ConfigFileTest, FlagsBeatSetsForPaths) {
   Result<Config> c =
       ParseArgs({"connect", "--set", "broker.state_dir=/a", "--state-dir", "/b", "--socket",
-                 "/tmp/s.sock", "--set", "client.proxy=h:1", "--proxy", "h2", "--via",
-                 "bob@login2", "--set", "broker.control_socket=/tmp/other.sock"});
+                 "/tmp/s.sock", "--set", "client.proxy=h:1", "--proxy", "h2", "--via", "bob@login2",
+                 "--set", "broker.control_socket=/tmp/other.sock"});
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->state_dir, "/b");
   EXPECT_EQ(c->control_socket, "/tmp/s.sock");

@@ -24,19 +24,24 @@ class RelayTest : public ::testing::Test {
     auto l = loop::Loop::Create();
     ASSERT_TRUE(l.ok());
     loop_ = std::move(l).value();
+    auto r = loop::Reactor::Create(*loop_);
+    ASSERT_TRUE(r.ok());
+    reactor_ = std::move(r).value();
   }
   void TearDown() override {
     relay_.reset();
+    reactor_.reset();
     loop_->Run();
     EXPECT_TRUE(loop_->Close().ok());
   }
-  // A socketpair: returns the test's end, puts the relay's end (a kOwned Poll) in `side`.
+  // A socketpair: returns the test's end, puts the relay's end (registered in the reactor) in
+  // `side`.
   int Pair(Relay::Side* side) {
     int sv[2];
     EXPECT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
-    auto p = loop::Poll::Create(*loop_, sv[1], loop::FdOwnership::kOwned);
+    auto p = reactor_->Add(sv[1], nullptr);
     EXPECT_TRUE(p.ok());
-    side->in = std::move(p).value();
+    *side = Relay::Side(std::move(p).value());
     int flags = fcntl(sv[0], F_GETFL);
     fcntl(sv[0], F_SETFL, flags & ~O_NONBLOCK);
     return sv[0];
@@ -50,6 +55,7 @@ class RelayTest : public ::testing::Test {
   }
 
   std::unique_ptr<loop::Loop> loop_;
+  std::unique_ptr<loop::Reactor> reactor_;
   PipePool pool_{1 << 20, 4};
   std::unique_ptr<Relay> relay_;
 };
@@ -160,10 +166,12 @@ TEST_F(RelayTest, BackpressureBoundsWhatItHolds) {
 TEST_F(RelayTest, CopiesWhenOneSideIsAPipe) {
   // stdio-like side: read from a pipe, write to another pipe.
   int in[2], out[2];
-  ASSERT_EQ(pipe2(in, O_CLOEXEC), 0);
-  ASSERT_EQ(pipe2(out, O_CLOEXEC), 0);
-  Relay::Side a{std::move(loop::Poll::Create(*loop_, in[0], loop::FdOwnership::kOwned).value()),
-                std::move(loop::Poll::Create(*loop_, out[1], loop::FdOwnership::kOwned).value())};
+  ASSERT_EQ(pipe2(in, O_CLOEXEC | O_NONBLOCK), 0);
+  ASSERT_EQ(pipe2(out, O_CLOEXEC | O_NONBLOCK), 0);
+  fcntl(in[1], F_SETFL, 0);
+  fcntl(out[0], F_SETFL, 0);
+  Relay::Side a(std::move(reactor_->Add(in[0], nullptr).value()),
+                std::move(reactor_->Add(out[1], nullptr).value()));
   Relay::Side b;
   int tb = Pair(&b);
   bool done = false;

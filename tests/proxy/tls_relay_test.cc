@@ -133,7 +133,7 @@ class TlsRelayTest : public ::testing::Test {
       if (server_->inbox().substr(0, 6) != "HELLO\n") return;
       server_->Consume(6);
       ASSERT_TRUE(server_->Send("WELCOME\n").ok());
-      server_->Attach(Relay::Side{PollOf(server_plain), nullptr}, "backend");
+      server_->Attach(PollSide{PollOf(server_plain), nullptr}, "backend");
     };
     s.on_done = [this](Status st) {
       server_status_ = st;
@@ -149,7 +149,7 @@ class TlsRelayTest : public ::testing::Test {
     c.on_data = [this, client_plain] {
       if (client_->inbox().substr(0, 8) != "WELCOME\n") return;
       client_->Consume(8);
-      client_->Attach(Relay::Side{PollOf(client_plain), nullptr}, "local");
+      client_->Attach(PollSide{PollOf(client_plain), nullptr}, "local");
     };
     c.on_done = [this](Status st) {
       client_status_ = st;
