@@ -51,8 +51,8 @@ class Connector {
       : loop_(&reactor->loop()), reactor_(reactor), path_(std::move(path)) {}
 
   Status Listen(const HostPort& address, const std::string& job) {
-    auto l = proxy::Listener::Create(
-        loop_, address, 60, [this](int fd, const sockaddr_storage&) { OnLocal(fd); }, nullptr);
+    auto l = proxy::Listener::Create(loop_, address, 60,
+                                     [this](int fd, const sockaddr_storage&) { OnLocal(fd); });
     if (!l.ok()) return l.status();
     listener_ = std::move(l).value();
     std::printf("brokerproxy: listening on %s for job %s (proxy %s)\n",

@@ -1,6 +1,7 @@
 #include "cli/daemon.h"
 
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -63,6 +64,28 @@ Result<proxy::ProxyOptions> ProxyOptionsFrom(const Config& c) {
   return o;
 }
 
+// A proxied connection holds two fds (more while a pipe carries its bytes): raise the soft
+// limit to the hard one, and say so at start if max_connections cannot fit.
+void RaiseFileLimit(int max_connections) {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &rl);
+    ::getrlimit(RLIMIT_NOFILE, &rl);
+  }
+  // Two sockets per connection, plus the pipe pool, listeners, control clients and logs.
+  rlim_t needed = 2 * static_cast<rlim_t>(max_connections) + 256;
+  if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < needed) {
+    LOG_WARN(
+        "max_connections = %d needs about %llu file descriptors but the limit is %llu; "
+        "beyond that new connections are turned away with ERR busy (lower "
+        "max_connections or raise the limit, e.g. LimitNOFILE= in the service unit)",
+        max_connections, static_cast<unsigned long long>(needed),
+        static_cast<unsigned long long>(rl.rlim_cur));
+  }
+}
+
 std::string DirName(const std::string& path) {
   size_t slash = path.rfind('/');
   if (slash == std::string::npos) return ".";
@@ -78,6 +101,7 @@ class Daemon {
   explicit Daemon(const Config& config) : config_(config) {}
 
   Status Start() {
+    RaiseFileLimit(config_.max_connections);
     // The state dir holds the registry and keys (each 0600); others may traverse it to reach
     // the control socket and their own certificate directory, but not list it.
     BP_RETURN_IF_ERROR(MakeDirs(config_.state_dir, 0711));

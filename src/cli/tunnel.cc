@@ -162,6 +162,11 @@ void DirectTunnel::OnReadable() {
     Finish(Status::IOError("reading the proxy's reply failed"));
     return;
   }
+  // All that had arrived is consumed: newer bytes bring their own edge.
+  if (take == static_cast<size_t>(n) && n < static_cast<ssize_t>(sizeof(buf) - old) &&
+      !upstream_->hangup()) {
+    upstream_->ClearReadable();
+  }
   if (!nl) {
     if (reply_.size() >= kMaxReplyLine) Finish(Status::IOError("the proxy's reply is too long"));
     return;

@@ -1,5 +1,6 @@
 #include "proxy/listener.h"
 
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <unistd.h>
@@ -22,7 +23,8 @@ constexpr uint64_t kPauseMs = 1000;
 
 Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostPort& address,
                                                    int keepalive_s, AcceptCallback on_accept,
-                                                   PauseCallback on_pause) {
+                                                   OverloadCallback on_overload,
+                                                   std::string overload_reply) {
   std::string host = address.host;
   if (host == "*") host = "0.0.0.0";
   // Start-up only (before the loop serves anyone), so a blocking lookup of "localhost" is fine.
@@ -62,7 +64,9 @@ Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostP
   socklen_t len = sizeof(bound);
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
 
-  std::unique_ptr<Listener> l(new Listener(loop, std::move(on_accept), std::move(on_pause)));
+  std::unique_ptr<Listener> l(
+      new Listener(loop, std::move(on_accept), std::move(on_overload), std::move(overload_reply)));
+  l->spare_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
   l->address_ = loop::FormatAddress(reinterpret_cast<sockaddr*>(&bound));
   l->port_ = ntohs(bound.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&bound)->sin_port
                                               : reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
@@ -83,6 +87,10 @@ Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostP
   return l;
 }
 
+Listener::~Listener() {
+  if (spare_fd_ >= 0) ::close(spare_fd_);
+}
+
 void Listener::OnReadable() {
   for (int i = 0; i < kAcceptBatch; ++i) {
     sockaddr_storage peer{};
@@ -90,6 +98,7 @@ void Listener::OnReadable() {
     int fd = ::accept4(poll_->fd(), reinterpret_cast<sockaddr*>(&peer), &len,
                        SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd >= 0) {
+      overloaded_ = false;
       on_accept_(fd, peer);
       continue;
     }
@@ -98,6 +107,21 @@ void Listener::OnReadable() {
       case EINTR:
         return;
       case EMFILE:
+        if (!overloaded_) {
+          LOG_WARN("listener %s: out of file descriptors; turning new connections away",
+                   address_.c_str());
+          overloaded_ = true;
+        }
+        switch (RefuseOne()) {
+          case 0:
+            continue;  // refused one; more may wait
+          case EAGAIN:
+            return;  // no one else waits
+          default:
+            errno = EMFILE;
+            break;
+        }
+        [[fallthrough]];
       case ENFILE:
       case ENOBUFS:
       case ENOMEM:
@@ -105,7 +129,7 @@ void Listener::OnReadable() {
         LOG_WARN("listener %s: cannot accept (%s); pausing for %llu ms", address_.c_str(),
                  std::strerror(errno), static_cast<unsigned long long>(kPauseMs));
         poll_->Stop();
-        if (on_pause_) on_pause_();
+        if (on_overload_) on_overload_();
         resume_->Start(kPauseMs, [this] { poll_->SetEvents(UV_READABLE); });
         return;
       default:
@@ -113,6 +137,23 @@ void Listener::OnReadable() {
         continue;
     }
   }
+}
+
+int Listener::RefuseOne() {
+  if (spare_fd_ < 0) {
+    spare_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);  // fds may have come back
+    if (spare_fd_ < 0) return EMFILE;
+  }
+  ::close(spare_fd_);
+  int fd = ::accept4(poll_->fd(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  int err = fd >= 0 ? 0 : errno;
+  if (fd >= 0) {
+    if (!overload_reply_.empty()) SendBestEffort(fd, overload_reply_);
+    ::close(fd);
+    if (on_overload_) on_overload_();
+  }
+  spare_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  return err;
 }
 
 }  // namespace brokerproxy::proxy

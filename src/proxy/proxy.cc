@@ -83,7 +83,7 @@ Status Proxy::Start() {
     auto l = Listener::Create(
         loop_, addr, options_.keepalive_s,
         [this](int fd, const sockaddr_storage& peer) { OnAccept(fd, peer); },
-        [this] { stats_.global().accept_pauses++; });
+        [this] { stats_.global().busy++; }, std::string(ErrorReply(ErrorCode::kBusy)));
     if (!l.ok()) return l.status();
     LOG_INFO("proxy listening on %s", (*l)->address().c_str());
     listeners_.push_back(std::move(l).value());

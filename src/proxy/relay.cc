@@ -178,6 +178,9 @@ struct Relay::Pump {
           buf_len = n;
           buf_off = 0;
         }
+        // Less than asked for does not prove the socket empty here (a pipe fills up by
+        // buffers, not bytes, so small segments can fill it early): only EAGAIN clears the
+        // readable flag.
         return Status::OK();
       }
       if (n == 0) {
@@ -263,9 +266,14 @@ void Relay::Start() {
   for (loop::IoHandle& io : fds_) {
     io->SetCallback([this](loop::IoWatch* w) { OnEvent(w); });
   }
-  // What the fds were already known to be ready for (a previous owner saw the edges) moves on
-  // the next turn.
-  fds_.front()->Yield();
+  // What the fds are already known to be ready for (a previous owner saw the edges) moves on
+  // the next turn; otherwise the next edge starts things.
+  for (Pump* p : {a_to_b_.get(), b_to_a_.get()}) {
+    if (p->holding() ? p->dst->writable() : p->src->readable()) {
+      fds_.front()->Yield();
+      break;
+    }
+  }
 }
 
 bool Relay::half_closed() const { return a_to_b_->done || b_to_a_->done; }

@@ -67,6 +67,11 @@ void Session::OnClientReadable() {
     Finish("client error during handshake");
     return;
   }
+  // Everything that had arrived is consumed: anything newer brings its own edge, so no read is
+  // needed to learn that the socket is empty (and the relay need not look at it first).
+  if (take == static_cast<size_t>(n) && static_cast<size_t>(n) < room && !client_->hangup()) {
+    client_->ClearReadable();
+  }
   // Parse the whole line once it is complete; before that only the short head, so that
   // garbage fails at once while a line arriving byte by byte costs O(n), not O(n^2).
   if (!nl && preamble_.size() > 2 * kPreambleMagic.size() && preamble_.size() < kMaxPreambleBytes) {
@@ -121,6 +126,12 @@ void Session::OnBackend(Result<loop::IoHandle> backend) {
   if (!backend.ok()) {
     LOG_DEBUG("session %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
               target_.job_id.c_str(), backend.status().ToString().c_str());
+    // Out of descriptors for the backend socket is the proxy's problem, not the backend's.
+    if (backend.status().code() == Status::Code::kResourceExhausted) {
+      proxy_->stats().global().busy++;
+      Reject(ErrorCode::kBusy, "out of file descriptors");
+      return;
+    }
     proxy_->stats().global().unavailable++;
     Reject(ErrorCode::kUnavailable, "backend unavailable");
     return;

@@ -28,7 +28,6 @@ void Stats::AddToJson(cJSON* out, const std::function<bool(const std::string&)>&
   num(c, "busy", g.busy);
   num(c, "throttled", g.throttled);
   num(c, "idle_closed", g.idle_closed);
-  num(c, "accept_pauses", g.accept_pauses);
   num(c, "tls_failures", g.tls_failures);
   num(c, "ssh_failures", g.ssh_failures);
   num(c, "bytes_up", g.bytes_up);

@@ -26,19 +26,18 @@ struct JobCounters {
 };
 
 struct GlobalCounters {
-  uint64_t accepted = 0;       // TCP connections accepted on the proxy port
-  uint64_t active = 0;         // connections open now, in any state
-  uint64_t spliced = 0;        // sessions that reached a backend
-  uint64_t denied = 0;         // unknown job or wrong secret
-  uint64_t bad_request = 0;    // unknown protocol, malformed preamble
-  uint64_t timeouts = 0;       // handshake (or backend connect) too slow
-  uint64_t unavailable = 0;    // the backend refused or could not be reached
-  uint64_t busy = 0;           // turned away at max_connections
-  uint64_t throttled = 0;      // refused because of repeated failures
-  uint64_t idle_closed = 0;    // closed by idle_timeout or half_close_timeout
-  uint64_t accept_pauses = 0;  // times accepting paused for lack of file descriptors
-  uint64_t tls_failures = 0;   // TLS handshakes that failed
-  uint64_t ssh_failures = 0;   // SSH key exchanges or authentications that failed
+  uint64_t accepted = 0;      // TCP connections accepted on the proxy port
+  uint64_t active = 0;        // connections open now, in any state
+  uint64_t spliced = 0;       // sessions that reached a backend
+  uint64_t denied = 0;        // unknown job or wrong secret
+  uint64_t bad_request = 0;   // unknown protocol, malformed preamble
+  uint64_t timeouts = 0;      // handshake (or backend connect) too slow
+  uint64_t unavailable = 0;   // the backend refused or could not be reached
+  uint64_t busy = 0;          // turned away at max_connections
+  uint64_t throttled = 0;     // refused because of repeated failures
+  uint64_t idle_closed = 0;   // closed by idle_timeout or half_close_timeout
+  uint64_t tls_failures = 0;  // TLS handshakes that failed
+  uint64_t ssh_failures = 0;  // SSH key exchanges or authentications that failed
   uint64_t bytes_up = 0;
   uint64_t bytes_down = 0;
 };

@@ -283,7 +283,13 @@ Daemon::~Daemon() {
 
 ::testing::AssertionResult Daemon::Start() {
   WriteFile(log_path_, "");  // a restart must not find the previous run's lines
-  child_ = Child::Spawn({BinaryPath(), "run", "-c", config_path_}, log_path_);
+  std::vector<std::string> argv = launcher_;
+  for (const char* a : {"run", "-c"}) {
+    if (argv.size() == launcher_.size()) argv.push_back(BinaryPath());
+    argv.push_back(a);
+  }
+  argv.push_back(config_path_);
+  child_ = Child::Spawn(argv, log_path_);
   if (!child_) return ::testing::AssertionFailure() << "cannot spawn the daemon";
   auto line = child_->WaitFor("brokerproxy started");
   if (!line) {

@@ -98,6 +98,8 @@ class Daemon {
 
   ::testing::AssertionResult Start();
   int Stop(int signum = SIGTERM);
+  // Runs the daemon under a wrapper command (e.g. {"prlimit", "--nofile=100"}).
+  void set_launcher(std::vector<std::string> launcher) { launcher_ = std::move(launcher); }
   bool running() const { return child_ != nullptr; }
 
   // Runs `brokerproxy <args> -c <config>`.
@@ -123,6 +125,7 @@ class Daemon {
   std::string socket_path_;
   std::string log_path_;
   int proxy_port_ = 0;
+  std::vector<std::string> launcher_;
   std::unique_ptr<Child> child_;
 };
 

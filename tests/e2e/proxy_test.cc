@@ -296,6 +296,38 @@ TEST_F(ProxyTest, MaxConnectionsAnswersBusy) {
   close(b);
 }
 
+TEST_F(ProxyTest, OutOfDescriptorsClientsAreToldBusyNotLeftHanging) {
+  if (access("/usr/bin/prlimit", X_OK) != 0) GTEST_SKIP() << "prlimit (util-linux) missing";
+  daemon_ = std::make_unique<Daemon>(dir_, "", "max_connections = 1000\n");
+  daemon_->set_launcher({"prlimit", "--nofile=64"});
+  ASSERT_TRUE(daemon_->Start());
+  EXPECT_NE(daemon_->Log().find("needs about"), std::string::npos) << "warned at start";
+  secret_ = daemon_->SaveJob("job1", backend_.port());
+  ASSERT_FALSE(secret_.empty());
+  std::vector<int> open_fds;
+  int ok = 0, busy = 0;
+  for (int i = 0; i < 60; ++i) {
+    std::string reply;
+    int fd = OpenSession(daemon_->proxy_port(), "job1", secret_, &reply, "echo\n");
+    ASSERT_GE(fd, 0);
+    open_fds.push_back(fd);
+    if (reply == "OK") ++ok;
+    if (reply == "ERR busy") ++busy;
+    ASSERT_TRUE(reply == "OK" || reply == "ERR busy") << "connection " << i << ": " << reply;
+  }
+  EXPECT_GT(ok, 10);
+  EXPECT_GT(busy, 0) << "the limit was reached";
+  for (int fd : open_fds) close(fd);
+  // Service resumes once descriptors are free again.
+  auto deadline = steady_clock::now() + milliseconds(5000);
+  std::string reply;
+  do {
+    close(OpenSession(daemon_->proxy_port(), "job1", secret_, &reply, "echo\n"));
+  } while (reply != "OK" && steady_clock::now() < deadline);
+  EXPECT_EQ(reply, "OK");
+  EXPECT_EQ(daemon_->Cli({"query"}).exit_code, 0);
+}
+
 TEST_F(ProxyTest, BackendClosesMidTransfer) {
   StartDaemon();
   int fd = Session("reset 1000000");
