@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <iostream>
+#include <iterator>
 #include <memory>
 
 #include "loop/address.h"
@@ -297,7 +298,20 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   }
 
   std::optional<JobKeyFiles> key_files;
-  if (req.save.type == registry::JobType::kSsl) {
+  if (args.csr_on_stdin) {
+    // The far side of `save ssl --via`: it keeps the key and writes the files; this side only
+    // registers the job and hands back the reply with the certificate.
+    if (req.save.type != registry::JobType::kSsl || !args.command.empty() || args.wait) {
+      return Status::InvalidArgument("--csr-stdin is only for a plain save ssl");
+    }
+    std::string csr((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+    if (csr.empty() || csr.size() > 64 * 1024) {
+      return Status::InvalidArgument("--csr-stdin: no CSR (or more than 64 KiB) on stdin");
+    }
+    req.csr = std::move(csr);
+    req.save.cert_path = args.cert_path;
+    req.save.key_path = args.key_path;
+  } else if (req.save.type == registry::JobType::kSsl) {
     auto files = PrepareJobKey(args.cert_dir, req.job);
     if (!files.ok()) return files.status().WithContext("the job's TLS key");
     key_files = std::move(files).value();

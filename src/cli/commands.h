@@ -38,6 +38,11 @@ struct SaveArgs {
   OutputFormat format = OutputFormat::kHuman;
   std::vector<std::string> command;  // exec mode: what follows "--"
   std::string cert_dir;  // ssl: where the key and certificate go; empty: DefaultCertDir()
+  // ssl through --via: the node where the service runs made the key and sends its CSR (on
+  // stdin) and the paths it will write; this side only registers and prints the reply.
+  bool csr_on_stdin = false;
+  std::string cert_path;
+  std::string key_path;
 };
 
 // ${XDG_STATE_HOME:-$HOME/.local/state}/brokerproxy/certs

@@ -95,6 +95,13 @@ int Main(int argc, char** argv) {
   save->add_flag("--pending", save_args.pending,
                  "Register the job as not ready yet and return without waiting")
       ->group("");
+  // What `--via` sends for `save ssl`: the key stays on the node where the service runs.
+  save->add_flag("--csr-stdin", save_args.csr_on_stdin,
+                 "Read the job's CSR (PEM) from stdin instead of making a key here")
+      ->group("");
+  save->add_option("--cert-path", save_args.cert_path, "Where the caller writes the certificate")
+      ->group("");
+  save->add_option("--key-path", save_args.key_path, "Where the caller keeps the key")->group("");
   save->add_option("--cert-dir", save_args.cert_dir,
                    "ssl: directory for the job's key (0600) and certificate (default: "
                    "${XDG_STATE_HOME:-~/.local/state}/brokerproxy/certs)");

@@ -51,6 +51,12 @@ RemoteInvocation RemoteCommandFor(const std::string& remote_command, const Reque
       // Registered as waiting for its service, without waiting here: the local side waits
       // (save --wait) or starts the service (exec mode).
       if (!request.save.ready) args.push_back("--pending");
+      if (!request.csr.empty()) {
+        // ssl: the key stays here; only the CSR (on stdin) and the paths travel.
+        args.insert(args.end(), {"--csr-stdin", "--cert-path", request.save.cert_path, "--key-path",
+                                 request.save.key_path});
+        inv.input = request.csr;
+      }
       break;
     case Op::kLoad:
       args = {"load", request.job};

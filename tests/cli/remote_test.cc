@@ -103,6 +103,16 @@ TEST(RemoteCommandTest, EachOpIsItsSubcommandWithJson) {
   save.save.ready = true;
   EXPECT_EQ(RemoteCommandFor(cmd, save).command,
             "/opt/bp/bin/brokerproxy save ssl --job-id j1 --host node7 --via '' --json");
+
+  // ssl with its CSR: the key stays here, the CSR goes on stdin, the paths on the command line.
+  save.csr = "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n";
+  save.save.cert_path = "/home/u/certs/j1.crt";
+  save.save.key_path = "/home/u/certs/j1.key";
+  RemoteInvocation inv = RemoteCommandFor(cmd, save);
+  EXPECT_EQ(inv.command,
+            "/opt/bp/bin/brokerproxy save ssl --job-id j1 --host node7 --csr-stdin --cert-path "
+            "/home/u/certs/j1.crt --key-path /home/u/certs/j1.key --via '' --json");
+  EXPECT_EQ(inv.input, save.csr);
 }
 
 TEST(RemoteCommandTest, TheSecretGoesToStdinNotTheCommandLine) {

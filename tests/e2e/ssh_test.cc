@@ -263,6 +263,31 @@ TEST_F(ViaTest, CommandsThroughTheLoginNode) {
   EXPECT_EQ(alias.exit_code, 0) << alias;
 }
 
+TEST_F(ViaTest, SaveSslKeepsTheKeyOnThisSide) {
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  std::string certs = dir_ / "node-certs";
+  RunResult save =
+      RunVia({"save", "ssl", "--job-id", "web1", "--port", "8443", "--cert-dir", certs, "--json"});
+  ASSERT_EQ(save.exit_code, 0) << save;
+  auto saved = ParseOut(save.out);
+  ASSERT_TRUE(saved) << save;
+  // The key was made here and never left: the login node only signed the CSR.
+  std::string key = Str(saved.get(), {"job", "key_path"});
+  std::string cert = Str(saved.get(), {"job", "cert_path"});
+  EXPECT_EQ(key, certs + "/web1.key");
+  EXPECT_EQ(cert, certs + "/web1.crt");
+  struct stat st {};
+  ASSERT_EQ(stat(key.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_NE(ReadFile(key).find("PRIVATE KEY"), std::string::npos);
+  EXPECT_NE(ReadFile(cert).find("BEGIN CERTIFICATE"), std::string::npos);
+  EXPECT_EQ(sshd_.Log().find("PRIVATE KEY"), std::string::npos);
+  // The login node's daemon knows the paths (as this node sees them) and nothing of the key.
+  RunResult local = daemon_.Cli({"load", "web1", "--json"});
+  ASSERT_EQ(local.exit_code, 0) << local;
+  EXPECT_EQ(Str(ParseOut(local.out).get(), {"job", "key_path"}), key);
+}
+
 TEST_F(ViaTest, ChangedHostKeyIsRefused) {
   ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
   sshd_.Stop();
