@@ -1,7 +1,7 @@
 # Summarises bench/e2e.sh's raw records (slurped: one array of loadgen/memory objects) into
 # medians, ranges and ratios. Called with --argjson facts and --argjson stats.
 
-def order: ["direct", "brokerproxy", "haproxy", "haproxy-splice", "socat", "ssh-aes", "ssh-chacha"];
+def order: ["direct", "brokerproxy", "brokerproxy-pipelined", "haproxy", "haproxy-splice", "socat", "ssh-aes", "ssh-chacha"];
 
 # {median, min, max, n} of the non-null numbers, or null.
 def stats:

@@ -537,6 +537,9 @@ int RunServer(const char* mode, Flags& flags) {
 struct ClientOptions {
   sockaddr_in target{};
   std::string preamble;  // with its newline; empty: none
+  // handshake --pipeline: the probe byte goes in the same write as the preamble, as the
+  // protocol allows (the proxy keeps bytes sent before its OK), instead of after the OK.
+  bool pipeline = false;
 };
 
 ClientOptions ReadClientOptions(Flags& flags) {
@@ -623,8 +626,9 @@ class ClientConn : public Handler {
           phase_ = Phase::kReady;
           return OnReady();
         }
-        ssize_t n = send(fd_, opts_->preamble.data(), opts_->preamble.size(), MSG_NOSIGNAL);
-        if (n != static_cast<ssize_t>(opts_->preamble.size())) return Fail("preamble: short write");
+        std::string first = opts_->preamble + (opts_->pipeline ? "x" : "");
+        ssize_t n = send(fd_, first.data(), first.size(), MSG_NOSIGNAL);
+        if (n != static_cast<ssize_t>(first.size())) return Fail("preamble: short write");
         phase_ = Phase::kAwaitOk;
         SetInterest(EPOLLIN);
         return;
@@ -641,8 +645,9 @@ class ClientConn : public Handler {
           if (line_.size() > 32) return Fail("no newline in the reply");
           return;
         }
-        if (line_ != "OK\n")
-          return Fail(nl + 1 == line_.size() ? Printable(line_) : "bytes after OK");
+        if (line_.compare(0, nl + 1, "OK\n") != 0) return Fail(Printable(line_.substr(0, nl + 1)));
+        early_ = line_.substr(nl + 1);
+        if (!early_.empty() && !opts_->pipeline) return Fail("bytes after OK");
         phase_ = Phase::kReady;
         return OnReady();
       }
@@ -656,6 +661,8 @@ class ClientConn : public Handler {
   uint64_t started_ns() const { return started_ns_; }
 
  protected:
+  // Bytes that arrived with the OK (only when pipelining).
+  std::string early_;
   virtual void OnReady() = 0;
   virtual void OnData(uint32_t ev) = 0;
   // The connection failed: report and Close().
@@ -925,6 +932,8 @@ class ProbeRun {
     } else {
       concurrency_ = static_cast<int>(flags.GetSize("concurrency", 1));
       seconds_ = flags.GetDouble("seconds", 3);
+      opts_.pipeline = flags.Has("pipeline");
+      flags.Get("pipeline");
       timeout_s_ = flags.GetDouble("timeout", 10);
     }
     flags.CheckAllUsed();
@@ -1057,8 +1066,17 @@ class ProbeRun {
 };
 
 void ProbeConn::OnReady() {
-  ssize_t n = send(fd_, "x", 1, MSG_NOSIGNAL);
-  if (n != 1) return Fail("probe: write failed");
+  if (opts_->pipeline && !opts_->preamble.empty()) {
+    // The probe byte went with the preamble; its echo may have come with the OK.
+    if (early_ == "x") {
+      echoed_ = true;
+      return run_->Echoed(this);
+    }
+    if (!early_.empty()) return Fail("wrong echo");
+  } else {
+    ssize_t n = send(fd_, "x", 1, MSG_NOSIGNAL);
+    if (n != 1) return Fail("probe: write failed");
+  }
   SetInterest(EPOLLIN);
 }
 
@@ -1201,16 +1219,17 @@ int RunSlowRead(Flags& flags) {
 }
 
 void Usage() {
-  std::fprintf(stderr,
-               "usage: brokerproxy_loadgen MODE [flags]\n"
-               "  backends: serve|sink|source|echo [--listen 127.0.0.1:0]\n"
-               "  throughput --connect H:P [--preamble TEXT|--preamble-file F] --streams N\n"
-               "             --bytes B --direction up|down --seconds S\n"
-               "  handshake  --connect H:P [--preamble ...] --concurrency C --seconds S\n"
-               "  idle       --connect H:P [--preamble ...] --count K [--parallel P] [--stdin]\n"
-               "  slowread   --connect H:P [--preamble ...] [--streams N] [--chunk 64K]\n"
-               "             [--interval-ms 10] --seconds S\n"
-               "Sizes take K/M/G suffixes (powers of 1024). One JSON object is printed per run.\n");
+  std::fprintf(
+      stderr,
+      "usage: brokerproxy_loadgen MODE [flags]\n"
+      "  backends: serve|sink|source|echo [--listen 127.0.0.1:0]\n"
+      "  throughput --connect H:P [--preamble TEXT|--preamble-file F] --streams N\n"
+      "             --bytes B --direction up|down --seconds S\n"
+      "  handshake  --connect H:P [--preamble ...] [--pipeline] --concurrency C --seconds S\n"
+      "  idle       --connect H:P [--preamble ...] --count K [--parallel P] [--stdin]\n"
+      "  slowread   --connect H:P [--preamble ...] [--streams N] [--chunk 64K]\n"
+      "             [--interval-ms 10] --seconds S\n"
+      "Sizes take K/M/G suffixes (powers of 1024). One JSON object is printed per run.\n");
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "proxy/dialer.h"
 
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -45,14 +46,39 @@ loop::Pending ResolveCache::Resolve(const std::string& host, int port, Callback 
   });
 }
 
-void Dialer::Dial(const std::string& host, int port, Callback cb) {
+namespace {
+
+bool IsLoopback(const sockaddr_storage& ss) {
+  if (ss.ss_family == AF_INET) {
+    return (ntohl(reinterpret_cast<const sockaddr_in*>(&ss)->sin_addr.s_addr) >> 24) == 127;
+  }
+  return ss.ss_family == AF_INET6 &&
+         IN6_IS_ADDR_LOOPBACK(&reinterpret_cast<const sockaddr_in6*>(&ss)->sin6_addr);
+}
+
+bool Established(int fd) {
+  tcp_info info{};
+  socklen_t len = sizeof(info);
+  return ::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 &&
+         info.tcpi_state == TCP_ESTABLISHED;
+}
+
+}  // namespace
+
+void Dialer::Dial(const std::string& host, int port, Callback cb, bool may_complete_inline) {
   cb_ = std::move(cb);
   target_ =
       (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
   // The common case, a numeric backend address, connects now: no extra loop turn.
   if (auto numeric = loop::ParseNumericAddress(host, port)) {
     addresses_.push_back(*numeric);
-    if (!TryNext()) Fail(last_error_);
+    if (!TryNext()) {
+      Fail(last_error_);
+      return;
+    }
+    if (may_complete_inline && IsLoopback(*numeric) && Established(socket_.fd())) {
+      Connected();  // last: may destroy this
+    }
     return;
   }
   pending_ = cache_->Resolve(host, port, [this](Result<ResolveCache::Addresses> r) {
@@ -95,6 +121,11 @@ bool Dialer::TryNext() {
 
 void Dialer::OnEvent(loop::IoWatch* w) {
   if (!w->writable()) return;  // e.g. a first byte from the backend before the EPOLLOUT edge
+  Connected();
+}
+
+void Dialer::Connected() {
+  loop::IoWatch* w = socket_.get();
   int err = SocketError(w->fd());
   // A local backend port that nothing listens on can yield a connection to ourselves.
   if (err == 0 &&

@@ -56,13 +56,18 @@ class Dialer {
   Dialer(const Dialer&) = delete;
   Dialer& operator=(const Dialer&) = delete;
 
-  // REQUIRES: called once.
-  void Dial(const std::string& host, int port, Callback cb);
+  // REQUIRES: called once. With `may_complete_inline`, a connection to a loopback address that
+  // the kernel established inside connect() (it completes loopback handshakes in the call) is
+  // reported from inside Dial(), as its last action, sparing a loop turn: then the caller must
+  // touch nothing of its own after Dial() returns, as the callback may have destroyed it.
+  void Dial(const std::string& host, int port, Callback cb, bool may_complete_inline = false);
 
  private:
   // Starts connecting to the next address; false when none is left.
   bool TryNext();
   void OnEvent(loop::IoWatch* watch);
+  // The socket is writable or failed: report it, or try the next address.
+  void Connected();
   void Fail(Status status);
 
   loop::Reactor* reactor_;

@@ -13,7 +13,6 @@
 namespace brokerproxy::proxy {
 namespace {
 
-constexpr size_t kCopyBufferSize = 64 * 1024;
 // Chunks moved per event before yielding to other sessions; what is left is picked up on a
 // later loop turn (IoWatch::Yield: edge-triggered readiness does not repeat itself).
 constexpr int kRoundsPerEvent = 8;
@@ -53,6 +52,17 @@ Result<PipePool::Pipe> PipePool::Acquire() {
   return p;
 }
 
+std::unique_ptr<char[]> PipePool::AcquireBuffer() {
+  if (buffers_.empty()) return std::unique_ptr<char[]>(new char[kBufferSize]);
+  std::unique_ptr<char[]> b = std::move(buffers_.back());
+  buffers_.pop_back();
+  return b;
+}
+
+void PipePool::ReleaseBuffer(std::unique_ptr<char[]> buffer) {
+  if (buffers_.size() < max_idle_) buffers_.push_back(std::move(buffer));
+}
+
 void PipePool::Release(Pipe p, bool empty) {
   assert(in_use_ > 0);
   --in_use_;
@@ -71,7 +81,9 @@ struct Relay::Pump {
   loop::IoWatch* dst = nullptr;
   const char* src_name = "";
   const char* dst_name = "";
-  bool splice_mode = true;  // both sockets: splice through a pipe; else read/write
+  bool splice_mode = true;  // both sockets: may splice through a pipe; else read/write only
+  bool bulk = false;        // splicing now (the last read filled the buffer)
+  bool src_socket = true;
   bool dst_is_socket = true;
   std::string prefix;  // written to dst before anything else
   size_t prefix_off = 0;
@@ -98,7 +110,7 @@ struct Relay::Pump {
       has_pipe = false;
       in_pipe = 0;
     }
-    buf.reset();
+    if (buf) pool->ReleaseBuffer(std::move(buf));
     buf_len = buf_off = 0;
   }
 
@@ -146,12 +158,20 @@ struct Relay::Pump {
     return Status::OK();
   }
 
-  // Reads one chunk from src into the pipe (splice mode) or the buffer, or learns that src is
-  // empty (then its readable flag is cleared) or at its end.
+  // Reads one chunk from src into the pipe or the buffer, or learns that src is empty (then its
+  // readable flag is cleared) or at its end.
+  //
+  // Between two sockets the first chunk is read into the buffer: small, interactive traffic
+  // (a shell, a request) then costs a read and a write, and a read that returns less than the
+  // buffer holds proves the socket empty, so no read ending in EAGAIN is needed. Only a read
+  // that fills the buffer switches the direction to splice(2), where bulk data stays in the
+  // kernel; a small splice switches it back. (A short splice proves nothing: a pipe fills up
+  // by buffers, not bytes, so small segments can fill it early.)
   Status Fill(PipePool* pool) {
     for (;;) {
       ssize_t n;
-      if (splice_mode) {
+      bool spliced = splice_mode && bulk;
+      if (spliced) {
         if (!has_pipe) {
           auto p = pool->Acquire();
           if (!p.ok()) {
@@ -168,19 +188,25 @@ struct Relay::Pump {
           continue;
         }
       } else {
-        if (!buf) buf.reset(new char[kCopyBufferSize]);
-        n = ::read(src->fd(), buf.get(), kCopyBufferSize);
+        if (!buf) buf = pool->AcquireBuffer();
+        n = ::read(src->fd(), buf.get(), PipePool::kBufferSize);
       }
       if (n > 0) {
-        if (splice_mode) {
+        if (spliced) {
           in_pipe = n;
+          if (static_cast<size_t>(n) < PipePool::kBufferSize / 4) bulk = false;
         } else {
           buf_len = n;
           buf_off = 0;
+          if (static_cast<size_t>(n) == PipePool::kBufferSize) {
+            bulk = splice_mode;
+          } else if (src_socket && !src->hangup()) {
+            // A socket read returns all that is queued, up to the size asked for: anything
+            // newer brings a new edge. (Not a tty: it returns one line at a time. Not after a
+            // hangup: the end of the stream must still be read.)
+            src->ClearReadable();
+          }
         }
-        // Less than asked for does not prove the socket empty here (a pipe fills up by
-        // buffers, not bytes, so small segments can fill it early): only EAGAIN clears the
-        // readable flag.
         return Status::OK();
       }
       if (n == 0) {
@@ -241,6 +267,7 @@ Relay::Relay(PipePool* pool, Side a, Side b, const char* a_name, const char* b_n
     p->dst = dst;
     p->src_name = sn;
     p->dst_name = dn;
+    p->src_socket = from.sockets;
     p->dst_is_socket = to.sockets;
     p->splice_mode = from.sockets && to.sockets;
     p->prefix = std::move(prefix);

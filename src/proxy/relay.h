@@ -1,9 +1,10 @@
 // Moving bytes between two connected stream endpoints, both ways, with bounded memory.
 //
 // Relay moves each direction (a Pump) of two to four raw fds registered in the edge-triggered
-// Reactor (loop/reactor.h): with splice(2) through a kernel pipe when both fds are sockets, so
-// bytes never enter user space and a chunk costs two syscalls; with read/write through a 64 KiB
-// buffer otherwise (a tty, pipes on stdio). Readiness is known from the reactor's flags, so
+// Reactor (loop/reactor.h): bulk data between sockets with splice(2) through a kernel pipe, so
+// bytes never enter user space and a chunk costs two syscalls; small chunks (and anything that
+// is not a socket: a tty, pipes on stdio) with read/write through a 64 KiB buffer, which for a
+// few bytes is cheaper than a pipe. Readiness is known from the reactor's flags, so
 // the relay never changes an epoll registration while it runs. The pipe is borrowed from a
 // PipePool only while it holds bytes, so an idle session holds no pipe and no buffer
 // (DESIGN.md "Splicing"; LIBRARIES.md section 3).
@@ -37,9 +38,13 @@
 
 namespace brokerproxy::proxy {
 
-// Idle pipes kept for reuse, so a busy proxy does not create and close a pipe per chunk.
+// Idle pipes (and copy buffers) kept for reuse, so a busy proxy does not create and close a
+// pipe, or allocate a buffer, per chunk.
 class PipePool {
  public:
+  // The size of a copy buffer.
+  static constexpr size_t kBufferSize = 64 * 1024;
+
   struct Pipe {
     int read_fd = -1;
     int write_fd = -1;
@@ -58,6 +63,9 @@ class PipePool {
   // holds bytes is closed, since they belong to a session that is gone.
   void Release(Pipe pipe, bool empty);
 
+  std::unique_ptr<char[]> AcquireBuffer();
+  void ReleaseBuffer(std::unique_ptr<char[]> buffer);
+
   size_t idle() const { return idle_.size(); }
   size_t in_use() const { return in_use_; }
 
@@ -66,6 +74,7 @@ class PipePool {
   size_t max_idle_;
   size_t in_use_ = 0;
   std::vector<Pipe> idle_;
+  std::vector<std::unique_ptr<char[]>> buffers_;
 };
 
 class Relay {

@@ -17,11 +17,14 @@ Session::~Session() = default;
 void Session::Start() {
   int64_t timeout = proxy_->options().handshake_timeout_ms;  // 0: no limit
   if (timeout > 0) proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
-  client_->SetCallback([this](loop::IoWatch*) { OnClientReadable(); });
+  client_->SetCallback([this](loop::IoWatch*) { OnClientReadable(/*speculative=*/false); });
+  // A client usually sends its first bytes right behind the handshake, so they are likely
+  // there already: look now rather than a loop turn later. Nothing here if not (one recv).
+  OnClientReadable(/*speculative=*/true);
 }
 
-void Session::OnClientReadable() {
-  if (!client_->readable() || state_ == State::kConnecting) return;
+void Session::OnClientReadable(bool speculative) {
+  if ((!speculative && !client_->readable()) || state_ == State::kConnecting) return;
   int fd = client_->fd();
   char buf[kMaxPreambleBytes];
   size_t room = kMaxPreambleBytes - preamble_.size();
@@ -118,8 +121,9 @@ void Session::OnPreamble(const Preamble& p) {
     proxy_->ClearDeadline(this);
   }
   dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
-  dialer_->Dial(target_.host, target_.port,
-                [this](Result<loop::IoHandle> r) { OnBackend(std::move(r)); });
+  dialer_->Dial(
+      target_.host, target_.port, [this](Result<loop::IoHandle> r) { OnBackend(std::move(r)); },
+      /*may_complete_inline=*/true);  // the last thing this function does
 }
 
 void Session::OnBackend(Result<loop::IoHandle> backend) {

@@ -29,6 +29,8 @@ class Session final : public Connection {
   Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& peer);
   ~Session() override;
 
+  // REQUIRES: the caller touches nothing of this session after the call (it may already have
+  // rejected the client and retired itself).
   void Start();
   void Close(const char* reason) override;
   void OnDeadline() override;
@@ -37,7 +39,8 @@ class Session final : public Connection {
  private:
   enum class State { kSniffing, kPreamble, kConnecting, kSplicing, kClosed };
 
-  void OnClientReadable();
+  // `speculative`: try even though no edge said the socket is readable.
+  void OnClientReadable(bool speculative);
   void OnPreamble(const Preamble& p);
   void OnBackend(Result<loop::IoHandle> backend);
   // Answers "ERR <code>" and closes.
