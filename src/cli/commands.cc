@@ -97,6 +97,23 @@ bool PortFreeHere(int port) {
 
 void PrintRaw(const cJSON* reply) { std::printf("%s\n", registry::PrintJson(reply).c_str()); }
 
+Request MakeRequest(Op op, const std::string& job = std::string()) {
+  Request req;
+  req.op = op;
+  req.job = job;
+  return req;
+}
+
+// Sends `req`. With --json the reply is printed as it came and nullptr returned (nothing left
+// to do); otherwise the reply is returned for the caller to print.
+Result<JsonPtr> Ask(BrokerClient* client, const Request& req, OutputFormat format,
+                    int64_t timeout_ms = kCallTimeoutMs) {
+  auto reply = client->Call(req, timeout_ms);
+  if (!reply.ok() || format != OutputFormat::kJson) return reply;
+  PrintRaw(reply->get());
+  return JsonPtr();
+}
+
 // mkdir -p; directories it creates get mode 0700 (they hold private keys).
 Status MakePrivateDirs(const std::string& path) {
   for (size_t pos = 1; pos <= path.size(); ++pos) {
@@ -320,10 +337,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     req.save.key_path = key_files->key_path;
   }
   auto remove_job = [&](const std::string& id) {
-    Request remove;
-    remove.op = Op::kRemove;
-    remove.job = id;
-    return client->Call(remove, kCallTimeoutMs);
+    return client->Call(MakeRequest(Op::kRemove, id), kCallTimeoutMs);
   };
 
   auto reply = client->Call(req, kCallTimeoutMs);
@@ -361,9 +375,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   }
 
   if (args.wait && !exec_mode) {
-    Request wait;
-    wait.op = Op::kWait;
-    wait.job = job->id;
+    Request wait = MakeRequest(Op::kWait, job->id);
     wait.timeout_ms = wait_ms;
     auto ready = client->Call(wait, wait_ms + kCallTimeoutMs);
     if (!ready.ok()) {
@@ -402,15 +414,8 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
 }
 
 Status RunLoad(BrokerClient* client, const std::string& job_id, OutputFormat format) {
-  Request req;
-  req.op = Op::kLoad;
-  req.job = job_id;
-  auto reply = client->Call(req, kCallTimeoutMs);
-  if (!reply.ok()) return reply.status();
-  if (format == OutputFormat::kJson) {
-    PrintRaw(reply->get());
-    return Status::OK();
-  }
+  auto reply = Ask(client, MakeRequest(Op::kLoad, job_id), format);
+  if (!reply.ok() || !*reply) return reply.status();
   auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
   if (!job.ok()) return job.status();
   PrintJob(*job, format);
@@ -446,14 +451,8 @@ Status RunVerify(BrokerClient* client, const std::string& job_id, const std::str
 }
 
 Status RunQuery(BrokerClient* client, OutputFormat format) {
-  Request req;
-  req.op = Op::kQuery;
-  auto reply = client->Call(req, kCallTimeoutMs);
-  if (!reply.ok()) return reply.status();
-  if (format == OutputFormat::kJson) {
-    PrintRaw(reply->get());
-    return Status::OK();
-  }
+  auto reply = Ask(client, MakeRequest(Op::kQuery), format);
+  if (!reply.ok() || !*reply) return reply.status();
   const cJSON* jobs = cJSON_GetObjectItemCaseSensitive(reply->get(), "jobs");
   if (!cJSON_IsArray(jobs)) return Status::IOError("reply has no 'jobs'");
   if (cJSON_GetArraySize(jobs) == 0) {
@@ -462,44 +461,29 @@ Status RunQuery(BrokerClient* client, OutputFormat format) {
   }
   std::printf("%-24s %-4s %-28s %-8s %s\n", "JOB", "TYPE", "BACKEND", "STATE", "EXPIRES");
   for (const cJSON* j = jobs->child; j; j = j->next) {
-    Job job_value;
-    Status js = registry::JobFromJson(j, SecretField::kOmit, &job_value);
+    Job job;
+    Status js = registry::JobFromJson(j, SecretField::kOmit, &job);
     if (!js.ok()) return Status::IOError("malformed reply: " + js.message());
-    const Job* job = &job_value;
-    std::string backend = job->host + ":" + std::to_string(job->port);
-    std::printf("%-24s %-4s %-28s %-8s %s\n", job->id.c_str(), registry::JobTypeName(job->type),
-                backend.c_str(), job->ready ? "ready" : "waiting",
-                FormatTime(job->expires).c_str());
+    std::string backend = job.host + ":" + std::to_string(job.port);
+    std::printf("%-24s %-4s %-28s %-8s %s\n", job.id.c_str(), registry::JobTypeName(job.type),
+                backend.c_str(), job.ready ? "ready" : "waiting", FormatTime(job.expires).c_str());
   }
   return Status::OK();
 }
 
 Status RunRemove(BrokerClient* client, const std::string& job_id, OutputFormat format) {
-  Request req;
-  req.op = Op::kRemove;
-  req.job = job_id;
-  auto reply = client->Call(req, kCallTimeoutMs);
-  if (!reply.ok()) return reply.status();
-  if (format == OutputFormat::kJson) {
-    PrintRaw(reply->get());
-  } else {
-    std::printf("removed job %s\n", job_id.c_str());
-  }
+  auto reply = Ask(client, MakeRequest(Op::kRemove, job_id), format);
+  if (!reply.ok() || !*reply) return reply.status();
+  std::printf("removed job %s\n", job_id.c_str());
   return Status::OK();
 }
 
 Status RunWait(BrokerClient* client, const std::string& job_id, int64_t timeout_ms,
                OutputFormat format) {
-  Request req;
-  req.op = Op::kWait;
-  req.job = job_id;
+  Request req = MakeRequest(Op::kWait, job_id);
   req.timeout_ms = timeout_ms;
-  auto reply = client->Call(req, timeout_ms + kCallTimeoutMs);
-  if (!reply.ok()) return reply.status();
-  if (format == OutputFormat::kJson) {
-    PrintRaw(reply->get());
-    return Status::OK();
-  }
+  auto reply = Ask(client, req, format, timeout_ms + kCallTimeoutMs);
+  if (!reply.ok() || !*reply) return reply.status();
   auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
   if (!job.ok()) return job.status();
   PrintJob(*job, format);
@@ -507,14 +491,8 @@ Status RunWait(BrokerClient* client, const std::string& job_id, int64_t timeout_
 }
 
 Status RunStats(BrokerClient* client, OutputFormat format) {
-  Request req;
-  req.op = Op::kStats;
-  auto reply = client->Call(req, kCallTimeoutMs);
-  if (!reply.ok()) return reply.status();
-  if (format == OutputFormat::kJson) {
-    PrintRaw(reply->get());
-    return Status::OK();
-  }
+  auto reply = Ask(client, MakeRequest(Op::kStats), format);
+  if (!reply.ok() || !*reply) return reply.status();
   const cJSON* stats = cJSON_GetObjectItemCaseSensitive(reply->get(), "stats");
   if (!cJSON_IsObject(stats)) return Status::IOError("reply has no 'stats'");
   // Flat members as "name: value"; nested objects indented under their name.
@@ -545,9 +523,7 @@ std::string DefaultCertDir() {
 }
 
 Result<std::string> FetchCaPem(BrokerClient* client) {
-  Request req;
-  req.op = Op::kCa;
-  auto reply = client->Call(req, kCallTimeoutMs);
+  auto reply = client->Call(MakeRequest(Op::kCa), kCallTimeoutMs);
   if (!reply.ok()) return reply.status();
   std::string pem = StringField(reply->get(), "ca_cert");
   if (pem.empty()) return Status::IOError("the broker's reply has no 'ca_cert'");
@@ -555,17 +531,10 @@ Result<std::string> FetchCaPem(BrokerClient* client) {
 }
 
 Status RunCa(BrokerClient* client, OutputFormat format) {
-  Request req;
-  req.op = Op::kCa;
-  auto reply = client->Call(req, kCallTimeoutMs);
-  if (!reply.ok()) return reply.status();
-  if (format == OutputFormat::kJson) {
-    PrintRaw(reply->get());
-    return Status::OK();
-  }
-  std::string pem = StringField(reply->get(), "ca_cert");
-  if (pem.empty()) return Status::IOError("the broker's reply has no 'ca_cert'");
-  std::fputs(pem.c_str(), stdout);
+  if (format == OutputFormat::kJson) return Ask(client, MakeRequest(Op::kCa), format).status();
+  auto pem = FetchCaPem(client);
+  if (!pem.ok()) return pem.status();
+  std::fputs(pem->c_str(), stdout);
   return Status::OK();
 }
 

@@ -134,7 +134,8 @@ const std::vector<Entry>& Entries() {
       {{"proxy", "keepalive", T::kDuration, "1m",
         "TCP keepalive idle time on client and backend connections, in whole seconds: the "
         "kernel probes a peer that has been silent this long, so dead peers are found even "
-        "when idle_timeout is 0. 0 turns keepalive off.",
+        "when idle_timeout is 0; the probes' interval and count stay the kernel's "
+        "(net.ipv4.tcp_keepalive_intvl and tcp_keepalive_probes). 0 turns keepalive off.",
         nullptr, kNo},
        &Config::keepalive_ms},
       {{"proxy", "throttle_failures", T::kInt, "10",

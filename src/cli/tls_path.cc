@@ -40,55 +40,30 @@ class TlsTunnel final : public Tunnel {
 
 class TlsPath final : public ProxyPath {
  public:
-  TlsPath(loop::Reactor* reactor, proxy::SslCtxPtr ctx, std::string host, int port, std::string job,
-          std::string secret, int64_t timeout_ms)
-      : loop_(&reactor->loop()),
-        reactor_(reactor),
-        ctx_(std::move(ctx)),
-        resolver_(loop_, 60000),
-        host_(std::move(host)),
-        port_(port),
-        job_(std::move(job)),
-        secret_(std::move(secret)),
-        timeout_ms_(timeout_ms) {}
+  TlsPath(proxy::SslCtxPtr ctx, ProxyEndpoint endpoint)
+      : ctx_(std::move(ctx)), ep_(std::move(endpoint)) {}
 
   std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, Done done) override {
     auto t = std::make_unique<TlsTunnel>(this, std::move(local), std::move(done));
     t->Start();
     return t;
   }
-  std::string Describe() const override {
-    return "TLS to " + (host_.find(':') != std::string::npos ? "[" + host_ + "]" : host_) + ":" +
-           std::to_string(port_);
-  }
+  std::string Describe() const override { return "TLS to " + ep_.Address(); }
 
-  loop::Loop* loop_;
-  loop::Reactor* reactor_;
   proxy::SslCtxPtr ctx_;
-  proxy::ResolveCache resolver_;
-  std::string host_;
-  int port_;
-  std::string job_;
-  std::string secret_;
-  int64_t timeout_ms_;
+  ProxyEndpoint ep_;
 };
 
 TlsTunnel::TlsTunnel(TlsPath* path, proxy::Relay::Side local, ProxyPath::Done done)
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      dialer_(path->reactor_, &path->resolver_) {}
+      dialer_(path->ep_.reactor, &path->ep_.resolver) {}
 
 void TlsTunnel::Start() {
-  auto t = loop::Timer::Create(*path_->loop_);
-  if (t.ok()) {
-    timer_ = std::move(t).value();
-    timer_->Start(static_cast<uint64_t>(path_->timeout_ms_), [this] {
-      Finish(Status::Timeout("no TLS session with the proxy at " + path_->Describe() + " within " +
-                             std::to_string(path_->timeout_ms_ / 1000) + "s"));
-    });
-  }
-  dialer_.Dial(path_->host_, path_->port_,
+  timer_ = path_->ep_.HandshakeTimer("no TLS session with the proxy at " + path_->Describe(),
+                                     [this](Status s) { Finish(std::move(s)); });
+  dialer_.Dial(path_->ep_.host, path_->ep_.port,
                [this](Result<loop::IoHandle> r) { OnConnected(std::move(r)); });
 }
 
@@ -98,7 +73,7 @@ void TlsTunnel::OnConnected(Result<loop::IoHandle> io) {
     return;
   }
   // TLS moves bytes in user space, on a level-triggered poll.
-  auto upstream = proxy::ToPoll(*path_->loop_, std::move(io).value());
+  auto upstream = proxy::ToPoll(*path_->ep_.loop, std::move(io).value());
   if (!upstream.ok()) {
     Finish(upstream.status());
     return;
@@ -110,7 +85,7 @@ void TlsTunnel::OnConnected(Result<loop::IoHandle> io) {
     Finish(proxy::SslError("SSL_new"));
     return;
   }
-  Status s = proxy::SetClientPeerName(ssl.get(), path_->host_);
+  Status s = proxy::SetClientPeerName(ssl.get(), path_->ep_.host);
   if (!s.ok()) {
     Finish(s);
     return;
@@ -135,7 +110,7 @@ void TlsTunnel::OnHandshake() {
                                     "'); refusing to send the job's secret"));
     return;
   }
-  Status s = tls_->Send(PreambleLine(path_->job_, path_->secret_));
+  Status s = tls_->Send(PreambleLine(path_->ep_.job, path_->ep_.secret));
   if (!s.ok()) Finish(s);
 }
 
@@ -153,14 +128,14 @@ void TlsTunnel::OnData() {
   }
   std::string line(inbox.substr(0, nl));
   tls_->Consume(nl + 1);  // what follows "OK\n" is the backend's and stays in the inbox
-  Status s = StatusFromReply(line, path_->job_);
+  Status s = StatusFromReply(line, path_->ep_.job);
   if (!s.ok()) {
     Finish(s);
     return;
   }
   timer_.reset();
   relaying_ = true;
-  auto local = proxy::ToPolls(*path_->loop_, std::move(local_));
+  auto local = proxy::ToPolls(*path_->ep_.loop, std::move(local_));
   if (!local.ok()) {
     Finish(local.status());
     return;
@@ -180,8 +155,9 @@ void TlsTunnel::Finish(Status status) {
 std::unique_ptr<ProxyPath> NewTlsPath(loop::Reactor* reactor, proxy::SslCtxPtr ctx,
                                       std::string host, int port, std::string job,
                                       std::string secret, int64_t handshake_timeout_ms) {
-  return std::make_unique<TlsPath>(reactor, std::move(ctx), std::move(host), port, std::move(job),
-                                   std::move(secret), handshake_timeout_ms);
+  return std::make_unique<TlsPath>(std::move(ctx),
+                                   ProxyEndpoint(reactor, std::move(host), port, std::move(job),
+                                                 std::move(secret), handshake_timeout_ms));
 }
 
 }  // namespace brokerproxy::cli

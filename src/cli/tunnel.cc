@@ -12,6 +12,32 @@
 
 namespace brokerproxy::cli {
 
+ProxyEndpoint::ProxyEndpoint(loop::Reactor* reactor, std::string host, int port, std::string job,
+                             std::string secret, int64_t handshake_timeout_ms)
+    : loop(&reactor->loop()),
+      reactor(reactor),
+      resolver(loop, 60000),
+      host(std::move(host)),
+      port(port),
+      job(std::move(job)),
+      secret(std::move(secret)),
+      timeout_ms(handshake_timeout_ms) {}
+
+std::string ProxyEndpoint::Address() const {
+  return (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" +
+         std::to_string(port);
+}
+
+loop::HandlePtr<loop::Timer> ProxyEndpoint::HandshakeTimer(const std::string& what,
+                                                           std::function<void(Status)> fail) const {
+  auto t = loop::Timer::Create(*loop);
+  if (!t.ok()) return nullptr;
+  std::string message = what + " within " + std::to_string(timeout_ms / 1000) + "s";
+  (*t)->Start(static_cast<uint64_t>(timeout_ms),
+              [fail = std::move(fail), message] { fail(Status::Timeout(message)); });
+  return std::move(t).value();
+}
+
 std::string PreambleLine(const std::string& job, const std::string& secret) {
   return "BROKER1 " + job + " " + secret + "\n";
 }
@@ -72,57 +98,30 @@ class DirectTunnel final : public Tunnel {
 
 class DirectPath final : public ProxyPath {
  public:
-  DirectPath(loop::Reactor* reactor, proxy::PipePool* pipes, std::string host, int port,
-             std::string job, std::string secret, int64_t timeout_ms)
-      : loop_(&reactor->loop()),
-        reactor_(reactor),
-        pipes_(pipes),
-        resolver_(loop_, 60000),
-        host_(std::move(host)),
-        port_(port),
-        job_(std::move(job)),
-        secret_(std::move(secret)),
-        timeout_ms_(timeout_ms) {}
+  DirectPath(proxy::PipePool* pipes, ProxyEndpoint endpoint)
+      : pipes_(pipes), ep_(std::move(endpoint)) {}
 
   std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, Done done) override {
     auto t = std::make_unique<DirectTunnel>(this, std::move(local), std::move(done));
     t->Start();
     return t;
   }
-  std::string Describe() const override {
-    return (host_.find(':') != std::string::npos ? "[" + host_ + "]" : host_) + ":" +
-           std::to_string(port_);
-  }
+  std::string Describe() const override { return ep_.Address(); }
 
-  loop::Loop* loop_;
-  loop::Reactor* reactor_;
   proxy::PipePool* pipes_;
-  proxy::ResolveCache resolver_;
-  std::string host_;
-  int port_;
-  std::string job_;
-  std::string secret_;
-  int64_t timeout_ms_;
+  ProxyEndpoint ep_;
 };
 
 DirectTunnel::DirectTunnel(DirectPath* path, proxy::Relay::Side local, ProxyPath::Done done)
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      dialer_(path->reactor_, &path->resolver_) {}
+      dialer_(path->ep_.reactor, &path->ep_.resolver) {}
 
 void DirectTunnel::Start() {
-  // A timer cannot fail to initialise (uv_timer_init allocates nothing); without one the
-  // tunnel would still end through the proxy's own handshake timeout.
-  auto t = loop::Timer::Create(*path_->loop_);
-  if (t.ok()) {
-    timer_ = std::move(t).value();
-    timer_->Start(static_cast<uint64_t>(path_->timeout_ms_), [this] {
-      Finish(Status::Timeout("no answer from the proxy at " + path_->Describe() + " within " +
-                             std::to_string(path_->timeout_ms_ / 1000) + "s"));
-    });
-  }
-  dialer_.Dial(path_->host_, path_->port_,
+  timer_ = path_->ep_.HandshakeTimer("no answer from the proxy at " + path_->Describe(),
+                                     [this](Status s) { Finish(std::move(s)); });
+  dialer_.Dial(path_->ep_.host, path_->ep_.port,
                [this](Result<loop::IoHandle> r) { OnConnected(std::move(r)); });
 }
 
@@ -133,7 +132,7 @@ void DirectTunnel::OnConnected(Result<loop::IoHandle> upstream) {
   }
   upstream_ = std::move(upstream).value();
   proxy::TuneTcpSocket(upstream_->fd(), 60);
-  std::string line = PreambleLine(path_->job_, path_->secret_);
+  std::string line = PreambleLine(path_->ep_.job, path_->ep_.secret);
   // An empty socket buffer takes the short line at once.
   if (proxy::SendBestEffort(upstream_->fd(), line) != line.size()) {
     Finish(Status::IOError("cannot send the handshake to the proxy"));
@@ -172,7 +171,7 @@ void DirectTunnel::OnReadable() {
     return;
   }
   reply_.pop_back();  // '\n'
-  Status s = StatusFromReply(reply_, path_->job_);
+  Status s = StatusFromReply(reply_, path_->ep_.job);
   if (!s.ok()) {
     Finish(s);
     return;
@@ -197,8 +196,9 @@ void DirectTunnel::Finish(Status status) {
 std::unique_ptr<ProxyPath> NewDirectPath(loop::Reactor* reactor, proxy::PipePool* pipes,
                                          std::string host, int port, std::string job,
                                          std::string secret, int64_t handshake_timeout_ms) {
-  return std::make_unique<DirectPath>(reactor, pipes, std::move(host), port, std::move(job),
-                                      std::move(secret), handshake_timeout_ms);
+  return std::make_unique<DirectPath>(
+      pipes, ProxyEndpoint(reactor, std::move(host), port, std::move(job), std::move(secret),
+                           handshake_timeout_ms));
 }
 
 }  // namespace brokerproxy::cli

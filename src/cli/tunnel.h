@@ -16,8 +16,12 @@
 #include <string>
 #include <string_view>
 
+#include "loop/handle.h"
 #include "loop/loop.h"
+#include "loop/reactor.h"
 #include "loop/status.h"
+#include "loop/timer.h"
+#include "proxy/dialer.h"
 #include "proxy/relay.h"
 #include "proxy/ssh_common.h"
 
@@ -37,6 +41,27 @@ class ProxyPath {
   virtual std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, Done done) = 0;
   // "127.0.0.1:7000", "TLS to login:7000", "login via SSH", for messages.
   virtual std::string Describe() const = 0;
+};
+
+// Where and as whom a path reaches the proxy port: shared by the direct and the TLS paths.
+struct ProxyEndpoint {
+  ProxyEndpoint(loop::Reactor* reactor, std::string host, int port, std::string job,
+                std::string secret, int64_t handshake_timeout_ms);
+  // "host:port", "[v6]:port".
+  std::string Address() const;
+  // A timer that calls `fail` with a Timeout naming `what` once the handshake took too long.
+  // (A timer cannot fail to initialise; without one the proxy's own deadline still applies.)
+  loop::HandlePtr<loop::Timer> HandshakeTimer(const std::string& what,
+                                              std::function<void(Status)> fail) const;
+
+  loop::Loop* loop;
+  loop::Reactor* reactor;
+  proxy::ResolveCache resolver;
+  std::string host;
+  int port;
+  std::string job;
+  std::string secret;
+  int64_t timeout_ms;
 };
 
 // The BROKER1 line for `job` and `secret`, newline included.

@@ -77,7 +77,7 @@ void Dialer::Dial(const std::string& host, int port, Callback cb, bool may_compl
       return;
     }
     if (may_complete_inline && IsLoopback(*numeric) && Established(socket_.fd())) {
-      Connected();  // last: may destroy this
+      Connected(/*established=*/true);  // last: may destroy this
     }
     return;
   }
@@ -121,12 +121,12 @@ bool Dialer::TryNext() {
 
 void Dialer::OnEvent(loop::IoWatch* w) {
   if (!w->writable()) return;  // e.g. a first byte from the backend before the EPOLLOUT edge
-  Connected();
+  Connected(/*established=*/false);
 }
 
-void Dialer::Connected() {
+void Dialer::Connected(bool established) {
   loop::IoWatch* w = socket_.get();
-  int err = SocketError(w->fd());
+  int err = established ? 0 : SocketError(w->fd());
   // A local backend port that nothing listens on can yield a connection to ourselves.
   if (err == 0 &&
       IsSelfConnected(w->fd(), reinterpret_cast<const sockaddr*>(&addresses_[next_ - 1]))) {

@@ -66,8 +66,9 @@ class Dialer {
   // Starts connecting to the next address; false when none is left.
   bool TryNext();
   void OnEvent(loop::IoWatch* watch);
-  // The socket is writable or failed: report it, or try the next address.
-  void Connected();
+  // The socket is writable or failed (or known `established`): report it, or try the next
+  // address.
+  void Connected(bool established);
   void Fail(Status status);
 
   loop::Reactor* reactor_;

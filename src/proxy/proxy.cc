@@ -225,6 +225,14 @@ void Proxy::SetDeadline(Connection* conn, uint64_t at_ms) {
   RearmDeadlineTimer();
 }
 
+void Proxy::ArmDeadline(Connection* conn, int64_t timeout_ms) {
+  if (timeout_ms > 0) {
+    SetDeadline(conn, loop_->Now() + static_cast<uint64_t>(timeout_ms));
+  } else {
+    ClearDeadline(conn);
+  }
+}
+
 void Proxy::ClearDeadline(Connection* conn) {
   if (!conn->has_deadline_) return;
   deadlines_.erase(conn->deadline_);

@@ -161,6 +161,8 @@ class Proxy {
   // Calls conn->OnDeadline() at `at_ms` (loop time) unless cleared or replaced first.
   void SetDeadline(Connection* conn, uint64_t at_ms);
   void ClearDeadline(Connection* conn);
+  // The deadline `timeout_ms` from now; none (cleared) for 0, which means "no limit".
+  void ArmDeadline(Connection* conn, int64_t timeout_ms);
 
   // Takes a connection created outside the accept path (a frontend's). Counts it as active.
   Connection* Adopt(std::unique_ptr<Connection> conn);

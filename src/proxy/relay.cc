@@ -95,6 +95,7 @@ struct Relay::Pump {
   size_t buf_off = 0;
   bool src_eof = false;
   bool done = false;
+  const Pump* other = nullptr;  // the opposite direction
   uint64_t* moved = nullptr;
 
   bool holding() const { return prefix_off < prefix.size() || in_pipe > 0 || buf_off < buf_len; }
@@ -233,7 +234,9 @@ struct Relay::Pump {
       }
       ReleaseHeld(pool);  // nothing held: an idle direction keeps no pipe and no buffer
       if (src_eof) {
-        if (dst_is_socket) ::shutdown(dst->fd(), SHUT_WR);
+        // Pass the EOF on, unless the other way is over too: then the relay ends and closes
+        // both sockets, which sends the FIN (both were read to EOF, so no RST).
+        if (dst_is_socket && !other->done) ::shutdown(dst->fd(), SHUT_WR);
         done = true;
         return Status::OK();
       }
@@ -276,6 +279,8 @@ Relay::Relay(PipePool* pool, Side a, Side b, const char* a_name, const char* b_n
   };
   a_to_b_ = make(a_in, b_out, a, b, a_name, b_name, std::move(prefix_to_b), &counters_.a_to_b);
   b_to_a_ = make(b_in, a_out, b, a, b_name, a_name, std::move(prefix_to_a), &counters_.b_to_a);
+  a_to_b_->other = b_to_a_.get();
+  b_to_a_->other = a_to_b_.get();
   for (Side* side : {&a, &b}) {
     fds_.push_back(std::move(side->in));
     if (side->out) fds_.push_back(std::move(side->out));
@@ -339,6 +344,8 @@ bool Relay::Run(Pump* p) {
 void Relay::Finish(Status status) {
   if (finished_) return;
   finished_ = true;
+  // Over: the sockets close now, whatever the owner does with this object.
+  for (loop::IoHandle& io : fds_) io.reset();
   DoneCallback done = std::move(done_);
   if (done) done(std::move(status));  // may destroy this
 }
@@ -374,12 +381,10 @@ void TuneTcpSocket(int fd, int keepalive_s) {
   int one = 1;
   (void)::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   if (keepalive_s > 0) {
-    int interval = keepalive_s >= 30 ? 10 : 1;
-    int count = 6;
+    // The first probe after `keepalive_s` idle seconds; their interval and number stay the
+    // kernel's (net.ipv4.tcp_keepalive_intvl and _probes), as an administrator tuned them.
     (void)::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
     (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &keepalive_s, sizeof(keepalive_s));
-    (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval));
-    (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count));
   }
 }
 

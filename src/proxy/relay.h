@@ -16,7 +16,7 @@
 //
 // Half-close: EOF on a source is passed on as shutdown(SHUT_WR) of the sink once everything
 // read has been written; the relay finishes when both directions have. An error on either side
-// ends it at once.
+// ends it at once. When it finishes it closes its fds, before the done callback runs.
 //
 // Ownership: the Relay owns its IoHandles (and so the fds). `*pool` and the reactor must
 // outlive it. The done callback runs at most once; the Relay may be destroyed from inside it or
@@ -152,7 +152,8 @@ Result<loop::HandlePtr<loop::Poll>> ToPoll(loop::Loop& loop, loop::IoHandle io);
 Result<loop::IoHandle> ToIo(loop::Reactor& reactor, loop::HandlePtr<loop::Poll> poll);
 
 // Shared socket helpers for the proxy and the client.
-// TCP_NODELAY and keepalive (`keepalive_s` idle seconds; 0 = off) on a TCP socket.
+// TCP_NODELAY and keepalive (first probe after `keepalive_s` idle seconds; 0 = off) on a TCP
+// socket.
 void TuneTcpSocket(int fd, int keepalive_s);
 // Best-effort write of a short reply on a non-blocking socket, for answers sent just before
 // closing; returns bytes written.

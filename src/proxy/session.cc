@@ -15,8 +15,7 @@ Session::Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& pe
 Session::~Session() = default;
 
 void Session::Start() {
-  int64_t timeout = proxy_->options().handshake_timeout_ms;  // 0: no limit
-  if (timeout > 0) proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
+  proxy_->ArmDeadline(this, proxy_->options().handshake_timeout_ms);
   client_->SetCallback([this](loop::IoWatch*) { OnClientReadable(/*speculative=*/false); });
   // A client usually sends its first bytes right behind the handshake, so they are likely
   // there already: look now rather than a loop turn later. Nothing here if not (one recv).
@@ -114,12 +113,7 @@ void Session::OnPreamble(const Preamble& p) {
   // Bytes after the preamble wait in the socket until the backend is up (kConnecting ignores
   // the client's events; the readable flag keeps what is pending for the relay).
   state_ = State::kConnecting;
-  int64_t timeout = proxy_->options().connect_timeout_ms;  // 0: the OS's own limit
-  if (timeout > 0) {
-    proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
-  } else {
-    proxy_->ClearDeadline(this);
-  }
+  proxy_->ArmDeadline(this, proxy_->options().connect_timeout_ms);
   dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
   dialer_->Dial(
       target_.host, target_.port, [this](Result<loop::IoHandle> r) { OnBackend(std::move(r)); },
@@ -190,16 +184,7 @@ void Session::OnDeadline() {
 void Session::FlushCounters() {
   if (!relay_) return;
   const Relay::Counters& c = relay_->counters();
-  uint64_t up = c.a_to_b - reported_up_;
-  uint64_t down = c.b_to_a - reported_down_;
-  reported_up_ = c.a_to_b;
-  reported_down_ = c.b_to_a;
-  GlobalCounters& g = proxy_->stats().global();
-  g.bytes_up += up;
-  g.bytes_down += down;
-  JobCounters& jc = proxy_->stats().job(target_.job_id);
-  jc.bytes_up += up;
-  jc.bytes_down += down;
+  bytes_.Flush(&proxy_->stats(), target_.job_id, c.a_to_b, c.b_to_a);
 }
 
 void Session::OnSweep(uint64_t now_ms) {

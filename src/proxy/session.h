@@ -56,8 +56,7 @@ class Session final : public Connection {
   Target target_;
   std::unique_ptr<Dialer> dialer_;
   std::unique_ptr<Relay> relay_;
-  uint64_t reported_up_ = 0;  // bytes already added to the counters
-  uint64_t reported_down_ = 0;
+  ByteReport bytes_;  // what of the relay's counters went to the stats already
 };
 
 }  // namespace brokerproxy::proxy

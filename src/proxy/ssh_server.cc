@@ -151,8 +151,7 @@ Status SshSession::Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client) {
   auto timer = loop::Timer::Create(*proxy_->loop());
   if (!timer.ok()) return timer.status();
   pause_timer_ = std::move(timer).value();
-  int64_t timeout = proxy_->options().handshake_timeout_ms;
-  if (timeout > 0) proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
+  proxy_->ArmDeadline(this, proxy_->options().handshake_timeout_ms);
   transport_->Start([this](int status) { OnSocket(status); });
   return Status::OK();
 }
@@ -379,19 +378,10 @@ void SshSession::Service() {
 }
 
 void SshSession::FlushCounters(Channel& c) {
-  uint64_t up = c.splice->to_socket_bytes() - c.reported_up;
-  uint64_t down = c.splice->to_channel_bytes() - c.reported_down;
-  c.reported_up += up;
-  c.reported_down += down;
+  auto [up, down] = c.bytes.Flush(&proxy_->stats(), target_.job_id, c.splice->to_socket_bytes(),
+                                  c.splice->to_channel_bytes());
   bytes_up_ += up;
   bytes_down_ += down;
-  if (up == 0 && down == 0) return;
-  GlobalCounters& g = proxy_->stats().global();
-  g.bytes_up += up;
-  g.bytes_down += down;
-  JobCounters& jc = proxy_->stats().job(target_.job_id);
-  jc.bytes_up += up;
-  jc.bytes_down += down;
 }
 
 void SshSession::EndChannel(Channel& c) {

@@ -96,8 +96,7 @@ class SshSession final : public Connection {
     uint64_t id = 0;
     std::unique_ptr<ChannelSplice> splice;
     std::unique_ptr<Dialer> dialer;
-    uint64_t reported_up = 0;  // bytes already added to the counters
-    uint64_t reported_down = 0;
+    ByteReport bytes;      // what of the splice's counters went to the stats already
     bool counted = false;  // counted as an active connection of the job
   };
 

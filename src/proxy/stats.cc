@@ -2,6 +2,22 @@
 
 namespace brokerproxy::proxy {
 
+std::pair<uint64_t, uint64_t> ByteReport::Flush(Stats* stats, const std::string& job, uint64_t up,
+                                                uint64_t down) {
+  uint64_t new_up = up - up_;
+  uint64_t new_down = down - down_;
+  if (new_up == 0 && new_down == 0) return {0, 0};
+  up_ = up;
+  down_ = down;
+  GlobalCounters& g = stats->global();
+  g.bytes_up += new_up;
+  g.bytes_down += new_down;
+  JobCounters& j = stats->job(job);
+  j.bytes_up += new_up;
+  j.bytes_down += new_down;
+  return {new_up, new_down};
+}
+
 void Stats::Prune(const std::function<bool(const std::string&)>& exists) {
   for (auto it = jobs_.begin(); it != jobs_.end();) {
     if (it->second.active == 0 && !exists(it->first)) {

@@ -14,6 +14,7 @@
 #include <functional>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 namespace brokerproxy::proxy {
 
@@ -40,6 +41,21 @@ struct GlobalCounters {
   uint64_t ssh_failures = 0;  // SSH key exchanges or authentications that failed
   uint64_t bytes_up = 0;
   uint64_t bytes_down = 0;
+};
+
+class Stats;
+
+// Adds one connection's byte totals to the counters as they grow, each byte once.
+class ByteReport {
+ public:
+  // `up`/`down`: the connection's totals so far (client -> backend, backend -> client).
+  // Returns the bytes added now, each way.
+  std::pair<uint64_t, uint64_t> Flush(Stats* stats, const std::string& job, uint64_t up,
+                                      uint64_t down);
+
+ private:
+  uint64_t up_ = 0;
+  uint64_t down_ = 0;
 };
 
 class Stats {

@@ -29,8 +29,7 @@ class TlsConnection final : public Connection {
         client_(std::move(handoff.client)) {}
 
   void Start() {
-    int64_t timeout = proxy_->options().handshake_timeout_ms;  // 0: no limit
-    if (timeout > 0) proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
+    proxy_->ArmDeadline(this, proxy_->options().handshake_timeout_ms);
     client_->Start(UV_READABLE, [this](int status, int) { OnClientReadable(status); });
   }
 
@@ -72,8 +71,7 @@ class TlsConnection final : public Connection {
   std::unique_ptr<Dialer> dialer_;
   std::unique_ptr<Relay> relay_;   // passthrough
   std::unique_ptr<TlsRelay> tls_;  // termination
-  uint64_t reported_up_ = 0;
-  uint64_t reported_down_ = 0;
+  ByteReport bytes_;               // what of the counters went to the stats already
 };
 
 void TlsConnection::OnClientReadable(int status) {
@@ -135,12 +133,7 @@ void TlsConnection::Route(const ClientHello& hello) {
       target_.port = job->port;
       mode_ = "passthrough";
       state_ = State::kDialing;
-      int64_t timeout = proxy_->options().connect_timeout_ms;
-      if (timeout > 0) {
-        proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
-      } else {
-        proxy_->ClearDeadline(this);
-      }
+      proxy_->ArmDeadline(this, proxy_->options().connect_timeout_ms);
       dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
       dialer_->Dial(target_.host, target_.port,
                     [this](Result<loop::IoHandle> r) { OnPassthroughBackend(std::move(r)); });
@@ -237,12 +230,7 @@ void TlsConnection::OnPreamble(const Preamble& p) {
   }
   target_ = std::move(auth.target);
   state_ = State::kConnecting;
-  int64_t timeout = proxy_->options().connect_timeout_ms;
-  if (timeout > 0) {
-    proxy_->SetDeadline(this, proxy_->loop()->Now() + timeout);
-  } else {
-    proxy_->ClearDeadline(this);
-  }
+  proxy_->ArmDeadline(this, proxy_->options().connect_timeout_ms);
   dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
   dialer_->Dial(target_.host, target_.port,
                 [this](Result<loop::IoHandle> r) { OnTerminatedBackend(std::move(r)); });
@@ -359,16 +347,7 @@ uint64_t TlsConnection::Down() const {
 
 void TlsConnection::FlushCounters() {
   if (!spliced_) return;
-  uint64_t up = Up() - reported_up_;
-  uint64_t down = Down() - reported_down_;
-  reported_up_ += up;
-  reported_down_ += down;
-  GlobalCounters& g = proxy_->stats().global();
-  g.bytes_up += up;
-  g.bytes_down += down;
-  JobCounters& jc = proxy_->stats().job(target_.job_id);
-  jc.bytes_up += up;
-  jc.bytes_down += down;
+  bytes_.Flush(&proxy_->stats(), target_.job_id, Up(), Down());
 }
 
 void TlsConnection::OnSweep(uint64_t now_ms) {

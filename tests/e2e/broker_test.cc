@@ -19,20 +19,6 @@ namespace {
 
 constexpr uid_t kNobody = 65534;
 
-registry::JsonPtr ParseOut(const RunResult& r) {
-  auto j = registry::ParseJson(r.out, 1 << 20);
-  return j.ok() ? std::move(j).value() : nullptr;
-}
-
-std::string Field(const cJSON* obj, const char* a, const char* b = nullptr) {
-  const cJSON* v = cJSON_GetObjectItemCaseSensitive(obj, a);
-  if (b) v = cJSON_GetObjectItemCaseSensitive(v, b);
-  if (cJSON_IsString(v)) return v->valuestring;
-  if (cJSON_IsNumber(v)) return std::to_string(static_cast<long long>(v->valuedouble));
-  if (cJSON_IsBool(v)) return cJSON_IsTrue(v) ? "true" : "false";
-  return "";
-}
-
 // Polls `query --json` until `pred` holds for the job list, or the deadline.
 bool WaitForJobs(const Daemon& d, const std::function<bool(const cJSON* jobs)>& pred,
                  int timeout_ms = 15000, const RunOptions& opts = {}) {
@@ -48,7 +34,7 @@ bool WaitForJobs(const Daemon& d, const std::function<bool(const cJSON* jobs)>& 
 
 const cJSON* FindJob(const cJSON* jobs, const std::string& id) {
   for (const cJSON* j = jobs ? jobs->child : nullptr; j; j = j->next) {
-    if (Field(j, "id") == id) return j;
+    if (JsonText(j, {"id"}) == id) return j;
   }
   return nullptr;
 }
@@ -66,14 +52,14 @@ TEST_F(BrokerTest, SaveLoadVerifyQueryRemove) {
   ASSERT_EQ(save.exit_code, 0) << save;
   auto saved = ParseOut(save);
   ASSERT_TRUE(saved);
-  std::string secret = Field(saved.get(), "job", "secret");
+  std::string secret = JsonText(saved.get(), {"job", "secret"});
   EXPECT_EQ(secret.size(), 64u);  // 256 bits in hex
-  EXPECT_EQ(Field(saved.get(), "job", "port"), "5555");
-  EXPECT_EQ(Field(saved.get(), "job", "type"), "ssh");
+  EXPECT_EQ(JsonText(saved.get(), {"job", "port"}), "5555");
+  EXPECT_EQ(JsonText(saved.get(), {"job", "type"}), "ssh");
 
   RunResult load = d.Cli({"load", "4242", "--json"});
   ASSERT_EQ(load.exit_code, 0) << load;
-  EXPECT_EQ(Field(ParseOut(load).get(), "job", "secret"), secret);
+  EXPECT_EQ(JsonText(ParseOut(load).get(), {"job", "secret"}), secret);
   RunResult human = d.Cli({"load", "4242"});
   EXPECT_NE(human.out.find("secret:   " + secret), std::string::npos) << human;
 
@@ -111,7 +97,7 @@ TEST_F(BrokerTest, AllocatesDistinctPortsFromTheRange) {
   for (const char* id : {"a", "b", "c"}) {
     RunResult r = d.Cli({"save", "ssh", "--job-id", id, "--json"});
     ASSERT_EQ(r.exit_code, 0) << r;
-    std::string port = Field(ParseOut(r).get(), "job", "port");
+    std::string port = JsonText(ParseOut(r).get(), {"job", "port"});
     EXPECT_GE(std::stoi(port), 41000);
     EXPECT_LE(std::stoi(port), 41002);
     ports.insert(port);
@@ -229,7 +215,7 @@ TEST_F(BrokerTest, ExecModeWaitsForTheListenerAndForwardsSignals) {
   // First it waits, then it is ready once socat listens.
   EXPECT_TRUE(WaitForJobs(d, [](const cJSON* jobs) {
     const cJSON* j = FindJob(jobs, "srv");
-    return j && Field(j, "ready") == "true";
+    return j && JsonText(j, {"ready"}) == "true";
   })) << child->Output();
   // SIGTERM to `save` reaches socat; the job goes with it.
   int rc = child->Stop(SIGTERM);
@@ -250,7 +236,7 @@ TEST_F(BrokerTest, SaveWaitTimesOutAndLeavesNothingBehind) {
   RunResult ok = d.Cli({"save", "ssh", "--job-id", "w2", "--port", std::to_string(backend.port()),
                         "--wait", "--json"});
   EXPECT_EQ(ok.exit_code, 0) << ok;
-  EXPECT_EQ(Field(ParseOut(ok).get(), "job", "ready"), "true");
+  EXPECT_EQ(JsonText(ParseOut(ok).get(), {"job", "ready"}), "true");
 }
 
 TEST_F(BrokerTest, EnvFormatIsReadyForEval) {
@@ -271,7 +257,7 @@ TEST_F(BrokerTest, JobIdComesFromTheBatchSystem) {
   slurm.env = {"SLURM_JOB_ID=998877"};
   RunResult r = d.Cli({"save", "ssh", "--port", "7002", "--name", "lab", "--json"}, slurm);
   ASSERT_EQ(r.exit_code, 0) << r;
-  EXPECT_EQ(Field(ParseOut(r).get(), "job", "id"), "998877.lab");
+  EXPECT_EQ(JsonText(ParseOut(r).get(), {"job", "id"}), "998877.lab");
   RunOptions none;
   none.env = {"SLURM_JOB_ID=", "PBS_JOBID="};
   EXPECT_EQ(d.Cli({"save", "ssh", "--port", "7002"}, none).exit_code, 2);
@@ -357,8 +343,8 @@ TEST_F(BrokerTest, ControlSocketSurvivesBadInput) {
     ASSERT_TRUE(reply) << c.line;
     auto j = registry::ParseJson(*reply, 1 << 16);
     ASSERT_TRUE(j.ok()) << *reply;
-    EXPECT_EQ(Field(j->get(), "ok"), "false") << c.line;
-    EXPECT_EQ(Field(j->get(), "code"), c.code) << c.line << " -> " << *reply;
+    EXPECT_EQ(JsonText(j->get(), {"ok"}), "false") << c.line;
+    EXPECT_EQ(JsonText(j->get(), {"code"}), c.code) << c.line << " -> " << *reply;
   }
   // Still serving on the same connection after all that.
   ASSERT_TRUE(SendAll(fd, "{\"op\":\"query\"}\n"));

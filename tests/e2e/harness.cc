@@ -452,6 +452,34 @@ void Backend::Serve(int fd) {
   }
 }
 
+// ---- JSON output and ports ----
+
+registry::JsonPtr ParseOut(const std::string& out) {
+  auto j = registry::ParseJson(out, 1 << 20);
+  return j.ok() ? std::move(j).value() : nullptr;
+}
+
+std::string JsonText(const cJSON* obj, std::initializer_list<const char*> path) {
+  const cJSON* v = obj;
+  for (const char* p : path) v = cJSON_GetObjectItemCaseSensitive(v, p);
+  if (cJSON_IsString(v)) return v->valuestring;
+  if (cJSON_IsNumber(v)) return std::to_string(static_cast<long long>(v->valuedouble));
+  if (cJSON_IsBool(v)) return cJSON_IsTrue(v) ? "true" : "false";
+  return "";
+}
+
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
 // ---- clients ----
 
 int ConnectTcp(int port, const std::string& host, int timeout_ms) {

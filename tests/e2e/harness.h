@@ -12,12 +12,15 @@
 
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "registry/json.h"
 
 namespace brokerproxy::testing {
 
@@ -177,6 +180,16 @@ bool SendAll(int fd, const std::string& data);
 std::optional<std::string> ReadLine(int fd, size_t max = 4096);
 // Reads until EOF (at most `max` bytes).
 std::string ReadToEof(int fd, size_t max = 1 << 20);
+
+// The reply object a `--json` command printed, or nullptr.
+registry::JsonPtr ParseOut(const std::string& out);
+inline registry::JsonPtr ParseOut(const RunResult& r) { return ParseOut(r.out); }
+// The member at `path` as text (numbers and booleans spelled out), "" if absent.
+std::string JsonText(const cJSON* obj, std::initializer_list<const char*> path);
+
+// A loopback port nothing listened on a moment ago (the kernel's pick, released at once), for
+// programs that cannot report the port they bound.
+int FreePort();
 
 // The deterministic byte stream the backend and tests share: byte i = f(i).
 void Pattern(uint64_t offset, char* out, size_t len);

@@ -29,33 +29,6 @@ int64_t ElapsedMs(Clock::time_point since) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
 }
 
-registry::JsonPtr ParseOut(const std::string& out) {
-  auto j = registry::ParseJson(out, 1 << 20);
-  return j.ok() ? std::move(j).value() : nullptr;
-}
-
-std::string Str(const cJSON* obj, std::initializer_list<const char*> path) {
-  const cJSON* v = obj;
-  for (const char* p : path) v = cJSON_GetObjectItemCaseSensitive(v, p);
-  if (cJSON_IsString(v)) return v->valuestring;
-  if (cJSON_IsNumber(v)) return std::to_string(static_cast<long long>(v->valuedouble));
-  if (cJSON_IsBool(v)) return cJSON_IsTrue(v) ? "true" : "false";
-  return "";
-}
-
-// A port that was free a moment ago (for programs that cannot report the one they bound).
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 // Connects to 127.0.0.1:port, retrying until something listens there.
 int ConnectWhenReady(int port, int timeout_ms = 15000) {
   auto start = Clock::now();
@@ -205,14 +178,14 @@ TEST_F(ViaTest, CommandsThroughTheLoginNode) {
   ASSERT_TRUE(saved) << save;
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
-  EXPECT_EQ(Str(saved.get(), {"job", "host"}), host);
-  std::string secret = Str(saved.get(), {"job", "secret"});
+  EXPECT_EQ(JsonText(saved.get(), {"job", "host"}), host);
+  std::string secret = JsonText(saved.get(), {"job", "secret"});
   ASSERT_EQ(secret.size(), 64u);
 
   // The job is really in the login node's daemon.
   RunResult local = daemon_.Cli({"load", "via1", "--json"});
   ASSERT_EQ(local.exit_code, 0) << local;
-  EXPECT_EQ(Str(ParseOut(local.out).get(), {"job", "secret"}), secret);
+  EXPECT_EQ(JsonText(ParseOut(local.out).get(), {"job", "secret"}), secret);
 
   // load: --json is the reply object itself; human and env output as if local.
   RunResult load = RunVia({"load", "via1", "--json"});
@@ -240,7 +213,7 @@ TEST_F(ViaTest, CommandsThroughTheLoginNode) {
 
   RunResult stats = RunVia({"stats", "--json"});
   ASSERT_EQ(stats.exit_code, 0) << stats;
-  EXPECT_EQ(Str(ParseOut(stats.out).get(), {"stats", "ssh_host_key"}).rfind("SHA256:", 0), 0u)
+  EXPECT_EQ(JsonText(ParseOut(stats.out).get(), {"stats", "ssh_host_key"}).rfind("SHA256:", 0), 0u)
       << stats;
 
   // Errors keep their exit codes: remove, then a missing job is "not found" (5).
@@ -251,7 +224,7 @@ TEST_F(ViaTest, CommandsThroughTheLoginNode) {
   EXPECT_NE(gone.err.find("via1"), std::string::npos) << gone;
   RunResult gone_json = RunVia({"load", "via1", "--json"});
   EXPECT_EQ(gone_json.exit_code, 5) << gone_json;
-  EXPECT_EQ(Str(ParseOut(gone_json.out).get(), {"code"}), "not_found") << gone_json;
+  EXPECT_EQ(JsonText(ParseOut(gone_json.out).get(), {"code"}), "not_found") << gone_json;
   EXPECT_EQ(daemon_.Log().find(secret), std::string::npos) << "secrets never appear in logs";
 
   // A host alias from ~/.ssh/config.
@@ -272,8 +245,8 @@ TEST_F(ViaTest, SaveSslKeepsTheKeyOnThisSide) {
   auto saved = ParseOut(save.out);
   ASSERT_TRUE(saved) << save;
   // The key was made here and never left: the login node only signed the CSR.
-  std::string key = Str(saved.get(), {"job", "key_path"});
-  std::string cert = Str(saved.get(), {"job", "cert_path"});
+  std::string key = JsonText(saved.get(), {"job", "key_path"});
+  std::string cert = JsonText(saved.get(), {"job", "cert_path"});
   EXPECT_EQ(key, certs + "/web1.key");
   EXPECT_EQ(cert, certs + "/web1.crt");
   struct stat st {};
@@ -285,7 +258,7 @@ TEST_F(ViaTest, SaveSslKeepsTheKeyOnThisSide) {
   // The login node's daemon knows the paths (as this node sees them) and nothing of the key.
   RunResult local = daemon_.Cli({"load", "web1", "--json"});
   ASSERT_EQ(local.exit_code, 0) << local;
-  EXPECT_EQ(Str(ParseOut(local.out).get(), {"job", "key_path"}), key);
+  EXPECT_EQ(JsonText(ParseOut(local.out).get(), {"job", "key_path"}), key);
 }
 
 TEST_F(ViaTest, ChangedHostKeyIsRefused) {
@@ -520,9 +493,9 @@ TEST_F(EndpointTest, StockSshForwardsWithTheSecret) {
   fingerprint = fingerprint.substr(0, fingerprint.find(' '));
   RunResult stats = d.Cli({"stats", "--json"});
   auto sj = ParseOut(stats.out);
-  EXPECT_EQ(Str(sj.get(), {"stats", "ssh_host_key"}), fingerprint) << stats;
+  EXPECT_EQ(JsonText(sj.get(), {"stats", "ssh_host_key"}), fingerprint) << stats;
   std::string download_line = "download " + std::to_string(kDown) + "\n";
-  EXPECT_EQ(Str(sj.get(), {"stats", "per_job", "e1", "bytes_up"}),
+  EXPECT_EQ(JsonText(sj.get(), {"stats", "per_job", "e1", "bytes_up"}),
             std::to_string(kEach * kConns + download_line.size() + 5 * kConns /* "echo\n" */));
   EXPECT_NE(d.Log().find("ssh host key " + fingerprint), std::string::npos);
   ssh->Stop(SIGKILL);
@@ -585,7 +558,7 @@ TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
 
   RunResult stats = d.Cli({"stats", "--json"});
   auto sj = ParseOut(stats.out);
-  EXPECT_GE(std::stoi(Str(sj.get(), {"stats", "connections", "ssh_failures"})), 8) << stats;
+  EXPECT_GE(std::stoi(JsonText(sj.get(), {"stats", "connections", "ssh_failures"})), 8) << stats;
   EXPECT_EQ(d.Log().find(secret), std::string::npos);
   EXPECT_EQ(d.Log().find(wrong), std::string::npos);
 }
@@ -702,8 +675,8 @@ TEST_F(EndpointTest, SlowReadersKeepMemoryBounded) {
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // the sweep flushes counters
   size_t rss_down = RssOf(d.pid());
   RunResult stats = d.Cli({"stats", "--json"});
-  uint64_t moved =
-      std::stoull("0" + Str(ParseOut(stats.out).get(), {"stats", "per_job", "e4", "bytes_down"}));
+  uint64_t moved = std::stoull(
+      "0" + JsonText(ParseOut(stats.out).get(), {"stats", "per_job", "e4", "bytes_down"}));
   EXPECT_LT(rss_down, base + kBound) << "base " << base << " now " << rss_down;
   EXPECT_LT(moved, (4ull << 20) + (32ull << 20)) << "the daemon kept reading the backend";
   // Then everything arrives intact.

@@ -33,34 +33,6 @@ int64_t MsSince(Clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t).count();
 }
 
-registry::JsonPtr ParseOut(const RunResult& r) {
-  auto j = registry::ParseJson(r.out, 1 << 20);
-  return j.ok() ? std::move(j).value() : nullptr;
-}
-
-std::string Field(const cJSON* obj, const char* a, const char* b = nullptr) {
-  const cJSON* v = cJSON_GetObjectItemCaseSensitive(obj, a);
-  if (b) v = cJSON_GetObjectItemCaseSensitive(v, b);
-  if (cJSON_IsString(v)) return v->valuestring;
-  if (cJSON_IsNumber(v)) return std::to_string(static_cast<long long>(v->valuedouble));
-  if (cJSON_IsBool(v)) return cJSON_IsTrue(v) ? "true" : "false";
-  return "";
-}
-
-// A port nobody listens on right now (the kernel's pick; closed again at once). The daemon's
-// port range overlaps the ephemeral range, so exec-mode servers get one picked this way.
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 // CPU seconds (user + system) a process has used so far.
 double CpuSeconds(pid_t pid) {
   std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
@@ -99,14 +71,14 @@ bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000) {
 
 bool JobReady(const Daemon& d, const std::string& id) {
   auto j = ParseOut(d.Cli({"load", id, "--json"}));
-  return j && Field(j.get(), "job", "ready") == "true";
+  return j && JsonText(j.get(), {"job", "ready"}) == "true";
 }
 
 uint64_t GlobalStat(const Daemon& d, const char* name) {
   auto j = ParseOut(d.Cli({"stats", "--json"}));
   if (!j) return 0;
   const cJSON* stats = cJSON_GetObjectItemCaseSensitive(j.get(), "stats");
-  std::string v = Field(cJSON_GetObjectItemCaseSensitive(stats, "connections"), name);
+  std::string v = JsonText(cJSON_GetObjectItemCaseSensitive(stats, "connections"), {name});
   return v.empty() ? 0 : std::stoull(v);
 }
 
@@ -198,7 +170,7 @@ TEST_F(TlsTest, CaCommandPrintsTheCaAndARestartKeepsIt) {
     first = r.out;
     RunResult json = d.Cli({"ca", "--json"});
     ASSERT_EQ(json.exit_code, 0) << json;
-    EXPECT_EQ(Field(ParseOut(json).get(), "ca_cert"), first);
+    EXPECT_EQ(JsonText(ParseOut(json).get(), {"ca_cert"}), first);
     // Every user can read it (through the control socket, not the 0711 state dir).
     RunOptions nobody;
     nobody.uid = 65534;
@@ -227,21 +199,21 @@ TEST_F(TlsTest, SaveSslIssuesACertificateForAKeyThatStaysWithTheUser) {
   ASSERT_EQ(r.exit_code, 0) << r;
   auto reply = ParseOut(r);
   ASSERT_TRUE(reply);
-  std::string cert_path = Field(reply.get(), "job", "cert_path");
-  std::string key_path = Field(reply.get(), "job", "key_path");
+  std::string cert_path = JsonText(reply.get(), {"job", "cert_path"});
+  std::string key_path = JsonText(reply.get(), {"job", "key_path"});
   EXPECT_EQ(cert_path, certs + "/web1.crt");
   EXPECT_EQ(key_path, certs + "/web1.key");
   EXPECT_EQ(ModeOf(key_path), 0600u);
   EXPECT_EQ(ModeOf(certs), 0700u);
-  EXPECT_EQ(Field(reply.get(), "cert_pem"), ReadFile(cert_path));
+  EXPECT_EQ(JsonText(reply.get(), {"cert_pem"}), ReadFile(cert_path));
   // The key never went to the daemon: nothing in its state dir, the reply or its log.
   std::string key_pem = ReadFile(key_path);
   ASSERT_NE(key_pem.find("PRIVATE KEY"), std::string::npos);
   EXPECT_EQ(r.out.find("PRIVATE KEY"), std::string::npos);
   // `load` returns the paths.
   auto load = ParseOut(d.Cli({"load", "web1", "--json"}));
-  EXPECT_EQ(Field(load.get(), "job", "cert_path"), cert_path);
-  EXPECT_EQ(Field(load.get(), "job", "key_path"), key_path);
+  EXPECT_EQ(JsonText(load.get(), {"job", "cert_path"}), cert_path);
+  EXPECT_EQ(JsonText(load.get(), {"job", "key_path"}), key_path);
 
   // Verify in-process against the CA the CLI prints.
   auto ca = proxy::ParseCertificatePem(d.Cli({"ca"}).out);
