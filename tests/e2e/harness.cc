@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -478,6 +479,53 @@ int FreePort() {
   getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
   close(fd);
   return ntohs(addr.sin_port);
+}
+
+// ---- other users ----
+
+std::string ControlRequestAs(uid_t uid, const std::string& socket_path, const std::string& line) {
+  int out[2];
+  if (pipe2(out, O_CLOEXEC) != 0) return "";
+  pid_t pid = fork();
+  if (pid == 0) {
+    size_t slash = socket_path.rfind('/');
+    std::string dir = slash == std::string::npos ? "." : socket_path.substr(0, slash);
+    std::string name = socket_path.substr(slash == std::string::npos ? 0 : slash + 1);
+    gid_t gid = uid;
+    if (chdir(dir.c_str()) != 0 || setgroups(0, nullptr) != 0 || setresgid(gid, gid, gid) != 0 ||
+        setresuid(uid, uid, uid) != 0) {
+      _exit(1);
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    name.copy(addr.sun_path, sizeof(addr.sun_path) - 1);
+    SetTimeouts(fd, 10000);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) _exit(2);
+    if (!SendAll(fd, line + "\n")) _exit(3);
+    std::optional<std::string> reply = ReadLine(fd, 1 << 20);
+    if (!reply || !SendAll(out[1], *reply)) _exit(4);
+    _exit(0);
+  }
+  close(out[1]);
+  std::string reply;
+  char buf[4096];
+  for (ssize_t n; (n = read(out[0], buf, sizeof(buf))) != 0;) {
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) break;
+    reply.append(buf, n);
+  }
+  close(out[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return reply;
+}
+
+bool CanRunAs(uid_t uid) {
+  RunOptions o;
+  o.uid = uid;
+  o.timeout_ms = 10000;
+  return RunCommand({"/bin/true"}, o).exit_code == 0;
 }
 
 // ---- clients ----

@@ -171,6 +171,14 @@ class Backend {
   std::vector<int> fds_;
 };
 
+// Sends one control request line as user `uid` straight to the daemon's socket and returns the
+// reply line ("" on failure). A forked child enters the socket's directory first and then
+// becomes `uid`, so no other directory has to be searchable by that user (in a bare chroot `/`
+// itself may not be, and then `uid` cannot run programs at all).
+std::string ControlRequestAs(uid_t uid, const std::string& socket_path, const std::string& line);
+// True if `uid` can run programs here (see above).
+bool CanRunAs(uid_t uid);
+
 // Blocking TCP client helpers (every call bounded by a socket timeout).
 int ConnectTcp(int port, const std::string& host = "127.0.0.1", int timeout_ms = 10000);
 bool SendAll(int fd, const void* data, size_t len);

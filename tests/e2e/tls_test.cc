@@ -2,6 +2,7 @@
 // peers (openssl s_server, curl, headless Chromium, socat, OpenSSL in-process), loopback only.
 
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <openssl/bio.h>
 #include <openssl/ssl.h>
@@ -172,9 +173,8 @@ TEST_F(TlsTest, CaCommandPrintsTheCaAndARestartKeepsIt) {
     ASSERT_EQ(json.exit_code, 0) << json;
     EXPECT_EQ(JsonText(ParseOut(json).get(), {"ca_cert"}), first);
     // Every user can read it (through the control socket, not the 0711 state dir).
-    RunOptions nobody;
-    nobody.uid = 65534;
-    EXPECT_EQ(d.Cli({"ca"}, nobody).out, first);
+    auto reply = ParseOut(ControlRequestAs(65534, d.socket_path(), R"({"op":"ca"})"));
+    EXPECT_EQ(JsonText(reply.get(), {"ca_cert"}), first);
     EXPECT_EQ(ModeOf(d.state_dir() + "/ca-key.pem"), 0600u);
     EXPECT_EQ(ModeOf(d.state_dir() + "/server-key.pem"), 0600u);
     EXPECT_EQ(d.Stop(), 0);
@@ -225,7 +225,11 @@ TEST_F(TlsTest, SaveSslIssuesACertificateForAKeyThatStaysWithTheUser) {
   // localhost resolves to 127.0.0.1 (and ::1 where configured): the addresses follow.
   EXPECT_NE(std::find(names.begin(), names.end(), "DNS:web1.localhost"), names.end());
   EXPECT_NE(std::find(names.begin(), names.end(), "DNS:localhost"), names.end());
-  EXPECT_NE(std::find(names.begin(), names.end(), "IP:127.0.0.1"), names.end());
+  addrinfo* probe = nullptr;  // a bare chroot may lack /etc/hosts: then no address follows
+  if (getaddrinfo("localhost", nullptr, nullptr, &probe) == 0) {
+    freeaddrinfo(probe);
+    EXPECT_NE(std::find(names.begin(), names.end(), "IP:127.0.0.1"), names.end());
+  }
   int64_t left = proxy::SecondsLeft(cert->get());
   EXPECT_GT(left, 364 * 86400);  // [tls] cert_days = 365
   EXPECT_LE(left, 365 * 86400);
