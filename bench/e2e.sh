@@ -574,6 +574,7 @@ plot for [i=2:5] "$T/tput.tsv" using i:xtic(1) title columnheader(i)
 set output "$OUT/e2e-handshake.png"
 set title "Connections per second (connect, [preamble, OK,] 1-byte echo, close), median of $REPS"
 set ylabel "connections/s"
+set xtics rotate by -20
 plot for [i=2:3] "$T/hs.tsv" using i:xtic(1) title columnheader(i)
 EOF
 fi

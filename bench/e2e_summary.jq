@@ -23,7 +23,7 @@ def med(f): (map(f) | stats | if . == null then null else .median end);
 | ($runs | map(select(.mode == "throughput"))) as $tp
 | ($runs | map(select(.mode == "handshake"))) as $hs
 | {
-    throughput: [$peers[] as $p | {
+    throughput: [$peers[] as $p | select($tp | any(.peer == $p)) | {
       peer: $p,
       configs: [$cfgs[] as $c
         | ($tp | map(select(.peer == $p and .streams == $c.streams and .direction == $c.direction))) as $r
@@ -64,7 +64,7 @@ def med(f): (map(f) | stats | if . == null then null else .median end);
   def ratio(a; b): if a == null or b == null or b == 0 then null else a / b end;
   $s + {
     ratios: {
-      throughput_vs_direct: [$peers[] as $p | {peer: $p} +
+      throughput_vs_direct: [$peers[] as $p | select($tpm[$p]) | {peer: $p} +
         ([$cfgs[].config as $c | {($c): ratio(tput($p; $c); tput("direct"; $c))}] | add)],
       brokerproxy_throughput_vs_peer: [$peers[] as $p | {peer: $p} +
         ([$cfgs[].config as $c | {($c): ratio(tput("brokerproxy"; $c); tput($p; $c))}] | add)],
