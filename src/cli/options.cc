@@ -104,7 +104,8 @@ const std::vector<Entry>& Entries() {
        &Config::plain_allow},
       {{"proxy", "max_connections", T::kInt, "4096",
         "Most client connections served at once, including those still in their handshake "
-        "(1 to 1000000); further clients are turned away. Each connection uses two file "
+        "(1 to 1000000); further clients are turned away. Each SSH channel counts as one "
+        "more, since it holds a backend connection. Each connection uses two file "
         "descriptors, so keep this below half of the daemon's open-file limit (ulimit -n).",
         nullptr, kNo, 1, 1000000},
        &Config::max_connections},

@@ -113,7 +113,7 @@ void Proxy::set_frontend(Protocol protocol, Frontend frontend) {
 void Proxy::OnAccept(int fd, const sockaddr_storage& peer) {
   GlobalCounters& g = stats_.global();
   g.accepted++;
-  if (connections_.size() >= static_cast<size_t>(options_.max_connections)) {
+  if (connections_.size() + channel_slots_ >= static_cast<size_t>(options_.max_connections)) {
     g.busy++;
     SendBestEffort(fd, ErrorReply(ErrorCode::kBusy));
     CloseGracefully(fd);
@@ -128,6 +128,19 @@ void Proxy::OnAccept(int fd, const sockaddr_storage& peer) {
   Session* raw = session.get();
   Adopt(std::move(session));
   raw->Start();
+}
+
+bool Proxy::TakeChannelSlot() {
+  if (connections_.size() + channel_slots_ >= static_cast<size_t>(options_.max_connections)) {
+    stats_.global().busy++;
+    return false;
+  }
+  ++channel_slots_;
+  return true;
+}
+
+void Proxy::ReturnChannelSlot() {
+  if (channel_slots_ > 0) --channel_slots_;
 }
 
 Connection* Proxy::Adopt(std::unique_ptr<Connection> conn) {

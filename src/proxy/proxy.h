@@ -166,6 +166,11 @@ class Proxy {
 
   // Takes a connection created outside the accept path (a frontend's). Counts it as active.
   Connection* Adopt(std::unique_ptr<Connection> conn);
+  // An SSH channel holds a backend socket like a connection does, so max_connections counts
+  // channels too: a slot is taken before a channel is accepted (false: the proxy is full) and
+  // returned when the channel ends.
+  bool TakeChannelSlot();
+  void ReturnChannelSlot();
   // A connection is done: it is destroyed on a later loop turn (never under its own callback).
   void Retire(Connection* conn);
   // Used by the sniffing Session to pass a TLS or SSH connection on: the socket leaves the
@@ -188,6 +193,7 @@ class Proxy {
   std::unique_ptr<loop::Reactor> reactor_;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
+  size_t channel_slots_ = 0;
   std::vector<std::unique_ptr<Connection>> graveyard_;
   bool reap_scheduled_ = false;
   uint64_t next_id_ = 1;

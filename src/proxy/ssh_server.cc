@@ -279,9 +279,18 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
              static_cast<unsigned long long>(id()), target_.job_id.c_str(), options_->max_channels);
     return 1;
   }
+  if (!proxy_->TakeChannelSlot()) {
+    LOG_INFO("ssh %llu job=%s: refused a channel: the proxy is at max_connections",
+             static_cast<unsigned long long>(id()), target_.job_id.c_str());
+    return 1;
+  }
   ssh_channel channel = ssh_message_channel_request_open_reply_accept(msg);
-  if (channel == nullptr) return 0;  // the session is failing; Service() will see it
+  if (channel == nullptr) {
+    proxy_->ReturnChannelSlot();
+    return 0;  // the session is failing; Service() will see it
+  }
   auto c = std::make_unique<Channel>();
+  c->slot = true;
   c->id = next_channel_id_++;
   uint64_t cid = c->id;
   c->splice = std::make_unique<ChannelSplice>(channel, [this] { Service(); });
@@ -390,6 +399,10 @@ void SshSession::EndChannel(Channel& c) {
   if (c.counted) {
     proxy_->stats().job(target_.job_id).active--;
     c.counted = false;
+  }
+  if (c.slot) {
+    proxy_->ReturnChannelSlot();
+    c.slot = false;
   }
   const Status& s = c.splice->status();
   LOG_DEBUG("ssh %llu job=%s channel %llu closed: up=%llu down=%llu %s",

@@ -45,7 +45,8 @@ namespace brokerproxy::proxy {
 struct SshEndpointOptions {
   std::string host_key_path;            // ed25519 private key; created (0600) if missing
   int max_auth_failures = 6;            // per connection, like OpenSSH's MaxAuthTries
-  int max_channels = 64;                // open channels per session
+  int max_channels = 1024;              // open channels per session (each also takes one of
+                                        // the proxy's max_connections)
   int64_t auth_failure_pause_ms = 300;  // reading pauses this long times the failure count
 };
 
@@ -98,6 +99,7 @@ class SshSession final : public Connection {
     std::unique_ptr<Dialer> dialer;
     ByteReport bytes;      // what of the splice's counters went to the stats already
     bool counted = false;  // counted as an active connection of the job
+    bool slot = false;     // holds one of the proxy's max_connections
   };
 
   static int OnMessage(ssh_session session, ssh_message msg, void* userdata) noexcept;

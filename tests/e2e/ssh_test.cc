@@ -563,6 +563,73 @@ TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
   EXPECT_EQ(d.Log().find(wrong), std::string::npos);
 }
 
+// Each channel holds a backend connection, so channels count against max_connections like
+// connections do: a full proxy refuses both new channels and new clients, and a channel that
+// ends gives its slot back.
+TEST_F(EndpointTest, ChannelsCountAgainstMaxConnections) {
+  Daemon d(dir_, "", "max_connections = 4");
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  std::string secret = d.SaveJob("e5", backend.port());
+  ASSERT_FALSE(secret.empty());
+  int p = FreePort();
+  auto ssh = Forward(d.proxy_port(), "e5", secret, {p});  // the session: 1 of 4
+  ASSERT_TRUE(ssh) << d.Log();
+
+  // A channel that echoes one line, or -1.
+  auto open_channel = [&] {
+    int fd = ConnectTcp(p);
+    if (fd < 0) return -1;
+    std::optional<std::string> line;
+    if (SendAll(fd, "echo\nping\n")) line = ReadLine(fd);
+    if (line != "ping") {
+      close(fd);
+      return -1;
+    }
+    return fd;
+  };
+  // The same, retried for up to 5 s while a channel that just ended still holds its slot (the
+  // slot returns once the daemon saw the channel go).
+  auto open_channel_soon = [&] {
+    int fd = -1;
+    for (int tries = 0; tries < 100 && fd < 0; ++tries) {
+      fd = open_channel();
+      if (fd < 0) usleep(50 * 1000);
+    }
+    return fd;
+  };
+  std::vector<int> open;
+  for (int i = 0; i < 3; ++i) {  // 2, 3 and 4 of 4 (Forward's probe channel may still be going)
+    int fd = open_channel_soon();
+    ASSERT_GE(fd, 0) << "channel " << i << "\n" << d.Log();
+    open.push_back(fd);
+  }
+  int backends = backend.connections();
+
+  // Full: a fourth channel is refused, and so is a new client on the proxy port.
+  EXPECT_EQ(open_channel(), -1);
+  EXPECT_NE(d.Log().find("refused a channel: the proxy is at max_connections"), std::string::npos)
+      << d.Log();
+  int plain = ConnectTcp(d.proxy_port());
+  ASSERT_GE(plain, 0);
+  EXPECT_EQ(ReadLine(plain), "ERR busy");
+  close(plain);
+  EXPECT_EQ(backend.connections(), backends) << "a refused channel reaches no backend";
+
+  // A channel ends and its slot comes back.
+  close(open.back());
+  open.pop_back();
+  int again = open_channel_soon();
+  EXPECT_GE(again, 0) << d.Log();
+  if (again >= 0) open.push_back(again);
+  for (int fd : open) close(fd);
+
+  RunResult stats = d.Cli({"stats", "--json"});
+  auto sj = ParseOut(stats.out);
+  EXPECT_GE(std::stoi(JsonText(sj.get(), {"stats", "connections", "busy"})), 2) << stats;
+  ssh->Stop(SIGKILL);
+}
+
 TEST_F(EndpointTest, StalledKeyExchangeTimesOutWhileOthersFlow) {
   Daemon d(dir_, "", "handshake_timeout = 2s\n");
   ASSERT_TRUE(d.Start());
