@@ -16,8 +16,12 @@ constexpr int kMaxRounds = 64;
 constexpr size_t kChunk = 64 * 1024;
 constexpr int kReadsPerEvent = 4;
 
-// One buffer for every socket read: loop-thread only, and never used across a callback.
+// One buffer for reads out of libssh: loop-thread only, and never used across a callback.
 char g_chunk[kChunk];
+// One buffer for socket reads, handed to libssh as they are (no copy unless libssh takes only
+// part). It stays in use across libssh calls, which may run callbacks, so it is not g_chunk:
+// only ReadSocket() uses it, and ReadSocket() runs only from a socket event, never nested.
+char g_from_socket[kChunk];
 
 bool WouldBlock(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINTR; }
 
@@ -257,27 +261,28 @@ void ChannelSplice::DrainRetained() {
   }
 }
 
-void ChannelSplice::PushPending() {
-  while (!to_channel_.empty() && !finished_) {
-    if (peer_closed_) {
-      to_channel_.clear();  // nobody left to read it
-      return;
-    }
-    int n =
-        ssh_channel_write(channel_, to_channel_.data(), static_cast<uint32_t>(to_channel_.size()));
+size_t ChannelSplice::WriteChannel(const char* data, size_t len) {
+  size_t done = 0;
+  while (done < len && !finished_) {
+    if (peer_closed_) return len;  // nobody left to read it
+    int n = ssh_channel_write(channel_, data + done, static_cast<uint32_t>(len - done));
     if (n < 0) {
-      if (peer_closed_) {
-        to_channel_.clear();
-        return;
+      if (!peer_closed_) {
+        Finish(SshError(ssh_channel_get_session(channel_), "writing to the channel"));
       }
-      Finish(SshError(ssh_channel_get_session(channel_), "writing to the channel"));
-      return;
+      return len;
     }
-    if (n == 0) return;  // window closed or a key exchange in progress: retry later
+    if (n == 0) break;  // window closed or a key exchange in progress: retry later
     to_channel_bytes_ += n;
-    to_channel_.erase(0, n);
+    done += n;
     Touch();
   }
+  return done;
+}
+
+void ChannelSplice::PushPending() {
+  if (to_channel_.empty()) return;
+  to_channel_.erase(0, WriteChannel(to_channel_.data(), to_channel_.size()));
 }
 
 void ChannelSplice::ReadSocket() {
@@ -286,7 +291,7 @@ void ChannelSplice::ReadSocket() {
     uint32_t window = ssh_channel_window_size(channel_);
     if (window == 0) return;
     size_t want = std::min<size_t>(window, kChunk);
-    ssize_t n = ::read(in_->fd(), g_chunk, want);
+    ssize_t n = ::read(in_->fd(), g_from_socket, want);
     if (n < 0) {
       if (WouldBlock(errno)) return;
       Finish(PosixError("reading from the socket", errno));
@@ -296,8 +301,8 @@ void ChannelSplice::ReadSocket() {
       socket_eof_ = true;
       return;
     }
-    to_channel_.assign(g_chunk, n);
-    PushPending();  // may run libssh callbacks, for this channel too
+    size_t taken = WriteChannel(g_from_socket, n);  // may run callbacks, for this channel too
+    if (taken < static_cast<size_t>(n)) to_channel_.assign(g_from_socket + taken, n - taken);
   }
 }
 

@@ -166,6 +166,10 @@ class ChannelSplice {
   bool FlushToSocket();
   // libssh's retained bytes -> our buffer/socket.
   void DrainRetained();
+  // Hands `len` bytes to libssh; returns how many it took (all, when nobody is left to read
+  // them or the splice failed). May run libssh callbacks, for this channel too.
+  size_t WriteChannel(const char* data, size_t len);
+  // to_channel_ -> libssh.
   void PushPending();
   void UpdateInterest();
   void Finish(Status status);
