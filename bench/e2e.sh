@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end benchmark of the brokerproxy daemon against a direct connection and its peers
-# (socat, HAProxy in TCP mode with and without splicing, OpenSSH `ssh -L`), all on 127.0.0.1.
+# (socat, HAProxy in TCP mode with and without splicing, OpenSSH `ssh -L`), and of its SSH
+# endpoint and TLS termination against sshd and HAProxy's TLS termination, all on 127.0.0.1.
 #
 #   bench/e2e.sh [BUILD_DIR]        BUILD_DIR defaults to build-rel (relative to the repo root)
 #
@@ -9,11 +10,16 @@
 # number means). Knobs, as environment variables:
 #   REPS=3            repetitions of every measurement (peers interleaved, order rotated)
 #   RUN_S=2           seconds per throughput/handshake run
+#   ENC_RUN_S=1       the same for the encrypted peers (SSH, TLS): slower per byte, so their
+#                     runs are shorter to keep the whole benchmark under 10 minutes
 #   TRANSFER=64M      bytes per throughput transfer
 #   PEERS="..."       subset of: brokerproxy direct socat haproxy haproxy-splice ssh-aes ssh-chacha
+#                     brokerproxy-ssh-aes brokerproxy-ssh-chacha brokerproxy-tls haproxy-tls
 #   IDLE_COUNTS="1000 8000"   idle sessions held for the memory measurement
-#   MEM_PEERS="brokerproxy haproxy haproxy-splice socat ssh-aes"  peers whose memory is measured
-#                     (socat and ssh only at the smallest count: one process per session)
+#   MEM_PEERS="brokerproxy haproxy haproxy-splice socat ssh-aes brokerproxy-ssh-aes brokerproxy-tls haproxy-tls"
+#                     peers whose memory is measured, with idle sessions and under slow readers
+#                     (socat and ssh only at the smallest count: a process or a channel per
+#                     session, and an SSH session takes at most 1,024 channels)
 #   SLOW_STREAMS=8    slow readers (64 KiB every 10 ms each) for the slow-reader memory run
 #   PROFILE=0         1: also record `perf` of the daemon during a concurrency-32 handshake run
 #   OUT=bench/results where the results go
@@ -27,10 +33,11 @@ LG=$BUILD/bench/brokerproxy_loadgen
 OUT=${OUT:-$ROOT/bench/results}
 REPS=${REPS:-3}
 RUN_S=${RUN_S:-2}
+ENC_RUN_S=${ENC_RUN_S:-1}
 TRANSFER=${TRANSFER:-64M}
-PEERS=${PEERS:-"brokerproxy direct socat haproxy haproxy-splice ssh-aes ssh-chacha"}
+PEERS=${PEERS:-"brokerproxy direct socat haproxy haproxy-splice ssh-aes ssh-chacha brokerproxy-ssh-aes brokerproxy-ssh-chacha brokerproxy-tls haproxy-tls"}
 IDLE_COUNTS=${IDLE_COUNTS:-"1000 8000"}
-MEM_PEERS=${MEM_PEERS:-"brokerproxy haproxy haproxy-splice socat ssh-aes"}
+MEM_PEERS=${MEM_PEERS:-"brokerproxy haproxy haproxy-splice socat ssh-aes brokerproxy-ssh-aes brokerproxy-tls haproxy-tls"}
 SLOW_STREAMS=${SLOW_STREAMS:-8}
 PROFILE=${PROFILE:-0}
 
@@ -156,6 +163,7 @@ start_bg() {  # NAME CMD...: starts CMD in the background, logs to $T/NAME.log, 
 }
 
 alive() { kill -0 "$1" 2>/dev/null; }
+delta() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }  # A B: B - A
 
 # A peer whose port does not come up is skipped, not fatal.
 peer_up() {  # NAME PORT [TIMEOUT_S]
@@ -178,44 +186,60 @@ BPORT=$(jq -r '.listen' "$T/backend.out" | sed 's/.*://')
 USED_PORTS+="$BPORT "
 log "backend (loadgen serve) on 127.0.0.1:$BPORT"
 
-declare -A PORT PREAMBLE PROCS
+# Per peer: the port the client connects to, the preamble file it sends (empty: none), the
+# processes that make up the peer (their CPU and memory are the peer's), and client-side
+# helpers (the TLS client; counted in "all" CPU, not in the peer's).
+declare -A PORT PREAMBLE PROCS HELPERS
 PORT[direct]=$BPORT
-PREAMBLE[direct]=0
+PREAMBLE[direct]=""
 PROCS[direct]=""
 
 # ---- brokerproxy ----
 
-PPORT=$(free_port)
-mkdir -p "$T/state"
-cat >"$T/config.ini" <<EOF
+# One daemon per path (plain, TLS, SSH), each with its own state_dir, port and job `bench`, so
+# that each path's memory is measured on a fresh process. Sets DPORT, DPID and writes the
+# job's preamble and secret to $T/NAME/.
+declare -A DAEMON_PIDS
+start_daemon() {  # NAME
+  local name=$1 secret
+  DPORT=$(free_port)
+  mkdir -p "$T/$name/state"
+  cat >"$T/$name/config.ini" <<EOF
 [broker]
-state_dir = $T/state
+state_dir = $T/$name/state
 log_level = warn
 
 [proxy]
-listen = 127.0.0.1:$PPORT
+listen = 127.0.0.1:$DPORT
 max_connections = 9500
 EOF
-# Started through a symlink of another name: on a shared machine, someone's clean-up by process
-# name (`killall brokerproxy`) must not end the run halfway.
-ln -s "$BP" "$T/bp-e2e-daemon"
-start_bg daemon "$T/bp-e2e-daemon" run -c "$T/config.ini"
-DAEMON_PID=$BG_PID
-wait_listen "$PPORT"
-"$BP" save ssh --job-id bench --port "$BPORT" --host 127.0.0.1 --json -c "$T/config.ini" >"$T/save.json"
-SECRET=$(jq -r '.job.secret' "$T/save.json")
-[[ $SECRET =~ ^[0-9a-f]+$ ]] || { echo "e2e.sh: no secret in the save reply" >&2; exit 1; }
-(umask 077 && printf 'BROKER1 bench %s\n' "$SECRET" >"$T/preamble")
+  # Started through a symlink of another name: on a shared machine, someone's clean-up by
+  # process name (`killall brokerproxy`) must not end the run halfway.
+  ln -sf "$BP" "$T/bp-e2e-daemon"
+  start_bg "daemon-$name" "$T/bp-e2e-daemon" run -c "$T/$name/config.ini"
+  DPID=$BG_PID
+  DAEMON_PIDS[$name]=$DPID
+  wait_listen "$DPORT"
+  "$BP" save ssh --job-id bench --port "$BPORT" --host 127.0.0.1 --json -c "$T/$name/config.ini" \
+    >"$T/$name/save.json"
+  secret=$(jq -r '.job.secret' "$T/$name/save.json")
+  [[ $secret =~ ^[0-9a-f]+$ ]] || { echo "e2e.sh: no secret in the save reply" >&2; exit 1; }
+  (umask 077 && printf 'BROKER1 bench %s\n' "$secret" >"$T/$name/preamble" &&
+    printf '%s\n' "$secret" >"$T/$name/secret")
+  log "brokerproxy '$name' (pid $DPID) on 127.0.0.1:$DPORT, job 'bench' saved"
+}
+
+start_daemon plain
+PPORT=$DPORT DAEMON_PID=$DPID
 PORT[brokerproxy]=$PPORT
-PREAMBLE[brokerproxy]=1
+PREAMBLE[brokerproxy]=$T/plain/preamble
 PROCS[brokerproxy]=$DAEMON_PID
 # The same daemon, with the probe byte sent in the preamble's write, as the protocol allows
 # (the proxy keeps bytes sent before its OK): the round trip to OK no longer delays the data.
 # Handshakes only.
 PORT[brokerproxy-pipelined]=$PPORT
-PREAMBLE[brokerproxy-pipelined]=1
+PREAMBLE[brokerproxy-pipelined]=$T/plain/preamble
 PROCS[brokerproxy-pipelined]=$DAEMON_PID
-log "brokerproxy (pid $DAEMON_PID) on 127.0.0.1:$PPORT, job 'bench' saved"
 
 # ---- peers ----
 
@@ -226,7 +250,7 @@ if wanted socat; then
   if command -v socat >/dev/null; then
     p=$(free_port)
     start_bg socat socat "TCP-LISTEN:$p,bind=127.0.0.1,fork,reuseaddr,backlog=4096" "TCP:127.0.0.1:$BPORT"
-    PORT[socat]=$p PREAMBLE[socat]=0 PROCS[socat]=$BG_PID
+    PORT[socat]=$p PREAMBLE[socat]="" PROCS[socat]=$BG_PID
     peer_up socat "$p" || true
   else
     SKIPPED+="socat(not installed) "
@@ -256,7 +280,7 @@ backend out
   server backend 127.0.0.1:$BPORT
 EOF
   start_bg "$name" haproxy -db -f "$T/$name.cfg"
-  PORT[$name]=$p PREAMBLE[$name]=0 PROCS[$name]=$BG_PID
+  PORT[$name]=$p PREAMBLE[$name]="" PROCS[$name]=$BG_PID
   peer_up "$name" "$p" || true
 }
 for name in haproxy haproxy-splice; do
@@ -303,9 +327,111 @@ EOF
         -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
         -o ExitOnForwardFailure=yes -o LogLevel=ERROR -o Compression=no -o Ciphers=$cipher \
         -L "127.0.0.1:$p:127.0.0.1:$BPORT" "$(id -un)@127.0.0.1"
-      PORT[$name]=$p PREAMBLE[$name]=0 PROCS[$name]="$BG_PID $SSHD_PID"
+      PORT[$name]=$p PREAMBLE[$name]="" PROCS[$name]="$BG_PID $SSHD_PID"
       peer_up "$name" "$p" 20 || true
     done
+  fi
+fi
+
+# The embedded SSH endpoint, with the same stock client and ciphers as ssh-aes and ssh-chacha:
+# user = job id, password = the job's secret (from an askpass script, so it is in no argv).
+if wanted brokerproxy-ssh-aes || wanted brokerproxy-ssh-chacha; then
+  if ! command -v ssh >/dev/null; then
+    SKIPPED+="brokerproxy-ssh(needs openssh-client) "
+  else
+    start_daemon ssh
+    SSH_DAEMON_PID=$DPID SSH_DAEMON_PORT=$DPORT
+    printf '#!/bin/sh\nexec cat %q\n' "$T/ssh/secret" >"$T/ssh/askpass"
+    chmod 700 "$T/ssh/askpass"
+    mkdir -p "$T/ssh/home"
+    for name in brokerproxy-ssh-aes brokerproxy-ssh-chacha; do
+      wanted $name || continue
+      cipher=aes128-gcm@openssh.com
+      [[ $name == *chacha ]] && cipher=chacha20-poly1305@openssh.com
+      p=$(free_port)
+      SSH_ASKPASS=$T/ssh/askpass SSH_ASKPASS_REQUIRE=force DISPLAY=:0 HOME=$T/ssh/home SSH_AUTH_SOCK= \
+        start_bg "$name" ssh -F /dev/null -N -p "$SSH_DAEMON_PORT" \
+        -o PubkeyAuthentication=no -o PreferredAuthentications=password -o NumberOfPasswordPrompts=1 \
+        -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+        -o ExitOnForwardFailure=yes -o LogLevel=ERROR -o Compression=no -o Ciphers=$cipher \
+        -L "127.0.0.1:$p:bench:1" "bench@127.0.0.1"
+      PORT[$name]=$p PREAMBLE[$name]="" PROCS[$name]="$BG_PID $SSH_DAEMON_PID"
+      peer_up "$name" "$p" 20 || true
+    done
+  fi
+fi
+
+# TLS termination: brokerproxy (no SNI, so the proxy terminates; the preamble goes inside TLS)
+# against HAProxy terminating TLS with the same certificate and key. Both are reached through
+# one HAProxy acting as the TLS client (so the loadgen stays plaintext), with the same
+# settings: TLS 1.3, TLS_AES_128_GCM_SHA256, the chain verified against the broker's CA, no
+# session reuse (every connection a full handshake), no tickets on either terminator.
+if wanted brokerproxy-tls || wanted haproxy-tls; then
+  if ! command -v haproxy >/dev/null; then
+    SKIPPED+="tls(needs haproxy as the TLS client) "
+  else
+    start_daemon tls
+    TLS_DAEMON_PID=$DPID TLS_DAEMON_PORT=$DPORT
+    for _ in $(seq 100); do [[ -s $T/tls/state/server-key.pem ]] && break; sleep 0.05; done
+    cat "$T/tls/state/server.pem" "$T/tls/state/server-key.pem" >"$T/tls/haproxy-crt.pem"
+    chmod 600 "$T/tls/haproxy-crt.pem"
+    HTLS_PORT=$(free_port)
+    cat >"$T/haproxy-tls.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 9000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend in
+  bind 127.0.0.1:$HTLS_PORT ssl crt $T/tls/haproxy-crt.pem ssl-min-ver TLSv1.3 no-tls-tickets
+  default_backend out
+backend out
+  server backend 127.0.0.1:$BPORT
+EOF
+    start_bg haproxy-tls haproxy -db -f "$T/haproxy-tls.cfg"
+    HTLS_PID=$BG_PID
+    # nbthread 2, so that the shared client is not what limits either terminator.
+    p_bp=$(free_port) p_hap=$(free_port)
+    server_opts="ssl verify required ca-file $T/tls/state/ca.pem ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256 no-ssl-reuse"
+    cat >"$T/tls-client.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 9000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend to_brokerproxy
+  bind 127.0.0.1:$p_bp
+  default_backend brokerproxy
+backend brokerproxy
+  server s 127.0.0.1:$TLS_DAEMON_PORT $server_opts
+frontend to_haproxy
+  bind 127.0.0.1:$p_hap
+  default_backend haproxy
+backend haproxy
+  server s 127.0.0.1:$HTLS_PORT $server_opts
+EOF
+    start_bg tls-client haproxy -db -f "$T/tls-client.cfg"
+    TLS_CLIENT_PID=$BG_PID
+    if wait_listen "$p_bp" && wait_listen "$p_hap"; then
+      if wanted brokerproxy-tls; then
+        PORT[brokerproxy-tls]=$p_bp PREAMBLE[brokerproxy-tls]=$T/tls/preamble
+        PROCS[brokerproxy-tls]=$TLS_DAEMON_PID HELPERS[brokerproxy-tls]=$TLS_CLIENT_PID
+      fi
+      if wanted haproxy-tls; then
+        PORT[haproxy-tls]=$p_hap PREAMBLE[haproxy-tls]=""
+        PROCS[haproxy-tls]=$HTLS_PID HELPERS[haproxy-tls]=$TLS_CLIENT_PID
+        peer_up haproxy-tls "$HTLS_PORT" || true
+      fi
+    else
+      SKIPPED+="tls(the TLS client did not start: see its log) "
+      tail -3 "$T/tls-client.log" >&2 || true
+    fi
   fi
 fi
 
@@ -316,29 +442,43 @@ log "peers: $ACTIVE${SKIPPED:+ (skipped: $SKIPPED)}"
 # ---- measurement runs ----
 
 # Appends one loadgen result to the raw file, tagged with the peer, repetition and the CPU the
-# peer's processes used during the run.
+# peer's processes (and its client-side helpers, and the backend) used during the run.
 run_loadgen() {  # PEER REP MODE ARGS...
   local peer=$1 rep=$2 mode=$3
   shift 3
   local args=(--connect "127.0.0.1:${PORT[$peer]}")
-  [[ ${PREAMBLE[$peer]} == 1 ]] && args+=(--preamble-file "$T/preamble")
+  [[ -n ${PREAMBLE[$peer]} ]] && args+=(--preamble-file "${PREAMBLE[$peer]}")
   [[ $peer == brokerproxy-pipelined ]] && args+=(--pipeline)
-  local cpu0=0 cpu1=0 bcpu0 bcpu1 out
-  [[ -n ${PROCS[$peer]} ]] && cpu0=$(tree_cpu ${PROCS[$peer]})
+  local procs=${PROCS[$peer]} helpers=${HELPERS[$peer]:-}
+  local cpu0=0 cpu1=0 hcpu0=0 hcpu1=0 bcpu0 bcpu1 out
+  [[ -n $procs ]] && cpu0=$(tree_cpu $procs)
+  [[ -n $helpers ]] && hcpu0=$(tree_cpu $helpers)
   bcpu0=$(tree_cpu "$BACKEND_PID")
   out=$("$LG" "$mode" "${args[@]}" "$@" 2>>"$T/loadgen.err") || true
-  [[ -n ${PROCS[$peer]} ]] && cpu1=$(tree_cpu ${PROCS[$peer]})
+  [[ -n $procs ]] && cpu1=$(tree_cpu $procs)
+  [[ -n $helpers ]] && hcpu1=$(tree_cpu $helpers)
   bcpu1=$(tree_cpu "$BACKEND_PID")
   if [[ -z $out ]]; then
     out="{\"mode\":\"$mode\",\"ok\":false,\"errors\":{\"loadgen produced no output\":1}}"
   fi
-  jq -c --arg peer "$peer" --argjson rep "$rep" --argjson cpu "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN{printf "%.2f", b-a}')" \
-    --argjson bcpu "$(awk -v a="$bcpu0" -v b="$bcpu1" 'BEGIN{printf "%.2f", b-a}')" \
-    --argjson has_procs "$([[ -n ${PROCS[$peer]} ]] && echo true || echo false)" \
-    '. + {peer: $peer, rep: $rep, backend_cpu_s: $bcpu} + (if $has_procs then {peer_cpu_s: $cpu} else {} end)' \
+  jq -c --arg peer "$peer" --argjson rep "$rep" --argjson cpu "$(delta "$cpu0" "$cpu1")" \
+    --argjson hcpu "$(delta "$hcpu0" "$hcpu1")" --argjson bcpu "$(delta "$bcpu0" "$bcpu1")" \
+    --argjson has_procs "$([[ -n $procs ]] && echo true || echo false)" \
+    '. + {peer: $peer, rep: $rep, backend_cpu_s: $bcpu, helper_cpu_s: $hcpu}
+       + (if $has_procs then {peer_cpu_s: $cpu} else {} end)' \
     <<<"$out" >>"$RAW"
   if [[ $(jq -r '.ok' <<<"$out") != true ]]; then log "  FAILED: $peer $mode $*: $(jq -c '.errors' <<<"$out")"; fi
-  if ! alive "$DAEMON_PID"; then log "brokerproxy DIED (see daemon log)"; fi
+  local d
+  for d in "${!DAEMON_PIDS[@]}"; do
+    alive "${DAEMON_PIDS[$d]}" || log "brokerproxy '$d' DIED (see its log)"
+  done
+}
+
+run_seconds() {  # PEER
+  case $1 in
+    *ssh-* | *-tls) echo "$ENC_RUN_S" ;;
+    *) echo "$RUN_S" ;;
+  esac
 }
 
 rotate() {  # N WORDS...: the words rotated left by N
@@ -358,12 +498,12 @@ for peer in $MEM_PEERS; do
   [[ -n ${PORT[$peer]:-} && -n ${PROCS[$peer]} ]] || continue
   read -r rss_idle pss_idle _ <<<"$(tree_mem ${PROCS[$peer]})"
   for k in $IDLE_COUNTS; do
-    if [[ $peer == socat || $peer == ssh-* ]] && ((k > MEM_MIN)); then continue; fi
+    if [[ $peer == socat || $peer == *ssh-* ]] && ((k > MEM_MIN)); then continue; fi
     run=$((run + 1))
     out=$T/idle-$run.out err=$T/idle-$run.err
     read -r rss0 pss0 _ <<<"$(tree_mem ${PROCS[$peer]})"
     args=(--connect "127.0.0.1:${PORT[$peer]}" --count "$k" --parallel 64)
-    [[ ${PREAMBLE[$peer]} == 1 ]] && args+=(--preamble-file "$T/preamble")
+    [[ -n ${PREAMBLE[$peer]} ]] && args+=(--preamble-file "${PREAMBLE[$peer]}")
     "$LG" idle "${args[@]}" >"$out" 2>"$err" &
     idle_pid=$!
     PIDS+=("$idle_pid")
@@ -372,7 +512,7 @@ for peer in $MEM_PEERS; do
     sleep 1
     read -r rss1 pss1 n1 <<<"$(tree_mem ${PROCS[$peer]})"
     fds=""
-    [[ $peer == brokerproxy ]] && fds=$(ls "/proc/$DAEMON_PID/fd" | wc -l)
+    [[ $peer == brokerproxy* ]] && fds=$(ls "/proc/${PROCS[$peer]##* }/fd" | wc -l)
     kill -TERM "$idle_pid" 2>/dev/null || true
     wait "$idle_pid" 2>/dev/null || true
     sleep 1.5
@@ -397,23 +537,23 @@ for peer in $MEM_PEERS; do
 done
 
 read -r -a ACTIVE_ARR <<<"$ACTIVE"
-log "throughput: $REPS reps x {1,8} streams x {up,down} x ${#ACTIVE_ARR[@]} peers, ${RUN_S}s each"
+log "throughput: $REPS reps x {1,8} streams x {up,down} x ${#ACTIVE_ARR[@]} peers, ${RUN_S}s each (encrypted ${ENC_RUN_S}s)"
 for ((rep = 1; rep <= REPS; rep++)); do
   for cfg in "1 up" "1 down" "8 up" "8 down"; do
     read -r streams dir <<<"$cfg"
     for peer in $(rotate $((rep - 1)) "${ACTIVE_ARR[@]}"); do
       run_loadgen "$peer" "$rep" throughput --streams "$streams" --bytes "$TRANSFER" \
-        --direction "$dir" --seconds "$RUN_S"
+        --direction "$dir" --seconds "$(run_seconds "$peer")"
     done
   done
   log "  throughput rep $rep done"
 done
 
-log "handshakes: $REPS reps x concurrency {1,32} x ${#ACTIVE_ARR[@]} peers, ${RUN_S}s each"
+log "handshakes: $REPS reps x concurrency {1,32} x ${#ACTIVE_ARR[@]} peers, ${RUN_S}s each (encrypted ${ENC_RUN_S}s)"
 for ((rep = 1; rep <= REPS; rep++)); do
   for conc in 1 32; do
     for peer in $(rotate $((rep - 1)) "${ACTIVE_ARR[@]}" brokerproxy-pipelined); do
-      run_loadgen "$peer" "$rep" handshake --concurrency "$conc" --seconds "$RUN_S"
+      run_loadgen "$peer" "$rep" handshake --concurrency "$conc" --seconds "$(run_seconds "$peer")"
     done
   done
   log "  handshake rep $rep done"
@@ -426,7 +566,7 @@ for peer in $MEM_PEERS; do
   sleep 0.5
   read -r rss0 pss0 _ <<<"$(tree_mem ${PROCS[$peer]})"
   args=(--connect "127.0.0.1:${PORT[$peer]}" --streams "$SLOW_STREAMS" --seconds 3)
-  [[ ${PREAMBLE[$peer]} == 1 ]] && args+=(--preamble-file "$T/preamble")
+  [[ -n ${PREAMBLE[$peer]} ]] && args+=(--preamble-file "${PREAMBLE[$peer]}")
   "$LG" slowread "${args[@]}" >"$T/slow.out" 2>>"$T/loadgen.err" &
   slow_pid=$!
   PIDS+=("$slow_pid")
@@ -435,8 +575,8 @@ for peer in $MEM_PEERS; do
     read -r r s _ <<<"$(tree_mem ${PROCS[$peer]})"
     ((r > max_rss)) && max_rss=$r
     ((s > max_pss)) && max_pss=$s
-    if [[ $peer == brokerproxy ]]; then
-      pipes=$(ls -l "/proc/$DAEMON_PID/fd" 2>/dev/null | grep -c 'pipe:' || true)
+    if [[ $peer == brokerproxy* ]]; then
+      pipes=$(ls -l "/proc/${PROCS[$peer]##* }/fd" 2>/dev/null | grep -c 'pipe:' || true)
       ((pipes > max_pipes)) && max_pipes=$pipes
     fi
     sleep 0.2
@@ -448,7 +588,7 @@ for peer in $MEM_PEERS; do
     --argjson pss "$max_pss" --argjson pipes "$max_pipes" \
     '{mode: "slowread-memory", peer: $peer, ok: .ok, streams: .streams, mbyte_per_s: .mbyte_per_s,
       errors: .errors, rss_idle_kb: $rss0, rss_max_kb: $rss, pss_idle_kb: $pss0, pss_max_kb: $pss,
-      daemon_pipe_fds_max: (if $peer == "brokerproxy" then $pipes else null end)}' \
+      daemon_pipe_fds_max: (if $peer | startswith("brokerproxy") then $pipes else null end)}' \
     <<<"$slow_json" >>"$RAW"
   log "slow readers $peer: RSS ${rss0} -> max ${max_rss} kB"
 done
@@ -461,7 +601,7 @@ if [[ $PROFILE == 1 ]] && command -v perf >/dev/null; then
     >/dev/null 2>&1 &
   perf_pid=$!
   sleep 0.5
-  "$LG" handshake --connect "127.0.0.1:$PPORT" --preamble-file "$T/preamble" --concurrency 32 \
+  "$LG" handshake --connect "127.0.0.1:$PPORT" --preamble-file "$T/plain/preamble" --concurrency 32 \
     --seconds "$RUN_S" >"$T/profile-run.json" 2>>"$T/loadgen.err" || true
   wait "$perf_pid" || true
   mkdir -p "$OUT"
@@ -494,7 +634,7 @@ if [[ $PROFILE == 1 ]] && command -v strace >/dev/null; then
     for peer in brokerproxy haproxy; do
       [[ -n ${PORT[$peer]:-} && -n ${PROCS[$peer]} ]] || continue
       args=(--connect "127.0.0.1:${PORT[$peer]}" --concurrency 1 --seconds 1)
-      [[ ${PREAMBLE[$peer]} == 1 ]] && args+=(--preamble-file "$T/preamble")
+      [[ -n ${PREAMBLE[$peer]} ]] && args+=(--preamble-file "${PREAMBLE[$peer]}")
       strace -c -f -o "$T/strace-$peer.txt" -p "${PROCS[$peer]%% *}" >/dev/null 2>&1 &
       strace_pid=$!
       sleep 0.5
@@ -515,11 +655,22 @@ fi
 
 # ---- facts, summary, report ----
 
-DAEMON_ALIVE=false
-alive "$DAEMON_PID" && DAEMON_ALIVE=true
+# Every daemon's counters, keyed by its name; alive only if all of them are.
+DAEMON_ALIVE=true
 STATS='{}'
-$DAEMON_ALIVE && STATS=$("$BP" stats --json -c "$T/config.ini" 2>/dev/null || echo '{}')
-DAEMON_LOG_LINES=$(wc -l <"$T/daemon.log")
+DAEMON_LOG_LINES=0
+: >"$T/daemons.log"
+for d in "${!DAEMON_PIDS[@]}"; do
+  st='{}'
+  if alive "${DAEMON_PIDS[$d]}"; then
+    st=$("$BP" stats --json -c "$T/$d/config.ini" 2>/dev/null || echo '{}')
+  else
+    DAEMON_ALIVE=false
+  fi
+  STATS=$(jq -c --arg d "$d" --argjson st "$st" '. + {($d): $st}' <<<"$STATS")
+  DAEMON_LOG_LINES=$((DAEMON_LOG_LINES + $(wc -l <"$T/daemon-$d.log")))
+  sed "s/^/[$d] /" "$T/daemon-$d.log" >>"$T/daemons.log"
+done
 
 ver() { "$@" 2>&1 | head -1 | tr -d '"' || true; }
 FACTS=$(jq -n \
@@ -536,20 +687,21 @@ FACTS=$(jq -n \
   --arg openssh "$(ver ssh -V)" \
   --arg nofile "$(ulimit -n)" \
   --arg pipe_max "$(cat /proc/sys/fs/pipe-max-size)" \
-  --arg reps "$REPS" --arg run_s "$RUN_S" --arg transfer "$TRANSFER" \
+  --arg reps "$REPS" --arg run_s "$RUN_S" --arg enc_run_s "$ENC_RUN_S" --arg transfer "$TRANSFER" \
   --arg skipped "$SKIPPED" --argjson daemon_alive "$DAEMON_ALIVE" \
   --arg daemon_log_lines "$DAEMON_LOG_LINES" --arg duration "$SECONDS" \
   '{date: $date, nproc: ($nproc | tonumber), cpu: $cpu, kernel: $kernel, loadavg_at_end: $loadavg_end,
     commit: $commit, libuv: $libuv, compiler: $compiler, haproxy: $haproxy, socat: $socat,
     openssh: $openssh, open_files_limit: $nofile, pipe_max_size: $pipe_max,
-    reps: ($reps | tonumber), run_seconds: ($run_s | tonumber), transfer: $transfer,
+    reps: ($reps | tonumber), run_seconds: ($run_s | tonumber),
+    encrypted_run_seconds: ($enc_run_s | tonumber), transfer: $transfer,
     skipped: $skipped, daemon_alive_at_end: $daemon_alive,
     daemon_log_lines: ($daemon_log_lines | tonumber), duration_s: ($duration | tonumber)}')
 FACTS=$(jq -c --arg load_start "$LOAD_START" '. + {loadavg_at_start: $load_start}' <<<"$FACTS")
 
 mkdir -p "$OUT"
 cp "$RAW" "$OUT/e2e-raw.jsonl"
-head -c 20000 "$T/daemon.log" >"$OUT/e2e-daemon.log" || true
+head -c 20000 "$T/daemons.log" >"$OUT/e2e-daemon.log" || true
 jq -s --argjson facts "$FACTS" --argjson stats "$STATS" -f "$ROOT/bench/e2e_summary.jq" "$RAW" >"$OUT/e2e.json"
 jq -r -f "$ROOT/bench/e2e_table.jq" "$OUT/e2e.json" >"$OUT/e2e.md"
 
@@ -570,11 +722,11 @@ set key outside right top
 set ylabel "Gbit/s"
 set grid ytics
 set yrange [0:*]
+set xtics rotate by -20
 plot for [i=2:5] "$T/tput.tsv" using i:xtic(1) title columnheader(i)
 set output "$OUT/e2e-handshake.png"
 set title "Connections per second (connect, [preamble, OK,] 1-byte echo, close), median of $REPS"
 set ylabel "connections/s"
-set xtics rotate by -20
 plot for [i=2:3] "$T/hs.tsv" using i:xtic(1) title columnheader(i)
 EOF
 fi

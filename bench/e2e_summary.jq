@@ -1,7 +1,13 @@
 # Summarises bench/e2e.sh's raw records (slurped: one array of loadgen/memory objects) into
 # medians, ranges and ratios. Called with --argjson facts and --argjson stats.
 
-def order: ["direct", "brokerproxy", "brokerproxy-pipelined", "haproxy", "haproxy-splice", "socat", "ssh-aes", "ssh-chacha"];
+def order: ["direct", "brokerproxy", "brokerproxy-pipelined", "haproxy", "haproxy-splice", "socat",
+             "brokerproxy-ssh-aes", "ssh-aes", "brokerproxy-ssh-chacha", "ssh-chacha",
+             "brokerproxy-tls", "haproxy-tls"];
+
+# The encrypted paths, each next to what users would otherwise run with the same cipher.
+def pairs: [["brokerproxy-ssh-aes", "ssh-aes"], ["brokerproxy-ssh-chacha", "ssh-chacha"],
+            ["brokerproxy-tls", "haproxy-tls"]];
 
 # {median, min, max, n} of the non-null numbers, or null.
 def stats:
@@ -34,8 +40,9 @@ def med(f): (map(f) | stats | if . == null then null else .median end);
             gbit_per_s: ($ok | map(.gbit_per_s) | stats),
             peer_cpu_s_per_gib: ($ok | map(if .peer_cpu_s == null then null
                                             else .peer_cpu_s / (.total_bytes / 1073741824) end) | stats),
-            # client + backend + peer: what the 2 shared cores had to do per GiB moved.
-            all_cpu_s_per_gib: ($ok | map(((.peer_cpu_s // 0) + (.backend_cpu_s // 0) + .client_cpu_s)
+            # client (+ TLS client) + backend + peer: what the 2 shared cores had to do per GiB.
+            all_cpu_s_per_gib: ($ok | map(((.peer_cpu_s // 0) + (.helper_cpu_s // 0)
+                                           + (.backend_cpu_s // 0) + .client_cpu_s)
                                           / (.total_bytes / 1073741824)) | stats)
           }]
     }],
@@ -51,7 +58,8 @@ def med(f): (map(f) | stats | if . == null then null else .median end);
           p999_us: ($ok | map(.latency_us.p999) | stats),
           peer_cpu_us_per_conn: ($ok | map(if .peer_cpu_s == null then null
                                           else .peer_cpu_s * 1e6 / .connections end) | stats),
-          all_cpu_us_per_conn: ($ok | map(((.peer_cpu_s // 0) + (.backend_cpu_s // 0) + .client_cpu_s)
+          all_cpu_us_per_conn: ($ok | map(((.peer_cpu_s // 0) + (.helper_cpu_s // 0)
+                                           + (.backend_cpu_s // 0) + .client_cpu_s)
                                           * 1e6 / .connections) | stats)
         }}] | add)
     ],
@@ -70,7 +78,11 @@ def med(f): (map(f) | stats | if . == null then null else .median end);
         ([$cfgs[].config as $c | {($c): ratio(tput("brokerproxy"; $c); tput($p; $c))}] | add)],
       brokerproxy_conn_rate_vs_peer: [$peers[] as $p | {peer: $p,
         c1: ratio($hsm.brokerproxy.c1.conns_per_s.median; $hsm[$p].c1.conns_per_s.median),
-        c32: ratio($hsm.brokerproxy.c32.conns_per_s.median; $hsm[$p].c32.conns_per_s.median)}]
+        c32: ratio($hsm.brokerproxy.c32.conns_per_s.median; $hsm[$p].c32.conns_per_s.median)}],
+      encrypted_paths: [pairs[] as [$a, $b] | select($present | index($a) and index($b)) | {peer: $a, vs: $b} +
+        ([$cfgs[].config as $c | {($c): ratio(tput($a; $c); tput($b; $c))}] | add) +
+        {c1: ratio($hsm[$a].c1.conns_per_s.median; $hsm[$b].c1.conns_per_s.median),
+         c32: ratio($hsm[$a].c32.conns_per_s.median; $hsm[$b].c32.conns_per_s.median)}]
     },
     targets: (
       [$cfgs[].config as $c | ratio(tput("brokerproxy"; $c); tput("direct"; $c)) as $r
@@ -88,6 +100,11 @@ def med(f): (map(f) | stats | if . == null then null else .median end);
         | (if $b == null or $d == null then null else $b - $d end) as $v
         | {target: "p99 added latency at concurrency 1 < 100 us", value: $v, unit: "us",
            pass: (if $v == null then null else $v < 100 end)}]
+      + [pairs[0:2][] as [$a, $b] | select($present | index($a) and index($b))
+        | [$cfgs[].config as $c | ratio(tput($a; $c); tput($b; $c))] as $r
+        | (if any($r[]; . == null) then null else ($r | min) end) as $v
+        | {target: "\($a) throughput >= \($b) (same cipher), lowest of the four configurations",
+           value: $v, unit: "ratio", pass: (if $v == null then null else $v >= 1 end)}]
       + [($s.memory | map(select(.peer == "brokerproxy")) | max_by(.sessions)) as $m
         | {target: "daemon memory per idle session at \($m.sessions // "?") sessions <= 2 KiB (\($m.established // 0) established)",
            value: ($m.bytes_per_session // null), unit: "bytes",
