@@ -127,9 +127,9 @@ const std::vector<Entry>& Entries() {
         nullptr, kNo},
        &Config::idle_timeout_ms},
       {{"proxy", "half_close_timeout", T::kDuration, "5m",
-        "Once one direction of a connection has ended (its sender shut down writing), how long "
-        "to wait for the other direction to end before closing the connection. 0 means wait "
-        "without a limit.",
+        "Once one direction of a connection (or of a channel of the SSH endpoint) has ended "
+        "(its sender shut down writing), how long the other direction may stay silent before "
+        "the connection is closed. 0 means wait without a limit.",
         nullptr, kNo},
        &Config::half_close_timeout_ms},
       {{"proxy", "keepalive", T::kDuration, "1m",

@@ -422,15 +422,31 @@ void SshSession::OnDeadline() {
 
 void SshSession::OnSweep(uint64_t now_ms) {
   if (state_ != State::kAuthenticated) return;
+  const ProxyOptions& o = proxy_->options();
+  bool expired = false;
   for (auto& c : channels_) {
     FlushCounters(*c);
-    last_activity_ms_ = std::max(last_activity_ms_, c->splice->last_activity_ms());
+    ChannelSplice& s = *c->splice;
+    last_activity_ms_ = std::max(last_activity_ms_, s.last_activity_ms());
+    // A channel is a session of its own: half-closed and quiet for half_close_timeout, it ends
+    // (and gives back its backend connection) while the others go on.
+    if (o.half_close_timeout_ms > 0 && s.attached() && s.half_closed() && !s.finished() &&
+        now_ms - s.last_activity_ms() >= static_cast<uint64_t>(o.half_close_timeout_ms)) {
+      proxy_->stats().global().idle_closed++;
+      LOG_INFO("ssh %llu job=%s channel %llu: half-close timeout",
+               static_cast<unsigned long long>(id()), target_.job_id.c_str(),
+               static_cast<unsigned long long>(c->id));
+      s.Fail(Status::Timeout("half-close timeout"));
+      expired = true;
+    }
   }
-  int64_t idle = proxy_->options().idle_timeout_ms;
-  if (idle > 0 && now_ms - last_activity_ms_ >= static_cast<uint64_t>(idle)) {
+  if (o.idle_timeout_ms > 0 &&
+      now_ms - last_activity_ms_ >= static_cast<uint64_t>(o.idle_timeout_ms)) {
     proxy_->stats().global().idle_closed++;
     Close("idle timeout");
+    return;
   }
+  if (expired) Service();  // reaps the expired channels
 }
 
 void SshSession::Close(const char* reason) {

@@ -225,6 +225,7 @@ bool ChannelSplice::FlushToSocket() {
         ::write(out_fd(), to_socket_.data() + to_socket_off_, to_socket_.size() - to_socket_off_);
     if (n > 0) {
       to_socket_off_ += n;
+      Touch();
       continue;
     }
     if (n < 0 && WouldBlock(errno)) {

@@ -142,6 +142,8 @@ class ChannelSplice {
   bool finished() const { return finished_; }
   // OK when both directions ended cleanly; else what ended it.
   const Status& status() const { return status_; }
+  // True once one direction has ended (EOF passed on either way, or the peer closed).
+  bool half_closed() const { return socket_shut_ || eof_sent_ || peer_closed_; }
   bool peer_eof() const { return peer_eof_; }
   bool peer_closed() const { return peer_closed_; }
   // Bytes moved so far: from the channel to the socket, and from the socket to the channel.

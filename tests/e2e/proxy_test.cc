@@ -374,6 +374,70 @@ TEST_F(ProxyTest, HalfCloseEachDirection) {
   ExpectStillServing();
 }
 
+// True once the daemon's log has `needle`, polling for up to `timeout_ms`.
+bool LogShows(const Daemon& d, const std::string& needle, int timeout_ms) {
+  for (int waited = 0;; waited += 50) {
+    if (d.Log().find(needle) != std::string::npos) return true;
+    if (waited >= timeout_ms) return false;
+    std::this_thread::sleep_for(milliseconds(50));
+  }
+}
+
+// idle_timeout closes a session nobody used for that long, half_close_timeout one that a side
+// finished with and the other left silent; a session that keeps moving bytes stays.
+TEST_F(ProxyTest, IdleAndHalfClosedSessionsTimeOut) {
+  StartDaemon("idle_timeout = 3s\nhalf_close_timeout = 1s\n");
+  int idle = Session("echo");
+  int busy = Session("echo");
+  int half = Session("download 5");  // the backend sends 5 bytes and shuts down writing
+  ASSERT_GE(idle, 0);
+  ASSERT_GE(busy, 0);
+  ASSERT_GE(half, 0);
+  EXPECT_EQ(ReadToEof(half).size(), 5u);
+  auto start = steady_clock::now();
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> busy_good{0}, busy_bad{0};
+  std::thread keep_busy([&] {
+    while (!stop) {
+      bool ok = SendAll(busy, "ping\n") && ReadLine(busy) == "ping";
+      (ok ? busy_good : busy_bad)++;
+      std::this_thread::sleep_for(milliseconds(250));
+    }
+  });
+  // The half-closed one goes first, after its timeout (the sweep runs every second)...
+  EXPECT_TRUE(LogShows(*daemon_, "reason=half-close timeout", 5000)) << daemon_->Log();
+  auto half_after = steady_clock::now() - start;
+  // ...then the idle one: the daemon closes it (EOF here, not our receive timeout).
+  char c;
+  timeval tv{8, 0};
+  setsockopt(idle, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  EXPECT_EQ(recv(idle, &c, 1, 0), 0);
+  auto idle_after = steady_clock::now() - start;
+  stop = true;
+  keep_busy.join();
+
+  EXPECT_GE(half_after, milliseconds(1000));
+  EXPECT_GE(idle_after, milliseconds(3000));
+  EXPECT_GT(idle_after, half_after);
+  EXPECT_GT(busy_good.load(), 10);
+  EXPECT_EQ(busy_bad.load(), 0);
+  EXPECT_TRUE(SendAll(busy, "still here\n"));
+  EXPECT_EQ(ReadLine(busy), "still here");
+  // The half-closed one is gone too: what we send now is refused (a reset, then EPIPE).
+  ssize_t sent = 0;
+  for (int i = 0; i < 50 && sent >= 0; ++i) {
+    sent = send(half, "x", 1, MSG_NOSIGNAL);
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  EXPECT_LT(sent, 0);
+  for (int fd : {idle, busy, half}) close(fd);
+  EXPECT_NE(daemon_->Log().find("reason=idle timeout"), std::string::npos) << daemon_->Log();
+  RunResult stats = daemon_->Cli({"stats", "--json"});
+  auto sj = ParseOut(stats.out);
+  EXPECT_EQ(JsonText(sj.get(), {"stats", "connections", "idle_closed"}), "2") << stats;
+}
+
 TEST_F(ProxyTest, SlowReadersKeepMemoryBounded) {
   StartDaemon();
   size_t baseline = daemon_->RssBytes();

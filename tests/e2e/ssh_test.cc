@@ -431,9 +431,26 @@ class EndpointTest : public ::testing::Test {
     return child;
   }
 
+  // A daemon (with `proxy_extra` in its [proxy] section), a backend registered as `job`, and
+  // `ssh -N -L` to it; returns the forward's local port, or -1 after a failed assertion.
+  int StartForwarded(const std::string& proxy_extra, const std::string& job) {
+    daemon_ = std::make_unique<Daemon>(dir_, "", proxy_extra);
+    backend_ = std::make_unique<Backend>();
+    EXPECT_TRUE(daemon_->Start());
+    std::string secret = daemon_->SaveJob(job, backend_->port());
+    EXPECT_FALSE(secret.empty());
+    int port = FreePort();
+    ssh_ = Forward(daemon_->proxy_port(), job, secret, {port});
+    EXPECT_TRUE(ssh_) << daemon_->Log();
+    return ssh_ ? port : -1;
+  }
+
   TempDir dir_;
   int scripts_ = 0;
   int children_ = 0;
+  std::unique_ptr<Daemon> daemon_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Child> ssh_;
 };
 
 TEST_F(EndpointTest, StockSshForwardsWithTheSecret) {
@@ -567,14 +584,10 @@ TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
 // connections do: a full proxy refuses both new channels and new clients, and a channel that
 // ends gives its slot back.
 TEST_F(EndpointTest, ChannelsCountAgainstMaxConnections) {
-  Daemon d(dir_, "", "max_connections = 4");
-  ASSERT_TRUE(d.Start());
-  Backend backend;
-  std::string secret = d.SaveJob("e5", backend.port());
-  ASSERT_FALSE(secret.empty());
-  int p = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e5", secret, {p});  // the session: 1 of 4
-  ASSERT_TRUE(ssh) << d.Log();
+  int p = StartForwarded("max_connections = 4", "e5");  // the session: 1 of 4
+  ASSERT_GE(p, 0);
+  Daemon& d = *daemon_;
+  Backend& backend = *backend_;
 
   // A channel that echoes one line, or -1.
   auto open_channel = [&] {
@@ -627,7 +640,50 @@ TEST_F(EndpointTest, ChannelsCountAgainstMaxConnections) {
   RunResult stats = d.Cli({"stats", "--json"});
   auto sj = ParseOut(stats.out);
   EXPECT_GE(std::stoi(JsonText(sj.get(), {"stats", "connections", "busy"})), 2) << stats;
-  ssh->Stop(SIGKILL);
+  ssh_->Stop(SIGKILL);
+}
+
+// half_close_timeout applies to each channel as to a plain session: a channel whose backend
+// finished while the client stays silent ends, with its backend connection, and the other
+// channels of the session go on.
+TEST_F(EndpointTest, HalfClosedChannelTimesOutAlone) {
+  int p = StartForwarded("half_close_timeout = 1s", "e6");
+  ASSERT_GE(p, 0);
+  Daemon& d = *daemon_;
+  int open = ConnectTcp(p);  // an ordinary channel, left open and idle
+  ASSERT_GE(open, 0);
+  ASSERT_TRUE(SendAll(open, "echo\nping\n"));
+  ASSERT_EQ(ReadLine(open), "ping");
+  int half = ConnectTcp(p);
+  ASSERT_GE(half, 0);
+  ASSERT_TRUE(SendAll(half, "download 5\n"));  // 5 bytes, then the backend shuts down writing
+  EXPECT_EQ(ReadToEof(half).size(), 5u);
+  auto eof_at = Clock::now();
+
+  auto active = [&] {
+    auto sj = ParseOut(d.Cli({"stats", "--json"}).out);
+    return JsonText(sj.get(), {"stats", "per_job", "e6", "active"});
+  };
+  bool timed_out = false;
+  for (int i = 0; i < 100 && !timed_out; ++i) {
+    timed_out = d.Log().find(": half-close timeout") != std::string::npos;
+    if (!timed_out) usleep(100 * 1000);
+  }
+  EXPECT_TRUE(timed_out) << d.Log();
+  EXPECT_GE(Clock::now() - eof_at, std::chrono::milliseconds(1000));
+  std::string now_active;
+  for (int i = 0; i < 50 && (now_active = active()) != "1"; ++i) usleep(100 * 1000);
+  EXPECT_EQ(now_active, "1") << "only the open channel is left";
+  close(half);
+
+  // The open channel and its session are untouched.
+  ASSERT_TRUE(SendAll(open, "pong\n"));
+  EXPECT_EQ(ReadLine(open), "pong");
+  close(open);
+  EXPECT_EQ(d.Log().find("reason=idle timeout"), std::string::npos) << "the session stayed";
+  auto sj = ParseOut(d.Cli({"stats", "--json"}).out);
+  EXPECT_EQ(JsonText(sj.get(), {"stats", "connections", "idle_closed"}), "1");
+  ssh_->Stop(SIGKILL);
 }
 
 TEST_F(EndpointTest, StalledKeyExchangeTimesOutWhileOthersFlow) {
