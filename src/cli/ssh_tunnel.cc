@@ -1,7 +1,8 @@
 // The SSH path of `connect --via`: one SSH session to the login node, driven nonblocking on the
 // loop (proxy/ssh_splice.h); per local connection one direct-tcpip channel to the proxy port as
-// the login node sees it, the BROKER1 preamble, the proxy's "OK", then a ChannelSplice between
-// the local connection and the channel. Closing a local connection closes only its channel.
+// the login node sees it, the BROKER1 preamble (and what the local client already sent, see
+// EarlyBytes), the proxy's "OK", then a ChannelSplice between the local connection and the
+// channel. Closing a local connection closes only its channel.
 
 #include <memory>
 #include <string>
@@ -45,6 +46,8 @@ class SshTunnel final : public Tunnel {
   loop::HandlePtr<loop::Timer> timer_;
   std::string preamble_;  // not yet accepted by libssh
   std::string reply_;
+  EarlyBytes early_;
+  bool early_watched_ = false;
   bool finished_ = false;
   bool completed_ = false;
   Status status_;
@@ -224,6 +227,18 @@ void SshTunnel::Step() {
         if (*n == 0) return;  // window closed or a key exchange: later
         preamble_.erase(0, *n);
       }
+      if (!early_watched_) {
+        early_watched_ = true;
+        early_.Watch(local_, [path = path_] { path->Service(); });
+      }
+      Status early_status = early_.Pump([this](std::string_view data) -> size_t {
+        auto n = splice_->WriteRaw(data);
+        return n.ok() ? *n : 0;  // a failed channel shows in the reply
+      });
+      if (!early_status.ok()) {
+        Fail(early_status);
+        return;
+      }
       auto got = splice_->ReadRaw(kMaxReplyLine - reply_.size());
       if (!got.ok()) {
         Fail(Status::Unavailable("the proxy at " + path_->Describe() +
@@ -241,8 +256,9 @@ void SshTunnel::Step() {
         Fail(s);
         return;
       }
-      std::string early = reply_.substr(nl + 1);  // the backend's first bytes, if any
+      std::string down = reply_.substr(nl + 1);  // the backend's first bytes, if any
       std::string().swap(reply_);
+      std::string up = early_.Stop();  // the local bytes libssh has not taken yet
       timer_.reset();
       {
         // The channel moves bytes in user space, on level-triggered polls.
@@ -252,7 +268,8 @@ void SshTunnel::Step() {
           return;
         }
         state_ = State::kSplicing;
-        splice_->Attach(std::move(local->in), std::move(local->out), std::move(early));
+        splice_->Attach(std::move(local->in), std::move(local->out), std::move(down),
+                        std::move(up));
       }
       [[fallthrough]];
     }

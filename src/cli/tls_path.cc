@@ -27,6 +27,7 @@ class TlsTunnel final : public Tunnel {
   void OnConnected(Result<loop::IoHandle> upstream);
   void OnHandshake();
   void OnData();
+  void PumpEarly();
   void Finish(Status status);
 
   TlsPath* path_;
@@ -35,6 +36,7 @@ class TlsTunnel final : public Tunnel {
   proxy::Dialer dialer_;
   loop::HandlePtr<loop::Timer> timer_;
   std::unique_ptr<proxy::TlsRelay> tls_;
+  EarlyBytes early_;
   bool relaying_ = false;
 };
 
@@ -111,6 +113,17 @@ void TlsTunnel::OnHandshake() {
     return;
   }
   Status s = tls_->Send(PreambleLine(path_->ep_.job, path_->ep_.secret));
+  if (!s.ok()) {
+    Finish(s);
+    return;
+  }
+  early_.Watch(local_, [this] { PumpEarly(); });
+}
+
+void TlsTunnel::PumpEarly() {
+  Status s = early_.Pump([this](std::string_view data) -> size_t {
+    return tls_->Send(data).ok() ? data.size() : 0;  // a failed session ends the tunnel anyway
+  });
   if (!s.ok()) Finish(s);
 }
 
@@ -134,6 +147,12 @@ void TlsTunnel::OnData() {
     return;
   }
   timer_.reset();
+  if (std::string up = early_.Stop(); !up.empty()) {
+    if (Status sent = tls_->Send(up); !sent.ok()) {
+      Finish(sent);
+      return;
+    }
+  }
   relaying_ = true;
   auto local = proxy::ToPolls(*path_->ep_.loop, std::move(local_));
   if (!local.ok()) {

@@ -1,7 +1,10 @@
 #include "cli/tunnel.h"
 
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -69,6 +72,52 @@ Status StatusFromReply(std::string_view line, const std::string& job) {
   return Status::IOError("unexpected reply from the proxy: '" + reply + "'");
 }
 
+void EarlyBytes::Watch(proxy::Relay::Side& side, std::function<void()> wake) {
+  struct stat st {};
+  if (!side.in || ::fstat(side.in.fd(), &st) != 0 ||
+      !(S_ISSOCK(st.st_mode) || S_ISFIFO(st.st_mode)))
+    return;
+  watch_ = side.in.get();
+  watch_->SetCallback([wake = std::move(wake)](loop::IoWatch*) { wake(); });
+  if (watch_->readable()) watch_->Yield();
+}
+
+Status EarlyBytes::Pump(const Sink& sink) {
+  if (!watch_) return Status::OK();
+  if (!pending_.empty()) {
+    pending_.erase(0, sink(pending_));
+    if (!pending_.empty()) return Status::OK();
+  }
+  char buf[16 * 1024];
+  while (budget_ > 0 && watch_->readable()) {
+    ssize_t n = ::read(watch_->fd(), buf, std::min(sizeof(buf), budget_));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      watch_->ClearReadable();
+      break;
+    }
+    if (n < 0) return PosixError("reading the local connection", errno);
+    if (n == 0) {
+      budget_ = 0;  // EOF: the relay reads it again
+      break;
+    }
+    budget_ -= n;
+    size_t took = sink(std::string_view(buf, n));
+    if (took < static_cast<size_t>(n)) {
+      pending_.assign(buf + took, n - took);
+      break;
+    }
+  }
+  return Status::OK();
+}
+
+std::string EarlyBytes::Stop() {
+  // Not a null callback: from inside its own callback, the reactor would restore the old one.
+  if (watch_) watch_->SetCallback([](loop::IoWatch*) {});
+  watch_ = nullptr;
+  return std::move(pending_);
+}
+
 namespace {
 
 // Longest reply line the proxy sends ("ERR unavailable\n" is 16 bytes).
@@ -84,6 +133,7 @@ class DirectTunnel final : public Tunnel {
  private:
   void OnConnected(Result<loop::IoHandle> upstream);
   void OnReadable();
+  void PumpEarly();
   void Finish(Status status);
 
   DirectPath* path_;
@@ -93,6 +143,7 @@ class DirectTunnel final : public Tunnel {
   loop::HandlePtr<loop::Timer> timer_;
   loop::IoHandle upstream_;
   std::string reply_;
+  EarlyBytes early_;
   std::unique_ptr<proxy::Relay> relay_;
 };
 
@@ -140,6 +191,15 @@ void DirectTunnel::OnConnected(Result<loop::IoHandle> upstream) {
   }
   upstream_->SetCallback([this](loop::IoWatch*) { OnReadable(); });
   if (upstream_->readable()) upstream_->Yield();  // the reply may be there already
+  early_.Watch(local_, [this] { PumpEarly(); });
+}
+
+void DirectTunnel::PumpEarly() {
+  Status s = early_.Pump([this](std::string_view data) -> size_t {
+    ssize_t n = ::send(upstream_->fd(), data.data(), data.size(), MSG_NOSIGNAL);
+    return n > 0 ? static_cast<size_t>(n) : 0;  // a failed send shows in the reply
+  });
+  if (!s.ok()) Finish(s);
 }
 
 void DirectTunnel::OnReadable() {
@@ -177,10 +237,11 @@ void DirectTunnel::OnReadable() {
     return;
   }
   timer_.reset();
-  relay_ = std::make_unique<proxy::Relay>(path_->pipes_, std::move(local_),
-                                          proxy::Relay::Side{std::move(upstream_)},
-                                          "local connection", "proxy", std::string(), std::string(),
-                                          [this](Status s) { Finish(std::move(s)); });
+  std::string early = early_.Stop();
+  relay_ = std::make_unique<proxy::Relay>(
+      path_->pipes_, std::move(local_), proxy::Relay::Side{std::move(upstream_)},
+      "local connection", "proxy", std::string(), std::move(early),
+      [this](Status s) { Finish(std::move(s)); });
   relay_->Start();
 }
 

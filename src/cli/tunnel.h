@@ -64,6 +64,37 @@ struct ProxyEndpoint {
   int64_t timeout_ms;
 };
 
+// What a local client sends before the proxy's "OK": read while the tunnel waits for the reply
+// and sent right behind the preamble, so a client that speaks first (a browser, an ssh client's
+// banner) loses no round trip. The proxy keeps these bytes in order for the backend, and drops
+// them if it refuses. At most kMax bytes per tunnel. The local side's EOF is not consumed: a
+// socket or a pipe reports it again to the relay that takes over (a terminal would not, so one
+// is left alone).
+//
+// Ownership: watches the reactor fd of a Relay::Side the tunnel owns; Stop() before the side
+// moves on (to a relay, or out of the reactor). Loop-thread only.
+class EarlyBytes {
+ public:
+  static constexpr size_t kMax = 64 * 1024;
+  // Takes bytes to send; returns how many it took (0 when it cannot take any now).
+  using Sink = std::function<size_t(std::string_view)>;
+
+  // Starts watching `side` (its read fd is registered in the reactor); `wake` runs when it may
+  // have bytes, and should call Pump().
+  void Watch(proxy::Relay::Side& side, std::function<void()> wake);
+  // Reads what has arrived, within the budget, and offers it to `sink`. Reading pauses while
+  // the sink leaves bytes over. Not OK if reading the local side failed.
+  // REQUIRES: `sink` does not call Stop().
+  Status Pump(const Sink& sink);
+  // Stops watching; returns the bytes read that the sink has not taken, which go first.
+  std::string Stop();
+
+ private:
+  loop::IoWatch* watch_ = nullptr;  // null: not watching
+  std::string pending_;
+  size_t budget_ = kMax;
+};
+
 // The BROKER1 line for `job` and `secret`, newline included.
 std::string PreambleLine(const std::string& job, const std::string& secret);
 

@@ -338,7 +338,7 @@ void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> io) {
     jc.connections++;
     jc.active++;
     c->counted = true;
-    c->splice->Attach(std::move(backend).value(), nullptr, std::string());
+    c->splice->Attach(std::move(backend).value(), nullptr, std::string(), std::string());
   }
   c->dialer.reset();  // its callback is running: the Dialer may go, it touches nothing after
   Service();

@@ -119,12 +119,13 @@ ChannelSplice::~ChannelSplice() {
 }
 
 void ChannelSplice::Attach(loop::HandlePtr<loop::Poll> socket, loop::HandlePtr<loop::Poll> out,
-                           std::string to_socket) {
+                           std::string to_socket, std::string to_channel) {
   in_ = std::move(socket);
   out_ = std::move(out);
   loop_ = &in_->loop();
   to_socket_ = std::move(to_socket);
   to_socket_off_ = 0;
+  to_channel_ = std::move(to_channel);
   Touch();
   loop::Poll* in = in_.get();
   in_->Start(0, [this, in](int status, int events) { OnSocketEvent(in, status, events); });

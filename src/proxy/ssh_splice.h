@@ -122,9 +122,10 @@ class ChannelSplice {
 
   // Starts splicing with `socket` (a connected stream socket, owned by the Poll), or with a
   // pair of fds (`out` non-null: e.g. stdin and stdout; the peer's EOF then closes `out`).
-  // `to_socket` is written before anything else from the channel.
+  // `to_socket` is written before anything else from the channel, and `to_channel` before
+  // anything else from the socket.
   void Attach(loop::HandlePtr<loop::Poll> socket, loop::HandlePtr<loop::Poll> out,
-              std::string to_socket);
+              std::string to_socket, std::string to_channel);
   bool attached() const { return in_ != nullptr; }
 
   // Before Attach: reads up to `max` bytes the peer sent. Empty when nothing is there yet.

@@ -19,6 +19,7 @@
 #include <dirent.h>
 #include <ftw.h>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -356,21 +357,82 @@ int Daemon::OpenFds() const {
 
 // ---- backend ----
 
-Backend::Backend(Options options) : options_(std::move(options)) {
-  listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+namespace {
+
+// A listening socket on 127.0.0.1 with a port of the kernel's choice; returns the fd and sets
+// `*port`. Aborts on failure (a test cannot go on without it).
+int ListenLoopback(int* port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   int one = 1;
-  setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      listen(listen_fd_, 1024) != 0) {
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(fd, 1024) != 0) {
     std::abort();
   }
   socklen_t len = sizeof(addr);
-  getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
-  port_ = ntohs(addr.sin_port);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  *port = ntohs(addr.sin_port);
+  return fd;
+}
+
+}  // namespace
+
+Backend::Backend(Options options) : options_(std::move(options)) {
+  listen_fd_ = ListenLoopback(&port_);
   acceptor_ = std::thread([this] { AcceptLoop(); });
+}
+
+FakeProxy::FakeProxy(size_t want_early, int wait_ms) {
+  listen_fd_ = ListenLoopback(&port_);
+  thread_ = std::thread([this, want_early, wait_ms] { Serve(want_early, wait_ms); });
+}
+
+FakeProxy::~FakeProxy() {
+  shutdown(listen_fd_, SHUT_RDWR);  // unblocks a pending accept
+  thread_.join();
+  close(listen_fd_);
+}
+
+std::string FakeProxy::BeforeReply() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return replied_ ? before_reply_ : std::string();
+}
+
+void FakeProxy::Serve(size_t want_early, int wait_ms) {
+  pollfd lp{listen_fd_, POLLIN, 0};
+  if (poll(&lp, 1, 30000) != 1) return;
+  int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd < 0) return;
+  std::string got;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+  char buf[65536];
+  for (;;) {
+    size_t nl = got.find('\n');
+    if (nl != std::string::npos && got.size() - nl - 1 >= want_early) break;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    pollfd p{fd, POLLIN, 0};
+    if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) != 1) break;
+    ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) break;
+    got.append(buf, n);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    before_reply_ = got;
+    replied_ = true;
+  }
+  size_t nl = got.find('\n');
+  std::string reply = "OK\n" + (nl == std::string::npos ? std::string() : got.substr(nl + 1));
+  if (SendAll(fd, reply)) {
+    for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) {
+      if (!SendAll(fd, buf, n)) break;
+    }
+  }
+  shutdown(fd, SHUT_WR);
+  close(fd);
 }
 
 Backend::~Backend() {

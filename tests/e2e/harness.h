@@ -171,6 +171,32 @@ class Backend {
   std::vector<int> fds_;
 };
 
+// A stand-in for the proxy port that records what a client sent before it got its reply. It
+// accepts one connection and reads until the preamble line and at least `want_early` bytes
+// after it have arrived, or `wait_ms` passed; then it answers "OK\n" and echoes everything it
+// got after the preamble, and all that follows, until EOF.
+class FakeProxy {
+ public:
+  FakeProxy(size_t want_early, int wait_ms);
+  ~FakeProxy();
+  FakeProxy(const FakeProxy&) = delete;
+  FakeProxy& operator=(const FakeProxy&) = delete;
+
+  int port() const { return port_; }
+  // What arrived before the reply, preamble included; valid once the reply went out.
+  std::string BeforeReply();
+
+ private:
+  void Serve(size_t want_early, int wait_ms);
+
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::mutex mu_;
+  std::string before_reply_;
+  bool replied_ = false;
+  std::thread thread_;
+};
+
 // Sends one control request line as user `uid` straight to the daemon's socket and returns the
 // reply line ("" on failure). A forked child enters the socket's directory first and then
 // becomes `uid`, so no other directory has to be searchable by that user (in a bare chroot `/`

@@ -166,6 +166,44 @@ TEST_F(ProxyTest, ConnectListenCarriesSessions) {
   EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
 }
 
+// `connect` sends what the local client says first right behind the preamble instead of
+// waiting for the proxy's "OK", so a client that speaks first loses no round trip. The stand-in
+// proxy replies only once it has those bytes (or after 5 s without them).
+TEST_F(ProxyTest, ConnectSendsWhatTheClientSaysFirstWithThePreamble) {
+  StartDaemon();  // `connect` loads the secret from it
+  std::string preamble = "BROKER1 job1 " + secret_ + "\n";
+  {
+    FakeProxy fake(6, 5000);
+    auto connect = Child::Spawn(
+        {BinaryPath(), "connect", "job1", "--listen", "0", "-c", daemon_->config_path(), "--proxy",
+         "127.0.0.1:" + std::to_string(fake.port())},
+        dir_ / "connect.log");
+    auto line = connect->WaitFor("listening on 127.0.0.1:");
+    ASSERT_TRUE(line) << connect->Output();
+    int fd = ConnectTcp(std::stoi(line->substr(line->find("127.0.0.1:") + 10)));
+    ASSERT_GE(fd, 0);
+    ASSERT_TRUE(SendAll(fd, "hello\n"));
+    EXPECT_EQ(ReadLine(fd), "hello");
+    EXPECT_EQ(fake.BeforeReply(), preamble + "hello\n");
+    ASSERT_TRUE(SendAll(fd, "and then\n"));  // the relay carries on from there
+    EXPECT_EQ(ReadLine(fd), "and then");
+    close(fd);
+    EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+  }
+  {
+    // --stdio, with stdin ending right after its bytes: the EOF still reaches the proxy, after
+    // them (the stand-in then ends the stream, and `connect` exits).
+    FakeProxy fake(6, 5000);
+    RunOptions in;
+    in.stdin_data = "hello\n";
+    RunResult r = daemon_->Cli(
+        {"connect", "job1", "--stdio", "--proxy", "127.0.0.1:" + std::to_string(fake.port())}, in);
+    EXPECT_EQ(r.exit_code, 0) << r;
+    EXPECT_EQ(r.out, "hello\n") << r;
+    EXPECT_EQ(fake.BeforeReply(), preamble + "hello\n");
+  }
+}
+
 TEST_F(ProxyTest, ConnectReportsTheProxysRefusal) {
   StartDaemon();
   // The job exists but nothing listens on its port: `connect` says so in words.

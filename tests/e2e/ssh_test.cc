@@ -300,6 +300,30 @@ TEST_F(ViaTest, AgentFirstThenIdentityFiles) {
   agent->Stop(SIGTERM, 5000);
 }
 
+// Through the login node too, the local client's first bytes follow the preamble in the same
+// channel without waiting for "OK" (see ProxyTest.ConnectSendsWhatTheClientSaysFirst...).
+TEST_F(ViaTest, ConnectSendsWhatTheClientSaysFirstWithThePreamble) {
+  std::string secret = daemon_.SaveJob("cf", 1);
+  ASSERT_FALSE(secret.empty());
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  FakeProxy fake(6, 5000);
+  auto connect = Child::Spawn(Via({"connect", "cf", "--listen", "0", "--proxy",
+                                   "127.0.0.1:" + std::to_string(fake.port())}),
+                              dir_ / "connect-early.log", ClientEnv());
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output();
+  int fd = ConnectTcp(std::stoi(line->substr(line->find("127.0.0.1:") + 10)));
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "hello\n"));
+  EXPECT_EQ(ReadLine(fd), "hello");
+  EXPECT_EQ(fake.BeforeReply(), "BROKER1 cf " + secret + "\nhello\n");
+  ASSERT_TRUE(SendAll(fd, "and then\n"));
+  EXPECT_EQ(ReadLine(fd), "and then");
+  close(fd);
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
 TEST_F(ViaTest, ConnectCarriesManyConnectionsOverOneSession) {
   Backend backend;
   std::string secret = daemon_.SaveJob("cv", backend.port());
