@@ -389,6 +389,21 @@ FakeProxy::FakeProxy(size_t want_early, int wait_ms) {
   thread_ = std::thread([this, want_early, wait_ms] { Serve(want_early, wait_ms); });
 }
 
+void ExpectConnectSendsFirstBytesEarly(Child* connect, FakeProxy* fake,
+                                       const std::string& preamble) {
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output();
+  int fd = ConnectTcp(std::stoi(line->substr(line->find("127.0.0.1:") + 10)));
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "hello\n"));
+  EXPECT_EQ(ReadLine(fd), "hello") << connect->Output();
+  EXPECT_EQ(fake->BeforeReply(), preamble + "hello\n");
+  ASSERT_TRUE(SendAll(fd, "and then\n"));  // the relay carries on from there
+  EXPECT_EQ(ReadLine(fd), "and then");
+  close(fd);
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
 FakeProxy::~FakeProxy() {
   shutdown(listen_fd_, SHUT_RDWR);  // unblocks a pending accept
   thread_.join();
@@ -401,23 +416,27 @@ std::string FakeProxy::BeforeReply() {
 }
 
 void FakeProxy::Serve(size_t want_early, int wait_ms) {
-  pollfd lp{listen_fd_, POLLIN, 0};
-  if (poll(&lp, 1, 30000) != 1) return;
-  int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-  if (fd < 0) return;
+  int fd = -1;
   std::string got;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
   char buf[65536];
-  for (;;) {
-    size_t nl = got.find('\n');
-    if (nl != std::string::npos && got.size() - nl - 1 >= want_early) break;
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    pollfd p{fd, POLLIN, 0};
-    if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) != 1) break;
-    ssize_t n = recv(fd, buf, sizeof(buf), 0);
-    if (n <= 0) break;
-    got.append(buf, n);
+  while (got.empty()) {
+    if (fd >= 0) close(fd);  // a probe: it sent nothing
+    pollfd lp{listen_fd_, POLLIN, 0};
+    if (poll(&lp, 1, 30000) != 1) return;
+    fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) return;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+    for (;;) {
+      size_t nl = got.find('\n');
+      if (nl != std::string::npos && got.size() - nl - 1 >= want_early) break;
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      pollfd p{fd, POLLIN, 0};
+      if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) != 1) break;
+      ssize_t n = recv(fd, buf, sizeof(buf), 0);
+      if (n <= 0) break;
+      got.append(buf, n);
+    }
   }
   {
     std::lock_guard<std::mutex> lock(mu_);

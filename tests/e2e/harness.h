@@ -172,9 +172,10 @@ class Backend {
 };
 
 // A stand-in for the proxy port that records what a client sent before it got its reply. It
-// accepts one connection and reads until the preamble line and at least `want_early` bytes
-// after it have arrived, or `wait_ms` passed; then it answers "OK\n" and echoes everything it
-// got after the preamble, and all that follows, until EOF.
+// serves one client: it reads until the preamble line and at least `want_early` bytes after it
+// have arrived, or `wait_ms` passed; then it answers "OK\n" and echoes everything it got after
+// the preamble, and all that follows, until EOF. Connections that close without sending a byte
+// (readiness probes) are skipped.
 class FakeProxy {
  public:
   FakeProxy(size_t want_early, int wait_ms);
@@ -196,6 +197,13 @@ class FakeProxy {
   bool replied_ = false;
   std::thread thread_;
 };
+
+// The test of `connect`'s early bytes, for any of its paths: `connect` runs `connect JOB
+// --listen 127.0.0.1:0` with `fake` as its proxy (directly or behind a TLS or SSH hop). A local
+// client says "hello" first; the stand-in must have had it right behind `preamble` before it
+// replied, and the relay must carry on afterwards. Stops `connect`.
+void ExpectConnectSendsFirstBytesEarly(Child* connect, FakeProxy* fake,
+                                       const std::string& preamble);
 
 // Sends one control request line as user `uid` straight to the daemon's socket and returns the
 // reply line ("" on failure). A forked child enters the socket's directory first and then

@@ -178,17 +178,7 @@ TEST_F(ProxyTest, ConnectSendsWhatTheClientSaysFirstWithThePreamble) {
         {BinaryPath(), "connect", "job1", "--listen", "0", "-c", daemon_->config_path(), "--proxy",
          "127.0.0.1:" + std::to_string(fake.port())},
         dir_ / "connect.log");
-    auto line = connect->WaitFor("listening on 127.0.0.1:");
-    ASSERT_TRUE(line) << connect->Output();
-    int fd = ConnectTcp(std::stoi(line->substr(line->find("127.0.0.1:") + 10)));
-    ASSERT_GE(fd, 0);
-    ASSERT_TRUE(SendAll(fd, "hello\n"));
-    EXPECT_EQ(ReadLine(fd), "hello");
-    EXPECT_EQ(fake.BeforeReply(), preamble + "hello\n");
-    ASSERT_TRUE(SendAll(fd, "and then\n"));  // the relay carries on from there
-    EXPECT_EQ(ReadLine(fd), "and then");
-    close(fd);
-    EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+    ExpectConnectSendsFirstBytesEarly(connect.get(), &fake, preamble);
   }
   {
     // --stdio, with stdin ending right after its bytes: the EOF still reaches the proxy, after

@@ -311,17 +311,7 @@ TEST_F(ViaTest, ConnectSendsWhatTheClientSaysFirstWithThePreamble) {
                                    "127.0.0.1:" + std::to_string(fake.port())}),
                               dir_ / "connect-early.log", ClientEnv());
   ASSERT_TRUE(connect);
-  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
-  ASSERT_TRUE(line) << connect->Output();
-  int fd = ConnectTcp(std::stoi(line->substr(line->find("127.0.0.1:") + 10)));
-  ASSERT_GE(fd, 0);
-  ASSERT_TRUE(SendAll(fd, "hello\n"));
-  EXPECT_EQ(ReadLine(fd), "hello");
-  EXPECT_EQ(fake.BeforeReply(), "BROKER1 cf " + secret + "\nhello\n");
-  ASSERT_TRUE(SendAll(fd, "and then\n"));
-  EXPECT_EQ(ReadLine(fd), "and then");
-  close(fd);
-  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+  ExpectConnectSendsFirstBytesEarly(connect.get(), &fake, "BROKER1 cf " + secret + "\n");
 }
 
 TEST_F(ViaTest, ConnectCarriesManyConnectionsOverOneSession) {

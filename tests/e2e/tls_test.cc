@@ -488,6 +488,66 @@ TEST_F(TlsTest, ConnectTlsCarriesAnEchoSessionOf256MiB) {
       << wrong.Output();
 }
 
+// `connect --tls` sends what the local client says first right behind the preamble, inside
+// TLS, without waiting for "OK" (as ProxyTest.ConnectSendsWhatTheClientSaysFirst... shows for
+// plain TCP). socat terminates TLS with the proxy's own certificate in front of a stand-in
+// proxy that replies only once it has the client's bytes.
+TEST_F(TlsTest, ConnectSendsWhatTheClientSaysFirstWithThePreamble) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string secret = d.SaveJob("early", 1);
+  ASSERT_FALSE(secret.empty());
+  FakeProxy fake(6, 5000);
+  int port = FreePort();
+  auto front = Child::Spawn({"socat",
+                             "OPENSSL-LISTEN:" + std::to_string(port) +
+                                 ",bind=127.0.0.1,reuseaddr,fork,verify=0,cert=" + d.state_dir() +
+                                 "/server.pem,key=" + d.state_dir() + "/server-key.pem",
+                             "TCP:127.0.0.1:" + std::to_string(fake.port())},
+                            dir_ / "tls-front.log");
+  ASSERT_TRUE(WaitUntil([&] {
+    int fd = ConnectTcp(port);
+    if (fd >= 0) close(fd);
+    return fd >= 0;
+  }));
+  auto connect =
+      Child::Spawn({BinaryPath(), "connect", "early", "--tls", "--listen", "127.0.0.1:0", "--proxy",
+                    "127.0.0.1:" + std::to_string(port), "-c", d.config_path()},
+                   dir_ / "connect-early.log");
+  ExpectConnectSendsFirstBytesEarly(connect.get(), &fake, "BROKER1 early " + secret + "\n");
+  front->Stop(SIGTERM);
+}
+
+// half_close_timeout ends a terminated TLS session that one side finished with while the other
+// stays silent, as it does a plain one.
+TEST_F(TlsTest, HalfClosedTerminatedSessionTimesOut) {
+  Daemon d(dir_, "", "half_close_timeout = 1s\n");
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  ASSERT_FALSE(d.SaveJob("half", backend.port()).empty());
+  TlsConnect connect(d, dir_, "half");
+  ASSERT_GT(connect.port(), 0) << connect.Output();
+  int fd = ConnectTcp(connect.port());
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "download 5\n"));  // 5 bytes, then the backend shuts down writing
+  EXPECT_EQ(ReadToEof(fd).size(), 5u);
+  auto eof_at = std::chrono::steady_clock::now();
+  auto timed_out = [&] {  // one session line says both
+    std::istringstream lines(d.Log());
+    for (std::string l; std::getline(lines, l);) {
+      if (l.find("mode=terminated") != std::string::npos &&
+          l.find("reason=half-close timeout") != std::string::npos) {
+        return true;
+      }
+    }
+    return false;
+  };
+  EXPECT_TRUE(WaitUntil(timed_out, 10000)) << d.Log();
+  EXPECT_GE(std::chrono::steady_clock::now() - eof_at, std::chrono::milliseconds(1000));
+  close(fd);
+  EXPECT_EQ(GlobalStat(d, "idle_closed"), 1u);
+}
+
 TEST_F(TlsTest, AJobCertificateCannotImpersonateTheProxy) {
   // A job's certificate can name the login host (its backend host): `connect --tls` still only
   // sends the secret to a certificate with the proxy's profile.
