@@ -4,7 +4,6 @@
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
-#include <openssl/bio.h>
 #include <openssl/ssl.h>
 #include <poll.h>
 #include <signal.h>
@@ -24,6 +23,7 @@
 #include "e2e/harness.h"
 #include "proxy/certs.h"
 #include "registry/json.h"
+#include "support/tls_samples.h"
 
 namespace brokerproxy::testing {
 namespace {
@@ -81,24 +81,6 @@ uint64_t GlobalStat(const Daemon& d, const char* name) {
   const cJSON* stats = cJSON_GetObjectItemCaseSensitive(j.get(), "stats");
   std::string v = JsonText(cJSON_GetObjectItemCaseSensitive(stats, "connections"), {name});
   return v.empty() ? 0 : std::stoull(v);
-}
-
-// The first flight of an in-process OpenSSL client (a complete ClientHello).
-std::string ClientHelloBytes(const char* sni) {
-  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
-  SSL* ssl = SSL_new(ctx);
-  BIO* rbio = BIO_new(BIO_s_mem());
-  BIO* wbio = BIO_new(BIO_s_mem());
-  SSL_set_bio(ssl, rbio, wbio);
-  SSL_set_connect_state(ssl);
-  if (sni) SSL_set_tlsext_host_name(ssl, sni);
-  SSL_do_handshake(ssl);
-  char* data = nullptr;
-  long len = BIO_get_mem_data(wbio, &data);
-  std::string out(data, static_cast<size_t>(len));
-  SSL_free(ssl);
-  SSL_CTX_free(ctx);
-  return out;
 }
 
 // Reads until EOF or error; returns how long that took, or -1 if the peer kept the
@@ -589,7 +571,7 @@ TEST_F(TlsTest, BadClientHellosAndStalledHandshakesAreClosedAndTheDaemonKeepsSer
   ASSERT_TRUE(d.Start());
   int port = d.proxy_port();
   uint64_t failures_before = GlobalStat(d, "tls_failures");
-  std::string hello = ClientHelloBytes("x.example.org");
+  std::string hello = CaptureClientHello("x.example.org");
   struct Case {
     std::string name;
     std::string bytes;

@@ -4,49 +4,23 @@
 #include "proxy/client_hello.h"
 
 #include <gtest/gtest.h>
-#include <openssl/bio.h>
 #include <openssl/ssl.h>
 
 #include <random>
 #include <string>
+
+#include "support/tls_samples.h"
 
 namespace brokerproxy::proxy {
 namespace {
 
 using State = ClientHello::State;
 
-// The first flight of an OpenSSL client: one record holding the ClientHello.
-std::string CaptureClientHello(const char* sni, int max_version = 0) {
-  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
-  if (max_version) SSL_CTX_set_max_proto_version(ctx, max_version);
-  SSL* ssl = SSL_new(ctx);
-  BIO* rbio = BIO_new(BIO_s_mem());
-  BIO* wbio = BIO_new(BIO_s_mem());
-  SSL_set_bio(ssl, rbio, wbio);
-  SSL_set_connect_state(ssl);
-  if (sni) SSL_set_tlsext_host_name(ssl, sni);
-  SSL_do_handshake(ssl);  // WANT_READ after writing the hello
-  char* data = nullptr;
-  long len = BIO_get_mem_data(wbio, &data);
-  std::string out(data, static_cast<size_t>(len));
-  SSL_free(ssl);
-  SSL_CTX_free(ctx);
-  return out;
-}
+using testing::CaptureClientHello;
+using testing::FragmentHandshake;
 
 // The handshake bytes of a single-record flight.
 std::string HandshakeOf(const std::string& record) { return record.substr(5); }
-
-// Splits handshake bytes into records of at most `size` bytes each.
-std::string Fragment(const std::string& handshake, size_t size) {
-  std::string out;
-  for (size_t off = 0; off < handshake.size(); off += size) {
-    size_t n = std::min(size, handshake.size() - off);
-    out += std::string{22, 3, 1, static_cast<char>(n >> 8), static_cast<char>(n & 0xff)};
-    out += handshake.substr(off, n);
-  }
-  return out;
-}
 
 // A ClientHello body built by hand: version, random, session id, suites, compression and the
 // given extensions block (omitted if `extensions` is null).
@@ -120,7 +94,7 @@ TEST(ClientHelloTest, EveryStrictPrefixNeedsMore) {
 TEST(ClientHelloTest, FragmentedIntoSmallRecords) {
   std::string hs = HandshakeOf(CaptureClientHello("frag.localhost"));
   for (size_t size : {1, 2, 3, 7, 64, 100}) {
-    std::string stream = Fragment(hs, size);
+    std::string stream = FragmentHandshake(hs, size);
     ClientHello h = ParseClientHello(stream);
     EXPECT_EQ(h.state, State::kSni) << "records of " << size;
     EXPECT_EQ(h.sni, "frag.localhost");
@@ -142,13 +116,13 @@ TEST(ClientHelloTest, BytesAfterTheHelloAreIgnored) {
 
 TEST(ClientHelloTest, HandBuiltHellos) {
   std::string ext = SniExtension("hand.localhost");
-  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&ext), 16384)).sni, "hand.localhost");
-  EXPECT_EQ(ParseClientHello(Fragment(HandHello(nullptr), 16384)).state, State::kNoSni);
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(HandHello(&ext), 16384)).sni, "hand.localhost");
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(HandHello(nullptr), 16384)).state, State::kNoSni);
   std::string empty;
-  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&empty), 16384)).state, State::kNoSni);
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(HandHello(&empty), 16384)).state, State::kNoSni);
   // Another extension before the server name.
   std::string two = std::string("\x00\x0b\x00\x02\x01\x00", 6) + ext;
-  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&two), 16384)).sni, "hand.localhost");
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(HandHello(&two), 16384)).sni, "hand.localhost");
 }
 
 TEST(ClientHelloTest, MalformedLengths) {
@@ -172,20 +146,21 @@ TEST(ClientHelloTest, MalformedLengths) {
   size_t ext_len_at = 4 + 2 + 32 + 1 + 4 + 2;
   std::string longer = hs;
   longer[ext_len_at + 1] = static_cast<char>(longer[ext_len_at + 1] + 1);
-  EXPECT_EQ(ParseClientHello(Fragment(longer, 16384)).state, State::kMalformed);
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(longer, 16384)).state, State::kMalformed);
   std::string shorter = hs;
   shorter[ext_len_at + 1] = static_cast<char>(shorter[ext_len_at + 1] - 1);
-  EXPECT_EQ(ParseClientHello(Fragment(shorter, 16384)).state, State::kMalformed);
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(shorter, 16384)).state, State::kMalformed);
   // Server name list longer than its extension.
   std::string bad_list = hs;
   bad_list[ext_len_at + 2 + 4 + 1] = 0x7f;
-  EXPECT_EQ(ParseClientHello(Fragment(bad_list, 16384)).state, State::kMalformed);
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(bad_list, 16384)).state, State::kMalformed);
   // Odd cipher suites length.
   std::string odd = HandHello(&ext);
   odd[4 + 2 + 32 + 1 + 1] = 3;
-  EXPECT_EQ(ParseClientHello(Fragment(odd, 16384)).state, State::kMalformed);
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(odd, 16384)).state, State::kMalformed);
   // Session id of 33 bytes, consistently encoded.
-  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&ext, 33), 16384)).state, State::kMalformed);
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(HandHello(&ext, 33), 16384)).state,
+            State::kMalformed);
   // Empty record; zero-length handshake.
   EXPECT_EQ(ParseClientHello(std::string("\x16\x03\x01\x00\x00", 5)).state, State::kMalformed);
   EXPECT_EQ(ParseClientHello(std::string("\x16\x03\x01\x00\x04\x01\x00\x00\x00", 9)).state,
@@ -197,10 +172,11 @@ TEST(ClientHelloTest, BadServerNames) {
        {std::string("bad name"), std::string("a/b"), std::string("x\0y", 3), std::string("."),
         std::string("trailing."), std::string(300, 'a')}) {
     std::string ext = SniExtension(name);
-    EXPECT_EQ(ParseClientHello(Fragment(HandHello(&ext), 16384)).state, State::kMalformed) << name;
+    EXPECT_EQ(ParseClientHello(FragmentHandshake(HandHello(&ext), 16384)).state, State::kMalformed)
+        << name;
   }
   std::string twice = SniExtension("a.localhost") + SniExtension("b.localhost");
-  EXPECT_EQ(ParseClientHello(Fragment(HandHello(&twice), 16384)).state, State::kMalformed);
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(HandHello(&twice), 16384)).state, State::kMalformed);
 }
 
 TEST(ClientHelloTest, OversizedIsMalformed) {
@@ -212,8 +188,8 @@ TEST(ClientHelloTest, OversizedIsMalformed) {
   std::string ext = std::string("\x00\x15", 2) + static_cast<char>(pad.size() >> 8) +
                     static_cast<char>(pad.size() & 0xff) + pad + SniExtension("big.localhost");
   std::string hs = HandHello(&ext);
-  EXPECT_EQ(ParseClientHello(Fragment(hs, 16384)).sni, "big.localhost");
-  std::string many = Fragment(hs, 1);
+  EXPECT_EQ(ParseClientHello(FragmentHandshake(hs, 16384)).sni, "big.localhost");
+  std::string many = FragmentHandshake(hs, 1);
   ASSERT_GT(many.size(), kMaxClientHelloBuffer);
   EXPECT_EQ(ParseClientHello(std::string_view(many).substr(0, kMaxClientHelloBuffer - 1)).state,
             State::kNeedMore);
