@@ -257,28 +257,38 @@ if wanted socat; then
   fi
 fi
 
-# maxconn 9000 lets 8,000 idle sessions in; maxpipes keeps the splice variant's file descriptors
-# (2 per session plus 2 per pipe) under the 20,000 limit.
-haproxy_peer() {  # NAME EXTRA_OPTION
-  local name=$1 opt=$2 p
-  p=$(free_port)
-  cat >"$T/$name.cfg" <<EOF
+# The global and defaults sections of every HAProxy here: TCP mode, maxconn 9000 (lets 8,000
+# idle sessions in), and long client/server timeouts (idle sessions must stay).
+haproxy_head() {  # NBTHREAD [GLOBAL_LINE] [DEFAULTS_LINE]
+  cat <<EOF
 global
-  nbthread 1
+  nbthread $1
   maxconn 9000
-  maxpipes 500
+  ${2:-}
 defaults
   mode tcp
   timeout connect 5s
   timeout client 1h
   timeout server 1h
-  $opt
+  ${3:-}
+EOF
+}
+
+# maxpipes keeps the splice variant's file descriptors (2 per session plus 2 per pipe) under
+# the 20,000 limit.
+haproxy_peer() {  # NAME EXTRA_OPTION
+  local name=$1 opt=$2 p
+  p=$(free_port)
+  {
+    haproxy_head 1 "maxpipes 500" "$opt"
+    cat <<EOF
 frontend in
   bind 127.0.0.1:$p
   default_backend out
 backend out
   server backend 127.0.0.1:$BPORT
 EOF
+  } >"$T/$name.cfg"
   start_bg "$name" haproxy -db -f "$T/$name.cfg"
   PORT[$name]=$p PREAMBLE[$name]="" PROCS[$name]=$BG_PID
   peer_up "$name" "$p" || true
@@ -376,35 +386,24 @@ if wanted brokerproxy-tls || wanted haproxy-tls; then
     cat "$T/tls/state/server.pem" "$T/tls/state/server-key.pem" >"$T/tls/haproxy-crt.pem"
     chmod 600 "$T/tls/haproxy-crt.pem"
     HTLS_PORT=$(free_port)
-    cat >"$T/haproxy-tls.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 9000
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
+    {
+      haproxy_head 1
+      cat <<EOF
 frontend in
   bind 127.0.0.1:$HTLS_PORT ssl crt $T/tls/haproxy-crt.pem ssl-min-ver TLSv1.3 no-tls-tickets
   default_backend out
 backend out
   server backend 127.0.0.1:$BPORT
 EOF
+    } >"$T/haproxy-tls.cfg"
     start_bg haproxy-tls haproxy -db -f "$T/haproxy-tls.cfg"
     HTLS_PID=$BG_PID
     # nbthread 2, so that the shared client is not what limits either terminator.
     p_bp=$(free_port) p_hap=$(free_port)
     server_opts="ssl verify required ca-file $T/tls/state/ca.pem ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256 no-ssl-reuse"
-    cat >"$T/tls-client.cfg" <<EOF
-global
-  nbthread 2
-  maxconn 9000
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
+    {
+      haproxy_head 2
+      cat <<EOF
 frontend to_brokerproxy
   bind 127.0.0.1:$p_bp
   default_backend brokerproxy
@@ -416,6 +415,7 @@ frontend to_haproxy
 backend haproxy
   server s 127.0.0.1:$HTLS_PORT $server_opts
 EOF
+    } >"$T/tls-client.cfg"
     start_bg tls-client haproxy -db -f "$T/tls-client.cfg"
     TLS_CLIENT_PID=$BG_PID
     if wait_listen "$p_bp" && wait_listen "$p_hap"; then
