@@ -67,9 +67,12 @@ class Connector {
         "--stdio needs stdin and stdout to be pipes, sockets or a terminal "
         "(as ssh ProxyCommand gives them); for a file use `cat FILE | ...`";
     // The reactor closes what it holds at the end: give it copies of stdin and stdout.
-    auto in = reactor_->Add(::fcntl(STDIN_FILENO, F_DUPFD_CLOEXEC, 3), nullptr);
+    // Copies share their open files with fds 0 and 1 (and a terminal with fd 2).
+    auto in = reactor_->Add(::fcntl(STDIN_FILENO, F_DUPFD_CLOEXEC, 3), nullptr,
+                            loop::Reactor::Sharing::kShared);
     if (!in.ok()) return Status::InvalidArgument(std::string("stdin: ") + kHint);
-    auto out = reactor_->Add(::fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3), nullptr);
+    auto out = reactor_->Add(::fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3), nullptr,
+                             loop::Reactor::Sharing::kShared);
     if (!out.ok()) return Status::InvalidArgument(std::string("stdout: ") + kHint);
     // The copy of stdout is the last reference to the pipe once the original is closed: closing
     // it is then what tells the reader the stream ended.

@@ -73,9 +73,10 @@ Reactor::~Reactor() {
   for (IoWatch* w : dead_) delete w;
 }
 
-Result<IoHandle> Reactor::Add(int fd, IoWatch::Callback cb) {
+Result<IoHandle> Reactor::Add(int fd, IoWatch::Callback cb, Sharing sharing) {
   auto* w = new IoWatch(this, fd);
   w->cb_ = std::move(cb);
+  w->shared_ = sharing == Sharing::kShared;
   epoll_event ev{};
   ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
   ev.data.ptr = w;
@@ -101,12 +102,7 @@ void Reactor::Dispatch() {
       if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) w->readable_ = true;
       if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) w->writable_ = true;
       if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) w->hangup_ = true;
-      if (!w->cb_) continue;
-      // Run from a local: the callback may replace itself, or drop its handle.
-      IoWatch::Callback cb = std::move(w->cb_);
-      w->cb_ = nullptr;
-      cb(w);
-      if (!w->cb_) w->cb_ = std::move(cb);
+      if (w->cb_) RunCallback(w);
     }
     if (n < kBatch) break;
   }
@@ -121,25 +117,30 @@ void Reactor::RunYielded() {
   dispatching_ = true;
   for (IoWatch* w : batch) {
     w->yielded_ = false;
-    if (w->dead_ || !w->cb_) continue;
-    IoWatch::Callback cb = std::move(w->cb_);
-    w->cb_ = nullptr;
-    cb(w);
-    if (!w->cb_) w->cb_ = std::move(cb);
+    if (!w->dead_ && w->cb_) RunCallback(w);
   }
   dispatching_ = false;
   Reap();
 }
 
+void Reactor::RunCallback(IoWatch* w) {
+  IoWatch::Callback cb = std::move(w->cb_);
+  w->cb_ = nullptr;
+  uint64_t set_before = w->callbacks_set_;
+  cb(w);
+  if (w->callbacks_set_ == set_before) w->cb_ = std::move(cb);
+}
+
 void Reactor::Retire(IoWatch* w, bool close_fd) {
   w->dead_ = true;
   if (--live_ == 0) poll_->Unref();
-  if (close_fd) {
-    ::close(w->fd_);  // also leaves the epoll set (we never dup these fds)
-  } else {
+  // Closing a private fd also takes it out of the epoll set; a shared one would stay in it,
+  // reporting events for this watch after it is freed.
+  if (!close_fd || w->shared_) {
     epoll_event ev{};
     ::epoll_ctl(epfd_, EPOLL_CTL_DEL, w->fd_, &ev);
   }
+  if (close_fd) ::close(w->fd_);
   dead_.push_back(w);
   // Freed after whatever dispatch or yield list may still point at it.
   if (dispatching_ || reap_scheduled_) return;

@@ -54,8 +54,11 @@ class IoWatch {
   // The peer shut down its side (EPOLLRDHUP) or the socket failed (EPOLLERR/EPOLLHUP).
   bool hangup() const { return hangup_; }
 
-  // Replaces the callback (also from inside it).
-  void SetCallback(Callback cb) { cb_ = std::move(cb); }
+  // Replaces the callback, or clears it with nullptr (also from inside it: that sticks).
+  void SetCallback(Callback cb) {
+    cb_ = std::move(cb);
+    ++callbacks_set_;
+  }
   // Calls the callback again on a later loop turn, without a new edge.
   void Yield();
 
@@ -71,6 +74,8 @@ class IoWatch {
   bool hangup_ = false;
   bool dead_ = false;
   bool yielded_ = false;
+  bool shared_ = false;  // other descriptors refer to the open file: leave epoll explicitly
+  uint64_t callbacks_set_ = 0;
   Callback cb_;
 };
 
@@ -108,10 +113,14 @@ class Reactor {
   Reactor(const Reactor&) = delete;
   Reactor& operator=(const Reactor&) = delete;
 
+  // Whether other descriptors may refer to an fd's open file, as for a dup of stdin. epoll
+  // forgets an fd only when its open file is closed, so closing a shared one must leave the
+  // set first (one more syscall, which sockets the proxy accepted or dialled do not need).
+  enum class Sharing { kPrivate, kShared };
   // Registers `fd` (non-blocking; ownership passes to the handle, also on failure, when the fd
   // is closed). An fd that is already readable or writable gets its first callback at once
   // (on a later loop turn).
-  Result<IoHandle> Add(int fd, IoWatch::Callback cb);
+  Result<IoHandle> Add(int fd, IoWatch::Callback cb, Sharing sharing = Sharing::kPrivate);
 
   Loop& loop() const { return *loop_; }
   size_t size() const { return live_; }
@@ -122,6 +131,9 @@ class Reactor {
   explicit Reactor(Loop* loop) : loop_(loop) {}
   void Dispatch();
   void RunYielded();
+  // Runs w's callback from a local (it may replace or clear itself, or drop its handle) and
+  // keeps it unless it was replaced meanwhile.
+  static void RunCallback(IoWatch* w);
   void Retire(IoWatch* w, bool close_fd);
   void Reap();
 

@@ -114,6 +114,46 @@ TEST_F(ReactorTest, ReleaseHandsTheFdBackOpenAndSilent) {
   close(sv[1]);
 }
 
+TEST_F(ReactorTest, ClearingTheCallbackFromInsideItSticks) {
+  int sv[2];
+  Pair(sv);
+  int calls = 0;
+  auto h = reactor_->Add(sv[0], [&](IoWatch* w) {
+    ++calls;
+    w->ClearReadable();
+    w->SetCallback(nullptr);  // e.g. a dialer handing its socket on
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_EQ(write(sv[1], "a", 1), 1);
+  Spin();
+  ASSERT_EQ(write(sv[1], "b", 1), 1);  // a new edge, for nobody
+  Spin();
+  EXPECT_EQ(calls, 1);
+  close(sv[1]);
+}
+
+// epoll forgets an fd only when its open file is closed: a dup registered as shared must leave
+// the set when its handle closes, or the next event on the other descriptor would reach a
+// freed watch (ASan reports that as a use after free).
+TEST_F(ReactorTest, ClosingASharedDupLeavesTheSet) {
+  int sv[2];
+  Pair(sv);
+  int calls = 0;
+  {
+    auto h = reactor_->Add(
+        fcntl(sv[0], F_DUPFD_CLOEXEC, 3), [&](IoWatch*) { ++calls; }, Reactor::Sharing::kShared);
+    ASSERT_TRUE(h.ok());
+    Spin();  // the first (writable) edge
+  }
+  Spin();  // the watch is freed
+  int before = calls;
+  ASSERT_EQ(write(sv[1], "x", 1), 1);  // readable on the open file the dup shared
+  Spin();
+  EXPECT_EQ(calls, before);
+  close(sv[0]);
+  close(sv[1]);
+}
+
 TEST_F(ReactorTest, ManySocketsOneEpollSet) {
   constexpr int kN = 300;  // more than one epoll_wait batch
   std::vector<IoHandle> handles;
