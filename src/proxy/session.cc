@@ -74,14 +74,21 @@ void Session::OnClientReadable(bool speculative) {
   if (take == static_cast<size_t>(n) && static_cast<size_t>(n) < room && !client_->hangup()) {
     client_->ClearReadable();
   }
+  // Still readable while the line is incomplete means the client's FIN is waiting: no new edge
+  // will report it, so come back for it on a later turn (and close then).
+  auto wait_for_more = [this] {
+    if (client_->readable()) client_->Yield();
+  };
   // Parse the whole line once it is complete; before that only the short head, so that
   // garbage fails at once while a line arriving byte by byte costs O(n), not O(n^2).
   if (!nl && preamble_.size() > 2 * kPreambleMagic.size() && preamble_.size() < kMaxPreambleBytes) {
+    wait_for_more();
     return;
   }
   Preamble p = ParsePreamble(preamble_);
   switch (p.state) {
     case Preamble::State::kNeedMore:
+      wait_for_more();
       return;
     case Preamble::State::kBad:
       LOG_DEBUG("session %llu: bad preamble: %s", static_cast<unsigned long long>(id()), p.error);

@@ -280,6 +280,28 @@ TEST_F(ProxyTest, ListensOnIpv4AndIpv6) {
   ExpectStillServing();  // and IPv4 still works
 }
 
+// A client that sends part of a preamble and then shuts down writing is dropped at once, not
+// kept until the handshake timeout. The daemon is stopped while the rest of the bytes and the
+// FIN arrive, so that both come with one event: after reading the bytes, nothing new will
+// report the FIN.
+TEST_F(ProxyTest, HalfClosedPartialPreambleIsDroppedAtOnce) {
+  StartDaemon("handshake_timeout = 20s\n");
+  int fd = ConnectTcp(daemon_->proxy_port());
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "BROKER1 job1 "));
+  std::this_thread::sleep_for(milliseconds(200));  // read by the daemon
+  ASSERT_EQ(kill(daemon_->pid(), SIGSTOP), 0);
+  ASSERT_TRUE(SendAll(fd, secret_.substr(0, 10)));
+  shutdown(fd, SHUT_WR);
+  std::this_thread::sleep_for(milliseconds(100));
+  auto start = steady_clock::now();
+  ASSERT_EQ(kill(daemon_->pid(), SIGCONT), 0);
+  EXPECT_EQ(ReadToEof(fd), "");  // closed without a reply (a timeout would answer ERR timeout)
+  EXPECT_LT(steady_clock::now() - start, milliseconds(5000));
+  close(fd);
+  ExpectStillServing();
+}
+
 TEST_F(ProxyTest, PlainPreambleOnlyFromAllowedSources) {
   StartDaemon("plain_allow = 10.0.0.0/8\n");
   std::string reply;
