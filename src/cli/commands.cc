@@ -321,8 +321,11 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     if (req.save.type != registry::JobType::kSsl || !args.command.empty() || args.wait) {
       return Status::InvalidArgument("--csr-stdin is only for a plain save ssl");
     }
-    std::string csr((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
-    if (csr.empty() || csr.size() > 64 * 1024) {
+    constexpr size_t kMaxCsr = 64 * 1024;
+    std::string csr(kMaxCsr + 1, '\0');  // one more, to tell "too long" from "just fits"
+    std::cin.read(csr.data(), static_cast<std::streamsize>(csr.size()));
+    csr.resize(static_cast<size_t>(std::cin.gcount()));
+    if (csr.empty() || csr.size() > kMaxCsr) {
       return Status::InvalidArgument("--csr-stdin: no CSR (or more than 64 KiB) on stdin");
     }
     req.csr = std::move(csr);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli/tunnel.h"
+#include "loop/address.h"
 #include "loop/handle.h"
 #include "loop/log.h"
 #include "loop/timer.h"
@@ -16,8 +17,6 @@
 
 namespace brokerproxy::cli {
 namespace {
-
-constexpr size_t kMaxReplyLine = 128;
 
 class SshPath;
 
@@ -90,9 +89,7 @@ class SshPath final : public ProxyPath {
   }
 
   std::string Describe() const override {
-    std::string proxy = (host_.find(':') != std::string::npos ? "[" + host_ + "]" : host_) + ":" +
-                        std::to_string(port_);
-    return proxy + " via ssh to " + via_;
+    return HostPort{host_, port_}.ToString() + " via ssh to " + via_;
   }
 
   // The owner entry point: process packets, advance every tunnel, report finished ones.
@@ -167,15 +164,11 @@ SshTunnel::SshTunnel(SshPath* path, proxy::Relay::Side local, ProxyPath::Done do
     return;
   }
   splice_ = std::make_unique<proxy::ChannelSplice>(ch, [path] { path->Service(); });
-  auto t = loop::Timer::Create(*path_->loop_);
-  if (t.ok()) {
-    timer_ = std::move(t).value();
-    timer_->Start(static_cast<uint64_t>(path_->timeout_ms_), [this] {
-      Fail(Status::Timeout("no answer from the proxy at " + path_->Describe() + " within " +
-                           std::to_string(path_->timeout_ms_ / 1000) + "s"));
-      path_->Service();
-    });
-  }
+  timer_ = HandshakeTimer(*path_->loop_, path_->timeout_ms_,
+                          "no answer from the proxy at " + path_->Describe(), [this](Status s) {
+                            Fail(std::move(s));
+                            path_->Service();
+                          });
 }
 
 SshTunnel::~SshTunnel() {
@@ -190,6 +183,7 @@ void SshTunnel::Fail(Status status) {
   status_ = std::move(status);
   timer_.reset();
   if (splice_) splice_->Fail(status_);
+  early_.Stop();
   local_ = proxy::Relay::Side{};  // closes the local connection if not spliced yet
 }
 

@@ -13,9 +13,6 @@
 namespace brokerproxy::cli {
 namespace {
 
-// Longest reply line the proxy sends ("ERR unavailable\n" is 16 bytes).
-constexpr size_t kMaxReplyLine = 128;
-
 class TlsPath;
 
 class TlsTunnel final : public Tunnel {
@@ -63,8 +60,9 @@ TlsTunnel::TlsTunnel(TlsPath* path, proxy::Relay::Side local, ProxyPath::Done do
       dialer_(path->ep_.reactor, &path->ep_.resolver) {}
 
 void TlsTunnel::Start() {
-  timer_ = path_->ep_.HandshakeTimer("no TLS session with the proxy at " + path_->Describe(),
-                                     [this](Status s) { Finish(std::move(s)); });
+  timer_ = HandshakeTimer(*path_->ep_.loop, path_->ep_.timeout_ms,
+                          "no TLS session with the proxy at " + path_->Describe(),
+                          [this](Status s) { Finish(std::move(s)); });
   dialer_.Dial(path_->ep_.host, path_->ep_.port,
                [this](Result<loop::IoHandle> r) { OnConnected(std::move(r)); });
 }
@@ -164,6 +162,8 @@ void TlsTunnel::OnData() {
 
 void TlsTunnel::Finish(Status status) {
   timer_.reset();
+  early_.Stop();
+  local_ = proxy::Relay::Side{};
   if (tls_ && !relaying_) tls_->Abort("");
   ProxyPath::Done done = std::move(done_);
   if (done) done(std::move(status));  // may destroy this

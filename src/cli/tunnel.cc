@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "loop/address.h"
 #include "loop/handle.h"
 #include "loop/poll.h"
 #include "loop/timer.h"
@@ -26,14 +27,12 @@ ProxyEndpoint::ProxyEndpoint(loop::Reactor* reactor, std::string host, int port,
       secret(std::move(secret)),
       timeout_ms(handshake_timeout_ms) {}
 
-std::string ProxyEndpoint::Address() const {
-  return (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" +
-         std::to_string(port);
-}
+std::string ProxyEndpoint::Address() const { return HostPort{host, port}.ToString(); }
 
-loop::HandlePtr<loop::Timer> ProxyEndpoint::HandshakeTimer(const std::string& what,
-                                                           std::function<void(Status)> fail) const {
-  auto t = loop::Timer::Create(*loop);
+loop::HandlePtr<loop::Timer> HandshakeTimer(loop::Loop& loop, int64_t timeout_ms,
+                                            const std::string& what,
+                                            std::function<void(Status)> fail) {
+  auto t = loop::Timer::Create(loop);
   if (!t.ok()) return nullptr;
   std::string message = what + " within " + std::to_string(timeout_ms / 1000) + "s";
   (*t)->Start(static_cast<uint64_t>(timeout_ms),
@@ -112,16 +111,12 @@ Status EarlyBytes::Pump(const Sink& sink) {
 }
 
 std::string EarlyBytes::Stop() {
-  // Not a null callback: from inside its own callback, the reactor would restore the old one.
-  if (watch_) watch_->SetCallback([](loop::IoWatch*) {});
+  if (watch_) watch_->SetCallback(nullptr);
   watch_ = nullptr;
   return std::move(pending_);
 }
 
 namespace {
-
-// Longest reply line the proxy sends ("ERR unavailable\n" is 16 bytes).
-constexpr size_t kMaxReplyLine = 128;
 
 class DirectPath;
 
@@ -170,8 +165,9 @@ DirectTunnel::DirectTunnel(DirectPath* path, proxy::Relay::Side local, ProxyPath
       dialer_(path->ep_.reactor, &path->ep_.resolver) {}
 
 void DirectTunnel::Start() {
-  timer_ = path_->ep_.HandshakeTimer("no answer from the proxy at " + path_->Describe(),
-                                     [this](Status s) { Finish(std::move(s)); });
+  timer_ = HandshakeTimer(*path_->ep_.loop, path_->ep_.timeout_ms,
+                          "no answer from the proxy at " + path_->Describe(),
+                          [this](Status s) { Finish(std::move(s)); });
   dialer_.Dial(path_->ep_.host, path_->ep_.port,
                [this](Result<loop::IoHandle> r) { OnConnected(std::move(r)); });
 }
@@ -247,6 +243,9 @@ void DirectTunnel::OnReadable() {
 
 void DirectTunnel::Finish(Status status) {
   timer_.reset();
+  // Nothing may run on the local side any more: its early-bytes callback would write upstream.
+  early_.Stop();
+  local_ = proxy::Relay::Side{};
   upstream_.reset();
   ProxyPath::Done done = std::move(done_);
   if (done) done(std::move(status));  // may destroy this

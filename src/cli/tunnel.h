@@ -43,16 +43,18 @@ class ProxyPath {
   virtual std::string Describe() const = 0;
 };
 
+// A timer that calls `fail` with a Timeout naming `what` once the handshake took `timeout_ms`.
+// (A timer cannot fail to initialise; without one the proxy's own deadline still applies.)
+loop::HandlePtr<loop::Timer> HandshakeTimer(loop::Loop& loop, int64_t timeout_ms,
+                                            const std::string& what,
+                                            std::function<void(Status)> fail);
+
 // Where and as whom a path reaches the proxy port: shared by the direct and the TLS paths.
 struct ProxyEndpoint {
   ProxyEndpoint(loop::Reactor* reactor, std::string host, int port, std::string job,
                 std::string secret, int64_t handshake_timeout_ms);
   // "host:port", "[v6]:port".
   std::string Address() const;
-  // A timer that calls `fail` with a Timeout naming `what` once the handshake took too long.
-  // (A timer cannot fail to initialise; without one the proxy's own deadline still applies.)
-  loop::HandlePtr<loop::Timer> HandshakeTimer(const std::string& what,
-                                              std::function<void(Status)> fail) const;
 
   loop::Loop* loop;
   loop::Reactor* reactor;
@@ -97,6 +99,9 @@ class EarlyBytes {
 
 // The BROKER1 line for `job` and `secret`, newline included.
 std::string PreambleLine(const std::string& job, const std::string& secret);
+
+// Longest reply line the proxy sends ("ERR unavailable\n" is 16 bytes), with room to spare.
+inline constexpr size_t kMaxReplyLine = 128;
 
 // Maps the proxy's reply line ("OK", "ERR denied", ...) to a Status a person can act on.
 Status StatusFromReply(std::string_view line, const std::string& job);
