@@ -280,6 +280,17 @@ std::string FormatDuration(int64_t ms) {
   return std::to_string(ms) + "ms";  // not reached: every value is a whole number of ms
 }
 
+bool IsLoopback(const sockaddr_storage& addr) {
+  if (addr.ss_family == AF_INET) {
+    return (ntohl(reinterpret_cast<const sockaddr_in*>(&addr)->sin_addr.s_addr) >> 24) == 127;
+  }
+  if (addr.ss_family == AF_INET6) {
+    const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(&addr)->sin6_addr;
+    return IN6_IS_ADDR_LOOPBACK(&a) || (IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127);
+  }
+  return false;
+}
+
 bool IsSelfConnected(int fd, const sockaddr* peer) {
   sockaddr_storage local{}, remote{};
   socklen_t llen = sizeof(local);

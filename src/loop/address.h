@@ -52,6 +52,9 @@ class Cidr {
 // True if `addr` is in any of `nets`.
 bool MatchesAny(const std::vector<Cidr>& nets, const sockaddr* addr);
 
+// True if `addr` is a loopback address: 127.0.0.0/8, ::1, or 127.x mapped into IPv6.
+bool IsLoopback(const sockaddr_storage& addr);
+
 // True if the connected TCP socket `fd` is connected to itself: a connect() to a local port
 // that nothing listens on can, when that port lies in the ephemeral range, be given the same
 // port as its source and complete as a "simultaneous open" with itself. `peer` is the address

@@ -33,8 +33,6 @@ loop::Pending ResolveCache::Resolve(const std::string& host, int port, Callback 
     // Still answered on a later turn, like every other path.
     return loop::Post(*loop_, [cb = std::move(cb), out = std::move(out)] { cb(out); });
   }
-  if (loop::ParseNumericAddress(host, port))
-    return loop::Resolve(*loop_, host, port, std::move(cb));
   return loop::Resolve(*loop_, host, port, [this, host, cb = std::move(cb)](Result<Addresses> r) {
     if (r.ok()) {
       if (entries_.size() > 4096) entries_.clear();  // bound the cache
@@ -47,14 +45,6 @@ loop::Pending ResolveCache::Resolve(const std::string& host, int port, Callback 
 }
 
 namespace {
-
-bool IsLoopback(const sockaddr_storage& ss) {
-  if (ss.ss_family == AF_INET) {
-    return (ntohl(reinterpret_cast<const sockaddr_in*>(&ss)->sin_addr.s_addr) >> 24) == 127;
-  }
-  return ss.ss_family == AF_INET6 &&
-         IN6_IS_ADDR_LOOPBACK(&reinterpret_cast<const sockaddr_in6*>(&ss)->sin6_addr);
-}
 
 bool Established(int fd) {
   tcp_info info{};

@@ -30,17 +30,6 @@ std::string HostOf(const sockaddr_storage& peer) {
   return buf;
 }
 
-bool IsLoopback(const sockaddr_storage& peer) {
-  if (peer.ss_family == AF_INET) {
-    return (ntohl(reinterpret_cast<const sockaddr_in*>(&peer)->sin_addr.s_addr) >> 24) == 127;
-  }
-  if (peer.ss_family == AF_INET6) {
-    const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(&peer)->sin6_addr;
-    return IN6_IS_ADDR_LOOPBACK(&a) || (IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127);
-  }
-  return false;
-}
-
 }  // namespace
 
 // ---- Connection ----
@@ -236,6 +225,22 @@ void Proxy::SetDeadline(Connection* conn, uint64_t at_ms) {
   conn->deadline_ = deadlines_.emplace(at_ms, conn);
   conn->has_deadline_ = true;
   RearmDeadlineTimer();
+}
+
+void Proxy::DialBackend(Connection* conn, const Target& target, std::unique_ptr<Dialer>* dialer,
+                        Dialer::Callback cb, bool may_complete_inline) {
+  ArmDeadline(conn, options_.connect_timeout_ms);
+  *dialer = std::make_unique<Dialer>(reactor(), resolver());
+  (*dialer)->Dial(target.host, target.port, std::move(cb), may_complete_inline);
+}
+
+ErrorCode Proxy::DialFailed(const Status& status) {
+  if (status.code() == Status::Code::kResourceExhausted) {
+    stats_.global().busy++;
+    return ErrorCode::kBusy;
+  }
+  stats_.global().unavailable++;
+  return ErrorCode::kUnavailable;
 }
 
 void Proxy::ArmDeadline(Connection* conn, int64_t timeout_ms) {

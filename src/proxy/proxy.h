@@ -158,6 +158,14 @@ class Proxy {
   Authorization Authorize(const std::string& job_id, const std::string& secret,
                           const sockaddr_storage& peer);
 
+  // Starts connecting `conn` to its job's backend with a new Dialer kept in `*dialer`, under the
+  // connect_timeout deadline. With `may_complete_inline`, see Dialer::Dial().
+  void DialBackend(Connection* conn, const Target& target, std::unique_ptr<Dialer>* dialer,
+                   Dialer::Callback cb, bool may_complete_inline = false);
+  // Counts a failed dial to a backend and says what to answer: busy when the proxy itself is
+  // out of file descriptors (its problem, not the backend's), unavailable otherwise.
+  ErrorCode DialFailed(const Status& status);
+
   // Calls conn->OnDeadline() at `at_ms` (loop time) unless cleared or replaced first.
   void SetDeadline(Connection* conn, uint64_t at_ms);
   void ClearDeadline(Connection* conn);

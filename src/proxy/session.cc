@@ -120,10 +120,8 @@ void Session::OnPreamble(const Preamble& p) {
   // Bytes after the preamble wait in the socket until the backend is up (kConnecting ignores
   // the client's events; the readable flag keeps what is pending for the relay).
   state_ = State::kConnecting;
-  proxy_->ArmDeadline(this, proxy_->options().connect_timeout_ms);
-  dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
-  dialer_->Dial(
-      target_.host, target_.port, [this](Result<loop::IoHandle> r) { OnBackend(std::move(r)); },
+  proxy_->DialBackend(
+      this, target_, &dialer_, [this](Result<loop::IoHandle> r) { OnBackend(std::move(r)); },
       /*may_complete_inline=*/true);  // the last thing this function does
 }
 
@@ -131,14 +129,8 @@ void Session::OnBackend(Result<loop::IoHandle> backend) {
   if (!backend.ok()) {
     LOG_DEBUG("session %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
               target_.job_id.c_str(), backend.status().ToString().c_str());
-    // Out of descriptors for the backend socket is the proxy's problem, not the backend's.
-    if (backend.status().code() == Status::Code::kResourceExhausted) {
-      proxy_->stats().global().busy++;
-      Reject(ErrorCode::kBusy, "out of file descriptors");
-      return;
-    }
-    proxy_->stats().global().unavailable++;
-    Reject(ErrorCode::kUnavailable, "backend unavailable");
+    ErrorCode code = proxy_->DialFailed(backend.status());
+    Reject(code, code == ErrorCode::kBusy ? "out of file descriptors" : "backend unavailable");
     return;
   }
   proxy_->ClearDeadline(this);

@@ -326,7 +326,7 @@ void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> io) {
       io.ok() ? ToPoll(*proxy_->loop(), std::move(io).value())
               : Result<loop::HandlePtr<loop::Poll>>(io.status());
   if (!backend.ok()) {
-    proxy_->stats().global().unavailable++;
+    proxy_->DialFailed(backend.status());  // counted like a connection's failed dial
     LOG_INFO("ssh %llu job=%s: backend unavailable: %s", static_cast<unsigned long long>(id()),
              target_.job_id.c_str(), backend.status().message().c_str());
     c->splice->Fail(Status::Unavailable("backend unavailable"));

@@ -133,10 +133,8 @@ void TlsConnection::Route(const ClientHello& hello) {
       target_.port = job->port;
       mode_ = "passthrough";
       state_ = State::kDialing;
-      proxy_->ArmDeadline(this, proxy_->options().connect_timeout_ms);
-      dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
-      dialer_->Dial(target_.host, target_.port,
-                    [this](Result<loop::IoHandle> r) { OnPassthroughBackend(std::move(r)); });
+      proxy_->DialBackend(this, target_, &dialer_,
+                          [this](Result<loop::IoHandle> r) { OnPassthroughBackend(std::move(r)); });
       return;
     }
     LOG_DEBUG("tls %llu: no ssl job for server name %s", static_cast<unsigned long long>(id()),
@@ -152,8 +150,9 @@ void TlsConnection::OnPassthroughBackend(Result<loop::IoHandle> backend) {
   if (!backend.ok()) {
     LOG_DEBUG("tls %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
               target_.job_id.c_str(), backend.status().ToString().c_str());
-    proxy_->stats().global().unavailable++;
-    FailHello("backend unavailable", kAlertInternalError, /*tls_failure=*/false);
+    ErrorCode code = proxy_->DialFailed(backend.status());
+    FailHello(code == ErrorCode::kBusy ? "out of file descriptors" : "backend unavailable",
+              kAlertInternalError, /*tls_failure=*/false);
     return;
   }
   proxy_->ClearDeadline(this);
@@ -230,18 +229,16 @@ void TlsConnection::OnPreamble(const Preamble& p) {
   }
   target_ = std::move(auth.target);
   state_ = State::kConnecting;
-  proxy_->ArmDeadline(this, proxy_->options().connect_timeout_ms);
-  dialer_ = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
-  dialer_->Dial(target_.host, target_.port,
-                [this](Result<loop::IoHandle> r) { OnTerminatedBackend(std::move(r)); });
+  proxy_->DialBackend(this, target_, &dialer_,
+                      [this](Result<loop::IoHandle> r) { OnTerminatedBackend(std::move(r)); });
 }
 
 void TlsConnection::OnTerminatedBackend(Result<loop::IoHandle> backend) {
   if (!backend.ok()) {
     LOG_DEBUG("tls %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
               target_.job_id.c_str(), backend.status().ToString().c_str());
-    proxy_->stats().global().unavailable++;
-    Reject(ErrorCode::kUnavailable, "backend unavailable");
+    ErrorCode code = proxy_->DialFailed(backend.status());
+    Reject(code, code == ErrorCode::kBusy ? "out of file descriptors" : "backend unavailable");
     return;
   }
   proxy_->ClearDeadline(this);
