@@ -149,7 +149,7 @@ int Listener::RefuseOne() {
   int err = fd >= 0 ? 0 : errno;
   if (fd >= 0) {
     if (!overload_reply_.empty()) SendBestEffort(fd, overload_reply_);
-    ::close(fd);
+    CloseGracefully(fd);  // a client's early bytes must not turn the close into a reset
     if (on_overload_) on_overload_();
   }
   spare_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
