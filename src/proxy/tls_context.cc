@@ -39,7 +39,7 @@ Status ApplyPolicy(SSL_CTX* ctx) {
   if (SSL_CTX_set_ciphersuites(ctx, kTls13Suites) != 1) return SslError("setting TLS 1.3 suites");
   SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_TICKET |
                                SSL_OP_CIPHER_SERVER_PREFERENCE);
-  SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
   return Status::OK();
 }
 

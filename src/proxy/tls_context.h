@@ -6,7 +6,8 @@
 // ECDHE key exchange and AEAD ciphers (AES-GCM, CHACHA20-POLY1305); TLS 1.3 with OpenSSL's
 // default (all AEAD) suites; no compression, no renegotiation, no session tickets (nothing is
 // resumed, and a ticket key would be one more secret to manage); SSL_MODE_RELEASE_BUFFERS so an
-// idle connection holds no record buffers.
+// idle connection holds no record buffers; SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER because a write
+// OpenSSL did not take is retried from TlsRelay's own copy, not from the first buffer.
 //
 // Thread safety: an SSL_CTX may be shared by threads once built; an SSL belongs to one thread
 // (here: the loop thread).
