@@ -6,6 +6,7 @@
 #include <netinet/tcp.h>
 #include <openssl/evp.h>
 #include <poll.h>
+#include <pwd.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -47,7 +48,7 @@ int DecodeWaitStatus(int status) {
 // In a forked child: become `uid` (with its primary group) if asked, then exec.
 [[noreturn]] void ExecAs(const std::vector<std::string>& argv, const RunOptions& options) {
   if (options.uid) {
-    gid_t gid = *options.uid == 65534 ? 65534 : *options.uid;
+    gid_t gid = PrimaryGid(*options.uid);
     if (setgroups(0, nullptr) != 0 || setresgid(gid, gid, gid) != 0 ||
         setresuid(*options.uid, *options.uid, *options.uid) != 0) {
       _exit(126);
@@ -572,7 +573,7 @@ std::string ControlRequestAs(uid_t uid, const std::string& socket_path, const st
     size_t slash = socket_path.rfind('/');
     std::string dir = slash == std::string::npos ? "." : socket_path.substr(0, slash);
     std::string name = socket_path.substr(slash == std::string::npos ? 0 : slash + 1);
-    gid_t gid = uid;
+    gid_t gid = PrimaryGid(uid);
     if (chdir(dir.c_str()) != 0 || setgroups(0, nullptr) != 0 || setresgid(gid, gid, gid) != 0 ||
         setresuid(uid, uid, uid) != 0) {
       _exit(1);
@@ -600,6 +601,27 @@ std::string ControlRequestAs(uid_t uid, const std::string& socket_path, const st
   int status = 0;
   waitpid(pid, &status, 0);
   return reply;
+}
+
+std::optional<uid_t> TestUser(const std::string& name) {
+  // useradd takes a lock on /etc/passwd and fails while another test process holds it, so a
+  // concurrent creation of the same (or another) user is retried until the name resolves.
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    if (const passwd* pw = getpwnam(name.c_str())) return pw->pw_uid;
+    RunOptions o;
+    o.timeout_ms = 20000;
+    RunCommand({"useradd", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                "--home-dir", "/nonexistent", name},
+               o);
+    if (const passwd* pw = getpwnam(name.c_str())) return pw->pw_uid;
+    usleep(100 * 1000);  // a retry backoff, not a wait for a condition
+  }
+  return std::nullopt;
+}
+
+gid_t PrimaryGid(uid_t uid) {
+  const passwd* pw = getpwuid(uid);
+  return pw != nullptr ? pw->pw_gid : static_cast<gid_t>(uid);
 }
 
 bool CanRunAs(uid_t uid) {

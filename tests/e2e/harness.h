@@ -212,6 +212,11 @@ void ExpectConnectSendsFirstBytesEarly(Child* connect, FakeProxy* fake,
 std::string ControlRequestAs(uid_t uid, const std::string& socket_path, const std::string& line);
 // True if `uid` can run programs here (see above).
 bool CanRunAs(uid_t uid);
+// A real Unix user for isolation tests (e.g. "bp-alice", "bp-bob"), created with useradd (and a
+// group of its own) on first use; the tests run as root. nullopt if it cannot be created.
+std::optional<uid_t> TestUser(const std::string& name);
+// The primary group of `uid` (from the password database; `uid` itself if it has no entry).
+gid_t PrimaryGid(uid_t uid);
 
 // Blocking TCP client helpers (every call bounded by a socket timeout).
 int ConnectTcp(int port, const std::string& host = "127.0.0.1", int timeout_ms = 10000);
