@@ -1,6 +1,6 @@
 #include "proxy/client_hello.h"
 
-#include <cstdint>
+#include <algorithm>
 
 namespace brokerproxy::proxy {
 namespace {
@@ -10,159 +10,319 @@ constexpr uint8_t kHandshakeClientHello = 1;
 constexpr size_t kRecordHeader = 5;
 constexpr size_t kMaxRecordPayload = 16384;  // 2^14, RFC 8446 5.1
 constexpr size_t kHandshakeHeader = 4;
+constexpr size_t kVersionRandom = 2 + 32;
+// version, random, session_id<0>, one suite, one compression method.
+constexpr size_t kMinBody = kVersionRandom + 1 + 2 + 2 + 1 + 1;
 constexpr uint16_t kExtServerName = 0;
 constexpr uint8_t kNameTypeHostName = 0;
 constexpr size_t kMaxHostName = 253;
 
-// A cursor over a byte range that refuses to read past its end.
-class Reader {
- public:
-  explicit Reader(std::string_view d) : data_(d) {}
-  size_t left() const { return data_.size() - pos_; }
-  bool U8(uint8_t* v) {
-    if (left() < 1) return false;
-    *v = static_cast<uint8_t>(data_[pos_++]);
-    return true;
-  }
-  bool U16(uint16_t* v) {
-    if (left() < 2) return false;
-    *v = static_cast<uint16_t>((static_cast<uint8_t>(data_[pos_]) << 8) |
-                               static_cast<uint8_t>(data_[pos_ + 1]));
-    pos_ += 2;
-    return true;
-  }
-  bool Skip(size_t n) {
-    if (left() < n) return false;
-    pos_ += n;
-    return true;
-  }
-  // A sub-range of `n` bytes.
-  bool Take(size_t n, std::string_view* out) {
-    if (left() < n) return false;
-    *out = data_.substr(pos_, n);
-    pos_ += n;
-    return true;
-  }
-  // A vector with a 1- or 2-byte length prefix.
-  bool Vector8(std::string_view* out) {
-    uint8_t n;
-    return U8(&n) && Take(n, out);
-  }
-  bool Vector16(std::string_view* out) {
-    uint16_t n;
-    return U16(&n) && Take(n, out);
-  }
-
- private:
-  std::string_view data_;
-  size_t pos_ = 0;
-};
-
-ClientHello Malformed(const char* why) {
-  ClientHello h;
-  h.state = ClientHello::State::kMalformed;
-  h.error = why;
-  return h;
-}
-
 // RFC 6066: "HostName" is a DNS host name in ASCII, without a trailing dot. We accept the
-// characters job ids and host names use, and fold case.
-bool ToHostName(std::string_view raw, std::string* out) {
-  if (raw.empty() || raw.size() > kMaxHostName) return false;
-  out->clear();
-  for (char c : raw) {
-    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
-    bool ok = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '-' || c == '_';
-    if (!ok) return false;
-    out->push_back(c);
-  }
-  return out->front() != '.' && out->back() != '.';
-}
-
-// `body` is the complete ClientHello body (after the 4-byte handshake header).
-ClientHello ParseBody(std::string_view body) {
-  Reader r(body);
-  std::string_view session_id, suites, compression;
-  if (!r.Skip(2 + 32)) return Malformed("ClientHello shorter than version and random");
-  if (!r.Vector8(&session_id) || session_id.size() > 32) return Malformed("bad session_id");
-  if (!r.Vector16(&suites) || suites.size() < 2 || suites.size() % 2 != 0) {
-    return Malformed("bad cipher_suites");
-  }
-  if (!r.Vector8(&compression) || compression.empty()) return Malformed("bad compression_methods");
-  ClientHello out;
-  out.state = ClientHello::State::kNoSni;
-  if (r.left() == 0) return out;  // no extensions at all (allowed before TLS 1.3)
-  std::string_view extensions;
-  if (!r.Vector16(&extensions) || r.left() != 0) return Malformed("bad extensions length");
-  Reader ext(extensions);
-  bool seen_sni = false;
-  while (ext.left() > 0) {
-    uint16_t type;
-    std::string_view data;
-    if (!ext.U16(&type) || !ext.Vector16(&data)) return Malformed("truncated extension");
-    if (type != kExtServerName) continue;
-    if (seen_sni) return Malformed("duplicate server_name extension");
-    seen_sni = true;
-    Reader sn(data);
-    std::string_view list;
-    if (!sn.Vector16(&list) || sn.left() != 0 || list.empty()) {
-      return Malformed("bad server_name list");
-    }
-    Reader names(list);
-    while (names.left() > 0) {
-      uint8_t name_type;
-      std::string_view name;
-      if (!names.U8(&name_type) || !names.Vector16(&name)) return Malformed("bad server_name");
-      if (name_type != kNameTypeHostName || out.state == ClientHello::State::kSni) continue;
-      if (!ToHostName(name, &out.sni)) return Malformed("server name is not a DNS name");
-      out.state = ClientHello::State::kSni;
-    }
-  }
-  return out;
+// characters job ids and host names use, and fold case. 0 if `c` is none of them.
+char HostNameChar(char c) {
+  if (c >= 'A' && c <= 'Z') return static_cast<char>(c - 'A' + 'a');
+  bool ok = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '-' || c == '_';
+  return ok ? c : 0;
 }
 
 }  // namespace
 
-ClientHello ParseClientHello(std::string_view data) {
-  // Reassemble the handshake stream from the records that are complete so far; stop as soon as
-  // it holds the whole ClientHello.
-  std::string handshake;
-  size_t pos = 0;
-  size_t need = 0;  // handshake bytes needed in total, once the header is known
-  while (pos < data.size()) {
-    size_t left = data.size() - pos;
-    const auto* rec = reinterpret_cast<const uint8_t*>(data.data() + pos);
-    // Check what has arrived of the header at once, so garbage fails without waiting.
-    if (rec[0] != kContentHandshake) return Malformed("not a TLS handshake record");
-    if (left >= 2 && rec[1] != 3) return Malformed("bad record version");
-    if (left >= 3 && rec[2] > 4) return Malformed("bad record version");
-    if (left < kRecordHeader) break;
-    size_t len = (size_t{rec[3]} << 8) | rec[4];
-    if (len == 0) return Malformed("empty handshake record");
-    if (len > kMaxRecordPayload) return Malformed("record longer than 2^14 bytes");
-    if (left - kRecordHeader < len) break;  // record incomplete
-    handshake.append(data.substr(pos + kRecordHeader, len));
-    pos += kRecordHeader + len;
-    if (need == 0 && handshake.size() >= 1 &&
-        static_cast<uint8_t>(handshake[0]) != kHandshakeClientHello) {
-      return Malformed("first handshake message is not a ClientHello");
+bool ClientHelloReader::failed() const {
+  return verdict_ == Verdict::kNotTls || verdict_ == Verdict::kMalformed ||
+         verdict_ == Verdict::kTooLarge;
+}
+
+ClientHelloReader::Verdict ClientHelloReader::Fail(Verdict v, const char* why) {
+  verdict_ = v;
+  error_ = why;
+  sni_.clear();
+  return v;
+}
+
+ClientHelloReader::Verdict ClientHelloReader::Feed(std::string_view bytes) {
+  if (verdict_ != Verdict::kNeedMore) return verdict_;
+  ++steps_;
+  // Nothing past the buffer bound is looked at, so the verdict does not depend on how the
+  // input was split.
+  std::string_view in = bytes.substr(0, kMaxClientHelloBuffer - fed_);
+  size_t i = 0;
+  while (i < in.size() && verdict_ == Verdict::kNeedMore) {
+    if (record_left_ == 0) {
+      ++steps_;
+      RecordHeaderByte(static_cast<uint8_t>(in[i++]));
+      continue;
     }
-    if (need == 0 && handshake.size() >= kHandshakeHeader) {
-      size_t body = (size_t{static_cast<uint8_t>(handshake[1])} << 16) |
-                    (size_t{static_cast<uint8_t>(handshake[2])} << 8) |
-                    static_cast<uint8_t>(handshake[3]);
-      need = kHandshakeHeader + body;
-      // It must fit the buffer with at least one record header.
-      if (need + kRecordHeader > kMaxClientHelloBuffer) return Malformed("ClientHello too large");
-      if (body < 2 + 32 + 1 + 2 + 2 + 1) return Malformed("ClientHello too short");
+    // A record's payload goes to the handshake layer as it arrives, whole or in pieces.
+    size_t take = std::min(record_left_, in.size() - i);
+    Handshake(in.substr(i, take));
+    i += take;
+    record_left_ -= take;
+  }
+  fed_ += i;
+  if (verdict_ == Verdict::kNeedMore && fed_ >= kMaxClientHelloBuffer) {
+    Fail(Verdict::kTooLarge, "ClientHello too large");
+  }
+  return verdict_;
+}
+
+void ClientHelloReader::RecordHeaderByte(uint8_t b) {
+  header_[header_len_++] = b;
+  // Each header byte is checked as it arrives, so garbage fails without waiting for more. A
+  // first record that is no handshake record is not TLS at all; a later one breaks the hello.
+  Verdict bad = first_record_ ? Verdict::kNotTls : Verdict::kMalformed;
+  switch (header_len_) {
+    case 1:
+      if (b != kContentHandshake) Fail(bad, "not a TLS handshake record");
+      return;
+    case 2:
+      if (b != 3) Fail(bad, "bad record version");
+      return;
+    case 3:
+      if (b > 4) Fail(bad, "bad record version");
+      return;
+    case 4:
+      return;
+    default:
+      break;
+  }
+  size_t len = (size_t{header_[3]} << 8) | header_[4];
+  header_len_ = 0;
+  first_record_ = false;
+  if (len == 0) {
+    Fail(Verdict::kMalformed, "empty handshake record");
+  } else if (len > kMaxRecordPayload) {
+    Fail(Verdict::kMalformed, "record longer than 2^14 bytes");
+  } else {
+    record_left_ = len;
+  }
+}
+
+void ClientHelloReader::Handshake(std::string_view payload) {
+  size_t i = 0;
+  // A field of zero bytes completes without input, so the loop also runs once it is all read.
+  while (verdict_ == Verdict::kNeedMore && (left_ == 0 || i < payload.size())) {
+    ++steps_;
+    if (left_ == 0) {
+      FieldDone();
+      continue;
     }
-    if (need != 0 && handshake.size() >= need) {
-      return ParseBody(
-          std::string_view(handshake).substr(kHandshakeHeader, need - kHandshakeHeader));
+    switch (kind_) {
+      case Kind::kInt:
+        value_ = (value_ << 8) | static_cast<uint8_t>(payload[i]);
+        ++i;
+        ++pos_;
+        --left_;
+        break;
+      case Kind::kSkip: {
+        size_t n = std::min(left_, payload.size() - i);
+        i += n;
+        pos_ += n;
+        left_ -= n;
+        break;
+      }
+      case Kind::kName: {
+        char c = HostNameChar(payload[i]);
+        if (c == 0) {
+          Fail(Verdict::kMalformed, "server name is not a DNS name");
+          return;
+        }
+        sni_.push_back(c);
+        ++i;
+        ++pos_;
+        --left_;
+        break;
+      }
     }
   }
-  if (data.size() >= kMaxClientHelloBuffer) return Malformed("ClientHello too large");
-  return ClientHello{};
+}
+
+void ClientHelloReader::ExpectInt(Field f, size_t width, size_t limit, const char* why) {
+  if (pos_ + width > limit) {
+    Fail(Verdict::kMalformed, why);
+    return;
+  }
+  kind_ = Kind::kInt;
+  field_ = f;
+  left_ = width;
+  value_ = 0;
+}
+
+void ClientHelloReader::ExpectSkip(Field f, size_t n) {
+  kind_ = Kind::kSkip;
+  field_ = f;
+  left_ = n;
+}
+
+void ClientHelloReader::NextExtension() {
+  if (pos_ == body_end_) {
+    // The end of the ClientHello: every byte of it has been checked.
+    verdict_ = have_sni_ ? Verdict::kSni : Verdict::kNoSni;
+    return;
+  }
+  ExpectInt(Field::kExtensionHeader, 4, body_end_, "truncated extension");
+}
+
+void ClientHelloReader::NextName() {
+  if (pos_ == list_end_) {
+    NextExtension();
+    return;
+  }
+  ExpectInt(Field::kNameHeader, 3, list_end_, "bad server_name");
+}
+
+void ClientHelloReader::FieldDone() {
+  const size_t v = value_;
+  switch (field_) {
+    case Field::kType:
+      if (v != kHandshakeClientHello) {
+        Fail(Verdict::kMalformed, "first handshake message is not a ClientHello");
+        return;
+      }
+      ExpectInt(Field::kLength, 3, SIZE_MAX, nullptr);
+      return;
+    case Field::kLength:
+      // It must fit the buffer with at least one record header.
+      if (kHandshakeHeader + v + kRecordHeader > kMaxClientHelloBuffer) {
+        Fail(Verdict::kTooLarge, "ClientHello too large");
+        return;
+      }
+      if (v < kMinBody) {
+        Fail(Verdict::kMalformed, "ClientHello too short");
+        return;
+      }
+      body_end_ = kHandshakeHeader + v;
+      ExpectSkip(Field::kVersionRandom, kVersionRandom);
+      return;
+    case Field::kVersionRandom:
+      ExpectInt(Field::kSessionIdLength, 1, body_end_, "bad session_id");
+      return;
+    case Field::kSessionIdLength:
+      if (v > 32 || pos_ + v > body_end_) {
+        Fail(Verdict::kMalformed, "bad session_id");
+        return;
+      }
+      ExpectSkip(Field::kSessionId, v);
+      return;
+    case Field::kSessionId:
+      ExpectInt(Field::kSuitesLength, 2, body_end_, "bad cipher_suites");
+      return;
+    case Field::kSuitesLength:
+      if (v < 2 || v % 2 != 0 || pos_ + v > body_end_) {
+        Fail(Verdict::kMalformed, "bad cipher_suites");
+        return;
+      }
+      ExpectSkip(Field::kSuites, v);
+      return;
+    case Field::kSuites:
+      ExpectInt(Field::kCompressionLength, 1, body_end_, "bad compression_methods");
+      return;
+    case Field::kCompressionLength:
+      if (v == 0 || pos_ + v > body_end_) {
+        Fail(Verdict::kMalformed, "bad compression_methods");
+        return;
+      }
+      ExpectSkip(Field::kCompression, v);
+      return;
+    case Field::kCompression:
+      if (pos_ == body_end_) {
+        verdict_ = Verdict::kNoSni;  // no extensions at all (allowed before TLS 1.3)
+        return;
+      }
+      ExpectInt(Field::kExtensionsLength, 2, body_end_, "bad extensions length");
+      return;
+    case Field::kExtensionsLength:
+      if (pos_ + v != body_end_) {
+        Fail(Verdict::kMalformed, "bad extensions length");
+        return;
+      }
+      NextExtension();
+      return;
+    case Field::kExtensionHeader: {
+      size_t type = v >> 16, len = v & 0xffff;
+      if (pos_ + len > body_end_) {
+        Fail(Verdict::kMalformed, "truncated extension");
+        return;
+      }
+      if (type != kExtServerName) {
+        ExpectSkip(Field::kExtensionBody, len);
+        return;
+      }
+      if (seen_server_name_) {
+        Fail(Verdict::kMalformed, "duplicate server_name extension");
+        return;
+      }
+      seen_server_name_ = true;
+      extension_end_ = pos_ + len;
+      ExpectInt(Field::kNameListLength, 2, extension_end_, "bad server_name list");
+      return;
+    }
+    case Field::kExtensionBody:
+      NextExtension();
+      return;
+    case Field::kNameListLength:
+      if (v == 0 || pos_ + v != extension_end_) {
+        Fail(Verdict::kMalformed, "bad server_name list");
+        return;
+      }
+      list_end_ = extension_end_;
+      NextName();
+      return;
+    case Field::kNameHeader: {
+      size_t type = v >> 16, len = v & 0xffff;
+      if (pos_ + len > list_end_) {
+        Fail(Verdict::kMalformed, "bad server_name");
+        return;
+      }
+      // Only the first host_name entry counts; others are skipped unread.
+      if (type != kNameTypeHostName || have_sni_) {
+        ExpectSkip(Field::kNameSkip, len);
+        return;
+      }
+      if (len == 0 || len > kMaxHostName) {
+        Fail(Verdict::kMalformed, "server name is not a DNS name");
+        return;
+      }
+      kind_ = Kind::kName;
+      field_ = Field::kName;
+      left_ = len;
+      sni_.clear();
+      return;
+    }
+    case Field::kNameSkip:
+      NextName();
+      return;
+    case Field::kName:
+      if (sni_.front() == '.' || sni_.back() == '.') {
+        Fail(Verdict::kMalformed, "server name is not a DNS name");
+        return;
+      }
+      have_sni_ = true;
+      NextName();
+      return;
+  }
+}
+
+ClientHello ParseClientHello(std::string_view data) {
+  ClientHelloReader reader;
+  ClientHello out;
+  switch (reader.Feed(data)) {
+    case ClientHelloReader::Verdict::kNeedMore:
+      break;
+    case ClientHelloReader::Verdict::kSni:
+      out.state = ClientHello::State::kSni;
+      out.sni = reader.sni();
+      break;
+    case ClientHelloReader::Verdict::kNoSni:
+      out.state = ClientHello::State::kNoSni;
+      break;
+    case ClientHelloReader::Verdict::kNotTls:
+    case ClientHelloReader::Verdict::kMalformed:
+    case ClientHelloReader::Verdict::kTooLarge:
+      out.state = ClientHello::State::kMalformed;
+      out.error = reader.error();
+      break;
+  }
+  return out;
 }
 
 }  // namespace brokerproxy::proxy

@@ -41,7 +41,8 @@ class TlsConnection final : public Connection {
   enum class State { kHello, kDialing, kPassthrough, kHandshake, kConnecting, kRelaying, kClosed };
 
   void OnClientReadable(int status);
-  void Route(const ClientHello& hello);
+  // `sni` is the ClientHello's server name, "" if it has none.
+  void Route(const std::string& sni);
   void OnPassthroughBackend(Result<loop::IoHandle> backend);
   void StartTermination();
   void OnPlaintext();
@@ -67,6 +68,7 @@ class TlsConnection final : public Connection {
   const char* mode_ = "-";
   loop::HandlePtr<loop::Poll> client_;
   std::string hello_;  // the ClientHello bytes, carried forward
+  ClientHelloReader reader_;
   Target target_;
   std::unique_ptr<Dialer> dialer_;
   std::unique_ptr<Relay> relay_;   // passthrough
@@ -95,35 +97,35 @@ void TlsConnection::OnClientReadable(int status) {
     return;
   }
   hello_.append(buf, static_cast<size_t>(n));
-  ClientHello hello = ParseClientHello(hello_);
-  switch (hello.state) {
-    case ClientHello::State::kNeedMore:
-      return;  // the parser turns a full buffer into kMalformed
-    case ClientHello::State::kMalformed:
+  // Only the new bytes are examined: the reader remembers where it is (client_hello.h).
+  switch (reader_.Feed(std::string_view(buf, static_cast<size_t>(n)))) {
+    case ClientHelloReader::Verdict::kNeedMore:
+      return;  // the reader refuses a hello that does not end within the buffer's bound
+    case ClientHelloReader::Verdict::kNotTls:
+    case ClientHelloReader::Verdict::kMalformed:
+    case ClientHelloReader::Verdict::kTooLarge:
       LOG_DEBUG("tls %llu: bad ClientHello: %s", static_cast<unsigned long long>(id()),
-                hello.error);
+                reader_.error());
       proxy_->stats().global().bad_request++;
       FailHello("malformed ClientHello", kAlertDecodeError);
       return;
-    case ClientHello::State::kSni:
-    case ClientHello::State::kNoSni:
-      Route(hello);
+    case ClientHelloReader::Verdict::kSni:
+    case ClientHelloReader::Verdict::kNoSni:
+      Route(reader_.verdict() == ClientHelloReader::Verdict::kSni ? reader_.sni() : "");
       return;
   }
 }
 
-void TlsConnection::Route(const ClientHello& hello) {
+void TlsConnection::Route(const std::string& sni) {
   client_->Stop();  // the rest waits in the socket until we know where it goes
   const std::string& domain = settings_->domain;
   const auto& own = settings_->proxy_names;
   // The proxy's own names are never a job's, even if a job id spells one (a job "login" under
   // domain "example.org" must not capture connections to login.example.org).
-  bool proxy_name = hello.state == ClientHello::State::kSni &&
-                    std::find(own.begin(), own.end(), hello.sni) != own.end();
-  if (!proxy_name && hello.state == ClientHello::State::kSni &&
-      hello.sni.size() > domain.size() + 1 && hello.sni.ends_with(domain) &&
-      hello.sni[hello.sni.size() - domain.size() - 1] == '.') {
-    std::string job_id = hello.sni.substr(0, hello.sni.size() - domain.size() - 1);
+  bool proxy_name = !sni.empty() && std::find(own.begin(), own.end(), sni) != own.end();
+  if (!proxy_name && sni.size() > domain.size() + 1 && sni.ends_with(domain) &&
+      sni[sni.size() - domain.size() - 1] == '.') {
+    std::string job_id = sni.substr(0, sni.size() - domain.size() - 1);
     const registry::Job* job = proxy_->registry().Find(job_id);
     bool live = job && (job->expires == 0 || job->expires > static_cast<int64_t>(::time(nullptr)));
     if (live && job->type == registry::JobType::kSsl) {
@@ -138,7 +140,7 @@ void TlsConnection::Route(const ClientHello& hello) {
       return;
     }
     LOG_DEBUG("tls %llu: no ssl job for server name %s", static_cast<unsigned long long>(id()),
-              hello.sni.c_str());
+              sni.c_str());
     mode_ = "refused";
     FailHello("no ssl job for this server name", kAlertUnrecognizedName);
     return;

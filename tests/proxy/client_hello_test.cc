@@ -1,13 +1,17 @@
-// ParseClientHello against real ClientHellos captured from OpenSSL in-process (a client with
-// memory BIOs; its first flight is the hello), re-fragmented, truncated and damaged.
+// ParseClientHello and ClientHelloReader against real ClientHellos captured from OpenSSL
+// in-process (a client with memory BIOs; its first flight is the hello), re-fragmented,
+// truncated and damaged; the reader fed in pieces of every size, with its work counted.
 
 #include "proxy/client_hello.h"
 
 #include <gtest/gtest.h>
 #include <openssl/ssl.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "support/tls_samples.h"
 
@@ -15,6 +19,7 @@ namespace brokerproxy::proxy {
 namespace {
 
 using State = ClientHello::State;
+using Verdict = ClientHelloReader::Verdict;
 
 using testing::CaptureClientHello;
 using testing::FragmentHandshake;
@@ -219,6 +224,140 @@ TEST(ClientHelloTest, GarbageNeverCrashes) {
     if (h.state == State::kMalformed) {
       EXPECT_NE(h.error, nullptr);
     }
+  }
+}
+
+// A hand-built hello naming `name`, padded (extension 21) to `size` handshake bytes.
+std::string PaddedHello(size_t size, const std::string& name) {
+  std::string sni = SniExtension(name);
+  size_t fixed = HandHello(&sni).size() + 4;
+  std::string pad(size - fixed, '\0');
+  std::string ext = std::string("\x00\x15", 2) + static_cast<char>(pad.size() >> 8) +
+                    static_cast<char>(pad.size() & 0xff) + pad + sni;
+  std::string hs = HandHello(&ext);
+  EXPECT_EQ(hs.size(), size);
+  return hs;
+}
+
+// Feeds `input` in pieces of `piece` bytes (0: all at once); returns the reader.
+ClientHelloReader FeedInPieces(std::string_view input, size_t piece) {
+  ClientHelloReader reader;
+  if (piece == 0) {
+    reader.Feed(input);
+    return reader;
+  }
+  for (size_t off = 0; off < input.size() && reader.verdict() == Verdict::kNeedMore; off += piece) {
+    reader.Feed(input.substr(off, piece));
+  }
+  return reader;
+}
+
+TEST(ClientHelloReaderTest, VerdictsNameTheFailure) {
+  EXPECT_EQ(FeedInPieces("GET / HTTP/1.1\r\n", 0).verdict(), Verdict::kNotTls);
+  EXPECT_EQ(FeedInPieces(std::string("\x16\x07", 2), 0).verdict(), Verdict::kNotTls);
+  ClientHelloReader huge = FeedInPieces(std::string("\x16\x03\x01\x00\x04\x01\x00\x40\x00", 9), 1);
+  EXPECT_EQ(huge.verdict(), Verdict::kTooLarge);
+  EXPECT_TRUE(huge.failed());
+  EXPECT_NE(huge.error(), nullptr);
+  // A record type that is not handshake after the first record breaks the hello.
+  std::string hs = HandshakeOf(CaptureClientHello("a.localhost"));
+  std::string stream = FragmentHandshake(hs.substr(0, 10), 10) + std::string("\x17\x03\x03", 3);
+  EXPECT_EQ(FeedInPieces(stream, 0).verdict(), Verdict::kMalformed);
+  // A padded hello that fits one record but not the buffer once cut into 1-byte records.
+  std::string big = FragmentHandshake(PaddedHello(12000, "big.localhost"), 1);
+  EXPECT_EQ(FeedInPieces(big, 0).verdict(), Verdict::kTooLarge);
+  EXPECT_EQ(FeedInPieces(big, 1).verdict(), Verdict::kTooLarge);
+  EXPECT_EQ(FeedInPieces(FragmentHandshake(PaddedHello(12000, "big.localhost"), 16384), 1).sni(),
+            "big.localhost");
+}
+
+TEST(ClientHelloReaderTest, GarbageFailsAtTheFirstWrongByte) {
+  // A session_id length of 33 is refused when it arrives, not when the hello is complete.
+  std::string record = CaptureClientHello("job.localhost");
+  std::string prefix = record.substr(0, 5 + 4 + 34) + '\x21';
+  EXPECT_EQ(FeedInPieces(prefix, 1).verdict(), Verdict::kMalformed);
+  // So is a ServerHello's type.
+  EXPECT_EQ(FeedInPieces(std::string("\x16\x03\x03\x00\x40\x02", 6), 0).verdict(),
+            Verdict::kMalformed);
+}
+
+TEST(ClientHelloReaderTest, TheVerdictIsFinalAndNothingMoreIsExamined) {
+  std::string hello = CaptureClientHello("done.localhost");
+  ClientHelloReader reader;
+  EXPECT_EQ(reader.Feed(hello), Verdict::kSni);
+  uint64_t steps = reader.steps();
+  EXPECT_EQ(reader.Feed("garbage"), Verdict::kSni);
+  EXPECT_EQ(reader.Feed(std::string(100000, 'x')), Verdict::kSni);
+  EXPECT_EQ(reader.steps(), steps);
+  EXPECT_EQ(reader.sni(), "done.localhost");
+  EXPECT_EQ(reader.error(), nullptr);
+}
+
+// However the input is split, the reader says what it says of the whole: real hellos, records
+// of every size, and damaged copies.
+TEST(ClientHelloReaderTest, SplittingTheInputNeverChangesTheVerdict) {
+  std::mt19937 rng(11);
+  std::vector<std::string> inputs;
+  for (const char* sni : {"split.localhost", static_cast<const char*>(nullptr)}) {
+    std::string hs = HandshakeOf(CaptureClientHello(sni));
+    for (size_t size : {1, 2, 5, 64, 16384}) inputs.push_back(FragmentHandshake(hs, size));
+  }
+  for (int i = 0; i < 400; ++i) {
+    std::string damaged = inputs[rng() % inputs.size()];
+    for (int k = 0; k < 1 + static_cast<int>(rng() % 3); ++k) {
+      damaged[rng() % damaged.size()] = static_cast<char>(rng());
+    }
+    inputs.push_back(damaged);
+  }
+  for (const std::string& input : inputs) {
+    ClientHelloReader whole = FeedInPieces(input, 0);
+    for (size_t piece : {1, 2, 3, 7, 100}) {
+      ClientHelloReader split = FeedInPieces(input, piece);
+      ASSERT_EQ(split.verdict(), whole.verdict()) << "pieces of " << piece;
+      ASSERT_EQ(split.sni(), whole.sni());
+    }
+    // Random cuts as well.
+    ClientHelloReader reader;
+    for (size_t off = 0; off < input.size();) {
+      size_t n = 1 + rng() % 40;
+      reader.Feed(std::string_view(input).substr(off, n));
+      off += n;
+    }
+    ASSERT_EQ(reader.verdict(), whole.verdict());
+    ASSERT_EQ(reader.sni(), whole.sni());
+  }
+}
+
+// The work of reading a hello is linear in its size, however finely it is split: 16 KiB in
+// 1-byte records, whole and one byte per read, and a 16 KiB record one byte per read. Parsing
+// the whole buffer again on every read would take about n^2 / 2 steps (over 10^8 here).
+TEST(ClientHelloReaderTest, WorkIsLinearInTheInputHoweverItIsSplit) {
+  const size_t kHandshakeBytes = (kMaxClientHelloBuffer - 1) / 6;  // 1-byte records fit
+  std::string tiny_records = FragmentHandshake(PaddedHello(kHandshakeBytes, "w.localhost"), 1);
+  ASSERT_GE(tiny_records.size(), 16000u);
+  ASSERT_LE(tiny_records.size(), kMaxClientHelloBuffer);
+  std::string one_record =
+      FragmentHandshake(PaddedHello(kMaxClientHelloBuffer - 5, "w.localhost"), 16384);
+  ASSERT_EQ(one_record.size(), kMaxClientHelloBuffer);
+  // Declares 12,000 bytes, sent in 1-byte records: refused at the buffer's bound.
+  std::string too_large = FragmentHandshake(PaddedHello(12000, "w.localhost"), 1);
+  struct Case {
+    const char* name;
+    const std::string& input;
+    size_t piece;
+    Verdict verdict;
+  };
+  for (const Case& c : {Case{"1-byte records, one read", tiny_records, 0, Verdict::kSni},
+                        Case{"1-byte records, 1-byte reads", tiny_records, 1, Verdict::kSni},
+                        Case{"1-byte records, 2-byte reads", tiny_records, 2, Verdict::kSni},
+                        Case{"one record, 1-byte reads", one_record, 1, Verdict::kSni},
+                        Case{"too large, 1-byte reads", too_large, 1, Verdict::kTooLarge}}) {
+    ClientHelloReader reader = FeedInPieces(c.input, c.piece);
+    EXPECT_EQ(reader.verdict(), c.verdict) << c.name;
+    size_t examined = std::min(c.input.size(), kMaxClientHelloBuffer);
+    EXPECT_LE(reader.steps(), 3 * examined + 64) << c.name << ": " << examined << " bytes";
+    std::printf("[ metric ] ClientHello reader, %s: %llu steps for %zu bytes\n", c.name,
+                static_cast<unsigned long long>(reader.steps()), examined);
   }
 }
 

@@ -17,6 +17,11 @@ std::string CaptureClientHello(const char* sni, int max_version = 0);
 // bytes each.
 std::string FragmentHandshake(const std::string& handshake, size_t size);
 
+// The handshake bytes of a ClientHello (a single-record flight without its 5-byte header, as
+// CaptureClientHello returns it) grown to exactly `size` bytes by a padding extension
+// (RFC 7685) at the end of its extensions. REQUIRES size >= hello's handshake bytes + 4.
+std::string PadClientHello(const std::string& hello, size_t size);
+
 }  // namespace brokerproxy::testing
 
 #endif  // BROKERPROXY_TESTS_SUPPORT_TLS_SAMPLES_H_
