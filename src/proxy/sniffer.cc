@@ -44,56 +44,79 @@ const char* ProtocolName(Protocol p) {
   return "?";
 }
 
-Preamble ParsePreamble(std::string_view data) {
-  Preamble p;
-  auto bad = [&p](const char* why) {
-    p.state = Preamble::State::kBad;
-    p.error = why;
-    p.job_id.clear();
-    p.secret.clear();
-    return p;
-  };
-  // Magic, possibly still arriving.
-  size_t m = std::min(data.size(), kPreambleMagic.size());
-  if (data.substr(0, m) != kPreambleMagic.substr(0, m)) return bad("not a BROKER1 preamble");
-  if (data.size() <= kPreambleMagic.size()) return p;
+void PreambleReader::Bad(const char* why) {
+  result_.state = Preamble::State::kBad;
+  result_.error = why;
+  job_id_.clear();
+  secret_.clear();
+}
 
-  size_t i = kPreambleMagic.size();
-  size_t limit = std::min(data.size(), kMaxPreambleBytes);
-  // Job id up to the single space.
-  size_t id_start = i;
-  while (i < limit && data[i] != ' ') {
-    if (!IsJobIdChar(data[i])) return bad("bad character in job id");
-    if (i - id_start >= kMaxJobIdChars) return bad("job id too long");
-    ++i;
-  }
-  if (i == limit) {
-    return limit == kMaxPreambleBytes ? bad("preamble too long") : p;
-  }
-  if (i == id_start) return bad("empty job id");
-  p.job_id.assign(data.substr(id_start, i - id_start));
-  ++i;  // the space
-  // Secret up to the newline.
-  size_t secret_start = i;
-  while (i < limit && IsHexChar(data[i])) ++i;
-  if (i == limit) {
-    p.job_id.clear();
-    return limit == kMaxPreambleBytes ? bad("preamble too long") : p;
-  }
-  size_t secret_end = i;
-  if (data[i] == '\r') {
-    ++i;
-    if (i == limit) {
-      p.job_id.clear();
-      return limit == kMaxPreambleBytes ? bad("preamble too long") : p;
+Preamble::State PreambleReader::Feed(std::string_view bytes) {
+  if (result_.state != Preamble::State::kNeedMore) return result_.state;
+  // Nothing at or past kMaxPreambleBytes is looked at: the verdict does not depend on how the
+  // stream was split.
+  std::string_view in = bytes.substr(0, kMaxPreambleBytes - pos_);
+  for (size_t i = 0; i < in.size() && result_.state == Preamble::State::kNeedMore; ++i, ++pos_) {
+    char c = in[i];
+    switch (part_) {
+      case Part::kMagic:
+        if (c != kPreambleMagic[pos_]) {
+          Bad("not a BROKER1 preamble");
+        } else if (pos_ + 1 == kPreambleMagic.size()) {
+          part_ = Part::kJobId;
+        }
+        break;
+      case Part::kJobId:
+        // Job id up to the single space.
+        if (c == ' ') {
+          if (job_id_.empty()) {
+            Bad("empty job id");
+          } else {
+            part_ = Part::kSecret;
+          }
+        } else if (!IsJobIdChar(c)) {
+          Bad("bad character in job id");
+        } else if (job_id_.size() >= kMaxJobIdChars) {
+          Bad("job id too long");
+        } else {
+          job_id_.push_back(c);
+        }
+        break;
+      case Part::kSecret:
+        // Secret up to the newline.
+        if (IsHexChar(c)) {
+          secret_.push_back(c);
+          break;
+        }
+        if (c == '\r') {
+          part_ = Part::kCarriageReturn;
+          break;
+        }
+        [[fallthrough]];
+      case Part::kCarriageReturn:
+        if (c != '\n') {
+          Bad("bad character in secret");
+        } else if (secret_.empty()) {
+          Bad("empty secret");
+        } else {
+          result_.state = Preamble::State::kDone;
+          result_.job_id = std::move(job_id_);
+          result_.secret = std::move(secret_);
+          result_.length = pos_ + 1;
+        }
+        break;
     }
   }
-  if (data[i] != '\n') return bad("bad character in secret");
-  if (secret_end == secret_start) return bad("empty secret");
-  p.secret.assign(data.substr(secret_start, secret_end - secret_start));
-  p.length = i + 1;
-  p.state = Preamble::State::kDone;
-  return p;
+  if (result_.state == Preamble::State::kNeedMore && pos_ == kMaxPreambleBytes) {
+    Bad("preamble too long");
+  }
+  return result_.state;
+}
+
+Preamble ParsePreamble(std::string_view data) {
+  PreambleReader reader;
+  reader.Feed(data);
+  return reader.Take();
 }
 
 std::string_view ErrorReply(ErrorCode code) {

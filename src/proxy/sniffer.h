@@ -20,6 +20,7 @@
 #define BROKERPROXY_PROXY_SNIFFER_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -43,10 +44,36 @@ struct Preamble {
   const char* error = nullptr;  // why kBad, for the debug log
 };
 
-// Parses "BROKER1 <job_id> <secret>\n" (an optional '\r' before the newline is accepted) at the
-// start of `data`, which may hold only part of the line, or the line and payload after it.
+// Reads "BROKER1 <job_id> <secret>\n" (an optional '\r' before the newline is accepted) from the
+// start of a byte stream fed in pieces of any size: feed bytes -> verdict. Incremental: each
+// byte is examined once, however the line is split, and nothing after the newline is examined.
 // Fails as early as possible: a wrong magic, a character outside the job id or secret
-// alphabets, or kMaxPreambleBytes without a newline is kBad at once.
+// alphabets, or kMaxPreambleBytes without a newline is kBad at once. Pure (no I/O), so it is
+// unit-tested and fuzzed on its own.
+class PreambleReader {
+ public:
+  // Examines `bytes`, the next bytes of the stream after all those fed before, and returns the
+  // verdict so far. Once it is not kNeedMore it is final: later calls return it and examine
+  // nothing. REQUIRES nothing of `bytes`; keeps no pointer into them.
+  Preamble::State Feed(std::string_view bytes);
+  Preamble::State state() const { return result_.state; }
+  // The verdict: job_id, secret and length are set for kDone only, error for kBad only.
+  const Preamble& result() const { return result_; }
+  // Moves the result out (job_id and secret are left empty here).
+  Preamble Take() { return std::move(result_); }
+
+ private:
+  enum class Part : uint8_t { kMagic, kJobId, kSecret, kCarriageReturn };
+  void Bad(const char* why);
+
+  Preamble result_;
+  Part part_ = Part::kMagic;
+  size_t pos_ = 0;  // bytes of the stream examined
+  std::string job_id_, secret_;
+};
+
+// One PreambleReader fed `data` at once: `data` may hold only part of the line, or the line and
+// payload after it.
 Preamble ParsePreamble(std::string_view data);
 
 // The proxy's one-line replies.

@@ -69,6 +69,8 @@ class TlsConnection final : public Connection {
   loop::HandlePtr<loop::Poll> client_;
   std::string hello_;  // the ClientHello bytes, carried forward
   ClientHelloReader reader_;
+  PreambleReader preamble_;  // inside TLS; nothing is consumed from the inbox before kDone
+  size_t preamble_fed_ = 0;  // bytes of the inbox fed to it
   Target target_;
   std::unique_ptr<Dialer> dialer_;
   std::unique_ptr<Relay> relay_;   // passthrough
@@ -200,8 +202,11 @@ void TlsConnection::StartTermination() {
 
 void TlsConnection::OnPlaintext() {
   if (state_ != State::kHandshake) return;  // later bytes wait in the inbox for the backend
+  // Only what arrived since the last call is examined: the reader remembers where it is.
   std::string_view inbox = tls_->inbox();
-  Preamble p = ParsePreamble(inbox);
+  preamble_.Feed(inbox.substr(std::min(preamble_fed_, inbox.size())));
+  preamble_fed_ = inbox.size();
+  const Preamble& p = preamble_.result();
   switch (p.state) {
     case Preamble::State::kNeedMore:
       if (tls_->peer_done()) {
@@ -214,10 +219,12 @@ void TlsConnection::OnPlaintext() {
       LOG_DEBUG("tls %llu: bad preamble: %s", static_cast<unsigned long long>(id()), p.error);
       Reject(ErrorCode::kBadRequest, "bad preamble");
       return;
-    case Preamble::State::kDone:
-      tls_->Consume(p.length);
-      OnPreamble(p);
+    case Preamble::State::kDone: {
+      Preamble line = preamble_.Take();  // the secret is kept no longer than needed
+      tls_->Consume(line.length);
+      OnPreamble(line);
       return;
+    }
   }
 }
 

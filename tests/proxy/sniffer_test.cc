@@ -76,6 +76,39 @@ INSTANTIATE_TEST_SUITE_P(
         PreambleCase{"tls_bytes", "\x16\x03\x01\x02\x00", Preamble::State::kBad, "", 0}),
     [](const auto& info) { return info.param.name; });
 
+// The reader fed one byte at a time (or in any pieces) says what it says of the whole.
+TEST_P(PreambleTest, FedInPiecesSaysTheSame) {
+  const PreambleCase& c = GetParam();
+  Preamble whole = ParsePreamble(c.input);
+  for (size_t piece : {1, 2, 3, 10}) {
+    PreambleReader reader;
+    for (size_t off = 0; off < c.input.size(); off += piece) {
+      reader.Feed(std::string_view(c.input).substr(off, piece));
+    }
+    const Preamble& p = reader.result();
+    EXPECT_EQ(p.state, whole.state) << piece;
+    EXPECT_EQ(p.job_id, whole.job_id) << piece;
+    EXPECT_EQ(p.secret, whole.secret) << piece;
+    EXPECT_EQ(p.length, whole.length) << piece;
+  }
+}
+
+TEST(PreambleReaderTest, TheVerdictIsFinal) {
+  PreambleReader reader;
+  EXPECT_EQ(reader.Feed("BROKER1 j"), Preamble::State::kNeedMore);
+  EXPECT_EQ(reader.Feed(" ab"), Preamble::State::kNeedMore);
+  EXPECT_TRUE(reader.result().job_id.empty());  // nothing is reported before the end
+  EXPECT_EQ(reader.Feed("\nGARBAGE"), Preamble::State::kDone);
+  EXPECT_EQ(reader.Feed("more garbage\n"), Preamble::State::kDone);
+  EXPECT_EQ(reader.result().job_id, "j");
+  EXPECT_EQ(reader.result().secret, "ab");
+  EXPECT_EQ(reader.result().length, 13u);
+  PreambleReader bad;
+  EXPECT_EQ(bad.Feed("BROKER1 j zz"), Preamble::State::kBad);
+  EXPECT_EQ(bad.Feed("\n"), Preamble::State::kBad);
+  EXPECT_NE(bad.result().error, nullptr);
+}
+
 TEST(PreambleTest, FailsEarlyOnAWrongPrefix) {
   EXPECT_EQ(ParsePreamble("BX").state, Preamble::State::kBad);
   EXPECT_EQ(ParsePreamble("BROKER1 j ab\r").state, Preamble::State::kNeedMore);
