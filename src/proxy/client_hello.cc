@@ -35,7 +35,7 @@ bool ClientHelloReader::failed() const {
 ClientHelloReader::Verdict ClientHelloReader::Fail(Verdict v, const char* why) {
   verdict_ = v;
   error_ = why;
-  sni_.clear();
+  name_.clear();
   return v;
 }
 
@@ -126,7 +126,7 @@ void ClientHelloReader::Handshake(std::string_view payload) {
           Fail(Verdict::kMalformed, "server name is not a DNS name");
           return;
         }
-        sni_.push_back(c);
+        name_.push_back(c);
         ++i;
         ++pos_;
         --left_;
@@ -157,6 +157,7 @@ void ClientHelloReader::NextExtension() {
   if (pos_ == body_end_) {
     // The end of the ClientHello: every byte of it has been checked.
     verdict_ = have_sni_ ? Verdict::kSni : Verdict::kNoSni;
+    sni_ = std::move(name_);
     return;
   }
   ExpectInt(Field::kExtensionHeader, 4, body_end_, "truncated extension");
@@ -285,14 +286,13 @@ void ClientHelloReader::FieldDone() {
       kind_ = Kind::kName;
       field_ = Field::kName;
       left_ = len;
-      sni_.clear();
       return;
     }
     case Field::kNameSkip:
       NextName();
       return;
     case Field::kName:
-      if (sni_.front() == '.' || sni_.back() == '.') {
+      if (name_.front() == '.' || name_.back() == '.') {
         Fail(Verdict::kMalformed, "server name is not a DNS name");
         return;
       }

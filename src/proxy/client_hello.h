@@ -106,7 +106,8 @@ class ClientHelloReader {
 
   Verdict verdict_ = Verdict::kNeedMore;
   const char* error_ = nullptr;
-  std::string sni_;
+  std::string sni_;   // set only with the verdict kSni
+  std::string name_;  // the server name being read, or read before the hello ended
   uint64_t steps_ = 0;
 
   // Record layer.

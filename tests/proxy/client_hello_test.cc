@@ -293,6 +293,18 @@ TEST(ClientHelloReaderTest, TheVerdictIsFinalAndNothingMoreIsExamined) {
   EXPECT_EQ(reader.error(), nullptr);
 }
 
+// A name read before the hello ends is no verdict yet: the rest may still break the hello.
+TEST(ClientHelloReaderTest, TheNameIsReportedOnlyWithTheVerdict) {
+  std::string hello = CaptureClientHello("late.localhost");
+  ClientHelloReader reader;
+  for (size_t i = 0; i + 1 < hello.size(); ++i) {
+    ASSERT_EQ(reader.Feed(std::string_view(hello).substr(i, 1)), Verdict::kNeedMore);
+    ASSERT_TRUE(reader.sni().empty()) << "after " << i + 1 << " bytes";
+  }
+  EXPECT_EQ(reader.Feed(std::string_view(hello).substr(hello.size() - 1)), Verdict::kSni);
+  EXPECT_EQ(reader.sni(), "late.localhost");
+}
+
 // However the input is split, the reader says what it says of the whole: real hellos, records
 // of every size, and damaged copies.
 TEST(ClientHelloReaderTest, SplittingTheInputNeverChangesTheVerdict) {
