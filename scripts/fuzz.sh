@@ -2,7 +2,7 @@
 # Fuzzes one parser with libFuzzer, ASan and UBSan (clang, in build-fuzz/):
 #
 #   scripts/fuzz.sh TARGET [SECONDS]    # default 60 s; TARGET one of the list below
-#   scripts/fuzz.sh TARGET --merge      # add what the runs found that covers new code to
+#   scripts/fuzz.sh TARGET --merge      # add what the runs found that reaches new code to
 #                                       # fuzz/corpus/TARGET (then review and commit it)
 #
 # Targets: address client_hello config control_request preamble snapshot (fuzz/fuzz_*.cc).
@@ -15,10 +15,13 @@ cd "$(dirname "$0")/.."
 targets=(address client_hello config control_request preamble snapshot)
 target="${1:-}"
 arg="${2:-60}"
-if [[ ! " ${targets[*]} " =~ " ${target} " ]] || [[ -z "$target" ]]; then
-  echo "usage: $0 TARGET [SECONDS|--merge]; TARGET: ${targets[*]}" >&2
-  exit 2
-fi
+case " ${targets[*]} " in
+  *" ${target:-none} "*) ;;
+  *)
+    echo "usage: $0 TARGET [SECONDS|--merge]; TARGET: ${targets[*]}" >&2
+    exit 2
+    ;;
+esac
 scripts/deps.sh --fuzz
 if [ ! -f build-fuzz/CMakeCache.txt ]; then
   CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -36,7 +39,8 @@ max_len=4096
 export ASAN_OPTIONS=detect_leaks=1:halt_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 if [ "$arg" = --merge ]; then
-  exec "build-fuzz/fuzz/fuzz_$target" -merge=1 -max_len="$max_len" "$seeds" "$found"
+  # Only inputs that reach new edges (not merely new hit counts), smallest first.
+  exec "build-fuzz/fuzz/fuzz_$target" -merge=1 -use_counters=0 -max_len="$max_len" "$seeds" "$found"
 fi
 exec "build-fuzz/fuzz/fuzz_$target" "$found" "$seeds" -max_total_time="$arg" \
   -max_len="$max_len" -print_final_stats=1 -artifact_prefix="build-fuzz/artifacts/$target/"
