@@ -15,7 +15,7 @@
 // The parser is incremental: ClientHelloReader keeps its place in the record layer and in the
 // handshake message between reads, so every byte received is examined once (a few steps at
 // most), however finely the client splits its records and segments. Re-parsing the whole buffer
-// on every read would cost O(n^2): 16 KiB in 1-byte records, read one at a time, is millions of
+// on every read would cost O(n^2): 16 KiB in 1-byte records, read one at a time, is over 10^8
 // steps of the single loop's time for one unauthenticated connection. It keeps no copy of the
 // bytes (the caller keeps them, to carry them forward), only the server name being read.
 //
