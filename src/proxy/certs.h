@@ -108,9 +108,11 @@ struct KeyAndCert {
 class CertificateAuthority {
  public:
   // Loads the CA from `cert_path` and `key_path`, or, when neither file exists, creates a new
-  // CA and writes it there (key 0600 first, then the certificate 0644; each written to a new
-  // temp file and renamed into place). One file without the other, an unreadable or
-  // mismatched pair, or a certificate that is not a CA is an error naming the file.
+  // CA and writes it there (key 0600 first, followed by a copy of the certificate, then the
+  // certificate 0644; each written to a new temp file and renamed into place). A key file
+  // without its certificate file (a crash between the two) gets the certificate back from that
+  // copy. Otherwise one file without the other, an unreadable or mismatched pair, or a
+  // certificate that is not a CA is an error naming the file.
   static Result<std::unique_ptr<CertificateAuthority>> LoadOrCreate(const std::string& cert_path,
                                                                     const std::string& key_path);
   // An in-memory CA (tests).
