@@ -186,6 +186,7 @@ class Daemon {
     drain_timer_.reset();
     store_.reset();
     if (!loop_) return Status::OK();
+    WaitForResolves();
     Status s = loop_->Close();
     if (s.ok()) loop_.reset();
     return s;
@@ -279,6 +280,20 @@ class Daemon {
     drain_timer_->Start(10, [this] { WaitForStore(); });
   }
 
+  // A name look-up on the pool (DNS that does not answer) keeps the loop from closing until
+  // getaddrinfo gives up, which the resolver's own timeouts bound; this wait is bounded too.
+  void WaitForResolves() {
+    if (loop::ResolvesOnPool() == 0) return;
+    LOG_INFO("waiting for %d DNS look-up(s) to return", loop::ResolvesOnPool());
+    auto timer = loop::Timer::Create(*loop_);
+    if (!timer.ok()) return;
+    bool expired = false;
+    (*timer)->Start(kResolveDrainMs, [&expired] { expired = true; });
+    while (loop::ResolvesOnPool() > 0 && !expired) loop_->Run(UV_RUN_ONCE);
+  }
+
+  static constexpr uint64_t kResolveDrainMs = 30000;
+
   Config config_;
   std::unique_ptr<loop::Loop> loop_;
   std::unique_ptr<registry::Registry> registry_;
@@ -300,6 +315,8 @@ class Daemon {
 
 Status RunDaemon(const Config& config) {
   SetLogLevel(config.log_level);
+  // Before anything uses the pool: DNS look-ups must never take every thread from disk writes.
+  loop::ReserveThreadPool();
   Daemon daemon(config);
   Status s = daemon.Start();
   if (s.ok()) daemon.Run();

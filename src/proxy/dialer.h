@@ -1,7 +1,8 @@
 // Dialer: a non-blocking TCP connect to host:port, trying each resolved address in turn.
 //
-// Names are resolved on the thread pool (loop/work.h) through a small cache shared by all
-// dials (ResolveCache), so a busy job does not cost one getaddrinfo per connection; a numeric
+// Names are resolved on the thread pool (loop/work.h: bounded in time and in look-ups at once)
+// through a small cache shared by all dials (ResolveCache), so a busy job does not cost one
+// getaddrinfo per connection, nor does a name that fails; a numeric
 // address is connected to at once, inside Dial(). The socket is registered in the Reactor
 // from the start and handed over as the IoHandle that owns it, with what the reactor learnt
 // of its readiness (a backend that speaks first, like sshd, may already be readable).
@@ -32,7 +33,12 @@ class ResolveCache {
   using Addresses = std::vector<sockaddr_storage>;
   using Callback = std::function<void(Result<Addresses>)>;
 
-  // Answers are kept `ttl_ms`; failures are not cached.
+  // Failures (a name that does not exist, DNS that does not answer) are kept this long, or
+  // `ttl_ms` if shorter: a job whose backend name does not resolve costs one look-up per period,
+  // not one per connection, however many clients knock.
+  static constexpr int64_t kNegativeTtlMs = 5000;
+
+  // Answers are kept `ttl_ms`.
   ResolveCache(loop::Loop* loop, int64_t ttl_ms) : loop_(loop), ttl_ms_(ttl_ms) {}
 
   // As loop::Resolve, served from the cache when fresh.
@@ -40,7 +46,7 @@ class ResolveCache {
 
  private:
   struct Entry {
-    Addresses addresses;  // with port 0
+    Result<Addresses> addresses = Addresses{};  // with port 0, or the failure
     uint64_t expires_ms = 0;
   };
   loop::Loop* loop_;
