@@ -84,8 +84,8 @@ const std::vector<Entry>& Entries() {
       {{"registry", "ready_timeout", T::kDuration, "2m",
         "How long `save --wait` and exec mode wait for the job's service to start listening "
         "before giving up. 0 means wait without a limit. Two minutes covers services that are "
-        "slow to start, such as notebook servers.",
-        nullptr, kNo},
+        "slow to start, such as notebook servers. At most 24h.",
+        nullptr, kNo, 0, 86400},
        &Config::ready_timeout_ms},
       // [proxy]
       {{"proxy", "listen", T::kHostPortList, "127.0.0.1:7000",
@@ -136,8 +136,9 @@ const std::vector<Entry>& Entries() {
         "TCP keepalive idle time on client and backend connections, in whole seconds: the "
         "kernel probes a peer that has been silent this long, so dead peers are found even "
         "when idle_timeout is 0; the probes' interval and count stay the kernel's "
-        "(net.ipv4.tcp_keepalive_intvl and tcp_keepalive_probes). 0 turns keepalive off.",
-        nullptr, kNo},
+        "(net.ipv4.tcp_keepalive_intvl and tcp_keepalive_probes). 0 turns keepalive off; at "
+        "most 32767s (the kernel's limit).",
+        nullptr, kNo, 0, 32767},
        &Config::keepalive_ms},
       {{"proxy", "throttle_failures", T::kInt, "10",
         "Failed handshakes (unknown job, wrong secret, malformed preamble) allowed from one "
@@ -318,6 +319,10 @@ Status Assign(const Entry& entry, std::string_view value, bool append, Config* c
         } else if constexpr (std::is_same_v<M, int64_t>) {
           Result<int64_t> ms = ParseDuration(value);
           if (!ms.ok()) return ms.status();
+          if (spec.max > 0 && *ms > int64_t{spec.max} * 1000) {
+            return Bad(Quote(value) + " is longer than the maximum of " +
+                       FormatDuration(int64_t{spec.max} * 1000));
+          }
           field = *ms;
         } else if constexpr (std::is_same_v<M, LogLevel>) {
           std::optional<LogLevel> level = ParseLogLevel(value);

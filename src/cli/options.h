@@ -95,8 +95,8 @@ struct OptionSpec {
   const char* help;          // one or more sentences for the example file and --help
   const char* flag;          // e.g. "--listen", or nullptr
   FlagScope scope;
-  int min = 0;  // kInt bounds
-  int max = 0;
+  int min = 0;       // kInt bounds
+  int max = 0;       // kInt; kDuration: in seconds, if not 0 (every duration is capped anyway)
   int multiple = 1;  // kInt: the value must be a multiple of this (secret_bits: 8)
 };
 

@@ -253,6 +253,16 @@ TEST(SnapshotTest, HandWrittenJobDecodes) {
   EXPECT_TRUE(decoded.ok()) << decoded.status().ToString();
 }
 
+// cJSON would end a string at \u0000 and silently drop the rest.
+TEST(SnapshotTest, EscapedNulInAStringIsCorruption) {
+  Result<std::vector<Job>> decoded =
+      DecodeSnapshot(Seal("[" + JobJson({{"host", "\"node1\\u0000.evil\""}}) + "]"));
+  ASSERT_FALSE(decoded.ok());
+  EXPECT_EQ(decoded.status().code(), Status::Code::kCorruption);
+  EXPECT_NE(decoded.status().message().find("NUL"), std::string::npos)
+      << decoded.status().ToString();
+}
+
 TEST(SnapshotTest, FormatIsChecked) {
   const std::string jobs = "[" + JobJson() + "]";
   EXPECT_NE(CorruptionMessage(Seal(jobs, "2")).find("format 2 is newer"), std::string::npos);
