@@ -51,7 +51,9 @@ const std::vector<Entry>& Entries() {
       {{"broker", "control_socket", T::kPath, "",
         "Unix socket on which the daemon takes control requests (save, load, query, ...) from "
         "the other subcommands on this host. Empty means <state_dir>/control.sock. The path "
-        "must be shorter than 108 bytes, a limit of Unix sockets.",
+        "must be shorter than 108 bytes, a limit of Unix sockets. Its directory, like "
+        "state_dir, must belong to the daemon's user or root and be writable by no one else; "
+        "clients talk only to a daemon running as root or as the owner of that directory.",
         "--socket", FlagScope::kAll},
        &Config::control_socket},
       {{"broker", "log_level", T::kLogLevel, "info",
@@ -60,6 +62,12 @@ const std::vector<Entry>& Entries() {
         "handshake. Secrets are never logged at any level.",
         "--log-level", FlagScope::kAll},
        &Config::log_level},
+      {{"broker", "core_dumps", T::kInt, "0",
+        "1 lets the daemon dump core (for debugging). By default it does not, and no other "
+        "process of its user may attach to it or read its memory: a core or a debugger would "
+        "show the CA key and every job's secret.",
+        nullptr, kNo, 0, 1},
+       &Config::core_dumps},
       // [registry]
       {{"registry", "port_range", T::kPortRange, "28000-28999",
         "Inclusive range of TCP ports (A-B) handed out to jobs saved without --port; the job's "

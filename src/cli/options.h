@@ -35,6 +35,7 @@ struct Config {
                                // ${XDG_STATE_HOME:-~/.local/state}/brokerproxy
   std::string control_socket;  // default: <state_dir>/control.sock
   LogLevel log_level = LogLevel::kInfo;
+  int core_dumps = 0;  // 1: leave the process dumpable (debugging)
 
   // [registry]
   registry::PortRange port_range;     // 28000-28999

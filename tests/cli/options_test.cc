@@ -64,6 +64,7 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
   std::vector<std::string> expected = {"broker.state_dir",
                                        "broker.control_socket",
                                        "broker.log_level",
+                                       "broker.core_dumps",
                                        "registry.port_range",
                                        "registry.secret_bits",
                                        "registry.default_ttl",

@@ -1,8 +1,11 @@
-// Defences against other users of the login node, end to end: slow DNS.
+// Defences against other users of the login node, end to end: slow DNS, planted symlinks,
+// loose directory modes, a fake control socket, core dumps, hostile input.
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -160,6 +163,195 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
     EXPECT_LT(reply_ms[c], 12000) << "client " << c;
   }
   EXPECT_EQ(d.Stop(), 0);
+}
+
+// The daemon refuses a state or socket directory that another user could write to (plant a
+// symlink where it writes, replace the registry or the socket), or that belongs to another user.
+TEST(HardenTest, StateAndSocketDirectoriesMustBePrivate) {
+  auto bob = TestUser("bp-bob");
+  if (!bob) GTEST_SKIP() << "no test users";
+  TempDir dir;
+  const std::string state = dir / "state";
+  ASSERT_EQ(::mkdir(state.c_str(), 0700), 0);
+
+  {
+    ASSERT_EQ(::chmod(state.c_str(), 0777), 0);
+    Daemon d(dir);
+    EXPECT_FALSE(d.Start());
+    EXPECT_NE(d.Log().find(state + " is writable by other users (mode 777)"), std::string::npos)
+        << d.Log();
+  }
+  {
+    ASSERT_EQ(::chmod(state.c_str(), 0770), 0);
+    Daemon d(dir);
+    EXPECT_FALSE(d.Start());
+    EXPECT_NE(d.Log().find("(mode 770)"), std::string::npos) << d.Log();
+  }
+  {
+    ASSERT_EQ(::chmod(state.c_str(), 0700), 0);
+    ASSERT_EQ(::chown(state.c_str(), *bob, PrimaryGid(*bob)), 0);
+    Daemon d(dir);
+    EXPECT_FALSE(d.Start());
+    EXPECT_NE(d.Log().find(state + " belongs to uid " + std::to_string(*bob)), std::string::npos)
+        << d.Log();
+    ASSERT_EQ(::chown(state.c_str(), 0, 0), 0);
+  }
+  {
+    // The socket's own directory.
+    const std::string sockets = dir / "sockets";
+    ASSERT_EQ(::mkdir(sockets.c_str(), 0755), 0);
+    ASSERT_EQ(::chmod(sockets.c_str(), 0757), 0);
+    Daemon d(dir, "", "");
+    WriteFile(d.config_path(), "[broker]\nstate_dir = " + state + "\ncontrol_socket = " + sockets +
+                                   "/control.sock\n[proxy]\nlisten = 127.0.0.1:0\n");
+    EXPECT_FALSE(d.Start());
+    EXPECT_NE(d.Log().find("the control socket's directory " + sockets +
+                           " is writable by other users (mode 757)"),
+              std::string::npos)
+        << d.Log();
+  }
+  // Private again: it starts.
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start());
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// Another user serving a socket where clients look for the daemon gets nothing from them: the
+// client checks who serves it before it sends a request (which may carry a secret).
+TEST(HardenTest, ClientRefusesAControlSocketServedByAnotherUser) {
+  auto alice = TestUser("bp-alice");
+  auto bob = TestUser("bp-bob");
+  if (!alice || !bob || !CanRunAs(*bob)) GTEST_SKIP() << "no test users";
+  TempDir dir;
+  // A directory everybody may create names in, like /tmp.
+  const std::string pub = dir / "pub";
+  ASSERT_EQ(::mkdir(pub.c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(pub.c_str(), 01777), 0);
+  const std::string sock = pub + "/control.sock";
+  const std::string got = pub + "/got";
+  RunOptions as_bob;
+  as_bob.uid = *bob;
+  // Bob's stand-in answers every request as the daemon would, and keeps what it was sent.
+  auto fake = Child::Spawn({"socat", "UNIX-LISTEN:" + sock + ",fork,mode=0666",
+                            "SYSTEM:head -c 4096 >>" + got + " & echo '{\"ok\":true,\"jobs\":[]}'"},
+                           dir / "socat.log", as_bob);
+  ASSERT_TRUE(fake);
+  auto deadline = Clock::now() + std::chrono::seconds(10);
+  struct stat st {};
+  while (::stat(sock.c_str(), &st) != 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(::stat(sock.c_str(), &st), 0) << fake->Output();
+
+  Daemon d(dir);  // not started: only its config is used
+  RunOptions as_alice;
+  as_alice.uid = *alice;
+  RunResult query = d.Cli({"query", "--json", "--socket", sock}, as_alice);
+  EXPECT_EQ(query.exit_code, 4) << query;
+  EXPECT_NE((query.out + query.err)
+                .find("is served by uid " + std::to_string(*bob) +
+                      ", which is neither root nor the owner of " + pub),
+            std::string::npos)
+      << query;
+  RunOptions secret_as_alice = as_alice;
+  secret_as_alice.stdin_data = "topsecret\n";
+  RunResult verify = d.Cli({"verify", "4242", "-", "--socket", sock}, secret_as_alice);
+  EXPECT_EQ(verify.exit_code, 4) << verify;
+  fake->Stop(SIGKILL);
+  EXPECT_EQ(ReadFile(got).find("topsecret"), std::string::npos) << "the secret reached bob";
+}
+
+// The control socket is made 0666 by bind() itself; a chmod() by name afterwards would follow a
+// symlink that replaced it in between (as root: any file on the system).
+TEST(HardenTest, ControlSocketModeComesFromBindNotChmod) {
+  TempDir dir;
+  Daemon d(dir);
+  const std::string trace = dir / "strace.out";
+  d.set_launcher({"strace", "-f", "-qq", "-e", "trace=chmod,fchmodat", "-o", trace});
+  ASSERT_TRUE(d.Start());
+  struct stat st {};
+  ASSERT_EQ(::stat(d.socket_path().c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0666u);
+  EXPECT_EQ(ReadFile(trace).find("control.sock"), std::string::npos) << ReadFile(trace);
+  // Stop the daemon itself (strace's child); strace then exits with it.
+  std::string children = ReadFile("/proc/" + std::to_string(d.pid()) + "/task/" +
+                                  std::to_string(d.pid()) + "/children");
+  ASSERT_FALSE(children.empty());
+  const std::string daemon_proc = "/proc/" + std::to_string(std::stoi(children));
+  ASSERT_EQ(::kill(std::stoi(children), SIGTERM), 0);
+  struct stat gone {};
+  auto deadline = Clock::now() + std::chrono::seconds(20);
+  while (::stat(daemon_proc.c_str(), &gone) == 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_NE(::stat(daemon_proc.c_str(), &gone), 0) << "the daemon did not stop";
+  d.Stop();
+}
+
+// The daemon holds the CA key and every secret: no core dump, and no other process of its user
+// may read its memory, unless [broker] core_dumps asks for it.
+TEST(HardenTest, NoCoreDumpsByDefault) {
+  auto bob = TestUser("bp-bob");
+  if (!bob || !CanRunAs(*bob)) GTEST_SKIP() << "no test users";
+  for (bool allow : {false, true}) {
+    TempDir dir;
+    ASSERT_EQ(::chown(dir.path().c_str(), *bob, PrimaryGid(*bob)), 0);
+    Daemon d(dir, allow ? "[broker]\ncore_dumps = 1\n" : "");
+    // Bob's own daemon: not root, so /proc shows whether it is dumpable.
+    d.set_launcher({"setpriv", "--reuid=" + std::to_string(*bob),
+                    "--regid=" + std::to_string(PrimaryGid(*bob)), "--clear-groups", "--"});
+    ASSERT_TRUE(d.Start()) << (allow ? "core_dumps = 1" : "default");
+    std::string proc = "/proc/" + std::to_string(d.pid());
+    struct stat st {};
+    // (The /proc/<pid> directory itself always shows the process's user; its files do not.)
+    ASSERT_EQ(::stat((proc + "/environ").c_str(), &st), 0);
+    std::string limits = ReadFile(proc + "/limits");
+    size_t at = limits.find("Max core file size");
+    ASSERT_NE(at, std::string::npos);
+    std::string core = limits.substr(at, limits.find('\n', at) - at);
+    if (!allow) {
+      // A process that is not dumpable has its /proc files owned by root.
+      EXPECT_EQ(st.st_uid, 0u) << "the daemon is dumpable";
+      EXPECT_NE(core.find(" 0  "), std::string::npos) << core;
+    } else {
+      EXPECT_EQ(st.st_uid, *bob);
+    }
+    // Bob's client talks to bob's own daemon (it owns the socket's directory).
+    RunOptions as_bob;
+    as_bob.uid = *bob;
+    RunResult q = d.Cli({"query"}, as_bob);
+    EXPECT_EQ(q.exit_code, 0) << q;
+    EXPECT_EQ(d.Stop(), 0);
+  }
+}
+
+// Durations near INT64_MAX overflowed where they were used (UBSan); each is refused clearly.
+TEST(HardenTest, HugeDurationsAreRefused) {
+  TempDir dir;
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start());
+  for (const char* ttl : {"9223372036854775807ms", "9223372036854775s", "3651d"}) {
+    RunResult r = d.Cli({"save", "ssh", "--job-id", "1", "--port", "5000", "--ttl", ttl});
+    EXPECT_EQ(r.exit_code, 2) << r;
+    EXPECT_NE(r.err.find("at most 3650d"), std::string::npos) << r;
+  }
+  RunResult wait = d.Cli({"save", "ssh", "--job-id", "1", "--port", "5000", "--wait",
+                          "--wait-timeout", "9223372036854775807ms"});
+  EXPECT_EQ(wait.exit_code, 2) << wait;
+  wait =
+      d.Cli({"save", "ssh", "--job-id", "1", "--port", "5000", "--wait", "--wait-timeout", "25h"});
+  EXPECT_EQ(wait.exit_code, 2) << wait;
+  EXPECT_NE(wait.err.find("maximum of 1d"), std::string::npos) << wait;
+  EXPECT_EQ(d.Cli({"query", "--json"}).out.find("\"id\":\"1\""), std::string::npos);
+  d.Stop();
+  for (const char* keepalive : {"9223372036854775807ms", "32768s"}) {
+    RunOptions bounded;
+    bounded.timeout_ms = 10000;
+    RunResult run = d.Cli({"run", "--set", std::string("proxy.keepalive=") + keepalive}, bounded);
+    EXPECT_EQ(run.exit_code, 2) << run;
+    EXPECT_FALSE(run.timed_out) << "the daemon started with keepalive " << keepalive;
+  }
 }
 
 }  // namespace
