@@ -85,7 +85,9 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
       std::string csr = req.csr;
       cert_jobs_[key] = cert_issuer_(
           draft, csr,
-          [this, key, req = std::move(req), caller, reply](Result<IssuedCert> cert) mutable {
+          [this, alive = std::weak_ptr<bool>(alive_), key, req = std::move(req), caller,
+           reply](Result<IssuedCert> cert) mutable {
+            if (alive.expired()) return;  // signing reports even after the broker went
             cert_jobs_.erase(key);
             if (!cert.ok()) {
               reply(EncodeError(cert.status().WithContext("cannot issue a certificate")));

@@ -69,7 +69,8 @@ class DnsBlackhole {
 };
 
 // Jobs whose backend names never resolve (DNS does not answer) are dialled by many clients at
-// once; meanwhile another user's saves stay fast (registry writes share the thread pool with
+// once, and ssl jobs with such names saved (a certificate names the host's addresses);
+// meanwhile another user's saves stay fast (registry writes share the thread pool with
 // look-ups) and a job with a numeric backend is still reached. The daemon runs in a private
 // mount namespace whose /etc/resolv.conf names the blackhole.
 TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
@@ -124,6 +125,22 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
       ::close(fd);
     });
   }
+  // And ssl saves of jobs with such names: their certificates name the host's addresses.
+  const std::string cert_dir = dir / "alice-certs";
+  ASSERT_EQ(::mkdir(cert_dir.c_str(), 0700), 0);
+  ASSERT_EQ(::chown(cert_dir.c_str(), *alice, PrimaryGid(*alice)), 0);
+  std::vector<RunResult> ssl_saves(kNames);
+  std::vector<int64_t> ssl_save_ms(kNames, -1);
+  for (int i = 0; i < kNames; ++i) {
+    clients.emplace_back([&, i] {
+      auto t0 = Clock::now();
+      ssl_saves[i] =
+          d.Cli({"save", "ssl", "--job-id", "ssl" + std::to_string(i), "--host",
+                 "nxs" + std::to_string(i) + ".invalid", "--port", "5000", "--cert-dir", cert_dir},
+                as_alice);
+      ssl_save_ms[i] = MsSince(t0);
+    });
+  }
   // The look-ups are under way once the blackhole hears them.
   auto deadline = Clock::now() + std::chrono::seconds(10);
   while (dns.queries() < 4 && Clock::now() < deadline) {
@@ -155,6 +172,13 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   EXPECT_LT(MsSince(t0), 4000);
 
   for (auto& t : clients) t.join();
+  // Each ssl save succeeds, its certificate without addresses for a name that did not resolve.
+  // The look-up gives up after 5 s, well before the resolver would (10 s, one at a time for
+  // each pool thread DNS may use).
+  for (int i = 0; i < kNames; ++i) {
+    EXPECT_EQ(ssl_saves[i].exit_code, 0) << ssl_saves[i];
+    EXPECT_LT(ssl_save_ms[i], 9000) << "ssl save " << i;
+  }
   for (int c = 0; c < 2 * kNames; ++c) {
     // A clear answer, bounded by the resolver's timeout (5 s) plus a margin for the ASan build.
     EXPECT_TRUE(replies[c] == "ERR unavailable" || replies[c] == "ERR timeout")
