@@ -2,7 +2,6 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
-#include <netdb.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
@@ -321,30 +320,6 @@ LeafProfile JobLeafProfile(const std::string& job_id, const std::string& domain,
   }
   for (const std::string& a : host_addresses) add_ip(a);
   return p;
-}
-
-std::vector<std::string> ResolveHostAddresses(const std::string& host) {
-  std::vector<std::string> out;
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  if (getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0) return out;
-  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
-    char text[INET6_ADDRSTRLEN] = "";
-    if (ai->ai_family == AF_INET) {
-      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(ai->ai_addr)->sin_addr, text,
-                sizeof(text));
-    } else if (ai->ai_family == AF_INET6) {
-      inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(ai->ai_addr)->sin6_addr, text,
-                sizeof(text));
-    } else {
-      continue;
-    }
-    if (std::find(out.begin(), out.end(), text) == out.end()) out.push_back(text);
-  }
-  freeaddrinfo(res);
-  return out;
 }
 
 // ---- the CA ----

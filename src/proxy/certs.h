@@ -24,9 +24,11 @@
 // accepts a proxy certificate only if its OU is kProxyCertUnit, which the daemon never puts
 // into a job certificate (IsProxyCertificate).
 //
-// Everything here blocks (key generation, signing, files, DNS): the daemon runs it on the
-// thread pool (loop::QueueWork), never on the loop thread. A CertificateAuthority is immutable
-// after loading and may be used from several pool threads at once.
+// Everything here blocks (key generation, signing, files): the daemon runs it on the thread
+// pool (loop::QueueWork), never on the loop thread. Nothing here resolves names: a blocking
+// look-up would hold a pool thread as long as DNS takes, so callers resolve through the loop's
+// bounded resolver (loop/work.h) first. A CertificateAuthority is immutable after loading and
+// may be used from several pool threads at once.
 
 #ifndef BROKERPROXY_PROXY_CERTS_H_
 #define BROKERPROXY_PROXY_CERTS_H_
@@ -95,10 +97,6 @@ bool IsGlobalAddress(std::string_view text);
 LeafProfile JobLeafProfile(const std::string& job_id, const std::string& domain,
                            const std::string& host, const std::vector<std::string>& host_addresses,
                            int days);
-
-// The addresses `host` resolves to (blocking getaddrinfo), textual; a literal gives itself;
-// empty when resolution fails (the certificate then just has fewer names).
-std::vector<std::string> ResolveHostAddresses(const std::string& host);
 
 struct KeyAndCert {
   std::string key_pem;
