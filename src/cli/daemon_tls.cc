@@ -212,7 +212,8 @@ registry::Broker::CertIssuer MakeCertIssuer(loop::Loop* loop,
             }
           }
           SignOnPool(loop, ca, domain, days, csr, id, host, std::move(addresses), std::move(done));
-        });
+        },
+        job.owner);
   };
 }
 

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <deque>
 #include <optional>
+#include <unordered_map>
 
 namespace brokerproxy::loop {
 namespace internal {
@@ -115,6 +116,7 @@ struct ResolveState final : PendingState {
   uv_getaddrinfo_t req{};
   uv_timer_t timer{};
   int port = 0;
+  uint64_t group = kNoResolveGroup;
   std::string host;
   ResolveCallback cb;
   bool queued = false;   // waiting for a slot
@@ -131,7 +133,21 @@ struct ResolveState final : PendingState {
 
 // Per loop thread (every loop runs on one thread): look-ups on the pool, and those waiting.
 thread_local int resolves_in_flight = 0;
+thread_local std::unordered_map<uint64_t, int> resolves_of_group;  // on the pool, by group
 thread_local std::deque<ResolveState*> resolves_waiting;
+
+bool MayStart(uint64_t group) {
+  if (resolves_in_flight >= kMaxResolvesInFlight) return false;
+  if (group == kNoResolveGroup) return true;
+  auto it = resolves_of_group.find(group);
+  return it == resolves_of_group.end() || it->second < kMaxResolvesPerGroup;
+}
+
+void CountResolve(uint64_t group, int delta) {
+  resolves_in_flight += delta;
+  if (group == kNoResolveGroup) return;
+  if ((resolves_of_group[group] += delta) == 0) resolves_of_group.erase(group);
+}
 
 void ResolveState::Finish() {
   if (queued) {
@@ -181,7 +197,7 @@ void OnResolved(uv_getaddrinfo_t* r, int status, addrinfo* res) noexcept {
   auto* st = static_cast<ResolveState*>(r->data);
   std::unique_ptr<addrinfo, void (*)(addrinfo*)> list(res, uv_freeaddrinfo);
   st->running = false;
-  --resolves_in_flight;
+  CountResolve(st->group, -1);
   // A slot is free: hand it on before answering, whatever the callback does.
   StartWaitingResolves();
   if (st->owner) {
@@ -198,21 +214,25 @@ bool StartResolve(ResolveState* st, Status* error) {
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_ADDRCONFIG;
   st->running = true;
-  ++resolves_in_flight;
+  CountResolve(st->group, +1);
   int rc = uv_getaddrinfo(st->loop->get(), &st->req, OnResolved, st->host.c_str(), nullptr, &hints);
   if (rc != 0) {
     st->running = false;
-    --resolves_in_flight;
+    CountResolve(st->group, -1);
     *error = UvError("cannot resolve " + st->host, rc);
     return false;
   }
   return true;
 }
 
+// The first waiting look-up whose group may start, in order, while slots are free.
 void StartWaitingResolves() {
-  while (resolves_in_flight < kMaxResolvesInFlight && !resolves_waiting.empty()) {
-    ResolveState* st = resolves_waiting.front();
-    resolves_waiting.pop_front();
+  for (;;) {
+    auto it = std::find_if(resolves_waiting.begin(), resolves_waiting.end(),
+                           [](const ResolveState* st) { return MayStart(st->group); });
+    if (it == resolves_waiting.end()) return;
+    ResolveState* st = *it;
+    resolves_waiting.erase(it);
     st->queued = false;
     Status error;
     // Inside a libuv callback, never inside Resolve(): a failure may be answered right here.
@@ -231,7 +251,7 @@ void ReserveThreadPool() {
   ::setenv("UV_THREADPOOL_SIZE", std::to_string(kWant).c_str(), 1);
 }
 
-Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback cb) {
+Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback cb, uint64_t group) {
   if (auto numeric = ParseNumericAddress(host, port)) {
     return Post(loop,
                 [cb = std::move(cb), addr = *numeric] { cb(std::vector<sockaddr_storage>{addr}); });
@@ -241,6 +261,7 @@ Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback c
   st->req.data = st;
   st->timer.data = st;
   st->port = port;
+  st->group = group;
   st->host = host;
   st->cb = std::move(cb);
   int rc = uv_timer_init(loop.get(), &st->timer);
@@ -259,7 +280,7 @@ Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback c
       },
       kResolveTimeoutMs, 0);
   Pending token(st);
-  if (resolves_in_flight >= kMaxResolvesInFlight) {
+  if (!MayStart(group)) {
     st->queued = true;
     resolves_waiting.push_back(st);
     return token;

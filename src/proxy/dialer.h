@@ -41,8 +41,9 @@ class ResolveCache {
   // Answers are kept `ttl_ms`.
   ResolveCache(loop::Loop* loop, int64_t ttl_ms) : loop_(loop), ttl_ms_(ttl_ms) {}
 
-  // As loop::Resolve, served from the cache when fresh.
-  loop::Pending Resolve(const std::string& host, int port, Callback cb);
+  // As loop::Resolve (`group` too), served from the cache when fresh.
+  loop::Pending Resolve(const std::string& host, int port, Callback cb,
+                        uint64_t group = loop::kNoResolveGroup);
 
  private:
   struct Entry {
@@ -62,6 +63,10 @@ class Dialer {
   Dialer(const Dialer&) = delete;
   Dialer& operator=(const Dialer&) = delete;
 
+  // The look-up group of the name resolution (loop::Resolve), e.g. the uid owning the job.
+  // Before Dial().
+  void set_resolve_group(uint64_t group) { resolve_group_ = group; }
+
   // REQUIRES: called once. With `may_complete_inline`, a connection to a loopback address that
   // the kernel established inside connect() (it completes loopback handshakes in the call) is
   // reported from inside Dial(), as its last action, sparing a loop turn: then the caller must
@@ -79,6 +84,7 @@ class Dialer {
 
   loop::Reactor* reactor_;
   ResolveCache* cache_;
+  uint64_t resolve_group_ = loop::kNoResolveGroup;
   Callback cb_;
   std::string target_;     // "host:port", for messages
   loop::Pending pending_;  // a name being resolved, or a failure being reported

@@ -68,11 +68,12 @@ class DnsBlackhole {
   std::thread thread_;
 };
 
-// Jobs whose backend names never resolve (DNS does not answer) are dialled by many clients at
-// once, and ssl jobs with such names saved (a certificate names the host's addresses);
-// meanwhile another user's saves stay fast (registry writes share the thread pool with
-// look-ups) and a job with a numeric backend is still reached. The daemon runs in a private
-// mount namespace whose /etc/resolv.conf names the blackhole.
+// One user's jobs whose backend names never resolve (DNS does not answer) are dialled by many
+// clients at once, and ssl jobs with such names saved (a certificate names the host's
+// addresses). Meanwhile another user's saves stay fast (registry writes share the thread pool
+// with look-ups), that user's job behind a name from /etc/hosts is reached at once (one user's
+// look-ups hold at most a share of the slots), and a numeric backend is reached. The daemon
+// runs in a private mount namespace whose /etc/resolv.conf names the blackhole.
 TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   if (RunCommand({"unshare", "-m", "true"}).exit_code != 0) {
     GTEST_SKIP() << "unshare -m is not permitted here";
@@ -107,6 +108,12 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   }
   std::string numeric_secret = d.SaveJob("numeric", backend.port(), "ssh", as_alice);
   ASSERT_FALSE(numeric_secret.empty());
+  // Bob's job behind a name that resolves without DNS (/etc/hosts).
+  RunResult named = d.Cli({"save", "ssh", "--job-id", "bobnamed", "--host", "localhost", "--port",
+                           std::to_string(backend.port()), "--json"},
+                          as_bob);
+  ASSERT_EQ(named.exit_code, 0) << named;
+  std::string named_secret = JsonText(ParseOut(named).get(), {"job", "secret"});
 
   // Every name dialled at once, each by two clients.
   std::vector<std::thread> clients;
@@ -170,6 +177,16 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   EXPECT_EQ(ReadLine(fd).value_or("(closed)"), "ping");
   ::close(fd);
   EXPECT_LT(MsSince(t0), 4000);
+
+  // Bob's named backend too: Alice's names hold at most her share of the look-ups.
+  t0 = Clock::now();
+  fd = ConnectTcp(d.proxy_port());
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "BROKER1 bobnamed " + named_secret + "\necho\nping\n"));
+  EXPECT_EQ(ReadLine(fd).value_or("(closed)"), "OK");
+  EXPECT_EQ(ReadLine(fd).value_or("(closed)"), "ping");
+  ::close(fd);
+  EXPECT_LT(MsSince(t0), 4000) << "another user's names held every look-up";
 
   for (auto& t : clients) t.join();
   // Each ssl save succeeds, its certificate without addresses for a name that did not resolve.
