@@ -302,6 +302,10 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   if (!args.ttl.empty()) {
     auto ttl = ParseDuration(args.ttl);
     if (!ttl.ok()) return ttl.status().WithContext("--ttl");
+    if (*ttl > registry::kMaxTtlSeconds * 1000) {
+      return Status::InvalidArgument("--ttl: " + args.ttl + " is longer than the maximum of " +
+                                     FormatDuration(registry::kMaxTtlSeconds * 1000));
+    }
     req.save.ttl = (*ttl + 999) / 1000;
   }
   bool exec_mode = !args.command.empty();
@@ -311,6 +315,11 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   if (!args.wait_timeout.empty()) {
     auto t = ParseDuration(args.wait_timeout);
     if (!t.ok()) return t.status().WithContext("--wait-timeout");
+    if (*t > registry::kMaxWaitMs) {
+      return Status::InvalidArgument("--wait-timeout: " + args.wait_timeout +
+                                     " is longer than the maximum of " +
+                                     FormatDuration(registry::kMaxWaitMs));
+    }
     wait_ms = *t;
   }
 

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -70,6 +71,32 @@ Result<std::string> ExchangeLine(int fd, const std::string& line, int64_t deadli
   }
 }
 
+namespace {
+
+// Whoever can create the socket's name could serve a daemon of their own on it, answering with
+// a secret and a port of their choosing. The daemon runs as root or as the user who owns the
+// directory holding its socket (a user's own daemon under ~/.local/state), so the server must
+// be one of those two, as SO_PEERCRED says (the credentials it had when it called listen()).
+Status CheckServer(int fd, const std::string& path) {
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    return PosixError("cannot tell who serves " + path, errno);
+  }
+  if (cred.uid == 0) return Status::OK();
+  size_t slash = path.rfind('/');
+  std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) return PosixError("cannot stat " + dir, errno);
+  if (cred.uid == st.st_uid) return Status::OK();
+  return Status::PermissionDenied("the control socket " + path + " is served by uid " +
+                                  std::to_string(cred.uid) +
+                                  ", which is neither root nor the owner of " + dir + " (uid " +
+                                  std::to_string(st.st_uid) + "); not sending anything to it");
+}
+
+}  // namespace
+
 Result<registry::JsonPtr> LocalClient::Call(const registry::Request& request, int64_t timeout_ms) {
   int64_t deadline = MonotonicMs() + timeout_ms;
   if (path_.size() >= sizeof(sockaddr_un::sun_path)) {
@@ -97,6 +124,8 @@ Result<registry::JsonPtr> LocalClient::Call(const registry::Request& request, in
     if (err == EAGAIN) return Status::Unavailable("the daemon on " + path_ + " is overloaded");
     return PosixError("connect " + path_, err);
   }
+  // Before a request (it may carry a secret) goes out: is this the daemon?
+  BP_RETURN_IF_ERROR(CheckServer(fd, path_));
   auto reply =
       ExchangeLine(fd, registry::EncodeRequest(request) + "\n", deadline, registry::kMaxReplyBytes);
   if (!reply.ok()) {

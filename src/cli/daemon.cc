@@ -1,12 +1,15 @@
 #include "cli/daemon.h"
 
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <memory>
 #include <vector>
 
@@ -42,6 +45,38 @@ Status MakeDirs(const std::string& path, mode_t mode) {
   if (::stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
     return Status::IOError(path + " is not a directory");
   }
+  return Status::OK();
+}
+
+// A directory the daemon keeps files in (state_dir, the control socket's) must be its own or
+// root's and writable by no one else: whoever can write there can plant a symlink where the
+// daemon writes, or replace the registry or the socket.
+Status CheckPrivateDirectory(const std::string& path, const char* what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return PosixError("cannot stat " + path, errno);
+  const uid_t me = ::geteuid();
+  if (st.st_uid != me && st.st_uid != 0) {
+    return Status::PermissionDenied(std::string(what) + " " + path + " belongs to uid " +
+                                    std::to_string(st.st_uid) + ", not to the daemon's user (uid " +
+                                    std::to_string(me) + ") or root; chown it");
+  }
+  if ((st.st_mode & 022) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%03o", static_cast<unsigned>(st.st_mode & 0777));
+    return Status::PermissionDenied(std::string(what) + " " + path +
+                                    " is writable by other users (mode " + mode +
+                                    "); chmod go-w it");
+  }
+  return Status::OK();
+}
+
+// A core dump, or a debugger attached by another process of the same user, would show the CA
+// key and every secret: neither, unless `core_dumps` asks for it.
+Status HardenProcess(const Config& c) {
+  if (c.core_dumps != 0) return Status::OK();
+  rlimit none{0, 0};
+  if (::setrlimit(RLIMIT_CORE, &none) != 0) return PosixError("setrlimit(RLIMIT_CORE)", errno);
+  if (::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) return PosixError("prctl(PR_SET_DUMPABLE)", errno);
   return Status::OK();
 }
 
@@ -104,8 +139,12 @@ class Daemon {
     RaiseFileLimit(config_.max_connections);
     // The state dir holds the registry and keys (each 0600); others may traverse it to reach
     // the control socket and their own certificate directory, but not list it.
+    BP_RETURN_IF_ERROR(HardenProcess(config_));
     BP_RETURN_IF_ERROR(MakeDirs(config_.state_dir, 0711));
     BP_RETURN_IF_ERROR(MakeDirs(DirName(config_.control_socket), 0755));
+    BP_RETURN_IF_ERROR(CheckPrivateDirectory(config_.state_dir, "[broker] state_dir"));
+    BP_RETURN_IF_ERROR(
+        CheckPrivateDirectory(DirName(config_.control_socket), "the control socket's directory"));
 
     registry::Registry::Options ro;
     ro.ports = config_.port_range;
@@ -186,6 +225,7 @@ class Daemon {
     drain_timer_.reset();
     store_.reset();
     if (!loop_) return Status::OK();
+    WaitForResolves();
     Status s = loop_->Close();
     if (s.ok()) loop_.reset();
     return s;
@@ -279,6 +319,20 @@ class Daemon {
     drain_timer_->Start(10, [this] { WaitForStore(); });
   }
 
+  // A name look-up on the pool (DNS that does not answer) keeps the loop from closing until
+  // getaddrinfo gives up, which the resolver's own timeouts bound; this wait is bounded too.
+  void WaitForResolves() {
+    if (loop::ResolvesOnPool() == 0) return;
+    LOG_INFO("waiting for %d DNS look-up(s) to return", loop::ResolvesOnPool());
+    auto timer = loop::Timer::Create(*loop_);
+    if (!timer.ok()) return;
+    bool expired = false;
+    (*timer)->Start(kResolveDrainMs, [&expired] { expired = true; });
+    while (loop::ResolvesOnPool() > 0 && !expired) loop_->Run(UV_RUN_ONCE);
+  }
+
+  static constexpr uint64_t kResolveDrainMs = 30000;
+
   Config config_;
   std::unique_ptr<loop::Loop> loop_;
   std::unique_ptr<registry::Registry> registry_;
@@ -300,6 +354,8 @@ class Daemon {
 
 Status RunDaemon(const Config& config) {
   SetLogLevel(config.log_level);
+  // Before anything uses the pool: DNS look-ups must never take every thread from disk writes.
+  loop::ReserveThreadPool();
   Daemon daemon(config);
   Status s = daemon.Start();
   if (s.ok()) daemon.Run();

@@ -140,40 +140,80 @@ Result<std::optional<proxy::KeyAndCert>> RenewServerCertIfDue(
   return std::optional<proxy::KeyAndCert>(std::move(server).value());
 }
 
+namespace {
+
+// Signs on the pool and reports to `done` on the loop. The token is kept by the request itself
+// (in its own completion), so the signing always reports; its caller (the Broker) ignores a
+// report that comes after it went.
+void SignOnPool(loop::Loop* loop, std::shared_ptr<const proxy::CertificateAuthority> ca,
+                std::string domain, int days, std::string csr, std::string id, std::string host,
+                std::vector<std::string> addresses,
+                std::function<void(Result<registry::Broker::IssuedCert>)> done) {
+  using Issued = registry::Broker::IssuedCert;
+  // The work function owns copies of everything: it runs to its end whatever happens.
+  auto result = std::make_shared<Result<Issued>>(Status::Internal("not issued"));
+  auto names = std::make_shared<std::vector<std::string>>();
+  auto token = std::make_shared<loop::Pending>();
+  *token = loop::QueueWork(
+      *loop,
+      [ca, domain, days, csr, result, names, id, host, addresses] {
+        proxy::LeafProfile profile = proxy::JobLeafProfile(id, domain, host, addresses, days);
+        auto pem = ca->IssueFromCsr(csr, profile);
+        if (!pem.ok()) {
+          *result = pem.status();
+          return;
+        }
+        for (const auto& d : profile.dns_names) names->push_back("DNS:" + d);
+        for (const auto& a : profile.ip_addresses) names->push_back("IP:" + a);
+        *result = Issued{std::move(pem).value(), ca->cert_pem()};
+      },
+      [token, result, names, id, done = std::move(done)] {
+        if (result->ok()) {
+          std::string list;
+          for (const auto& n : *names) list += (list.empty() ? "" : " ") + n;
+          LOG_INFO("issued a TLS certificate to job %s for %s", id.c_str(), list.c_str());
+        } else {
+          LOG_INFO("refused a certificate to job %s: %s", id.c_str(),
+                   result->status().ToString().c_str());
+        }
+        done(std::move(*result));
+      });
+}
+
+}  // namespace
+
 registry::Broker::CertIssuer MakeCertIssuer(loop::Loop* loop,
                                             std::shared_ptr<const proxy::CertificateAuthority> ca,
                                             std::string domain, int days) {
   return [loop, ca, domain, days](const registry::Job& job, const std::string& csr,
                                   std::function<void(Result<registry::Broker::IssuedCert>)> done) {
-    using Issued = registry::Broker::IssuedCert;
-    // The work function owns copies of everything: a detached job still runs to its end.
-    auto result = std::make_shared<Result<Issued>>(Status::Internal("not issued"));
-    auto names = std::make_shared<std::vector<std::string>>();
-    return loop::QueueWork(
-        *loop,
-        [ca, domain, days, csr, result, names, id = job.id, host = job.host] {
-          std::vector<std::string> addresses = proxy::ResolveHostAddresses(host);
-          proxy::LeafProfile profile = proxy::JobLeafProfile(id, domain, host, addresses, days);
-          auto pem = ca->IssueFromCsr(csr, profile);
-          if (!pem.ok()) {
-            *result = pem.status();
-            return;
+    // The host's addresses come from the loop's resolver, bounded in time and in look-ups at
+    // once (loop/work.h): a blocking getaddrinfo inside the signing work would hold a pool
+    // thread for as long as DNS takes, and enough ssl saves of names that never resolve would
+    // take every thread from the registry's writes. A name that does not resolve (in time)
+    // gets a certificate without addresses.
+    return loop::Resolve(
+        *loop, job.host, 0,
+        [loop, ca, domain, days, csr, id = job.id, host = job.host,
+         done = std::move(done)](Result<std::vector<sockaddr_storage>> resolved) mutable {
+          std::vector<std::string> addresses;
+          if (resolved.ok()) {
+            for (const sockaddr_storage& ss : *resolved) {
+              char text[INET6_ADDRSTRLEN] = "";
+              const void* in = ss.ss_family == AF_INET
+                                   ? static_cast<const void*>(
+                                         &reinterpret_cast<const sockaddr_in*>(&ss)->sin_addr)
+                                   : static_cast<const void*>(
+                                         &reinterpret_cast<const sockaddr_in6*>(&ss)->sin6_addr);
+              if (inet_ntop(ss.ss_family, in, text, sizeof(text)) == nullptr) continue;
+              if (std::find(addresses.begin(), addresses.end(), text) == addresses.end()) {
+                addresses.push_back(text);
+              }
+            }
           }
-          for (const auto& d : profile.dns_names) names->push_back("DNS:" + d);
-          for (const auto& a : profile.ip_addresses) names->push_back("IP:" + a);
-          *result = Issued{std::move(pem).value(), ca->cert_pem()};
+          SignOnPool(loop, ca, domain, days, csr, id, host, std::move(addresses), std::move(done));
         },
-        [result, names, id = job.id, done = std::move(done)] {
-          if (result->ok()) {
-            std::string list;
-            for (const auto& n : *names) list += (list.empty() ? "" : " ") + n;
-            LOG_INFO("issued a TLS certificate to job %s for %s", id.c_str(), list.c_str());
-          } else {
-            LOG_INFO("refused a certificate to job %s: %s", id.c_str(),
-                     result->status().ToString().c_str());
-          }
-          done(std::move(*result));
-        });
+        job.owner);
   };
 }
 

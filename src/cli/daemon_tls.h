@@ -47,8 +47,9 @@ Result<DaemonTls> SetUpDaemonTls(const Config& config);
 Result<std::optional<proxy::KeyAndCert>> RenewServerCertIfDue(
     const Config& config, const proxy::CertificateAuthority& ca);
 
-// The Broker's CertIssuer: resolves the job's backend host and signs the CSR on the thread
-// pool, with subjectAltNames from proxy::JobLeafProfile.
+// The Broker's CertIssuer: resolves the job's backend host (loop::Resolve: bounded) and signs
+// the CSR on the thread pool, with subjectAltNames from proxy::JobLeafProfile. Dropping the
+// token while the host is resolved cancels; once signing started, it reports when done.
 registry::Broker::CertIssuer MakeCertIssuer(loop::Loop* loop,
                                             std::shared_ptr<const proxy::CertificateAuthority> ca,
                                             std::string domain, int days);

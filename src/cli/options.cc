@@ -51,7 +51,9 @@ const std::vector<Entry>& Entries() {
       {{"broker", "control_socket", T::kPath, "",
         "Unix socket on which the daemon takes control requests (save, load, query, ...) from "
         "the other subcommands on this host. Empty means <state_dir>/control.sock. The path "
-        "must be shorter than 108 bytes, a limit of Unix sockets.",
+        "must be shorter than 108 bytes, a limit of Unix sockets. Its directory, like "
+        "state_dir, must belong to the daemon's user or root and be writable by no one else; "
+        "clients talk only to a daemon running as root or as the owner of that directory.",
         "--socket", FlagScope::kAll},
        &Config::control_socket},
       {{"broker", "log_level", T::kLogLevel, "info",
@@ -60,6 +62,12 @@ const std::vector<Entry>& Entries() {
         "handshake. Secrets are never logged at any level.",
         "--log-level", FlagScope::kAll},
        &Config::log_level},
+      {{"broker", "core_dumps", T::kInt, "0",
+        "1 lets the daemon dump core (for debugging). By default it does not, and no other "
+        "process of its user may attach to it or read its memory: a core or a debugger would "
+        "show the CA key and every job's secret.",
+        nullptr, kNo, 0, 1},
+       &Config::core_dumps},
       // [registry]
       {{"registry", "port_range", T::kPortRange, "28000-28999",
         "Inclusive range of TCP ports (A-B) handed out to jobs saved without --port; the job's "
@@ -84,8 +92,8 @@ const std::vector<Entry>& Entries() {
       {{"registry", "ready_timeout", T::kDuration, "2m",
         "How long `save --wait` and exec mode wait for the job's service to start listening "
         "before giving up. 0 means wait without a limit. Two minutes covers services that are "
-        "slow to start, such as notebook servers.",
-        nullptr, kNo},
+        "slow to start, such as notebook servers. At most 24h.",
+        nullptr, kNo, 0, 86400},
        &Config::ready_timeout_ms},
       // [proxy]
       {{"proxy", "listen", T::kHostPortList, "127.0.0.1:7000",
@@ -136,8 +144,9 @@ const std::vector<Entry>& Entries() {
         "TCP keepalive idle time on client and backend connections, in whole seconds: the "
         "kernel probes a peer that has been silent this long, so dead peers are found even "
         "when idle_timeout is 0; the probes' interval and count stay the kernel's "
-        "(net.ipv4.tcp_keepalive_intvl and tcp_keepalive_probes). 0 turns keepalive off.",
-        nullptr, kNo},
+        "(net.ipv4.tcp_keepalive_intvl and tcp_keepalive_probes). 0 turns keepalive off; at "
+        "most 32767s (the kernel's limit).",
+        nullptr, kNo, 0, 32767},
        &Config::keepalive_ms},
       {{"proxy", "throttle_failures", T::kInt, "10",
         "Failed handshakes (unknown job, wrong secret, malformed preamble) allowed from one "
@@ -318,6 +327,10 @@ Status Assign(const Entry& entry, std::string_view value, bool append, Config* c
         } else if constexpr (std::is_same_v<M, int64_t>) {
           Result<int64_t> ms = ParseDuration(value);
           if (!ms.ok()) return ms.status();
+          if (spec.max > 0 && *ms > int64_t{spec.max} * 1000) {
+            return Bad(Quote(value) + " is longer than the maximum of " +
+                       FormatDuration(int64_t{spec.max} * 1000));
+          }
           field = *ms;
         } else if constexpr (std::is_same_v<M, LogLevel>) {
           std::optional<LogLevel> level = ParseLogLevel(value);

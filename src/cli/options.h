@@ -35,6 +35,7 @@ struct Config {
                                // ${XDG_STATE_HOME:-~/.local/state}/brokerproxy
   std::string control_socket;  // default: <state_dir>/control.sock
   LogLevel log_level = LogLevel::kInfo;
+  int core_dumps = 0;  // 1: leave the process dumpable (debugging)
 
   // [registry]
   registry::PortRange port_range;     // 28000-28999
@@ -95,8 +96,8 @@ struct OptionSpec {
   const char* help;          // one or more sentences for the example file and --help
   const char* flag;          // e.g. "--listen", or nullptr
   FlagScope scope;
-  int min = 0;  // kInt bounds
-  int max = 0;
+  int min = 0;       // kInt bounds
+  int max = 0;       // kInt; kDuration: in seconds, if not 0 (every duration is capped anyway)
   int multiple = 1;  // kInt: the value must be a multiple of this (secret_bits: 8)
 };
 

@@ -87,6 +87,10 @@ std::string HostPort::ToString() const {
 Result<HostPort> ParseHostPort(std::string_view text, std::optional<int> default_port,
                                std::string_view default_host, bool allow_zero) {
   if (text.empty()) return Status::InvalidArgument("empty address; expected host:port");
+  // A NUL would end the host early for every C function it reaches (inet_pton, getaddrinfo).
+  if (text.find('\0') != std::string_view::npos) {
+    return Status::InvalidArgument("the address contains a NUL byte");
+  }
   HostPort hp;
   std::string_view port_text;  // empty: no port given
   bool has_port = false;
@@ -165,6 +169,9 @@ Result<std::vector<std::string>> SplitList(std::string_view text) {
 // Host bits below the prefix must be zero: "10.1.2.3/8" is refused rather than silently
 // widened, since in an allow-list it is more likely a typo than an intent.
 Result<Cidr> Cidr::Parse(std::string_view text) {
+  if (text.find('\0') != std::string_view::npos) {
+    return Status::InvalidArgument("the network contains a NUL byte");
+  }
   size_t slash = text.find('/');
   std::string addr(text.substr(0, slash));
   if (addr.empty()) return Status::InvalidArgument(Quote(text) + ": missing address");
@@ -266,8 +273,9 @@ Result<int64_t> ParseDuration(std::string_view text) {
     return Status::InvalidArgument(
         Quote(text) + " is not a duration (a whole number with unit ms, s, m, h or d, e.g. 30s)");
   }
-  if (n > std::numeric_limits<int64_t>::max() / factor) {
-    return Status::InvalidArgument(Quote(text) + " is too long a duration");
+  if (n > kMaxDurationMs / factor) {
+    return Status::InvalidArgument(Quote(text) + " is too long a duration (at most " +
+                                   FormatDuration(kMaxDurationMs) + ")");
   }
   return n * factor;
 }

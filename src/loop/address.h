@@ -62,7 +62,9 @@ bool IsLoopback(const sockaddr_storage& addr);
 bool IsSelfConnected(int fd, const sockaddr* peer = nullptr);
 
 // Duration text: "250ms", "30s", "5m", "2h", "1d", or bare seconds "30"; "0" means off.
-// Returns milliseconds.
+// Returns milliseconds, at most kMaxDurationMs: every user of a duration may add it to a clock
+// reading or round it up without overflow.
+inline constexpr int64_t kMaxDurationMs = int64_t{3650} * 86400000;  // ten years
 Result<int64_t> ParseDuration(std::string_view text);
 std::string FormatDuration(int64_t ms);
 

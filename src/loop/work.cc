@@ -2,8 +2,12 @@
 
 #include <netdb.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <optional>
+#include <unordered_map>
 
 namespace brokerproxy::loop {
 namespace internal {
@@ -58,14 +62,6 @@ struct WorkState final : PendingState {
   void Cancel() override { uv_cancel(reinterpret_cast<uv_req_t*>(&req)); }
 };
 
-struct ResolveState final : PendingState {
-  uv_getaddrinfo_t req{};
-  int port = 0;
-  std::string host;
-  ResolveCallback cb;
-  void Cancel() override { uv_cancel(reinterpret_cast<uv_req_t*>(&req)); }
-};
-
 struct DeferredState final : PendingState {
   void Cancel() override {}  // the deferred function checks `owner`
 };
@@ -111,58 +107,191 @@ std::optional<sockaddr_storage> ParseNumericAddress(const std::string& host, int
   return std::nullopt;
 }
 
-Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback cb) {
+namespace {
+
+// A name look-up: queued for a pool slot, then running on the pool, with a timeout timer from
+// the start. Freed once the timer is closed and getaddrinfo (if it started) has returned.
+struct ResolveState final : PendingState {
+  Loop* loop = nullptr;
+  uv_getaddrinfo_t req{};
+  uv_timer_t timer{};
+  int port = 0;
+  uint64_t group = kNoResolveGroup;
+  std::string host;
+  ResolveCallback cb;
+  bool queued = false;   // waiting for a slot
+  bool running = false;  // getaddrinfo on the pool
+  bool timer_open = true;
+
+  // The owner went: stop waiting (a running getaddrinfo finishes on its own).
+  void Cancel() override { Finish(); }
+  void Finish();
+  void MaybeDelete() {
+    if (!running && !timer_open) delete this;
+  }
+};
+
+// Per loop thread (every loop runs on one thread): look-ups on the pool, and those waiting.
+thread_local int resolves_in_flight = 0;
+thread_local std::unordered_map<uint64_t, int> resolves_of_group;  // on the pool, by group
+thread_local std::deque<ResolveState*> resolves_waiting;
+
+bool MayStart(uint64_t group) {
+  if (resolves_in_flight >= kMaxResolvesInFlight) return false;
+  if (group == kNoResolveGroup) return true;
+  auto it = resolves_of_group.find(group);
+  return it == resolves_of_group.end() || it->second < kMaxResolvesPerGroup;
+}
+
+void CountResolve(uint64_t group, int delta) {
+  resolves_in_flight += delta;
+  if (group == kNoResolveGroup) return;
+  if ((resolves_of_group[group] += delta) == 0) resolves_of_group.erase(group);
+}
+
+void ResolveState::Finish() {
+  if (queued) {
+    resolves_waiting.erase(std::find(resolves_waiting.begin(), resolves_waiting.end(), this));
+    queued = false;
+  }
+  if (running) uv_cancel(reinterpret_cast<uv_req_t*>(&req));  // only if not started yet
+  if (timer_open && !uv_is_closing(reinterpret_cast<uv_handle_t*>(&timer))) {
+    uv_close(reinterpret_cast<uv_handle_t*>(&timer), [](uv_handle_t* h) noexcept {
+      auto* st = static_cast<ResolveState*>(h->data);
+      st->timer_open = false;
+      st->MaybeDelete();
+    });
+  }
+}
+
+// Delivers `result` if the owner is still there. `st` may be freed by the time this returns.
+void Answer(ResolveState* st, Result<std::vector<sockaddr_storage>> result) {
+  if (!st->owner) return;
+  ResolveCallback cb = std::move(st->cb);
+  st->Unlink();
+  st->Finish();
+  cb(std::move(result));
+}
+
+Result<std::vector<sockaddr_storage>> Addresses(const ResolveState& st, int status, addrinfo* res) {
+  if (status != 0) return UvError("cannot resolve " + st.host, status);
+  std::vector<sockaddr_storage> out;
+  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
+    sockaddr_storage ss{};
+    std::memcpy(&ss, ai->ai_addr, ai->ai_addrlen);
+    if (ai->ai_family == AF_INET) {
+      reinterpret_cast<sockaddr_in*>(&ss)->sin_port = htons(st.port);
+    } else {
+      reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port = htons(st.port);
+    }
+    out.push_back(ss);
+  }
+  if (out.empty()) return Status::NotFound("no address for " + st.host);
+  return out;
+}
+
+void StartWaitingResolves();
+
+void OnResolved(uv_getaddrinfo_t* r, int status, addrinfo* res) noexcept {
+  auto* st = static_cast<ResolveState*>(r->data);
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> list(res, uv_freeaddrinfo);
+  st->running = false;
+  CountResolve(st->group, -1);
+  // A slot is free: hand it on before answering, whatever the callback does.
+  StartWaitingResolves();
+  if (st->owner) {
+    Answer(st, Addresses(*st, status, res));  // may free st
+    return;
+  }
+  st->MaybeDelete();  // timed out or detached: the late answer is dropped
+}
+
+// Puts `st` on the pool; false (and `*error`) if libuv refused it.
+bool StartResolve(ResolveState* st, Status* error) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_ADDRCONFIG;
+  st->running = true;
+  CountResolve(st->group, +1);
+  int rc = uv_getaddrinfo(st->loop->get(), &st->req, OnResolved, st->host.c_str(), nullptr, &hints);
+  if (rc != 0) {
+    st->running = false;
+    CountResolve(st->group, -1);
+    *error = UvError("cannot resolve " + st->host, rc);
+    return false;
+  }
+  return true;
+}
+
+// The first waiting look-up whose group may start, in order, while slots are free.
+void StartWaitingResolves() {
+  for (;;) {
+    auto it = std::find_if(resolves_waiting.begin(), resolves_waiting.end(),
+                           [](const ResolveState* st) { return MayStart(st->group); });
+    if (it == resolves_waiting.end()) return;
+    ResolveState* st = *it;
+    resolves_waiting.erase(it);
+    st->queued = false;
+    Status error;
+    // Inside a libuv callback, never inside Resolve(): a failure may be answered right here.
+    if (!StartResolve(st, &error)) Answer(st, error);
+  }
+}
+
+}  // namespace
+
+int ResolvesOnPool() { return resolves_in_flight; }
+
+void ReserveThreadPool() {
+  constexpr int kWant = kMaxResolvesInFlight + kPoolThreadsBesidesDns;
+  const char* env = std::getenv("UV_THREADPOOL_SIZE");
+  if (env != nullptr && std::atoi(env) >= kWant) return;
+  ::setenv("UV_THREADPOOL_SIZE", std::to_string(kWant).c_str(), 1);
+}
+
+Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback cb, uint64_t group) {
   if (auto numeric = ParseNumericAddress(host, port)) {
     return Post(loop,
                 [cb = std::move(cb), addr = *numeric] { cb(std::vector<sockaddr_storage>{addr}); });
   }
   auto* st = new ResolveState;
+  st->loop = &loop;
   st->req.data = st;
+  st->timer.data = st;
   st->port = port;
+  st->group = group;
   st->host = host;
   st->cb = std::move(cb);
-  Pending token(st);
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_ADDRCONFIG;
-  int rc = uv_getaddrinfo(
-      loop.get(), &st->req,
-      [](uv_getaddrinfo_t* r, int status, addrinfo* res) noexcept {
-        std::unique_ptr<ResolveState> st(static_cast<ResolveState*>(r->data));
-        std::unique_ptr<addrinfo, void (*)(addrinfo*)> list(res, uv_freeaddrinfo);
-        if (!st->owner) return;
-        st->Unlink();
-        if (status != 0) {
-          st->cb(UvError("cannot resolve " + st->host, status));
-          return;
-        }
-        std::vector<sockaddr_storage> out;
-        for (addrinfo* ai = res; ai; ai = ai->ai_next) {
-          if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
-          sockaddr_storage ss{};
-          std::memcpy(&ss, ai->ai_addr, ai->ai_addrlen);
-          if (ai->ai_family == AF_INET) {
-            reinterpret_cast<sockaddr_in*>(&ss)->sin_port = htons(st->port);
-          } else {
-            reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port = htons(st->port);
-          }
-          out.push_back(ss);
-        }
-        if (out.empty()) {
-          st->cb(Status::NotFound("no address for " + st->host));
-          return;
-        }
-        st->cb(std::move(out));
-      },
-      host.c_str(), nullptr, &hints);
+  int rc = uv_timer_init(loop.get(), &st->timer);
   if (rc != 0) {
+    ResolveCallback cb2 = std::move(st->cb);
+    delete st;  // the timer was never opened
+    return Post(loop,
+                [cb2 = std::move(cb2), err = UvError("cannot resolve " + host, rc)] { cb2(err); });
+  }
+  uv_timer_start(
+      &st->timer,
+      [](uv_timer_t* t) noexcept {
+        auto* st = static_cast<ResolveState*>(t->data);
+        Answer(st, Status::Timeout("cannot resolve " + st->host + ": no answer within " +
+                                   std::to_string(kResolveTimeoutMs / 1000) + " s"));
+      },
+      kResolveTimeoutMs, 0);
+  Pending token(st);
+  if (!MayStart(group)) {
+    st->queued = true;
+    resolves_waiting.push_back(st);
+    return token;
+  }
+  Status error;
+  if (!StartResolve(st, &error)) {
     // Report on a later iteration, as for every other outcome.
-    Status err = UvError("cannot resolve " + host, rc);
     ResolveCallback cb2 = std::move(st->cb);
     st->Unlink();
-    delete st;
-    return Post(loop, [cb2 = std::move(cb2), err] { cb2(err); });
+    st->Finish();
+    return Post(loop, [cb2 = std::move(cb2), error] { cb2(error); });
   }
   return token;
 }

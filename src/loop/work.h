@@ -56,8 +56,35 @@ Pending QueueWork(Loop& loop, std::function<void()> work, std::function<void()> 
 // Resolves `host` (a name or a numeric address) and `port` to TCP socket addresses, IPv4 and
 // IPv6, in the order getaddrinfo gives them. Numeric addresses are answered without the pool,
 // on a later loop iteration.
+//
+// getaddrinfo blocks a pool thread for as long as DNS takes (tens of seconds when a server
+// does not answer), and disk writes share that pool. So at most kMaxResolvesInFlight look-ups
+// of a loop thread occupy the pool at once; more wait for a slot, in order. A look-up without
+// an answer within kResolveTimeoutMs (waiting for a slot included) is answered Timeout; its
+// late answer, if one comes, is dropped (the slot is held until then: the thread is).
+//
+// A look-up may name a `group` (the daemon: the uid owning the job whose backend is resolved):
+// at most kMaxResolvesPerGroup look-ups of one group occupy the pool at once, so names of one
+// user that never resolve leave slots for everyone else's. Look-ups without a group share the
+// slots with no cap of their own.
+inline constexpr int kMaxResolvesInFlight = 4;
+inline constexpr int kMaxResolvesPerGroup = 2;
+inline constexpr uint64_t kResolveTimeoutMs = 5000;
+inline constexpr uint64_t kNoResolveGroup = ~uint64_t{0};
 using ResolveCallback = std::function<void(Result<std::vector<sockaddr_storage>>)>;
-Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback cb);
+Pending Resolve(Loop& loop, const std::string& host, int port, ResolveCallback cb,
+                uint64_t group = kNoResolveGroup);
+
+// Look-ups of this thread's loop still on the pool, answered or not (the loop cannot close
+// before they return).
+int ResolvesOnPool();
+
+// Makes libuv's thread pool at least kMaxResolvesInFlight + kPoolThreadsBesidesDns threads
+// (UV_THREADPOOL_SIZE, unless it already asks for more), so that work other than DNS always
+// finds a thread. Effective only before the pool's first use: call it first thing in main
+// thread start-up, before any other thread runs (it calls setenv).
+inline constexpr int kPoolThreadsBesidesDns = 4;
+void ReserveThreadPool();
 
 // Parses a numeric IPv4/IPv6 address (no brackets) and port; nullopt if not numeric.
 std::optional<sockaddr_storage> ParseNumericAddress(const std::string& host, int port);

@@ -2,7 +2,6 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
-#include <netdb.h>
 #include <openssl/bio.h>
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
@@ -323,30 +322,6 @@ LeafProfile JobLeafProfile(const std::string& job_id, const std::string& domain,
   return p;
 }
 
-std::vector<std::string> ResolveHostAddresses(const std::string& host) {
-  std::vector<std::string> out;
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  if (getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0) return out;
-  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
-    char text[INET6_ADDRSTRLEN] = "";
-    if (ai->ai_family == AF_INET) {
-      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(ai->ai_addr)->sin_addr, text,
-                sizeof(text));
-    } else if (ai->ai_family == AF_INET6) {
-      inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(ai->ai_addr)->sin6_addr, text,
-                sizeof(text));
-    } else {
-      continue;
-    }
-    if (std::find(out.begin(), out.end(), text) == out.end()) out.push_back(text);
-  }
-  freeaddrinfo(res);
-  return out;
-}
-
 // ---- the CA ----
 
 Result<std::unique_ptr<CertificateAuthority>> CertificateAuthority::Create(
@@ -408,6 +383,21 @@ Result<std::unique_ptr<CertificateAuthority>> CertificateAuthority::LoadOrCreate
   if (!cert_text.ok()) return cert_text.status();
   auto key_text = ReadPem(key_path);
   if (!key_text.ok()) return key_text.status();
+  if (key_text->has_value() && !cert_text->has_value()) {
+    // A crash between the two writes of a new CA (below) leaves the key alone, and the key file
+    // also carries the certificate: restore it.
+    const std::string& key_file = **key_text;
+    size_t at = key_file.find("-----BEGIN CERTIFICATE-----");
+    if (at != std::string::npos) {
+      auto ca = FromPem(key_file.substr(at), key_file);
+      if (ca.ok()) {
+        BP_RETURN_IF_ERROR(WriteNewFile(cert_path, (*ca)->cert_pem(), 0644));
+        LOG_WARN("restored the CA certificate %s from the copy in %s", cert_path.c_str(),
+                 key_path.c_str());
+        return ca;
+      }
+    }
+  }
   if (cert_text->has_value() != key_text->has_value()) {
     const std::string& found = cert_text->has_value() ? cert_path : key_path;
     const std::string& missing = cert_text->has_value() ? key_path : cert_path;
@@ -426,7 +416,9 @@ Result<std::unique_ptr<CertificateAuthority>> CertificateAuthority::LoadOrCreate
   }
   auto ca = Create("brokerproxy CA on " + HostName());
   if (!ca.ok()) return ca.status();
-  BP_RETURN_IF_ERROR(WriteNewFile(key_path, (*ca)->key_pem(), 0600));
+  // The key file first, with a copy of the certificate behind the key: a crash before the
+  // certificate file is written never leaves a key whose certificate is lost.
+  BP_RETURN_IF_ERROR(WriteNewFile(key_path, (*ca)->key_pem() + (*ca)->cert_pem(), 0600));
   Status s = WriteNewFile(cert_path, (*ca)->cert_pem(), 0644);
   if (!s.ok()) {
     ::unlink(key_path.c_str());  // never leave a key without its certificate

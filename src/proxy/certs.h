@@ -24,9 +24,11 @@
 // accepts a proxy certificate only if its OU is kProxyCertUnit, which the daemon never puts
 // into a job certificate (IsProxyCertificate).
 //
-// Everything here blocks (key generation, signing, files, DNS): the daemon runs it on the
-// thread pool (loop::QueueWork), never on the loop thread. A CertificateAuthority is immutable
-// after loading and may be used from several pool threads at once.
+// Everything here blocks (key generation, signing, files): the daemon runs it on the thread
+// pool (loop::QueueWork), never on the loop thread. Nothing here resolves names: a blocking
+// look-up would hold a pool thread as long as DNS takes, so callers resolve through the loop's
+// bounded resolver (loop/work.h) first. A CertificateAuthority is immutable after loading and
+// may be used from several pool threads at once.
 
 #ifndef BROKERPROXY_PROXY_CERTS_H_
 #define BROKERPROXY_PROXY_CERTS_H_
@@ -96,10 +98,6 @@ LeafProfile JobLeafProfile(const std::string& job_id, const std::string& domain,
                            const std::string& host, const std::vector<std::string>& host_addresses,
                            int days);
 
-// The addresses `host` resolves to (blocking getaddrinfo), textual; a literal gives itself;
-// empty when resolution fails (the certificate then just has fewer names).
-std::vector<std::string> ResolveHostAddresses(const std::string& host);
-
 struct KeyAndCert {
   std::string key_pem;
   std::string cert_pem;
@@ -108,9 +106,11 @@ struct KeyAndCert {
 class CertificateAuthority {
  public:
   // Loads the CA from `cert_path` and `key_path`, or, when neither file exists, creates a new
-  // CA and writes it there (key 0600 first, then the certificate 0644; each written to a new
-  // temp file and renamed into place). One file without the other, an unreadable or
-  // mismatched pair, or a certificate that is not a CA is an error naming the file.
+  // CA and writes it there (key 0600 first, followed by a copy of the certificate, then the
+  // certificate 0644; each written to a new temp file and renamed into place). A key file
+  // without its certificate file (a crash between the two) gets the certificate back from that
+  // copy. Otherwise one file without the other, an unreadable or mismatched pair, or a
+  // certificate that is not a CA is an error naming the file.
   static Result<std::unique_ptr<CertificateAuthority>> LoadOrCreate(const std::string& cert_path,
                                                                     const std::string& key_path);
   // An in-memory CA (tests).

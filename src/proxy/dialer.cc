@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "loop/address.h"
@@ -24,24 +25,29 @@ void SetPort(sockaddr_storage* ss, int port) {
 
 }  // namespace
 
-loop::Pending ResolveCache::Resolve(const std::string& host, int port, Callback cb) {
+loop::Pending ResolveCache::Resolve(const std::string& host, int port, Callback cb,
+                                    uint64_t group) {
   uint64_t now = loop_->Now();
   auto it = entries_.find(host);
   if (it != entries_.end() && it->second.expires_ms > now) {
-    Addresses out = it->second.addresses;
-    for (auto& a : out) SetPort(&a, port);
+    Result<Addresses> out = it->second.addresses;
+    if (out.ok()) {
+      for (auto& a : *out) SetPort(&a, port);
+    }
     // Still answered on a later turn, like every other path.
     return loop::Post(*loop_, [cb = std::move(cb), out = std::move(out)] { cb(out); });
   }
-  return loop::Resolve(*loop_, host, port, [this, host, cb = std::move(cb)](Result<Addresses> r) {
-    if (r.ok()) {
-      if (entries_.size() > 4096) entries_.clear();  // bound the cache
-      Entry e{*r, loop_->Now() + static_cast<uint64_t>(ttl_ms_)};
-      for (auto& a : e.addresses) SetPort(&a, 0);
-      entries_[host] = std::move(e);
+  auto done = [this, host, cb = std::move(cb)](Result<Addresses> r) {
+    if (entries_.size() > 4096) entries_.clear();  // bound the cache
+    int64_t ttl = r.ok() ? ttl_ms_ : std::min(ttl_ms_, kNegativeTtlMs);
+    Entry e{r, loop_->Now() + static_cast<uint64_t>(ttl)};
+    if (e.addresses.ok()) {
+      for (auto& a : *e.addresses) SetPort(&a, 0);
     }
+    entries_[host] = std::move(e);
     cb(std::move(r));
-  });
+  };
+  return loop::Resolve(*loop_, host, port, std::move(done), group);
 }
 
 namespace {
@@ -71,14 +77,17 @@ void Dialer::Dial(const std::string& host, int port, Callback cb, bool may_compl
     }
     return;
   }
-  pending_ = cache_->Resolve(host, port, [this](Result<ResolveCache::Addresses> r) {
-    if (!r.ok()) {
-      Fail(r.status());
-      return;
-    }
-    addresses_ = std::move(r).value();
-    if (!TryNext()) Fail(last_error_);
-  });
+  pending_ = cache_->Resolve(
+      host, port,
+      [this](Result<ResolveCache::Addresses> r) {
+        if (!r.ok()) {
+          Fail(r.status());
+          return;
+        }
+        addresses_ = std::move(r).value();
+        if (!TryNext()) Fail(last_error_);
+      },
+      resolve_group_);
 }
 
 bool Dialer::TryNext() {

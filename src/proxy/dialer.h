@@ -1,7 +1,8 @@
 // Dialer: a non-blocking TCP connect to host:port, trying each resolved address in turn.
 //
-// Names are resolved on the thread pool (loop/work.h) through a small cache shared by all
-// dials (ResolveCache), so a busy job does not cost one getaddrinfo per connection; a numeric
+// Names are resolved on the thread pool (loop/work.h: bounded in time and in look-ups at once)
+// through a small cache shared by all dials (ResolveCache), so a busy job does not cost one
+// getaddrinfo per connection, nor does a name that fails; a numeric
 // address is connected to at once, inside Dial(). The socket is registered in the Reactor
 // from the start and handed over as the IoHandle that owns it, with what the reactor learnt
 // of its readiness (a backend that speaks first, like sshd, may already be readable).
@@ -32,15 +33,21 @@ class ResolveCache {
   using Addresses = std::vector<sockaddr_storage>;
   using Callback = std::function<void(Result<Addresses>)>;
 
-  // Answers are kept `ttl_ms`; failures are not cached.
+  // Failures (a name that does not exist, DNS that does not answer) are kept this long, or
+  // `ttl_ms` if shorter: a job whose backend name does not resolve costs one look-up per period,
+  // not one per connection, however many clients knock.
+  static constexpr int64_t kNegativeTtlMs = 5000;
+
+  // Answers are kept `ttl_ms`.
   ResolveCache(loop::Loop* loop, int64_t ttl_ms) : loop_(loop), ttl_ms_(ttl_ms) {}
 
-  // As loop::Resolve, served from the cache when fresh.
-  loop::Pending Resolve(const std::string& host, int port, Callback cb);
+  // As loop::Resolve (`group` too), served from the cache when fresh.
+  loop::Pending Resolve(const std::string& host, int port, Callback cb,
+                        uint64_t group = loop::kNoResolveGroup);
 
  private:
   struct Entry {
-    Addresses addresses;  // with port 0
+    Result<Addresses> addresses = Addresses{};  // with port 0, or the failure
     uint64_t expires_ms = 0;
   };
   loop::Loop* loop_;
@@ -55,6 +62,10 @@ class Dialer {
   Dialer(loop::Reactor* reactor, ResolveCache* cache) : reactor_(reactor), cache_(cache) {}
   Dialer(const Dialer&) = delete;
   Dialer& operator=(const Dialer&) = delete;
+
+  // The look-up group of the name resolution (loop::Resolve), e.g. the uid owning the job.
+  // Before Dial().
+  void set_resolve_group(uint64_t group) { resolve_group_ = group; }
 
   // REQUIRES: called once. With `may_complete_inline`, a connection to a loopback address that
   // the kernel established inside connect() (it completes loopback handshakes in the call) is
@@ -73,6 +84,7 @@ class Dialer {
 
   loop::Reactor* reactor_;
   ResolveCache* cache_;
+  uint64_t resolve_group_ = loop::kNoResolveGroup;
   Callback cb_;
   std::string target_;     // "host:port", for messages
   loop::Pending pending_;  // a name being resolved, or a failure being reported

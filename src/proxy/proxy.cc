@@ -214,6 +214,7 @@ Proxy::Authorization Proxy::Authorize(const std::string& job_id, const std::stri
     return out;
   }
   out.target.job_id = job->id;
+  out.target.owner = job->owner;
   out.target.type = job->type;
   out.target.host = job->host;
   out.target.port = job->port;
@@ -231,6 +232,7 @@ void Proxy::DialBackend(Connection* conn, const Target& target, std::unique_ptr<
                         Dialer::Callback cb, bool may_complete_inline) {
   ArmDeadline(conn, options_.connect_timeout_ms);
   *dialer = std::make_unique<Dialer>(reactor(), resolver());
+  (*dialer)->set_resolve_group(target.owner);
   (*dialer)->Dial(target.host, target.port, std::move(cb), may_complete_inline);
 }
 

@@ -113,6 +113,7 @@ using Frontend = std::function<std::unique_ptr<Connection>(Proxy* proxy, Handoff
 // Where an authorised connection goes: a copy, valid however the registry changes later.
 struct Target {
   std::string job_id;
+  uid_t owner = 0;  // the job's owner: its backend's name look-ups count against this user
   registry::JobType type = registry::JobType::kSsh;
   std::string host;
   int port = 0;

@@ -24,7 +24,8 @@ bool WouldBlock(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
 
 // ---- PipePool ----
 
-PipePool::PipePool(int pipe_size, size_t max_idle) : pipe_size_(pipe_size), max_idle_(max_idle) {}
+PipePool::PipePool(int pipe_size, size_t max_idle, size_t budget)
+    : pipe_size_(pipe_size), max_idle_(max_idle), budget_(budget) {}
 
 PipePool::~PipePool() {
   for (const Pipe& p : idle_) {
@@ -34,21 +35,30 @@ PipePool::~PipePool() {
 }
 
 Result<PipePool::Pipe> PipePool::Acquire() {
+  Pipe p;
   if (!idle_.empty()) {
-    Pipe p = idle_.back();
+    p = idle_.back();
     idle_.pop_back();
-    ++in_use_;
-    return p;
+  } else {
+    int fds[2];
+    if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return PosixError("pipe2", errno);
+    p = Pipe{fds[0], fds[1], 0};
   }
-  int fds[2];
-  if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return PosixError("pipe2", errno);
-  Pipe p{fds[0], fds[1], 0};
-  // A larger pipe means fewer syscalls per byte; the kernel may refuse (pipe-max-size, or the
-  // per-user pipe quota), and the default 64 KiB then stays.
-  if (pipe_size_ > 0) (void)::fcntl(p.write_fd, F_SETPIPE_SZ, pipe_size_);
-  p.capacity = ::fcntl(p.write_fd, F_GETPIPE_SZ);
-  if (p.capacity <= 0) p.capacity = 64 * 1024;
+  // A larger pipe means fewer syscalls per byte, but a slow reader keeps it full: large only
+  // within the budget. The kernel may refuse a size (pipe-max-size, or the per-user pipe
+  // quota), and the pipe then keeps what it has.
+  int want = kSmallPipe;
+  if (pipe_size_ > kSmallPipe && large_in_use_bytes_ + static_cast<size_t>(pipe_size_) <= budget_) {
+    want = pipe_size_;
+  }
+  if (p.capacity != want) {
+    (void)::fcntl(p.write_fd, F_SETPIPE_SZ, want);
+    p.capacity = ::fcntl(p.write_fd, F_GETPIPE_SZ);
+    if (p.capacity <= 0) p.capacity = kSmallPipe;
+  }
   ++in_use_;
+  in_use_bytes_ += static_cast<size_t>(p.capacity);
+  if (p.capacity > kSmallPipe) large_in_use_bytes_ += static_cast<size_t>(p.capacity);
   return p;
 }
 
@@ -66,6 +76,8 @@ void PipePool::ReleaseBuffer(std::unique_ptr<char[]> buffer) {
 void PipePool::Release(Pipe p, bool empty) {
   assert(in_use_ > 0);
   --in_use_;
+  in_use_bytes_ -= static_cast<size_t>(p.capacity);
+  if (p.capacity > kSmallPipe) large_in_use_bytes_ -= static_cast<size_t>(p.capacity);
   if (empty && idle_.size() < max_idle_) {
     idle_.push_back(p);
     return;

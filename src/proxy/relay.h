@@ -10,9 +10,9 @@
 // (DESIGN.md "Splicing"; LIBRARIES.md section 3).
 //
 // Backpressure: a direction reads its source only while its pipe (or buffer) is empty, and
-// writes only what it holds. So at most one pipe (1 MiB at most) or one 64 KiB buffer per
-// direction is in flight whatever the peers do, and the rest waits in the peers' socket
-// buffers.
+// writes only what it holds. So at most one pipe (1 MiB at most, 64 KiB once the pool's budget
+// of large pipes is spent) or one 64 KiB buffer per direction is in flight whatever the peers
+// do, and the rest waits in the peers' socket buffers.
 //
 // Half-close: EOF on a source is passed on as shutdown(SHUT_WR) of the sink once everything
 // read has been written; the relay finishes when both directions have. An error on either side
@@ -51,9 +51,16 @@ class PipePool {
     int capacity = 0;  // bytes the pipe holds (F_GETPIPE_SZ)
   };
 
+  // The capacity of a small pipe (the kernel's default).
+  static constexpr int kSmallPipe = 64 * 1024;
+  // Default of `budget`: the kernel memory that large pipes in use may hold together.
+  static constexpr size_t kDefaultBudget = size_t{64} << 20;
+
   // `pipe_size`: requested capacity (F_SETPIPE_SZ; the kernel may cap it, then the default
-  // stays). `max_idle`: pipes kept when released.
-  PipePool(int pipe_size, size_t max_idle);
+  // stays). `max_idle`: pipes kept when released. A pipe is large only while the large pipes in
+  // use stay within `budget` bytes together; past it pipes get kSmallPipe. So slow readers,
+  // each keeping a pipe full, pin at most `budget` plus kSmallPipe apiece of kernel memory.
+  PipePool(int pipe_size, size_t max_idle, size_t budget = kDefaultBudget);
   ~PipePool();
   PipePool(const PipePool&) = delete;
   PipePool& operator=(const PipePool&) = delete;
@@ -68,11 +75,16 @@ class PipePool {
 
   size_t idle() const { return idle_.size(); }
   size_t in_use() const { return in_use_; }
+  // Capacity of the pipes in use, together.
+  size_t in_use_bytes() const { return in_use_bytes_; }
 
  private:
   int pipe_size_;
   size_t max_idle_;
+  size_t budget_;
   size_t in_use_ = 0;
+  size_t in_use_bytes_ = 0;
+  size_t large_in_use_bytes_ = 0;  // of the pipes larger than kSmallPipe
   std::vector<Pipe> idle_;
   std::vector<std::unique_ptr<char[]>> buffers_;
 };

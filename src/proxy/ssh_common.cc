@@ -58,7 +58,7 @@ Result<SshKeyPtr> LoadOrCreateHostKey(const std::string& path) {
     // truncated key behind, and O_EXCL on the final name (link fails if it exists) lets only one
     // of two racing daemons win.
     std::string tmp = path + ".tmp." + std::to_string(::getpid());
-    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) return PosixError("cannot create ssh host key " + tmp, errno);
     size_t off = 0;
     int err = 0;

@@ -132,6 +132,7 @@ void TlsConnection::Route(const std::string& sni) {
     bool live = job && (job->expires == 0 || job->expires > static_cast<int64_t>(::time(nullptr)));
     if (live && job->type == registry::JobType::kSsl) {
       target_.job_id = job->id;
+      target_.owner = job->owner;
       target_.type = job->type;
       target_.host = job->host;
       target_.port = job->port;

@@ -13,6 +13,7 @@ struct Broker::Probe {
   std::string id;
   std::string host;
   int port = 0;
+  uid_t owner = 0;  // name look-ups count against the job's owner (loop::Resolve's group)
   int64_t delay_ms = 0;
   size_t attempt = 0;
   loop::Pending resolve;
@@ -85,7 +86,9 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
       std::string csr = req.csr;
       cert_jobs_[key] = cert_issuer_(
           draft, csr,
-          [this, key, req = std::move(req), caller, reply](Result<IssuedCert> cert) mutable {
+          [this, alive = std::weak_ptr<bool>(alive_), key, req = std::move(req), caller,
+           reply](Result<IssuedCert> cert) mutable {
+            if (alive.expired()) return;  // signing reports even after the broker went
             cert_jobs_.erase(key);
             if (!cert.ok()) {
               reply(EncodeError(cert.status().WithContext("cannot issue a certificate")));
@@ -309,6 +312,7 @@ void Broker::StartProbe(const Job& job) {
   probe->id = job.id;
   probe->host = job.host;
   probe->port = job.port;
+  probe->owner = job.owner;
   probe->delay_ms = options_.probe_min_ms;
   probe->timer = std::move(timer).value();
   Probe* p = probe.get();
@@ -323,7 +327,8 @@ void Broker::ProbeOnce(Probe* p) {
     p->delay_ms = std::min(p->delay_ms * 2, options_.probe_max_ms);
   };
   p->resolve = loop::Resolve(
-      *loop_, p->host, p->port, [this, p, retry](Result<std::vector<sockaddr_storage>> addrs) {
+      *loop_, p->host, p->port,
+      [this, p, retry](Result<std::vector<sockaddr_storage>> addrs) {
         if (!addrs.ok()) {
           retry();
           return;
@@ -349,7 +354,8 @@ void Broker::ProbeOnce(Probe* p) {
         }
         // A backend that silently drops SYNs must not stall the probe forever.
         p->timer->Start(options_.probe_connect_timeout_ms, retry);
-      });
+      },
+      p->owner);
 }
 
 void Broker::OnProbeResult(const std::string& id_ref, bool listening) {

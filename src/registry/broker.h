@@ -45,7 +45,8 @@ class Broker {
   using CaProvider = std::function<Result<std::string>()>;
   // Issues the certificate of ssl job `job` (its id, owner and backend host are set) for the
   // public key in `csr_pem`, off the loop, and reports it with the CA certificate. The key
-  // stays with the client (proxy/certs.h explains the CSR model).
+  // stays with the client (proxy/certs.h explains the CSR model). Dropping the returned token
+  // cancels what has not started; signing that has started still reports.
   struct IssuedCert {
     std::string cert_pem;
     std::string ca_pem;

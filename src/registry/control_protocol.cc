@@ -12,9 +12,6 @@ constexpr OpEntry kOps[] = {
     {Op::kRemove, "remove"}, {Op::kStats, "stats"}, {Op::kWait, "wait"},     {Op::kCa, "ca"},
 };
 
-constexpr int64_t kMaxTtlSeconds = int64_t{10} * 365 * 24 * 3600;
-constexpr int64_t kMaxWaitMs = int64_t{24} * 3600 * 1000;
-
 }  // namespace
 
 const char* OpName(Op op) {

@@ -33,6 +33,9 @@ namespace brokerproxy::registry {
 // cannot).
 inline constexpr size_t kMaxRequestBytes = 32 * 1024;
 inline constexpr size_t kMaxReplyBytes = 64u << 20;
+// Bounds of a save's "ttl" (seconds) and a wait's "timeout" (milliseconds).
+inline constexpr int64_t kMaxTtlSeconds = int64_t{10} * 365 * 24 * 3600;
+inline constexpr int64_t kMaxWaitMs = int64_t{24} * 3600 * 1000;
 
 enum class Op { kSave, kLoad, kVerify, kQuery, kRemove, kStats, kWait, kCa };
 

@@ -66,10 +66,15 @@ Status ControlServer::Listen(const std::string& path) {
   auto pipe = loop::Pipe::Create(*loop_);
   if (!pipe.ok()) return pipe.status();
   listener_ = std::move(pipe).value();
-  BP_RETURN_IF_ERROR(listener_->Bind(path));
+  // Anyone may connect; what they may do is decided per request from SO_PEERCRED. The socket
+  // gets mode 0666 from bind() itself, under a umask: a chmod() by name afterwards would follow
+  // whatever had replaced the socket in the meantime. (umask is per process; nothing else
+  // creates files while the daemon starts.)
+  const mode_t old_mask = ::umask(0111);
+  Status bound = listener_->Bind(path);
+  ::umask(old_mask);
+  BP_RETURN_IF_ERROR(bound);
   path_ = path;
-  // Anyone may connect; what they may do is decided per request from SO_PEERCRED.
-  if (::chmod(path.c_str(), 0666) != 0) return PosixError("chmod " + path, errno);
   return listener_->Listen(128, [this](Status s) {
     if (!s.ok()) {
       LOG_WARN("control socket: %s", s.ToString().c_str());

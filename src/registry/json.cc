@@ -68,6 +68,16 @@ Result<JsonPtr> ParseJson(std::string_view data, size_t max_bytes) {
     return Status::Corruption("NUL byte at offset " +
                               std::to_string(static_cast<const char*>(nul) - data.data()));
   }
+  // cJSON ends a string at an escaped NUL and drops the rest, so "a\u0000b" would read as "a":
+  // refuse it. Backslashes occur only inside strings, and each escapes the next character.
+  for (size_t i = 0; i + 1 < data.size(); ++i) {
+    if (data[i] != '\\') continue;
+    if (data[i + 1] == 'u' && data.substr(i + 2, 4) == "0000") {
+      return Status::Corruption("a string contains an escaped NUL (\\u0000) at offset " +
+                                std::to_string(i));
+    }
+    ++i;  // skip the escaped character (it may be another backslash)
+  }
   // cJSON rejects trailing garbage only when it sees the terminating NUL inside the buffer.
   const std::string text(data);
   const char* end = nullptr;

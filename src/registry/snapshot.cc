@@ -157,11 +157,15 @@ Result<std::vector<Job>> DecodeSnapshot(std::string_view data) {
 
 Status WriteFileAtomic(const std::string& path, std::string_view data, mode_t mode) {
   const std::string tmp = path + ".tmp";
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  // A temp file left by a crash goes first. Then the file is created afresh: O_EXCL and
+  // O_NOFOLLOW never open a file or follow a symlink that someone else planted under that name
+  // (unlink removes a symlink itself, not its target).
+  unlink(tmp.c_str());
+  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
   if (fd < 0) {
     return PosixError("cannot create " + tmp, errno);
   }
-  // open() applied the umask, and an old temp file keeps its old mode: set it exactly.
+  // open() applied the umask: set the mode exactly.
   Status status;
   if (fchmod(fd, mode) != 0) {
     status = PosixError("cannot chmod " + tmp, errno);

@@ -9,9 +9,10 @@
 // decoder serves start-up and tests; it returns Corruption naming what is wrong, and the
 // daemon refuses to start on it rather than discard jobs.
 //
-// Writes are atomic and durable: write <path>.tmp (mode 0600), fsync, rename over <path>, fsync
-// the directory; the temp file is removed on failure. These functions block: the daemon calls
-// them on the thread pool (registry/store.h), never on the loop thread.
+// Writes are atomic and durable: write <path>.tmp (mode 0600; created afresh, never through a
+// symlink), fsync, rename over <path>, fsync the directory; the temp file is removed on failure.
+// These functions block: the daemon calls them on the thread pool (registry/store.h), never on the
+// loop thread.
 
 #ifndef BROKERPROXY_REGISTRY_SNAPSHOT_H_
 #define BROKERPROXY_REGISTRY_SNAPSHOT_H_

@@ -64,6 +64,7 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
   std::vector<std::string> expected = {"broker.state_dir",
                                        "broker.control_socket",
                                        "broker.log_level",
+                                       "broker.core_dumps",
                                        "registry.port_range",
                                        "registry.secret_bits",
                                        "registry.default_ttl",
@@ -403,7 +404,8 @@ INSTANTIATE_TEST_SUITE_P(
                   "test.ini:2: [registry] default_ttl: '-1' is not a duration (a whole number "
                   "with unit ms, s, m, h or d, e.g. 30s)"},
         BadConfig{"[proxy]\nidle_timeout = 999999999999999d\n",
-                  "test.ini:2: [proxy] idle_timeout: '999999999999999d' is too long a duration"},
+                  "test.ini:2: [proxy] idle_timeout: '999999999999999d' is too long a duration (at "
+                  "most 3650d)"},
         // Port ranges.
         BadConfig{"[registry]\nport_range = 42000-41000\n",
                   "test.ini:2: [registry] port_range: '42000-41000' is not a port range A-B "

@@ -104,6 +104,17 @@ INSTANTIATE_TEST_SUITE_P(Table, HostPortBadTest,
                                          BadHostPort{"ho st:80", {}, false, "not a valid host"},
                                          BadHostPort{"host/x:80", {}, false, "not a valid host"}));
 
+// A NUL byte would cut the host short in every C function it reaches.
+TEST(HostPortTest, RejectsNulBytes) {
+  using namespace std::string_literals;
+  for (const std::string& text :
+       {"[::\0evil]:7000"s, "host\0evil:7000"s, "host:70\0"s, "127.0.0.1\0:7000"s, "\0"s}) {
+    Result<HostPort> hp = ParseHostPort(text, 7000);
+    ASSERT_FALSE(hp.ok()) << hp->ToString();
+    EXPECT_NE(hp.status().message().find("NUL"), std::string::npos) << hp.status().message();
+  }
+}
+
 TEST(HostPortTest, ToStringBracketsIpv6AndRoundTrips) {
   EXPECT_EQ((HostPort{"127.0.0.1", 7000}).ToString(), "127.0.0.1:7000");
   EXPECT_EQ((HostPort{"::1", 7000}).ToString(), "[::1]:7000");
@@ -219,6 +230,15 @@ TEST(CidrTest, RejectsBadInput) {
   }
 }
 
+TEST(CidrTest, RejectsNulBytes) {
+  using namespace std::string_literals;
+  for (const std::string& text : {"10.0.0.0\0/8"s, "::\0evil"s, "10.0.0.0/8\0"s}) {
+    Result<Cidr> cidr = Cidr::Parse(text);
+    ASSERT_FALSE(cidr.ok()) << cidr->ToString();
+    EXPECT_NE(cidr.status().message().find("NUL"), std::string::npos) << cidr.status().message();
+  }
+}
+
 TEST(CidrTest, MatchesIpv4) {
   EXPECT_TRUE(Matches("127.0.0.0/8", "127.0.0.1"));
   EXPECT_TRUE(Matches("127.0.0.0/8", "127.255.255.255"));
@@ -311,10 +331,16 @@ TEST(DurationTest, RejectsGarbageNegativesAndOverflow) {
     Result<int64_t> ms = ParseDuration(text);
     EXPECT_FALSE(ms.ok()) << "'" << text << "' parsed as " << *ms;
   }
-  // The largest values that fit.
-  EXPECT_EQ(*ParseDuration("9223372036854775807ms"), std::numeric_limits<int64_t>::max());
-  EXPECT_EQ(*ParseDuration("9223372036854775s"), int64_t{9223372036854775} * 1000);
-  EXPECT_EQ(*ParseDuration("106751991167d"), int64_t{106751991167} * 86400000);
+  // The largest value, in any unit; one more is refused with the bound in the message.
+  EXPECT_EQ(*ParseDuration("3650d"), kMaxDurationMs);
+  EXPECT_EQ(*ParseDuration("315360000000ms"), kMaxDurationMs);
+  for (const char* text : {"3651d", "315360000001ms", "315360001s", "9223372036854775807ms",
+                           "9223372036854775s", "106751991167d"}) {
+    Result<int64_t> ms = ParseDuration(text);
+    ASSERT_FALSE(ms.ok()) << text;
+    EXPECT_NE(ms.status().message().find("at most 3650d"), std::string::npos)
+        << ms.status().message();
+  }
 }
 
 TEST(DurationTest, FormatsWithTheLargestExactUnit) {
@@ -333,7 +359,7 @@ TEST(DurationTest, FormatsWithTheLargestExactUnit) {
 TEST(DurationTest, FormatParsesBack) {
   for (int64_t ms :
        {int64_t{0}, int64_t{1}, int64_t{999}, int64_t{1000}, int64_t{61000}, int64_t{3600000},
-        int64_t{86400000} * 400, int64_t{123456789}, std::numeric_limits<int64_t>::max()}) {
+        int64_t{86400000} * 400, int64_t{123456789}, kMaxDurationMs}) {
     Result<int64_t> back = ParseDuration(FormatDuration(ms));
     ASSERT_TRUE(back.ok()) << FormatDuration(ms);
     EXPECT_EQ(*back, ms);

@@ -243,6 +243,21 @@ TEST(CaFilesTest, CreatedOnceKeptAcrossRestartsPrivateKeys) {
   EXPECT_TRUE(CertificateAuthority::LoadOrCreate(cert, key).ok());
 }
 
+// A crash after the key file of a new CA was written and before its certificate file was: the
+// next start must not refuse what the first left behind, nor lose the key.
+TEST(CaFilesTest, KeyWithoutCertificateAfterACrashIsRestored) {
+  TempDir dir;
+  std::string cert = dir / "ca.pem", key = dir / "ca-key.pem";
+  auto first = CertificateAuthority::LoadOrCreate(cert, key);
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  ASSERT_EQ(::unlink(cert.c_str()), 0);
+  auto again = CertificateAuthority::LoadOrCreate(cert, key);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ((*first)->Fingerprint(), (*again)->Fingerprint());
+  EXPECT_EQ(ReadFile(cert), (*first)->cert_pem());
+  EXPECT_EQ(ModeOf(cert), 0644u);
+}
+
 TEST(ServerCertTest, ReusedWhileValidReissuedWhenNamesOrCaChange) {
   TempDir dir;
   auto ca = CertificateAuthority::Create("ca");

@@ -60,6 +60,47 @@ class RelayTest : public ::testing::Test {
   std::unique_ptr<Relay> relay_;
 };
 
+// Slow readers each keep a pipe full: past the pool's budget, pipes are small.
+TEST(PipePoolTest, LargePipesOnlyWithinTheBudget) {
+  PipePool pool(1 << 20, 8, size_t{3} << 20);
+  std::vector<PipePool::Pipe> pipes;
+  for (int i = 0; i < 6; ++i) {
+    auto p = pool.Acquire();
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    pipes.push_back(*p);
+  }
+  if (pipes[0].capacity < (1 << 20)) {
+    for (auto& p : pipes) pool.Release(p, true);
+    GTEST_SKIP() << "the kernel refuses 1 MiB pipes here";
+  }
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ(pipes[i].capacity, i < 3 ? (1 << 20) : PipePool::kSmallPipe) << i;
+    EXPECT_EQ(::fcntl(pipes[i].write_fd, F_GETPIPE_SZ), pipes[i].capacity) << i;
+  }
+  EXPECT_EQ(pool.in_use_bytes(), (size_t{3} << 20) + 3 * PipePool::kSmallPipe);
+  // A large one back, and out again: large, as the budget allows.
+  pool.Release(pipes[0], true);
+  auto again = pool.Acquire();
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->capacity, 1 << 20);
+  // The budget spent: an idle pipe is handed out small.
+  pool.Release(pipes[3], true);
+  auto small = pool.Acquire();
+  ASSERT_TRUE(small.ok());
+  EXPECT_EQ(small->capacity, PipePool::kSmallPipe);
+  pool.Release(*small, true);
+  pool.Release(pipes[1], true);  // large, idle: 2 MiB + 3 small in use
+  auto big = pool.Acquire();     // takes the large idle pipe back: within the budget again
+  ASSERT_TRUE(big.ok());
+  EXPECT_EQ(big->capacity, 1 << 20);
+  auto extra = pool.Acquire();
+  ASSERT_TRUE(extra.ok());
+  EXPECT_EQ(extra->capacity, PipePool::kSmallPipe);
+  for (const auto& p : {*again, *big, *extra, pipes[2], pipes[4], pipes[5]}) pool.Release(p, true);
+  EXPECT_EQ(pool.in_use(), 0u);
+  EXPECT_EQ(pool.in_use_bytes(), 0u);
+}
+
 TEST_F(RelayTest, MovesBytesBothWaysWithPrefixesAndHalfClose) {
   Relay::Side a, b;
   int ta = Pair(&a), tb = Pair(&b);

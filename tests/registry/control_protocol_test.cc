@@ -61,6 +61,9 @@ TEST(ControlProtocolTest, RejectsBadRequestsWithAReason) {
       {"{\"op\":\"save\",\"job\":\"x\",\"type\":\"ssh\",\"host\":\"-oProxy\"}", "host"},
       {"{\"op\":\"wait\",\"job\":\"x\",\"timeout\":-1}", "timeout"},
       {"{\"op\":\"query\"} trailing", "JSON"},
+      // cJSON would cut the string at the NUL: "12\u0000x" must not read as "12".
+      {"{\"op\":\"load\",\"job\":\"12\\u0000x\"}", "NUL"},
+      {"{\"op\":\"verify\",\"job\":\"12\",\"secret\":\"ab\\u0000cd\"}", "NUL"},
   };
   for (const auto& c : cases) {
     auto r = ParseRequest(c.line);

@@ -253,6 +253,16 @@ TEST(SnapshotTest, HandWrittenJobDecodes) {
   EXPECT_TRUE(decoded.ok()) << decoded.status().ToString();
 }
 
+// cJSON would end a string at \u0000 and silently drop the rest.
+TEST(SnapshotTest, EscapedNulInAStringIsCorruption) {
+  Result<std::vector<Job>> decoded =
+      DecodeSnapshot(Seal("[" + JobJson({{"host", "\"node1\\u0000.evil\""}}) + "]"));
+  ASSERT_FALSE(decoded.ok());
+  EXPECT_EQ(decoded.status().code(), Status::Code::kCorruption);
+  EXPECT_NE(decoded.status().message().find("NUL"), std::string::npos)
+      << decoded.status().ToString();
+}
+
 TEST(SnapshotTest, FormatIsChecked) {
   const std::string jobs = "[" + JobJson() + "]";
   EXPECT_NE(CorruptionMessage(Seal(jobs, "2")).find("format 2 is newer"), std::string::npos);
@@ -439,7 +449,7 @@ TEST_F(SnapshotFileTest, ModeIsExactWhateverTheUmask) {
   }
 }
 
-TEST_F(SnapshotFileTest, StaleTempFileIsTruncatedAndChmodded) {
+TEST_F(SnapshotFileTest, StaleTempFileIsReplaced) {
   const std::string tmp = path_ + ".tmp";
   FILE* f = std::fopen(tmp.c_str(), "w");
   ASSERT_NE(f, nullptr);
@@ -450,6 +460,25 @@ TEST_F(SnapshotFileTest, StaleTempFileIsTruncatedAndChmodded) {
   EXPECT_EQ(Read(path_), "new");
   EXPECT_EQ(Mode(path_), 0600u);
   EXPECT_EQ(Entries(), (std::vector<std::string>{"registry.json"}));
+}
+
+// Another user who could create <path>.tmp must not make the daemon write through it: a
+// symlink planted there is replaced, and its target is left alone.
+TEST_F(SnapshotFileTest, PlantedTempSymlinkIsNotFollowed) {
+  const std::string victim = dir_ + "/victim";
+  FILE* f = std::fopen(victim.c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  std::fputs("precious", f);
+  std::fclose(f);
+  ASSERT_EQ(chmod(victim.c_str(), 0644), 0);
+  ASSERT_EQ(symlink(victim.c_str(), (path_ + ".tmp").c_str()), 0);
+  ASSERT_TRUE(WriteFileAtomic(path_, "new", 0600).ok());
+  EXPECT_EQ(Read(victim), "precious");
+  EXPECT_EQ(Mode(victim), 0644u);
+  EXPECT_EQ(Read(path_), "new");
+  struct stat st {};
+  ASSERT_EQ(lstat(path_.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISREG(st.st_mode)) << "the registry became a symlink";
 }
 
 TEST_F(SnapshotFileTest, MissingDirectoryFailsAndLeavesNothing) {
