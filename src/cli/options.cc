@@ -167,8 +167,10 @@ const std::vector<Entry>& Entries() {
         nullptr, kNo},
        &Config::ca_key},
       {{"tls", "cert_days", T::kInt, "365",
-        "Validity in days of the certificates the broker issues (1 to 3650).", nullptr, kNo, 1,
-        3650},
+        "Validity in days of the certificates the broker issues (1 to 397). The broker's CA "
+        "lives 730 days and is replaced by a new one once it has less than cert_days + 30 days "
+        "left; the old one stays in the `ca` bundle until it expires.",
+        nullptr, kNo, 1, 397},
        &Config::cert_days},
       // [ssh]
       {{"ssh", "host_key", T::kPath, "",

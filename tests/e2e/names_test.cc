@@ -1,0 +1,230 @@
+// One name is one job, end to end: job ids fold case in every op, on every proxy path and in
+// certificates, between two real Unix users; the proxy's own names are never a job's.
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <functional>
+#include <thread>
+
+#include "e2e/harness.h"
+#include "proxy/certs.h"
+#include "registry/json.h"
+
+namespace brokerproxy::testing {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000) {
+  auto start = Clock::now();
+  while (Clock::now() - start < std::chrono::milliseconds(timeout_ms)) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  return false;
+}
+
+bool Listening(int port) {
+  int fd = ConnectTcp(port, "127.0.0.1", 2000);
+  if (fd < 0) return false;
+  close(fd);
+  return true;
+}
+
+bool Exists(const std::string& path) { return access(path.c_str(), F_OK) == 0; }
+
+RunOptions As(uid_t uid) {
+  RunOptions o;
+  o.uid = uid;
+  return o;
+}
+
+class NamesTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { signal(SIGPIPE, SIG_IGN); }
+
+  // A certificate directory of `uid`'s own (0700), inside the test's directory.
+  std::string CertDirOf(uid_t uid, const std::string& name) {
+    std::string path = dir_ / name;
+    EXPECT_EQ(mkdir(path.c_str(), 0700), 0);
+    EXPECT_EQ(chown(path.c_str(), uid, PrimaryGid(uid)), 0);
+    return path;
+  }
+  // `curl https://<name>:<proxy port>/` with only the broker's CA trusted.
+  RunResult Curl(const std::string& ca, const std::string& name, int port) {
+    return RunCommand({"curl", "-sS", "--max-time", "15", "--cacert", ca, "--resolve",
+                       name + ":" + std::to_string(port) + ":127.0.0.1",
+                       "https://" + name + ":" + std::to_string(port) + "/?token=alices-token"});
+  }
+
+  TempDir dir_;
+};
+
+// After bp-alice saved ssl job "abc", bp-bob used to save "ABC", get a CA-signed certificate
+// for abc.localhost, listen on alice's idle backend port with it, and read alice's requests
+// while curl said "verify ok". Now "ABC" and "Abc" are alice's job for every op, bob gets no
+// certificate, and curl through the proxy refuses bob's listener.
+TEST_F(NamesTest, AnotherUserGetsNoSpellingOfAJobNorItsCertificate) {
+  std::optional<uid_t> alice = TestUser("bp-alice");
+  std::optional<uid_t> bob = TestUser("bp-bob");
+  if (!alice || !bob || !CanRunAs(*alice) || !CanRunAs(*bob)) {
+    GTEST_SKIP() << "needs the real users bp-alice and bp-bob";
+  }
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string ca = dir_ / "ca.pem";
+  WriteFile(ca, d.Cli({"ca"}).out);
+  std::string alice_certs = CertDirOf(*alice, "alice-certs");
+  std::string bob_certs = CertDirOf(*bob, "bob-certs");
+  int alice_port = FreePort();  // alice's service is not up yet: the port is idle
+
+  RunResult saved = d.Cli({"save", "ssl", "--job-id", "abc", "--port", std::to_string(alice_port),
+                           "--cert-dir", alice_certs, "--json"},
+                          As(*alice));
+  ASSERT_EQ(saved.exit_code, 0) << saved;
+  std::string secret = JsonText(ParseOut(saved).get(), {"job", "secret"});
+  ASSERT_FALSE(secret.empty());
+  // Alice's certificate names her job and nothing else (not its backend 127.0.0.1).
+  auto alice_cert = proxy::ParseCertificatePem(ReadFile(alice_certs + "/abc.crt"));
+  ASSERT_TRUE(alice_cert.ok());
+  EXPECT_EQ(proxy::SubjectAltNames(alice_cert->get()),
+            std::vector<std::string>{"DNS:abc.localhost"});
+
+  for (const std::string id : {"ABC", "Abc"}) {
+    SCOPED_TRACE(id);
+    RunResult ssl = d.Cli({"save", "ssl", "--job-id", id, "--port", std::to_string(alice_port),
+                           "--cert-dir", bob_certs},
+                          As(*bob));
+    EXPECT_EQ(ssl.exit_code, 4) << ssl;  // permission denied
+    EXPECT_FALSE(Exists(bob_certs + "/" + id + ".crt")) << "bob got a certificate for " << id;
+    RunResult ssh = d.Cli({"save", "ssh", "--job-id", id, "--port", "9"}, As(*bob));
+    EXPECT_EQ(ssh.exit_code, 4) << ssh;
+    EXPECT_EQ(d.Cli({"load", id}, As(*bob)).exit_code, 4);
+    EXPECT_EQ(d.Cli({"verify", id, secret}, As(*bob)).exit_code, 4);
+    EXPECT_EQ(d.Cli({"remove", id}, As(*bob)).exit_code, 4);
+    RunResult wait = d.Cli(
+        {"save", "ssh", "--job-id", id, "--port", "9", "--wait", "--wait-timeout", "1s"}, As(*bob));
+    EXPECT_EQ(wait.exit_code, 4) << wait;
+    // Alice reaches her job by any spelling, and it is spelt the one way.
+    auto load = ParseOut(d.Cli({"load", id, "--json"}, As(*alice)));
+    EXPECT_EQ(JsonText(load.get(), {"job", "id"}), "abc");
+    EXPECT_EQ(JsonText(load.get(), {"job", "secret"}), secret);
+  }
+  RunResult query = d.Cli({"query", "--json"}, As(*bob));
+  EXPECT_EQ(query.exit_code, 0) << query;
+  EXPECT_EQ(query.out.find("abc"), std::string::npos) << query;
+  EXPECT_EQ(query.out.find("ABC"), std::string::npos) << query;
+  auto all = ParseOut(d.Cli({"query", "--json"}));
+  const cJSON* jobs = cJSON_GetObjectItemCaseSensitive(all.get(), "jobs");
+  ASSERT_EQ(cJSON_GetArraySize(jobs), 1);
+  EXPECT_EQ(JsonText(cJSON_GetArrayItem(jobs, 0), {"id"}), "abc");
+  EXPECT_EQ(JsonText(cJSON_GetArrayItem(jobs, 0), {"owner"}), std::to_string(*alice));
+
+  // The attack itself: bob listens on alice's idle backend port with the best certificate he
+  // can get (one for abc.localhost if any spelling got him one, else his own job's).
+  RunResult own = d.Cli(
+      {"save", "ssl", "--job-id", "bobjob", "--port", "9", "--cert-dir", bob_certs}, As(*bob));
+  ASSERT_EQ(own.exit_code, 0) << own;
+  std::string best = "bobjob";
+  for (const char* id : {"ABC", "Abc"}) {
+    if (Exists(bob_certs + "/" + id + ".crt")) best = id;
+  }
+  auto impostor = Child::Spawn(
+      {"openssl", "s_server", "-accept", "127.0.0.1:" + std::to_string(alice_port), "-cert",
+       bob_certs + "/" + best + ".crt", "-key", bob_certs + "/" + best + ".key", "-www"},
+      dir_ / "impostor.log", As(*bob));
+  ASSERT_TRUE(impostor);
+  ASSERT_TRUE(WaitUntil([&] { return Listening(alice_port); })) << impostor->Output();
+  // Alice's browser or curl, through the proxy (passthrough to "abc"'s backend) and straight.
+  for (int port : {d.proxy_port(), alice_port}) {
+    RunResult curl = Curl(ca, "abc.localhost", port);
+    EXPECT_NE(curl.exit_code, 0) << "alice's request reached bob's listener: " << curl;
+    EXPECT_FALSE(curl.timed_out) << curl;
+  }
+  impostor->Stop(SIGTERM);
+  EXPECT_EQ(d.Log().find(secret), std::string::npos) << "secrets never appear in logs";
+}
+
+// Whatever the spelling in the request, the preamble and SNI reach the one job.
+TEST_F(NamesTest, PreambleAndServerNameInAnyCaseReachTheJob) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  std::string secret = d.SaveJob("abc", backend.port());
+  ASSERT_FALSE(secret.empty());
+  int fd = ConnectTcp(d.proxy_port());
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "BROKER1 ABC " + secret + "\necho\nhello\n"));
+  EXPECT_EQ(ReadLine(fd), "OK");
+  EXPECT_EQ(ReadLine(fd), "hello");
+  close(fd);
+
+  // An ssl job saved as "WEB" is job "web": SNI arrives lower-cased and must find it.
+  std::string ca = dir_ / "ca.pem";
+  WriteFile(ca, d.Cli({"ca"}).out);
+  int port = FreePort();
+  auto server = Child::Spawn({BinaryPath(),
+                              "save",
+                              "ssl",
+                              "--job-id",
+                              "WEB",
+                              "--port",
+                              std::to_string(port),
+                              "--cert-dir",
+                              dir_ / "certs",
+                              "-c",
+                              d.config_path(),
+                              "--",
+                              "openssl",
+                              "s_server",
+                              "-accept",
+                              "127.0.0.1:{port}",
+                              "-cert",
+                              "{cert}",
+                              "-key",
+                              "{certkey}",
+                              "-www"},
+                             dir_ / "s_server.log");
+  ASSERT_TRUE(server);
+  ASSERT_TRUE(WaitUntil([&] {
+    auto j = ParseOut(d.Cli({"load", "web", "--json"}));
+    return j && JsonText(j.get(), {"job", "ready"}) == "true";
+  })) << server->Output()
+      << d.Log();
+  for (const char* name : {"web.localhost", "WEB.localhost"}) {
+    RunResult curl = Curl(ca, name, d.proxy_port());
+    EXPECT_EQ(curl.exit_code, 0) << name << ": " << curl << "\n" << d.Log();
+    EXPECT_NE(curl.out.find("s_server"), std::string::npos) << curl;
+  }
+  server->Stop(SIGTERM);
+}
+
+// A job named so that <job>.<tls_domain> is one of the proxy's own names would capture the
+// proxy's TLS connections and get a certificate for the proxy's name: refused at save.
+TEST_F(NamesTest, AJobCannotBeNamedLikeTheProxy) {
+  // The proxy is known to clients as login1.localhost ([client] proxy), under the domain.
+  Daemon d(dir_, "[client]\nproxy = login1.localhost:7000\n");
+  ASSERT_TRUE(d.Start());
+  for (const char* id : {"login1", "LOGIN1"}) {
+    for (const char* type : {"ssh", "ssl"}) {
+      RunResult r =
+          d.Cli({"save", type, "--job-id", id, "--port", "9", "--cert-dir", dir_ / "certs"});
+      EXPECT_EQ(r.exit_code, 2) << id << " " << type << ": " << r;
+      EXPECT_NE(r.err.find("login1.localhost is a name of the proxy itself"), std::string::npos)
+          << r;
+    }
+  }
+  EXPECT_EQ(d.Cli({"load", "login1"}).exit_code, 5);
+  EXPECT_FALSE(Exists(dir_ / "certs/login1.crt"));
+  RunResult fine =
+      d.Cli({"save", "ssl", "--job-id", "login2", "--port", "9", "--cert-dir", dir_ / "certs"});
+  EXPECT_EQ(fine.exit_code, 0) << fine;
+}
+
+}  // namespace
+}  // namespace brokerproxy::testing
