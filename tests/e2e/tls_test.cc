@@ -172,6 +172,40 @@ TEST_F(TlsTest, CaCommandPrintsTheCaAndARestartKeepsIt) {
   EXPECT_EQ(again.Log().find("created a new TLS certificate authority"), std::string::npos);
 }
 
+// The CA files of an older version have no name constraints: such a CA could vouch for any
+// name in every browser that trusts it, so the daemon replaces it at start, says so, and no
+// longer hands it out.
+TEST_F(TlsTest, ACaWithoutNameConstraintsIsReplacedAtStart) {
+  Daemon d(dir_);
+  auto old = proxy::CertificateAuthority::Create("brokerproxy CA of an older version");
+  ASSERT_TRUE(old.ok());
+  ASSERT_EQ(mkdir(d.state_dir().c_str(), 0711), 0);
+  WriteFile(d.state_dir() + "/ca.pem", (*old)->cert_pem());
+  WriteFile(d.state_dir() + "/ca-key.pem", (*old)->key_pem(), 0600);
+  ASSERT_TRUE(d.Start());
+  EXPECT_NE(d.Log().find("the CA has no name constraints; clients that trust it must fetch the "
+                         "new one"),
+            std::string::npos)
+      << d.Log();
+  RunResult r = d.Cli({"ca"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(r.out.find((*old)->cert_pem()), std::string::npos) << "the old CA is still handed out";
+  auto ca = proxy::ParseCertificatePem(r.out);
+  ASSERT_TRUE(ca.ok());
+  EXPECT_NE(X509_cmp(ca->get(), (*old)->cert()), 0);
+  auto subtrees = proxy::PermittedSubtrees(ca->get());
+  ASSERT_TRUE(subtrees.has_value());
+  EXPECT_NE(std::find(subtrees->begin(), subtrees->end(), "DNS:.localhost"), subtrees->end());
+  // The proxy's certificate comes from the new CA: connect --tls with the new bundle works.
+  Backend backend;
+  ASSERT_FALSE(d.SaveJob("j", backend.port()).empty());
+  RunResult c = d.Cli({"connect", "j", "--tls", "--stdio", "--proxy",
+                       "127.0.0.1:" + std::to_string(d.proxy_port())},
+                      RunOptions{"echo\nhi\n", std::nullopt, 20000, {}, ""});
+  EXPECT_EQ(c.exit_code, 0) << c;
+  EXPECT_EQ(c.out, "hi\n") << c;
+}
+
 TEST_F(TlsTest, SaveSslIssuesACertificateForAKeyThatStaysWithTheUser) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
