@@ -660,6 +660,7 @@ Result<bool> CaSet::Maintain(int64_t now, const CaConstraints& constraints) {
     current = current_;
     older = older_pem_;
   }
+  const bool had_current = current != nullptr;
   std::string reason;
   bool keep_old = true;
   if (!current) {
@@ -686,6 +687,11 @@ Result<bool> CaSet::Maintain(int64_t now, const CaConstraints& constraints) {
     auto made = CertificateAuthority::Create(options_.common_name, constraints, now);
     if (!made.ok()) return made.status();
     if (current && keep_old) older.insert(older.begin(), current->cert_pem());
+    // Bounded, should the proxy's names keep changing: the oldest go first.
+    while (older.size() >= kMaxBundleCas) {
+      LOG_WARN("dropping the oldest TLS CA from the bundle: it holds at most %zu", kMaxBundleCas);
+      older.pop_back();
+    }
     if (current) {
       LOG_WARN("replacing the TLS CA (SHA-256 %s): %s", current->Fingerprint().c_str(),
                reason.c_str());
@@ -693,13 +699,21 @@ Result<bool> CaSet::Maintain(int64_t now, const CaConstraints& constraints) {
     current = std::move(made).value();
   }
   if (!options_.cert_path.empty()) {
-    // The bundle first: a crash before the key lands leaves the old key, which still finds its
-    // certificate in the new bundle.
     std::string bundle = current->cert_pem();
     for (const std::string& pem : older) bundle += pem;
-    BP_RETURN_IF_ERROR(WriteNewFile(options_.cert_path, bundle, 0644));
-    if (!reason.empty())
+    const bool first = !had_current;
+    // The first CA: its key first, and never a key without its certificate. A new CA: the
+    // bundle first, so a crash before the key lands leaves the old key, which still finds its
+    // certificate in the new bundle.
+    if (first) BP_RETURN_IF_ERROR(WriteNewFile(options_.key_path, current->key_pem(), 0600));
+    Status s = WriteNewFile(options_.cert_path, bundle, 0644);
+    if (!s.ok()) {
+      if (first) ::unlink(options_.key_path.c_str());
+      return s;
+    }
+    if (!first && !reason.empty()) {
       BP_RETURN_IF_ERROR(WriteNewFile(options_.key_path, current->key_pem(), 0600));
+    }
   }
   if (!reason.empty()) {
     LOG_INFO("created a new TLS certificate authority (SHA-256 %s)%s%s; the bundle has %zu CA(s)",

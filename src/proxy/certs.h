@@ -59,6 +59,8 @@ inline constexpr size_t kMaxCsrBytes = 8192;
 inline constexpr int kCaDays = 730;
 inline constexpr int kCaRenewMarginDays = 30;
 inline constexpr int kMaxCertDays = 397;
+// The CA bundle holds at most this many certificates (the current CA included).
+inline constexpr size_t kMaxBundleCas = 8;
 inline constexpr int kBackdateSeconds = 300;
 
 struct KeyAndCsr {
@@ -194,7 +196,8 @@ Status VerifyAgainstCa(X509* leaf, X509* ca);
 //     once, since it could vouch for any name; clients must fetch the CA again), or
 //   - has constraints that do not permit `constraints` (the domain or the proxy's names
 //     changed; the old one stays in the bundle).
-// Expired CAs leave the bundle. Thread-safe: current() and bundle_pem() may be called from any
+// Expired CAs leave the bundle, and it holds at most kMaxBundleCas (the oldest go first, should
+// the proxy's names keep changing). Thread-safe: current() and bundle_pem() may be called from any
 // thread while Maintain() runs on another.
 class CaSet {
  public:

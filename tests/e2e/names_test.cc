@@ -14,6 +14,7 @@
 #include "e2e/harness.h"
 #include "proxy/certs.h"
 #include "registry/json.h"
+#include "registry/snapshot.h"
 
 namespace brokerproxy::testing {
 namespace {
@@ -148,6 +149,48 @@ TEST_F(NamesTest, AnotherUserGetsNoSpellingOfAJobNorItsCertificate) {
   }
   impostor->Stop(SIGTERM);
   EXPECT_EQ(d.Log().find(secret), std::string::npos) << "secrets never appear in logs";
+}
+
+// A registry.json from before ids were case-insensitive, holding alice's "abc" and the "ABC"
+// bob saved later: the daemon starts, the name stays alice's, and the log says what was
+// dropped without a secret.
+TEST_F(NamesTest, AnOldRegistryWithIdsThatDifferInCaseKeepsTheFirstJob) {
+  std::optional<uid_t> alice = TestUser("bp-alice");
+  std::optional<uid_t> bob = TestUser("bp-bob");
+  if (!alice || !bob || !CanRunAs(*alice) || !CanRunAs(*bob)) {
+    GTEST_SKIP() << "needs the real users bp-alice and bp-bob";
+  }
+  Daemon d(dir_);
+  auto job = [](std::string id, uid_t owner, int64_t created, char secret) {
+    registry::Job j;
+    j.id = std::move(id);
+    j.owner = owner;
+    j.host = "127.0.0.1";
+    j.port = 9;
+    j.secret = std::string(64, secret);
+    j.created = created;
+    return j;
+  };
+  registry::Job squatter = job("ABC", *bob, 1'700'000'100, 'b');
+  registry::Job owner = job("abc", *alice, 1'700'000'000, 'a');
+  ASSERT_EQ(mkdir(d.state_dir().c_str(), 0711), 0);
+  WriteFile(d.state_dir() + "/registry.json", registry::EncodeSnapshot({&squatter, &owner}), 0600);
+  ASSERT_TRUE(d.Start());
+  EXPECT_NE(d.Log().find("dropped job \"ABC\" of uid " + std::to_string(*bob)), std::string::npos)
+      << d.Log();
+  EXPECT_EQ(d.Log().find(squatter.secret), std::string::npos);
+  EXPECT_EQ(d.Log().find(owner.secret), std::string::npos);
+  for (const char* id : {"abc", "ABC"}) {
+    auto load = ParseOut(d.Cli({"load", id, "--json"}, As(*alice)));
+    EXPECT_EQ(JsonText(load.get(), {"job", "id"}), "abc") << id;
+    EXPECT_EQ(JsonText(load.get(), {"job", "secret"}), owner.secret) << id;
+    EXPECT_EQ(d.Cli({"load", id}, As(*bob)).exit_code, 4) << id;
+  }
+  int fd = ConnectTcp(d.proxy_port());
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "BROKER1 ABC " + squatter.secret + "\n"));
+  EXPECT_EQ(ReadLine(fd), "ERR denied");
+  close(fd);
 }
 
 // Whatever the spelling in the request, the preamble and SNI reach the one job.

@@ -396,6 +396,24 @@ TEST(CaRotationTest, NewCaAheadOfExpiryOldOneKeptUntilItExpires) {
   EXPECT_EQ(ReadFile(o.cert_path), second->cert_pem());
 }
 
+// Each change of the proxy's names makes a new CA and keeps the old one: the bundle stays
+// bounded however often that happens.
+TEST(CaRotationTest, TheBundleIsBounded) {
+  CaSet::Options o;
+  o.common_name = "test CA";
+  o.constraints = TestConstraints();
+  auto set = CaSet::LoadOrCreate(o, Now());
+  ASSERT_TRUE(set.ok());
+  for (int i = 1; i <= 12; ++i) {
+    o.constraints.ips.push_back("10.0.0." + std::to_string(i));  // a new interface address
+    auto r = (*set)->Maintain(Now(), o.constraints);
+    ASSERT_TRUE(r.ok());
+    EXPECT_TRUE(*r);
+    EXPECT_TRUE(PermitsAll((*set)->current()->cert(), o.constraints));
+  }
+  EXPECT_EQ((*set)->bundle_size(), kMaxBundleCas);
+}
+
 TEST(CaRotationTest, CertificatesNeverOutliveTheCa) {
   CaConstraints c = TestConstraints();
   // A CA with 10 days left signs a "90-day" certificate: it ends with the CA.
