@@ -8,7 +8,9 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <functional>
+#include <memory>
 #include <thread>
 
 #include "e2e/harness.h"
@@ -245,6 +247,71 @@ TEST_F(NamesTest, PreambleAndServerNameInAnyCaseReachTheJob) {
     EXPECT_NE(curl.out.find("s_server"), std::string::npos) << curl;
   }
   server->Stop(SIGTERM);
+}
+
+// Certificates used to name the backend host's addresses, looked up with a blocking
+// getaddrinfo on the daemon's thread pool: with slow DNS, a few `save ssl` calls held every
+// pool thread, and everyone's saves (whose registry writes use the same pool) waited. Here the
+// daemon's getaddrinfo takes 20 s for names containing "slow-dns"; issuing resolves nothing, so
+// eight `save ssl` with such backend hosts and a plain save beside them finish at once.
+TEST_F(NamesTest, IssuingACertificateResolvesNothing) {
+  std::string src = dir_ / "slow_dns.c";
+  WriteFile(src, R"(#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netdb.h>
+#include <string.h>
+#include <unistd.h>
+int getaddrinfo(const char* node, const char* service, const struct addrinfo* hints,
+                struct addrinfo** res) {
+  int (*real)(const char*, const char*, const struct addrinfo*, struct addrinfo**) =
+      dlsym(RTLD_NEXT, "getaddrinfo");
+  if (node && strstr(node, "slow-dns")) sleep(20);
+  return real(node, service, hints, res);
+}
+)");
+  std::string shim = dir_ / "slow_dns.so";
+  RunResult cc = RunCommand({"cc", "-shared", "-fPIC", "-o", shim, src, "-ldl"});
+  if (cc.exit_code != 0) GTEST_SKIP() << "cannot build the slow getaddrinfo: " << cc;
+  Daemon d(dir_);
+  const char* asan = std::getenv("ASAN_OPTIONS");
+  // The sanitizer runtime wants to come first among preloaded libraries; the shim comes first.
+  d.set_launcher({"env", "LD_PRELOAD=" + shim,
+                  std::string("ASAN_OPTIONS=") + (asan ? asan : "") + ":verify_asan_link_order=0"});
+  ASSERT_TRUE(d.Start());
+  ASSERT_NE(ReadFile("/proc/" + std::to_string(d.pid()) + "/maps").find("slow_dns.so"),
+            std::string::npos)
+      << "the daemon runs without the slow getaddrinfo, so this test could not fail";
+
+  auto start = Clock::now();
+  std::vector<std::unique_ptr<Child>> saves;
+  for (int i = 0; i < 8; ++i) {
+    std::string id = "s" + std::to_string(i);
+    saves.push_back(
+        Child::Spawn({BinaryPath(), "save", "ssl", "--job-id", id, "--host", "node-slow-dns-" + id,
+                      "--port", "9", "--cert-dir", dir_ / "certs", "-c", d.config_path()},
+                     dir_ / (id + ".log")));
+  }
+  saves.push_back(Child::Spawn(
+      {BinaryPath(), "save", "ssh", "--job-id", "plain", "--port", "9", "-c", d.config_path()},
+      dir_ / "plain.log"));
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        for (auto& c : saves) {
+          if (c && c->Running()) return false;
+        }
+        return true;
+      },
+      60000));
+  auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start);
+  for (auto& c : saves) {
+    ASSERT_TRUE(c);
+    EXPECT_EQ(c->Stop(), 0) << c->Output();
+  }
+  // Generous for an ASan build on a loaded machine; one slow look-up alone takes 20 s.
+  EXPECT_LT(elapsed.count(), 10000) << "saves waited for DNS";
+  auto cert = proxy::ParseCertificatePem(ReadFile(dir_ / "certs/s0.crt"));
+  ASSERT_TRUE(cert.ok());
+  EXPECT_EQ(proxy::SubjectAltNames(cert->get()), std::vector<std::string>{"DNS:s0.localhost"});
 }
 
 // A job named so that <job>.<tls_domain> is one of the proxy's own names would capture the
