@@ -253,6 +253,13 @@ class Daemon {
             return;
           }
           tls_settings_->server_ctx = std::move(ctx).value();  // for new connections
+          // Its names may have changed: routing and the id check at save follow them.
+          if (auto cert = proxy::ParseCertificatePem((*result)->value().cert_pem); cert.ok()) {
+            tls_settings_->proxy_names.clear();
+            for (const std::string& name : proxy::SubjectAltNames(cert->get())) {
+              if (name.starts_with("DNS:")) tls_settings_->proxy_names.push_back(name.substr(4));
+            }
+          }
           LOG_INFO("renewed the proxy's TLS certificate");
         });
   }
