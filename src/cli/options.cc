@@ -157,12 +157,14 @@ const std::vector<Entry>& Entries() {
         nullptr, kNo},
        &Config::tls_domain},
       {{"tls", "ca_cert", T::kPath, "",
-        "CA certificate (PEM) with which the broker issues certificates to ssl jobs and to its "
-        "own TLS endpoint; clients verify against it. Empty means <state_dir>/ca.pem.",
+        "CA bundle (PEM): first the current CA, with which the broker issues certificates to "
+        "ssl jobs and to its own TLS endpoint, then older CAs not yet expired; clients verify "
+        "against it. Made on first start, and kept up to date by the daemon (a CA without name "
+        "constraints is replaced). Empty means <state_dir>/ca.pem.",
         nullptr, kNo},
        &Config::ca_cert},
       {{"tls", "ca_key", T::kPath, "",
-        "Private key of that CA (PEM); only the daemon's user may read it. Empty means "
+        "Private key of the current CA (PEM); only the daemon's user may read it. Empty means "
         "<state_dir>/ca-key.pem.",
         nullptr, kNo},
        &Config::ca_key},
