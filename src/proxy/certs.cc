@@ -692,7 +692,10 @@ Result<bool> CaSet::Maintain(int64_t now, const CaConstraints& constraints) {
       LOG_WARN("dropping the oldest TLS CA from the bundle: it holds at most %zu", kMaxBundleCas);
       older.pop_back();
     }
-    if (current) {
+    if (current && keep_old) {
+      LOG_INFO("replacing the TLS CA (SHA-256 %s): %s; it stays in the CA bundle until it expires",
+               current->Fingerprint().c_str(), reason.c_str());
+    } else if (current) {
       LOG_WARN("replacing the TLS CA (SHA-256 %s): %s", current->Fingerprint().c_str(),
                reason.c_str());
     }
