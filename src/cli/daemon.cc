@@ -241,7 +241,7 @@ class Daemon {
         *loop_, [this, &tls] { tls = SetUpDaemonTls(config_); }, [&done] { done = true; });
     while (!done) loop_->Run(UV_RUN_ONCE);
     if (!tls.ok()) return tls.status();
-    ca_ = tls->ca;
+    cas_ = tls->cas;
     tls_settings_ = std::make_shared<proxy::TlsSettings>();
     for (char c : config_.tls_domain) {
       tls_settings_->domain += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -254,15 +254,19 @@ class Daemon {
         if (name.starts_with("DNS:")) tls_settings_->proxy_names.push_back(name.substr(4));
       }
     }
-    broker_->set_ca_provider([ca = ca_]() -> Result<std::string> { return ca->cert_pem(); });
+    broker_->set_ca_provider([cas = cas_]() -> Result<std::string> { return cas->bundle_pem(); });
     broker_->set_cert_issuer(
-        MakeCertIssuer(loop_.get(), ca_, tls_settings_->domain, config_.cert_days));
+        MakeCertIssuer(loop_.get(), cas_, tls_settings_->domain, config_.cert_days));
+    broker_->set_id_check([settings = tls_settings_](const std::string& id) {
+      return CheckJobIdAgainstProxyNames(id, settings->domain, settings->proxy_names);
+    });
     auto timer = loop::Timer::Create(*loop_);
     if (!timer.ok()) return timer.status();
     renew_timer_ = std::move(timer).value();
     renew_timer_->Start(kRenewCheckMs, kRenewCheckMs, [this] { RenewServerCert(); });
     LOG_INFO("TLS: CA %s (SHA-256 %s); server names under %s go to ssl jobs",
-             config_.ca_cert.c_str(), ca_->Fingerprint().c_str(), tls_settings_->domain.c_str());
+             config_.ca_cert.c_str(), cas_->current()->Fingerprint().c_str(),
+             tls_settings_->domain.c_str());
     return Status::OK();
   }
 
@@ -272,7 +276,9 @@ class Daemon {
         std::make_shared<Result<std::optional<proxy::KeyAndCert>>>(Status::Internal("not run"));
     renewal_ = loop::QueueWork(
         *loop_,
-        [config = config_, ca = ca_, result] { *result = RenewServerCertIfDue(config, *ca); },
+        [config = config_, cas = cas_, result] {
+          *result = RenewServerCertIfDue(config, cas.get());
+        },
         [this, result] {
           if (!result->ok()) {
             LOG_WARN("renewing the proxy's TLS certificate: %s",
@@ -287,6 +293,13 @@ class Daemon {
             return;
           }
           tls_settings_->server_ctx = std::move(ctx).value();  // for new connections
+          // Its names may have changed: routing and the id check at save follow them.
+          if (auto cert = proxy::ParseCertificatePem((*result)->value().cert_pem); cert.ok()) {
+            tls_settings_->proxy_names.clear();
+            for (const std::string& name : proxy::SubjectAltNames(cert->get())) {
+              if (name.starts_with("DNS:")) tls_settings_->proxy_names.push_back(name.substr(4));
+            }
+          }
           LOG_INFO("renewed the proxy's TLS certificate");
         });
   }
@@ -343,7 +356,7 @@ class Daemon {
   std::unique_ptr<proxy::Proxy> proxy_;
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
   loop::HandlePtr<loop::Timer> drain_timer_;
-  std::shared_ptr<const proxy::CertificateAuthority> ca_;
+  std::shared_ptr<proxy::CaSet> cas_;
   std::shared_ptr<proxy::TlsSettings> tls_settings_;
   loop::HandlePtr<loop::Timer> renew_timer_;
   loop::Pending renewal_;

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <ctime>
 
 #include "loop/log.h"
 #include "loop/work.h"
@@ -100,17 +101,34 @@ proxy::LeafProfile ProxyCertProfile(const Config& config) {
   return p;
 }
 
+proxy::CaConstraints CaConstraintsFor(const Config& config, const proxy::LeafProfile& proxy) {
+  proxy::CaConstraints c;
+  c.dns.push_back("." + Lower(config.tls_domain));
+  for (const std::string& name : proxy.dns_names) {
+    if (std::find(c.dns.begin(), c.dns.end(), name) == c.dns.end()) c.dns.push_back(name);
+  }
+  c.ips = proxy.ip_addresses;
+  return c;
+}
+
 Result<DaemonTls> SetUpDaemonTls(const Config& config) {
   if (!proxy::ValidDnsName(config.tls_domain)) {
     return Status::InvalidArgument("[tls] tls_domain: '" + config.tls_domain +
                                    "' is not a DNS name");
   }
-  auto ca = proxy::CertificateAuthority::LoadOrCreate(config.ca_cert, config.ca_key);
-  if (!ca.ok()) return ca.status().WithContext("TLS certificate authority");
   proxy::LeafProfile profile = ProxyCertProfile(config);
+  proxy::CaSet::Options options;
+  options.cert_path = config.ca_cert;
+  options.key_path = config.ca_key;
+  options.common_name = "brokerproxy CA on " + profile.common_name;
+  options.constraints = CaConstraintsFor(config, profile);
+  options.cert_days = config.cert_days;
+  auto cas = proxy::CaSet::LoadOrCreate(std::move(options), ::time(nullptr));
+  if (!cas.ok()) return cas.status().WithContext("TLS certificate authority");
   bool reissued = false;
-  auto server = proxy::LoadOrIssueServerCert(**ca, ServerCertPath(config), ServerKeyPath(config),
-                                             profile, config.cert_days / 3, &reissued);
+  auto server =
+      proxy::LoadOrIssueServerCert(*(*cas)->current(), ServerCertPath(config),
+                                   ServerKeyPath(config), profile, config.cert_days / 3, &reissued);
   if (!server.ok()) return server.status().WithContext("the proxy's TLS certificate");
   auto cert = proxy::ParseCertificatePem(server->cert_pem);
   if (!cert.ok()) return cert.status();
@@ -124,96 +142,68 @@ Result<DaemonTls> SetUpDaemonTls(const Config& config) {
     LOG_INFO("issued the proxy's TLS certificate %s for %s", ServerCertPath(config).c_str(),
              names.c_str());
   }
-  out.ca = std::move(ca).value();
+  out.cas = std::move(cas).value();
   out.server = std::move(server).value();
   return out;
 }
 
-Result<std::optional<proxy::KeyAndCert>> RenewServerCertIfDue(
-    const Config& config, const proxy::CertificateAuthority& ca) {
+Result<std::optional<proxy::KeyAndCert>> RenewServerCertIfDue(const Config& config,
+                                                              proxy::CaSet* cas) {
+  proxy::LeafProfile profile = ProxyCertProfile(config);
+  // A new CA first (if due), so that the proxy's certificate below is reissued by it.
+  auto rotated = cas->Maintain(::time(nullptr), CaConstraintsFor(config, profile));
+  if (!rotated.ok()) return rotated.status().WithContext("TLS certificate authority");
   bool reissued = false;
   auto server =
-      proxy::LoadOrIssueServerCert(ca, ServerCertPath(config), ServerKeyPath(config),
-                                   ProxyCertProfile(config), config.cert_days / 3, &reissued);
+      proxy::LoadOrIssueServerCert(*cas->current(), ServerCertPath(config), ServerKeyPath(config),
+                                   profile, config.cert_days / 3, &reissued);
   if (!server.ok()) return server.status();
   if (!reissued) return std::optional<proxy::KeyAndCert>();
   return std::optional<proxy::KeyAndCert>(std::move(server).value());
 }
 
-namespace {
-
-// Signs on the pool and reports to `done` on the loop. The token is kept by the request itself
-// (in its own completion), so the signing always reports; its caller (the Broker) ignores a
-// report that comes after it went.
-void SignOnPool(loop::Loop* loop, std::shared_ptr<const proxy::CertificateAuthority> ca,
-                std::string domain, int days, std::string csr, std::string id, std::string host,
-                std::vector<std::string> addresses,
-                std::function<void(Result<registry::Broker::IssuedCert>)> done) {
-  using Issued = registry::Broker::IssuedCert;
-  // The work function owns copies of everything: it runs to its end whatever happens.
-  auto result = std::make_shared<Result<Issued>>(Status::Internal("not issued"));
-  auto names = std::make_shared<std::vector<std::string>>();
-  auto token = std::make_shared<loop::Pending>();
-  *token = loop::QueueWork(
-      *loop,
-      [ca, domain, days, csr, result, names, id, host, addresses] {
-        proxy::LeafProfile profile = proxy::JobLeafProfile(id, domain, host, addresses, days);
-        auto pem = ca->IssueFromCsr(csr, profile);
-        if (!pem.ok()) {
-          *result = pem.status();
-          return;
-        }
-        for (const auto& d : profile.dns_names) names->push_back("DNS:" + d);
-        for (const auto& a : profile.ip_addresses) names->push_back("IP:" + a);
-        *result = Issued{std::move(pem).value(), ca->cert_pem()};
-      },
-      [token, result, names, id, done = std::move(done)] {
-        if (result->ok()) {
-          std::string list;
-          for (const auto& n : *names) list += (list.empty() ? "" : " ") + n;
-          LOG_INFO("issued a TLS certificate to job %s for %s", id.c_str(), list.c_str());
-        } else {
-          LOG_INFO("refused a certificate to job %s: %s", id.c_str(),
-                   result->status().ToString().c_str());
-        }
-        done(std::move(*result));
-      });
+Status CheckJobIdAgainstProxyNames(const std::string& id, const std::string& domain,
+                                   const std::vector<std::string>& proxy_names) {
+  std::string name = Lower(id + "." + domain);
+  if (std::find(proxy_names.begin(), proxy_names.end(), name) != proxy_names.end()) {
+    return Status::InvalidArgument("job id '" + id + "' is refused: " + name +
+                                   " is a name of the proxy itself");
+  }
+  return Status::OK();
 }
 
-}  // namespace
-
-registry::Broker::CertIssuer MakeCertIssuer(loop::Loop* loop,
-                                            std::shared_ptr<const proxy::CertificateAuthority> ca,
+registry::Broker::CertIssuer MakeCertIssuer(loop::Loop* loop, std::shared_ptr<proxy::CaSet> cas,
                                             std::string domain, int days) {
-  return [loop, ca, domain, days](const registry::Job& job, const std::string& csr,
-                                  std::function<void(Result<registry::Broker::IssuedCert>)> done) {
-    // The host's addresses come from the loop's resolver, bounded in time and in look-ups at
-    // once (loop/work.h): a blocking getaddrinfo inside the signing work would hold a pool
-    // thread for as long as DNS takes, and enough ssl saves of names that never resolve would
-    // take every thread from the registry's writes. A name that does not resolve (in time)
-    // gets a certificate without addresses.
-    return loop::Resolve(
-        *loop, job.host, 0,
-        [loop, ca, domain, days, csr, id = job.id, host = job.host,
-         done = std::move(done)](Result<std::vector<sockaddr_storage>> resolved) mutable {
-          std::vector<std::string> addresses;
-          if (resolved.ok()) {
-            for (const sockaddr_storage& ss : *resolved) {
-              char text[INET6_ADDRSTRLEN] = "";
-              const void* in = ss.ss_family == AF_INET
-                                   ? static_cast<const void*>(
-                                         &reinterpret_cast<const sockaddr_in*>(&ss)->sin_addr)
-                                   : static_cast<const void*>(
-                                         &reinterpret_cast<const sockaddr_in6*>(&ss)->sin6_addr);
-              if (inet_ntop(ss.ss_family, in, text, sizeof(text)) == nullptr) continue;
-              if (std::find(addresses.begin(), addresses.end(), text) == addresses.end()) {
-                addresses.push_back(text);
-              }
-            }
+  return [loop, cas, domain, days](const registry::Job& job, const std::string& csr,
+                                   std::function<void(Result<registry::Broker::IssuedCert>)> done) {
+    using Issued = registry::Broker::IssuedCert;
+    // The work function owns copies of everything: a detached job still runs to its end.
+    auto result = std::make_shared<Result<Issued>>(Status::Internal("not issued"));
+    auto names = std::make_shared<std::vector<std::string>>();
+    return loop::QueueWork(
+        *loop,
+        [cas, domain, days, csr, result, names, id = job.id] {
+          proxy::LeafProfile profile = proxy::JobLeafProfile(id, domain, days);
+          auto pem = cas->current()->IssueFromCsr(csr, profile);
+          if (!pem.ok()) {
+            *result = pem.status();
+            return;
           }
-          SignOnPool(loop, ca, domain, days, csr, id, host, std::move(addresses), std::move(done));
+          for (const auto& d : profile.dns_names) names->push_back("DNS:" + d);
+          for (const auto& a : profile.ip_addresses) names->push_back("IP:" + a);
+          *result = Issued{std::move(pem).value(), cas->bundle_pem()};
         },
-        job.owner);
+        [result, names, id = job.id, done = std::move(done)] {
+          if (result->ok()) {
+            std::string list;
+            for (const auto& n : *names) list += (list.empty() ? "" : " ") + n;
+            LOG_INFO("issued a TLS certificate to job %s for %s", id.c_str(), list.c_str());
+          } else {
+            LOG_INFO("refused a certificate to job %s: %s", id.c_str(),
+                     result->status().ToString().c_str());
+          }
+          done(std::move(*result));
+        });
   };
 }
 

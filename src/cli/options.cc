@@ -166,18 +166,22 @@ const std::vector<Entry>& Entries() {
         nullptr, kNo},
        &Config::tls_domain},
       {{"tls", "ca_cert", T::kPath, "",
-        "CA certificate (PEM) with which the broker issues certificates to ssl jobs and to its "
-        "own TLS endpoint; clients verify against it. Empty means <state_dir>/ca.pem.",
+        "CA bundle (PEM): first the current CA, with which the broker issues certificates to "
+        "ssl jobs and to its own TLS endpoint, then older CAs not yet expired; clients verify "
+        "against it. Made on first start, and kept up to date by the daemon (a CA without name "
+        "constraints is replaced). Empty means <state_dir>/ca.pem.",
         nullptr, kNo},
        &Config::ca_cert},
       {{"tls", "ca_key", T::kPath, "",
-        "Private key of that CA (PEM); only the daemon's user may read it. Empty means "
+        "Private key of the current CA (PEM); only the daemon's user may read it. Empty means "
         "<state_dir>/ca-key.pem.",
         nullptr, kNo},
        &Config::ca_key},
       {{"tls", "cert_days", T::kInt, "365",
-        "Validity in days of the certificates the broker issues (1 to 3650).", nullptr, kNo, 1,
-        3650},
+        "Validity in days of the certificates the broker issues (1 to 397). The broker's CA "
+        "lives 730 days and is replaced by a new one once it has less than cert_days + 30 days "
+        "left; the old one stays in the `ca` bundle until it expires.",
+        nullptr, kNo, 1, 397},
        &Config::cert_days},
       // [ssh]
       {{"ssh", "host_key", T::kPath, "",

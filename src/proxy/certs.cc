@@ -54,12 +54,6 @@ Result<EvpPkeyPtr> NewP256Key() {
   return key;
 }
 
-std::string HostName() {
-  char buf[256] = {};
-  if (gethostname(buf, sizeof(buf) - 1) != 0 || buf[0] == '\0') return "localhost";
-  return buf;
-}
-
 std::string DirName(const std::string& path) {
   size_t slash = path.rfind('/');
   if (slash == std::string::npos) return ".";
@@ -137,6 +131,141 @@ Status AddSubjectAltNames(X509* cert, const LeafProfile& p) {
   return Status::OK();
 }
 
+Result<ASN1_OCTET_STRING*> IpOctets(const std::string& ip, bool with_mask) {
+  unsigned char buf[32];
+  size_t len = 0;
+  if (inet_pton(AF_INET, ip.c_str(), buf) == 1) {
+    len = 4;
+  } else if (inet_pton(AF_INET6, ip.c_str(), buf) == 1) {
+    len = 16;
+  } else {
+    return Status::InvalidArgument("not an IP address: " + ip);
+  }
+  if (with_mask) {
+    std::memset(buf + len, 0xff, len);  // exactly this address
+    len *= 2;
+  }
+  ASN1_OCTET_STRING* octets = ASN1_OCTET_STRING_new();
+  if (!octets || ASN1_OCTET_STRING_set(octets, buf, static_cast<int>(len)) != 1) {
+    ASN1_OCTET_STRING_free(octets);
+    return SslError("building an IP name");
+  }
+  return octets;
+}
+
+// nameConstraints with permitted subtrees only, built from GENERAL_NAME objects, critical (RFC
+// 5280 requires it, and a client that does not understand it must then refuse the CA).
+Status AddNameConstraints(X509* cert, const CaConstraints& c) {
+  if (c.empty()) return Status::OK();
+  NAME_CONSTRAINTS* nc = NAME_CONSTRAINTS_new();
+  if (!nc) return SslError("allocating nameConstraints");
+  auto free_nc = [](NAME_CONSTRAINTS* n) { NAME_CONSTRAINTS_free(n); };
+  std::unique_ptr<NAME_CONSTRAINTS, decltype(free_nc)> owner(nc, free_nc);
+  nc->permittedSubtrees = sk_GENERAL_SUBTREE_new_null();
+  if (!nc->permittedSubtrees) return SslError("allocating nameConstraints");
+  auto push = [nc](GENERAL_NAME* gn) -> Status {
+    GENERAL_SUBTREE* st = GENERAL_SUBTREE_new();
+    if (!st) {
+      GENERAL_NAME_free(gn);
+      return SslError("building nameConstraints");
+    }
+    GENERAL_NAME_free(st->base);
+    st->base = gn;
+    if (sk_GENERAL_SUBTREE_push(nc->permittedSubtrees, st) <= 0) {
+      GENERAL_SUBTREE_free(st);
+      return SslError("building nameConstraints");
+    }
+    return Status::OK();
+  };
+  for (const std::string& dns : c.dns) {
+    std::string_view bare = dns;
+    if (bare.starts_with('.')) bare.remove_prefix(1);
+    if (!ValidDnsName(bare)) return Status::InvalidArgument("not a valid DNS name: " + dns);
+    ASN1_IA5STRING* ia5 = ASN1_IA5STRING_new();
+    GENERAL_NAME* gn = GENERAL_NAME_new();
+    if (!ia5 || !gn || ASN1_STRING_set(ia5, dns.data(), static_cast<int>(dns.size())) != 1) {
+      ASN1_IA5STRING_free(ia5);
+      GENERAL_NAME_free(gn);
+      return SslError("building a DNS name");
+    }
+    GENERAL_NAME_set0_value(gn, GEN_DNS, ia5);
+    BP_RETURN_IF_ERROR(push(gn));
+  }
+  for (const std::string& ip : c.ips) {
+    auto octets = IpOctets(ip, /*with_mask=*/true);
+    if (!octets.ok()) return octets.status();
+    GENERAL_NAME* gn = GENERAL_NAME_new();
+    if (!gn) {
+      ASN1_OCTET_STRING_free(*octets);
+      return SslError("building an IP name");
+    }
+    GENERAL_NAME_set0_value(gn, GEN_IPADD, *octets);
+    BP_RETURN_IF_ERROR(push(gn));
+  }
+  if (X509_add1_ext_i2d(cert, NID_name_constraints, nc, 1, X509V3_ADD_DEFAULT) != 1) {
+    return SslError("adding nameConstraints");
+  }
+  return Status::OK();
+}
+
+// A permitted subtree: a DNS base (lower case) or an IP address + mask.
+struct Subtree {
+  int type = GEN_DNS;
+  std::string value;
+};
+
+std::optional<std::vector<Subtree>> ReadSubtrees(X509* ca) {
+  auto* nc =
+      static_cast<NAME_CONSTRAINTS*>(X509_get_ext_d2i(ca, NID_name_constraints, nullptr, nullptr));
+  if (!nc) {
+    ERR_clear_error();
+    return std::nullopt;
+  }
+  std::vector<Subtree> out;
+  for (int i = 0; i < sk_GENERAL_SUBTREE_num(nc->permittedSubtrees); ++i) {
+    const GENERAL_NAME* gn = sk_GENERAL_SUBTREE_value(nc->permittedSubtrees, i)->base;
+    if (gn->type != GEN_DNS && gn->type != GEN_IPADD) continue;
+    const ASN1_STRING* s = gn->type == GEN_DNS ? gn->d.dNSName : gn->d.iPAddress;
+    std::string value(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
+                      static_cast<size_t>(ASN1_STRING_length(s)));
+    out.push_back({gn->type, gn->type == GEN_DNS ? Lower(value) : value});
+  }
+  NAME_CONSTRAINTS_free(nc);
+  if (out.empty()) return std::nullopt;
+  return out;
+}
+
+// RFC 5280 / OpenSSL's rule: `base` permits `name` if equal, or if `name` ends with `base` and
+// either `base` starts with '.' or the character before the match is one.
+bool DnsPermits(std::string_view base, std::string_view name) {
+  if (name.size() < base.size() || !name.ends_with(base)) return false;
+  if (name.size() == base.size()) return true;
+  return base.starts_with('.') || name[name.size() - base.size() - 1] == '.';
+}
+
+bool IpPermits(const std::string& base, const std::string& address) {
+  if (base.size() != 2 * address.size()) return false;
+  for (size_t i = 0; i < address.size(); ++i) {
+    unsigned char mask = static_cast<unsigned char>(base[address.size() + i]);
+    if ((static_cast<unsigned char>(base[i]) & mask) !=
+        (static_cast<unsigned char>(address[i]) & mask)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::string Hex(std::string_view bytes) {
+  static const char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (char c : bytes) {
+    auto b = static_cast<unsigned char>(c);
+    out += kHex[b >> 4];
+    out += kHex[b & 15];
+  }
+  return out;
+}
+
 Status SetRandomSerial(X509* cert) {
   unsigned char bytes[16];
   if (RAND_bytes(bytes, sizeof(bytes)) != 1) return SslError("random serial");
@@ -152,13 +281,15 @@ Status SetRandomSerial(X509* cert) {
   return ok == 1 ? Status::OK() : SslError("serial number");
 }
 
-// The fields every certificate shares: version 3, serial, validity, subject, public key.
+// The fields every certificate shares: version 3, serial, validity (from `now` backdated,
+// for `valid_seconds`), subject, public key.
 Status FillCommon(X509* cert, EVP_PKEY* subject_key, const std::string& common_name,
-                  const std::string& unit, int days) {
+                  const std::string& unit, int64_t now, int64_t valid_seconds) {
   if (X509_set_version(cert, 2) != 1) return SslError("certificate version");
   BP_RETURN_IF_ERROR(SetRandomSerial(cert));
-  if (!X509_gmtime_adj(X509_getm_notBefore(cert), -kBackdateSeconds) ||
-      !X509_gmtime_adj(X509_getm_notAfter(cert), static_cast<long>(days) * 86400L)) {
+  time_t t = static_cast<time_t>(now);
+  if (!X509_time_adj_ex(X509_getm_notBefore(cert), 0, -kBackdateSeconds, &t) ||
+      !X509_time_adj_ex(X509_getm_notAfter(cert), 0, static_cast<long>(valid_seconds), &t)) {
     return SslError("certificate validity");
   }
   X509_NAME* name = X509_get_subject_name(cert);
@@ -290,48 +421,28 @@ bool IsGlobalAddress(std::string_view text) {
   return true;
 }
 
-LeafProfile JobLeafProfile(const std::string& job_id, const std::string& domain,
-                           const std::string& host, const std::vector<std::string>& host_addresses,
-                           int days) {
+LeafProfile JobLeafProfile(const std::string& job_id, const std::string& domain, int days) {
   LeafProfile p;
   std::string own = Lower(job_id + "." + domain);
-  p.common_name = own.size() <= 64 ? own : job_id;
+  p.common_name = own.size() <= 64 ? own : Lower(job_id);
   p.unit = kJobCertUnit;
   p.days = days;
-  auto add_dns = [&p](const std::string& name) {
-    std::string n = Lower(name);
-    if (ValidDnsName(n) &&
-        std::find(p.dns_names.begin(), p.dns_names.end(), n) == p.dns_names.end())
-      p.dns_names.push_back(n);
-  };
-  auto add_ip = [&p](const std::string& ip) {
-    if (IsIpLiteral(ip) && !IsGlobalAddress(ip) &&
-        std::find(p.ip_addresses.begin(), p.ip_addresses.end(), ip) == p.ip_addresses.end())
-      p.ip_addresses.push_back(ip);
-  };
-  add_dns(own);
-  if (IsIpLiteral(host)) {
-    add_ip(host);
-  } else if (host.find('.') == std::string::npos) {
-    // A single-label name ("node7"): meaningful inside the cluster only. Dotted names are left
-    // out: under the domain they are other jobs' names (save ssl --host other.<domain>), and
-    // elsewhere they may be anyone's (save ssl --host www.example.org).
-    add_dns(host);
-  }
-  for (const std::string& a : host_addresses) add_ip(a);
+  p.dns_names.push_back(own);  // Sign() refuses it if it is no DNS name ("a..b", "-x")
   return p;
 }
 
 // ---- the CA ----
 
 Result<std::unique_ptr<CertificateAuthority>> CertificateAuthority::Create(
-    const std::string& common_name) {
+    const std::string& common_name, const CaConstraints& constraints, int64_t now, int days) {
   ERR_clear_error();
+  if (now < 0) now = static_cast<int64_t>(::time(nullptr));
   auto key = NewP256Key();
   if (!key.ok()) return key.status();
   X509Ptr cert(X509_new());
   if (!cert) return SslError("X509_new");
-  BP_RETURN_IF_ERROR(FillCommon(cert.get(), key->get(), common_name, "", kCaDays));
+  BP_RETURN_IF_ERROR(
+      FillCommon(cert.get(), key->get(), common_name, "", now, int64_t{days} * 86400));
   if (X509_set_issuer_name(cert.get(), X509_get_subject_name(cert.get())) != 1) {
     return SslError("CA issuer");
   }
@@ -342,6 +453,7 @@ Result<std::unique_ptr<CertificateAuthority>> CertificateAuthority::Create(
       AddExtension(cert.get(), &ctx, NID_basic_constraints, "critical,CA:TRUE,pathlen:0"));
   BP_RETURN_IF_ERROR(AddExtension(cert.get(), &ctx, NID_key_usage, "critical,keyCertSign,cRLSign"));
   BP_RETURN_IF_ERROR(AddExtension(cert.get(), &ctx, NID_subject_key_identifier, "hash"));
+  BP_RETURN_IF_ERROR(AddNameConstraints(cert.get(), constraints));
   if (X509_sign(cert.get(), key->get(), EVP_sha256()) <= 0) return SslError("signing the CA");
   auto cert_pem = CertificateToPem(cert.get());
   if (!cert_pem.ok()) return cert_pem.status();
@@ -377,65 +489,18 @@ Result<std::unique_ptr<CertificateAuthority>> CertificateAuthority::FromPem(
   return ca;
 }
 
-Result<std::unique_ptr<CertificateAuthority>> CertificateAuthority::LoadOrCreate(
-    const std::string& cert_path, const std::string& key_path) {
-  auto cert_text = ReadPem(cert_path);
-  if (!cert_text.ok()) return cert_text.status();
-  auto key_text = ReadPem(key_path);
-  if (!key_text.ok()) return key_text.status();
-  if (key_text->has_value() && !cert_text->has_value()) {
-    // A crash between the two writes of a new CA (below) leaves the key alone, and the key file
-    // also carries the certificate: restore it.
-    const std::string& key_file = **key_text;
-    size_t at = key_file.find("-----BEGIN CERTIFICATE-----");
-    if (at != std::string::npos) {
-      auto ca = FromPem(key_file.substr(at), key_file);
-      if (ca.ok()) {
-        BP_RETURN_IF_ERROR(WriteNewFile(cert_path, (*ca)->cert_pem(), 0644));
-        LOG_WARN("restored the CA certificate %s from the copy in %s", cert_path.c_str(),
-                 key_path.c_str());
-        return ca;
-      }
-    }
-  }
-  if (cert_text->has_value() != key_text->has_value()) {
-    const std::string& found = cert_text->has_value() ? cert_path : key_path;
-    const std::string& missing = cert_text->has_value() ? key_path : cert_path;
-    return Status::InvalidArgument("found the CA file " + found + " but not " + missing +
-                                   "; restore it, or remove both to create a new CA");
-  }
-  if (cert_text->has_value()) {
-    struct stat st {};
-    if (stat(key_path.c_str(), &st) == 0 && (st.st_mode & 0077) != 0) {
-      LOG_WARN("the CA key %s is accessible by other users (mode %03o); chmod 600 it",
-               key_path.c_str(), static_cast<unsigned>(st.st_mode & 0777));
-    }
-    auto ca = FromPem(**cert_text, **key_text);
-    if (!ca.ok()) return ca.status().WithContext(cert_path + " / " + key_path);
-    return ca;
-  }
-  auto ca = Create("brokerproxy CA on " + HostName());
-  if (!ca.ok()) return ca.status();
-  // The key file first, with a copy of the certificate behind the key: a crash before the
-  // certificate file is written never leaves a key whose certificate is lost.
-  BP_RETURN_IF_ERROR(WriteNewFile(key_path, (*ca)->key_pem() + (*ca)->cert_pem(), 0600));
-  Status s = WriteNewFile(cert_path, (*ca)->cert_pem(), 0644);
-  if (!s.ok()) {
-    ::unlink(key_path.c_str());  // never leave a key without its certificate
-    return s;
-  }
-  LOG_INFO("created a new TLS certificate authority: %s (key %s)", cert_path.c_str(),
-           key_path.c_str());
-  return ca;
-}
-
 Result<std::string> CertificateAuthority::Sign(EVP_PKEY* subject_key,
                                                const LeafProfile& profile) const {
   if (profile.days < 1) return Status::InvalidArgument("certificate validity must be >= 1 day");
+  int64_t now = static_cast<int64_t>(::time(nullptr));
+  int64_t ca_left = SecondsLeftAt(cert_.get(), now);
+  if (ca_left <= kBackdateSeconds) return Status::Unavailable("the CA has expired");
+  // Never beyond the CA: a client would reject the chain before the leaf expires.
+  int64_t valid = std::min<int64_t>(int64_t{profile.days} * 86400, ca_left);
   X509Ptr cert(X509_new());
   if (!cert) return SslError("X509_new");
   BP_RETURN_IF_ERROR(
-      FillCommon(cert.get(), subject_key, profile.common_name, profile.unit, profile.days));
+      FillCommon(cert.get(), subject_key, profile.common_name, profile.unit, now, valid));
   if (X509_set_issuer_name(cert.get(), X509_get_subject_name(cert_.get())) != 1) {
     return SslError("certificate issuer");
   }
@@ -505,6 +570,196 @@ std::string CertificateAuthority::Fingerprint() const {
     out += kHex[md[i] & 15];
   }
   return out;
+}
+
+// ---- the set of CAs ----
+
+namespace {
+
+Result<std::vector<X509Ptr>> ParseBundle(const std::string& pem) {
+  std::vector<X509Ptr> out;
+  BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  if (!bio) return SslError("reading certificates");
+  while (X509* cert = PEM_read_bio_X509(bio.get(), nullptr, NoPassword, nullptr)) {
+    out.emplace_back(cert);
+  }
+  ERR_clear_error();  // the end of the input
+  if (out.empty()) return Status::InvalidArgument("no certificate in it");
+  return out;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<CaSet>> CaSet::LoadOrCreate(Options options, int64_t now) {
+  std::unique_ptr<CaSet> set(new CaSet(options));
+  if (!options.cert_path.empty()) {
+    const std::string& cert_path = options.cert_path;
+    const std::string& key_path = options.key_path;
+    auto cert_text = ReadPem(cert_path);
+    if (!cert_text.ok()) return cert_text.status();
+    auto key_text = ReadPem(key_path);
+    if (!key_text.ok()) return key_text.status();
+    if (key_text->has_value() && !cert_text->has_value()) {
+      // A crash between the two writes of the first CA (Maintain) leaves the key alone, and
+      // the key file also carries the certificate: restore it.
+      size_t at = (*key_text)->find("-----BEGIN CERTIFICATE-----");
+      if (at != std::string::npos) {
+        std::string copy = (*key_text)->substr(at);
+        BP_RETURN_IF_ERROR(WriteNewFile(cert_path, copy, 0644));
+        LOG_WARN("restored the CA certificate %s from the copy in %s", cert_path.c_str(),
+                 key_path.c_str());
+        *cert_text = std::move(copy);
+      }
+    }
+    if (cert_text->has_value() != key_text->has_value()) {
+      const std::string& found = cert_text->has_value() ? cert_path : key_path;
+      const std::string& missing = cert_text->has_value() ? key_path : cert_path;
+      return Status::InvalidArgument("found the CA file " + found + " but not " + missing +
+                                     "; restore it, or remove both to create a new CA");
+    }
+    if (cert_text->has_value()) {
+      struct stat st {};
+      if (stat(key_path.c_str(), &st) == 0 && (st.st_mode & 0077) != 0) {
+        LOG_WARN("the CA key %s is accessible by other users (mode %03o); chmod 600 it",
+                 key_path.c_str(), static_cast<unsigned>(st.st_mode & 0777));
+      }
+      const std::string where = cert_path + " / " + key_path;
+      auto bundle = ParseBundle(**cert_text);
+      if (!bundle.ok()) return bundle.status().WithContext(where);
+      auto key = ParsePrivateKeyPem(**key_text);
+      if (!key.ok()) return key.status().WithContext(where);
+      // The key's certificate is the current CA; a write cut short by a crash may have left
+      // a newer certificate first whose key never landed: it stays a mere bundle member.
+      bool found = false;
+      for (X509Ptr& cert : *bundle) {
+        auto pem = CertificateToPem(cert.get());
+        if (!pem.ok()) return pem.status();
+        ERR_clear_error();
+        if (!found && X509_check_private_key(cert.get(), key->get()) == 1) {
+          found = true;
+          if (SecondsLeftAt(cert.get(), now) <= 0) {
+            LOG_WARN("the TLS CA in %s has expired; a new one replaces it", cert_path.c_str());
+            continue;
+          }
+          auto ca = CertificateAuthority::FromPem(*pem, **key_text);
+          if (!ca.ok()) return ca.status().WithContext(where);
+          set->current_ = std::move(ca).value();
+          continue;
+        }
+        // Unconstrained or expired older CAs are not trusted any longer.
+        if (PermittedSubtrees(cert.get()) && SecondsLeftAt(cert.get(), now) > 0) {
+          set->older_pem_.push_back(std::move(pem).value());
+        }
+      }
+      ERR_clear_error();
+      if (!found) {
+        return Status::InvalidArgument(where +
+                                       ": the CA key does not match the CA certificate; restore "
+                                       "the pair, or remove both to create a new CA");
+      }
+    }
+  }
+  auto maintained = set->Maintain(now, options.constraints);
+  if (!maintained.ok()) return maintained.status();
+  return set;
+}
+
+Result<bool> CaSet::Maintain(int64_t now, const CaConstraints& constraints) {
+  std::shared_ptr<const CertificateAuthority> current;
+  std::vector<std::string> older;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    current = current_;
+    older = older_pem_;
+  }
+  const bool had_current = current != nullptr;
+  std::string reason;
+  bool keep_old = true;
+  if (!current) {
+    reason = "no CA yet";
+  } else if (!PermittedSubtrees(current->cert())) {
+    // It could vouch for any name: it leaves the bundle at once.
+    reason = "the CA has no name constraints; clients that trust it must fetch the new one";
+    keep_old = false;
+  } else if (!PermitsAll(current->cert(), constraints)) {
+    reason = "the CA's name constraints do not cover the TLS domain and the proxy's names";
+  } else if (SecondsLeftAt(current->cert(), now) <
+             int64_t{options_.cert_days + kCaRenewMarginDays} * 86400) {
+    reason =
+        "the CA expires in less than cert_days + " + std::to_string(kCaRenewMarginDays) + " days";
+  }
+  size_t before = older.size();
+  std::erase_if(older, [now](const std::string& pem) {
+    auto cert = ParseCertificatePem(pem);
+    return !cert.ok() || SecondsLeftAt(cert->get(), now) <= 0;
+  });
+  bool changed = older.size() != before;
+  if (reason.empty() && !changed) return false;
+  if (!reason.empty()) {
+    auto made = CertificateAuthority::Create(options_.common_name, constraints, now);
+    if (!made.ok()) return made.status();
+    if (current && keep_old) older.insert(older.begin(), current->cert_pem());
+    // Bounded, should the proxy's names keep changing: the oldest go first.
+    while (older.size() >= kMaxBundleCas) {
+      LOG_WARN("dropping the oldest TLS CA from the bundle: it holds at most %zu", kMaxBundleCas);
+      older.pop_back();
+    }
+    if (current && keep_old) {
+      LOG_INFO("replacing the TLS CA (SHA-256 %s): %s; it stays in the CA bundle until it expires",
+               current->Fingerprint().c_str(), reason.c_str());
+    } else if (current) {
+      LOG_WARN("replacing the TLS CA (SHA-256 %s): %s", current->Fingerprint().c_str(),
+               reason.c_str());
+    }
+    current = std::move(made).value();
+  }
+  if (!options_.cert_path.empty()) {
+    std::string bundle = current->cert_pem();
+    for (const std::string& pem : older) bundle += pem;
+    const bool first = !had_current;
+    // The first CA: its key first, followed by a copy of its certificate, so a crash before
+    // the bundle is written leaves a key whose certificate LoadOrCreate restores. A new CA: the
+    // bundle first, so a crash before the key lands leaves the old key, which still finds its
+    // certificate in the new bundle.
+    if (first) {
+      BP_RETURN_IF_ERROR(
+          WriteNewFile(options_.key_path, current->key_pem() + current->cert_pem(), 0600));
+    }
+    Status s = WriteNewFile(options_.cert_path, bundle, 0644);
+    if (!s.ok()) {
+      if (first) ::unlink(options_.key_path.c_str());
+      return s;
+    }
+    if (!first && !reason.empty()) {
+      BP_RETURN_IF_ERROR(WriteNewFile(options_.key_path, current->key_pem(), 0600));
+    }
+  }
+  if (!reason.empty()) {
+    LOG_INFO("created a new TLS certificate authority (SHA-256 %s)%s%s; the bundle has %zu CA(s)",
+             current->Fingerprint().c_str(), options_.cert_path.empty() ? "" : ": ",
+             options_.cert_path.c_str(), older.size() + 1);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  current_ = std::move(current);
+  older_pem_ = std::move(older);
+  return !reason.empty();
+}
+
+std::shared_ptr<const CertificateAuthority> CaSet::current() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return current_;
+}
+
+std::string CaSet::bundle_pem() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string out = current_ ? current_->cert_pem() : "";
+  for (const std::string& pem : older_pem_) out += pem;
+  return out;
+}
+
+size_t CaSet::bundle_size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return (current_ ? 1 : 0) + older_pem_.size();
 }
 
 // ---- the proxy's certificate ----
@@ -585,9 +840,56 @@ std::string SubjectUnit(X509* cert) {
 bool IsProxyCertificate(X509* cert) { return SubjectUnit(cert) == kProxyCertUnit; }
 
 int64_t SecondsLeft(X509* cert) {
+  return SecondsLeftAt(cert, static_cast<int64_t>(::time(nullptr)));
+}
+
+int64_t SecondsLeftAt(X509* cert, int64_t now) {
+  ASN1_TIME* at = ASN1_TIME_set(nullptr, static_cast<time_t>(now));
+  if (!at) return -1;
   int days = 0, secs = 0;
-  if (ASN1_TIME_diff(&days, &secs, nullptr, X509_get0_notAfter(cert)) != 1) return -1;
+  int ok = ASN1_TIME_diff(&days, &secs, at, X509_get0_notAfter(cert));
+  ASN1_TIME_free(at);
+  if (ok != 1) return -1;
   return int64_t{days} * 86400 + secs;
+}
+
+std::optional<std::vector<std::string>> PermittedSubtrees(X509* ca) {
+  auto subtrees = ReadSubtrees(ca);
+  if (!subtrees) return std::nullopt;
+  std::vector<std::string> out;
+  for (const Subtree& t : *subtrees) {
+    if (t.type == GEN_DNS) {
+      out.push_back("DNS:" + t.value);
+    } else {
+      std::string_view v = t.value;
+      out.push_back("IP:" + Hex(v.substr(0, v.size() / 2)) + "/" + Hex(v.substr(v.size() / 2)));
+    }
+  }
+  return out;
+}
+
+bool PermitsAll(X509* ca, const CaConstraints& want) {
+  auto subtrees = ReadSubtrees(ca);
+  if (!subtrees) return false;
+  for (const std::string& dns : want.dns) {
+    std::string name = Lower(dns);
+    bool ok = std::any_of(subtrees->begin(), subtrees->end(), [&](const Subtree& t) {
+      return t.type == GEN_DNS && DnsPermits(t.value, name);
+    });
+    if (!ok) return false;
+  }
+  for (const std::string& ip : want.ips) {
+    auto octets = IpOctets(ip, /*with_mask=*/false);
+    if (!octets.ok()) return false;
+    std::string address(reinterpret_cast<const char*>(ASN1_STRING_get0_data(*octets)),
+                        static_cast<size_t>(ASN1_STRING_length(*octets)));
+    ASN1_OCTET_STRING_free(*octets);
+    bool ok = std::any_of(subtrees->begin(), subtrees->end(), [&](const Subtree& t) {
+      return t.type == GEN_IPADD && IpPermits(t.value, address);
+    });
+    if (!ok) return false;
+  }
+  return true;
 }
 
 Status VerifyAgainstCa(X509* leaf, X509* ca) {

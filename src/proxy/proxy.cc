@@ -178,10 +178,12 @@ bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const sockaddr_sto
   return true;
 }
 
-Proxy::Authorization Proxy::Authorize(const std::string& job_id, const std::string& secret,
+Proxy::Authorization Proxy::Authorize(const std::string& requested_id, const std::string& secret,
                                       const sockaddr_storage& peer) {
   Authorization out;
   uint64_t now = loop_->Now();
+  // "ABC" is job "abc": one throttle key and one counter per job, however it is spelt.
+  const std::string job_id = registry::CanonicalJobId(requested_id);
   std::string job_key = "job:" + job_id;
   // Through `ssh -L` every client is the login node itself: loopback sources are told apart by
   // job id only, so one user's typos do not lock everyone out.

@@ -268,7 +268,7 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
     return 1;
   }
   const char* dest = ssh_message_channel_request_open_destination(msg);
-  if (dest == nullptr || target_.job_id != dest) {
+  if (dest == nullptr || target_.job_id != registry::CanonicalJobId(dest)) {
     std::string shown = dest && registry::ValidHost(dest) ? dest : "(invalid)";
     LOG_INFO("ssh %llu job=%s: refused a forward to '%.64s' (the destination must be the job id)",
              static_cast<unsigned long long>(id()), target_.job_id.c_str(), shown.c_str());

@@ -57,8 +57,17 @@ void Broker::ReplyLater(Reply reply, std::string line) {
 }
 
 void Broker::Handle(Request req, uid_t caller, Reply reply) {
+  // One spelling from here on: probes, waiters and replies agree with the registry's ids.
+  req.job = CanonicalJobId(req.job);
+  req.save.id = CanonicalJobId(req.save.id);
   switch (req.op) {
     case Op::kSave: {
+      if (id_check_) {
+        if (Status s = id_check_(req.job); !s.ok()) {
+          ReplyLater(std::move(reply), EncodeError(s));
+          return;
+        }
+      }
       // Refuse early what the commit would refuse anyway, before issuing a certificate.
       const Job* existing = registry_->Find(req.job);
       if (existing && existing->owner != caller && caller != 0) {

@@ -8,6 +8,9 @@
 //
 // Replies are always delivered on a later loop turn than the Handle() call (P8).
 //
+// Job ids in requests may be spelt in any case; Handle() makes them canonical (job.h) before
+// anything else, so every op acts on, and every reply shows, the registry's one spelling.
+//
 // Ownership: the daemon owns the Broker; `*loop`, `*registry` and `*store` must outlive it.
 // Destroying it drops pending probes, waits and replies. Loop-thread only.
 
@@ -55,6 +58,9 @@ class Broker {
                                                  std::function<void(Result<IssuedCert>)> done)>;
   // Unix seconds.
   using Clock = std::function<int64_t()>;
+  // Says whether canonical job id `id` may be saved at all (any type), e.g. not an id whose
+  // TLS name is one of the proxy's own; an error (InvalidArgument) is the reply to the save.
+  using IdCheck = std::function<Status(const std::string& id)>;
 
   struct Options {
     int64_t expiry_check_ms = 1000;  // how often expired jobs are swept
@@ -76,6 +82,7 @@ class Broker {
   void set_stats_provider(StatsProvider p) { stats_provider_ = std::move(p); }
   void set_ca_provider(CaProvider p) { ca_provider_ = std::move(p); }
   void set_cert_issuer(CertIssuer i) { cert_issuer_ = std::move(i); }
+  void set_id_check(IdCheck c) { id_check_ = std::move(c); }
 
  private:
   struct Probe;
@@ -106,6 +113,7 @@ class Broker {
   StatsProvider stats_provider_;
   CaProvider ca_provider_;
   CertIssuer cert_issuer_;
+  IdCheck id_check_;
 
   loop::HandlePtr<loop::Timer> expiry_timer_;
   bool sweeping_ = false;

@@ -64,6 +64,16 @@ bool ValidJobId(std::string_view id) {
   return true;
 }
 
+std::string CanonicalJobId(std::string_view id) {
+  std::string out(id);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') {
+      c = static_cast<char>(c - 'A' + 'a');
+    }
+  }
+  return out;
+}
+
 bool ValidHost(std::string_view host) {
   // A leading '-' would turn the host into an option of whatever command it is passed to.
   if (host.empty() || host.size() > 253 || host.front() == '-') {

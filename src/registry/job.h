@@ -23,7 +23,7 @@ const char* JobTypeName(JobType type);  // "ssh" | "ssl"
 std::optional<JobType> ParseJobType(std::string_view name);
 
 struct Job {
-  std::string id;  // ValidJobId()
+  std::string id;  // ValidJobId(), canonical (CanonicalJobId) once in a Registry
   JobType type = JobType::kSsh;
   uid_t owner = 0;              // uid of the user who saved it
   std::string host;             // backend host name or address, ValidHost()
@@ -45,6 +45,11 @@ inline constexpr int64_t kMaxJobTime = 253'402'300'799;
 
 // Job ids: [A-Za-z0-9._-]{1,64}, not "." or "..".
 bool ValidJobId(std::string_view id);
+// The one spelling of a job id: ASCII lower case. An id names a job case-insensitively,
+// because it becomes a DNS name (<id>.<tls_domain>: SNI and certificates fold case), so "ABC"
+// and "abc" must never be two jobs of two users. The registry stores and looks up this form;
+// every parser may hand it any spelling.
+std::string CanonicalJobId(std::string_view id);
 // Backend hosts: a DNS name or an IPv4/IPv6 literal, 1..253 characters of
 // [A-Za-z0-9.:_-], not starting with '-'; no spaces, no brackets, nothing a shell, a command
 // line or a log line could misread.

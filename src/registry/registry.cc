@@ -46,6 +46,10 @@ std::string DescribeId(std::string_view id) {
 
 bool MayAccess(const Job& job, uid_t caller) { return caller == 0 || job.owner == caller; }
 
+bool HasUpperCase(std::string_view id) {
+  return std::any_of(id.begin(), id.end(), [](char c) { return c >= 'A' && c <= 'Z'; });
+}
+
 }  // namespace
 
 Result<PortRange> PortRange::Parse(std::string_view text) {
@@ -90,7 +94,7 @@ Result<Job> Registry::Save(const SaveRequest& req, uid_t caller, int64_t now,
   }
 
   Job job;
-  job.id = req.id;
+  job.id = CanonicalJobId(req.id);
   job.type = req.type;
   job.owner = caller;  // root replacing a user's job takes it over
   job.host = req.host;
@@ -110,9 +114,10 @@ Result<Job> Registry::Save(const SaveRequest& req, uid_t caller, int64_t now,
     BP_RETURN_IF_ERROR(CheckJob(probe));
   }
 
-  auto it = jobs_.find(req.id);
+  // One name is one job: "ABC" finds the "abc" of whoever saved it first.
+  auto it = jobs_.find(job.id);
   if (it != jobs_.end() && !MayAccess(it->second, caller)) {
-    return Status::PermissionDenied(DescribeId(req.id) + " belongs to another user");
+    return Status::PermissionDenied(DescribeId(job.id) + " belongs to another user");
   }
 
   Result<std::string> secret = GenerateSecret(options_.secret_bits);
@@ -152,10 +157,10 @@ Result<Job> Registry::Save(const SaveRequest& req, uid_t caller, int64_t now,
 Result<const Job*> Registry::Get(std::string_view id, uid_t caller) const {
   const Job* job = Find(id);
   if (job == nullptr) {
-    return Status::NotFound("no " + DescribeId(id));
+    return Status::NotFound("no " + DescribeId(CanonicalJobId(id)));
   }
   if (!MayAccess(*job, caller)) {
-    return Status::PermissionDenied(DescribeId(id) + " belongs to another user");
+    return Status::PermissionDenied(DescribeId(job->id) + " belongs to another user");
   }
   return job;
 }
@@ -165,7 +170,7 @@ Result<Job> Registry::Remove(std::string_view id, uid_t caller) {
   if (!found.ok()) {
     return found.status();
   }
-  auto it = jobs_.find(id);
+  auto it = jobs_.find((*found)->id);
   Job job = std::move(it->second);
   jobs_.erase(it);
   IndexPort(job, -1);
@@ -180,7 +185,8 @@ const Job* Registry::Authenticate(std::string_view id, std::string_view secret) 
 }
 
 const Job* Registry::Find(std::string_view id) const {
-  auto it = jobs_.find(id);
+  // Ids are stored in canonical form; most lookups already are, and need no copy.
+  auto it = HasUpperCase(id) ? jobs_.find(CanonicalJobId(id)) : jobs_.find(id);
   return it == jobs_.end() ? nullptr : &it->second;
 }
 
@@ -207,9 +213,9 @@ std::vector<std::string> Registry::Expired(int64_t now) const {
 }
 
 Status Registry::SetReady(std::string_view id, bool ready) {
-  auto it = jobs_.find(id);
+  auto it = jobs_.find(CanonicalJobId(id));
   if (it == jobs_.end()) {
-    return Status::NotFound("no " + DescribeId(id));
+    return Status::NotFound("no " + DescribeId(CanonicalJobId(id)));
   }
   it->second.ready = ready;
   return Status::OK();
@@ -217,6 +223,7 @@ Status Registry::SetReady(std::string_view id, bool ready) {
 
 Status Registry::Put(Job job) {
   BP_RETURN_IF_ERROR(CheckJob(job));
+  job.id = CanonicalJobId(job.id);
   auto it = jobs_.find(job.id);
   if (it != jobs_.end()) {
     IndexPort(it->second, -1);
@@ -230,7 +237,7 @@ Status Registry::Put(Job job) {
 }
 
 void Registry::Erase(std::string_view id) {
-  auto it = jobs_.find(id);
+  auto it = jobs_.find(CanonicalJobId(id));
   if (it != jobs_.end()) {
     IndexPort(it->second, -1);
     jobs_.erase(it);

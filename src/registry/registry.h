@@ -9,6 +9,10 @@
 // refused (PermissionDenied), while the owner saving an existing id replaces that entry (a
 // restarted job script must not fail on its own stale record).
 //
+// Ids are case-insensitive (job.h, CanonicalJobId): every method takes any spelling, and the
+// registry stores, returns and lists only the canonical (lower-case) one, so "ABC" is the job
+// "abc" and belongs to whoever holds "abc".
+//
 // Thread safety: none; loop-thread only.
 
 #ifndef BROKERPROXY_REGISTRY_REGISTRY_H_
@@ -96,8 +100,8 @@ class Registry {
   // NotFound if absent.
   Status SetReady(std::string_view id, bool ready);
 
-  // Inserts or overwrites exactly this record (loading a snapshot, undoing a change). Checks
-  // every field (InvalidArgument); keeps the port index right.
+  // Inserts or overwrites this record, its id made canonical (loading a snapshot, undoing a
+  // change). Checks every field (InvalidArgument); keeps the port index right.
   Status Put(Job job);
   // Removes `id` if present.
   void Erase(std::string_view id);

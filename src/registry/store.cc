@@ -1,6 +1,7 @@
 #include "registry/store.h"
 
 #include <memory>
+#include <unordered_map>
 
 #include "loop/log.h"
 #include "registry/snapshot.h"
@@ -20,8 +21,31 @@ Status Store::Load(const std::string& path, Registry* registry) {
                               "); refusing to start rather than lose jobs. Restore it from a "
                               "backup or move it away to start empty");
   }
-  for (auto& job : *jobs) {
-    Status s = registry->Put(std::move(job));
+  // Ids were case-sensitive once, so an old file may hold "abc" and "ABC" of two users. They
+  // name one job now: the one saved first keeps it (the other most likely squatted on its
+  // name), and the rest are dropped with a warning rather than failing the start.
+  std::unordered_map<std::string, size_t> kept;  // canonical id -> index in *jobs
+  std::vector<bool> dropped(jobs->size(), false);
+  for (size_t i = 0; i < jobs->size(); ++i) {
+    auto [it, fresh] = kept.emplace(CanonicalJobId((*jobs)[i].id), i);
+    if (fresh) continue;
+    size_t loser = i;
+    if ((*jobs)[i].created < (*jobs)[it->second].created) {
+      loser = it->second;
+      it->second = i;
+    }
+    dropped[loser] = true;
+    const Job& lost = (*jobs)[loser];
+    const Job& won = (*jobs)[it->second];
+    LOG_WARN(
+        "%s: dropped job \"%s\" of uid %u: it names the same job as \"%s\" of uid %u, "
+        "saved earlier (job ids are case-insensitive)",
+        path.c_str(), lost.id.c_str(), static_cast<unsigned>(lost.owner), won.id.c_str(),
+        static_cast<unsigned>(won.owner));
+  }
+  for (size_t i = 0; i < jobs->size(); ++i) {
+    if (dropped[i]) continue;
+    Status s = registry->Put(std::move((*jobs)[i]));
     if (!s.ok()) return Status::Corruption(path + ": " + s.message());
   }
   return Status::OK();

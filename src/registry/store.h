@@ -42,7 +42,10 @@ class Store {
   Store& operator=(const Store&) = delete;
 
   // Reads `path` into `*registry` (blocking: for start-up, before the loop serves anyone).
-  // A missing file is an empty registry; a damaged one is Corruption naming the file.
+  // A missing file is an empty registry; a damaged one is Corruption naming the file. Jobs
+  // whose ids differ only in case (files written before ids were case-insensitive) are one
+  // job: the one with the earliest `created` is loaded, each other one is dropped with a
+  // warning naming both ids and owners.
   static Status Load(const std::string& path, Registry* registry);
 
   void Commit(Mutation mutation, Done done);

@@ -135,7 +135,7 @@ TEST(OptionTableTest, EntriesAreWellFormed) {
   EXPECT_EQ(find("max_connections")->min, 1);
   EXPECT_EQ(find("max_connections")->max, 1000000);
   EXPECT_EQ(find("cert_days")->min, 1);
-  EXPECT_EQ(find("cert_days")->max, 3650);
+  EXPECT_EQ(find("cert_days")->max, 397);
 }
 
 // Every default text, written out as a value, gives exactly the built-in default.
@@ -392,8 +392,8 @@ INSTANTIATE_TEST_SUITE_P(
                   "test.ini:2: [registry] secret_bits: '-256' is out of range (128 to 4096)"},
         BadConfig{"[registry]\nsecret_bits = 260\n",
                   "test.ini:2: [registry] secret_bits: '260' is not a multiple of 8"},
-        BadConfig{"[tls]\ncert_days = 3651\n",
-                  "test.ini:2: [tls] cert_days: '3651' is out of range (1 to 3650)"},
+        BadConfig{"[tls]\ncert_days = 398\n",
+                  "test.ini:2: [tls] cert_days: '398' is out of range (1 to 397)"},
         BadConfig{"[tls]\ncert_days = 1.5\n",
                   "test.ini:2: [tls] cert_days: '1.5' is not an integer"},
         // Durations.

@@ -538,6 +538,24 @@ TEST_F(EndpointTest, StockSshForwardsWithTheSecret) {
   EXPECT_EQ(d.Log().find(secret), std::string::npos) << "secrets never appear in logs";
 }
 
+// The user name and the forward's destination are job ids: any spelling is the one job.
+TEST_F(EndpointTest, UserAndDestinationInAnyCaseReachTheJob) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  std::string secret = d.SaveJob("abc", backend.port());
+  ASSERT_FALSE(secret.empty());
+  int port = FreePort();
+  auto ssh = Forward(d.proxy_port(), "ABC", secret, {port});
+  ASSERT_TRUE(ssh) << d.Log();
+  int fd = ConnectTcp(port);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "echo\nhello\n"));
+  EXPECT_EQ(ReadLine(fd), "hello") << d.Log();
+  close(fd);
+  ssh->Stop(SIGKILL);
+}
+
 TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());

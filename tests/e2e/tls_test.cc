@@ -172,6 +172,40 @@ TEST_F(TlsTest, CaCommandPrintsTheCaAndARestartKeepsIt) {
   EXPECT_EQ(again.Log().find("created a new TLS certificate authority"), std::string::npos);
 }
 
+// The CA files of an older version have no name constraints: such a CA could vouch for any
+// name in every browser that trusts it, so the daemon replaces it at start, says so, and no
+// longer hands it out.
+TEST_F(TlsTest, ACaWithoutNameConstraintsIsReplacedAtStart) {
+  Daemon d(dir_);
+  auto old = proxy::CertificateAuthority::Create("brokerproxy CA of an older version");
+  ASSERT_TRUE(old.ok());
+  ASSERT_EQ(mkdir(d.state_dir().c_str(), 0711), 0);
+  WriteFile(d.state_dir() + "/ca.pem", (*old)->cert_pem());
+  WriteFile(d.state_dir() + "/ca-key.pem", (*old)->key_pem(), 0600);
+  ASSERT_TRUE(d.Start());
+  EXPECT_NE(d.Log().find("the CA has no name constraints; clients that trust it must fetch the "
+                         "new one"),
+            std::string::npos)
+      << d.Log();
+  RunResult r = d.Cli({"ca"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(r.out.find((*old)->cert_pem()), std::string::npos) << "the old CA is still handed out";
+  auto ca = proxy::ParseCertificatePem(r.out);
+  ASSERT_TRUE(ca.ok());
+  EXPECT_NE(X509_cmp(ca->get(), (*old)->cert()), 0);
+  auto subtrees = proxy::PermittedSubtrees(ca->get());
+  ASSERT_TRUE(subtrees.has_value());
+  EXPECT_NE(std::find(subtrees->begin(), subtrees->end(), "DNS:.localhost"), subtrees->end());
+  // The proxy's certificate comes from the new CA: connect --tls with the new bundle works.
+  Backend backend;
+  ASSERT_FALSE(d.SaveJob("j", backend.port()).empty());
+  RunResult c = d.Cli({"connect", "j", "--tls", "--stdio", "--proxy",
+                       "127.0.0.1:" + std::to_string(d.proxy_port())},
+                      RunOptions{"echo\nhi\n", std::nullopt, 20000, {}, ""});
+  EXPECT_EQ(c.exit_code, 0) << c;
+  EXPECT_EQ(c.out, "hi\n") << c;
+}
+
 TEST_F(TlsTest, SaveSslIssuesACertificateForAKeyThatStaysWithTheUser) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
@@ -202,16 +236,8 @@ TEST_F(TlsTest, SaveSslIssuesACertificateForAKeyThatStaysWithTheUser) {
   auto cert = proxy::ParseCertificatePem(ReadFile(cert_path));
   ASSERT_TRUE(ca.ok() && cert.ok());
   EXPECT_TRUE(proxy::VerifyAgainstCa(cert->get(), ca->get()).ok());
-  auto names = proxy::SubjectAltNames(cert->get());
-  std::sort(names.begin(), names.end());
-  // localhost resolves to 127.0.0.1 (and ::1 where configured): the addresses follow.
-  EXPECT_NE(std::find(names.begin(), names.end(), "DNS:web1.localhost"), names.end());
-  EXPECT_NE(std::find(names.begin(), names.end(), "DNS:localhost"), names.end());
-  addrinfo* probe = nullptr;  // a bare chroot may lack /etc/hosts: then no address follows
-  if (getaddrinfo("localhost", nullptr, nullptr, &probe) == 0) {
-    freeaddrinfo(probe);
-    EXPECT_NE(std::find(names.begin(), names.end(), "IP:127.0.0.1"), names.end());
-  }
+  // The job's own name and nothing else: not its backend host, nor what that resolves to.
+  EXPECT_EQ(proxy::SubjectAltNames(cert->get()), std::vector<std::string>{"DNS:web1.localhost"});
   int64_t left = proxy::SecondsLeft(cert->get());
   EXPECT_GT(left, 364 * 86400);  // [tls] cert_days = 365
   EXPECT_LE(left, 365 * 86400);
@@ -219,12 +245,12 @@ TEST_F(TlsTest, SaveSslIssuesACertificateForAKeyThatStaysWithTheUser) {
   ASSERT_TRUE(key.ok());
   EXPECT_EQ(X509_check_private_key(cert->get(), key->get()), 1);
 
-  // A name under the domain that is another job's is never put into a certificate.
+  // A backend host that is another job's name is never put into a certificate.
   RunResult sneaky = d.Cli({"save", "ssl", "--job-id", "evil", "--port", "8444", "--host",
                             "web1.localhost", "--cert-dir", certs, "--json"});
   ASSERT_EQ(sneaky.exit_code, 0) << sneaky;
   auto evil = proxy::ParseCertificatePem(ReadFile(certs + "/evil.crt"));
-  for (const auto& n : proxy::SubjectAltNames(evil->get())) EXPECT_NE(n, "DNS:web1.localhost");
+  EXPECT_EQ(proxy::SubjectAltNames(evil->get()), std::vector<std::string>{"DNS:evil.localhost"});
 
   // The certificates survive a restart of the daemon (same CA).
   EXPECT_EQ(d.Stop(), 0);
@@ -531,14 +557,27 @@ TEST_F(TlsTest, HalfClosedTerminatedSessionTimesOut) {
 }
 
 TEST_F(TlsTest, AJobCertificateCannotImpersonateTheProxy) {
-  // A job's certificate can name the login host (its backend host): `connect --tls` still only
-  // sends the secret to a certificate with the proxy's profile.
+  // A job's certificate is CA-signed too: `connect --tls` only sends the secret to a
+  // certificate with the proxy's profile. The broker now issues job certificates for
+  // <job>.<tls_domain> only, so this one, naming the proxy's address as job certificates
+  // once could (their backend host), is made with the CA key directly.
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   std::string certs = dir_ / "certs";
-  RunResult r = d.Cli({"save", "ssl", "--job-id", "mitm", "--port", "9", "--host", "127.0.0.1",
-                       "--cert-dir", certs});
-  ASSERT_EQ(r.exit_code, 0) << r;
+  ASSERT_EQ(mkdir(certs.c_str(), 0700), 0);
+  auto ca = proxy::CertificateAuthority::FromPem(ReadFile(d.state_dir() + "/ca.pem"),
+                                                 ReadFile(d.state_dir() + "/ca-key.pem"));
+  ASSERT_TRUE(ca.ok()) << ca.status().ToString();
+  proxy::LeafProfile job_profile;
+  job_profile.common_name = "mitm.localhost";
+  job_profile.unit = proxy::kJobCertUnit;
+  job_profile.dns_names = {"mitm.localhost"};
+  job_profile.ip_addresses = {"127.0.0.1"};
+  job_profile.days = 1;
+  auto mitm = (*ca)->IssueWithNewKey(job_profile);
+  ASSERT_TRUE(mitm.ok()) << mitm.status().ToString();
+  WriteFile(certs + "/mitm.crt", mitm->cert_pem);
+  WriteFile(certs + "/mitm.key", mitm->key_pem, 0600);
   // A fake proxy with that certificate, where the client expects the proxy.
   int port = FreePort();
   std::string received = dir_ / "fake-received";

@@ -428,7 +428,7 @@ TEST(RegistryTest, ListFiltersByCallerAndSortsById) {
   MustSave(registry, Request("c"), kAlice);
   MustSave(registry, Request("b"), kBob);
   MustSave(registry, Request("a"), kAlice);
-  MustSave(registry, Request("B"), kAlice);
+  MustSave(registry, Request("D"), kAlice);  // listed as "d"
   auto ids = [](const std::vector<const Job*>& jobs) {
     std::vector<std::string> out;
     for (const Job* job : jobs) {
@@ -436,9 +436,9 @@ TEST(RegistryTest, ListFiltersByCallerAndSortsById) {
     }
     return out;
   };
-  EXPECT_EQ(ids(registry.List(kAlice)), (std::vector<std::string>{"B", "a", "c"}));
+  EXPECT_EQ(ids(registry.List(kAlice)), (std::vector<std::string>{"a", "c", "d"}));
   EXPECT_EQ(ids(registry.List(kBob)), (std::vector<std::string>{"b"}));
-  EXPECT_EQ(ids(registry.List(kRoot)), (std::vector<std::string>{"B", "a", "b", "c"}));
+  EXPECT_EQ(ids(registry.List(kRoot)), (std::vector<std::string>{"a", "b", "c", "d"}));
   EXPECT_EQ(ids(registry.All()), ids(registry.List(kRoot)));
   EXPECT_TRUE(registry.List(4242).empty());
 }
@@ -496,6 +496,48 @@ TEST(RegistryTest, SetReady) {
   ASSERT_TRUE(registry.SetReady("a", true).ok());
   EXPECT_TRUE(registry.Find("a")->ready);
   EXPECT_EQ(registry.SetReady("b", true).code(), Status::Code::kNotFound);
+}
+
+TEST(RegistryJobTest, CanonicalJobIdFoldsAsciiCaseOnly) {
+  EXPECT_EQ(CanonicalJobId("ABC.Web_1-x"), "abc.web_1-x");
+  EXPECT_EQ(CanonicalJobId("123"), "123");
+}
+
+// One name is one job: a DNS name folds case, so ids must too, or "ABC" of one user and "abc"
+// of another would share a TLS server name and certificate name.
+TEST(RegistryTest, IdsAreCaseInsensitiveAndStoredLowerCase) {
+  Registry registry(RangeOptions(40000, 40009));
+  Job abc = MustSave(registry, Request("abc"), kAlice);
+  for (const char* other : {"ABC", "Abc", "aBC"}) {
+    Result<Job> squat = registry.Save(Request(other), kBob, kNow, nullptr);
+    ASSERT_FALSE(squat.ok()) << other;
+    EXPECT_EQ(squat.status().code(), Status::Code::kPermissionDenied) << other;
+    EXPECT_EQ(registry.Get(other, kBob).status().code(), Status::Code::kPermissionDenied);
+    EXPECT_EQ(registry.Remove(other, kBob).status().code(), Status::Code::kPermissionDenied);
+    // Any spelling reaches the one job, for its owner and for the proxy.
+    Result<const Job*> got = registry.Get(other, kAlice);
+    ASSERT_TRUE(got.ok());
+    EXPECT_EQ((*got)->id, "abc");
+    EXPECT_EQ(registry.Authenticate(other, abc.secret), registry.Find("abc"));
+  }
+  EXPECT_EQ(registry.size(), 1u);
+  EXPECT_EQ(registry.Find("abc")->owner, kAlice);
+  // A new id is stored in its canonical spelling, and its owner replaces it by any spelling.
+  Job upper = MustSave(registry, Request("XYZ"), kBob);
+  EXPECT_EQ(upper.id, "xyz");
+  std::optional<Job> replaced;
+  ASSERT_TRUE(registry.Save(Request("xYz"), kBob, kNow, &replaced).ok());
+  ASSERT_TRUE(replaced.has_value());
+  EXPECT_EQ(registry.size(), 2u);
+  EXPECT_TRUE(registry.SetReady("XYZ", false).ok());
+  EXPECT_FALSE(registry.Find("xyz")->ready);
+  Job put = ValidJob("MiXed", 40005);
+  ASSERT_TRUE(registry.Put(put).ok());
+  EXPECT_NE(registry.Find("mixed"), nullptr);
+  registry.Erase("MIXED");
+  EXPECT_EQ(registry.Find("mixed"), nullptr);
+  ASSERT_TRUE(registry.Remove("ABC", kAlice).ok());
+  EXPECT_EQ(registry.Find("abc"), nullptr);
 }
 
 TEST(RegistryTest, AuthenticateNeedsTheExactSecret) {

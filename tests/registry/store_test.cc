@@ -108,6 +108,43 @@ TEST_F(StoreTest, MissingFileIsAnEmptyRegistryDamagedOneIsRefused) {
   EXPECT_NE(s.message().find(path), std::string::npos);
 }
 
+// A file from before ids were case-insensitive may hold "abc" of one user and "ABC" of
+// another: the daemon must start, and the name stays with the job saved first.
+TEST_F(StoreTest, IdsThatDifferOnlyInCaseLoadAsOneJobTheEarliest) {
+  auto job = [](std::string id, uid_t owner, int64_t created, char secret) {
+    Job j;
+    j.id = std::move(id);
+    j.owner = owner;
+    j.host = "127.0.0.1";
+    j.port = 41000 + static_cast<int>(created);
+    j.secret = std::string(64, secret);
+    j.created = created;
+    return j;
+  };
+  // The squatter sorts first in the file ("ABC" < "abc") and is the later one.
+  Job squatter = job("ABC", 1001, 200, 'b');
+  Job owner = job("abc", 1000, 100, 'a');
+  Job late_upper = job("Xy", 1000, 50, 'c');  // here the upper-case one came first
+  Job late_lower = job("xy", 1001, 60, 'd');
+  Job other = job("other", 1001, 10, 'e');
+  std::string path = dir_ + "/old.json";
+  ASSERT_TRUE(WriteFileAtomic(
+                  path, EncodeSnapshot({&squatter, &late_upper, &owner, &other, &late_lower}), 0600)
+                  .ok());
+  Status s = Store::Load(path, &registry_);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(registry_.size(), 3u);
+  ASSERT_NE(registry_.Find("abc"), nullptr);
+  EXPECT_EQ(registry_.Find("ABC")->owner, 1000u);
+  EXPECT_EQ(registry_.Find("abc")->secret, owner.secret);
+  EXPECT_EQ(registry_.Find("abc")->id, "abc");
+  ASSERT_NE(registry_.Find("xy"), nullptr);
+  EXPECT_EQ(registry_.Find("xy")->owner, 1000u);
+  EXPECT_EQ(registry_.Find("xy")->secret, late_upper.secret);
+  EXPECT_EQ(registry_.Find("xy")->id, "xy");
+  EXPECT_NE(registry_.Find("other"), nullptr);
+}
+
 TEST_F(StoreTest, DestroyingTheStoreMidWriteDropsTheCallbacks) {
   store_ = std::make_unique<Store>(loop_.get(), &registry_, dir_ + "/registry.json");
   bool called = false;
