@@ -18,11 +18,12 @@ struct ControlServer::Client {
   pid_t pid = 0;
   loop::HandlePtr<loop::Pipe> pipe;
   loop::HandlePtr<loop::Timer> idle;
-  std::string buffer;     // bytes received and not yet handled
-  bool admitted = false;  // holds a slot (counted in per_uid_)
-  bool busy = false;      // a request is with the handler, or its reply is still being written
-  bool answered = false;  // the handler replied to the request in flight
-  bool eof = false;       // the client finished sending
+  std::string buffer;      // bytes received and not yet handled
+  bool admitted = false;   // holds a slot (counted in per_uid_)
+  bool lingering = false;  // refused, and reading what it still sends (counted in lingering_)
+  bool busy = false;       // a request is with the handler, or its reply is still being written
+  bool answered = false;   // the handler replied to the request in flight
+  bool eof = false;        // the client finished sending
   bool closing = false;
   Cancel cancel;  // of the request with the handler
 };
@@ -98,6 +99,7 @@ void ControlServer::Close() {
   per_uid_.clear();
   admitted_ = 0;
   root_clients_ = 0;
+  lingering_ = 0;
   if (!path_.empty()) {
     ::unlink(path_.c_str());
     path_.clear();
@@ -129,11 +131,15 @@ void ControlServer::OnConnection() {
   c->idle = std::move(idle).value();
   Client* raw = c.get();
   clients_[raw->id] = std::move(c);
-  const unsigned uid = static_cast<unsigned>(raw->uid);
   const size_t mine = client_count(raw->uid);
   if (mine >= options_.max_clients_per_user) {
     // Per uid first: whoever fills their own share hears about their share, not about others.
-    LOG_WARN("control socket: uid %u already has %zu connections; turning it away", uid, mine);
+    if (ShouldLogRefusal(raw->uid)) {
+      LOG_WARN(
+          "control socket: uid %u holds %zu connections, its limit; turning it away "
+          "(logged once a minute)",
+          static_cast<unsigned>(raw->uid), mine);
+    }
     Refuse(raw, Status::ResourceExhausted(
                     "you already have " + std::to_string(mine) +
                     " connections to the broker open, the most one user may have ([broker] "
@@ -142,7 +148,10 @@ void ControlServer::OnConnection() {
     return;
   }
   if (raw->uid != 0 && admitted_ >= options_.max_clients) {
-    LOG_WARN("control socket: %zu clients; turning uid %u away", admitted_, uid);
+    if (ShouldLogRefusal(static_cast<uid_t>(-1))) {
+      LOG_WARN("control socket: %zu clients; turning uid %u away (logged once a minute)", admitted_,
+               static_cast<unsigned>(raw->uid));
+    }
     Refuse(raw, Status::ResourceExhausted("the broker is busy: " + std::to_string(admitted_) +
                                           " connections of other users are open ([broker] "
                                           "max_control_clients = " +
@@ -159,11 +168,24 @@ void ControlServer::OnConnection() {
   raw->idle->Start(options_.idle_timeout_ms, [this, raw] { CloseClient(raw); });
 }
 
+bool ControlServer::ShouldLogRefusal(uid_t key) {
+  const uint64_t now = loop_->Now();
+  auto [it, fresh] = last_refusal_log_.try_emplace(key, now);
+  if (!fresh && now - it->second < kRefusalLogIntervalMs) return false;
+  it->second = now;
+  return true;
+}
+
 void ControlServer::Refuse(Client* c, const Status& why) {
   // The client may still be sending its request. Closing now could fail its send before it
   // reads why (or reset the connection under the answer), so what it sends is read and dropped
-  // until it closes, for at most kRefuseLingerMs and kMaxRequestBytes.
+  // until it closes, for at most kRefuseLingerMs and kMaxRequestBytes; and for at most
+  // kMaxLingering clients at a time, so a flood of refused connections holds few descriptors.
   Status s = c->pipe->Write(EncodeError(why) + "\n");
+  if (s.ok() && lingering_ >= kMaxLingering) {
+    CloseClient(c);
+    return;
+  }
   if (s.ok()) s = c->pipe->Shutdown();
   if (s.ok()) {
     s = c->pipe->ReadStart(
@@ -177,6 +199,8 @@ void ControlServer::Refuse(Client* c, const Status& why) {
     CloseClient(c);
     return;
   }
+  c->lingering = true;
+  ++lingering_;
   c->idle->Start(kRefuseLingerMs, [this, c] { CloseClient(c); });
 }
 
@@ -394,6 +418,7 @@ void ControlServer::Drop(uint64_t id) {
     if (u != per_uid_.end() && --u->second == 0) per_uid_.erase(u);
     --(c->uid == 0 ? root_clients_ : admitted_);
   }
+  if (c->lingering) --lingering_;
   clients_.erase(it);
 }
 

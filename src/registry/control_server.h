@@ -61,6 +61,10 @@ class ControlServer {
   static constexpr int64_t kHangupCheckMs = 1000;
   // How long a client turned away may take to read why before it is closed.
   static constexpr int64_t kRefuseLingerMs = 2000;
+  // Refused clients given that time at once; more are closed right after their error line.
+  static constexpr size_t kMaxLingering = 64;
+  // Refusals are logged once per this interval per uid (and once for the overall limit).
+  static constexpr uint64_t kRefusalLogIntervalMs = 60000;
 
   ControlServer(loop::Loop* loop, Handler handler, Options options);
   ~ControlServer();
@@ -91,6 +95,8 @@ class ControlServer {
   Status StartReading(Client* c);
   // Turns a client away with one error line, before it was admitted.
   void Refuse(Client* c, const Status& why);
+  // Rate-limits the log line about refusals of `key` (a uid, or -1 for the overall limit).
+  bool ShouldLogRefusal(uid_t key);
   // Cancels the request with the handler, if any; its reply, should it come, is dropped.
   void CancelRequest(Client* c);
   // Removes the client and gives its slot back.
@@ -105,6 +111,8 @@ class ControlServer {
   std::unordered_map<uid_t, size_t> per_uid_;  // admitted clients per uid
   size_t admitted_ = 0;                        // admitted clients of uids other than 0
   size_t root_clients_ = 0;
+  size_t lingering_ = 0;
+  std::unordered_map<uid_t, uint64_t> last_refusal_log_;  // loop time of the last log line
   uint64_t next_id_ = 1;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
