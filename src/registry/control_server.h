@@ -8,9 +8,8 @@
 // away is noticed at once: its request is cancelled (a `wait` releases its slot) and the client
 // is dropped. What it may send ahead while a request is in flight is bounded
 // (kMaxRequestBytes + 1: one more full line); more cancels the request and closes the client
-// with an error line. A client that only half-closed
-// (shutdown(SHUT_WR), still able to read) still gets its reply; until then it is checked every
-// kHangupCheckMs for a full close.
+// with an error line. A client that only half-closed (shutdown(SHUT_WR), still able to read)
+// still gets its reply; until then it is checked every kHangupCheckMs for a full close.
 // Malformed or oversized input gets an error reply; an oversized line also closes the client.
 // Clients idle (or not reading a reply) for `idle_timeout_ms` are closed.
 //
@@ -18,7 +17,9 @@
 // every slot; users other than root together may hold `max_clients`. Root's connections do not
 // count against `max_clients`: root always has its own `max_clients_per_user` slots, however
 // many other users connected. Clients beyond a limit get one error line (ResourceExhausted,
-// naming the limit) and are closed once they closed or after kRefuseLingerMs.
+// naming the limit); what they still send is read and dropped until they close, for at most
+// kRefuseLingerMs (and for at most kMaxLingering of them at once), so their own send does not
+// fail before they can read why.
 //
 // Ownership: the daemon owns it; `*loop` must outlive it. Reply callbacks handed to the
 // handler stay safe to call after the client or the server are gone (they do nothing then).
