@@ -15,6 +15,7 @@
 #include <iostream>
 #include <iterator>
 #include <memory>
+#include <set>
 
 #include "loop/address.h"
 #include "loop/handle.h"
@@ -471,6 +472,12 @@ Status RunQuery(BrokerClient* client, OutputFormat format) {
     std::printf("no jobs\n");
     return Status::OK();
   }
+  // Jobs whose readiness probe gave up (no listener within ready_timeout) are "down".
+  std::set<std::string> down;
+  const cJSON* down_list = cJSON_GetObjectItemCaseSensitive(reply->get(), "down");
+  for (const cJSON* d = cJSON_IsArray(down_list) ? down_list->child : nullptr; d; d = d->next) {
+    if (cJSON_IsString(d)) down.insert(d->valuestring);
+  }
   std::printf("%-24s %-4s %-28s %-8s %s\n", "JOB", "TYPE", "BACKEND", "STATE", "EXPIRES");
   for (const cJSON* j = jobs->child; j; j = j->next) {
     Job job;
@@ -478,7 +485,8 @@ Status RunQuery(BrokerClient* client, OutputFormat format) {
     if (!js.ok()) return Status::IOError("malformed reply: " + js.message());
     std::string backend = job.host + ":" + std::to_string(job.port);
     std::printf("%-24s %-4s %-28s %-8s %s\n", job.id.c_str(), registry::JobTypeName(job.type),
-                backend.c_str(), job.ready ? "ready" : "waiting", FormatTime(job.expires).c_str());
+                backend.c_str(), job.ready ? "ready" : (down.contains(job.id) ? "down" : "waiting"),
+                FormatTime(job.expires).c_str());
   }
   return Status::OK();
 }

@@ -150,6 +150,7 @@ class Daemon {
     ro.ports = config_.port_range;
     ro.secret_bits = config_.secret_bits;
     ro.default_ttl = config_.default_ttl_ms / 1000;
+    ro.max_jobs_per_user = static_cast<size_t>(config_.max_jobs_per_user);
     registry_ = std::make_unique<registry::Registry>(ro);
     std::string snapshot = config_.state_dir + "/registry.json";
     BP_RETURN_IF_ERROR(registry::Store::Load(snapshot, registry_.get()));
@@ -158,22 +159,29 @@ class Daemon {
     if (!loop.ok()) return loop.status();
     loop_ = std::move(loop).value();
     store_ = std::make_unique<registry::Store>(loop_.get(), registry_.get(), snapshot);
-    broker_ = std::make_unique<registry::Broker>(
-        loop_.get(), registry_.get(), store_.get(), registry::Broker::Options{},
-        [] { return static_cast<int64_t>(::time(nullptr)); });
+    registry::Broker::Options bo;
+    bo.ready_timeout_ms = config_.ready_timeout_ms;
+    bo.max_waits_per_user = static_cast<size_t>(config_.max_waits_per_user);
+    broker_ =
+        std::make_unique<registry::Broker>(loop_.get(), registry_.get(), store_.get(), bo,
+                                           [] { return static_cast<int64_t>(::time(nullptr)); });
     BP_RETURN_IF_ERROR(broker_->Start());
     BP_RETURN_IF_ERROR(StartTls());
 
+    registry::ControlServer::Options co;
+    co.max_clients = static_cast<size_t>(config_.max_control_clients);
+    co.max_clients_per_user = static_cast<size_t>(config_.max_control_clients_per_user);
     control_ = std::make_unique<registry::ControlServer>(
         loop_.get(),
-        [this](registry::Request req, uid_t caller, registry::ControlServer::Reply reply) {
+        [this](registry::Request req, uid_t caller,
+               registry::ControlServer::Reply reply) -> registry::ControlServer::Cancel {
           if (!broker_) {
             reply(registry::EncodeError(Status::Unavailable("the daemon is shutting down")));
-            return;
+            return nullptr;
           }
-          broker_->Handle(std::move(req), caller, std::move(reply));
+          return broker_->Handle(std::move(req), caller, std::move(reply));
         },
-        registry::ControlServer::Options{});
+        co);
     BP_RETURN_IF_ERROR(control_->Listen(config_.control_socket));
 
     auto po = ProxyOptionsFrom(config_);
@@ -192,6 +200,11 @@ class Daemon {
     proxy_->set_frontend(proxy::Protocol::kTls, proxy::NewTlsFrontend(tls_settings_));
     BP_RETURN_IF_ERROR(proxy_->Start());
     broker_->set_stats_provider([this](cJSON* stats, uid_t caller) {
+      if (control_) {
+        // Root sees every connection to the control socket; a user sees their own.
+        size_t clients = caller == 0 ? control_->client_count() : control_->client_count(caller);
+        cJSON_AddNumberToObject(stats, "control_clients", static_cast<double>(clients));
+      }
       if (proxy_) proxy_->AddStats(stats, caller);
       if (ssh_) cJSON_AddStringToObject(stats, "ssh_host_key", ssh_->fingerprint().c_str());
     });

@@ -68,6 +68,25 @@ const std::vector<Entry>& Entries() {
         "show the CA key and every job's secret.",
         nullptr, kNo, 0, 1},
        &Config::core_dumps},
+      {{"broker", "max_control_clients", T::kInt, "1024",
+        "Most connections to the control socket that users other than root may hold at once, "
+        "all together (1 to 1000000); beyond that they are told the broker is busy. Root's "
+        "connections do not count here: root always has max_control_clients_per_user of its "
+        "own.",
+        nullptr, kNo, 1, 1000000},
+       &Config::max_control_clients},
+      {{"broker", "max_control_clients_per_user", T::kInt, "64",
+        "Most connections to the control socket one user (root included) may hold at once (1 "
+        "to 1000000); further ones get an error naming this limit. Keep it well below "
+        "max_control_clients, so that one user cannot lock the others out. A client that goes "
+        "away gives its connection back at once, even with a `wait` pending.",
+        nullptr, kNo, 1, 1000000},
+       &Config::max_control_clients_per_user},
+      {{"broker", "max_waits_per_user", T::kInt, "32",
+        "Most `wait` requests (save --wait, brokerproxy wait) one user may have pending at "
+        "once (1 to 1000000); further ones fail at once with an error naming this limit.",
+        nullptr, kNo, 1, 1000000},
+       &Config::max_waits_per_user},
       // [registry]
       {{"registry", "port_range", T::kPortRange, "28000-28999",
         "Inclusive range of TCP ports (A-B) handed out to jobs saved without --port; the job's "
@@ -91,10 +110,20 @@ const std::vector<Entry>& Entries() {
        &Config::default_ttl_ms},
       {{"registry", "ready_timeout", T::kDuration, "2m",
         "How long `save --wait` and exec mode wait for the job's service to start listening "
-        "before giving up. 0 means wait without a limit. Two minutes covers services that are "
-        "slow to start, such as notebook servers. At most 24h.",
+        "before giving up, and how long the daemon keeps probing a job saved to wait for its "
+        "service: after that it stops (the job shows as down in `query`) until someone waits "
+        "for the job or saves it again. 0 means without a limit. Two minutes covers services "
+        "that are slow to start, such as notebook servers. At most 24h.",
         nullptr, kNo, 0, 86400},
        &Config::ready_timeout_ms},
+      {{"registry", "max_jobs_per_user", T::kInt, "64",
+        "Most jobs one user may hold at once (0 to 1000000; 0 means no limit); saving one more "
+        "fails with an error naming the limit until the user removes one (replacing an own "
+        "job is always allowed). This also bounds what a user takes of the port range and of "
+        "registry.json: one port and one record (about 300 bytes, at most about 9 KiB) per "
+        "job. Root is not limited.",
+        nullptr, kNo, 0, 1000000},
+       &Config::max_jobs_per_user},
       // [proxy]
       {{"proxy", "listen", T::kHostPortList, "127.0.0.1:7000",
         "Addresses of the proxy port, as host:port or [v6addr]:port; comma-separated, or repeat "

@@ -36,12 +36,17 @@ struct Config {
   std::string control_socket;  // default: <state_dir>/control.sock
   LogLevel log_level = LogLevel::kInfo;
   int core_dumps = 0;  // 1: leave the process dumpable (debugging)
+  int max_control_clients = 1024;         // control connections of non-root users, together
+  int max_control_clients_per_user = 64;  // control connections of one uid
+  int max_waits_per_user = 32;            // pending `wait` requests of one uid
 
   // [registry]
   registry::PortRange port_range;     // 28000-28999
   int secret_bits = 256;              // 128..4096, multiple of 8
   int64_t default_ttl_ms = 0;         // 0: jobs do not expire
   int64_t ready_timeout_ms = 120000;  // how long `save --wait` and exec mode wait for a listener
+                                      // and the daemon probes for one
+  int max_jobs_per_user = 64;         // jobs one uid other than root may hold; 0: no limit
 
   // [proxy]
   std::vector<HostPort> listen{{"127.0.0.1", 7000}};

@@ -15,6 +15,7 @@ struct Broker::Probe {
   int port = 0;
   uid_t owner = 0;  // name look-ups count against the job's owner (loop::Resolve's group)
   int64_t delay_ms = 0;
+  uint64_t give_up_at = 0;  // loop time (ms); 0: never
   size_t attempt = 0;
   loop::Pending resolve;
   loop::HandlePtr<loop::Tcp> conn;
@@ -56,7 +57,7 @@ void Broker::ReplyLater(Reply reply, std::string line) {
   loop_->Defer([reply = std::move(reply), line = std::move(line)] { reply(line); });
 }
 
-void Broker::Handle(Request req, uid_t caller, Reply reply) {
+Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
   // One spelling from here on: probes, waiters and replies agree with the registry's ids.
   req.job = CanonicalJobId(req.job);
   req.save.id = CanonicalJobId(req.save.id);
@@ -65,7 +66,7 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
       if (id_check_) {
         if (Status s = id_check_(req.job); !s.ok()) {
           ReplyLater(std::move(reply), EncodeError(s));
-          return;
+          return nullptr;
         }
       }
       // Refuse early what the commit would refuse anyway, before issuing a certificate.
@@ -74,17 +75,17 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
         ReplyLater(
             std::move(reply),
             EncodeError(Status::PermissionDenied("job " + req.job + " belongs to another user")));
-        return;
+        return nullptr;
       }
       if (req.save.type != JobType::kSsl) {
         Save(std::move(req), caller, std::move(reply), std::nullopt);
-        return;
+        return nullptr;
       }
       if (!cert_issuer_) {
         ReplyLater(std::move(reply),
                    EncodeError(Status::Unavailable("this broker has no TLS certificate authority "
                                                    "set up, so it cannot save ssl jobs")));
-        return;
+        return nullptr;
       }
       Job draft;
       draft.id = req.job;
@@ -105,62 +106,66 @@ void Broker::Handle(Request req, uid_t caller, Reply reply) {
             }
             Save(std::move(req), caller, std::move(reply), std::move(cert).value());
           });
-      return;
+      return nullptr;
     }
     case Op::kLoad: {
       auto job = registry_->Get(req.job, caller);
       ReplyLater(std::move(reply), job.ok() ? EncodeOk(JobBody(**job, SecretField::kInclude))
                                             : EncodeError(job.status()));
-      return;
+      return nullptr;
     }
     case Op::kVerify: {
       auto job = registry_->Get(req.job, caller);
       if (!job.ok()) {
         ReplyLater(std::move(reply), EncodeError(job.status()));
-        return;
+        return nullptr;
       }
       JsonPtr body = NewObject();
       cJSON_AddBoolToObject(body.get(), "match", SecretMatches((*job)->secret, req.secret));
       ReplyLater(std::move(reply), EncodeOk(std::move(body)));
-      return;
+      return nullptr;
     }
     case Op::kQuery: {
       JsonPtr body = NewObject();
       cJSON* jobs = cJSON_AddArrayToObject(body.get(), "jobs");
+      cJSON* down = cJSON_AddArrayToObject(body.get(), "down");
       for (const Job* job : registry_->List(caller)) {
         Adopt(jobs, nullptr, JobToJson(*job, SecretField::kOmit));
+        if (down_.contains(job->id))
+          cJSON_AddItemToArray(down, cJSON_CreateString(job->id.c_str()));
       }
       ReplyLater(std::move(reply), EncodeOk(std::move(body)));
-      return;
+      return nullptr;
     }
     case Op::kRemove:
       Remove(req.job, caller, std::move(reply));
-      return;
+      return nullptr;
     case Op::kStats: {
       JsonPtr body = NewObject();
       cJSON* stats = cJSON_AddObjectToObject(body.get(), "stats");
       cJSON_AddNumberToObject(stats, "jobs", static_cast<double>(registry_->List(caller).size()));
+      AddStats(stats, caller);
       if (stats_provider_) stats_provider_(stats, caller);
       ReplyLater(std::move(reply), EncodeOk(std::move(body)));
-      return;
+      return nullptr;
     }
     case Op::kWait:
-      Wait(req.job, caller, req.timeout_ms, std::move(reply));
-      return;
+      return Wait(req.job, caller, req.timeout_ms, std::move(reply));
     case Op::kCa: {
       auto pem = ca_provider_ ? ca_provider_()
                               : Result<std::string>(Status::Unavailable(
                                     "this broker has no TLS certificate authority set up"));
       if (!pem.ok()) {
         ReplyLater(std::move(reply), EncodeError(pem.status()));
-        return;
+        return nullptr;
       }
       JsonPtr body = NewObject();
       cJSON_AddStringToObject(body.get(), "ca_cert", pem->c_str());
       ReplyLater(std::move(reply), EncodeOk(std::move(body)));
-      return;
+      return nullptr;
     }
   }
+  return nullptr;
 }
 
 void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCert> cert) {
@@ -223,39 +228,70 @@ void Broker::Remove(const std::string& id, uid_t caller, Reply reply) {
       });
 }
 
-void Broker::Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply) {
+Broker::Cancel Broker::Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply) {
   auto job = registry_->Get(id, caller);
   if (!job.ok()) {
     ReplyLater(std::move(reply), EncodeError(job.status()));
-    return;
+    return nullptr;
   }
   if ((*job)->ready) {
     ReplyLater(std::move(reply), EncodeOk(JobBody(**job, SecretField::kInclude)));
-    return;
+    return nullptr;
+  }
+  size_t& mine = waits_per_uid_[caller];
+  if (mine >= options_.max_waits_per_user) {
+    ReplyLater(std::move(reply),
+               EncodeError(Status::ResourceExhausted(
+                   "you already have " + std::to_string(mine) +
+                   " waits pending, the most one user may have ([broker] max_waits_per_user = " +
+                   std::to_string(options_.max_waits_per_user) + ")")));
+    if (mine == 0) waits_per_uid_.erase(caller);
+    return nullptr;
   }
   auto timer = loop::Timer::Create(*loop_);
   if (!timer.ok()) {
+    if (mine == 0) waits_per_uid_.erase(caller);
     ReplyLater(std::move(reply), EncodeError(timer.status()));
-    return;
+    return nullptr;
   }
+  ++mine;
+  // A job whose probe gave up is probed again for as long as someone waits for it.
+  if (!probes_.contains(id)) StartProbe(**job);
   auto waiter = std::make_unique<Waiter>();
   Waiter* w = waiter.get();
+  w->serial = next_waiter_++;
+  w->uid = caller;
   w->reply = std::move(reply);
   w->timer = std::move(timer).value();
   std::string what = "job " + id + ": nothing accepted connections on " + (*job)->host + ":" +
                      std::to_string((*job)->port) + " within " + std::to_string(timeout_ms / 1000) +
                      "s";
-  w->timer->Start(timeout_ms, [this, id, w, what] {
-    auto range = waiters_.equal_range(id);
-    for (auto it = range.first; it != range.second; ++it) {
-      if (it->second.get() != w) continue;
-      std::unique_ptr<Waiter> self = std::move(it->second);
-      waiters_.erase(it);
-      self->reply(EncodeError(Status::Timeout(what)));
-      return;  // `self` (and the running timer's owner) dies here; nothing touches it after
-    }
+  w->timer->Start(timeout_ms, [this, id, serial = w->serial, what] {
+    std::unique_ptr<Waiter> self = TakeWaiter(id, serial);
+    if (self) self->reply(EncodeError(Status::Timeout(what)));
+    // `self` (and the running timer's owner) dies here; nothing touches it after
   });
   waiters_.emplace(id, std::move(waiter));
+  std::weak_ptr<bool> alive = alive_;
+  return [this, alive, id, serial = w->serial] {
+    if (alive.expired()) return;
+    if (TakeWaiter(id, serial)) {
+      LOG_DEBUG("job %s: a wait was cancelled: its client went away", id.c_str());
+    }
+  };
+}
+
+std::unique_ptr<Broker::Waiter> Broker::TakeWaiter(const std::string& id, uint64_t serial) {
+  auto range = waiters_.equal_range(id);
+  for (auto it = range.first; it != range.second; ++it) {
+    if (it->second->serial != serial) continue;
+    std::unique_ptr<Waiter> w = std::move(it->second);
+    waiters_.erase(it);
+    auto count = waits_per_uid_.find(w->uid);
+    if (count != waits_per_uid_.end() && --count->second == 0) waits_per_uid_.erase(count);
+    return w;
+  }
+  return nullptr;
 }
 
 void Broker::ReleaseWaiters(const std::string& id, const Status& status) {
@@ -264,6 +300,10 @@ void Broker::ReleaseWaiters(const std::string& id, const Status& status) {
   for (auto it = range.first; it != range.second; ++it) released.push_back(std::move(it->second));
   waiters_.erase(range.first, range.second);
   if (released.empty()) return;
+  for (const auto& w : released) {
+    auto count = waits_per_uid_.find(w->uid);
+    if (count != waits_per_uid_.end() && --count->second == 0) waits_per_uid_.erase(count);
+  }
   std::string line;
   if (status.ok()) {
     const Job* job = registry_->Find(id);
@@ -275,8 +315,28 @@ void Broker::ReleaseWaiters(const std::string& id, const Status& status) {
   for (auto& w : released) w->reply(line);
 }
 
+void Broker::AddStats(cJSON* stats, uid_t caller) {
+  // Root sees the totals; a user sees their own.
+  size_t waits = 0;
+  size_t probes = 0;
+  if (caller == 0) {
+    waits = waiters_.size();
+    probes = probes_.size();
+  } else {
+    auto it = waits_per_uid_.find(caller);
+    waits = it == waits_per_uid_.end() ? 0 : it->second;
+    for (const auto& [id, probe] : probes_) {
+      const Job* job = registry_->Find(id);
+      if (job && job->owner == caller) ++probes;
+    }
+  }
+  cJSON_AddNumberToObject(stats, "waits", static_cast<double>(waits));
+  cJSON_AddNumberToObject(stats, "probes", static_cast<double>(probes));
+}
+
 void Broker::Forget(const std::string& id, const Status& waiter_status) {
   probes_.erase(id);
+  down_.erase(id);
   ReleaseWaiters(id, waiter_status);
 }
 
@@ -323,7 +383,11 @@ void Broker::StartProbe(const Job& job) {
   probe->port = job.port;
   probe->owner = job.owner;
   probe->delay_ms = options_.probe_min_ms;
+  if (options_.ready_timeout_ms > 0) {
+    probe->give_up_at = loop_->Now() + static_cast<uint64_t>(options_.ready_timeout_ms);
+  }
   probe->timer = std::move(timer).value();
+  down_.erase(job.id);
   Probe* p = probe.get();
   probes_[job.id] = std::move(probe);
   ProbeOnce(p);
@@ -331,6 +395,19 @@ void Broker::StartProbe(const Job& job) {
 
 void Broker::ProbeOnce(Probe* p) {
   auto retry = [this, p] {
+    // Past ready_timeout, and nobody waits for the job: stop dialling a backend that does not
+    // come up (a user could otherwise keep the daemon dialling any host:port forever).
+    if (p->give_up_at != 0 && loop_->Now() >= p->give_up_at && !waiters_.contains(p->id)) {
+      std::string id = p->id;
+      LOG_INFO(
+          "job %s: nothing accepted connections on %s:%d within %llds; stopped probing "
+          "(a wait or a new save probes again)",
+          id.c_str(), p->host.c_str(), p->port,
+          static_cast<long long>(options_.ready_timeout_ms / 1000));
+      down_.insert(id);
+      probes_.erase(id);  // frees *p: nothing may follow
+      return;
+    }
     p->conn.reset();
     p->timer->Start(p->delay_ms, [this, p] { ProbeOnce(p); });
     p->delay_ms = std::min(p->delay_ms * 2, options_.probe_max_ms);

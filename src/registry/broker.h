@@ -11,6 +11,13 @@
 // Job ids in requests may be spelt in any case; Handle() makes them canonical (job.h) before
 // anything else, so every op acts on, and every reply shows, the registry's one spelling.
 //
+// Limits, so one user cannot make the daemon work for them without end: a uid may have
+// `max_waits_per_user` waits pending (more are refused with ResourceExhausted), and a
+// readiness probe gives up after `ready_timeout_ms` unless a wait is still pending on the job:
+// the job is then *down* (still not ready; `query` lists it under "down") until a later wait
+// or save arms one probe again. A job has at most one probe, so a user's probes are bounded by
+// their jobs ([registry] max_jobs_per_user).
+//
 // Ownership: the daemon owns the Broker; `*loop`, `*registry` and `*store` must outlive it.
 // Destroying it drops pending probes, waits and replies. Loop-thread only.
 
@@ -25,6 +32,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "loop/handle.h"
 #include "loop/loop.h"
@@ -61,12 +69,17 @@ class Broker {
   // Says whether canonical job id `id` may be saved at all (any type), e.g. not an id whose
   // TLS name is one of the proxy's own; an error (InvalidArgument) is the reply to the save.
   using IdCheck = std::function<Status(const std::string& id)>;
+  // Drops a pending request whose client went away, without replying. Safe to call at any
+  // time, also after the reply or after the Broker is gone (it does nothing then).
+  using Cancel = std::function<void()>;
 
   struct Options {
     int64_t expiry_check_ms = 1000;  // how often expired jobs are swept
     int64_t probe_min_ms = 100;      // readiness probe backoff, doubling ...
     int64_t probe_max_ms = 2000;     // ... up to this
     int64_t probe_connect_timeout_ms = 2000;
+    int64_t ready_timeout_ms = 120000;  // a probe gives up after this; 0: never
+    size_t max_waits_per_user = 32;     // pending waits of one uid (root included)
   };
 
   Broker(loop::Loop* loop, Registry* registry, Store* store, Options options, Clock clock);
@@ -77,7 +90,8 @@ class Broker {
   // Starts the expiry sweep and probes jobs that were loaded while not ready.
   Status Start();
 
-  void Handle(Request request, uid_t caller, Reply reply);
+  // Carries out `request`; the returned Cancel (empty if there is nothing to cancel) drops it.
+  Cancel Handle(Request request, uid_t caller, Reply reply);
 
   void set_stats_provider(StatsProvider p) { stats_provider_ = std::move(p); }
   void set_ca_provider(CaProvider p) { ca_provider_ = std::move(p); }
@@ -87,13 +101,18 @@ class Broker {
  private:
   struct Probe;
   struct Waiter {
+    uint64_t serial = 0;
+    uid_t uid = 0;
     Reply reply;
     loop::HandlePtr<loop::Timer> timer;
   };
 
   void Save(Request request, uid_t caller, Reply reply, std::optional<IssuedCert> cert);
   void Remove(const std::string& id, uid_t caller, Reply reply);
-  void Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply);
+  Cancel Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply);
+  // Removes waiter `serial` of job `id` (if still there) and returns it.
+  std::unique_ptr<Waiter> TakeWaiter(const std::string& id, uint64_t serial);
+  void AddStats(cJSON* stats, uid_t caller);
   void SweepExpired();
 
   void StartProbe(const Job& job);
@@ -119,6 +138,10 @@ class Broker {
   bool sweeping_ = false;
   std::unordered_map<std::string, std::unique_ptr<Probe>> probes_;
   std::unordered_multimap<std::string, std::unique_ptr<Waiter>> waiters_;
+  std::unordered_map<uid_t, size_t> waits_per_uid_;
+  uint64_t next_waiter_ = 0;
+  // Jobs whose probe gave up: not ready and not probed until a wait or a save.
+  std::unordered_set<std::string> down_;
   std::unordered_map<uint64_t, loop::Pending> cert_jobs_;
   uint64_t next_cert_job_ = 0;
   // Lets callbacks that may outlive this object (store commits) see that it is gone.

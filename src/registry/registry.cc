@@ -119,6 +119,17 @@ Result<Job> Registry::Save(const SaveRequest& req, uid_t caller, int64_t now,
   if (it != jobs_.end() && !MayAccess(it->second, caller)) {
     return Status::PermissionDenied(DescribeId(job.id) + " belongs to another user");
   }
+  // Replacing one's own job does not add one.
+  const size_t max_jobs = options_.max_jobs_per_user;
+  if (caller != 0 && max_jobs > 0 && it == jobs_.end()) {
+    const size_t held = CountOwnedBy(caller);
+    if (held >= max_jobs) {
+      return Status::ResourceExhausted(
+          "you already hold " + std::to_string(held) + " jobs, the most one user may hold " +
+          "([registry] max_jobs_per_user = " + std::to_string(max_jobs) +
+          "); remove one first (`brokerproxy query` lists them)");
+    }
+  }
 
   Result<std::string> secret = GenerateSecret(options_.secret_bits);
   if (!secret.ok()) {
@@ -128,13 +139,13 @@ Result<Job> Registry::Save(const SaveRequest& req, uid_t caller, int64_t now,
 
   // The owner's old record frees its port first, so replacing a job in a full range works.
   if (it != jobs_.end()) {
-    IndexPort(it->second, -1);
+    Index(it->second, -1);
   }
   if (job.port_allocated) {
     Result<int> port = AllocatePort();
     if (!port.ok()) {
       if (it != jobs_.end()) {
-        IndexPort(it->second, +1);
+        Index(it->second, +1);
       }
       return port.status();
     }
@@ -147,7 +158,7 @@ Result<Job> Registry::Save(const SaveRequest& req, uid_t caller, int64_t now,
   } else {
     jobs_.emplace(job.id, job);
   }
-  IndexPort(job, +1);
+  Index(job, +1);
   if (replaced != nullptr) {
     *replaced = std::move(previous);
   }
@@ -173,7 +184,7 @@ Result<Job> Registry::Remove(std::string_view id, uid_t caller) {
   auto it = jobs_.find((*found)->id);
   Job job = std::move(it->second);
   jobs_.erase(it);
-  IndexPort(job, -1);
+  Index(job, -1);
   return job;
 }
 
@@ -226,12 +237,12 @@ Status Registry::Put(Job job) {
   job.id = CanonicalJobId(job.id);
   auto it = jobs_.find(job.id);
   if (it != jobs_.end()) {
-    IndexPort(it->second, -1);
+    Index(it->second, -1);
     it->second = std::move(job);
-    IndexPort(it->second, +1);
+    Index(it->second, +1);
   } else {
     auto [inserted, unused] = jobs_.emplace(job.id, std::move(job));
-    IndexPort(inserted->second, +1);
+    Index(inserted->second, +1);
   }
   return Status::OK();
 }
@@ -239,8 +250,22 @@ Status Registry::Put(Job job) {
 void Registry::Erase(std::string_view id) {
   auto it = jobs_.find(CanonicalJobId(id));
   if (it != jobs_.end()) {
-    IndexPort(it->second, -1);
+    Index(it->second, -1);
     jobs_.erase(it);
+  }
+}
+
+size_t Registry::CountOwnedBy(uid_t uid) const {
+  auto it = jobs_per_owner_.find(uid);
+  return it == jobs_per_owner_.end() ? 0 : it->second;
+}
+
+void Registry::Index(const Job& job, int delta) {
+  IndexPort(job, delta);
+  if (delta > 0) {
+    ++jobs_per_owner_[job.owner];
+  } else if (auto it = jobs_per_owner_.find(job.owner); it != jobs_per_owner_.end()) {
+    if (--it->second == 0) jobs_per_owner_.erase(it);
   }
 }
 

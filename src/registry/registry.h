@@ -13,6 +13,12 @@
 // registry stores, returns and lists only the canonical (lower-case) one, so "ABC" is the job
 // "abc" and belongs to whoever holds "abc".
 //
+// Per-user limit: a uid other than 0 may hold at most `max_jobs_per_user` jobs. Every port a
+// user takes from the range and every record of theirs in the snapshot comes with a job, so
+// this also bounds those: at most max_jobs_per_user ports, and records of at most about 9 KiB
+// each (two 4 KiB certificate paths; an ssh job's record is about 300 bytes). Root is not
+// limited: it administers the broker. Put() (loading a snapshot, undoing) does not check it.
+//
 // Thread safety: none; loop-thread only.
 
 #ifndef BROKERPROXY_REGISTRY_REGISTRY_H_
@@ -61,9 +67,10 @@ struct SaveRequest {
 class Registry {
  public:
   struct Options {
-    PortRange ports;          // where Save() allocates ports; default 28000-28999
-    int secret_bits = 256;    // length of generated secrets
-    int64_t default_ttl = 0;  // seconds; 0 = jobs never expire unless asked to
+    PortRange ports;               // where Save() allocates ports; default 28000-28999
+    int secret_bits = 256;         // length of generated secrets
+    int64_t default_ttl = 0;       // seconds; 0 = jobs never expire unless asked to
+    size_t max_jobs_per_user = 0;  // jobs one uid other than 0 may hold; 0: no limit
   };
 
   explicit Registry(Options options);
@@ -72,7 +79,7 @@ class Registry {
   // (a fresh secret; a fresh port unless `req.port` is given). On success `*replaced` holds
   // the previous record, if any, so the caller can undo. Errors: InvalidArgument (bad field),
   // PermissionDenied (the id belongs to another user and caller != 0), ResourceExhausted (no
-  // free port in the range).
+  // free port in the range, or a new job beyond the caller's max_jobs_per_user).
   Result<Job> Save(const SaveRequest& req, uid_t caller, int64_t now, std::optional<Job>* replaced);
 
   // The job, if it exists (NotFound) and `caller` may see it (PermissionDenied).
@@ -107,6 +114,8 @@ class Registry {
   void Erase(std::string_view id);
 
   size_t size() const { return jobs_.size(); }
+  // Jobs owned by `uid`.
+  size_t CountOwnedBy(uid_t uid) const;
   const Options& options() const { return options_; }
 
  private:
@@ -116,11 +125,14 @@ class Registry {
   };
   Result<int> AllocatePort() const;
   void IndexPort(const Job& job, int delta);
+  // Keeps ports_in_use_ and jobs_per_owner_ right as `job` comes (+1) or goes (-1).
+  void Index(const Job& job, int delta);
 
   Options options_;
   std::unordered_map<std::string, Job, Hash, std::equal_to<>> jobs_;
   // Jobs holding each port of the range (ports outside it are not tracked).
   std::unordered_map<int, int> ports_in_use_;
+  std::unordered_map<uid_t, size_t> jobs_per_owner_;
   std::string dummy_secret_;  // compared against for unknown ids
 };
 

@@ -559,5 +559,44 @@ TEST(RegistryTest, AuthenticateNeedsTheExactSecret) {
   EXPECT_EQ(registry.Authenticate("", secret), nullptr);
 }
 
+TEST(RegistryTest, MaxJobsPerUserCountsEachOwner) {
+  Registry::Options options;
+  options.max_jobs_per_user = 2;
+  Registry registry(options);
+  MustSave(registry, Request("a1"), kAlice);
+  MustSave(registry, Request("a2"), kAlice);
+  Result<Job> over = registry.Save(Request("a3"), kAlice, kNow, nullptr);
+  ASSERT_FALSE(over.ok());
+  EXPECT_EQ(over.status().code(), Status::Code::kResourceExhausted);
+  EXPECT_NE(over.status().message().find("you already hold 2 jobs"), std::string::npos)
+      << over.status().ToString();
+  EXPECT_NE(over.status().message().find("max_jobs_per_user = 2"), std::string::npos);
+  EXPECT_EQ(registry.Find("a3"), nullptr);
+  EXPECT_EQ(registry.CountOwnedBy(kAlice), 2u);
+
+  // Another user has a count of their own; replacing an own job adds none; root is exempt.
+  MustSave(registry, Request("b1"), kBob);
+  MustSave(registry, Request("a1"), kAlice);
+  for (const char* id : {"r1", "r2", "r3"}) MustSave(registry, Request(id), kRoot);
+
+  // Removing, root taking a job over and erasing each give a slot back.
+  ASSERT_TRUE(registry.Remove("a1", kAlice).ok());
+  MustSave(registry, Request("a3"), kAlice);
+  MustSave(registry, Request("a3"), kRoot);  // now root's
+  EXPECT_EQ(registry.CountOwnedBy(kAlice), 1u);
+  MustSave(registry, Request("a4"), kAlice);
+  registry.Erase("a4");
+  EXPECT_EQ(registry.CountOwnedBy(kAlice), 1u);
+  EXPECT_EQ(registry.CountOwnedBy(kRoot), 4u);
+}
+
+TEST(RegistryTest, ZeroMaxJobsPerUserMeansNoLimit) {
+  Registry::Options options;
+  options.max_jobs_per_user = 0;
+  Registry registry(options);
+  for (int i = 0; i < 100; ++i) MustSave(registry, Request("j" + std::to_string(i)), kAlice);
+  EXPECT_EQ(registry.CountOwnedBy(kAlice), 100u);
+}
+
 }  // namespace
 }  // namespace brokerproxy::registry
