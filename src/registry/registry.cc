@@ -143,9 +143,11 @@ Result<Job> Registry::Save(const SaveRequest& req, uid_t caller, int64_t now,
     jobs_.emplace(job.id, job);
   }
   IndexPort(job, +1);
+  bool existed = previous.has_value();
   if (replaced != nullptr) {
     *replaced = std::move(previous);
   }
+  Changed(job.id, existed, /*removed=*/false);
   return job;
 }
 
@@ -169,6 +171,7 @@ Result<Job> Registry::Remove(std::string_view id, uid_t caller) {
   Job job = std::move(it->second);
   jobs_.erase(it);
   IndexPort(job, -1);
+  Changed(job.id, /*existed=*/true, /*removed=*/true);
   return job;
 }
 
@@ -217,8 +220,10 @@ Status Registry::SetReady(std::string_view id, bool ready) {
 
 Status Registry::Put(Job job) {
   BP_RETURN_IF_ERROR(CheckJob(job));
+  std::string id = job.id;
   auto it = jobs_.find(job.id);
-  if (it != jobs_.end()) {
+  bool existed = it != jobs_.end();
+  if (existed) {
     IndexPort(it->second, -1);
     it->second = std::move(job);
     IndexPort(it->second, +1);
@@ -226,15 +231,32 @@ Status Registry::Put(Job job) {
     auto [inserted, unused] = jobs_.emplace(job.id, std::move(job));
     IndexPort(inserted->second, +1);
   }
+  Changed(id, existed, /*removed=*/false);
   return Status::OK();
 }
 
 void Registry::Erase(std::string_view id) {
   auto it = jobs_.find(id);
   if (it != jobs_.end()) {
+    std::string erased = it->first;
     IndexPort(it->second, -1);
     jobs_.erase(it);
+    Changed(erased, /*existed=*/true, /*removed=*/true);
   }
+}
+
+uint64_t Registry::Generation(std::string_view id) const {
+  auto it = generations_.find(id);
+  return it == generations_.end() ? 0 : it->second;
+}
+
+void Registry::Changed(const std::string& id, bool existed, bool removed) {
+  if (removed) {
+    generations_.erase(id);
+  } else {
+    generations_[id] = next_generation_++;
+  }
+  if (existed && observer_) observer_(id);
 }
 
 Result<int> Registry::AllocatePort() const {
