@@ -295,6 +295,13 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
              static_cast<unsigned long long>(id()), target_.job_id.c_str(), options_->max_channels);
     return 1;
   }
+  size_t dialing = 0;
+  for (const auto& c : channels_) dialing += c->dialer ? 1 : 0;
+  if (dialing >= static_cast<size_t>(options_->max_dialing_channels)) {
+    LOG_INFO("ssh %llu job=%s: refused a channel: %zu still connecting to the backend",
+             static_cast<unsigned long long>(id()), target_.job_id.c_str(), dialing);
+    return 1;
+  }
   if (!proxy_->TakeChannelSlot()) {
     LOG_INFO("ssh %llu job=%s: refused a channel: the proxy is at max_connections",
              static_cast<unsigned long long>(id()), target_.job_id.c_str());

@@ -48,10 +48,15 @@
 namespace brokerproxy::proxy {
 
 struct SshEndpointOptions {
-  std::string host_key_path;            // ed25519 private key; created (0600) if missing
-  int max_auth_failures = 6;            // per connection, like OpenSSH's MaxAuthTries
-  int max_channels = 1024;              // open channels per session (each also takes one of
-                                        // the proxy's max_connections)
+  std::string host_key_path;  // ed25519 private key; created (0600) if missing
+  int max_auth_failures = 6;  // per connection, like OpenSSH's MaxAuthTries
+  int max_channels = 1024;    // open channels per session (each also takes one of
+                              // the proxy's max_connections)
+  // Channels of one session still dialing their backend at once. libssh 0.10 advertises a
+  // fixed window (about 1.25 MiB) on every channel it accepts, and a channel's data waits in
+  // libssh until its backend is connected: this bounds what a session can make the daemon hold
+  // meanwhile (and connect_timeout bounds for how long).
+  int max_dialing_channels = 32;
   int64_t auth_failure_pause_ms = 300;  // reading pauses this long times the failure count
 };
 

@@ -470,6 +470,13 @@ TEST_F(AbuseTest, SshChannelToABackendThatNeverAnswersEndsAfterConnectTimeout) {
   ASSERT_NE(ch, nullptr) << d.Log();
   std::string data(32 * 1024, 'x');
   (void)ssh_channel_write(ch, data.data(), data.size());
+  // Meanwhile what waits in libssh for backends is bounded: at most 32 channels of a session
+  // may be connecting at once (each may hold up to the window libssh advertised).
+  std::vector<ssh_channel> more;
+  for (int i = 0; i < 40; ++i) {
+    if (ssh_channel m = c.Forward("stuck")) more.push_back(m);
+  }
+  EXPECT_EQ(more.size(), 31u) << d.Log();
   auto start = Clock::now();
   char buf[256];
   while (!ssh_channel_is_eof(ch) && !ssh_channel_is_closed(ch) && ElapsedMs(start) < 15000) {
@@ -478,6 +485,7 @@ TEST_F(AbuseTest, SshChannelToABackendThatNeverAnswersEndsAfterConnectTimeout) {
   EXPECT_LT(ElapsedMs(start), 8000) << "the channel outlived connect_timeout\n" << d.Log();
   EXPECT_NE(d.Log().find("backend connect timeout"), std::string::npos) << d.Log();
   ssh_channel_free(ch);
+  for (ssh_channel m : more) ssh_channel_free(m);
   for (int fd : fillers) close(fd);
   close(lfd);
 }
