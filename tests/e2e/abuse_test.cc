@@ -2,8 +2,11 @@
 // real Unix users (bp-alice owns the job, bp-bob attacks it), a libssh client for what the stock
 // ssh client will not send (user names with line breaks, 250 KB user names).
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <ifaddrs.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -95,7 +98,8 @@ std::vector<std::string> LogMessages(const std::string& log) {
     size_t at = line.find(' ');
     if (at != std::string::npos) at = line.find_first_not_of(' ', at + 1);
     if (at != std::string::npos) at = line.find(' ', at);
-    out.push_back(at == std::string::npos ? line : line.substr(at + 1));
+    if (at != std::string::npos) at = line.find_first_not_of(' ', at);  // "warn " is padded
+    out.push_back(at == std::string::npos ? line : line.substr(at));
   }
   return out;
 }
@@ -195,6 +199,50 @@ TEST_F(AbuseTest, BadPreamblesAndHandshakeTimeoutsCountAgainstTheirSource) {
   std::string log = d.Log();
   EXPECT_EQ(CountOf(log, bob_line), 1u) << log;
   EXPECT_EQ(CountOf(log, alice_line), 1u) << log;
+}
+
+// An IPv4 address of this host other than loopback ("" if none): connections to it from here
+// arrive from it, so the proxy sees a remote source.
+std::string NonLoopbackAddress() {
+  ifaddrs* list = nullptr;
+  if (getifaddrs(&list) != 0) return "";
+  std::string found;
+  for (ifaddrs* i = list; i && found.empty(); i = i->ifa_next) {
+    if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET || !(i->ifa_flags & IFF_UP) ||
+        (i->ifa_flags & IFF_LOOPBACK)) {
+      continue;
+    }
+    char buf[INET_ADDRSTRLEN];
+    if (inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr, buf,
+                  sizeof(buf))) {
+      found = buf;
+    }
+  }
+  freeifaddrs(list);
+  return found;
+}
+
+TEST_F(AbuseTest, RemoteSourceIsThrottledWithOneFail2banLine) {
+  std::string addr = NonLoopbackAddress();
+  if (addr.empty()) GTEST_SKIP() << "no address other than loopback";
+  int port = FreePort();
+  Daemon d(dir_, "", "listen = " + addr + ":" + std::to_string(port) + "\n");
+  ASSERT_TRUE(d.Start());
+  // Malformed preambles name no job: they count against the address alone.
+  for (int i = 0; i < 15; ++i) {
+    int fd = ConnectTcp(port, addr);
+    ASSERT_GE(fd, 0);
+    EXPECT_TRUE(SendAll(fd, "BROKER1 no/such/job x\n"));
+    EXPECT_EQ(ReadLine(fd).value_or(""), "ERR bad-request");
+    close(fd);
+  }
+  std::string line = "throttling " + addr + ": 10 failed handshakes within 1m";
+  std::string log = d.Log();
+  EXPECT_EQ(CountOf(log, line), 1u) << log;
+  // The line fail2ban's "throttling <HOST>:" matches is the whole message.
+  size_t matching = 0;
+  for (const std::string& m : LogMessages(log)) matching += m.rfind("throttling ", 0) == 0;
+  EXPECT_EQ(matching, 1u) << log;
 }
 
 // ---- handshakes in progress cannot crowd the owner out ----
