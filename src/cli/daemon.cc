@@ -96,6 +96,8 @@ Result<proxy::ProxyOptions> ProxyOptionsFrom(const Config& c) {
   o.keepalive_s = static_cast<int>((c.keepalive_ms + 999) / 1000);
   o.throttle_failures = c.throttle_failures;
   o.throttle_window_ms = c.throttle_window_ms;
+  o.max_handshakes_per_source = c.max_handshakes_per_source;
+  o.handshake_share = c.handshake_share;
   return o;
 }
 
@@ -197,6 +199,10 @@ class Daemon {
              config_.host_key.c_str());
     proxy_ = std::make_unique<proxy::Proxy>(loop_.get(), registry_.get(), std::move(po).value());
     proxy_->set_frontend(proxy::Protocol::kSsh, ssh_->frontend());
+    // An SSH session follows its job: replacing or removing the job ends it.
+    registry_->set_observer([this](const std::string& id) {
+      if (proxy_) proxy_->OnJobChanged(id);
+    });
     proxy_->set_frontend(proxy::Protocol::kTls, proxy::NewTlsFrontend(tls_settings_));
     BP_RETURN_IF_ERROR(proxy_->Start());
     broker_->set_stats_provider([this](cJSON* stats, uid_t caller) {

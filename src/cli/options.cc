@@ -178,15 +178,32 @@ const std::vector<Entry>& Entries() {
         nullptr, kNo, 0, 32767},
        &Config::keepalive_ms},
       {{"proxy", "throttle_failures", T::kInt, "10",
-        "Failed handshakes (unknown job, wrong secret, malformed preamble) allowed from one "
-        "source address within throttle_window; beyond that the source is throttled until the "
-        "window has passed. 0 turns throttling off.",
+        "Failed handshakes (unknown job, wrong secret, malformed preamble, handshake timeout) "
+        "allowed from one source within throttle_window, and wrong secrets for one job; "
+        "beyond that the source (or job) is throttled until the window has passed: its "
+        "failures are answered busy and logged once as \"throttling <HOST>: N failed "
+        "handshakes within W\" (for a remote address; \"throttling local user <uid>:\" or "
+        "\"throttling job <id>:\" otherwise). A correct secret is always admitted. Loopback "
+        "clients are told apart by the uid owning their socket. 0 turns throttling off.",
         nullptr, kNo, 0, 1000000},
        &Config::throttle_failures},
       {{"proxy", "throttle_window", T::kDuration, "1m",
         "Length of the window in which throttle_failures are counted. 0 turns throttling off.",
         nullptr, kNo},
        &Config::throttle_window_ms},
+      {{"proxy", "max_handshakes_per_source", T::kInt, "64",
+        "Most connections one source may have in their handshake (not yet authenticated) at "
+        "once; further ones are turned away with ERR busy. A source is a remote address, or "
+        "for loopback clients (everyone behind ssh -L) the uid owning the client socket, so "
+        "one local user cannot crowd out the others. 0 means no limit.",
+        nullptr, kNo, 0, 1000000},
+       &Config::max_handshakes_per_source},
+      {{"proxy", "handshake_share", T::kInt, "50",
+        "Percentage of max_connections that connections still in their handshake may take "
+        "together (1 to 100); past it, a new connection closes the oldest handshake still in "
+        "progress, so clients who know a secret always find room.",
+        nullptr, kNo, 1, 100},
+       &Config::handshake_share},
       // [tls]
       {{"tls", "tls_domain", T::kString, "localhost",
         "Domain of the TLS server names: a client reaches job J with SNI J.<tls_domain>, and "

@@ -59,6 +59,8 @@ struct Config {
   int64_t keepalive_ms = 60000;  // TCP keepalive idle time; 0: off
   int throttle_failures = 10;    // failed handshakes per window before throttling
   int64_t throttle_window_ms = 60000;
+  int max_handshakes_per_source = 64;  // unauthenticated handshakes per source at once
+  int handshake_share = 50;            // percent of max_connections for handshakes
 
   // [tls]
   std::string tls_domain = "localhost";  // SNI <job_id>.<tls_domain>

@@ -8,6 +8,7 @@
 
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/types.h>
 
 #include <cstdint>
 #include <optional>
@@ -54,6 +55,12 @@ bool MatchesAny(const std::vector<Cidr>& nets, const sockaddr* addr);
 
 // True if `addr` is a loopback address: 127.0.0.0/8, ::1, or 127.x mapped into IPv6.
 bool IsLoopback(const sockaddr_storage& addr);
+
+// The uid that owns the other end of `fd`, an accepted TCP socket whose peer is on this host
+// (a loopback address): the kernel's socket table (sock_diag) knows it, so local clients, who
+// all share 127.0.0.1, can still be told apart. nullopt if the peer is not local, is gone, or
+// the lookup fails. One netlink round trip, answered by the kernel at once.
+std::optional<uid_t> LoopbackPeerUid(int fd);
 
 // True if the connected TCP socket `fd` is connected to itself: a connect() to a local port
 // that nothing listens on can, when that port lies in the ephemeral range, be given the same

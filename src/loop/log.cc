@@ -39,6 +39,25 @@ std::optional<LogLevel> ParseLogLevel(std::string_view name) {
   return std::nullopt;
 }
 
+std::string LogSafe(std::string_view text, size_t max_bytes) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  size_t shown = text.size() < max_bytes ? text.size() : max_bytes;
+  out.reserve(shown + 3);
+  for (size_t i = 0; i < shown; ++i) {
+    auto c = static_cast<unsigned char>(text[i]);
+    if (c > ' ' && c < 0x7f && c != '\\') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 0xf]);
+    }
+  }
+  if (shown < text.size()) out += "...";
+  return out;
+}
+
 void Logf(LogLevel level, const char* fmt, ...) {
   char line[2048];
   timespec ts{};

@@ -8,7 +8,9 @@
 #ifndef BROKERPROXY_LOOP_LOG_H_
 #define BROKERPROXY_LOOP_LOG_H_
 
+#include <cstddef>
 #include <optional>
+#include <string>
 #include <string_view>
 
 namespace brokerproxy {
@@ -22,6 +24,13 @@ inline bool LogEnabled(LogLevel level) { return level >= GetLogLevel(); }
 std::optional<LogLevel> ParseLogLevel(std::string_view name);
 
 void Logf(LogLevel level, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+
+// `text` from a peer (an SSH user name, a server name, a channel destination, ...) made safe to
+// log: bytes outside '!'..'~', and the backslash, become \xHH, so such text can neither end a
+// line nor contain a space (a peer cannot forge a line, or a "throttling <HOST>:" phrase, that
+// a log reader such as fail2ban would match). At most `max_bytes` of the input are shown; a
+// longer input ends with "...". Every string a peer chose goes through this before a log call.
+std::string LogSafe(std::string_view text, size_t max_bytes = 64);
 
 }  // namespace brokerproxy
 

@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <ctime>
 
@@ -102,11 +103,31 @@ void Proxy::set_frontend(Protocol protocol, Frontend frontend) {
 void Proxy::OnAccept(int fd, const sockaddr_storage& peer) {
   GlobalCounters& g = stats_.global();
   g.accepted++;
-  if (connections_.size() + channel_slots_ >= static_cast<size_t>(options_.max_connections)) {
+  auto refuse = [&] {
     g.busy++;
     SendBestEffort(fd, ErrorReply(ErrorCode::kBusy));
     CloseGracefully(fd);
+  };
+  if (connections_.size() + channel_slots_ >= static_cast<size_t>(options_.max_connections)) {
+    refuse();
     return;
+  }
+  std::string source = SourceKey(fd, peer);
+  if (!source.empty() && options_.max_handshakes_per_source > 0) {
+    auto it = handshakes_by_source_.find(source);
+    if (it != handshakes_by_source_.end() && it->second >= options_.max_handshakes_per_source) {
+      // This source's own handshakes fill its share: only it waits.
+      refuse();
+      return;
+    }
+  }
+  // All handshakes together never take more than their share of max_connections: the oldest
+  // one still in progress makes room (with handshake_timeout, a silent one was doomed anyway).
+  size_t share = std::max<size_t>(
+      1, static_cast<size_t>(options_.max_connections) * options_.handshake_share / 100);
+  if (handshakes_.size() >= share) {
+    g.busy++;
+    handshakes_.begin()->second->Close("handshake evicted: too many handshakes in progress");
   }
   auto io = reactor_->Add(fd, nullptr);
   if (!io.ok()) {
@@ -115,8 +136,34 @@ void Proxy::OnAccept(int fd, const sockaddr_storage& peer) {
   }
   auto session = std::make_unique<Session>(this, std::move(io).value(), peer);
   Session* raw = session.get();
+  raw->source_ = std::move(source);
   Adopt(std::move(session));
+  StartHandshake(raw);
   raw->Start();
+}
+
+std::string Proxy::SourceKey(int fd, const sockaddr_storage& peer) const {
+  if (!IsLoopback(peer)) return "addr:" + HostOf(peer);
+  // Every `ssh -L` user arrives from 127.0.0.1: the owner of the client socket tells them
+  // apart, so that one local user's failures or handshakes never count against another's.
+  std::optional<uid_t> uid = LoopbackPeerUid(fd);
+  return uid ? "uid:" + std::to_string(*uid) : std::string();
+}
+
+void Proxy::StartHandshake(Connection* conn) {
+  if (conn->pending_) return;
+  conn->pending_ = true;
+  handshakes_.emplace(conn->id_, conn);
+  if (!conn->source_.empty()) ++handshakes_by_source_[conn->source_];
+}
+
+void Proxy::EndHandshake(Connection* conn) {
+  if (!conn->pending_) return;
+  conn->pending_ = false;
+  handshakes_.erase(conn->id_);
+  if (conn->source_.empty()) return;
+  auto it = handshakes_by_source_.find(conn->source_);
+  if (it != handshakes_by_source_.end() && --it->second <= 0) handshakes_by_source_.erase(it);
 }
 
 bool Proxy::TakeChannelSlot() {
@@ -144,6 +191,7 @@ void Proxy::Retire(Connection* conn) {
   if (conn->retired_) return;
   conn->retired_ = true;
   ClearDeadline(conn);
+  EndHandshake(conn);
   auto it = connections_.find(conn->id_);
   if (it == connections_.end()) return;
   graveyard_.push_back(std::move(it->second));
@@ -159,7 +207,8 @@ void Proxy::Retire(Connection* conn) {
   });
 }
 
-bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const sockaddr_storage& peer) {
+bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const Connection& from) {
+  const sockaddr_storage& peer = from.peer();
   auto it = frontends_.find(static_cast<int>(protocol));
   if (it == frontends_.end()) {
     // Not enabled: best-effort answer in the only language every client shares here.
@@ -174,53 +223,93 @@ bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const sockaddr_sto
     return true;
   }
   std::unique_ptr<Connection> conn = it->second(this, Handoff{std::move(poll).value(), peer});
-  if (conn) Adopt(std::move(conn));
+  if (conn) {
+    conn->source_ = from.source_;
+    Connection* raw = Adopt(std::move(conn));
+    StartHandshake(raw);  // `from` stops counting when it retires, right after this
+  }
   return true;
 }
 
 Proxy::Authorization Proxy::Authorize(const std::string& requested_id, const std::string& secret,
-                                      const sockaddr_storage& peer) {
+                                      Connection* conn) {
   Authorization out;
   uint64_t now = loop_->Now();
   // "ABC" is job "abc": one throttle key and one counter per job, however it is spelt.
   const std::string job_id = registry::CanonicalJobId(requested_id);
-  std::string job_key = "job:" + job_id;
-  // Through `ssh -L` every client is the login node itself: loopback sources are told apart by
-  // job id only, so one user's typos do not lock everyone out.
-  std::string addr_key = IsLoopback(peer) ? std::string() : "addr:" + HostOf(peer);
-  const registry::Job* known = registry_->Find(job_id);
-  if (throttle_.Blocked(job_key, now) || (!addr_key.empty() && throttle_.Blocked(addr_key, now))) {
-    stats_.global().throttled++;
-    if (known) stats_.job(job_id).denied++;
-    out.error = ErrorCode::kBusy;
-    return out;
-  }
+  // Callers pass only well-formed ids (the preamble parser, the SSH endpoint check first); this
+  // keeps a throttle key from ever being made of anything else.
+  bool valid_id = registry::ValidJobId(job_id);
+  const registry::Job* known = valid_id ? registry_->Find(job_id) : nullptr;
   const registry::Job* job = registry_->Authenticate(job_id, secret);
   if (job && job->expires != 0 && job->expires <= static_cast<int64_t>(::time(nullptr))) {
     job = nullptr;  // expired, about to be swept
   }
-  if (!job) {
-    stats_.global().denied++;
-    if (known) stats_.job(job_id).denied++;
-    std::string window = FormatDuration(options_.throttle_window_ms);
-    if (throttle_.RecordFailure(job_key, now)) {
-      LOG_WARN("throttling job %s: %d failed handshakes within %s", job_id.c_str(),
-               options_.throttle_failures, window.c_str());
-    }
-    if (!addr_key.empty() && throttle_.RecordFailure(addr_key, now)) {
-      // One line per episode, in a form fail2ban can match: "throttling <HOST>: ...".
-      LOG_WARN("throttling %s: %d failed handshakes within %s", HostOf(peer).c_str(),
-               options_.throttle_failures, window.c_str());
-    }
-    out.error = ErrorCode::kDenied;
+  if (job) {
+    // The secret is checked before the throttle: whoever knows it is never turned away, so
+    // nobody can lock a job's owner out by failing on purpose.
+    EndHandshake(conn);
+    out.target.job_id = job->id;
+    out.target.type = job->type;
+    out.target.host = job->host;
+    out.target.port = job->port;
+    out.target.owner = job->owner;
+    out.target.generation = registry_->Generation(job->id);
     return out;
   }
-  out.target.job_id = job->id;
-  out.target.owner = job->owner;
-  out.target.type = job->type;
-  out.target.host = job->host;
-  out.target.port = job->port;
+  std::string job_key = valid_id ? "job:" + job_id : std::string();
+  const std::string& source = conn->source();
+  bool throttled = (!job_key.empty() && throttle_.Blocked(job_key, now)) ||
+                   (!source.empty() && throttle_.Blocked(source, now));
+  if (throttled) {
+    stats_.global().throttled++;
+  } else {
+    stats_.global().denied++;
+  }
+  if (known) stats_.job(job_id).denied++;
+  if (!job_key.empty() && throttle_.RecordFailure(job_key, now)) {
+    LOG_WARN("throttling job %s: %d failed handshakes within %s", LogSafe(job_id).c_str(),
+             options_.throttle_failures, FormatDuration(options_.throttle_window_ms).c_str());
+  }
+  if (!source.empty() && throttle_.RecordFailure(source, now)) LogThrottled(source);
+  out.error = throttled ? ErrorCode::kBusy : ErrorCode::kDenied;
   return out;
+}
+
+void Proxy::RecordSourceFailure(const Connection& conn, const char* what) {
+  LOG_DEBUG("proxy: failed handshake from %s: %s", conn.PeerString().c_str(), what);
+  if (conn.source().empty()) return;
+  if (throttle_.RecordFailure(conn.source(), loop_->Now())) LogThrottled(conn.source());
+}
+
+void Proxy::LogThrottled(const std::string& source_key) {
+  std::string window = FormatDuration(options_.throttle_window_ms);
+  if (source_key.starts_with("addr:")) {
+    // One line per episode, in a form fail2ban can match: "throttling <HOST>: ...". Nothing a
+    // peer sends can produce this phrase: every peer-chosen string is logged through LogSafe,
+    // which leaves no spaces or line breaks in it.
+    LOG_WARN("throttling %s: %d failed handshakes within %s", source_key.c_str() + 5,
+             options_.throttle_failures, window.c_str());
+  } else {
+    // A local user: not an address a firewall could ban.
+    LOG_WARN("throttling local user %s: %d failed handshakes within %s",
+             source_key.c_str() + source_key.find(':') + 1, options_.throttle_failures,
+             window.c_str());
+  }
+}
+
+bool Proxy::StillCurrent(const Target& target) const {
+  const registry::Job* job = registry_->Find(target.job_id);
+  return job != nullptr && job->owner == target.owner &&
+         registry_->Generation(target.job_id) == target.generation;
+}
+
+void Proxy::OnJobChanged(const std::string& id) {
+  std::vector<Connection*> open;
+  for (auto& [cid, c] : connections_) open.push_back(c.get());
+  for (Connection* c : open) {
+    if (!c->retired_) c->OnJobChanged(id);
+  }
 }
 
 void Proxy::SetDeadline(Connection* conn, uint64_t at_ms) {

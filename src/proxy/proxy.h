@@ -7,9 +7,19 @@
 // handled there; TLS and SSH connections are handed to a Frontend installed by their own
 // modules, which returns the Connection object that will own the socket from then on.
 //
-// Removing a job stops new sessions to it; sessions already spliced keep running on the copy of
-// the job they took at their handshake (P9). A notebook or an ssh session must not die because
-// its job record was replaced or removed; a user who wants them gone stops the service.
+// Removing a job stops new sessions to it; plain and TLS sessions already spliced keep running on
+// the copy of the job they took at their handshake (P9): a notebook must not die because its
+// job record was replaced or removed; a user who wants them gone stops the service. An SSH
+// session is different: it is a login that opens new backend connections (channels) for as
+// long as it lasts, so it follows its job. Each channel open checks that the job still has the
+// generation the session authenticated against (same record, so same owner and secret), and
+// replacing or removing the job closes its SSH sessions at once (OnJobChanged()).
+//
+// Unauthenticated handshakes are bounded twice, so that clients who know a secret always find
+// room: per source (max_handshakes_per_source: a remote address, or for loopback clients the
+// uid owning the client socket, since every `ssh -L` user arrives from 127.0.0.1), and in all
+// (handshake_share percent of max_connections; past that a new connection evicts the oldest
+// handshake still in progress).
 //
 // Ownership: the daemon owns the Proxy; `*loop` and `*registry` must outlive it. Loop-thread
 // only.
@@ -59,8 +69,10 @@ struct ProxyOptions {
   int keepalive_s = 60;  // 0: off
   int throttle_failures = 10;
   int64_t throttle_window_ms = 60000;
-  int pipe_size = 1 << 20;  // splice pipe capacity asked for
-  size_t pipe_pool = 64;    // idle pipes kept
+  int max_handshakes_per_source = 64;  // 0: no per-source limit
+  int handshake_share = 50;            // percent of max_connections
+  int pipe_size = 1 << 20;             // splice pipe capacity asked for
+  size_t pipe_pool = 64;               // idle pipes kept
   int64_t sweep_interval_ms = 1000;
 };
 
@@ -88,6 +100,12 @@ class Connection {
   // "1.2.3.4:5678"
   std::string PeerString() const;
   uint64_t started_ms() const { return started_ms_; }
+  // Who the throttle and the handshake limits count this connection against: "addr:<ip>" for a
+  // remote address, "uid:<uid>" for a loopback client whose owner the kernel named, "" if
+  // unknown (then only the job id is counted).
+  const std::string& source() const { return source_; }
+  // The job `id` was replaced or removed in the registry (Proxy::OnJobChanged).
+  virtual void OnJobChanged(const std::string& id) { (void)id; }
 
  protected:
   Proxy* proxy_;
@@ -97,6 +115,8 @@ class Connection {
   uint64_t id_ = 0;
   sockaddr_storage peer_;
   uint64_t started_ms_ = 0;
+  std::string source_;
+  bool pending_ = false;  // an unauthenticated handshake, counted in the proxy's limits
   bool retired_ = false;
   bool has_deadline_ = false;
   std::multimap<uint64_t, Connection*>::iterator deadline_;
@@ -117,6 +137,7 @@ struct Target {
   registry::JobType type = registry::JobType::kSsh;
   std::string host;
   int port = 0;
+  uint64_t generation = 0;  // Registry::Generation() at the handshake
 };
 
 class Proxy {
@@ -149,15 +170,26 @@ class Proxy {
   // The edge-triggered set that plain sessions, dialers and relays register their sockets in.
   loop::Reactor* reactor() { return reactor_.get(); }
 
-  // Checks `secret` for `job_id` against the live registry (constant time), applying the
-  // throttle for the job and for the source address; counts and logs failures. Returns the
+  // Checks `secret` for `job_id` against the live registry (constant time). A correct secret
+  // is always admitted, throttled or not, and ends `conn`'s unauthenticated handshake. A
+  // failure is counted against the job and against `conn`'s source, and answered kDenied, or
+  // kBusy while either is throttled; each throttled episode is logged once. Returns the
   // target, or the error to answer with.
   struct Authorization {
     std::optional<ErrorCode> error;
     Target target;
   };
-  Authorization Authorize(const std::string& job_id, const std::string& secret,
-                          const sockaddr_storage& peer);
+  Authorization Authorize(const std::string& job_id, const std::string& secret, Connection* conn);
+  // Counts a failed handshake that names no job (a bad preamble, a handshake timeout, an SSH
+  // user name that is not a job id) against `conn`'s source; `what` is for the debug log.
+  void RecordSourceFailure(const Connection& conn, const char* what);
+  // `conn` got past its handshake without a secret of ours (TLS passthrough to a live ssl job):
+  // it no longer counts as an unauthenticated handshake.
+  void EndHandshake(Connection* conn);
+  // True while the job of `target` is still the record the target was taken from.
+  bool StillCurrent(const Target& target) const;
+  // The registry replaced or removed job `id`: tells every connection (SSH sessions close).
+  void OnJobChanged(const std::string& id);
 
   // Starts connecting `conn` to its job's backend with a new Dialer kept in `*dialer`, under the
   // connect_timeout deadline. With `may_complete_inline`, see Dialer::Dial().
@@ -184,10 +216,15 @@ class Proxy {
   void Retire(Connection* conn);
   // Used by the sniffing Session to pass a TLS or SSH connection on: the socket leaves the
   // reactor for the frontend's Poll.
-  bool HandOff(Protocol protocol, loop::IoHandle client, const sockaddr_storage& peer);
+  // The new connection takes over `from`'s source and unauthenticated handshake.
+  bool HandOff(Protocol protocol, loop::IoHandle client, const Connection& from);
 
  private:
   void OnAccept(int fd, const sockaddr_storage& peer);
+  std::string SourceKey(int fd, const sockaddr_storage& peer) const;
+  // Counts `conn` as an unauthenticated handshake, and stops counting it.
+  void StartHandshake(Connection* conn);
+  void LogThrottled(const std::string& source_key);
   void OnDeadlineTimer();
   void RearmDeadlineTimer();
   void Sweep();
@@ -203,6 +240,9 @@ class Proxy {
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
   size_t channel_slots_ = 0;
+  // Unauthenticated handshakes, oldest first (by id), and how many each source has.
+  std::map<uint64_t, Connection*> handshakes_;
+  std::unordered_map<std::string, int> handshakes_by_source_;
   std::vector<std::unique_ptr<Connection>> graveyard_;
   bool reap_scheduled_ = false;
   uint64_t next_id_ = 1;

@@ -45,7 +45,7 @@ void Session::OnClientReadable(bool speculative) {
     if (p == Protocol::kTls || p == Protocol::kSsh) {
       proxy_->ClearDeadline(this);
       state_ = State::kClosed;
-      if (!proxy_->HandOff(p, std::move(client_), peer())) {
+      if (!proxy_->HandOff(p, std::move(client_), *this)) {
         // No frontend for it in this build: answer like any unknown protocol.
         proxy_->stats().global().bad_request++;
         LOG_INFO("session %llu peer=%s proto=%s reason=protocol not enabled",
@@ -55,6 +55,7 @@ void Session::OnClientReadable(bool speculative) {
       return;
     }
     if (p != Protocol::kPlain) {
+      proxy_->RecordSourceFailure(*this, "unknown protocol");
       Reject(ErrorCode::kBadRequest, "unknown protocol");
       return;
     }
@@ -92,6 +93,7 @@ void Session::OnClientReadable(bool speculative) {
       return;
     case Preamble::State::kBad:
       LOG_DEBUG("session %llu: bad preamble: %s", static_cast<unsigned long long>(id()), p.error);
+      proxy_->RecordSourceFailure(*this, "bad preamble");
       Reject(ErrorCode::kBadRequest, "bad preamble");
       return;
     case Preamble::State::kDone:
@@ -110,7 +112,7 @@ void Session::OnPreamble(const Preamble& p) {
     Reject(ErrorCode::kDenied, "plain preamble from a source outside plain_allow");
     return;
   }
-  Proxy::Authorization auth = proxy_->Authorize(p.job_id, p.secret, peer());
+  Proxy::Authorization auth = proxy_->Authorize(p.job_id, p.secret, this);
   target_.job_id = p.job_id;
   if (auth.error) {
     Reject(*auth.error, *auth.error == ErrorCode::kBusy ? "throttled" : "denied");
@@ -177,6 +179,7 @@ void Session::OnDeadline() {
     Reject(ErrorCode::kUnavailable, "backend connect timeout");
     return;
   }
+  proxy_->RecordSourceFailure(*this, "handshake timeout");
   Reject(ErrorCode::kTimeout, "handshake timeout");
 }
 

@@ -191,7 +191,8 @@ int SshSession::HandleAuth(ssh_message msg) {
     case SSH_AUTH_METHOD_INTERACTIVE: {
       if (!ssh_message_auth_kbdint_is_response(msg)) {
         const char* user = ssh_message_auth_user(msg);
-        kbdint_user_ = user ? user : "";
+        // Only a well-formed job id is kept (CheckSecret refuses anything else).
+        kbdint_user_ = user && registry::ValidJobId(user) ? user : "";
         const char* prompts[] = {"Job secret: "};
         char echo[] = {0};
         // No name or instruction: OpenSSH would print them on every attempt.
@@ -225,7 +226,17 @@ int SshSession::OnPassword(ssh_session, const char* user, const char* password,
 }
 
 bool SshSession::CheckSecret(const std::string& user, const char* secret) {
-  Proxy::Authorization auth = proxy_->Authorize(user, secret ? secret : "", peer());
+  // The user name is the peer's choice: anything but a job id goes no further (no throttle key
+  // made of it, no log line with it).
+  bool valid_user = registry::ValidJobId(user);
+  Proxy::Authorization auth;
+  if (valid_user) {
+    auth = proxy_->Authorize(user, secret ? secret : "", this);
+  } else {
+    proxy_->stats().global().denied++;
+    proxy_->RecordSourceFailure(*this, "ssh user name that is not a job id");
+    auth.error = ErrorCode::kDenied;
+  }
   if (!auth.error) {
     target_ = std::move(auth.target);
     state_ = State::kAuthenticated;
@@ -238,8 +249,8 @@ bool SshSession::CheckSecret(const std::string& user, const char* secret) {
   ++auth_failures_;
   LOG_DEBUG("ssh %llu peer=%s: authentication as '%s' refused (%s), failure %d",
             static_cast<unsigned long long>(id()), PeerString().c_str(),
-            registry::ValidJobId(user) ? user.c_str() : "(not a job id)",
-            ErrorCodeName(*auth.error), auth_failures_);
+            valid_user ? user.c_str() : "(not a job id)", ErrorCodeName(*auth.error),
+            auth_failures_);
   if (auth_failures_ >= options_->max_auth_failures) {
     RequestClose("too many authentication failures");
     return false;
@@ -269,14 +280,26 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
   }
   const char* dest = ssh_message_channel_request_open_destination(msg);
   if (dest == nullptr || target_.job_id != registry::CanonicalJobId(dest)) {
-    std::string shown = dest && registry::ValidHost(dest) ? dest : "(invalid)";
-    LOG_INFO("ssh %llu job=%s: refused a forward to '%.64s' (the destination must be the job id)",
+    std::string shown = LogSafe(dest ? dest : "");
+    LOG_INFO("ssh %llu job=%s: refused a forward to '%s' (the destination must be the job id)",
              static_cast<unsigned long long>(id()), target_.job_id.c_str(), shown.c_str());
+    return 1;
+  }
+  if (!proxy_->StillCurrent(target_)) {
+    // The secret this session proved is no longer the job's (removed, or saved anew).
+    RequestClose("job removed or replaced");
     return 1;
   }
   if (channels_.size() >= static_cast<size_t>(options_->max_channels)) {
     LOG_INFO("ssh %llu job=%s: refused a channel: %d already open",
              static_cast<unsigned long long>(id()), target_.job_id.c_str(), options_->max_channels);
+    return 1;
+  }
+  size_t dialing = 0;
+  for (const auto& c : channels_) dialing += c->dialer ? 1 : 0;
+  if (dialing >= static_cast<size_t>(options_->max_dialing_channels)) {
+    LOG_INFO("ssh %llu job=%s: refused a channel: %zu still connecting to the backend",
+             static_cast<unsigned long long>(id()), target_.job_id.c_str(), dialing);
     return 1;
   }
   if (!proxy_->TakeChannelSlot()) {
@@ -298,6 +321,7 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
   // backend is reached: if the backend fails, the client sees the channel close.
   c->dialer = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
   c->dialer->set_resolve_group(target_.owner);
+  c->dial_started_ms = proxy_->loop()->Now();
   c->dialer->Dial(target_.host, target_.port,
                   [this, cid](Result<loop::IoHandle> r) { OnBackend(cid, std::move(r)); });
   channels_.push_back(std::move(c));
@@ -414,10 +438,18 @@ void SshSession::EndChannel(Channel& c) {
             s.ok() ? "done" : s.message().c_str());
 }
 
+void SshSession::OnJobChanged(const std::string& id) {
+  if (state_ != State::kAuthenticated || id != target_.job_id) return;
+  if (proxy_->StillCurrent(target_)) return;
+  // Not inside libssh (the registry changes on control requests and timers): close now.
+  Close("job removed or replaced");
+}
+
 void SshSession::OnDeadline() {
   if (state_ != State::kHandshake) return;
   proxy_->stats().global().timeouts++;
   proxy_->stats().global().ssh_failures++;
+  proxy_->RecordSourceFailure(*this, "handshake timeout");
   Close("handshake timeout");
 }
 
@@ -428,6 +460,19 @@ void SshSession::OnSweep(uint64_t now_ms) {
   for (auto& c : channels_) {
     FlushCounters(*c);
     ChannelSplice& s = *c->splice;
+    // A backend that does not answer: the client learns within connect_timeout (checked once
+    // per sweep), and what it sent meanwhile (at most the window libssh advertised) goes.
+    if (c->dialer && o.connect_timeout_ms > 0 &&
+        now_ms - c->dial_started_ms >= static_cast<uint64_t>(o.connect_timeout_ms)) {
+      c->dialer.reset();
+      proxy_->stats().global().unavailable++;
+      LOG_INFO("ssh %llu job=%s channel %llu: backend connect timeout",
+               static_cast<unsigned long long>(id()), target_.job_id.c_str(),
+               static_cast<unsigned long long>(c->id));
+      s.Fail(Status::Timeout("backend connect timeout"));
+      expired = true;
+      continue;
+    }
     last_activity_ms_ = std::max(last_activity_ms_, s.last_activity_ms());
     // A channel is a session of its own: half-closed and quiet for half_close_timeout, it ends
     // (and gives back its backend connection) while the others go on.

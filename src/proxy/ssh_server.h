@@ -3,12 +3,17 @@
 //
 //   user name  = job id; password or keyboard-interactive answer = the job's secret, checked by
 //                Proxy::Authorize() (constant time, throttled per job and per source, counted).
-//                At most `max_auth_failures` failures per connection, then it is dropped; each
-//                failure also pauses reading from that client for a moment.
+//                A user name that is not a valid job id is refused before anything else sees
+//                it (counted against the source only, never logged). At most
+//                `max_auth_failures` failures per connection, then it is dropped; each failure
+//                also pauses reading from that client for a moment.
 //   channels   = direct-tcpip only, and only to the authenticated job (the destination host
 //                must be the job id; the port is a placeholder: OpenSSH refuses port 0 in -L).
-//                Each channel is a fresh backend connection (Dialer), spliced by a
-//                ChannelSplice (ssh_splice.h) with window backpressure both ways. Everything
+//                Each channel is a fresh backend connection (Dialer, within connect_timeout),
+//                spliced by a ChannelSplice (ssh_splice.h) with window backpressure both ways.
+//                Each open first checks that the job is still the record the session
+//                authenticated against (Proxy::StillCurrent); replacing or removing the job
+//                closes the session with all its channels (OnJobChanged). Everything
 //                else (session channels, so shell/exec/subsystem/pty, x11, agent, tcpip-forward)
 //                is refused.
 //   deadline   = key exchange plus authentication within handshake_timeout.
@@ -43,10 +48,15 @@
 namespace brokerproxy::proxy {
 
 struct SshEndpointOptions {
-  std::string host_key_path;            // ed25519 private key; created (0600) if missing
-  int max_auth_failures = 6;            // per connection, like OpenSSH's MaxAuthTries
-  int max_channels = 1024;              // open channels per session (each also takes one of
-                                        // the proxy's max_connections)
+  std::string host_key_path;  // ed25519 private key; created (0600) if missing
+  int max_auth_failures = 6;  // per connection, like OpenSSH's MaxAuthTries
+  int max_channels = 1024;    // open channels per session (each also takes one of
+                              // the proxy's max_connections)
+  // Channels of one session still dialing their backend at once. libssh 0.10 advertises a
+  // fixed window (about 1.25 MiB) on every channel it accepts, and a channel's data waits in
+  // libssh until its backend is connected: this bounds what a session can make the daemon hold
+  // meanwhile (and connect_timeout bounds for how long).
+  int max_dialing_channels = 32;
   int64_t auth_failure_pause_ms = 300;  // reading pauses this long times the failure count
 };
 
@@ -90,6 +100,7 @@ class SshSession final : public Connection {
   void Close(const char* reason) override;
   void OnDeadline() override;
   void OnSweep(uint64_t now_ms) override;
+  void OnJobChanged(const std::string& id) override;
 
  private:
   enum class State { kHandshake, kAuthenticated, kClosed };
@@ -97,6 +108,7 @@ class SshSession final : public Connection {
     uint64_t id = 0;
     std::unique_ptr<ChannelSplice> splice;
     std::unique_ptr<Dialer> dialer;
+    uint64_t dial_started_ms = 0;
     ByteReport bytes;      // what of the splice's counters went to the stats already
     bool counted = false;  // counted as an active connection of the job
     bool slot = false;     // holds one of the proxy's max_connections

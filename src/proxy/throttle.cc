@@ -9,7 +9,7 @@ bool Throttle::Blocked(const std::string& key, uint64_t now_ms) const {
 }
 
 bool Throttle::RecordFailure(const std::string& key, uint64_t now_ms) {
-  if (!enabled()) return false;
+  if (!enabled() || key.size() > kMaxKeyBytes) return false;
   auto it = entries_.find(key);
   if (it == entries_.end()) {
     if (entries_.size() >= max_keys_) {

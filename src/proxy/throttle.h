@@ -1,14 +1,16 @@
-// Throttle: counts failed handshakes per key and refuses a key that fails too often.
+// Throttle: counts failed handshakes per key and marks a key that fails too often.
 //
-// The proxy keys failures both by job id ("job:<id>") and by source address ("addr:<ip>"):
-// everything that arrives through `ssh -L` comes from the login node itself, so the address
-// alone cannot tell users apart, while the job id limits guessing at one job from anywhere.
-// A key with `max_failures` failures within one `window` is refused for the next `window`;
-// each such episode is reported once, so the log gets one line per episode (fail2ban reads it).
+// The proxy keys failures by job id ("job:<id>") and by source ("addr:<ip>" for remote
+// addresses, "uid:<uid>" for loopback clients, whose owner the kernel names; see
+// Proxy::SourceKey). A key with `max_failures` failures within one `window` is throttled for the
+// next `window`; each such episode is reported once, so the log gets one line per episode
+// (fail2ban reads it). Throttling only changes how failures are answered: the proxy checks the
+// secret first and always admits a correct one, so a throttled job or source never locks out
+// whoever knows the secret.
 //
-// Memory is bounded: at most `max_keys` keys are tracked; past that, stale keys are dropped and
-// new keys are not tracked until room frees up (failing open rather than growing without end).
-// Loop-thread only.
+// Memory is bounded: at most `max_keys` keys of at most kMaxKeyBytes each are tracked; past
+// that, stale keys are dropped and new keys are not tracked until room frees up (failing open
+// rather than growing without end); a longer key is never tracked. Loop-thread only.
 
 #ifndef BROKERPROXY_PROXY_THROTTLE_H_
 #define BROKERPROXY_PROXY_THROTTLE_H_
@@ -21,12 +23,15 @@ namespace brokerproxy::proxy {
 
 class Throttle {
  public:
+  static constexpr size_t kMaxKeyBytes = 128;
+
   Throttle(int max_failures, uint64_t window_ms, size_t max_keys = 100000)
       : max_failures_(max_failures), window_ms_(window_ms), max_keys_(max_keys) {}
 
-  // True while `key` is refused.
+  // True while `key` is throttled.
   bool Blocked(const std::string& key, uint64_t now_ms) const;
-  // Counts a failure; true if this one starts a refused episode (log it).
+  // Counts a failure; true if this one starts a throttled episode (log it). A key longer than
+  // kMaxKeyBytes is not counted.
   bool RecordFailure(const std::string& key, uint64_t now_ms);
   // Forgets keys whose window and refusal are over.
   void Sweep(uint64_t now_ms);

@@ -138,12 +138,13 @@ void TlsConnection::Route(const std::string& sni) {
       target_.port = job->port;
       mode_ = "passthrough";
       state_ = State::kDialing;
+      proxy_->EndHandshake(this);  // the job's service authenticates its clients itself
       proxy_->DialBackend(this, target_, &dialer_,
                           [this](Result<loop::IoHandle> r) { OnPassthroughBackend(std::move(r)); });
       return;
     }
     LOG_DEBUG("tls %llu: no ssl job for server name %s", static_cast<unsigned long long>(id()),
-              sni.c_str());
+              LogSafe(sni).c_str());
     mode_ = "refused";
     FailHello("no ssl job for this server name", kAlertUnrecognizedName);
     return;
@@ -218,6 +219,7 @@ void TlsConnection::OnPlaintext() {
       return;
     case Preamble::State::kBad:
       LOG_DEBUG("tls %llu: bad preamble: %s", static_cast<unsigned long long>(id()), p.error);
+      proxy_->RecordSourceFailure(*this, "bad preamble");
       Reject(ErrorCode::kBadRequest, "bad preamble");
       return;
     case Preamble::State::kDone: {
@@ -231,7 +233,7 @@ void TlsConnection::OnPlaintext() {
 
 void TlsConnection::OnPreamble(const Preamble& p) {
   // No plain_allow check: inside TLS the secret is encrypted, so any source may send it.
-  Proxy::Authorization auth = proxy_->Authorize(p.job_id, p.secret, peer());
+  Proxy::Authorization auth = proxy_->Authorize(p.job_id, p.secret, this);
   target_.job_id = p.job_id;
   if (auth.error) {
     Reject(*auth.error, *auth.error == ErrorCode::kBusy ? "throttled" : "denied");
@@ -313,16 +315,19 @@ void TlsConnection::OnDeadline() {
   switch (state_) {
     case State::kHello:
       proxy_->stats().global().timeouts++;
+      proxy_->RecordSourceFailure(*this, "handshake timeout");
       FailHello("ClientHello timeout", 0);
       return;
     case State::kHandshake:
       if (!tls_->handshake_done()) {
         proxy_->stats().global().timeouts++;
         CountTlsFailure();
+        proxy_->RecordSourceFailure(*this, "handshake timeout");
         tls_->Abort("");
         Finish("TLS handshake timeout");
         return;
       }
+      proxy_->RecordSourceFailure(*this, "handshake timeout");
       Reject(ErrorCode::kTimeout, "preamble timeout");
       return;
     case State::kDialing:

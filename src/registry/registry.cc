@@ -159,9 +159,11 @@ Result<Job> Registry::Save(const SaveRequest& req, uid_t caller, int64_t now,
     jobs_.emplace(job.id, job);
   }
   Index(job, +1);
+  bool existed = previous.has_value();
   if (replaced != nullptr) {
     *replaced = std::move(previous);
   }
+  Changed(job.id, existed, /*removed=*/false);
   return job;
 }
 
@@ -185,6 +187,7 @@ Result<Job> Registry::Remove(std::string_view id, uid_t caller) {
   Job job = std::move(it->second);
   jobs_.erase(it);
   Index(job, -1);
+  Changed(job.id, /*existed=*/true, /*removed=*/true);
   return job;
 }
 
@@ -235,8 +238,10 @@ Status Registry::SetReady(std::string_view id, bool ready) {
 Status Registry::Put(Job job) {
   BP_RETURN_IF_ERROR(CheckJob(job));
   job.id = CanonicalJobId(job.id);
+  std::string id = job.id;
   auto it = jobs_.find(job.id);
-  if (it != jobs_.end()) {
+  bool existed = it != jobs_.end();
+  if (existed) {
     Index(it->second, -1);
     it->second = std::move(job);
     Index(it->second, +1);
@@ -244,14 +249,17 @@ Status Registry::Put(Job job) {
     auto [inserted, unused] = jobs_.emplace(job.id, std::move(job));
     Index(inserted->second, +1);
   }
+  Changed(id, existed, /*removed=*/false);
   return Status::OK();
 }
 
 void Registry::Erase(std::string_view id) {
   auto it = jobs_.find(CanonicalJobId(id));
   if (it != jobs_.end()) {
+    std::string erased = it->first;
     Index(it->second, -1);
     jobs_.erase(it);
+    Changed(erased, /*existed=*/true, /*removed=*/true);
   }
 }
 
@@ -267,6 +275,20 @@ void Registry::Index(const Job& job, int delta) {
   } else if (auto it = jobs_per_owner_.find(job.owner); it != jobs_per_owner_.end()) {
     if (--it->second == 0) jobs_per_owner_.erase(it);
   }
+}
+
+uint64_t Registry::Generation(std::string_view id) const {
+  auto it = generations_.find(CanonicalJobId(id));
+  return it == generations_.end() ? 0 : it->second;
+}
+
+void Registry::Changed(const std::string& id, bool existed, bool removed) {
+  if (removed) {
+    generations_.erase(id);
+  } else {
+    generations_[id] = next_generation_++;
+  }
+  if (existed && observer_) observer_(id);
 }
 
 Result<int> Registry::AllocatePort() const {

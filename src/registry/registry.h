@@ -27,6 +27,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -118,6 +119,19 @@ class Registry {
   size_t CountOwnedBy(uid_t uid) const;
   const Options& options() const { return options_; }
 
+  // A number that changes whenever job `id` is stored anew (Save, Put) or removed, and stays
+  // the same otherwise (SetReady does not change it); 0 if absent. Whoever authenticated with a
+  // job's secret can later tell whether that secret, owner and backend still hold: the
+  // generation is the same. Not persisted: numbers restart on each run.
+  uint64_t Generation(std::string_view id) const;
+
+  // Called with the id after a job was replaced (Save or Put over an existing record) or
+  // removed (Remove, Erase), so that holders of the old record (the proxy's SSH sessions) can
+  // act on it. Not called for new jobs or for SetReady. The observer must not change the
+  // registry. Set it once; nullptr clears it.
+  using Observer = std::function<void(const std::string& id)>;
+  void set_observer(Observer observer) { observer_ = std::move(observer); }
+
  private:
   struct Hash {
     using is_transparent = void;
@@ -127,6 +141,8 @@ class Registry {
   void IndexPort(const Job& job, int delta);
   // Keeps ports_in_use_ and jobs_per_owner_ right as `job` comes (+1) or goes (-1).
   void Index(const Job& job, int delta);
+  // Gives `id` a new generation; `existed`: tell the observer.
+  void Changed(const std::string& id, bool existed, bool removed);
 
   Options options_;
   std::unordered_map<std::string, Job, Hash, std::equal_to<>> jobs_;
@@ -134,6 +150,9 @@ class Registry {
   std::unordered_map<int, int> ports_in_use_;
   std::unordered_map<uid_t, size_t> jobs_per_owner_;
   std::string dummy_secret_;  // compared against for unknown ids
+  std::unordered_map<std::string, uint64_t, Hash, std::equal_to<>> generations_;
+  uint64_t next_generation_ = 1;
+  Observer observer_;
 };
 
 }  // namespace brokerproxy::registry

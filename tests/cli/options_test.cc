@@ -83,6 +83,8 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
                                        "proxy.keepalive",
                                        "proxy.throttle_failures",
                                        "proxy.throttle_window",
+                                       "proxy.max_handshakes_per_source",
+                                       "proxy.handshake_share",
                                        "tls.tls_domain",
                                        "tls.ca_cert",
                                        "tls.ca_key",
@@ -361,7 +363,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfig{"[proxy]\nmax_connections = 5\nbogus = 1\n",
                   "test.ini:3: [proxy] bogus: unknown key (known: listen, plain_allow, "
                   "max_connections, handshake_timeout, connect_timeout, idle_timeout, "
-                  "half_close_timeout, keepalive, throttle_failures, throttle_window)"},
+                  "half_close_timeout, keepalive, throttle_failures, throttle_window, "
+                  "max_handshakes_per_source, handshake_share)"},
         BadConfig{"[proxy]\nsecret_bits = 256\n",
                   "test.ini:2: [proxy] secret_bits: unknown key; it belongs in [registry]"},
         BadConfig{"[proxy]\nmax_connections = 1\n[daemon]\n",

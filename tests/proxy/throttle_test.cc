@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+
 namespace brokerproxy::proxy {
 namespace {
 
@@ -38,6 +40,21 @@ TEST(ThrottleTest, MemoryIsBounded) {
   EXPECT_LE(t.size(), 100u);
   t.Sweep(5000);
   EXPECT_EQ(t.size(), 0u);
+}
+
+TEST(ThrottleTest, KeysAreBoundedInLength) {
+  // A peer that picks the key (a user name, say) must not make each entry large: a key longer
+  // than kMaxKeyBytes is never stored, so the table holds at most max_keys * kMaxKeyBytes.
+  Throttle t(1, 1000, /*max_keys=*/10);
+  std::string huge(256 * 1024, 'x');
+  EXPECT_FALSE(t.RecordFailure(huge, 0));
+  EXPECT_FALSE(t.Blocked(huge, 1));
+  EXPECT_EQ(t.size(), 0u);
+  std::string longest(Throttle::kMaxKeyBytes, 'y');
+  EXPECT_TRUE(t.RecordFailure(longest, 0));
+  EXPECT_TRUE(t.Blocked(longest, 1));
+  for (int i = 0; i < 100; ++i) t.RecordFailure(longest + std::to_string(i), 0);
+  EXPECT_LE(t.size(), 10u);
 }
 
 TEST(ThrottleTest, DisabledWithZero) {

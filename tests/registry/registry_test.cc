@@ -600,3 +600,37 @@ TEST(RegistryTest, ZeroMaxJobsPerUserMeansNoLimit) {
 
 }  // namespace
 }  // namespace brokerproxy::registry
+
+namespace brokerproxy::registry {
+namespace {
+
+TEST(RegistryObserverTest, GenerationChangesWithEveryNewRecordAndObserverHearsOfReplacements) {
+  Registry r(RangeOptions(100, 199));
+  std::vector<std::string> heard;
+  r.set_observer([&heard](const std::string& id) { heard.push_back(id); });
+  EXPECT_EQ(r.Generation("j1"), 0u);
+  ASSERT_TRUE(r.Save(Request("j1"), kAlice, kNow, nullptr).ok());
+  uint64_t first = r.Generation("j1");
+  EXPECT_NE(first, 0u);
+  EXPECT_TRUE(heard.empty()) << "a new job replaces nothing";
+  ASSERT_TRUE(r.SetReady("j1", false).ok());
+  EXPECT_EQ(r.Generation("j1"), first) << "readiness is not a new record";
+  ASSERT_TRUE(r.Save(Request("j1"), kAlice, kNow, nullptr).ok());  // a new secret
+  uint64_t second = r.Generation("j1");
+  EXPECT_NE(second, first);
+  EXPECT_EQ(heard, std::vector<std::string>{"j1"});
+  Job copy = **r.Get("j1", kAlice);
+  ASSERT_TRUE(r.Remove("j1", kAlice).ok());
+  EXPECT_EQ(r.Generation("j1"), 0u);
+  EXPECT_EQ(heard.size(), 2u);
+  ASSERT_TRUE(r.Put(copy).ok());  // undo: the same record, but a new generation
+  EXPECT_NE(r.Generation("j1"), second);
+  EXPECT_EQ(heard.size(), 2u);
+  r.Erase("j1");
+  EXPECT_EQ(heard.size(), 3u);
+  r.Erase("j1");  // absent: nothing to tell
+  EXPECT_EQ(heard.size(), 3u);
+}
+
+}  // namespace
+}  // namespace brokerproxy::registry

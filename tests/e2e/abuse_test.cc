@@ -1,0 +1,542 @@
+// The proxy port under abuse by other users of the login node, end to end: the real daemon,
+// real Unix users (bp-alice owns the job, bp-bob attacks it), a libssh client for what the stock
+// ssh client will not send (user names with line breaks, 250 KB user names).
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+#include <libssh/libssh.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "e2e/harness.h"
+
+namespace brokerproxy::testing {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t ElapsedMs(Clock::time_point since) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
+}
+
+size_t CountOf(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) {
+    ++n;
+  }
+  return n;
+}
+
+// Becomes `uid` (its primary group, no supplementary groups); false on failure.
+bool BecomeUser(uid_t uid) {
+  gid_t gid = PrimaryGid(uid);
+  return setgroups(0, nullptr) == 0 && setresgid(gid, gid, gid) == 0 &&
+         setresuid(uid, uid, uid) == 0;
+}
+
+// Runs `fn` in a child process as `uid`, so the proxy sees that user own the client sockets;
+// returns fn's result, or -1 if the child failed or ran past `timeout_ms` (then it is killed).
+int AsUser(uid_t uid, const std::function<int()>& fn, int timeout_ms = 60000) {
+  pid_t pid = fork();
+  if (pid == 0) _exit(BecomeUser(uid) ? fn() : 100);
+  if (pid < 0) return -1;
+  auto start = Clock::now();
+  int status = 0;
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (ElapsedMs(start) > timeout_ms) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// One plain handshake: the proxy's reply line ("OK", "ERR denied", ...; "" if none). With
+// `keep_fd`, an admitted connection is left open there.
+std::string Preamble(int port, const std::string& line, int* keep_fd = nullptr) {
+  int fd = ConnectTcp(port);
+  if (fd < 0) return "";
+  std::string reply;
+  if (SendAll(fd, line)) reply = ReadLine(fd).value_or("");
+  if (keep_fd && reply == "OK") {
+    *keep_fd = fd;
+  } else {
+    close(fd);
+  }
+  return reply;
+}
+
+// The log's lines, without the "<time> <level> " prefix where there is one.
+std::vector<std::string> LogMessages(const std::string& log) {
+  std::vector<std::string> out;
+  std::istringstream in(log);
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] < '0' || line[0] > '9') {
+      out.push_back(line);  // no prefix: the line began inside the previous message
+      continue;
+    }
+    size_t at = line.find(' ');
+    if (at != std::string::npos) at = line.find_first_not_of(' ', at + 1);
+    if (at != std::string::npos) at = line.find(' ', at);
+    if (at != std::string::npos) at = line.find_first_not_of(' ', at);  // "warn " is padded
+    out.push_back(at == std::string::npos ? line : line.substr(at));
+  }
+  return out;
+}
+
+const std::string kWrongSecret(64, 'a');
+
+class AbuseTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto alice = TestUser("bp-alice");
+    auto bob = TestUser("bp-bob");
+    if (!alice || !bob || !CanRunAs(*alice) || !CanRunAs(*bob)) {
+      GTEST_SKIP() << "cannot create or become the test users";
+    }
+    alice_ = *alice;
+    bob_ = *bob;
+  }
+
+  uid_t alice_ = 0;
+  uid_t bob_ = 0;
+  TempDir dir_;
+  Backend backend_;
+};
+
+// ---- the throttle never refuses a correct secret ----
+
+TEST_F(AbuseTest, WrongSecretsFromAnotherUserNeverLockOutTheOwner) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  RunOptions as_alice;
+  as_alice.uid = alice_;
+  std::string secret = d.SaveJob("alicejob", backend_.port(), "ssh", as_alice);
+  ASSERT_FALSE(secret.empty()) << d.Log();
+  int port = d.proxy_port();
+
+  // Bob fails 100 times at alice's job: ten were enough to throttle it.
+  int bad = AsUser(bob_, [&] {
+    for (int i = 0; i < 100; ++i) {
+      std::string r = Preamble(port, "BROKER1 alicejob " + kWrongSecret + "\n");
+      if (r != "ERR denied" && r != "ERR busy") return 1;
+    }
+    return 0;
+  });
+  EXPECT_EQ(bad, 0) << d.Log();
+
+  // Alice's right secret is admitted at once, and her service answers; a wrong one is not.
+  auto start = Clock::now();
+  int owner = AsUser(alice_, [&] {
+    int fd = -1;
+    if (Preamble(port, "BROKER1 alicejob " + secret + "\necho\nping\n", &fd) != "OK") return 1;
+    std::optional<std::string> echoed = ReadLine(fd);
+    close(fd);
+    if (echoed != "ping") return 2;
+    std::string wrong = Preamble(port, "BROKER1 alicejob " + kWrongSecret + "\n");
+    if (wrong != "ERR denied" && wrong != "ERR busy") return 3;
+    return 0;
+  });
+  EXPECT_EQ(owner, 0) << "1: the owner was refused\n" << d.Log();
+  EXPECT_LT(ElapsedMs(start), 5000) << "the owner must not wait for the throttle";
+  // Bob's failures are his: one line for the job's episode and one for bob, none for alice.
+  std::string log = d.Log();
+  EXPECT_EQ(CountOf(log, "throttling job alicejob:"), 1u) << log;
+  EXPECT_EQ(CountOf(log, "throttling local user " + std::to_string(bob_) + ":"), 1u) << log;
+  EXPECT_EQ(CountOf(log, "throttling local user " + std::to_string(alice_) + ":"), 0u) << log;
+}
+
+TEST_F(AbuseTest, BadPreamblesAndHandshakeTimeoutsCountAgainstTheirSource) {
+  Daemon d(dir_, "", "handshake_timeout = 300ms\n");
+  ASSERT_TRUE(d.Start());
+  int port = d.proxy_port();
+  // Bob sends 25 malformed preambles: throttled once (one line), however many follow.
+  int bad = AsUser(bob_, [&] {
+    for (int i = 0; i < 25; ++i) {
+      if (Preamble(port, "BROKER1 no/such/job x\n") != "ERR bad-request") return 1;
+    }
+    return 0;
+  });
+  EXPECT_EQ(bad, 0) << d.Log();
+  // Alice opens connections and says nothing: each times out, and that counts too.
+  int silent = AsUser(alice_, [&] {
+    std::vector<int> fds;
+    for (int i = 0; i < 12; ++i) fds.push_back(ConnectTcp(port));
+    int rc = 0;
+    for (int fd : fds) {
+      if (fd < 0 || ReadLine(fd).value_or("") != "ERR timeout") rc = 1;
+      if (fd >= 0) close(fd);
+    }
+    return rc;
+  });
+  EXPECT_EQ(silent, 0) << d.Log();
+  std::string bob_line = "throttling local user " + std::to_string(bob_) + ":";
+  std::string alice_line = "throttling local user " + std::to_string(alice_) + ":";
+  auto start = Clock::now();
+  while (CountOf(d.Log(), alice_line) == 0 && ElapsedMs(start) < 5000) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  std::string log = d.Log();
+  EXPECT_EQ(CountOf(log, bob_line), 1u) << log;
+  EXPECT_EQ(CountOf(log, alice_line), 1u) << log;
+}
+
+// An IPv4 address of this host other than loopback ("" if none): connections to it from here
+// arrive from it, so the proxy sees a remote source.
+std::string NonLoopbackAddress() {
+  ifaddrs* list = nullptr;
+  if (getifaddrs(&list) != 0) return "";
+  std::string found;
+  for (ifaddrs* i = list; i && found.empty(); i = i->ifa_next) {
+    if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET || !(i->ifa_flags & IFF_UP) ||
+        (i->ifa_flags & IFF_LOOPBACK)) {
+      continue;
+    }
+    char buf[INET_ADDRSTRLEN];
+    if (inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr, buf,
+                  sizeof(buf))) {
+      found = buf;
+    }
+  }
+  freeifaddrs(list);
+  return found;
+}
+
+TEST_F(AbuseTest, RemoteSourceIsThrottledWithOneFail2banLine) {
+  std::string addr = NonLoopbackAddress();
+  if (addr.empty()) GTEST_SKIP() << "no address other than loopback";
+  int port = FreePort();
+  Daemon d(dir_, "", "listen = " + addr + ":" + std::to_string(port) + "\n");
+  ASSERT_TRUE(d.Start());
+  // Malformed preambles name no job: they count against the address alone.
+  for (int i = 0; i < 15; ++i) {
+    int fd = ConnectTcp(port, addr);
+    ASSERT_GE(fd, 0);
+    EXPECT_TRUE(SendAll(fd, "BROKER1 no/such/job x\n"));
+    EXPECT_EQ(ReadLine(fd).value_or(""), "ERR bad-request");
+    close(fd);
+  }
+  std::string line = "throttling " + addr + ": 10 failed handshakes within 1m";
+  std::string log = d.Log();
+  EXPECT_EQ(CountOf(log, line), 1u) << log;
+  // The line fail2ban's "throttling <HOST>:" matches is the whole message.
+  size_t matching = 0;
+  for (const std::string& m : LogMessages(log)) matching += m.rfind("throttling ", 0) == 0;
+  EXPECT_EQ(matching, 1u) << log;
+}
+
+// ---- handshakes in progress cannot crowd the owner out ----
+
+// Bob opens 100 connections and says nothing while alice connects: her good preamble must not
+// get ERR busy. `proxy_extra` sets the limits under test.
+void ExpectOwnerGetsInDespiteSlowloris(const TempDir& dir, const Backend& backend, uid_t alice,
+                                       uid_t bob, const std::string& proxy_extra) {
+  Daemon d(dir, "", "max_connections = 64\nhandshake_timeout = 60s\n" + proxy_extra);
+  ASSERT_TRUE(d.Start());
+  RunOptions as_alice;
+  as_alice.uid = alice;
+  std::string secret = d.SaveJob("alicejob", backend.port(), "ssh", as_alice);
+  ASSERT_FALSE(secret.empty()) << d.Log();
+  int port = d.proxy_port();
+
+  // Bob holds his connections until the test closes `stop`.
+  int ready[2], stop[2];
+  ASSERT_EQ(pipe(ready), 0);
+  ASSERT_EQ(pipe(stop), 0);
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(ready[0]);
+    close(stop[1]);
+    if (!BecomeUser(bob)) _exit(1);
+    std::vector<int> fds;
+    for (int i = 0; i < 100; ++i) fds.push_back(ConnectTcp(port));
+    char c = 'r';
+    (void)!write(ready[1], &c, 1);
+    (void)!read(stop[0], &c, 1);  // EOF when the test ends, whatever happens
+    _exit(0);
+  }
+  close(ready[1]);
+  close(stop[0]);
+  char c = 0;
+  EXPECT_EQ(read(ready[0], &c, 1), 1) << "bob's connections";
+  // Wait until the daemon has taken in all of bob's connections (accepted or turned away).
+  auto accepted = [&] {
+    std::string n =
+        JsonText(ParseOut(d.Cli({"stats", "--json"})).get(), {"stats", "connections", "accepted"});
+    return n.empty() ? 0 : std::stoi(n);
+  };
+  auto start = Clock::now();
+  while (accepted() < 100 && ElapsedMs(start) < 10000) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  int owner = AsUser(alice, [&] {
+    int fd = -1;
+    std::string r = Preamble(port, "BROKER1 alicejob " + secret + "\necho\nping\n", &fd);
+    if (r == "ERR busy") return 1;
+    if (r != "OK") return 2;
+    std::optional<std::string> echoed = ReadLine(fd);
+    close(fd);
+    return echoed == "ping" ? 0 : 3;
+  });
+  close(stop[1]);
+  close(ready[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_EQ(owner, 0) << "1: ERR busy\n" << d.Log();
+}
+
+TEST_F(AbuseTest, SlowlorisOfAnotherUserDoesNotMakeTheOwnerBusy) {
+  // Bob's own cap: 8 handshakes at a time; the rest of his connections are turned away.
+  ExpectOwnerGetsInDespiteSlowloris(dir_, backend_, alice_, bob_,
+                                    "max_handshakes_per_source = 8\n");
+}
+
+TEST_F(AbuseTest, HandshakesNeverTakeMoreThanTheirShare) {
+  // No per-source cap (as if bob had many addresses): handshakes may fill only half of
+  // max_connections, and a new one evicts the oldest, so alice's gets through.
+  ExpectOwnerGetsInDespiteSlowloris(dir_, backend_, alice_, bob_,
+                                    "max_handshakes_per_source = 0\nhandshake_share = 50\n");
+}
+
+// ---- a libssh client ----
+
+// A libssh client session to 127.0.0.1:port, blocking, with a 10 s timeout.
+struct SshClient {
+  ssh_session s = nullptr;
+  ~SshClient() {
+    if (s) {
+      ssh_disconnect(s);
+      ssh_free(s);
+    }
+  }
+  bool Connect(int port, const std::string& user) {
+    s = ssh_new();
+    if (!s) return false;
+    unsigned int p = static_cast<unsigned int>(port);
+    long timeout = 10;
+    bool no = false;
+    ssh_options_set(s, SSH_OPTIONS_PROCESS_CONFIG, &no);
+    ssh_options_set(s, SSH_OPTIONS_HOST, "127.0.0.1");
+    ssh_options_set(s, SSH_OPTIONS_PORT, &p);
+    ssh_options_set(s, SSH_OPTIONS_TIMEOUT, &timeout);
+    ssh_options_set(s, SSH_OPTIONS_USER, user.c_str());
+    return ssh_connect(s) == SSH_OK;
+  }
+  bool Login(int port, const std::string& user, const std::string& password) {
+    return Connect(port, user) &&
+           ssh_userauth_password(s, nullptr, password.c_str()) == SSH_AUTH_SUCCESS;
+  }
+  // A direct-tcpip channel to `job`, or nullptr.
+  ssh_channel Forward(const std::string& job) {
+    ssh_channel ch = ssh_channel_new(s);
+    if (!ch) return nullptr;
+    if (ssh_channel_open_forward(ch, job.c_str(), 1, "127.0.0.1", 5555) != SSH_OK) {
+      ssh_channel_free(ch);
+      return nullptr;
+    }
+    return ch;
+  }
+  // Channels to `job` keep opening for 10 s: false as soon as one is refused.
+  bool KeepsOpening(const std::string& job) {
+    auto start = Clock::now();
+    while (ElapsedMs(start) < 10000) {
+      ssh_channel ch = Forward(job);
+      if (ch == nullptr) return false;
+      ssh_channel_close(ch);
+      ssh_channel_free(ch);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return true;
+  }
+};
+
+// Through a channel to the echo backend: true if "ping" comes back.
+bool Echoes(ssh_channel ch) {
+  std::string out = "echo\nping\n";
+  if (ssh_channel_write(ch, out.data(), out.size()) != static_cast<int>(out.size())) return false;
+  std::string got;
+  char buf[64];
+  auto start = Clock::now();
+  while (got.find("ping\n") == std::string::npos && ElapsedMs(start) < 10000) {
+    int n = ssh_channel_read_timeout(ch, buf, sizeof(buf), 0, 1000);
+    if (n < 0) return false;
+    got.append(buf, static_cast<size_t>(n));
+    if (n == 0 && ssh_channel_is_eof(ch)) break;
+  }
+  return got == "ping\n";
+}
+
+// ---- logs: nothing a peer sends can forge a line ----
+
+TEST_F(AbuseTest, SshUserNamesCannotForgeLogLines) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  const std::string forged = "throttling 198.51.100.7: 10 failed handshakes within 1m";
+  const std::string user = "x\n" + forged;
+  // More failures than throttle_failures, one connection each (each attempt pauses the next).
+  for (int i = 0; i < 12; ++i) {
+    SshClient c;
+    ASSERT_TRUE(c.Connect(d.proxy_port(), user)) << d.Log();
+    EXPECT_NE(ssh_userauth_password(c.s, nullptr, kWrongSecret.c_str()), SSH_AUTH_SUCCESS);
+  }
+  std::string log = d.Log();
+  for (const std::string& m : LogMessages(log)) {
+    EXPECT_NE(m.rfind("throttling 198.51.100.7", 0), 0u) << "forged line: " << m;
+  }
+  EXPECT_EQ(log.find("198.51.100.7"), std::string::npos) << log;
+  EXPECT_EQ(log.find(user), std::string::npos) << log;
+}
+
+TEST_F(AbuseTest, LongSshUserNamesKeepMemoryBounded) {
+  Daemon d(dir_);
+  // ASan's quarantine keeps freed buffers for a while: a small one shows the daemon's growth.
+  d.set_launcher({"env", "ASAN_OPTIONS=quarantine_size_mb=1:detect_leaks=0:halt_on_error=1"});
+  ASSERT_TRUE(d.Start());
+  int port = d.proxy_port();
+  size_t before = d.RssBytes();
+  // 4 clients in parallel, 400 connections, each with a distinct 250 KB user name: the old
+  // throttle kept every name as a key (100 MB here).
+  std::vector<std::thread> clients;
+  std::atomic<int> connected{0};
+  auto start = Clock::now();
+  for (int t = 0; t < 4; ++t) {
+    clients.emplace_back([&, t] {
+      for (int i = 0; i < 100 && ElapsedMs(start) < 120000; ++i) {
+        std::string user(250 * 1000, static_cast<char>('a' + (t * 100 + i) % 26));
+        user += std::to_string(t * 1000 + i);
+        SshClient c;
+        if (!c.Connect(port, user)) continue;
+        connected++;
+        (void)ssh_userauth_password(c.s, nullptr, "00");
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  EXPECT_GE(connected.load(), 300) << d.Log().substr(0, 4000);
+  size_t after = d.RssBytes();
+  EXPECT_LT(after, before + 40u * 1024 * 1024)
+      << "RSS grew from " << before / 1024 << " KiB to " << after / 1024 << " KiB";
+}
+
+// ---- an SSH session follows its job ----
+
+TEST_F(AbuseTest, SshSessionEndsWhenItsJobIsRemovedOrReplaced) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  int port = d.proxy_port();
+  std::string secret = d.SaveJob("job7", backend_.port());
+  ASSERT_FALSE(secret.empty()) << d.Log();
+
+  // Unchanged job: channels keep working.
+  SshClient a;
+  ASSERT_TRUE(a.Login(port, "job7", secret)) << d.Log();
+  for (int i = 0; i < 3; ++i) {
+    ssh_channel ch = a.Forward("job7");
+    ASSERT_NE(ch, nullptr) << d.Log();
+    EXPECT_TRUE(Echoes(ch));
+    ssh_channel_close(ch);
+    ssh_channel_free(ch);
+  }
+  // Removed: the session ends, and no channel opens any more.
+  EXPECT_EQ(d.Cli({"remove", "job7"}).exit_code, 0);
+  EXPECT_FALSE(a.KeepsOpening("job7")) << "channels opened after remove\n" << d.Log();
+  auto start = Clock::now();
+  while (CountOf(d.Log(), "reason=job removed or replaced") < 1 && ElapsedMs(start) < 10000) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(CountOf(d.Log(), "reason=job removed or replaced"), 1u) << d.Log();
+
+  // Saved again, then again with a new secret: the session that proved the old one ends too.
+  std::string first = d.SaveJob("job7", backend_.port());
+  ASSERT_FALSE(first.empty());
+  SshClient b;
+  ASSERT_TRUE(b.Login(port, "job7", first)) << d.Log();
+  ssh_channel ch = b.Forward("job7");
+  ASSERT_NE(ch, nullptr);
+  EXPECT_TRUE(Echoes(ch));
+  ssh_channel_free(ch);
+  std::string second = d.SaveJob("job7", backend_.port());
+  ASSERT_FALSE(second.empty());
+  ASSERT_NE(second, first);
+  EXPECT_FALSE(b.KeepsOpening("job7")) << "channels opened with the old secret\n" << d.Log();
+  // The new secret works.
+  SshClient c;
+  ASSERT_TRUE(c.Login(port, "job7", second)) << d.Log();
+  ch = c.Forward("job7");
+  ASSERT_NE(ch, nullptr);
+  EXPECT_TRUE(Echoes(ch));
+  ssh_channel_free(ch);
+}
+
+// ---- an SSH channel's dial is bounded ----
+
+TEST_F(AbuseTest, SshChannelToABackendThatNeverAnswersEndsAfterConnectTimeout) {
+  // A backend whose accept queue is full: the kernel drops further SYNs, so a dial hangs.
+  int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(lfd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(lfd, 0), 0);
+  socklen_t len = sizeof(addr);
+  getsockname(lfd, reinterpret_cast<sockaddr*>(&addr), &len);
+  std::vector<int> fillers;
+  for (int i = 0; i < 8; ++i) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    (void)connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    fillers.push_back(fd);
+  }
+
+  Daemon d(dir_, "", "connect_timeout = 1s\n");
+  ASSERT_TRUE(d.Start());
+  std::string secret = d.SaveJob("stuck", ntohs(addr.sin_port));
+  ASSERT_FALSE(secret.empty()) << d.Log();
+  SshClient c;
+  ASSERT_TRUE(c.Login(d.proxy_port(), "stuck", secret)) << d.Log();
+  ssh_channel ch = c.Forward("stuck");
+  ASSERT_NE(ch, nullptr) << d.Log();
+  std::string data(32 * 1024, 'x');
+  (void)ssh_channel_write(ch, data.data(), data.size());
+  // Meanwhile what waits in libssh for backends is bounded: at most 32 channels of a session
+  // may be connecting at once (each may hold up to the window libssh advertised).
+  std::vector<ssh_channel> more;
+  for (int i = 0; i < 40; ++i) {
+    if (ssh_channel m = c.Forward("stuck")) more.push_back(m);
+  }
+  EXPECT_EQ(more.size(), 31u) << d.Log();
+  auto start = Clock::now();
+  char buf[256];
+  while (!ssh_channel_is_eof(ch) && !ssh_channel_is_closed(ch) && ElapsedMs(start) < 15000) {
+    if (ssh_channel_read_timeout(ch, buf, sizeof(buf), 0, 500) < 0) break;
+  }
+  EXPECT_LT(ElapsedMs(start), 8000) << "the channel outlived connect_timeout\n" << d.Log();
+  EXPECT_NE(d.Log().find("backend connect timeout"), std::string::npos) << d.Log();
+  ssh_channel_free(ch);
+  for (ssh_channel m : more) ssh_channel_free(m);
+  for (int fd : fillers) close(fd);
+  close(lfd);
+}
+
+}  // namespace
+}  // namespace brokerproxy::testing
