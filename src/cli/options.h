@@ -41,6 +41,7 @@ struct Config {
   int secret_bits = 256;              // 128..4096, multiple of 8
   int64_t default_ttl_ms = 0;         // 0: jobs do not expire
   int64_t ready_timeout_ms = 120000;  // how long `save --wait` and exec mode wait for a listener
+  std::vector<std::string> backend_allow{"0.0.0.0/0", "::/0"};  // each a valid Cidr
 
   // [proxy]
   std::vector<HostPort> listen{{"127.0.0.1", 7000}};

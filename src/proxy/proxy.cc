@@ -9,6 +9,7 @@
 
 #include "loop/log.h"
 #include "loop/stream.h"
+#include "loop/work.h"
 #include "proxy/session.h"
 
 namespace brokerproxy::proxy {
@@ -49,7 +50,8 @@ Proxy::Proxy(loop::Loop* loop, const registry::Registry* registry, ProxyOptions 
       options_(std::move(options)),
       throttle_(options_.throttle_failures, static_cast<uint64_t>(options_.throttle_window_ms)),
       pipes_(options_.pipe_size, options_.pipe_pool),
-      resolver_(loop, 30000) {}
+      resolver_(loop, 30000),
+      policy_(options_.backend_allow) {}
 
 Proxy::~Proxy() {
   *alive_ = false;
@@ -77,6 +79,14 @@ Status Proxy::Start() {
     LOG_INFO("proxy listening on %s", (*l)->address().c_str());
     listeners_.push_back(std::move(l).value());
   }
+  std::vector<sockaddr_storage> bound;
+  for (const auto& l : listeners_) {
+    auto hp = ParseHostPort(l->address());
+    auto addr = hp.ok() ? loop::ParseNumericAddress(hp->host, hp->port) : std::nullopt;
+    if (!addr) return Status::Internal("cannot parse the bound address " + l->address());
+    bound.push_back(*addr);
+  }
+  policy_.set_own_listeners(std::move(bound));
   return Status::OK();
 }
 
@@ -215,6 +225,7 @@ Proxy::Authorization Proxy::Authorize(const std::string& job_id, const std::stri
   }
   out.target.job_id = job->id;
   out.target.type = job->type;
+  out.target.owner = job->owner;
   out.target.host = job->host;
   out.target.port = job->port;
   return out;
@@ -230,8 +241,20 @@ void Proxy::SetDeadline(Connection* conn, uint64_t at_ms) {
 void Proxy::DialBackend(Connection* conn, const Target& target, std::unique_ptr<Dialer>* dialer,
                         Dialer::Callback cb, bool may_complete_inline) {
   ArmDeadline(conn, options_.connect_timeout_ms);
-  *dialer = std::make_unique<Dialer>(reactor(), resolver());
+  *dialer = NewDialer(target);
   (*dialer)->Dial(target.host, target.port, std::move(cb), may_complete_inline);
+}
+
+std::unique_ptr<Dialer> Proxy::NewDialer(const Target& target) {
+  auto dialer = std::make_unique<Dialer>(reactor(), resolver());
+  dialer->set_check([this, job = target.job_id, owner = target.owner](const sockaddr_storage& a) {
+    Status s = policy_.CheckDial(a, owner);
+    if (!s.ok()) {
+      LOG_WARN("job %s: refused to connect to its backend: %s", job.c_str(), s.message().c_str());
+    }
+    return s;
+  });
+  return dialer;
 }
 
 ErrorCode Proxy::DialFailed(const Status& status) {

@@ -129,6 +129,7 @@ void TlsConnection::Route(const ClientHello& hello) {
     if (live && job->type == registry::JobType::kSsl) {
       target_.job_id = job->id;
       target_.type = job->type;
+      target_.owner = job->owner;
       target_.host = job->host;
       target_.port = job->port;
       mode_ = "passthrough";

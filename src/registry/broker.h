@@ -14,6 +14,7 @@
 #ifndef BROKERPROXY_REGISTRY_BROKER_H_
 #define BROKERPROXY_REGISTRY_BROKER_H_
 
+#include <sys/socket.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -52,6 +53,12 @@ class Broker {
   };
   using CertIssuer = std::function<loop::Pending(const Job& job, const std::string& csr_pem,
                                                  std::function<void(Result<IssuedCert>)> done)>;
+  // The backend policy (proxy/backend_policy.h) for one resolved address of `owner`'s job:
+  // with `dialling` false, what can be checked before the service listens (at save, where a
+  // port of 0 means not allocated yet); with `dialling` true, everything, as before a
+  // connection (readiness probes).
+  using BackendCheck =
+      std::function<Status(const sockaddr_storage& addr, uid_t owner, bool dialling)>;
   // Unix seconds.
   using Clock = std::function<int64_t()>;
 
@@ -75,6 +82,9 @@ class Broker {
   void set_stats_provider(StatsProvider p) { stats_provider_ = std::move(p); }
   void set_ca_provider(CaProvider p) { ca_provider_ = std::move(p); }
   void set_cert_issuer(CertIssuer i) { cert_issuer_ = std::move(i); }
+  // Without one, every backend is admitted. With one, a save resolves the backend host (on the
+  // thread pool) and is refused if any address fails; probes connect only where it admits.
+  void set_backend_check(BackendCheck c) { backend_check_ = std::move(c); }
 
  private:
   struct Probe;
@@ -83,6 +93,10 @@ class Broker {
     loop::HandlePtr<loop::Timer> timer;
   };
 
+  // A save that passed the ownership check: the backend policy, then SaveChecked().
+  void CheckBackend(Request request, uid_t caller, Reply reply);
+  // A save whose backend passed: issue the certificate of an ssl job, then Save().
+  void SaveChecked(Request request, uid_t caller, Reply reply);
   void Save(Request request, uid_t caller, Reply reply, std::optional<IssuedCert> cert);
   void Remove(const std::string& id, uid_t caller, Reply reply);
   void Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply);
@@ -105,12 +119,13 @@ class Broker {
   StatsProvider stats_provider_;
   CaProvider ca_provider_;
   CertIssuer cert_issuer_;
+  BackendCheck backend_check_;
 
   loop::HandlePtr<loop::Timer> expiry_timer_;
   bool sweeping_ = false;
   std::unordered_map<std::string, std::unique_ptr<Probe>> probes_;
   std::unordered_multimap<std::string, std::unique_ptr<Waiter>> waiters_;
-  std::unordered_map<uint64_t, loop::Pending> cert_jobs_;
+  std::unordered_map<uint64_t, loop::Pending> cert_jobs_;  // also save-time resolutions
   uint64_t next_cert_job_ = 0;
   // Lets callbacks that may outlive this object (store commits) see that it is gone.
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);

@@ -68,6 +68,7 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
                                        "registry.secret_bits",
                                        "registry.default_ttl",
                                        "registry.ready_timeout",
+                                       "registry.backend_allow",
                                        "proxy.listen",
                                        "proxy.plain_allow",
                                        "proxy.max_connections",
