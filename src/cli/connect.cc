@@ -4,7 +4,9 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <unordered_map>
 #include <vector>
@@ -18,6 +20,9 @@
 #include "loop/loop.h"
 #include "loop/poll.h"
 #include "loop/signal.h"
+#include "loop/sock_diag.h"
+#include "loop/stream.h"
+#include "loop/work.h"
 #include "proxy/listener.h"
 #include "proxy/relay.h"
 #include "registry/control_protocol.h"
@@ -47,12 +52,21 @@ Result<std::string> LoadSecret(BrokerClient* client, const std::string& job) {
 // Owns the loop-side state of one `connect` run.
 class Connector {
  public:
-  Connector(loop::Reactor* reactor, std::unique_ptr<ProxyPath> path)
-      : loop_(&reactor->loop()), reactor_(reactor), path_(std::move(path)) {}
+  Connector(loop::Reactor* reactor, std::unique_ptr<ProxyPath> path, bool allow_remote)
+      : loop_(&reactor->loop()),
+        reactor_(reactor),
+        path_(std::move(path)),
+        allow_remote_(allow_remote) {}
 
   Status Listen(const HostPort& address, const std::string& job) {
-    auto l = proxy::Listener::Create(loop_, address, 60,
-                                     [this](int fd, const sockaddr_storage&) { OnLocal(fd); });
+    auto l =
+        proxy::Listener::Create(loop_, address, 60, [this](int fd, const sockaddr_storage& peer) {
+          if (!Admit(fd, peer)) {
+            ::close(fd);
+            return;
+          }
+          OnLocal(fd);
+        });
     if (!l.ok()) return l.status();
     listener_ = std::move(l).value();
     std::printf("brokerproxy: listening on %s for job %s (proxy %s)\n",
@@ -115,6 +129,33 @@ class Connector {
   const Status& stdio_status() const { return stdio_status_; }
 
  private:
+  // Serves only this user: a connection from this host is traced to its socket's owner. One
+  // line on stderr for each refusal.
+  bool Admit(int fd, const sockaddr_storage& peer) {
+    sockaddr_storage self{};
+    socklen_t len = sizeof(self);
+    std::string from = loop::FormatAddress(reinterpret_cast<const sockaddr*>(&peer));
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&self), &len) != 0) {
+      std::fprintf(stderr, "brokerproxy: refused a connection from %s: getsockname: %s\n",
+                   from.c_str(), std::strerror(errno));
+      return false;
+    }
+    uid_t me = ::geteuid();
+    auto owner = loop::TcpPeerOwner(reinterpret_cast<const sockaddr*>(&peer),
+                                    reinterpret_cast<const sockaddr*>(&self));
+    if (owner.ok() && *owner == me) return true;
+    if (!owner.ok() && owner.status().code() == Status::Code::kNotFound && allow_remote_ &&
+        !IsLoopback(peer)) {
+      return true;  // another host's: --allow-remote-clients accepted that it cannot be traced
+    }
+    std::string why = owner.ok() ? "it belongs to uid " + std::to_string(*owner) +
+                                       ", not to this user (uid " + std::to_string(me) + ")"
+                                 : owner.status().message();
+    std::fprintf(stderr, "brokerproxy: refused a connection from %s: %s\n", from.c_str(),
+                 why.c_str());
+    return false;
+  }
+
   void OnLocal(int fd) {
     auto io = reactor_->Add(fd, nullptr);
     if (!io.ok()) return;
@@ -132,6 +173,7 @@ class Connector {
   loop::Loop* loop_;
   loop::Reactor* reactor_;
   std::unique_ptr<ProxyPath> path_;
+  bool allow_remote_;
   std::unique_ptr<proxy::Listener> listener_;
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
   std::unordered_map<uint64_t, std::unique_ptr<Tunnel>> tunnels_;
@@ -161,6 +203,16 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     auto l = ParseHostPort(args.listen, 0, "127.0.0.1", /*allow_zero=*/true);
     if (!l.ok()) return l.status().WithContext("--listen");
     listen = *l;
+    // Only loopback connections can be traced to their user.
+    auto numeric = loop::ParseNumericAddress(listen->host, 0);
+    bool loopback = listen->host == "localhost" || (numeric && IsLoopback(*numeric));
+    if (!loopback && !args.allow_remote) {
+      return Status::InvalidArgument(
+          "--listen " + listen->ToString() +
+          ": connections from other hosts cannot be traced to a user, so anyone who reaches "
+          "this address would use your tunnel; listen on loopback (127.0.0.1, the default) or "
+          "add --allow-remote-clients");
+    }
   }
   if (!args.ca.empty() && !args.tls) return Status::InvalidArgument("--ca is only for --tls");
   if (args.tls && remote) {
@@ -224,7 +276,7 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
       path = NewDirectPath(reactor->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
                            std::move(secret).value(), kHandshakeTimeoutMs);
     }
-    Connector connector(reactor->get(), std::move(path));
+    Connector connector(reactor->get(), std::move(path), args.allow_remote);
     connector_ptr = &connector;
     result = connector.WatchSignals();
     if (result.ok()) result = listen ? connector.Listen(*listen, args.job) : connector.Stdio();

@@ -325,5 +325,68 @@ TEST_F(PolicyTest, BackendAllowNarrowsOtherHosts) {
   EXPECT_EQ(d.Stop(), 0);
 }
 
+// `connect --listen` serves only the user who runs it: bob's connection to alice's local port
+// is closed before anything reaches the proxy; alice's works.
+TEST_F(PolicyTest, ConnectListenServesOnlyItsOwnUser) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  OwnedServer service(alice_);
+  ASSERT_TRUE(service.ok());
+  ASSERT_FALSE(SaveAs(d, alice_, "nb", service.port()).empty());
+  RunOptions alice = As(alice_);
+  auto connect =
+      Child::Spawn({BinaryPath(), "connect", "nb", "--listen", "0", "-c", d.config_path(),
+                    "--proxy", "127.0.0.1:" + std::to_string(d.proxy_port())},
+                   dir_ / "connect.log", alice);
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:");
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  auto local = loop::ParseNumericAddress("127.0.0.1", port);
+
+  // bob: closed without a byte, and nothing reached the proxy or the service.
+  int b = SocketAs(bob_, AF_INET);
+  ASSERT_GE(b, 0);
+  ASSERT_EQ(::connect(b, reinterpret_cast<const sockaddr*>(&*local), sizeof(sockaddr_in)), 0);
+  timeval tv{10, 0};
+  ::setsockopt(b, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  SendAll(b, "ping\n");
+  char c;
+  EXPECT_LE(::recv(b, &c, 1, 0), 0);  // EOF (or a reset), not an echo
+  ::close(b);
+  EXPECT_TRUE(connect->WaitFor("refused a connection from 127.0.0.1:")) << connect->Output();
+  EXPECT_EQ(service.connections(), 0);
+  auto stats = ParseOut(d.Cli({"stats", "--json"}));
+  ASSERT_TRUE(stats);
+  EXPECT_EQ(JsonText(stats.get(), {"stats", "connections", "accepted"}), "0")
+      << cJSON_Print(stats.get());
+
+  // alice: served.
+  int a = SocketAs(alice_, AF_INET);
+  ASSERT_GE(a, 0);
+  ASSERT_EQ(::connect(a, reinterpret_cast<const sockaddr*>(&*local), sizeof(sockaddr_in)), 0);
+  ::setsockopt(a, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  SendAll(a, "ping\n");
+  EXPECT_EQ(ReadLine(a, 64), "ping");
+  ::close(a);
+  EXPECT_EQ(service.connections(), 1);
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
+TEST_F(PolicyTest, ConnectRefusesAListenAddressOtherHostsReachUnlessTold) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  ASSERT_FALSE(d.SaveJob("nb", 9).empty());
+  RunResult r = d.Cli({"connect", "nb", "--listen", "0.0.0.0:0"});
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_NE(r.err.find("--allow-remote-clients"), std::string::npos) << r;
+  auto connect = Child::Spawn({BinaryPath(), "connect", "nb", "--listen", "0.0.0.0:0",
+                               "--allow-remote-clients", "-c", d.config_path()},
+                              dir_ / "connect.log");
+  ASSERT_TRUE(connect);
+  EXPECT_TRUE(connect->WaitFor("listening on 0.0.0.0:")) << connect->Output();
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
 }  // namespace
 }  // namespace brokerproxy::testing
