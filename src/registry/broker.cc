@@ -138,27 +138,27 @@ void Broker::CheckBackend(Request req, uid_t caller, Reply reply) {
   int port = req.save.port;
   // Checked on what the name resolves to now; the dial checks again on what it resolves to
   // then. A port still to be allocated (0) skips the comparison with the proxy's own ports.
-  cert_jobs_[key] = loop::Resolve(
-      *loop_, host, port,
-      [this, key, req = std::move(req), caller,
-       reply = std::move(reply)](Result<std::vector<sockaddr_storage>> addrs) mutable {
-        cert_jobs_.erase(key);
-        if (!addrs.ok()) {
-          reply(EncodeError(Status::InvalidArgument("cannot resolve backend host " + req.save.host +
-                                                    ": " + addrs.status().message())));
-          return;
-        }
-        for (const sockaddr_storage& a : *addrs) {
-          Status s = backend_check_(a, caller, /*dialling=*/false);
-          if (!s.ok()) {
-            LOG_WARN("refused to save job %s for uid %u: %s", req.job.c_str(),
-                     static_cast<unsigned>(caller), s.message().c_str());
-            reply(EncodeError(s.WithContext("job " + req.job)));
-            return;
-          }
-        }
-        SaveChecked(std::move(req), caller, std::move(reply));
-      });
+  auto checked = [this, key, req = std::move(req), caller,
+                  reply = std::move(reply)](Result<std::vector<sockaddr_storage>> addrs) mutable {
+    cert_jobs_.erase(key);
+    if (!addrs.ok()) {
+      // Nothing to check yet (a node's name may resolve only once it boots): every dial checks
+      // what the name resolves to then.
+      SaveChecked(std::move(req), caller, std::move(reply));
+      return;
+    }
+    for (const sockaddr_storage& a : *addrs) {
+      Status s = backend_check_(a, caller, /*dialling=*/false);
+      if (!s.ok()) {
+        LOG_WARN("refused to save job %s for uid %u: %s", req.job.c_str(),
+                 static_cast<unsigned>(caller), s.message().c_str());
+        reply(EncodeError(s.WithContext("job " + req.job)));
+        return;
+      }
+    }
+    SaveChecked(std::move(req), caller, std::move(reply));
+  };
+  cert_jobs_[key] = loop::Resolve(*loop_, host, port, std::move(checked));
 }
 
 void Broker::SaveChecked(Request req, uid_t caller, Reply reply) {

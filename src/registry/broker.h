@@ -83,7 +83,8 @@ class Broker {
   void set_ca_provider(CaProvider p) { ca_provider_ = std::move(p); }
   void set_cert_issuer(CertIssuer i) { cert_issuer_ = std::move(i); }
   // Without one, every backend is admitted. With one, a save resolves the backend host (on the
-  // thread pool) and is refused if any address fails; probes connect only where it admits.
+  // thread pool) and is refused if any address fails (a name that does not resolve is left to
+  // the checks at dial); probes connect only where it admits.
   void set_backend_check(BackendCheck c) { backend_check_ = std::move(c); }
 
  private:

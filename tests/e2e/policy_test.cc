@@ -219,6 +219,55 @@ TEST_F(PolicyTest, AnotherUsersListenerIsNeverDialled) {
                         alice);
   EXPECT_NE(tls.exit_code, 0) << tls;
   EXPECT_NE(tls.err.find("unavailable"), std::string::npos) << tls;
+  // An SSH channel (stock OpenSSH, `ssh -N -L`): the forward's connection is closed unserved.
+  {
+    std::string askpass = dir_ / "askpass";
+    WriteFile(askpass, "#!/bin/sh\necho '" + secret + "'\n", 0755);
+    RunOptions env;
+    env.env = {"SSH_ASKPASS=" + askpass, "SSH_ASKPASS_REQUIRE=force", "DISPLAY=:0",
+               "HOME=" + (dir_ / "nohome"), "SSH_AUTH_SOCK="};
+    int forward = FreePort();
+    auto ssh = Child::Spawn({"ssh",
+                             "-F",
+                             "/dev/null",
+                             "-p",
+                             std::to_string(d.proxy_port()),
+                             "-o",
+                             "StrictHostKeyChecking=no",
+                             "-o",
+                             "UserKnownHostsFile=" + (dir_ / "known_hosts"),
+                             "-o",
+                             "PubkeyAuthentication=no",
+                             "-o",
+                             "NumberOfPasswordPrompts=1",
+                             "-o",
+                             "ExitOnForwardFailure=yes",
+                             "-o",
+                             "ConnectTimeout=10",
+                             "-N",
+                             "-L",
+                             std::to_string(forward) + ":a1:1",
+                             "a1@127.0.0.1"},
+                            dir_ / "ssh.log", env);
+    ASSERT_TRUE(ssh);
+    int fd = -1;
+    ASSERT_TRUE(WaitUntil([&] { return (fd = ConnectTcp(forward)) >= 0; })) << ssh->Output();
+    timeval tv{10, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    SendAll(fd, "ping\n");
+    char c;
+    EXPECT_LE(::recv(fd, &c, 1, 0), 0);  // closed, no echo
+    ::close(fd);
+    EXPECT_TRUE(WaitUntil([&] {
+      std::string log = d.Log();
+      size_t n = 0;
+      for (size_t at = log.find("job a1: refused to connect"); at != std::string::npos;
+           at = log.find("job a1: refused to connect", at + 1)) {
+        ++n;
+      }
+      return n >= 3;  // plain, TLS, SSH
+    })) << d.Log();
+  }
   // The readiness probe: a job waiting for its listener is not made ready by bob's.
   std::string reply =
       ControlRequestAs(alice_, d.socket_path(),
