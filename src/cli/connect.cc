@@ -2,6 +2,9 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -75,6 +78,45 @@ class Connector {
     return Status::OK();
   }
 
+  // `--listen unix:PATH`: a socket of mode 0600 in a directory that belongs to this user and
+  // that only they can reach. The directory is opened once and the socket made through that
+  // descriptor, so it cannot be swapped for another between the check and the bind.
+  Status ListenUnix(const std::string& path, const std::string& job) {
+    size_t slash = path.rfind('/');
+    std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+    std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+    if (name.empty() || name == "." || name == "..") {
+      return Status::InvalidArgument("--listen unix:" + path + ": no socket name");
+    }
+    int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0) return PosixError("--listen unix:" + path + ": " + dir, errno);
+    struct stat st {};
+    bool private_dir =
+        ::fstat(dfd, &st) == 0 && st.st_uid == ::geteuid() && (st.st_mode & 077) == 0;
+    std::string pinned = "/proc/self/fd/" + std::to_string(dfd) + "/" + name;
+    sockaddr_un sun{};
+    sun.sun_family = AF_UNIX;
+    Status s;
+    if (!private_dir) {
+      s = Status::PermissionDenied("--listen unix:" + path + ": " + dir +
+                                   " must be a directory of yours that only you can reach "
+                                   "(mkdir -m 700 " +
+                                   dir + ")");
+    } else if (pinned.size() >= sizeof(sun.sun_path)) {
+      s = Status::InvalidArgument("--listen unix:" + path + ": name too long");
+    } else {
+      std::memcpy(sun.sun_path, pinned.c_str(), pinned.size() + 1);
+      s = BindUnix(dfd, name, sun);
+    }
+    ::close(dfd);
+    if (!s.ok()) return s.WithContext("--listen unix:" + path);
+    unix_path_ = path;
+    std::printf("brokerproxy: listening on unix:%s for job %s (proxy %s)\n", path.c_str(),
+                job.c_str(), path_->Describe().c_str());
+    std::fflush(stdout);
+    return Status::OK();
+  }
+
   Status Stdio() {
     // epoll cannot watch regular files; ssh's ProxyCommand gives pipes.
     const char* kHint =
@@ -116,6 +158,11 @@ class Connector {
 
   void Stop() {
     listener_.reset();
+    unix_listener_.reset();
+    if (!unix_path_.empty()) {
+      ::unlink(unix_path_.c_str());
+      unix_path_.clear();
+    }
     signals_.clear();
     // Not inline: a tunnel's callback may be what called Stop(). The path goes last: the
     // tunnels use it, and it may hold handles of its own (the SSH session's poll).
@@ -129,6 +176,72 @@ class Connector {
   const Status& stdio_status() const { return stdio_status_; }
 
  private:
+  Status BindUnix(int dfd, const std::string& name, const sockaddr_un& sun) {
+    // A socket left by a `connect` that was killed is replaced; anything else is kept.
+    struct stat old {};
+    if (::fstatat(dfd, name.c_str(), &old, AT_SYMLINK_NOFOLLOW) == 0) {
+      if (!S_ISSOCK(old.st_mode)) return Status::AlreadyExists("exists and is not a socket");
+      int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      bool live =
+          probe >= 0 && ::connect(probe, reinterpret_cast<const sockaddr*>(&sun), sizeof(sun)) == 0;
+      if (probe >= 0) ::close(probe);
+      if (live) return Status::AlreadyExists("something already listens there");
+      ::unlinkat(dfd, name.c_str(), 0);
+    }
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return PosixError("socket", errno);
+    mode_t mask = ::umask(0177);  // the socket file is created 0600
+    int rc = ::bind(fd, reinterpret_cast<const sockaddr*>(&sun), sizeof(sun));
+    int err = errno;
+    ::umask(mask);
+    if (rc != 0) {
+      ::close(fd);
+      return PosixError("bind", err);
+    }
+    if (::listen(fd, 128) != 0) {
+      err = errno;
+      ::close(fd);
+      ::unlinkat(dfd, name.c_str(), 0);
+      return PosixError("listen", err);
+    }
+    auto io = reactor_->Add(fd, [this](loop::IoWatch* w) { OnUnixReadable(w); });
+    if (!io.ok()) {
+      ::unlinkat(dfd, name.c_str(), 0);
+      return io.status();
+    }
+    unix_listener_ = std::move(io).value();
+    return Status::OK();
+  }
+
+  void OnUnixReadable(loop::IoWatch* w) {
+    for (int i = 0; i < 64; ++i) {
+      int fd = ::accept4(w->fd(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) {
+        if (errno == EINTR || errno == ECONNABORTED) continue;
+        w->ClearReadable();
+        if (errno != EAGAIN) {
+          std::fprintf(stderr, "brokerproxy: accept on unix:%s: %s\n", unix_path_.c_str(),
+                       std::strerror(errno));
+        }
+        return;
+      }
+      // The file mode already keeps others out; root, who passes it, is refused here too.
+      ucred cred{};
+      socklen_t len = sizeof(cred);
+      if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.uid != ::geteuid()) {
+        std::fprintf(stderr,
+                     "brokerproxy: refused a connection on unix:%s: it comes from uid %u, not "
+                     "from this user (uid %u)\n",
+                     unix_path_.c_str(), static_cast<unsigned>(cred.uid),
+                     static_cast<unsigned>(::geteuid()));
+        ::close(fd);
+        continue;
+      }
+      OnLocal(fd);
+    }
+    w->Yield();  // more may wait: on a later turn, so other work runs in between
+  }
+
   // Serves only this user: a connection from this host is traced to its socket's owner. One
   // line on stderr for each refusal.
   bool Admit(int fd, const sockaddr_storage& peer) {
@@ -175,6 +288,8 @@ class Connector {
   std::unique_ptr<ProxyPath> path_;
   bool allow_remote_;
   std::unique_ptr<proxy::Listener> listener_;
+  loop::IoHandle unix_listener_;
+  std::string unix_path_;  // removed at Stop()
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
   std::unordered_map<uint64_t, std::unique_ptr<Tunnel>> tunnels_;
   std::unique_ptr<Tunnel> stdio_;
@@ -199,7 +314,11 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     proxy_addr = *p;
   }
   std::optional<HostPort> listen;
-  if (!args.listen.empty()) {
+  std::optional<std::string> listen_unix;
+  if (args.listen.starts_with("unix:")) {
+    listen_unix = args.listen.substr(5);
+    if (listen_unix->empty()) return Status::InvalidArgument("--listen unix: needs a path");
+  } else if (!args.listen.empty()) {
     auto l = ParseHostPort(args.listen, 0, "127.0.0.1", /*allow_zero=*/true);
     if (!l.ok()) return l.status().WithContext("--listen");
     listen = *l;
@@ -279,7 +398,11 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     Connector connector(reactor->get(), std::move(path), args.allow_remote);
     connector_ptr = &connector;
     result = connector.WatchSignals();
-    if (result.ok()) result = listen ? connector.Listen(*listen, args.job) : connector.Stdio();
+    if (result.ok()) {
+      result = listen_unix ? connector.ListenUnix(*listen_unix, args.job)
+               : listen    ? connector.Listen(*listen, args.job)
+                           : connector.Stdio();
+    }
     if (!result.ok()) {
       connector.Stop();
     }

@@ -422,6 +422,60 @@ TEST_F(PolicyTest, ConnectListenServesOnlyItsOwnUser) {
   EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
 }
 
+// `connect --listen unix:PATH`: a socket of mode 0600 in a directory only its user can reach;
+// bob cannot connect, root (who passes file modes) is refused by SO_PEERCRED, alice is served.
+TEST_F(PolicyTest, ConnectListenUnixSocketIsPrivate) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  OwnedServer service(alice_);
+  ASSERT_TRUE(service.ok());
+  ASSERT_FALSE(SaveAs(d, alice_, "nb", service.port()).empty());
+  std::string open_dir = dir_ / "open";
+  std::string private_dir = dir_ / "private";
+  for (const auto& [path, mode] : {std::pair{open_dir, 0755}, std::pair{private_dir, 0700}}) {
+    ASSERT_EQ(::mkdir(path.c_str(), mode), 0);
+    ASSERT_EQ(::chmod(path.c_str(), mode), 0);
+    ASSERT_EQ(::chown(path.c_str(), alice_, PrimaryGid(alice_)), 0);
+  }
+  std::string proxy = "127.0.0.1:" + std::to_string(d.proxy_port());
+  RunResult refused =
+      d.Cli({"connect", "nb", "--listen", "unix:" + open_dir + "/s", "--proxy", proxy}, As(alice_));
+  EXPECT_EQ(refused.exit_code, 4) << refused;
+  EXPECT_NE(refused.err.find("only you can reach"), std::string::npos) << refused;
+
+  std::string sock = private_dir + "/s";
+  auto connect = Child::Spawn({BinaryPath(), "connect", "nb", "--listen", "unix:" + sock, "-c",
+                               d.config_path(), "--proxy", proxy},
+                              dir_ / "connect.log", As(alice_));
+  ASSERT_TRUE(connect);
+  ASSERT_TRUE(connect->WaitFor("listening on unix:")) << connect->Output();
+  struct stat st {};
+  ASSERT_EQ(::stat(sock.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_EQ(st.st_uid, alice_);
+
+  auto socat = [&](uid_t uid) {
+    RunOptions o = As(uid);
+    o.stdin_data = "ping\n";
+    o.timeout_ms = 20000;
+    return RunCommand({"socat", "-t", "5", "-", "UNIX-CONNECT:" + sock}, o);
+  };
+  RunResult bob = socat(bob_);
+  EXPECT_NE(bob.exit_code, 0) << bob;
+  EXPECT_EQ(bob.out, "") << bob;
+  RunResult root = socat(0);
+  EXPECT_EQ(root.out, "") << root;
+  EXPECT_TRUE(connect->WaitFor("refused a connection on unix:")) << connect->Output();
+  EXPECT_EQ(service.connections(), 0);
+  RunResult alice = socat(alice_);
+  EXPECT_EQ(alice.exit_code, 0) << alice;
+  EXPECT_EQ(alice.out, "ping\n") << alice;
+  EXPECT_EQ(service.connections(), 1);
+
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+  EXPECT_NE(::access(sock.c_str(), F_OK), 0);  // removed on exit
+}
+
 TEST_F(PolicyTest, ConnectRefusesAListenAddressOtherHostsReachUnlessTold) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
