@@ -122,7 +122,6 @@ Status BackendPolicy::CheckDial(const sockaddr_storage& addr, uid_t owner) const
   BP_RETURN_IF_ERROR(CheckAddress(addr));
   if (owner == 0 || !IsLocal(addr)) return Status::OK();
   sockaddr_storage a = Normalized(addr);
-  if (IsUnspecified(a)) return Status::PermissionDenied("unspecified address");  // see above
   auto listener = loop::TcpListenerOwner(reinterpret_cast<const sockaddr*>(&a));
   if (!listener.ok()) return listener.status();
   if (*listener != owner) {

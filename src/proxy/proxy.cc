@@ -247,9 +247,12 @@ void Proxy::DialBackend(Connection* conn, const Target& target, std::unique_ptr<
 
 std::unique_ptr<Dialer> Proxy::NewDialer(const Target& target) {
   auto dialer = std::make_unique<Dialer>(reactor(), resolver());
-  dialer->set_check([this, job = target.job_id, owner = target.owner](const sockaddr_storage& a) {
+  // One log line per dial, even if the name resolved to several refused addresses.
+  dialer->set_check([this, job = target.job_id, owner = target.owner,
+                     logged = false](const sockaddr_storage& a) mutable {
     Status s = policy_.CheckDial(a, owner);
-    if (!s.ok()) {
+    if (!s.ok() && !logged) {
+      logged = true;
       LOG_WARN("job %s: refused to connect to its backend: %s", job.c_str(), s.message().c_str());
     }
     return s;

@@ -165,7 +165,7 @@ class Proxy {
   // Where backends may be (set up by Start() with the bound listeners).
   const BackendPolicy& backend_policy() const { return policy_; }
   // A Dialer for `target`'s backend that connects only to addresses the backend policy admits
-  // for the job's owner, logging each refusal once, with the job.
+  // for the job's owner, logging the first refusal (one line per dial, naming the job).
   std::unique_ptr<Dialer> NewDialer(const Target& target);
   // Starts connecting `conn` to its job's backend with a new Dialer kept in `*dialer`, under the
   // connect_timeout deadline. With `may_complete_inline`, see Dialer::Dial().
