@@ -60,6 +60,9 @@ class Connector {
         reactor_(reactor),
         path_(std::move(path)),
         allow_remote_(allow_remote) {}
+  ~Connector() { RemoveUnixSocket(); }
+  Connector(const Connector&) = delete;
+  Connector& operator=(const Connector&) = delete;
 
   Status Listen(const HostPort& address, const std::string& job) {
     auto l =
@@ -98,18 +101,24 @@ class Connector {
     sun.sun_family = AF_UNIX;
     Status s;
     if (!private_dir) {
-      s = Status::PermissionDenied("--listen unix:" + path + ": " + dir +
+      s = Status::PermissionDenied(dir +
                                    " must be a directory of yours that only you can reach "
                                    "(mkdir -m 700 " +
                                    dir + ")");
     } else if (pinned.size() >= sizeof(sun.sun_path)) {
-      s = Status::InvalidArgument("--listen unix:" + path + ": name too long");
+      s = Status::InvalidArgument("name too long");
     } else {
       std::memcpy(sun.sun_path, pinned.c_str(), pinned.size() + 1);
       s = BindUnix(dfd, name, sun);
     }
-    ::close(dfd);
-    if (!s.ok()) return s.WithContext("--listen unix:" + path);
+    if (!s.ok()) {
+      ::close(dfd);
+      return s.WithContext("--listen unix:" + path);
+    }
+    // Kept open, so that the socket is removed from this directory at the end, wherever its
+    // path leads by then.
+    unix_dir_ = dfd;
+    unix_name_ = name;
     unix_path_ = path;
     std::printf("brokerproxy: listening on unix:%s for job %s (proxy %s)\n", path.c_str(),
                 job.c_str(), path_->Describe().c_str());
@@ -159,10 +168,7 @@ class Connector {
   void Stop() {
     listener_.reset();
     unix_listener_.reset();
-    if (!unix_path_.empty()) {
-      ::unlink(unix_path_.c_str());
-      unix_path_.clear();
-    }
+    RemoveUnixSocket();
     signals_.clear();
     // Not inline: a tunnel's callback may be what called Stop(). The path goes last: the
     // tunnels use it, and it may hold handles of its own (the SSH session's poll).
@@ -176,6 +182,13 @@ class Connector {
   const Status& stdio_status() const { return stdio_status_; }
 
  private:
+  void RemoveUnixSocket() {
+    if (unix_dir_ < 0) return;
+    ::unlinkat(unix_dir_, unix_name_.c_str(), 0);
+    ::close(unix_dir_);
+    unix_dir_ = -1;
+  }
+
   Status BindUnix(int dfd, const std::string& name, const sockaddr_un& sun) {
     // A socket left by a `connect` that was killed is replaced; anything else is kept.
     struct stat old {};
@@ -289,7 +302,9 @@ class Connector {
   bool allow_remote_;
   std::unique_ptr<proxy::Listener> listener_;
   loop::IoHandle unix_listener_;
-  std::string unix_path_;  // removed at Stop()
+  std::string unix_path_;  // for messages
+  int unix_dir_ = -1;      // the socket's directory, where Stop() removes `unix_name_`
+  std::string unix_name_;
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
   std::unordered_map<uint64_t, std::unique_ptr<Tunnel>> tunnels_;
   std::unique_ptr<Tunnel> stdio_;
