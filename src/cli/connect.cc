@@ -2,9 +2,14 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <unordered_map>
 #include <vector>
@@ -18,6 +23,9 @@
 #include "loop/loop.h"
 #include "loop/poll.h"
 #include "loop/signal.h"
+#include "loop/sock_diag.h"
+#include "loop/stream.h"
+#include "loop/work.h"
 #include "proxy/listener.h"
 #include "proxy/relay.h"
 #include "registry/control_protocol.h"
@@ -47,16 +55,73 @@ Result<std::string> LoadSecret(BrokerClient* client, const std::string& job) {
 // Owns the loop-side state of one `connect` run.
 class Connector {
  public:
-  Connector(loop::Reactor* reactor, std::unique_ptr<ProxyPath> path)
-      : loop_(&reactor->loop()), reactor_(reactor), path_(std::move(path)) {}
+  Connector(loop::Reactor* reactor, std::unique_ptr<ProxyPath> path, bool allow_remote)
+      : loop_(&reactor->loop()),
+        reactor_(reactor),
+        path_(std::move(path)),
+        allow_remote_(allow_remote) {}
+  ~Connector() { RemoveUnixSocket(); }
+  Connector(const Connector&) = delete;
+  Connector& operator=(const Connector&) = delete;
 
   Status Listen(const HostPort& address, const std::string& job) {
-    auto l = proxy::Listener::Create(loop_, address, 60,
-                                     [this](int fd, const sockaddr_storage&) { OnLocal(fd); });
+    auto l =
+        proxy::Listener::Create(loop_, address, 60, [this](int fd, const sockaddr_storage& peer) {
+          if (!Admit(fd, peer)) {
+            ::close(fd);
+            return;
+          }
+          OnLocal(fd);
+        });
     if (!l.ok()) return l.status();
     listener_ = std::move(l).value();
     std::printf("brokerproxy: listening on %s for job %s (proxy %s)\n",
                 listener_->address().c_str(), job.c_str(), path_->Describe().c_str());
+    std::fflush(stdout);
+    return Status::OK();
+  }
+
+  // `--listen unix:PATH`: a socket of mode 0600 in a directory that belongs to this user and
+  // that only they can reach. The directory is opened once and the socket made through that
+  // descriptor, so it cannot be swapped for another between the check and the bind.
+  Status ListenUnix(const std::string& path, const std::string& job) {
+    size_t slash = path.rfind('/');
+    std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+    std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+    if (name.empty() || name == "." || name == "..") {
+      return Status::InvalidArgument("--listen unix:" + path + ": no socket name");
+    }
+    int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0) return PosixError("--listen unix:" + path + ": " + dir, errno);
+    struct stat st {};
+    bool private_dir =
+        ::fstat(dfd, &st) == 0 && st.st_uid == ::geteuid() && (st.st_mode & 077) == 0;
+    std::string pinned = "/proc/self/fd/" + std::to_string(dfd) + "/" + name;
+    sockaddr_un sun{};
+    sun.sun_family = AF_UNIX;
+    Status s;
+    if (!private_dir) {
+      s = Status::PermissionDenied(dir +
+                                   " must be a directory of yours that only you can reach "
+                                   "(mkdir -m 700 " +
+                                   dir + ")");
+    } else if (pinned.size() >= sizeof(sun.sun_path)) {
+      s = Status::InvalidArgument("name too long");
+    } else {
+      std::memcpy(sun.sun_path, pinned.c_str(), pinned.size() + 1);
+      s = BindUnix(dfd, name, sun);
+    }
+    if (!s.ok()) {
+      ::close(dfd);
+      return s.WithContext("--listen unix:" + path);
+    }
+    // Kept open, so that the socket is removed from this directory at the end, wherever its
+    // path leads by then.
+    unix_dir_ = dfd;
+    unix_name_ = name;
+    unix_path_ = path;
+    std::printf("brokerproxy: listening on unix:%s for job %s (proxy %s)\n", path.c_str(),
+                job.c_str(), path_->Describe().c_str());
     std::fflush(stdout);
     return Status::OK();
   }
@@ -102,6 +167,8 @@ class Connector {
 
   void Stop() {
     listener_.reset();
+    unix_listener_.reset();
+    RemoveUnixSocket();
     signals_.clear();
     // Not inline: a tunnel's callback may be what called Stop(). The path goes last: the
     // tunnels use it, and it may hold handles of its own (the SSH session's poll).
@@ -115,6 +182,106 @@ class Connector {
   const Status& stdio_status() const { return stdio_status_; }
 
  private:
+  void RemoveUnixSocket() {
+    if (unix_dir_ < 0) return;
+    ::unlinkat(unix_dir_, unix_name_.c_str(), 0);
+    ::close(unix_dir_);
+    unix_dir_ = -1;
+  }
+
+  Status BindUnix(int dfd, const std::string& name, const sockaddr_un& sun) {
+    // A socket left by a `connect` that was killed is replaced; anything else is kept.
+    struct stat old {};
+    if (::fstatat(dfd, name.c_str(), &old, AT_SYMLINK_NOFOLLOW) == 0) {
+      if (!S_ISSOCK(old.st_mode)) return Status::AlreadyExists("exists and is not a socket");
+      int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      bool live =
+          probe >= 0 && ::connect(probe, reinterpret_cast<const sockaddr*>(&sun), sizeof(sun)) == 0;
+      if (probe >= 0) ::close(probe);
+      if (live) return Status::AlreadyExists("something already listens there");
+      ::unlinkat(dfd, name.c_str(), 0);
+    }
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return PosixError("socket", errno);
+    mode_t mask = ::umask(0177);  // the socket file is created 0600
+    int rc = ::bind(fd, reinterpret_cast<const sockaddr*>(&sun), sizeof(sun));
+    int err = errno;
+    ::umask(mask);
+    if (rc != 0) {
+      ::close(fd);
+      return PosixError("bind", err);
+    }
+    if (::listen(fd, 128) != 0) {
+      err = errno;
+      ::close(fd);
+      ::unlinkat(dfd, name.c_str(), 0);
+      return PosixError("listen", err);
+    }
+    auto io = reactor_->Add(fd, [this](loop::IoWatch* w) { OnUnixReadable(w); });
+    if (!io.ok()) {
+      ::unlinkat(dfd, name.c_str(), 0);
+      return io.status();
+    }
+    unix_listener_ = std::move(io).value();
+    return Status::OK();
+  }
+
+  void OnUnixReadable(loop::IoWatch* w) {
+    for (int i = 0; i < 64; ++i) {
+      int fd = ::accept4(w->fd(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) {
+        if (errno == EINTR || errno == ECONNABORTED) continue;
+        w->ClearReadable();
+        if (errno != EAGAIN) {
+          std::fprintf(stderr, "brokerproxy: accept on unix:%s: %s\n", unix_path_.c_str(),
+                       std::strerror(errno));
+        }
+        return;
+      }
+      // The file mode already keeps others out; root, who passes it, is refused here too.
+      ucred cred{};
+      socklen_t len = sizeof(cred);
+      if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.uid != ::geteuid()) {
+        std::fprintf(stderr,
+                     "brokerproxy: refused a connection on unix:%s: it comes from uid %u, not "
+                     "from this user (uid %u)\n",
+                     unix_path_.c_str(), static_cast<unsigned>(cred.uid),
+                     static_cast<unsigned>(::geteuid()));
+        ::close(fd);
+        continue;
+      }
+      OnLocal(fd);
+    }
+    w->Yield();  // more may wait: on a later turn, so other work runs in between
+  }
+
+  // Serves only this user: a connection from this host is traced to its socket's owner. One
+  // line on stderr for each refusal.
+  bool Admit(int fd, const sockaddr_storage& peer) {
+    sockaddr_storage self{};
+    socklen_t len = sizeof(self);
+    std::string from = loop::FormatAddress(reinterpret_cast<const sockaddr*>(&peer));
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&self), &len) != 0) {
+      std::fprintf(stderr, "brokerproxy: refused a connection from %s: getsockname: %s\n",
+                   from.c_str(), std::strerror(errno));
+      return false;
+    }
+    uid_t me = ::geteuid();
+    auto owner = loop::TcpPeerOwner(reinterpret_cast<const sockaddr*>(&peer),
+                                    reinterpret_cast<const sockaddr*>(&self));
+    if (owner.ok() && *owner == me) return true;
+    if (!owner.ok() && owner.status().code() == Status::Code::kNotFound && allow_remote_ &&
+        !IsLoopback(peer)) {
+      return true;  // another host's: --allow-remote-clients accepted that it cannot be traced
+    }
+    std::string why = owner.ok() ? "it belongs to uid " + std::to_string(*owner) +
+                                       ", not to this user (uid " + std::to_string(me) + ")"
+                                 : owner.status().message();
+    std::fprintf(stderr, "brokerproxy: refused a connection from %s: %s\n", from.c_str(),
+                 why.c_str());
+    return false;
+  }
+
   void OnLocal(int fd) {
     auto io = reactor_->Add(fd, nullptr);
     if (!io.ok()) return;
@@ -132,7 +299,12 @@ class Connector {
   loop::Loop* loop_;
   loop::Reactor* reactor_;
   std::unique_ptr<ProxyPath> path_;
+  bool allow_remote_;
   std::unique_ptr<proxy::Listener> listener_;
+  loop::IoHandle unix_listener_;
+  std::string unix_path_;  // for messages
+  int unix_dir_ = -1;      // the socket's directory, where Stop() removes `unix_name_`
+  std::string unix_name_;
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
   std::unordered_map<uint64_t, std::unique_ptr<Tunnel>> tunnels_;
   std::unique_ptr<Tunnel> stdio_;
@@ -157,10 +329,24 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     proxy_addr = *p;
   }
   std::optional<HostPort> listen;
-  if (!args.listen.empty()) {
+  std::optional<std::string> listen_unix;
+  if (args.listen.starts_with("unix:")) {
+    listen_unix = args.listen.substr(5);
+    if (listen_unix->empty()) return Status::InvalidArgument("--listen unix: needs a path");
+  } else if (!args.listen.empty()) {
     auto l = ParseHostPort(args.listen, 0, "127.0.0.1", /*allow_zero=*/true);
     if (!l.ok()) return l.status().WithContext("--listen");
     listen = *l;
+    // Only loopback connections can be traced to their user.
+    auto numeric = loop::ParseNumericAddress(listen->host, 0);
+    bool loopback = listen->host == "localhost" || (numeric && IsLoopback(*numeric));
+    if (!loopback && !args.allow_remote) {
+      return Status::InvalidArgument(
+          "--listen " + listen->ToString() +
+          ": connections from other hosts cannot be traced to a user, so anyone who reaches "
+          "this address would use your tunnel; listen on loopback (127.0.0.1, the default) or "
+          "add --allow-remote-clients");
+    }
   }
   if (!args.ca.empty() && !args.tls) return Status::InvalidArgument("--ca is only for --tls");
   if (args.tls && remote) {
@@ -224,10 +410,14 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
       path = NewDirectPath(reactor->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
                            std::move(secret).value(), kHandshakeTimeoutMs);
     }
-    Connector connector(reactor->get(), std::move(path));
+    Connector connector(reactor->get(), std::move(path), args.allow_remote);
     connector_ptr = &connector;
     result = connector.WatchSignals();
-    if (result.ok()) result = listen ? connector.Listen(*listen, args.job) : connector.Stdio();
+    if (result.ok()) {
+      result = listen_unix ? connector.ListenUnix(*listen_unix, args.job)
+               : listen    ? connector.Listen(*listen, args.job)
+                           : connector.Stdio();
+    }
     if (!result.ok()) {
       connector.Stop();
     }

@@ -16,13 +16,24 @@ namespace brokerproxy::cli {
 
 struct ConnectArgs {
   std::string job;
-  std::string listen;  // "[addr:]port"; port 0 picks a free one (printed)
+  std::string listen;  // "[addr:]port"; port 0 picks a free one (printed); or "unix:PATH"
+  // A --listen address that other hosts can reach: their connections cannot be traced to a
+  // user, so they are served only with this set.
+  bool allow_remote = false;
   bool stdio = false;
   std::string proxy;  // "host:port" of the proxy port; empty: [client] proxy
   bool tls = false;   // TLS to the proxy port
   std::string ca;     // CA certificate for --tls; empty: fetched with `brokerproxy ca`
 };
 
+// In listen mode only the user running `connect` is served, root included (tunnels carry that
+// user's secret): each connection from this host is traced to the socket's owner (sock_diag)
+// and closed unless it is the same uid. A listen address that is not loopback is refused
+// unless `allow_remote`, since connections from other hosts cannot be traced. `unix:PATH`
+// creates a socket of mode 0600 in a directory that must belong to the user and be closed to
+// everyone else, serves connections of the same uid only (SO_PEERCRED), and removes the socket
+// when it stops.
+//
 // Runs until SIGINT/SIGTERM (listen mode) or until the stdio tunnel ends. With `remote` (the
 // client is the login node over SSH), the secret is loaded through that SSH session and the
 // same session then carries every tunnel as a direct-tcpip channel; the session's failure

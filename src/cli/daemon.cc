@@ -88,6 +88,12 @@ Result<proxy::ProxyOptions> ProxyOptionsFrom(const Config& c) {
     if (!cidr.ok()) return cidr.status().WithContext("[proxy] plain_allow");
     o.plain_allow.push_back(*cidr);
   }
+  o.backend_allow.emplace();
+  for (const std::string& net : c.backend_allow) {
+    auto cidr = Cidr::Parse(net);
+    if (!cidr.ok()) return cidr.status().WithContext("[registry] backend_allow");
+    o.backend_allow->push_back(*cidr);
+  }
   o.max_connections = c.max_connections;
   o.handshake_timeout_ms = c.handshake_timeout_ms;
   o.connect_timeout_ms = c.connect_timeout_ms;
@@ -167,6 +173,14 @@ class Daemon {
     broker_ =
         std::make_unique<registry::Broker>(loop_.get(), registry_.get(), store_.get(), bo,
                                            [] { return static_cast<int64_t>(::time(nullptr)); });
+    // Saves and readiness probes obey the proxy's backend policy (the proxy knows its own
+    // ports); probes that run before the proxy started wait for it.
+    broker_->set_backend_check(
+        [this](const sockaddr_storage& addr, uid_t owner, bool dialling) -> Status {
+          if (!proxy_) return Status::Unavailable("the proxy is not running");
+          const proxy::BackendPolicy& policy = proxy_->backend_policy();
+          return dialling ? policy.CheckDial(addr, owner) : policy.CheckAddress(addr);
+        });
     BP_RETURN_IF_ERROR(broker_->Start());
     BP_RETURN_IF_ERROR(StartTls());
 

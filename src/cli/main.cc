@@ -191,7 +191,12 @@ int Main(int argc, char** argv) {
   connect->add_option("job", connect_args.job, "Job id")->required();
   connect->add_option(
       "--listen", connect_args.listen,
-      "Local [ADDR:]PORT to listen on (ADDR defaults to 127.0.0.1; 0 = any free port)");
+      "Local [ADDR:]PORT to listen on (ADDR defaults to 127.0.0.1; 0 = any free port), or "
+      "unix:PATH (a socket of mode 0600 in a directory only you can reach). Only your own "
+      "connections are served: others' are closed");
+  connect->add_flag("--allow-remote-clients", connect_args.allow_remote,
+                    "Allow a --listen address other hosts can reach; their connections cannot "
+                    "be traced to a user, so anyone who reaches it may use the tunnel");
   connect->add_flag("--stdio", connect_args.stdio,
                     "Use stdin/stdout (for ssh -o ProxyCommand='brokerproxy connect JOB --stdio')");
   connect->add_flag("--tls", connect_args.tls, "Reach the proxy port over TLS");

@@ -124,6 +124,16 @@ const std::vector<Entry>& Entries() {
         "job. Root is not limited.",
         nullptr, kNo, 0, 1000000},
        &Config::max_jobs_per_user},
+      {{"registry", "backend_allow", T::kCidrList, "0.0.0.0/0, ::/0",
+        "Networks of other hosts (CIDR, or single addresses) that job backends may be on; "
+        "comma-separated, or repeat the key. Checked at save and again before every connection, "
+        "on the addresses the backend host resolves to. Set it to the compute nodes' networks. "
+        "Backends on the login node itself (loopback or any of its addresses) are not governed "
+        "by this list: the broker connects to them only if the socket listening there belongs "
+        "to the job's owner (jobs of root are exempt), and never to the proxy's own port. An "
+        "empty value admits no other host.",
+        nullptr, kNo},
+       &Config::backend_allow},
       // [proxy]
       {{"proxy", "listen", T::kHostPortList, "127.0.0.1:7000",
         "Addresses of the proxy port, as host:port or [v6addr]:port; comma-separated, or repeat "

@@ -35,7 +35,7 @@ struct Config {
                                // ${XDG_STATE_HOME:-~/.local/state}/brokerproxy
   std::string control_socket;  // default: <state_dir>/control.sock
   LogLevel log_level = LogLevel::kInfo;
-  int core_dumps = 0;  // 1: leave the process dumpable (debugging)
+  int core_dumps = 0;                     // 1: leave the process dumpable (debugging)
   int max_control_clients = 1024;         // control connections of non-root users, together
   int max_control_clients_per_user = 64;  // control connections of one uid
   int max_waits_per_user = 32;            // pending `wait` requests of one uid
@@ -47,6 +47,7 @@ struct Config {
   int64_t ready_timeout_ms = 120000;  // how long `save --wait` and exec mode wait for a listener
                                       // and the daemon probes for one
   int max_jobs_per_user = 64;         // jobs one uid other than root may hold; 0: no limit
+  std::vector<std::string> backend_allow{"0.0.0.0/0", "::/0"};  // each a valid Cidr
 
   // [proxy]
   std::vector<HostPort> listen{{"127.0.0.1", 7000}};

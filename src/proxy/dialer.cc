@@ -93,6 +93,15 @@ void Dialer::Dial(const std::string& host, int port, Callback cb, bool may_compl
 bool Dialer::TryNext() {
   while (next_ < addresses_.size()) {
     const sockaddr_storage& addr = addresses_[next_++];
+    if (check_) {
+      // Checked on the resolved address, right before connecting: a name cannot smuggle in
+      // what the address would not pass.
+      Status allowed = check_(addr);
+      if (!allowed.ok()) {
+        last_error_ = std::move(allowed);
+        continue;
+      }
+    }
     int fd = ::socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
       last_error_ = PosixError("socket", errno);

@@ -58,6 +58,9 @@ class ResolveCache {
 class Dialer {
  public:
   using Callback = std::function<void(Result<loop::IoHandle>)>;
+  // Says whether an address (with its port) may be connected to; an error skips it, and is
+  // what the callback reports if no address is left (proxy/backend_policy.h).
+  using AddressCheck = std::function<Status(const sockaddr_storage& addr)>;
 
   Dialer(loop::Reactor* reactor, ResolveCache* cache) : reactor_(reactor), cache_(cache) {}
   Dialer(const Dialer&) = delete;
@@ -72,6 +75,8 @@ class Dialer {
   // reported from inside Dial(), as its last action, sparing a loop turn: then the caller must
   // touch nothing of its own after Dial() returns, as the callback may have destroyed it.
   void Dial(const std::string& host, int port, Callback cb, bool may_complete_inline = false);
+  // Installs a check run on each resolved address before connecting to it. Before Dial().
+  void set_check(AddressCheck check) { check_ = std::move(check); }
 
  private:
   // Starts connecting to the next address; false when none is left.
@@ -86,6 +91,7 @@ class Dialer {
   ResolveCache* cache_;
   uint64_t resolve_group_ = loop::kNoResolveGroup;
   Callback cb_;
+  AddressCheck check_;
   std::string target_;     // "host:port", for messages
   loop::Pending pending_;  // a name being resolved, or a failure being reported
   std::vector<sockaddr_storage> addresses_;

@@ -10,6 +10,7 @@
 
 #include "loop/log.h"
 #include "loop/stream.h"
+#include "loop/work.h"
 #include "proxy/session.h"
 
 namespace brokerproxy::proxy {
@@ -50,7 +51,8 @@ Proxy::Proxy(loop::Loop* loop, const registry::Registry* registry, ProxyOptions 
       options_(std::move(options)),
       throttle_(options_.throttle_failures, static_cast<uint64_t>(options_.throttle_window_ms)),
       pipes_(options_.pipe_size, options_.pipe_pool),
-      resolver_(loop, 30000) {}
+      resolver_(loop, 30000),
+      policy_(options_.backend_allow) {}
 
 Proxy::~Proxy() {
   *alive_ = false;
@@ -78,6 +80,14 @@ Status Proxy::Start() {
     LOG_INFO("proxy listening on %s", (*l)->address().c_str());
     listeners_.push_back(std::move(l).value());
   }
+  std::vector<sockaddr_storage> bound;
+  for (const auto& l : listeners_) {
+    auto hp = ParseHostPort(l->address());
+    auto addr = hp.ok() ? loop::ParseNumericAddress(hp->host, hp->port) : std::nullopt;
+    if (!addr) return Status::Internal("cannot parse the bound address " + l->address());
+    bound.push_back(*addr);
+  }
+  policy_.set_own_listeners(std::move(bound));
   return Status::OK();
 }
 
@@ -322,9 +332,24 @@ void Proxy::SetDeadline(Connection* conn, uint64_t at_ms) {
 void Proxy::DialBackend(Connection* conn, const Target& target, std::unique_ptr<Dialer>* dialer,
                         Dialer::Callback cb, bool may_complete_inline) {
   ArmDeadline(conn, options_.connect_timeout_ms);
-  *dialer = std::make_unique<Dialer>(reactor(), resolver());
-  (*dialer)->set_resolve_group(target.owner);
+  *dialer = NewDialer(target);
   (*dialer)->Dial(target.host, target.port, std::move(cb), may_complete_inline);
+}
+
+std::unique_ptr<Dialer> Proxy::NewDialer(const Target& target) {
+  auto dialer = std::make_unique<Dialer>(reactor(), resolver());
+  dialer->set_resolve_group(target.owner);
+  // One log line per dial, even if the name resolved to several refused addresses.
+  dialer->set_check([this, job = target.job_id, owner = target.owner,
+                     logged = false](const sockaddr_storage& a) mutable {
+    Status s = policy_.CheckDial(a, owner);
+    if (!s.ok() && !logged) {
+      logged = true;
+      LOG_WARN("job %s: refused to connect to its backend: %s", job.c_str(), s.message().c_str());
+    }
+    return s;
+  });
+  return dialer;
 }
 
 ErrorCode Proxy::DialFailed(const Status& status) {

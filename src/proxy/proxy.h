@@ -47,6 +47,7 @@
 #include "loop/poll.h"
 #include "loop/reactor.h"
 #include "loop/timer.h"
+#include "proxy/backend_policy.h"
 #include "proxy/dialer.h"
 #include "proxy/listener.h"
 #include "proxy/relay.h"
@@ -61,6 +62,8 @@ namespace brokerproxy::proxy {
 struct ProxyOptions {
   std::vector<HostPort> listen{{"127.0.0.1", 7000}};
   std::vector<Cidr> plain_allow;  // sources allowed to send a plain preamble
+  // Networks of other hosts that backends may be on; nullopt: all (proxy/backend_policy.h).
+  std::optional<std::vector<Cidr>> backend_allow;
   int max_connections = 4096;
   int64_t handshake_timeout_ms = 10000;
   int64_t connect_timeout_ms = 10000;
@@ -133,7 +136,9 @@ using Frontend = std::function<std::unique_ptr<Connection>(Proxy* proxy, Handoff
 // Where an authorised connection goes: a copy, valid however the registry changes later.
 struct Target {
   std::string job_id;
-  uid_t owner = 0;  // the job's owner: its backend's name look-ups count against this user
+  // The job's owner: whose listener the backend must be if it is on this node, and whose
+  // share of name look-ups its backend's name uses.
+  uid_t owner = 0;
   registry::JobType type = registry::JobType::kSsh;
   std::string host;
   int port = 0;
@@ -191,6 +196,11 @@ class Proxy {
   // The registry replaced or removed job `id`: tells every connection (SSH sessions close).
   void OnJobChanged(const std::string& id);
 
+  // Where backends may be (set up by Start() with the bound listeners).
+  const BackendPolicy& backend_policy() const { return policy_; }
+  // A Dialer for `target`'s backend that connects only to addresses the backend policy admits
+  // for the job's owner, logging the first refusal (one line per dial, naming the job).
+  std::unique_ptr<Dialer> NewDialer(const Target& target);
   // Starts connecting `conn` to its job's backend with a new Dialer kept in `*dialer`, under the
   // connect_timeout deadline. With `may_complete_inline`, see Dialer::Dial().
   void DialBackend(Connection* conn, const Target& target, std::unique_ptr<Dialer>* dialer,
@@ -236,6 +246,7 @@ class Proxy {
   Throttle throttle_;
   PipePool pipes_;
   ResolveCache resolver_;
+  BackendPolicy policy_;
   std::unique_ptr<loop::Reactor> reactor_;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;

@@ -319,8 +319,7 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
   c->splice = std::make_unique<ChannelSplice>(channel, [this] { Service(); });
   // libssh frees the message when this returns, so the answer had to be given before the
   // backend is reached: if the backend fails, the client sees the channel close.
-  c->dialer = std::make_unique<Dialer>(proxy_->reactor(), proxy_->resolver());
-  c->dialer->set_resolve_group(target_.owner);
+  c->dialer = proxy_->NewDialer(target_);
   c->dial_started_ms = proxy_->loop()->Now();
   c->dialer->Dial(target_.host, target_.port,
                   [this, cid](Result<loop::IoHandle> r) { OnBackend(cid, std::move(r)); });

@@ -134,6 +134,7 @@ void TlsConnection::Route(const std::string& sni) {
       target_.job_id = job->id;
       target_.owner = job->owner;
       target_.type = job->type;
+      target_.owner = job->owner;
       target_.host = job->host;
       target_.port = job->port;
       mode_ = "passthrough";

@@ -14,6 +14,7 @@ struct Broker::Probe {
   std::string host;
   int port = 0;
   uid_t owner = 0;  // name look-ups count against the job's owner (loop::Resolve's group)
+  bool refusal_logged = false;  // one log line per probe for a refused backend
   int64_t delay_ms = 0;
   uint64_t give_up_at = 0;  // loop time (ms); 0: never
   size_t attempt = 0;
@@ -77,35 +78,7 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
             EncodeError(Status::PermissionDenied("job " + req.job + " belongs to another user")));
         return nullptr;
       }
-      if (req.save.type != JobType::kSsl) {
-        Save(std::move(req), caller, std::move(reply), std::nullopt);
-        return nullptr;
-      }
-      if (!cert_issuer_) {
-        ReplyLater(std::move(reply),
-                   EncodeError(Status::Unavailable("this broker has no TLS certificate authority "
-                                                   "set up, so it cannot save ssl jobs")));
-        return nullptr;
-      }
-      Job draft;
-      draft.id = req.job;
-      draft.type = JobType::kSsl;
-      draft.owner = caller;
-      draft.host = req.save.host;
-      uint64_t key = next_cert_job_++;
-      std::string csr = req.csr;
-      cert_jobs_[key] = cert_issuer_(
-          draft, csr,
-          [this, alive = std::weak_ptr<bool>(alive_), key, req = std::move(req), caller,
-           reply](Result<IssuedCert> cert) mutable {
-            if (alive.expired()) return;  // signing reports even after the broker went
-            cert_jobs_.erase(key);
-            if (!cert.ok()) {
-              reply(EncodeError(cert.status().WithContext("cannot issue a certificate")));
-              return;
-            }
-            Save(std::move(req), caller, std::move(reply), std::move(cert).value());
-          });
+      CheckBackend(std::move(req), caller, std::move(reply));
       return nullptr;
     }
     case Op::kLoad: {
@@ -166,6 +139,72 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
     }
   }
   return nullptr;
+}
+
+void Broker::CheckBackend(Request req, uid_t caller, Reply reply) {
+  // An invalid host is left to the registry's own message.
+  if (!backend_check_ || !ValidHost(req.save.host)) {
+    SaveChecked(std::move(req), caller, std::move(reply));
+    return;
+  }
+  uint64_t key = next_cert_job_++;
+  std::string host = req.save.host;
+  int port = req.save.port;
+  // Checked on what the name resolves to now; the dial checks again on what it resolves to
+  // then. A port still to be allocated (0) skips the comparison with the proxy's own ports.
+  auto checked = [this, key, req = std::move(req), caller,
+                  reply = std::move(reply)](Result<std::vector<sockaddr_storage>> addrs) mutable {
+    cert_jobs_.erase(key);
+    if (!addrs.ok()) {
+      // Nothing to check yet (a node's name may resolve only once it boots): every dial checks
+      // what the name resolves to then.
+      SaveChecked(std::move(req), caller, std::move(reply));
+      return;
+    }
+    for (const sockaddr_storage& a : *addrs) {
+      Status s = backend_check_(a, caller, /*dialling=*/false);
+      if (!s.ok()) {
+        LOG_WARN("refused to save job %s for uid %u: %s", req.job.c_str(),
+                 static_cast<unsigned>(caller), s.message().c_str());
+        reply(EncodeError(s.WithContext("job " + req.job)));
+        return;
+      }
+    }
+    SaveChecked(std::move(req), caller, std::move(reply));
+  };
+  cert_jobs_[key] = loop::Resolve(*loop_, host, port, std::move(checked), caller);
+}
+
+void Broker::SaveChecked(Request req, uid_t caller, Reply reply) {
+  if (req.save.type != JobType::kSsl) {
+    Save(std::move(req), caller, std::move(reply), std::nullopt);
+    return;
+  }
+  if (!cert_issuer_) {
+    ReplyLater(std::move(reply),
+               EncodeError(Status::Unavailable("this broker has no TLS certificate authority "
+                                               "set up, so it cannot save ssl jobs")));
+    return;
+  }
+  Job draft;
+  draft.id = req.job;
+  draft.type = JobType::kSsl;
+  draft.owner = caller;
+  draft.host = req.save.host;
+  uint64_t key = next_cert_job_++;
+  std::string csr = req.csr;
+  cert_jobs_[key] =
+      cert_issuer_(draft, csr,
+                   [this, alive = std::weak_ptr<bool>(alive_), key, req = std::move(req), caller,
+                    reply](Result<IssuedCert> cert) mutable {
+                     if (alive.expired()) return;  // signing reports even after the broker went
+                     cert_jobs_.erase(key);
+                     if (!cert.ok()) {
+                       reply(EncodeError(cert.status().WithContext("cannot issue a certificate")));
+                       return;
+                     }
+                     Save(std::move(req), caller, std::move(reply), std::move(cert).value());
+                   });
 }
 
 void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCert> cert) {
@@ -420,6 +459,20 @@ void Broker::ProbeOnce(Probe* p) {
           return;
         }
         const sockaddr_storage& addr = (*addrs)[p->attempt++ % addrs->size()];
+        // A probe is a connection like any other: the policy holds, and until the right
+        // user's service listens there, the job is not ready.
+        if (backend_check_) {
+          Status allowed = backend_check_(addr, p->owner, /*dialling=*/true);
+          if (!allowed.ok()) {
+            if (allowed.code() == Status::Code::kPermissionDenied && !p->refusal_logged) {
+              p->refusal_logged = true;
+              LOG_WARN("job %s: refused to probe its backend: %s", p->id.c_str(),
+                       allowed.message().c_str());
+            }
+            retry();
+            return;
+          }
+        }
         auto conn = loop::Tcp::Create(*loop_);
         if (!conn.ok()) {
           retry();

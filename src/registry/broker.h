@@ -24,6 +24,7 @@
 #ifndef BROKERPROXY_REGISTRY_BROKER_H_
 #define BROKERPROXY_REGISTRY_BROKER_H_
 
+#include <sys/socket.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -64,6 +65,12 @@ class Broker {
   };
   using CertIssuer = std::function<loop::Pending(const Job& job, const std::string& csr_pem,
                                                  std::function<void(Result<IssuedCert>)> done)>;
+  // The backend policy (proxy/backend_policy.h) for one resolved address of `owner`'s job:
+  // with `dialling` false, what can be checked before the service listens (at save, where a
+  // port of 0 means not allocated yet); with `dialling` true, everything, as before a
+  // connection (readiness probes).
+  using BackendCheck =
+      std::function<Status(const sockaddr_storage& addr, uid_t owner, bool dialling)>;
   // Unix seconds.
   using Clock = std::function<int64_t()>;
   // Says whether canonical job id `id` may be saved at all (any type), e.g. not an id whose
@@ -97,6 +104,10 @@ class Broker {
   void set_ca_provider(CaProvider p) { ca_provider_ = std::move(p); }
   void set_cert_issuer(CertIssuer i) { cert_issuer_ = std::move(i); }
   void set_id_check(IdCheck c) { id_check_ = std::move(c); }
+  // Without one, every backend is admitted. With one, a save resolves the backend host (on the
+  // thread pool) and is refused if any address fails (a name that does not resolve is left to
+  // the checks at dial); probes connect only where it admits.
+  void set_backend_check(BackendCheck c) { backend_check_ = std::move(c); }
 
  private:
   struct Probe;
@@ -107,6 +118,10 @@ class Broker {
     loop::HandlePtr<loop::Timer> timer;
   };
 
+  // A save that passed the ownership check: the backend policy, then SaveChecked().
+  void CheckBackend(Request request, uid_t caller, Reply reply);
+  // A save whose backend passed: issue the certificate of an ssl job, then Save().
+  void SaveChecked(Request request, uid_t caller, Reply reply);
   void Save(Request request, uid_t caller, Reply reply, std::optional<IssuedCert> cert);
   void Remove(const std::string& id, uid_t caller, Reply reply);
   Cancel Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply);
@@ -133,6 +148,7 @@ class Broker {
   CaProvider ca_provider_;
   CertIssuer cert_issuer_;
   IdCheck id_check_;
+  BackendCheck backend_check_;
 
   loop::HandlePtr<loop::Timer> expiry_timer_;
   bool sweeping_ = false;
@@ -142,7 +158,7 @@ class Broker {
   uint64_t next_waiter_ = 0;
   // Jobs whose probe gave up: not ready and not probed until a wait or a save.
   std::unordered_set<std::string> down_;
-  std::unordered_map<uint64_t, loop::Pending> cert_jobs_;
+  std::unordered_map<uint64_t, loop::Pending> cert_jobs_;  // also save-time resolutions
   uint64_t next_cert_job_ = 0;
   // Lets callbacks that may outlive this object (store commits) see that it is gone.
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);

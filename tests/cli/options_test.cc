@@ -73,6 +73,7 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
                                        "registry.default_ttl",
                                        "registry.ready_timeout",
                                        "registry.max_jobs_per_user",
+                                       "registry.backend_allow",
                                        "proxy.listen",
                                        "proxy.plain_allow",
                                        "proxy.max_connections",
