@@ -312,6 +312,13 @@ class Connector {
   uint64_t next_id_ = 1;
 };
 
+// `localhost` or a loopback literal: an address whose traffic never leaves this host.
+bool IsLoopbackHost(const std::string& host) {
+  if (host == "localhost") return true;
+  std::optional<sockaddr_storage> addr = loop::ParseNumericAddress(host, 0);
+  return addr && IsLoopback(*addr);
+}
+
 }  // namespace
 
 Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remote,
@@ -327,6 +334,12 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     auto p = ParseHostPort(args.proxy, 7000);
     if (!p.ok()) return p.status().WithContext("--proxy");
     proxy_addr = *p;
+  }
+  if (!remote && !args.tls && !args.insecure_plain && !IsLoopbackHost(proxy_addr.host)) {
+    return Status::InvalidArgument(
+        "the proxy address " + proxy_addr.ToString() +
+        " is not loopback, and the plain path would send the job's secret across the network "
+        "in clear: use --tls, or --via LOGIN, or --insecure-plain inside a network you trust");
   }
   std::optional<HostPort> listen;
   std::optional<std::string> listen_unix;

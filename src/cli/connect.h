@@ -24,6 +24,9 @@ struct ConnectArgs {
   std::string proxy;  // "host:port" of the proxy port; empty: [client] proxy
   bool tls = false;   // TLS to the proxy port
   std::string ca;     // CA certificate for --tls; empty: fetched with `brokerproxy ca`
+  // The plain path to a proxy address that is not loopback (the secret crosses the network in
+  // clear): refused unless this is set.
+  bool insecure_plain = false;
 };
 
 // In listen mode only the user running `connect` is served, root included (tunnels carry that
@@ -33,6 +36,10 @@ struct ConnectArgs {
 // creates a socket of mode 0600 in a directory that must belong to the user and be closed to
 // everyone else, serves connections of the same uid only (SO_PEERCRED), and removes the socket
 // when it stops.
+//
+// The plain path (neither --tls nor --via) sends the job's secret in clear, so it goes only to
+// a loopback proxy address (e.g. the local end of an `ssh -L` to the login node) unless
+// `insecure_plain`.
 //
 // Runs until SIGINT/SIGTERM (listen mode) or until the stdio tunnel ends. With `remote` (the
 // client is the login node over SSH), the secret is loaded through that SSH session and the

@@ -197,6 +197,9 @@ int Main(int argc, char** argv) {
   connect->add_flag("--allow-remote-clients", connect_args.allow_remote,
                     "Allow a --listen address other hosts can reach; their connections cannot "
                     "be traced to a user, so anyone who reaches it may use the tunnel");
+  connect->add_flag("--insecure-plain", connect_args.insecure_plain,
+                    "Allow the plain path to a --proxy address that is not loopback (the job's "
+                    "secret crosses the network in clear); prefer --tls or --via");
   connect->add_flag("--stdio", connect_args.stdio,
                     "Use stdin/stdout (for ssh -o ProxyCommand='brokerproxy connect JOB --stdio')");
   connect->add_flag("--tls", connect_args.tls, "Reach the proxy port over TLS");

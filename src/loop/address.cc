@@ -1,17 +1,15 @@
 #include "loop/address.h"
 
 #include <arpa/inet.h>
-#include <linux/inet_diag.h>
-#include <linux/netlink.h>
-#include <linux/sock_diag.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <charconv>
 #include <cstring>
 #include <limits>
+
+#include "loop/sock_diag.h"
 
 namespace brokerproxy {
 namespace {
@@ -314,55 +312,11 @@ std::optional<uid_t> LoopbackPeerUid(int fd) {
       local.ss_family != remote.ss_family || !IsLoopback(remote)) {
     return std::nullopt;
   }
-  struct {
-    nlmsghdr nlh;
-    inet_diag_req_v2 req;
-  } msg{};
-  msg.nlh.nlmsg_len = sizeof(msg);
-  msg.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-  msg.nlh.nlmsg_flags = NLM_F_REQUEST;
-  msg.req.sdiag_family = static_cast<uint8_t>(remote.ss_family);
-  msg.req.sdiag_protocol = IPPROTO_TCP;
-  msg.req.idiag_states = ~0u;
-  // The socket we ask about is the client's: its source is our peer, its destination us.
-  inet_diag_sockid& id = msg.req.id;
-  id.idiag_cookie[0] = id.idiag_cookie[1] = INET_DIAG_NOCOOKIE;
-  if (remote.ss_family == AF_INET) {
-    const auto& r = reinterpret_cast<const sockaddr_in&>(remote);
-    const auto& l = reinterpret_cast<const sockaddr_in&>(local);
-    id.idiag_sport = r.sin_port;
-    id.idiag_dport = l.sin_port;
-    std::memcpy(id.idiag_src, &r.sin_addr, 4);
-    std::memcpy(id.idiag_dst, &l.sin_addr, 4);
-  } else {
-    const auto& r = reinterpret_cast<const sockaddr_in6&>(remote);
-    const auto& l = reinterpret_cast<const sockaddr_in6&>(local);
-    id.idiag_sport = r.sin6_port;
-    id.idiag_dport = l.sin6_port;
-    std::memcpy(id.idiag_src, &r.sin6_addr, 16);
-    std::memcpy(id.idiag_dst, &l.sin6_addr, 16);
-  }
-  int nl = ::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
-  if (nl < 0) return std::nullopt;
-  // The kernel answers within sendto(); the timeout only guards against the unexpected.
-  timeval tv{0, 100000};
-  (void)setsockopt(nl, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  sockaddr_nl kernel{};
-  kernel.nl_family = AF_NETLINK;
-  std::optional<uid_t> uid;
-  if (::sendto(nl, &msg, sizeof(msg), 0, reinterpret_cast<sockaddr*>(&kernel), sizeof(kernel)) ==
-      static_cast<ssize_t>(sizeof(msg))) {
-    alignas(nlmsghdr) char buf[8192];
-    ssize_t n = ::recv(nl, buf, sizeof(buf), 0);
-    auto* h = reinterpret_cast<nlmsghdr*>(buf);
-    if (n > 0 && NLMSG_OK(h, static_cast<size_t>(n)) && h->nlmsg_type == SOCK_DIAG_BY_FAMILY &&
-        h->nlmsg_len >= NLMSG_LENGTH(sizeof(inet_diag_msg))) {
-      const auto* m = static_cast<const inet_diag_msg*>(NLMSG_DATA(h));
-      uid = static_cast<uid_t>(m->idiag_uid);
-    }
-  }
-  ::close(nl);
-  return uid;
+  // The socket asked about is the client's: its own end is our peer.
+  Result<uid_t> uid = loop::TcpPeerOwner(reinterpret_cast<const sockaddr*>(&remote),
+                                         reinterpret_cast<const sockaddr*>(&local));
+  if (!uid.ok()) return std::nullopt;
+  return *uid;
 }
 
 bool IsSelfConnected(int fd, const sockaddr* peer) {

@@ -116,12 +116,13 @@ class AbuseTest : public ::testing::Test {
     }
     alice_ = *alice;
     bob_ = *bob;
+    backend_ = std::make_unique<Backend>(Backend::OwnedBy(alice_));
   }
 
   uid_t alice_ = 0;
   uid_t bob_ = 0;
   TempDir dir_;
-  Backend backend_;
+  std::unique_ptr<Backend> backend_;  // alice's
 };
 
 // ---- the throttle never refuses a correct secret ----
@@ -131,7 +132,7 @@ TEST_F(AbuseTest, WrongSecretsFromAnotherUserNeverLockOutTheOwner) {
   ASSERT_TRUE(d.Start());
   RunOptions as_alice;
   as_alice.uid = alice_;
-  std::string secret = d.SaveJob("alicejob", backend_.port(), "ssh", as_alice);
+  std::string secret = d.SaveJob("alicejob", backend_->port(), "ssh", as_alice);
   ASSERT_FALSE(secret.empty()) << d.Log();
   int port = d.proxy_port();
 
@@ -307,14 +308,14 @@ void ExpectOwnerGetsInDespiteSlowloris(const TempDir& dir, const Backend& backen
 
 TEST_F(AbuseTest, SlowlorisOfAnotherUserDoesNotMakeTheOwnerBusy) {
   // Bob's own cap: 8 handshakes at a time; the rest of his connections are turned away.
-  ExpectOwnerGetsInDespiteSlowloris(dir_, backend_, alice_, bob_,
+  ExpectOwnerGetsInDespiteSlowloris(dir_, *backend_, alice_, bob_,
                                     "max_handshakes_per_source = 8\n");
 }
 
 TEST_F(AbuseTest, HandshakesNeverTakeMoreThanTheirShare) {
   // No per-source cap (as if bob had many addresses): handshakes may fill only half of
   // max_connections, and a new one evicts the oldest, so alice's gets through.
-  ExpectOwnerGetsInDespiteSlowloris(dir_, backend_, alice_, bob_,
+  ExpectOwnerGetsInDespiteSlowloris(dir_, *backend_, alice_, bob_,
                                     "max_handshakes_per_source = 0\nhandshake_share = 50\n");
 }
 
@@ -444,7 +445,7 @@ TEST_F(AbuseTest, SshSessionEndsWhenItsJobIsRemovedOrReplaced) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   int port = d.proxy_port();
-  std::string secret = d.SaveJob("job7", backend_.port());
+  std::string secret = d.SaveJob("job7", backend_->port());
   ASSERT_FALSE(secret.empty()) << d.Log();
 
   // Unchanged job: channels keep working.
@@ -467,7 +468,7 @@ TEST_F(AbuseTest, SshSessionEndsWhenItsJobIsRemovedOrReplaced) {
   EXPECT_EQ(CountOf(d.Log(), "reason=job removed or replaced"), 1u) << d.Log();
 
   // Saved again, then again with a new secret: the session that proved the old one ends too.
-  std::string first = d.SaveJob("job7", backend_.port());
+  std::string first = d.SaveJob("job7", backend_->port());
   ASSERT_FALSE(first.empty());
   SshClient b;
   ASSERT_TRUE(b.Login(port, "job7", first)) << d.Log();
@@ -475,7 +476,7 @@ TEST_F(AbuseTest, SshSessionEndsWhenItsJobIsRemovedOrReplaced) {
   ASSERT_NE(ch, nullptr);
   EXPECT_TRUE(Echoes(ch));
   ssh_channel_free(ch);
-  std::string second = d.SaveJob("job7", backend_.port());
+  std::string second = d.SaveJob("job7", backend_->port());
   ASSERT_FALSE(second.empty());
   ASSERT_NE(second, first);
   EXPECT_FALSE(b.KeepsOpening("job7")) << "channels opened with the old secret\n" << d.Log();

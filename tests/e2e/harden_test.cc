@@ -69,10 +69,10 @@ class DnsBlackhole {
 };
 
 // One user's jobs whose backend names never resolve (DNS does not answer) are dialled by many
-// clients at once, and ssl jobs with such names saved (a certificate names the host's
-// addresses). Meanwhile another user's saves stay fast (registry writes share the thread pool
-// with look-ups), that user's job behind a name from /etc/hosts is reached at once (one user's
-// look-ups hold at most a share of the slots), and a numeric backend is reached. The daemon
+// clients at once, and ssl jobs with such names saved (a save checks the backend policy on
+// what the name resolves to). Meanwhile another user's saves stay fast (registry writes share the
+// thread pool with look-ups), that user's job behind a name from /etc/hosts is reached at once (one
+// user's look-ups hold at most a share of the slots), and a numeric backend is reached. The daemon
 // runs in a private mount namespace whose /etc/resolv.conf names the blackhole.
 TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   if (RunCommand({"unshare", "-m", "true"}).exit_code != 0) {
@@ -91,7 +91,8 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   d.set_launcher({"unshare", "-m", "--propagation", "private", "sh", "-c",
                   "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"", dir / "resolv.conf"});
   ASSERT_TRUE(d.Start());
-  Backend backend;
+  Backend backend(Backend::OwnedBy(*alice));    // alice's numeric job
+  Backend bob_backend(Backend::OwnedBy(*bob));  // bob's job behind a name
 
   RunOptions as_alice;
   as_alice.uid = *alice;
@@ -110,7 +111,7 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   ASSERT_FALSE(numeric_secret.empty());
   // Bob's job behind a name that resolves without DNS (/etc/hosts).
   RunResult named = d.Cli({"save", "ssh", "--job-id", "bobnamed", "--host", "localhost", "--port",
-                           std::to_string(backend.port()), "--json"},
+                           std::to_string(bob_backend.port()), "--json"},
                           as_bob);
   ASSERT_EQ(named.exit_code, 0) << named;
   std::string named_secret = JsonText(ParseOut(named).get(), {"job", "secret"});
@@ -132,7 +133,7 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
       ::close(fd);
     });
   }
-  // And ssl saves of jobs with such names: their certificates name the host's addresses.
+  // And ssl saves of jobs with such names: a save checks what the name resolves to.
   const std::string cert_dir = dir / "alice-certs";
   ASSERT_EQ(::mkdir(cert_dir.c_str(), 0700), 0);
   ASSERT_EQ(::chown(cert_dir.c_str(), *alice, PrimaryGid(*alice)), 0);

@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <pwd.h>
 #include <signal.h>
+#include <sys/fsuid.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -362,8 +363,12 @@ namespace {
 
 // A listening socket on 127.0.0.1 with a port of the kernel's choice; returns the fd and sets
 // `*port`. Aborts on failure (a test cannot go on without it).
-int ListenLoopback(int* port) {
+int ListenLoopback(int* port, std::optional<uid_t> owner = std::nullopt) {
+  // The kernel records the creating thread's file-system uid as the socket's owner, which is
+  // what the daemon's backend policy checks for a backend on its own host.
+  int old_fsuid = owner ? setfsuid(*owner) : -1;
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (owner) setfsuid(static_cast<uid_t>(old_fsuid));
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -381,7 +386,7 @@ int ListenLoopback(int* port) {
 }  // namespace
 
 Backend::Backend(Options options) : options_(std::move(options)) {
-  listen_fd_ = ListenLoopback(&port_);
+  listen_fd_ = ListenLoopback(&port_, options_.owner);
   acceptor_ = std::thread([this] { AcceptLoop(); });
 }
 

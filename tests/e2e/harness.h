@@ -146,8 +146,18 @@ class Backend {
  public:
   struct Options {
     std::string banner;
+    // The uid that owns the listening socket (the test process's own by default). A job's
+    // backend on this host must be its owner's listener, so a backend for a job saved by
+    // another user is created as that user.
+    std::optional<uid_t> owner;
   };
   Backend() : Backend(Options{}) {}
+  // A backend whose listener belongs to `owner`.
+  static Options OwnedBy(uid_t owner) {
+    Options o;
+    o.owner = owner;
+    return o;
+  }
   explicit Backend(Options options);
   ~Backend();
   Backend(const Backend&) = delete;

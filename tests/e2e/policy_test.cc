@@ -491,5 +491,34 @@ TEST_F(PolicyTest, ConnectRefusesAListenAddressOtherHostsReachUnlessTold) {
   EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
 }
 
+// The plain path carries the secret in clear: `connect` sends it only to a loopback proxy
+// address unless told the network is trusted. TEST-NET-1 stands for a login node's public
+// address; nothing is sent there, the refusal comes first.
+TEST_F(PolicyTest, ConnectSendsNoSecretInClearToANonLoopbackProxy) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  ASSERT_FALSE(d.SaveJob("nb", 9).empty());
+  RunOptions quick;
+  quick.timeout_ms = 10000;
+  RunResult r =
+      d.Cli({"connect", "nb", "--listen", "127.0.0.1:0", "--proxy", "192.0.2.1:7000"}, quick);
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_NE(r.err.find("in clear"), std::string::npos) << r;
+  EXPECT_NE(r.err.find("--insecure-plain"), std::string::npos) << r;
+  // Told so, it runs; loopback proxies and the TLS path need no flag.
+  int run = 0;
+  for (std::vector<std::string> extra :
+       {std::vector<std::string>{"--proxy", "192.0.2.1:7000", "--insecure-plain"},
+        std::vector<std::string>{"--proxy", "localhost:" + std::to_string(d.proxy_port())}}) {
+    std::vector<std::string> argv = {BinaryPath(),  "connect", "nb",           "--listen",
+                                     "127.0.0.1:0", "-c",      d.config_path()};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    auto connect = Child::Spawn(argv, dir_ / ("connect" + std::to_string(run++) + ".log"));
+    ASSERT_TRUE(connect);
+    EXPECT_TRUE(connect->WaitFor("listening on 127.0.0.1:")) << connect->Output();
+    EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+  }
+}
+
 }  // namespace
 }  // namespace brokerproxy::testing
