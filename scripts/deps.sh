@@ -6,7 +6,7 @@ set -euo pipefail
 build=(build-essential cmake ninja-build pkg-config libuv1-dev libssh-dev libssl-dev
        libcjson-dev libcli11-dev libbenchmark-dev libgtest-dev socat procps)
 test=(openssh-server openssh-client haproxy chromium libnss3-tools curl ca-certificates
-      openssl iproute2)
+      openssl iproute2 iptables)
 fuzz=(clang libclang-rt-14-dev)
 want=("${build[@]}")
 [ "${1:-}" = "--test" ] && want+=("${test[@]}")

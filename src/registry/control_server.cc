@@ -250,18 +250,10 @@ void ControlServer::OnData(Client* c, std::string_view data) {
                static_cast<unsigned>(c->uid), kMaxRequestBytes + 1);
       c->buffer.clear();
       CancelRequest(c);  // its reply will not be written: this error is the last line
-      Status s = c->pipe->Write(
-          EncodeError(Status::InvalidArgument(
-              "more than " + std::to_string(kMaxRequestBytes + 1) +
-              " bytes sent while a request was in flight; send the next request after its "
-              "reply")) +
-          "\n");
-      c->eof = true;
-      if (s.ok()) {
-        MaybeFinish(c);
-      } else {
-        CloseClient(c);
-      }
+      FinishWithError(c, Status::InvalidArgument(
+                             "more than " + std::to_string(kMaxRequestBytes + 1) +
+                             " bytes sent while a request was in flight; send the next request "
+                             "after its reply"));
     }
     return;
   }
@@ -270,19 +262,21 @@ void ControlServer::OnData(Client* c, std::string_view data) {
              static_cast<unsigned>(c->uid), kMaxRequestBytes);
     c->buffer.clear();
     c->pipe->ReadStop();
-    Status s = c->pipe->Write(
-        EncodeError(Status::InvalidArgument("request line longer than " +
-                                            std::to_string(kMaxRequestBytes) + " bytes")) +
-        "\n");
-    c->eof = true;
-    if (s.ok()) {
-      MaybeFinish(c);
-    } else {
-      CloseClient(c);
-    }
+    FinishWithError(c, Status::InvalidArgument("request line longer than " +
+                                               std::to_string(kMaxRequestBytes) + " bytes"));
     return;
   }
   ProcessLines(c);
+}
+
+void ControlServer::FinishWithError(Client* c, const Status& status) {
+  Status written = c->pipe->Write(EncodeError(status) + "\n");
+  c->eof = true;  // nothing more is read from this client
+  if (written.ok()) {
+    MaybeFinish(c);
+  } else {
+    CloseClient(c);
+  }
 }
 
 void ControlServer::ProcessLines(Client* c) {

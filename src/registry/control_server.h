@@ -87,6 +87,8 @@ class ControlServer {
   void OnConnection();
   void OnData(Client* c, std::string_view data);
   void ProcessLines(Client* c);
+  // Writes `status` as the client's last reply line and closes it once that is written.
+  void FinishWithError(Client* c, const Status& status);
   void OnReply(uint64_t id, std::string line);
   void CloseClient(Client* c);
   void MaybeFinish(Client* c);
