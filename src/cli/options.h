@@ -1,5 +1,5 @@
 // The configuration: one option table drives config.ini, the command-line overrides, the
-// help text and config.ini.example (STYLE.md P17).
+// help text and config.ini.example, so they never drift apart.
 //
 // Precedence, lowest first: built-in defaults (which work for a single user with no file at
 // all), then the file (-c FILE, else $BROKERPROXY_CONFIG, else /etc/brokerproxy/config.ini if it

@@ -2,7 +2,7 @@
 //
 // A Status is either OK or a (code, message) pair. OK is a null pointer, so the common case costs
 // nothing to create, copy or return. Result<T> carries a value or a non-OK Status. Neither throws;
-// code on the data plane never uses exceptions (STYLE.md P4).
+// code on the data plane never uses exceptions.
 //
 // Thread safety: distinct objects may be used from different threads; one object must not be
 // mutated concurrently.

@@ -10,8 +10,8 @@
 // never crosses a socket, the daemon (root on a login node) never writes files into a user's
 // directory, and no file ownership has to be arranged.
 //
-// Certificate profiles (LIBRARIES.md section 2.4; ECDSA P-256 everywhere, because browsers
-// refuse Ed25519 certificates):
+// Certificate profiles (docs/libraries.md, "Keys and certificates"; ECDSA P-256 everywhere,
+// because browsers refuse Ed25519 certificates):
 //   CA     self-signed, CA:TRUE pathlen:0, keyCertSign+cRLSign, SKI, critical nameConstraints
 //          (CaConstraints: DNS names under the TLS domain plus the proxy's own names and
 //          addresses, nothing else, so that even the CA key cannot vouch for a name on the

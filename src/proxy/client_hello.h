@@ -1,7 +1,7 @@
 // Reading the server name (SNI) from the start of a TLS connection without terminating TLS.
 //
-// OpenSSL has no parse-only ClientHello API (LIBRARIES.md 2.3), so this is our own bounded,
-// defensive parser:
+// OpenSSL has no parse-only ClientHello API (docs/libraries.md, "Reading the ClientHello without
+// terminating TLS"), so this is our own bounded, defensive parser:
 //
 //   TLSPlaintext records (RFC 8446 5.1): type 22 (handshake), version 0x03xx, length 1..16384.
 //   The handshake stream they carry is reassembled across records (a ClientHello may be split

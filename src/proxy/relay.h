@@ -7,7 +7,7 @@
 // few bytes is cheaper than a pipe. Readiness is known from the reactor's flags, so
 // the relay never changes an epoll registration while it runs. The pipe is borrowed from a
 // PipePool only while it holds bytes, so an idle session holds no pipe and no buffer
-// (DESIGN.md "Splicing"; LIBRARIES.md section 3).
+// (README.md, "How it works"; docs/libraries.md, "Splicing under libuv").
 //
 // Backpressure: a direction reads its source only while its pipe (or buffer) is empty, and
 // writes only what it holds. So at most one pipe (1 MiB at most, 64 KiB once the pool's budget

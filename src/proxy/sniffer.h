@@ -1,12 +1,12 @@
 // Protocol sniffing and the plain preamble, as pure functions over bytes.
 //
-// The proxy port serves three protocols; the first byte decides (DESIGN.md "The proxy port"):
+// The proxy port serves three protocols; the first byte decides (README.md, "How it works"):
 //
 //   'B'  BROKER1 preamble  "BROKER1 <job_id> <secret>\n"  (at most kMaxPreambleBytes)
 //   0x16 TLS handshake record (ClientHello)
 //   'S'  SSH identification string "SSH-2.0-..." (RFC 4253 section 4.2)
 //
-// How sniffed bytes are kept (STYLE.md P11), per protocol:
+// How sniffed bytes are kept, so that none is lost, per protocol:
 //   - SSH: peeked only (MSG_PEEK). libssh reads the socket itself and has no API to inject bytes
 //     already read, so the banner must stay in the kernel.
 //   - Plain: the preamble line is consumed exactly up to its newline (peek to find it, then read

@@ -1,6 +1,6 @@
 // libssh 0.10 plumbing shared by the embedded SSH endpoint (ssh_server.h) and the `--via`
 // client (cli/ssh_client.h, cli/remote.h): owning pointers for libssh objects, the one error
-// translator (STYLE.md P4), and the host key helpers.
+// translator, and the host key helpers.
 //
 // libssh objects are not thread-safe; each one is used by one thread only (the loop thread in
 // the daemon, the main thread in a CLI process).

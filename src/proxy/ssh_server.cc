@@ -77,7 +77,7 @@ Result<std::unique_ptr<SshEndpoint>> SshEndpoint::Create(SshEndpointOptions opti
                               ssh_get_error(static_cast<void*>(bind.get())));
     }
   }
-  // IMPORT_KEY takes ownership of the key (LIBRARIES.md 1.1).
+  // IMPORT_KEY takes ownership of the key: libssh stores the pointer and frees it.
   if (ssh_bind_options_set(bind.get(), SSH_BIND_OPTIONS_IMPORT_KEY, key->get()) != SSH_OK) {
     return Status::Internal("ssh bind: cannot use the host key");
   }
@@ -255,8 +255,8 @@ bool SshSession::CheckSecret(const std::string& user, const char* secret) {
     RequestClose("too many authentication failures");
     return false;
   }
-  // libssh answers at once and has no limit of its own (LIBRARIES.md 1.2): slow the next guess
-  // down by not reading from this client for a while.
+  // libssh answers at once and has no limit of its own (docs/libraries.md, "Authentication"):
+  // slow the next guess down by not reading from this client for a while.
   if (pause_timer_ && options_->auth_failure_pause_ms > 0) {
     transport_->SetPaused(true);
     pause_timer_->Start(static_cast<uint64_t>(options_->auth_failure_pause_ms) * auth_failures_,

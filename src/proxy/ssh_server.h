@@ -1,5 +1,5 @@
 // The embedded SSH endpoint on the proxy port: a libssh server session per connection that the
-// sniffer saw start with "SSH-" (DESIGN.md "The proxy port").
+// sniffer saw start with "SSH-" (README.md, "How it works").
 //
 //   user name  = job id; password or keyboard-interactive answer = the job's secret, checked by
 //                Proxy::Authorize() (constant time, throttled per job and per source, counted).
@@ -18,7 +18,7 @@
 //                is refused.
 //   deadline   = key exchange plus authentication within handshake_timeout.
 //
-// Fd ownership (STYLE.md P11): the sniffer only peeked, so the "SSH-" banner is still in the
+// Fd ownership: the sniffer only peeked, so the "SSH-" banner is still in the
 // kernel. The Handoff's Poll gives up its fd (ReleaseFd) to libssh (ssh_bind_accept_fd), which
 // owns it from then on and closes it in ssh_free(); the same Poll, now borrowing the fd, drives
 // libssh (SshTransport). No uv_tcp_t ever touches it.

@@ -1,6 +1,6 @@
 // Running a nonblocking libssh session on the libuv loop, and splicing its channels to sockets.
 // Shared by the embedded endpoint (server side, ssh_server.h) and `connect --via` (client side,
-// cli/ssh_tunnel.cc). LIBRARIES.md section 1 has the facts this relies on.
+// cli/ssh_tunnel.cc). docs/libraries.md, "libssh 0.10", has the facts this relies on.
 //
 // How libssh is driven (SshTransport):
 //   - One uv_poll on the session's socket, never a uv_tcp_t: libssh reads and writes that fd

@@ -1,8 +1,8 @@
 // OpenSSL glue shared by every TLS user in brokerproxy: owners for OpenSSL objects, the one
-// error translator (SslError, STYLE.md P4) and the two SSL_CTX profiles (the proxy's server
-// side and `connect --tls`'s client side).
+// error translator (SslError) and the two SSL_CTX profiles (the proxy's server side and
+// `connect --tls`'s client side).
 //
-// Policy, the same for both ends (LIBRARIES.md section 2): TLS 1.2 minimum; TLS 1.2 only with
+// Policy, the same for both ends (docs/tls.md): TLS 1.2 minimum; TLS 1.2 only with
 // ECDHE key exchange and AEAD ciphers (AES-GCM, CHACHA20-POLY1305); TLS 1.3 with OpenSSL's
 // default (all AEAD) suites; no compression, no renegotiation, no session tickets (nothing is
 // resumed, and a ticket key would be one more secret to manage); SSL_MODE_RELEASE_BUFFERS so an

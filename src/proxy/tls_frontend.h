@@ -16,8 +16,8 @@
 // The ClientHello is read (consumed, not peeked: a partial record cannot wait in a
 // level-triggered socket) into a buffer of at most kMaxClientHelloBuffer bytes, each read fed
 // once to a ClientHelloReader (incremental: O(n) however finely the client splits it); the
-// sniff deadline (`handshake_timeout`) covers it. Those bytes are then carried forward (STYLE.md
-// P11 b): replayed to the backend ahead of the raw splice, or fed to OpenSSL as the first
+// sniff deadline (`handshake_timeout`) covers it. Those bytes are then carried forward:
+// replayed to the backend ahead of the raw splice, or fed to OpenSSL as the first
 // ciphertext.
 //
 // Passthrough: the proxy cannot see inside, so there is no secret check at the proxy. The

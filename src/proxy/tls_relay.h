@@ -2,17 +2,17 @@
 //
 // Both ends of brokerproxy's TLS path use it: the proxy terminating a client's TLS (kServer,
 // the plaintext side is the job's backend) and `connect --tls` (kClient, the plaintext side is
-// the local connection). OpenSSL never touches a socket (STYLE.md P12): ciphertext read from
-// the socket goes into the read BIO, and after every SSL call whatever OpenSSL put into the
-// write BIO is moved out and sent with non-blocking send(2).
+// the local connection). OpenSSL never touches a socket: ciphertext read from the socket goes
+// into the read BIO, and after every SSL call whatever OpenSSL put into the write BIO is moved
+// out and sent with non-blocking send(2).
 //
 // Two phases. Until Attach(), plaintext from the peer collects in inbox() for the owner, who
 // speaks the BROKER1 exchange through it (reads the preamble or the "OK" line, Send()s the
 // reply). Attach() then relays plaintext both ways between the TLS stream and the plaintext
 // side; bytes still in the inbox go there first.
 //
-// Memory is bounded whatever the peers do (LIBRARIES.md 2.1: a memory BIO never says
-// WANT_WRITE; without watermarks a slow reader made the prototype's RSS reach 816 MB):
+// Memory is bounded whatever the peers do (docs/libraries.md, "Memory BIOs": a memory BIO
+// never says WANT_WRITE; without watermarks a slow reader made a prototype's RSS reach 816 MB):
 //   - ciphertext waiting for the socket (write BIO + send buffer) above kHighWater stops the
 //     bulk producer, reads from the plaintext side (so no SSL_write); they resume below
 //     kLowWater. Reading the socket and SSL_read go on (see CanReadNet: gating them on our
@@ -25,8 +25,8 @@
 // kMaxReadBio bytes of buffers, plus OpenSSL's record buffers (released when idle:
 // SSL_MODE_RELEASE_BUFFERS).
 //
-// Half-close (LIBRARIES.md 2.1): the peer's close_notify becomes shutdown(SHUT_WR) of the
-// plaintext side once everything before it was written there; EOF on the plaintext side
+// Half-close (docs/libraries.md, "Memory BIOs"): the peer's close_notify becomes shutdown(SHUT_WR)
+// of the plaintext side once everything before it was written there; EOF on the plaintext side
 // becomes close_notify, and shutdown(SHUT_WR) of the socket once it is sent. The relay ends
 // when both directions have. A TCP EOF without close_notify is an error (a truncation), not an
 // end of stream.

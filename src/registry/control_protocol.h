@@ -1,4 +1,4 @@
-// The control API's wire format: one JSON object per line each way (DESIGN.md "Control API").
+// The control API's wire format: one JSON object per line each way (README.md, "How it works").
 //
 //   request:  {"op":"save","job":"12345","type":"ssh","host":"node7","port":0,"ttl":3600,
 //              "wait":true}

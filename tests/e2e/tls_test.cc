@@ -746,7 +746,7 @@ TEST_F(TlsTest, SlowReaderKeepsTheDaemonsMemoryBounded) {
   size_t rss_before = d.RssBytes();
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
   size_t rss_stalled = d.RssBytes();
-  // Without watermarks the daemon would buffer the whole download (LIBRARIES.md: 816 MB).
+  // Without watermarks the daemon would buffer the whole download (docs/libraries.md: 816 MB).
   EXPECT_LT(rss_stalled, rss_before + (24u << 20))
       << "before " << rss_before << " stalled " << rss_stalled;
   std::printf("[ metric ] daemon RSS with a stalled TLS reader: %zu KiB -> %zu KiB\n",
