@@ -682,14 +682,16 @@ TEST_F(TlsTest, BadClientHellosAndStalledHandshakesAreClosedAndTheDaemonKeepsSer
 }
 
 // A ClientHello of 16 KiB in 1-byte records, each read by the daemon on its own (the client
-// paces them like a slow sender), on several connections at once: the loop's CPU per connection
-// stays small. Re-parsing the whole buffer on every read cost 0.16-0.36 s per connection, for
-// anyone who can reach the port.
-TEST_F(TlsTest, AClientHelloInOneByteRecordsCostsTheDaemonLittleCpu) {
+// paces them like a slow sender), on several connections at once: every hello is read to its
+// end and answered. The cost of such a hello is linear in its size (ClientHelloReader's steps
+// are bounded in client_hello_test.cc; bench/client_hello_bench.cc measures the same shape);
+// the daemon's CPU here is printed as a metric, never asserted: a time bound in a test fails on
+// a slow or busy machine without any change in the code.
+TEST_F(TlsTest, AClientHelloInOneByteRecordsOnSeveralConnectionsIsReadToItsEnd) {
   Daemon d(dir_, "", "handshake_timeout = 2m\n");
   ASSERT_TRUE(d.Start());
   // A name under tls_domain with no job: refused with an alert once the hello is read, so the
-  // daemon does no TLS work that would blur the measurement.
+  // daemon does no TLS work that would blur the metric.
   std::string hs = PadClientHello(CaptureClientHello("nojob.localhost"), 2730);
   std::string stream = FragmentHandshake(hs, 1);
   ASSERT_GE(stream.size(), 16000u);
@@ -715,7 +717,6 @@ TEST_F(TlsTest, AClientHelloInOneByteRecordsCostsTheDaemonLittleCpu) {
   double per_connection = (CpuSeconds(d.pid()) - cpu_before) / kConnections;
   std::printf("[ metric ] daemon CPU per 16 KiB ClientHello in 1-byte records: %.1f ms (%lld ms)\n",
               per_connection * 1e3, static_cast<long long>(MsSince(start)));
-  EXPECT_LT(per_connection, 0.06);
   EXPECT_TRUE(d.running());
 }
 
