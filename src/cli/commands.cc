@@ -501,8 +501,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   };
   // When the job is being stopped the entry goes first, so that no new connection is routed to
   // a service that is shutting down; bounded, so the signal is forwarded anyway.
-  auto code =
-      RunCommand(args.command, *job, [&] { deregister(kDeregisterTimeoutMs); });
+  auto code = RunCommand(args.command, *job, [&] { deregister(kDeregisterTimeoutMs); });
   if (!deregistered) deregister(kCallTimeoutMs);
   // The service is gone: so is its key, unless a newer save of the id now keeps its own there.
   if (key_files && !replaced) key_files->Remove();

@@ -59,10 +59,10 @@ struct PortRange {
 struct SaveRequest {
   std::string id;  // REQUIRES: ValidJobId (else InvalidArgument)
   JobType type = JobType::kSsh;
-  std::string host;   // REQUIRES: ValidHost (else InvalidArgument)
-  int port = 0;       // 0: allocate from the port range; else 1..65535
-  int64_t ttl = -1;   // seconds until expiry; -1: the registry's default; 0: never
-  bool ready = true;  // false: the job waits for its backend to listen
+  std::string host;      // REQUIRES: ValidHost (else InvalidArgument)
+  int port = 0;          // 0: allocate from the port range; else 1..65535
+  int64_t ttl = -1;      // seconds until expiry; -1: the registry's default; 0: never
+  bool ready = true;     // false: the job waits for its backend to listen
   bool replace = false;  // an existing entry of this id may be replaced (else AlreadyExists)
   std::string cert_path;
   std::string key_path;

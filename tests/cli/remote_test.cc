@@ -87,8 +87,7 @@ TEST(RemoteCommandTest, EachOpIsItsSubcommandWithJson) {
   registry::Request remove = Req(registry::Op::kRemove, "j1");
   remove.secret = "00ff";
   RemoteInvocation conditional = RemoteCommandFor(cmd, remove);
-  EXPECT_EQ(conditional.command,
-            "/opt/bp/bin/brokerproxy remove j1 --if-secret - --via '' --json");
+  EXPECT_EQ(conditional.command, "/opt/bp/bin/brokerproxy remove j1 --if-secret - --via '' --json");
   EXPECT_EQ(conditional.input, "00ff\n");
   registry::Request wait = Req(registry::Op::kWait, "j1");
   wait.timeout_ms = 120000;

@@ -96,8 +96,7 @@ TEST(ControlProtocolTest, RejectsBadRequestsWithAReason) {
       {"{\"op\":\"remove\",\"job\":\"12\",\"secret\":\"\"}", "secret"},
       {"{\"op\":\"remove\",\"job\":\"12\",\"secret\":7}", "secret"},
       {"{\"op\":\"load\",\"job\":\"12\",\"secret\":\"ab\"}", "unknown field"},
-      {"{\"op\":\"save\",\"job\":\"x\",\"type\":\"ssh\",\"host\":\"h\",\"replace\":1}",
-       "replace"},
+      {"{\"op\":\"save\",\"job\":\"x\",\"type\":\"ssh\",\"host\":\"h\",\"replace\":1}", "replace"},
   };
   for (const auto& c : cases) {
     auto r = ParseRequest(c.line);

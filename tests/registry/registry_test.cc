@@ -449,8 +449,7 @@ TEST(RegistryTest, RemoveWithASecretRemovesOnlyThatSave) {
   ASSERT_TRUE(removed.ok()) << removed.status().ToString();
   EXPECT_EQ(*removed, second);
   EXPECT_EQ(registry.Find("12"), nullptr);
-  EXPECT_EQ(registry.Remove("12", kAlice, second.secret).status().code(),
-            Status::Code::kNotFound);
+  EXPECT_EQ(registry.Remove("12", kAlice, second.secret).status().code(), Status::Code::kNotFound);
 }
 
 TEST(RegistryTest, RootTakesOverWhatItReplaces) {
