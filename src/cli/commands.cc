@@ -435,6 +435,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     req.save.replace = true;  // our own entry of a moment ago
     reply = client->Call(req, kCallTimeoutMs);
     if (!reply.ok()) {
+      (void)remove_job(*job);  // the entry of the previous try, if it is still ours
       if (key_files) key_files->Discard();
       return reply.status();
     }

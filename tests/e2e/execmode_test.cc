@@ -2,7 +2,10 @@
 // outlive `save`, stays where the scheduler tracks it, is deregistered before it is stopped,
 // and its cleanup removes only its own entry. Also `save --replace` and `remove --if-secret`.
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -184,11 +187,35 @@ TEST_F(ExecModeTest, ASecondSaveOfTheSameIdNeedsNameOrReplace) {
             std::string::npos)
       << first->Output();
   RunResult load = d.Cli({"load", "t4", "--json"});
-  ASSERT_EQ(load.exit_code, 0) << "the second one's entry outlived the first one: " << load;
+  ASSERT_EQ(load.exit_code, 0) << "the first one's exit removed the second one's entry: " << load;
   EXPECT_EQ(JsonText(ParseOut(load).get(), {"job", "secret"}), secret);
   // And the second's own exit removes it.
   EXPECT_EQ(second->Stop(SIGTERM, 30000), 128 + SIGTERM) << second->Output();
   EXPECT_EQ(d.Cli({"load", "t4"}).exit_code, 5);
+}
+
+TEST_F(ExecModeTest, ABusyAllocatedPortIsSavedAgainOverItsOwnFreshEntry) {
+  // The range's only port is held on this host: exec mode saves again (replacing its own entry
+  // of a moment ago) in the hope of another port, gives up after a few tries, and runs the
+  // command all the same.
+  int held = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(held, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(::bind(held, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(held, 1), 0);
+  ASSERT_EQ(::getsockname(held, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  std::string port = std::to_string(ntohs(addr.sin_port));
+  Daemon d(dir_, "[registry]\nport_range = " + port + "-" + port + "\n");
+  ASSERT_TRUE(d.Start());
+  std::string out = dir_ / "port";
+  RunResult r = d.Cli({"save", "ssh", "--job-id", "b6", "--", "sh", "-c", "echo {port} > " + out});
+  ::close(held);
+  EXPECT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(WaitForFile(out, 1000), port) << r;
+  EXPECT_EQ(d.Cli({"load", "b6"}).exit_code, 5);
 }
 
 TEST_F(ExecModeTest, RemoveWithASecretRemovesOnlyThatSave) {
