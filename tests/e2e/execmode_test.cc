@@ -251,5 +251,47 @@ TEST_F(ExecModeTest, RemoveWithASecretRemovesOnlyThatSave) {
   EXPECT_EQ(d.Cli({"load", "c5"}).exit_code, 5);
 }
 
+// `connect` holds the secret it loaded at its start. When the job is saved again (a requeue, a
+// restarted service: a new secret), the next connection is refused with "ERR denied"; `connect`
+// then loads the secret again and retries that connection. When the job is gone, it stops.
+TEST_F(ExecModeTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  ASSERT_FALSE(d.SaveJob("cj", backend.port()).empty());
+  auto connect =
+      Child::Spawn({BinaryPath(), "connect", "cj", "--listen", "0", "-c", d.config_path(),
+                    "--proxy", "127.0.0.1:" + std::to_string(d.proxy_port())},
+                   dir_ / "connect.log");
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:");
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  // A client that speaks first: its bytes go out before the proxy's answer, and must survive a
+  // refusal.
+  auto echoes = [&](const std::string& text) {
+    int fd = ConnectTcp(port);
+    if (fd < 0) return std::string("cannot connect");
+    SendAll(fd, "echo\n" + text + "\n");
+    std::string got = ReadLine(fd).value_or("(closed)");
+    ::close(fd);
+    return got;
+  };
+  EXPECT_EQ(echoes("before"), "before") << connect->Output();
+
+  RunResult again = d.Cli(
+      {"save", "ssh", "--job-id", "cj", "--port", std::to_string(backend.port()), "--replace"});
+  ASSERT_EQ(again.exit_code, 0) << again;
+  EXPECT_EQ(echoes("after the re-save"), "after the re-save") << connect->Output();
+  EXPECT_EQ(echoes("and the next"), "and the next") << connect->Output();
+  EXPECT_TRUE(connect->Running()) << connect->Output();
+
+  ASSERT_EQ(d.Cli({"remove", "cj"}).exit_code, 0);
+  EXPECT_EQ(echoes("after the remove"), "(closed)");
+  EXPECT_TRUE(connect->WaitFor("job cj is no longer registered")) << connect->Output();
+  // It stops by itself (SIGCONT changes nothing; Stop() waits), with "not found".
+  EXPECT_EQ(connect->Stop(SIGCONT, 20000), 5) << connect->Output();
+}
+
 }  // namespace
 }  // namespace brokerproxy::testing
