@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <sstream>
@@ -254,15 +255,17 @@ TEST_F(ExecModeTest, RemoveWithASecretRemovesOnlyThatSave) {
 // `connect` holds the secret it loaded at its start. When the job is saved again (a requeue, a
 // restarted service: a new secret), the next connection is refused with "ERR denied"; `connect`
 // then loads the secret again and retries that connection. When the job is gone, it stops.
-TEST_F(ExecModeTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
-  Daemon d(dir_);
+void ExpectConnectFollowsAResaveAndStopsWhenTheJobIsRemoved(const TempDir& dir, bool tls) {
+  Daemon d(dir);
   ASSERT_TRUE(d.Start());
   Backend backend;
   ASSERT_FALSE(d.SaveJob("cj", backend.port()).empty());
-  auto connect =
-      Child::Spawn({BinaryPath(), "connect", "cj", "--listen", "0", "-c", d.config_path(),
-                    "--proxy", "127.0.0.1:" + std::to_string(d.proxy_port())},
-                   dir_ / "connect.log");
+  std::vector<std::string> argv = {
+      BinaryPath(),    "connect", "cj",
+      "--listen",      "0",       "-c",
+      d.config_path(), "--proxy", "127.0.0.1:" + std::to_string(d.proxy_port())};
+  if (tls) argv.push_back("--tls");
+  auto connect = Child::Spawn(argv, dir / "connect.log");
   ASSERT_TRUE(connect);
   auto line = connect->WaitFor("listening on 127.0.0.1:");
   ASSERT_TRUE(line) << connect->Output();
@@ -291,6 +294,85 @@ TEST_F(ExecModeTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
   EXPECT_TRUE(connect->WaitFor("job cj is no longer registered")) << connect->Output();
   // It stops by itself (SIGCONT changes nothing; Stop() waits), with "not found".
   EXPECT_EQ(connect->Stop(SIGCONT, 20000), 5) << connect->Output();
+}
+
+TEST_F(ExecModeTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
+  ExpectConnectFollowsAResaveAndStopsWhenTheJobIsRemoved(dir_, /*tls=*/false);
+}
+
+TEST_F(ExecModeTest, ConnectTlsFollowsAResaveAndStopsWhenTheJobIsRemoved) {
+  ExpectConnectFollowsAResaveAndStopsWhenTheJobIsRemoved(dir_, /*tls=*/true);
+}
+
+// A stand-in proxy that refuses every handshake with "ERR denied" and counts them.
+class DenyingProxy {
+ public:
+  DenyingProxy() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        ::listen(fd_, 16) != 0 ||
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] {
+      for (;;) {
+        int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (c < 0) return;  // shut down
+        if (ReadLine(c, 8192).value_or("").starts_with("BROKER1 ")) {
+          ++handshakes_;
+          SendAll(c, "ERR denied\n");
+        }
+        ::close(c);
+      }
+    });
+  }
+  ~DenyingProxy() {
+    if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);
+    if (thread_.joinable()) thread_.join();
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int port() const { return port_; }
+  int handshakes() const { return handshakes_.load(); }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<int> handshakes_{0};
+  std::thread thread_;
+};
+
+TEST_F(ExecModeTest, ConnectDeniedWithTheSameSecretReportsItOnceAndKeepsServing) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  ASSERT_FALSE(d.SaveJob("cd", 6000).empty());
+  DenyingProxy proxy;
+  ASSERT_NE(proxy.port(), 0);
+  auto connect =
+      Child::Spawn({BinaryPath(), "connect", "cd", "--listen", "0", "-c", d.config_path(),
+                    "--proxy", "127.0.0.1:" + std::to_string(proxy.port())},
+                   dir_ / "connect.log");
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:");
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  for (int i = 1; i <= 2; ++i) {
+    int fd = ConnectTcp(port);
+    ASSERT_GE(fd, 0);
+    EXPECT_EQ(ReadLine(fd), std::nullopt) << "closed";
+    ::close(fd);
+    // The secret was fetched again, it is the same: no retry, the refusal reported.
+    EXPECT_TRUE(connect->WaitFor("connection " + std::to_string(i) + ": ")) << connect->Output();
+    EXPECT_EQ(proxy.handshakes(), i) << connect->Output();
+  }
+  EXPECT_NE(connect->Output().find("the broker still gives the same secret"), std::string::npos)
+      << connect->Output();
+  EXPECT_TRUE(connect->Running()) << connect->Output();
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
 }
 
 }  // namespace
