@@ -25,6 +25,8 @@
 #include "loop/loop.h"
 #include "loop/process.h"
 #include "loop/signal.h"
+#include "loop/timer.h"
+#include "loop/work.h"
 #include "proxy/certs.h"
 #include "registry/control_protocol.h"
 #include "registry/json.h"
@@ -192,7 +194,9 @@ constexpr int64_t kDeregisterTimeoutMs = 3000;
 constexpr const char* kExecChildFlag = "--exec-child";
 
 // Runs `cmd` with the job's values, forwarding signals, and returns its exit code.
-// `on_first_term` runs once, on the first SIGTERM, before the signal is forwarded.
+// `on_first_term` runs once, on the first SIGTERM, on the thread pool: that SIGTERM is forwarded
+// once it returned, or after kDeregisterTimeoutMs, whichever comes first (signals meanwhile are
+// forwarded at once). It must touch nothing the loop thread uses until RunCommand returns.
 //
 // The command dies with this process: it is started through this binary's exec wrapper
 // (ExecChildMain), which sets PR_SET_PDEATHSIG(SIGKILL) between fork and exec. uv_spawn offers
@@ -226,14 +230,32 @@ Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
   bool terminating = false;
   std::vector<loop::HandlePtr<loop::Signal>> signals;
   loop::HandlePtr<loop::Process> child;
+  // The first SIGTERM, held back while on_first_term runs (the loop waits for it to finish).
+  loop::Pending term_work;
+  loop::HandlePtr<loop::Timer> term_timer;
+  bool term_held = false;
+  auto release_term = [&] {
+    if (!term_held) return;
+    term_held = false;
+    term_timer.reset();
+    if (child) child->Kill(SIGTERM);
+  };
   // Watched before the child starts, so that no signal finds this process unprepared.
   for (int signum : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2}) {
     auto sig = loop::Signal::Create(**loop);
     if (!sig.ok()) return sig.status();
     Status s = (*sig)->Start(signum, [&](int n) {
-      if (n == SIGTERM && !terminating) {
+      if (n == SIGTERM && !terminating && on_first_term && child) {
         terminating = true;
-        if (on_first_term) on_first_term();
+        auto timer = loop::Timer::Create(**loop);
+        if (timer.ok()) {
+          term_held = true;
+          term_timer = std::move(timer).value();
+          term_timer->Start(static_cast<uint64_t>(kDeregisterTimeoutMs), release_term);
+          term_work = loop::QueueWork(**loop, on_first_term, release_term);
+          return;
+        }
+        // No timer to bound the wait: forward now (the deregistration follows at the end).
       }
       if (child) child->Kill(n);
     });
@@ -249,6 +271,8 @@ Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
         [&](int64_t status, int term_signal) {
           exit_code = term_signal ? 128 + term_signal : static_cast<int>(status);
           signals.clear();
+          term_timer.reset();
+          term_held = false;
           child.reset();
         },
         /*new_session=*/::isatty(STDIN_FILENO) == 1);
@@ -260,8 +284,9 @@ Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
     }
     child = std::move(proc).value();
   }
-  (*loop)->Run();
+  (*loop)->Run();  // returns once the child exited and a deregistration under way finished
   signals.clear();
+  term_timer.reset();
   child.reset();
   Status closed = (*loop)->Close();
   if (!closed.ok()) return closed;
@@ -484,26 +509,31 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   std::fprintf(stderr, "brokerproxy: job %s saved (backend %s:%d); running %s\n", job->id.c_str(),
                job->host.c_str(), job->port, args.command[0].c_str());
   std::fflush(stdout);
-  // Whether our entry is gone already (removed on SIGTERM), or left to a newer save.
+  // Whether our entry is gone already (removed on SIGTERM), or left to a newer save. Written on
+  // the thread pool while RunCommand runs, read after it returned.
   bool deregistered = false;
   bool replaced = false;
-  auto deregister = [&](int64_t timeout_ms) {
-    deregistered = true;
+  // `last`: no later try (a failed try on SIGTERM is repeated once the command exited).
+  auto deregister = [&](int64_t timeout_ms, bool last) {
     auto removed = remove_job(*job, timeout_ms);
-    if (removed.ok() || removed.status().code() == Status::Code::kNotFound) return;
+    if (removed.ok() || removed.status().code() == Status::Code::kNotFound) {
+      deregistered = true;
+      return;
+    }
     if (removed.status().code() == Status::Code::kAlreadyExists) {
+      deregistered = true;
       replaced = true;
       std::fprintf(stderr, "brokerproxy: job %s was saved again since; leaving it registered\n",
                    job->id.c_str());
       return;
     }
-    std::fprintf(stderr, "brokerproxy: warning: could not remove job %s: %s\n", job->id.c_str(),
-                 removed.status().message().c_str());
+    std::fprintf(stderr, "brokerproxy: %s: could not remove job %s: %s\n",
+                 last ? "warning" : "SIGTERM", job->id.c_str(), removed.status().message().c_str());
   };
   // When the job is being stopped the entry goes first, so that no new connection is routed to
   // a service that is shutting down; bounded, so the signal is forwarded anyway.
-  auto code = RunCommand(args.command, *job, [&] { deregister(kDeregisterTimeoutMs); });
-  if (!deregistered) deregister(kCallTimeoutMs);
+  auto code = RunCommand(args.command, *job, [&] { deregister(kDeregisterTimeoutMs, false); });
+  if (!deregistered) deregister(kCallTimeoutMs, true);
   // The service is gone: so is its key, unless a newer save of the id now keeps its own there.
   if (key_files && !replaced) key_files->Remove();
   if (!code.ok()) return code.status();

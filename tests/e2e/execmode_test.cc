@@ -148,6 +148,50 @@ TEST_F(ExecModeTest, SigtermDeregistersTheJobBeforeTheCommandSeesIt) {
   EXPECT_EQ(d.Cli({"load", "k3"}).exit_code, 5);
 }
 
+TEST_F(ExecModeTest, SigtermReachesTheCommandEvenWhenTheBrokerDoesNotAnswer) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string ready = dir_ / "ready";
+  std::string seen = dir_ / "seen";
+  auto save = StartSave(d, "k7",
+                        "trap 'echo term > " + seen + "; exit 0' TERM; echo up > " + ready +
+                            "; while :; do sleep 0.05; done");
+  ASSERT_TRUE(save);
+  ASSERT_EQ(WaitForFile(ready), "up") << save->Output();
+  // A broker that hangs: the deregistration cannot finish, the signal goes on anyway.
+  ASSERT_EQ(kill(d.pid(), SIGSTOP), 0);
+  ASSERT_EQ(kill(save->pid(), SIGTERM), 0);
+  std::string got = WaitForFile(seen, 20000);
+  ASSERT_EQ(kill(d.pid(), SIGCONT), 0);
+  EXPECT_EQ(got, "term") << save->Output();
+  // Once the command exited, the deregistration is tried again, and the broker answers now.
+  EXPECT_EQ(save->Stop(SIGCONT, 60000), 0) << save->Output();
+  EXPECT_EQ(d.Cli({"load", "k7"}).exit_code, 5) << save->Output();
+}
+
+TEST_F(ExecModeTest, ADeregistrationThatFailedOnSigtermIsTriedAgainAtTheEnd) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string ready = dir_ / "ready";
+  std::string seen = dir_ / "seen";
+  std::string go = dir_ / "go";
+  auto save = StartSave(d, "k8",
+                        "trap 'echo term > " + seen + "; while [ ! -e " + go +
+                            " ]; do sleep 0.05; done; exit 0' TERM; echo up > " + ready +
+                            "; while :; do sleep 0.05; done");
+  ASSERT_TRUE(save);
+  ASSERT_EQ(WaitForFile(ready), "up") << save->Output();
+  // The broker is down when the job is stopped, and back before the service has finished.
+  d.Stop(SIGKILL);
+  ASSERT_EQ(kill(save->pid(), SIGTERM), 0);
+  EXPECT_EQ(WaitForFile(seen), "term") << save->Output();
+  ASSERT_TRUE(d.Start());
+  ASSERT_EQ(d.Cli({"load", "k8"}).exit_code, 0) << "kept across the restart";
+  WriteFile(go, "");
+  EXPECT_EQ(save->Stop(SIGCONT, 60000), 0) << save->Output();  // SIGCONT: Stop() waits
+  EXPECT_EQ(d.Cli({"load", "k8"}).exit_code, 5) << save->Output();
+}
+
 TEST_F(ExecModeTest, ASecondSaveOfTheSameIdNeedsNameOrReplace) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
