@@ -279,6 +279,7 @@ TEST_F(ExecModeTest, RemoveWithASecretRemovesOnlyThatSave) {
   EXPECT_EQ(stale.exit_code, 8) << stale;
   EXPECT_NE(stale.err.find("saved again"), std::string::npos) << stale;
   EXPECT_EQ(stale.err.find(old_secret), std::string::npos) << "no secret in messages";
+  EXPECT_EQ(d.Log().find(old_secret), std::string::npos) << "no secret in the log";
   RunResult load = d.Cli({"load", "c5", "--json"});
   ASSERT_EQ(load.exit_code, 0) << load;
   EXPECT_EQ(JsonText(ParseOut(load).get(), {"job", "secret"}), new_secret);
