@@ -308,7 +308,8 @@ int ExecChildMain(int argc, char** argv) {
     std::fprintf(stderr, "brokerproxy: %s: bad parent pid\n", kExecChildFlag);
     return 2;
   }
-  // Kept across execvp (not for a set-user-ID command, which the kernel exempts).
+  // Kept across execvp (not for a set-user-ID command, which the kernel exempts). It fires when
+  // the thread that forked this process ends: `save`'s loop thread, which lives as long as it.
   if (::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) {
     std::fprintf(stderr, "brokerproxy: prctl(PR_SET_PDEATHSIG): %s\n", std::strerror(errno));
     return 126;

@@ -297,11 +297,13 @@ class Connector {
 
   // Connection `id` through the proxy; `replay`: bytes its first attempt read already.
   void OpenTunnel(uint64_t id, proxy::Relay::Side local, std::string replay, bool retried) {
-    tunnels_[id] = path_->Open(std::move(local), std::move(replay),
-                               [this, id, retried](Status s) { OnTunnelDone(id, retried, s); });
+    tunnels_[id] = path_->Open(
+        std::move(local), std::move(replay),
+        [this, id, retried, used = secret_](Status s) { OnTunnelDone(id, retried, used, s); });
   }
 
-  void OnTunnelDone(uint64_t id, bool retried, const Status& s) {
+  // `used`: the secret the tunnel sent.
+  void OnTunnelDone(uint64_t id, bool retried, const std::string& used, const Status& s) {
     // "ERR denied": the job was saved again (a new secret) or is gone. The connection waits,
     // once, for the secret to be fetched again.
     auto it = tunnels_.find(id);
@@ -310,7 +312,7 @@ class Connector {
     if (refused) {
       // The finished tunnel stays in tunnels_[id] (it is on the stack) until the retry
       // replaces it.
-      waiting_.push_back(Waiting{id, std::move(*refused), s});
+      waiting_.push_back(Waiting{id, std::move(*refused), s, used});
       Refetch();
       return;
     }
@@ -351,13 +353,14 @@ class Connector {
       Stop();
       return;
     }
-    const bool fresh = secret.ok() && *secret != secret_;
-    if (fresh) {
+    if (secret.ok() && *secret != secret_) {
       secret_ = *secret;
       path_->SetSecret(*secret);
     }
     for (Waiting& w : waiting) {
-      if (fresh) {
+      // Another secret than the one this connection was refused with (a connection that went
+      // out just before an earlier fetch changed it counts too).
+      if (secret.ok() && *secret != w.used) {
         OpenTunnel(w.id, std::move(w.refused.local), std::move(w.refused.early),
                    /*retried=*/true);
         continue;
@@ -389,6 +392,7 @@ class Connector {
     uint64_t id;
     Refused refused;
     Status denied;
+    std::string used;  // the secret it was refused with
   };
   BrokerClient* client_;
   std::string job_;
