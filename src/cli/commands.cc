@@ -2,6 +2,7 @@
 
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -11,7 +12,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
+#include <functional>
 #include <iostream>
 #include <iterator>
 #include <memory>
@@ -22,6 +25,8 @@
 #include "loop/loop.h"
 #include "loop/process.h"
 #include "loop/signal.h"
+#include "loop/timer.h"
+#include "loop/work.h"
 #include "proxy/certs.h"
 #include "registry/control_protocol.h"
 #include "registry/json.h"
@@ -181,9 +186,29 @@ std::string StringField(const cJSON* obj, const char* name) {
   return cJSON_IsString(v) ? v->valuestring : "";
 }
 
+// How long exec mode's deregistration on SIGTERM may hold back the signal: the scheduler's
+// KillWait (30 s by default in Slurm) must remain for the service to stop.
+constexpr int64_t kDeregisterTimeoutMs = 3000;
+
+// The hidden first argument with which this binary runs as the exec wrapper (ExecChildMain).
+constexpr const char* kExecChildFlag = "--exec-child";
+
 // Runs `cmd` with the job's values, forwarding signals, and returns its exit code.
-Result<int> RunCommand(const std::vector<std::string>& command, const Job& job) {
-  std::vector<std::string> args;
+// `on_first_term` runs once, on the first SIGTERM, on the thread pool: that SIGTERM is forwarded
+// once it returned, or after kDeregisterTimeoutMs, whichever comes first (signals meanwhile are
+// forwarded at once). It must touch nothing the loop thread uses until RunCommand returns.
+//
+// The command dies with this process: it is started through this binary's exec wrapper
+// (ExecChildMain), which sets PR_SET_PDEATHSIG(SIGKILL) between fork and exec. uv_spawn offers
+// no hook there, and a fork/exec of our own would have to take SIGCHLD and reaping away from
+// libuv; re-executing /proc/self/exe (the binary that runs now, even if replaced on disk) keeps
+// loop::Process as it is at the cost of one exec. Without this, a `save` killed with SIGKILL
+// (the scheduler after KillWait, the OOM killer) would leave the service running unregistered
+// after the job ended, on a port that the registry hands out again.
+Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
+                       const std::function<void()>& on_first_term) {
+  std::vector<std::string> args = {"/proc/self/exe", kExecChildFlag, std::to_string(::getpid()),
+                                   "--"};
   for (const auto& a : command) args.push_back(SubstitutePlaceholders(a, job));
   std::vector<std::string> env;
   for (char** e = environ; *e; ++e) {
@@ -202,31 +227,66 @@ Result<int> RunCommand(const std::vector<std::string>& command, const Job& job) 
   auto loop = loop::Loop::Create();
   if (!loop.ok()) return loop.status();
   int exit_code = 0;
+  bool terminating = false;
   std::vector<loop::HandlePtr<loop::Signal>> signals;
   loop::HandlePtr<loop::Process> child;
-  {
-    auto proc = loop::Process::Spawn(
-        **loop, args, env,
-        [&](int64_t status, int term_signal) {
-          exit_code = term_signal ? 128 + term_signal : static_cast<int>(status);
-          signals.clear();
-          child.reset();
-        },
-        /*new_session=*/true);
-    if (!proc.ok()) return proc.status();
-    child = std::move(proc).value();
-  }
+  // The first SIGTERM, held back while on_first_term runs (the loop waits for it to finish).
+  loop::Pending term_work;
+  loop::HandlePtr<loop::Timer> term_timer;
+  bool term_held = false;
+  auto release_term = [&] {
+    if (!term_held) return;
+    term_held = false;
+    term_timer.reset();
+    if (child) child->Kill(SIGTERM);
+  };
+  // Watched before the child starts, so that no signal finds this process unprepared.
   for (int signum : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2}) {
     auto sig = loop::Signal::Create(**loop);
     if (!sig.ok()) return sig.status();
     Status s = (*sig)->Start(signum, [&](int n) {
+      if (n == SIGTERM && !terminating && on_first_term && child) {
+        terminating = true;
+        auto timer = loop::Timer::Create(**loop);
+        if (timer.ok()) {
+          term_held = true;
+          term_timer = std::move(timer).value();
+          term_timer->Start(static_cast<uint64_t>(kDeregisterTimeoutMs), release_term);
+          term_work = loop::QueueWork(**loop, on_first_term, release_term);
+          return;
+        }
+        // No timer to bound the wait: forward now (the deregistration follows at the end).
+      }
       if (child) child->Kill(n);
     });
     if (!s.ok()) return s;
     signals.push_back(std::move(sig).value());
   }
-  (*loop)->Run();
+  {
+    // Its own session only on a terminal, where a ^C would otherwise reach the command twice
+    // (from the terminal and forwarded). Otherwise it stays in this process group and session,
+    // which the batch system tracks and signals as the job's.
+    auto proc = loop::Process::Spawn(
+        **loop, args, env,
+        [&](int64_t status, int term_signal) {
+          exit_code = term_signal ? 128 + term_signal : static_cast<int>(status);
+          signals.clear();
+          term_timer.reset();
+          term_held = false;
+          child.reset();
+        },
+        /*new_session=*/::isatty(STDIN_FILENO) == 1);
+    if (!proc.ok()) {
+      signals.clear();
+      (*loop)->Run();
+      (void)(*loop)->Close();
+      return Status::InvalidArgument("cannot run " + command[0] + ": " + proc.status().message());
+    }
+    child = std::move(proc).value();
+  }
+  (*loop)->Run();  // returns once the child exited and a deregistration under way finished
   signals.clear();
+  term_timer.reset();
   child.reset();
   Status closed = (*loop)->Close();
   if (!closed.ok()) return closed;
@@ -234,6 +294,36 @@ Result<int> RunCommand(const std::vector<std::string>& command, const Job& job) 
 }
 
 }  // namespace
+
+int ExecChildMain(int argc, char** argv) {
+  // argv: brokerproxy --exec-child PARENT_PID -- COMMAND ARGS...
+  if (argc < 5 || std::string_view(argv[1]) != kExecChildFlag ||
+      std::string_view(argv[3]) != "--") {
+    std::fprintf(stderr, "brokerproxy: %s is internal to exec mode\n", kExecChildFlag);
+    return 2;
+  }
+  char* end = nullptr;
+  long parent = std::strtol(argv[2], &end, 10);
+  if (end == argv[2] || *end != '\0' || parent <= 1) {
+    std::fprintf(stderr, "brokerproxy: %s: bad parent pid\n", kExecChildFlag);
+    return 2;
+  }
+  // Kept across execvp (not for a set-user-ID command, which the kernel exempts). It fires when
+  // the thread that forked this process ends: `save`'s loop thread, which lives as long as it.
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) {
+    std::fprintf(stderr, "brokerproxy: prctl(PR_SET_PDEATHSIG): %s\n", std::strerror(errno));
+    return 126;
+  }
+  // The parent may have died before the death signal was armed: then nobody would send it.
+  if (::getppid() != static_cast<pid_t>(parent)) return 128 + SIGKILL;
+  ::execvp(argv[4], argv + 4);
+  std::fprintf(stderr, "brokerproxy: cannot run %s: %s\n", argv[4], std::strerror(errno));
+  return errno == ENOENT ? 127 : 126;
+}
+
+bool IsExecChild(int argc, char** argv) {
+  return argc > 1 && std::string_view(argv[1]) == kExecChildFlag;
+}
 
 void PrintJsonError(const Status& status) {
   std::printf("%s\n", registry::EncodeError(status).c_str());
@@ -349,8 +439,12 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     req.save.cert_path = key_files->cert_path;
     req.save.key_path = key_files->key_path;
   }
-  auto remove_job = [&](const std::string& id) {
-    return client->Call(MakeRequest(Op::kRemove, id), kCallTimeoutMs);
+  req.save.replace = args.replace;
+  // Removes what this run saved and nothing newer: only while the job still has our secret.
+  auto remove_job = [&](const Job& saved, int64_t timeout_ms = kCallTimeoutMs) {
+    Request remove = MakeRequest(Op::kRemove, saved.id);
+    remove.secret = saved.secret;
+    return client->Call(remove, timeout_ms);
   };
 
   auto reply = client->Call(req, kCallTimeoutMs);
@@ -364,8 +458,10 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   for (int attempt = 0;
        job.ok() && exec_mode && job->port_allocated && !PortFreeHere(job->port) && attempt < 8;
        ++attempt) {
+    req.save.replace = true;  // our own entry of a moment ago
     reply = client->Call(req, kCallTimeoutMs);
     if (!reply.ok()) {
+      (void)remove_job(*job);  // the entry of the previous try, if it is still ours
       if (key_files) key_files->Discard();
       return reply.status();
     }
@@ -381,7 +477,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
                                 : key_files->Commit();
     if (s.ok()) s = proxy::WriteNewFile(key_files->cert_path, cert_pem, 0644);
     if (!s.ok()) {
-      (void)remove_job(job->id);  // nothing may point at files that are not there
+      (void)remove_job(*job);  // nothing may point at files that are not there
       key_files->Remove();
       return s;
     }
@@ -393,7 +489,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     auto ready = client->Call(wait, wait_ms + kCallTimeoutMs);
     if (!ready.ok()) {
       // Leave nothing behind that points at a service that never came up.
-      (void)remove_job(job->id);
+      (void)remove_job(*job);
       if (key_files) key_files->Remove();
       return ready.status();
     }
@@ -414,13 +510,33 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   std::fprintf(stderr, "brokerproxy: job %s saved (backend %s:%d); running %s\n", job->id.c_str(),
                job->host.c_str(), job->port, args.command[0].c_str());
   std::fflush(stdout);
-  auto code = RunCommand(args.command, *job);
-  auto removed = remove_job(job->id);
-  if (key_files) key_files->Remove();  // the service is gone: so is its key
-  if (!removed.ok() && removed.status().code() != Status::Code::kNotFound) {
-    std::fprintf(stderr, "brokerproxy: warning: could not remove job %s: %s\n", job->id.c_str(),
-                 removed.status().message().c_str());
-  }
+  // Whether our entry is gone already (removed on SIGTERM), or left to a newer save. Written on
+  // the thread pool while RunCommand runs, read after it returned.
+  bool deregistered = false;
+  bool replaced = false;
+  // `last`: no later try (a failed try on SIGTERM is repeated once the command exited).
+  auto deregister = [&](int64_t timeout_ms, bool last) {
+    auto removed = remove_job(*job, timeout_ms);
+    if (removed.ok() || removed.status().code() == Status::Code::kNotFound) {
+      deregistered = true;
+      return;
+    }
+    if (removed.status().code() == Status::Code::kAlreadyExists) {
+      deregistered = true;
+      replaced = true;
+      std::fprintf(stderr, "brokerproxy: job %s was saved again since; leaving it registered\n",
+                   job->id.c_str());
+      return;
+    }
+    std::fprintf(stderr, "brokerproxy: %s: could not remove job %s: %s\n",
+                 last ? "warning" : "SIGTERM", job->id.c_str(), removed.status().message().c_str());
+  };
+  // When the job is being stopped the entry goes first, so that no new connection is routed to
+  // a service that is shutting down; bounded, so the signal is forwarded anyway.
+  auto code = RunCommand(args.command, *job, [&] { deregister(kDeregisterTimeoutMs, false); });
+  if (!deregistered) deregister(kCallTimeoutMs, true);
+  // The service is gone: so is its key, unless a newer save of the id now keeps its own there.
+  if (key_files && !replaced) key_files->Remove();
   if (!code.ok()) return code.status();
   *exit_code = *code;
   return Status::OK();
@@ -491,8 +607,20 @@ Status RunQuery(BrokerClient* client, OutputFormat format) {
   return Status::OK();
 }
 
-Status RunRemove(BrokerClient* client, const std::string& job_id, OutputFormat format) {
-  auto reply = Ask(client, MakeRequest(Op::kRemove, job_id), format);
+Status RunRemove(BrokerClient* client, const std::string& job_id, const std::string& if_secret,
+                 OutputFormat format) {
+  Request req = MakeRequest(Op::kRemove, job_id);
+  req.secret = if_secret;
+  if (if_secret == "-") {
+    // From stdin, so the secret need not appear in `ps`.
+    std::string line;
+    if (!std::getline(std::cin, line)) return Status::InvalidArgument("no secret on stdin");
+    while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+    if (line.empty()) return Status::InvalidArgument("no secret on stdin");
+    req.secret = line;
+  }
+  if (req.secret.size() > 8192) return Status::InvalidArgument("secret too long");
+  auto reply = Ask(client, req, format);
   if (!reply.ok() || !*reply) return reply.status();
   std::printf("removed job %s\n", job_id.c_str());
   return Status::OK();

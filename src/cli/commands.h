@@ -34,6 +34,7 @@ struct SaveArgs {
   std::string ttl;           // duration text; empty: the broker's default
   bool wait = false;         // wait until the backend listens
   bool pending = false;      // register as not ready, return at once (what --via sends)
+  bool replace = false;      // the caller's existing entry of this id may be replaced
   std::string wait_timeout;  // duration text; empty: [registry] ready_timeout
   OutputFormat format = OutputFormat::kHuman;
   std::vector<std::string> command;  // exec mode: what follows "--"
@@ -57,7 +58,10 @@ Status RunLoad(BrokerClient* client, const std::string& job, OutputFormat format
 Status RunVerify(BrokerClient* client, const std::string& job, const std::string& secret,
                  OutputFormat format, bool* match);
 Status RunQuery(BrokerClient* client, OutputFormat format);
-Status RunRemove(BrokerClient* client, const std::string& job, OutputFormat format);
+// With `if_secret` ("-": read from stdin), only if the job still has that secret: a newer
+// save of the id is left in place (AlreadyExists).
+Status RunRemove(BrokerClient* client, const std::string& job, const std::string& if_secret,
+                 OutputFormat format);
 Status RunStats(BrokerClient* client, OutputFormat format);
 // Waits until the job's service listens (at most `timeout_ms`), then shows the job.
 Status RunWait(BrokerClient* client, const std::string& job, int64_t timeout_ms,
@@ -69,6 +73,12 @@ Result<std::string> FetchCaPem(BrokerClient* client);
 
 // {port} {secret} {cert} {certkey} {job} {host} in `arg`, replaced by the job's values.
 std::string SubstitutePlaceholders(const std::string& arg, const registry::Job& job);
+
+// Exec mode's wrapper: `brokerproxy --exec-child PARENT_PID -- COMMAND ARGS...` arms
+// PR_SET_PDEATHSIG(SIGKILL), checks that PARENT_PID is still its parent, and execs COMMAND;
+// returns an exit code only if that fails. IsExecChild() tells main() to call it.
+bool IsExecChild(int argc, char** argv);
+int ExecChildMain(int argc, char** argv);
 
 // With --json, an error is printed to stdout as the reply object {"ok":false,...}.
 void PrintJsonError(const Status& status);

@@ -55,11 +55,17 @@ Result<std::string> LoadSecret(BrokerClient* client, const std::string& job) {
 // Owns the loop-side state of one `connect` run.
 class Connector {
  public:
-  Connector(loop::Reactor* reactor, std::unique_ptr<ProxyPath> path, bool allow_remote)
+  // `client`, `job` and `secret`: where the secret came from, to fetch it again when the proxy
+  // refuses it.
+  Connector(loop::Reactor* reactor, std::unique_ptr<ProxyPath> path, bool allow_remote,
+            BrokerClient* client, std::string job, std::string secret)
       : loop_(&reactor->loop()),
         reactor_(reactor),
         path_(std::move(path)),
-        allow_remote_(allow_remote) {}
+        allow_remote_(allow_remote),
+        client_(client),
+        job_(std::move(job)),
+        secret_(std::move(secret)) {}
   ~Connector() { RemoveUnixSocket(); }
   Connector(const Connector&) = delete;
   Connector& operator=(const Connector&) = delete;
@@ -147,11 +153,9 @@ class Connector {
       int flags = ::fcntl(io->fd(), F_GETFL);
       ::fcntl(io->fd(), F_SETFL, flags | O_NONBLOCK);
     }
-    stdio_ = path_->Open(proxy::Relay::Side{std::move(in).value(), std::move(out).value()},
-                         [this](Status s) {
-                           stdio_status_ = std::move(s);
-                           Stop();
-                         });
+    stdio_id_ = next_id_++;
+    OpenTunnel(stdio_id_, proxy::Relay::Side{std::move(in).value(), std::move(out).value()}, "",
+               /*retried=*/false);
     return Status::OK();
   }
 
@@ -170,16 +174,19 @@ class Connector {
     unix_listener_.reset();
     RemoveUnixSocket();
     signals_.clear();
+    refetch_.Detach();
+    waiting_.clear();  // closes the connections that waited for the secret
     // Not inline: a tunnel's callback may be what called Stop(). The path goes last: the
     // tunnels use it, and it may hold handles of its own (the SSH session's poll).
     loop_->Defer([this] {
       tunnels_.clear();
-      stdio_.reset();
       path_.reset();
     });
   }
 
   const Status& stdio_status() const { return stdio_status_; }
+  // Why the connector stopped by itself (the job is gone); OK otherwise.
+  const Status& failure() const { return failure_; }
 
  private:
   void RemoveUnixSocket() {
@@ -285,15 +292,85 @@ class Connector {
   void OnLocal(int fd) {
     auto io = reactor_->Add(fd, nullptr);
     if (!io.ok()) return;
-    uint64_t id = next_id_++;
-    tunnels_[id] = path_->Open(proxy::Relay::Side{std::move(io).value()}, [this, id](Status s) {
-      if (!s.ok()) {
-        std::fprintf(stderr, "brokerproxy: connection %llu: %s\n",
-                     static_cast<unsigned long long>(id), s.message().c_str());
+    OpenTunnel(next_id_++, proxy::Relay::Side{std::move(io).value()}, "", /*retried=*/false);
+  }
+
+  // Connection `id` through the proxy; `replay`: bytes its first attempt read already.
+  void OpenTunnel(uint64_t id, proxy::Relay::Side local, std::string replay, bool retried) {
+    tunnels_[id] = path_->Open(
+        std::move(local), std::move(replay),
+        [this, id, retried, used = secret_](Status s) { OnTunnelDone(id, retried, used, s); });
+  }
+
+  // `used`: the secret the tunnel sent.
+  void OnTunnelDone(uint64_t id, bool retried, const std::string& used, const Status& s) {
+    // "ERR denied": the job was saved again (a new secret) or is gone. The connection waits,
+    // once, for the secret to be fetched again.
+    auto it = tunnels_.find(id);
+    std::optional<Refused> refused;
+    if (!s.ok() && !retried && it != tunnels_.end()) refused = it->second->TakeRefused();
+    if (refused) {
+      // The finished tunnel stays in tunnels_[id] (it is on the stack) until the retry
+      // replaces it.
+      waiting_.push_back(Waiting{id, std::move(*refused), s, used});
+      Refetch();
+      return;
+    }
+    Finished(id, s);
+  }
+
+  void Finished(uint64_t id, const Status& s) {
+    if (!s.ok()) {
+      std::fprintf(stderr, "brokerproxy: connection %llu: %s\n",
+                   static_cast<unsigned long long>(id), s.message().c_str());
+    }
+    if (id == stdio_id_) {
+      stdio_status_ = s;
+      Stop();
+      return;
+    }
+    // The tunnel may be on the stack: drop it on a later turn.
+    loop_->Defer([this, id] { tunnels_.erase(id); });
+  }
+
+  // Fetches the job's secret again, the way `connect` got it first, on the thread pool (the
+  // call blocks, bounded by kLoadTimeoutMs). One at a time: connections refused meanwhile wait
+  // for the same answer.
+  void Refetch() {
+    if (refetch_.active()) return;
+    auto result = std::make_shared<Result<std::string>>(Status::Internal("not fetched"));
+    refetch_ = loop::QueueWork(
+        *loop_, [client = client_, job = job_, result] { *result = LoadSecret(client, job); },
+        [this, result] { OnRefetched(std::move(*result)); });
+  }
+
+  void OnRefetched(Result<std::string> secret) {
+    std::vector<Waiting> waiting = std::move(waiting_);
+    waiting_.clear();
+    if (!secret.ok() && secret.status().code() == Status::Code::kNotFound) {
+      // Every later connection would be refused too: stop instead.
+      failure_ = Status::NotFound("job " + job_ + " is no longer registered");
+      Stop();
+      return;
+    }
+    if (secret.ok() && *secret != secret_) {
+      secret_ = *secret;
+      path_->SetSecret(*secret);
+    }
+    for (Waiting& w : waiting) {
+      // Another secret than the one this connection was refused with (a connection that went
+      // out just before an earlier fetch changed it counts too).
+      if (secret.ok() && *secret != w.used) {
+        OpenTunnel(w.id, std::move(w.refused.local), std::move(w.refused.early),
+                   /*retried=*/true);
+        continue;
       }
-      // The tunnel is on the stack: drop it on a later turn.
-      loop_->Defer([this, id] { tunnels_.erase(id); });
-    });
+      // The same secret (or none to be had): the refusal stands, and no retry.
+      std::string why = secret.ok() ? "the broker still gives the same secret"
+                                    : "fetching it again failed: " + secret.status().message();
+      w.refused = Refused{};
+      Finished(w.id, Status::PermissionDenied(w.denied.message() + "; " + why));
+    }
   }
 
   loop::Loop* loop_;
@@ -307,9 +384,22 @@ class Connector {
   std::string unix_name_;
   std::vector<loop::HandlePtr<loop::Signal>> signals_;
   std::unordered_map<uint64_t, std::unique_ptr<Tunnel>> tunnels_;
-  std::unique_ptr<Tunnel> stdio_;
+  uint64_t stdio_id_ = 0;  // the --stdio tunnel's id in tunnels_; 0: none
   Status stdio_status_;
   uint64_t next_id_ = 1;
+  // Re-fetching the secret after "ERR denied".
+  struct Waiting {
+    uint64_t id;
+    Refused refused;
+    Status denied;
+    std::string used;  // the secret it was refused with
+  };
+  BrokerClient* client_;
+  std::string job_;
+  std::string secret_;  // the one the path sends
+  loop::Pending refetch_;
+  std::vector<Waiting> waiting_;
+  Status failure_;
 };
 
 // `localhost` or a loopback literal: an address whose traffic never leaves this host.
@@ -389,6 +479,7 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
 
   auto secret = LoadSecret(client, args.job);
   if (!secret.ok()) return secret.status();
+  const std::string secret_copy = *secret;
   // Through the login node: the session that just loaded the secret carries the tunnels.
   proxy::SshSessionPtr session;
   if (remote) {
@@ -423,7 +514,8 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
       path = NewDirectPath(reactor->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
                            std::move(secret).value(), kHandshakeTimeoutMs);
     }
-    Connector connector(reactor->get(), std::move(path), args.allow_remote);
+    Connector connector(reactor->get(), std::move(path), args.allow_remote, client, args.job,
+                        secret_copy);
     connector_ptr = &connector;
     result = connector.WatchSignals();
     if (result.ok()) {
@@ -435,6 +527,7 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
       connector.Stop();
     }
     (*loop)->Run();
+    if (result.ok()) result = connector.failure();
     if (result.ok() && args.stdio) result = connector.stdio_status();
     if (result.ok() && !lost.ok()) result = lost;
     connector_ptr = nullptr;

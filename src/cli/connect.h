@@ -41,7 +41,15 @@ struct ConnectArgs {
 // a loopback proxy address (e.g. the local end of an `ssh -L` to the login node) unless
 // `insecure_plain`.
 //
-// Runs until SIGINT/SIGTERM (listen mode) or until the stdio tunnel ends. With `remote` (the
+// When the proxy refuses a connection with "ERR denied" (the job was saved again, so its secret
+// changed), the secret is fetched once more, the same way as at the start (on the thread pool,
+// bounded), and that connection is tried once more with the bytes it had sent; connections
+// refused meanwhile wait for the same answer. If the job is gone (NotFound), `connect` stops
+// with "job J is no longer registered". If the broker gives the same secret, the refusal is
+// reported and the connection closed, with no further retry; `connect` keeps serving.
+//
+// Runs until SIGINT/SIGTERM (listen mode), until the stdio tunnel ends, or until the job is
+// gone. With `remote` (the
 // client is the login node over SSH), the secret is loaded through that SSH session and the
 // same session then carries every tunnel as a direct-tcpip channel; the session's failure
 // ends the command.

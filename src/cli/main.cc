@@ -85,6 +85,9 @@ int Main(int argc, char** argv) {
   save->add_option("--ttl", save_args.ttl, "Remove the job after this long (e.g. 12h)");
   save->add_flag("--wait", save_args.wait,
                  "Return only once something listens on the backend port");
+  save->add_flag("--replace", save_args.replace,
+                 "Replace this job's existing entry (a restarted or requeued job); without it "
+                 "saving an id that is registered fails");
   save->add_option("--wait-timeout", save_args.wait_timeout,
                    "How long --wait waits (default: [registry] ready_timeout)");
   save->add_option("--format", save_format, "Output: human, json or env")
@@ -150,9 +153,12 @@ int Main(int argc, char** argv) {
 
   ConfigFlags remove_cfg;
   ClientFlags remove_flags;
-  std::string remove_job;
+  std::string remove_job, remove_if_secret;
   CLI::App* remove = app.add_subcommand("remove", "Remove a job");
   remove->add_option("job", remove_job, "Job id")->required();
+  remove->add_option("--if-secret", remove_if_secret,
+                     "Remove only if the job still has this secret (not saved again since); "
+                     "- reads it from stdin");
   remove->add_flag("--json", remove_flags.json, "Print the reply as JSON");
   remove_cfg.AddTo(remove, FlagScope::kClient);
   AddSshFlags(remove, &accept_new_host_key);
@@ -297,7 +303,7 @@ int Main(int argc, char** argv) {
     });
   } else if (remove->parsed()) {
     with_client(remove_cfg, remove_flags.json, [&](const Config&, BrokerClient* cl) {
-      return RunRemove(cl, remove_job, FormatOf(remove_flags));
+      return RunRemove(cl, remove_job, remove_if_secret, FormatOf(remove_flags));
     });
   } else if (stats->parsed()) {
     with_client(stats_cfg, stats_flags.json, [&](const Config&, BrokerClient* cl) {
@@ -338,5 +344,7 @@ int Main(int argc, char** argv) {
 int main(int argc, char** argv) {
   // Writes to a peer that went away must fail with EPIPE, not kill the process.
   signal(SIGPIPE, SIG_IGN);
+  // Exec mode's wrapper around the command: before CLI11, which would not take its arguments.
+  if (brokerproxy::cli::IsExecChild(argc, argv)) return brokerproxy::cli::ExecChildMain(argc, argv);
   return brokerproxy::cli::Main(argc, argv);
 }

@@ -51,6 +51,7 @@ RemoteInvocation RemoteCommandFor(const std::string& remote_command, const Reque
       // Registered as waiting for its service, without waiting here: the local side waits
       // (save --wait) or starts the service (exec mode).
       if (!request.save.ready) args.push_back("--pending");
+      if (request.save.replace) args.push_back("--replace");
       if (!request.csr.empty()) {
         // ssl: the key stays here; only the CSR (on stdin) and the paths travel.
         args.insert(args.end(), {"--csr-stdin", "--cert-path", request.save.cert_path, "--key-path",
@@ -70,6 +71,10 @@ RemoteInvocation RemoteCommandFor(const std::string& remote_command, const Reque
       break;
     case Op::kRemove:
       args = {"remove", request.job};
+      if (!request.secret.empty()) {
+        args.insert(args.end(), {"--if-secret", "-"});  // on stdin: not in the remote `ps`
+        inv.input = request.secret + "\n";
+      }
       break;
     case Op::kStats:
       args = {"stats"};

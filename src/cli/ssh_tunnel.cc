@@ -22,7 +22,7 @@ class SshPath;
 
 class SshTunnel final : public Tunnel {
  public:
-  SshTunnel(SshPath* path, proxy::Relay::Side local, ProxyPath::Done done);
+  SshTunnel(SshPath* path, proxy::Relay::Side local, std::string replay, ProxyPath::Done done);
   ~SshTunnel() override;
 
   // Advances the tunnel; never calls `done` (Complete() does).
@@ -81,12 +81,15 @@ class SshPath final : public ProxyPath {
     });
   }
 
-  std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, Done done) override {
-    auto t = std::make_unique<SshTunnel>(this, std::move(local), std::move(done));
+  std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, std::string replay, Done done) override {
+    auto t =
+        std::make_unique<SshTunnel>(this, std::move(local), std::move(replay), std::move(done));
     tunnels_.push_back(t.get());
     Kick();  // opens the channel on a later turn: `done` must never run inside Open()
     return t;
   }
+
+  void SetSecret(std::string secret) override { secret_ = std::move(secret); }
 
   std::string Describe() const override {
     return HostPort{host_, port_}.ToString() + " via ssh to " + via_;
@@ -153,11 +156,13 @@ class SshPath final : public ProxyPath {
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 
-SshTunnel::SshTunnel(SshPath* path, proxy::Relay::Side local, ProxyPath::Done done)
+SshTunnel::SshTunnel(SshPath* path, proxy::Relay::Side local, std::string replay,
+                     ProxyPath::Done done)
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
       preamble_(PreambleLine(path->job_, path->secret_)) {
+  early_.Preload(std::move(replay));
   ssh_channel ch = ssh_channel_new(path_->transport_->session());
   if (ch == nullptr) {
     Fail(Status::Unavailable("cannot create an ssh channel"));
@@ -245,8 +250,10 @@ void SshTunnel::Step() {
         if (reply_.size() >= kMaxReplyLine) Fail(Status::IOError("the proxy's reply is too long"));
         return;
       }
-      Status s = StatusFromReply(std::string_view(reply_).substr(0, nl), path_->job_);
+      std::string_view line = std::string_view(reply_).substr(0, nl);
+      Status s = StatusFromReply(line, path_->job_);
       if (!s.ok()) {
+        if (IsDeniedReply(line)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
         Fail(s);
         return;
       }

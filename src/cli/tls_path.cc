@@ -17,7 +17,7 @@ class TlsPath;
 
 class TlsTunnel final : public Tunnel {
  public:
-  TlsTunnel(TlsPath* path, proxy::Relay::Side local, ProxyPath::Done done);
+  TlsTunnel(TlsPath* path, proxy::Relay::Side local, std::string replay, ProxyPath::Done done);
   void Start();
 
  private:
@@ -42,22 +42,27 @@ class TlsPath final : public ProxyPath {
   TlsPath(proxy::SslCtxPtr ctx, ProxyEndpoint endpoint)
       : ctx_(std::move(ctx)), ep_(std::move(endpoint)) {}
 
-  std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, Done done) override {
-    auto t = std::make_unique<TlsTunnel>(this, std::move(local), std::move(done));
+  std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, std::string replay, Done done) override {
+    auto t =
+        std::make_unique<TlsTunnel>(this, std::move(local), std::move(replay), std::move(done));
     t->Start();
     return t;
   }
+  void SetSecret(std::string secret) override { ep_.secret = std::move(secret); }
   std::string Describe() const override { return "TLS to " + ep_.Address(); }
 
   proxy::SslCtxPtr ctx_;
   ProxyEndpoint ep_;
 };
 
-TlsTunnel::TlsTunnel(TlsPath* path, proxy::Relay::Side local, ProxyPath::Done done)
+TlsTunnel::TlsTunnel(TlsPath* path, proxy::Relay::Side local, std::string replay,
+                     ProxyPath::Done done)
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      dialer_(path->ep_.reactor, &path->ep_.resolver) {}
+      dialer_(path->ep_.reactor, &path->ep_.resolver) {
+  early_.Preload(std::move(replay));
+}
 
 void TlsTunnel::Start() {
   timer_ = HandshakeTimer(*path_->ep_.loop, path_->ep_.timeout_ms,
@@ -141,6 +146,7 @@ void TlsTunnel::OnData() {
   tls_->Consume(nl + 1);  // what follows "OK\n" is the backend's and stays in the inbox
   Status s = StatusFromReply(line, path_->ep_.job);
   if (!s.ok()) {
+    if (IsDeniedReply(line)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
     Finish(s);
     return;
   }

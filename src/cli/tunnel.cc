@@ -71,6 +71,16 @@ Status StatusFromReply(std::string_view line, const std::string& job) {
   return Status::IOError("unexpected reply from the proxy: '" + reply + "'");
 }
 
+bool IsDeniedReply(std::string_view line) {
+  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+  return line == "ERR denied";
+}
+
+void EarlyBytes::Preload(std::string replay) {
+  budget_ -= std::min(budget_, replay.size());
+  pending_ = std::move(replay);
+}
+
 void EarlyBytes::Watch(proxy::Relay::Side& side, std::function<void()> wake) {
   struct stat st {};
   if (!side.in || ::fstat(side.in.fd(), &st) != 0 ||
@@ -78,13 +88,15 @@ void EarlyBytes::Watch(proxy::Relay::Side& side, std::function<void()> wake) {
     return;
   watch_ = side.in.get();
   watch_->SetCallback([wake = std::move(wake)](loop::IoWatch*) { wake(); });
-  if (watch_->readable()) watch_->Yield();
+  if (watch_->readable() || !pending_.empty()) watch_->Yield();
 }
 
 Status EarlyBytes::Pump(const Sink& sink) {
   if (!watch_) return Status::OK();
   if (!pending_.empty()) {
-    pending_.erase(0, sink(pending_));
+    size_t took = sink(pending_);
+    sent_.append(pending_, 0, took);
+    pending_.erase(0, took);
     if (!pending_.empty()) return Status::OK();
   }
   char buf[16 * 1024];
@@ -102,6 +114,7 @@ Status EarlyBytes::Pump(const Sink& sink) {
     }
     budget_ -= n;
     size_t took = sink(std::string_view(buf, n));
+    sent_.append(buf, took);
     if (took < static_cast<size_t>(n)) {
       pending_.assign(buf + took, n - took);
       break;
@@ -113,7 +126,15 @@ Status EarlyBytes::Pump(const Sink& sink) {
 std::string EarlyBytes::Stop() {
   if (watch_) watch_->SetCallback(nullptr);
   watch_ = nullptr;
+  std::string().swap(sent_);
   return std::move(pending_);
+}
+
+std::string EarlyBytes::StopAndReplay() {
+  std::string all = std::move(sent_) + pending_;
+  Stop();
+  pending_.clear();
+  return all;
 }
 
 namespace {
@@ -122,7 +143,8 @@ class DirectPath;
 
 class DirectTunnel final : public Tunnel {
  public:
-  DirectTunnel(DirectPath* path, proxy::Relay::Side local, ProxyPath::Done done);
+  DirectTunnel(DirectPath* path, proxy::Relay::Side local, std::string replay,
+               ProxyPath::Done done);
   void Start();
 
  private:
@@ -147,22 +169,27 @@ class DirectPath final : public ProxyPath {
   DirectPath(proxy::PipePool* pipes, ProxyEndpoint endpoint)
       : pipes_(pipes), ep_(std::move(endpoint)) {}
 
-  std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, Done done) override {
-    auto t = std::make_unique<DirectTunnel>(this, std::move(local), std::move(done));
+  std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, std::string replay, Done done) override {
+    auto t =
+        std::make_unique<DirectTunnel>(this, std::move(local), std::move(replay), std::move(done));
     t->Start();
     return t;
   }
+  void SetSecret(std::string secret) override { ep_.secret = std::move(secret); }
   std::string Describe() const override { return ep_.Address(); }
 
   proxy::PipePool* pipes_;
   ProxyEndpoint ep_;
 };
 
-DirectTunnel::DirectTunnel(DirectPath* path, proxy::Relay::Side local, ProxyPath::Done done)
+DirectTunnel::DirectTunnel(DirectPath* path, proxy::Relay::Side local, std::string replay,
+                           ProxyPath::Done done)
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      dialer_(path->ep_.reactor, &path->ep_.resolver) {}
+      dialer_(path->ep_.reactor, &path->ep_.resolver) {
+  early_.Preload(std::move(replay));
+}
 
 void DirectTunnel::Start() {
   timer_ = HandshakeTimer(*path_->ep_.loop, path_->ep_.timeout_ms,
@@ -229,6 +256,7 @@ void DirectTunnel::OnReadable() {
   reply_.pop_back();  // '\n'
   Status s = StatusFromReply(reply_, path_->ep_.job);
   if (!s.ok()) {
+    if (IsDeniedReply(reply_)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
     Finish(s);
     return;
   }

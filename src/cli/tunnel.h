@@ -13,8 +13,10 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "loop/handle.h"
 #include "loop/loop.h"
@@ -27,9 +29,23 @@
 
 namespace brokerproxy::cli {
 
+// What a tunnel that the proxy refused with "ERR denied" gives back: the local side, still
+// open, and every byte read from it so far (sent to the proxy, which dropped them), so that the
+// connection can be tried once more with another secret.
+struct Refused {
+  proxy::Relay::Side local;
+  std::string early;
+};
+
 class Tunnel {
  public:
   virtual ~Tunnel() = default;
+  // After the done callback reported the proxy's "ERR denied": the local side and its bytes.
+  // nullopt after any other end, and on a second call.
+  std::optional<Refused> TakeRefused() { return std::exchange(refused_, std::nullopt); }
+
+ protected:
+  std::optional<Refused> refused_;
 };
 
 class ProxyPath {
@@ -37,8 +53,11 @@ class ProxyPath {
   // OK when both directions finished; else why the tunnel failed or ended.
   using Done = std::function<void(Status)>;
   virtual ~ProxyPath() = default;
-  // Starts a tunnel for the local endpoint `local`.
-  virtual std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, Done done) = 0;
+  // Starts a tunnel for the local endpoint `local`. `replay`: bytes already read from it (a
+  // retry after Tunnel::TakeRefused), sent first.
+  virtual std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, std::string replay, Done done) = 0;
+  // The secret for tunnels opened from now on (the job was saved again).
+  virtual void SetSecret(std::string secret) = 0;
   // "127.0.0.1:7000", "TLS to login:7000", "login via SSH", for messages.
   virtual std::string Describe() const = 0;
 };
@@ -81,6 +100,9 @@ class EarlyBytes {
   // Takes bytes to send; returns how many it took (0 when it cannot take any now).
   using Sink = std::function<size_t(std::string_view)>;
 
+  // Bytes read from the local side by an earlier tunnel (`replay`), offered first. Call before
+  // Watch(). They count against kMax.
+  void Preload(std::string replay);
   // Starts watching `side` (its read fd is registered in the reactor); `wake` runs when it may
   // have bytes, and should call Pump().
   void Watch(proxy::Relay::Side& side, std::function<void()> wake);
@@ -90,10 +112,13 @@ class EarlyBytes {
   Status Pump(const Sink& sink);
   // Stops watching; returns the bytes read that the sink has not taken, which go first.
   std::string Stop();
+  // Stops watching; returns every byte read, taken by the sink or not (for a retry).
+  std::string StopAndReplay();
 
  private:
   loop::IoWatch* watch_ = nullptr;  // null: not watching
   std::string pending_;
+  std::string sent_;  // what the sink took, kept for StopAndReplay()
   size_t budget_ = kMax;
 };
 
@@ -105,6 +130,8 @@ inline constexpr size_t kMaxReplyLine = 128;
 
 // Maps the proxy's reply line ("OK", "ERR denied", ...) to a Status a person can act on.
 Status StatusFromReply(std::string_view line, const std::string& job);
+// True for "ERR denied": an unknown job or a wrong secret.
+bool IsDeniedReply(std::string_view line);
 
 // Plain TCP straight to the proxy port (on this machine, or reachable from it, e.g. through an
 // `ssh -L` the user set up).

@@ -78,6 +78,11 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
             EncodeError(Status::PermissionDenied("job " + req.job + " belongs to another user")));
         return nullptr;
       }
+      if (existing && !req.save.replace) {
+        ReplyLater(std::move(reply),
+                   EncodeError(Status::AlreadyExists(AlreadySavedMessage(req.job))));
+        return nullptr;
+      }
       CheckBackend(std::move(req), caller, std::move(reply));
       return nullptr;
     }
@@ -111,7 +116,7 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
       return nullptr;
     }
     case Op::kRemove:
-      Remove(req.job, caller, std::move(reply));
+      Remove(req.job, req.secret, caller, std::move(reply));
       return nullptr;
     case Op::kStats: {
       JsonPtr body = NewObject();
@@ -245,12 +250,16 @@ void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCe
       });
 }
 
-void Broker::Remove(const std::string& id, uid_t caller, Reply reply) {
+void Broker::Remove(const std::string& id, const std::string& if_secret, uid_t caller,
+                    Reply reply) {
   auto removed = std::make_shared<Job>();
   std::weak_ptr<bool> alive = alive_;
   store_->Commit(
-      [this, id, caller, removed]() -> Result<Store::Undo> {
-        auto job = registry_->Remove(id, caller);
+      // The secret is checked in the same step as the removal: no save can come in between.
+      [this, id, if_secret, caller, removed]() -> Result<Store::Undo> {
+        auto job = registry_->Remove(
+            id, caller,
+            if_secret.empty() ? std::nullopt : std::optional<std::string_view>(if_secret));
         if (!job.ok()) return job.status();
         *removed = *job;
         return Store::Undo([this, removed] { registry_->Put(*removed); });

@@ -123,7 +123,8 @@ class Broker {
   // A save whose backend passed: issue the certificate of an ssl job, then Save().
   void SaveChecked(Request request, uid_t caller, Reply reply);
   void Save(Request request, uid_t caller, Reply reply, std::optional<IssuedCert> cert);
-  void Remove(const std::string& id, uid_t caller, Reply reply);
+  // `if_secret` non-empty: only if the job still has this secret (Registry::Remove).
+  void Remove(const std::string& id, const std::string& if_secret, uid_t caller, Reply reply);
   Cancel Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply);
   // Removes waiter `serial` of job `id` (if still there) and returns it.
   std::unique_ptr<Waiter> TakeWaiter(const std::string& id, uint64_t serial);

@@ -45,7 +45,7 @@ Status ParseFields(const cJSON* obj, Request* req) {
   switch (req->op) {
     case Op::kSave: {
       BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"op", "job", "type", "host", "port", "ttl", "wait",
-                                               "csr", "cert_path", "key_path"}));
+                                               "replace", "csr", "cert_path", "key_path"}));
       BP_RETURN_IF_ERROR(ReadString(obj, "job", true, &req->job));
       std::string type;
       BP_RETURN_IF_ERROR(ReadString(obj, "type", true, &type));
@@ -63,6 +63,9 @@ Status ParseFields(const cJSON* obj, Request* req) {
         BP_RETURN_IF_ERROR(ReadBool(obj, "wait", &wait));
       }
       req->save.ready = !wait;
+      if (cJSON_GetObjectItemCaseSensitive(obj, "replace")) {
+        BP_RETURN_IF_ERROR(ReadBool(obj, "replace", &req->save.replace));
+      }
       req->save.id = req->job;
       BP_RETURN_IF_ERROR(ReadString(obj, "csr", false, &req->csr));
       BP_RETURN_IF_ERROR(ReadString(obj, "cert_path", false, &req->save.cert_path));
@@ -79,9 +82,17 @@ Status ParseFields(const cJSON* obj, Request* req) {
       return Status::OK();
     }
     case Op::kLoad:
-    case Op::kRemove:
       BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"op", "job"}));
       return ReadString(obj, "job", true, &req->job);
+    case Op::kRemove:
+      BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"op", "job", "secret"}));
+      BP_RETURN_IF_ERROR(ReadString(obj, "job", true, &req->job));
+      BP_RETURN_IF_ERROR(ReadString(obj, "secret", false, &req->secret));
+      // Present means "only if it still is this secret": an empty one would match nothing.
+      if (cJSON_GetObjectItemCaseSensitive(obj, "secret") && req->secret.empty()) {
+        return Status::Corruption("field 'secret' must not be empty");
+      }
+      return Status::OK();
     case Op::kVerify:
       BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"op", "job", "secret"}));
       BP_RETURN_IF_ERROR(ReadString(obj, "job", true, &req->job));
@@ -138,6 +149,7 @@ std::string EncodeRequest(const Request& req) {
       cJSON_AddNumberToObject(o.get(), "port", req.save.port);
       cJSON_AddNumberToObject(o.get(), "ttl", static_cast<double>(req.save.ttl));
       cJSON_AddBoolToObject(o.get(), "wait", !req.save.ready);
+      if (req.save.replace) cJSON_AddBoolToObject(o.get(), "replace", true);
       if (!req.csr.empty()) cJSON_AddStringToObject(o.get(), "csr", req.csr.c_str());
       if (!req.save.cert_path.empty()) {
         cJSON_AddStringToObject(o.get(), "cert_path", req.save.cert_path.c_str());
@@ -147,8 +159,11 @@ std::string EncodeRequest(const Request& req) {
       }
       break;
     case Op::kLoad:
+      cJSON_AddStringToObject(o.get(), "job", req.job.c_str());
+      break;
     case Op::kRemove:
       cJSON_AddStringToObject(o.get(), "job", req.job.c_str());
+      if (!req.secret.empty()) cJSON_AddStringToObject(o.get(), "secret", req.secret.c_str());
       break;
     case Op::kVerify:
       cJSON_AddStringToObject(o.get(), "job", req.job.c_str());

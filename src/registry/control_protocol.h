@@ -1,11 +1,19 @@
 // The control API's wire format: one JSON object per line each way (README.md, "How it works").
 //
 //   request:  {"op":"save","job":"12345","type":"ssh","host":"node7","port":0,"ttl":3600,
-//              "wait":true}
+//              "wait":true,"replace":true}
+//             "replace" (default false): the caller's existing entry of this id may be replaced;
+//             without it a save of an id that exists is refused (AlreadyExists), so a second
+//             service of a job needs its own id (save --name). Root over another user's entry
+//             needs it too
 //             ssl jobs add {"csr":"<PEM>","cert_path":"/abs/J.crt","key_path":"/abs/J.key"}:
 //             the key stays with the client, the broker signs the CSR (proxy/certs.h) and the
 //             reply adds "cert_pem" and "ca_pem"; the paths are where the client keeps them
 //             {"op":"load"|"remove","job":"12345"}
+//             {"op":"remove","job":"12345","secret":"<hex>"}: removes only if the stored
+//             secret still is this one (constant-time compare), i.e. only the entry that the
+//             save which returned it made; a newer save of the id (a new secret) is left in
+//             place and the reply is AlreadyExists. Exec mode's cleanup sends it
 //             {"op":"verify","job":"12345","secret":"<hex>"}
 //             {"op":"wait","job":"12345","timeout":120000}     (milliseconds)
 //             {"op":"query"} {"op":"stats"} {"op":"ca"}
@@ -45,7 +53,7 @@ struct Request {
   Op op = Op::kQuery;
   std::string job;         // load, verify, remove, wait; save: the id to save
   SaveRequest save;        // save (save.id == job)
-  std::string secret;      // verify; never logged
+  std::string secret;      // verify; remove: only if it is still this (empty: any); never logged
   std::string csr;         // save of an ssl job: PEM certificate signing request
   int64_t timeout_ms = 0;  // wait
 };

@@ -36,6 +36,16 @@ std::optional<int> ParsePort(std::string_view s) {
   return value;
 }
 
+}  // namespace
+
+std::string AlreadySavedMessage(std::string_view id) {
+  return "job " + std::string(id) +
+         " already has a service registered; save another service of the same job with "
+         "--name NAME, or replace it with --replace";
+}
+
+namespace {
+
 // Ids reach error messages, and so logs: quote only ones that cannot forge a log line.
 std::string DescribeId(std::string_view id) {
   if (!ValidJobId(id)) {
@@ -119,6 +129,9 @@ Result<Job> Registry::Save(const SaveRequest& req, uid_t caller, int64_t now,
   if (it != jobs_.end() && !MayAccess(it->second, caller)) {
     return Status::PermissionDenied(DescribeId(job.id) + " belongs to another user");
   }
+  if (it != jobs_.end() && !req.replace) {
+    return Status::AlreadyExists(AlreadySavedMessage(job.id));
+  }
   // Replacing one's own job does not add one.
   const size_t max_jobs = options_.max_jobs_per_user;
   if (caller != 0 && max_jobs > 0 && it == jobs_.end()) {
@@ -178,10 +191,16 @@ Result<const Job*> Registry::Get(std::string_view id, uid_t caller) const {
   return job;
 }
 
-Result<Job> Registry::Remove(std::string_view id, uid_t caller) {
+Result<Job> Registry::Remove(std::string_view id, uid_t caller,
+                             std::optional<std::string_view> if_secret) {
   Result<const Job*> found = Get(id, caller);
   if (!found.ok()) {
     return found.status();
+  }
+  if (if_secret.has_value() && !SecretMatches((*found)->secret, *if_secret)) {
+    return Status::AlreadyExists(DescribeId((*found)->id) +
+                                 " was saved again since (its secret is not the one given): "
+                                 "left in place");
   }
   auto it = jobs_.find((*found)->id);
   Job job = std::move(it->second);

@@ -6,8 +6,10 @@
 //
 // Access rules: a user sees and changes only their own jobs; uid 0 sees and changes all. Job
 // ids form one namespace shared by all users, so saving an id that another user holds is
-// refused (PermissionDenied), while the owner saving an existing id replaces that entry (a
-// restarted job script must not fail on its own stale record).
+// refused (PermissionDenied). Saving an id the caller already holds replaces that entry only
+// when the request says so (`replace`; a restarted job script passes it for its own stale
+// record); otherwise it is refused (AlreadyExists), so two services of one job cannot silently
+// take each other's place. Root saving over another user's entry needs `replace` too.
 //
 // Ids are case-insensitive (job.h, CanonicalJobId): every method takes any spelling, and the
 // registry stores, returns and lists only the canonical (lower-case) one, so "ABC" is the job
@@ -57,13 +59,17 @@ struct PortRange {
 struct SaveRequest {
   std::string id;  // REQUIRES: ValidJobId (else InvalidArgument)
   JobType type = JobType::kSsh;
-  std::string host;   // REQUIRES: ValidHost (else InvalidArgument)
-  int port = 0;       // 0: allocate from the port range; else 1..65535
-  int64_t ttl = -1;   // seconds until expiry; -1: the registry's default; 0: never
-  bool ready = true;  // false: the job waits for its backend to listen
+  std::string host;      // REQUIRES: ValidHost (else InvalidArgument)
+  int port = 0;          // 0: allocate from the port range; else 1..65535
+  int64_t ttl = -1;      // seconds until expiry; -1: the registry's default; 0: never
+  bool ready = true;     // false: the job waits for its backend to listen
+  bool replace = false;  // an existing entry of this id may be replaced (else AlreadyExists)
   std::string cert_path;
   std::string key_path;
 };
+
+// The refusal of a save over an existing entry without `replace`. REQUIRES: ValidJobId(id).
+std::string AlreadySavedMessage(std::string_view id);
 
 class Registry {
  public:
@@ -76,18 +82,24 @@ class Registry {
 
   explicit Registry(Options options);
 
-  // Creates job `req.id` owned by `caller`, or replaces the caller's existing job of that id
-  // (a fresh secret; a fresh port unless `req.port` is given). On success `*replaced` holds
-  // the previous record, if any, so the caller can undo. Errors: InvalidArgument (bad field),
-  // PermissionDenied (the id belongs to another user and caller != 0), ResourceExhausted (no
-  // free port in the range, or a new job beyond the caller's max_jobs_per_user).
+  // Creates job `req.id` owned by `caller`, or, with `req.replace`, replaces the caller's
+  // existing job of that id (a fresh secret; a fresh port unless `req.port` is given). On
+  // success `*replaced` holds the previous record, if any, so the caller can undo. Errors:
+  // InvalidArgument (bad field), PermissionDenied (the id belongs to another user and
+  // caller != 0), AlreadyExists (the id exists, the caller may change it, and `req.replace` is
+  // false), ResourceExhausted (no free port in the range, or a new job beyond the caller's
+  // max_jobs_per_user).
   Result<Job> Save(const SaveRequest& req, uid_t caller, int64_t now, std::optional<Job>* replaced);
 
   // The job, if it exists (NotFound) and `caller` may see it (PermissionDenied).
   Result<const Job*> Get(std::string_view id, uid_t caller) const;
 
-  // Removes the job and returns it; same errors as Get().
-  Result<Job> Remove(std::string_view id, uid_t caller);
+  // Removes the job and returns it; same errors as Get(). With `if_secret`, only if the stored
+  // secret still equals it (compared in constant time), i.e. the entry is the one whose save
+  // returned that secret and not a newer save of the same id: otherwise AlreadyExists and the
+  // entry stays.
+  Result<Job> Remove(std::string_view id, uid_t caller,
+                     std::optional<std::string_view> if_secret = std::nullopt);
 
   // The proxy's check: the job if `id` exists and `secret` matches, else nullptr. Unknown ids
   // are compared against a dummy secret, so both failures take the same time.

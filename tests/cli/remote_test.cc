@@ -83,6 +83,12 @@ TEST(RemoteCommandTest, EachOpIsItsSubcommandWithJson) {
             "/opt/bp/bin/brokerproxy stats --via '' --json");
   EXPECT_EQ(RemoteCommandFor(cmd, Req(registry::Op::kRemove, "j.1_x-y")).command,
             "/opt/bp/bin/brokerproxy remove j.1_x-y --via '' --json");
+  // A conditional remove: the secret travels on stdin, not in the remote `ps`.
+  registry::Request remove = Req(registry::Op::kRemove, "j1");
+  remove.secret = "00ff";
+  RemoteInvocation conditional = RemoteCommandFor(cmd, remove);
+  EXPECT_EQ(conditional.command, "/opt/bp/bin/brokerproxy remove j1 --if-secret - --via '' --json");
+  EXPECT_EQ(conditional.input, "00ff\n");
   registry::Request wait = Req(registry::Op::kWait, "j1");
   wait.timeout_ms = 120000;
   EXPECT_EQ(RemoteCommandFor(cmd, wait).command,
@@ -103,6 +109,10 @@ TEST(RemoteCommandTest, EachOpIsItsSubcommandWithJson) {
   save.save.ready = true;
   EXPECT_EQ(RemoteCommandFor(cmd, save).command,
             "/opt/bp/bin/brokerproxy save ssl --job-id j1 --host node7 --via '' --json");
+  save.save.replace = true;
+  EXPECT_EQ(RemoteCommandFor(cmd, save).command,
+            "/opt/bp/bin/brokerproxy save ssl --job-id j1 --host node7 --replace --via '' --json");
+  save.save.replace = false;
 
   // ssl with its CSR: the key stays here, the CSR goes on stdin, the paths on the command line.
   save.csr = "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n";

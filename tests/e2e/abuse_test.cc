@@ -476,7 +476,10 @@ TEST_F(AbuseTest, SshSessionEndsWhenItsJobIsRemovedOrReplaced) {
   ASSERT_NE(ch, nullptr);
   EXPECT_TRUE(Echoes(ch));
   ssh_channel_free(ch);
-  std::string second = d.SaveJob("job7", backend_->port());
+  RunResult again = d.Cli({"save", "ssh", "--job-id", "job7", "--port",
+                           std::to_string(backend_->port()), "--replace", "--json"});
+  ASSERT_EQ(again.exit_code, 0) << again;
+  std::string second = JsonText(ParseOut(again).get(), {"job", "secret"});
   ASSERT_FALSE(second.empty());
   ASSERT_NE(second, first);
   EXPECT_FALSE(b.KeepsOpening("job7")) << "channels opened with the old secret\n" << d.Log();

@@ -106,8 +106,15 @@ TEST_F(BrokerTest, AllocatesDistinctPortsFromTheRange) {
   RunResult full = d.Cli({"save", "ssh", "--job-id", "d"});
   EXPECT_EQ(full.exit_code, 6) << full;  // port range exhausted
   EXPECT_NE(full.err.find("exhausted"), std::string::npos) << full;
-  // Saving an existing id again replaces it rather than failing.
-  EXPECT_EQ(d.Cli({"save", "ssh", "--job-id", "a"}).exit_code, 0);
+  // Saving an existing id again is refused, with the way to save a second service; with
+  // --replace it replaces the entry (its port comes back first, so a full range is no obstacle).
+  RunResult again = d.Cli({"save", "ssh", "--job-id", "a"});
+  EXPECT_EQ(again.exit_code, 8) << again;
+  EXPECT_NE(again.err.find("job a already has a service registered; save another service of the "
+                           "same job with --name NAME, or replace it with --replace"),
+            std::string::npos)
+      << again;
+  EXPECT_EQ(d.Cli({"save", "ssh", "--job-id", "a", "--replace"}).exit_code, 0);
 }
 
 TEST_F(BrokerTest, RestartKeepsEveryJobAndTheFileIsPrivate) {

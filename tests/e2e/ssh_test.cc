@@ -314,6 +314,37 @@ TEST_F(ViaTest, ConnectSendsWhatTheClientSaysFirstWithThePreamble) {
   ExpectConnectSendsFirstBytesEarly(connect.get(), &fake, "BROKER1 cf " + secret + "\n");
 }
 
+// `connect --via` after its job was saved again (a new secret): the secret is loaded again
+// through the login node and the refused connection retried; once the job is gone, it stops.
+TEST_F(ViaTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
+  Backend backend;
+  ASSERT_FALSE(daemon_.SaveJob("cr", backend.port()).empty());
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  auto connect =
+      Child::Spawn(Via({"connect", "cr", "--listen", "0"}), dir_ / "connect.log", ClientEnv());
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  auto echoes = [&](const std::string& text) {
+    int fd = ConnectTcp(port, "127.0.0.1", 30000);
+    if (fd < 0) return std::string("cannot connect");
+    SendAll(fd, "echo\n" + text + "\n");
+    std::string got = ReadLine(fd).value_or("(closed)");
+    close(fd);
+    return got;
+  };
+  EXPECT_EQ(echoes("before"), "before") << connect->Output();
+  RunResult again = daemon_.Cli(
+      {"save", "ssh", "--job-id", "cr", "--port", std::to_string(backend.port()), "--replace"});
+  ASSERT_EQ(again.exit_code, 0) << again;
+  EXPECT_EQ(echoes("after the re-save"), "after the re-save") << connect->Output();
+  ASSERT_EQ(daemon_.Cli({"remove", "cr"}).exit_code, 0);
+  EXPECT_EQ(echoes("after the remove"), "(closed)");
+  EXPECT_TRUE(connect->WaitFor("job cr is no longer registered", 30000)) << connect->Output();
+  EXPECT_EQ(connect->Stop(SIGCONT, 30000), 5) << connect->Output();  // SIGCONT: Stop() waits
+}
+
 TEST_F(ViaTest, ConnectCarriesManyConnectionsOverOneSession) {
   Backend backend;
   std::string secret = daemon_.SaveJob("cv", backend.port());

@@ -40,6 +40,35 @@ TEST(ControlProtocolTest, RequestsRoundTrip) {
   }
 }
 
+TEST(ControlProtocolTest, ReplaceAndConditionalRemoveRoundTrip) {
+  Request save;
+  save.op = Op::kSave;
+  save.job = "12";
+  save.save.id = "12";
+  save.save.host = "node7";
+  for (bool replace : {false, true}) {
+    save.save.replace = replace;
+    std::string line = EncodeRequest(save);
+    EXPECT_EQ(line.find("replace") != std::string::npos, replace) << line;
+    auto back = ParseRequest(line);
+    ASSERT_TRUE(back.ok()) << back.status().ToString();
+    EXPECT_EQ(back->save.replace, replace);
+  }
+  auto plain = ParseRequest(R"({"op":"remove","job":"12"})");
+  ASSERT_TRUE(plain.ok()) << plain.status().ToString();
+  EXPECT_EQ(plain->secret, "");
+  Request remove;
+  remove.op = Op::kRemove;
+  remove.job = "12";
+  remove.secret = "00ff";
+  auto back = ParseRequest(EncodeRequest(remove));
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->op, Op::kRemove);
+  EXPECT_EQ(back->secret, "00ff");
+  remove.secret.clear();
+  EXPECT_EQ(EncodeRequest(remove), R"({"op":"remove","job":"12"})");
+}
+
 TEST(ControlProtocolTest, RejectsBadRequestsWithAReason) {
   struct Case {
     const char* line;
@@ -64,6 +93,10 @@ TEST(ControlProtocolTest, RejectsBadRequestsWithAReason) {
       // cJSON would cut the string at the NUL: "12\u0000x" must not read as "12".
       {"{\"op\":\"load\",\"job\":\"12\\u0000x\"}", "NUL"},
       {"{\"op\":\"verify\",\"job\":\"12\",\"secret\":\"ab\\u0000cd\"}", "NUL"},
+      {"{\"op\":\"remove\",\"job\":\"12\",\"secret\":\"\"}", "secret"},
+      {"{\"op\":\"remove\",\"job\":\"12\",\"secret\":7}", "secret"},
+      {"{\"op\":\"load\",\"job\":\"12\",\"secret\":\"ab\"}", "unknown field"},
+      {"{\"op\":\"save\",\"job\":\"x\",\"type\":\"ssh\",\"host\":\"h\",\"replace\":1}", "replace"},
   };
   for (const auto& c : cases) {
     auto r = ParseRequest(c.line);

@@ -25,6 +25,12 @@ SaveRequest Request(std::string id, int port = 0) {
   return req;
 }
 
+// `req`, allowed to replace an existing entry of its id.
+SaveRequest Replacing(SaveRequest req) {
+  req.replace = true;
+  return req;
+}
+
 Registry::Options RangeOptions(int first, int last) {
   Registry::Options options;
   options.ports = PortRange{first, last};
@@ -202,7 +208,7 @@ TEST(RegistryTest, ReplacementByTheOwnerFreesThenReallocates) {
   Registry registry(RangeOptions(100, 100));
   Job first = MustSave(registry, Request("a"));
   std::optional<Job> replaced;
-  Result<Job> second = registry.Save(Request("a"), kAlice, kNow + 5, &replaced);
+  Result<Job> second = registry.Save(Replacing(Request("a")), kAlice, kNow + 5, &replaced);
   ASSERT_TRUE(second.ok()) << second.status().ToString();
   EXPECT_EQ(second->port, 100);
   EXPECT_NE(second->secret, first.secret);
@@ -217,7 +223,7 @@ TEST(RegistryTest, ReplacementWithAnExplicitPortReleasesTheOldOne) {
   Registry registry(RangeOptions(100, 101));
   int a_port = MustSave(registry, Request("a")).port;
   MustSave(registry, Request("b"));
-  Job moved = MustSave(registry, Request("a", 5000));
+  Job moved = MustSave(registry, Replacing(Request("a", 5000)));
   EXPECT_FALSE(moved.port_allocated);
   EXPECT_EQ(MustSave(registry, Request("c")).port, a_port);
   EXPECT_EQ(registry.Save(Request("d"), kAlice, kNow, nullptr).status().code(),
@@ -399,11 +405,58 @@ TEST(RegistryTest, OnlyTheOwnerOrRootMayTouchAJob) {
   EXPECT_EQ(registry.Get("bad id\n", kAlice).status().code(), Status::Code::kNotFound);
 }
 
+TEST(RegistryTest, SavingAnExistingIdNeedsReplace) {
+  Registry registry(RangeOptions(100, 199));
+  Job first = MustSave(registry, Request("12"), kAlice);
+  // Another service of the same job without --name: refused, pointing at --name and --replace.
+  Result<Job> second = registry.Save(Request("12"), kAlice, kNow, nullptr);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), Status::Code::kAlreadyExists);
+  EXPECT_EQ(second.status().message(),
+            "job 12 already has a service registered; save another service of the same job "
+            "with --name NAME, or replace it with --replace");
+  EXPECT_EQ(*registry.Find("12"), first);
+  // Root too, over another user's entry; another user is refused with or without it.
+  EXPECT_EQ(registry.Save(Request("12"), kRoot, kNow, nullptr).status().code(),
+            Status::Code::kAlreadyExists);
+  EXPECT_EQ(registry.Save(Replacing(Request("12")), kBob, kNow, nullptr).status().code(),
+            Status::Code::kPermissionDenied);
+  EXPECT_EQ(*registry.Find("12"), first);
+  Job replaced = MustSave(registry, Replacing(Request("12")), kAlice);
+  EXPECT_NE(replaced.secret, first.secret);
+  // A new id needs no `replace`, and `replace` of an id that does not exist creates it.
+  MustSave(registry, Replacing(Request("13")), kAlice);
+  EXPECT_EQ(registry.size(), 2u);
+}
+
+TEST(RegistryTest, RemoveWithASecretRemovesOnlyThatSave) {
+  Registry registry(RangeOptions(100, 199));
+  Job first = MustSave(registry, Request("12"), kAlice);
+  Job second = MustSave(registry, Replacing(Request("12")), kAlice);
+  // The first save's cleanup: the entry is now the second's, and stays.
+  Result<Job> stale = registry.Remove("12", kAlice, first.secret);
+  ASSERT_FALSE(stale.ok());
+  EXPECT_EQ(stale.status().code(), Status::Code::kAlreadyExists);
+  EXPECT_NE(stale.status().message().find("saved again"), std::string::npos);
+  EXPECT_EQ(stale.status().message().find(first.secret), std::string::npos);
+  EXPECT_EQ(stale.status().message().find(second.secret), std::string::npos);
+  EXPECT_EQ(*registry.Find("12"), second);
+  EXPECT_EQ(registry.Remove("12", kAlice, "").status().code(), Status::Code::kAlreadyExists);
+  // Ownership is checked first: another user learns nothing about the secret.
+  EXPECT_EQ(registry.Remove("12", kBob, second.secret).status().code(),
+            Status::Code::kPermissionDenied);
+  Result<Job> removed = registry.Remove("12", kAlice, second.secret);
+  ASSERT_TRUE(removed.ok()) << removed.status().ToString();
+  EXPECT_EQ(*removed, second);
+  EXPECT_EQ(registry.Find("12"), nullptr);
+  EXPECT_EQ(registry.Remove("12", kAlice, second.secret).status().code(), Status::Code::kNotFound);
+}
+
 TEST(RegistryTest, RootTakesOverWhatItReplaces) {
   Registry registry(RangeOptions(100, 199));
   Job old = MustSave(registry, Request("a"), kAlice);
   std::optional<Job> replaced;
-  Result<Job> job = registry.Save(Request("a"), kRoot, kNow, &replaced);
+  Result<Job> job = registry.Save(Replacing(Request("a")), kRoot, kNow, &replaced);
   ASSERT_TRUE(job.ok()) << job.status().ToString();
   EXPECT_EQ(job->owner, kRoot);
   ASSERT_TRUE(replaced.has_value());
@@ -526,7 +579,7 @@ TEST(RegistryTest, IdsAreCaseInsensitiveAndStoredLowerCase) {
   Job upper = MustSave(registry, Request("XYZ"), kBob);
   EXPECT_EQ(upper.id, "xyz");
   std::optional<Job> replaced;
-  ASSERT_TRUE(registry.Save(Request("xYz"), kBob, kNow, &replaced).ok());
+  ASSERT_TRUE(registry.Save(Replacing(Request("xYz")), kBob, kNow, &replaced).ok());
   ASSERT_TRUE(replaced.has_value());
   EXPECT_EQ(registry.size(), 2u);
   EXPECT_TRUE(registry.SetReady("XYZ", false).ok());
@@ -576,13 +629,13 @@ TEST(RegistryTest, MaxJobsPerUserCountsEachOwner) {
 
   // Another user has a count of their own; replacing an own job adds none; root is exempt.
   MustSave(registry, Request("b1"), kBob);
-  MustSave(registry, Request("a1"), kAlice);
+  MustSave(registry, Replacing(Request("a1")), kAlice);
   for (const char* id : {"r1", "r2", "r3"}) MustSave(registry, Request(id), kRoot);
 
   // Removing, root taking a job over and erasing each give a slot back.
   ASSERT_TRUE(registry.Remove("a1", kAlice).ok());
   MustSave(registry, Request("a3"), kAlice);
-  MustSave(registry, Request("a3"), kRoot);  // now root's
+  MustSave(registry, Replacing(Request("a3")), kRoot);  // now root's
   EXPECT_EQ(registry.CountOwnedBy(kAlice), 1u);
   MustSave(registry, Request("a4"), kAlice);
   registry.Erase("a4");
@@ -615,7 +668,7 @@ TEST(RegistryObserverTest, GenerationChangesWithEveryNewRecordAndObserverHearsOf
   EXPECT_TRUE(heard.empty()) << "a new job replaces nothing";
   ASSERT_TRUE(r.SetReady("j1", false).ok());
   EXPECT_EQ(r.Generation("j1"), first) << "readiness is not a new record";
-  ASSERT_TRUE(r.Save(Request("j1"), kAlice, kNow, nullptr).ok());  // a new secret
+  ASSERT_TRUE(r.Save(Replacing(Request("j1")), kAlice, kNow, nullptr).ok());  // a new secret
   uint64_t second = r.Generation("j1");
   EXPECT_NE(second, first);
   EXPECT_EQ(heard, std::vector<std::string>{"j1"});

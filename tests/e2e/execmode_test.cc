@@ -1,0 +1,424 @@
+// Exec mode (`save ssh|ssl -- COMMAND`) under a batch system's job control: the command cannot
+// outlive `save`, stays where the scheduler tracks it, is deregistered before it is stopped,
+// and its cleanup removes only its own entry. Also `save --replace` and `remove --if-secret`.
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include "e2e/harness.h"
+#include "registry/json.h"
+
+namespace brokerproxy::testing {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Polls `pred` every 20 ms until it holds or `timeout_ms` passed; returns its last value.
+bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000) {
+  auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    if (pred()) return true;
+    if (Clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+// The contents of `path` once it exists and is not empty, without the trailing newline; ""
+// after `timeout_ms`.
+std::string WaitForFile(const std::string& path, int timeout_ms = 20000) {
+  std::string text;
+  WaitUntil(
+      [&] {
+        std::ifstream in(path);
+        std::stringstream ss;
+        ss << in.rdbuf();
+        text = ss.str();
+        return !text.empty() && text.back() == '\n';
+      },
+      timeout_ms);
+  while (!text.empty() && text.back() == '\n') text.pop_back();
+  return text;
+}
+
+// Fields of /proc/PID/stat after the command name: [0] state, [1] ppid, [2] pgrp, [3] session.
+std::vector<std::string> ProcStat(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return {};
+  size_t paren = line.rfind(')');
+  if (paren == std::string::npos) return {};
+  std::istringstream rest(line.substr(paren + 1));
+  std::vector<std::string> fields;
+  for (std::string f; rest >> f && fields.size() < 4;) fields.push_back(f);
+  return fields;
+}
+
+// Gone, or a zombie waiting for whoever adopted it.
+bool ProcessGone(pid_t pid) {
+  std::vector<std::string> stat = ProcStat(pid);
+  return stat.empty() || stat[0] == "Z" || stat[0] == "X";
+}
+
+class ExecModeTest : public ::testing::Test {
+ protected:
+  // `save ssh --job-id ID [extra...] -- sh -c SCRIPT` as a long-running child.
+  std::unique_ptr<Child> StartSave(const Daemon& d, const std::string& id,
+                                   const std::string& script,
+                                   const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> argv = {BinaryPath(), "save", "ssh",          "--job-id",
+                                     id,           "-c",   d.config_path()};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    argv.insert(argv.end(), {"--", "sh", "-c", script});
+    return Child::Spawn(argv, dir_ / ("save-" + id + ".log"));
+  }
+
+  TempDir dir_;
+};
+
+TEST_F(ExecModeTest, TheCommandDiesWhenSaveIsKilled) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string pid_file = dir_ / "service.pid";
+  // `exec`: the service is the process `save` started.
+  auto save = StartSave(d, "k1", "echo $$ > " + pid_file + "; exec sleep 600");
+  ASSERT_TRUE(save);
+  std::string text = WaitForFile(pid_file);
+  ASSERT_FALSE(text.empty()) << save->Output();
+  pid_t service = static_cast<pid_t>(std::stol(text));
+  ASSERT_FALSE(ProcessGone(service));
+  // What the scheduler does after KillWait, or the OOM killer: no chance to clean up.
+  EXPECT_EQ(save->Stop(SIGKILL), 128 + SIGKILL);
+  EXPECT_TRUE(WaitUntil([&] { return ProcessGone(service); }))
+      << "the service outlived its save: "
+      << (ProcStat(service).empty() ? "" : ProcStat(service)[0]);
+  if (!ProcessGone(service)) kill(service, SIGKILL);
+}
+
+TEST_F(ExecModeTest, WithoutATerminalTheCommandStaysInTheJobsSessionAndProcessGroup) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string pid_file = dir_ / "service.pid";
+  auto save = StartSave(d, "k2", "echo $$ > " + pid_file + "; exec sleep 600");
+  ASSERT_TRUE(save);
+  std::string text = WaitForFile(pid_file);
+  ASSERT_FALSE(text.empty()) << save->Output();
+  pid_t service = static_cast<pid_t>(std::stol(text));
+  std::vector<std::string> mine = ProcStat(service);
+  std::vector<std::string> saves = ProcStat(save->pid());
+  ASSERT_EQ(mine.size(), 4u);
+  ASSERT_EQ(saves.size(), 4u);
+  EXPECT_EQ(mine[1], std::to_string(save->pid())) << "the service is save's child";
+  EXPECT_EQ(mine[2], saves[2]) << "process group";
+  EXPECT_EQ(mine[3], saves[3]) << "session";
+  // The scheduler signals the job's process group: the service gets it straight away.
+  EXPECT_EQ(save->Stop(SIGTERM), 128 + SIGTERM) << save->Output();
+  EXPECT_TRUE(WaitUntil([&] { return ProcessGone(service); }));
+}
+
+TEST_F(ExecModeTest, SigtermDeregistersTheJobBeforeTheCommandSeesIt) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string ready = dir_ / "ready";
+  std::string seen = dir_ / "seen";
+  // The service asks the broker for its own job when its TERM trap runs.
+  std::string load = BinaryPath() + " load k3 -c " + d.config_path() + " >/dev/null 2>&1";
+  auto save =
+      StartSave(d, "k3",
+                "trap '" + load + "; echo load=$? > " + seen + "; exit 0' TERM; echo up > " +
+                    ready + "; while :; do sleep 0.05; done");
+  ASSERT_TRUE(save);
+  ASSERT_EQ(WaitForFile(ready), "up") << save->Output();
+  EXPECT_EQ(d.Cli({"load", "k3"}).exit_code, 0);
+  EXPECT_EQ(save->Stop(SIGTERM, 30000), 0) << save->Output();
+  // 5: not found. The entry was gone before the service heard of the signal.
+  EXPECT_EQ(WaitForFile(seen), "load=5") << save->Output();
+  EXPECT_EQ(d.Cli({"load", "k3"}).exit_code, 5);
+}
+
+TEST_F(ExecModeTest, SigtermReachesTheCommandEvenWhenTheBrokerDoesNotAnswer) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string ready = dir_ / "ready";
+  std::string seen = dir_ / "seen";
+  auto save = StartSave(d, "k7",
+                        "trap 'echo term > " + seen + "; exit 0' TERM; echo up > " + ready +
+                            "; while :; do sleep 0.05; done");
+  ASSERT_TRUE(save);
+  ASSERT_EQ(WaitForFile(ready), "up") << save->Output();
+  // A broker that hangs: the deregistration cannot finish, the signal goes on anyway.
+  ASSERT_EQ(kill(d.pid(), SIGSTOP), 0);
+  ASSERT_EQ(kill(save->pid(), SIGTERM), 0);
+  std::string got = WaitForFile(seen, 20000);
+  ASSERT_EQ(kill(d.pid(), SIGCONT), 0);
+  EXPECT_EQ(got, "term") << save->Output();
+  // Once the command exited, the deregistration is tried again, and the broker answers now.
+  EXPECT_EQ(save->Stop(SIGCONT, 60000), 0) << save->Output();
+  EXPECT_EQ(d.Cli({"load", "k7"}).exit_code, 5) << save->Output();
+}
+
+TEST_F(ExecModeTest, ADeregistrationThatFailedOnSigtermIsTriedAgainAtTheEnd) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string ready = dir_ / "ready";
+  std::string seen = dir_ / "seen";
+  std::string go = dir_ / "go";
+  auto save = StartSave(d, "k8",
+                        "trap 'echo term > " + seen + "; while [ ! -e " + go +
+                            " ]; do sleep 0.05; done; exit 0' TERM; echo up > " + ready +
+                            "; while :; do sleep 0.05; done");
+  ASSERT_TRUE(save);
+  ASSERT_EQ(WaitForFile(ready), "up") << save->Output();
+  // The broker is down when the job is stopped, and back before the service has finished.
+  d.Stop(SIGKILL);
+  ASSERT_EQ(kill(save->pid(), SIGTERM), 0);
+  EXPECT_EQ(WaitForFile(seen), "term") << save->Output();
+  ASSERT_TRUE(d.Start());
+  ASSERT_EQ(d.Cli({"load", "k8"}).exit_code, 0) << "kept across the restart";
+  WriteFile(go, "");
+  EXPECT_EQ(save->Stop(SIGCONT, 60000), 0) << save->Output();  // SIGCONT: Stop() waits
+  EXPECT_EQ(d.Cli({"load", "k8"}).exit_code, 5) << save->Output();
+}
+
+TEST_F(ExecModeTest, ASecondSaveOfTheSameIdNeedsNameOrReplace) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string first_up = dir_ / "first.up";
+  std::string first_go = dir_ / "first.go";
+  auto first = StartSave(
+      d, "t4", "echo up > " + first_up + "; while [ ! -e " + first_go + " ]; do sleep 0.05; done");
+  ASSERT_TRUE(first);
+  ASSERT_EQ(WaitForFile(first_up), "up") << first->Output();
+
+  // A second service of the job without --name: refused, with the way out.
+  RunResult clash = d.Cli({"save", "ssh", "--job-id", "t4", "--", "true"});
+  EXPECT_EQ(clash.exit_code, 8) << clash;
+  EXPECT_NE(clash.err.find("job t4 already has a service registered; save another service of "
+                           "the same job with --name NAME, or replace it with --replace"),
+            std::string::npos)
+      << clash;
+  // With --name it is a job of its own, and both are registered.
+  std::string named = dir_ / "named";
+  RunResult with_name = d.Cli({"save", "ssh", "--job-id", "t4", "--name", "web", "--", "sh", "-c",
+                               "echo $BROKER_JOB_ID > " + named});
+  EXPECT_EQ(with_name.exit_code, 0) << with_name;
+  EXPECT_EQ(WaitForFile(named), "t4.web");
+  EXPECT_EQ(d.Cli({"load", "t4"}).exit_code, 0) << "the first one's entry is untouched";
+
+  // With --replace the second takes the id over; the first one's exit leaves it alone.
+  std::string second_secret = dir_ / "second.secret";
+  auto second = StartSave(
+      d, "t4", "echo $BROKER_SECRET > " + second_secret + "; while :; do sleep 0.05; done",
+      {"--replace"});
+  ASSERT_TRUE(second);
+  std::string secret = WaitForFile(second_secret);
+  ASSERT_EQ(secret.size(), 64u) << second->Output();
+  WriteFile(first_go, "");
+  // SIGCONT changes nothing: the first exits by itself, and Stop() waits for that.
+  EXPECT_EQ(first->Stop(SIGCONT, 30000), 0) << first->Output();
+  EXPECT_NE(first->Output().find("job t4 was saved again since; leaving it registered"),
+            std::string::npos)
+      << first->Output();
+  RunResult load = d.Cli({"load", "t4", "--json"});
+  ASSERT_EQ(load.exit_code, 0) << "the first one's exit removed the second one's entry: " << load;
+  EXPECT_EQ(JsonText(ParseOut(load).get(), {"job", "secret"}), secret);
+  // And the second's own exit removes it.
+  EXPECT_EQ(second->Stop(SIGTERM, 30000), 128 + SIGTERM) << second->Output();
+  EXPECT_EQ(d.Cli({"load", "t4"}).exit_code, 5);
+}
+
+TEST_F(ExecModeTest, ABusyAllocatedPortIsSavedAgainOverItsOwnFreshEntry) {
+  // The range's only port is held on this host: exec mode saves again (replacing its own entry
+  // of a moment ago) in the hope of another port, gives up after a few tries, and runs the
+  // command all the same.
+  int held = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(held, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(::bind(held, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(held, 1), 0);
+  ASSERT_EQ(::getsockname(held, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  std::string port = std::to_string(ntohs(addr.sin_port));
+  Daemon d(dir_, "[registry]\nport_range = " + port + "-" + port + "\n");
+  ASSERT_TRUE(d.Start());
+  std::string out = dir_ / "port";
+  RunResult r = d.Cli({"save", "ssh", "--job-id", "b6", "--", "sh", "-c", "echo {port} > " + out});
+  ::close(held);
+  EXPECT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(WaitForFile(out, 1000), port) << r;
+  EXPECT_EQ(d.Cli({"load", "b6"}).exit_code, 5);
+}
+
+TEST_F(ExecModeTest, RemoveWithASecretRemovesOnlyThatSave) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string old_secret = d.SaveJob("c5", 6000);
+  ASSERT_FALSE(old_secret.empty());
+  RunResult again =
+      d.Cli({"save", "ssh", "--job-id", "c5", "--port", "6000", "--replace", "--json"});
+  ASSERT_EQ(again.exit_code, 0) << again;
+  std::string new_secret = JsonText(ParseOut(again).get(), {"job", "secret"});
+  ASSERT_NE(new_secret, old_secret);
+
+  // The old save's secret no longer names the entry: it stays, and the error says why.
+  RunResult stale = d.Cli({"remove", "c5", "--if-secret", old_secret});
+  EXPECT_EQ(stale.exit_code, 8) << stale;
+  EXPECT_NE(stale.err.find("saved again"), std::string::npos) << stale;
+  EXPECT_EQ(stale.err.find(old_secret), std::string::npos) << "no secret in messages";
+  EXPECT_EQ(d.Log().find(old_secret), std::string::npos) << "no secret in the log";
+  RunResult load = d.Cli({"load", "c5", "--json"});
+  ASSERT_EQ(load.exit_code, 0) << load;
+  EXPECT_EQ(JsonText(ParseOut(load).get(), {"job", "secret"}), new_secret);
+  // Another user learns nothing from a guess: the job is not theirs.
+  std::optional<uid_t> bob = TestUser("bp-bob");
+  ASSERT_TRUE(bob);
+  std::string reply = ControlRequestAs(
+      *bob, d.socket_path(), R"({"op":"remove","job":"c5","secret":")" + new_secret + R"("})");
+  EXPECT_NE(reply.find("\"permission_denied\""), std::string::npos) << reply;
+  // The current secret (on stdin, out of `ps`) removes it.
+  RunOptions on_stdin;
+  on_stdin.stdin_data = new_secret + "\n";
+  RunResult current = d.Cli({"remove", "c5", "--if-secret", "-"}, on_stdin);
+  EXPECT_EQ(current.exit_code, 0) << current;
+  EXPECT_EQ(d.Cli({"load", "c5"}).exit_code, 5);
+}
+
+// `connect` holds the secret it loaded at its start. When the job is saved again (a requeue, a
+// restarted service: a new secret), the next connection is refused with "ERR denied"; `connect`
+// then loads the secret again and retries that connection. When the job is gone, it stops.
+void ExpectConnectFollowsAResaveAndStopsWhenTheJobIsRemoved(const TempDir& dir, bool tls) {
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start());
+  Backend backend;
+  ASSERT_FALSE(d.SaveJob("cj", backend.port()).empty());
+  std::vector<std::string> argv = {
+      BinaryPath(),    "connect", "cj",
+      "--listen",      "0",       "-c",
+      d.config_path(), "--proxy", "127.0.0.1:" + std::to_string(d.proxy_port())};
+  if (tls) argv.push_back("--tls");
+  auto connect = Child::Spawn(argv, dir / "connect.log");
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:");
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  // A client that speaks first: its bytes go out before the proxy's answer, and must survive a
+  // refusal.
+  auto echoes = [&](const std::string& text) {
+    int fd = ConnectTcp(port);
+    if (fd < 0) return std::string("cannot connect");
+    SendAll(fd, "echo\n" + text + "\n");
+    std::string got = ReadLine(fd).value_or("(closed)");
+    ::close(fd);
+    return got;
+  };
+  EXPECT_EQ(echoes("before"), "before") << connect->Output();
+
+  RunResult again = d.Cli(
+      {"save", "ssh", "--job-id", "cj", "--port", std::to_string(backend.port()), "--replace"});
+  ASSERT_EQ(again.exit_code, 0) << again;
+  EXPECT_EQ(echoes("after the re-save"), "after the re-save") << connect->Output();
+  EXPECT_EQ(echoes("and the next"), "and the next") << connect->Output();
+  EXPECT_TRUE(connect->Running()) << connect->Output();
+
+  ASSERT_EQ(d.Cli({"remove", "cj"}).exit_code, 0);
+  EXPECT_EQ(echoes("after the remove"), "(closed)");
+  EXPECT_TRUE(connect->WaitFor("job cj is no longer registered")) << connect->Output();
+  // It stops by itself (SIGCONT changes nothing; Stop() waits), with "not found".
+  EXPECT_EQ(connect->Stop(SIGCONT, 20000), 5) << connect->Output();
+}
+
+TEST_F(ExecModeTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
+  ExpectConnectFollowsAResaveAndStopsWhenTheJobIsRemoved(dir_, /*tls=*/false);
+}
+
+TEST_F(ExecModeTest, ConnectTlsFollowsAResaveAndStopsWhenTheJobIsRemoved) {
+  ExpectConnectFollowsAResaveAndStopsWhenTheJobIsRemoved(dir_, /*tls=*/true);
+}
+
+// A stand-in proxy that refuses every handshake with "ERR denied" and counts them.
+class DenyingProxy {
+ public:
+  DenyingProxy() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        ::listen(fd_, 16) != 0 ||
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] {
+      for (;;) {
+        int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (c < 0) return;  // shut down
+        if (ReadLine(c, 8192).value_or("").starts_with("BROKER1 ")) {
+          ++handshakes_;
+          SendAll(c, "ERR denied\n");
+        }
+        ::close(c);
+      }
+    });
+  }
+  ~DenyingProxy() {
+    if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);
+    if (thread_.joinable()) thread_.join();
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int port() const { return port_; }
+  int handshakes() const { return handshakes_.load(); }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<int> handshakes_{0};
+  std::thread thread_;
+};
+
+TEST_F(ExecModeTest, ConnectDeniedWithTheSameSecretReportsItOnceAndKeepsServing) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  ASSERT_FALSE(d.SaveJob("cd", 6000).empty());
+  DenyingProxy proxy;
+  ASSERT_NE(proxy.port(), 0);
+  auto connect =
+      Child::Spawn({BinaryPath(), "connect", "cd", "--listen", "0", "-c", d.config_path(),
+                    "--proxy", "127.0.0.1:" + std::to_string(proxy.port())},
+                   dir_ / "connect.log");
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:");
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  for (int i = 1; i <= 2; ++i) {
+    int fd = ConnectTcp(port);
+    ASSERT_GE(fd, 0);
+    EXPECT_EQ(ReadLine(fd), std::nullopt) << "closed";
+    ::close(fd);
+    // The secret was fetched again, it is the same: no retry, the refusal reported.
+    EXPECT_TRUE(connect->WaitFor("connection " + std::to_string(i) + ": ")) << connect->Output();
+    EXPECT_EQ(proxy.handshakes(), i) << connect->Output();
+  }
+  EXPECT_NE(connect->Output().find("the broker still gives the same secret"), std::string::npos)
+      << connect->Output();
+  EXPECT_TRUE(connect->Running()) << connect->Output();
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
+}  // namespace
+}  // namespace brokerproxy::testing
