@@ -12,12 +12,14 @@
 #include <chrono>
 #include <ctime>
 #include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "e2e/harness.h"
 #include "registry/json.h"
+#include "support/socket_as.h"
 
 namespace brokerproxy::testing {
 namespace {
@@ -182,6 +184,48 @@ TEST_F(StatesTest, RefusedProxiedConnectionMakesAReadyJobDownUntilItListensAgain
                          " refused a proxied connection"),
             std::string::npos)
       << d.Log();
+  EXPECT_EQ(d.Stop(), 0);
+}
+
+// The owner check counts as a refusal: once another user's socket listens on the port of
+// alice's ready job, a proxied connection is not made and the job is down; it is ready again when
+// alice's service listens there again.
+TEST_F(StatesTest, AnotherUsersListenerMakesAReadyJobDown) {
+  std::optional<uid_t> alice = TestUser("bp-alice");
+  std::optional<uid_t> bob = TestUser("bp-bob");
+  ASSERT_TRUE(alice && bob);
+  Daemon d(dir_, "[registry]\nrecheck_interval = 0\n");
+  ASSERT_TRUE(d.Start());
+  const int port = FreePort();
+  int alices = ListenAs(*alice, "127.0.0.1", port);
+  ASSERT_GE(alices, 0);
+  std::string reply = ControlRequestAs(*alice, d.socket_path(),
+                                       R"({"op":"save","job":"o1","type":"ssh","host":"127.0.0.1",)"
+                                       R"("port":)" +
+                                           std::to_string(port) + "}");
+  auto saved = ParseOut(reply);
+  ASSERT_TRUE(saved) << reply;
+  std::string secret = JsonText(saved.get(), {"job", "secret"});
+  ASSERT_FALSE(secret.empty()) << reply;
+  EXPECT_TRUE(Eventually([&] { return QueryState(d, "o1") == "ready"; })) << d.Log();
+
+  close(alices);
+  int bobs = ListenAs(*bob, "127.0.0.1", port);
+  ASSERT_GE(bobs, 0);
+  EXPECT_EQ(ProxyReply(d, "o1", secret), "ERR unavailable");
+  EXPECT_TRUE(Eventually([&] { return QueryState(d, "o1") == "down"; }, 5000)) << d.Log();
+  EXPECT_NE(d.Log().find("job o1: its backend 127.0.0.1:" + std::to_string(port) +
+                         " refused a proxied connection"),
+            std::string::npos)
+      << d.Log();
+  // Bob's listener does not make it ready.
+  EXPECT_EQ(QueryState(d, "o1"), "down");
+
+  close(bobs);
+  alices = ListenAs(*alice, "127.0.0.1", port);
+  ASSERT_GE(alices, 0);
+  EXPECT_TRUE(Eventually([&] { return QueryState(d, "o1") == "ready"; })) << d.Log();
+  close(alices);
   EXPECT_EQ(d.Stop(), 0);
 }
 
