@@ -290,6 +290,20 @@ TEST_F(StatesTest, QueryListsJobsInNaturalOrder) {
     rows.push_back(text.out.substr(at + 1, text.out.find(' ', at + 1) - at - 1));
   }
   EXPECT_EQ(rows, want) << text;
+
+  // `stats` lists its per-job counters in the same order (a wrong secret makes an entry).
+  for (const char* id : {"11", "100", "7", "11.web", "9"}) {
+    EXPECT_EQ(ProxyReply(d, id, std::string(64, '0')), "ERR denied") << id;
+  }
+  auto stats = ParseOut(d.Cli({"stats", "--json"}));
+  ASSERT_TRUE(stats);
+  const cJSON* per_job = cJSON_GetObjectItemCaseSensitive(
+      cJSON_GetObjectItemCaseSensitive(stats.get(), "stats"), "per_job");
+  std::vector<std::string> counted;
+  for (const cJSON* j = cJSON_IsObject(per_job) ? per_job->child : nullptr; j; j = j->next) {
+    counted.push_back(j->string);
+  }
+  EXPECT_EQ(counted, want) << registry::PrintJson(stats.get());
   EXPECT_EQ(d.Stop(), 0);
 }
 
