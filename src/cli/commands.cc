@@ -55,16 +55,53 @@ std::string FormatTime(int64_t unix_seconds) {
   return buf;
 }
 
-Result<Job> JobFromReply(const cJSON* reply, const char* member, SecretField secret) {
-  const cJSON* j = cJSON_GetObjectItemCaseSensitive(reply, member);
-  if (!j) return Status::IOError(std::string("reply has no '") + member + "'");
-  Job job;
-  Status s = registry::JobFromJson(j, secret, &job);
-  if (!s.ok()) return Status::IOError("malformed reply: " + s.message());
-  return job;
+// How far off `unix_seconds` is from `now`, coarsely: "in 2d 3h", "in 5m 10s", "expired".
+std::string FormatRemaining(int64_t unix_seconds, int64_t now) {
+  int64_t left = unix_seconds - now;
+  if (left <= 0) return "expired";
+  struct Unit {
+    int64_t seconds;
+    const char* suffix;
+  };
+  static constexpr Unit kUnits[] = {{86400, "d"}, {3600, "h"}, {60, "m"}, {1, "s"}};
+  std::string out = "in";
+  int shown = 0;
+  for (const Unit& u : kUnits) {
+    // The two largest units that are not zero: enough to read at a glance.
+    if (left >= u.seconds && shown < 2) {
+      out += " " + std::to_string(left / u.seconds) + u.suffix;
+      left %= u.seconds;
+      ++shown;
+    } else if (shown > 0) {
+      ++shown;  // a zero unit after the first ends the form: "in 2d", not "in 2d 5m"
+    }
+  }
+  return out;
 }
 
-void PrintJob(const Job& job, OutputFormat format) {
+// "never", or the UTC time, how far off it is and the unix seconds.
+std::string DescribeExpiry(int64_t expires) {
+  if (expires == 0) return "never";
+  return FormatTime(expires) + " (" + FormatRemaining(expires, ::time(nullptr)) + "; unix " +
+         std::to_string(expires) + ")";
+}
+
+struct ShownJob {
+  Job job;
+  registry::JobState state = registry::JobState::kReady;
+};
+
+Result<ShownJob> JobFromReply(const cJSON* reply, const char* member, SecretField secret) {
+  const cJSON* j = cJSON_GetObjectItemCaseSensitive(reply, member);
+  if (!j) return Status::IOError(std::string("reply has no '") + member + "'");
+  ShownJob shown;
+  Status s = registry::JobFromJson(j, secret, &shown.job, &shown.state);
+  if (!s.ok()) return Status::IOError("malformed reply: " + s.message());
+  return shown;
+}
+
+void PrintJob(const ShownJob& shown, OutputFormat format) {
+  const Job& job = shown.job;
   if (format == OutputFormat::kEnv) {
     std::printf("BROKER_JOB_ID=%s\nBROKER_TYPE=%s\nBROKER_HOST=%s\nBROKER_PORT=%d\n",
                 job.id.c_str(), registry::JobTypeName(job.type), job.host.c_str(), job.port);
@@ -81,8 +118,8 @@ void PrintJob(const Job& job, OutputFormat format) {
   if (!job.cert_path.empty()) {
     std::printf("cert:     %s\ncertkey:  %s\n", job.cert_path.c_str(), job.key_path.c_str());
   }
-  std::printf("state:    %s\nexpires:  %s\n", job.ready ? "ready" : "waiting",
-              FormatTime(job.expires).c_str());
+  std::printf("state:    %s\nexpires:  %s\n", registry::JobStateName(shown.state),
+              DescribeExpiry(job.expires).c_str());
 }
 
 // Can a service on this host bind `port`? A port of the range may be held here by anything
@@ -455,13 +492,13 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
   // The command runs here and binds the port: if something here already holds it, saving
   // again replaces the job with a fresh port (the same key; a fresh certificate).
-  for (int attempt = 0;
-       job.ok() && exec_mode && job->port_allocated && !PortFreeHere(job->port) && attempt < 8;
+  for (int attempt = 0; job.ok() && exec_mode && job->job.port_allocated &&
+                        !PortFreeHere(job->job.port) && attempt < 8;
        ++attempt) {
     req.save.replace = true;  // our own entry of a moment ago
     reply = client->Call(req, kCallTimeoutMs);
     if (!reply.ok()) {
-      (void)remove_job(*job);  // the entry of the previous try, if it is still ours
+      (void)remove_job(job->job);  // the entry of the previous try, if it is still ours
       if (key_files) key_files->Discard();
       return reply.status();
     }
@@ -477,19 +514,19 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
                                 : key_files->Commit();
     if (s.ok()) s = proxy::WriteNewFile(key_files->cert_path, cert_pem, 0644);
     if (!s.ok()) {
-      (void)remove_job(*job);  // nothing may point at files that are not there
+      (void)remove_job(job->job);  // nothing may point at files that are not there
       key_files->Remove();
       return s;
     }
   }
 
   if (args.wait && !exec_mode) {
-    Request wait = MakeRequest(Op::kWait, job->id);
+    Request wait = MakeRequest(Op::kWait, job->job.id);
     wait.timeout_ms = wait_ms;
     auto ready = client->Call(wait, wait_ms + kCallTimeoutMs);
     if (!ready.ok()) {
       // Leave nothing behind that points at a service that never came up.
-      (void)remove_job(*job);
+      (void)remove_job(job->job);
       if (key_files) key_files->Remove();
       return ready.status();
     }
@@ -507,8 +544,8 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     return Status::OK();
   }
 
-  std::fprintf(stderr, "brokerproxy: job %s saved (backend %s:%d); running %s\n", job->id.c_str(),
-               job->host.c_str(), job->port, args.command[0].c_str());
+  std::fprintf(stderr, "brokerproxy: job %s saved (backend %s:%d); running %s\n",
+               job->job.id.c_str(), job->job.host.c_str(), job->job.port, args.command[0].c_str());
   std::fflush(stdout);
   // Whether our entry is gone already (removed on SIGTERM), or left to a newer save. Written on
   // the thread pool while RunCommand runs, read after it returned.
@@ -516,7 +553,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   bool replaced = false;
   // `last`: no later try (a failed try on SIGTERM is repeated once the command exited).
   auto deregister = [&](int64_t timeout_ms, bool last) {
-    auto removed = remove_job(*job, timeout_ms);
+    auto removed = remove_job(job->job, timeout_ms);
     if (removed.ok() || removed.status().code() == Status::Code::kNotFound) {
       deregistered = true;
       return;
@@ -525,15 +562,15 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
       deregistered = true;
       replaced = true;
       std::fprintf(stderr, "brokerproxy: job %s was saved again since; leaving it registered\n",
-                   job->id.c_str());
+                   job->job.id.c_str());
       return;
     }
     std::fprintf(stderr, "brokerproxy: %s: could not remove job %s: %s\n",
-                 last ? "warning" : "SIGTERM", job->id.c_str(), removed.status().message().c_str());
+                 last ? "warning" : "SIGTERM", job->job.id.c_str(), removed.status().message().c_str());
   };
   // When the job is being stopped the entry goes first, so that no new connection is routed to
   // a service that is shutting down; bounded, so the signal is forwarded anyway.
-  auto code = RunCommand(args.command, *job, [&] { deregister(kDeregisterTimeoutMs, false); });
+  auto code = RunCommand(args.command, job->job, [&] { deregister(kDeregisterTimeoutMs, false); });
   if (!deregistered) deregister(kCallTimeoutMs, true);
   // The service is gone: so is its key, unless a newer save of the id now keeps its own there.
   if (key_files && !replaced) key_files->Remove();
@@ -588,7 +625,7 @@ Status RunQuery(BrokerClient* client, OutputFormat format) {
     std::printf("no jobs\n");
     return Status::OK();
   }
-  // Jobs whose readiness probe gave up (no listener within ready_timeout) are "down".
+  // Older daemons give no "state": their "down" list, else "ready", decides.
   std::set<std::string> down;
   const cJSON* down_list = cJSON_GetObjectItemCaseSensitive(reply->get(), "down");
   for (const cJSON* d = cJSON_IsArray(down_list) ? down_list->child : nullptr; d; d = d->next) {
@@ -597,12 +634,15 @@ Status RunQuery(BrokerClient* client, OutputFormat format) {
   std::printf("%-24s %-4s %-28s %-8s %s\n", "JOB", "TYPE", "BACKEND", "STATE", "EXPIRES");
   for (const cJSON* j = jobs->child; j; j = j->next) {
     Job job;
-    Status js = registry::JobFromJson(j, SecretField::kOmit, &job);
+    registry::JobState state = registry::JobState::kReady;
+    Status js = registry::JobFromJson(j, SecretField::kOmit, &job, &state);
     if (!js.ok()) return Status::IOError("malformed reply: " + js.message());
+    if (!cJSON_GetObjectItemCaseSensitive(j, "state") && down.contains(job.id)) {
+      state = registry::JobState::kDown;
+    }
     std::string backend = job.host + ":" + std::to_string(job.port);
     std::printf("%-24s %-4s %-28s %-8s %s\n", job.id.c_str(), registry::JobTypeName(job.type),
-                backend.c_str(), job.ready ? "ready" : (down.contains(job.id) ? "down" : "waiting"),
-                FormatTime(job.expires).c_str());
+                backend.c_str(), registry::JobStateName(state), FormatTime(job.expires).c_str());
   }
   return Status::OK();
 }

@@ -46,8 +46,9 @@ Result<std::string> LoadSecret(BrokerClient* client, const std::string& job) {
   if (!reply.ok()) return reply.status();
   const cJSON* j = cJSON_GetObjectItemCaseSensitive(reply->get(), "job");
   registry::Job loaded;
+  registry::JobState state;  // a reply's job has one; any state is connected to
   if (!j) return Status::IOError("malformed reply: no job");
-  Status s = registry::JobFromJson(j, registry::SecretField::kInclude, &loaded);
+  Status s = registry::JobFromJson(j, registry::SecretField::kInclude, &loaded, &state);
   if (!s.ok()) return Status::IOError("malformed reply: " + s.message());
   return loaded.secret;
 }

@@ -170,6 +170,7 @@ class Daemon {
     registry::Broker::Options bo;
     bo.ready_timeout_ms = config_.ready_timeout_ms;
     bo.max_waits_per_user = static_cast<size_t>(config_.max_waits_per_user);
+    bo.recheck_interval_ms = config_.recheck_interval_ms;
     broker_ =
         std::make_unique<registry::Broker>(loop_.get(), registry_.get(), store_.get(), bo,
                                            [] { return static_cast<int64_t>(::time(nullptr)); });
@@ -218,6 +219,10 @@ class Daemon {
       if (proxy_) proxy_->OnJobChanged(id);
     });
     proxy_->set_frontend(proxy::Protocol::kTls, proxy::NewTlsFrontend(tls_settings_));
+    // What the proxy's dials find feeds the jobs' states (ready, down).
+    proxy_->set_dial_observer([this](const std::string& id, uint64_t generation, bool connected) {
+      if (broker_) broker_->OnBackendDial(id, generation, connected);
+    });
     BP_RETURN_IF_ERROR(proxy_->Start());
     broker_->set_stats_provider([this](cJSON* stats, uid_t caller) {
       if (control_) {

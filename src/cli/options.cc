@@ -116,6 +116,15 @@ const std::vector<Entry>& Entries() {
         "that are slow to start, such as notebook servers. At most 24h.",
         nullptr, kNo, 0, 86400},
        &Config::ready_timeout_ms},
+      {{"registry", "recheck_interval", T::kDuration, "60s",
+        "How often the daemon looks again at each ready job: one TCP connection to its backend "
+        "per interval, the jobs spread evenly over it so that hundreds of them are not all "
+        "dialled at once. A backend that no longer accepts is shown as down in `query` and "
+        "probed again until it listens (or for ready_timeout). A connection through the proxy "
+        "that the backend refuses does the same at once. 0 turns the periodic look off. At "
+        "most 24h.",
+        nullptr, kNo, 0, 86400},
+       &Config::recheck_interval_ms},
       {{"registry", "max_jobs_per_user", T::kInt, "64",
         "Most jobs one user may hold at once (0 to 1000000; 0 means no limit); saving one more "
         "fails with an error naming the limit until the user removes one (replacing an own "

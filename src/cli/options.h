@@ -41,12 +41,13 @@ struct Config {
   int max_waits_per_user = 32;            // pending `wait` requests of one uid
 
   // [registry]
-  registry::PortRange port_range;     // 28000-28999
-  int secret_bits = 256;              // 128..4096, multiple of 8
-  int64_t default_ttl_ms = 0;         // 0: jobs do not expire
-  int64_t ready_timeout_ms = 120000;  // how long `save --wait` and exec mode wait for a listener
-                                      // and the daemon probes for one
-  int max_jobs_per_user = 64;         // jobs one uid other than root may hold; 0: no limit
+  registry::PortRange port_range;       // 28000-28999
+  int secret_bits = 256;                // 128..4096, multiple of 8
+  int64_t default_ttl_ms = 0;           // 0: jobs do not expire
+  int64_t ready_timeout_ms = 120000;    // how long `save --wait` and exec mode wait for a listener
+                                        // and the daemon probes for one
+  int64_t recheck_interval_ms = 60000;  // each ready job's backend is dialled once per this; 0: off
+  int max_jobs_per_user = 64;           // jobs one uid other than root may hold; 0: no limit
   std::vector<std::string> backend_allow{"0.0.0.0/0", "::/0"};  // each a valid Cidr
 
   // [proxy]

@@ -98,6 +98,8 @@ bool Dialer::TryNext() {
       // what the address would not pass.
       Status allowed = check_(addr);
       if (!allowed.ok()) {
+        refused_ = refused_ || allowed.code() == Status::Code::kNotFound ||
+                   allowed.code() == Status::Code::kPermissionDenied;
         last_error_ = std::move(allowed);
         continue;
       }
@@ -109,6 +111,7 @@ bool Dialer::TryNext() {
     }
     socklen_t len = addr.ss_family == AF_INET ? sizeof(sockaddr_in) : sizeof(sockaddr_in6);
     if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), len) != 0 && errno != EINPROGRESS) {
+      refused_ = refused_ || errno == ECONNREFUSED;
       last_error_ = PosixError(
           "connect " + loop::FormatAddress(reinterpret_cast<const sockaddr*>(&addr)), errno);
       ::close(fd);
@@ -141,6 +144,7 @@ void Dialer::Connected(bool established) {
     err = ECONNREFUSED;
   }
   if (err != 0) {
+    refused_ = refused_ || err == ECONNREFUSED;
     last_error_ = PosixError("connect " + target_, err);
     socket_.reset();
     if (!TryNext()) Fail(last_error_);
@@ -148,6 +152,7 @@ void Dialer::Connected(bool established) {
   }
   socket_->SetCallback(nullptr);
   Callback cb = std::move(cb_);
+  if (observer_) observer_(/*connected=*/true, /*refused=*/false);
   cb(std::move(socket_));  // may destroy this
 }
 
@@ -155,7 +160,9 @@ void Dialer::Fail(Status status) {
   // Never inside Dial(): report on a later turn.
   pending_ = loop::Post(reactor_->loop(), [this, status] {
     Callback cb = std::move(cb_);
-    if (cb) cb(status.WithContext(target_));
+    if (!cb) return;
+    if (observer_) observer_(/*connected=*/false, refused_);
+    cb(status.WithContext(target_));
   });
 }
 

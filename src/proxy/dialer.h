@@ -77,6 +77,14 @@ class Dialer {
   void Dial(const std::string& host, int port, Callback cb, bool may_complete_inline = false);
   // Installs a check run on each resolved address before connecting to it. Before Dial().
   void set_check(AddressCheck check) { check_ = std::move(check); }
+  // Told how the dial ended, right before the callback runs: `connected`, or else `refused`
+  // if some address refused the connection (ECONNREFUSED, also a local port that connected to
+  // itself) or the check turned one away with NotFound or PermissionDenied (nothing, or the
+  // wrong user's socket, listens there: proxy/backend_policy.h). Neither: the name did not
+  // resolve, or the proxy could not even try (e.g. out of file descriptors). Must not destroy
+  // this Dialer. Before Dial().
+  using Observer = std::function<void(bool connected, bool refused)>;
+  void set_observer(Observer observer) { observer_ = std::move(observer); }
 
  private:
   // Starts connecting to the next address; false when none is left.
@@ -92,6 +100,8 @@ class Dialer {
   uint64_t resolve_group_ = loop::kNoResolveGroup;
   Callback cb_;
   AddressCheck check_;
+  Observer observer_;
+  bool refused_ = false;   // see set_observer()
   std::string target_;     // "host:port", for messages
   loop::Pending pending_;  // a name being resolved, or a failure being reported
   std::vector<sockaddr_storage> addresses_;

@@ -349,6 +349,10 @@ std::unique_ptr<Dialer> Proxy::NewDialer(const Target& target) {
     }
     return s;
   });
+  dialer->set_observer(
+      [this, job = target.job_id, generation = target.generation](bool connected, bool refused) {
+        if (dial_observer_ && (connected || refused)) dial_observer_(job, generation, connected);
+      });
   return dialer;
 }
 

@@ -196,6 +196,13 @@ class Proxy {
   // The registry replaced or removed job `id`: tells every connection (SSH sessions close).
   void OnJobChanged(const std::string& id);
 
+  // Told, on the loop thread, when a dial to the backend of job `job_id` (its record of
+  // `generation`) connected, or was refused (Dialer::set_observer); not for other failures.
+  // Must not call back into the proxy. The daemon feeds the broker's job states with it.
+  using DialObserver =
+      std::function<void(const std::string& job_id, uint64_t generation, bool connected)>;
+  void set_dial_observer(DialObserver observer) { dial_observer_ = std::move(observer); }
+
   // Where backends may be (set up by Start() with the bound listeners).
   const BackendPolicy& backend_policy() const { return policy_; }
   // A Dialer for `target`'s backend that connects only to addresses the backend policy admits
@@ -247,6 +254,7 @@ class Proxy {
   PipePool pipes_;
   ResolveCache resolver_;
   BackendPolicy policy_;
+  DialObserver dial_observer_;
   std::unique_ptr<loop::Reactor> reactor_;
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;

@@ -1,5 +1,11 @@
 #include "proxy/stats.h"
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "registry/job.h"
+
 namespace brokerproxy::proxy {
 
 std::pair<uint64_t, uint64_t> ByteReport::Flush(Stats* stats, const std::string& job, uint64_t up,
@@ -49,8 +55,16 @@ void Stats::AddToJson(cJSON* out, const std::function<bool(const std::string&)>&
   num(c, "bytes_up", g.bytes_up);
   num(c, "bytes_down", g.bytes_down);
   cJSON* jobs = cJSON_AddObjectToObject(out, "per_job");
-  for (const auto& [id, j] : jobs_) {
-    if (!visible(id)) continue;
+  // In the natural order of ids, as `query` lists jobs.
+  std::vector<const std::pair<const std::string, JobCounters>*> listed;
+  for (const auto& entry : jobs_) {
+    if (visible(entry.first)) listed.push_back(&entry);
+  }
+  std::sort(listed.begin(), listed.end(),
+            [](const auto* a, const auto* b) { return registry::NaturalLess(a->first, b->first); });
+  for (const auto* entry : listed) {
+    const std::string& id = entry->first;
+    const JobCounters& j = entry->second;
     cJSON* o = cJSON_AddObjectToObject(jobs, id.c_str());
     num(o, "connections", j.connections);
     num(o, "active", j.active);

@@ -137,6 +137,8 @@ void TlsConnection::Route(const std::string& sni) {
       target_.owner = job->owner;
       target_.host = job->host;
       target_.port = job->port;
+      // What the dial finds feeds the job's state (Proxy::set_dial_observer) for this record.
+      target_.generation = proxy_->registry().Generation(job->id);
       mode_ = "passthrough";
       state_ = State::kDialing;
       proxy_->EndHandshake(this);  // the job's service authenticates its clients itself

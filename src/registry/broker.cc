@@ -15,6 +15,7 @@ struct Broker::Probe {
   int port = 0;
   uid_t owner = 0;  // name look-ups count against the job's owner (loop::Resolve's group)
   bool refusal_logged = false;  // one log line per probe for a refused backend
+  bool recheck = false;         // one look at a ready job (StartProbe)
   int64_t delay_ms = 0;
   uint64_t give_up_at = 0;  // loop time (ms); 0: never
   size_t attempt = 0;
@@ -25,9 +26,9 @@ struct Broker::Probe {
 
 namespace {
 
-JsonPtr JobBody(const Job& job, SecretField secret) {
+JsonPtr JobBody(const Job& job, SecretField secret, JobState state) {
   JsonPtr body = NewObject();
-  Adopt(body.get(), "job", JobToJson(job, secret));
+  Adopt(body.get(), "job", JobToJson(job, secret, state));
   return body;
 }
 
@@ -51,7 +52,18 @@ Status Broker::Start() {
   for (const Job* job : registry_->All()) {
     if (!job->ready) StartProbe(*job);
   }
+  if (options_.recheck_interval_ms > 0) {
+    auto r = loop::Timer::Create(*loop_);
+    if (!r.ok()) return r.status();
+    recheck_timer_ = std::move(r).value();
+    recheck_timer_->Start(options_.recheck_interval_ms, [this] { RecheckNext(); });
+  }
   return Status::OK();
+}
+
+JobState Broker::StateOf(const Job& job) const {
+  if (down_.contains(job.id)) return JobState::kDown;
+  return job.ready ? JobState::kReady : JobState::kWaiting;
 }
 
 void Broker::ReplyLater(Reply reply, std::string line) {
@@ -88,8 +100,9 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
     }
     case Op::kLoad: {
       auto job = registry_->Get(req.job, caller);
-      ReplyLater(std::move(reply), job.ok() ? EncodeOk(JobBody(**job, SecretField::kInclude))
-                                            : EncodeError(job.status()));
+      ReplyLater(std::move(reply),
+                 job.ok() ? EncodeOk(JobBody(**job, SecretField::kInclude, StateOf(**job)))
+                          : EncodeError(job.status()));
       return nullptr;
     }
     case Op::kVerify: {
@@ -106,11 +119,14 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
     case Op::kQuery: {
       JsonPtr body = NewObject();
       cJSON* jobs = cJSON_AddArrayToObject(body.get(), "jobs");
+      // "down" repeats the down jobs' ids for clients that predate "state".
       cJSON* down = cJSON_AddArrayToObject(body.get(), "down");
       for (const Job* job : registry_->List(caller)) {
-        Adopt(jobs, nullptr, JobToJson(*job, SecretField::kOmit));
-        if (down_.contains(job->id))
+        JobState state = StateOf(*job);
+        Adopt(jobs, nullptr, JobToJson(*job, SecretField::kOmit, state));
+        if (state == JobState::kDown) {
           cJSON_AddItemToArray(down, cJSON_CreateString(job->id.c_str()));
+        }
       }
       ReplyLater(std::move(reply), EncodeOk(std::move(body)));
       return nullptr;
@@ -213,6 +229,9 @@ void Broker::SaveChecked(Request req, uid_t caller, Reply reply) {
 }
 
 void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCert> cert) {
+  // Every job starts waiting, whether or not the client waits for it: it is ready only once
+  // something of its owner's listens on its backend.
+  req.save.ready = false;
   auto saved = std::make_shared<Job>();
   auto replaced = std::make_shared<std::optional<Job>>();
   std::weak_ptr<bool> alive = alive_;
@@ -240,8 +259,8 @@ void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCe
                  JobTypeName(saved->type), saved->host.c_str(), saved->port,
                  saved->ready ? "" : ", waiting for a listener", static_cast<unsigned>(caller),
                  replaced->has_value() ? ", replacing the previous entry" : "");
-        if (!saved->ready) StartProbe(*saved);
-        JsonPtr body = JobBody(*saved, SecretField::kInclude);
+        StartProbe(*saved);
+        JsonPtr body = JobBody(*saved, SecretField::kInclude, StateOf(*saved));
         if (cert) {
           cJSON_AddStringToObject(body.get(), "cert_pem", cert->cert_pem.c_str());
           cJSON_AddStringToObject(body.get(), "ca_pem", cert->ca_pem.c_str());
@@ -272,7 +291,7 @@ void Broker::Remove(const std::string& id, const std::string& if_secret, uid_t c
         }
         LOG_INFO("removed job %s for uid %u", removed->id.c_str(), static_cast<unsigned>(caller));
         Forget(removed->id, Status::NotFound("job " + removed->id + " was removed"));
-        reply(EncodeOk(JobBody(*removed, SecretField::kOmit)));
+        reply(EncodeOk(JobBody(*removed, SecretField::kOmit, StateOf(*removed))));
       });
 }
 
@@ -282,8 +301,8 @@ Broker::Cancel Broker::Wait(const std::string& id, uid_t caller, int64_t timeout
     ReplyLater(std::move(reply), EncodeError(job.status()));
     return nullptr;
   }
-  if ((*job)->ready) {
-    ReplyLater(std::move(reply), EncodeOk(JobBody(**job, SecretField::kInclude)));
+  if (StateOf(**job) == JobState::kReady) {
+    ReplyLater(std::move(reply), EncodeOk(JobBody(**job, SecretField::kInclude, JobState::kReady)));
     return nullptr;
   }
   size_t& mine = waits_per_uid_[caller];
@@ -303,8 +322,12 @@ Broker::Cancel Broker::Wait(const std::string& id, uid_t caller, int64_t timeout
     return nullptr;
   }
   ++mine;
-  // A job whose probe gave up is probed again for as long as someone waits for it.
-  if (!probes_.contains(id)) StartProbe(**job);
+  // A job whose probe gave up is probed again for as long as someone waits for it; one never
+  // seen listening is waiting again meanwhile (one that went down from ready stays down).
+  if (!probes_.contains(id)) {
+    if (!(*job)->ready) down_.erase(id);
+    StartProbe(**job);
+  }
   auto waiter = std::make_unique<Waiter>();
   Waiter* w = waiter.get();
   w->serial = next_waiter_++;
@@ -355,7 +378,7 @@ void Broker::ReleaseWaiters(const std::string& id, const Status& status) {
   std::string line;
   if (status.ok()) {
     const Job* job = registry_->Find(id);
-    line = job ? EncodeOk(JobBody(*job, SecretField::kInclude))
+    line = job ? EncodeOk(JobBody(*job, SecretField::kInclude, StateOf(*job)))
                : EncodeError(Status::NotFound("job " + id + " is gone"));
   } else {
     line = EncodeError(status);
@@ -385,6 +408,7 @@ void Broker::AddStats(cJSON* stats, uid_t caller) {
 void Broker::Forget(const std::string& id, const Status& waiter_status) {
   probes_.erase(id);
   down_.erase(id);
+  reprobe_not_before_.erase(id);
   ReleaseWaiters(id, waiter_status);
 }
 
@@ -419,7 +443,65 @@ void Broker::SweepExpired() {
       });
 }
 
-void Broker::StartProbe(const Job& job) {
+void Broker::RecheckNext() {
+  const auto interval = static_cast<uint64_t>(options_.recheck_interval_ms);
+  if (recheck_next_ >= recheck_round_.size()) {
+    // A new round: the jobs ready now, one every interval / count, so hundreds of jobs do not
+    // all see a connection at once. Jobs saved meanwhile wait for the next round.
+    recheck_round_.clear();
+    recheck_next_ = 0;
+    for (const Job* job : registry_->All()) {
+      if (StateOf(*job) == JobState::kReady) recheck_round_.push_back(job->id);
+    }
+    if (recheck_round_.empty()) {
+      recheck_timer_->Start(interval, [this] { RecheckNext(); });
+      return;
+    }
+  }
+  const std::string id = recheck_round_[recheck_next_++];
+  const Job* job = registry_->Find(id);
+  if (job && StateOf(*job) == JobState::kReady && !probes_.contains(id)) {
+    StartProbe(*job, /*recheck=*/true);
+  }
+  uint64_t step = std::max<uint64_t>(interval / recheck_round_.size(), 1);
+  recheck_timer_->Start(step, [this] { RecheckNext(); });
+}
+
+void Broker::OnBackendDial(const std::string& id, uint64_t generation, bool connected) {
+  const Job* job = registry_->Find(id);
+  if (!job || registry_->Generation(id) != generation) return;  // another record now
+  if (connected) {
+    // As good as a probe: the dial passed the same owner check. OnProbeResult() drops the
+    // probe and the down mark at once, so a flood of connections acts once.
+    if (down_.contains(id) || (!job->ready && probes_.contains(id))) {
+      LOG_INFO("job %s: a proxied connection reached its backend", id.c_str());
+      OnProbeResult(id, true);
+    }
+    return;
+  }
+  if (StateOf(*job) != JobState::kReady) return;  // already probed, or given up on
+  MarkDown(*job, "refused a proxied connection");
+}
+
+void Broker::MarkDown(const Job& job, const char* why) {
+  LOG_INFO("job %s: its backend %s:%d %s; down until it listens again", job.id.c_str(),
+           job.host.c_str(), job.port, why);
+  down_.insert(job.id);
+  Probe* current = probes_.contains(job.id) ? probes_[job.id].get() : nullptr;
+  if (current != nullptr && !current->recheck) return;  // already probing
+  if (current != nullptr) {
+    current->recheck = false;  // its result now decides; it goes on as a readiness probe
+    return;
+  }
+  // Rate limit: whatever refuses how often, this job's probe starts at most once per holdoff.
+  uint64_t now = loop_->Now();
+  uint64_t& not_before = reprobe_not_before_[job.id];
+  uint64_t delay = not_before > now ? not_before - now : 0;
+  not_before = now + delay + static_cast<uint64_t>(options_.refusal_holdoff_ms);
+  StartProbe(job, /*recheck=*/false, static_cast<int64_t>(delay));
+}
+
+void Broker::StartProbe(const Job& job, bool recheck, int64_t delay_ms) {
   auto timer = loop::Timer::Create(*loop_);
   if (!timer.ok()) {
     LOG_ERROR("cannot probe job %s: %s", job.id.c_str(), timer.status().ToString().c_str());
@@ -434,15 +516,37 @@ void Broker::StartProbe(const Job& job) {
   if (options_.ready_timeout_ms > 0) {
     probe->give_up_at = loop_->Now() + static_cast<uint64_t>(options_.ready_timeout_ms);
   }
+  probe->recheck = recheck;
   probe->timer = std::move(timer).value();
-  down_.erase(job.id);
   Probe* p = probe.get();
   probes_[job.id] = std::move(probe);
+  if (delay_ms > 0) {
+    p->timer->Start(delay_ms, [this, p] { ProbeOnce(p); });
+    return;
+  }
   ProbeOnce(p);
 }
 
 void Broker::ProbeOnce(Probe* p) {
   auto retry = [this, p] {
+    if (p->recheck) {
+      // The one look at a ready job found nothing listening: the job is down and probed as a
+      // waiting one is, from now on.
+      const Job* job = registry_->Find(p->id);
+      if (job == nullptr) {
+        probes_.erase(p->id);  // frees *p: nothing may follow
+        return;
+      }
+      p->recheck = false;
+      if (options_.ready_timeout_ms > 0) {
+        p->give_up_at = loop_->Now() + static_cast<uint64_t>(options_.ready_timeout_ms);
+      }
+      LOG_INFO(
+          "job %s: its backend %s:%d did not accept the periodic re-check; down until it "
+          "listens again",
+          p->id.c_str(), p->host.c_str(), p->port);
+      down_.insert(p->id);
+    }
     // Past ready_timeout, and nobody waits for the job: stop dialling a backend that does not
     // come up (a user could otherwise keep the daemon dialling any host:port forever).
     if (p->give_up_at != 0 && loop_->Now() >= p->give_up_at && !waiters_.contains(p->id)) {
@@ -510,6 +614,14 @@ void Broker::OnProbeResult(const std::string& id_ref, bool listening) {
   std::string id = id_ref;  // the probe owning `id_ref` is about to go
   if (!listening) return;
   probes_.erase(id);
+  bool was_down = down_.erase(id) > 0;
+  const Job* current = registry_->Find(id);
+  if (current != nullptr && current->ready) {
+    // Seen listening before (a re-check, or a job back from down): nothing to persist.
+    if (was_down) LOG_INFO("job %s is ready again", id.c_str());
+    ReleaseWaiters(id, Status::OK());
+    return;
+  }
   std::weak_ptr<bool> alive = alive_;
   store_->Commit(
       [this, id]() -> Result<Store::Undo> {

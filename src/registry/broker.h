@@ -1,10 +1,23 @@
 // Broker: carries out control requests against the registry.
 //
 // It owns the policies around the bare Registry: persistence before acknowledging (Store),
-// expiry, readiness (a job saved with "wait" becomes ready once something accepts TCP
-// connections on its backend host:port, probed from the daemon, i.e. from where the proxy will
-// connect), and the "wait" op. Certificates for `ssl` jobs, proxy statistics and the CA
+// expiry, readiness and the "wait" op. Certificates for `ssl` jobs, proxy statistics and the CA
 // certificate come from hooks the daemon installs, so this layer does not depend on the proxy.
+//
+// States: every reply that shows a job (save, load, wait, query) gives it one JobState (job.h)
+// in "state", with "ready" equal to state == ready:
+//   - waiting: every job starts so (with or without "wait" in the save) and is probed: the
+//     daemon connects to its backend host:port, from where the proxy will connect, with the
+//     backend policy's owner check, backing off from probe_min_ms to probe_max_ms;
+//   - ready: a probe connected, or a proxied client's dial did (OnBackendDial); persisted;
+//   - down: the probe gave up (`ready_timeout_ms`), or the backend of a ready job refused a
+//     proxied connection (OnBackendDial) or a periodic re-check (`recheck_interval_ms`: one
+//     connect to each ready job per interval, spread evenly over it). A job that goes down
+//     from ready is probed again at once, as a waiting one is, and is ready again when its
+//     backend listens. Down is not persisted: after a restart a job is ready if it was ready
+//     (the first round of re-checks looks again), otherwise waiting and probed.
+// The proxy dials a job in any state: a client may connect right after its save, and what the
+// dial finds feeds the state.
 //
 // Replies are always delivered on a later loop turn than the Handle() call (P8).
 //
@@ -14,9 +27,10 @@
 // Limits, so one user cannot make the daemon work for them without end: a uid may have
 // `max_waits_per_user` waits pending (more are refused with ResourceExhausted), and a
 // readiness probe gives up after `ready_timeout_ms` unless a wait is still pending on the job:
-// the job is then *down* (still not ready; `query` lists it under "down") until a later wait
-// or save arms one probe again. A job has at most one probe, so a user's probes are bounded by
-// their jobs ([registry] max_jobs_per_user).
+// the job is then *down* (`query` also lists it under "down") until a later wait or save arms
+// one probe again. A job has at most one probe (a re-check is one), so a user's probes are
+// bounded by their jobs ([registry] max_jobs_per_user); a refused dial starts one at most every
+// `refusal_holdoff_ms` per job, however many clients are refused.
 //
 // Ownership: the daemon owns the Broker; `*loop`, `*registry` and `*store` must outlive it.
 // Destroying it drops pending probes, waits and replies. Loop-thread only.
@@ -34,6 +48,7 @@
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <vector>
 
 #include "loop/handle.h"
 #include "loop/loop.h"
@@ -85,8 +100,10 @@ class Broker {
     int64_t probe_min_ms = 100;      // readiness probe backoff, doubling ...
     int64_t probe_max_ms = 2000;     // ... up to this
     int64_t probe_connect_timeout_ms = 2000;
-    int64_t ready_timeout_ms = 120000;  // a probe gives up after this; 0: never
-    size_t max_waits_per_user = 32;     // pending waits of one uid (root included)
+    int64_t ready_timeout_ms = 120000;    // a probe gives up after this; 0: never
+    size_t max_waits_per_user = 32;       // pending waits of one uid (root included)
+    int64_t recheck_interval_ms = 60000;  // each ready job is connected to once per this; 0: never
+    int64_t refusal_holdoff_ms = 1000;    // a refused dial starts a job's probe at most this often
   };
 
   Broker(loop::Loop* loop, Registry* registry, Store* store, Options options, Clock clock);
@@ -99,6 +116,17 @@ class Broker {
 
   // Carries out `request`; the returned Cancel (empty if there is nothing to cancel) drops it.
   Cancel Handle(Request request, uid_t caller, Reply reply);
+
+  // What the proxy's dial to job `id`'s backend found, for the record of `generation`
+  // (Registry::Generation; a dial for an older record is ignored): `connected` (the backend
+  // policy's owner check passed and the connection was made), or else refused (connection
+  // refused, or the owner check failed). A connection makes a waiting or down job ready; a
+  // refusal makes a ready job down and probes it again (at most one probe start per job every
+  // refusal_holdoff_ms). Loop thread; does not call back into the proxy.
+  void OnBackendDial(const std::string& id, uint64_t generation, bool connected);
+
+  // The state clients are shown for `job` (a job of this broker's registry).
+  JobState StateOf(const Job& job) const;
 
   void set_stats_provider(StatsProvider p) { stats_provider_ = std::move(p); }
   void set_ca_provider(CaProvider p) { ca_provider_ = std::move(p); }
@@ -131,8 +159,15 @@ class Broker {
   void AddStats(cJSON* stats, uid_t caller);
   void SweepExpired();
 
-  void StartProbe(const Job& job);
+  // Probes `job` (replacing any probe it has) after `delay_ms`. A `recheck` is one cheap
+  // connect to a ready job: success changes nothing, failure makes the job down and turns the
+  // probe into a readiness probe.
+  void StartProbe(const Job& job, bool recheck = false, int64_t delay_ms = 0);
   void ProbeOnce(Probe* probe);
+  // Re-checks the next ready job of the current round, and arms the timer for the one after.
+  void RecheckNext();
+  // A ready job's backend stopped listening: down, and probed again (rate-limited).
+  void MarkDown(const Job& job, const char* why);
   void OnProbeResult(const std::string& id, bool listening);
   // The job changed identity (removed or replaced): stop its probe and release its waiters.
   void Forget(const std::string& id, const Status& waiter_status);
@@ -157,8 +192,14 @@ class Broker {
   std::unordered_multimap<std::string, std::unique_ptr<Waiter>> waiters_;
   std::unordered_map<uid_t, size_t> waits_per_uid_;
   uint64_t next_waiter_ = 0;
-  // Jobs whose probe gave up: not ready and not probed until a wait or a save.
+  // Jobs that are down (see above); not persisted.
   std::unordered_set<std::string> down_;
+  // Per job, the loop time (ms) before which a refused dial starts no probe.
+  std::unordered_map<std::string, uint64_t> reprobe_not_before_;
+  // The periodic re-check: the ready jobs of the current round, and the next to look at.
+  loop::HandlePtr<loop::Timer> recheck_timer_;
+  std::vector<std::string> recheck_round_;
+  size_t recheck_next_ = 0;
   std::unordered_map<uint64_t, loop::Pending> cert_jobs_;  // also save-time resolutions
   uint64_t next_cert_job_ = 0;
   // Lets callbacks that may outlive this object (store commits) see that it is gone.

@@ -17,7 +17,10 @@
 //             {"op":"verify","job":"12345","secret":"<hex>"}
 //             {"op":"wait","job":"12345","timeout":120000}     (milliseconds)
 //             {"op":"query"} {"op":"stats"} {"op":"ca"}
-//   reply:    {"ok":true, ...op-specific fields}
+//             (a save's "wait" is kept for older clients: every saved job starts waiting and
+//             is probed, broker.h; the client waits with a "wait" op)
+//   reply:    {"ok":true, ...op-specific fields}; a job is an object with "state" ("ready",
+//             "waiting" or "down") and "ready" (state == "ready")
 //             {"ok":false,"error":"<one line for a person>","code":"<Status code name>"}
 //
 // A pure codec: no I/O, no registry access, so it is unit-tested and fuzzed on its own. The

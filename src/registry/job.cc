@@ -30,6 +30,14 @@ bool ValidPath(std::string_view path) {
 
 bool ValidTime(int64_t t) { return t >= 0 && t <= kMaxJobTime; }
 
+bool IsDigit(char c) { return c >= '0' && c <= '9'; }
+
+// The end of the digit run starting at `at` in `s`.
+size_t DigitRunEnd(std::string_view s, size_t at) {
+  while (at < s.size() && IsDigit(s[at])) ++at;
+  return at;
+}
+
 }  // namespace
 
 const char* JobTypeName(JobType type) {
@@ -50,6 +58,73 @@ std::optional<JobType> ParseJobType(std::string_view name) {
     return JobType::kSsl;
   }
   return std::nullopt;
+}
+
+const char* JobStateName(JobState state) {
+  switch (state) {
+    case JobState::kReady:
+      return "ready";
+    case JobState::kWaiting:
+      return "waiting";
+    case JobState::kDown:
+      return "down";
+  }
+  return "unknown";
+}
+
+std::optional<JobState> ParseJobState(std::string_view name) {
+  for (JobState s : {JobState::kReady, JobState::kWaiting, JobState::kDown}) {
+    if (name == JobStateName(s)) {
+      return s;
+    }
+  }
+  return std::nullopt;
+}
+
+int NaturalCompare(std::string_view a, std::string_view b) {
+  // The first difference in leading zeros between equal numbers, used only if nothing else
+  // differs.
+  int zeros_tie = 0;
+  size_t i = 0;
+  size_t j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (!IsDigit(a[i]) || !IsDigit(b[j])) {
+      // A digit against anything else, or two other bytes: byte order (unsigned, as memcmp).
+      const auto ca = static_cast<unsigned char>(a[i]);
+      const auto cb = static_cast<unsigned char>(b[j]);
+      if (ca != cb) {
+        return ca < cb ? -1 : 1;
+      }
+      ++i;
+      ++j;
+      continue;
+    }
+    const size_t a_end = DigitRunEnd(a, i);
+    const size_t b_end = DigitRunEnd(b, j);
+    size_t a_start = i;
+    size_t b_start = j;
+    while (a_start + 1 < a_end && a[a_start] == '0') ++a_start;
+    while (b_start + 1 < b_end && b[b_start] == '0') ++b_start;
+    // Without leading zeros, the longer run is the larger number; equal lengths compare
+    // digit by digit, which is numeric order.
+    const size_t a_len = a_end - a_start;
+    const size_t b_len = b_end - b_start;
+    if (a_len != b_len) {
+      return a_len < b_len ? -1 : 1;
+    }
+    if (int c = a.substr(a_start, a_len).compare(b.substr(b_start, b_len)); c != 0) {
+      return c < 0 ? -1 : 1;
+    }
+    if (zeros_tie == 0 && (a_end - i) != (b_end - j)) {
+      zeros_tie = (a_end - i) < (b_end - j) ? -1 : 1;
+    }
+    i = a_end;
+    j = b_end;
+  }
+  if (i < a.size() || j < b.size()) {
+    return i < a.size() ? 1 : -1;  // a prefix first
+  }
+  return zeros_tie;
 }
 
 bool ValidJobId(std::string_view id) {

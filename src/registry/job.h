@@ -34,10 +34,20 @@ struct Job {
   std::string key_path;         // `ssl` jobs: its private key (PEM, 0600), else empty
   int64_t created = 0;          // unix seconds
   int64_t expires = 0;          // unix seconds; 0 = never
-  bool ready = true;            // false while the daemon waits for the backend to listen
+  // Seen listening since it was saved (persisted); false while the daemon waits for the backend
+  // to listen. What clients are shown is the JobState the broker derives from it (broker.h).
+  bool ready = true;
 
   bool operator==(const Job&) const = default;
 };
+
+// What a job's backend looked like to the daemon lately (broker.h says how each is decided):
+// ready: seen listening; waiting: not seen listening yet, and probed; down: the probe gave up,
+// or the backend refused a connection after it was ready and has not listened since.
+enum class JobState { kReady, kWaiting, kDown };
+
+const char* JobStateName(JobState state);  // "ready" | "waiting" | "down"
+std::optional<JobState> ParseJobState(std::string_view name);
 
 // Job times are unix seconds in 0..kMaxJobTime (the last second of year 9999). The bound keeps
 // them exact in the snapshot: cJSON prints numbers with 15 significant digits.
@@ -50,6 +60,15 @@ bool ValidJobId(std::string_view id);
 // and "abc" must never be two jobs of two users. The registry stores and looks up this form;
 // every parser may hand it any spelling.
 std::string CanonicalJobId(std::string_view id);
+// Natural order of ids, as jobs are listed: runs of digits compare as the numbers they spell
+// ("7" < "9" < "11"), everything else byte by byte ("11" < "11.web" < "11_2" < "11a"), a string
+// before every longer string it begins. Digit runs of any length compare exactly (no integer
+// conversion). Equal numbers spelt with different leading zeros ("7" and "07") are ordered by
+// the first such run, fewer zeros first, so only identical strings compare equal: a total order.
+// Returns <0, 0 or >0.
+int NaturalCompare(std::string_view a, std::string_view b);
+inline bool NaturalLess(std::string_view a, std::string_view b) { return NaturalCompare(a, b) < 0; }
+
 // Backend hosts: a DNS name or an IPv4/IPv6 literal, 1..253 characters of
 // [A-Za-z0-9.:_-], not starting with '-'; no spaces, no brackets, nothing a shell, a command
 // line or a log line could misread.

@@ -151,7 +151,7 @@ Status ReadBool(const cJSON* obj, const char* name, bool* out) {
   return Status::OK();
 }
 
-JsonPtr JobToJson(const Job& job, SecretField secret) {
+JsonPtr JobToJson(const Job& job, SecretField secret, std::optional<JobState> state) {
   JsonPtr obj = NewObject();
   AddString(obj.get(), "id", job.id);
   AddString(obj.get(), "type", JobTypeName(job.type));
@@ -166,21 +166,24 @@ JsonPtr JobToJson(const Job& job, SecretField secret) {
   }
   AddNumber(obj.get(), "created", static_cast<double>(job.created));
   AddNumber(obj.get(), "expires", static_cast<double>(job.expires));
-  AddBool(obj.get(), "ready", job.ready);
+  if (state) {
+    AddBool(obj.get(), "ready", *state == JobState::kReady);
+    AddString(obj.get(), "state", JobStateName(*state));
+  } else {
+    AddBool(obj.get(), "ready", job.ready);
+  }
   return obj;
 }
 
-Status JobFromJson(const cJSON* obj, SecretField secret, Job* job) {
+Status JobFromJson(const cJSON* obj, SecretField secret, Job* job, JobState* state) {
   if (!cJSON_IsObject(obj)) return Status::Corruption("must be a JSON object");
-  if (secret == SecretField::kInclude) {
-    BP_RETURN_IF_ERROR(
-        CheckFieldNames(obj, {"id", "type", "owner", "host", "port", "port_allocated", "secret",
-                              "cert_path", "key_path", "created", "expires", "ready"}));
-  } else {
-    BP_RETURN_IF_ERROR(
-        CheckFieldNames(obj, {"id", "type", "owner", "host", "port", "port_allocated", "cert_path",
-                              "key_path", "created", "expires", "ready"}));
-  }
+  // The names a record may have: "secret" only with kInclude, "state" only in replies (a name
+  // left out is replaced by a second "ready", which adds nothing).
+  const char* secret_name = secret == SecretField::kInclude ? "secret" : "ready";
+  const char* state_name = state != nullptr ? "state" : "ready";
+  BP_RETURN_IF_ERROR(
+      CheckFieldNames(obj, {"id", "type", "owner", "host", "port", "port_allocated", secret_name,
+                            "cert_path", "key_path", "created", "expires", "ready", state_name}));
   BP_RETURN_IF_ERROR(ReadString(obj, "id", /*required=*/true, &job->id));
   std::string type;
   BP_RETURN_IF_ERROR(ReadString(obj, "type", /*required=*/true, &type));
@@ -207,6 +210,16 @@ Status JobFromJson(const cJSON* obj, SecretField secret, Job* job) {
   BP_RETURN_IF_ERROR(ReadInt(obj, "created", 0, kMaxJobTime, &job->created));
   BP_RETURN_IF_ERROR(ReadInt(obj, "expires", 0, kMaxJobTime, &job->expires));
   BP_RETURN_IF_ERROR(ReadBool(obj, "ready", &job->ready));
+  if (state != nullptr) {
+    *state = job->ready ? JobState::kReady : JobState::kWaiting;
+    std::string name;
+    BP_RETURN_IF_ERROR(ReadString(obj, "state", /*required=*/false, &name));
+    if (!name.empty()) {
+      std::optional<JobState> parsed = ParseJobState(name);
+      if (!parsed) return Status::Corruption("field 'state' must be ready, waiting or down");
+      *state = *parsed;
+    }
+  }
   Status valid = CheckJob(*job);
   if (secret == SecretField::kOmit) job->secret.clear();
   if (!valid.ok()) return Status::Corruption(valid.message());

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -53,12 +54,16 @@ enum class SecretField { kOmit, kInclude };
 
 // {"id","type","owner","host","port","port_allocated","secret","cert_path","key_path",
 //  "created","expires","ready"}: "secret" only with kInclude, the paths only for ssl jobs.
-JsonPtr JobToJson(const Job& job, SecretField secret);
+// With `state` (replies to clients), "state" is added and "ready" is state == kReady; without
+// it (the snapshot), "ready" is the record's own flag.
+JsonPtr JobToJson(const Job& job, SecretField secret, std::optional<JobState> state = std::nullopt);
 
 // The inverse, checking every field name, type and range, and the job with CheckJob(). With
-// kOmit the secret must be absent (query replies carry none) and is left empty. On failure
-// `job->id` holds whatever id was read, for the caller's message.
-Status JobFromJson(const cJSON* obj, SecretField secret, Job* job);
+// kOmit the secret must be absent (query replies carry none) and is left empty. With `state`
+// (replies) a "state" member is allowed and read into it; without one ("ready" only, as older
+// daemons reply) it is derived: ready, or else waiting. On failure `job->id` holds whatever id
+// was read, for the caller's message.
+Status JobFromJson(const cJSON* obj, SecretField secret, Job* job, JobState* state = nullptr);
 
 }  // namespace brokerproxy::registry
 

@@ -230,7 +230,8 @@ std::vector<const Job*> Registry::List(uid_t caller) const {
       out.push_back(&job);
     }
   }
-  std::sort(out.begin(), out.end(), [](const Job* a, const Job* b) { return a->id < b->id; });
+  std::sort(out.begin(), out.end(),
+            [](const Job* a, const Job* b) { return NaturalLess(a->id, b->id); });
   return out;
 }
 

@@ -109,9 +109,9 @@ class Registry {
   // mutation of the registry.
   const Job* Find(std::string_view id) const;
 
-  // Jobs `caller` may see (all for uid 0), sorted by id.
+  // Jobs `caller` may see (all for uid 0), in natural order of ids (NaturalLess, job.h).
   std::vector<const Job*> List(uid_t caller) const;
-  // Every job, sorted by id (for snapshots).
+  // Every job, in the same order (for snapshots).
   std::vector<const Job*> All() const { return List(0); }
 
   // Ids of jobs with 0 < expires <= now, sorted.

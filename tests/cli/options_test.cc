@@ -26,6 +26,7 @@ void ExpectSameConfig(const Config& a, const Config& b) {
   EXPECT_EQ(a.secret_bits, b.secret_bits);
   EXPECT_EQ(a.default_ttl_ms, b.default_ttl_ms);
   EXPECT_EQ(a.ready_timeout_ms, b.ready_timeout_ms);
+  EXPECT_EQ(a.recheck_interval_ms, b.recheck_interval_ms);
   EXPECT_EQ(a.listen, b.listen);
   EXPECT_EQ(a.plain_allow, b.plain_allow);
   EXPECT_EQ(a.max_connections, b.max_connections);
@@ -72,6 +73,7 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
                                        "registry.secret_bits",
                                        "registry.default_ttl",
                                        "registry.ready_timeout",
+                                       "registry.recheck_interval",
                                        "registry.max_jobs_per_user",
                                        "registry.backend_allow",
                                        "proxy.listen",

@@ -477,7 +477,6 @@ void Backend::AcceptLoop() {
     if (poll(&p, 1, 50) <= 0) continue;
     int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (fd < 0) continue;
-    connections_++;
     std::lock_guard<std::mutex> lock(mu_);
     fds_.push_back(fd);
     workers_.emplace_back([this, fd] { Serve(fd); });
@@ -488,7 +487,13 @@ void Backend::Serve(int fd) {
   if (!options_.banner.empty()) SendAll(fd, options_.banner);
   std::string line;
   char c;
-  while (line.size() < 256 && recv(fd, &c, 1, 0) == 1 && c != '\n') line += c;
+  bool counted = false;
+  while (line.size() < 256 && recv(fd, &c, 1, 0) == 1) {
+    if (!counted) connections_++;  // the first byte: not a readiness probe
+    counted = true;
+    if (c == '\n') break;
+    line += c;
+  }
   std::vector<char> buf(256 * 1024);
   if (line == "echo") {
     for (;;) {

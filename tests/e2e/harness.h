@@ -164,6 +164,8 @@ class Backend {
   Backend& operator=(const Backend&) = delete;
 
   int port() const { return port_; }
+  // Connections that sent at least one byte: the daemon's readiness probes, which connect and
+  // close without one, are not counted.
   int connections() const { return connections_.load(); }
 
  private:

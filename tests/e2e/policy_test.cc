@@ -32,7 +32,8 @@ bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000) {
 }
 
 // An echo service on 127.0.0.1 whose listening socket belongs to `uid`; serves one connection
-// at a time and counts connections and bytes.
+// at a time and counts connections and bytes. A connection counts once it sends a byte: the
+// daemon's readiness probes connect and close without one.
 class OwnedServer {
  public:
   explicit OwnedServer(uid_t uid, int port = 0) {
@@ -63,13 +64,14 @@ class OwnedServer {
       if (::poll(&p, 1, 50) <= 0) continue;
       int c = ::accept(fd_, nullptr, nullptr);
       if (c < 0) continue;
-      connections_++;
       timeval tv{10, 0};
       ::setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
       char buf[16384];
-      for (;;) {
+      for (bool counted = false;;) {
         ssize_t n = ::recv(c, buf, sizeof(buf), 0);
         if (n <= 0) break;
+        if (!counted) connections_++;
+        counted = true;
         bytes_ += static_cast<uint64_t>(n);
         if (!SendAll(c, buf, static_cast<size_t>(n))) break;
       }

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <set>
 #include <string>
 #include <utility>
@@ -494,6 +495,122 @@ TEST(RegistryTest, ListFiltersByCallerAndSortsById) {
   EXPECT_EQ(ids(registry.List(kRoot)), (std::vector<std::string>{"a", "b", "c", "d"}));
   EXPECT_EQ(ids(registry.All()), ids(registry.List(kRoot)));
   EXPECT_TRUE(registry.List(4242).empty());
+}
+
+// ---- Natural order ----
+
+// Sorts `ids` with NaturalLess.
+std::vector<std::string> Natural(std::vector<std::string> ids) {
+  std::sort(ids.begin(), ids.end(),
+            [](const std::string& a, const std::string& b) { return NaturalLess(a, b); });
+  return ids;
+}
+
+TEST(NaturalOrderTest, DigitRunsCompareAsNumbers) {
+  EXPECT_EQ(Natural({"11", "7", "9"}), (std::vector<std::string>{"7", "9", "11"}));
+  EXPECT_EQ(Natural({"11_2", "11a", "11.web", "11", "9", "100", "10"}),
+            (std::vector<std::string>{"9", "10", "11", "11.web", "11_2", "11a", "100"}));
+  EXPECT_EQ(Natural({"job10.b", "job9.b", "job10.a", "job", "job2"}),
+            (std::vector<std::string>{"job", "job2", "job9.b", "job10.a", "job10.b"}));
+  // Every run counts, not just the first.
+  EXPECT_EQ(Natural({"1.10", "1.9", "1.1", "2.0"}),
+            (std::vector<std::string>{"1.1", "1.9", "1.10", "2.0"}));
+  // Everything else is bytewise: a digit is 0x30..0x39 among the other id characters.
+  EXPECT_LT(NaturalCompare("a-1", "a.1"), 0);  // '-' < '.'
+  EXPECT_LT(NaturalCompare("a.1", "a1"), 0);   // '.' < '0'..'9'
+  EXPECT_LT(NaturalCompare("a1", "a_1"), 0);   // digits < '_'
+  EXPECT_LT(NaturalCompare("a_1", "ab"), 0);
+  EXPECT_EQ(NaturalCompare("", ""), 0);
+  EXPECT_LT(NaturalCompare("", "0"), 0);
+  EXPECT_EQ(NaturalCompare("abc", "abc"), 0);
+  EXPECT_EQ(NaturalCompare("x12y", "x12y"), 0);
+}
+
+TEST(NaturalOrderTest, LeadingZerosCompareByValueThenDeterministically) {
+  EXPECT_LT(NaturalCompare("007", "9"), 0);
+  EXPECT_LT(NaturalCompare("9", "010"), 0);
+  EXPECT_GT(NaturalCompare("0011", "9"), 0);
+  // Equal numbers: fewer zeros first, decided by the first run where they differ, and only
+  // when nothing else differs.
+  EXPECT_LT(NaturalCompare("7", "07"), 0);
+  EXPECT_GT(NaturalCompare("07", "7"), 0);
+  EXPECT_LT(NaturalCompare("07", "007"), 0);
+  EXPECT_LT(NaturalCompare("0", "00"), 0);
+  EXPECT_GT(NaturalCompare("a07b1", "a7b01"), 0) << "the first run with other zeros decides";
+  EXPECT_LT(NaturalCompare("a7b01", "a07b1"), 0);
+  EXPECT_LT(NaturalCompare("07a", "7b"), 0) << "zeros matter only if the rest is equal";
+  EXPECT_LT(NaturalCompare("007.1", "7.2"), 0);
+  EXPECT_EQ(Natural({"07", "7", "007", "6", "8"}),
+            (std::vector<std::string>{"6", "7", "07", "007", "8"}));
+}
+
+TEST(NaturalOrderTest, LongDigitRunsCompareExactly) {
+  // Far beyond any integer type: compared digit by digit, never converted.
+  const std::string big(60, '9');                         // 10^60 - 1
+  const std::string bigger = "1" + std::string(60, '0');  // 10^60
+  EXPECT_LT(NaturalCompare(big, bigger), 0);
+  EXPECT_GT(NaturalCompare(bigger, big), 0);
+  EXPECT_LT(NaturalCompare("18446744073709551615", "18446744073709551616"), 0);  // 2^64 - 1, 2^64
+  EXPECT_LT(NaturalCompare("18446744073709551616", "18446744073709551617"), 0);
+  EXPECT_LT(NaturalCompare("9", "18446744073709551616"), 0);
+  // Numbers that wrap to the same value modulo 2^64 are still told apart.
+  EXPECT_NE(NaturalCompare("1", "18446744073709551617"), 0);
+  EXPECT_LT(NaturalCompare("1", "18446744073709551617"), 0);
+  // Equal values with long zero prefixes: deterministic, and a tie only for identical text.
+  const std::string zeros = std::string(40, '0') + big;
+  EXPECT_GT(NaturalCompare(zeros, big), 0);
+  EXPECT_LT(NaturalCompare(big, zeros), 0);
+  EXPECT_EQ(NaturalCompare(zeros, zeros), 0);
+  EXPECT_LT(NaturalCompare(std::string(64, '0'), "1"), 0);
+}
+
+TEST(NaturalOrderTest, IsAStrictTotalOrder) {
+  // Antisymmetric and transitive over a mix of the cases above; equal only when identical.
+  std::vector<std::string> ids = {"",
+                                  "0",
+                                  "00",
+                                  "07",
+                                  "7",
+                                  "9",
+                                  "11",
+                                  "011",
+                                  "11.web",
+                                  "11_2",
+                                  "11a",
+                                  "a",
+                                  "a1",
+                                  "a01",
+                                  "a1b",
+                                  "a-1",
+                                  "a.1",
+                                  "a_1",
+                                  "1.10",
+                                  "1.9",
+                                  "01.9",
+                                  "99999999999999999999999",
+                                  "100000000000000000000000"};
+  for (const auto& a : ids) {
+    for (const auto& b : ids) {
+      int ab = NaturalCompare(a, b);
+      EXPECT_EQ(ab == 0, a == b) << a << " vs " << b;
+      EXPECT_EQ(ab<0, NaturalCompare(b, a)> 0) << a << " vs " << b;
+      for (const auto& c : ids) {
+        if (ab < 0 && NaturalCompare(b, c) < 0) {
+          EXPECT_LT(NaturalCompare(a, c), 0) << a << " < " << b << " < " << c;
+        }
+      }
+    }
+  }
+}
+
+TEST(RegistryTest, ListIsInNaturalOrder) {
+  Registry registry(RangeOptions(100, 199));
+  for (const char* id : {"11", "7", "9", "11.web", "100", "11_2"}) {
+    MustSave(registry, Request(id), kAlice);
+  }
+  std::vector<std::string> ids;
+  for (const Job* job : registry.List(kAlice)) ids.push_back(job->id);
+  EXPECT_EQ(ids, (std::vector<std::string>{"7", "9", "11", "11.web", "11_2", "100"}));
 }
 
 // ---- Expiry ----
