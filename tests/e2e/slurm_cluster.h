@@ -3,10 +3,11 @@
 // One controller and two compute "nodes" on this one host, with a munged of their own:
 //   n1  NodeAddr=127.0.0.1  NodeHostname=<this hostname>
 //   n2  NodeAddr=127.0.0.2  NodeHostname=<this hostname>
-// in one partition `debug` (the default). Everything the cluster writes (slurm.conf, munge key
-// and socket, state, spool, logs, pid files, job output) lives in its own temporary directory,
-// and its ports are free ones picked at start, so it never touches /etc/slurm, the default
-// ports 6817-6819 or a Slurm that may already run on the machine. Clients reach it through
+// in one partition `debug` (the default), each with 4 CPUs whatever the host has, so eight
+// one-CPU jobs run at once (a ninth stays PENDING). Everything the cluster writes (slurm.conf,
+// munge key and socket, state, spool, logs, pid files, job output) lives in its own temporary
+// directory, and its ports are free ones picked at start, so it never touches /etc/slurm, the
+// default ports 6817-6819 or a Slurm that may already run on the machine. Clients reach it through
 // env() (SLURM_CONF), which jobs inherit from `sbatch` as well.
 //
 // Use:
