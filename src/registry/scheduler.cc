@@ -498,11 +498,25 @@ Status RunCommand(const std::vector<std::string>& argv, int64_t timeout_ms, size
   close(out_pipe[0]);
   close(err_pipe[0]);
   if (timed_out || too_much) kill(-pid, SIGKILL);
+  // The output ended: wait (until the deadline) for the child to exit, without reaping it.
+  while (!timed_out && !too_much) {
+    siginfo_t info{};
+    int rc = waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT);
+    if (rc == 0 && info.si_pid == pid) break;
+    if (rc < 0 && errno != EINTR) break;
+    if (MonotonicMs() >= deadline) {
+      timed_out = true;
+      break;
+    }
+    usleep(2000);
+  }
+  // Whatever is left of its process group (a wrapper's children) goes too. Only now, with the
+  // child exited but not yet reaped: its pid, and so the group's id, cannot have been reused
+  // by then (as root, a stale -pid could kill another user's process group).
+  kill(-pid, SIGKILL);
   int status = 0;
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
-  // A wrapper's children that outlived it (they held no pipe, or we stopped reading) go too.
-  kill(-pid, SIGKILL);
 
   if (timed_out) {
     return Status::Unavailable(what + " timed out after " + std::to_string(timeout_ms) + " ms");

@@ -440,6 +440,22 @@ TEST_F(SchedulerListTest, ACommandPastItsTimeoutIsKilledWithItsChildren) {
   }
 }
 
+TEST_F(SchedulerListTest, ACommandsLeftoverChildrenAreKilledWhenItExits) {
+  // A wrapper that leaves a child behind, holding none of the pipes.
+  Script("squeue", "sleep 60 </dev/null >/dev/null 2>&1 &\necho $! > " + (dir_ / "sleep.pid") +
+                       "\ncat " + (dir_ / "squeue.json"));
+  Make();
+  auto r = List();
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  pid_t pid = std::atoi(ReadFile(dir_ / "sleep.pid").c_str());
+  ASSERT_GT(pid, 1);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!Gone(pid) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(Gone(pid)) << pid;
+}
+
 TEST_F(SchedulerListTest, TooMuchOutputIsAnError) {
   Script("squeue", "head -c 3000000 /dev/zero");
   options_.max_output_bytes = 1 << 20;
