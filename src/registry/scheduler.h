@@ -10,6 +10,15 @@
 // processes off the loop thread, each bounded by a timeout and an output limit. One call lists
 // every job; its answer is cached, so a burst of saves and the reconciler share one call.
 //
+// A command runs on the libuv pool (one call in flight per Scheduler, so it holds at most one
+// of the pool's threads), with the daemon's environment (SLURM_CONF and the like pass
+// through), stdin from /dev/null, in a process group of its own. Its stdout is read up to
+// max_output_bytes and the first line of its stderr goes into the error message. At
+// call_timeout_ms or past the output limit the whole group is killed (SIGKILL); when the
+// command exits, whatever is left of its group is killed too; the child is always reaped.
+// sinfo's node names are kept for 60 s, and asked again sooner when a job names a node they
+// lack.
+//
 // Ownership: the daemon owns the Scheduler; `*loop` outlives it. Loop-thread only.
 
 #ifndef BROKERPROXY_REGISTRY_SCHEDULER_H_
