@@ -591,7 +591,13 @@ Result<JobTable> ListPbs(CallState* st) {
   std::string out;
   BP_RETURN_IF_ERROR(
       RunCommand({o.qstat, "-f", "-F", "json"}, o.call_timeout_ms, o.max_output_bytes, &out));
-  auto table = ParsePbsJobs(out, LookUpUid);
+  // One look-up per user, not per job: a user may have thousands.
+  std::map<std::string, std::optional<uid_t>> uids;
+  auto table = ParsePbsJobs(out, [&uids](const std::string& user) {
+    auto it = uids.find(user);
+    if (it == uids.end()) it = uids.emplace(user, LookUpUid(user)).first;
+    return it->second;
+  });
   if (!table.ok()) return table.status().WithContext("qstat -f -F json");
   return table;
 }

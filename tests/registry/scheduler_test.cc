@@ -506,6 +506,10 @@ TEST_F(SchedulerListTest, PbsThroughQstat) {
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   ASSERT_NE((*r)->Find("125_4"), nullptr);
   EXPECT_EQ((*r)->Find("123")->hosts, (Names{"node1", "node2"}));
+  // Owners through the password database (bp-alice exists once an e2e test made it).
+  EXPECT_EQ((*r)->Find("123")->owner, LookUpUid("bp-alice").value_or(kNoOwner));
+  EXPECT_EQ((*r)->Find("126")->owner, kNoOwner);
+  EXPECT_EQ(LookUpUid("root"), std::optional<uid_t>(0));
   EXPECT_EQ(std::string(SchedulerTypeName(SchedulerType::kPbs)), "pbs");
 }
 
