@@ -286,7 +286,9 @@ Status ParseSlurmJob(const cJSON* j, const SlurmNodes& nodes, std::vector<std::s
   job->state = state;
   job->running = state == "RUNNING" || state == "CONFIGURING";
   // Without a time limit squeue still prints an end_time (about a year ahead): not a limit.
-  job->end_time = time_limit && end_time ? *end_time : 0;
+  // No limit is null, or Slurm's INFINITE (0xffffffff) or NO_VAL (0xfffffffe) printed raw.
+  const bool limited = time_limit && *time_limit < 0xfffffffeLL;
+  job->end_time = limited && end_time ? *end_time : 0;
 
   auto names = ExpandHostlist(node_list);
   if (!names.ok()) return names.status().WithContext("job " + job->id + " nodes");

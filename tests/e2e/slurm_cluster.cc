@@ -132,6 +132,8 @@ std::string SlurmCluster::jobs_dir() const { return *dir_ / "jobs"; }
        << "JobAcctGatherType=jobacct_gather/none\n"
        << "AccountingStorageType=accounting_storage/none\n"
        << "SchedulerType=sched/backfill\n"
+       // Heterogeneous jobs start only in a backfill pass: one a second, not every 30 s.
+       << "SchedulerParameters=bf_interval=1\n"
        << "SelectType=select/cons_tres\n"
        << "SelectTypeParameters=CR_Core\n"
        << "ReturnToService=2\n"

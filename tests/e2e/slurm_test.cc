@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <sstream>
 
 #include "e2e/harness.h"
 #include "e2e/slurm_cluster.h"
@@ -47,10 +48,16 @@ TEST(SlurmClusterTest, RunsJobsOfTestUsersAndStopsEverything) {
   EXPECT_EQ(ps.out, "") << ps;
 }
 
-// The first line of a Slurm client's output for one job (squeue -o FORMAT).
+// squeue's FORMAT for the job it prints as `id` (squeue -j L+O lists every component of L, so
+// the line is picked by %i), "" if none.
 std::string Squeue(const SlurmCluster& cluster, const std::string& id, const std::string& format) {
-  RunResult r = cluster.Run({"squeue", "-h", "--states=all", "-j", id, "-o", format});
-  return r.out.substr(0, r.out.find('\n'));
+  RunResult r = cluster.Run({"squeue", "-h", "--states=all", "-o", "%i|" + format});
+  std::istringstream lines(r.out);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.compare(0, id.size() + 1, id + "|") == 0) return line.substr(id.size() + 1);
+  }
+  return "";
 }
 
 // Scheduler::List through MakeScheduler on a real loop, with the cluster's SLURM_CONF in the
@@ -67,13 +74,17 @@ TEST(SlurmSchedulerTest, ListSeesOwnersStatesHostsAndArrayTasks) {
   ASSERT_TRUE(cluster.WaitFor(cancelled, "RUNNING")) << cluster.JobState(cancelled);
   ASSERT_TRUE(cluster.Scancel(cancelled));
   ASSERT_TRUE(cluster.WaitFor(cancelled, "CANCELLED")) << cluster.JobState(cancelled);
+  // A heterogeneous job of two components, L+0 and L+1.
+  std::string het = cluster.Sbatch(*bob, {"-N1", "--wrap", "sleep 300", ":", "-N1"}, &error);
+  ASSERT_FALSE(het.empty()) << error;
   std::string a = cluster.Sbatch(*alice, {"--wrap", "sleep 300"}, &error);
   std::string b = cluster.Sbatch(*bob, {"--wrap", "sleep 300"}, &error);
   std::string array = cluster.Sbatch(*alice, {"--array=1-2", "--wrap", "sleep 300"}, &error);
   std::string pending = cluster.Sbatch(*bob, {"--begin=now+1hour", "--wrap", "sleep 300"}, &error);
   ASSERT_TRUE(!a.empty() && !b.empty() && !array.empty() && !pending.empty()) << error;
-  for (const std::string& id : {a, b, array + "_1", array + "_2"}) {
-    ASSERT_TRUE(cluster.WaitFor(id, "RUNNING")) << id << ": " << cluster.JobState(id);
+  for (const std::string& id : {het + "+0", het + "+1", a, b, array + "_1", array + "_2"}) {
+    ASSERT_TRUE(cluster.WaitFor(id, "RUNNING", 60000))
+        << id << ": " << cluster.JobState(id) << " " << Squeue(cluster, id, "%r");
   }
   ASSERT_EQ(cluster.JobState(pending), "PENDING");
 
@@ -107,7 +118,7 @@ TEST(SlurmSchedulerTest, ListSeesOwnersStatesHostsAndArrayTasks) {
   EXPECT_TRUE(job->running);
   EXPECT_EQ(job->state, "RUNNING");
   EXPECT_EQ(job->hosts, hosts_of(a));
-  EXPECT_EQ(job->end_time, 0);  // no time limit
+  EXPECT_EQ(job->end_time, 0) << Squeue(cluster, a, "%l %e");  // no time limit
   job = table.Find(b);
   ASSERT_NE(job, nullptr);
   EXPECT_EQ(job->owner, *bob);
@@ -125,6 +136,19 @@ TEST(SlurmSchedulerTest, ListSeesOwnersStatesHostsAndArrayTasks) {
     EXPECT_EQ(job->aliases, std::vector<std::string>{raw}) << id;
     EXPECT_EQ(table.Find(raw), job) << raw;
   }
+  for (const char* offset : {"+0", "+1"}) {
+    std::string id = het + offset;
+    job = table.Find(id);
+    ASSERT_NE(job, nullptr) << id;
+    EXPECT_EQ(job->id, id);
+    EXPECT_EQ(job->owner, *bob);
+    EXPECT_TRUE(job->running);
+    EXPECT_EQ(job->hosts, hosts_of(id));
+    std::string raw = Squeue(cluster, id, "%A");
+    EXPECT_EQ(table.Find(raw), job) << raw;
+  }
+  // What sbatch printed names the first component.
+  EXPECT_EQ(table.Find(het)->id, het + "+0");
   job = table.Find(pending);
   ASSERT_NE(job, nullptr);
   EXPECT_FALSE(job->running);

@@ -160,6 +160,20 @@ std::string OneJob(const std::string& fields) {
          fields + "}]}";
 }
 
+TEST(SchedulerSlurmTest, EndTimeOnlyForAJobWithATimeLimit) {
+  SlurmNodes nodes = FixtureNodes();
+  auto end = [&](const std::string& fields) -> int64_t {
+    auto t = ParseSlurmJobs(OneJob(R"(,"end_time":1000)" + fields), nodes);
+    EXPECT_TRUE(t.ok()) << fields;
+    return t.ok() ? t->jobs()[0].end_time : -1;
+  };
+  EXPECT_EQ(end(R"(,"time_limit":5)"), 1000);
+  EXPECT_EQ(end(""), 0);
+  EXPECT_EQ(end(R"(,"time_limit":null)"), 0);
+  EXPECT_EQ(end(R"(,"time_limit":4294967295)"), 0);  // INFINITE
+  EXPECT_EQ(end(R"(,"time_limit":4294967294)"), 0);  // NO_VAL
+}
+
 TEST(SchedulerSlurmTest, RefusesMalformedListings) {
   SlurmNodes nodes = FixtureNodes();
   ASSERT_TRUE(ParseSlurmJobs(OneJob(""), nodes).ok());
