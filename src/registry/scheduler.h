@@ -58,8 +58,10 @@ struct SchedulerJob {
   // True while a service of the job may register: Slurm RUNNING or CONFIGURING (also
   // COMPLETING is false), PBS "R".
   bool running = false;
-  std::string state;     // the scheduler's word for the state, for messages: "PENDING", "Q"
-  int64_t end_time = 0;  // unix seconds when the time limit ends the job; 0: no limit known
+  std::string state;  // the scheduler's word for the state, for messages: "PENDING", "Q"
+  // Unix seconds when the time limit ends the job; 0: no limit known. (Slurm gives a job
+  // without a limit that its backfill scheduler starts a limit of 365 days.)
+  int64_t end_time = 0;
   // Every name the job's nodes go by, lower case: Slurm NodeName, NodeHostname and NodeAddr of
   // each node; PBS the exec hosts. A backend host must be one of them.
   std::vector<std::string> hosts;

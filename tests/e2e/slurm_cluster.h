@@ -4,12 +4,14 @@
 //   n1  NodeAddr=127.0.0.1  NodeHostname=<this hostname>
 //   n2  NodeAddr=127.0.0.2  NodeHostname=<this hostname>
 // in one partition `debug` (the default), each with 4 CPUs whatever the host has, so eight
-// one-CPU jobs run at once (a ninth stays PENDING). Everything the cluster writes (slurm.conf,
-// munge key and socket, state, spool, logs, pid files, job output) lives in its own temporary
-// directory, and its ports are free ones picked at start, so it never touches /etc/slurm, the
-// default ports 6817-6819 or a Slurm that may already run on the machine. Clients reach it through
-// env() (SLURM_CONF), which jobs inherit from `sbatch` as well; a daemon under test that asks
-// Slurm needs env() in its environment. Test suites that use it are named Slurm* (see below).
+// one-CPU jobs run at once (a ninth stays PENDING). Backfill runs every second, so a
+// heterogeneous job ("sbatch ... : ...", components L+0, L+1) starts within seconds. Everything the
+// cluster writes (slurm.conf, munge key and socket, state, spool, logs, pid files, job output)
+// lives in its own temporary directory, and its ports are free ones picked at start, so it never
+// touches /etc/slurm, the default ports 6817-6819 or a Slurm that may already run on the machine.
+// Clients reach it through env() (SLURM_CONF), which jobs inherit from `sbatch` as well; a daemon
+// under test that asks Slurm needs env() in its environment. Test suites that use it are named
+// Slurm* (see below).
 //
 // Use:
 //   SlurmCluster cluster;
