@@ -26,10 +26,10 @@
 // fails, so no Slurm daemon outlives its test.
 //
 // Start-up takes about a second and shutdown well under one (measured here: 0.3-1.2 s up,
-// 0.2-0.4 s down; SlurmClusterTest prints both). Jobs run as the user
-// who submitted them; their output goes to a directory every user may write (mode 1777).
-// Tests using it must not run concurrently with each other (CTest label `slurm`, serialised in
-// tests/CMakeLists.txt): they share the host's CPUs, which the nodes advertise.
+// 0.2-0.4 s down; SlurmClusterTest prints both). Jobs run as the user who submitted them;
+// their output goes to a directory every user may write (mode 1777). Tests using it must not
+// run concurrently with each other (CTest label `slurm`, serialised in tests/CMakeLists.txt):
+// they share the host's CPUs, which the nodes advertise.
 //
 // Thread safety: one thread.
 
