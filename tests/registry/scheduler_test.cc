@@ -419,6 +419,39 @@ TEST_F(SchedulerListTest, AskesSinfoAgainForANodeItDoesNotKnow) {
   EXPECT_EQ(Runs("sinfo"), 2);
 }
 
+TEST_F(SchedulerListTest, ACallbackMayListAgainOrDestroyTheScheduler) {
+  Make();
+  std::optional<Result<Scheduler::Table>> second;
+  loop::Pending again;
+  bool first_called = false;
+  auto first = scheduler_->List(0, [&](Result<Scheduler::Table> r) {
+    first_called = true;
+    EXPECT_TRUE(r.ok());
+    again = scheduler_->List(0, [&](Result<Scheduler::Table> r2) { second = r2; });
+  });
+  while (!second) loop_->Run(UV_RUN_ONCE);
+  EXPECT_TRUE(first_called);
+  EXPECT_TRUE(second->ok());
+  EXPECT_EQ(Runs("squeue"), 2);
+  // The owner goes from inside its own callback, and with a call in flight: no callback later.
+  bool destroyed = false;
+  auto last = scheduler_->List(0, [&](Result<Scheduler::Table>) {
+    scheduler_.reset();
+    destroyed = true;
+  });
+  while (!destroyed) loop_->Run(UV_RUN_ONCE);
+  Make();
+  int late = 0;
+  auto dropped = scheduler_->List(0, [&](Result<Scheduler::Table>) { ++late; });
+  scheduler_.reset();
+  // Until the call on the pool came back (the loop has nothing left then).
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (loop_->Run(UV_RUN_NOWAIT) != 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(late, 0);
+}
+
 // True once `pid` is gone or a zombie (whose reaping is its parent's business).
 bool Gone(pid_t pid) {
   std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
