@@ -9,6 +9,7 @@
 //             {"op":"verify","job":"12345","secret":"<hex>"}
 //             {"op":"wait","job":"12345","timeout":120000}     (milliseconds)
 //             {"op":"query"} {"op":"stats"} {"op":"ca"}
+//             {"op":"epilog","job":"12345"}   (root and [scheduler] admin_uids: the job ended)
 //   reply:    {"ok":true, ...op-specific fields}
 //             {"ok":false,"error":"<one line for a person>","code":"<Status code name>"}
 //
@@ -37,13 +38,13 @@ inline constexpr size_t kMaxReplyBytes = 64u << 20;
 inline constexpr int64_t kMaxTtlSeconds = int64_t{10} * 365 * 24 * 3600;
 inline constexpr int64_t kMaxWaitMs = int64_t{24} * 3600 * 1000;
 
-enum class Op { kSave, kLoad, kVerify, kQuery, kRemove, kStats, kWait, kCa };
+enum class Op { kSave, kLoad, kVerify, kQuery, kRemove, kStats, kWait, kCa, kEpilog };
 
 const char* OpName(Op op);
 
 struct Request {
   Op op = Op::kQuery;
-  std::string job;         // load, verify, remove, wait; save: the id to save
+  std::string job;         // load, verify, remove, wait, epilog; save: the id to save
   SaveRequest save;        // save (save.id == job)
   std::string secret;      // verify; never logged
   std::string csr;         // save of an ssl job: PEM certificate signing request
