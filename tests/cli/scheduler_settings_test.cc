@@ -2,6 +2,7 @@
 // refused with a message naming the key, user names become uids.
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include "cli/daemon.h"
 #include "cli/options.h"
@@ -71,6 +72,27 @@ TEST(SchedulerSettingsTest, BadValuesAreRefusedNamingTheKey) {
   Config c = DefaultConfig();
   EXPECT_FALSE(ParseConfigText("[scheduler]\nreconcile_interval = 2d\n", "t", &c).ok());
   EXPECT_FALSE(ParseConfigText("[scheduler]\ncache = 5m\n", "t", &c).ok());
+}
+
+}  // namespace
+}  // namespace brokerproxy::cli
+
+namespace brokerproxy::cli {
+namespace {
+
+// A '+' (a Slurm heterogeneous component, "12+1") cannot be part of a TLS server name: `save
+// ssl` refuses such an id at once, before it makes a key or asks the daemon.
+TEST(SaveSslIdTest, IdWithPlusIsRefusedBeforeAnyKeyIsMade) {
+  testing::TempDir dir;
+  testing::RunOptions o;
+  o.env = {"XDG_STATE_HOME=" + dir.path()};
+  testing::RunResult r =
+      testing::RunCommand({testing::BinaryPath(), "save", "ssl", "--job-id", "12+1", "--port",
+                           "8000", "--socket", dir / "none.sock"},
+                          o);
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_NE(r.err.find("job 12+1 cannot be an ssl job"), std::string::npos) << r;
+  EXPECT_NE(::access((dir / "brokerproxy").c_str(), F_OK), 0) << "a key directory was made";
 }
 
 }  // namespace
