@@ -12,7 +12,7 @@
 # `build-fuzz/fuzz/fuzz_TARGET FILE`, shrink it with `-minimize_crash=1 -runs=10000 FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-targets=(address client_hello config control_request preamble snapshot)
+targets=(address client_hello config control_request preamble scheduler snapshot)
 target="${1:-}"
 arg="${2:-60}"
 case " ${targets[*]} " in

@@ -244,6 +244,7 @@ class Daemon {
     bo.reconcile_interval_ms = config_.reconcile_interval_ms;
     bo.end_grace_s = config_.end_grace_ms / 1000;
     bo.scheduler_cache_ms = config_.scheduler_cache_ms;
+    bo.scheduler_call_timeout_ms = config_.scheduler_call_timeout_ms;
     bo.admin_uids = scheduler->admin_uids;
     broker_ =
         std::make_unique<registry::Broker>(loop_.get(), registry_.get(), store_.get(), bo,

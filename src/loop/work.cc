@@ -66,7 +66,23 @@ struct DeferredState final : PendingState {
   void Cancel() override {}  // the deferred function checks `owner`
 };
 
+// Owned by its token alone: dropping the token tells the issuer and frees the state.
+struct WatchState final : PendingState {
+  std::shared_ptr<bool> attached;
+  void Cancel() override {
+    *attached = false;
+    delete this;
+  }
+};
+
 }  // namespace
+
+Pending WatchPending(std::shared_ptr<bool> attached) {
+  auto* st = new WatchState;
+  *attached = true;
+  st->attached = std::move(attached);
+  return Pending(st);
+}
 
 Pending Post(Loop& loop, std::function<void()> fn) {
   auto* st = new DeferredState;

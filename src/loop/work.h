@@ -50,6 +50,11 @@ class Pending {
 // Runs `fn` on a later loop iteration (Loop::Defer), unless the token was dropped first.
 Pending Post(Loop& loop, std::function<void()> fn);
 
+// A token for a request its issuer answers itself (e.g. one answer shared by several
+// callers): `*attached` is set true, and false once the owner drops or detaches the token;
+// the issuer checks it before calling back. active() stays true until the token is dropped.
+Pending WatchPending(std::shared_ptr<bool> attached);
+
 // Runs `work` on the thread pool, then `after` on the loop thread.
 Pending QueueWork(Loop& loop, std::function<void()> work, std::function<void()> after);
 

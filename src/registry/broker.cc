@@ -574,9 +574,11 @@ void Broker::OnListing(int64_t asked, Result<std::shared_ptr<const JobTable>> ta
     return;
   }
   last_listing_error_log_ = 0;
-  // A listing may be up to max_age old: an entry saved since then may have been checked on a
-  // newer one (its job started meanwhile), so it waits for the next pass.
-  int64_t listed_after = asked - options_.reconcile_interval_ms / 2000 - 1;
+  // A listing may be up to max_age old, plus the time of the call it joined: an entry saved
+  // since then may have been checked on a newer one (its job started meanwhile), so it waits
+  // for a later pass.
+  int64_t listed_after =
+      asked - (options_.reconcile_interval_ms / 2 + options_.scheduler_call_timeout_ms) / 1000 - 1;
   int64_t now = clock_();
   Changes changes;
   for (const Job* job : registry_->All()) {

@@ -103,10 +103,11 @@ class Broker {
     int64_t ready_timeout_ms = 120000;  // a probe gives up after this; 0: never
     size_t max_waits_per_user = 32;     // pending waits of one uid (root included)
     // With a scheduler only:
-    int64_t reconcile_interval_ms = 30000;  // how often entries are checked against the jobs
-    int64_t end_grace_s = 300;              // an entry expires this long after its job's end
-    int64_t scheduler_cache_ms = 2000;      // the listing age a save accepts
-    std::vector<uid_t> admin_uids;          // may run "epilog", besides root
+    int64_t reconcile_interval_ms = 30000;      // how often entries are checked against the jobs
+    int64_t end_grace_s = 300;                  // an entry expires this long after its job's end
+    int64_t scheduler_cache_ms = 2000;          // the listing age a save accepts
+    int64_t scheduler_call_timeout_ms = 10000;  // a listing may be this much older still
+    std::vector<uid_t> admin_uids;              // may run "epilog", besides root
   };
 
   Broker(loop::Loop* loop, Registry* registry, Store* store, Options options, Clock clock);

@@ -17,6 +17,7 @@ namespace brokerproxy::testing {
 namespace {
 
 constexpr int kNodes = 2;
+constexpr int kCpusPerNode = 4;
 
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -144,11 +145,14 @@ std::string SlurmCluster::jobs_dir() const { return *dir_ / "jobs"; }
        // Cancelled jobs die fast; finished ones stay visible for half a minute.
        << "KillWait=2\n"
        << "MinJobAge=30\n"
-       << "InactiveLimit=0\n";
+       << "InactiveLimit=0\n"
+       // The nodes claim more CPUs than the host may have (room for many sleeping jobs):
+       // trust slurm.conf rather than drain them.
+       << "SlurmdParameters=config_overrides\n";
   std::string nodes;
   for (int i = 1; i <= kNodes; ++i) {
     conf << "NodeName=n" << i << " NodeHostname=" << hostname_ << " NodeAddr=127.0.0." << i
-         << " Port=" << port[i] << " CPUs=2 RealMemory=2000 State=UNKNOWN\n";
+         << " Port=" << port[i] << " CPUs=" << kCpusPerNode << " RealMemory=2000 State=UNKNOWN\n";
     nodes += (i > 1 ? ",n" : "n") + std::to_string(i);
   }
   conf << "PartitionName=debug Nodes=" << nodes << " Default=YES MaxTime=INFINITE State=UP\n";

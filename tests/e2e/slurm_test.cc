@@ -8,6 +8,8 @@
 
 #include "e2e/harness.h"
 #include "e2e/slurm_cluster.h"
+#include "loop/loop.h"
+#include "registry/scheduler.h"
 
 namespace brokerproxy::testing {
 namespace {
@@ -43,6 +45,96 @@ TEST(SlurmClusterTest, RunsJobsOfTestUsersAndStopsEverything) {
   RunResult ps =
       RunCommand({"sh", "-c", "grep -lsF 'SLURM_CONF=" + conf + "' /proc/[0-9]*/environ"});
   EXPECT_EQ(ps.out, "") << ps;
+}
+
+// The first line of a Slurm client's output for one job (squeue -o FORMAT).
+std::string Squeue(const SlurmCluster& cluster, const std::string& id, const std::string& format) {
+  RunResult r = cluster.Run({"squeue", "-h", "--states=all", "-j", id, "-o", format});
+  return r.out.substr(0, r.out.find('\n'));
+}
+
+// Scheduler::List through MakeScheduler on a real loop, with the cluster's SLURM_CONF in the
+// process environment (which the scheduler's commands inherit, as the daemon's do).
+TEST(SlurmSchedulerTest, ListSeesOwnersStatesHostsAndArrayTasks) {
+  std::optional<uid_t> alice = TestUser("bp-alice");
+  std::optional<uid_t> bob = TestUser("bp-bob");
+  ASSERT_TRUE(alice && bob);
+  START_SLURM(cluster);
+  std::string error;
+  // Cancelled first, so the jobs below never wait for its CPU.
+  std::string cancelled = cluster.Sbatch(*alice, {"--wrap", "sleep 300"}, &error);
+  ASSERT_FALSE(cancelled.empty()) << error;
+  ASSERT_TRUE(cluster.WaitFor(cancelled, "RUNNING")) << cluster.JobState(cancelled);
+  ASSERT_TRUE(cluster.Scancel(cancelled));
+  ASSERT_TRUE(cluster.WaitFor(cancelled, "CANCELLED")) << cluster.JobState(cancelled);
+  std::string a = cluster.Sbatch(*alice, {"--wrap", "sleep 300"}, &error);
+  std::string b = cluster.Sbatch(*bob, {"--wrap", "sleep 300"}, &error);
+  std::string array = cluster.Sbatch(*alice, {"--array=1-2", "--wrap", "sleep 300"}, &error);
+  std::string pending = cluster.Sbatch(*bob, {"--begin=now+1hour", "--wrap", "sleep 300"}, &error);
+  ASSERT_TRUE(!a.empty() && !b.empty() && !array.empty() && !pending.empty()) << error;
+  for (const std::string& id : {a, b, array + "_1", array + "_2"}) {
+    ASSERT_TRUE(cluster.WaitFor(id, "RUNNING")) << id << ": " << cluster.JobState(id);
+  }
+  ASSERT_EQ(cluster.JobState(pending), "PENDING");
+
+  const char* old_conf = getenv("SLURM_CONF");
+  std::string saved = old_conf != nullptr ? old_conf : "";
+  setenv("SLURM_CONF", cluster.conf_path().c_str(), 1);
+  auto loop = loop::Loop::Create();
+  ASSERT_TRUE(loop.ok());
+  registry::SchedulerOptions options;
+  options.type = registry::SchedulerType::kSlurm;
+  auto scheduler = registry::MakeScheduler(loop->get(), options);
+  std::optional<Result<registry::Scheduler::Table>> got;
+  auto token = scheduler->List(0, [&](Result<registry::Scheduler::Table> r) { got = r; });
+  while (!got) (*loop)->Run(UV_RUN_ONCE);  // bounded by call_timeout_ms
+  if (old_conf != nullptr) {
+    setenv("SLURM_CONF", saved.c_str(), 1);
+  } else {
+    unsetenv("SLURM_CONF");
+  }
+  ASSERT_TRUE(got->ok()) << got->status().ToString();
+  const registry::JobTable& table = ***got;
+
+  // A job's hosts: its node's NodeName, this host's name (NodeHostname) and NodeAddr.
+  auto hosts_of = [&](const std::string& id) {
+    std::string node = Squeue(cluster, id, "%N");
+    return std::vector<std::string>{node, cluster.hostname(), "127.0.0." + node.substr(1)};
+  };
+  const registry::SchedulerJob* job = table.Find(a);
+  ASSERT_NE(job, nullptr);
+  EXPECT_EQ(job->owner, *alice);
+  EXPECT_TRUE(job->running);
+  EXPECT_EQ(job->state, "RUNNING");
+  EXPECT_EQ(job->hosts, hosts_of(a));
+  EXPECT_EQ(job->end_time, 0);  // no time limit
+  job = table.Find(b);
+  ASSERT_NE(job, nullptr);
+  EXPECT_EQ(job->owner, *bob);
+  EXPECT_TRUE(job->running);
+  EXPECT_EQ(job->hosts, hosts_of(b));
+  for (const char* task : {"_1", "_2"}) {
+    std::string id = array + task;
+    job = table.Find(id);
+    ASSERT_NE(job, nullptr) << id;
+    EXPECT_EQ(job->id, id);
+    EXPECT_EQ(job->owner, *alice);
+    EXPECT_TRUE(job->running);
+    EXPECT_EQ(job->hosts, hosts_of(id));
+    std::string raw = Squeue(cluster, id, "%A");  // the task's own numeric job id
+    EXPECT_EQ(job->aliases, std::vector<std::string>{raw}) << id;
+    EXPECT_EQ(table.Find(raw), job) << raw;
+  }
+  job = table.Find(pending);
+  ASSERT_NE(job, nullptr);
+  EXPECT_FALSE(job->running);
+  EXPECT_EQ(job->state, "PENDING");
+  EXPECT_EQ(job->hosts, std::vector<std::string>{});
+  job = table.Find(cancelled);
+  EXPECT_TRUE(job == nullptr || !job->running);
+  scheduler.reset();
+  token.Detach();
+  EXPECT_TRUE((*loop)->Close().ok());
 }
 
 }  // namespace

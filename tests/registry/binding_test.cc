@@ -81,6 +81,7 @@ class BindingTest : public ::testing::Test {
     Broker::Options o;
     o.reconcile_interval_ms = 20;
     o.end_grace_s = 300;
+    o.scheduler_call_timeout_ms = 1000;
     o.admin_uids = {kAdmin};
     broker_ =
         std::make_unique<Broker>(loop_.get(), &registry_, store_.get(), o, [this] { return now_; });
