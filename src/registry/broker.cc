@@ -552,10 +552,13 @@ void Broker::SweepExpired() {
 }
 
 void Broker::Reconcile() {
-  if (listing_.active()) return;  // the previous one has not answered yet
+  // One pass at a time. Not listing_.active(): a token may stay active after its answer.
+  if (reconciling_) return;
+  reconciling_ = true;
   int64_t asked = clock_();
   int64_t max_age = options_.reconcile_interval_ms / 2;
   listing_ = scheduler_->List(max_age, [this, asked](Result<Scheduler::Table> table) {
+    reconciling_ = false;
     OnListing(asked, std::move(table));
   });
 }

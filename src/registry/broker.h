@@ -194,6 +194,7 @@ class Broker {
   Scheduler* scheduler_ = nullptr;
   loop::HandlePtr<loop::Timer> reconcile_timer_;
   loop::Pending listing_;                // the reconciler's
+  bool reconciling_ = false;             // its listing has not answered yet
   uint64_t last_listing_error_log_ = 0;  // loop time (ms); 0: none yet
   // The deadline (end time + grace) each entry's expiry was last set from, so that a job whose
   // time limit grows keeps its entry; entries missing here only have their expiry lowered.
