@@ -31,7 +31,13 @@ class FakeScheduler : public Scheduler {
     ++calls;
     Result<Table> answer = failure.ok() ? Result<Table>(std::make_shared<const JobTable>(table))
                                         : Result<Table>(failure);
-    return loop::Post(*loop_, [done = std::move(done), answer] { done(answer); });
+    // Like the real one, which answers several callers with one listing: the token stays
+    // active after the answer, until it is dropped.
+    auto attached = std::make_shared<bool>(true);
+    answers_.push_back(loop::Post(*loop_, [done = std::move(done), answer, attached] {
+      if (*attached) done(answer);
+    }));
+    return loop::WatchPending(attached);
   }
 
   JobTable table;
@@ -40,6 +46,7 @@ class FakeScheduler : public Scheduler {
 
  private:
   loop::Loop* loop_;
+  std::vector<loop::Pending> answers_;
 };
 
 SchedulerJob RunningJob(std::string id, uid_t owner, int64_t end_time = 0) {
