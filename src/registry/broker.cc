@@ -224,9 +224,18 @@ void Broker::BindToJob(Request req, uid_t caller, Reply reply) {
                                           ", so it is not saved: " + table.status().message())));
       return;
     }
+    // The longest part before a '.' that names a job: PBS's printed ids carry the server
+    // ("123.server", $PBS_JOBID), so "123.server.web" is service "web" of job 123.
     std::string base(SchedulerJobPart(r.job));
+    const SchedulerJob* sj = nullptr;
+    for (size_t end = r.job.size(); end != std::string::npos && end > 0;
+         end = r.job.rfind('.', end - 1)) {
+      if ((sj = (*table)->Find(std::string_view(r.job).substr(0, end))) != nullptr) {
+        base = r.job.substr(0, end);
+        break;
+      }
+    }
     std::string suffix = r.job.substr(base.size());
-    const SchedulerJob* sj = (*table)->Find(base);
     Status refused;
     if (sj == nullptr) {
       refused = Status::NotFound("job " + base + " is not a job of " + name);

@@ -19,12 +19,12 @@
 // their jobs ([registry] max_jobs_per_user).
 //
 // Binding to the batch scheduler (set_scheduler, registry/scheduler.h): a save names a job of
-// the scheduler by the part of its id before the first '.' ("12.web" is service "web" of job
-// 12); it is refused unless that job exists, runs, belongs to the caller (root may save for
-// any job) and has the backend host among its nodes, and is stored under the scheduler's
-// printed id plus the suffix (a raw Slurm id of an array task saves "A_T"). It expires at the
-// job's end time plus `end_grace_s` (or earlier, if its ttl says so). A save the scheduler
-// cannot answer is refused (Unavailable): never admitted unchecked. Every
+// the scheduler by the longest part of its id before a '.' that names one ("12.web" is service
+// "web" of job 12; PBS's "123.server.web" of job 123); it is refused unless that job exists, runs,
+// belongs to the caller (root may save for any job) and has the backend host among its nodes, and
+// is stored under the scheduler's printed id plus the suffix (a raw Slurm id of an array task saves
+// "A_T"). It expires at the job's end time plus `end_grace_s` (or earlier, if its ttl says so). A
+// save the scheduler cannot answer is refused (Unavailable): never admitted unchecked. Every
 // `reconcile_interval_ms` one listing removes the entries whose job is gone, no longer runs
 // or has another owner, each logged with the reason, and moves expiries to the jobs' end
 // times; a listing that fails removes nothing. The "epilog" op, for root and `admin_uids`

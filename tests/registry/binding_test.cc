@@ -228,6 +228,17 @@ TEST_F(BindingTest, SavedUnderTheSchedulersPrintedIdWithTheNameSuffix) {
   EXPECT_EQ(registry_.Find("4"), nullptr);
 }
 
+TEST_F(BindingTest, PbsIdsWithTheServerNameSaveUnderThePrintedId) {
+  MakeBroker();
+  SchedulerJob job = RunningJob("123", kAlice);
+  job.aliases = {"123.server"};
+  scheduler_->table.Add(job);
+  EXPECT_EQ(SavedId(Save("123.server", kAlice)), "123");
+  EXPECT_EQ(SavedId(Save("123.server.web", kAlice)), "123.web");
+  EXPECT_EQ(SavedId(Save("123.db", kAlice)), "123.db");
+  EXPECT_EQ(Save("124.server", kAlice).status().message(), "job 124 is not a job of slurm");
+}
+
 TEST_F(BindingTest, HeterogeneousComponentIdsAreValidButNeverSslJobs) {
   MakeBroker();
   scheduler_->table.Add(RunningJob("12+1", kAlice));
