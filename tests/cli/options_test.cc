@@ -586,7 +586,7 @@ TEST(ApplyOverrideTest, ErrorsNameSet) {
       {"proxy.max_connections", "--set 'proxy.max_connections': expected SECTION.KEY=VALUE"},
       {"daemon.x=1",
        "--set: unknown section [daemon] (known: [broker] [registry] [proxy] [tls] [ssh] "
-       "[client])"},
+       "[scheduler] [client])"},
       {"proxy.port_range=1-2", "--set: [proxy] port_range: unknown key; it belongs in [registry]"},
       {"tls.tls_domain=\"x", "--set: [tls] tls_domain: unbalanced double quote"},
       {"tls.tls_domain=a\nb", "--set: [tls] tls_domain: the value contains a control character"},
