@@ -608,7 +608,9 @@ void Broker::OnListing(int64_t asked, Result<std::shared_ptr<const JobTable>> ta
     // Lowered to the job's end; raised only where the expiry came from an earlier end (a
     // shorter --ttl stays).
     auto known = job_deadlines_.find(job->id);
-    bool from_deadline = known != job_deadlines_.end() && known->second == job->expires;
+    // (The registry counts the ttl from its commit, a moment after the deadline was noted.)
+    bool from_deadline = known != job_deadlines_.end() && job->expires >= known->second &&
+                         job->expires - known->second <= 60;
     bool lower = job->expires == 0 || job->expires > deadline;
     bool raise = from_deadline && job->expires < deadline;
     if ((lower || raise) && deadline > now) {

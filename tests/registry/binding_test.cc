@@ -320,6 +320,33 @@ TEST_F(BindingTest, ReconcilerRemovesEntriesWhoseJobEndedAndKeepsTheRest) {
   ASSERT_TRUE(RunUntil([&] { return registry_.size() == 1; })) << registry_.size();
   ASSERT_NE(registry_.Find("13"), nullptr);
   EXPECT_EQ(registry_.Find("13")->expires, now_ - 10 + 600 + 300);
+
+  // The job's time limit grows: so does its entry's expiry. It shrinks: so does the expiry.
+  JobTable longer;
+  longer.Add(RunningJob("13", kAlice, now_ + 7200));
+  scheduler_->table = longer;
+  ASSERT_TRUE(RunUntil([&] { return registry_.Find("13")->expires == now_ + 7200 + 300; }))
+      << registry_.Find("13")->expires;
+  JobTable shorter;
+  shorter.Add(RunningJob("13", kAlice, now_ + 60));
+  scheduler_->table = shorter;
+  ASSERT_TRUE(RunUntil([&] { return registry_.Find("13")->expires == now_ + 60 + 300; }))
+      << registry_.Find("13")->expires;
+}
+
+TEST_F(BindingTest, AShorterTtlIsKeptWhenTheJobsLimitGrows) {
+  MakeBroker();
+  scheduler_->table.Add(RunningJob("12", kAlice, now_ + 3600));
+  ASSERT_EQ(SavedId(Save("12", kAlice, "n1", 60)), "12");
+  ASSERT_EQ(registry_.Find("12")->expires, now_ + 60);
+  JobTable longer;
+  longer.Add(RunningJob("12", kAlice, now_ + 7200));
+  scheduler_->table = longer;
+  now_ += 20;
+  ASSERT_TRUE(broker_->Start().ok());
+  int before = scheduler_->calls;
+  ASSERT_TRUE(RunUntil([&] { return scheduler_->calls >= before + 3; }));
+  EXPECT_EQ(registry_.Find("12")->expires, now_ - 20 + 60);
 }
 
 TEST_F(BindingTest, ReconcilerRemovesNothingWhenTheListingFails) {
