@@ -384,7 +384,7 @@ Result<std::string> ResolveJobId(const std::string& job_id, const std::string& n
   if (!name.empty()) id += "." + name;
   if (!registry::ValidJobId(id)) {
     return Status::InvalidArgument("'" + id +
-                                   "' is not a valid job id (1-64 of A-Z a-z 0-9 . _ -)");
+                                   "' is not a valid job id (1-64 of A-Z a-z 0-9 . _ + -)");
   }
   return id;
 }
@@ -422,6 +422,11 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   auto type = registry::ParseJobType(args.type);
   if (!type) return Status::InvalidArgument("type must be ssh or ssl, not '" + args.type + "'");
   req.save.type = *type;
+  if (req.save.type == registry::JobType::kSsl && !registry::DnsSafeJobId(req.job)) {
+    return Status::InvalidArgument("job " + req.job +
+                                   " cannot be an ssl job: its id is not a DNS name (a '+' "
+                                   "cannot be part of a TLS server name); save it as ssh");
+  }
   req.save.host = args.host.empty() ? "127.0.0.1" : args.host;
   if (!registry::ValidHost(req.save.host)) {
     return Status::InvalidArgument("'" + req.save.host + "' is not a valid host");
@@ -663,6 +668,45 @@ Status RunRemove(BrokerClient* client, const std::string& job_id, const std::str
   auto reply = Ask(client, req, format);
   if (!reply.ok() || !*reply) return reply.status();
   std::printf("removed job %s\n", job_id.c_str());
+  return Status::OK();
+}
+
+Result<std::string> EpilogJobId() {
+  auto env = [](const char* name) -> std::string {
+    const char* v = std::getenv(name);
+    return v ? v : "";
+  };
+  std::string id;
+  std::string array_job = env("SLURM_ARRAY_JOB_ID"), array_task = env("SLURM_ARRAY_TASK_ID");
+  if (!array_job.empty() && !array_task.empty()) {
+    id = array_job + "_" + array_task;
+  } else if (!env("SLURM_JOB_ID").empty()) {
+    id = env("SLURM_JOB_ID");
+  } else {
+    id = env("PBS_JOBID");
+  }
+  if (id.empty()) {
+    return Status::InvalidArgument(
+        "no job id: pass JOB, or run as a Slurm or PBS epilog ($SLURM_JOB_ID, $PBS_JOBID)");
+  }
+  if (!registry::ValidJobId(id)) {
+    return Status::InvalidArgument("'" + id.substr(0, 80) + "' is not a valid job id");
+  }
+  return id;
+}
+
+Status RunEpilog(BrokerClient* client, const std::string& job_arg, OutputFormat format) {
+  std::string job = job_arg;
+  if (job.empty()) {
+    auto id = EpilogJobId();
+    if (!id.ok()) return id.status();
+    job = *id;
+  }
+  auto reply = Ask(client, MakeRequest(Op::kEpilog, job), format);
+  if (!reply.ok() || !*reply) return reply.status();
+  const cJSON* removed = cJSON_GetObjectItemCaseSensitive(reply->get(), "removed");
+  int n = cJSON_IsArray(removed) ? cJSON_GetArraySize(removed) : 0;
+  std::printf("job %s: removed %d entr%s\n", job.c_str(), n, n == 1 ? "y" : "ies");
   return Status::OK();
 }
 

@@ -63,6 +63,12 @@ Status RunQuery(BrokerClient* client, OutputFormat format);
 Status RunRemove(BrokerClient* client, const std::string& job, const std::string& if_secret,
                  OutputFormat format);
 Status RunStats(BrokerClient* client, OutputFormat format);
+// Removes job `job` and its services `job.*` (EpilogJobId() if empty); root and [scheduler]
+// admin_uids only. Nothing there is not an error.
+Status RunEpilog(BrokerClient* client, const std::string& job, OutputFormat format);
+// The job an epilog runs for, from its environment: $SLURM_ARRAY_JOB_ID_$SLURM_ARRAY_TASK_ID
+// for an array task (the id its entries are saved under), else $SLURM_JOB_ID, else $PBS_JOBID.
+Result<std::string> EpilogJobId();
 // Waits until the job's service listens (at most `timeout_ms`), then shows the job.
 Status RunWait(BrokerClient* client, const std::string& job, int64_t timeout_ms,
                OutputFormat format);

@@ -1,5 +1,6 @@
 #include "cli/daemon.h"
 
+#include <pwd.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -9,6 +10,7 @@
 
 #include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <cstdio>
 #include <memory>
 #include <vector>
@@ -29,6 +31,71 @@
 #include "registry/store.h"
 
 namespace brokerproxy::cli {
+
+Result<SchedulerSettings> ResolveSchedulerSettings(const Config& c) {
+  SchedulerSettings out;
+  registry::SchedulerOptions& o = out.options;
+  if (c.scheduler_type == "none") {
+    o.type = registry::SchedulerType::kNone;
+  } else if (c.scheduler_type == "slurm") {
+    o.type = registry::SchedulerType::kSlurm;
+  } else if (c.scheduler_type == "pbs") {
+    o.type = registry::SchedulerType::kPbs;
+  } else {
+    return Status::InvalidArgument("[scheduler] type: '" + c.scheduler_type.substr(0, 40) +
+                                   "' is not none, slurm or pbs");
+  }
+  if (c.reconcile_interval_ms < 1000) {
+    return Status::InvalidArgument("[scheduler] reconcile_interval: must be at least 1s");
+  }
+  if (c.scheduler_call_timeout_ms < 1000) {
+    return Status::InvalidArgument("[scheduler] call_timeout: must be at least 1s");
+  }
+  o.call_timeout_ms = c.scheduler_call_timeout_ms;
+  o.cache_ms = c.scheduler_cache_ms;
+  o.squeue = c.squeue;
+  o.sinfo = c.sinfo;
+  o.qstat = c.qstat;
+  for (const auto& [key, command] :
+       {std::pair<const char*, const std::string*>{"squeue", &c.squeue},
+        {"sinfo", &c.sinfo},
+        {"qstat", &c.qstat}}) {
+    // Run without a shell; a leading '-' would be read as an option by whatever runs it.
+    if (command->empty() || command->front() == '-' ||
+        command->find_first_of(" \t") != std::string::npos) {
+      return Status::InvalidArgument(std::string("[scheduler] ") + key + ": '" +
+                                     command->substr(0, 80) +
+                                     "' is not a command (a name or path, without blanks)");
+    }
+  }
+  // "0, 1001, alice": uids or user names.
+  std::string_view rest = c.admin_uids;
+  while (!rest.empty()) {
+    size_t comma = rest.find(',');
+    std::string_view item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? "" : rest.substr(comma + 1);
+    while (!item.empty() && (item.front() == ' ' || item.front() == '\t')) item.remove_prefix(1);
+    while (!item.empty() && (item.back() == ' ' || item.back() == '\t')) item.remove_suffix(1);
+    if (item.empty()) continue;
+    uint32_t uid = 0;
+    auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), uid);
+    if (ec == std::errc() && end == item.data() + item.size()) {
+      out.admin_uids.push_back(static_cast<uid_t>(uid));
+      continue;
+    }
+    passwd pw;
+    passwd* found = nullptr;
+    char buf[4096];
+    std::string name(item);
+    if (getpwnam_r(name.c_str(), &pw, buf, sizeof(buf), &found) != 0 || found == nullptr) {
+      return Status::InvalidArgument("[scheduler] admin_uids: '" + name.substr(0, 40) +
+                                     "' is neither a uid nor a user name known here");
+    }
+    out.admin_uids.push_back(found->pw_uid);
+  }
+  return out;
+}
+
 namespace {
 
 // mkdir -p with `mode` for the directories it creates.
@@ -163,14 +230,23 @@ class Daemon {
     std::string snapshot = config_.state_dir + "/registry.json";
     BP_RETURN_IF_ERROR(registry::Store::Load(snapshot, registry_.get()));
 
+    auto scheduler = ResolveSchedulerSettings(config_);
+    if (!scheduler.ok()) return scheduler.status();
+
     auto loop = loop::Loop::Create();
     if (!loop.ok()) return loop.status();
     loop_ = std::move(loop).value();
+    scheduler_ = registry::MakeScheduler(loop_.get(), scheduler->options);
     store_ = std::make_unique<registry::Store>(loop_.get(), registry_.get(), snapshot);
     registry::Broker::Options bo;
     bo.ready_timeout_ms = config_.ready_timeout_ms;
     bo.max_waits_per_user = static_cast<size_t>(config_.max_waits_per_user);
     bo.recheck_interval_ms = config_.recheck_interval_ms;
+    bo.reconcile_interval_ms = config_.reconcile_interval_ms;
+    bo.end_grace_s = config_.end_grace_ms / 1000;
+    bo.scheduler_cache_ms = config_.scheduler_cache_ms;
+    bo.scheduler_call_timeout_ms = config_.scheduler_call_timeout_ms;
+    bo.admin_uids = scheduler->admin_uids;
     broker_ =
         std::make_unique<registry::Broker>(loop_.get(), registry_.get(), store_.get(), bo,
                                            [] { return static_cast<int64_t>(::time(nullptr)); });
@@ -182,6 +258,12 @@ class Daemon {
           const proxy::BackendPolicy& policy = proxy_->backend_policy();
           return dialling ? policy.CheckDial(addr, owner) : policy.CheckAddress(addr);
         });
+    if (scheduler_) {
+      broker_->set_scheduler(scheduler_.get());
+      LOG_INFO("registrations are bound to the jobs of %s (checked every %llds)",
+               registry::SchedulerTypeName(scheduler_->type()),
+               static_cast<long long>(config_.reconcile_interval_ms / 1000));
+    }
     BP_RETURN_IF_ERROR(broker_->Start());
     BP_RETURN_IF_ERROR(StartTls());
 
@@ -256,6 +338,7 @@ class Daemon {
     renew_timer_.reset();
     renewal_ = loop::Pending();
     broker_.reset();
+    scheduler_.reset();  // after the broker, which holds calls of it
     control_.reset();
     proxy_.reset();
     ssh_.reset();  // after the proxy: its sessions were accepted from this endpoint's bind
@@ -388,6 +471,7 @@ class Daemon {
   std::unique_ptr<loop::Loop> loop_;
   std::unique_ptr<registry::Registry> registry_;
   std::unique_ptr<registry::Store> store_;
+  std::unique_ptr<registry::Scheduler> scheduler_;
   std::unique_ptr<registry::Broker> broker_;
   std::unique_ptr<registry::ControlServer> control_;
   std::unique_ptr<proxy::SshEndpoint> ssh_;

@@ -163,6 +163,20 @@ int Main(int argc, char** argv) {
   remove_cfg.AddTo(remove, FlagScope::kClient);
   AddSshFlags(remove, &accept_new_host_key);
 
+  ConfigFlags epilog_cfg;
+  ClientFlags epilog_flags;
+  std::string epilog_job;
+  CLI::App* epilog = app.add_subcommand(
+      "epilog",
+      "Remove every entry of a job that ended (root and [scheduler] admin_uids only; for "
+      "Slurm's Epilog or EpilogSlurmctld)");
+  epilog->add_option("job", epilog_job,
+                     "Job id (default: $SLURM_ARRAY_JOB_ID_$SLURM_ARRAY_TASK_ID of an array task, "
+                     "else $SLURM_JOB_ID, else $PBS_JOBID)");
+  epilog->add_flag("--json", epilog_flags.json, "Print the reply as JSON");
+  epilog_cfg.AddTo(epilog, FlagScope::kClient);
+  AddSshFlags(epilog, &accept_new_host_key);
+
   ConfigFlags stats_cfg;
   ClientFlags stats_flags;
   CLI::App* stats = app.add_subcommand("stats", "Show counters of the daemon and your jobs");
@@ -304,6 +318,10 @@ int Main(int argc, char** argv) {
   } else if (remove->parsed()) {
     with_client(remove_cfg, remove_flags.json, [&](const Config&, BrokerClient* cl) {
       return RunRemove(cl, remove_job, remove_if_secret, FormatOf(remove_flags));
+    });
+  } else if (epilog->parsed()) {
+    with_client(epilog_cfg, epilog_flags.json, [&](const Config&, BrokerClient* cl) {
+      return RunEpilog(cl, epilog_job, FormatOf(epilog_flags));
     });
   } else if (stats->parsed()) {
     with_client(stats_cfg, stats_flags.json, [&](const Config&, BrokerClient* cl) {

@@ -255,6 +255,60 @@ const std::vector<Entry>& Entries() {
         "<state_dir>/ssh_host_ed25519_key.",
         nullptr, kNo},
        &Config::host_key},
+      // [scheduler]
+      {{"scheduler", "type", T::kString, "none",
+        "The batch scheduler whose jobs registrations are bound to: none, slurm or pbs. With "
+        "slurm or pbs the daemon (never the client, whose environment its user controls) asks "
+        "the scheduler at every save: the job must exist, run, belong to the caller (root may "
+        "save for any job) and have the backend host among its nodes; the entry is saved under "
+        "the scheduler's own id of the job (an array task as A_T) and ends with the job. If the "
+        "scheduler cannot be asked, saves fail; existing entries and connections keep working. "
+        "none, the default, binds nothing: any user may save any job id that is free.",
+        nullptr, kNo},
+       &Config::scheduler_type},
+      {{"scheduler", "reconcile_interval", T::kDuration, "30s",
+        "How often the daemon lists the scheduler's jobs and removes the entries whose job has "
+        "ended (COMPLETING counts as ended), was never a job, or belongs to another user, each "
+        "logged with the reason; it also moves expiries to the jobs' current end times. A "
+        "listing that fails removes nothing. 1s to 1d.",
+        nullptr, kNo, 0, 86400},
+       &Config::reconcile_interval_ms},
+      {{"scheduler", "end_grace", T::kDuration, "5m",
+        "An entry saved under a scheduler expires this long after its job's time limit (an "
+        "explicit shorter --ttl stays shorter), a bound for when the reconciler cannot ask the "
+        "scheduler. At most 1d.",
+        nullptr, kNo, 0, 86400},
+       &Config::end_grace_ms},
+      {{"scheduler", "admin_uids", T::kString, "",
+        "Users besides root who may run `brokerproxy epilog JOB`, which removes every entry of a "
+        "job whoever saved it (for Slurm's Epilog or EpilogSlurmctld, PBS's epilogue): uids or "
+        "user names, comma-separated; names are resolved when the daemon starts. Empty: root "
+        "only.",
+        nullptr, kNo},
+       &Config::admin_uids},
+      {{"scheduler", "call_timeout", T::kDuration, "10s",
+        "How long one call of the scheduler's command (squeue, sinfo, qstat) may take before it "
+        "is killed and the save that waits for it fails. 1s to 10m.",
+        nullptr, kNo, 0, 600},
+       &Config::scheduler_call_timeout_ms},
+      {{"scheduler", "cache", T::kDuration, "2s",
+        "How old a listing of the scheduler's jobs a save accepts, so that a burst of saves "
+        "costs one call. A job that ended within this time may still be saved; the reconciler "
+        "removes it. At most 1m.",
+        nullptr, kNo, 0, 60},
+       &Config::scheduler_cache_ms},
+      {{"scheduler", "squeue", T::kString, "squeue",
+        "Slurm's squeue command (searched in PATH), e.g. an absolute path or a site wrapper.",
+        nullptr, kNo},
+       &Config::squeue},
+      {{"scheduler", "sinfo", T::kString, "sinfo",
+        "Slurm's sinfo command (searched in PATH), which names the nodes of the jobs.", nullptr,
+        kNo},
+       &Config::sinfo},
+      {{"scheduler", "qstat", T::kString, "qstat",
+        "PBS's qstat command (searched in PATH), e.g. an absolute path or a site wrapper.", nullptr,
+        kNo},
+       &Config::qstat},
       // [client]
       {{"client", "broker", T::kString, "",
         "Login host where the daemon runs, as [user@]host[:port]; client commands started "

@@ -73,6 +73,17 @@ struct Config {
   // [ssh]
   std::string host_key;  // default: <state_dir>/ssh_host_ed25519_key
 
+  // [scheduler]
+  std::string scheduler_type = "none";        // none | slurm | pbs
+  int64_t reconcile_interval_ms = 30000;      // how often entries are checked against jobs
+  int64_t end_grace_ms = 300000;              // entries outlive their job's end by this
+  std::string admin_uids;                     // uids or user names that may run `epilog`
+  int64_t scheduler_call_timeout_ms = 10000;  // one squeue/sinfo/qstat run
+  int64_t scheduler_cache_ms = 2000;          // the listing age a save accepts
+  std::string squeue = "squeue";
+  std::string sinfo = "sinfo";
+  std::string qstat = "qstat";
+
   // [client]
   std::string broker;                 // login host for --via; empty: the local daemon
   HostPort proxy{"127.0.0.1", 7000};  // the proxy port as the client reaches it

@@ -85,6 +85,9 @@ RemoteInvocation RemoteCommandFor(const std::string& remote_command, const Reque
     case Op::kCa:
       args = {"ca"};
       break;
+    case Op::kEpilog:
+      args = {"epilog", request.job};
+      break;
   }
   // On the login node the daemon is local: a shared config.ini that names a broker must not
   // send the command over SSH again.

@@ -32,6 +32,51 @@ JsonPtr JobBody(const Job& job, SecretField secret, JobState state) {
   return body;
 }
 
+// The job of the scheduler an entry belongs to: its id up to the first '.' ("12.web": 12).
+std::string_view SchedulerJobPart(std::string_view id) { return id.substr(0, id.find('.')); }
+
+std::string Lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return out;
+}
+
+// "n1, 127.0.0.1, vm", at most 8 names: the message is a line, not a node list.
+std::string HostList(const std::vector<std::string>& hosts) {
+  constexpr size_t kMaxShown = 8;
+  std::string out;
+  for (size_t i = 0; i < hosts.size() && i < kMaxShown; ++i) {
+    out += (i ? ", " : "") + hosts[i];
+  }
+  if (hosts.size() > kMaxShown) out += ", ... (" + std::to_string(hosts.size()) + " in all)";
+  return out.empty() ? "(none)" : out;
+}
+
+// Why the scheduler's job `sj` no longer carries an entry of `owner`, or "" if it does.
+std::string UnboundReason(const SchedulerJob* sj, std::string_view base, uid_t owner,
+                          const char* scheduler) {
+  if (sj == nullptr) {
+    return "job " + std::string(base) + " is not a job of " + scheduler + " (any more)";
+  }
+  if (!sj->running)
+    return "job " + sj->id + " is " + (sj->state.empty() ? "not running" : sj->state);
+  // Root's entries stand for any job (root may save for any job).
+  if (owner != 0 && sj->owner != owner) {
+    return "job " + sj->id + " belongs to uid " + std::to_string(sj->owner) + ", not to uid " +
+           std::to_string(owner);
+  }
+  return "";
+}
+
+// The moment an entry of job `sj` ends: its end time plus the grace; 0 if the scheduler knows
+// no end.
+int64_t JobDeadline(const SchedulerJob& sj, int64_t end_grace_s) {
+  if (sj.end_time <= 0) return 0;
+  return std::min(sj.end_time + std::max<int64_t>(end_grace_s, 0), kMaxJobTime);
+}
+
 }  // namespace
 
 Broker::Broker(loop::Loop* loop, Registry* registry, Store* store, Options options, Clock clock)
@@ -49,6 +94,15 @@ Status Broker::Start() {
   expiry_timer_ = std::move(t).value();
   expiry_timer_->Start(options_.expiry_check_ms, options_.expiry_check_ms,
                        [this] { SweepExpired(); });
+  if (scheduler_ != nullptr) {
+    auto r = loop::Timer::Create(*loop_);
+    if (!r.ok()) return r.status();
+    reconcile_timer_ = std::move(r).value();
+    // The first pass at once: entries saved before the scheduler was configured, or while
+    // the daemon was down, are held to their jobs from the start.
+    uint64_t interval = static_cast<uint64_t>(std::max<int64_t>(options_.reconcile_interval_ms, 1));
+    reconcile_timer_->Start(0, interval, [this] { Reconcile(); });
+  }
   for (const Job* job : registry_->All()) {
     if (!job->ready) StartProbe(*job);
   }
@@ -76,28 +130,16 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
   req.save.id = CanonicalJobId(req.save.id);
   switch (req.op) {
     case Op::kSave: {
-      if (id_check_) {
-        if (Status s = id_check_(req.job); !s.ok()) {
-          ReplyLater(std::move(reply), EncodeError(s));
-          return nullptr;
-        }
-      }
-      // Refuse early what the commit would refuse anyway, before issuing a certificate.
-      const Job* existing = registry_->Find(req.job);
-      if (existing && existing->owner != caller && caller != 0) {
-        ReplyLater(
-            std::move(reply),
-            EncodeError(Status::PermissionDenied("job " + req.job + " belongs to another user")));
+      if (Status s = CheckSaveId(req, caller); !s.ok()) {
+        ReplyLater(std::move(reply), EncodeError(s));
         return nullptr;
       }
-      if (existing && !req.save.replace) {
-        ReplyLater(std::move(reply),
-                   EncodeError(Status::AlreadyExists(AlreadySavedMessage(req.job))));
-        return nullptr;
-      }
-      CheckBackend(std::move(req), caller, std::move(reply));
+      BindToJob(std::move(req), caller, std::move(reply));
       return nullptr;
     }
+    case Op::kEpilog:
+      Epilog(req.job, caller, std::move(reply));
+      return nullptr;
     case Op::kLoad: {
       auto job = registry_->Get(req.job, caller);
       ReplyLater(std::move(reply),
@@ -160,6 +202,110 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
     }
   }
   return nullptr;
+}
+
+Status Broker::CheckSaveId(const Request& req, uid_t caller) const {
+  if (id_check_) BP_RETURN_IF_ERROR(id_check_(req.job));
+  if (req.save.type == JobType::kSsl && !DnsSafeJobId(req.job)) {
+    return Status::InvalidArgument("job " + req.job +
+                                   " cannot be an ssl job: its id is not a DNS name (a '+' "
+                                   "cannot be part of a TLS server name); save it as ssh");
+  }
+  // Refuse early what the commit would refuse anyway, before issuing a certificate.
+  const Job* existing = registry_->Find(req.job);
+  if (existing && existing->owner != caller && caller != 0) {
+    return Status::PermissionDenied("job " + req.job + " belongs to another user");
+  }
+  if (existing && !req.save.replace) {
+    return Status::AlreadyExists(AlreadySavedMessage(req.job));
+  }
+  return Status::OK();
+}
+
+void Broker::BindToJob(Request req, uid_t caller, Reply reply) {
+  if (scheduler_ == nullptr) {
+    CheckBackend(std::move(req), caller, std::move(reply));
+    return;
+  }
+  uint64_t key = next_cert_job_++;
+  auto bind = [this, key, req = std::move(req), caller,
+               reply = std::move(reply)](Result<Scheduler::Table> table) mutable {
+    // Out of the captures first: erasing the token may destroy this callback.
+    Request r = std::move(req);
+    Reply rep = std::move(reply);
+    cert_jobs_.erase(key);
+    const char* name = SchedulerTypeName(scheduler_->type());
+    if (!table.ok()) {
+      // Never admitted unchecked: the scheduler alone says whose job this is.
+      LOG_WARN("refused to save job %s for uid %u: cannot ask %s: %s", r.job.c_str(),
+               static_cast<unsigned>(caller), name, table.status().message().c_str());
+      rep(EncodeError(Status::Unavailable("job " + r.job + " cannot be checked against " + name +
+                                          ", so it is not saved: " + table.status().message())));
+      return;
+    }
+    // The longest part before a '.' that names a job: PBS's printed ids carry the server
+    // ("123.server", $PBS_JOBID), so "123.server.web" is service "web" of job 123.
+    std::string base(SchedulerJobPart(r.job));
+    const SchedulerJob* sj = nullptr;
+    for (size_t end = r.job.size(); end != std::string::npos && end > 0;
+         end = r.job.rfind('.', end - 1)) {
+      if ((sj = (*table)->Find(std::string_view(r.job).substr(0, end))) != nullptr) {
+        base = r.job.substr(0, end);
+        break;
+      }
+    }
+    std::string suffix = r.job.substr(base.size());
+    Status refused;
+    if (sj == nullptr) {
+      refused = Status::NotFound("job " + base + " is not a job of " + name);
+    } else if (!sj->running) {
+      refused = Status::InvalidArgument("job " + sj->id + " is " +
+                                        (sj->state.empty() ? "not running" : sj->state));
+    } else if (caller != 0 && sj->owner != caller) {
+      refused = Status::PermissionDenied("job " + sj->id + " belongs to another user");
+    } else if (std::find(sj->hosts.begin(), sj->hosts.end(), Lower(r.save.host)) ==
+               sj->hosts.end()) {
+      refused = Status::PermissionDenied("backend " + r.save.host + " is not one of job " + sj->id +
+                                         "'s nodes: " + HostList(sj->hosts));
+    }
+    if (!refused.ok()) {
+      LOG_WARN("refused to save job %s for uid %u: %s", r.job.c_str(),
+               static_cast<unsigned>(caller), refused.message().c_str());
+      rep(EncodeError(refused));
+      return;
+    }
+    // The scheduler's printed id: a raw id of an array task or a component saves "A_T".
+    std::string id = CanonicalJobId(sj->id + suffix);
+    if (id != r.job) {
+      if (!ValidJobId(id)) {
+        rep(EncodeError(Status::InvalidArgument("job " + r.job + " would be saved as '" +
+                                                id.substr(0, 80) +
+                                                "', which is not a valid job id")));
+        return;
+      }
+      r.job = id;
+      r.save.id = id;
+      if (Status s = CheckSaveId(r, caller); !s.ok()) {
+        rep(EncodeError(s));
+        return;
+      }
+    }
+    // The entry ends with its job: at its end time plus the grace, or earlier if asked to.
+    if (int64_t deadline = JobDeadline(*sj, options_.end_grace_s); deadline > 0) {
+      int64_t now = clock_();
+      int64_t ttl =
+          r.save.ttl == -1 ? std::max<int64_t>(registry_->options().default_ttl, 0) : r.save.ttl;
+      int64_t bound = std::max<int64_t>(deadline - now, 1);
+      if (ttl == 0 || ttl >= bound) {
+        r.save.ttl = bound;
+        job_deadlines_[id] = now + bound;
+      } else {
+        job_deadlines_.erase(id);
+      }
+    }
+    CheckBackend(std::move(r), caller, std::move(rep));
+  };
+  cert_jobs_[key] = scheduler_->List(options_.scheduler_cache_ms, std::move(bind));
 }
 
 void Broker::CheckBackend(Request req, uid_t caller, Reply reply) {
@@ -290,6 +436,7 @@ void Broker::Remove(const std::string& id, const std::string& if_secret, uid_t c
           return;
         }
         LOG_INFO("removed job %s for uid %u", removed->id.c_str(), static_cast<unsigned>(caller));
+        job_deadlines_.erase(removed->id);
         Forget(removed->id, Status::NotFound("job " + removed->id + " was removed"));
         reply(EncodeOk(JobBody(*removed, SecretField::kOmit, StateOf(*removed))));
       });
@@ -438,6 +585,7 @@ void Broker::SweepExpired() {
         if (!s.ok()) return;  // logged by the store; retried on the next sweep
         for (const auto& job : *removed) {
           LOG_INFO("job %s expired", job.id.c_str());
+          job_deadlines_.erase(job.id);
           Forget(job.id, Status::NotFound("job " + job.id + " expired"));
         }
       });
@@ -499,6 +647,194 @@ void Broker::MarkDown(const Job& job, const char* why) {
   uint64_t delay = not_before > now ? not_before - now : 0;
   not_before = now + delay + static_cast<uint64_t>(options_.refusal_holdoff_ms);
   StartProbe(job, /*recheck=*/false, static_cast<int64_t>(delay));
+}
+
+void Broker::Reconcile() {
+  // One pass at a time. Not listing_.active(): a token may stay active after its answer.
+  if (reconciling_) return;
+  reconciling_ = true;
+  int64_t asked = clock_();
+  int64_t max_age = options_.reconcile_interval_ms / 2;
+  listing_ = scheduler_->List(max_age, [this, asked](Result<Scheduler::Table> table) {
+    reconciling_ = false;
+    OnListing(asked, std::move(table));
+  });
+}
+
+void Broker::OnListing(int64_t asked, Result<std::shared_ptr<const JobTable>> table) {
+  const char* name = SchedulerTypeName(scheduler_->type());
+  if (!table.ok()) {
+    // Nothing is removed on what the scheduler did not say; one line a minute at most.
+    constexpr uint64_t kLogEveryMs = 60000;
+    uint64_t now = loop_->Now();
+    if (last_listing_error_log_ == 0 || now - last_listing_error_log_ >= kLogEveryMs) {
+      last_listing_error_log_ = now;
+      LOG_WARN("cannot check the registry against %s (nothing removed): %s", name,
+               table.status().message().c_str());
+    }
+    return;
+  }
+  last_listing_error_log_ = 0;
+  // A listing may be up to max_age old, plus the time of the call it joined: an entry saved
+  // since then may have been checked on a newer one (its job started meanwhile), so it waits
+  // for a later pass.
+  int64_t listed_after =
+      asked - (options_.reconcile_interval_ms / 2 + options_.scheduler_call_timeout_ms) / 1000 - 1;
+  int64_t now = clock_();
+  Changes changes;
+  for (const Job* job : registry_->All()) {
+    if (job->created >= listed_after) continue;
+    std::string_view base = SchedulerJobPart(job->id);
+    const SchedulerJob* sj = (*table)->Find(base);
+    std::string reason = UnboundReason(sj, base, job->owner, name);
+    if (!reason.empty()) {
+      changes.gone.emplace_back(job->id, reason);
+      changes.generations[job->id] = registry_->Generation(job->id);
+      continue;
+    }
+    int64_t deadline = JobDeadline(*sj, options_.end_grace_s);
+    if (deadline == 0) continue;
+    // Lowered to the job's end; raised only where the expiry came from an earlier end (a
+    // shorter --ttl stays).
+    auto known = job_deadlines_.find(job->id);
+    // (The registry counts the ttl from its commit, a moment after the deadline was noted.)
+    bool from_deadline = known != job_deadlines_.end() && job->expires >= known->second &&
+                         job->expires - known->second <= 60;
+    bool lower = job->expires == 0 || job->expires > deadline;
+    bool raise = from_deadline && job->expires < deadline;
+    if ((lower || raise) && deadline > now) {
+      changes.expires.emplace_back(job->id, deadline);
+      changes.generations[job->id] = registry_->Generation(job->id);
+    }
+  }
+  if (changes.gone.empty() && changes.expires.empty()) return;
+  Apply(std::move(changes), nullptr);
+}
+
+void Broker::Apply(Changes changes, std::function<void(Status, std::vector<std::string>)> done) {
+  auto shared = std::make_shared<Changes>(std::move(changes));
+  auto removed = std::make_shared<std::vector<Job>>();
+  auto old_expires = std::make_shared<std::vector<std::pair<std::string, int64_t>>>();
+  std::weak_ptr<bool> alive = alive_;
+  store_->Commit(
+      [this, shared, removed, old_expires]() -> Result<Store::Undo> {
+        removed->clear();
+        old_expires->clear();
+        // Only what is still the entry that was decided on (a save may have replaced it).
+        auto same = [&](const std::string& id) {
+          auto g = shared->generations.find(id);
+          return g == shared->generations.end() || registry_->Generation(id) == g->second;
+        };
+        for (const auto& [id, reason] : shared->gone) {
+          const Job* job = registry_->Find(id);
+          if (!job || !same(id)) continue;
+          removed->push_back(*job);
+          registry_->Erase(id);
+        }
+        for (const auto& [id, expires] : shared->expires) {
+          const Job* job = registry_->Find(id);
+          if (!job || !same(id)) continue;
+          old_expires->emplace_back(id, job->expires);
+          (void)registry_->SetExpires(id, expires);
+        }
+        return Store::Undo([this, removed, old_expires] {
+          for (const auto& [id, expires] : *old_expires) (void)registry_->SetExpires(id, expires);
+          for (const auto& job : *removed) registry_->Put(job);
+        });
+      },
+      [this, alive, shared, removed, old_expires, done = std::move(done)](Status s) {
+        if (alive.expired()) return;
+        std::vector<std::string> ids;
+        if (!s.ok()) {
+          // Logged by the store; the reconciler tries again on its next pass.
+          if (done) done(s, std::move(ids));
+          return;
+        }
+        std::unordered_map<std::string, std::string> reasons(shared->gone.begin(),
+                                                             shared->gone.end());
+        for (const auto& job : *removed) {
+          LOG_INFO("removed job %s of uid %u: %s", job.id.c_str(), static_cast<unsigned>(job.owner),
+                   reasons[job.id].c_str());
+          job_deadlines_.erase(job.id);
+          Forget(job.id, Status::NotFound("job " + job.id + " was removed: " + reasons[job.id]));
+          ids.push_back(job.id);
+        }
+        for (const auto& [id, old] : *old_expires) {
+          for (const auto& [id2, expires] : shared->expires) {
+            if (id2 != id) continue;
+            job_deadlines_[id] = expires;
+            LOG_INFO("job %s now expires at %lld (its job's end time changed)", id.c_str(),
+                     static_cast<long long>(expires));
+          }
+        }
+        if (done) done(Status::OK(), std::move(ids));
+      });
+}
+
+void Broker::Epilog(const std::string& job_id, uid_t caller, Reply reply) {
+  bool admin = caller == 0 || std::find(options_.admin_uids.begin(), options_.admin_uids.end(),
+                                        caller) != options_.admin_uids.end();
+  if (!admin) {
+    LOG_WARN("refused epilog of job %s for uid %u: not an admin", job_id.c_str(),
+             static_cast<unsigned>(caller));
+    ReplyLater(std::move(reply),
+               EncodeError(Status::PermissionDenied(
+                   "only root and [scheduler] admin_uids may run epilog (it removes every "
+                   "user's entries of a job)")));
+    return;
+  }
+  // The job and its services ("12", "12.web"), under each name the scheduler knows it by.
+  auto finish = [this, caller, reply = std::move(reply)](std::vector<std::string> bases) {
+    Changes changes;
+    for (const Job* job : registry_->All()) {
+      for (const std::string& base : bases) {
+        if (job->id == base || job->id.starts_with(base + ".")) {
+          changes.gone.emplace_back(job->id,
+                                    "its job ended (epilog by uid " + std::to_string(caller) + ")");
+          changes.generations[job->id] = registry_->Generation(job->id);
+          break;
+        }
+      }
+    }
+    if (changes.gone.empty()) {
+      JsonPtr body = NewObject();
+      cJSON_AddArrayToObject(body.get(), "removed");
+      reply(EncodeOk(std::move(body)));
+      return;
+    }
+    Apply(std::move(changes), [reply](Status s, std::vector<std::string> ids) {
+      if (!s.ok()) {
+        reply(EncodeError(s));
+        return;
+      }
+      JsonPtr body = NewObject();
+      cJSON* list = cJSON_AddArrayToObject(body.get(), "removed");
+      for (const std::string& id : ids) cJSON_AddItemToArray(list, cJSON_CreateString(id.c_str()));
+      reply(EncodeOk(std::move(body)));
+    });
+  };
+  std::vector<std::string> bases{job_id};
+  if (scheduler_ == nullptr) {
+    loop_->Defer([finish = std::move(finish), bases]() mutable { finish(bases); });
+    return;
+  }
+  uint64_t key = next_cert_job_++;
+  // Any listing will do, however old: the job's names do not change. If there is none and the
+  // scheduler cannot answer, the id as given is still removed.
+  cert_jobs_[key] = scheduler_->List(
+      options_.reconcile_interval_ms * 4,
+      [this, key, bases, finish = std::move(finish)](Result<Scheduler::Table> table) mutable {
+        auto f = std::move(finish);
+        std::vector<std::string> names = std::move(bases);
+        cert_jobs_.erase(key);
+        if (table.ok()) {
+          if (const SchedulerJob* sj = (*table)->Find(names.front())) {
+            names.push_back(CanonicalJobId(sj->id));
+            for (const std::string& a : sj->aliases) names.push_back(CanonicalJobId(a));
+          }
+        }
+        f(std::move(names));
+      });
 }
 
 void Broker::StartProbe(const Job& job, bool recheck, int64_t delay_ms) {

@@ -32,6 +32,18 @@
 // bounded by their jobs ([registry] max_jobs_per_user); a refused dial starts one at most every
 // `refusal_holdoff_ms` per job, however many clients are refused.
 //
+// Binding to the batch scheduler (set_scheduler, registry/scheduler.h): a save names a job of
+// the scheduler by the longest part of its id before a '.' that names one ("12.web" is service
+// "web" of job 12; PBS's "123.server.web" of job 123); it is refused unless that job exists, runs,
+// belongs to the caller (root may save for any job) and has the backend host among its nodes, and
+// is stored under the scheduler's printed id plus the suffix (a raw Slurm id of an array task saves
+// "A_T"). It expires at the job's end time plus `end_grace_s` (or earlier, if its ttl says so). A
+// save the scheduler cannot answer is refused (Unavailable): never admitted unchecked. Every
+// `reconcile_interval_ms` one listing removes the entries whose job is gone, no longer runs
+// or has another owner, each logged with the reason, and moves expiries to the jobs' end
+// times; a listing that fails removes nothing. The "epilog" op, for root and `admin_uids`
+// only, removes a job's entries when the scheduler ends it.
+//
 // Ownership: the daemon owns the Broker; `*loop`, `*registry` and `*store` must outlive it.
 // Destroying it drops pending probes, waits and replies. Loop-thread only.
 
@@ -48,6 +60,7 @@
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "loop/handle.h"
@@ -58,6 +71,7 @@
 #include "registry/control_protocol.h"
 #include "registry/json.h"
 #include "registry/registry.h"
+#include "registry/scheduler.h"
 #include "registry/store.h"
 
 namespace brokerproxy::registry {
@@ -104,6 +118,12 @@ class Broker {
     size_t max_waits_per_user = 32;       // pending waits of one uid (root included)
     int64_t recheck_interval_ms = 60000;  // each ready job is connected to once per this; 0: never
     int64_t refusal_holdoff_ms = 1000;    // a refused dial starts a job's probe at most this often
+    // With a scheduler only:
+    int64_t reconcile_interval_ms = 30000;      // how often entries are checked against the jobs
+    int64_t end_grace_s = 300;                  // an entry expires this long after its job's end
+    int64_t scheduler_cache_ms = 2000;          // the listing age a save accepts
+    int64_t scheduler_call_timeout_ms = 10000;  // a listing may be this much older still
+    std::vector<uid_t> admin_uids;              // may run "epilog", besides root
   };
 
   Broker(loop::Loop* loop, Registry* registry, Store* store, Options options, Clock clock);
@@ -111,7 +131,8 @@ class Broker {
   Broker(const Broker&) = delete;
   Broker& operator=(const Broker&) = delete;
 
-  // Starts the expiry sweep and probes jobs that were loaded while not ready.
+  // Starts the expiry sweep (and the reconciler, with a scheduler) and probes jobs that were
+  // loaded while not ready.
   Status Start();
 
   // Carries out `request`; the returned Cancel (empty if there is nothing to cancel) drops it.
@@ -136,6 +157,9 @@ class Broker {
   // thread pool) and is refused if any address fails (a name that does not resolve is left to
   // the checks at dial); probes connect only where it admits.
   void set_backend_check(BackendCheck c) { backend_check_ = std::move(c); }
+  // Binds every save to a job of `scheduler` (see above); nullptr (the default): no binding.
+  // `*scheduler` must outlive the Broker. Call before Start().
+  void set_scheduler(Scheduler* scheduler) { scheduler_ = scheduler; }
 
  private:
   struct Probe;
@@ -146,6 +170,12 @@ class Broker {
     loop::HandlePtr<loop::Timer> timer;
   };
 
+  // A save that passed the ownership check: with a scheduler, binds it to its job (its id
+  // becomes the job's printed id, its ttl ends with the job), then CheckBackend().
+  void BindToJob(Request request, uid_t caller, Reply reply);
+  // The checks of a save's id that do not depend on the scheduler: the id check, ssl ids that
+  // must be DNS names, another user's entry.
+  Status CheckSaveId(const Request& request, uid_t caller) const;
   // A save that passed the ownership check: the backend policy, then SaveChecked().
   void CheckBackend(Request request, uid_t caller, Reply reply);
   // A save whose backend passed: issue the certificate of an ssl job, then Save().
@@ -158,6 +188,17 @@ class Broker {
   std::unique_ptr<Waiter> TakeWaiter(const std::string& id, uint64_t serial);
   void AddStats(cJSON* stats, uid_t caller);
   void SweepExpired();
+  void Reconcile();
+  void OnListing(int64_t asked, Result<std::shared_ptr<const JobTable>> table);
+  // Removes `changes.gone` (id, reason) and sets `changes.expires` (id, time) in one commit.
+  struct Changes {
+    std::vector<std::pair<std::string, std::string>> gone;
+    std::vector<std::pair<std::string, int64_t>> expires;
+    std::unordered_map<std::string, uint64_t> generations;  // as decided on
+  };
+  // `done` (may be empty) gets the commit's status and the ids removed.
+  void Apply(Changes changes, std::function<void(Status, std::vector<std::string> removed)> done);
+  void Epilog(const std::string& id, uid_t caller, Reply reply);
 
   // Probes `job` (replacing any probe it has) after `delay_ms`. A `recheck` is one cheap
   // connect to a ready job: success changes nothing, failure makes the job down and turns the
@@ -185,6 +226,14 @@ class Broker {
   CertIssuer cert_issuer_;
   IdCheck id_check_;
   BackendCheck backend_check_;
+  Scheduler* scheduler_ = nullptr;
+  loop::HandlePtr<loop::Timer> reconcile_timer_;
+  loop::Pending listing_;                // the reconciler's
+  bool reconciling_ = false;             // its listing has not answered yet
+  uint64_t last_listing_error_log_ = 0;  // loop time (ms); 0: none yet
+  // The deadline (end time + grace) each entry's expiry was last set from, so that a job whose
+  // time limit grows keeps its entry; entries missing here only have their expiry lowered.
+  std::unordered_map<std::string, int64_t> job_deadlines_;
 
   loop::HandlePtr<loop::Timer> expiry_timer_;
   bool sweeping_ = false;

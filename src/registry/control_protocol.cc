@@ -8,8 +8,9 @@ struct OpEntry {
   const char* name;
 };
 constexpr OpEntry kOps[] = {
-    {Op::kSave, "save"},     {Op::kLoad, "load"},   {Op::kVerify, "verify"}, {Op::kQuery, "query"},
-    {Op::kRemove, "remove"}, {Op::kStats, "stats"}, {Op::kWait, "wait"},     {Op::kCa, "ca"},
+    {Op::kSave, "save"},   {Op::kLoad, "load"},     {Op::kVerify, "verify"},
+    {Op::kQuery, "query"}, {Op::kRemove, "remove"}, {Op::kStats, "stats"},
+    {Op::kWait, "wait"},   {Op::kCa, "ca"},         {Op::kEpilog, "epilog"},
 };
 
 }  // namespace
@@ -82,6 +83,7 @@ Status ParseFields(const cJSON* obj, Request* req) {
       return Status::OK();
     }
     case Op::kLoad:
+    case Op::kEpilog:
       BP_RETURN_IF_ERROR(CheckFieldNames(obj, {"op", "job"}));
       return ReadString(obj, "job", true, &req->job);
     case Op::kRemove:
@@ -125,10 +127,10 @@ Result<Request> ParseRequest(std::string_view line) {
   Status s = ParseFields(json->get(), &req);
   if (!s.ok()) return Status::InvalidArgument("request: " + s.message());
   if (!req.job.empty() || req.op == Op::kSave || req.op == Op::kLoad || req.op == Op::kRemove ||
-      req.op == Op::kVerify || req.op == Op::kWait) {
+      req.op == Op::kVerify || req.op == Op::kWait || req.op == Op::kEpilog) {
     if (!ValidJobId(req.job)) {
       return Status::InvalidArgument("request: '" + req.job.substr(0, 80) +
-                                     "' is not a valid job id (1-64 of A-Z a-z 0-9 . _ -)");
+                                     "' is not a valid job id (1-64 of A-Z a-z 0-9 . _ + -)");
     }
   }
   if (req.op == Op::kSave && !ValidHost(req.save.host)) {
@@ -162,6 +164,7 @@ std::string EncodeRequest(const Request& req) {
       cJSON_AddStringToObject(o.get(), "job", req.job.c_str());
       break;
     case Op::kRemove:
+    case Op::kEpilog:
       cJSON_AddStringToObject(o.get(), "job", req.job.c_str());
       if (!req.secret.empty()) cJSON_AddStringToObject(o.get(), "secret", req.secret.c_str());
       break;

@@ -17,6 +17,7 @@
 //             {"op":"verify","job":"12345","secret":"<hex>"}
 //             {"op":"wait","job":"12345","timeout":120000}     (milliseconds)
 //             {"op":"query"} {"op":"stats"} {"op":"ca"}
+//             {"op":"epilog","job":"12345"}   (root and [scheduler] admin_uids: the job ended)
 //             (a save's "wait" is kept for older clients: every saved job starts waiting and
 //             is probed, broker.h; the client waits with a "wait" op)
 //   reply:    {"ok":true, ...op-specific fields}; a job is an object with "state" ("ready",
@@ -48,13 +49,13 @@ inline constexpr size_t kMaxReplyBytes = 64u << 20;
 inline constexpr int64_t kMaxTtlSeconds = int64_t{10} * 365 * 24 * 3600;
 inline constexpr int64_t kMaxWaitMs = int64_t{24} * 3600 * 1000;
 
-enum class Op { kSave, kLoad, kVerify, kQuery, kRemove, kStats, kWait, kCa };
+enum class Op { kSave, kLoad, kVerify, kQuery, kRemove, kStats, kWait, kCa, kEpilog };
 
 const char* OpName(Op op);
 
 struct Request {
   Op op = Op::kQuery;
-  std::string job;         // load, verify, remove, wait; save: the id to save
+  std::string job;         // load, verify, remove, wait, epilog; save: the id to save
   SaveRequest save;        // save (save.id == job)
   std::string secret;      // verify; remove: only if it is still this (empty: any); never logged
   std::string csr;         // save of an ssl job: PEM certificate signing request

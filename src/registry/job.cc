@@ -132,11 +132,18 @@ bool ValidJobId(std::string_view id) {
     return false;
   }
   for (char c : id) {
-    if (!IsAlnum(c) && c != '.' && c != '_' && c != '-') {
+    if (!IsAlnum(c) && c != '.' && c != '_' && c != '-' && c != '+') {
       return false;
     }
   }
   return true;
+}
+
+bool DnsSafeJobId(std::string_view id) {
+  for (char c : id) {
+    if (c == '+') return false;
+  }
+  return ValidJobId(id);
 }
 
 std::string CanonicalJobId(std::string_view id) {
@@ -164,7 +171,7 @@ bool ValidHost(std::string_view host) {
 
 Status CheckJob(const Job& job) {
   if (!ValidJobId(job.id)) {
-    return Status::InvalidArgument("field 'id' must be 1..64 characters of [A-Za-z0-9._-]");
+    return Status::InvalidArgument("field 'id' must be 1..64 characters of [A-Za-z0-9._+-]");
   }
   if (job.type != JobType::kSsh && job.type != JobType::kSsl) {
     return Status::InvalidArgument("field 'type' must be \"ssh\" or \"ssl\"");

@@ -53,8 +53,12 @@ std::optional<JobState> ParseJobState(std::string_view name);
 // them exact in the snapshot: cJSON prints numbers with 15 significant digits.
 inline constexpr int64_t kMaxJobTime = 253'402'300'799;
 
-// Job ids: [A-Za-z0-9._-]{1,64}, not "." or "..".
+// Job ids: [A-Za-z0-9._+-]{1,64}, not "." or "..". '+' is for the components of Slurm's
+// heterogeneous jobs ("12+1"); a DNS name cannot carry it (DnsSafeJobId).
 bool ValidJobId(std::string_view id);
+// A ValidJobId that can also be part of a DNS name (<id>.<tls_domain>: SNI, the certificate
+// of an ssl job): no '+'.
+bool DnsSafeJobId(std::string_view id);
 // The one spelling of a job id: ASCII lower case. An id names a job case-insensitively,
 // because it becomes a DNS name (<id>.<tls_domain>: SNI and certificates fold case), so "ABC"
 // and "abc" must never be two jobs of two users. The registry stores and looks up this form;

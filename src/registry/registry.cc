@@ -255,6 +255,18 @@ Status Registry::SetReady(std::string_view id, bool ready) {
   return Status::OK();
 }
 
+Status Registry::SetExpires(std::string_view id, int64_t expires) {
+  if (expires < 0 || expires > kMaxJobTime) {
+    return Status::InvalidArgument("expiry must be in 0.." + std::to_string(kMaxJobTime));
+  }
+  auto it = jobs_.find(CanonicalJobId(id));
+  if (it == jobs_.end()) {
+    return Status::NotFound("no " + DescribeId(CanonicalJobId(id)));
+  }
+  it->second.expires = expires;
+  return Status::OK();
+}
+
 Status Registry::Put(Job job) {
   BP_RETURN_IF_ERROR(CheckJob(job));
   job.id = CanonicalJobId(job.id);

@@ -119,6 +119,10 @@ class Registry {
 
   // NotFound if absent.
   Status SetReady(std::string_view id, bool ready);
+  // Sets the job's expiry (unix seconds, 0..kMaxJobTime; 0: never). Like SetReady, the job
+  // stays the same job: its generation does not change and the observer is not called.
+  // NotFound if absent, InvalidArgument if out of range.
+  Status SetExpires(std::string_view id, int64_t expires);
 
   // Inserts or overwrites this record, its id made canonical (loading a snapshot, undoing a
   // change). Checks every field (InvalidArgument); keeps the port index right.

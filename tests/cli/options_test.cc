@@ -93,6 +93,15 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
                                        "tls.ca_key",
                                        "tls.cert_days",
                                        "ssh.host_key",
+                                       "scheduler.type",
+                                       "scheduler.reconcile_interval",
+                                       "scheduler.end_grace",
+                                       "scheduler.admin_uids",
+                                       "scheduler.call_timeout",
+                                       "scheduler.cache",
+                                       "scheduler.squeue",
+                                       "scheduler.sinfo",
+                                       "scheduler.qstat",
                                        "client.broker",
                                        "client.proxy",
                                        "client.remote_command"};
@@ -372,7 +381,7 @@ INSTANTIATE_TEST_SUITE_P(
                   "test.ini:2: [proxy] secret_bits: unknown key; it belongs in [registry]"},
         BadConfig{"[proxy]\nmax_connections = 1\n[daemon]\n",
                   "test.ini:3: unknown section [daemon] (known: [broker] [registry] [proxy] "
-                  "[tls] [ssh] [client])"},
+                  "[tls] [ssh] [scheduler] [client])"},
         BadConfig{"# header\nlisten = 127.0.0.1:1\n",
                   "test.ini:2: key 'listen' appears before any [section] header"},
         BadConfig{"[proxy]\nlisten 127.0.0.1:1\n",
@@ -579,7 +588,7 @@ TEST(ApplyOverrideTest, ErrorsNameSet) {
       {"proxy.max_connections", "--set 'proxy.max_connections': expected SECTION.KEY=VALUE"},
       {"daemon.x=1",
        "--set: unknown section [daemon] (known: [broker] [registry] [proxy] [tls] [ssh] "
-       "[client])"},
+       "[scheduler] [client])"},
       {"proxy.port_range=1-2", "--set: [proxy] port_range: unknown key; it belongs in [registry]"},
       {"tls.tls_domain=\"x", "--set: [tls] tls_domain: unbalanced double quote"},
       {"tls.tls_domain=a\nb", "--set: [tls] tls_domain: the value contains a control character"},
