@@ -4,6 +4,12 @@
 file(STRINGS "${BP_SLURM_TESTS_FILE}" bp_lines REGEX "^add_test")
 foreach(bp_line IN LISTS bp_lines)
   if(bp_line MATCHES "^add_test\\(\\[=\\[([A-Za-z0-9_./]+)\\]=\\]")
-    set_tests_properties("${CMAKE_MATCH_1}" PROPERTIES LABELS "slurm;e2e")
+    set(bp_test "${CMAKE_MATCH_1}")
+    # A test that waits for Slurm's own clock (a time limit) takes minutes: also `slow`.
+    if(bp_test MATCHES "TimeLimit")
+      set_tests_properties("${bp_test}" PROPERTIES LABELS "slurm;e2e;slow")
+    else()
+      set_tests_properties("${bp_test}" PROPERTIES LABELS "slurm;e2e")
+    endif()
   endif()
 endforeach()

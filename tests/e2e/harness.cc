@@ -372,6 +372,7 @@ int ListenLoopback(int* port, std::optional<uid_t> owner = std::nullopt) {
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(*port));
   int one = 1;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
   if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(fd, 1024) != 0) {
@@ -386,6 +387,7 @@ int ListenLoopback(int* port, std::optional<uid_t> owner = std::nullopt) {
 }  // namespace
 
 Backend::Backend(Options options) : options_(std::move(options)) {
+  port_ = options_.port;
   listen_fd_ = ListenLoopback(&port_, options_.owner);
   acceptor_ = std::thread([this] { AcceptLoop(); });
 }

@@ -150,6 +150,8 @@ class Backend {
     // backend on this host must be its owner's listener, so a backend for a job saved by
     // another user is created as that user.
     std::optional<uid_t> owner;
+    // The port to listen on (127.0.0.1); 0: one the kernel picks.
+    int port = 0;
   };
   Backend() : Backend(Options{}) {}
   // A backend whose listener belongs to `owner`.

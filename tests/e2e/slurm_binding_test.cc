@@ -57,7 +57,7 @@ class SlurmBindingTest : public ::testing::Test {
 
   // The daemon, as root, asking `cluster`'s Slurm through `squeue` (a wrapper that fails while
   // dir/down exists, standing for a controller that does not answer).
-  void StartDaemon(const SlurmCluster& cluster) {
+  void StartDaemon(const SlurmCluster& cluster, const std::string& extra_config = "") {
     squeue_ = dir_ / "squeue";
     WriteFile(squeue_,
               "#!/bin/sh\n[ -e " + (dir_ / "down") +
@@ -66,7 +66,7 @@ class SlurmBindingTest : public ::testing::Test {
               0755);
     daemon_ = std::make_unique<Daemon>(
         dir_, "[scheduler]\ntype = slurm\nreconcile_interval = 1s\ncache = 200ms\nsqueue = " +
-                  squeue_ + "\nadmin_uids = bp-bob\n");
+                  squeue_ + "\nadmin_uids = bp-bob\n" + extra_config);
     std::vector<std::string> launcher{"env"};
     for (const std::string& e : cluster.env()) launcher.push_back(e);
     daemon_->set_launcher(launcher);
@@ -222,6 +222,162 @@ TEST_F(SlurmBindingTest, SchedulerDownRefusesSavesWhileSessionsFlow) {
   EXPECT_FALSE(Gone(a));
   close(fd);
   ::unlink((dir_ / "down").c_str());
+}
+
+// A service of exec mode (`save -- COMMAND`) on node n1 (127.0.0.1) that ignores SIGTERM, as a
+// slow-to-stop service does: it answers "service of <user>" to every connection.
+std::string ServiceLine(const SlurmCluster& cluster, const std::string& config,
+                        const std::string& name) {
+  std::string log = cluster.jobs_dir() + "/" + name;
+  return BinaryPath() + " save ssh --host 127.0.0.1 -c " + config +
+         " -- perl -MIO::Socket::INET -e '$SIG{TERM} = \"IGNORE\"; "
+         "my $s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", "
+         "LocalPort => $ENV{BROKER_PORT}, Listen => 16, ReuseAddr => 1) or die; "
+         "while (my $c = $s->accept) { print $c \"service of \" . getpwuid($<) . \"\\n\"; "
+         "close $c }' 2> " +
+         log + ".err & echo $! > " + log + ".pid; wait";
+}
+
+// Polls the job's entry (as root) until its state is ready; its secret, or "" on timeout.
+std::string ReadySecret(Daemon& daemon, const std::string& id) {
+  std::string secret;
+  Eventually([&] {
+    RunResult r = daemon.Cli({"load", id, "--json"});
+    if (r.exit_code != 0) return false;
+    auto reply = ParseOut(r.out);
+    if (JsonText(reply.get(), {"job", "state"}) != "ready") return false;
+    secret = JsonText(reply.get(), {"job", "secret"});
+    return true;
+  });
+  return secret;
+}
+
+// What the proxy answers to the preamble for `id` with `secret`: its first line.
+std::string ProxyAnswer(const Daemon& daemon, const std::string& id, const std::string& secret) {
+  int fd = ConnectTcp(daemon.proxy_port());
+  if (fd < 0) return "cannot connect";
+  SendAll(fd, "BROKER1 " + id + " " + secret + "\nhello\n");
+  std::string line = ReadLine(fd).value_or("(closed)");
+  std::string next = line == "OK" ? ReadLine(fd).value_or("(closed)") : "";
+  close(fd);
+  return next.empty() ? line : line + " " + next;
+}
+
+// The hijack: exec mode's `save` is SIGKILLed (the OOM killer, a KillWait that ran out) while
+// its job runs on. The service dies with it (PR_SET_PDEATHSIG), the entry stays (the job still
+// runs), and another user binds the freed port: the proxy refuses to connect to a listener that
+// is not the job owner's, so bob's listener never sees a connection. When the job ends, the
+// entry goes.
+TEST_F(SlurmBindingTest, AnotherUsersListenerOnAKilledServicesPortGetsNothing) {
+  START_SLURM(cluster);
+  StartDaemon(cluster);
+  std::string error;
+  std::string a = cluster.Sbatch(
+      *alice_, {"-w", "n1", "--wrap", ServiceLine(cluster, daemon_->config_path(), "k")}, &error);
+  ASSERT_FALSE(a.empty()) << error;
+  std::string secret = ReadySecret(*daemon_, a);
+  ASSERT_FALSE(secret.empty()) << daemon_->Cli({"load", a}) << daemon_->Log();
+  EXPECT_EQ(ProxyAnswer(*daemon_, a, secret), "OK service of bp-alice");
+  int port =
+      std::stoi(JsonText(ParseOut(daemon_->Cli({"load", a, "--json"}).out).get(), {"job", "port"}));
+
+  std::string save_pid = JobOutput(cluster.jobs_dir() + "/k.pid");
+  ASSERT_FALSE(save_pid.empty());
+  ASSERT_EQ(::kill(std::stoi(save_pid), SIGKILL), 0);
+  // The service went with its save: nothing listens on the port any more.
+  ASSERT_TRUE(Eventually([&] {
+    int fd = ConnectTcp(port, "127.0.0.1", 200);
+    if (fd >= 0) close(fd);
+    return fd < 0;
+  })) << "the service outlived its save";
+  EXPECT_FALSE(Gone(a)) << "the job still runs";
+
+  Backend::Options as_bob = Backend::OwnedBy(*bob_);
+  as_bob.port = port;
+  as_bob.banner = "service of bp-bob\n";
+  Backend bob(as_bob);
+  EXPECT_EQ(ProxyAnswer(*daemon_, a, secret), "ERR unavailable");
+  EXPECT_NE(daemon_->Log().find("not to the job's owner"), std::string::npos) << daemon_->Log();
+  EXPECT_EQ(bob.connections(), 0);
+
+  ASSERT_TRUE(cluster.Scancel(a));
+  EXPECT_TRUE(Eventually([&] { return Gone(a); })) << daemon_->Log();
+  EXPECT_EQ(bob.connections(), 0);
+}
+
+// `scancel` of a job whose service ignores SIGTERM: save deregisters on the SIGTERM, Slurm
+// SIGKILLs what is left after KillWait; and `scancel --batch -s KILL`, which kills only the
+// batch shell (its children leave the job): the job ends, and the reconciler removes the entry.
+TEST_F(SlurmBindingTest, EntriesGoWhenTheJobIsKilledHoweverItIsKilled) {
+  START_SLURM(cluster);
+  StartDaemon(cluster);
+  std::string error;
+  std::string a = cluster.Sbatch(
+      *alice_, {"-w", "n1", "--wrap", ServiceLine(cluster, daemon_->config_path(), "t")}, &error);
+  ASSERT_FALSE(a.empty()) << error;
+  std::string b = cluster.Sbatch(
+      *alice_, {"-w", "n1", "--wrap", ServiceLine(cluster, daemon_->config_path(), "b")}, &error);
+  ASSERT_FALSE(b.empty()) << error;
+  std::string secret_a = ReadySecret(*daemon_, a);
+  std::string secret_b = ReadySecret(*daemon_, b);
+  ASSERT_FALSE(secret_a.empty() || secret_b.empty()) << daemon_->Log();
+
+  ASSERT_TRUE(cluster.Scancel(a));
+  ASSERT_TRUE(cluster.Run({"scancel", "--batch", "-s", "KILL", b}).exit_code == 0);
+  EXPECT_TRUE(Eventually([&] { return Gone(a); })) << daemon_->Log();
+  EXPECT_TRUE(Eventually([&] { return Gone(b); })) << daemon_->Log();
+  EXPECT_EQ(ProxyAnswer(*daemon_, a, secret_a), "ERR denied");
+  EXPECT_EQ(ProxyAnswer(*daemon_, b, secret_b), "ERR denied");
+  // Whatever of job b escaped the job is not the registry's concern any more; stop it here.
+  std::string pid = JobOutput(cluster.jobs_dir() + "/b.pid");
+  if (!pid.empty()) ::kill(std::stoi(pid), SIGKILL);
+}
+
+// The per-user quota holds under a scheduler too: services of one job count one by one.
+TEST_F(SlurmBindingTest, TheQuotaBoundsTheServicesOfAUser) {
+  START_SLURM(cluster);
+  StartDaemon(cluster, "[registry]\nmax_jobs_per_user = 2\n");
+  Backend backend(Backend::OwnedBy(*alice_));
+  std::string port = std::to_string(backend.port());
+  std::string error;
+  std::string a = cluster.Sbatch(*alice_, {"-w", "n1", "--wrap", "sleep 120"}, &error);
+  ASSERT_FALSE(a.empty()) << error;
+  ASSERT_TRUE(cluster.WaitFor(a, "RUNNING")) << cluster.JobState(a);
+  for (const char* name : {"one", "two"}) {
+    RunResult r = daemon_->Cli(
+        {"save", "ssh", "--job-id", a, "--name", name, "--host", "127.0.0.1", "--port", port},
+        as_alice_);
+    ASSERT_EQ(r.exit_code, 0) << r;
+  }
+  RunResult third = daemon_->Cli(
+      {"save", "ssh", "--job-id", a, "--name", "three", "--host", "127.0.0.1", "--port", port},
+      as_alice_);
+  EXPECT_NE(third.exit_code, 0) << third;
+  EXPECT_NE(third.err.find("max_jobs_per_user"), std::string::npos) << third;
+  EXPECT_TRUE(Gone(a + ".three"));
+}
+
+// A job that reaches its time limit (one minute; Slurm checks limits about every 30 s, so it
+// ends 60-100 s after it started): the entry goes with it.
+TEST_F(SlurmBindingTest, EntryGoesWhenTheJobHitsItsTimeLimit) {
+  START_SLURM(cluster);
+  StartDaemon(cluster);
+  Backend backend(Backend::OwnedBy(*alice_));
+  std::string error;
+  std::string a = cluster.Sbatch(
+      *alice_,
+      {"-w", "n1", "--time=1", "--wrap",
+       SaveLine(cluster, "--port " + std::to_string(backend.port()), "tl.json", "127.0.0.1") +
+           "; sleep 600"},
+      &error);
+  ASSERT_FALSE(a.empty()) << error;
+  std::string out = JobOutput(cluster.jobs_dir() + "/tl.json");
+  ASSERT_EQ(JsonText(ParseOut(out).get(), {"job", "id"}), a) << out;
+  // Its expiry is the job's end plus end_grace: set, not "never".
+  EXPECT_NE(JsonText(ParseOut(daemon_->Cli({"load", a, "--json"}).out).get(), {"job", "expires"}),
+            "0");
+  EXPECT_TRUE(Eventually([&] { return Gone(a); }, 150000)) << daemon_->Log();
+  EXPECT_NE(cluster.JobState(a), "RUNNING");
 }
 
 }  // namespace
