@@ -17,6 +17,14 @@ for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+  # munge's post-install makes its key as the munge user (su munge -c mungekey), which fails
+  # where that user cannot run /bin/sh (a root directory of mode 0700, as in a bare chroot).
+  # The tests run their own munged with their own key, so a key made here does as well.
+  if [[ " ${missing[*]} " == *" munge "* && ! -e /etc/munge/munge.key ]]; then
+    install -d -m 0700 /etc/munge
+    head -c 1024 /dev/urandom > /etc/munge/munge.key
+    chmod 0400 /etc/munge/munge.key
+  fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

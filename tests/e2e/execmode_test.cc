@@ -26,16 +26,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Polls `pred` every 20 ms until it holds or `timeout_ms` passed; returns its last value.
-bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000) {
-  auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  for (;;) {
-    if (pred()) return true;
-    if (Clock::now() > deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-}
-
 // The contents of `path` once it exists and is not empty, without the trailing newline; ""
 // after `timeout_ms`.
 std::string WaitForFile(const std::string& path, int timeout_ms = 20000) {

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 namespace brokerproxy::testing {
 namespace {
@@ -561,6 +562,15 @@ std::string JsonText(const cJSON* obj, std::initializer_list<const char*> path) 
   if (cJSON_IsNumber(v)) return std::to_string(static_cast<long long>(v->valuedouble));
   if (cJSON_IsBool(v)) return cJSON_IsTrue(v) ? "true" : "false";
   return "";
+}
+
+bool WaitUntil(const std::function<bool()>& pred, int timeout_ms) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  return pred();
 }
 
 int FreePort() {

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <mutex>
@@ -247,6 +248,10 @@ registry::JsonPtr ParseOut(const std::string& out);
 inline registry::JsonPtr ParseOut(const RunResult& r) { return ParseOut(r.out); }
 // The member at `path` as text (numbers and booleans spelled out), "" if absent.
 std::string JsonText(const cJSON* obj, std::initializer_list<const char*> path);
+
+// Polls `pred` every 25 ms until it holds (true) or `timeout_ms` passed (false; `pred` is asked
+// once more at the deadline, so a slow last step still counts).
+bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000);
 
 // A loopback port nothing listened on a moment ago (the kernel's pick, released at once), for
 // programs that cannot report the port they bound.

@@ -33,16 +33,6 @@ int64_t MsLeft(Clock::time_point deadline) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
 }
 
-// Polls `pred` every 50 ms until it holds or `timeout_ms` passed.
-bool Eventually(const std::function<bool()>& pred, int timeout_ms = 15000) {
-  auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  while (Clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return pred();
-}
-
 // Root's `stats --json`: the control socket's totals ("control_clients", "waits", "probes").
 registry::JsonPtr RootStats(const Daemon& d) { return ParseOut(d.Cli({"stats", "--json"})); }
 std::string RootStat(const Daemon& d, const char* name) {
@@ -217,7 +207,7 @@ TEST_F(LimitsTest, ControlHogIsCappedAndItsSlotsComeBackWhenItDies) {
   // Bob's process dies with its waits pending: all of it is released at once, not when the
   // waits would have timed out an hour later.
   hog.Kill();
-  EXPECT_TRUE(Eventually(
+  EXPECT_TRUE(WaitUntil(
       [&] { return RootStat(d, "waits") == "0" && RootStat(d, "control_clients") == "1"; }, 10000))
       << "waits " << RootStat(d, "waits") << ", clients " << RootStat(d, "control_clients");
   std::string again = ControlRequestAs(bob, d.socket_path(), R"({"op":"query"})");
@@ -261,7 +251,7 @@ class InFlightTest : public LimitsTest {
     ASSERT_EQ(r.exit_code, 0) << r;
   }
   bool WaitsAre(const char* n, int timeout_ms = 10000) {
-    return Eventually([&] { return RootStat(d_, "waits") == n; }, timeout_ms);
+    return WaitUntil([&] { return RootStat(d_, "waits") == n; }, timeout_ms);
   }
   // A connection with a wait for job "p" pending.
   int Waiting(int timeout_ms = 10000) {
@@ -382,7 +372,7 @@ TEST_F(LimitsTest, ProbeGivesUpAfterReadyTimeout) {
                 .exit_code,
             0);
   EXPECT_EQ(RootStat(d, "probes"), "1");
-  ASSERT_TRUE(Eventually([&] { return RootStat(d, "probes") == "0"; }, 20000))
+  ASSERT_TRUE(WaitUntil([&] { return RootStat(d, "probes") == "0"; }, 20000))
       << "still probing: " << d.Log();
   EXPECT_NE(d.Log().find("job p1: nothing accepted connections on 127.0.0.1:" +
                          std::to_string(port) + " within 2s; stopped probing"),

@@ -23,15 +23,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000) {
-  auto start = Clock::now();
-  while (Clock::now() - start < std::chrono::milliseconds(timeout_ms)) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(25));
-  }
-  return false;
-}
-
 bool Listening(int port) {
   int fd = ConnectTcp(port, "127.0.0.1", 2000);
   if (fd < 0) return false;

@@ -22,15 +22,6 @@
 namespace brokerproxy::testing {
 namespace {
 
-bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(25));
-  }
-  return false;
-}
-
 // An echo service on 127.0.0.1 whose listening socket belongs to `uid`; serves one connection
 // at a time and counts connections and bytes. A connection counts once it sends a byte: the
 // daemon's readiness probes connect and close without one.

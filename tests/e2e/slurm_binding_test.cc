@@ -22,20 +22,10 @@ using Clock = std::chrono::steady_clock;
   if (std::string why = SlurmCluster::Unsupported(); !why.empty()) GTEST_SKIP() << why; \
   ASSERT_TRUE(cluster.Start())
 
-// Polls `done` every 50 ms until it holds or `timeout_ms` passed.
-bool Eventually(const std::function<bool()>& done, int timeout_ms = 20000) {
-  auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  while (!done()) {
-    if (Clock::now() > deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return true;
-}
-
 // The output a batch job wrote to `path` (renamed into place once complete), or "".
 std::string JobOutput(const std::string& path, int timeout_ms = 30000) {
   std::string out;
-  Eventually(
+  WaitUntil(
       [&] {
         if (::access(path.c_str(), R_OK) != 0) return false;
         out = ReadFile(path);
@@ -153,8 +143,8 @@ TEST_F(SlurmBindingTest, SavesAreBoundToTheCallersRunningJobsAndEndWithThem) {
   std::string short_out = JobOutput(cluster.jobs_dir() + "/short.json");
   ASSERT_EQ(JsonText(ParseOut(short_out).get(), {"job", "id"}), shortjob) << short_out;
   ASSERT_TRUE(cluster.Scancel(a));
-  EXPECT_TRUE(Eventually([&] { return Gone(a) && Gone(a + ".web"); })) << daemon_->Log();
-  EXPECT_TRUE(Eventually([&] { return Gone(shortjob); })) << daemon_->Log();
+  EXPECT_TRUE(WaitUntil([&] { return Gone(a) && Gone(a + ".web"); })) << daemon_->Log();
+  EXPECT_TRUE(WaitUntil([&] { return Gone(shortjob); })) << daemon_->Log();
   EXPECT_NE(daemon_->Log().find("removed job " + a + ".web"), std::string::npos);
   EXPECT_FALSE(Gone(arr + "_1"));
 }
@@ -208,7 +198,7 @@ TEST_F(SlurmBindingTest, SchedulerDownRefusesSavesWhileSessionsFlow) {
 
   WriteFile(dir_ / "down", "");
   // Once a reconciler pass has failed, no listing from before is fresh enough for a save.
-  ASSERT_TRUE(Eventually([&] {
+  ASSERT_TRUE(WaitUntil([&] {
     return daemon_->Log().find("cannot check the registry against slurm") != std::string::npos;
   })) << daemon_->Log();
   RunResult refused =
@@ -241,7 +231,7 @@ std::string ServiceLine(const SlurmCluster& cluster, const std::string& config,
 // Polls the job's entry (as root) until its state is ready; its secret, or "" on timeout.
 std::string ReadySecret(Daemon& daemon, const std::string& id) {
   std::string secret;
-  Eventually([&] {
+  WaitUntil([&] {
     RunResult r = daemon.Cli({"load", id, "--json"});
     if (r.exit_code != 0) return false;
     auto reply = ParseOut(r.out);
@@ -285,7 +275,7 @@ TEST_F(SlurmBindingTest, AnotherUsersListenerOnAKilledServicesPortGetsNothing) {
   ASSERT_FALSE(save_pid.empty());
   ASSERT_EQ(::kill(std::stoi(save_pid), SIGKILL), 0);
   // The service went with its save: nothing listens on the port any more.
-  ASSERT_TRUE(Eventually([&] {
+  ASSERT_TRUE(WaitUntil([&] {
     int fd = ConnectTcp(port, "127.0.0.1", 200);
     if (fd >= 0) close(fd);
     return fd < 0;
@@ -301,7 +291,7 @@ TEST_F(SlurmBindingTest, AnotherUsersListenerOnAKilledServicesPortGetsNothing) {
   EXPECT_EQ(bob.connections(), 0);
 
   ASSERT_TRUE(cluster.Scancel(a));
-  EXPECT_TRUE(Eventually([&] { return Gone(a); })) << daemon_->Log();
+  EXPECT_TRUE(WaitUntil([&] { return Gone(a); })) << daemon_->Log();
   EXPECT_EQ(bob.connections(), 0);
 }
 
@@ -324,8 +314,8 @@ TEST_F(SlurmBindingTest, EntriesGoWhenTheJobIsKilledHoweverItIsKilled) {
 
   ASSERT_TRUE(cluster.Scancel(a));
   ASSERT_TRUE(cluster.Run({"scancel", "--batch", "-s", "KILL", b}).exit_code == 0);
-  EXPECT_TRUE(Eventually([&] { return Gone(a); })) << daemon_->Log();
-  EXPECT_TRUE(Eventually([&] { return Gone(b); })) << daemon_->Log();
+  EXPECT_TRUE(WaitUntil([&] { return Gone(a); })) << daemon_->Log();
+  EXPECT_TRUE(WaitUntil([&] { return Gone(b); })) << daemon_->Log();
   EXPECT_EQ(ProxyAnswer(*daemon_, a, secret_a), "ERR denied");
   EXPECT_EQ(ProxyAnswer(*daemon_, b, secret_b), "ERR denied");
   // Whatever of job b escaped the job is not the registry's concern any more; stop it here.
@@ -376,7 +366,7 @@ TEST_F(SlurmBindingTest, EntryGoesWhenTheJobHitsItsTimeLimit) {
   // Its expiry is the job's end plus end_grace: set, not "never".
   EXPECT_NE(JsonText(ParseOut(daemon_->Cli({"load", a, "--json"}).out).get(), {"job", "expires"}),
             "0");
-  EXPECT_TRUE(Eventually([&] { return Gone(a); }, 150000)) << daemon_->Log();
+  EXPECT_TRUE(WaitUntil([&] { return Gone(a); }, 150000)) << daemon_->Log();
   EXPECT_NE(cluster.JobState(a), "RUNNING");
 }
 

@@ -26,16 +26,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Polls `pred` every 50 ms until it holds or `timeout_ms` passed.
-bool Eventually(const std::function<bool()>& pred, int timeout_ms = 15000) {
-  auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  while (Clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return pred();
-}
-
 // A listening socket of the test process (root: no owner check applies to root's jobs) on
 // 127.0.0.1:`port`; nothing is accepted (the kernel completes the handshakes). Closed on
 // destruction.
@@ -134,9 +124,9 @@ TEST_F(StatesTest, SaveWithoutWaitIsWaitingUntilSomethingListens) {
 
   PortListener service(port);
   ASSERT_TRUE(service.ok());
-  EXPECT_TRUE(Eventually([&] { return QueryState(d, "w1") == "ready"; })) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "w1") == "ready"; })) << d.Log();
   EXPECT_EQ(LoadState(d, "w1"), "ready");
-  EXPECT_TRUE(Eventually([&] { return QueryTextState(d, "w2") == "ready"; })) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryTextState(d, "w2") == "ready"; })) << d.Log();
   RunResult load = d.Cli({"load", "w2"});
   EXPECT_NE(load.out.find("state:    ready"), std::string::npos) << load;
   EXPECT_EQ(d.Stop(), 0);
@@ -163,7 +153,7 @@ TEST_F(StatesTest, RefusedProxiedConnectionMakesAReadyJobDownUntilItListensAgain
   EXPECT_EQ(QueryState(d, "r1"), "ready");
   std::string reply = ProxyReply(d, "r1", secret);
   EXPECT_EQ(reply.rfind("ERR", 0), 0u) << reply;
-  EXPECT_TRUE(Eventually([&] { return QueryState(d, "r1") == "down"; }, 5000)) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "r1") == "down"; }, 5000)) << d.Log();
   EXPECT_EQ(LoadState(d, "r1"), "down");
   EXPECT_EQ(QueryTextState(d, "r1"), "down");
   // A flood of refused clients: still one probe for the job.
@@ -177,7 +167,7 @@ TEST_F(StatesTest, RefusedProxiedConnectionMakesAReadyJobDownUntilItListensAgain
 
   PortListener again(port);
   ASSERT_TRUE(again.ok());
-  EXPECT_TRUE(Eventually([&] { return QueryState(d, "r1") == "ready"; })) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "r1") == "ready"; })) << d.Log();
   EXPECT_EQ(ProxyReply(d, "r1", secret), "OK");
   EXPECT_EQ(QueryState(d, "r1"), "ready");
   EXPECT_NE(d.Log().find("job r1: its backend 127.0.0.1:" + std::to_string(port) +
@@ -207,13 +197,13 @@ TEST_F(StatesTest, AnotherUsersListenerMakesAReadyJobDown) {
   ASSERT_TRUE(saved) << reply;
   std::string secret = JsonText(saved.get(), {"job", "secret"});
   ASSERT_FALSE(secret.empty()) << reply;
-  EXPECT_TRUE(Eventually([&] { return QueryState(d, "o1") == "ready"; })) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "o1") == "ready"; })) << d.Log();
 
   close(alices);
   int bobs = ListenAs(*bob, "127.0.0.1", port);
   ASSERT_GE(bobs, 0);
   EXPECT_EQ(ProxyReply(d, "o1", secret), "ERR unavailable");
-  EXPECT_TRUE(Eventually([&] { return QueryState(d, "o1") == "down"; }, 5000)) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "o1") == "down"; }, 5000)) << d.Log();
   EXPECT_NE(d.Log().find("job o1: its backend 127.0.0.1:" + std::to_string(port) +
                          " refused a proxied connection"),
             std::string::npos)
@@ -224,7 +214,7 @@ TEST_F(StatesTest, AnotherUsersListenerMakesAReadyJobDown) {
   close(bobs);
   alices = ListenAs(*alice, "127.0.0.1", port);
   ASSERT_GE(alices, 0);
-  EXPECT_TRUE(Eventually([&] { return QueryState(d, "o1") == "ready"; })) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "o1") == "ready"; })) << d.Log();
   close(alices);
   EXPECT_EQ(d.Stop(), 0);
 }
@@ -242,14 +232,14 @@ TEST_F(StatesTest, PeriodicRecheckFindsAStoppedBackend) {
         d.Cli({"save", "ssh", "--job-id", "c1", "--port", std::to_string(port), "--wait"});
     ASSERT_EQ(save.exit_code, 0) << save;
   }
-  EXPECT_TRUE(Eventually([&] { return QueryState(d, "c1") == "down"; })) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "c1") == "down"; })) << d.Log();
   EXPECT_NE(d.Log().find("job c1: its backend 127.0.0.1:" + std::to_string(port) +
                          " did not accept the periodic re-check"),
             std::string::npos)
       << d.Log();
   PortListener again(port);
   ASSERT_TRUE(again.ok());
-  EXPECT_TRUE(Eventually([&] { return QueryState(d, "c1") == "ready"; })) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "c1") == "ready"; })) << d.Log();
   EXPECT_EQ(d.Stop(), 0);
 }
 
@@ -259,7 +249,7 @@ TEST_F(StatesTest, ProbeGivingUpIsDownInQueryAndLoad) {
   ASSERT_TRUE(d.Start());
   const int port = FreePort();
   ASSERT_EQ(d.Cli({"save", "ssh", "--job-id", "g1", "--port", std::to_string(port)}).exit_code, 0);
-  EXPECT_TRUE(Eventually([&] { return QueryState(d, "g1") == "down"; })) << d.Log();
+  EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "g1") == "down"; })) << d.Log();
   EXPECT_EQ(LoadState(d, "g1"), "down");
   EXPECT_EQ(QueryTextState(d, "g1"), "down");
   RunResult load = d.Cli({"load", "g1"});

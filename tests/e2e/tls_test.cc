@@ -61,15 +61,6 @@ mode_t ModeOf(const std::string& path) {
   return st.st_mode & 07777;
 }
 
-bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000) {
-  auto start = Clock::now();
-  while (MsSince(start) < timeout_ms) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(25));
-  }
-  return false;
-}
-
 bool JobReady(const Daemon& d, const std::string& id) {
   auto j = ParseOut(d.Cli({"load", id, "--json"}));
   return j && JsonText(j.get(), {"job", "ready"}) == "true";

@@ -103,6 +103,22 @@ struct Want {
   Names hosts;
 };
 
+// Every job of `table`, in order, is the one `want` describes.
+void ExpectJobs(const JobTable& table, const std::vector<Want>& want) {
+  ASSERT_EQ(table.jobs().size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    const SchedulerJob& job = table.jobs()[i];
+    SCOPED_TRACE(want[i].id);
+    EXPECT_EQ(job.id, want[i].id);
+    EXPECT_EQ(job.aliases, want[i].aliases);
+    EXPECT_EQ(job.owner, want[i].owner);
+    EXPECT_EQ(job.running, want[i].running);
+    EXPECT_EQ(job.state, want[i].state);
+    EXPECT_EQ(job.end_time, want[i].end_time);
+    EXPECT_EQ(job.hosts, want[i].hosts);
+  }
+}
+
 TEST(SchedulerSlurmTest, ParsesEveryJobOfTheRecordedListing) {
   std::vector<std::string> unknown;
   auto table = ParseSlurmJobs(Data("slurm-squeue.json"), FixtureNodes(), &unknown);
@@ -123,18 +139,7 @@ TEST(SchedulerSlurmTest, ParsesEveryJobOfTheRecordedListing) {
       {"9+0", {"9"}, 1001, false, "PENDING", 0, {}},
       {"9+1", {"10"}, 1001, false, "PENDING", 0, {}},
   };
-  ASSERT_EQ(table->jobs().size(), want.size());
-  for (size_t i = 0; i < want.size(); ++i) {
-    const SchedulerJob& job = table->jobs()[i];
-    SCOPED_TRACE(want[i].id);
-    EXPECT_EQ(job.id, want[i].id);
-    EXPECT_EQ(job.aliases, want[i].aliases);
-    EXPECT_EQ(job.owner, want[i].owner);
-    EXPECT_EQ(job.running, want[i].running);
-    EXPECT_EQ(job.state, want[i].state);
-    EXPECT_EQ(job.end_time, want[i].end_time);
-    EXPECT_EQ(job.hosts, want[i].hosts);
-  }
+  ExpectJobs(*table, want);
   // Names as sbatch printed them, as squeue shows them, and the raw ids.
   EXPECT_EQ(table->Find("3")->id, "3_2");
   EXPECT_EQ(table->Find("4")->id, "3_1");
@@ -262,18 +267,7 @@ TEST(SchedulerPbsTest, ParsesTheRecordedListing) {
        {"node3"}},
       {"126", {"126.pbsserver"}, kNoOwner, true, "R", 0, {"node4"}},
   };
-  ASSERT_EQ(table->jobs().size(), want.size());
-  for (size_t i = 0; i < want.size(); ++i) {
-    const SchedulerJob& job = table->jobs()[i];
-    SCOPED_TRACE(want[i].id);
-    EXPECT_EQ(job.id, want[i].id);
-    EXPECT_EQ(job.aliases, want[i].aliases);
-    EXPECT_EQ(job.owner, want[i].owner);
-    EXPECT_EQ(job.running, want[i].running);
-    EXPECT_EQ(job.state, want[i].state);
-    EXPECT_EQ(job.end_time, want[i].end_time);
-    EXPECT_EQ(job.hosts, want[i].hosts);
-  }
+  ExpectJobs(*table, want);
   EXPECT_EQ(table->Find("125_4")->id, "125_4");
   EXPECT_EQ(table->Find("123.PBSSERVER")->id, "123");
   EXPECT_EQ(table->Find("125[4].pbsserver")->id, "125_4");
