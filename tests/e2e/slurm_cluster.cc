@@ -118,7 +118,9 @@ std::string SlurmCluster::jobs_dir() const { return *dir_ / "jobs"; }
 
   std::ostringstream conf;
   conf << "ClusterName=bptest\n"
-       << "SlurmctldHost=" << hostname_ << "\n"
+       // With its address: clients then need no name service to find the controller (a
+       // bare container may not resolve its own host name).
+       << "SlurmctldHost=" << hostname_ << "(127.0.0.1)\n"
        << "SlurmctldPort=" << port[0] << "\n"
        << "SlurmUser=root\n"
        << "SlurmdUser=root\n"
