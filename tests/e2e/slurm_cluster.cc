@@ -75,6 +75,12 @@ std::string SlurmCluster::Unsupported() {
   for (const char* bin : {"/usr/bin/sbatch", "/usr/bin/squeue", "/usr/bin/sinfo"}) {
     if (!Executable(bin)) return std::string(bin) + " is missing (scripts/deps.sh --test)";
   }
+  // munged refuses a socket that not everyone can reach, and jobs run as other users: both need
+  // "/" searchable by all (a bare chroot made with mktemp -d has mode 0700).
+  struct stat root {};
+  if (::stat("/", &root) != 0 || (root.st_mode & S_IXOTH) == 0) {
+    return "/ is not searchable by other users: munged and the jobs of test users cannot run";
+  }
   return "";
 }
 
