@@ -165,7 +165,7 @@ TEST_F(ExecModeTest, SigtermReachesTheCommandEvenWhenTheBrokerDoesNotAnswer) {
   ASSERT_EQ(kill(d.pid(), SIGCONT), 0);
   EXPECT_EQ(got, "term") << save->Output();
   // Once the command exited, the deregistration is tried again, and the broker answers now.
-  EXPECT_EQ(save->Stop(SIGCONT, 60000), 0) << save->Output();
+  EXPECT_EQ(save->Wait(60000), 0) << save->Output();
   EXPECT_EQ(d.Cli({"load", "k7"}).exit_code, 5) << save->Output();
 }
 
@@ -188,7 +188,7 @@ TEST_F(ExecModeTest, ADeregistrationThatFailedOnSigtermIsTriedAgainAtTheEnd) {
   ASSERT_TRUE(d.Start());
   ASSERT_EQ(d.Cli({"load", "k8"}).exit_code, 0) << "kept across the restart";
   WriteFile(go, "");
-  EXPECT_EQ(save->Stop(SIGCONT, 60000), 0) << save->Output();  // SIGCONT: Stop() waits
+  EXPECT_EQ(save->Wait(60000), 0) << save->Output();
   EXPECT_EQ(d.Cli({"load", "k8"}).exit_code, 5) << save->Output();
 }
 
@@ -226,8 +226,8 @@ TEST_F(ExecModeTest, ASecondSaveOfTheSameIdNeedsNameOrReplace) {
   std::string secret = WaitForFile(second_secret);
   ASSERT_EQ(secret.size(), 64u) << second->Output();
   WriteFile(first_go, "");
-  // SIGCONT changes nothing: the first exits by itself, and Stop() waits for that.
-  EXPECT_EQ(first->Stop(SIGCONT, 30000), 0) << first->Output();
+  // The first exits by itself.
+  EXPECT_EQ(first->Wait(30000), 0) << first->Output();
   EXPECT_NE(first->Output().find("job t4 was saved again since; leaving it registered"),
             std::string::npos)
       << first->Output();
@@ -337,8 +337,8 @@ void ExpectConnectFollowsAResaveAndStopsWhenTheJobIsRemoved(const TempDir& dir, 
   ASSERT_EQ(d.Cli({"remove", "cj"}).exit_code, 0);
   EXPECT_EQ(echoes("after the remove"), "(closed)");
   EXPECT_TRUE(connect->WaitFor("job cj is no longer registered")) << connect->Output();
-  // It stops by itself (SIGCONT changes nothing; Stop() waits), with "not found".
-  EXPECT_EQ(connect->Stop(SIGCONT, 20000), 5) << connect->Output();
+  // It stops by itself, with "not found".
+  EXPECT_EQ(connect->Wait(20000), 5) << connect->Output();
 }
 
 TEST_F(ExecModeTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {

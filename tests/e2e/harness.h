@@ -82,6 +82,10 @@ class Child {
   bool Running();
   // Sends `signum`, waits up to `timeout_ms` (then SIGKILL); returns the exit status or 128+sig.
   int Stop(int signum = SIGTERM, int timeout_ms = 20000);
+  // Waits up to `timeout_ms` for the child to exit by itself (then SIGKILL), sending it nothing.
+  // Not Stop(SIGCONT): a SIGCONT that arrives while LeakSanitizer's exit-time check stops the
+  // process's threads discards their pending SIGSTOP, and the check then waits forever.
+  int Wait(int timeout_ms = 20000) { return Stop(0, timeout_ms); }
 
  private:
   Child() = default;

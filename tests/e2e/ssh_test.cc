@@ -342,7 +342,7 @@ TEST_F(ViaTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
   ASSERT_EQ(daemon_.Cli({"remove", "cr"}).exit_code, 0);
   EXPECT_EQ(echoes("after the remove"), "(closed)");
   EXPECT_TRUE(connect->WaitFor("job cr is no longer registered", 30000)) << connect->Output();
-  EXPECT_EQ(connect->Stop(SIGCONT, 30000), 5) << connect->Output();  // SIGCONT: Stop() waits
+  EXPECT_EQ(connect->Wait(30000), 5) << connect->Output();
 }
 
 TEST_F(ViaTest, ConnectCarriesManyConnectionsOverOneSession) {
