@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -418,6 +419,59 @@ TEST_F(ExecModeTest, ConnectDeniedWithTheSameSecretReportsItOnceAndKeepsServing)
       << connect->Output();
   EXPECT_TRUE(connect->Running()) << connect->Output();
   EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
+// Connections waiting in the backlog of the listening unix socket `path` (ss's Recv-Q); -1 if
+// it cannot be told.
+int PendingOnUnixSocket(const std::string& path) {
+  RunResult ss = RunCommand({"ss", "-xlnH", "src", path});
+  std::istringstream in(ss.out);
+  std::string netid, state;
+  int queued = -1;
+  if (ss.exit_code != 0 || !(in >> netid >> state >> queued)) return -1;
+  return queued;
+}
+
+// `connect` told to stop while it fetches the secret again from a broker that does not answer
+// (a stopped daemon here; a hung login node through --via): the call in flight is cut short
+// and `connect` exits at once, not when that call times out (30 s).
+TEST_F(ExecModeTest, ConnectStopsAtOnceWhileTheSecretIsFetchedAgain) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  ASSERT_FALSE(d.SaveJob("cs", 6000).empty());
+  DenyingProxy proxy;
+  ASSERT_NE(proxy.port(), 0);
+  auto connect =
+      Child::Spawn({BinaryPath(), "connect", "cs", "--listen", "0", "-c", d.config_path(),
+                    "--proxy", "127.0.0.1:" + std::to_string(proxy.port())},
+                   dir_ / "connect.log");
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:");
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+
+  std::string control = dir_ / "control.sock";
+  ASSERT_EQ(PendingOnUnixSocket(control), 0);
+  ASSERT_EQ(kill(d.pid(), SIGSTOP), 0);
+  int fd = ConnectTcp(port);
+  ASSERT_GE(fd, 0);
+  // Denied, so `connect` asks the (stopped) daemon for the secret: its request waits in the
+  // control socket's backlog.
+  int pending = 0;
+  for (int i = 0; i < 2000 && (pending = PendingOnUnixSocket(control)) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(pending, 1) << connect->Output();
+  EXPECT_EQ(proxy.handshakes(), 1);
+  auto start = Clock::now();
+  // Well below the call's own 30 s timeout.
+  EXPECT_EQ(connect->Stop(SIGTERM, 10000), 0) << connect->Output();
+  std::printf(
+      "connect exited %lld ms after SIGTERM\n",
+      static_cast<long long>(
+          std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()));
+  ::close(fd);
+  ASSERT_EQ(kill(d.pid(), SIGCONT), 0);
 }
 
 }  // namespace
