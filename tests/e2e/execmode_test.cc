@@ -350,48 +350,6 @@ TEST_F(ExecModeTest, ConnectTlsFollowsAResaveAndStopsWhenTheJobIsRemoved) {
   ExpectConnectFollowsAResaveAndStopsWhenTheJobIsRemoved(dir_, /*tls=*/true);
 }
 
-// A stand-in proxy that refuses every handshake with "ERR denied" and counts them.
-class DenyingProxy {
- public:
-  DenyingProxy() {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(addr);
-    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-        ::listen(fd_, 16) != 0 ||
-        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-      return;
-    }
-    port_ = ntohs(addr.sin_port);
-    thread_ = std::thread([this] {
-      for (;;) {
-        int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-        if (c < 0) return;  // shut down
-        if (ReadLine(c, 8192).value_or("").starts_with("BROKER1 ")) {
-          ++handshakes_;
-          SendAll(c, "ERR denied\n");
-        }
-        ::close(c);
-      }
-    });
-  }
-  ~DenyingProxy() {
-    if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);
-    if (thread_.joinable()) thread_.join();
-    if (fd_ >= 0) ::close(fd_);
-  }
-  int port() const { return port_; }
-  int handshakes() const { return handshakes_.load(); }
-
- private:
-  int fd_ = -1;
-  int port_ = 0;
-  std::atomic<int> handshakes_{0};
-  std::thread thread_;
-};
-
 TEST_F(ExecModeTest, ConnectDeniedWithTheSameSecretReportsItOnceAndKeepsServing) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
@@ -419,17 +377,6 @@ TEST_F(ExecModeTest, ConnectDeniedWithTheSameSecretReportsItOnceAndKeepsServing)
       << connect->Output();
   EXPECT_TRUE(connect->Running()) << connect->Output();
   EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
-}
-
-// Connections waiting in the backlog of the listening unix socket `path` (ss's Recv-Q); -1 if
-// it cannot be told.
-int PendingOnUnixSocket(const std::string& path) {
-  RunResult ss = RunCommand({"ss", "-xlnH", "src", path});
-  std::istringstream in(ss.out);
-  std::string netid, state;
-  int queued = -1;
-  if (ss.exit_code != 0 || !(in >> netid >> state >> queued)) return -1;
-  return queued;
 }
 
 // `connect` told to stop while it fetches the secret again from a broker that does not answer

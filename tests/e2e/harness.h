@@ -214,6 +214,28 @@ class FakeProxy {
   std::thread thread_;
 };
 
+// A stand-in proxy that refuses every handshake with "ERR denied" and counts them.
+class DenyingProxy {
+ public:
+  DenyingProxy();
+  ~DenyingProxy();
+  DenyingProxy(const DenyingProxy&) = delete;
+  DenyingProxy& operator=(const DenyingProxy&) = delete;
+
+  int port() const { return port_; }
+  int handshakes() const { return handshakes_.load(); }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<int> handshakes_{0};
+  std::thread thread_;
+};
+
+// Connections waiting in the backlog of the listening unix socket `path` (ss's Recv-Q); -1 if
+// it cannot be told.
+int PendingOnUnixSocket(const std::string& path);
+
 // The test of `connect`'s early bytes, for any of its paths: `connect` runs `connect JOB
 // --listen 127.0.0.1:0` with `fake` as its proxy (directly or behind a TLS or SSH hop). A local
 // client says "hello" first; the stand-in must have had it right behind `preamble` before it
