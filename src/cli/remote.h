@@ -12,7 +12,8 @@
 // (TakeSession). The remote command gets `--via ''`, so a config.ini shared with the login
 // node that names a broker does not send it over SSH once more.
 //
-// Blocking, with deadlines. Main-thread only.
+// Blocking, with deadlines. One call at a time (`connect` makes its later ones on a pool thread);
+// Interrupt() from any thread.
 
 #ifndef BROKERPROXY_CLI_REMOTE_H_
 #define BROKERPROXY_CLI_REMOTE_H_
