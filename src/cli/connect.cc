@@ -175,7 +175,12 @@ class Connector {
     unix_listener_.reset();
     RemoveUnixSocket();
     signals_.clear();
-    refetch_.Detach();
+    if (refetch_.active()) {
+      // A re-fetch under way blocks a pool thread, and the loop waits for it (up to
+      // kLoadTimeoutMs, longer through ssh): cut it short. Its answer is dropped.
+      client_->Interrupt();
+      refetch_.Detach();
+    }
     waiting_.clear();  // closes the connections that waited for the secret
     // Not inline: a tunnel's callback may be what called Stop(). The path goes last: the
     // tunnels use it, and it may hold handles of its own (the SSH session's poll).

@@ -105,9 +105,14 @@ Result<registry::JsonPtr> LocalClient::Call(const registry::Request& request, in
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return PosixError("socket", errno);
   struct Closer {
+    LocalClient* self;
     int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
+    ~Closer() {
+      self->SetActive(-1);  // before the close: Interrupt() must not shut down a reused number
+      ::close(fd);
+    }
+  } closer{this, fd};
+  if (!SetActive(fd)) return Status::Unavailable("interrupted");
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   path_.copy(addr.sun_path, sizeof(addr.sun_path) - 1);
@@ -128,6 +133,7 @@ Result<registry::JsonPtr> LocalClient::Call(const registry::Request& request, in
   BP_RETURN_IF_ERROR(CheckServer(fd, path_));
   auto reply =
       ExchangeLine(fd, registry::EncodeRequest(request) + "\n", deadline, registry::kMaxReplyBytes);
+  if (!reply.ok() && Interrupted()) return Status::Unavailable("interrupted");
   if (!reply.ok()) {
     if (reply.status().code() == Status::Code::kTimeout) {
       return Status::Timeout("no reply from the daemon on " + path_ + " within " +
@@ -136,6 +142,24 @@ Result<registry::JsonPtr> LocalClient::Call(const registry::Request& request, in
     return reply.status().WithContext("talking to the daemon on " + path_);
   }
   return registry::ParseReply(*reply);
+}
+
+bool LocalClient::Interrupted() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return interrupted_;
+}
+
+bool LocalClient::SetActive(int fd) {
+  std::lock_guard<std::mutex> lock(mu_);
+  active_fd_ = fd;
+  return !interrupted_;
+}
+
+void LocalClient::Interrupt() {
+  std::lock_guard<std::mutex> lock(mu_);
+  interrupted_ = true;
+  // The blocked poll() wakes up (the socket reads EOF) and the call fails at once.
+  if (active_fd_ >= 0) ::shutdown(active_fd_, SHUT_RDWR);
 }
 
 }  // namespace brokerproxy::cli

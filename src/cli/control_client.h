@@ -8,6 +8,7 @@
 #define BROKERPROXY_CLI_CONTROL_CLIENT_H_
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "loop/status.h"
@@ -24,6 +25,10 @@ class BrokerClient {
   virtual Result<registry::JsonPtr> Call(const registry::Request& request, int64_t timeout_ms) = 0;
   // Says where requests go, for messages ("the daemon on /path/control.sock").
   virtual std::string Describe() const = 0;
+  // Any thread: a Call() under way on another thread returns promptly (Unavailable), and every
+  // later one fails at once. For `connect`, which may stop while a pool thread waits in a call
+  // that fetches the secret again: its loop (and the process's exit) waits for that thread.
+  virtual void Interrupt() = 0;
 };
 
 class LocalClient final : public BrokerClient {
@@ -31,9 +36,17 @@ class LocalClient final : public BrokerClient {
   explicit LocalClient(std::string socket_path) : path_(std::move(socket_path)) {}
   Result<registry::JsonPtr> Call(const registry::Request& request, int64_t timeout_ms) override;
   std::string Describe() const override { return "the daemon on " + path_; }
+  void Interrupt() override;
 
  private:
+  // Registers the socket of the call under way; false once interrupted.
+  bool SetActive(int fd);
+  bool Interrupted();
+
   std::string path_;
+  std::mutex mu_;
+  bool interrupted_ = false;  // guarded by mu_
+  int active_fd_ = -1;        // guarded by mu_; shut down by Interrupt()
 };
 
 // Sends one line and reads one line back over a connected blocking-or-not socket `fd`, within

@@ -1,5 +1,8 @@
 #include "cli/remote.h"
 
+#include <sys/socket.h>
+
+#include <mutex>
 #include <vector>
 
 #include "registry/control_protocol.h"
@@ -145,11 +148,36 @@ Status RemoteClient::EnsureConnected() {
   return Status::OK();
 }
 
+bool RemoteClient::SetActive(int fd) {
+  std::lock_guard<std::mutex> lock(mu_);
+  active_fd_ = fd;
+  return !interrupted_;
+}
+
+void RemoteClient::Interrupt() {
+  std::lock_guard<std::mutex> lock(mu_);
+  interrupted_ = true;
+  // libssh polls the socket: it reads EOF now, and every blocking call fails.
+  if (active_fd_ >= 0) ::shutdown(active_fd_, SHUT_RDWR);
+}
+
 Result<registry::JsonPtr> RemoteClient::Call(const Request& request, int64_t timeout_ms) {
+  if (!SetActive(-1)) return Status::Unavailable("interrupted");
   BP_RETURN_IF_ERROR(EnsureConnected());
+  // The session's socket stays open until session_ is freed, after SetActive(-1) below.
+  if (!SetActive(ssh_get_fd(session_.get()))) {
+    SetActive(-1);
+    session_.reset();
+    return Status::Unavailable("interrupted");
+  }
   RemoteInvocation inv = RemoteCommandFor(remote_command_, request);
   auto result = SshExec(session_.get(), inv.command, inv.input, timeout_ms, kMaxOutput);
+  bool interrupted = !SetActive(-1);
   last_used_ms_ = MonotonicMs();
+  if (interrupted) {
+    session_.reset();  // its socket is shut down
+    return Status::Unavailable("interrupted");
+  }
   if (!result.ok()) {
     // A session that failed mid-call is not reused.
     session_.reset();

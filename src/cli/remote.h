@@ -12,11 +12,13 @@
 // (TakeSession). The remote command gets `--via ''`, so a config.ini shared with the login
 // node that names a broker does not send it over SSH once more.
 //
-// Blocking, with deadlines. Main-thread only.
+// Blocking, with deadlines. One call at a time (`connect` makes its later ones on a pool thread);
+// Interrupt() from any thread.
 
 #ifndef BROKERPROXY_CLI_REMOTE_H_
 #define BROKERPROXY_CLI_REMOTE_H_
 
+#include <mutex>
 #include <string>
 
 #include "cli/control_client.h"
@@ -44,6 +46,10 @@ class RemoteClient final : public BrokerClient {
 
   Result<registry::JsonPtr> Call(const registry::Request& request, int64_t timeout_ms) override;
   std::string Describe() const override;
+  // Shuts the session's socket down under a call in flight, so that libssh's blocking reads
+  // fail at once. A call still connecting finds out when its connection is made (bounded by
+  // the ssh timeout).
+  void Interrupt() override;
   const SshTarget& target() const { return target_; }
 
   // The connected session (connecting now if needed), for `connect --via`; this client has
@@ -52,12 +58,17 @@ class RemoteClient final : public BrokerClient {
 
  private:
   Status EnsureConnected();
+  // Registers the socket of the call under way (-1: none); false once interrupted.
+  bool SetActive(int fd);
 
   SshTarget target_;
   std::string remote_command_;
   SshClientOptions options_;
   proxy::SshSessionPtr session_;
   int64_t last_used_ms_ = 0;
+  std::mutex mu_;
+  bool interrupted_ = false;  // guarded by mu_
+  int active_fd_ = -1;        // guarded by mu_
 };
 
 }  // namespace brokerproxy::cli

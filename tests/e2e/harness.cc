@@ -787,4 +787,45 @@ EchoResult EchoTransfer(int fd, uint64_t bytes) {
   return r;
 }
 
+// ---- denying proxy ----
+
+DenyingProxy::DenyingProxy() {
+  fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::listen(fd_, 16) != 0 || ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    return;
+  }
+  port_ = ntohs(addr.sin_port);
+  thread_ = std::thread([this] {
+    for (;;) {
+      int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (c < 0) return;  // shut down
+      if (ReadLine(c, 8192).value_or("").starts_with("BROKER1 ")) {
+        ++handshakes_;
+        SendAll(c, "ERR denied\n");
+      }
+      ::close(c);
+    }
+  });
+}
+
+DenyingProxy::~DenyingProxy() {
+  if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);
+  if (thread_.joinable()) thread_.join();
+  if (fd_ >= 0) ::close(fd_);
+}
+
+int PendingOnUnixSocket(const std::string& path) {
+  RunResult ss = RunCommand({"ss", "-xlnH", "src", path});
+  std::istringstream in(ss.out);
+  std::string netid, state;
+  int queued = -1;
+  if (ss.exit_code != 0 || !(in >> netid >> state >> queued)) return -1;
+  return queued;
+}
+
 }  // namespace brokerproxy::testing

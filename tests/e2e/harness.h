@@ -83,6 +83,10 @@ class Child {
   bool Running();
   // Sends `signum`, waits up to `timeout_ms` (then SIGKILL); returns the exit status or 128+sig.
   int Stop(int signum = SIGTERM, int timeout_ms = 20000);
+  // Waits up to `timeout_ms` for the child to exit by itself (then SIGKILL), sending it nothing.
+  // Not Stop(SIGCONT): a SIGCONT that arrives while LeakSanitizer's exit-time check stops the
+  // process's threads discards their pending SIGSTOP, and the check then waits forever.
+  int Wait(int timeout_ms = 20000) { return Stop(0, timeout_ms); }
 
  private:
   Child() = default;
@@ -212,6 +216,28 @@ class FakeProxy {
   bool replied_ = false;
   std::thread thread_;
 };
+
+// A stand-in proxy that refuses every handshake with "ERR denied" and counts them.
+class DenyingProxy {
+ public:
+  DenyingProxy();
+  ~DenyingProxy();
+  DenyingProxy(const DenyingProxy&) = delete;
+  DenyingProxy& operator=(const DenyingProxy&) = delete;
+
+  int port() const { return port_; }
+  int handshakes() const { return handshakes_.load(); }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<int> handshakes_{0};
+  std::thread thread_;
+};
+
+// Connections waiting in the backlog of the listening unix socket `path` (ss's Recv-Q); -1 if
+// it cannot be told.
+int PendingOnUnixSocket(const std::string& path);
 
 // The test of `connect`'s early bytes, for any of its paths: `connect` runs `connect JOB
 // --listen 127.0.0.1:0` with `fake` as its proxy (directly or behind a TLS or SSH hop). A local

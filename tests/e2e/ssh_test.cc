@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -14,6 +15,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <thread>
 
@@ -342,7 +344,47 @@ TEST_F(ViaTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
   ASSERT_EQ(daemon_.Cli({"remove", "cr"}).exit_code, 0);
   EXPECT_EQ(echoes("after the remove"), "(closed)");
   EXPECT_TRUE(connect->WaitFor("job cr is no longer registered", 30000)) << connect->Output();
-  EXPECT_EQ(connect->Stop(SIGCONT, 30000), 5) << connect->Output();  // SIGCONT: Stop() waits
+  EXPECT_EQ(connect->Wait(30000), 5) << connect->Output();
+}
+
+// Through the login node too (see ExecModeTest.ConnectStopsAtOnceWhileTheSecretIsFetchedAgain):
+// stopped while the remote call that fetches the secret again waits for a broker that does not
+// answer, `connect` cuts that call short and exits at once.
+TEST_F(ViaTest, ConnectStopsAtOnceWhileTheSecretIsFetchedAgain) {
+  ASSERT_FALSE(daemon_.SaveJob("cs", 6000).empty());
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  DenyingProxy proxy;
+  ASSERT_NE(proxy.port(), 0);
+  auto connect = Child::Spawn(Via({"connect", "cs", "--listen", "0", "--proxy",
+                                   "127.0.0.1:" + std::to_string(proxy.port())}),
+                              dir_ / "connect.log", ClientEnv());
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+
+  std::string control = dir_ / "control.sock";
+  ASSERT_EQ(PendingOnUnixSocket(control), 0);
+  ASSERT_EQ(kill(daemon_.pid(), SIGSTOP), 0);
+  int fd = ConnectTcp(port, "127.0.0.1", 30000);
+  ASSERT_GE(fd, 0);
+  // Denied, so `connect` runs `load` on the login node over a new ssh session; that command's
+  // request waits in the (stopped) daemon's backlog.
+  int pending = 0;
+  for (int i = 0; i < 3000 && (pending = PendingOnUnixSocket(control)) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(pending, 1) << connect->Output();
+  EXPECT_EQ(proxy.handshakes(), 1);
+  auto start = std::chrono::steady_clock::now();
+  // Well below the remote call's own 30 s timeout.
+  EXPECT_EQ(connect->Stop(SIGTERM, 10000), 0) << connect->Output();
+  std::printf("connect exited %lld ms after SIGTERM\n",
+              static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                         std::chrono::steady_clock::now() - start)
+                                         .count()));
+  ::close(fd);
+  ASSERT_EQ(kill(daemon_.pid(), SIGCONT), 0);
 }
 
 TEST_F(ViaTest, ConnectCarriesManyConnectionsOverOneSession) {
