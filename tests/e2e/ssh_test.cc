@@ -92,14 +92,23 @@ class Sshd {
     RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", dir_ + "/host_key"});
   }
 
+  // sshd cannot listen on port 0 and say which port it got, so the port is picked free and may
+  // be taken by another test before sshd binds it: then a new one is picked.
   ::testing::AssertionResult Start() {
-    child_ = Child::Spawn(
-        {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port_)},
-        dir_ + "/sshd.log");
-    if (!child_ || !child_->WaitFor("Server listening on", 10000)) {
-      return ::testing::AssertionFailure() << "sshd did not start:\n" << Log();
+    for (int attempt = 0;; ++attempt) {
+      child_ = Child::Spawn(
+          {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port_)},
+          dir_ + "/sshd.log");
+      if (child_ && child_->WaitFor("Server listening on", 10000)) {
+        return ::testing::AssertionSuccess();
+      }
+      std::string log = Log();
+      if (attempt == 4 || log.find("Address already in use") == std::string::npos) {
+        return ::testing::AssertionFailure() << "sshd did not start:\n" << log;
+      }
+      Stop();
+      port_ = FreePort();
     }
-    return ::testing::AssertionSuccess();
   }
   void Stop() {
     if (child_) child_->Stop(SIGTERM, 5000);
