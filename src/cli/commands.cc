@@ -571,7 +571,8 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
       return;
     }
     std::fprintf(stderr, "brokerproxy: %s: could not remove job %s: %s\n",
-                 last ? "warning" : "SIGTERM", job->job.id.c_str(), removed.status().message().c_str());
+                 last ? "warning" : "SIGTERM", job->job.id.c_str(),
+                 removed.status().message().c_str());
   };
   // When the job is being stopped the entry goes first, so that no new connection is routed to
   // a service that is shutting down; bounded, so the signal is forwarded anyway.
