@@ -2,6 +2,7 @@
 // of a real, private Slurm (slurm_cluster.h) that two real users submit to with sbatch.
 
 #include <gtest/gtest.h>
+#include <pwd.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -56,7 +57,7 @@ class SlurmBindingTest : public ::testing::Test {
               0755);
     daemon_ = std::make_unique<Daemon>(
         dir_, "[scheduler]\ntype = slurm\nreconcile_interval = 1s\ncache = 200ms\nsqueue = " +
-                  squeue_ + "\nadmin_uids = bp-bob\n" + extra_config);
+                  squeue_ + "\nadmin_uids = slurm\n" + extra_config);
     std::vector<std::string> launcher{"env"};
     for (const std::string& e : cluster.env()) launcher.push_back(e);
     daemon_->set_launcher(launcher);
@@ -161,18 +162,23 @@ TEST_F(SlurmBindingTest, EpilogIsForAdminsOnly) {
   std::string out = JobOutput(cluster.jobs_dir() + "/e.json");
   ASSERT_EQ(JsonText(ParseOut(out).get(), {"job", "id"}), a) << out;
 
-  // Alice may not wipe job entries, even of her own job; bob is an admin ([scheduler]
-  // admin_uids = bp-bob) and may, by the id in the epilog's environment.
+  // Neither alice (even for her own job) nor bob may wipe job entries; the `slurm` user, which
+  // Slurm's epilogs run as ([scheduler] admin_uids = slurm), may, by the id in the epilog's
+  // environment.
   RunResult refused = daemon_->Cli({"epilog", a}, as_alice_);
   EXPECT_EQ(refused.exit_code, 4) << refused;
+  EXPECT_EQ(daemon_->Cli({"epilog", a}, as_bob_).exit_code, 4);
   EXPECT_FALSE(Gone(a));
-  RunOptions epilog_env = as_bob_;
+  const passwd* slurm = ::getpwnam("slurm");
+  ASSERT_NE(slurm, nullptr) << "Debian's Slurm packages create the slurm user";
+  RunOptions epilog_env;
+  epilog_env.uid = slurm->pw_uid;
   epilog_env.env = {"SLURM_JOB_ID=" + a};
   RunResult accepted = daemon_->Cli({"epilog"}, epilog_env);
   EXPECT_EQ(accepted.exit_code, 0) << accepted;
   EXPECT_TRUE(Gone(a));
   // Nothing left: still fine.
-  EXPECT_EQ(daemon_->Cli({"epilog", a}, as_bob_).exit_code, 0);
+  EXPECT_EQ(daemon_->Cli({"epilog", a}, epilog_env).exit_code, 0);
 }
 
 TEST_F(SlurmBindingTest, SchedulerDownRefusesSavesWhileSessionsFlow) {
