@@ -340,20 +340,29 @@ TEST_F(ExecModeTest, ConnectTlsFollowsAResaveAndStopsWhenTheJobIsRemoved) {
   ExpectConnectFollowsAResaveAndStopsWhenTheJobIsRemoved(dir_, /*tls=*/true);
 }
 
+// `connect JOB --listen 0` with `d`'s config, through the proxy on `proxy_port`, logging to
+// `log`; `*port` is its local port once it listens, else 0.
+std::unique_ptr<Child> ConnectListening(const Daemon& d, const std::string& job, int proxy_port,
+                                        const std::string& log, int* port) {
+  *port = 0;
+  auto connect = Child::Spawn({BinaryPath(), "connect", job, "--listen", "0", "-c", d.config_path(),
+                               "--proxy", "127.0.0.1:" + std::to_string(proxy_port)},
+                              log);
+  if (!connect) return connect;
+  auto line = connect->WaitFor("listening on 127.0.0.1:");
+  if (line) *port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  return connect;
+}
+
 TEST_F(ExecModeTest, ConnectDeniedWithTheSameSecretReportsItOnceAndKeepsServing) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   ASSERT_FALSE(d.SaveJob("cd", 6000).empty());
   DenyingProxy proxy;
   ASSERT_NE(proxy.port(), 0);
-  auto connect =
-      Child::Spawn({BinaryPath(), "connect", "cd", "--listen", "0", "-c", d.config_path(),
-                    "--proxy", "127.0.0.1:" + std::to_string(proxy.port())},
-                   dir_ / "connect.log");
-  ASSERT_TRUE(connect);
-  auto line = connect->WaitFor("listening on 127.0.0.1:");
-  ASSERT_TRUE(line) << connect->Output();
-  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  int port = 0;
+  auto connect = ConnectListening(d, "cd", proxy.port(), dir_ / "connect.log", &port);
+  ASSERT_GT(port, 0) << (connect ? connect->Output() : "connect did not start");
   for (int i = 1; i <= 2; ++i) {
     int fd = ConnectTcp(port);
     ASSERT_GE(fd, 0);
@@ -378,14 +387,9 @@ TEST_F(ExecModeTest, ConnectStopsAtOnceWhileTheSecretIsFetchedAgain) {
   ASSERT_FALSE(d.SaveJob("cs", 6000).empty());
   DenyingProxy proxy;
   ASSERT_NE(proxy.port(), 0);
-  auto connect =
-      Child::Spawn({BinaryPath(), "connect", "cs", "--listen", "0", "-c", d.config_path(),
-                    "--proxy", "127.0.0.1:" + std::to_string(proxy.port())},
-                   dir_ / "connect.log");
-  ASSERT_TRUE(connect);
-  auto line = connect->WaitFor("listening on 127.0.0.1:");
-  ASSERT_TRUE(line) << connect->Output();
-  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  int port = 0;
+  auto connect = ConnectListening(d, "cs", proxy.port(), dir_ / "connect.log", &port);
+  ASSERT_GT(port, 0) << (connect ? connect->Output() : "connect did not start");
 
   std::string control = dir_ / "control.sock";
   ASSERT_EQ(PendingOnUnixSocket(control), 0);
