@@ -178,6 +178,14 @@ TEST_F(NotebookTest, ReachedThroughConnectVia) {
   EXPECT_TRUE(CheckNotebook("http://127.0.0.1:" + std::to_string(port), nb.token()))
       << connect->Output() << daemon_.Log();
   EXPECT_EQ(sshd.Log().find(nb.token()), std::string::npos);
+
+  // The URL the README says to open, in a browser: the token logs it in to Jupyter's file
+  // browser.
+  std::string missing = ChromiumMissing();
+  if (!missing.empty()) GTEST_SKIP() << missing;
+  RunResult tree = ChromiumDumpDom(
+      dir_, SaveCa(), "http://127.0.0.1:" + std::to_string(port) + "/?token=" + nb.token());
+  EXPECT_NE(tree.out.find("Select or create a notebook"), std::string::npos) << tree;
 }
 
 // Path: an `ssl` job, its notebook serving TLS with the job's certificate, reached by its name
@@ -215,17 +223,15 @@ TEST_F(NotebookTest, SslJobThroughSniPassthroughAndChromium) {
 // The README's recipes, read out of README.md and run as written by the job's owner (only
 // `brokerproxy` is found on PATH and $SLURM_JOB_ID names the job): the notebook is reached, and
 // its secret is on no command line while it runs.
-TEST_F(NotebookTest, ReadmeRecipesWorkAsWritten) {
-  std::string readme = ReadFile(std::string(BROKERPROXY_SOURCE_DIR) + "/README.md");
-  std::string tls_md = ReadFile(std::string(BROKERPROXY_SOURCE_DIR) + "/docs/tls.md");
-  std::string plain = RecipeFrom(readme, "notebook");
-  std::string ssl = RecipeFrom(readme, "notebook-ssl");
-  ASSERT_NE(plain.find("brokerproxy save ssh"), std::string::npos) << plain;
-  ASSERT_NE(ssl.find("brokerproxy save ssl"), std::string::npos) << ssl;
-  EXPECT_EQ(RecipeFrom(tls_md, "notebook-ssl"), ssl) << "docs/tls.md's recipe is README.md's";
+std::string Recipe(const std::string& document, const std::string& name) {
+  return RecipeFrom(ReadFile(std::string(BROKERPROXY_SOURCE_DIR) + "/" + document), name);
+}
 
+TEST_F(NotebookTest, ReadmeNotebookRecipeWorksAsWritten) {
+  std::string recipe = Recipe("README.md", "notebook");
+  ASSERT_NE(recipe.find("brokerproxy save ssh"), std::string::npos) << recipe;
   Notebook nb(daemon_, dir_, alice_);
-  ASSERT_TRUE(nb.Start("readme1", plain));
+  ASSERT_TRUE(nb.Start("readme1", recipe));
   int port = 0;
   auto connect = ConnectListen(daemon_, dir_, nb.job(), alice_, &port);
   ASSERT_GT(port, 0) << (connect ? connect->Output() : "");
@@ -235,14 +241,19 @@ TEST_F(NotebookTest, ReadmeRecipesWorkAsWritten) {
       << nb.Output();
   std::vector<std::string> showing = ProcessesShowing(nb.token());
   EXPECT_TRUE(showing.empty()) << Joined(showing);
+}
 
-  Notebook tls(daemon_, dir_, alice_);
-  ASSERT_TRUE(tls.Start("readme2", ssl));
+TEST_F(NotebookTest, ReadmeSslNotebookRecipeWorksAsWritten) {
+  std::string recipe = Recipe("README.md", "notebook-ssl");
+  ASSERT_NE(recipe.find("brokerproxy save ssl"), std::string::npos) << recipe;
+  EXPECT_EQ(Recipe("docs/tls.md", "notebook-ssl"), recipe) << "docs/tls.md's is README.md's";
+  Notebook nb(daemon_, dir_, alice_);
+  ASSERT_TRUE(nb.Start("readme2", recipe));
   NotebookCheck check;
   check.ca_file = SaveCa();
   check.connect_to = "127.0.0.1";
-  EXPECT_TRUE(CheckNotebook(SniUrl(tls.job()), tls.token(), check)) << tls.Output();
-  showing = ProcessesShowing(tls.token());
+  EXPECT_TRUE(CheckNotebook(SniUrl(nb.job()), nb.token(), check)) << nb.Output();
+  std::vector<std::string> showing = ProcessesShowing(nb.token());
   EXPECT_TRUE(showing.empty()) << Joined(showing);
 }
 
