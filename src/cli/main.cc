@@ -109,6 +109,7 @@ int Main(int argc, char** argv) {
                    "Exec mode: put the job's secret in CMD's environment as NAME (e.g. "
                    "JUPYTER_TOKEN), where other users cannot read it, unlike {secret} in its "
                    "arguments")
+      ->type_name("NAME")
       ->check([](const std::string& v) { return v.empty() ? "a name is needed" : ""; });
   save->add_option("--cert-dir", save_args.cert_dir,
                    "ssl: directory for the job's key (0600) and certificate (default: "
