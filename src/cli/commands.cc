@@ -243,14 +243,22 @@ constexpr const char* kExecChildFlag = "--exec-child";
 // (the scheduler after KillWait, the OOM killer) would leave the service running unregistered
 // after the job ended, on a port that the registry hands out again.
 Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
-                       const std::function<void()>& on_first_term) {
+                       const std::string& secret_env, const std::function<void()>& on_first_term) {
   std::vector<std::string> args = {"/proc/self/exe", kExecChildFlag, std::to_string(::getpid()),
                                    "--"};
   for (const auto& a : command) args.push_back(SubstitutePlaceholders(a, job));
   std::vector<std::string> env;
+  const std::string secret_prefix = secret_env + "=";
   for (char** e = environ; *e; ++e) {
-    if (std::string_view(*e).substr(0, 7) != "BROKER_") env.emplace_back(*e);
+    std::string_view entry(*e);
+    if (entry.substr(0, 7) == "BROKER_") continue;
+    // Ours replaces an inherited one (a token of an earlier run of the same shell).
+    if (!secret_env.empty() && entry.substr(0, secret_prefix.size()) == secret_prefix) continue;
+    env.emplace_back(entry);
   }
+  // The environment, unlike the arguments, is readable only by the process's own user (and
+  // root): /proc/PID/environ is mode 0400 where /proc/PID/cmdline is world-readable.
+  if (!secret_env.empty()) env.push_back(secret_prefix + job.secret);
   env.push_back("BROKER_JOB_ID=" + job.id);
   env.push_back(std::string("BROKER_TYPE=") + registry::JobTypeName(job.type));
   env.push_back("BROKER_HOST=" + job.host);
@@ -389,6 +397,43 @@ Result<std::string> ResolveJobId(const std::string& job_id, const std::string& n
   return id;
 }
 
+Status CheckSecretEnv(const SaveArgs& args) {
+  if (!args.secret_env.empty()) {
+    if (args.command.empty()) {
+      return Status::InvalidArgument("--secret-env is for exec mode: save ... --secret-env " +
+                                     args.secret_env + " -- CMD ARGS...");
+    }
+    // A portable name (POSIX: letters, digits and '_', not starting with a digit), of a
+    // bounded length, and none of ours: exec mode sets BROKER_* itself.
+    const std::string& name = args.secret_env;
+    bool valid =
+        name.size() <= 128 && !(name[0] >= '0' && name[0] <= '9') && name.rfind("BROKER_", 0) != 0;
+    for (char c : name) {
+      valid = valid && (c == '_' || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                        (c >= '0' && c <= '9'));
+    }
+    if (!valid) {
+      return Status::InvalidArgument(
+          "--secret-env: '" + name +
+          "' is not an environment variable name (letters, digits and _, not starting with a "
+          "digit, at most 128) or is one of exec mode's own BROKER_*");
+    }
+  }
+  for (const auto& a : args.command) {
+    if (a.find("{secret}") == std::string::npos) continue;
+    // Not an error: some services take a token only as an argument. But every user of the node
+    // reads it there, so it is said loudly, with the way out.
+    std::fprintf(stderr,
+                 "brokerproxy: WARNING: {secret} in the command's arguments puts the job's "
+                 "secret where every user of this node can read it (ps, /proc/PID/cmdline) and "
+                 "use it to reach your service. Pass it in the environment instead: "
+                 "--secret-env NAME (e.g. --secret-env JUPYTER_TOKEN for Jupyter); "
+                 "$BROKER_SECRET holds it too.\n");
+    break;
+  }
+  return Status::OK();
+}
+
 std::string SubstitutePlaceholders(const std::string& arg, const Job& job) {
   const std::pair<const char*, std::string> vars[] = {
       {"{port}", std::to_string(job.port)}, {"{secret}", job.secret}, {"{cert}", job.cert_path},
@@ -442,6 +487,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     req.save.ttl = (*ttl + 999) / 1000;
   }
   bool exec_mode = !args.command.empty();
+  BP_RETURN_IF_ERROR(CheckSecretEnv(args));
   // Exec mode always waits: the command is what will listen.
   req.save.ready = !(args.wait || exec_mode || args.pending);
   int64_t wait_ms = config.ready_timeout_ms;
@@ -576,7 +622,8 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   };
   // When the job is being stopped the entry goes first, so that no new connection is routed to
   // a service that is shutting down; bounded, so the signal is forwarded anyway.
-  auto code = RunCommand(args.command, job->job, [&] { deregister(kDeregisterTimeoutMs, false); });
+  auto code = RunCommand(args.command, job->job, args.secret_env,
+                         [&] { deregister(kDeregisterTimeoutMs, false); });
   if (!deregistered) deregister(kCallTimeoutMs, true);
   // The service is gone: so is its key, unless a newer save of the id now keeps its own there.
   if (key_files && !replaced) key_files->Remove();

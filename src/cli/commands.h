@@ -38,6 +38,9 @@ struct SaveArgs {
   std::string wait_timeout;  // duration text; empty: [registry] ready_timeout
   OutputFormat format = OutputFormat::kHuman;
   std::vector<std::string> command;  // exec mode: what follows "--"
+  // Exec mode: the command also gets the job's secret in its environment under this name
+  // (e.g. JUPYTER_TOKEN), where other users of the node cannot read it, unlike its arguments.
+  std::string secret_env;
   std::string cert_dir;  // ssl: where the key and certificate go; empty: DefaultCertDir()
   // ssl through --via: the node where the service runs made the key and sends its CSR (on
   // stdin) and the paths it will write; this side only registers and prints the reply.
@@ -76,6 +79,11 @@ Status RunWait(BrokerClient* client, const std::string& job, int64_t timeout_ms,
 Status RunCa(BrokerClient* client, OutputFormat format);
 // The broker's CA certificate (PEM) through the control API.
 Result<std::string> FetchCaPem(BrokerClient* client);
+
+// Checks --secret-env (exec mode only; a portable variable name, not BROKER_*), and warns on
+// stderr when {secret} appears in the command's arguments, where every user of the node can
+// read it. An error leaves nothing to undo: it comes before the save.
+Status CheckSecretEnv(const SaveArgs& args);
 
 // {port} {secret} {cert} {certkey} {job} {host} in `arg`, replaced by the job's values.
 std::string SubstitutePlaceholders(const std::string& arg, const registry::Job& job);

@@ -105,6 +105,12 @@ int Main(int argc, char** argv) {
   save->add_option("--cert-path", save_args.cert_path, "Where the caller writes the certificate")
       ->group("");
   save->add_option("--key-path", save_args.key_path, "Where the caller keeps the key")->group("");
+  save->add_option("--secret-env", save_args.secret_env,
+                   "Exec mode: put the job's secret in CMD's environment as NAME (e.g. "
+                   "JUPYTER_TOKEN), where other users cannot read it, unlike {secret} in its "
+                   "arguments")
+      ->type_name("NAME")
+      ->check([](const std::string& v) { return v.empty() ? "a name is needed" : ""; });
   save->add_option("--cert-dir", save_args.cert_dir,
                    "ssl: directory for the job's key (0600) and certificate (default: "
                    "${XDG_STATE_HOME:-~/.local/state}/brokerproxy/certs)");
@@ -115,9 +121,12 @@ int Main(int argc, char** argv) {
       "with its status.\n"
       "ssl jobs: the key is made here and never leaves this machine; the broker signs a\n"
       "certificate for https://JOB.<tls_domain>:<proxy port>/ (the proxy passes TLS through\n"
-      "to the service, which should use {secret} as its access token), e.g.\n"
-      "  brokerproxy save ssl -- jupyter lab --port {port} --certfile {cert} \\\n"
-      "      --keyfile {certkey} --IdentityProvider.token={secret}");
+      "to the service, which should take the secret as its access token), e.g.\n"
+      "  brokerproxy save ssl --secret-env JUPYTER_TOKEN -- jupyter notebook --no-browser \\\n"
+      "      --ip={host} --port={port} --NotebookApp.certfile={cert} \\\n"
+      "      --NotebookApp.keyfile={certkey} --NotebookApp.allow_remote_access=True\n"
+      "{secret} in CMD's arguments is visible to every user of the node (ps): prefer\n"
+      "--secret-env NAME, which puts the secret in CMD's environment only.");
   save_cfg.AddTo(save, FlagScope::kClient);
   bool accept_new_host_key = false;
   AddSshFlags(save, &accept_new_host_key);

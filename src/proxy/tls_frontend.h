@@ -23,9 +23,9 @@
 // Passthrough: the proxy cannot see inside, so there is no secret check at the proxy. The
 // backend terminates TLS with the certificate the broker issued to the job (its name is bound
 // by the broker's CA), and the job's secret is used by the service itself as its access token:
-// e.g. `brokerproxy save ssl -- jupyter lab --port {port} --certfile {cert} --keyfile
-// {certkey} --IdentityProvider.token={secret}`. Who reaches the port without the token gets
-// the service's login page, nothing more.
+// e.g. `brokerproxy save ssl --secret-env JUPYTER_TOKEN -- jupyter notebook --port={port}
+// --NotebookApp.certfile={cert} --NotebookApp.keyfile={certkey} ...` (README.md has the whole
+// recipe). Who reaches the port without the token gets the service's login page, nothing more.
 //
 // Termination: the proxy's own certificate (issued by the same CA at start-up), the same
 // preamble parser, Authorize() and replies ("OK\n", "ERR <code>\n") as plain sessions, inside
