@@ -239,6 +239,27 @@ TEST_F(LaptopTest, AfterTheBannerItIsSshWithTheHandshakeDeadline) {
   close(fd);
 }
 
+// Silent clients handed to the SSH endpoint are still handshakes of their source: one local
+// user's silent connections cannot grow past max_handshakes_per_source by waiting for the
+// banner.
+TEST_F(LaptopTest, SilentClientsGivenTheBannerStillCountAgainstTheirSource) {
+  StartDaemon("max_handshakes_per_source = 2\n");
+  std::vector<int> fds;
+  for (int i = 0; i < 2; ++i) {
+    int fd = ConnectTcp(daemon_->proxy_port());
+    ASSERT_GE(fd, 0);
+    auto banner = ReadLine(fd);  // handed to the SSH endpoint
+    ASSERT_TRUE(banner);
+    EXPECT_EQ(banner->rfind("SSH-2.0-", 0), 0u) << *banner;
+    fds.push_back(fd);
+  }
+  int third = ConnectTcp(daemon_->proxy_port());
+  ASSERT_GE(third, 0);
+  EXPECT_EQ(ReadLine(third), "ERR busy") << daemon_->Log();
+  close(third);
+  for (int fd : fds) close(fd);
+}
+
 // ---- channel refusals say why (as SSH_MSG_DEBUG, which ssh -v prints) ----
 
 TEST_F(LaptopTest, ChannelRefusalsSayWhy) {
