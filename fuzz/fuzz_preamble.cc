@@ -7,17 +7,26 @@
 #include "fuzz.h"
 #include "proxy/sniffer.h"
 
+using brokerproxy::proxy::kMaxHttpMethodBytes;
 using brokerproxy::proxy::kMaxPreambleBytes;
 using brokerproxy::proxy::kPreambleMagic;
 using brokerproxy::proxy::ParsePreamble;
 using brokerproxy::proxy::Preamble;
 using brokerproxy::proxy::PreambleReader;
+using brokerproxy::proxy::Protocol;
 using brokerproxy::proxy::ProtocolName;
 using brokerproxy::proxy::Sniff;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string_view in = brokerproxy::fuzz::AsText(data, size);
-  FUZZ_CHECK(ProtocolName(Sniff(in)) != nullptr);
+  Protocol sniffed = Sniff(in);
+  FUZZ_CHECK(ProtocolName(sniffed) != nullptr);
+  // More bytes never change a verdict, and "need more" ends within an HTTP method's length.
+  FUZZ_CHECK(sniffed != Protocol::kNeedMore || size < kMaxHttpMethodBytes);
+  for (size_t k = 0; k < size && k <= kMaxHttpMethodBytes; ++k) {
+    Protocol head = Sniff(in.substr(0, k));
+    FUZZ_CHECK(head == Protocol::kNeedMore || head == sniffed);
+  }
 
   Preamble p = ParsePreamble(in);
   switch (p.state) {

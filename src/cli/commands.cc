@@ -782,6 +782,8 @@ Status RunStats(BrokerClient* client, OutputFormat format) {
       if (cJSON_IsObject(m) || cJSON_IsArray(m)) {
         std::printf("%s%s:\n", pad.c_str(), m->string ? m->string : "-");
         print(m, depth + 1);
+      } else if (cJSON_IsString(m) && !m->string) {
+        std::printf("%s%s\n", pad.c_str(), m->valuestring);  // a line of a list
       } else if (cJSON_IsString(m)) {
         std::printf("%s%s: %s\n", pad.c_str(), m->string ? m->string : "-", m->valuestring);
       } else {

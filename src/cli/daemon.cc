@@ -171,6 +171,8 @@ Result<proxy::ProxyOptions> ProxyOptionsFrom(const Config& c) {
   o.throttle_window_ms = c.throttle_window_ms;
   o.max_handshakes_per_source = c.max_handshakes_per_source;
   o.handshake_share = c.handshake_share;
+  o.ssh_banner_delay_ms = c.banner_delay_ms;
+  o.tls_domain = c.tls_domain;
   return o;
 }
 
@@ -201,6 +203,24 @@ std::string DirName(const std::string& path) {
   if (slash == std::string::npos) return ".";
   if (slash == 0) return "/";
   return path.substr(0, slash);
+}
+
+// "[127.0.0.1]:7000 ssh-ed25519 AAAA..." for a proxy listening on `address` ("host:port",
+// "[v6]:port"): the host as clients name it in known_hosts (bare for port 22). A wildcard
+// address is named by this node's host name, which is what clients elsewhere connect to.
+std::string KnownHostsLine(const std::string& address, const std::string& public_key) {
+  size_t colon = address.rfind(':');
+  std::string host = address.substr(0, colon);
+  std::string port = colon == std::string::npos ? "22" : address.substr(colon + 1);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  if (host == "0.0.0.0" || host == "::" || host.empty()) {
+    char name[256] = {0};
+    if (::gethostname(name, sizeof(name) - 1) == 0 && name[0] != '\0') host = name;
+  }
+  std::string shown = port == "22" ? host : "[" + host + "]:" + port;
+  return shown + " " + public_key;
 }
 
 // How often the proxy's certificate is checked for renewal.
@@ -313,7 +333,15 @@ class Daemon {
         cJSON_AddNumberToObject(stats, "control_clients", static_cast<double>(clients));
       }
       if (proxy_) proxy_->AddStats(stats, caller);
-      if (ssh_) cJSON_AddStringToObject(stats, "ssh_host_key", ssh_->fingerprint().c_str());
+      if (ssh_) {
+        cJSON_AddStringToObject(stats, "ssh_host_key", ssh_->fingerprint().c_str());
+        // Ready to append to ~/.ssh/known_hosts: the key pinned without ssh-keyscan.
+        cJSON* lines = cJSON_AddArrayToObject(stats, "ssh_known_hosts");
+        for (const std::string& a : proxy_ ? proxy_->addresses() : std::vector<std::string>()) {
+          std::string line = KnownHostsLine(a, ssh_->public_key());
+          cJSON_AddItemToArray(lines, cJSON_CreateString(line.c_str()));
+        }
+      }
     });
 
     for (int signum : {SIGTERM, SIGINT, SIGHUP}) {

@@ -255,6 +255,13 @@ const std::vector<Entry>& Entries() {
         "<state_dir>/ssh_host_ed25519_key.",
         nullptr, kNo},
        &Config::host_key},
+      {{"ssh", "banner_delay", T::kDuration, "300ms",
+        "A client on the proxy port that has sent nothing this long after connecting is taken "
+        "for an SSH client waiting for the server to speak first (ssh-keyscan, some libraries) "
+        "and gets the endpoint's banner. Plain and TLS clients always speak first, so they are "
+        "not delayed. 0 turns it off: such clients then wait until handshake_timeout.",
+        nullptr, kNo},
+       &Config::banner_delay_ms},
       // [scheduler]
       {{"scheduler", "type", T::kString, "none",
         "The batch scheduler whose jobs registrations are bound to: none, slurm or pbs. With "

@@ -71,7 +71,8 @@ struct Config {
   int cert_days = 365;
 
   // [ssh]
-  std::string host_key;  // default: <state_dir>/ssh_host_ed25519_key
+  std::string host_key;           // default: <state_dir>/ssh_host_ed25519_key
+  int64_t banner_delay_ms = 300;  // silence after which a client is taken for SSH; 0: never
 
   // [scheduler]
   std::string scheduler_type = "none";        // none | slurm | pbs

@@ -77,6 +77,10 @@ struct ProxyOptions {
   int pipe_size = 1 << 20;             // splice pipe capacity asked for
   size_t pipe_pool = 64;               // idle pipes kept
   int64_t sweep_interval_ms = 1000;
+  // A client silent this long after accept is taken for an SSH client that waits for the
+  // server's banner (ssh-keyscan) and handed to the SSH frontend, which sends it. 0: never.
+  int64_t ssh_banner_delay_ms = 300;
+  std::string tls_domain = "localhost";  // for the hint answered to HTTP requests
 };
 
 class Proxy;
@@ -164,6 +168,9 @@ class Proxy {
   void AddStats(cJSON* stats, uid_t caller);
 
   void set_frontend(Protocol protocol, Frontend frontend);
+  bool has_frontend(Protocol protocol) const {
+    return frontends_.count(static_cast<int>(protocol)) != 0;
+  }
 
   // ---- For connections (plain sessions and frontends) ----
   loop::Loop* loop() const { return loop_; }

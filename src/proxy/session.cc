@@ -1,7 +1,9 @@
 #include "proxy/session.h"
 
+#include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -15,7 +17,12 @@ Session::Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& pe
 Session::~Session() = default;
 
 void Session::Start() {
-  proxy_->ArmDeadline(this, proxy_->options().handshake_timeout_ms);
+  const ProxyOptions& o = proxy_->options();
+  // Plain and TLS clients speak first, at once; an SSH client may wait for the server's banner
+  // instead (RFC 4253 lets either side start). After a short silence, assume SSH.
+  banner_pending_ = o.ssh_banner_delay_ms > 0 && proxy_->has_frontend(Protocol::kSsh) &&
+                    (o.handshake_timeout_ms == 0 || o.ssh_banner_delay_ms < o.handshake_timeout_ms);
+  proxy_->ArmDeadline(this, banner_pending_ ? o.ssh_banner_delay_ms : o.handshake_timeout_ms);
   client_->SetCallback([this](loop::IoWatch*) { OnClientReadable(/*speculative=*/false); });
   // A client usually sends its first bytes right behind the handshake, so they are likely
   // there already: look now rather than a loop turn later. Nothing here if not (one recv).
@@ -42,16 +49,31 @@ void Session::OnClientReadable(bool speculative) {
   }
   if (state_ == State::kSniffing) {
     Protocol p = Sniff(std::string_view(buf, n));
-    if (p == Protocol::kTls || p == Protocol::kSsh) {
-      proxy_->ClearDeadline(this);
-      state_ = State::kClosed;
-      if (!proxy_->HandOff(p, std::move(client_), *this)) {
-        // No frontend for it in this build: answer like any unknown protocol.
-        proxy_->stats().global().bad_request++;
-        LOG_INFO("session %llu peer=%s proto=%s reason=protocol not enabled",
-                 static_cast<unsigned long long>(id()), PeerString().c_str(), ProtocolName(p));
+    if (p == Protocol::kNeedMore && client_->hangup()) p = Protocol::kUnknown;
+    if (p == Protocol::kNeedMore) {
+      // A few bytes of what may be an HTTP method: wait for the rest (still unread, so the
+      // next segment brings a new edge).
+      if (static_cast<size_t>(n) < room) client_->ClearReadable();
+      return;
+    }
+    if (banner_pending_) {
+      // It spoke before the banner delay: the handshake's own deadline from now on.
+      banner_pending_ = false;
+      int64_t left = proxy_->options().handshake_timeout_ms;
+      if (left > 0) {
+        uint64_t at = started_ms() + static_cast<uint64_t>(left);
+        proxy_->SetDeadline(this, std::max(at, proxy_->loop()->Now()));
+      } else {
+        proxy_->ClearDeadline(this);
       }
-      proxy_->Retire(this);
+    }
+    if (p == Protocol::kTls || p == Protocol::kSsh) {
+      HandOff(p);
+      return;
+    }
+    if (p == Protocol::kHttp) {
+      proxy_->RecordSourceFailure(*this, "http request");
+      RejectHttp();
       return;
     }
     if (p != Protocol::kPlain) {
@@ -101,6 +123,54 @@ void Session::OnClientReadable(bool speculative) {
       OnPreamble(p);
       return;
   }
+}
+
+void Session::HandOff(Protocol p) {
+  proxy_->ClearDeadline(this);
+  state_ = State::kClosed;
+  if (!proxy_->HandOff(p, std::move(client_), *this)) {
+    // No frontend for it in this build: answer like any unknown protocol.
+    proxy_->stats().global().bad_request++;
+    LOG_INFO("session %llu peer=%s proto=%s reason=protocol not enabled",
+             static_cast<unsigned long long>(id()), PeerString().c_str(), ProtocolName(p));
+  }
+  proxy_->Retire(this);
+}
+
+void Session::OnBannerDelay() {
+  banner_pending_ = false;
+  // Bytes that came in just now, with their edge not handled yet, decide as usual (so do a FIN
+  // and an error).
+  char c;
+  ssize_t n = ::recv(client_->fd(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  if (!(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))) {
+    int64_t left = proxy_->options().handshake_timeout_ms;
+    if (left > 0) proxy_->SetDeadline(this, started_ms() + static_cast<uint64_t>(left));
+    OnClientReadable(/*speculative=*/true);  // reads the bytes, the FIN or the error
+    return;
+  }
+  // Silent: an SSH client waiting for the server to speak first (ssh-keyscan does). The SSH
+  // frontend sends the banner and runs the handshake under its own deadline; from now on the
+  // connection is SSH, so a preamble or ClientHello coming late fails its key exchange.
+  HandOff(Protocol::kSsh);
+}
+
+void Session::RejectHttp() {
+  proxy_->stats().global().bad_request++;
+  sockaddr_storage local{};
+  socklen_t len = sizeof(local);
+  int port = 0;
+  if (::getsockname(client_->fd(), reinterpret_cast<sockaddr*>(&local), &len) == 0) {
+    port = local.ss_family == AF_INET6
+               ? ntohs(reinterpret_cast<const sockaddr_in6*>(&local)->sin6_port)
+               : ntohs(reinterpret_cast<const sockaddr_in*>(&local)->sin_port);
+  }
+  int fd = client_.Release();
+  // The request stays unread: CloseGracefully() drains it, so that closing does not reset the
+  // connection before the client has read the answer.
+  SendBestEffort(fd, HttpBadRequest(proxy_->options().tls_domain, port));
+  CloseGracefully(fd);
+  Finish("bad-request: http request");
 }
 
 void Session::OnPreamble(const Preamble& p) {
@@ -174,6 +244,10 @@ void Session::Reject(ErrorCode code, const char* reason) {
 }
 
 void Session::OnDeadline() {
+  if (banner_pending_ && state_ == State::kSniffing) {
+    OnBannerDelay();
+    return;
+  }
   if (state_ == State::kConnecting) {
     proxy_->stats().global().unavailable++;
     Reject(ErrorCode::kUnavailable, "backend connect timeout");

@@ -5,7 +5,9 @@
 //   kSniffing --'B'--> kPreamble --secret ok--> kConnecting --connected--> kSplicing --> closed
 //       |                  |                         |
 //       +--0x16/'S': handed to the TLS/SSH frontend  +--> ERR unavailable
-//       +--else: ERR bad-request                     (every state: deadline -> ERR timeout)
+//       +--silent for ssh_banner_delay: handed to the SSH frontend (it speaks first)
+//       +--"GET " etc.: HTTP 400 with a hint         (every state: deadline -> ERR timeout)
+//       +--else: ERR bad-request
 //
 // Ownership: the Proxy owns it (Connection). Loop-thread only.
 
@@ -43,6 +45,13 @@ class Session final : public Connection {
   void OnClientReadable(bool speculative);
   void OnPreamble(const Preamble& p);
   void OnBackend(Result<loop::IoHandle> backend);
+  // Passes the client socket to the TLS or SSH frontend and retires.
+  void HandOff(Protocol p);
+  // The client has not spoken within ssh_banner_delay: it is an SSH client waiting for our
+  // banner, unless its first bytes came in meanwhile.
+  void OnBannerDelay();
+  // Answers an HTTP request with a 400 and a hint, and closes.
+  void RejectHttp();
   // Answers "ERR <code>" and closes.
   void Reject(ErrorCode code, const char* reason);
   // Releases everything, logs the session line and retires.
@@ -51,6 +60,7 @@ class Session final : public Connection {
 
   State state_ = State::kSniffing;
   bool finished_ = false;
+  bool banner_pending_ = false;  // the deadline armed is the banner delay, not the handshake's
   loop::IoHandle client_;
   std::string preamble_;  // bytes of the preamble line read so far
   Target target_;

@@ -6,6 +6,9 @@
 //   0x16 TLS handshake record (ClientHello)
 //   'S'  SSH identification string "SSH-2.0-..." (RFC 4253 section 4.2)
 //
+// An HTTP request line ("GET ", "POST ", ...: a client pointed at the port by mistake) is told
+// apart from other garbage only to answer it in HTTP (a 400 with a hint) instead of ERR.
+//
 // How sniffed bytes are kept, so that none is lost, per protocol:
 //   - SSH: peeked only (MSG_PEEK). libssh reads the socket itself and has no API to inject bytes
 //     already read, so the banner must stay in the kernel.
@@ -26,10 +29,12 @@
 
 namespace brokerproxy::proxy {
 
-enum class Protocol { kNeedMore, kPlain, kTls, kSsh, kUnknown };
+enum class Protocol { kNeedMore, kPlain, kTls, kSsh, kHttp, kUnknown };
 
-// Decides from the first byte(s); kNeedMore only for empty input.
+// Decides from the first byte(s): kNeedMore for empty input, and for a proper prefix of an HTTP
+// method and its space ("GE", "POST"), at most kMaxHttpMethodBytes bytes.
 Protocol Sniff(std::string_view first_bytes);
+inline constexpr size_t kMaxHttpMethodBytes = 8;  // "OPTIONS ", "CONNECT "
 const char* ProtocolName(Protocol p);
 
 inline constexpr size_t kMaxPreambleBytes = 2048;
@@ -82,6 +87,11 @@ enum class ErrorCode { kDenied, kUnavailable, kBusy, kTimeout, kBadRequest };
 // "ERR denied\n", ...
 std::string_view ErrorReply(ErrorCode code);
 const char* ErrorCodeName(ErrorCode code);
+
+// The answer to an HTTP request on the proxy port: "HTTP/1.1 400 Bad Request" with
+// Connection: close and a plain-text body saying how to reach a job, with `tls_domain` and the
+// proxy's `port` in the TLS example.
+std::string HttpBadRequest(std::string_view tls_domain, int port);
 
 }  // namespace brokerproxy::proxy
 

@@ -51,6 +51,12 @@ Result<std::unique_ptr<SshEndpoint>> SshEndpoint::Create(SshEndpointOptions opti
   if (!key.ok()) return key.status();
   auto fingerprint = SshFingerprint(key->get());
   if (!fingerprint.ok()) return fingerprint.status();
+  char* b64 = nullptr;
+  if (ssh_pki_export_pubkey_base64(key->get(), &b64) != SSH_OK || b64 == nullptr) {
+    return Status::Internal("ssh: cannot export the host key");
+  }
+  std::string public_key = std::string(ssh_key_type_to_char(ssh_key_type(key->get()))) + " " + b64;
+  ssh_string_free_char(b64);
   SshBindPtr bind(ssh_bind_new());
   if (!bind) return Status::Internal("ssh_bind_new failed");
   bool no = false;
@@ -82,8 +88,8 @@ Result<std::unique_ptr<SshEndpoint>> SshEndpoint::Create(SshEndpointOptions opti
     return Status::Internal("ssh bind: cannot use the host key");
   }
   (void)key->release();
-  return std::unique_ptr<SshEndpoint>(
-      new SshEndpoint(std::move(options), std::move(bind), std::move(fingerprint).value()));
+  return std::unique_ptr<SshEndpoint>(new SshEndpoint(
+      std::move(options), std::move(bind), std::move(fingerprint).value(), std::move(public_key)));
 }
 
 Frontend SshEndpoint::frontend() {
@@ -174,12 +180,12 @@ int SshSession::HandleMessage(ssh_message msg) {
     case SSH_REQUEST_CHANNEL:
       LOG_INFO("ssh %llu job=%s: refused a channel request (only direct-tcpip is served)",
                static_cast<unsigned long long>(id()), target_.job_id.c_str());
-      return 1;
+      return Refuse("shell refused: only port forwards to the job are served");
     case SSH_REQUEST_GLOBAL:
       LOG_INFO("ssh %llu job=%s: refused a global request (remote forwarding is not served)",
                static_cast<unsigned long long>(id()),
                target_.job_id.empty() ? "-" : target_.job_id.c_str());
-      return 1;
+      return Refuse("remote forwarding refused: only port forwards to the job are served");
     default:
       return 1;
   }
@@ -193,7 +199,8 @@ int SshSession::HandleAuth(ssh_message msg) {
         const char* user = ssh_message_auth_user(msg);
         // Only a well-formed job id is kept (CheckSecret refuses anything else).
         kbdint_user_ = user && registry::ValidJobId(user) ? user : "";
-        const char* prompts[] = {"Job secret: "};
+        // "Password": what tools that type a password (sshpass) wait for.
+        const char* prompts[] = {"Password (job secret): "};
         char echo[] = {0};
         // No name or instruction: OpenSSH would print them on every attempt.
         if (ssh_message_auth_interactive_request(msg, "", "", 1, prompts, echo) != SSH_OK) {
@@ -276,36 +283,39 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
     LOG_INFO("ssh %llu job=%s: refused a %s channel (only direct-tcpip is served)",
              static_cast<unsigned long long>(id()), target_.job_id.c_str(),
              ChannelTypeName(subtype));
-    return 1;
+    return Refuse(subtype == SSH_CHANNEL_SESSION
+                      ? "shell refused: only port forwards to the job are served "
+                        "(ssh -N -L PORT:JOB:1)"
+                      : "channel refused: only port forwards to the job are served");
   }
   const char* dest = ssh_message_channel_request_open_destination(msg);
   if (dest == nullptr || target_.job_id != registry::CanonicalJobId(dest)) {
     std::string shown = LogSafe(dest ? dest : "");
     LOG_INFO("ssh %llu job=%s: refused a forward to '%s' (the destination must be the job id)",
              static_cast<unsigned long long>(id()), target_.job_id.c_str(), shown.c_str());
-    return 1;
+    return Refuse("not this job: the destination must be the job id (ssh -L PORT:JOB:1)");
   }
   if (!proxy_->StillCurrent(target_)) {
     // The secret this session proved is no longer the job's (removed, or saved anew).
     RequestClose("job removed or replaced");
-    return 1;
+    return Refuse("the job was removed or saved again");
   }
   if (channels_.size() >= static_cast<size_t>(options_->max_channels)) {
     LOG_INFO("ssh %llu job=%s: refused a channel: %d already open",
              static_cast<unsigned long long>(id()), target_.job_id.c_str(), options_->max_channels);
-    return 1;
+    return Refuse("too many channels open in this session");
   }
   size_t dialing = 0;
   for (const auto& c : channels_) dialing += c->dialer ? 1 : 0;
   if (dialing >= static_cast<size_t>(options_->max_dialing_channels)) {
     LOG_INFO("ssh %llu job=%s: refused a channel: %zu still connecting to the backend",
              static_cast<unsigned long long>(id()), target_.job_id.c_str(), dialing);
-    return 1;
+    return Refuse("too many channels of this session still connecting to the job");
   }
   if (!proxy_->TakeChannelSlot()) {
     LOG_INFO("ssh %llu job=%s: refused a channel: the proxy is at max_connections",
              static_cast<unsigned long long>(id()), target_.job_id.c_str());
-    return 1;
+    return Refuse("the proxy is busy (max_connections)");
   }
   ssh_channel channel = ssh_message_channel_request_open_reply_accept(msg);
   if (channel == nullptr) {
@@ -326,6 +336,15 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
   channels_.push_back(std::move(c));
   ++channels_opened_;
   return 0;
+}
+
+void SshSession::Tell(const char* reason) {
+  if (transport_) (void)ssh_send_debug(transport_->session(), reason, /*always_display=*/1);
+}
+
+int SshSession::Refuse(const char* reason) {
+  Tell(reason);
+  return 1;
 }
 
 void SshSession::RequestClose(const char* reason) {
@@ -353,6 +372,7 @@ void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> io) {
     proxy_->DialFailed(backend.status());  // counted like a connection's failed dial
     LOG_INFO("ssh %llu job=%s: backend unavailable: %s", static_cast<unsigned long long>(id()),
              target_.job_id.c_str(), backend.status().message().c_str());
+    Tell("the job's service is not accepting connections");
     c->splice->Fail(Status::Unavailable("backend unavailable"));
   } else {
     int keepalive = proxy_->options().keepalive_s;
@@ -468,6 +488,7 @@ void SshSession::OnSweep(uint64_t now_ms) {
       LOG_INFO("ssh %llu job=%s channel %llu: backend connect timeout",
                static_cast<unsigned long long>(id()), target_.job_id.c_str(),
                static_cast<unsigned long long>(c->id));
+      Tell("the job's service did not answer within connect_timeout");
       s.Fail(Status::Timeout("backend connect timeout"));
       expired = true;
       continue;

@@ -16,6 +16,16 @@
 //                closes the session with all its channels (OnJobChanged). Everything
 //                else (session channels, so shell/exec/subsystem/pty, x11, agent, tcpip-forward)
 //                is refused.
+//   refusals   = say why. libssh 0.10 sends SSH_MSG_CHANNEL_OPEN_FAILURE with an empty
+//                description and offers no way to set one (nor to answer a channel open after
+//                its message callback returned), so the reason goes just before it as an
+//                SSH_MSG_DEBUG, which OpenSSH prints with -v ("debug1: Remote: not this job").
+//                A channel whose backend cannot be reached is therefore accepted, then closed
+//                after the same kind of message ("the job's service is not accepting
+//                connections").
+//   prompts    = password is the method to use (the job id's "password" is its secret), so
+//                the keyboard-interactive prompt says so too: "Password (job secret): " (what
+//                sshpass and similar tools wait for).
 //   deadline   = key exchange plus authentication within handshake_timeout.
 //
 // Fd ownership: the sniffer only peeked, so the "SSH-" banner is still in the
@@ -69,18 +79,23 @@ class SshEndpoint {
 
   // "SHA256:..." of the host key.
   const std::string& fingerprint() const { return fingerprint_; }
+  // The public host key as in known_hosts: "ssh-ed25519 AAAA...".
+  const std::string& public_key() const { return public_key_; }
   // For Proxy::set_frontend(Protocol::kSsh, ...).
   Frontend frontend();
 
  private:
-  SshEndpoint(SshEndpointOptions options, SshBindPtr bind, std::string fingerprint)
+  SshEndpoint(SshEndpointOptions options, SshBindPtr bind, std::string fingerprint,
+              std::string public_key)
       : options_(std::move(options)),
         bind_(std::move(bind)),
-        fingerprint_(std::move(fingerprint)) {}
+        fingerprint_(std::move(fingerprint)),
+        public_key_(std::move(public_key)) {}
 
   SshEndpointOptions options_;
   SshBindPtr bind_;
   std::string fingerprint_;
+  std::string public_key_;
 };
 
 // One SSH connection on the proxy port.
@@ -118,6 +133,10 @@ class SshSession final : public Connection {
   int HandleMessage(ssh_message msg);
   int HandleAuth(ssh_message msg);
   int HandleChannelOpen(ssh_message msg);
+  // Sends `reason` to the client as SSH_MSG_DEBUG (see "refusals" above).
+  void Tell(const char* reason);
+  // Tells the client `reason` and returns 1, so that libssh refuses the channel or request.
+  int Refuse(const char* reason);
   static int OnPassword(ssh_session session, const char* user, const char* password,
                         void* userdata) noexcept;
   // Checks an authentication attempt for `user` with `secret`: true if it succeeded. Counts

@@ -42,6 +42,7 @@ void ExpectSameConfig(const Config& a, const Config& b) {
   EXPECT_EQ(a.ca_key, b.ca_key);
   EXPECT_EQ(a.cert_days, b.cert_days);
   EXPECT_EQ(a.host_key, b.host_key);
+  EXPECT_EQ(a.banner_delay_ms, b.banner_delay_ms);
   EXPECT_EQ(a.broker, b.broker);
   EXPECT_EQ(a.proxy, b.proxy);
   EXPECT_EQ(a.remote_command, b.remote_command);
@@ -93,6 +94,7 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
                                        "tls.ca_key",
                                        "tls.cert_days",
                                        "ssh.host_key",
+                                       "ssh.banner_delay",
                                        "scheduler.type",
                                        "scheduler.reconcile_interval",
                                        "scheduler.end_grace",

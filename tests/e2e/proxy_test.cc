@@ -231,7 +231,12 @@ TEST_F(ProxyTest, DeniedAndMalformedHandshakes) {
     close(fd);
   }
 
-  // A silent client gets the timeout answer after handshake_timeout.
+  // A silent client gets the timeout answer after handshake_timeout (with the SSH banner off:
+  // LaptopTest.AfterTheBannerItIsSshWithTheHandshakeDeadline has it on).
+  daemon_->Stop();
+  daemon_ = std::make_unique<Daemon>(dir_, "[ssh]\nbanner_delay = 0\n", "handshake_timeout = 1s\n");
+  ASSERT_TRUE(daemon_->Start());
+  port = daemon_->proxy_port();
   auto start = steady_clock::now();
   fd = ConnectTcp(port);
   EXPECT_EQ(ReadLine(fd).value_or("<closed>"), "ERR timeout");
