@@ -649,6 +649,71 @@ TEST_F(AbuseTest, ThrottledJobAndUserStillAdmitTheRightSecretOnEveryPath) {
             0);
 }
 
+// ---- `ssh -L` through the login node's sshd: its connections are its user's ----
+
+TEST_F(AbuseTest, ConnectionsThroughAnSshForwardCountAgainstTheUserWhoseSshdMadeThem) {
+  if (access("/usr/sbin/sshd", X_OK) != 0) GTEST_SKIP() << "no /usr/sbin/sshd";
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  RunOptions as_alice;
+  as_alice.uid = alice_;
+  ASSERT_FALSE(d.SaveJob("alicejob", backend_->port(), "ssh", as_alice).empty()) << d.Log();
+
+  // The login node's sshd lets bob in with a key (it reads the key file as bob; PAM, because
+  // his password is locked), and his `ssh -N -L` forwards a local port to the proxy port: the
+  // forwarded connections are made by bob's own sshd process.
+  TempDir sshd_dir;
+  ::mkdir("/run/sshd", 0755);  // privilege separation directory
+  const std::string key = sshd_dir / "id";
+  RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key});
+  RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", sshd_dir / "host_key"});
+  WriteFile(sshd_dir / "authorized_keys", ReadFile(key + ".pub"), 0644);
+  WriteFile(sshd_dir / "sshd_config",
+            "ListenAddress 127.0.0.1\nHostKey " + (sshd_dir / "host_key") +
+                "\nPidFile none\nUsePAM yes\nStrictModes no\nAuthorizedKeysFile " +
+                (sshd_dir / "authorized_keys") +
+                "\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                "AllowTcpForwarding yes\nLogLevel VERBOSE\n");
+  std::unique_ptr<Child> sshd;
+  int sshd_port = 0;
+  // sshd cannot listen on port 0: a port taken before it bound it is picked again.
+  for (int attempt = 0; attempt < 5 && !sshd; ++attempt) {
+    sshd_port = FreePort();
+    sshd = Child::Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", sshd_dir / "sshd_config", "-p",
+                         std::to_string(sshd_port)},
+                        sshd_dir / ("sshd-" + std::to_string(attempt) + ".log"));
+    if (sshd && !sshd->WaitFor("Server listening on", 10000)) sshd.reset();
+  }
+  ASSERT_TRUE(sshd) << "sshd did not start";
+  int local = FreePort();
+  auto tunnel = Child::Spawn(
+      {"ssh", "-F", "/dev/null", "-i", key, "-o", "StrictHostKeyChecking=no", "-o",
+       "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+       "-p", std::to_string(sshd_port), "-N", "-L",
+       std::to_string(local) + ":127.0.0.1:" + std::to_string(d.proxy_port()), "bp-bob@127.0.0.1"},
+      sshd_dir / "ssh.log");
+  ASSERT_TRUE(tunnel);
+  ASSERT_TRUE(WaitUntil([&] {
+    int fd = ConnectTcp(local);
+    if (fd >= 0) close(fd);
+    return fd >= 0;
+  })) << tunnel->Output()
+      << sshd->Output();
+
+  // Wrong secrets through bob's forward (sent by this process, which runs as root: only the
+  // socket sshd opened reaches the proxy) throttle bob, not root, not alice.
+  for (int i = 0; i < 12; ++i) {
+    std::string r = Preamble(local, "BROKER1 alicejob " + kWrongSecret + "\n");
+    EXPECT_TRUE(r == "ERR denied" || r == "ERR busy") << r << "\n" << d.Log();
+  }
+  std::string log = d.Log();
+  EXPECT_EQ(CountOf(log, "throttling local user " + std::to_string(bob_) + ":"), 1u) << log;
+  EXPECT_EQ(CountOf(log, "throttling local user 0:"), 0u) << log;
+  EXPECT_EQ(CountOf(log, "throttling local user " + std::to_string(alice_) + ":"), 0u) << log;
+  tunnel->Stop(SIGTERM, 5000);
+  sshd->Stop(SIGTERM, 5000);
+}
+
 // ---- a stale `connect` of the owner recovers from a throttled job ----
 
 // `connect JOB --listen 0` as `uid` through the proxy on `proxy_port`; `*port` once it listens.
