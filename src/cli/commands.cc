@@ -317,27 +317,26 @@ std::string FindCommand(const std::string& cmd, int* exit_code) {
 constexpr const char* kPlaceholders[] = {"{port}", "{job}",     "{host}",
                                          "{cert}", "{certkey}", "{secret}"};
 
-// Every "{name}" in the command must be one of kPlaceholders: a misspelt one would reach the
-// command as it is (a service told to listen on "{prot}" fails late, or listens elsewhere). A
-// shell's "${name}" is left alone.
+// Every "{name}" in the command (a lowercase word in braces, as every placeholder is) must be
+// one of kPlaceholders: a misspelt one would reach the command as it is (a service told to
+// listen on "{prot}" fails late, or listens elsewhere). Braces right after a name or a "$" are
+// code, not placeholders: a shell's ${NAME}, Perl's $ENV{PORT} or $h{key}.
 Status CheckPlaceholders(const std::vector<std::string>& command) {
+  auto is_word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
   for (const std::string& arg : command) {
     for (size_t open = arg.find('{'); open != std::string::npos; open = arg.find('{', open + 1)) {
+      if (open > 0 && (arg[open - 1] == '$' || is_word(arg[open - 1]))) continue;
       size_t end = open + 1;
-      while (end < arg.size() && (std::isalnum(static_cast<unsigned char>(arg[end])) ||
-                                  arg[end] == '_' || arg[end] == '-')) {
-        ++end;
-      }
+      while (end < arg.size() && arg[end] >= 'a' && arg[end] <= 'z') ++end;
       if (end == open + 1 || end >= arg.size() || arg[end] != '}') continue;
-      if (open > 0 && arg[open - 1] == '$') continue;
       std::string name = arg.substr(open, end - open + 1);
       bool known = false;
       for (const char* k : kPlaceholders) known = known || name == k;
       if (known) continue;
       std::string list;
       for (const char* k : kPlaceholders) list += std::string(list.empty() ? "" : " ") + k;
-      return Status::InvalidArgument("unknown placeholder " + name + " in the command (in '" + arg +
-                                     "'); known placeholders: " + list);
+      return Status::InvalidArgument("unknown placeholder " + name + " in the command; known: " +
+                                     list + " (code with such braces goes in a script file)");
     }
   }
   return Status::OK();

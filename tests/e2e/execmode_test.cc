@@ -425,13 +425,15 @@ TEST_F(ExecModeTest, AnUnknownPlaceholderIsAnErrorBeforeAnythingIsSaved) {
       {"save", "ssh", "--job-id", "ph", "--", "sh", "-c", "touch " + ran + "; echo --port={prot}"});
   EXPECT_EQ(r.exit_code, 2) << r;
   EXPECT_NE(r.err.find("unknown placeholder {prot}"), std::string::npos) << r;
-  EXPECT_NE(r.err.find("{port} {job} {host} {cert} {certkey} {secret}"), std::string::npos) << r;
+  EXPECT_NE(r.err.find("known: {port} {job} {host} {cert} {certkey} {secret}"), std::string::npos)
+      << r;
   EXPECT_EQ(d.Cli({"load", "ph"}).exit_code, 5) << "nothing saved";
   EXPECT_EQ(::access(ran.c_str(), F_OK), -1) << "the command did not run";
-  // A shell's own ${NAME} is not a placeholder, and the known ones are substituted.
+  // Braces right after a name or a "$" are code (a shell's ${X}, Perl's $ENV{X}), not
+  // placeholders; the known ones are substituted.
   std::string out = dir_ / "out";
-  RunResult ok =
-      d.Cli({"save", "ssh", "--job-id", "ph", "--", "sh", "-c", "X=x; echo ${X} {job} > " + out});
+  RunResult ok = d.Cli({"save", "ssh", "--job-id", "ph", "--", "sh", "-c",
+                        "X=x; echo ${X} {job} > " + out, "$ENV{HOME}", "$h{key}"});
   EXPECT_EQ(ok.exit_code, 0) << ok;
   EXPECT_EQ(WaitForFile(out), "x ph");
 }
