@@ -462,7 +462,7 @@ Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
             std::fprintf(stderr,
                          "brokerproxy: WARNING: nothing listens on %s:%d after %s (ready_timeout): "
                          "%s has not started its service there, or listens on another port (pass "
-                         "it {port}). Job %s stays registered and waiting, and %s keeps running.\n",
+                         "it {port}). Job %s stays registered, and %s keeps running.\n",
                          job.host.c_str(), job.port, FormatDuration(ready_timeout_ms).c_str(),
                          command[0].c_str(), job.id.c_str(), command[0].c_str());
           });
