@@ -1,12 +1,15 @@
 #include "cli/commands.h"
 
+#include <netdb.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <climits>
 
@@ -223,6 +226,122 @@ std::string StringField(const cJSON* obj, const char* name) {
   return cJSON_IsString(v) ? v->valuestring : "";
 }
 
+// Does anything accept TCP connections on `host`:`port`? At most `timeout_ms` per address (a
+// host that drops packets); false if the name does not resolve.
+bool SomethingListens(const std::string& host, int port, int timeout_ms) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  if (::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0) return false;
+  bool listens = false;
+  for (addrinfo* ai = res; ai && !listens; ai = ai->ai_next) {
+    int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) continue;
+    if (::connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+      listens = true;
+    } else if (errno == EINPROGRESS) {
+      pollfd p{fd, POLLOUT, 0};
+      int err = 0;
+      socklen_t len = sizeof(err);
+      listens = ::poll(&p, 1, timeout_ms) == 1 &&
+                ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0;
+    }
+    ::close(fd);
+  }
+  ::freeaddrinfo(res);
+  return listens;
+}
+
+// Exec mode with an explicit --port: the command is about to listen there, so the port must
+// be free now. Bound here, like the command would (a listener of anyone on any local address
+// holds it), and dialled at the job's host (which may name another address of this host, or a
+// host where binding here proves nothing): a port someone listens on would route this job's
+// connections to their service, not to the command.
+Status CheckExplicitPortFree(const std::string& host, int port) {
+  if (!PortFreeHere(port) || SomethingListens(host, port, 1000)) {
+    return Status::AlreadyExists(
+        "port " + std::to_string(port) + " is already in use on " + host +
+        " (something listens there or holds it): the command could not listen there, and "
+        "connections to this job would reach whatever does; pick another --port, or leave it "
+        "out to get a free one");
+  }
+  return Status::OK();
+}
+
+bool IsDirectory(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+// Where execvp would find `cmd`: "" (and *exit_code 127) if nowhere, else the path; *exit_code
+// 126 if what is there cannot be executed (a directory, no x bit), as the shell tells them.
+std::string FindCommand(const std::string& cmd, int* exit_code) {
+  auto executable = [](const std::string& path, int* code) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) return false;
+    *code = S_ISREG(st.st_mode) && ::access(path.c_str(), X_OK) == 0 ? 0 : 126;
+    return true;
+  };
+  *exit_code = 127;
+  if (cmd.empty()) return "";
+  if (cmd.find('/') != std::string::npos) return executable(cmd, exit_code) ? cmd : "";
+  const char* env = std::getenv("PATH");
+  std::string path = env ? env : "/usr/local/bin:/usr/bin:/bin";
+  std::string found;
+  int found_code = 127;
+  for (size_t start = 0; start <= path.size();) {
+    size_t end = path.find(':', start);
+    if (end == std::string::npos) end = path.size();
+    std::string dir = path.substr(start, end - start);
+    std::string candidate = (dir.empty() ? "." : dir) + "/" + cmd;
+    int code = 127;
+    if (executable(candidate, &code)) {
+      if (code == 0) {
+        *exit_code = 0;
+        return candidate;
+      }
+      // execvp goes on past one it may not run, and reports EACCES if nothing else is found.
+      if (found.empty()) {
+        found = candidate;
+        found_code = code;
+      }
+    }
+    start = end + 1;
+  }
+  *exit_code = found_code;
+  return found;
+}
+
+// The placeholders SubstitutePlaceholders knows.
+constexpr const char* kPlaceholders[] = {"{port}", "{job}",     "{host}",
+                                         "{cert}", "{certkey}", "{secret}"};
+
+// Every "{name}" in the command (a lowercase word in braces, as every placeholder is) must be
+// one of kPlaceholders: a misspelt one would reach the command as it is (a service told to
+// listen on "{prot}" fails late, or listens elsewhere). Braces right after a name or a "$" are
+// code, not placeholders: a shell's ${NAME}, Perl's $ENV{PORT} or $h{key}.
+Status CheckPlaceholders(const std::vector<std::string>& command) {
+  auto is_word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
+  for (const std::string& arg : command) {
+    for (size_t open = arg.find('{'); open != std::string::npos; open = arg.find('{', open + 1)) {
+      if (open > 0 && (arg[open - 1] == '$' || is_word(arg[open - 1]))) continue;
+      size_t end = open + 1;
+      while (end < arg.size() && arg[end] >= 'a' && arg[end] <= 'z') ++end;
+      if (end == open + 1 || end >= arg.size() || arg[end] != '}') continue;
+      std::string name = arg.substr(open, end - open + 1);
+      bool known = false;
+      for (const char* k : kPlaceholders) known = known || name == k;
+      if (known) continue;
+      std::string list;
+      for (const char* k : kPlaceholders) list += std::string(list.empty() ? "" : " ") + k;
+      return Status::InvalidArgument("unknown placeholder " + name + " in the command; known: " +
+                                     list + " (code with such braces goes in a script file)");
+    }
+  }
+  return Status::OK();
+}
+
 // How long exec mode's deregistration on SIGTERM may hold back the signal: the scheduler's
 // KillWait (30 s by default in Slurm) must remain for the service to stop.
 constexpr int64_t kDeregisterTimeoutMs = 3000;
@@ -243,7 +362,8 @@ constexpr const char* kExecChildFlag = "--exec-child";
 // (the scheduler after KillWait, the OOM killer) would leave the service running unregistered
 // after the job ended, on a port that the registry hands out again.
 Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
-                       const std::string& secret_env, const std::function<void()>& on_first_term) {
+                       const std::string& secret_env, int64_t ready_timeout_ms,
+                       const std::function<void()>& on_first_term) {
   std::vector<std::string> args = {"/proc/self/exe", kExecChildFlag, std::to_string(::getpid()),
                                    "--"};
   for (const auto& a : command) args.push_back(SubstitutePlaceholders(a, job));
@@ -279,6 +399,10 @@ Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
   loop::Pending term_work;
   loop::HandlePtr<loop::Timer> term_timer;
   bool term_held = false;
+  // After ready_timeout, one look at the job's port (on the thread pool: a host that drops
+  // packets blocks for a moment).
+  loop::HandlePtr<loop::Timer> ready_timer;
+  loop::Pending ready_probe;
   auto release_term = [&] {
     if (!term_held) return;
     term_held = false;
@@ -318,6 +442,8 @@ Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
           signals.clear();
           term_timer.reset();
           term_held = false;
+          ready_timer.reset();
+          ready_probe.Detach();
           child.reset();
         },
         /*new_session=*/::isatty(STDIN_FILENO) == 1);
@@ -329,9 +455,32 @@ Result<int> RunCommand(const std::vector<std::string>& command, const Job& job,
     }
     child = std::move(proc).value();
   }
+  if (auto timer = loop::Timer::Create(**loop); timer.ok() && ready_timeout_ms > 0) {
+    ready_timer = std::move(timer).value();
+    ready_timer->Start(static_cast<uint64_t>(ready_timeout_ms), [&] {
+      ready_timer.reset();
+      auto listens = std::make_shared<bool>(false);
+      ready_probe = loop::QueueWork(
+          **loop,
+          [host = job.host, port = job.port, listens] {
+            *listens = SomethingListens(host, port, 1000);
+          },
+          [&, listens] {
+            if (*listens || !child) return;
+            // Loud: the daemon gives up probing now, and nobody may be watching the job.
+            std::fprintf(stderr,
+                         "brokerproxy: WARNING: nothing listens on %s:%d after %s (ready_timeout): "
+                         "%s has not started its service there, or listens on another port (pass "
+                         "it {port}). Job %s stays registered, and %s keeps running.\n",
+                         job.host.c_str(), job.port, FormatDuration(ready_timeout_ms).c_str(),
+                         command[0].c_str(), job.id.c_str(), command[0].c_str());
+          });
+    });
+  }
   (*loop)->Run();  // returns once the child exited and a deregistration under way finished
   signals.clear();
   term_timer.reset();
+  ready_timer.reset();
   child.reset();
   Status closed = (*loop)->Close();
   if (!closed.ok()) return closed;
@@ -362,8 +511,11 @@ int ExecChildMain(int argc, char** argv) {
   // The parent may have died before the death signal was armed: then nobody would send it.
   if (::getppid() != static_cast<pid_t>(parent)) return 128 + SIGKILL;
   ::execvp(argv[4], argv + 4);
-  std::fprintf(stderr, "brokerproxy: cannot run %s: %s\n", argv[4], std::strerror(errno));
-  return errno == ENOENT ? 127 : 126;
+  // As the shell says it (`save` checked before saving; this is for a command gone since).
+  int err = errno;
+  std::fprintf(stderr, "brokerproxy: %s: %s\n", argv[4],
+               err == ENOENT ? "command not found" : std::strerror(err));
+  return err == ENOENT ? 127 : 126;
 }
 
 bool IsExecChild(int argc, char** argv) {
@@ -488,6 +640,25 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   }
   bool exec_mode = !args.command.empty();
   BP_RETURN_IF_ERROR(CheckSecretEnv(args));
+  if (exec_mode) {
+    // What would fail once the command runs fails here instead, before anything is saved.
+    Status placeholders = CheckPlaceholders(args.command);
+    if (!placeholders.ok()) return placeholders;
+    int not_runnable = 0;
+    std::string found = FindCommand(args.command[0], &not_runnable);
+    if (not_runnable != 0) {
+      std::fprintf(stderr, "brokerproxy: %s: %s\n", args.command[0].c_str(),
+                   found.empty()        ? "command not found"
+                   : IsDirectory(found) ? "Is a directory"
+                                        : "Permission denied");
+      *exit_code = not_runnable;
+      return Status::OK();
+    }
+    if (args.port != 0) {
+      Status free = CheckExplicitPortFree(req.save.host, args.port);
+      if (!free.ok()) return free;
+    }
+  }
   // Exec mode always waits: the command is what will listen.
   req.save.ready = !(args.wait || exec_mode || args.pending);
   int64_t wait_ms = config.ready_timeout_ms;
@@ -622,7 +793,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
   };
   // When the job is being stopped the entry goes first, so that no new connection is routed to
   // a service that is shutting down; bounded, so the signal is forwarded anyway.
-  auto code = RunCommand(args.command, job->job, args.secret_env,
+  auto code = RunCommand(args.command, job->job, args.secret_env, wait_ms,
                          [&] { deregister(kDeregisterTimeoutMs, false); });
   if (!deregistered) deregister(kCallTimeoutMs, true);
   // The service is gone: so is its key, unless a newer save of the id now keeps its own there.

@@ -310,8 +310,10 @@ class Connector {
 
   // `used`: the secret the tunnel sent.
   void OnTunnelDone(uint64_t id, bool retried, const std::string& used, const Status& s) {
-    // "ERR denied": the job was saved again (a new secret) or is gone. The connection waits,
-    // once, for the secret to be fetched again.
+    // "ERR denied": the job was saved again (a new secret) or is gone. "ERR busy" may mean the
+    // same: the proxy answers a wrong secret so while the job is throttled, and the failures of
+    // a stale secret (or another user's) throttle it. The connection waits, once, for the secret
+    // to be fetched again.
     auto it = tunnels_.find(id);
     std::optional<Refused> refused;
     if (!s.ok() && !retried && it != tunnels_.end()) refused = it->second->TakeRefused();
@@ -371,11 +373,12 @@ class Connector {
                    /*retried=*/true);
         continue;
       }
-      // The same secret (or none to be had): the refusal stands, and no retry.
+      // The same secret (or none to be had): the refusal stands, as it was (denied, or busy),
+      // and no retry.
       std::string why = secret.ok() ? "the broker still gives the same secret"
                                     : "fetching it again failed: " + secret.status().message();
       w.refused = Refused{};
-      Finished(w.id, Status::PermissionDenied(w.denied.message() + "; " + why));
+      Finished(w.id, Status::FromCode(w.denied.code(), w.denied.message() + "; " + why));
     }
   }
 
@@ -393,7 +396,7 @@ class Connector {
   uint64_t stdio_id_ = 0;  // the --stdio tunnel's id in tunnels_; 0: none
   Status stdio_status_;
   uint64_t next_id_ = 1;
-  // Re-fetching the secret after "ERR denied".
+  // Re-fetching the secret after "ERR denied" or "ERR busy".
   struct Waiting {
     uint64_t id;
     Refused refused;

@@ -42,10 +42,11 @@ struct ConnectArgs {
 // `insecure_plain`.
 //
 // When the proxy refuses a connection with "ERR denied" (the job was saved again, so its secret
-// changed), the secret is fetched once more, the same way as at the start (on the thread pool,
-// bounded), and that connection is tried once more with the bytes it had sent; connections
-// refused meanwhile wait for the same answer. If the job is gone (NotFound), `connect` stops
-// with "job J is no longer registered". If the broker gives the same secret, the refusal is
+// changed) or "ERR busy" (what a wrong secret gets while the job is throttled: a stale secret
+// throttles the job by itself), the secret is fetched once more, the same way as at the start (on
+// the thread pool, bounded), and that connection is tried once more with the bytes it had sent;
+// connections refused meanwhile wait for the same answer. If the job is gone (NotFound), `connect`
+// stops with "job J is no longer registered". If the broker gives the same secret, the refusal is
 // reported and the connection closed, with no further retry; `connect` keeps serving.
 //
 // Runs until SIGINT/SIGTERM (listen mode), until the stdio tunnel ends, or until the job is

@@ -110,7 +110,8 @@ const std::vector<Entry>& Entries() {
        &Config::default_ttl_ms},
       {{"registry", "ready_timeout", T::kDuration, "2m",
         "How long `save --wait` and exec mode wait for the job's service to start listening "
-        "before giving up, and how long the daemon keeps probing a job saved to wait for its "
+        "before giving up (exec mode then warns on stderr, and its command keeps running), "
+        "and how long the daemon keeps probing a job saved to wait for its "
         "service: after that it stops (the job shows as down in `query`) until someone waits "
         "for the job or saves it again. 0 means without a limit. Two minutes covers services "
         "that are slow to start, such as notebook servers. At most 24h.",

@@ -253,7 +253,7 @@ void SshTunnel::Step() {
       std::string_view line = std::string_view(reply_).substr(0, nl);
       Status s = StatusFromReply(line, path_->job_);
       if (!s.ok()) {
-        if (IsDeniedReply(line)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
+        if (IsRetryableRefusal(line)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
         Fail(s);
         return;
       }

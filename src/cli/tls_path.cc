@@ -146,7 +146,7 @@ void TlsTunnel::OnData() {
   tls_->Consume(nl + 1);  // what follows "OK\n" is the backend's and stays in the inbox
   Status s = StatusFromReply(line, path_->ep_.job);
   if (!s.ok()) {
-    if (IsDeniedReply(line)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
+    if (IsRetryableRefusal(line)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
     Finish(s);
     return;
   }

@@ -71,9 +71,9 @@ Status StatusFromReply(std::string_view line, const std::string& job) {
   return Status::IOError("unexpected reply from the proxy: '" + reply + "'");
 }
 
-bool IsDeniedReply(std::string_view line) {
+bool IsRetryableRefusal(std::string_view line) {
   if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-  return line == "ERR denied";
+  return line == "ERR denied" || line == "ERR busy";
 }
 
 void EarlyBytes::Preload(std::string replay) {
@@ -256,7 +256,7 @@ void DirectTunnel::OnReadable() {
   reply_.pop_back();  // '\n'
   Status s = StatusFromReply(reply_, path_->ep_.job);
   if (!s.ok()) {
-    if (IsDeniedReply(reply_)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
+    if (IsRetryableRefusal(reply_)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
     Finish(s);
     return;
   }

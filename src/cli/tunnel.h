@@ -29,9 +29,9 @@
 
 namespace brokerproxy::cli {
 
-// What a tunnel that the proxy refused with "ERR denied" gives back: the local side, still
-// open, and every byte read from it so far (sent to the proxy, which dropped them), so that the
-// connection can be tried once more with another secret.
+// What a tunnel that the proxy refused with "ERR denied" or "ERR busy" gives back: the local side,
+// still open, and every byte read from it so far (sent to the proxy, which dropped them), so that
+// the connection can be tried once more with another secret.
 struct Refused {
   proxy::Relay::Side local;
   std::string early;
@@ -40,7 +40,8 @@ struct Refused {
 class Tunnel {
  public:
   virtual ~Tunnel() = default;
-  // After the done callback reported the proxy's "ERR denied": the local side and its bytes.
+  // After the done callback reported the proxy's "ERR denied" or "ERR busy"
+  // (IsRetryableRefusal): the local side and its bytes.
   // nullopt after any other end, and on a second call.
   std::optional<Refused> TakeRefused() { return std::exchange(refused_, std::nullopt); }
 
@@ -130,8 +131,11 @@ inline constexpr size_t kMaxReplyLine = 128;
 
 // Maps the proxy's reply line ("OK", "ERR denied", ...) to a Status a person can act on.
 Status StatusFromReply(std::string_view line, const std::string& job);
-// True for "ERR denied": an unknown job or a wrong secret.
-bool IsDeniedReply(std::string_view line);
+// True for the refusals a secret fetched anew may turn around: "ERR denied" (an unknown job or
+// a wrong secret) and "ERR busy" (the proxy's answer to a wrong secret while the job or this
+// source is throttled, which the failures of a stale secret alone can bring about, as can
+// another user's; or a proxy out of room).
+bool IsRetryableRefusal(std::string_view line);
 
 // Plain TCP straight to the proxy port (on this machine, or reachable from it, e.g. through an
 // `ssh -L` the user set up).

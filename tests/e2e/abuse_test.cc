@@ -14,12 +14,14 @@
 
 #include <gtest/gtest.h>
 #include <libssh/libssh.h>
+#include <openssl/ssl.h>
 
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -540,6 +542,345 @@ TEST_F(AbuseTest, SshChannelToABackendThatNeverAnswersEndsAfterConnectTimeout) {
   for (ssh_channel m : more) ssh_channel_free(m);
   for (int fd : fillers) close(fd);
   close(lfd);
+}
+
+// ---- every path admits the right secret of a throttled job and of a throttled user ----
+
+// One TLS handshake without a server name (so the proxy terminates it), then `line` inside it:
+// the proxy's reply line ("" if none). A line asking for "echo" makes an admitted connection
+// prove its way to the backend too: "OK" only if "ping" comes back.
+std::string TlsPreamble(int port, const std::string& line) {
+  int fd = ConnectTcp(port);
+  if (fd < 0) return "";
+  std::string reply;
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  SSL* ssl = ctx ? SSL_new(ctx) : nullptr;
+  auto read_line = [&] {
+    std::string got;
+    char c;
+    while (got.size() < 256 && SSL_read(ssl, &c, 1) == 1 && c != '\n') got += c;
+    return got;
+  };
+  if (ssl && SSL_set_fd(ssl, fd) == 1 && SSL_connect(ssl) == 1 &&
+      SSL_write(ssl, line.data(), static_cast<int>(line.size())) == static_cast<int>(line.size())) {
+    reply = read_line();
+    if (reply == "OK" && line.find("\necho\nping\n") != std::string::npos &&
+        read_line() != "ping") {
+      reply = "OK, but no echo";
+    }
+  }
+  if (ssl) SSL_free(ssl);
+  if (ctx) SSL_CTX_free(ctx);
+  close(fd);
+  return reply;
+}
+
+// The three ways to present `secret` for `job` on the proxy port, each used to reach the echo
+// backend: 0 if all got through, else the sum of those that did not: 1 (plain), 2 (TLS), 4 (SSH
+// endpoint).
+int ReachesEchoOnEveryPath(int port, const std::string& job, const std::string& secret) {
+  int failed = 0;
+  int fd = -1;
+  if (Preamble(port, "BROKER1 " + job + " " + secret + "\necho\nping\n", &fd) != "OK" ||
+      ReadLine(fd) != "ping") {
+    failed |= 1;
+  }
+  if (fd >= 0) close(fd);
+  if (TlsPreamble(port, "BROKER1 " + job + " " + secret + "\necho\nping\n") != "OK") failed |= 2;
+  SshClient c;
+  ssh_channel ch = c.Login(port, job, secret) ? c.Forward(job) : nullptr;
+  if (ch == nullptr || !Echoes(ch)) failed |= 4;
+  if (ch) ssh_channel_free(ch);
+  return failed;
+}
+
+// `n` wrong secrets for `job` on each path; 0 if every one was refused as it should be.
+int FailOnEveryPath(int port, const std::string& job, int n) {
+  for (int i = 0; i < n; ++i) {
+    std::string r = Preamble(port, "BROKER1 " + job + " " + kWrongSecret + "\n");
+    if (r != "ERR denied" && r != "ERR busy") return 1;
+    r = TlsPreamble(port, "BROKER1 " + job + " " + kWrongSecret + "\n");
+    if (r != "ERR denied" && r != "ERR busy") return 2;
+    SshClient c;
+    if (!c.Connect(port, job)) return 3;
+    if (ssh_userauth_password(c.s, nullptr, kWrongSecret.c_str()) == SSH_AUTH_SUCCESS) return 3;
+  }
+  return 0;
+}
+
+TEST_F(AbuseTest, ThrottledJobAndUserStillAdmitTheRightSecretOnEveryPath) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  RunOptions as_alice, as_bob;
+  as_alice.uid = alice_;
+  as_bob.uid = bob_;
+  std::string secret = d.SaveJob("alicejob", backend_->port(), "ssh", as_alice);
+  ASSERT_FALSE(secret.empty()) << d.Log();
+  Backend bobs_backend(Backend::OwnedBy(bob_));
+  std::string bobs_secret = d.SaveJob("bobjob", bobs_backend.port(), "ssh", as_bob);
+  ASSERT_FALSE(bobs_secret.empty()) << d.Log();
+  int port = d.proxy_port();
+
+  // Bob fails at alice's job on every path, well past throttle_failures (10): the job and bob
+  // are both throttled.
+  EXPECT_EQ(AsUser(bob_, [&] { return FailOnEveryPath(port, "alicejob", 8); }), 0) << d.Log();
+  std::string log = d.Log();
+  ASSERT_NE(log.find("throttling job alicejob:"), std::string::npos) << log;
+  ASSERT_NE(log.find("throttling local user " + std::to_string(bob_) + ":"), std::string::npos)
+      << log;
+
+  // Alice's right secret gets through at once, on every path.
+  auto start = Clock::now();
+  EXPECT_EQ(AsUser(alice_, [&] { return ReachesEchoOnEveryPath(port, "alicejob", secret); }), 0)
+      << "1: plain, 2: TLS, 4: SSH endpoint refused the owner (sum)\n"
+      << d.Log();
+  EXPECT_LT(ElapsedMs(start), 10000) << "the owner must not wait for the throttle";
+  // So does bob's own right secret for his own job, throttled as he is.
+  EXPECT_EQ(AsUser(bob_, [&] { return ReachesEchoOnEveryPath(port, "bobjob", bobs_secret); }), 0)
+      << "1: plain, 2: TLS, 4: SSH endpoint refused a throttled user's right secret (sum)\n"
+      << d.Log();
+  // And the throttle still answers wrong secrets: alice's job stays throttled for bob.
+  EXPECT_EQ(AsUser(bob_,
+                   [&] {
+                     return Preamble(port, "BROKER1 alicejob " + kWrongSecret + "\n") == "ERR busy"
+                                ? 0
+                                : 1;
+                   }),
+            0);
+}
+
+// ---- `ssh -L` through the login node's sshd: its connections are its user's ----
+
+TEST_F(AbuseTest, ConnectionsThroughAnSshForwardCountAgainstTheUserWhoseSshdMadeThem) {
+  if (access("/usr/sbin/sshd", X_OK) != 0) GTEST_SKIP() << "no /usr/sbin/sshd";
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  RunOptions as_alice;
+  as_alice.uid = alice_;
+  ASSERT_FALSE(d.SaveJob("alicejob", backend_->port(), "ssh", as_alice).empty()) << d.Log();
+
+  // The login node's sshd lets bob in with a key (it reads the key file as bob; PAM, because
+  // his password is locked), and his `ssh -N -L` forwards a local port to the proxy port: the
+  // forwarded connections are made by bob's own sshd process.
+  TempDir sshd_dir;
+  ::mkdir("/run/sshd", 0755);  // privilege separation directory
+  const std::string key = sshd_dir / "id";
+  RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key});
+  RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", sshd_dir / "host_key"});
+  WriteFile(sshd_dir / "authorized_keys", ReadFile(key + ".pub"), 0644);
+  WriteFile(sshd_dir / "sshd_config",
+            "ListenAddress 127.0.0.1\nHostKey " + (sshd_dir / "host_key") +
+                "\nPidFile none\nUsePAM yes\nStrictModes no\nAuthorizedKeysFile " +
+                (sshd_dir / "authorized_keys") +
+                "\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                "AllowTcpForwarding yes\nLogLevel VERBOSE\n");
+  std::unique_ptr<Child> sshd;
+  int sshd_port = 0;
+  // sshd cannot listen on port 0: a port taken before it bound it is picked again.
+  for (int attempt = 0; attempt < 5 && !sshd; ++attempt) {
+    sshd_port = FreePort();
+    sshd = Child::Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", sshd_dir / "sshd_config", "-p",
+                         std::to_string(sshd_port)},
+                        sshd_dir / ("sshd-" + std::to_string(attempt) + ".log"));
+    if (sshd && !sshd->WaitFor("Server listening on", 10000)) sshd.reset();
+  }
+  ASSERT_TRUE(sshd) << "sshd did not start";
+  int local = FreePort();
+  auto tunnel = Child::Spawn(
+      {"ssh", "-F", "/dev/null", "-i", key, "-o", "StrictHostKeyChecking=no", "-o",
+       "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+       "-p", std::to_string(sshd_port), "-N", "-L",
+       std::to_string(local) + ":127.0.0.1:" + std::to_string(d.proxy_port()), "bp-bob@127.0.0.1"},
+      sshd_dir / "ssh.log");
+  ASSERT_TRUE(tunnel);
+  ASSERT_TRUE(WaitUntil([&] {
+    int fd = ConnectTcp(local);
+    if (fd >= 0) close(fd);
+    return fd >= 0;
+  })) << tunnel->Output()
+      << sshd->Output();
+
+  // Wrong secrets through bob's forward (sent by this process, which runs as root: only the
+  // socket sshd opened reaches the proxy) throttle bob, not root, not alice.
+  for (int i = 0; i < 12; ++i) {
+    std::string r = Preamble(local, "BROKER1 alicejob " + kWrongSecret + "\n");
+    EXPECT_TRUE(r == "ERR denied" || r == "ERR busy") << r << "\n" << d.Log();
+  }
+  std::string log = d.Log();
+  EXPECT_EQ(CountOf(log, "throttling local user " + std::to_string(bob_) + ":"), 1u) << log;
+  EXPECT_EQ(CountOf(log, "throttling local user 0:"), 0u) << log;
+  EXPECT_EQ(CountOf(log, "throttling local user " + std::to_string(alice_) + ":"), 0u) << log;
+  tunnel->Stop(SIGTERM, 5000);
+  sshd->Stop(SIGTERM, 5000);
+}
+
+// ---- a stale `connect` of the owner recovers from a throttled job ----
+
+// `connect JOB --listen 0` as `uid` through the proxy on `proxy_port`; `*port` once it listens.
+// With `tls`, through TLS termination (--tls).
+std::unique_ptr<Child> ConnectAs(uid_t uid, const Daemon& d, const std::string& job,
+                                 const std::string& log, bool tls, int* port) {
+  RunOptions as;
+  as.uid = uid;
+  *port = 0;
+  std::vector<std::string> argv = {
+      BinaryPath(),    "connect", job,
+      "--listen",      "0",       "-c",
+      d.config_path(), "--proxy", "127.0.0.1:" + std::to_string(d.proxy_port())};
+  if (tls) argv.push_back("--tls");
+  auto connect = Child::Spawn(argv, log, as);
+  if (!connect) return connect;
+  auto line = connect->WaitFor("listening on 127.0.0.1:");
+  if (line) *port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  return connect;
+}
+
+// As `uid` (a listening `connect` serves its own user only), `text` echoed through `connect`
+// listening on `port`: 0 if it came back.
+int EchoThrough(uid_t uid, int port, const std::string& text) {
+  return AsUser(uid, [&] {
+    int fd = ConnectTcp(port);
+    if (fd < 0) return 1;
+    SendAll(fd, "echo\n" + text + "\n");
+    std::optional<std::string> got = ReadLine(fd);
+    close(fd);
+    return got == text ? 0 : 2;
+  });
+}
+
+void ExpectStaleConnectRecoversFromAJobItsOwnSecretThrottled(const TempDir& dir, uid_t alice,
+                                                             Backend* backend, bool tls) {
+  Daemon d(dir);
+  ASSERT_TRUE(d.Start());
+  RunOptions as_alice;
+  as_alice.uid = alice;
+  std::string old_secret = d.SaveJob("stale", backend->port(), "ssh", as_alice);
+  ASSERT_FALSE(old_secret.empty()) << d.Log();
+  int port = 0;
+  auto connect = ConnectAs(alice, d, "stale", dir / "connect.log", tls, &port);
+  ASSERT_GT(port, 0) << (connect ? connect->Output() : "connect did not start");
+  EXPECT_EQ(EchoThrough(alice, port, "before"), 0) << connect->Output();
+
+  // The job is saved again (a requeue): the old secret, still held by alice's tools, fails
+  // until the job is throttled, for her as for anyone.
+  RunResult again = d.Cli(
+      {"save", "ssh", "--job-id", "stale", "--port", std::to_string(backend->port()), "--replace"},
+      as_alice);
+  ASSERT_EQ(again.exit_code, 0) << again;
+  EXPECT_EQ(AsUser(alice,
+                   [&] {
+                     for (int i = 0; i < 12; ++i) {
+                       Preamble(d.proxy_port(), "BROKER1 stale " + old_secret + "\n");
+                     }
+                     return Preamble(d.proxy_port(), "BROKER1 stale " + old_secret + "\n") ==
+                                    "ERR busy"
+                                ? 0
+                                : 1;
+                   }),
+            0)
+      << d.Log();
+
+  // `connect`, told "busy" for its stale secret, fetches the secret again and gets through.
+  EXPECT_EQ(EchoThrough(alice, port, "after the re-save"), 0) << connect->Output();
+  EXPECT_EQ(EchoThrough(alice, port, "and the next"), 0) << connect->Output();
+  EXPECT_TRUE(connect->Running()) << connect->Output();
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
+TEST_F(AbuseTest, StaleConnectRecoversFromAJobItsOwnSecretThrottled) {
+  ExpectStaleConnectRecoversFromAJobItsOwnSecretThrottled(dir_, alice_, backend_.get(), false);
+}
+
+TEST_F(AbuseTest, StaleConnectTlsRecoversFromAJobItsOwnSecretThrottled) {
+  ExpectStaleConnectRecoversFromAJobItsOwnSecretThrottled(dir_, alice_, backend_.get(), true);
+}
+
+// A stand-in proxy: the first handshake is held until `before_reply` ran (the test saves the
+// job again meanwhile), then answered "ERR busy", as the proxy answers a stale secret once the
+// job is throttled; the next is answered "OK" and echoed, its preamble kept.
+class BusyOnceProxy {
+ public:
+  explicit BusyOnceProxy(std::function<void()> before_reply)
+      : before_reply_(std::move(before_reply)) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        ::listen(fd_, 16) != 0 ||
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] {
+      for (int n = 0;; ++n) {
+        int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (c < 0) return;  // shut down
+        std::string line = ReadLine(c, 8192).value_or("");
+        if (n == 0) {
+          before_reply_();
+          SendAll(c, "ERR busy\n");
+        } else {
+          {
+            std::lock_guard<std::mutex> lock(mu_);
+            retried_preamble_ = line;
+          }
+          SendAll(c, "OK\n");
+          char buf[4096];
+          for (ssize_t got; (got = recv(c, buf, sizeof(buf), 0)) > 0;) SendAll(c, buf, got);
+        }
+        ::close(c);
+      }
+    });
+  }
+  ~BusyOnceProxy() {
+    if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);
+    if (thread_.joinable()) thread_.join();
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int port() const { return port_; }
+  std::string retried_preamble() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return retried_preamble_;
+  }
+
+ private:
+  std::function<void()> before_reply_;
+  int fd_ = -1;
+  int port_ = 0;
+  std::mutex mu_;
+  std::string retried_preamble_;
+  std::thread thread_;
+};
+
+TEST_F(AbuseTest, StaleConnectStdioFetchesTheSecretAgainWhenToldBusy) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  RunOptions as_alice;
+  as_alice.uid = alice_;
+  ASSERT_FALSE(d.SaveJob("stdiojob", backend_->port(), "ssh", as_alice).empty()) << d.Log();
+  std::string new_secret;
+  BusyOnceProxy proxy([&] {
+    RunResult again = d.Cli({"save", "ssh", "--job-id", "stdiojob", "--port",
+                             std::to_string(backend_->port()), "--replace", "--format", "env"},
+                            as_alice);
+    size_t at = again.out.find("BROKER_SECRET=");
+    if (at != std::string::npos) {
+      new_secret = again.out.substr(at + 14, again.out.find('\n', at) - at - 14);
+    }
+  });
+  ASSERT_NE(proxy.port(), 0);
+  RunOptions opts = as_alice;
+  opts.stdin_data = "ping\n";
+  opts.timeout_ms = 30000;
+  RunResult r = RunCommand({BinaryPath(), "connect", "stdiojob", "--stdio", "-c", d.config_path(),
+                            "--proxy", "127.0.0.1:" + std::to_string(proxy.port())},
+                           opts);
+  EXPECT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(r.out, "ping\n") << r;
+  ASSERT_FALSE(new_secret.empty());
+  EXPECT_EQ(proxy.retried_preamble(), "BROKER1 stdiojob " + new_secret) << r;
 }
 
 }  // namespace

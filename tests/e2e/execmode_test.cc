@@ -415,5 +415,104 @@ TEST_F(ExecModeTest, ConnectStopsAtOnceWhileTheSecretIsFetchedAgain) {
   ASSERT_EQ(kill(d.pid(), SIGCONT), 0);
 }
 
+// ---- what would go wrong once the command runs is caught before anything is saved ----
+
+TEST_F(ExecModeTest, AnUnknownPlaceholderIsAnErrorBeforeAnythingIsSaved) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  std::string ran = dir_ / "ran";
+  RunResult r = d.Cli(
+      {"save", "ssh", "--job-id", "ph", "--", "sh", "-c", "touch " + ran + "; echo --port={prot}"});
+  EXPECT_EQ(r.exit_code, 2) << r;
+  EXPECT_NE(r.err.find("unknown placeholder {prot}"), std::string::npos) << r;
+  EXPECT_NE(r.err.find("known: {port} {job} {host} {cert} {certkey} {secret}"), std::string::npos)
+      << r;
+  EXPECT_EQ(d.Cli({"load", "ph"}).exit_code, 5) << "nothing saved";
+  EXPECT_EQ(::access(ran.c_str(), F_OK), -1) << "the command did not run";
+  // Braces right after a name or a "$" are code (a shell's ${X}, Perl's $ENV{X}), not
+  // placeholders; the known ones are substituted.
+  std::string out = dir_ / "out";
+  RunResult ok = d.Cli({"save", "ssh", "--job-id", "ph", "--", "sh", "-c",
+                        "X=x; echo ${X} {job} > " + out, "$ENV{HOME}", "$h{key}"});
+  EXPECT_EQ(ok.exit_code, 0) << ok;
+  EXPECT_EQ(WaitForFile(out), "x ph");
+}
+
+TEST_F(ExecModeTest, AMissingOrNonExecutableCommandExitsLikeTheShellAndSavesNothing) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  RunResult missing = d.Cli({"save", "ssh", "--job-id", "nc", "--", "no-such-command-here", "x"});
+  EXPECT_EQ(missing.exit_code, 127) << missing;
+  EXPECT_NE(missing.err.find("brokerproxy: no-such-command-here: command not found"),
+            std::string::npos)
+      << missing;
+  EXPECT_EQ(d.Cli({"load", "nc"}).exit_code, 5) << "no entry left";
+
+  std::string script = dir_ / "not-executable.sh";
+  WriteFile(script, "#!/bin/sh\nexit 0\n", 0644);
+  RunResult denied = d.Cli({"save", "ssh", "--job-id", "nc", "--", script});
+  EXPECT_EQ(denied.exit_code, 126) << denied;
+  EXPECT_NE(denied.err.find("brokerproxy: " + script + ": Permission denied"), std::string::npos)
+      << denied;
+  EXPECT_EQ(d.Cli({"load", "nc"}).exit_code, 5) << "no entry left";
+
+  // The same command by a path that does not exist.
+  RunResult gone = d.Cli({"save", "ssh", "--job-id", "nc", "--", dir_ / "gone"});
+  EXPECT_EQ(gone.exit_code, 127) << gone;
+  EXPECT_NE(gone.err.find(": command not found"), std::string::npos) << gone;
+  EXPECT_EQ(d.Cli({"load", "nc"}).exit_code, 5) << "no entry left";
+}
+
+TEST_F(ExecModeTest, AnExplicitPortSomeoneListensOnIsRefused) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  // Another job's service (bob's notebook, say) listens on the port the user names.
+  Backend taken;
+  std::string ran = dir_ / "ran";
+  RunResult r = d.Cli({"save", "ssh", "--job-id", "pt", "--port", std::to_string(taken.port()),
+                       "--", "sh", "-c", "touch " + ran});
+  EXPECT_EQ(r.exit_code, 8) << r;
+  EXPECT_NE(r.err.find("port " + std::to_string(taken.port()) + " is already in use"),
+            std::string::npos)
+      << r;
+  EXPECT_EQ(d.Cli({"load", "pt"}).exit_code, 5) << "nothing saved";
+  EXPECT_EQ(::access(ran.c_str(), F_OK), -1) << "the command did not run";
+  // A free port is taken as given, and the command gets it.
+  int free = FreePort();
+  std::string out = dir_ / "out";
+  RunResult ok = d.Cli({"save", "ssh", "--job-id", "pt", "--port", std::to_string(free), "--", "sh",
+                        "-c", "echo {port} > " + out});
+  EXPECT_EQ(ok.exit_code, 0) << ok;
+  EXPECT_EQ(WaitForFile(out), std::to_string(free));
+}
+
+TEST_F(ExecModeTest, NothingListeningAfterReadyTimeoutIsWarnedAboutLoudly) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  // A command that never listens on its port (a misspelt flag, a service on its own default).
+  auto save = StartSave(d, "rt", "while :; do sleep 0.05; done", {"--wait-timeout", "1s"});
+  ASSERT_TRUE(save);
+  auto warning = save->WaitFor("WARNING: nothing listens on 127.0.0.1:");
+  ASSERT_TRUE(warning) << save->Output();
+  EXPECT_NE(warning->find("after 1s (ready_timeout)"), std::string::npos) << *warning;
+  EXPECT_NE(warning->find("Job rt stays registered"), std::string::npos) << *warning;
+  // The job stays registered and the command keeps running.
+  EXPECT_TRUE(save->Running()) << save->Output();
+  EXPECT_EQ(d.Cli({"load", "rt"}).exit_code, 0);
+  EXPECT_EQ(save->Stop(SIGTERM, 30000), 128 + SIGTERM) << save->Output();
+
+  // A command that listens in time gets no warning, even well past the timeout.
+  std::string done = dir_ / "done";
+  auto listening = StartSave(d, "rt2",
+                             "exec /usr/bin/python3 -c \"import socket,time; s=socket.socket(); "
+                             "s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(3); open('" +
+                                 done + "','w').write('done\\n'); time.sleep(60)\"",
+                             {"--wait-timeout", "1s"});
+  ASSERT_TRUE(listening);
+  EXPECT_EQ(WaitForFile(done), "done") << listening->Output();
+  EXPECT_EQ(listening->Output().find("WARNING"), std::string::npos) << listening->Output();
+  EXPECT_EQ(listening->Stop(SIGTERM, 30000), 128 + SIGTERM) << listening->Output();
+}
+
 }  // namespace
 }  // namespace brokerproxy::testing

@@ -356,6 +356,44 @@ TEST_F(ViaTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
   EXPECT_EQ(connect->Wait(30000), 5) << connect->Output();
 }
 
+// `connect --via` after a re-save, once the job is throttled (here by failures of the old
+// secret): told "ERR busy", it loads the secret again through the login node all the same.
+TEST_F(ViaTest, ConnectRecoversFromAJobTheOldSecretThrottled) {
+  Backend backend;
+  std::string old_secret = daemon_.SaveJob("ct", backend.port());
+  ASSERT_FALSE(old_secret.empty());
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  auto connect =
+      Child::Spawn(Via({"connect", "ct", "--listen", "0"}), dir_ / "connect.log", ClientEnv());
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  auto echoes = [&](const std::string& text) {
+    int fd = ConnectTcp(port, "127.0.0.1", 30000);
+    if (fd < 0) return std::string("cannot connect");
+    SendAll(fd, "echo\n" + text + "\n");
+    std::string got = ReadLine(fd).value_or("(closed)");
+    close(fd);
+    return got;
+  };
+  EXPECT_EQ(echoes("before"), "before") << connect->Output();
+  RunResult again = daemon_.Cli(
+      {"save", "ssh", "--job-id", "ct", "--port", std::to_string(backend.port()), "--replace"});
+  ASSERT_EQ(again.exit_code, 0) << again;
+  std::string reply;
+  for (int i = 0; i < 12; ++i) {
+    int fd = ConnectTcp(daemon_.proxy_port());
+    ASSERT_GE(fd, 0);
+    SendAll(fd, "BROKER1 ct " + old_secret + "\n");
+    reply = ReadLine(fd).value_or("");
+    close(fd);
+  }
+  ASSERT_EQ(reply, "ERR busy") << daemon_.Log();
+  EXPECT_EQ(echoes("after the re-save"), "after the re-save") << connect->Output();
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
 // Through the login node too (see ExecModeTest.ConnectStopsAtOnceWhileTheSecretIsFetchedAgain):
 // stopped while the remote call that fetches the secret again waits for a broker that does not
 // answer, `connect` cuts that call short and exits at once.
