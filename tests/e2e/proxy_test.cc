@@ -232,7 +232,7 @@ TEST_F(ProxyTest, DeniedAndMalformedHandshakes) {
   }
 
   // A silent client gets the timeout answer after handshake_timeout (with the SSH banner off:
-  // LaptopTest.AfterTheBannerItIsSshWithTheHandshakeDeadline has it on).
+  // StockToolsTest.AfterTheBannerItIsSshWithTheHandshakeDeadline has it on).
   daemon_->Stop();
   daemon_ = std::make_unique<Daemon>(dir_, "[ssh]\nbanner_delay = 0\n", "handshake_timeout = 1s\n");
   ASSERT_TRUE(daemon_->Start());

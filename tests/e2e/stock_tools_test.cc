@@ -38,7 +38,7 @@ bool Contains(const std::string& text, const std::string& needle) {
   return text.find(needle) != std::string::npos;
 }
 
-class LaptopTest : public ::testing::Test {
+class StockToolsTest : public ::testing::Test {
  protected:
   // The stock client: no config files, no keys; `extra` goes before the defaults (ssh takes
   // the first value of an option).
@@ -90,7 +90,7 @@ class LaptopTest : public ::testing::Test {
 
 // ---- password first: sshpass types the secret ----
 
-TEST_F(LaptopTest, SshpassLogsInWithTheSecret) {
+TEST_F(StockToolsTest, SshpassLogsInWithTheSecret) {
   if (access("/usr/bin/sshpass", X_OK) != 0) GTEST_SKIP() << "sshpass is not installed";
   StartDaemon();
   std::string secret = daemon_->SaveJob("5001", backend_.port());
@@ -137,7 +137,7 @@ TEST_F(LaptopTest, SshpassLogsInWithTheSecret) {
 
 // ---- the banner first, after a short silence: ssh-keyscan, and the known_hosts line ----
 
-TEST_F(LaptopTest, KeyscanGetsTheKeyThatStatsPrintsAndSshPinsIt) {
+TEST_F(StockToolsTest, KeyscanGetsTheKeyThatStatsPrintsAndSshPinsIt) {
   StartDaemon();
   std::string secret = daemon_->SaveJob("5002", backend_.port());
   ASSERT_FALSE(secret.empty());
@@ -196,7 +196,7 @@ TEST_F(LaptopTest, KeyscanGetsTheKeyThatStatsPrintsAndSshPinsIt) {
 // After the banner went out the connection is SSH: a preamble arriving late is not a plain
 // session (nothing reaches the job), and a client silent after the banner still meets the
 // handshake deadline.
-TEST_F(LaptopTest, AfterTheBannerItIsSshWithTheHandshakeDeadline) {
+TEST_F(StockToolsTest, AfterTheBannerItIsSshWithTheHandshakeDeadline) {
   StartDaemon("handshake_timeout = 2s\n");
   std::string secret = daemon_->SaveJob("5004", backend_.port());
   ASSERT_FALSE(secret.empty());
@@ -242,7 +242,7 @@ TEST_F(LaptopTest, AfterTheBannerItIsSshWithTheHandshakeDeadline) {
 // Silent clients handed to the SSH endpoint are still handshakes of their source: one local
 // user's silent connections cannot grow past max_handshakes_per_source by waiting for the
 // banner.
-TEST_F(LaptopTest, SilentClientsGivenTheBannerStillCountAgainstTheirSource) {
+TEST_F(StockToolsTest, SilentClientsGivenTheBannerStillCountAgainstTheirSource) {
   StartDaemon("max_handshakes_per_source = 2\n");
   std::vector<int> fds;
   for (int i = 0; i < 2; ++i) {
@@ -262,7 +262,7 @@ TEST_F(LaptopTest, SilentClientsGivenTheBannerStillCountAgainstTheirSource) {
 
 // ---- channel refusals say why (as SSH_MSG_DEBUG, which ssh -v prints) ----
 
-TEST_F(LaptopTest, ChannelRefusalsSayWhy) {
+TEST_F(StockToolsTest, ChannelRefusalsSayWhy) {
   StartDaemon();
   std::string secret = daemon_->SaveJob("5005", backend_.port());
   ASSERT_FALSE(secret.empty());
@@ -296,7 +296,7 @@ TEST_F(LaptopTest, ChannelRefusalsSayWhy) {
 
 // ---- curl pointed at the proxy port ----
 
-TEST_F(LaptopTest, HttpGetsA400WithAHint) {
+TEST_F(StockToolsTest, HttpGetsA400WithAHint) {
   if (access("/usr/bin/curl", X_OK) != 0) GTEST_SKIP() << "curl is not installed";
   StartDaemon("throttle_failures = 3\n");
   std::string url = "http://127.0.0.1:" + std::to_string(daemon_->proxy_port()) + "/tree";
@@ -343,7 +343,7 @@ TEST_F(LaptopTest, HttpGetsA400WithAHint) {
 
 // ---- `connect %n --stdio` as a ProxyCommand, with a numeric job id ----
 
-TEST_F(LaptopTest, ProxyCommandWithANumericJobIdUsesPercentN) {
+TEST_F(StockToolsTest, ProxyCommandWithANumericJobIdUsesPercentN) {
   if (access("/usr/sbin/sshd", X_OK) != 0) GTEST_SKIP() << "openssh-server is not installed";
   StartDaemon();
   std::string keys = dir_ / "keys";
