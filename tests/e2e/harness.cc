@@ -277,9 +277,13 @@ Daemon::Daemon(const TempDir& dir, const std::string& extra_config, const std::s
       state_dir_(dir / "state"),
       socket_path_(dir / "control.sock"),
       log_path_(dir / "daemon.log") {
-  WriteFile(config_path_, "[broker]\nstate_dir = " + state_dir_ + "\ncontrol_socket = " +
-                              socket_path_ + "\nlog_level = info\n[proxy]\nlisten = 127.0.0.1:0\n" +
-                              proxy_extra + "\n" + extra_config);
+  // `proxy_extra` may name listen addresses of its own (e.g. a wildcard one).
+  bool own_listen =
+      proxy_extra.starts_with("listen") || proxy_extra.find("\nlisten") != std::string::npos;
+  WriteFile(config_path_,
+            "[broker]\nstate_dir = " + state_dir_ + "\ncontrol_socket = " + socket_path_ +
+                "\nlog_level = info\n[proxy]\n" + (own_listen ? "" : "listen = 127.0.0.1:0\n") +
+                proxy_extra + "\n" + extra_config);
 }
 
 Daemon::~Daemon() {
@@ -303,8 +307,14 @@ Daemon::~Daemon() {
     child_.reset();
     return ::testing::AssertionFailure() << "daemon did not start:\n" << log;
   }
-  size_t at = line->find("proxy port 127.0.0.1:");
-  if (at != std::string::npos) proxy_port_ = std::stoi(line->substr(at + 21));
+  // "proxy port 127.0.0.1:41234" (or "0.0.0.0:...", "[::]:..."): the first address's port.
+  size_t at = line->find("proxy port ");
+  if (at != std::string::npos) {
+    std::string address = line->substr(at + 11);
+    address = address.substr(0, address.find(' '));
+    size_t colon = address.rfind(':');
+    if (colon != std::string::npos) proxy_port_ = std::atoi(address.c_str() + colon + 1);
+  }
   return ::testing::AssertionSuccess();
 }
 
