@@ -72,8 +72,10 @@ class LaptopTest : public ::testing::Test {
 
   std::string Home() const { return dir_ / "home"; }
   std::string PinFile() const { return Home() + "/.config/brokerproxy/known_cas"; }
-  RunOptions Env(std::vector<std::string> extra = {}) const {
+  // `timeout_ms` bounds a run that should fail at once (and would listen if it did not).
+  RunOptions Env(std::vector<std::string> extra = {}, int timeout_ms = 60000) const {
     RunOptions o;
+    o.timeout_ms = timeout_ms;
     o.env = {"HOME=" + Home(), "XDG_CONFIG_HOME=", "BROKER_SECRET=", "BROKERPROXY_CONFIG="};
     o.env.insert(o.env.end(), extra.begin(), extra.end());
     return o;
@@ -178,7 +180,7 @@ TEST_F(LaptopTest, PlainConnectTakesTheSecretFromAFileStdinOrTheEnvironment) {
 }
 
 TEST_F(LaptopTest, WithoutASecretOrADaemonTheErrorSaysTheWays) {
-  RunResult r = RunCommand(Connect(job_, {}), Env());
+  RunResult r = RunCommand(Connect(job_, {}), Env({}, 20000));
   EXPECT_EQ(r.exit_code, 3) << r;
   for (const char* way : {"--secret-file PATH", "--secret-file -", "BROKER_SECRET", "--via"}) {
     EXPECT_NE(r.err.find(way), std::string::npos) << way << "\n" << r;
@@ -191,7 +193,7 @@ TEST_F(LaptopTest, TheSecretCannotBeGivenOnTheCommandLine) {
   // Neither as an option nor as an extra argument: the command line is in everyone's `ps`.
   for (std::vector<std::string> extra :
        {std::vector<std::string>{"--secret", secret}, {secret}, {"--secret=" + secret}}) {
-    RunResult r = RunCommand(Connect(job_, extra), Env());
+    RunResult r = RunCommand(Connect(job_, extra), Env({}, 20000));
     EXPECT_EQ(r.exit_code, 2) << r;
   }
 }
@@ -200,7 +202,7 @@ TEST_F(LaptopTest, ASecretFileOthersCanReadIsRefused) {
   std::string secret = daemon_.SaveJob(job_, backend_.port());
   ASSERT_FALSE(secret.empty());
   std::string file = SecretFile(secret, 0644);
-  RunResult r = RunCommand(Connect(job_, {"--secret-file", file}), Env());
+  RunResult r = RunCommand(Connect(job_, {"--secret-file", file}), Env({}, 20000));
   EXPECT_EQ(r.exit_code, 4) << r;
   EXPECT_NE(r.err.find("chmod 600 " + file), std::string::npos) << r;
   EXPECT_EQ(r.err.find(secret), std::string::npos) << r;
@@ -247,7 +249,7 @@ TEST_F(LaptopTest, TlsPinsTheCaOnFirstUseAndRefusesAnotherLater) {
   ASSERT_TRUE(j);
   std::string other_fingerprint = JsonText(j.get(), {"ca_fingerprint"});
   ASSERT_NE(other_fingerprint, fingerprint);
-  RunResult refused = RunCommand(Connect(job_, {"--tls", "--secret-file", file}), Env());
+  RunResult refused = RunCommand(Connect(job_, {"--tls", "--secret-file", file}), Env({}, 20000));
   EXPECT_EQ(refused.exit_code, 4) << refused;
   EXPECT_NE(refused.err.find("HAS CHANGED"), std::string::npos) << refused;
   EXPECT_NE(refused.err.find(PinFile()), std::string::npos) << refused;
@@ -282,8 +284,8 @@ TEST_F(LaptopTest, TlsChecksTheCaAgainstAGivenFingerprint) {
   EXPECT_NE(stat(PinFile().c_str(), &st), 0) << "a given fingerprint pins nothing";
 
   std::string wrong = "SHA256:" + std::string(64, 'a');
-  RunResult r =
-      RunCommand(Connect(job_, {"--tls", "--secret-file", file, "--ca-fingerprint", wrong}), Env());
+  RunResult r = RunCommand(
+      Connect(job_, {"--tls", "--secret-file", file, "--ca-fingerprint", wrong}), Env({}, 20000));
   EXPECT_EQ(r.exit_code, 4) << r;
   EXPECT_NE(r.err.find("not the expected " + wrong), std::string::npos) << r;
   EXPECT_NE(r.err.find(fingerprint), std::string::npos) << r;

@@ -587,6 +587,7 @@ TEST_F(ViaTest, ConnectTlsViaRefusesACaOtherThanTheLoginNodeReports) {
   WriteFile(dir_ / "client.ini", "[client]\nremote_command = " + (dir_ / "fake-remote.sh") + "\n");
   RunOptions env = ClientEnv();
   env.env.push_back("XDG_CONFIG_HOME=");
+  env.timeout_ms = 20000;  // a run that should fail at once, and would listen if it did not
   RunResult r = RunVia({"connect", "cw", "--tls", "--listen", "0"}, env);
   EXPECT_EQ(r.exit_code, 4) << r;
   EXPECT_NE(r.err.find("not the expected " + other), std::string::npos) << r;
