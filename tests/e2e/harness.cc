@@ -277,13 +277,9 @@ Daemon::Daemon(const TempDir& dir, const std::string& extra_config, const std::s
       state_dir_(dir / "state"),
       socket_path_(dir / "control.sock"),
       log_path_(dir / "daemon.log") {
-  // `proxy_extra` may name listen addresses of its own (e.g. a wildcard one).
-  bool own_listen =
-      proxy_extra.starts_with("listen") || proxy_extra.find("\nlisten") != std::string::npos;
-  WriteFile(config_path_,
-            "[broker]\nstate_dir = " + state_dir_ + "\ncontrol_socket = " + socket_path_ +
-                "\nlog_level = info\n[proxy]\n" + (own_listen ? "" : "listen = 127.0.0.1:0\n") +
-                proxy_extra + "\n" + extra_config);
+  WriteFile(config_path_, "[broker]\nstate_dir = " + state_dir_ + "\ncontrol_socket = " +
+                              socket_path_ + "\nlog_level = info\n[proxy]\nlisten = 127.0.0.1:0\n" +
+                              proxy_extra + "\n" + extra_config);
 }
 
 Daemon::~Daemon() {

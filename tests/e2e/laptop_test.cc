@@ -59,6 +59,15 @@ std::string OpensslFingerprint(const TempDir& dir, const std::string& pem) {
   return "SHA256:" + hex;
 }
 
+// Makes daemon `d` (not started yet) listen on `address` instead of the harness's default.
+void ListenOn(const Daemon& d, const std::string& address) {
+  std::string config = ReadFile(d.config_path());
+  size_t at = config.find("listen = 127.0.0.1:0\n");
+  ASSERT_NE(at, std::string::npos) << config;
+  config.replace(at, 20, "listen = " + address);
+  WriteFile(d.config_path(), config);
+}
+
 class LaptopTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { signal(SIGPIPE, SIG_IGN); }
@@ -241,7 +250,8 @@ TEST_F(LaptopTest, TlsPinsTheCaOnFirstUseAndRefusesAnotherLater) {
   int proxy_port = daemon_.proxy_port();
   daemon_.Stop();
   TempDir other_dir;
-  Daemon other(other_dir, "", "listen = 127.0.0.1:" + std::to_string(proxy_port));
+  Daemon other(other_dir);
+  ListenOn(other, "127.0.0.1:" + std::to_string(proxy_port));
   ASSERT_TRUE(other.Start());
   Backend other_backend;
   ASSERT_FALSE(other.SaveJob(job_, other_backend.port()).empty());

@@ -472,6 +472,15 @@ TEST_F(ViaTest, ConnectCarriesManyConnectionsOverOneSession) {
   EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
 }
 
+// Makes daemon `d` (not started yet) listen on `address` instead of the harness's default.
+void ListenOn(const Daemon& d, const std::string& address) {
+  std::string config = ReadFile(d.config_path());
+  size_t at = config.find("listen = 127.0.0.1:0\n");
+  ASSERT_NE(at, std::string::npos) << config;
+  config.replace(at, 20, "listen = " + address);
+  WriteFile(d.config_path(), config);
+}
+
 // The laptop's [client] proxy means nothing on the login node: `connect --via` dials the
 // address the login node's daemon reports for its proxy, through the SSH session.
 TEST_F(ViaTest, ConnectDialsTheProxyAddressTheLoginNodeReports) {
@@ -527,7 +536,8 @@ TEST_F(ViaTest, TheSshSocketHasNoDelay) {
 // the host reached by SSH), the CA checked against that fingerprint. Nothing is pinned.
 TEST_F(ViaTest, ConnectTlsViaGoesStraightToTheProxyOverTls) {
   TempDir login;
-  Daemon wide(login, "", "listen = 0.0.0.0:0");
+  Daemon wide(login);
+  ListenOn(wide, "0.0.0.0:0");
   ASSERT_TRUE(wide.Start());
   Backend backend;
   ASSERT_FALSE(wide.SaveJob("ct", backend.port()).empty());
@@ -568,7 +578,8 @@ TEST_F(ViaTest, ConnectTlsViaGoesStraightToTheProxyOverTls) {
 // CA at the proxy address is refused before the secret goes anywhere.
 TEST_F(ViaTest, ConnectTlsViaRefusesACaOtherThanTheLoginNodeReports) {
   TempDir login;
-  Daemon wide(login, "", "listen = 0.0.0.0:0");
+  Daemon wide(login);
+  ListenOn(wide, "0.0.0.0:0");
   ASSERT_TRUE(wide.Start());
   Backend backend;
   ASSERT_FALSE(wide.SaveJob("cw", backend.port()).empty());
