@@ -306,5 +306,66 @@ TEST_F(LaptopTest, TlsChecksTheCaAgainstAGivenFingerprint) {
   EXPECT_EQ(bad.exit_code, 2) << bad;
 }
 
+// A real service behind it: Jupyter Notebook started with the job's secret as its token. The
+// URL that `connect --token-url` prints opens it (curl, as a browser would); without the token
+// Jupyter refuses.
+TEST_F(LaptopTest, TheTokenUrlOpensJupyter) {
+  if (access("/usr/bin/jupyter-notebook", X_OK) != 0) {
+    GTEST_SKIP() << "jupyter-notebook is not installed (apt-get install jupyter-notebook)";
+  }
+  RunResult save = daemon_.Cli({"save", "ssh", "--job-id", "nb", "--json"});
+  ASSERT_EQ(save.exit_code, 0) << save;
+  auto saved = ParseOut(save.out);
+  ASSERT_TRUE(saved) << save;
+  std::string secret = JsonText(saved.get(), {"job", "secret"});
+  std::string backend_port = JsonText(saved.get(), {"job", "port"});
+  ::mkdir((dir_ / "nbhome").c_str(), 0700);
+  RunOptions nb_env;
+  nb_env.env = {"HOME=" + (dir_ / "nbhome"), "JUPYTER_TOKEN=" + secret};
+  auto notebook = Child::Spawn(
+      {"/usr/bin/jupyter-notebook", "--no-browser", "--allow-root", "--ip=127.0.0.1",
+       "--port=" + backend_port, "--port-retries=0", "--notebook-dir=" + (dir_ / "nbhome")},
+      dir_ / "notebook.log", nb_env);
+  ASSERT_TRUE(notebook);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        int fd = ConnectTcp(std::stoi(backend_port));
+        if (fd >= 0) close(fd);
+        return fd >= 0;
+      },
+      60000))
+      << notebook->Output();
+
+  std::string file = SecretFile(secret);
+  auto c = Spawn(Connect("nb", {"--secret-file", file, "--token-url"}), Env());
+  int port = ListeningPort(c.get());
+  ASSERT_GT(port, 0) << c->Output();
+  std::string base = "http://127.0.0.1:" + std::to_string(port) + "/";
+  auto url = c->WaitFor(base + "?token=");
+  ASSERT_TRUE(url) << c->Output();
+  std::string token_url = url->substr(url->find(base));
+  while (!token_url.empty() && std::isspace(static_cast<unsigned char>(token_url.back()))) {
+    token_url.pop_back();
+  }
+  // The printed URL logs in (a redirect into the notebook with a session cookie); the API
+  // answers with the token and refuses without it.
+  std::string jar = dir_ / "cookies";
+  RunResult opened =
+      RunCommand({"curl", "-sS", "-L", "--max-time", "30", "-c", jar, "-b", jar, "-o", "/dev/null",
+                  "-w", "%{http_code} %{url_effective}", token_url});
+  EXPECT_EQ(opened.exit_code, 0) << opened;
+  EXPECT_EQ(opened.out.substr(0, 4), "200 ") << opened;
+  EXPECT_NE(opened.out.find("/tree"), std::string::npos) << opened;
+  std::string api = base + "api/status";
+  RunResult with = RunCommand({"curl", "-sS", "--max-time", "30", "-o", "/dev/null", "-w",
+                               "%{http_code}", api + "?token=" + secret});
+  EXPECT_EQ(with.out, "200") << with;
+  RunResult without =
+      RunCommand({"curl", "-sS", "--max-time", "30", "-o", "/dev/null", "-w", "%{http_code}", api});
+  EXPECT_EQ(without.out, "403") << without;
+  EXPECT_EQ(c->Stop(), 0) << c->Output();
+  notebook->Stop(SIGTERM, 20000);
+}
+
 }  // namespace
 }  // namespace brokerproxy::testing
