@@ -809,6 +809,20 @@ Status RunLoad(BrokerClient* client, const std::string& job_id, OutputFormat for
   auto job = JobFromReply(reply->get(), "job", SecretField::kInclude);
   if (!job.ok()) return job.status();
   PrintJob(*job, format);
+  if (format != OutputFormat::kHuman) return Status::OK();
+  // Where a laptop reaches the proxy, and the CA fingerprint `connect --tls` checks.
+  std::string proxies;
+  const cJSON* list = cJSON_GetObjectItemCaseSensitive(reply->get(), "proxy");
+  for (const cJSON* a = cJSON_IsArray(list) ? list->child : nullptr; a; a = a->next) {
+    if (cJSON_IsString(a)) proxies += (proxies.empty() ? "" : " ") + std::string(a->valuestring);
+  }
+  if (!proxies.empty()) std::printf("proxy:    %s\n", proxies.c_str());
+  if (std::string d = StringField(reply->get(), "tls_domain"); !d.empty()) {
+    std::printf("domain:   %s\n", d.c_str());
+  }
+  if (std::string fp = StringField(reply->get(), "ca_fingerprint"); !fp.empty()) {
+    std::printf("ca:       %s\n", fp.c_str());
+  }
   return Status::OK();
 }
 

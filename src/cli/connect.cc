@@ -7,9 +7,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <unordered_map>
 #include <vector>
@@ -38,7 +41,14 @@ namespace {
 constexpr int64_t kHandshakeTimeoutMs = 30000;
 constexpr int64_t kLoadTimeoutMs = 30000;
 
-Result<std::string> LoadSecret(BrokerClient* client, const std::string& job) {
+// What `load` says about a job, for `connect`.
+struct LoadedJob {
+  std::string secret;
+  std::vector<std::string> proxies;  // where the broker's proxy listens, as it sees it
+  std::string ca_sha256;             // its CA's fingerprint (hex); empty if not reported
+};
+
+Result<LoadedJob> LoadJob(BrokerClient* client, const std::string& job) {
   registry::Request req;
   req.op = registry::Op::kLoad;
   req.job = job;
@@ -50,21 +60,102 @@ Result<std::string> LoadSecret(BrokerClient* client, const std::string& job) {
   if (!j) return Status::IOError("malformed reply: no job");
   Status s = registry::JobFromJson(j, registry::SecretField::kInclude, &loaded, &state);
   if (!s.ok()) return Status::IOError("malformed reply: " + s.message());
-  return loaded.secret;
+  LoadedJob out;
+  out.secret = loaded.secret;
+  // Older daemons send neither; the caller falls back then.
+  const cJSON* list = cJSON_GetObjectItemCaseSensitive(reply->get(), "proxy");
+  for (const cJSON* a = cJSON_IsArray(list) ? list->child : nullptr; a; a = a->next) {
+    if (cJSON_IsString(a)) out.proxies.push_back(a->valuestring);
+  }
+  const cJSON* fp = cJSON_GetObjectItemCaseSensitive(reply->get(), "ca_fingerprint");
+  if (cJSON_IsString(fp)) {
+    auto hex = ParseCaFingerprint(fp->valuestring);
+    if (!hex.ok()) return Status::IOError("malformed reply: " + hex.status().message());
+    out.ca_sha256 = *hex;
+  }
+  return out;
+}
+
+// Fetches the secret again, for a retry after "ERR denied"; runs on a pool thread.
+using SecretLoader = std::function<Result<std::string>()>;
+
+constexpr size_t kMaxSecret = 8192;
+
+// The secret in the first line of `text` (trailing blanks and CR dropped).
+Result<std::string> SecretFromText(std::string_view text, const std::string& where) {
+  std::string_view line = text.substr(0, text.find('\n'));
+  while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) {
+    line.remove_suffix(1);
+  }
+  if (line.empty()) return Status::InvalidArgument("no secret in " + where);
+  if (line.size() > kMaxSecret)
+    return Status::InvalidArgument("the secret in " + where + " is too long");
+  return std::string(line);
+}
+
+// `--secret-file PATH`: a file only its owner can read (like an ssh key), read afresh each time;
+// "-": one line of stdin.
+Result<std::string> ReadSecretFile(const std::string& path) {
+  int fd = path == "-" ? ::dup(STDIN_FILENO) : ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  std::string where = path == "-" ? "stdin" : path;
+  if (fd < 0) return PosixError("--secret-file " + where, errno);
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && path != "-" && (st.st_mode & 077) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return Status::PermissionDenied("--secret-file " + path +
+                                    " can be read or changed by other users (mode " + mode +
+                                    "); chmod 600 " + path);
+  }
+  std::string text;
+  char buf[1024];
+  // Up to the first newline (stdin may stay open), at most one secret's worth.
+  while (text.find('\n') == std::string::npos && text.size() <= kMaxSecret) {
+    ssize_t n = ::read(fd, buf, path == "-" ? 1 : sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return PosixError("reading --secret-file " + where, errno);
+    if (n == 0) break;
+    text.append(buf, static_cast<size_t>(n));
+  }
+  return SecretFromText(text, where);
+}
+
+// "unreserved" characters stay; everything else is %-encoded, for a URL's query.
+std::string UrlEncode(std::string_view text) {
+  static const char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (char c : text) {
+    unsigned char u = static_cast<unsigned char>(c);
+    if (std::isalnum(u) || c == '-' || c == '_' || c == '.' || c == '~') {
+      out += c;
+    } else {
+      out += '%';
+      out += kHex[u >> 4];
+      out += kHex[u & 15];
+    }
+  }
+  return out;
 }
 
 // Owns the loop-side state of one `connect` run.
 class Connector {
  public:
-  // `client`, `job` and `secret`: where the secret came from, to fetch it again when the proxy
-  // refuses it.
+  // `reload` fetches the secret again, where it came from, when the proxy refuses it;
+  // `client`'s Interrupt() cuts that short. `token_url`: also print the URL with the secret.
   Connector(loop::Reactor* reactor, std::unique_ptr<ProxyPath> path, bool allow_remote,
-            BrokerClient* client, std::string job, std::string secret)
+            BrokerClient* client, SecretLoader reload, std::string job, std::string secret,
+            bool token_url)
       : loop_(&reactor->loop()),
         reactor_(reactor),
         path_(std::move(path)),
         allow_remote_(allow_remote),
+        token_url_(token_url),
         client_(client),
+        reload_(std::move(reload)),
         job_(std::move(job)),
         secret_(std::move(secret)) {}
   ~Connector() { RemoveUnixSocket(); }
@@ -84,6 +175,13 @@ class Connector {
     listener_ = std::move(l).value();
     std::printf("brokerproxy: listening on %s for job %s (proxy %s)\n",
                 listener_->address().c_str(), job.c_str(), path_->Describe().c_str());
+    // What to open in a browser; a wildcard address is reached on loopback.
+    std::string shown = listener_->address();
+    if (shown.starts_with("0.0.0.0:")) shown = "127.0.0.1" + shown.substr(7);
+    if (shown.starts_with("[::]:")) shown = "[::1]" + shown.substr(4);
+    std::printf("brokerproxy: open http://%s/\n", shown.c_str());
+    // The secret goes to stdout only when asked for, never to a log.
+    if (token_url_) std::printf("http://%s/?token=%s\n", shown.c_str(), UrlEncode(secret_).c_str());
     std::fflush(stdout);
     return Status::OK();
   }
@@ -348,7 +446,7 @@ class Connector {
     if (refetch_.active()) return;
     auto result = std::make_shared<Result<std::string>>(Status::Internal("not fetched"));
     refetch_ = loop::QueueWork(
-        *loop_, [client = client_, job = job_, result] { *result = LoadSecret(client, job); },
+        *loop_, [reload = reload_, result] { *result = reload(); },
         [this, result] { OnRefetched(std::move(*result)); });
   }
 
@@ -386,6 +484,7 @@ class Connector {
   loop::Reactor* reactor_;
   std::unique_ptr<ProxyPath> path_;
   bool allow_remote_;
+  bool token_url_;
   std::unique_ptr<proxy::Listener> listener_;
   loop::IoHandle unix_listener_;
   std::string unix_path_;  // for messages
@@ -404,6 +503,7 @@ class Connector {
     std::string used;  // the secret it was refused with
   };
   BrokerClient* client_;
+  SecretLoader reload_;
   std::string job_;
   std::string secret_;  // the one the path sends
   loop::Pending refetch_;
@@ -416,6 +516,100 @@ bool IsLoopbackHost(const std::string& host) {
   if (host == "localhost") return true;
   std::optional<sockaddr_storage> addr = loop::ParseNumericAddress(host, 0);
   return addr && IsLoopback(*addr);
+}
+
+bool IsWildcardHost(const std::string& host) {
+  return host.empty() || host == "0.0.0.0" || host == "::";
+}
+
+// Of the addresses the login node's proxy listens on (its `load` reply), the one a tunnel
+// through the SSH session dials from the login node: a loopback one, else a wildcard one
+// (reached on loopback there), else the first. nullopt if none parses (an older daemon).
+std::optional<HostPort> ProxySeenFromLoginNode(const std::vector<std::string>& addresses) {
+  std::optional<HostPort> first, wildcard;
+  for (const std::string& a : addresses) {
+    auto hp = ParseHostPort(a);
+    if (!hp.ok()) continue;
+    if (IsLoopbackHost(hp->host)) return *hp;
+    if (IsWildcardHost(hp->host) && !wildcard) {
+      wildcard = HostPort{hp->host == "::" ? "::1" : "127.0.0.1", hp->port};
+    }
+    if (!first) first = *hp;
+  }
+  return wildcard ? wildcard : first;
+}
+
+// The one `--tls --via` dials from here: a wildcard address is the login host itself (the one
+// reached by SSH), another non-loopback address is dialled as it is; a proxy that listens on
+// loopback only cannot be reached from here.
+Result<HostPort> ProxySeenFromHere(const std::vector<std::string>& addresses,
+                                   const std::string& login_host, const std::string& via) {
+  std::optional<HostPort> other;
+  for (const std::string& a : addresses) {
+    auto hp = ParseHostPort(a);
+    if (!hp.ok()) continue;
+    if (IsWildcardHost(hp->host)) return HostPort{login_host, hp->port};
+    if (!IsLoopbackHost(hp->host) && !other) other = *hp;
+  }
+  if (other) return *other;
+  std::string list;
+  for (const std::string& a : addresses) list += (list.empty() ? "" : " ") + a;
+  return Status::InvalidArgument("the proxy on " + via + " listens only on " + list +
+                                 ", which cannot be reached from here over TLS; use --via "
+                                 "without --tls (the SSH session encrypts the tunnel)");
+}
+
+// The CA for --tls when no file names it: the one in the proxy's chain whose fingerprint is
+// `want` (hex), or with none, the one pinned for the proxy address, or on first use the
+// chain's own CA, pinned now (tls_path.h).
+Result<std::string> CaFromProxy(const HostPort& proxy, std::string want, int64_t timeout_ms) {
+  const std::string key = proxy.ToString();
+  std::optional<CaPins> pins;
+  std::optional<std::string> pinned;
+  if (want.empty()) {
+    std::string path = CaPins::DefaultPath();
+    if (path.empty()) {
+      return Status::InvalidArgument(
+          "no place to pin the broker's CA (neither $XDG_CONFIG_HOME nor $HOME is set): pass "
+          "--ca-fingerprint SHA256:... (`brokerproxy load JOB` on the login node shows it) or "
+          "--ca FILE");
+    }
+    pins.emplace(path);
+    auto found = pins->Lookup(key);
+    if (!found.ok()) return found.status();
+    pinned = *found;
+    if (pinned) want = *pinned;
+  }
+  auto chain = FetchProxyChain(proxy.host, proxy.port, timeout_ms);
+  if (!chain.ok()) return chain.status();
+  std::string got;
+  auto ca = ProxyCaFromChain(*chain, proxy.host, want, &got);
+  if (!ca.ok()) {
+    if (pinned && !got.empty() && got != *pinned) {
+      return Status::PermissionDenied(
+          "\n@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+          "@    WARNING: THE BROKER CA OF " +
+          key +
+          " HAS CHANGED!\n"
+          "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+          "The proxy at " +
+          key + " presents the CA SHA256:" + got + ",\nbut " + pins->path() +
+          " pins SHA256:" + *pinned +
+          " for it.\nSomeone may be impersonating the proxy to take the job's secret, or the "
+          "broker's CA was replaced.\nCompare with `brokerproxy load JOB` on the login node; if "
+          "the CA was replaced, remove the line of " +
+          key + " from " + pins->path() + ".\nRefusing to connect.");
+    }
+    return ca.status();
+  }
+  if (pins && !pinned) {
+    BP_RETURN_IF_ERROR(pins->Add(key, got).WithContext("pinning the broker's CA"));
+    std::fprintf(stderr,
+                 "brokerproxy: first use of the proxy at %s: pinned its CA SHA256:%s in %s "
+                 "(compare with `brokerproxy load JOB` on the login node)\n",
+                 key.c_str(), got.c_str(), pins->path().c_str());
+  }
+  return ca;
 }
 
 }  // namespace
@@ -433,12 +627,6 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     auto p = ParseHostPort(args.proxy, 7000);
     if (!p.ok()) return p.status().WithContext("--proxy");
     proxy_addr = *p;
-  }
-  if (!remote && !args.tls && !args.insecure_plain && !IsLoopbackHost(proxy_addr.host)) {
-    return Status::InvalidArgument(
-        "the proxy address " + proxy_addr.ToString() +
-        " is not loopback, and the plain path would send the job's secret across the network "
-        "in clear: use --tls, or --via LOGIN, or --insecure-plain inside a network you trust");
   }
   std::optional<HostPort> listen;
   std::optional<std::string> listen_unix;
@@ -461,37 +649,127 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     }
   }
   if (!args.ca.empty() && !args.tls) return Status::InvalidArgument("--ca is only for --tls");
-  if (args.tls && remote) {
-    return Status::InvalidArgument(
-        "--tls and --via do not combine: the SSH session to the login node already encrypts "
-        "the tunnel");
+  if (!args.ca_fingerprint.empty() && !args.tls) {
+    return Status::InvalidArgument("--ca-fingerprint is only for --tls");
   }
+  if (!args.ca.empty() && !args.ca_fingerprint.empty()) {
+    return Status::InvalidArgument("give --ca FILE or --ca-fingerprint, not both");
+  }
+  std::string want_ca;
+  if (!args.ca_fingerprint.empty()) {
+    auto fp = ParseCaFingerprint(args.ca_fingerprint);
+    if (!fp.ok()) return fp.status().WithContext("--ca-fingerprint");
+    want_ca = *fp;
+  }
+  if (remote && !args.secret_file.empty()) {
+    return Status::InvalidArgument(
+        "--secret-file and --via do not combine: with --via the secret comes from the login "
+        "node");
+  }
+  if (args.stdio && args.secret_file == "-") {
+    return Status::InvalidArgument(
+        "--secret-file - reads stdin, which --stdio carries: give a file or BROKER_SECRET");
+  }
+
+  // The secret, from where the user said, and how to fetch it again after "ERR denied".
+  LoadedJob loaded;
+  SecretLoader reload;
+  bool from_daemon = false;
+  const char* env_secret = std::getenv("BROKER_SECRET");
+  auto load_from = [job = args.job](BrokerClient* c) -> SecretLoader {
+    return [c, job]() -> Result<std::string> {
+      auto l = LoadJob(c, job);
+      if (!l.ok()) return l.status();
+      return l->secret;
+    };
+  };
+  if (remote) {
+    auto l = LoadJob(remote, args.job);
+    if (!l.ok()) return l.status();
+    loaded = std::move(l).value();
+    reload = load_from(remote);
+  } else if (!args.secret_file.empty()) {
+    auto secret = ReadSecretFile(args.secret_file);
+    if (!secret.ok()) return secret.status();
+    loaded.secret = std::move(secret).value();
+    if (args.secret_file == "-") {
+      reload = [] { return Result<std::string>(Status::Unavailable("it was read from stdin")); };
+    } else {
+      reload = [path = args.secret_file] { return ReadSecretFile(path); };  // it may be updated
+    }
+  } else if (env_secret != nullptr && env_secret[0] != '\0') {
+    auto secret = SecretFromText(env_secret, "BROKER_SECRET");
+    if (!secret.ok()) return secret.status();
+    loaded.secret = std::move(secret).value();
+    reload = [] { return Result<std::string>(Status::Unavailable("it came from BROKER_SECRET")); };
+  } else {
+    auto l = LoadJob(client, args.job);
+    if (!l.ok()) {
+      if (l.status().code() != Status::Code::kUnavailable) return l.status();
+      return Status::Unavailable(
+          l.status().message() +
+          ". Without a daemon here, give the job's secret (`brokerproxy load JOB` on the login "
+          "node shows it) with --secret-file PATH, on stdin with --secret-file -, or in the "
+          "environment as BROKER_SECRET; or let --via LOGIN fetch it over SSH");
+    }
+    loaded = std::move(l).value();
+    reload = load_from(client);
+    from_daemon = true;
+  }
+
+  // Through the login node: the proxy address it reported, as it sees it (the laptop's idea
+  // of the proxy address means nothing there). An older daemon reports none.
+  if (remote && !args.tls && !args.proxy_given) {
+    if (auto p = ProxySeenFromLoginNode(loaded.proxies)) proxy_addr = *p;
+  }
+  if (remote && args.tls && !args.proxy_given && !loaded.proxies.empty()) {
+    auto p =
+        ProxySeenFromHere(loaded.proxies, remote->ConnectedHost(), remote->target().ToString());
+    if (!p.ok()) return p.status();
+    proxy_addr = *p;
+  }
+  if (!remote && !args.tls && !args.insecure_plain && !IsLoopbackHost(proxy_addr.host)) {
+    return Status::InvalidArgument(
+        "the proxy address " + proxy_addr.ToString() +
+        " is not loopback, and the plain path would send the job's secret across the network "
+        "in clear: use --tls, or --via LOGIN, or --insecure-plain inside a network you trust");
+  }
+
   proxy::SslCtxPtr tls_ctx;
   if (args.tls) {
-    // The CA the proxy's certificate must chain to: a file, or the broker's own, fetched now
-    // and kept in memory only.
+    // The CA the proxy's certificate must chain to (tls_path.h): a file; the CA in the proxy's
+    // chain with a fingerprint given here or by the login node; the daemon's own; or pinned.
     std::string ca_pem;
+    std::string what = args.ca.empty() ? "the broker's CA" : args.ca;
     if (!args.ca.empty()) {
       auto text = registry::ReadFileIfExists(args.ca, 1 << 20);
       if (!text.ok()) return text.status().WithContext("--ca");
       if (!text->has_value()) return Status::NotFound("--ca: no such file: " + args.ca);
       ca_pem = std::move(**text);
     } else {
-      auto fetched = FetchCaPem(client);
-      if (!fetched.ok()) return fetched.status().WithContext("fetching the broker's CA");
-      ca_pem = std::move(fetched).value();
+      if (want_ca.empty() && remote) want_ca = loaded.ca_sha256;
+      if (want_ca.empty() && (from_daemon || remote)) {
+        // The daemon here, or an older one on the login node that reports no fingerprint:
+        // its bundle, kept in memory only.
+        auto fetched = FetchCaPem(client);
+        if (!fetched.ok()) return fetched.status().WithContext("fetching the broker's CA");
+        ca_pem = std::move(fetched).value();
+      } else {
+        auto ca = CaFromProxy(proxy_addr, want_ca, kHandshakeTimeoutMs);
+        if (!ca.ok()) return ca.status();
+        ca_pem = std::move(ca).value();
+      }
     }
     auto ctx = proxy::NewClientContext(ca_pem);
-    if (!ctx.ok()) return ctx.status().WithContext(args.ca.empty() ? "the broker's CA" : args.ca);
+    if (!ctx.ok()) return ctx.status().WithContext(what);
     tls_ctx = std::move(ctx).value();
   }
 
-  auto secret = LoadSecret(client, args.job);
-  if (!secret.ok()) return secret.status();
-  const std::string secret_copy = *secret;
-  // Through the login node: the session that just loaded the secret carries the tunnels.
+  const std::string secret_copy = loaded.secret;
+  // Through the login node without TLS: the session that loaded the secret carries the
+  // tunnels.
   proxy::SshSessionPtr session;
-  if (remote) {
+  if (remote && !args.tls) {
     auto s = remote->TakeSession();
     if (!s.ok()) return s.status();
     session = std::move(s).value();
@@ -507,24 +785,24 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     Connector* connector_ptr = nullptr;
     Status lost;
     std::unique_ptr<ProxyPath> path;
-    if (remote) {
-      auto p = NewSshPath(loop->get(), std::move(session), remote->target().ToString(),
-                          proxy_addr.host, proxy_addr.port, args.job, std::move(secret).value(),
-                          kHandshakeTimeoutMs, [&](Status s) {
-                            lost = std::move(s);
-                            if (connector_ptr) connector_ptr->Stop();
-                          });
+    if (session) {
+      auto p =
+          NewSshPath(loop->get(), std::move(session), remote->target().ToString(), proxy_addr.host,
+                     proxy_addr.port, args.job, loaded.secret, kHandshakeTimeoutMs, [&](Status s) {
+                       lost = std::move(s);
+                       if (connector_ptr) connector_ptr->Stop();
+                     });
       if (!p.ok()) return p.status();
       path = std::move(p).value();
     } else if (args.tls) {
       path = NewTlsPath(reactor->get(), std::move(tls_ctx), proxy_addr.host, proxy_addr.port,
-                        args.job, std::move(secret).value(), kHandshakeTimeoutMs);
+                        args.job, loaded.secret, kHandshakeTimeoutMs);
     } else {
       path = NewDirectPath(reactor->get(), &pipes, proxy_addr.host, proxy_addr.port, args.job,
-                           std::move(secret).value(), kHandshakeTimeoutMs);
+                           loaded.secret, kHandshakeTimeoutMs);
     }
-    Connector connector(reactor->get(), std::move(path), args.allow_remote, client, args.job,
-                        secret_copy);
+    Connector connector(reactor->get(), std::move(path), args.allow_remote, client,
+                        std::move(reload), args.job, secret_copy, args.token_url);
     connector_ptr = &connector;
     result = connector.WatchSignals();
     if (result.ok()) {

@@ -22,8 +22,18 @@ struct ConnectArgs {
   bool allow_remote = false;
   bool stdio = false;
   std::string proxy;  // "host:port" of the proxy port; empty: [client] proxy
-  bool tls = false;   // TLS to the proxy port
-  std::string ca;     // CA certificate for --tls; empty: fetched with `brokerproxy ca`
+  // --proxy was on the command line: with --via it wins over the address the login node
+  // reports.
+  bool proxy_given = false;
+  bool tls = false;  // TLS to the proxy port
+  std::string ca;    // CA certificate for --tls; empty: see tls_path.h
+  // --tls: the SHA-256 fingerprint the proxy's CA must have (ParseCaFingerprint's forms).
+  std::string ca_fingerprint;
+  // Where the secret comes from without --via: a file, "-" for stdin; empty: $BROKER_SECRET,
+  // else the daemon on this host.
+  std::string secret_file;
+  // Also print the URL with ?token=<secret> once listening (stdout, never logged).
+  bool token_url = false;
   // The plain path to a proxy address that is not loopback (the secret crosses the network in
   // clear): refused unless this is set.
   bool insecure_plain = false;
@@ -48,6 +58,17 @@ struct ConnectArgs {
 // connections refused meanwhile wait for the same answer. If the job is gone (NotFound), `connect`
 // stops with "job J is no longer registered". If the broker gives the same secret, the refusal is
 // reported and the connection closed, with no further retry; `connect` keeps serving.
+//
+// The job's secret: with --via, from the login node's `load` over SSH, which also reports
+// where its proxy listens (the tunnels dial that address, as seen from the login node, through
+// the SSH session; `--tls` dials the login host at that port, a wildcard listen address
+// standing for the host reached by SSH) and its CA's fingerprint. Without --via:
+// `secret_file` (a regular file no one else can read, or stdin), else $BROKER_SECRET, else
+// the daemon on this host; the secret never goes on the command line. With none of them,
+// an error saying these ways.
+//
+// Once listening on TCP, prints the URL to open (http://ADDR/), and with `token_url` the same
+// with ?token=<secret> (for a service that uses the job's secret as its token).
 //
 // Runs until SIGINT/SIGTERM (listen mode), until the stdio tunnel ends, or until the job is
 // gone. With `remote` (the

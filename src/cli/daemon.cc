@@ -326,6 +326,22 @@ class Daemon {
       if (broker_) broker_->OnBackendDial(id, generation, connected);
     });
     BP_RETURN_IF_ERROR(proxy_->Start());
+    // What a laptop needs from `load` to reach the proxy without a daemon of its own: the
+    // addresses it listens on, the TLS domain, and the current CA's fingerprint to check the
+    // proxy's chain against.
+    broker_->set_load_info_provider([this](cJSON* body) {
+      cJSON* addresses = cJSON_AddArrayToObject(body, "proxy");
+      if (proxy_) {
+        for (const std::string& a : proxy_->addresses()) {
+          cJSON_AddItemToArray(addresses, cJSON_CreateString(a.c_str()));
+        }
+      }
+      if (tls_settings_) cJSON_AddStringToObject(body, "tls_domain", tls_settings_->domain.c_str());
+      if (cas_) {
+        cJSON_AddStringToObject(body, "ca_fingerprint",
+                                ("SHA256:" + cas_->current()->Fingerprint()).c_str());
+      }
+    });
     broker_->set_stats_provider([this](cJSON* stats, uid_t caller) {
       if (control_) {
         // Root sees every connection to the control socket; a user sees their own.
@@ -395,7 +411,10 @@ class Daemon {
     for (char c : config_.tls_domain) {
       tls_settings_->domain += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     }
-    auto ctx = proxy::NewServerContext(tls->server.cert_pem, tls->server.key_pem);
+    // The chain carries the CA that signed the proxy's certificate, so a client without a
+    // copy of it (a laptop) can check it against a fingerprint it was given or pinned.
+    auto ctx = proxy::NewServerContext(tls->server.cert_pem + cas_->current()->cert_pem(),
+                                       tls->server.key_pem);
     if (!ctx.ok()) return ctx.status().WithContext("the proxy's TLS certificate");
     tls_settings_->server_ctx = std::move(ctx).value();
     if (auto cert = proxy::ParseCertificatePem(tls->server.cert_pem); cert.ok()) {
@@ -436,7 +455,8 @@ class Daemon {
           }
           if (!result->value()) return;
           auto ctx =
-              proxy::NewServerContext((*result)->value().cert_pem, (*result)->value().key_pem);
+              proxy::NewServerContext((*result)->value().cert_pem + cas_->current()->cert_pem(),
+                                      (*result)->value().key_pem);
           if (!ctx.ok()) {
             LOG_WARN("renewed TLS certificate unusable: %s", ctx.status().ToString().c_str());
             return;

@@ -233,12 +233,26 @@ int Main(int argc, char** argv) {
                     "Use stdin/stdout (for ssh -o ProxyCommand='brokerproxy connect JOB --stdio')");
   connect->add_flag("--tls", connect_args.tls, "Reach the proxy port over TLS");
   connect->add_option("--ca", connect_args.ca,
-                      "CA certificate for --tls (default: the broker's, from `brokerproxy ca`)");
+                      "CA certificate for --tls (default: the daemon's here; else the CA the proxy "
+                      "presents, checked against --ca-fingerprint, the login node's with --via, "
+                      "or pinned on first use)");
+  connect->add_option("--ca-fingerprint", connect_args.ca_fingerprint,
+                      "SHA-256 fingerprint the broker's CA must have for --tls (SHA256:<hex>, as "
+                      "`brokerproxy load` shows it)");
+  connect->add_option("--secret-file", connect_args.secret_file,
+                      "Read the job's secret from this file (only you may read it), or from stdin "
+                      "with '-'; default: $BROKER_SECRET, else the daemon here (never argv)");
+  connect->add_flag("--token-url", connect_args.token_url,
+                    "Also print the URL with ?token=<the job's secret> once listening (for a "
+                    "service that uses the secret as its token, e.g. Jupyter)");
   connect->footer(
       "Examples:\n"
       "  brokerproxy connect 12345 --listen 8888      # then open http://127.0.0.1:8888/\n"
       "  ssh -o ProxyCommand='brokerproxy connect %h --stdio' user@12345\n"
-      "  brokerproxy connect 12345 --listen 8888 --via login.example.org");
+      "  brokerproxy connect 12345 --listen 8888 --via login.example.org\n"
+      "  brokerproxy connect 12345 --listen 8888 --tls --via login.example.org\n"
+      "  brokerproxy connect 12345 --listen 8888 --tls --proxy login.example.org:7000 "
+      "--secret-file ~/.bp/12345");
   connect_cfg.AddTo(connect, FlagScope::kClient);
   AddSshFlags(connect, &accept_new_host_key);
 
@@ -347,6 +361,7 @@ int Main(int argc, char** argv) {
                 [&](const Config&, BrokerClient* cl) { return RunCa(cl, FormatOf(ca_flags)); });
   } else if (connect->parsed()) {
     with_client(connect_cfg, false, [&](const Config& c, BrokerClient* cl) {
+      connect_args.proxy_given = connect->count("--proxy") > 0;
       if (connect_args.proxy.empty()) connect_args.proxy = c.proxy.ToString();
       return RunConnect(c, cl, remote, connect_args);
     });

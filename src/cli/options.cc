@@ -327,8 +327,8 @@ const std::vector<Entry>& Entries() {
        &Config::broker},
       {{"client", "proxy", T::kHostPort, "127.0.0.1:7000",
         "The proxy port as clients reach it: host:port, or [v6addr]:port; a bare host means "
-        "port 7000. Through --via or broker it is reached from the login node, so the loopback "
-        "default works there.",
+        "port 7000. Through --via or broker it is reached from the login node, and `connect` "
+        "dials the address the login node's daemon reports instead, unless --proxy is given.",
         "--proxy", FlagScope::kClient},
        &Config::proxy},
       {{"client", "remote_command", T::kString, "brokerproxy",

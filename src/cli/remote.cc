@@ -190,6 +190,17 @@ Result<registry::JsonPtr> RemoteClient::Call(const Request& request, int64_t tim
   return ParseRemoteReply(*result, target_.ToString());
 }
 
+std::string RemoteClient::ConnectedHost() {
+  if (!session_) return target_.host;
+  char* host = nullptr;
+  if (ssh_options_get(session_.get(), SSH_OPTIONS_HOST, &host) != SSH_OK || host == nullptr) {
+    return target_.host;
+  }
+  std::string out = host;
+  ssh_string_free_char(host);
+  return out;
+}
+
 Result<proxy::SshSessionPtr> RemoteClient::TakeSession() {
   BP_RETURN_IF_ERROR(EnsureConnected());
   return std::move(session_);

@@ -51,6 +51,9 @@ class RemoteClient final : public BrokerClient {
   // the ssh timeout).
   void Interrupt() override;
   const SshTarget& target() const { return target_; }
+  // The host the session reached: the target's host after ~/.ssh/config (HostName); the
+  // target's own host when there is no session.
+  std::string ConnectedHost();
 
   // The connected session (connecting now if needed), for `connect --via`; this client has
   // none afterwards.

@@ -190,11 +190,16 @@ Result<SshSessionPtr> SshConnect(const SshTarget& target, const SshClientOptions
   std::string ssh_dir = HomeDir() + "/.ssh";
   std::string known_hosts = ssh_dir + "/known_hosts";
   long timeout_s = static_cast<long>((options.timeout_ms + 999) / 1000);
+  static const int kNoDelay = 1;
   // The alias first: ~/.ssh/config is matched against it and may replace it (HostName).
   if (ssh_options_set(s, SSH_OPTIONS_HOST, target.host.c_str()) != SSH_OK ||
       ssh_options_set(s, SSH_OPTIONS_SSH_DIR, ssh_dir.c_str()) != SSH_OK ||
       ssh_options_set(s, SSH_OPTIONS_KNOWNHOSTS, known_hosts.c_str()) != SSH_OK ||
-      ssh_options_set(s, SSH_OPTIONS_TIMEOUT, &timeout_s) != SSH_OK) {
+      ssh_options_set(s, SSH_OPTIONS_TIMEOUT, &timeout_s) != SSH_OK ||
+      // Tunnels send small messages (a preamble, a request) and wait for the answer: without
+      // TCP_NODELAY, Nagle holds each one back until the previous segment is acknowledged
+      // (40 ms of delayed ACK per new connection through --via).
+      ssh_options_set(s, SSH_OPTIONS_NODELAY, &kNoDelay) != SSH_OK) {
     return SshError(s, "ssh options for " + target.ToString());
   }
   // ~/.ssh/config (found through SSH_DIR) and /etc/ssh/ssh_config.

@@ -142,9 +142,13 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
       return nullptr;
     case Op::kLoad: {
       auto job = registry_->Get(req.job, caller);
-      ReplyLater(std::move(reply),
-                 job.ok() ? EncodeOk(JobBody(**job, SecretField::kInclude, StateOf(**job)))
-                          : EncodeError(job.status()));
+      if (!job.ok()) {
+        ReplyLater(std::move(reply), EncodeError(job.status()));
+        return nullptr;
+      }
+      JsonPtr body = JobBody(**job, SecretField::kInclude, StateOf(**job));
+      if (load_info_provider_) load_info_provider_(body.get());
+      ReplyLater(std::move(reply), EncodeOk(std::move(body)));
       return nullptr;
     }
     case Op::kVerify: {

@@ -82,6 +82,8 @@ class Broker {
   using Reply = std::function<void(std::string line)>;
   // Adds members to the "stats" reply for `caller` (uid 0 sees every job).
   using StatsProvider = std::function<void(cJSON* stats, uid_t caller)>;
+  // Adds members to a "load" reply for a laptop: where the proxy listens, how to check it.
+  using LoadInfoProvider = std::function<void(cJSON* body)>;
   // The broker CA certificate (PEM), or an error if TLS is not set up.
   using CaProvider = std::function<Result<std::string>()>;
   // Issues the certificate of ssl job `job` (its id, owner and backend host are set) for the
@@ -151,6 +153,7 @@ class Broker {
 
   void set_stats_provider(StatsProvider p) { stats_provider_ = std::move(p); }
   void set_ca_provider(CaProvider p) { ca_provider_ = std::move(p); }
+  void set_load_info_provider(LoadInfoProvider p) { load_info_provider_ = std::move(p); }
   void set_cert_issuer(CertIssuer i) { cert_issuer_ = std::move(i); }
   void set_id_check(IdCheck c) { id_check_ = std::move(c); }
   // Without one, every backend is admitted. With one, a save resolves the backend host (on the
@@ -223,6 +226,7 @@ class Broker {
   Clock clock_;
   StatsProvider stats_provider_;
   CaProvider ca_provider_;
+  LoadInfoProvider load_info_provider_;
   CertIssuer cert_issuer_;
   IdCheck id_check_;
   BackendCheck backend_check_;

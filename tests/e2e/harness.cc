@@ -303,8 +303,14 @@ Daemon::~Daemon() {
     child_.reset();
     return ::testing::AssertionFailure() << "daemon did not start:\n" << log;
   }
-  size_t at = line->find("proxy port 127.0.0.1:");
-  if (at != std::string::npos) proxy_port_ = std::stoi(line->substr(at + 21));
+  // "proxy port 127.0.0.1:41234" (or "0.0.0.0:...", "[::]:..."): the first address's port.
+  size_t at = line->find("proxy port ");
+  if (at != std::string::npos) {
+    std::string address = line->substr(at + 11);
+    address = address.substr(0, address.find(' '));
+    size_t colon = address.rfind(':');
+    if (colon != std::string::npos) proxy_port_ = std::atoi(address.c_str() + colon + 1);
+  }
   return ::testing::AssertionSuccess();
 }
 

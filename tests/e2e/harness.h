@@ -97,7 +97,8 @@ class Child {
 
 // The daemon with a config in `dir`: state_dir dir/state, control socket dir/control.sock,
 // proxy on 127.0.0.1 with a free port. `extra_config` is appended to the generated file (later
-// keys of a section must not repeat generated ones: pass whole extra sections).
+// keys of a section must not repeat generated ones: pass whole extra sections). proxy_port() is
+// the port of the first listen address (a test may rewrite the generated one before Start()).
 class Daemon {
  public:
   Daemon(const TempDir& dir, const std::string& extra_config = "",

@@ -5,6 +5,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <thread>
 
+#include "cli/ssh_client.h"
 #include "e2e/harness.h"
 #include "registry/json.h"
 
@@ -506,6 +508,139 @@ TEST_F(ViaTest, ConnectCarriesManyConnectionsOverOneSession) {
   }
   EXPECT_EQ(sshd_.Logins(), logins_before + 1);
   EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
+// Makes daemon `d` (not started yet) listen on `address` instead of the harness's default.
+void ListenOn(const Daemon& d, const std::string& address) {
+  std::string config = ReadFile(d.config_path());
+  size_t at = config.find("listen = 127.0.0.1:0\n");
+  ASSERT_NE(at, std::string::npos) << config;
+  config.replace(at, 20, "listen = " + address);
+  WriteFile(d.config_path(), config);
+}
+
+// The laptop's [client] proxy means nothing on the login node: `connect --via` dials the
+// address the login node's daemon reports for its proxy, through the SSH session.
+TEST_F(ViaTest, ConnectDialsTheProxyAddressTheLoginNodeReports) {
+  Backend backend;
+  ASSERT_FALSE(daemon_.SaveJob("cp", backend.port()).empty());
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  // The laptop's config names a proxy that refuses everyone.
+  DenyingProxy elsewhere;
+  WriteFile(dir_ / "client.ini",
+            "[client]\nremote_command = env BROKERPROXY_CONFIG=" + daemon_.config_path() + " " +
+                BinaryPath() + "\nproxy = 127.0.0.1:" + std::to_string(elsewhere.port()) + "\n");
+  auto connect =
+      Child::Spawn(Via({"connect", "cp", "--listen", "0"}), dir_ / "connect.log", ClientEnv());
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output();
+  EXPECT_NE(line->find("127.0.0.1:" + std::to_string(daemon_.proxy_port()) + " via ssh"),
+            std::string::npos)
+      << *line;
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  int fd = ConnectTcp(port, "127.0.0.1", 30000);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "echo\n"));
+  EchoResult r = EchoTransfer(fd, 1 << 20);
+  close(fd);
+  EXPECT_EQ(r.received_bytes, 1u << 20) << connect->Output();
+  EXPECT_EQ(r.sent, r.received);
+  EXPECT_EQ(elsewhere.handshakes(), 0);
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+}
+
+// The SSH socket of --via sends each small message at once (TCP_NODELAY): without it a new
+// connection through the session waits for the delayed ACK of the previous segment.
+TEST_F(ViaTest, TheSshSocketHasNoDelay) {
+  auto target = cli::ParseSshTarget(sshd_.via());
+  ASSERT_TRUE(target.ok());
+  std::string saved_home = getenv("HOME") ? getenv("HOME") : "";
+  setenv("HOME", sshd_.home().c_str(), 1);
+  unsetenv("SSH_AUTH_SOCK");
+  cli::SshClientOptions options;
+  options.accept_new_host_key = true;
+  auto session = cli::SshConnect(*target, options);
+  setenv("HOME", saved_home.c_str(), 1);
+  ASSERT_TRUE(session.ok()) << session.status().ToString();
+  int nodelay = 0;
+  socklen_t len = sizeof(nodelay);
+  ASSERT_EQ(getsockopt(ssh_get_fd(session->get()), IPPROTO_TCP, TCP_NODELAY, &nodelay, &len), 0);
+  EXPECT_NE(nodelay, 0);
+}
+
+// --via --tls: the secret, the proxy's port and the CA's fingerprint come over SSH; the
+// tunnels go straight to the login host's proxy port over TLS (its wildcard listen address is
+// the host reached by SSH), the CA checked against that fingerprint. Nothing is pinned.
+TEST_F(ViaTest, ConnectTlsViaGoesStraightToTheProxyOverTls) {
+  TempDir login;
+  Daemon wide(login);
+  ListenOn(wide, "0.0.0.0:0");
+  ASSERT_TRUE(wide.Start());
+  Backend backend;
+  ASSERT_FALSE(wide.SaveJob("ct", backend.port()).empty());
+  WriteFile(dir_ / "client.ini", "[client]\nremote_command = env BROKERPROXY_CONFIG=" +
+                                     wide.config_path() + " " + BinaryPath() + "\n");
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  RunOptions env = ClientEnv();
+  env.env.push_back("XDG_CONFIG_HOME=");
+  auto connect =
+      Child::Spawn(Via({"connect", "ct", "--tls", "--listen", "0"}), dir_ / "connect-tls.log", env);
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output();
+  EXPECT_NE(line->find("TLS to 127.0.0.1:" + std::to_string(wide.proxy_port())), std::string::npos)
+      << *line;
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  int fd = ConnectTcp(port, "127.0.0.1", 30000);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "echo\n"));
+  EchoResult r = EchoTransfer(fd, 1 << 20);
+  close(fd);
+  EXPECT_EQ(r.received_bytes, 1u << 20) << connect->Output();
+  EXPECT_EQ(r.sent, r.received);
+  EXPECT_EQ(connect->Stop(SIGTERM), 0) << connect->Output();
+  struct stat st {};
+  EXPECT_NE(stat((sshd_.home() + "/.config/brokerproxy/known_cas").c_str(), &st), 0);
+
+  // A proxy on loopback only cannot be reached from here: said so, with what to do instead.
+  WriteFile(dir_ / "client.ini", "[client]\nremote_command = env BROKERPROXY_CONFIG=" +
+                                     daemon_.config_path() + " " + BinaryPath() + "\n");
+  ASSERT_FALSE(daemon_.SaveJob("cl", backend.port()).empty());
+  RunResult loopback = RunVia({"connect", "cl", "--tls", "--listen", "0"}, env);
+  EXPECT_EQ(loopback.exit_code, 2) << loopback;
+  EXPECT_NE(loopback.err.find("use --via without --tls"), std::string::npos) << loopback;
+}
+
+// --via --tls trusts only the CA whose fingerprint the login node reported over SSH: another
+// CA at the proxy address is refused before the secret goes anywhere.
+TEST_F(ViaTest, ConnectTlsViaRefusesACaOtherThanTheLoginNodeReports) {
+  TempDir login;
+  Daemon wide(login);
+  ListenOn(wide, "0.0.0.0:0");
+  ASSERT_TRUE(wide.Start());
+  Backend backend;
+  ASSERT_FALSE(wide.SaveJob("cw", backend.port()).empty());
+  // The login node's reply, with the fingerprint of another CA: a stand-in remote command
+  // prints it.
+  RunResult load = wide.Cli({"load", "cw", "--json"});
+  ASSERT_EQ(load.exit_code, 0) << load;
+  std::string reply = load.out.substr(0, load.out.find('\n'));
+  size_t at = reply.find("SHA256:");
+  ASSERT_NE(at, std::string::npos) << reply;
+  std::string other = "SHA256:" + std::string(64, '0');
+  reply.replace(at, other.size(), other);
+  WriteFile(dir_ / "reply.json", reply + "\n");
+  WriteFile(dir_ / "fake-remote.sh", "#!/bin/sh\ncat " + (dir_ / "reply.json") + "\n", 0755);
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  WriteFile(dir_ / "client.ini", "[client]\nremote_command = " + (dir_ / "fake-remote.sh") + "\n");
+  RunOptions env = ClientEnv();
+  env.env.push_back("XDG_CONFIG_HOME=");
+  env.timeout_ms = 20000;  // a run that should fail at once, and would listen if it did not
+  RunResult r = RunVia({"connect", "cw", "--tls", "--listen", "0"}, env);
+  EXPECT_EQ(r.exit_code, 4) << r;
+  EXPECT_NE(r.err.find("not the expected " + other), std::string::npos) << r;
+  EXPECT_EQ(backend.connections(), 0);
 }
 
 // ---- the embedded endpoint, with the stock OpenSSH client ----
