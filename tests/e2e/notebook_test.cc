@@ -3,7 +3,8 @@
 //   - exec mode's --secret-env: the secret in the service's environment, a warning for
 //     {secret} in its arguments, /proc/*/cmdline of every process scanned while it runs;
 //   - one acceptance test per access path: `connect --listen`, `connect --via` through a real
-//     sshd, an `ssl` job through SNI passthrough (curl, python, headless Chromium);
+//     sshd, `connect --tls` from a laptop with no daemon, stock `ssh -L` with sshpass against the
+//     embedded endpoint, an `ssl` job through SNI passthrough (curl, python, headless Chromium);
 //   - the README's and docs/tls.md's recipes, read out of the documents and run as written.
 
 #include <sys/stat.h>
@@ -214,11 +215,75 @@ TEST_F(NotebookTest, SslJobThroughSniPassthroughAndChromium) {
   EXPECT_NE(tree.out.find("Select or create a notebook"), std::string::npos) << tree;
 }
 
-// Paths added by other parts go here, each a few lines on the same fixture: start a Notebook,
-// open the path, CheckNotebook(base_url, nb.token(), ...).
-//   - NotebookTest.ReachedThroughConnectTlsFromALaptop: `connect --tls` with no daemon on the
-//     laptop's side.
-//   - NotebookTest.ReachedThroughStockSshL: `sshpass ... ssh -N -L` to the embedded endpoint.
+// Path: `connect --tls` from a laptop, which has no daemon and no config.ini: the job's owner,
+// with a HOME of her own, gives the proxy address and the secret in a file of mode 0600 (as the
+// README shows); the broker CA comes with the proxy's certificate and is pinned on first use.
+TEST_F(NotebookTest, ReachedThroughConnectTlsFromALaptop) {
+  Notebook nb(daemon_, dir_, alice_);
+  ASSERT_TRUE(nb.Start("tls2"));
+  std::string home = dir_ / "laptop-home";
+  ASSERT_EQ(::mkdir(home.c_str(), 0700), 0);
+  ASSERT_EQ(::chown(home.c_str(), alice_, static_cast<gid_t>(-1)), 0);
+  WriteFile(home + "/secret", nb.token() + "\n", 0600);
+  ASSERT_EQ(::chown((home + "/secret").c_str(), alice_, static_cast<gid_t>(-1)), 0);
+  RunOptions laptop;
+  laptop.uid = alice_;
+  // No config file anywhere it is looked for, and no daemon at the default control socket.
+  laptop.env = {"HOME=" + home,
+                "BROKERPROXY_CONFIG=", "XDG_CONFIG_HOME=", "XDG_STATE_HOME=", "BROKER_SECRET="};
+  auto connect = Child::Spawn(
+      {BinaryPath(), "connect", nb.job(), "--listen", "0", "--tls", "--proxy",
+       "127.0.0.1:" + std::to_string(daemon_.proxy_port()), "--secret-file", home + "/secret"},
+      dir_ / "connect-tls-laptop.log", laptop);
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output() << daemon_.Log();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  NotebookCheck check;
+  check.uid = alice_;
+  EXPECT_TRUE(CheckNotebook("http://127.0.0.1:" + std::to_string(port), nb.token(), check))
+      << connect->Output() << daemon_.Log();
+  EXPECT_NE(ReadFile(home + "/.config/brokerproxy/known_cas").find("127.0.0.1:"), std::string::npos)
+      << "the CA was pinned on first use";
+}
+
+// Path: stock OpenSSH against the proxy port's SSH endpoint, the secret typed by sshpass (from
+// its environment, not its arguments), the endpoint's key pinned from the known_hosts line that
+// `brokerproxy stats` prints.
+TEST_F(NotebookTest, ReachedThroughStockSshLWithSshpass) {
+  if (::access("/usr/bin/sshpass", X_OK) != 0) GTEST_SKIP() << "sshpass is not installed";
+  Notebook nb(daemon_, dir_, alice_);
+  ASSERT_TRUE(nb.Start("5004"));
+  RunResult stats = daemon_.Cli({"stats"});
+  size_t at = stats.out.find("[127.0.0.1]:" + std::to_string(daemon_.proxy_port()) + " ssh-");
+  ASSERT_NE(at, std::string::npos) << stats;
+  WriteFile(dir_ / "known_hosts", stats.out.substr(at, stats.out.find('\n', at) - at) + "\n", 0644);
+  int port = FreePort();  // ssh -L cannot listen on port 0
+  RunOptions o;
+  o.uid = alice_;
+  o.env = {"HOME=" + (dir_ / "nohome"), "SSH_AUTH_SOCK=", "SSHPASS=" + nb.token()};
+  auto ssh = Child::Spawn(
+      {"sshpass", "-e", "ssh", "-F", "/dev/null", "-N", "-L",
+       std::to_string(port) + ":" + nb.job() + ":1", "-p", std::to_string(daemon_.proxy_port()),
+       "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" + (dir_ / "known_hosts"),
+       "-o", "PubkeyAuthentication=no", "-o", "ExitOnForwardFailure=yes", nb.job() + "@127.0.0.1"},
+      dir_ / "sshpass.log", o);
+  ASSERT_TRUE(ssh);
+  // Listening once logged in (ExitOnForwardFailure): a probe connection, closed at once.
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        int fd = ConnectTcp(port, "127.0.0.1", 1000);
+        if (fd >= 0) ::close(fd);
+        return fd >= 0;
+      },
+      30000))
+      << ssh->Output() << daemon_.Log();
+  NotebookCheck check;
+  check.uid = alice_;
+  EXPECT_TRUE(CheckNotebook("http://127.0.0.1:" + std::to_string(port), nb.token(), check))
+      << ssh->Output() << daemon_.Log();
+  EXPECT_TRUE(ProcessesShowing(nb.token()).empty());
+}
 
 // The README's recipes, read out of README.md and run as written by the job's owner (only
 // `brokerproxy` is found on PATH and $SLURM_JOB_ID names the job): the notebook is reached, and
