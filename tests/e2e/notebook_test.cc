@@ -3,8 +3,9 @@
 //   - exec mode's --secret-env: the secret in the service's environment, a warning for
 //     {secret} in its arguments, /proc/*/cmdline of every process scanned while it runs;
 //   - one acceptance test per access path: `connect --listen`, `connect --via` through a real
-//     sshd, `connect --tls` from a laptop with no daemon, stock `ssh -L` with sshpass against the
-//     embedded endpoint, an `ssl` job through SNI passthrough (curl, python, headless Chromium);
+//     sshd, `connect` and `connect --tls` from a laptop with no daemon, stock `ssh -L` with sshpass
+//     against the embedded endpoint, an `ssl` job through SNI passthrough (curl, python, headless
+//     Chromium);
 //   - the README's and docs/tls.md's recipes, read out of the documents and run as written.
 
 #include <sys/stat.h>
@@ -215,10 +216,11 @@ TEST_F(NotebookTest, SslJobThroughSniPassthroughAndChromium) {
   EXPECT_NE(tree.out.find("Select or create a notebook"), std::string::npos) << tree;
 }
 
-// Path: `connect --tls` from a laptop, which has no daemon and no config.ini: the job's owner,
-// with a HOME of her own, gives the proxy address and the secret in a file of mode 0600 (as the
-// README shows); the broker CA comes with the proxy's certificate and is pinned on first use.
-TEST_F(NotebookTest, ReachedThroughConnectTlsFromALaptop) {
+// Path: `connect` from a laptop, which has no daemon and no config.ini: the job's owner, with a
+// HOME of her own, gives the proxy address and the secret in a file of mode 0600 (as the README
+// shows). Plain, as behind her own `ssh -L` to the login node (a loopback proxy address), and
+// with --tls, where the broker CA comes with the proxy's certificate and is pinned on first use.
+TEST_F(NotebookTest, ReachedThroughConnectFromALaptopPlainAndTls) {
   Notebook nb(daemon_, dir_, alice_);
   ASSERT_TRUE(nb.Start("tls2"));
   std::string home = dir_ / "laptop-home";
@@ -231,18 +233,28 @@ TEST_F(NotebookTest, ReachedThroughConnectTlsFromALaptop) {
   // No config file anywhere it is looked for, and no daemon at the default control socket.
   laptop.env = {"HOME=" + home,
                 "BROKERPROXY_CONFIG=", "XDG_CONFIG_HOME=", "XDG_STATE_HOME=", "BROKER_SECRET="};
-  auto connect = Child::Spawn(
-      {BinaryPath(), "connect", nb.job(), "--listen", "0", "--tls", "--proxy",
-       "127.0.0.1:" + std::to_string(daemon_.proxy_port()), "--secret-file", home + "/secret"},
-      dir_ / "connect-tls-laptop.log", laptop);
-  ASSERT_TRUE(connect);
-  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
-  ASSERT_TRUE(line) << connect->Output() << daemon_.Log();
-  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
-  NotebookCheck check;
-  check.uid = alice_;
-  EXPECT_TRUE(CheckNotebook("http://127.0.0.1:" + std::to_string(port), nb.token(), check))
-      << connect->Output() << daemon_.Log();
+  for (bool tls : {false, true}) {
+    SCOPED_TRACE(tls ? "--tls" : "plain");
+    std::vector<std::string> argv = {BinaryPath(),
+                                     "connect",
+                                     nb.job(),
+                                     "--listen",
+                                     "0",
+                                     "--proxy",
+                                     "127.0.0.1:" + std::to_string(daemon_.proxy_port()),
+                                     "--secret-file",
+                                     home + "/secret"};
+    if (tls) argv.push_back("--tls");
+    auto connect = Child::Spawn(argv, dir_ / (tls ? "laptop-tls.log" : "laptop-plain.log"), laptop);
+    ASSERT_TRUE(connect);
+    auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+    ASSERT_TRUE(line) << connect->Output() << daemon_.Log();
+    int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+    NotebookCheck check;
+    check.uid = alice_;
+    EXPECT_TRUE(CheckNotebook("http://127.0.0.1:" + std::to_string(port), nb.token(), check))
+        << connect->Output() << daemon_.Log();
+  }
   EXPECT_NE(ReadFile(home + "/.config/brokerproxy/known_cas").find("127.0.0.1:"), std::string::npos)
       << "the CA was pinned on first use";
 }
