@@ -256,19 +256,6 @@ Result<std::string> ParseCaFingerprint(std::string_view text) {
   return hex;
 }
 
-std::string CertificateSha256(X509* cert) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  if (X509_digest(cert, EVP_sha256(), md, &len) != 1) return "";
-  static const char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned i = 0; i < len; ++i) {
-    out += kHex[md[i] >> 4];
-    out += kHex[md[i] & 15];
-  }
-  return out;
-}
-
 Result<std::vector<proxy::X509Ptr>> FetchProxyChain(const std::string& host, int port,
                                                     int64_t timeout_ms) {
   const std::string where = HostPort{host, port}.ToString();
@@ -325,7 +312,7 @@ Result<std::string> ProxyCaFromChain(const std::vector<proxy::X509Ptr>& chain,
   for (size_t i = chain.size(); i-- > 1;) {
     X509* c = chain[i].get();
     if (X509_check_ca(c) <= 0 || X509_check_issued(c, c) != X509_V_OK) continue;
-    std::string fp = CertificateSha256(c);
+    std::string fp = proxy::CertificateSha256(c);
     if (got_sha256->empty()) *got_sha256 = fp;
     if (want_sha256.empty() || fp == want_sha256) {
       ca = c;

@@ -45,9 +45,6 @@ namespace brokerproxy::cli {
 // -fingerprint), in any case: the 64 lower-case hex digits of a SHA-256 fingerprint.
 Result<std::string> ParseCaFingerprint(std::string_view text);
 
-// The SHA-256 of `cert`'s DER encoding, 64 lower-case hex digits.
-std::string CertificateSha256(X509* cert);
-
 // Connects to `host`:`port`, completes a TLS handshake without verifying the server and
 // without sending a byte inside it, and returns the chain it presented (its certificate
 // first). Blocking, within `timeout_ms`.

@@ -559,18 +559,7 @@ Result<KeyAndCert> CertificateAuthority::IssueWithNewKey(const LeafProfile& prof
   return KeyAndCert{std::move(key_pem).value(), std::move(cert).value()};
 }
 
-std::string CertificateAuthority::Fingerprint() const {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  if (X509_digest(cert_.get(), EVP_sha256(), md, &len) != 1) return "";
-  static const char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned i = 0; i < len; ++i) {
-    out += kHex[md[i] >> 4];
-    out += kHex[md[i] & 15];
-  }
-  return out;
-}
+std::string CertificateAuthority::Fingerprint() const { return CertificateSha256(cert_.get()); }
 
 // ---- the set of CAs ----
 
@@ -834,6 +823,19 @@ std::string SubjectUnit(X509* cert) {
   if (len < 0) return "";
   std::string out(reinterpret_cast<char*>(utf8), static_cast<size_t>(len));
   OPENSSL_free(utf8);
+  return out;
+}
+
+std::string CertificateSha256(X509* cert) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (X509_digest(cert, EVP_sha256(), md, &len) != 1) return "";
+  static const char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned i = 0; i < len; ++i) {
+    out += kHex[md[i] >> 4];
+    out += kHex[md[i] & 15];
+  }
   return out;
 }
 

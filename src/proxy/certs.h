@@ -175,6 +175,8 @@ std::vector<std::string> SubjectAltNames(X509* cert);
 std::string SubjectUnit(X509* cert);
 // True if `cert` is a brokerproxy proxy certificate (OU kProxyCertUnit).
 bool IsProxyCertificate(X509* cert);
+// SHA-256 of `cert`'s DER encoding, 64 lower-case hex digits ("" if it cannot be encoded).
+std::string CertificateSha256(X509* cert);
 // Seconds from now until notAfter (negative once expired).
 int64_t SecondsLeft(X509* cert);
 // Seconds from `now` (unix seconds) until notAfter.

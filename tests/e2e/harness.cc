@@ -834,4 +834,63 @@ int PendingOnUnixSocket(const std::string& path) {
   return queued;
 }
 
+LoginSshd::LoginSshd(const TempDir& dir) : dir_(dir / "sshd"), port_(FreePort()) {
+  ::mkdir(dir_.c_str(), 0700);
+  ::mkdir(home().c_str(), 0700);
+  ::mkdir((home() + "/.ssh").c_str(), 0700);
+  ::mkdir("/run/sshd", 0755);  // privilege separation directory
+  RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f",
+              home() + "/.ssh/id_ed25519"});
+  WriteFile(dir_ + "/authorized_keys", ReadFile(home() + "/.ssh/id_ed25519.pub"), 0600);
+  NewHostKey();
+  WriteFile(dir_ + "/sshd_config",
+            "ListenAddress 127.0.0.1\nHostKey " + dir_ +
+                "/host_key\nPidFile none\nUsePAM no\nStrictModes no\n"
+                "AuthorizedKeysFile " +
+                dir_ +
+                "/authorized_keys\nPermitRootLogin prohibit-password\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                "AllowTcpForwarding yes\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n");
+}
+
+void LoginSshd::NewHostKey() {
+  ::unlink((dir_ + "/host_key").c_str());
+  ::unlink((dir_ + "/host_key.pub").c_str());
+  RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", dir_ + "/host_key"});
+}
+
+::testing::AssertionResult LoginSshd::Start() {
+  for (int attempt = 0;; ++attempt) {
+    child_ = Child::Spawn(
+        {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port_)},
+        dir_ + "/sshd.log");
+    if (child_ && child_->WaitFor("Server listening on", 10000)) {
+      return ::testing::AssertionSuccess();
+    }
+    std::string log = Log();
+    if (attempt == 4 || log.find("Address already in use") == std::string::npos) {
+      return ::testing::AssertionFailure() << "sshd did not start:\n" << log;
+    }
+    Stop();
+    port_ = FreePort();
+  }
+}
+
+void LoginSshd::Stop() {
+  if (child_) child_->Stop(SIGTERM, 5000);
+  child_.reset();
+}
+
+std::string LoginSshd::Log() const { return ReadFile(dir_ + "/sshd.log"); }
+
+size_t LoginSshd::Logins() const {
+  std::string log = Log();
+  size_t n = 0;
+  for (size_t at = log.find("Accepted publickey"); at != std::string::npos;
+       at = log.find("Accepted publickey", at + 1)) {
+    ++n;
+  }
+  return n;
+}
+
 }  // namespace brokerproxy::testing

@@ -310,6 +310,37 @@ EchoResult EchoTransfer(int fd, uint64_t bytes);
 // Hex SHA-256 of Pattern(0..bytes).
 std::string PatternHash(uint64_t bytes);
 
+// A real OpenSSH sshd on 127.0.0.1 standing for the login node, with its files in `dir`/sshd.
+// The test user (root) logs in with a key generated there; home() is the HOME the client side
+// runs with, so known_hosts and identity files are the test's own.
+class LoginSshd {
+ public:
+  explicit LoginSshd(const TempDir& dir);
+  ~LoginSshd() { Stop(); }
+  LoginSshd(const LoginSshd&) = delete;
+  LoginSshd& operator=(const LoginSshd&) = delete;
+
+  // A fresh host key (the login node "was reinstalled"); takes effect at the next Start().
+  void NewHostKey();
+  // sshd cannot listen on port 0 and say which port it got, so the port is picked free and may
+  // be taken by another test before sshd binds it: then a new one is picked.
+  ::testing::AssertionResult Start();
+  void Stop();
+
+  int port() const { return port_; }
+  // "127.0.0.1:PORT", for --via.
+  std::string via() const { return "127.0.0.1:" + std::to_string(port_); }
+  std::string home() const { return dir_ + "/home"; }
+  std::string Log() const;
+  // SSH sessions sshd accepted so far.
+  size_t Logins() const;
+
+ private:
+  std::string dir_;
+  int port_;
+  std::unique_ptr<Child> child_;
+};
+
 }  // namespace brokerproxy::testing
 
 #endif  // BROKERPROXY_TESTS_E2E_HARNESS_H_

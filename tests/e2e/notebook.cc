@@ -258,46 +258,4 @@ std::vector<std::string> ProcessesShowing(const std::string& needle) {
   return found;
 }
 
-LoginSshd::LoginSshd(const TempDir& dir) : dir_(dir.path()), port_(FreePort()) {
-  ::mkdir(home().c_str(), 0700);
-  ::mkdir((home() + "/.ssh").c_str(), 0700);
-  ::mkdir("/run/sshd", 0755);  // privilege separation directory
-  RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f",
-              home() + "/.ssh/id_ed25519"});
-  WriteFile(dir_ + "/sshd_authorized_keys", ReadFile(home() + "/.ssh/id_ed25519.pub"), 0600);
-  RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", dir_ + "/sshd_host_key"});
-  WriteFile(dir_ + "/sshd_config",
-            "ListenAddress 127.0.0.1\nHostKey " + dir_ +
-                "/sshd_host_key\nPidFile none\nUsePAM no\nStrictModes no\n"
-                "AuthorizedKeysFile " +
-                dir_ +
-                "/sshd_authorized_keys\nPermitRootLogin prohibit-password\n"
-                "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                "AllowTcpForwarding yes\nLogLevel VERBOSE\n");
-}
-
-LoginSshd::~LoginSshd() {
-  if (child_) child_->Stop(SIGTERM, 5000);
-}
-
-::testing::AssertionResult LoginSshd::Start() {
-  for (int attempt = 0;; ++attempt) {
-    child_ = Child::Spawn(
-        {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port_)},
-        dir_ + "/sshd.log");
-    if (child_ && child_->WaitFor("Server listening on", 10000)) {
-      return ::testing::AssertionSuccess();
-    }
-    std::string log = Log();
-    if (attempt == 4 || log.find("Address already in use") == std::string::npos) {
-      return ::testing::AssertionFailure() << "sshd did not start:\n" << log;
-    }
-    if (child_) child_->Stop(SIGTERM, 5000);
-    child_.reset();
-    port_ = FreePort();
-  }
-}
-
-std::string LoginSshd::Log() const { return ReadFile(dir_ + "/sshd.log"); }
-
 }  // namespace brokerproxy::testing

@@ -104,29 +104,6 @@ RunResult ChromiumDumpDom(const TempDir& dir, const std::string& ca_file, const 
 // tests run, so the documentation cannot drift from what works.
 std::string RecipeFrom(const std::string& markdown, const std::string& name);
 
-// A real OpenSSH sshd on 127.0.0.1 standing for the login node, for `--via`: root logs in with
-// a key made in `dir`; home() is the HOME the client side runs with (its key, known_hosts).
-class LoginSshd {
- public:
-  explicit LoginSshd(const TempDir& dir);
-  ~LoginSshd();
-  LoginSshd(const LoginSshd&) = delete;
-  LoginSshd& operator=(const LoginSshd&) = delete;
-
-  // sshd cannot listen on port 0 and say which port it got: a port picked free may be taken
-  // before sshd binds it, and then another is picked.
-  ::testing::AssertionResult Start();
-  // "127.0.0.1:PORT", for --via.
-  std::string via() const { return "127.0.0.1:" + std::to_string(port_); }
-  std::string home() const { return dir_ + "/sshd-home"; }
-  std::string Log() const;
-
- private:
-  std::string dir_;
-  int port_;
-  std::unique_ptr<Child> child_;
-};
-
 // Every process whose command line (/proc/PID/cmdline) contains `needle`, as "PID: argv".
 std::vector<std::string> ProcessesShowing(const std::string& needle);
 

@@ -59,77 +59,6 @@ size_t RssOf(pid_t pid) {
   return at == std::string::npos ? 0 : std::stoull(status.substr(at + 6)) * 1024;
 }
 
-// A real OpenSSH sshd on 127.0.0.1 standing for the login node. The test user (root) logs in
-// with a key generated in `dir`; home() is the HOME the client side runs with, so known_hosts
-// and identity files are the test's own.
-class Sshd {
- public:
-  explicit Sshd(const TempDir& dir) : dir_(dir.path()), port_(FreePort()) {
-    ::mkdir((dir_ + "/home").c_str(), 0700);
-    ::mkdir((dir_ + "/home/.ssh").c_str(), 0700);
-    ::mkdir("/run/sshd", 0755);  // privilege separation directory
-    RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f",
-                home() + "/.ssh/id_ed25519"});
-    WriteFile(dir_ + "/authorized_keys", ReadFile(home() + "/.ssh/id_ed25519.pub"), 0600);
-    NewHostKey();
-    WriteFile(dir_ + "/sshd_config",
-              "ListenAddress 127.0.0.1\n"
-              "HostKey " +
-                  dir_ +
-                  "/host_key\n"
-                  "PidFile none\nUsePAM no\nStrictModes no\n"
-                  "AuthorizedKeysFile " +
-                  dir_ +
-                  "/authorized_keys\n"
-                  "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-                  "KbdInteractiveAuthentication no\nAllowTcpForwarding yes\n"
-                  "Subsystem sftp internal-sftp\nLogLevel VERBOSE\n");
-  }
-  ~Sshd() { Stop(); }
-
-  // A fresh host key (the login node "was reinstalled").
-  void NewHostKey() {
-    ::unlink((dir_ + "/host_key").c_str());
-    ::unlink((dir_ + "/host_key.pub").c_str());
-    RunCommand({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", dir_ + "/host_key"});
-  }
-
-  // sshd cannot listen on port 0 and say which port it got, so the port is picked free and may
-  // be taken by another test before sshd binds it: then a new one is picked.
-  ::testing::AssertionResult Start() {
-    for (int attempt = 0;; ++attempt) {
-      child_ = Child::Spawn(
-          {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port_)},
-          dir_ + "/sshd.log");
-      if (child_ && child_->WaitFor("Server listening on", 10000)) {
-        return ::testing::AssertionSuccess();
-      }
-      std::string log = Log();
-      if (attempt == 4 || log.find("Address already in use") == std::string::npos) {
-        return ::testing::AssertionFailure() << "sshd did not start:\n" << log;
-      }
-      Stop();
-      port_ = FreePort();
-    }
-  }
-  void Stop() {
-    if (child_) child_->Stop(SIGTERM, 5000);
-    child_.reset();
-  }
-
-  int port() const { return port_; }
-  std::string via() const { return "127.0.0.1:" + std::to_string(port_); }
-  std::string home() const { return dir_ + "/home"; }
-  std::string Log() const { return ReadFile(dir_ + "/sshd.log"); }
-  // SSH sessions sshd accepted so far.
-  size_t Logins() const { return CountOf(Log(), "Accepted publickey"); }
-
- private:
-  std::string dir_;
-  int port_;
-  std::unique_ptr<Child> child_;
-};
-
 // The daemon (as on the login node), sshd in front of it, and a client configuration whose
 // remote_command reaches that daemon.
 class ViaTest : public ::testing::Test {
@@ -167,7 +96,7 @@ class ViaTest : public ::testing::Test {
 
   TempDir dir_;
   Daemon daemon_;
-  Sshd sshd_;
+  LoginSshd sshd_;
 };
 
 TEST_F(ViaTest, CommandsThroughTheLoginNode) {
