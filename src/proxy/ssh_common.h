@@ -29,10 +29,15 @@ struct SshKeyFree {
 struct SshBindFree {
   void operator()(ssh_bind b) const noexcept { ssh_bind_free(b); }
 };
+struct SshMessageFree {
+  void operator()(ssh_message m) const noexcept { ssh_message_free(m); }
+};
 // ssh_free() closes the session's socket, so an SshSessionPtr owns the fd it was given.
 using SshSessionPtr = std::unique_ptr<std::remove_pointer_t<ssh_session>, SshSessionFree>;
 using SshKeyPtr = std::unique_ptr<std::remove_pointer_t<ssh_key>, SshKeyFree>;
 using SshBindPtr = std::unique_ptr<std::remove_pointer_t<ssh_bind>, SshBindFree>;
+// A message taken from a session's queue (ssh_message_get); free it before its session.
+using SshMessagePtr = std::unique_ptr<std::remove_pointer_t<ssh_message>, SshMessageFree>;
 
 // IOError "<context>: <libssh's last error for `session`>". libssh's messages never contain a
 // password: it does not keep them in its error strings.

@@ -24,6 +24,9 @@ constexpr const char* kMacs =
     "hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha2-256,hmac-sha2-512";
 // The software version in our identification string: "SSH-2.0-brokerproxy".
 constexpr const char* kBanner = "brokerproxy";
+// Messages taken per TakeMessages() call. ssh_message_get() reads from the socket whenever the
+// queue is empty, so without a bound a client that keeps sending requests would keep the loop.
+constexpr int kMaxMessages = 64;
 
 const char* ChannelTypeName(int subtype) {
   switch (subtype) {
@@ -137,14 +140,8 @@ Status SshSession::Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client) {
   }
   ssh_set_blocking(session.get(), 0);
   ssh_set_auth_methods(session.get(), SSH_AUTH_METHOD_PASSWORD | SSH_AUTH_METHOD_INTERACTIVE);
-  // Passwords through the server callback; everything else (keyboard-interactive, channel
-  // opens, requests) through the message callback: libssh 0.10 has no server callback for
-  // direct-tcpip.
-  server_callbacks_.userdata = this;
-  server_callbacks_.auth_password_function = &SshSession::OnPassword;
-  ssh_callbacks_init(&server_callbacks_);
-  ssh_set_server_callbacks(session.get(), &server_callbacks_);
-  ssh_set_message_callback(session.get(), &SshSession::OnMessage, this);
+  // No server or message callback: every message (authentication, channel opens, requests)
+  // queues in the session for TakeMessages(), so a channel open can be answered later.
   int rc = ssh_handle_key_exchange(session.get());  // sends our banner; SSH_AGAIN expected
   if (rc == SSH_ERROR) {
     Status err = SshError(session.get(), "ssh key exchange");
@@ -157,24 +154,37 @@ Status SshSession::Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client) {
   auto timer = loop::Timer::Create(*proxy_->loop());
   if (!timer.ok()) return timer.status();
   pause_timer_ = std::move(timer).value();
+  auto more = loop::Timer::Create(*proxy_->loop());
+  if (!more.ok()) return more.status();
+  more_timer_ = std::move(more).value();
   proxy_->ArmDeadline(this, proxy_->options().handshake_timeout_ms);
   transport_->Start([this](int status) { OnSocket(status); });
   return Status::OK();
 }
 
-// ---- libssh callbacks: record state, answer messages, never free anything ----
+// ---- messages: taken from the session's queue, outside libssh ----
 
-int SshSession::OnMessage(ssh_session, ssh_message msg, void* userdata) noexcept {
-  return static_cast<SshSession*>(userdata)->HandleMessage(msg);
+void SshSession::TakeMessages() {
+  // Paused: ssh_message_get() would read from the socket when the queue is empty.
+  for (int i = 0; transport_ && !transport_->paused() && transport_->alive(); ++i) {
+    if (i == kMaxMessages) {
+      // What is left may already be queued (no socket event would come for it).
+      if (more_timer_ && !more_timer_->active()) {
+        more_timer_->Start(0, [this] { Service(); });
+      }
+      return;
+    }
+    SshMessagePtr msg(ssh_message_get(transport_->session()));
+    if (!msg) return;  // the queue is empty and nothing more was readable
+    if (HandleMessage(msg) != 0 && msg) (void)ssh_message_reply_default(msg.get());
+  }
 }
 
-int SshSession::HandleMessage(ssh_message msg) {
-  // 0: handled here; 1: libssh sends its default answer (a refusal for everything but the
-  // ssh-userauth service request).
+int SshSession::HandleMessage(SshMessagePtr& msg) {
   if (state_ == State::kClosed || close_reason_) return 1;
-  switch (ssh_message_type(msg)) {
+  switch (ssh_message_type(msg.get())) {
     case SSH_REQUEST_AUTH:
-      return HandleAuth(msg);
+      return HandleAuth(msg.get());
     case SSH_REQUEST_CHANNEL_OPEN:
       return HandleChannelOpen(msg);
     case SSH_REQUEST_CHANNEL:
@@ -220,16 +230,24 @@ int SshSession::HandleAuth(ssh_message msg) {
       }
       return 0;
     }
+    case SSH_AUTH_METHOD_PASSWORD: {
+      const char* user = ssh_message_auth_user(msg);
+      // Deprecated in favour of the server callback, which cannot be used here: with a server
+      // callback set, libssh 0.10 queues no message (see "messages" in ssh_server.h).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+      const char* password = ssh_message_auth_password(msg);
+#pragma GCC diagnostic pop
+      if (CheckSecret(user ? user : "", password)) {
+        ssh_message_auth_reply_success(msg, 0);
+      } else {
+        ssh_message_reply_default(msg);  // USERAUTH_FAILURE
+      }
+      return 0;
+    }
     default:
       return 1;  // "none", publickey, ...: refused, listing password and keyboard-interactive
   }
-}
-
-int SshSession::OnPassword(ssh_session, const char* user, const char* password,
-                           void* userdata) noexcept {
-  auto* self = static_cast<SshSession*>(userdata);
-  if (self->state_ != State::kHandshake || self->close_reason_) return SSH_AUTH_DENIED;
-  return self->CheckSecret(user ? user : "", password) ? SSH_AUTH_SUCCESS : SSH_AUTH_DENIED;
 }
 
 bool SshSession::CheckSecret(const std::string& user, const char* secret) {
@@ -276,7 +294,8 @@ bool SshSession::CheckSecret(const std::string& user, const char* secret) {
   return false;
 }
 
-int SshSession::HandleChannelOpen(ssh_message msg) {
+int SshSession::HandleChannelOpen(SshMessagePtr& open) {
+  ssh_message msg = open.get();
   int subtype = ssh_message_subtype(msg);
   if (state_ != State::kAuthenticated) return 1;
   if (subtype != SSH_CHANNEL_DIRECT_TCPIP) {
@@ -317,25 +336,29 @@ int SshSession::HandleChannelOpen(ssh_message msg) {
              static_cast<unsigned long long>(id()), target_.job_id.c_str());
     return Refuse("the proxy is busy (max_connections)");
   }
-  ssh_channel channel = ssh_message_channel_request_open_reply_accept(msg);
-  if (channel == nullptr) {
-    proxy_->ReturnChannelSlot();
-    return 0;  // the session is failing; Service() will see it
-  }
+  // The open stays unanswered while the backend is dialed (OnBackend accepts or refuses it,
+  // OnSweep refuses it after connect_timeout): the client learns of a service that is down as
+  // a refused channel.
   auto c = std::make_unique<Channel>();
   c->slot = true;
   c->id = next_channel_id_++;
   uint64_t cid = c->id;
-  c->splice = std::make_unique<ChannelSplice>(channel, [this] { Service(); });
-  // libssh frees the message when this returns, so the answer had to be given before the
-  // backend is reached: if the backend fails, the client sees the channel close.
+  c->open = std::move(open);
   c->dialer = proxy_->NewDialer(target_);
   c->dial_started_ms = proxy_->loop()->Now();
   c->dialer->Dial(target_.host, target_.port,
                   [this, cid](Result<loop::IoHandle> r) { OnBackend(cid, std::move(r)); });
   channels_.push_back(std::move(c));
-  ++channels_opened_;
   return 0;
+}
+
+void SshSession::RefusePending(Channel& c, const char* reason) {
+  c.dialer.reset();
+  c.refused = true;
+  if (!c.open) return;
+  Tell(reason);
+  (void)ssh_message_reply_default(c.open.get());  // SSH_MSG_CHANNEL_OPEN_FAILURE
+  c.open.reset();
 }
 
 void SshSession::Tell(const char* reason) {
@@ -368,23 +391,34 @@ void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> io) {
   Result<loop::HandlePtr<loop::Poll>> backend =
       io.ok() ? ToPoll(*proxy_->loop(), std::move(io).value())
               : Result<loop::HandlePtr<loop::Poll>>(io.status());
+  // Not inside libssh (a libuv callback): the held open can be answered here.
   if (!backend.ok()) {
     proxy_->DialFailed(backend.status());  // counted like a connection's failed dial
     LOG_INFO("ssh %llu job=%s: backend unavailable: %s", static_cast<unsigned long long>(id()),
              target_.job_id.c_str(), backend.status().message().c_str());
-    Tell("the job's service is not accepting connections");
-    c->splice->Fail(Status::Unavailable("backend unavailable"));
-  } else {
-    int keepalive = proxy_->options().keepalive_s;
-    TuneTcpSocket((*backend)->fd(), keepalive);
-    proxy_->stats().global().spliced++;
-    JobCounters& jc = proxy_->stats().job(target_.job_id);
-    jc.connections++;
-    jc.active++;
-    c->counted = true;
-    c->splice->Attach(std::move(backend).value(), nullptr, std::string(), std::string());
+    // Resets the Dialer: its callback is running, and it touches nothing after.
+    RefusePending(*c, "the job's service is not accepting connections");
+    Service();
+    return;
   }
-  c->dialer.reset();  // its callback is running: the Dialer may go, it touches nothing after
+  c->dialer.reset();  // as above
+  ssh_channel channel = ssh_message_channel_request_open_reply_accept(c->open.get());
+  c->open.reset();
+  if (channel == nullptr) {
+    c->refused = true;  // the session is failing; Service() will see it (backend closes here)
+    Service();
+    return;
+  }
+  ++channels_opened_;
+  c->splice = std::make_unique<ChannelSplice>(channel, [this] { Service(); });
+  int keepalive = proxy_->options().keepalive_s;
+  TuneTcpSocket((*backend)->fd(), keepalive);
+  proxy_->stats().global().spliced++;
+  JobCounters& jc = proxy_->stats().job(target_.job_id);
+  jc.connections++;
+  jc.active++;
+  c->counted = true;
+  c->splice->Attach(std::move(backend).value(), nullptr, std::string(), std::string());
   Service();
 }
 
@@ -399,7 +433,7 @@ void SshSession::Service() {
   // Never re-entered: libssh callbacks do not call it, and entry points come from libuv.
   if (state_ == State::kClosed || in_service_ || !transport_) return;
   in_service_ = true;
-  Status s = transport_->Process();
+  Status s = transport_->Process([this] { TakeMessages(); });
   if (!s.ok() && !close_reason_) {
     close_reason_ = state_ == State::kHandshake ? "key exchange or authentication failed"
                                                 : "client disconnected";
@@ -409,10 +443,17 @@ void SshSession::Service() {
     }
   }
   if (!close_reason_) {
-    // Index loop: a channel's libssh calls may accept new channels (push_back).
-    for (size_t i = 0; i < channels_.size(); ++i) channels_[i]->splice->Service();
+    for (size_t i = 0; i < channels_.size(); ++i) {
+      if (channels_[i]->splice) channels_[i]->splice->Service();
+    }
+    // The channels' libssh calls process packets too: take what they queued (this may add
+    // pending channels).
+    TakeMessages();
+  }
+  if (!close_reason_) {
     for (size_t i = 0; i < channels_.size();) {
-      if (!channels_[i]->splice->finished()) {
+      Channel& c = *channels_[i];
+      if (c.splice ? !c.splice->finished() : !c.refused) {
         ++i;
         continue;
       }
@@ -431,6 +472,7 @@ void SshSession::Service() {
 }
 
 void SshSession::FlushCounters(Channel& c) {
+  if (!c.splice) return;
   auto [up, down] = c.bytes.Flush(&proxy_->stats(), target_.job_id, c.splice->to_socket_bytes(),
                                   c.splice->to_channel_bytes());
   bytes_up_ += up;
@@ -439,14 +481,20 @@ void SshSession::FlushCounters(Channel& c) {
 
 void SshSession::EndChannel(Channel& c) {
   FlushCounters(c);
+  if (c.slot) {
+    proxy_->ReturnChannelSlot();
+    c.slot = false;
+  }
+  if (!c.splice) {
+    LOG_DEBUG("ssh %llu job=%s channel %llu refused or dropped before it opened",
+              static_cast<unsigned long long>(id()), target_.job_id.c_str(),
+              static_cast<unsigned long long>(c.id));
+    return;
+  }
   last_activity_ms_ = std::max(last_activity_ms_, c.splice->last_activity_ms());
   if (c.counted) {
     proxy_->stats().job(target_.job_id).active--;
     c.counted = false;
-  }
-  if (c.slot) {
-    proxy_->ReturnChannelSlot();
-    c.slot = false;
   }
   const Status& s = c.splice->status();
   LOG_DEBUG("ssh %llu job=%s channel %llu closed: up=%llu down=%llu %s",
@@ -478,21 +526,20 @@ void SshSession::OnSweep(uint64_t now_ms) {
   bool expired = false;
   for (auto& c : channels_) {
     FlushCounters(*c);
-    ChannelSplice& s = *c->splice;
-    // A backend that does not answer: the client learns within connect_timeout (checked once
-    // per sweep), and what it sent meanwhile (at most the window libssh advertised) goes.
+    // A backend that does not answer: the client's channel is refused within connect_timeout
+    // (checked once per sweep).
     if (c->dialer && o.connect_timeout_ms > 0 &&
         now_ms - c->dial_started_ms >= static_cast<uint64_t>(o.connect_timeout_ms)) {
-      c->dialer.reset();
       proxy_->stats().global().unavailable++;
       LOG_INFO("ssh %llu job=%s channel %llu: backend connect timeout",
                static_cast<unsigned long long>(id()), target_.job_id.c_str(),
                static_cast<unsigned long long>(c->id));
-      Tell("the job's service did not answer within connect_timeout");
-      s.Fail(Status::Timeout("backend connect timeout"));
+      RefusePending(*c, "the job's service did not answer within connect_timeout");
       expired = true;
       continue;
     }
+    if (!c->splice) continue;
+    ChannelSplice& s = *c->splice;
     last_activity_ms_ = std::max(last_activity_ms_, s.last_activity_ms());
     // A channel is a session of its own: half-closed and quiet for half_close_timeout, it ends
     // (and gives back its backend connection) while the others go on.
@@ -521,7 +568,7 @@ void SshSession::Close(const char* reason) {
   state_ = State::kClosed;
   proxy_->ClearDeadline(this);
   if (pause_timer_) pause_timer_.reset();
-  if (transport_) ssh_set_message_callback(transport_->session(), nullptr, nullptr);
+  if (more_timer_) more_timer_.reset();
   // Channels first (each unhooks its callbacks), then the session (which closes the socket).
   while (!channels_.empty()) {
     std::unique_ptr<Channel> c = std::move(channels_.back());

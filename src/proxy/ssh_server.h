@@ -11,18 +11,26 @@
 //                must be the job id; the port is a placeholder: OpenSSH refuses port 0 in -L).
 //                Each channel is a fresh backend connection (Dialer, within connect_timeout),
 //                spliced by a ChannelSplice (ssh_splice.h) with window backpressure both ways.
+//                The backend is dialed first and the channel accepted only once it answered:
+//                a job whose service is down gets its channel refused, not opened and closed.
 //                Each open first checks that the job is still the record the session
 //                authenticated against (Proxy::StillCurrent); replacing or removing the job
 //                closes the session with all its channels (OnJobChanged). Everything
 //                else (session channels, so shell/exec/subsystem/pty, x11, agent, tcpip-forward)
 //                is refused.
 //   refusals   = say why. libssh 0.10 sends SSH_MSG_CHANNEL_OPEN_FAILURE with an empty
-//                description and offers no way to set one (nor to answer a channel open after
-//                its message callback returned), so the reason goes just before it as an
-//                SSH_MSG_DEBUG, which OpenSSH prints with -v ("debug1: Remote: not this job").
-//                A channel whose backend cannot be reached is therefore accepted, then closed
-//                after the same kind of message ("the job's service is not accepting
-//                connections").
+//                description and offers no way to set one, so the reason goes just before it
+//                as an SSH_MSG_DEBUG, which OpenSSH prints with -v ("debug1: Remote: not this
+//                job"), while "channel N: open failed" is printed always (and `ssh -W` exits
+//                non-zero). That includes a backend that cannot be reached ("the job's service
+//                is not accepting connections") or does not answer within connect_timeout.
+//   messages   = libssh 0.10 frees a message when its message callback returns, so a channel
+//                open could not wait for the dial there. Instead no message callback (and no
+//                server callback: with one, libssh answers every message it does not handle
+//                itself and queues none) is set: messages queue in the session and are taken
+//                with ssh_message_get() after every packet-processing round, outside libssh.
+//                A direct-tcpip open that passed every check is kept with its pending channel
+//                until the dial ends. Passwords come the same way (SSH_AUTH_METHOD_PASSWORD).
 //   prompts    = password is the method to use (the job id's "password" is its secret), so
 //                the keyboard-interactive prompt says so too: "Password (job secret): " (what
 //                sshpass and similar tools wait for).
@@ -62,10 +70,10 @@ struct SshEndpointOptions {
   int max_auth_failures = 6;  // per connection, like OpenSSH's MaxAuthTries
   int max_channels = 1024;    // open channels per session (each also takes one of
                               // the proxy's max_connections)
-  // Channels of one session still dialing their backend at once. libssh 0.10 advertises a
-  // fixed window (about 1.25 MiB) on every channel it accepts, and a channel's data waits in
-  // libssh until its backend is connected: this bounds what a session can make the daemon hold
-  // meanwhile (and connect_timeout bounds for how long).
+  // Channels of one session still dialing their backend at once (each holds a backend socket
+  // being connected and the client's channel open, answered when the dial ends): this bounds
+  // what a session can make the daemon hold meanwhile (and connect_timeout bounds for how
+  // long).
   int max_dialing_channels = 32;
   int64_t auth_failure_pause_ms = 300;  // reading pauses this long times the failure count
 };
@@ -121,24 +129,35 @@ class SshSession final : public Connection {
   enum class State { kHandshake, kAuthenticated, kClosed };
   struct Channel {
     uint64_t id = 0;
+    // The client's channel open while the backend is dialed (then answered and freed); the
+    // splice exists once the channel was accepted. Channels go before the session (Close(),
+    // ~SshSession), so the message is freed while its session still exists.
+    SshMessagePtr open;
     std::unique_ptr<ChannelSplice> splice;
     std::unique_ptr<Dialer> dialer;
+    bool refused = false;  // the open was answered with a refusal: reap it
     uint64_t dial_started_ms = 0;
     ByteReport bytes;      // what of the splice's counters went to the stats already
     bool counted = false;  // counted as an active connection of the job
     bool slot = false;     // holds one of the proxy's max_connections
   };
 
-  static int OnMessage(ssh_session session, ssh_message msg, void* userdata) noexcept;
-  int HandleMessage(ssh_message msg);
+  // Takes and answers the messages queued in the session (see "messages" above); stops while
+  // reading is paused, and after kMaxMessages (the rest get a later loop turn: more_timer_).
+  // Runs outside libssh (after a packet-processing round).
+  void TakeMessages();
+  // Each returns 0 if it answered the message (or, for a channel open, took it: then `msg` is
+  // empty), 1 to have the default answer sent (a refusal for everything but the ssh-userauth
+  // service request).
+  int HandleMessage(SshMessagePtr& msg);
   int HandleAuth(ssh_message msg);
-  int HandleChannelOpen(ssh_message msg);
+  int HandleChannelOpen(SshMessagePtr& msg);
+  // Answers a pending channel's open with a refusal that says `reason`, and marks it for reaping.
+  void RefusePending(Channel& c, const char* reason);
   // Sends `reason` to the client as SSH_MSG_DEBUG (see "refusals" above).
   void Tell(const char* reason);
   // Tells the client `reason` and returns 1, so that libssh refuses the channel or request.
   int Refuse(const char* reason);
-  static int OnPassword(ssh_session session, const char* user, const char* password,
-                        void* userdata) noexcept;
   // Checks an authentication attempt for `user` with `secret`: true if it succeeded. Counts
   // failures, pauses reading after one, and asks to close after too many.
   bool CheckSecret(const std::string& user, const char* secret);
@@ -155,10 +174,10 @@ class SshSession final : public Connection {
   void RequestClose(const char* reason);
 
   const SshEndpointOptions* options_;
-  ssh_server_callbacks_struct server_callbacks_{};  // must outlive the session (not copied)
   State state_ = State::kHandshake;
   std::unique_ptr<SshTransport> transport_;
   loop::HandlePtr<loop::Timer> pause_timer_;
+  loop::HandlePtr<loop::Timer> more_timer_;  // resumes TakeMessages() on the next loop turn
   std::vector<std::unique_ptr<Channel>> channels_;
   uint64_t next_channel_id_ = 1;
   Target target_;            // the authenticated job (a copy, P9)

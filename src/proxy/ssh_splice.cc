@@ -62,11 +62,12 @@ void SshTransport::Start(std::function<void(int status)> on_event) {
   UpdateEvents();
 }
 
-Status SshTransport::Process() {
+Status SshTransport::Process(const std::function<void()>& after_round) {
   // Paused: leave what the peer sent in the kernel (processing it would read it). Our own
   // output went out when it was queued (libssh tries at once), or goes out on resuming.
   for (int i = 0; i < kMaxRounds && !paused_; ++i) {
     int rc = ssh_event_dopoll(event_, 0);
+    if (after_round && rc != SSH_ERROR && alive()) after_round();
     if (rc == SSH_ERROR) break;
     if (rc == SSH_AGAIN) break;
     if (!alive()) break;

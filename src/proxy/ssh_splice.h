@@ -72,13 +72,15 @@ class SshTransport {
   // the libuv status (negative on a socket error). It may destroy this transport.
   void Start(std::function<void(int status)> on_event);
   // Processes what the socket has for libssh (callbacks fire inside). Not OK once the session
-  // failed or the peer disconnected.
-  Status Process();
+  // failed or the peer disconnected. `after_round`, if set, runs after every ssh_event_dopoll
+  // round, outside libssh (e.g. to take the messages the round queued in the session).
+  Status Process(const std::function<void()>& after_round = nullptr);
   // Recomputes the poll mask: readable unless paused, writable while output is pending.
   void UpdateEvents();
   // Stops (or resumes) all processing of the session, e.g. to slow down password guessing:
   // what the peer sends waits in the kernel meanwhile.
   void SetPaused(bool paused);
+  bool paused() const { return paused_; }
   // True until the session closed or failed.
   bool alive() const;
   // Sends SSH_MSG_DISCONNECT when the transport is destroyed (best effort, nonblocking).

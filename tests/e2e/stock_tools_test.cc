@@ -279,10 +279,14 @@ TEST_F(StockToolsTest, ChannelRefusalsSayWhy) {
   EXPECT_EQ(shell.exit_code, 255) << shell;
   EXPECT_TRUE(Contains(shell.err, "Remote: shell refused")) << shell;
 
+  // The backend is dialed before the channel is answered: a service that is down gets the
+  // channel refused (not opened, then closed), so -W fails, and -v says why.
   RunResult down = RunCommand(Ssh("5006", {"-v", "-W", "5006:1"}), SecretEnv(down_secret));
+  EXPECT_FALSE(down.timed_out) << down;
+  EXPECT_NE(down.exit_code, 0) << down;
+  EXPECT_TRUE(Contains(down.err, "open failed")) << down;
   EXPECT_TRUE(Contains(down.err, "Remote: the job's service is not accepting connections"))
       << down << daemon_->Log();
-  EXPECT_FALSE(down.timed_out) << down;
 
   // The job's own service is still reached through the same kind of channel.
   RunResult ok = RunCommand(Ssh("5005", {"-W", "5005:1"}), [&] {
