@@ -740,6 +740,39 @@ TEST_F(EndpointTest, UserAndDestinationInAnyCaseReachTheJob) {
   ssh->Stop(SIGKILL);
 }
 
+TEST_F(EndpointTest, ChannelsToAServiceThatIsDownAreRefusedAndTheForwardGoesOn) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  int service_port = FreePort();  // nothing listens there yet
+  std::string secret = d.SaveJob("e7", service_port);
+  ASSERT_FALSE(secret.empty());
+  int port = FreePort();
+  auto ssh = Forward(d.proxy_port(), "e7", secret, {port});  // its probe is refused too
+  ASSERT_TRUE(ssh) << d.Log();
+  std::string ssh_log = dir_ / ("ssh" + std::to_string(children_) + ".log");
+  int fd = ConnectTcp(port);
+  ASSERT_GE(fd, 0);
+  EXPECT_FALSE(ReadLine(fd).has_value());  // ssh closes the local connection
+  close(fd);
+  // The channel was refused, not opened and then closed: OpenSSH says so.
+  auto start = Clock::now();
+  while (ReadFile(ssh_log).find("open failed") == std::string::npos && ElapsedMs(start) < 10000) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_NE(ReadFile(ssh_log).find("open failed"), std::string::npos)
+      << ReadFile(ssh_log) << d.Log();
+  // The session is still there: once the service listens, the same forward reaches it.
+  Backend::Options o;
+  o.port = service_port;
+  Backend backend(o);
+  fd = ConnectTcp(port);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "echo\nhello\n"));
+  EXPECT_EQ(ReadLine(fd), "hello") << ReadFile(ssh_log) << d.Log();
+  close(fd);
+  ssh->Stop(SIGKILL);
+}
+
 TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
