@@ -433,15 +433,7 @@ void SshSession::Service() {
   // Never re-entered: libssh callbacks do not call it, and entry points come from libuv.
   if (state_ == State::kClosed || in_service_ || !transport_) return;
   in_service_ = true;
-  Status s = transport_->Process([this] { TakeMessages(); });
-  if (!s.ok() && !close_reason_) {
-    close_reason_ = state_ == State::kHandshake ? "key exchange or authentication failed"
-                                                : "client disconnected";
-    // A failed key exchange counts here; failed passwords were counted one by one.
-    if (state_ == State::kHandshake && auth_failures_ == 0) {
-      proxy_->stats().global().ssh_failures++;
-    }
-  }
+  if (!transport_->Process([this] { TakeMessages(); }).ok()) TransportEnded();
   if (!close_reason_) {
     for (size_t i = 0; i < channels_.size(); ++i) {
       if (channels_[i]->splice) channels_[i]->splice->Service();
@@ -464,11 +456,22 @@ void SshSession::Service() {
     }
   }
   in_service_ = false;
-  if (close_reason_ || !transport_->alive()) {
-    Close(close_reason_ ? close_reason_ : "client disconnected");
+  // The session may also have failed outside Process(): TakeMessages() reads from the socket
+  // when the queue is empty (a bad banner during the key exchange fails it there).
+  if (!transport_->alive()) TransportEnded();
+  if (close_reason_) {
+    Close(close_reason_);
     return;
   }
   transport_->UpdateEvents();
+}
+
+void SshSession::TransportEnded() {
+  if (close_reason_) return;
+  close_reason_ =
+      state_ == State::kHandshake ? "key exchange or authentication failed" : "client disconnected";
+  // A failed key exchange counts here; failed passwords were counted one by one.
+  if (state_ == State::kHandshake && auth_failures_ == 0) proxy_->stats().global().ssh_failures++;
 }
 
 void SshSession::FlushCounters(Channel& c) {

@@ -168,6 +168,9 @@ class SshSession final : public Connection {
   // Runs after every entry point, outside libssh: process packets, move data, reap channels,
   // close if asked.
   void Service();
+  // The transport failed or the peer closed it: sets the close reason from the state (counting
+  // a failed key exchange), unless one is set already.
+  void TransportEnded();
   Channel* FindChannel(uint64_t id);
   void EndChannel(Channel& c);
   void FlushCounters(Channel& c);
