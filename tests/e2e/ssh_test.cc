@@ -59,6 +59,17 @@ size_t RssOf(pid_t pid) {
   return at == std::string::npos ? 0 : std::stoull(status.substr(at + 6)) * 1024;
 }
 
+// One line through `port` (to an echo backend) on a new connection: the line echoed, or
+// "(closed)" if the connection closed first.
+std::string EchoLine(int port, const std::string& text) {
+  int fd = ConnectTcp(port, "127.0.0.1", 30000);
+  if (fd < 0) return "cannot connect";
+  SendAll(fd, "echo\n" + text + "\n");
+  std::string got = ReadLine(fd).value_or("(closed)");
+  close(fd);
+  return got;
+}
+
 // The daemon (as on the login node), sshd in front of it, and a client configuration whose
 // remote_command reaches that daemon.
 class ViaTest : public ::testing::Test {
@@ -268,14 +279,7 @@ TEST_F(ViaTest, ConnectFollowsAResaveAndStopsWhenTheJobIsRemoved) {
   auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
   ASSERT_TRUE(line) << connect->Output();
   int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
-  auto echoes = [&](const std::string& text) {
-    int fd = ConnectTcp(port, "127.0.0.1", 30000);
-    if (fd < 0) return std::string("cannot connect");
-    SendAll(fd, "echo\n" + text + "\n");
-    std::string got = ReadLine(fd).value_or("(closed)");
-    close(fd);
-    return got;
-  };
+  auto echoes = [port](const std::string& text) { return EchoLine(port, text); };
   EXPECT_EQ(echoes("before"), "before") << connect->Output();
   RunResult again = daemon_.Cli(
       {"save", "ssh", "--job-id", "cr", "--port", std::to_string(backend.port()), "--replace"});
@@ -300,14 +304,7 @@ TEST_F(ViaTest, ConnectRecoversFromAJobTheOldSecretThrottled) {
   auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
   ASSERT_TRUE(line) << connect->Output();
   int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
-  auto echoes = [&](const std::string& text) {
-    int fd = ConnectTcp(port, "127.0.0.1", 30000);
-    if (fd < 0) return std::string("cannot connect");
-    SendAll(fd, "echo\n" + text + "\n");
-    std::string got = ReadLine(fd).value_or("(closed)");
-    close(fd);
-    return got;
-  };
+  auto echoes = [port](const std::string& text) { return EchoLine(port, text); };
   EXPECT_EQ(echoes("before"), "before") << connect->Output();
   RunResult again = daemon_.Cli(
       {"save", "ssh", "--job-id", "ct", "--port", std::to_string(backend.port()), "--replace"});
@@ -755,11 +752,8 @@ TEST_F(EndpointTest, ChannelsToAServiceThatIsDownAreRefusedAndTheForwardGoesOn) 
   EXPECT_FALSE(ReadLine(fd).has_value());  // ssh closes the local connection
   close(fd);
   // The channel was refused, not opened and then closed: OpenSSH says so.
-  auto start = Clock::now();
-  while (ReadFile(ssh_log).find("open failed") == std::string::npos && ElapsedMs(start) < 10000) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  EXPECT_NE(ReadFile(ssh_log).find("open failed"), std::string::npos)
+  EXPECT_TRUE(
+      WaitUntil([&] { return ReadFile(ssh_log).find("open failed") != std::string::npos; }, 10000))
       << ReadFile(ssh_log) << d.Log();
   // The session is still there: once the service listens, the same forward reaches it.
   Backend::Options o;
