@@ -1,5 +1,5 @@
 // Micro-benchmarks of the ClientHello parser that routes TLS by server name without
-// terminating it (proxy/client_hello.h): a real OpenSSL first flight, whole and split into
+// terminating it (proxy/tls/client_hello.h): a real OpenSSL first flight, whole and split into
 // small records, the largest hello split the worst way an unauthenticated client can split it,
 // and garbage that must be refused at once. Each iteration checks the result.
 
@@ -7,7 +7,7 @@
 
 #include <string>
 
-#include "proxy/client_hello.h"
+#include "proxy/tls/client_hello.h"
 #include "support/tls_samples.h"
 
 namespace brokerproxy::proxy {

@@ -1,9 +1,9 @@
-// Micro-benchmark of the splice path: a Relay (proxy/relay.h) between two socket pairs inside a
-// loop::Loop, moving one chunk of N bytes per iteration from the "client" end to the "backend"
-// end. The benchmark thread plays both applications: it writes the chunk into the client socket,
-// turns the loop (UV_RUN_NOWAIT) and drains the backend socket until all N bytes have arrived.
-// So the time per iteration is the relay's cost per chunk plus the two application-side copies
-// that any proxy's peers pay as well.
+// Micro-benchmark of the splice path: a Relay (proxy/transport/relay.h) between two socket pairs
+// inside a loop::Loop, moving one chunk of N bytes per iteration from the "client" end to the
+// "backend" end. The benchmark thread plays both applications: it writes the chunk into the client
+// socket, turns the loop (UV_RUN_NOWAIT) and drains the backend socket until all N bytes have
+// arrived. So the time per iteration is the relay's cost per chunk plus the two application-side
+// copies that any proxy's peers pay as well.
 //
 // Checked every iteration: the bytes received and the relay's own counter both grow by exactly
 // N. The bytes' contents are compared with what was sent on the first iteration and every 64th
@@ -27,7 +27,7 @@
 
 #include "loop/loop.h"
 #include "loop/poll.h"
-#include "proxy/relay.h"
+#include "proxy/transport/relay.h"
 
 namespace brokerproxy::proxy {
 namespace {

@@ -8,7 +8,7 @@
 #include <string>
 #include <string_view>
 
-#include "proxy/sniffer.h"
+#include "proxy/server/sniffer.h"
 
 namespace brokerproxy::proxy {
 namespace {

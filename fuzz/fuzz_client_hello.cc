@@ -1,11 +1,11 @@
-// ClientHelloReader (proxy/client_hello.h): the first bytes of every TLS connection to the proxy
-// port, from anyone who can reach it. Checks the verdict's contract, that splitting the input
+// ClientHelloReader (proxy/tls/client_hello.h): the first bytes of every TLS connection to the
+// proxy port, from anyone who can reach it. Checks the verdict's contract, that splitting the input
 // into pieces never changes the verdict, and that the work stays linear.
 
 #include <algorithm>
 
 #include "fuzz.h"
-#include "proxy/client_hello.h"
+#include "proxy/tls/client_hello.h"
 
 using brokerproxy::proxy::ClientHello;
 using brokerproxy::proxy::ClientHelloReader;

@@ -1,11 +1,12 @@
-// The plain preamble "BROKER1 <job> <secret>\n" and the first-byte sniffer (proxy/sniffer.h):
-// what any client of the proxy port sends first, and what TLS clients send inside TLS. Checks
-// the verdict's contract and that feeding the reader in pieces never changes it.
+// The plain preamble "BROKER1 <job> <secret>\n" and the first-byte sniffer
+// (proxy/server/sniffer.h): what any client of the proxy port sends first, and what TLS clients
+// send inside TLS. Checks the verdict's contract and that feeding the reader in pieces never
+// changes it.
 
 #include <string>
 
 #include "fuzz.h"
-#include "proxy/sniffer.h"
+#include "proxy/server/sniffer.h"
 
 using brokerproxy::proxy::kMaxHttpMethodBytes;
 using brokerproxy::proxy::kMaxPreambleBytes;

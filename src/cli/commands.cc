@@ -30,7 +30,7 @@
 #include "loop/signal.h"
 #include "loop/timer.h"
 #include "loop/work.h"
-#include "proxy/certs.h"
+#include "proxy/tls/certs.h"
 #include "registry/control_protocol.h"
 #include "registry/json.h"
 

@@ -1,7 +1,7 @@
 // The short-lived subcommands: save (plain and exec mode), load, verify, query, remove, stats,
 // ca.
 //
-// `save ssl` keeps the job's private key on the machine where it runs (proxy/certs.h explains
+// `save ssl` keeps the job's private key on the machine where it runs (proxy/tls/certs.h explains
 // the CSR model): it creates an ECDSA P-256 key, writes it to <cert_dir>/<job>.key (mode 0600,
 // a new file renamed into place), sends only a CSR with the save request, and writes the
 // certificate the broker returns to <cert_dir>/<job>.crt. The job records both absolute paths;

@@ -27,7 +27,7 @@
 #include "cli/options.h"
 #include "loop/loop.h"
 #include "loop/status.h"
-#include "proxy/certs.h"
+#include "proxy/tls/certs.h"
 #include "registry/broker.h"
 
 namespace brokerproxy::cli {

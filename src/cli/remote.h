@@ -23,7 +23,7 @@
 
 #include "cli/control_client.h"
 #include "cli/ssh_client.h"
-#include "proxy/ssh_common.h"
+#include "proxy/ssh/ssh_common.h"
 
 namespace brokerproxy::cli {
 

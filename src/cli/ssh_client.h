@@ -23,7 +23,7 @@
 #include <string_view>
 
 #include "loop/status.h"
-#include "proxy/ssh_common.h"
+#include "proxy/ssh/ssh_common.h"
 
 namespace brokerproxy::cli {
 

@@ -1,6 +1,6 @@
 // The SSH path of `connect --via`: one SSH session to the login node, driven nonblocking on the
-// loop (proxy/ssh_splice.h); per local connection one direct-tcpip channel to the proxy port as
-// the login node sees it, the BROKER1 preamble (and what the local client already sent, see
+// loop (proxy/transport/ssh_splice.h); per local connection one direct-tcpip channel to the proxy
+// port as the login node sees it, the BROKER1 preamble (and what the local client already sent, see
 // EarlyBytes), the proxy's "OK", then a ChannelSplice between the local connection and the
 // channel. Closing a local connection closes only its channel.
 
@@ -13,7 +13,7 @@
 #include "loop/handle.h"
 #include "loop/log.h"
 #include "loop/timer.h"
-#include "proxy/ssh_splice.h"
+#include "proxy/transport/ssh_splice.h"
 
 namespace brokerproxy::cli {
 namespace {

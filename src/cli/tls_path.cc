@@ -21,10 +21,10 @@
 #include "loop/handle.h"
 #include "loop/poll.h"
 #include "loop/timer.h"
-#include "proxy/certs.h"
-#include "proxy/dialer.h"
-#include "proxy/relay.h"
-#include "proxy/tls_relay.h"
+#include "proxy/tls/certs.h"
+#include "proxy/transport/dialer.h"
+#include "proxy/transport/relay.h"
+#include "proxy/transport/tls_relay.h"
 
 namespace brokerproxy::cli {
 namespace {

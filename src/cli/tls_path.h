@@ -37,7 +37,7 @@
 #include "cli/tunnel.h"
 #include "loop/loop.h"
 #include "loop/reactor.h"
-#include "proxy/tls_context.h"
+#include "proxy/tls/tls_context.h"
 
 namespace brokerproxy::cli {
 

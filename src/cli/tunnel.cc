@@ -12,7 +12,7 @@
 #include "loop/handle.h"
 #include "loop/poll.h"
 #include "loop/timer.h"
-#include "proxy/dialer.h"
+#include "proxy/transport/dialer.h"
 
 namespace brokerproxy::cli {
 

@@ -23,9 +23,9 @@
 #include "loop/reactor.h"
 #include "loop/status.h"
 #include "loop/timer.h"
-#include "proxy/dialer.h"
-#include "proxy/relay.h"
-#include "proxy/ssh_common.h"
+#include "proxy/ssh/ssh_common.h"
+#include "proxy/transport/dialer.h"
+#include "proxy/transport/relay.h"
 
 namespace brokerproxy::cli {
 

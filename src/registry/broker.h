@@ -88,7 +88,7 @@ class Broker {
   using CaProvider = std::function<Result<std::string>()>;
   // Issues the certificate of ssl job `job` (its id, owner and backend host are set) for the
   // public key in `csr_pem`, off the loop, and reports it with the CA certificate. The key
-  // stays with the client (proxy/certs.h explains the CSR model). Dropping the returned token
+  // stays with the client (proxy/tls/certs.h explains the CSR model). Dropping the returned token
   // cancels what has not started; signing that has started still reports.
   struct IssuedCert {
     std::string cert_pem;
@@ -96,7 +96,7 @@ class Broker {
   };
   using CertIssuer = std::function<loop::Pending(const Job& job, const std::string& csr_pem,
                                                  std::function<void(Result<IssuedCert>)> done)>;
-  // The backend policy (proxy/backend_policy.h) for one resolved address of `owner`'s job:
+  // The backend policy (proxy/server/backend_policy.h) for one resolved address of `owner`'s job:
   // with `dialling` false, what can be checked before the service listens (at save, where a
   // port of 0 means not allocated yet); with `dialling` true, everything, as before a
   // connection (readiness probes).

@@ -7,7 +7,7 @@
 //             service of a job needs its own id (save --name). Root over another user's entry
 //             needs it too
 //             ssl jobs add {"csr":"<PEM>","cert_path":"/abs/J.crt","key_path":"/abs/J.key"}:
-//             the key stays with the client, the broker signs the CSR (proxy/certs.h) and the
+//             the key stays with the client, the broker signs the CSR (proxy/tls/certs.h) and the
 //             reply adds "cert_pem" and "ca_pem"; the paths are where the client keeps them
 //             {"op":"load"|"remove","job":"12345"}
 //             {"op":"remove","job":"12345","secret":"<hex>"}: removes only if the stored

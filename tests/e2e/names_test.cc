@@ -14,7 +14,7 @@
 #include <thread>
 
 #include "e2e/harness.h"
-#include "proxy/certs.h"
+#include "proxy/tls/certs.h"
 #include "registry/json.h"
 #include "registry/snapshot.h"
 

@@ -21,7 +21,7 @@
 #include <thread>
 
 #include "e2e/harness.h"
-#include "proxy/certs.h"
+#include "proxy/tls/certs.h"
 #include "registry/json.h"
 #include "support/tls_samples.h"
 

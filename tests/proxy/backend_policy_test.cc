@@ -1,4 +1,4 @@
-#include "proxy/backend_policy.h"
+#include "proxy/server/backend_policy.h"
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>

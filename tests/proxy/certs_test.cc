@@ -1,6 +1,6 @@
 // The broker CA and the certificates it issues: chains, names, validity, key files, restarts.
 
-#include "proxy/certs.h"
+#include "proxy/tls/certs.h"
 
 #include <gtest/gtest.h>
 #include <openssl/pem.h>

@@ -2,7 +2,7 @@
 // in-process (a client with memory BIOs; its first flight is the hello), re-fragmented,
 // truncated and damaged; the reader fed in pieces of every size, with its work counted.
 
-#include "proxy/client_hello.h"
+#include "proxy/tls/client_hello.h"
 
 #include <gtest/gtest.h>
 #include <openssl/ssl.h>

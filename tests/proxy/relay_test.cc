@@ -1,7 +1,7 @@
 // Relay on real sockets driven by a real loop: bytes both ways, half-close, errors, backpressure,
 // and destruction from inside the done callback.
 
-#include "proxy/relay.h"
+#include "proxy/transport/relay.h"
 
 #include <fcntl.h>
 #include <sys/socket.h>

@@ -1,4 +1,4 @@
-#include "proxy/sniffer.h"
+#include "proxy/server/sniffer.h"
 
 #include <gtest/gtest.h>
 

@@ -1,4 +1,4 @@
-#include "proxy/throttle.h"
+#include "proxy/server/throttle.h"
 
 #include <gtest/gtest.h>
 

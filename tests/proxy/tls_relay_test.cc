@@ -3,7 +3,7 @@
 // the pre-Attach line exchange, half-close mapping, truncation, and the buffer bound under a
 // stalled reader.
 
-#include "proxy/tls_relay.h"
+#include "proxy/transport/tls_relay.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -18,7 +18,7 @@
 #include "e2e/harness.h"
 #include "loop/loop.h"
 #include "loop/timer.h"
-#include "proxy/certs.h"
+#include "proxy/tls/certs.h"
 
 namespace brokerproxy::proxy {
 namespace {

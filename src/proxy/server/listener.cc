@@ -1,0 +1,159 @@
+#include "proxy/server/listener.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "loop/log.h"
+#include "loop/stream.h"
+#include "proxy/transport/relay.h"
+
+namespace brokerproxy::proxy {
+namespace {
+
+// Connections accepted per readiness event before other work gets a turn.
+constexpr int kAcceptBatch = 64;
+constexpr uint64_t kPauseMs = 1000;
+
+}  // namespace
+
+Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostPort& address,
+                                                   int keepalive_s, AcceptCallback on_accept,
+                                                   OverloadCallback on_overload,
+                                                   std::string overload_reply) {
+  std::string host = address.host;
+  if (host == "*") host = "0.0.0.0";
+  // Start-up only (before the loop serves anyone), so a blocking lookup of "localhost" is fine.
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  std::string port = std::to_string(address.port);
+  int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) {
+    return Status::InvalidArgument("cannot listen on " + address.ToString() + ": " +
+                                   gai_strerror(rc));
+  }
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> list(res, ::freeaddrinfo);
+
+  int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return PosixError("socket", errno);
+  int one = 1;
+  (void)::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (res->ai_family == AF_INET6) {
+    // "::" means IPv6 only; list "0.0.0.0" separately for IPv4, so both are explicit.
+    (void)::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+  }
+  if (::bind(fd, res->ai_addr, res->ai_addrlen) != 0) {
+    Status s = PosixError("cannot listen on " + address.ToString(), errno);
+    ::close(fd);
+    return s;
+  }
+  TuneTcpSocket(fd, keepalive_s);
+  if (::listen(fd, SOMAXCONN) != 0) {
+    Status s = PosixError("listen " + address.ToString(), errno);
+    ::close(fd);
+    return s;
+  }
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+
+  std::unique_ptr<Listener> l(
+      new Listener(loop, std::move(on_accept), std::move(on_overload), std::move(overload_reply)));
+  l->spare_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  l->address_ = loop::FormatAddress(reinterpret_cast<sockaddr*>(&bound));
+  l->port_ = ntohs(bound.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&bound)->sin_port
+                                              : reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
+  auto poll = loop::Poll::Create(*loop, fd, loop::FdOwnership::kOwned);
+  if (!poll.ok()) return poll.status();
+  l->poll_ = std::move(poll).value();
+  auto timer = loop::Timer::Create(*loop);
+  if (!timer.ok()) return timer.status();
+  l->resume_ = std::move(timer).value();
+  Listener* raw = l.get();
+  l->poll_->Start(UV_READABLE, [raw](int status, int) {
+    if (status < 0) {
+      LOG_ERROR("listener %s: %s", raw->address_.c_str(), uv_strerror(status));
+      return;
+    }
+    raw->OnReadable();
+  });
+  return l;
+}
+
+Listener::~Listener() {
+  if (spare_fd_ >= 0) ::close(spare_fd_);
+}
+
+void Listener::OnReadable() {
+  for (int i = 0; i < kAcceptBatch; ++i) {
+    sockaddr_storage peer{};
+    socklen_t len = sizeof(peer);
+    int fd = ::accept4(poll_->fd(), reinterpret_cast<sockaddr*>(&peer), &len,
+                       SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0) {
+      overloaded_ = false;
+      on_accept_(fd, peer);
+      continue;
+    }
+    switch (errno) {
+      case EAGAIN:
+      case EINTR:
+        return;
+      case EMFILE:
+        if (!overloaded_) {
+          LOG_WARN("listener %s: out of file descriptors; turning new connections away",
+                   address_.c_str());
+          overloaded_ = true;
+        }
+        switch (RefuseOne()) {
+          case 0:
+            continue;  // refused one; more may wait
+          case EAGAIN:
+            return;  // no one else waits
+          default:
+            errno = EMFILE;
+            break;
+        }
+        [[fallthrough]];
+      case ENFILE:
+      case ENOBUFS:
+      case ENOMEM:
+        // The pending connection stays in the backlog; retrying now would spin.
+        LOG_WARN("listener %s: cannot accept (%s); pausing for %llu ms", address_.c_str(),
+                 std::strerror(errno), static_cast<unsigned long long>(kPauseMs));
+        poll_->Stop();
+        if (on_overload_) on_overload_();
+        resume_->Start(kPauseMs, [this] { poll_->SetEvents(UV_READABLE); });
+        return;
+      default:
+        // ECONNABORTED and friends concern one connection only.
+        continue;
+    }
+  }
+}
+
+int Listener::RefuseOne() {
+  if (spare_fd_ < 0) {
+    spare_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);  // fds may have come back
+    if (spare_fd_ < 0) return EMFILE;
+  }
+  ::close(spare_fd_);
+  int fd = ::accept4(poll_->fd(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  int err = fd >= 0 ? 0 : errno;
+  if (fd >= 0) {
+    if (!overload_reply_.empty()) SendBestEffort(fd, overload_reply_);
+    CloseGracefully(fd);  // a client's early bytes must not turn the close into a reset
+    if (on_overload_) on_overload_();
+  }
+  spare_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  return err;
+}
+
+}  // namespace brokerproxy::proxy

@@ -1,0 +1,79 @@
+// Listener: one listening TCP socket of the proxy port, accepting with accept4() from a
+// uv_poll so accepted sockets arrive as raw non-blocking fds (sniffing peeks at them and the
+// relay splices them; libuv's uv_tcp_t would own them instead).
+//
+// Backlog SOMAXCONN (a short backlog turned socat's p99 latency into a second). When the process
+// runs out of file descriptors (EMFILE), a spare descriptor held for the purpose is given up for
+// a moment so that the waiting client can be accepted, told `overload_reply` (the proxy's
+// "ERR busy") and closed, instead of hanging in the backlog; if even that fails (ENFILE, no
+// memory), accepting pauses for a second rather than spinning on a readable socket it cannot
+// accept from. Each refusal and pause is counted through `on_overload` and logged once per
+// episode.
+//
+// Ownership: the Proxy owns its Listeners; `*loop` must outlive them. Loop-thread only.
+
+#ifndef BROKERPROXY_PROXY_SERVER_LISTENER_H_
+#define BROKERPROXY_PROXY_SERVER_LISTENER_H_
+
+#include <sys/socket.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "loop/address.h"
+#include "loop/handle.h"
+#include "loop/loop.h"
+#include "loop/poll.h"
+#include "loop/timer.h"
+
+namespace brokerproxy::proxy {
+
+class Listener {
+ public:
+  // A new connection: `fd` is non-blocking and close-on-exec, and now the callee's.
+  using AcceptCallback = std::function<void(int fd, const sockaddr_storage& peer)>;
+  // Called for each connection refused, or pause taken, for lack of fds.
+  using OverloadCallback = std::function<void()>;
+
+  // Binds `address` (a numeric address, "localhost", "*" for every IPv4 address or "::" for
+  // IPv6; port 0 picks a free port) and listens. TCP_NODELAY and keepalive (`keepalive_s` idle
+  // seconds, 0 = off) are set on the listening socket, which Linux copies to every accepted
+  // one: no per-connection setsockopt().
+  static Result<std::unique_ptr<Listener>> Create(loop::Loop* loop, const HostPort& address,
+                                                  int keepalive_s, AcceptCallback on_accept,
+                                                  OverloadCallback on_overload = nullptr,
+                                                  std::string overload_reply = "");
+  ~Listener();
+
+  // The bound address, with the real port ("127.0.0.1:7000", "[::1]:7000").
+  const std::string& address() const { return address_; }
+  int port() const { return port_; }
+
+ private:
+  Listener(loop::Loop* loop, AcceptCallback on_accept, OverloadCallback on_overload,
+           std::string overload_reply)
+      : loop_(loop),
+        on_accept_(std::move(on_accept)),
+        on_overload_(std::move(on_overload)),
+        overload_reply_(std::move(overload_reply)) {}
+  void OnReadable();
+  // Out of fds: accepts one connection in the spare fd's place and turns it away. Returns the
+  // errno of that accept (0 if one was refused), or EMFILE if no spare fd is left.
+  int RefuseOne();
+
+  loop::Loop* loop_;
+  AcceptCallback on_accept_;
+  OverloadCallback on_overload_;
+  std::string overload_reply_;
+  int spare_fd_ = -1;        // /dev/null, held so that one fd can always be freed
+  bool overloaded_ = false;  // within an episode: log once
+  loop::HandlePtr<loop::Poll> poll_;
+  loop::HandlePtr<loop::Timer> resume_;
+  std::string address_;
+  int port_ = 0;
+};
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_SERVER_LISTENER_H_

@@ -1,0 +1,422 @@
+#include "proxy/server/proxy.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+
+#include "loop/log.h"
+#include "loop/stream.h"
+#include "loop/work.h"
+#include "proxy/server/session.h"
+
+namespace brokerproxy::proxy {
+namespace {
+
+// The address part of `peer` ("1.2.3.4", "::1"), IPv4-mapped IPv6 shown as IPv4.
+std::string HostOf(const sockaddr_storage& peer) {
+  char buf[INET6_ADDRSTRLEN] = "?";
+  if (peer.ss_family == AF_INET) {
+    inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(&peer)->sin_addr, buf, sizeof(buf));
+  } else if (peer.ss_family == AF_INET6) {
+    const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(&peer)->sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(&a)) {
+      inet_ntop(AF_INET, &a.s6_addr[12], buf, sizeof(buf));
+    } else {
+      inet_ntop(AF_INET6, &a, buf, sizeof(buf));
+    }
+  }
+  return buf;
+}
+
+}  // namespace
+
+// ---- Connection ----
+
+Connection::Connection(Proxy* proxy, const sockaddr_storage& peer)
+    : proxy_(proxy), peer_(peer), started_ms_(proxy->loop()->Now()) {}
+
+std::string Connection::PeerString() const {
+  return loop::FormatAddress(reinterpret_cast<const sockaddr*>(&peer_));
+}
+
+// ---- Proxy ----
+
+Proxy::Proxy(loop::Loop* loop, const registry::Registry* registry, ProxyOptions options)
+    : loop_(loop),
+      registry_(registry),
+      options_(std::move(options)),
+      throttle_(options_.throttle_failures, static_cast<uint64_t>(options_.throttle_window_ms)),
+      pipes_(options_.pipe_size, options_.pipe_pool),
+      resolver_(loop, 30000),
+      policy_(options_.backend_allow) {}
+
+Proxy::~Proxy() {
+  *alive_ = false;
+  Stop();
+  graveyard_.clear();
+}
+
+Status Proxy::Start() {
+  auto reactor = loop::Reactor::Create(*loop_);
+  if (!reactor.ok()) return reactor.status();
+  reactor_ = std::move(reactor).value();
+  auto dt = loop::Timer::Create(*loop_);
+  if (!dt.ok()) return dt.status();
+  deadline_timer_ = std::move(dt).value();
+  auto st = loop::Timer::Create(*loop_);
+  if (!st.ok()) return st.status();
+  sweep_timer_ = std::move(st).value();
+  sweep_timer_->Start(options_.sweep_interval_ms, options_.sweep_interval_ms, [this] { Sweep(); });
+  for (const HostPort& addr : options_.listen) {
+    auto l = Listener::Create(
+        loop_, addr, options_.keepalive_s,
+        [this](int fd, const sockaddr_storage& peer) { OnAccept(fd, peer); },
+        [this] { stats_.global().busy++; }, std::string(ErrorReply(ErrorCode::kBusy)));
+    if (!l.ok()) return l.status();
+    LOG_INFO("proxy listening on %s", (*l)->address().c_str());
+    listeners_.push_back(std::move(l).value());
+  }
+  std::vector<sockaddr_storage> bound;
+  for (const auto& l : listeners_) {
+    auto hp = ParseHostPort(l->address());
+    auto addr = hp.ok() ? loop::ParseNumericAddress(hp->host, hp->port) : std::nullopt;
+    if (!addr) return Status::Internal("cannot parse the bound address " + l->address());
+    bound.push_back(*addr);
+  }
+  policy_.set_own_listeners(std::move(bound));
+  return Status::OK();
+}
+
+void Proxy::Stop() {
+  listeners_.clear();
+  std::vector<Connection*> open;
+  for (auto& [id, c] : connections_) open.push_back(c.get());
+  for (Connection* c : open) c->Close("shutdown");
+  sweep_timer_.reset();
+  deadline_timer_.reset();
+}
+
+std::vector<std::string> Proxy::addresses() const {
+  std::vector<std::string> out;
+  for (const auto& l : listeners_) out.push_back(l->address());
+  return out;
+}
+
+void Proxy::set_frontend(Protocol protocol, Frontend frontend) {
+  frontends_[static_cast<int>(protocol)] = std::move(frontend);
+}
+
+void Proxy::OnAccept(int fd, const sockaddr_storage& peer) {
+  GlobalCounters& g = stats_.global();
+  g.accepted++;
+  auto refuse = [&] {
+    g.busy++;
+    SendBestEffort(fd, ErrorReply(ErrorCode::kBusy));
+    CloseGracefully(fd);
+  };
+  if (connections_.size() + channel_slots_ >= static_cast<size_t>(options_.max_connections)) {
+    refuse();
+    return;
+  }
+  std::string source = SourceKey(fd, peer);
+  if (!source.empty() && options_.max_handshakes_per_source > 0) {
+    auto it = handshakes_by_source_.find(source);
+    if (it != handshakes_by_source_.end() && it->second >= options_.max_handshakes_per_source) {
+      // This source's own handshakes fill its share: only it waits.
+      refuse();
+      return;
+    }
+  }
+  // All handshakes together never take more than their share of max_connections: the oldest
+  // one still in progress makes room (with handshake_timeout, a silent one was doomed anyway).
+  size_t share = std::max<size_t>(
+      1, static_cast<size_t>(options_.max_connections) * options_.handshake_share / 100);
+  if (handshakes_.size() >= share) {
+    g.busy++;
+    handshakes_.begin()->second->Close("handshake evicted: too many handshakes in progress");
+  }
+  auto io = reactor_->Add(fd, nullptr);
+  if (!io.ok()) {
+    LOG_WARN("proxy: %s", io.status().ToString().c_str());
+    return;
+  }
+  auto session = std::make_unique<Session>(this, std::move(io).value(), peer);
+  Session* raw = session.get();
+  raw->source_ = std::move(source);
+  Adopt(std::move(session));
+  StartHandshake(raw);
+  raw->Start();
+}
+
+std::string Proxy::SourceKey(int fd, const sockaddr_storage& peer) const {
+  if (!IsLoopback(peer)) return "addr:" + HostOf(peer);
+  // Every `ssh -L` user arrives from 127.0.0.1: the owner of the client socket tells them
+  // apart, so that one local user's failures or handshakes never count against another's.
+  std::optional<uid_t> uid = LoopbackPeerUid(fd);
+  return uid ? "uid:" + std::to_string(*uid) : std::string();
+}
+
+void Proxy::StartHandshake(Connection* conn) {
+  if (conn->pending_) return;
+  conn->pending_ = true;
+  handshakes_.emplace(conn->id_, conn);
+  if (!conn->source_.empty()) ++handshakes_by_source_[conn->source_];
+}
+
+void Proxy::EndHandshake(Connection* conn) {
+  if (!conn->pending_) return;
+  conn->pending_ = false;
+  handshakes_.erase(conn->id_);
+  if (conn->source_.empty()) return;
+  auto it = handshakes_by_source_.find(conn->source_);
+  if (it != handshakes_by_source_.end() && --it->second <= 0) handshakes_by_source_.erase(it);
+}
+
+bool Proxy::TakeChannelSlot() {
+  if (connections_.size() + channel_slots_ >= static_cast<size_t>(options_.max_connections)) {
+    stats_.global().busy++;
+    return false;
+  }
+  ++channel_slots_;
+  return true;
+}
+
+void Proxy::ReturnChannelSlot() {
+  if (channel_slots_ > 0) --channel_slots_;
+}
+
+Connection* Proxy::Adopt(std::unique_ptr<Connection> conn) {
+  Connection* raw = conn.get();
+  raw->id_ = next_id_++;
+  connections_.emplace(raw->id_, std::move(conn));
+  stats_.global().active = connections_.size();
+  return raw;
+}
+
+void Proxy::Retire(Connection* conn) {
+  if (conn->retired_) return;
+  conn->retired_ = true;
+  ClearDeadline(conn);
+  EndHandshake(conn);
+  auto it = connections_.find(conn->id_);
+  if (it == connections_.end()) return;
+  graveyard_.push_back(std::move(it->second));
+  connections_.erase(it);
+  stats_.global().active = connections_.size();
+  if (reap_scheduled_) return;
+  reap_scheduled_ = true;
+  std::weak_ptr<bool> alive = alive_;
+  loop_->Defer([this, alive] {
+    if (alive.expired()) return;
+    reap_scheduled_ = false;
+    graveyard_.clear();
+  });
+}
+
+bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const Connection& from) {
+  const sockaddr_storage& peer = from.peer();
+  auto it = frontends_.find(static_cast<int>(protocol));
+  if (it == frontends_.end()) {
+    // Not enabled: best-effort answer in the only language every client shares here.
+    int fd = client.Release();
+    SendBestEffort(fd, ErrorReply(ErrorCode::kBadRequest));
+    CloseGracefully(fd);
+    return false;
+  }
+  auto poll = ToPoll(*loop_, std::move(client));
+  if (!poll.ok()) {
+    LOG_WARN("proxy: %s", poll.status().ToString().c_str());
+    return true;
+  }
+  std::unique_ptr<Connection> conn = it->second(this, Handoff{std::move(poll).value(), peer});
+  if (conn) {
+    conn->source_ = from.source_;
+    Connection* raw = Adopt(std::move(conn));
+    StartHandshake(raw);  // `from` stops counting when it retires, right after this
+  }
+  return true;
+}
+
+Proxy::Authorization Proxy::Authorize(const std::string& requested_id, const std::string& secret,
+                                      Connection* conn) {
+  Authorization out;
+  uint64_t now = loop_->Now();
+  // "ABC" is job "abc": one throttle key and one counter per job, however it is spelt.
+  const std::string job_id = registry::CanonicalJobId(requested_id);
+  // Callers pass only well-formed ids (the preamble parser, the SSH endpoint check first); this
+  // keeps a throttle key from ever being made of anything else.
+  bool valid_id = registry::ValidJobId(job_id);
+  const registry::Job* known = valid_id ? registry_->Find(job_id) : nullptr;
+  const registry::Job* job = registry_->Authenticate(job_id, secret);
+  if (job && job->expires != 0 && job->expires <= static_cast<int64_t>(::time(nullptr))) {
+    job = nullptr;  // expired, about to be swept
+  }
+  if (job) {
+    // The secret is checked before the throttle: whoever knows it is never turned away, so
+    // nobody can lock a job's owner out by failing on purpose.
+    EndHandshake(conn);
+    out.target.job_id = job->id;
+    out.target.type = job->type;
+    out.target.host = job->host;
+    out.target.port = job->port;
+    out.target.owner = job->owner;
+    out.target.generation = registry_->Generation(job->id);
+    return out;
+  }
+  std::string job_key = valid_id ? "job:" + job_id : std::string();
+  const std::string& source = conn->source();
+  bool throttled = (!job_key.empty() && throttle_.Blocked(job_key, now)) ||
+                   (!source.empty() && throttle_.Blocked(source, now));
+  if (throttled) {
+    stats_.global().throttled++;
+  } else {
+    stats_.global().denied++;
+  }
+  if (known) stats_.job(job_id).denied++;
+  if (!job_key.empty() && throttle_.RecordFailure(job_key, now)) {
+    LOG_WARN("throttling job %s: %d failed handshakes within %s", LogSafe(job_id).c_str(),
+             options_.throttle_failures, FormatDuration(options_.throttle_window_ms).c_str());
+  }
+  if (!source.empty() && throttle_.RecordFailure(source, now)) LogThrottled(source);
+  out.error = throttled ? ErrorCode::kBusy : ErrorCode::kDenied;
+  return out;
+}
+
+void Proxy::RecordSourceFailure(const Connection& conn, const char* what) {
+  LOG_DEBUG("proxy: failed handshake from %s: %s", conn.PeerString().c_str(), what);
+  if (conn.source().empty()) return;
+  if (throttle_.RecordFailure(conn.source(), loop_->Now())) LogThrottled(conn.source());
+}
+
+void Proxy::LogThrottled(const std::string& source_key) {
+  std::string window = FormatDuration(options_.throttle_window_ms);
+  if (source_key.starts_with("addr:")) {
+    // One line per episode, in a form fail2ban can match: "throttling <HOST>: ...". Nothing a
+    // peer sends can produce this phrase: every peer-chosen string is logged through LogSafe,
+    // which leaves no spaces or line breaks in it.
+    LOG_WARN("throttling %s: %d failed handshakes within %s", source_key.c_str() + 5,
+             options_.throttle_failures, window.c_str());
+  } else {
+    // A local user: not an address a firewall could ban.
+    LOG_WARN("throttling local user %s: %d failed handshakes within %s",
+             source_key.c_str() + source_key.find(':') + 1, options_.throttle_failures,
+             window.c_str());
+  }
+}
+
+bool Proxy::StillCurrent(const Target& target) const {
+  const registry::Job* job = registry_->Find(target.job_id);
+  return job != nullptr && job->owner == target.owner &&
+         registry_->Generation(target.job_id) == target.generation;
+}
+
+void Proxy::OnJobChanged(const std::string& id) {
+  std::vector<Connection*> open;
+  for (auto& [cid, c] : connections_) open.push_back(c.get());
+  for (Connection* c : open) {
+    if (!c->retired_) c->OnJobChanged(id);
+  }
+}
+
+void Proxy::SetDeadline(Connection* conn, uint64_t at_ms) {
+  if (conn->has_deadline_) deadlines_.erase(conn->deadline_);
+  conn->deadline_ = deadlines_.emplace(at_ms, conn);
+  conn->has_deadline_ = true;
+  RearmDeadlineTimer();
+}
+
+void Proxy::DialBackend(Connection* conn, const Target& target, std::unique_ptr<Dialer>* dialer,
+                        Dialer::Callback cb, bool may_complete_inline) {
+  ArmDeadline(conn, options_.connect_timeout_ms);
+  *dialer = NewDialer(target);
+  (*dialer)->Dial(target.host, target.port, std::move(cb), may_complete_inline);
+}
+
+std::unique_ptr<Dialer> Proxy::NewDialer(const Target& target) {
+  auto dialer = std::make_unique<Dialer>(reactor(), resolver());
+  dialer->set_resolve_group(target.owner);
+  // One log line per dial, even if the name resolved to several refused addresses.
+  dialer->set_check([this, job = target.job_id, owner = target.owner,
+                     logged = false](const sockaddr_storage& a) mutable {
+    Status s = policy_.CheckDial(a, owner);
+    if (!s.ok() && !logged) {
+      logged = true;
+      LOG_WARN("job %s: refused to connect to its backend: %s", job.c_str(), s.message().c_str());
+    }
+    return s;
+  });
+  dialer->set_observer(
+      [this, job = target.job_id, generation = target.generation](bool connected, bool refused) {
+        if (dial_observer_ && (connected || refused)) dial_observer_(job, generation, connected);
+      });
+  return dialer;
+}
+
+ErrorCode Proxy::DialFailed(const Status& status) {
+  if (status.code() == Status::Code::kResourceExhausted) {
+    stats_.global().busy++;
+    return ErrorCode::kBusy;
+  }
+  stats_.global().unavailable++;
+  return ErrorCode::kUnavailable;
+}
+
+void Proxy::ArmDeadline(Connection* conn, int64_t timeout_ms) {
+  if (timeout_ms > 0) {
+    SetDeadline(conn, loop_->Now() + static_cast<uint64_t>(timeout_ms));
+  } else {
+    ClearDeadline(conn);
+  }
+}
+
+void Proxy::ClearDeadline(Connection* conn) {
+  if (!conn->has_deadline_) return;
+  deadlines_.erase(conn->deadline_);
+  conn->has_deadline_ = false;
+}
+
+void Proxy::RearmDeadlineTimer() {
+  if (deadlines_.empty() || !deadline_timer_) return;
+  uint64_t first = deadlines_.begin()->first;
+  if (deadline_timer_->active() && deadline_timer_at_ <= first) return;
+  uint64_t now = loop_->Now();
+  deadline_timer_at_ = first;
+  deadline_timer_->Start(first > now ? first - now : 0, [this] { OnDeadlineTimer(); });
+}
+
+void Proxy::OnDeadlineTimer() {
+  uint64_t now = loop_->Now();
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    Connection* c = deadlines_.begin()->second;
+    deadlines_.erase(deadlines_.begin());
+    c->has_deadline_ = false;
+    c->OnDeadline();
+  }
+  RearmDeadlineTimer();
+}
+
+void Proxy::Sweep() {
+  uint64_t now = loop_->Now();
+  std::vector<Connection*> open;
+  open.reserve(connections_.size());
+  for (auto& [id, c] : connections_) open.push_back(c.get());
+  for (Connection* c : open) {
+    if (!c->retired_) c->OnSweep(now);
+  }
+  throttle_.Sweep(now);
+  stats_.Prune([this](const std::string& id) { return registry_->Find(id) != nullptr; });
+}
+
+void Proxy::AddStats(cJSON* stats, uid_t caller) {
+  stats_.AddToJson(stats, [this, caller](const std::string& id) {
+    if (caller == 0) return true;
+    const registry::Job* job = registry_->Find(id);
+    return job && job->owner == caller;
+  });
+}
+
+}  // namespace brokerproxy::proxy

@@ -1,0 +1,74 @@
+// Session: a connection from accept() until it is handed to a frontend or finishes as a plain
+// (BROKER1) session: sniff, read the preamble, check the secret, dial the backend, answer OK,
+// splice.
+//
+//   kSniffing --'B'--> kPreamble --secret ok--> kConnecting --connected--> kSplicing --> closed
+//       |                  |                         |
+//       +--0x16/'S': handed to the TLS/SSH frontend  +--> ERR unavailable
+//       +--silent for ssh_banner_delay: handed to the SSH frontend (it speaks first)
+//       +--"GET " etc.: HTTP 400 with a hint         (every state: deadline -> ERR timeout)
+//       +--else: ERR bad-request
+//
+// Ownership: the Proxy owns it (Connection). Loop-thread only.
+
+#ifndef BROKERPROXY_PROXY_SERVER_SESSION_H_
+#define BROKERPROXY_PROXY_SERVER_SESSION_H_
+
+#include <memory>
+#include <string>
+
+#include "loop/reactor.h"
+#include "proxy/server/proxy.h"
+#include "proxy/server/sniffer.h"
+#include "proxy/transport/dialer.h"
+#include "proxy/transport/relay.h"
+
+namespace brokerproxy::proxy {
+
+class Session final : public Connection {
+ public:
+  // Takes `client` (the accepted socket, registered in the proxy's reactor).
+  Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& peer);
+  ~Session() override;
+
+  // REQUIRES: the caller touches nothing of this session after the call (it may already have
+  // rejected the client and retired itself).
+  void Start();
+  void Close(const char* reason) override;
+  void OnDeadline() override;
+  void OnSweep(uint64_t now_ms) override;
+
+ private:
+  enum class State { kSniffing, kPreamble, kConnecting, kSplicing, kClosed };
+
+  // `speculative`: try even though no edge said the socket is readable.
+  void OnClientReadable(bool speculative);
+  void OnPreamble(const Preamble& p);
+  void OnBackend(Result<loop::IoHandle> backend);
+  // Passes the client socket to the TLS or SSH frontend and retires.
+  void HandOff(Protocol p);
+  // The client has not spoken within ssh_banner_delay: it is an SSH client waiting for our
+  // banner, unless its first bytes came in meanwhile.
+  void OnBannerDelay();
+  // Answers an HTTP request with a 400 and a hint, and closes.
+  void RejectHttp();
+  // Answers "ERR <code>" and closes.
+  void Reject(ErrorCode code, const char* reason);
+  // Releases everything, logs the session line and retires.
+  void Finish(const char* reason);
+  void FlushCounters();
+
+  State state_ = State::kSniffing;
+  bool finished_ = false;
+  bool banner_pending_ = false;  // the deadline armed is the banner delay, not the handshake's
+  loop::IoHandle client_;
+  std::string preamble_;  // bytes of the preamble line read so far
+  Target target_;
+  std::unique_ptr<Dialer> dialer_;
+  std::unique_ptr<Relay> relay_;
+  ByteReport bytes_;  // what of the relay's counters went to the stats already
+};
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_SERVER_SESSION_H_

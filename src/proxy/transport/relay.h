@@ -1,0 +1,181 @@
+// Moving bytes between two connected stream endpoints, both ways, with bounded memory.
+//
+// Relay moves each direction (a Pump) of two to four raw fds registered in the edge-triggered
+// Reactor (loop/reactor.h): bulk data between sockets with splice(2) through a kernel pipe, so
+// bytes never enter user space and a chunk costs two syscalls; small chunks (and anything that
+// is not a socket: a tty, pipes on stdio) with read/write through a 64 KiB buffer, which for a
+// few bytes is cheaper than a pipe. Readiness is known from the reactor's flags, so
+// the relay never changes an epoll registration while it runs. The pipe is borrowed from a
+// PipePool only while it holds bytes, so an idle session holds no pipe and no buffer
+// (README.md, "How it works"; docs/libraries.md, "Splicing under libuv").
+//
+// Backpressure: a direction reads its source only while its pipe (or buffer) is empty, and
+// writes only what it holds. So at most one pipe (1 MiB at most, 64 KiB once the pool's budget
+// of large pipes is spent) or one 64 KiB buffer per direction is in flight whatever the peers
+// do, and the rest waits in the peers' socket buffers.
+//
+// Half-close: EOF on a source is passed on as shutdown(SHUT_WR) of the sink once everything
+// read has been written; the relay finishes when both directions have. An error on either side
+// ends it at once. When it finishes it closes its fds, before the done callback runs.
+//
+// Ownership: the Relay owns its IoHandles (and so the fds). `*pool` and the reactor must
+// outlive it. The done callback runs at most once; the Relay may be destroyed from inside it or
+// at any other time. Loop-thread only.
+
+#ifndef BROKERPROXY_PROXY_TRANSPORT_RELAY_H_
+#define BROKERPROXY_PROXY_TRANSPORT_RELAY_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loop/handle.h"
+#include "loop/poll.h"
+#include "loop/reactor.h"
+#include "loop/status.h"
+
+namespace brokerproxy::proxy {
+
+// Idle pipes (and copy buffers) kept for reuse, so a busy proxy does not create and close a
+// pipe, or allocate a buffer, per chunk.
+class PipePool {
+ public:
+  // The size of a copy buffer.
+  static constexpr size_t kBufferSize = 64 * 1024;
+
+  struct Pipe {
+    int read_fd = -1;
+    int write_fd = -1;
+    int capacity = 0;  // bytes the pipe holds (F_GETPIPE_SZ)
+  };
+
+  // The capacity of a small pipe (the kernel's default).
+  static constexpr int kSmallPipe = 64 * 1024;
+  // Default of `budget`: the kernel memory that large pipes in use may hold together.
+  static constexpr size_t kDefaultBudget = size_t{64} << 20;
+
+  // `pipe_size`: requested capacity (F_SETPIPE_SZ; the kernel may cap it, then the default
+  // stays). `max_idle`: pipes kept when released. A pipe is large only while the large pipes in
+  // use stay within `budget` bytes together; past it pipes get kSmallPipe. So slow readers,
+  // each keeping a pipe full, pin at most `budget` plus kSmallPipe apiece of kernel memory.
+  PipePool(int pipe_size, size_t max_idle, size_t budget = kDefaultBudget);
+  ~PipePool();
+  PipePool(const PipePool&) = delete;
+  PipePool& operator=(const PipePool&) = delete;
+
+  Result<Pipe> Acquire();
+  // An empty pipe goes back to the pool (or is closed if the pool is full); a pipe that still
+  // holds bytes is closed, since they belong to a session that is gone.
+  void Release(Pipe pipe, bool empty);
+
+  std::unique_ptr<char[]> AcquireBuffer();
+  void ReleaseBuffer(std::unique_ptr<char[]> buffer);
+
+  size_t idle() const { return idle_.size(); }
+  size_t in_use() const { return in_use_; }
+  // Capacity of the pipes in use, together.
+  size_t in_use_bytes() const { return in_use_bytes_; }
+
+ private:
+  int pipe_size_;
+  size_t max_idle_;
+  size_t budget_;
+  size_t in_use_ = 0;
+  size_t in_use_bytes_ = 0;
+  size_t large_in_use_bytes_ = 0;  // of the pipes larger than kSmallPipe
+  std::vector<Pipe> idle_;
+  std::vector<std::unique_ptr<char[]>> buffers_;
+};
+
+class Relay {
+ public:
+  // One side of the relay: where its bytes are read and where bytes for it are written. For a
+  // socket both are the same fd; for stdio they are stdin and stdout.
+  struct Side {
+    Side() = default;
+    // A socket.
+    explicit Side(loop::IoHandle socket) : in(std::move(socket)) {}
+    // Separate fds for reading and writing (stdio), not sockets.
+    Side(loop::IoHandle read, loop::IoHandle write)
+        : in(std::move(read)), out(std::move(write)), sockets(false) {}
+
+    loop::IoHandle in;
+    loop::IoHandle out;   // empty: same as `in`
+    bool sockets = true;  // false: pipes or a tty (copy, and close rather than shut down)
+  };
+  // OK when both directions finished; otherwise the error that ended the relay, and which
+  // side it came from ("client", "backend", ...).
+  using DoneCallback = std::function<void(Status status)>;
+
+  // Bytes moved so far, per direction.
+  struct Counters {
+    uint64_t a_to_b = 0;
+    uint64_t b_to_a = 0;
+  };
+
+  // `a_name`/`b_name` label errors ("client", "backend"). `prefix_to_a` is written to side a
+  // before anything from b (e.g. the proxy's "OK\n"); `prefix_to_b` likewise (e.g. a buffered
+  // TLS ClientHello).
+  Relay(PipePool* pool, Side a, Side b, const char* a_name, const char* b_name,
+        std::string prefix_to_a, std::string prefix_to_b, DoneCallback done);
+  ~Relay();
+  Relay(const Relay&) = delete;
+  Relay& operator=(const Relay&) = delete;
+
+  // Starts moving bytes (on a later loop turn: what is already readable moves then). The done
+  // callback never runs inside this call.
+  void Start();
+
+  const Counters& counters() const { return counters_; }
+  // True once one direction has finished (a half-closed session).
+  bool half_closed() const;
+  // Milliseconds (loop time) of the last byte moved.
+  uint64_t last_activity_ms() const { return last_activity_ms_; }
+
+ private:
+  struct Pump;
+  void OnEvent(loop::IoWatch* watch);
+  // Runs a pump and handles its outcome; false if the relay ended.
+  bool Run(Pump* p);
+  void Finish(Status status);
+
+  PipePool* pool_;
+  loop::Loop* loop_ = nullptr;
+  std::vector<loop::IoHandle> fds_;  // an entry is empty once closed
+  std::unique_ptr<Pump> a_to_b_;
+  std::unique_ptr<Pump> b_to_a_;
+  Counters counters_;
+  DoneCallback done_;
+  uint64_t last_activity_ms_ = 0;
+  bool finished_ = false;
+};
+
+// A side as level-triggered libuv polls, for relays that move bytes in user space (TLS,
+// SSH channels): the fds leave the reactor, and the polls see whatever is pending.
+struct PollSide {
+  loop::HandlePtr<loop::Poll> in;
+  loop::HandlePtr<loop::Poll> out;  // null: same as `in`
+};
+Result<PollSide> ToPolls(loop::Loop& loop, Relay::Side side);
+Result<loop::HandlePtr<loop::Poll>> ToPoll(loop::Loop& loop, loop::IoHandle io);
+// And back: a socket a Poll watched, registered in `reactor` instead.
+Result<loop::IoHandle> ToIo(loop::Reactor& reactor, loop::HandlePtr<loop::Poll> poll);
+
+// Shared socket helpers for the proxy and the client.
+// TCP_NODELAY and keepalive (first probe after `keepalive_s` idle seconds; 0 = off) on a TCP
+// socket.
+void TuneTcpSocket(int fd, int keepalive_s);
+// Best-effort write of a short reply on a non-blocking socket, for answers sent just before
+// closing; returns bytes written.
+size_t SendBestEffort(int fd, std::string_view data);
+// Half-closes, discards what the peer already sent (so close() sends FIN, not RST, and the
+// peer can read the last reply), then closes.
+void CloseGracefully(int fd);
+// The pending error of a socket (SO_ERROR), as an errno value.
+int SocketError(int fd);
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_TRANSPORT_RELAY_H_

@@ -1,0 +1,210 @@
+// Running a nonblocking libssh session on the libuv loop, and splicing its channels to sockets.
+// Shared by the embedded endpoint (server side, ssh_server.h) and `connect --via` (client side,
+// cli/ssh_tunnel.cc). docs/libraries.md, "libssh 0.10", has the facts this relies on.
+//
+// How libssh is driven (SshTransport):
+//   - One uv_poll on the session's socket, never a uv_tcp_t: libssh reads and writes that fd
+//     itself. Readable always (unless paused), writable only while libssh has output pending
+//     (SSH_WRITE_PENDING).
+//   - On an event, ssh_event_dopoll(ev, 0) runs until it reports nothing ready, at most
+//     kMaxRounds times (each round reads at most 4 KiB: libssh's fixed MAX_BUF_SIZE). The
+//     owner then runs its service step, which moves channel data and recomputes the poll mask.
+//
+// Re-entrancy: almost every libssh call (channel write, read, close, send_eof, open) may
+// process incoming packets, so libssh callbacks (data, eof, close, and the session's message
+// callback) can fire inside any of them, for any channel. Therefore callbacks only record
+// state and move bytes to our own sockets; anything that calls libssh or frees an object runs
+// in the owner's service step, which is reached only from a libuv callback (never from inside
+// libssh). Channels are freed by the owner's reap step after their callbacks were removed.
+//
+// Backpressure (ChannelSplice), both ways, bounded whatever the peers do:
+//   - channel -> socket: the data callback writes what the socket takes and keeps at most
+//     kToFdCap bytes; past that it consumes nothing, so libssh retains the rest in the channel
+//     buffer and stops regrowing the window (the peer stops sending). Retained bytes are offered
+//     again only when new data arrives, so once our buffer drains the service step pulls them
+//     with ssh_channel_read_nonblocking().
+//   - socket -> channel: the socket is read only while the peer's window is open
+//     (ssh_channel_window_size > 0; libssh 0.10 has no window-adjust callback, so this is
+//     re-checked after every packet batch) and nothing is pending; at most one window's worth
+//     (the peer's, 2 MiB for OpenSSH) sits in libssh's output buffer. A write that libssh
+//     accepts only in part (window, or 0 bytes during a rekey) keeps the rest in a small
+//     pending buffer and stops reading until it is accepted.
+//
+// Loop-thread only.
+
+#ifndef BROKERPROXY_PROXY_TRANSPORT_SSH_SPLICE_H_
+#define BROKERPROXY_PROXY_TRANSPORT_SSH_SPLICE_H_
+
+#include <libssh/callbacks.h>
+#include <libssh/libssh.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "loop/handle.h"
+#include "loop/loop.h"
+#include "loop/poll.h"
+#include "loop/status.h"
+#include "proxy/ssh/ssh_common.h"
+
+namespace brokerproxy::proxy {
+
+// One nonblocking libssh session and the uv_poll that drives it.
+//
+// Ownership: owns the session (and through it the socket fd) and the Poll, which watches that
+// fd and must not own it (kBorrowed, or released with ReleaseFd()). Teardown order, as libuv
+// and libssh require: the poll is stopped and closed first, then the session leaves its
+// ssh_event, then ssh_free() closes the fd. Loop-thread only.
+class SshTransport {
+ public:
+  // REQUIRES: `session` is connected, in nonblocking mode, and `poll` watches ssh_get_fd().
+  static Result<std::unique_ptr<SshTransport>> Create(SshSessionPtr session,
+                                                      loop::HandlePtr<loop::Poll> poll);
+  ~SshTransport();
+  SshTransport(const SshTransport&) = delete;
+  SshTransport& operator=(const SshTransport&) = delete;
+
+  ssh_session session() const { return session_.get(); }
+
+  // Starts watching the socket; `on_event` (the owner's entry point) runs on every event with
+  // the libuv status (negative on a socket error). It may destroy this transport.
+  void Start(std::function<void(int status)> on_event);
+  // Processes what the socket has for libssh (callbacks fire inside). Not OK once the session
+  // failed or the peer disconnected. `after_round`, if set, runs after every ssh_event_dopoll
+  // round, outside libssh (e.g. to take the messages the round queued in the session).
+  Status Process(const std::function<void()>& after_round = nullptr);
+  // Recomputes the poll mask: readable unless paused, writable while output is pending.
+  void UpdateEvents();
+  // Stops (or resumes) all processing of the session, e.g. to slow down password guessing:
+  // what the peer sends waits in the kernel meanwhile.
+  void SetPaused(bool paused);
+  bool paused() const { return paused_; }
+  // True until the session closed or failed.
+  bool alive() const;
+  // Sends SSH_MSG_DISCONNECT when the transport is destroyed (best effort, nonblocking).
+  void set_disconnect_on_close(bool v) { disconnect_on_close_ = v; }
+
+ private:
+  SshTransport(SshSessionPtr session, loop::HandlePtr<loop::Poll> poll, ssh_event event)
+      : session_(std::move(session)), poll_(std::move(poll)), event_(event) {}
+
+  SshSessionPtr session_;
+  loop::HandlePtr<loop::Poll> poll_;
+  ssh_event event_ = nullptr;
+  std::function<void(int)> on_event_;
+  bool paused_ = false;
+  bool disconnect_on_close_ = false;
+};
+
+// One open SSH channel spliced to one stream socket (the job's backend on the server, a local
+// connection on the client), both directions, with half-close: the peer's EOF becomes
+// shutdown(SHUT_WR) of the socket once everything was written, and the socket's EOF becomes
+// SSH_MSG_CHANNEL_EOF once everything was accepted by libssh. It is finished when both
+// directions are, when the peer closes the channel (after flushing what it sent), or on an
+// error.
+//
+// Until Attach(), channel data stays in libssh (bounded by the window we advertise) and can be
+// read with ReadRaw() (the client reads the proxy's "OK" line that way).
+//
+// Ownership: owns the channel (freed, after its callbacks were removed, by the destructor) and
+// the socket's Poll. The owner must destroy it only outside libssh calls (its reap step), and
+// before the session. Loop-thread only.
+class ChannelSplice {
+ public:
+  // `kick` is the owner's entry point for socket events: it runs after this splice handled an
+  // event on its socket, as the last thing, and may destroy the splice.
+  ChannelSplice(ssh_channel channel, std::function<void()> kick);
+  ~ChannelSplice();
+  ChannelSplice(const ChannelSplice&) = delete;
+  ChannelSplice& operator=(const ChannelSplice&) = delete;
+
+  ssh_channel channel() const { return channel_; }
+
+  // Starts splicing with `socket` (a connected stream socket, owned by the Poll), or with a
+  // pair of fds (`out` non-null: e.g. stdin and stdout; the peer's EOF then closes `out`).
+  // `to_socket` is written before anything else from the channel, and `to_channel` before
+  // anything else from the socket.
+  void Attach(loop::HandlePtr<loop::Poll> socket, loop::HandlePtr<loop::Poll> out,
+              std::string to_socket, std::string to_channel);
+  bool attached() const { return in_ != nullptr; }
+
+  // Before Attach: reads up to `max` bytes the peer sent. Empty when nothing is there yet.
+  Result<std::string> ReadRaw(size_t max);
+  // Before Attach: writes `data` into the channel; returns the bytes libssh took (maybe 0).
+  Result<size_t> WriteRaw(std::string_view data);
+
+  // Moves what can move now and updates the socket's poll mask. Call from the owner's service
+  // step, after every packet batch (the peer's window may have reopened).
+  void Service();
+
+  // Ends the splice now with `status` (e.g. the backend could not be reached).
+  void Fail(Status status);
+
+  bool finished() const { return finished_; }
+  // OK when both directions ended cleanly; else what ended it.
+  const Status& status() const { return status_; }
+  // True once one direction has ended (EOF passed on either way, or the peer closed).
+  bool half_closed() const { return socket_shut_ || eof_sent_ || peer_closed_; }
+  bool peer_eof() const { return peer_eof_; }
+  bool peer_closed() const { return peer_closed_; }
+  // Bytes moved so far: from the channel to the socket, and from the socket to the channel.
+  uint64_t to_socket_bytes() const { return to_socket_bytes_; }
+  uint64_t to_channel_bytes() const { return to_channel_bytes_; }
+  uint64_t last_activity_ms() const { return last_activity_ms_; }
+
+  // Bytes a splice holds towards its socket before it leaves data in libssh.
+  static constexpr size_t kToSocketCap = 256 * 1024;
+
+ private:
+  static int OnData(ssh_session session, ssh_channel channel, void* data, uint32_t len,
+                    int is_stderr, void* userdata) noexcept;
+  static void OnEof(ssh_session session, ssh_channel channel, void* userdata) noexcept;
+  static void OnClose(ssh_session session, ssh_channel channel, void* userdata) noexcept;
+
+  void OnSocketEvent(loop::Poll* poll, int status, int events);
+  int out_fd() const { return out_ ? out_->fd() : in_->fd(); }
+  // Socket -> channel, while the window allows.
+  void ReadSocket();
+  // Our buffer -> socket. False on a socket error (then finished).
+  bool FlushToSocket();
+  // libssh's retained bytes -> our buffer/socket.
+  void DrainRetained();
+  // Hands `len` bytes to libssh; returns how many it took (all, when nobody is left to read
+  // them or the splice failed). May run libssh callbacks, for this channel too.
+  size_t WriteChannel(const char* data, size_t len);
+  // to_channel_ -> libssh.
+  void PushPending();
+  void UpdateInterest();
+  void Finish(Status status);
+  void Touch();
+  size_t pending_to_socket() const { return to_socket_.size() - to_socket_off_; }
+
+  ssh_channel channel_;
+  std::function<void()> kick_;
+  ssh_channel_callbacks_struct callbacks_{};
+  loop::HandlePtr<loop::Poll> in_;   // read side (and write side when out_ is null)
+  loop::HandlePtr<loop::Poll> out_;  // separate write side, or null
+  loop::Loop* loop_ = nullptr;
+
+  std::string to_socket_;     // from the channel, not yet written to the socket
+  size_t to_socket_off_ = 0;  // written part of to_socket_
+  size_t retained_ = 0;       // bytes libssh holds for us (offered, not consumed)
+  std::string to_channel_;    // read from the socket, not yet accepted by libssh
+
+  bool peer_eof_ = false;     // the peer sent EOF (or closed)
+  bool peer_closed_ = false;  // the peer closed the channel: nothing more can be sent to it
+  bool socket_shut_ = false;  // we shut down writing on the socket (peer's EOF passed on)
+  bool socket_eof_ = false;   // the socket reached EOF
+  bool eof_sent_ = false;     // we sent EOF on the channel (socket's EOF passed on)
+  bool finished_ = false;
+  Status status_;
+  uint64_t to_socket_bytes_ = 0;
+  uint64_t to_channel_bytes_ = 0;
+  uint64_t last_activity_ms_ = 0;
+};
+
+}  // namespace brokerproxy::proxy
+
+#endif  // BROKERPROXY_PROXY_TRANSPORT_SSH_SPLICE_H_
