@@ -69,6 +69,7 @@ def med(f): (map(f) | stats | if . == null then null else .median end);
 | ($s.throughput | map({key: .peer, value: .configs}) | from_entries) as $tpm
 | ($s.handshake | map({key: .peer, value: .}) | from_entries) as $hsm
 | def tput(p; c): ($tpm[p] // [] | map(select(.config == c)) | .[0].gbit_per_s.median) // null;
+  def pcpu(p; c): ($tpm[p] // [] | map(select(.config == c)) | .[0].peer_cpu_s_per_gib.median) // null;
   def ratio(a; b): if a == null or b == null or b == 0 then null else a / b end;
   $s + {
     ratios: {
@@ -88,27 +89,48 @@ def med(f): (map(f) | stats | if . == null then null else .median end);
       [$cfgs[].config as $c | ratio(tput("brokerproxy"; $c); tput("direct"; $c)) as $r
         | {target: "throughput \($c) >= 90% of direct", value: $r, unit: "ratio",
            pass: (if $r == null then null else $r >= 0.9 end)}]
+      # Bytes per relay core: HAProxy's CPU per GiB over ours, the lowest of the four configurations.
+      + [[$cfgs[].config as $c | ratio(pcpu("haproxy"; $c); pcpu("brokerproxy"; $c))] as $r
+        | (if any($r[]; . == null) then null else ($r | min) end) as $v
+        | {target: "bytes per relay core >= 2.5x HAProxy's, lowest of the four configurations",
+           value: $v, unit: "ratio", pass: (if $v == null then null else $v >= 2.5 end)}]
+      # Connection setup with the first bytes pipelined behind the preamble, as `connect` sends them.
       + [["c1", "c32"][] as $c
-        | ratio($hsm.brokerproxy[$c].conns_per_s.median; $hsm.haproxy[$c].conns_per_s.median) as $r
-        | {target: "connection rate \($c) >= 1.2x HAProxy nbthread 1", value: $r, unit: "ratio",
-           pass: (if $r == null then null else $r >= 1.2 end)}]
-      + [($hsm.brokerproxy.c1.p50_us.median // null) as $b | ($hsm.direct.c1.p50_us.median // null) as $d
+        | ratio($hsm["brokerproxy-pipelined"][$c].conns_per_s.median; $hsm.haproxy[$c].conns_per_s.median) as $r
+        | {target: "connection rate \($c), pipelined, >= 1.3x HAProxy nbthread 1", value: $r, unit: "ratio",
+           pass: (if $r == null then null else $r >= 1.3 end)}]
+      + [($hsm["brokerproxy-pipelined"].c1.p50_us.median // null) as $b | ($hsm.haproxy.c1.p50_us.median // null) as $h
+        | ($hsm.direct.c1.p50_us.median // null) as $d
         | (if $b == null or $d == null then null else $b - $d end) as $v
-        | {target: "(for reference, no target) p50 added latency at concurrency 1", value: $v, unit: "us",
-           pass: null}]
+        | (if $h == null or $d == null then null else $h - $d end) as $hv
+        | {target: "p50 added latency at concurrency 1, pipelined, <= HAProxy's (\($hv // "?" | if type == "number" then round else . end) us)",
+           value: $v, unit: "us", pass: (if $v == null or $hv == null then null else $v <= $hv end)}]
       + [($hsm.brokerproxy.c1.p99_us.median // null) as $b | ($hsm.direct.c1.p99_us.median // null) as $d
         | (if $b == null or $d == null then null else $b - $d end) as $v
-        | {target: "p99 added latency at concurrency 1 < 100 us", value: $v, unit: "us",
-           pass: (if $v == null then null else $v < 100 end)}]
+        | {target: "(for reference, no target) p99 added latency at concurrency 1", value: $v, unit: "us",
+           pass: null}]
       + [pairs[0:2][] as [$a, $b] | select($present | index($a) and index($b))
         | [$cfgs[].config as $c | ratio(tput($a; $c); tput($b; $c))] as $r
         | (if any($r[]; . == null) then null else ($r | min) end) as $v
         | {target: "\($a) throughput >= \($b) (same cipher), lowest of the four configurations",
            value: $v, unit: "ratio", pass: (if $v == null then null else $v >= 1 end)}]
+      + [select($present | index("brokerproxy-tls") and index("haproxy-tls"))
+        | ([$cfgs[].config as $c | ratio(tput("brokerproxy-tls"; $c); tput("haproxy-tls"; $c))]) as $r
+        | (if any($r[]; . == null) then null else ($r | min) end) as $v
+        | {target: "TLS termination throughput >= 1.2x HAProxy's, lowest of the four configurations",
+           value: $v, unit: "ratio", pass: (if $v == null then null else $v >= 1.2 end)}]
+      + [select($present | index("brokerproxy-tls") and index("haproxy-tls")) | ["c1", "c32"][] as $c
+        | ratio($hsm["brokerproxy-tls"][$c].conns_per_s.median; $hsm["haproxy-tls"][$c].conns_per_s.median) as $r
+        | {target: "TLS handshakes/s \($c) >= 1.2x HAProxy's", value: $r, unit: "ratio",
+           pass: (if $r == null then null else $r >= 1.2 end)}]
+      + [($s.memory | map(select(.peer == "brokerproxy")) | min_by(.sessions)) as $m
+        | ($m.rss_idle_kb // null) as $v
+        | {target: "idle daemon RSS <= 8 MiB", value: (if $v == null then null else $v / 1024 end),
+           unit: "MiB", pass: (if $v == null then null else $v <= 8192 end)}]
       + [($s.memory | map(select(.peer == "brokerproxy")) | max_by(.sessions)) as $m
-        | {target: "daemon memory per idle session at \($m.sessions // "?") sessions <= 2 KiB (\($m.established // 0) established)",
+        | {target: "daemon memory per idle session at \($m.sessions // "?") sessions <= 1 KiB (\($m.established // 0) established)",
            value: ($m.bytes_per_session // null), unit: "bytes",
-           pass: (if $m.bytes_per_session == null then null else $m.bytes_per_session <= 2048 end)}]
+           pass: (if $m.bytes_per_session == null then null else $m.bytes_per_session <= 1024 end)}]
     )
   }
 | {facts: $facts, daemon_stats: $stats, summary: ., runs: $runs}
