@@ -236,11 +236,6 @@ class CaSet {
   std::vector<std::string> older_pem_;  // not current, not expired, newest first
 };
 
-// Writes `data` to `path` through a new file in the same directory (O_CREAT|O_EXCL|O_NOFOLLOW,
-// `mode`), fsync, rename over `path`. So a key file is never readable by others for even a
-// moment, and a symlink planted at the temp name cannot redirect it.
-Status WriteNewFile(const std::string& path, std::string_view data, mode_t mode);
-
 }  // namespace brokerproxy::proxy
 
 #endif  // BROKERPROXY_PROXY_TLS_CERTS_H_
