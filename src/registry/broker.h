@@ -64,6 +64,7 @@
 #include <vector>
 
 #include "loop/handle.h"
+#include "loop/lifetime.h"
 #include "loop/loop.h"
 #include "loop/stream.h"
 #include "loop/timer.h"
@@ -255,8 +256,9 @@ class Broker {
   size_t recheck_next_ = 0;
   std::unordered_map<uint64_t, loop::Pending> cert_jobs_;  // also save-time resolutions
   uint64_t next_cert_job_ = 0;
-  // Lets callbacks that may outlive this object (store commits) see that it is gone.
-  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  // Guards the callbacks that may outlive this object (store commits, signing, cancels); the
+  // last member, so it ends first.
+  loop::Lifetime lifetime_;
 };
 
 }  // namespace brokerproxy::registry
