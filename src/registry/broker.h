@@ -19,7 +19,7 @@
 // The proxy dials a job in any state: a client may connect right after its save, and what the
 // dial finds feeds the state.
 //
-// Replies are always delivered on a later loop turn than the Handle() call (P8).
+// Replies come on a later loop turn than Handle() (docs/ARCHITECTURE.md, "Later, never inside").
 //
 // Job ids in requests may be spelt in any case; Handle() makes them canonical (job.h) before
 // anything else, so every op acts on, and every reply shows, the registry's one spelling.

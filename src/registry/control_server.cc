@@ -380,7 +380,8 @@ void ControlServer::CloseClient(Client* c) {
   c->pipe->ReadStop();
   c->idle->Stop();
   CancelRequest(c);
-  // Not inline: the caller may be a callback of this client still on the stack (P8).
+  // Not inline: the caller may be a callback of this client still on the stack
+  // (docs/ARCHITECTURE.md, "Later, never inside").
   loop_->Defer(lifetime_.Guard([this, id = c->id] { Drop(id); }));
 }
 
