@@ -2,6 +2,7 @@
 
 #include <netdb.h>
 #include <netinet/in.h>
+#include <openssl/crypto.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -24,6 +25,7 @@
 #include <set>
 
 #include "loop/address.h"
+#include "loop/file.h"
 #include "loop/handle.h"
 #include "loop/loop.h"
 #include "loop/process.h"
@@ -176,48 +178,52 @@ Status MakePrivateDirs(const std::string& path) {
   return Status::OK();
 }
 
-// The key and certificate files of an ssl job, on the client side. The new key waits under a
-// temporary name until the broker accepted the job, so a refused save (another user's id, a
-// daemon that is down) leaves the key of an earlier save of the same job in place.
+// The key and certificate files of an ssl job, on the client side. The new key waits in memory
+// until the broker accepted the job, so a refused save (another user's id, a daemon that is
+// down) leaves the key of an earlier save of the same job in place; each file is then written
+// with loop::WriteFileAtomic.
 struct JobKeyFiles {
   std::string cert_path;
   std::string key_path;
-  std::string pending_key_path;
+  std::string pending_key_pem;
   std::string csr_pem;
 
-  // Moves the new key into place.
+  // Writes the new key into place.
   Status Commit() {
-    if (::rename(pending_key_path.c_str(), key_path.c_str()) != 0) {
-      return PosixError("cannot rename " + pending_key_path + " to " + key_path, errno);
-    }
-    pending_key_path.clear();
+    BP_RETURN_IF_ERROR(loop::WriteFileAtomic(key_path, pending_key_pem, 0600));
+    Discard();
     return Status::OK();
   }
-  void Discard() const {
-    if (!pending_key_path.empty()) ::unlink(pending_key_path.c_str());
+  // Forgets the new key (its bytes too: it is a private key).
+  void Discard() {
+    OPENSSL_cleanse(pending_key_pem.data(), pending_key_pem.size());
+    pending_key_pem.clear();
   }
-  void Remove() const {
+  void Remove() {
     Discard();
     ::unlink(key_path.c_str());
     ::unlink(cert_path.c_str());
   }
 };
 
-// Creates the job's key (0600) in `dir` and a CSR for it. The key never leaves this machine.
+// Creates the job's key and a CSR for it, and checks that `dir` can take the files. The key never
+// leaves this machine.
 Result<JobKeyFiles> PrepareJobKey(const std::string& dir_arg, const std::string& job_id) {
   std::string dir = dir_arg.empty() ? DefaultCertDir() : dir_arg;
   if (dir.empty()) return Status::InvalidArgument("no certificate directory: pass --cert-dir");
   BP_RETURN_IF_ERROR(MakePrivateDirs(dir));
   char real[PATH_MAX];
   if (::realpath(dir.c_str(), real) == nullptr) return PosixError("cannot resolve " + dir, errno);
+  // A directory the files cannot go to is refused before anything is saved.
+  if (::access(real, W_OK | X_OK) != 0)
+    return PosixError("cannot write to " + std::string(real), errno);
   auto key = proxy::GenerateKeyAndCsr(job_id);
   if (!key.ok()) return key.status();
   JobKeyFiles files;
   files.key_path = std::string(real) + "/" + job_id + ".key";
   files.cert_path = std::string(real) + "/" + job_id + ".crt";
-  files.pending_key_path = files.key_path + ".pending-" + std::to_string(::getpid());
+  files.pending_key_pem = std::move(key->key_pem);
   files.csr_pem = std::move(key->csr_pem);
-  BP_RETURN_IF_ERROR(proxy::WriteNewFile(files.pending_key_path, key->key_pem, 0600));
   return files;
 }
 
@@ -734,7 +740,7 @@ Status RunSave(const Config& config, BrokerClient* client, const SaveArgs& args,
     std::string cert_pem = StringField(reply->get(), "cert_pem");
     Status s = cert_pem.empty() ? Status::IOError("the broker's reply has no certificate")
                                 : key_files->Commit();
-    if (s.ok()) s = proxy::WriteNewFile(key_files->cert_path, cert_pem, 0644);
+    if (s.ok()) s = loop::WriteFileAtomic(key_files->cert_path, cert_pem, 0644);
     if (!s.ok()) {
       (void)remove_job(job->job);  // nothing may point at files that are not there
       key_files->Remove();

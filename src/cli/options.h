@@ -92,6 +92,8 @@ struct Config {
 
   // Where the values came from, for messages ("built-in defaults" or the file path).
   std::string source = "built-in defaults";
+
+  bool operator==(const Config&) const = default;
 };
 
 enum class OptionType {

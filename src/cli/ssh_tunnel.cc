@@ -11,6 +11,7 @@
 #include "cli/tunnel.h"
 #include "loop/address.h"
 #include "loop/handle.h"
+#include "loop/lifetime.h"
 #include "loop/log.h"
 #include "loop/timer.h"
 #include "proxy/transport/ssh_splice.h"
@@ -68,7 +69,7 @@ class SshPath final : public ProxyPath {
         on_lost_(std::move(on_lost)) {}
 
   ~SshPath() override {
-    *alive_ = false;
+    lifetime_.End();
     // Tunnels are owned by `connect` and must be gone already; drop any stragglers' link.
     for (SshTunnel* t : tunnels_) t->Fail(Status::Unavailable("shutting down"));
     transport_.reset();
@@ -115,10 +116,10 @@ class SshPath final : public ProxyPath {
     for (SshTunnel* t : tunnels_) {
       if (t->finished() && !t->completed()) finished.push_back(t);
     }
-    std::weak_ptr<bool> alive = alive_;
+    loop::Lifetime::Weak alive = lifetime_.weak();
     for (SshTunnel* t : finished) {
       t->Complete();  // may destroy t (only t)
-      if (alive.expired()) return;
+      if (!alive.alive()) return;
     }
     if (!lost_.ok()) {
       if (on_lost_) {
@@ -133,10 +134,7 @@ class SshPath final : public ProxyPath {
 
   // Runs Service() on a later loop turn.
   void Kick() {
-    std::weak_ptr<bool> alive = alive_;
-    loop_->Defer([this, alive] {
-      if (!alive.expired()) Service();
-    });
+    loop_->Defer(lifetime_.Guard([this] { Service(); }));
   }
 
   void Unregister(SshTunnel* t) { std::erase(tunnels_, t); }
@@ -153,7 +151,7 @@ class SshPath final : public ProxyPath {
   std::vector<SshTunnel*> tunnels_;
   Status lost_;
   bool in_service_ = false;
-  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  loop::Lifetime lifetime_;  // last member: ends first
 };
 
 SshTunnel::SshTunnel(SshPath* path, proxy::Relay::Side local, std::string replay,

@@ -16,6 +16,7 @@
 
 #include "cli/control_client.h"
 #include "loop/address.h"
+#include "loop/file.h"
 #include "registry/snapshot.h"
 
 #include "loop/handle.h"
@@ -403,7 +404,7 @@ Status CaPins::Add(const std::string& address, const std::string& sha256) const 
   std::string data = text->value_or("");
   if (!data.empty() && data.back() != '\n') data += '\n';
   data += address + " SHA256:" + sha256 + "\n";
-  return registry::WriteFileAtomic(path_, data, 0600);
+  return loop::WriteFileAtomic(path_, data, 0600);
 }
 
 std::unique_ptr<ProxyPath> NewTlsPath(loop::Reactor* reactor, proxy::SslCtxPtr ctx,

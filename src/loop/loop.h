@@ -48,9 +48,9 @@ class Loop {
   // The loop's cached time in milliseconds (monotonic).
   uint64_t Now() const { return uv_now(&loop_); }
 
-  // Runs `fn` on a later loop iteration, never inside this call. Functions deferred while the
-  // queue runs wait for the next iteration. Used to destroy objects outside their own callback
-  // stack and to deliver results that are known at once without re-entering the caller (P8).
+  // Runs `fn` on a later loop iteration, never inside this call; deferred while the queue runs,
+  // it waits for the next. Used to destroy objects outside their own callback stack and to
+  // deliver results known at once (docs/ARCHITECTURE.md, "Later, never inside").
   void Defer(std::function<void()> fn);
 
   // Closes internal handles, runs the loop until every pending close callback has fired and

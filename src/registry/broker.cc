@@ -86,7 +86,7 @@ Broker::Broker(loop::Loop* loop, Registry* registry, Store* store, Options optio
       options_(options),
       clock_(std::move(clock)) {}
 
-Broker::~Broker() { *alive_ = false; }
+Broker::~Broker() { lifetime_.End(); }
 
 Status Broker::Start() {
   auto t = loop::Timer::Create(*loop_);
@@ -366,16 +366,16 @@ void Broker::SaveChecked(Request req, uid_t caller, Reply reply) {
   std::string csr = req.csr;
   cert_jobs_[key] =
       cert_issuer_(draft, csr,
-                   [this, alive = std::weak_ptr<bool>(alive_), key, req = std::move(req), caller,
-                    reply](Result<IssuedCert> cert) mutable {
-                     if (alive.expired()) return;  // signing reports even after the broker went
+                   // Signing reports even after the broker went: guarded.
+                   lifetime_.Guard([this, key, req = std::move(req), caller,
+                                    reply](Result<IssuedCert> cert) mutable {
                      cert_jobs_.erase(key);
                      if (!cert.ok()) {
                        reply(EncodeError(cert.status().WithContext("cannot issue a certificate")));
                        return;
                      }
                      Save(std::move(req), caller, std::move(reply), std::move(cert).value());
-                   });
+                   }));
 }
 
 void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCert> cert) {
@@ -384,7 +384,6 @@ void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCe
   req.save.ready = false;
   auto saved = std::make_shared<Job>();
   auto replaced = std::make_shared<std::optional<Job>>();
-  std::weak_ptr<bool> alive = alive_;
   store_->Commit(
       [this, req, caller, saved, replaced]() -> Result<Store::Undo> {
         auto job = registry_->Save(req.save, caller, clock_(), replaced.get());
@@ -395,9 +394,8 @@ void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCe
           if (replaced->has_value()) registry_->Put(**replaced);
         });
       },
-      [this, alive, saved, replaced, caller, cert = std::move(cert),
-       reply = std::move(reply)](Status s) {
-        if (alive.expired()) return;
+      lifetime_.Guard([this, saved, replaced, caller, cert = std::move(cert),
+                       reply = std::move(reply)](Status s) {
         if (!s.ok()) {
           reply(EncodeError(s));
           return;
@@ -416,13 +414,12 @@ void Broker::Save(Request req, uid_t caller, Reply reply, std::optional<IssuedCe
           cJSON_AddStringToObject(body.get(), "ca_pem", cert->ca_pem.c_str());
         }
         reply(EncodeOk(std::move(body)));
-      });
+      }));
 }
 
 void Broker::Remove(const std::string& id, const std::string& if_secret, uid_t caller,
                     Reply reply) {
   auto removed = std::make_shared<Job>();
-  std::weak_ptr<bool> alive = alive_;
   store_->Commit(
       // The secret is checked in the same step as the removal: no save can come in between.
       [this, id, if_secret, caller, removed]() -> Result<Store::Undo> {
@@ -433,8 +430,7 @@ void Broker::Remove(const std::string& id, const std::string& if_secret, uid_t c
         *removed = *job;
         return Store::Undo([this, removed] { registry_->Put(*removed); });
       },
-      [this, alive, removed, caller, reply = std::move(reply)](Status s) {
-        if (alive.expired()) return;
+      lifetime_.Guard([this, removed, caller, reply = std::move(reply)](Status s) {
         if (!s.ok()) {
           reply(EncodeError(s));
           return;
@@ -443,7 +439,7 @@ void Broker::Remove(const std::string& id, const std::string& if_secret, uid_t c
         job_deadlines_.erase(removed->id);
         Forget(removed->id, Status::NotFound("job " + removed->id + " was removed"));
         reply(EncodeOk(JobBody(*removed, SecretField::kOmit, StateOf(*removed))));
-      });
+      }));
 }
 
 Broker::Cancel Broker::Wait(const std::string& id, uid_t caller, int64_t timeout_ms, Reply reply) {
@@ -494,13 +490,11 @@ Broker::Cancel Broker::Wait(const std::string& id, uid_t caller, int64_t timeout
     // `self` (and the running timer's owner) dies here; nothing touches it after
   });
   waiters_.emplace(id, std::move(waiter));
-  std::weak_ptr<bool> alive = alive_;
-  return [this, alive, id, serial = w->serial] {
-    if (alive.expired()) return;
+  return lifetime_.Guard([this, id, serial = w->serial] {
     if (TakeWaiter(id, serial)) {
       LOG_DEBUG("job %s: a wait was cancelled: its client went away", id.c_str());
     }
-  };
+  });
 }
 
 std::unique_ptr<Broker::Waiter> Broker::TakeWaiter(const std::string& id, uint64_t serial) {
@@ -569,7 +563,6 @@ void Broker::SweepExpired() {
   if (ids.empty()) return;
   sweeping_ = true;
   auto removed = std::make_shared<std::vector<Job>>();
-  std::weak_ptr<bool> alive = alive_;
   store_->Commit(
       [this, ids, removed]() -> Result<Store::Undo> {
         int64_t now = clock_();
@@ -583,8 +576,7 @@ void Broker::SweepExpired() {
           for (const auto& job : *removed) registry_->Put(job);
         });
       },
-      [this, alive, removed](Status s) {
-        if (alive.expired()) return;
+      lifetime_.Guard([this, removed](Status s) {
         sweeping_ = false;
         if (!s.ok()) return;  // logged by the store; retried on the next sweep
         for (const auto& job : *removed) {
@@ -592,7 +584,7 @@ void Broker::SweepExpired() {
           job_deadlines_.erase(job.id);
           Forget(job.id, Status::NotFound("job " + job.id + " expired"));
         }
-      });
+      }));
 }
 
 void Broker::RecheckNext() {
@@ -719,7 +711,6 @@ void Broker::Apply(Changes changes, std::function<void(Status, std::vector<std::
   auto shared = std::make_shared<Changes>(std::move(changes));
   auto removed = std::make_shared<std::vector<Job>>();
   auto old_expires = std::make_shared<std::vector<std::pair<std::string, int64_t>>>();
-  std::weak_ptr<bool> alive = alive_;
   store_->Commit(
       [this, shared, removed, old_expires]() -> Result<Store::Undo> {
         removed->clear();
@@ -746,8 +737,7 @@ void Broker::Apply(Changes changes, std::function<void(Status, std::vector<std::
           for (const auto& job : *removed) registry_->Put(job);
         });
       },
-      [this, alive, shared, removed, old_expires, done = std::move(done)](Status s) {
-        if (alive.expired()) return;
+      lifetime_.Guard([this, shared, removed, old_expires, done = std::move(done)](Status s) {
         std::vector<std::string> ids;
         if (!s.ok()) {
           // Logged by the store; the reconciler tries again on its next pass.
@@ -772,7 +762,7 @@ void Broker::Apply(Changes changes, std::function<void(Status, std::vector<std::
           }
         }
         if (done) done(Status::OK(), std::move(ids));
-      });
+      }));
 }
 
 void Broker::Epilog(const std::string& job_id, uid_t caller, Reply reply) {
@@ -962,7 +952,6 @@ void Broker::OnProbeResult(const std::string& id_ref, bool listening) {
     ReleaseWaiters(id, Status::OK());
     return;
   }
-  std::weak_ptr<bool> alive = alive_;
   store_->Commit(
       [this, id]() -> Result<Store::Undo> {
         const Job* job = registry_->Find(id);
@@ -971,8 +960,7 @@ void Broker::OnProbeResult(const std::string& id_ref, bool listening) {
         BP_RETURN_IF_ERROR(registry_->SetReady(id, true));
         return Store::Undo([this, id] { registry_->SetReady(id, false); });
       },
-      [this, alive, id](Status s) {
-        if (alive.expired()) return;
+      lifetime_.Guard([this, id](Status s) {
         if (!s.ok()) {
           if (s.code() != Status::Code::kNotFound) {
             // Not durable yet: look again shortly rather than report a state we lost.
@@ -983,7 +971,7 @@ void Broker::OnProbeResult(const std::string& id_ref, bool listening) {
         }
         LOG_INFO("job %s is ready", id.c_str());
         ReleaseWaiters(id, Status::OK());
-      });
+      }));
 }
 
 }  // namespace brokerproxy::registry

@@ -19,7 +19,7 @@
 // The proxy dials a job in any state: a client may connect right after its save, and what the
 // dial finds feeds the state.
 //
-// Replies are always delivered on a later loop turn than the Handle() call (P8).
+// Replies come on a later loop turn than Handle() (docs/ARCHITECTURE.md, "Later, never inside").
 //
 // Job ids in requests may be spelt in any case; Handle() makes them canonical (job.h) before
 // anything else, so every op acts on, and every reply shows, the registry's one spelling.
@@ -64,6 +64,7 @@
 #include <vector>
 
 #include "loop/handle.h"
+#include "loop/lifetime.h"
 #include "loop/loop.h"
 #include "loop/stream.h"
 #include "loop/timer.h"
@@ -255,8 +256,9 @@ class Broker {
   size_t recheck_next_ = 0;
   std::unordered_map<uint64_t, loop::Pending> cert_jobs_;  // also save-time resolutions
   uint64_t next_cert_job_ = 0;
-  // Lets callbacks that may outlive this object (store commits) see that it is gone.
-  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  // Guards the callbacks that may outlive this object (store commits, signing, cancels); the
+  // last member, so it ends first.
+  loop::Lifetime lifetime_;
 };
 
 }  // namespace brokerproxy::registry

@@ -57,7 +57,7 @@ ControlServer::ControlServer(loop::Loop* loop, Handler handler, Options options)
     : loop_(loop), handler_(std::move(handler)), options_(options) {}
 
 ControlServer::~ControlServer() {
-  *alive_ = false;
+  lifetime_.End();  // closing the clients below must not run their callbacks
   Close();
 }
 
@@ -309,11 +309,10 @@ void ControlServer::ProcessLines(Client* c) {
     c->busy = true;
     c->answered = false;
     c->idle->Stop();  // a "wait" may legitimately take long
-    std::weak_ptr<bool> alive = alive_;
     const uint64_t id = c->id;
-    Cancel cancel = handler_(std::move(req).value(), c->uid, [this, alive, id](std::string reply) {
-      if (!alive.expired()) OnReply(id, std::move(reply));
-    });
+    Cancel cancel =
+        handler_(std::move(req).value(), c->uid,
+                 lifetime_.Guard([this, id](std::string reply) { OnReply(id, std::move(reply)); }));
     auto it = clients_.find(id);
     if (it == clients_.end() || it->second->closing) {
       if (cancel) cancel();  // gone meanwhile
@@ -345,9 +344,7 @@ void ControlServer::OnReply(uint64_t id, std::string line) {
   // its replies holds one of them, not one per request it sends. Not reading it for the idle
   // timeout closes the client.
   c->idle->Start(options_.idle_timeout_ms, [this, c] { CloseClient(c); });
-  std::weak_ptr<bool> alive = alive_;
-  Status s = c->pipe->Write(std::move(line), [this, alive, id](Status written) {
-    if (alive.expired()) return;
+  Status s = c->pipe->Write(std::move(line), lifetime_.Guard([this, id](Status written) {
     auto it = clients_.find(id);
     if (it == clients_.end() || it->second->closing) return;
     Client* c = it->second.get();
@@ -358,7 +355,7 @@ void ControlServer::OnReply(uint64_t id, std::string line) {
     c->busy = false;
     c->idle->Stop();
     ProcessLines(c);
-  });
+  }));
   if (!s.ok()) CloseClient(c);
 }
 
@@ -368,16 +365,9 @@ void ControlServer::MaybeFinish(Client* c) {
   if (c->closing) return;
   c->closing = true;
   c->pipe->ReadStop();
-  c->idle->Start(options_.idle_timeout_ms, [this, id = c->id] {
-    loop_->Defer([this, alive = std::weak_ptr<bool>(alive_), id] {
-      if (!alive.expired()) Drop(id);
-    });
-  });
-  std::weak_ptr<bool> alive = alive_;
-  Status s = c->pipe->Shutdown([this, alive, id = c->id](Status) {
-    if (alive.expired()) return;
-    Drop(id);
-  });
+  c->idle->Start(options_.idle_timeout_ms,
+                 [this, id = c->id] { loop_->Defer(lifetime_.Guard([this, id] { Drop(id); })); });
+  Status s = c->pipe->Shutdown(lifetime_.Guard([this, id = c->id](Status) { Drop(id); }));
   if (!s.ok()) {
     c->closing = false;
     CloseClient(c);
@@ -390,11 +380,9 @@ void ControlServer::CloseClient(Client* c) {
   c->pipe->ReadStop();
   c->idle->Stop();
   CancelRequest(c);
-  // Not inline: the caller may be a callback of this client still on the stack (P8).
-  std::weak_ptr<bool> alive = alive_;
-  loop_->Defer([this, alive, id = c->id] {
-    if (!alive.expired()) Drop(id);
-  });
+  // Not inline: the caller may be a callback of this client still on the stack
+  // (docs/ARCHITECTURE.md, "Later, never inside").
+  loop_->Defer(lifetime_.Guard([this, id = c->id] { Drop(id); }));
 }
 
 void ControlServer::CancelRequest(Client* c) {

@@ -37,6 +37,7 @@
 #include <unordered_map>
 
 #include "loop/handle.h"
+#include "loop/lifetime.h"
 #include "loop/loop.h"
 #include "loop/stream.h"
 #include "loop/timer.h"
@@ -117,7 +118,7 @@ class ControlServer {
   size_t lingering_ = 0;
   std::unordered_map<uid_t, uint64_t> last_refusal_log_;  // loop time of the last log line
   uint64_t next_id_ = 1;
-  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  loop::Lifetime lifetime_;  // guards the callbacks handed out; last member: ends first
 };
 
 }  // namespace brokerproxy::registry

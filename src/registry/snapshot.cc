@@ -43,47 +43,6 @@ std::string JobLabel(size_t index, const std::string& id) {
   return label;
 }
 
-// ---- Files ----
-
-Status WriteAll(int fd, std::string_view data, const std::string& path) {
-  while (!data.empty()) {
-    ssize_t n = write(fd, data.data(), data.size());
-    if (n < 0) {
-      if (errno == EINTR) {
-        continue;
-      }
-      return PosixError("cannot write " + path, errno);
-    }
-    if (n == 0) {
-      return Status::IOError("cannot write " + path + ": write() wrote nothing");
-    }
-    data.remove_prefix(static_cast<size_t>(n));
-  }
-  return Status::OK();
-}
-
-std::string DirName(const std::string& path) {
-  size_t slash = path.rfind('/');
-  if (slash == std::string::npos) {
-    return ".";
-  }
-  return slash == 0 ? "/" : path.substr(0, slash);
-}
-
-// Makes a rename in `dir` durable.
-Status SyncDirectory(const std::string& dir) {
-  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) {
-    return PosixError("cannot open directory " + dir, errno);
-  }
-  Status status;
-  if (fsync(fd) != 0) {
-    status = PosixError("cannot sync directory " + dir, errno);
-  }
-  close(fd);
-  return status;
-}
-
 }  // namespace
 
 std::string EncodeSnapshot(const std::vector<const Job*>& jobs) {
@@ -153,40 +112,6 @@ Result<std::vector<Job>> DecodeSnapshot(std::string_view data) {
     out.push_back(std::move(job));
   }
   return out;
-}
-
-Status WriteFileAtomic(const std::string& path, std::string_view data, mode_t mode) {
-  const std::string tmp = path + ".tmp";
-  // A temp file left by a crash goes first. Then the file is created afresh: O_EXCL and
-  // O_NOFOLLOW never open a file or follow a symlink that someone else planted under that name
-  // (unlink removes a symlink itself, not its target).
-  unlink(tmp.c_str());
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
-  if (fd < 0) {
-    return PosixError("cannot create " + tmp, errno);
-  }
-  // open() applied the umask: set the mode exactly.
-  Status status;
-  if (fchmod(fd, mode) != 0) {
-    status = PosixError("cannot chmod " + tmp, errno);
-  }
-  if (status.ok()) {
-    status = WriteAll(fd, data, tmp);
-  }
-  if (status.ok() && fsync(fd) != 0) {
-    status = PosixError("cannot sync " + tmp, errno);
-  }
-  if (close(fd) != 0 && status.ok()) {
-    status = PosixError("cannot close " + tmp, errno);
-  }
-  if (status.ok() && rename(tmp.c_str(), path.c_str()) != 0) {
-    status = PosixError("cannot rename " + tmp + " to " + path, errno);
-  }
-  if (!status.ok()) {
-    unlink(tmp.c_str());
-    return status;
-  }
-  return SyncDirectory(DirName(path)).WithContext(path);
 }
 
 Result<std::optional<std::string>> ReadFileIfExists(const std::string& path, size_t max_bytes) {

@@ -9,10 +9,9 @@
 // decoder serves start-up and tests; it returns Corruption naming what is wrong, and the
 // daemon refuses to start on it rather than discard jobs.
 //
-// Writes are atomic and durable: write <path>.tmp (mode 0600; created afresh, never through a
-// symlink), fsync, rename over <path>, fsync the directory; the temp file is removed on failure.
-// These functions block: the daemon calls them on the thread pool (registry/store.h), never on the
-// loop thread.
+// The file is written with loop::WriteFileAtomic (loop/file.h: a fresh temp file, fsync, rename,
+// fsync the directory), mode 0600. These functions block: the daemon calls them on the thread
+// pool (registry/store.h), never on the loop thread.
 
 #ifndef BROKERPROXY_REGISTRY_SNAPSHOT_H_
 #define BROKERPROXY_REGISTRY_SNAPSHOT_H_
@@ -39,9 +38,6 @@ std::string EncodeSnapshot(const std::vector<const Job*>& jobs);
 // Every field of every job is checked (types, ranges, ValidJobId, ValidHost, secret format,
 // duplicate ids); the first problem found is reported as Corruption("job 3 (id \"x\"): ...").
 Result<std::vector<Job>> DecodeSnapshot(std::string_view data);
-
-// Atomically replaces `path` with `data` as described above, the file created with `mode`.
-Status WriteFileAtomic(const std::string& path, std::string_view data, mode_t mode);
 
 // Reads a whole file of at most `max_bytes`. nullopt if it does not exist; an error if it
 // cannot be read or is larger.

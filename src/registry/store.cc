@@ -3,6 +3,7 @@
 #include <memory>
 #include <unordered_map>
 
+#include "loop/file.h"
 #include "loop/log.h"
 #include "registry/snapshot.h"
 
@@ -75,7 +76,7 @@ void Store::StartBatch() {
   auto data = std::make_shared<std::string>(EncodeSnapshot(registry_->All()));
   auto result = std::make_shared<Status>();
   write_ = loop::QueueWork(
-      *loop_, [path = path_, data, result] { *result = WriteFileAtomic(path, *data, 0600); },
+      *loop_, [path = path_, data, result] { *result = loop::WriteFileAtomic(path, *data, 0600); },
       [this, result] { FinishBatch(*result); });
 }
 

@@ -1,7 +1,7 @@
 // Store: makes registry changes durable before they are acknowledged.
 //
 // Commit(mutation, done) applies `mutation` to the in-memory Registry on the loop thread, writes
-// the whole registry to disk on the thread pool (snapshot.h: temp file, fsync, rename, fsync
+// the whole registry to disk on the thread pool (loop/file.h: temp file, fsync, rename, fsync
 // dir) and then calls `done(OK)`. If the write fails, the change is undone and `done` gets the
 // error, so the registry in memory never claims what the disk does not hold.
 //

@@ -482,17 +482,5 @@ TEST(ServerCertTest, ReusedWhileValidReissuedWhenNamesOrCaChange) {
   EXPECT_TRUE(reissued);
 }
 
-TEST(WriteNewFileTest, ExactModeAndReplaces) {
-  TempDir dir;
-  mode_t old = umask(0);
-  std::string path = dir / "k.pem";
-  ASSERT_TRUE(WriteNewFile(path, "one", 0600).ok());
-  EXPECT_EQ(ModeOf(path), 0600u);
-  ASSERT_TRUE(WriteNewFile(path, "two", 0600).ok());
-  EXPECT_EQ(ReadFile(path), "two");
-  umask(old);
-  EXPECT_FALSE(WriteNewFile(dir / "missing/k.pem", "x", 0600).ok());
-}
-
 }  // namespace
 }  // namespace brokerproxy::proxy

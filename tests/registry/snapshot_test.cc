@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "loop/file.h"
 #include "registry/registry.h"
 
 namespace brokerproxy::registry {
@@ -426,87 +427,6 @@ class SnapshotFileTest : public ::testing::Test {
   std::string path_;
 };
 
-TEST_F(SnapshotFileTest, WriteReplacesContentAndLeavesNoTempFile) {
-  ASSERT_TRUE(WriteFileAtomic(path_, "one", 0600).ok());
-  EXPECT_EQ(Read(path_), "one");
-  ASSERT_TRUE(WriteFileAtomic(path_, "two, longer", 0600).ok());
-  EXPECT_EQ(Read(path_), "two, longer");
-  ASSERT_TRUE(WriteFileAtomic(path_, "", 0600).ok());
-  EXPECT_EQ(Read(path_), "");
-  EXPECT_EQ(Entries(), (std::vector<std::string>{"registry.json"}));
-}
-
-TEST_F(SnapshotFileTest, ModeIsExactWhateverTheUmask) {
-  for (mode_t mask : {mode_t{0}, mode_t{077}, mode_t{022}}) {
-    const mode_t old_mask = umask(mask);
-    Status status = WriteFileAtomic(path_, "data", 0600);
-    Status wide = WriteFileAtomic(path_ + ".wide", "data", 0644);
-    umask(old_mask);
-    ASSERT_TRUE(status.ok()) << status.ToString();
-    ASSERT_TRUE(wide.ok()) << wide.ToString();
-    EXPECT_EQ(Mode(path_), 0600u) << "umask " << mask;
-    EXPECT_EQ(Mode(path_ + ".wide"), 0644u) << "umask " << mask;
-  }
-}
-
-TEST_F(SnapshotFileTest, StaleTempFileIsReplaced) {
-  const std::string tmp = path_ + ".tmp";
-  FILE* f = std::fopen(tmp.c_str(), "w");
-  ASSERT_NE(f, nullptr);
-  std::fputs("a much longer stale content from a crashed writer", f);
-  std::fclose(f);
-  ASSERT_EQ(chmod(tmp.c_str(), 0666), 0);
-  ASSERT_TRUE(WriteFileAtomic(path_, "new", 0600).ok());
-  EXPECT_EQ(Read(path_), "new");
-  EXPECT_EQ(Mode(path_), 0600u);
-  EXPECT_EQ(Entries(), (std::vector<std::string>{"registry.json"}));
-}
-
-// Another user who could create <path>.tmp must not make the daemon write through it: a
-// symlink planted there is replaced, and its target is left alone.
-TEST_F(SnapshotFileTest, PlantedTempSymlinkIsNotFollowed) {
-  const std::string victim = dir_ + "/victim";
-  FILE* f = std::fopen(victim.c_str(), "w");
-  ASSERT_NE(f, nullptr);
-  std::fputs("precious", f);
-  std::fclose(f);
-  ASSERT_EQ(chmod(victim.c_str(), 0644), 0);
-  ASSERT_EQ(symlink(victim.c_str(), (path_ + ".tmp").c_str()), 0);
-  ASSERT_TRUE(WriteFileAtomic(path_, "new", 0600).ok());
-  EXPECT_EQ(Read(victim), "precious");
-  EXPECT_EQ(Mode(victim), 0644u);
-  EXPECT_EQ(Read(path_), "new");
-  struct stat st {};
-  ASSERT_EQ(lstat(path_.c_str(), &st), 0);
-  EXPECT_TRUE(S_ISREG(st.st_mode)) << "the registry became a symlink";
-}
-
-TEST_F(SnapshotFileTest, MissingDirectoryFailsAndLeavesNothing) {
-  const std::string path = dir_ + "/missing/registry.json";
-  Status status = WriteFileAtomic(path, "data", 0600);
-  ASSERT_FALSE(status.ok());
-  EXPECT_NE(status.message().find(path), std::string::npos) << status.ToString();
-  EXPECT_TRUE(Entries().empty());
-}
-
-TEST_F(SnapshotFileTest, FailedRenameRemovesTheTempFile) {
-  // A non-empty directory where the file should go: the rename fails after the write.
-  ASSERT_TRUE(fs::create_directory(path_));
-  ASSERT_TRUE(WriteFileAtomic(path_ + "/inside", "x", 0600).ok());
-  Status status = WriteFileAtomic(path_, "data", 0600);
-  ASSERT_FALSE(status.ok());
-  EXPECT_NE(status.message().find(path_), std::string::npos) << status.ToString();
-  EXPECT_EQ(Entries(), (std::vector<std::string>{"registry.json"}));
-  EXPECT_TRUE(fs::is_directory(path_));
-}
-
-TEST_F(SnapshotFileTest, FailedWriteKeepsTheOldFile) {
-  ASSERT_TRUE(WriteFileAtomic(path_, "old", 0600).ok());
-  ASSERT_TRUE(fs::create_directory(path_ + ".tmp"));  // the temp file cannot be created
-  EXPECT_FALSE(WriteFileAtomic(path_, "new", 0600).ok());
-  EXPECT_EQ(Read(path_), "old");
-}
-
 TEST_F(SnapshotFileTest, ReadMissingFileIsNullopt) {
   Result<std::optional<std::string>> data = ReadFileIfExists(path_, 100);
   ASSERT_TRUE(data.ok()) << data.status().ToString();
@@ -516,7 +436,7 @@ TEST_F(SnapshotFileTest, ReadMissingFileIsNullopt) {
 TEST_F(SnapshotFileTest, ReadReturnsTheWholeFileUpToTheLimit) {
   std::string content(200'000, 'x');
   content[123'456] = '\0';  // binary-safe
-  ASSERT_TRUE(WriteFileAtomic(path_, content, 0600).ok());
+  ASSERT_TRUE(loop::WriteFileAtomic(path_, content, 0600).ok());
   Result<std::optional<std::string>> data = ReadFileIfExists(path_, content.size());
   ASSERT_TRUE(data.ok()) << data.status().ToString();
   ASSERT_TRUE(data->has_value());
@@ -534,7 +454,7 @@ TEST_F(SnapshotFileTest, ReadDirectoryIsAnError) {
 
 TEST_F(SnapshotFileTest, SnapshotSurvivesTheDisk) {
   const std::vector<Job> jobs = SampleJobs();
-  ASSERT_TRUE(WriteFileAtomic(path_, EncodeSnapshot(Pointers(jobs)), 0600).ok());
+  ASSERT_TRUE(loop::WriteFileAtomic(path_, EncodeSnapshot(Pointers(jobs)), 0600).ok());
   Result<std::optional<std::string>> data = ReadFileIfExists(path_, kMaxSnapshotBytes);
   ASSERT_TRUE(data.ok() && data->has_value());
   Result<std::vector<Job>> decoded = DecodeSnapshot(**data);

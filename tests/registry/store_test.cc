@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include "loop/file.h"
 #include "registry/snapshot.h"
 
 namespace brokerproxy::registry {
@@ -102,7 +103,7 @@ TEST_F(StoreTest, InvalidMutationIsAnsweredAndSkipped) {
 TEST_F(StoreTest, MissingFileIsAnEmptyRegistryDamagedOneIsRefused) {
   EXPECT_TRUE(Store::Load(dir_ + "/none.json", &registry_).ok());
   std::string path = dir_ + "/bad.json";
-  ASSERT_TRUE(WriteFileAtomic(path, "{\"format\":1,", 0600).ok());
+  ASSERT_TRUE(loop::WriteFileAtomic(path, "{\"format\":1,", 0600).ok());
   Status s = Store::Load(path, &registry_);
   EXPECT_EQ(s.code(), Status::Code::kCorruption);
   EXPECT_NE(s.message().find(path), std::string::npos);
@@ -128,7 +129,7 @@ TEST_F(StoreTest, IdsThatDifferOnlyInCaseLoadAsOneJobTheEarliest) {
   Job late_lower = job("xy", 1001, 60, 'd');
   Job other = job("other", 1001, 10, 'e');
   std::string path = dir_ + "/old.json";
-  ASSERT_TRUE(WriteFileAtomic(
+  ASSERT_TRUE(loop::WriteFileAtomic(
                   path, EncodeSnapshot({&squatter, &late_upper, &owner, &other, &late_lower}), 0600)
                   .ok());
   Status s = Store::Load(path, &registry_);

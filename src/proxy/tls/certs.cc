@@ -18,6 +18,7 @@
 #include <cstring>
 #include <set>
 
+#include "loop/file.h"
 #include "loop/log.h"
 #include "registry/snapshot.h"
 
@@ -52,12 +53,6 @@ Result<EvpPkeyPtr> NewP256Key() {
   EvpPkeyPtr key(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256"));
   if (!key) return SslError("generating an ECDSA P-256 key");
   return key;
-}
-
-std::string DirName(const std::string& path) {
-  size_t slash = path.rfind('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
 }
 
 std::string Lower(std::string_view s) {
@@ -594,7 +589,7 @@ Result<std::unique_ptr<CaSet>> CaSet::LoadOrCreate(Options options, int64_t now)
       size_t at = (*key_text)->find("-----BEGIN CERTIFICATE-----");
       if (at != std::string::npos) {
         std::string copy = (*key_text)->substr(at);
-        BP_RETURN_IF_ERROR(WriteNewFile(cert_path, copy, 0644));
+        BP_RETURN_IF_ERROR(loop::WriteFileAtomic(cert_path, copy, 0644));
         LOG_WARN("restored the CA certificate %s from the copy in %s", cert_path.c_str(),
                  key_path.c_str());
         *cert_text = std::move(copy);
@@ -712,15 +707,15 @@ Result<bool> CaSet::Maintain(int64_t now, const CaConstraints& constraints) {
     // certificate in the new bundle.
     if (first) {
       BP_RETURN_IF_ERROR(
-          WriteNewFile(options_.key_path, current->key_pem() + current->cert_pem(), 0600));
+          loop::WriteFileAtomic(options_.key_path, current->key_pem() + current->cert_pem(), 0600));
     }
-    Status s = WriteNewFile(options_.cert_path, bundle, 0644);
+    Status s = loop::WriteFileAtomic(options_.cert_path, bundle, 0644);
     if (!s.ok()) {
       if (first) ::unlink(options_.key_path.c_str());
       return s;
     }
     if (!first && !reason.empty()) {
-      BP_RETURN_IF_ERROR(WriteNewFile(options_.key_path, current->key_pem(), 0600));
+      BP_RETURN_IF_ERROR(loop::WriteFileAtomic(options_.key_path, current->key_pem(), 0600));
     }
   }
   if (!reason.empty()) {
@@ -780,8 +775,8 @@ Result<KeyAndCert> LoadOrIssueServerCert(const CertificateAuthority& ca,
   }
   auto issued = ca.IssueWithNewKey(profile);
   if (!issued.ok()) return issued.status();
-  BP_RETURN_IF_ERROR(WriteNewFile(key_path, issued->key_pem, 0600));
-  BP_RETURN_IF_ERROR(WriteNewFile(cert_path, issued->cert_pem, 0644));
+  BP_RETURN_IF_ERROR(loop::WriteFileAtomic(key_path, issued->key_pem, 0600));
+  BP_RETURN_IF_ERROR(loop::WriteFileAtomic(cert_path, issued->cert_pem, 0644));
   *reissued = true;
   return issued;
 }
@@ -914,46 +909,6 @@ Status VerifyAgainstCa(X509* leaf, X509* ca) {
   X509_STORE_free(store);
   ERR_clear_error();
   return result;
-}
-
-Status WriteNewFile(const std::string& path, std::string_view data, mode_t mode) {
-  unsigned char rnd[6];
-  if (RAND_bytes(rnd, sizeof(rnd)) != 1) return SslError("random file name");
-  std::string tmp = path + ".tmp-";
-  static const char kHex[] = "0123456789abcdef";
-  for (unsigned char b : rnd) {
-    tmp += kHex[b >> 4];
-    tmp += kHex[b & 15];
-  }
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
-  if (fd < 0) return PosixError("cannot create " + tmp, errno);
-  Status status;
-  if (::fchmod(fd, mode) != 0) status = PosixError("cannot chmod " + tmp, errno);  // umask
-  size_t off = 0;
-  while (status.ok() && off < data.size()) {
-    ssize_t n = ::write(fd, data.data() + off, data.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      status = PosixError("cannot write " + tmp, errno);
-      break;
-    }
-    off += static_cast<size_t>(n);
-  }
-  if (status.ok() && ::fsync(fd) != 0) status = PosixError("cannot sync " + tmp, errno);
-  if (::close(fd) != 0 && status.ok()) status = PosixError("cannot close " + tmp, errno);
-  if (status.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
-    status = PosixError("cannot rename " + tmp + " to " + path, errno);
-  }
-  if (!status.ok()) {
-    ::unlink(tmp.c_str());
-    return status;
-  }
-  int dir = ::open(DirName(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir >= 0) {
-    (void)::fsync(dir);
-    ::close(dir);
-  }
-  return Status::OK();
 }
 
 }  // namespace brokerproxy::proxy

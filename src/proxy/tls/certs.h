@@ -1,6 +1,6 @@
 // Certificates: the broker's CA, the certificates it issues, and the client side's key + CSR.
 //
-// Who holds a job's private key (issue 5): the job's user, never the daemon. `save ssl` runs
+// Who holds a job's private key: the job's user, never the daemon. `save ssl` runs
 // where the service runs (a compute node, possibly reaching the login node over SSH), so the
 // CLI creates an ECDSA P-256 key there, writes it itself (mode 0600, owned by the user) and
 // sends only a certificate signing request. The daemon checks the CSR's signature (proof that
@@ -8,7 +8,8 @@
 // and subjectAltNames come from the daemon (JobLeafProfile: the job's own name and nothing
 // else), never from the CSR, so nobody can obtain a certificate for another job's name. The key
 // never crosses a socket, the daemon (root on a login node) never writes files into a user's
-// directory, and no file ownership has to be arranged.
+// directory, and no file ownership has to be arranged (docs/ARCHITECTURE.md, "The daemon holds
+// no job's private key").
 //
 // Certificate profiles (docs/libraries.md, "Keys and certificates"; ECDSA P-256 everywhere,
 // because browsers refuse Ed25519 certificates):
@@ -235,11 +236,6 @@ class CaSet {
   std::shared_ptr<const CertificateAuthority> current_;
   std::vector<std::string> older_pem_;  // not current, not expired, newest first
 };
-
-// Writes `data` to `path` through a new file in the same directory (O_CREAT|O_EXCL|O_NOFOLLOW,
-// `mode`), fsync, rename over `path`. So a key file is never readable by others for even a
-// moment, and a symlink planted at the temp name cannot redirect it.
-Status WriteNewFile(const std::string& path, std::string_view data, mode_t mode);
 
 }  // namespace brokerproxy::proxy
 
