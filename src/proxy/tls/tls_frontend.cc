@@ -196,12 +196,21 @@ void TlsConnection::StartTermination() {
     FailHello("cannot create a TLS session", kAlertInternalError);
     return;
   }
+  // TLS runs on the reactor: the client's socket joins it (the ClientHello read so far goes
+  // to OpenSSL first).
+  auto client = ToIo(*proxy_->reactor(), std::move(client_));
+  if (!client.ok()) {
+    std::string reason = client.status().message();
+    Finish(reason.c_str());
+    return;
+  }
   state_ = State::kHandshake;
   TlsRelay::Callbacks cb;
   cb.on_data = [this] { OnPlaintext(); };
   cb.on_done = [this](Status s) { OnTlsDone(std::move(s)); };
-  tls_ = std::make_unique<TlsRelay>(TlsRelay::Role::kServer, std::move(ssl), std::move(client_),
-                                    std::move(hello_), "client", std::move(cb));
+  tls_ =
+      std::make_unique<TlsRelay>(TlsRelay::Role::kServer, std::move(ssl), std::move(client).value(),
+                                 std::move(hello_), "client", std::move(cb));
   tls_->Start();
 }
 
@@ -265,15 +274,9 @@ void TlsConnection::OnTerminatedBackend(Result<loop::IoHandle> backend) {
     Finish(reason.c_str());
     return;
   }
-  auto poll = ToPoll(*proxy_->loop(), std::move(backend).value());
-  if (!poll.ok()) {
-    std::string reason = poll.status().message();
-    Finish(reason.c_str());
-    return;
-  }
   state_ = State::kRelaying;
   StartSplicing();
-  tls_->Attach(PollSide{std::move(poll).value(), nullptr}, "backend");
+  tls_->Attach(Relay::Side{std::move(backend).value()}, "backend", proxy_->pipes());
   dialer_.reset();
 }
 
