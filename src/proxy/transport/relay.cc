@@ -404,12 +404,6 @@ Result<PollSide> ToPolls(loop::Loop& loop, Relay::Side side) {
   return out;
 }
 
-Result<loop::IoHandle> ToIo(loop::Reactor& reactor, loop::HandlePtr<loop::Poll> poll) {
-  int fd = poll->ReleaseFd();
-  poll.reset();  // leaves libuv's epoll set before joining ours
-  return reactor.Add(fd, nullptr);
-}
-
 // ---- socket helpers ----
 
 void TuneTcpSocket(int fd, int keepalive_s) {

@@ -176,16 +176,14 @@ class Relay {
 // The transport of a side: a socket, or a stdio pair.
 std::unique_ptr<Transport> SideTransport(Relay::Side side);
 
-// A side as level-triggered libuv polls, for relays that move bytes in user space (TLS,
-// SSH channels): the fds leave the reactor, and the polls see whatever is pending.
+// A side as level-triggered libuv polls, for the SSH channel splice (until it is a transport of
+// the pump): the fds leave the reactor, and the polls see whatever is pending.
 struct PollSide {
   loop::HandlePtr<loop::Poll> in;
   loop::HandlePtr<loop::Poll> out;  // null: same as `in`
 };
 Result<PollSide> ToPolls(loop::Loop& loop, Relay::Side side);
 Result<loop::HandlePtr<loop::Poll>> ToPoll(loop::Loop& loop, loop::IoHandle io);
-// And back: a socket a Poll watched, registered in `reactor` instead.
-Result<loop::IoHandle> ToIo(loop::Reactor& reactor, loop::HandlePtr<loop::Poll> poll);
 
 // Shared socket helpers for the proxy and the client.
 // TCP_NODELAY and keepalive (first probe after `keepalive_s` idle seconds; 0 = off) on a TCP
