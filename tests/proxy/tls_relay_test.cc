@@ -289,6 +289,54 @@ TEST_F(TlsRelayTest, EofWithoutCloseNotifyIsATruncation) {
   close(local.test_fd);
 }
 
+// A TLS peer that keeps asking for KeyUpdates and never reads: every request makes an answer,
+// which waits in the socket, then in the transport's write buffer up to its bound; then the
+// relay stops reading that peer instead of buffering more answers.
+TEST_F(TlsRelayTest, APeerThatNeverReadsCannotGrowTheProtocolAnswers) {
+  Pair tls = SocketPair();
+  TlsRelay::Callbacks s;
+  s.on_done = [this](Status st) {
+    server_status_ = st;
+    server_done_ = true;
+  };
+  server_ = std::make_unique<TlsRelay>(TlsRelay::Role::kServer, SslPtr(SSL_new(server_ctx_.get())),
+                                       IoOf(tls.relay_fd), std::string(), "client", s);
+  server_->Start();
+  timeval timeout{1, 0};  // the attacker's send gives up once the relay stops reading
+  setsockopt(tls.test_fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+  std::atomic<bool> attacker_done{false};
+  std::atomic<int> requests{0};
+  constexpr int kRequests = 100000;  // ~2.7 MB of answers if they were all buffered
+  std::thread attacker([&] {
+    SslPtr c(SSL_new(client_ctx_.get()));
+    if (SetClientPeerName(c.get(), "localhost").ok() && SSL_set_fd(c.get(), tls.test_fd) == 1 &&
+        SSL_connect(c.get()) == 1) {
+      int i = 0;
+      for (; i < kRequests; ++i) {
+        if (SSL_key_update(c.get(), SSL_KEY_UPDATE_REQUESTED) != 1) break;
+        if (SSL_do_handshake(c.get()) != 1) break;  // sends it; never reads the answers
+      }
+      requests = i;
+    }
+    attacker_done = true;
+  });
+  size_t peak = 0;
+  bool ok = RunUntil([&] {
+    if (server_) peak = std::max(peak, server_->buffered());
+    return attacker_done.load();
+  });
+  if (!ok) shutdown(tls.test_fd, SHUT_RDWR);
+  attacker.join();
+  EXPECT_TRUE(ok);
+  EXPECT_TRUE(server_->handshake_done());
+  EXPECT_GT(requests.load(), 0);
+  EXPECT_LT(requests.load(), kRequests) << "the relay read every request";
+  EXPECT_LT(peak, kBound);
+  std::printf("[ metric ] KeyUpdate flood: %d requests sent, peak buffered %zu KiB\n",
+              requests.load(), peak / 1024);
+  close(tls.test_fd);
+}
+
 // A slow plaintext reader behind TLS <-> plain pumps: everything arrives, intact, and neither
 // relay ever holds more than its bound meanwhile (the pump stops reading TLS, which stops the
 // peer's writes).
