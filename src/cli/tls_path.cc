@@ -94,13 +94,8 @@ void TlsTunnel::OnConnected(Result<loop::IoHandle> io) {
     Finish(Status::Unavailable("cannot reach the proxy: " + io.status().message()));
     return;
   }
-  // TLS moves bytes in user space, on a level-triggered poll.
-  auto upstream = proxy::ToPoll(*path_->ep_.loop, std::move(io).value());
-  if (!upstream.ok()) {
-    Finish(upstream.status());
-    return;
-  }
-  proxy::TuneTcpSocket((*upstream)->fd(), 60);
+  loop::IoHandle upstream = std::move(io).value();
+  proxy::TuneTcpSocket(upstream.fd(), 60);
   ERR_clear_error();
   proxy::SslPtr ssl(SSL_new(path_->ctx_.get()));
   if (!ssl) {
@@ -116,9 +111,9 @@ void TlsTunnel::OnConnected(Result<loop::IoHandle> io) {
   cb.on_handshake = [this] { OnHandshake(); };
   cb.on_data = [this] { OnData(); };
   cb.on_done = [this](Status st) { Finish(std::move(st)); };
-  tls_ = std::make_unique<proxy::TlsRelay>(proxy::TlsRelay::Role::kClient, std::move(ssl),
-                                           std::move(upstream).value(), std::string(), "proxy",
-                                           std::move(cb));
+  tls_ =
+      std::make_unique<proxy::TlsRelay>(proxy::TlsRelay::Role::kClient, std::move(ssl),
+                                        std::move(upstream), std::string(), "proxy", std::move(cb));
   tls_->Start();
 }
 
@@ -175,12 +170,7 @@ void TlsTunnel::OnData() {
     }
   }
   relaying_ = true;
-  auto local = proxy::ToPolls(*path_->ep_.loop, std::move(local_));
-  if (!local.ok()) {
-    Finish(local.status());
-    return;
-  }
-  tls_->Attach(std::move(local).value(), "local connection");
+  tls_->Attach(std::move(local_), "local connection");
 }
 
 void TlsTunnel::Finish(Status status) {

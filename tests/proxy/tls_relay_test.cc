@@ -1,7 +1,8 @@
 // TlsRelay on a real loop with socket pairs: a server relay and a client relay talk TLS to each
 // other, each relaying to a plaintext socket driven by a test thread. Checks the handshake,
 // the pre-Attach line exchange, half-close mapping, truncation, and the buffer bound under a
-// stalled reader.
+// stalled or slow reader; and that plain and TLS transports half-close the same way through
+// the one pump.
 
 #include "proxy/transport/tls_relay.h"
 
@@ -13,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <thread>
 
 #include "e2e/harness.h"
@@ -27,10 +29,9 @@ using brokerproxy::testing::Pattern;
 using brokerproxy::testing::PatternHash;
 using brokerproxy::testing::Sha256;
 
-// Everything a relay may hold (tls_relay.h): the ciphertext cap, the plaintext high
-// watermark, one read from each side, the read BIO's limit, and slack for record overhead.
-constexpr size_t kBound = TlsRelay::kMaxNetPending + TlsRelay::kHighWater +
-                          2 * TlsRelay::kReadChunk + TlsRelay::kMaxReadBio + 64 * 1024;
+// Everything a relay may hold (tls_relay.h): the pump's chunk per direction, the transport's
+// read-ahead and write buffers, and slack for one record's overhead.
+constexpr size_t kBound = 2 * PipePool::kBufferSize + 2 * TlsTransport::kBufferSize + 64 * 1024;
 
 struct Pair {
   int relay_fd = -1;  // non-blocking, for the relay
@@ -78,6 +79,9 @@ class TlsRelayTest : public ::testing::Test {
     auto l = loop::Loop::Create();
     ASSERT_TRUE(l.ok());
     loop_ = std::move(l).value();
+    auto r = loop::Reactor::Create(*loop_);
+    ASSERT_TRUE(r.ok());
+    reactor_ = std::move(r).value();
     auto ca = CertificateAuthority::Create("relay test CA");
     ASSERT_TRUE(ca.ok());
     LeafProfile p;
@@ -101,13 +105,14 @@ class TlsRelayTest : public ::testing::Test {
   void TearDown() override {
     server_.reset();
     client_.reset();
+    reactor_.reset();
     tick_.reset();
     loop_->Run(UV_RUN_NOWAIT);
     EXPECT_TRUE(loop_->Close().ok());
   }
 
-  loop::HandlePtr<loop::Poll> PollOf(int fd) {
-    auto p = loop::Poll::Create(*loop_, fd, loop::FdOwnership::kOwned);
+  loop::IoHandle IoOf(int fd) {
+    auto p = reactor_->Add(fd, nullptr);
     EXPECT_TRUE(p.ok());
     return std::move(p).value();
   }
@@ -133,7 +138,7 @@ class TlsRelayTest : public ::testing::Test {
       if (server_->inbox().substr(0, 6) != "HELLO\n") return;
       server_->Consume(6);
       ASSERT_TRUE(server_->Send("WELCOME\n").ok());
-      server_->Attach(PollSide{PollOf(server_plain), nullptr}, "backend");
+      server_->Attach(Relay::Side(IoOf(server_plain)), "backend", &pool_);
     };
     s.on_done = [this](Status st) {
       server_status_ = st;
@@ -141,7 +146,7 @@ class TlsRelayTest : public ::testing::Test {
     };
     server_ =
         std::make_unique<TlsRelay>(TlsRelay::Role::kServer, SslPtr(SSL_new(server_ctx_.get())),
-                                   PollOf(tls.relay_fd), std::string(), "client", s);
+                                   IoOf(tls.relay_fd), std::string(), "client", s);
     SslPtr cssl(SSL_new(client_ctx_.get()));
     ASSERT_TRUE(SetClientPeerName(cssl.get(), "localhost").ok());
     TlsRelay::Callbacks c;
@@ -149,19 +154,21 @@ class TlsRelayTest : public ::testing::Test {
     c.on_data = [this, client_plain] {
       if (client_->inbox().substr(0, 8) != "WELCOME\n") return;
       client_->Consume(8);
-      client_->Attach(PollSide{PollOf(client_plain), nullptr}, "local");
+      client_->Attach(Relay::Side(IoOf(client_plain)), "local");
     };
     c.on_done = [this](Status st) {
       client_status_ = st;
       client_done_ = true;
     };
     client_ = std::make_unique<TlsRelay>(TlsRelay::Role::kClient, std::move(cssl),
-                                         PollOf(tls.test_fd), std::string(), "proxy", c);
+                                         IoOf(tls.test_fd), std::string(), "proxy", c);
     server_->Start();
     client_->Start();
   }
 
   std::unique_ptr<loop::Loop> loop_;
+  std::unique_ptr<loop::Reactor> reactor_;
+  PipePool pool_{1 << 20, 4};
   loop::HandlePtr<loop::Timer> tick_;
   SslCtxPtr server_ctx_;
   SslCtxPtr client_ctx_;
@@ -281,6 +288,183 @@ TEST_F(TlsRelayTest, EofWithoutCloseNotifyIsATruncation) {
   close(backend.test_fd);
   close(local.test_fd);
 }
+
+// A TLS peer that keeps asking for KeyUpdates and never reads: every request makes an answer,
+// which waits in the socket, then in the transport's write buffer up to its bound; then the
+// relay stops reading that peer instead of buffering more answers.
+TEST_F(TlsRelayTest, APeerThatNeverReadsCannotGrowTheProtocolAnswers) {
+  Pair tls = SocketPair();
+  TlsRelay::Callbacks s;
+  s.on_done = [this](Status st) {
+    server_status_ = st;
+    server_done_ = true;
+  };
+  server_ = std::make_unique<TlsRelay>(TlsRelay::Role::kServer, SslPtr(SSL_new(server_ctx_.get())),
+                                       IoOf(tls.relay_fd), std::string(), "client", s);
+  server_->Start();
+  timeval timeout{1, 0};  // the attacker's send gives up once the relay stops reading
+  setsockopt(tls.test_fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+  std::atomic<bool> attacker_done{false};
+  std::atomic<int> requests{0};
+  constexpr int kRequests = 100000;  // ~2.7 MB of answers if they were all buffered
+  std::thread attacker([&] {
+    SslPtr c(SSL_new(client_ctx_.get()));
+    if (SetClientPeerName(c.get(), "localhost").ok() && SSL_set_fd(c.get(), tls.test_fd) == 1 &&
+        SSL_connect(c.get()) == 1) {
+      int i = 0;
+      for (; i < kRequests; ++i) {
+        if (SSL_key_update(c.get(), SSL_KEY_UPDATE_REQUESTED) != 1) break;
+        if (SSL_do_handshake(c.get()) != 1) break;  // sends it; never reads the answers
+      }
+      requests = i;
+    }
+    attacker_done = true;
+  });
+  size_t peak = 0;
+  bool ok = RunUntil([&] {
+    if (server_) peak = std::max(peak, server_->buffered());
+    return attacker_done.load();
+  });
+  if (!ok) shutdown(tls.test_fd, SHUT_RDWR);
+  attacker.join();
+  EXPECT_TRUE(ok);
+  EXPECT_TRUE(server_->handshake_done());
+  EXPECT_GT(requests.load(), 0);
+  EXPECT_LT(requests.load(), kRequests) << "the relay read every request";
+  EXPECT_LT(peak, kBound);
+  std::printf("[ metric ] KeyUpdate flood: %d requests sent, peak buffered %zu KiB\n",
+              requests.load(), peak / 1024);
+  close(tls.test_fd);
+}
+
+// A slow plaintext reader behind TLS <-> plain pumps: everything arrives, intact, and neither
+// relay ever holds more than its bound meanwhile (the pump stops reading TLS, which stops the
+// peer's writes).
+TEST_F(TlsRelayTest, ASlowReaderBehindTlsKeepsEveryBufferBounded) {
+  Pair backend = SocketPair();
+  Pair local = SocketPair();
+  int small = 32 * 1024;
+  setsockopt(local.test_fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+  Connect(backend.relay_fd, local.relay_fd);
+  constexpr uint64_t kBytes = 16 << 20;
+  std::atomic<bool> read_all{false};
+  std::pair<uint64_t, std::string> at_local;
+  std::thread backend_writer([&] { WritePattern(backend.test_fd, kBytes, true); });
+  std::thread slow_reader([&] {
+    Sha256 sha;
+    uint64_t total = 0;
+    std::vector<char> buf(16 * 1024);
+    for (;;) {
+      ssize_t n = recv(local.test_fd, buf.data(), buf.size(), 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      sha.Update(buf.data(), n);
+      total += n;
+      // Slower than the relays: a throttle, not a wait for anything.
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    at_local = {total, sha.Hex()};
+    read_all = true;
+  });
+  size_t peak_server = 0, peak_client = 0;
+  bool ok = RunUntil(
+      [&] {
+        if (server_) peak_server = std::max(peak_server, server_->buffered());
+        if (client_) peak_client = std::max(peak_client, client_->buffered());
+        return read_all.load();
+      },
+      60000);
+  if (!ok) {
+    shutdown(backend.test_fd, SHUT_RDWR);
+    shutdown(local.test_fd, SHUT_RDWR);
+  }
+  backend_writer.join();
+  slow_reader.join();
+  EXPECT_TRUE(ok);
+  EXPECT_EQ(at_local.first, kBytes);
+  EXPECT_EQ(at_local.second, PatternHash(kBytes));
+  EXPECT_GT(server_->pauses() + client_->pauses(), 0u);
+  EXPECT_LT(peak_server, kBound);
+  EXPECT_LT(peak_client, kBound);
+  std::printf("[ metric ] slow reader: peak buffered %zu KiB (server), %zu KiB (client)\n",
+              peak_server / 1024, peak_client / 1024);
+  close(backend.test_fd);
+  close(local.test_fd);
+}
+
+// Half-close each way, through the same pump, for a plain relay and for a TLS pair: the side
+// that ends first gets the other side's answer, which is only sent once the end arrived.
+enum class Kind { kPlain, kTls };
+struct HalfCloseCase {
+  Kind kind;
+  bool local_first;
+};
+
+class PumpHalfCloseTest : public TlsRelayTest,
+                          public ::testing::WithParamInterface<HalfCloseCase> {};
+
+TEST_P(PumpHalfCloseTest, EachWay) {
+  const HalfCloseCase c = GetParam();
+  Pair backend = SocketPair();
+  Pair local = SocketPair();
+  std::unique_ptr<Relay> plain;
+  Status plain_status;
+  bool plain_done = false;
+  if (c.kind == Kind::kTls) {
+    Connect(backend.relay_fd, local.relay_fd);
+  } else {
+    plain = std::make_unique<Relay>(&pool_, Relay::Side(IoOf(local.relay_fd)),
+                                    Relay::Side(IoOf(backend.relay_fd)), "local", "backend",
+                                    std::string(), std::string(), [&](Status st) {
+                                      plain_status = st;
+                                      plain_done = true;
+                                    });
+    plain->Start();
+  }
+  constexpr uint64_t kFirst = 3 << 20, kAnswer = 1 << 20;
+  int first = c.local_first ? local.test_fd : backend.test_fd;
+  int second = c.local_first ? backend.test_fd : local.test_fd;
+  std::pair<uint64_t, std::string> at_second, at_first;
+  std::thread first_writer([&] { WritePattern(first, kFirst, true); });
+  std::thread first_reader([&] { at_first = ReadAll(first); });
+  std::thread second_side([&] {
+    at_second = ReadAll(second);  // to the end: the answer needs the half-close
+    WritePattern(second, kAnswer, true);
+  });
+  bool ok =
+      RunUntil([&] { return c.kind == Kind::kTls ? server_done_ && client_done_ : plain_done; });
+  if (!ok) {
+    shutdown(first, SHUT_RDWR);
+    shutdown(second, SHUT_RDWR);
+  }
+  first_writer.join();
+  first_reader.join();
+  second_side.join();
+  EXPECT_TRUE(ok);
+  if (c.kind == Kind::kTls) {
+    EXPECT_TRUE(server_status_.ok()) << server_status_.ToString();
+    EXPECT_TRUE(client_status_.ok()) << client_status_.ToString();
+  } else {
+    EXPECT_TRUE(plain_status.ok()) << plain_status.ToString();
+    EXPECT_EQ(plain->buffered(), 0u);
+  }
+  EXPECT_EQ(at_second.first, kFirst);
+  EXPECT_EQ(at_second.second, PatternHash(kFirst));
+  EXPECT_EQ(at_first.first, kAnswer);
+  EXPECT_EQ(at_first.second, PatternHash(kAnswer));
+  close(backend.test_fd);
+  close(local.test_fd);
+}
+
+INSTANTIATE_TEST_SUITE_P(PlainAndTls, PumpHalfCloseTest,
+                         ::testing::Values(HalfCloseCase{Kind::kPlain, true},
+                                           HalfCloseCase{Kind::kPlain, false},
+                                           HalfCloseCase{Kind::kTls, true},
+                                           HalfCloseCase{Kind::kTls, false}),
+                         [](const ::testing::TestParamInfo<HalfCloseCase>& info) {
+                           return std::string(info.param.kind == Kind::kTls ? "Tls" : "Plain") +
+                                  (info.param.local_first ? "LocalEndsFirst" : "BackendEndsFirst");
+                         });
 
 }  // namespace
 }  // namespace brokerproxy::proxy

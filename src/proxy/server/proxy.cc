@@ -227,12 +227,8 @@ bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const Connection& 
     CloseGracefully(fd);
     return false;
   }
-  auto poll = ToPoll(*loop_, std::move(client));
-  if (!poll.ok()) {
-    LOG_WARN("proxy: %s", poll.status().ToString().c_str());
-    return true;
-  }
-  std::unique_ptr<Connection> conn = it->second(this, Handoff{std::move(poll).value(), peer});
+  client->SetCallback(nullptr);
+  std::unique_ptr<Connection> conn = it->second(this, Handoff{std::move(client), peer});
   if (conn) {
     conn->source_ = from.source_;
     Connection* raw = Adopt(std::move(conn));

@@ -132,7 +132,8 @@ class Connection {
 // What the sniffer hands a TLS or SSH frontend: the client socket, with the bytes it peeked
 // still unread in the kernel.
 struct Handoff {
-  loop::HandlePtr<loop::Poll> client;  // owns the fd; no events requested
+  loop::IoHandle
+      client;  // in the reactor, no callback; its readiness flags as the sniffer left them
   sockaddr_storage peer;
 };
 using Frontend = std::function<std::unique_ptr<Connection>(Proxy* proxy, Handoff handoff)>;

@@ -98,7 +98,9 @@ Result<std::unique_ptr<SshEndpoint>> SshEndpoint::Create(SshEndpointOptions opti
 Frontend SshEndpoint::frontend() {
   return [this](Proxy* proxy, Handoff handoff) -> std::unique_ptr<Connection> {
     auto session = std::make_unique<SshSession>(proxy, handoff.peer, &options_);
-    Status s = session->Start(bind_.get(), std::move(handoff.client));
+    // libssh's session is watched by a level-triggered poll of its own.
+    auto poll = ToPoll(*proxy->loop(), std::move(handoff.client));
+    Status s = poll.ok() ? session->Start(bind_.get(), std::move(poll).value()) : poll.status();
     if (!s.ok()) {
       proxy->stats().global().ssh_failures++;
       LOG_WARN("ssh: cannot start a session for %s: %s", session->PeerString().c_str(),

@@ -13,6 +13,7 @@
 #include "proxy/transport/dialer.h"
 #include "proxy/transport/relay.h"
 #include "proxy/transport/tls_relay.h"
+#include "proxy/transport/transport.h"
 
 namespace brokerproxy::proxy {
 namespace {
@@ -26,11 +27,13 @@ class TlsConnection final : public Connection {
   TlsConnection(Proxy* proxy, std::shared_ptr<TlsSettings> settings, Handoff handoff)
       : Connection(proxy, handoff.peer),
         settings_(std::move(settings)),
-        client_(std::move(handoff.client)) {}
+        client_(std::move(handoff.client), /*is_socket=*/true) {}
 
   void Start() {
     proxy_->ArmDeadline(this, proxy_->options().handshake_timeout_ms);
-    client_->Start(UV_READABLE, [this](int status, int) { OnClientReadable(status); });
+    client_.watch()->SetCallback([this](loop::IoWatch*) { OnClientReadable(); });
+    // The sniffer peeked at bytes that are still there: no new edge will announce them.
+    if (client_.readable()) client_.watch()->Yield();
   }
 
   void Close(const char* reason) override { Finish(reason); }
@@ -40,7 +43,9 @@ class TlsConnection final : public Connection {
  private:
   enum class State { kHello, kDialing, kPassthrough, kHandshake, kConnecting, kRelaying, kClosed };
 
-  void OnClientReadable(int status);
+  void OnClientReadable();
+  // One read of the ClientHello, and what it decides.
+  void ReadClientHello();
   // `sni` is the ClientHello's server name, "" if it has none.
   void Route(const std::string& sni);
   void OnPassthroughBackend(Result<loop::IoHandle> backend);
@@ -66,7 +71,7 @@ class TlsConnection final : public Connection {
   bool finished_ = false;
   bool spliced_ = false;
   const char* mode_ = "-";
-  loop::HandlePtr<loop::Poll> client_;
+  EdgeSocket client_;  // until TLS or the relay takes it
   std::string hello_;  // the ClientHello bytes, carried forward
   ClientHelloReader reader_;
   PreambleReader preamble_;  // inside TLS; nothing is consumed from the inbox before kDone
@@ -78,17 +83,18 @@ class TlsConnection final : public Connection {
   ByteReport bytes_;               // what of the counters went to the stats already
 };
 
-void TlsConnection::OnClientReadable(int status) {
-  if (status < 0) {
-    CountTlsFailure();
-    Finish("client error during ClientHello");
-    return;
-  }
+void TlsConnection::OnClientReadable() {
+  // Edge-triggered: read until the socket is empty (EdgeSocket clears the flag) or the reader
+  // decides.
+  while (state_ == State::kHello && client_.readable()) ReadClientHello();
+}
+
+void TlsConnection::ReadClientHello() {
   char buf[4096];
   size_t room = kMaxClientHelloBuffer - hello_.size();
-  ssize_t n = ::recv(client_->fd(), buf, std::min(room, sizeof(buf)), 0);
+  ssize_t n = client_.Read(buf, std::min(room, sizeof(buf)));
+  if (n == -EAGAIN) return;  // the flag is cleared: the next edge brings us back
   if (n < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
     CountTlsFailure();
     Finish("client error during ClientHello");
     return;
@@ -119,7 +125,8 @@ void TlsConnection::OnClientReadable(int status) {
 }
 
 void TlsConnection::Route(const std::string& sni) {
-  client_->Stop();  // the rest waits in the socket until we know where it goes
+  // The rest waits in the socket until we know where it goes (the flags keep its readiness).
+  client_.watch()->SetCallback(nullptr);
   const std::string& domain = settings_->domain;
   const auto& own = settings_->proxy_names;
   // The proxy's own names are never a job's, even if a job id spells one (a job "login" under
@@ -167,16 +174,10 @@ void TlsConnection::OnPassthroughBackend(Result<loop::IoHandle> backend) {
   proxy_->ClearDeadline(this);
   // The client socket inherited its options from the listener.
   TuneTcpSocket((*backend)->fd(), proxy_->options().keepalive_s);
-  // Raw bytes both ways from here: the client's socket joins the reactor for splicing.
-  auto client = ToIo(*proxy_->reactor(), std::move(client_));
-  if (!client.ok()) {
-    std::string reason = client.status().message();
-    Finish(reason.c_str());
-    return;
-  }
+  // Raw bytes both ways from here, spliced.
   state_ = State::kPassthrough;
   StartSplicing();
-  relay_ = std::make_unique<Relay>(proxy_->pipes(), Relay::Side{std::move(client).value()},
+  relay_ = std::make_unique<Relay>(proxy_->pipes(), Relay::Side{std::move(client_.handle())},
                                    Relay::Side{std::move(backend).value()}, "client", "backend",
                                    std::string(), std::move(hello_), [this](Status s) {
                                      std::string reason = s.ok() ? "done" : s.message();
@@ -196,12 +197,15 @@ void TlsConnection::StartTermination() {
     FailHello("cannot create a TLS session", kAlertInternalError);
     return;
   }
+  // TLS on the same reactor socket (the ClientHello read so far goes
+  // to OpenSSL first).
   state_ = State::kHandshake;
   TlsRelay::Callbacks cb;
   cb.on_data = [this] { OnPlaintext(); };
   cb.on_done = [this](Status s) { OnTlsDone(std::move(s)); };
-  tls_ = std::make_unique<TlsRelay>(TlsRelay::Role::kServer, std::move(ssl), std::move(client_),
-                                    std::move(hello_), "client", std::move(cb));
+  tls_ = std::make_unique<TlsRelay>(TlsRelay::Role::kServer, std::move(ssl),
+                                    std::move(client_.handle()), std::move(hello_), "client",
+                                    std::move(cb));
   tls_->Start();
 }
 
@@ -265,15 +269,9 @@ void TlsConnection::OnTerminatedBackend(Result<loop::IoHandle> backend) {
     Finish(reason.c_str());
     return;
   }
-  auto poll = ToPoll(*proxy_->loop(), std::move(backend).value());
-  if (!poll.ok()) {
-    std::string reason = poll.status().message();
-    Finish(reason.c_str());
-    return;
-  }
   state_ = State::kRelaying;
   StartSplicing();
-  tls_->Attach(PollSide{std::move(poll).value(), nullptr}, "backend");
+  tls_->Attach(Relay::Side{std::move(backend).value()}, "backend", proxy_->pipes());
   dialer_.reset();
 }
 
@@ -296,9 +294,8 @@ void TlsConnection::StartSplicing() {
 
 void TlsConnection::FailHello(const char* reason, unsigned char alert, bool tls_failure) {
   if (tls_failure) CountTlsFailure();
-  if (client_) {
-    int fd = client_->ReleaseFd();
-    client_.reset();
+  if (client_.open()) {
+    int fd = client_.handle().Release();
     if (alert != 0) SendBestEffort(fd, TlsAlertRecord(alert));
     CloseGracefully(fd);
   }
@@ -396,7 +393,7 @@ void TlsConnection::Finish(const char* reason) {
   relay_.reset();
   tls_.reset();
   dialer_.reset();
-  client_.reset();
+  client_.Close();
   uint64_t ms = proxy_->loop()->Now() - started_ms();
   LOG_INFO("tls %llu job=%s peer=%s mode=%s up=%llu down=%llu duration=%llu.%03llus reason=%s",
            static_cast<unsigned long long>(id()),

@@ -16,9 +16,6 @@ namespace {
 // Chunks moved per event before yielding to other sessions; what is left is picked up on a
 // later loop turn (IoWatch::Yield: edge-triggered readiness does not repeat itself).
 constexpr int kRoundsPerEvent = 8;
-constexpr unsigned kSpliceFlags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
-
-bool WouldBlock(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
 
 }  // namespace
 
@@ -89,15 +86,15 @@ void PipePool::Release(Pipe p, bool empty) {
 // ---- Pump: one direction ----
 
 struct Relay::Pump {
-  loop::IoWatch* src = nullptr;
-  loop::IoWatch* dst = nullptr;
+  Transport* src = nullptr;
+  Transport* dst = nullptr;
+  EdgeSocket* src_sock = nullptr;  // both set: may splice through a pipe
+  EdgeSocket* dst_sock = nullptr;
   const char* src_name = "";
   const char* dst_name = "";
   bool splice_mode = true;  // both sockets: may splice through a pipe; else read/write only
   bool bulk = false;        // splicing now (the last read filled the buffer)
-  bool src_socket = true;
-  bool dst_is_socket = true;
-  std::string prefix;  // written to dst before anything else
+  std::string prefix;       // written to dst before anything else
   size_t prefix_off = 0;
   PipePool::Pipe pipe;
   bool has_pipe = false;
@@ -107,15 +104,22 @@ struct Relay::Pump {
   size_t buf_off = 0;
   bool src_eof = false;
   bool done = false;
+  bool blocked = false;         // waiting for dst with bytes held (counted in pauses)
   const Pump* other = nullptr;  // the opposite direction
   uint64_t* moved = nullptr;
+  uint64_t* pauses = nullptr;
 
   bool holding() const { return prefix_off < prefix.size() || in_pipe > 0 || buf_off < buf_len; }
+  size_t held() const { return prefix.size() - prefix_off + in_pipe + (buf_len - buf_off); }
 
-  Status SrcError(int err) const {
-    return PosixError(std::string("reading from ") + src_name, err);
+  Status SrcError(const IoResult& r) const {
+    if (!r.error.ok()) return r.error;
+    return PosixError(std::string("reading from ") + src_name, r.err);
   }
-  Status DstError(int err) const { return PosixError(std::string("writing to ") + dst_name, err); }
+  Status DstError(const IoResult& r) const {
+    if (!r.error.ok()) return r.error;
+    return PosixError(std::string("writing to ") + dst_name, r.err);
+  }
 
   void ReleaseHeld(PipePool* pool) {
     if (has_pipe) {
@@ -131,29 +135,27 @@ struct Relay::Pump {
   // is written or dst is full (then its writable flag is cleared).
   Status Drain() {
     for (;;) {
-      ssize_t n;
-      if (prefix_off < prefix.size()) {
-        // send() rather than write(): a vanished peer must not raise SIGPIPE.
-        n = dst_is_socket
-                ? ::send(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off,
-                         MSG_NOSIGNAL)
-                : ::write(dst->fd(), prefix.data() + prefix_off, prefix.size() - prefix_off);
+      IoResult r;
+      bool from_prefix = prefix_off < prefix.size();
+      if (from_prefix) {
+        r = dst->Write(prefix.data() + prefix_off, prefix.size() - prefix_off);
       } else if (in_pipe > 0) {
-        n = ::splice(pipe.read_fd, nullptr, dst->fd(), nullptr, in_pipe, kSpliceFlags);
+        ssize_t n = dst_sock->SpliceOut(pipe.read_fd, in_pipe);
+        r = n > 0                    ? IoResult::Bytes(n)
+            : n == -EAGAIN || n == 0 ? IoResult::Again()
+                                     : IoResult::Errno(-n);
       } else if (buf_off < buf_len) {
-        n = ::write(dst->fd(), buf.get() + buf_off, buf_len - buf_off);
+        r = dst->Write(buf.get() + buf_off, buf_len - buf_off);
       } else {
         break;
       }
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        if (WouldBlock(errno)) {
-          dst->ClearWritable();
-          return Status::OK();
-        }
-        return DstError(errno);
+      if (r.kind == IoResult::Kind::kAgain) return Status::OK();
+      if (r.kind != IoResult::Kind::kBytes) {
+        if (r.kind == IoResult::Kind::kEof) r = IoResult::Errno(EPIPE);
+        return DstError(r);
       }
-      if (prefix_off < prefix.size()) {
+      size_t n = r.n;
+      if (from_prefix) {
         prefix_off += n;
         continue;  // the prefix is protocol, not payload: not counted
       }
@@ -176,13 +178,13 @@ struct Relay::Pump {
   //
   // Between two sockets the first chunk is read into the buffer: small, interactive traffic
   // (a shell, a request) then costs a read and a write, and a read that returns less than the
-  // buffer holds proves the socket empty, so no read ending in EAGAIN is needed. Only a read
-  // that fills the buffer switches the direction to splice(2), where bulk data stays in the
-  // kernel; a small splice switches it back. (A short splice proves nothing: a pipe fills up
-  // by buffers, not bytes, so small segments can fill it early.)
+  // buffer holds proves the socket empty, so no read ending in EAGAIN is needed (EdgeSocket).
+  // Only a read that fills the buffer switches the direction to splice(2), where bulk data
+  // stays in the kernel; a small splice switches it back. (A short splice proves nothing: a
+  // pipe fills up by buffers, not bytes, so small segments can fill it early.)
   Status Fill(PipePool* pool) {
     for (;;) {
-      ssize_t n;
+      IoResult r;
       bool spliced = splice_mode && bulk;
       if (spliced) {
         if (!has_pipe) {
@@ -194,44 +196,39 @@ struct Relay::Pump {
           pipe = *p;
           has_pipe = true;
         }
-        n = ::splice(src->fd(), nullptr, pipe.write_fd, nullptr, pipe.capacity, kSpliceFlags);
-        if (n < 0 && errno == EINVAL) {  // this pair of fds cannot splice: copy instead
+        ssize_t n = src_sock->SpliceIn(pipe.write_fd, pipe.capacity);
+        if (n == -EINVAL) {  // this pair of fds cannot splice: copy instead
           ReleaseHeld(pool);
           splice_mode = false;
           continue;
         }
+        r = n > 0          ? IoResult::Bytes(n)
+            : n == 0       ? IoResult::Eof()
+            : n == -EAGAIN ? IoResult::Again()
+                           : IoResult::Errno(-n);
       } else {
         if (!buf) buf = pool->AcquireBuffer();
-        n = ::read(src->fd(), buf.get(), PipePool::kBufferSize);
+        r = src->Read(buf.get(), PipePool::kBufferSize);
       }
-      if (n > 0) {
-        if (spliced) {
-          in_pipe = n;
-          if (static_cast<size_t>(n) < PipePool::kBufferSize / 4) bulk = false;
-        } else {
-          buf_len = n;
-          buf_off = 0;
-          if (static_cast<size_t>(n) == PipePool::kBufferSize) {
-            bulk = splice_mode;
-          } else if (src_socket && !src->hangup()) {
-            // A socket read returns all that is queued, up to the size asked for: anything
-            // newer brings a new edge. (Not a tty: it returns one line at a time. Not after a
-            // hangup: the end of the stream must still be read.)
-            src->ClearReadable();
+      switch (r.kind) {
+        case IoResult::Kind::kBytes:
+          if (spliced) {
+            in_pipe = r.n;
+            if (r.n < PipePool::kBufferSize / 4) bulk = false;
+          } else {
+            buf_len = r.n;
+            buf_off = 0;
+            if (r.n == PipePool::kBufferSize) bulk = splice_mode;
           }
-        }
-        return Status::OK();
+          return Status::OK();
+        case IoResult::Kind::kEof:
+          src_eof = true;
+          return Status::OK();
+        case IoResult::Kind::kAgain:
+          return Status::OK();
+        case IoResult::Kind::kError:
+          return SrcError(r);
       }
-      if (n == 0) {
-        src_eof = true;
-        return Status::OK();
-      }
-      if (errno == EINTR) continue;
-      if (WouldBlock(errno)) {
-        src->ClearReadable();
-        return Status::OK();
-      }
-      return SrcError(errno);
     }
   }
 
@@ -240,63 +237,85 @@ struct Relay::Pump {
     if (done) return Status::OK();
     for (int round = 0; round < kRoundsPerEvent; ++round) {
       if (holding()) {
-        if (!dst->writable()) return Status::OK();  // an EPOLLOUT edge brings us back
+        if (!dst->writable()) return Wait();  // a writable edge brings us back
         BP_RETURN_IF_ERROR(Drain());
-        if (holding()) return Status::OK();
+        if (holding()) {
+          if (dst->writable()) continue;  // a transport that took nothing yet may take more
+          return Wait();
+        }
       }
+      blocked = false;
       ReleaseHeld(pool);  // nothing held: an idle direction keeps no pipe and no buffer
       if (src_eof) {
-        // Pass the EOF on, unless the other way is over too: then the relay ends and closes
-        // both sockets, which sends the FIN (both were read to EOF, so no RST).
-        if (dst_is_socket && !other->done) ::shutdown(dst->fd(), SHUT_WR);
+        // Pass the EOF on. `last`: the other way is over too, and the relay ends and closes
+        // both transports next.
+        IoResult r = dst->ShutdownWrite(other->done);
+        if (r.kind == IoResult::Kind::kAgain) return Status::OK();  // dst writable: again
+        if (r.kind == IoResult::Kind::kError) return DstError(r);
         done = true;
         return Status::OK();
       }
-      if (!src->readable()) return Status::OK();  // an EPOLLIN edge brings us back
+      if (!src->readable()) return Status::OK();  // a readable edge brings us back
       Status s = Fill(pool);
       if (!s.ok() || (!holding() && !src_eof)) {
         ReleaseHeld(pool);
-        return s;
+        if (!s.ok() || !src->readable()) return s;
+        // Nothing yet from a transport still readable (a TLS record not complete yet, a
+        // protocol answer sent): try again within the budget.
       }
     }
     // Budget used up with work left: no new edge will announce it, so ask to come back.
     if (holding() ? dst->writable() : src->readable()) (holding() ? dst : src)->Yield();
     return Status::OK();
   }
+
+  // Bytes held and dst full: the source is not read until they are written.
+  Status Wait() {
+    if (!blocked) {
+      blocked = true;
+      ++*pauses;
+    }
+    return Status::OK();
+  }
 };
 
 // ---- Relay ----
 
+std::unique_ptr<Transport> SideTransport(Relay::Side side) {
+  if (side.out) {
+    return std::make_unique<SocketTransport>(std::move(side.in), std::move(side.out));
+  }
+  return std::make_unique<SocketTransport>(std::move(side.in));
+}
+
 Relay::Relay(PipePool* pool, Side a, Side b, const char* a_name, const char* b_name,
              std::string prefix_to_a, std::string prefix_to_b, DoneCallback done)
-    : pool_(pool), done_(std::move(done)) {
-  loop::IoWatch* a_in = a.in.get();
-  loop::IoWatch* a_out = a.out ? a.out.get() : a_in;
-  loop::IoWatch* b_in = b.in.get();
-  loop::IoWatch* b_out = b.out ? b.out.get() : b_in;
-  loop_ = &a_in->reactor().loop();
-  auto make = [&](loop::IoWatch* src, loop::IoWatch* dst, const Side& from, const Side& to,
-                  const char* sn, const char* dn, std::string prefix, uint64_t* moved) {
+    : Relay(pool, SideTransport(std::move(a)), SideTransport(std::move(b)), a_name, b_name,
+            std::move(prefix_to_a), std::move(prefix_to_b), std::move(done)) {}
+
+Relay::Relay(PipePool* pool, std::unique_ptr<Transport> a, std::unique_ptr<Transport> b,
+             const char* a_name, const char* b_name, std::string prefix_to_a,
+             std::string prefix_to_b, DoneCallback done)
+    : pool_(pool), a_(std::move(a)), b_(std::move(b)), done_(std::move(done)) {
+  auto make = [&](Transport* src, Transport* dst, const char* sn, const char* dn,
+                  std::string prefix, uint64_t* moved) {
     auto p = std::make_unique<Pump>();
     p->src = src;
     p->dst = dst;
+    p->src_sock = src->splice_socket();
+    p->dst_sock = dst->splice_socket();
     p->src_name = sn;
     p->dst_name = dn;
-    p->src_socket = from.sockets;
-    p->dst_is_socket = to.sockets;
-    p->splice_mode = from.sockets && to.sockets;
+    p->splice_mode = p->src_sock && p->dst_sock;
     p->prefix = std::move(prefix);
     p->moved = moved;
+    p->pauses = &pauses_;
     return p;
   };
-  a_to_b_ = make(a_in, b_out, a, b, a_name, b_name, std::move(prefix_to_b), &counters_.a_to_b);
-  b_to_a_ = make(b_in, a_out, b, a, b_name, a_name, std::move(prefix_to_a), &counters_.b_to_a);
+  a_to_b_ = make(a_.get(), b_.get(), a_name, b_name, std::move(prefix_to_b), &counters_.a_to_b);
+  b_to_a_ = make(b_.get(), a_.get(), b_name, a_name, std::move(prefix_to_a), &counters_.b_to_a);
   a_to_b_->other = b_to_a_.get();
   b_to_a_->other = a_to_b_.get();
-  for (Side* side : {&a, &b}) {
-    fds_.push_back(std::move(side->in));
-    if (side->out) fds_.push_back(std::move(side->out));
-  }
 }
 
 Relay::~Relay() {
@@ -306,21 +325,24 @@ Relay::~Relay() {
 }
 
 void Relay::Start() {
+  loop_ = &a_->loop();
   last_activity_ms_ = loop_->Now();
-  for (loop::IoHandle& io : fds_) {
-    io->SetCallback([this](loop::IoWatch* w) { OnEvent(w); });
-  }
-  // What the fds are already known to be ready for (a previous owner saw the edges) moves on
-  // the next turn; otherwise the next edge starts things.
+  auto cb = [this](loop::IoWatch* w) { OnEvent(w); };
+  a_->SetCallback(cb);
+  b_->SetCallback(cb);
+  // What the transports are already known to be ready for (a previous owner saw the edges)
+  // moves on the next turn; otherwise the next edge starts things.
   for (Pump* p : {a_to_b_.get(), b_to_a_.get()}) {
     if (p->holding() ? p->dst->writable() : p->src->readable()) {
-      fds_.front()->Yield();
+      a_->Yield();
       break;
     }
   }
 }
 
 bool Relay::half_closed() const { return a_to_b_->done || b_to_a_->done; }
+
+size_t Relay::buffered() const { return a_to_b_->held() + b_to_a_->held(); }
 
 void Relay::OnEvent(loop::IoWatch*) {
   if (finished_) return;
@@ -334,17 +356,10 @@ void Relay::OnEvent(loop::IoWatch*) {
 }
 
 bool Relay::Run(Pump* p) {
-  bool was_done = p->done;
   Status s = p->Step(pool_);
   if (!s.ok()) {
     Finish(s);
     return false;
-  }
-  if (p->done && !was_done && !p->dst_is_socket) {
-    // A pipe (stdout) has no half-close: closing it is how its reader sees the end.
-    for (loop::IoHandle& io : fds_) {
-      if (io.get() == p->dst) io.reset();
-    }
   }
   if (a_to_b_->done && b_to_a_->done) {
     Finish(Status::OK());
@@ -353,11 +368,19 @@ bool Relay::Run(Pump* p) {
   return true;
 }
 
+void Relay::Stop() {
+  done_ = nullptr;
+  Finish(Status::OK());
+}
+
 void Relay::Finish(Status status) {
   if (finished_) return;
   finished_ = true;
-  // Over: the sockets close now, whatever the owner does with this object.
-  for (loop::IoHandle& io : fds_) io.reset();
+  // Over: the sockets close now, whatever the owner does with this object. The pumps point at
+  // the transports: they stop first.
+  a_to_b_->done = b_to_a_->done = true;
+  a_.reset();
+  b_.reset();
   DoneCallback done = std::move(done_);
   if (done) done(std::move(status));  // may destroy this
 }
@@ -379,12 +402,6 @@ Result<PollSide> ToPolls(loop::Loop& loop, Relay::Side side) {
   if (!o.ok()) return o.status();
   out.out = std::move(o).value();
   return out;
-}
-
-Result<loop::IoHandle> ToIo(loop::Reactor& reactor, loop::HandlePtr<loop::Poll> poll) {
-  int fd = poll->ReleaseFd();
-  poll.reset();  // leaves libuv's epoll set before joining ours
-  return reactor.Add(fd, nullptr);
 }
 
 // ---- socket helpers ----

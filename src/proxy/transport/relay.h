@@ -1,11 +1,14 @@
-// Moving bytes between two connected stream endpoints, both ways, with bounded memory.
+// Moving bytes between two connected stream endpoints, both ways, with bounded memory: the one
+// byte pump of brokerproxy.
 //
-// Relay moves each direction (a Pump) of two to four raw fds registered in the edge-triggered
-// Reactor (loop/reactor.h): bulk data between sockets with splice(2) through a kernel pipe, so
-// bytes never enter user space and a chunk costs two syscalls; small chunks (and anything that
-// is not a socket: a tty, pipes on stdio) with read/write through a 64 KiB buffer, which for a
-// few bytes is cheaper than a pipe. Readiness is known from the reactor's flags, so
-// the relay never changes an epoll registration while it runs. The pipe is borrowed from a
+// Relay moves each direction (a Pump) between two transports (transport.h): plain sockets and
+// stdio pairs registered in the edge-triggered Reactor (loop/reactor.h), TLS streams
+// (tls_relay.h), later SSH channels. Between two plain sockets bulk data goes with splice(2)
+// through a kernel pipe, so bytes never enter user space and a chunk costs two syscalls; small
+// chunks (and anything that is not a plain socket: a tty, pipes on stdio, TLS) go through a
+// 64 KiB buffer with the transports' Read/Write, which for a few bytes is cheaper than a pipe.
+// Readiness is known from the reactor's flags, so the relay never changes an epoll
+// registration while it runs. The pipe is borrowed from a
 // PipePool only while it holds bytes, so an idle session holds no pipe and no buffer
 // (README.md, "How it works"; docs/libraries.md, "Splicing under libuv").
 //
@@ -14,11 +17,16 @@
 // of large pipes is spent) or one 64 KiB buffer per direction is in flight whatever the peers
 // do, and the rest waits in the peers' socket buffers.
 //
-// Half-close: EOF on a source is passed on as shutdown(SHUT_WR) of the sink once everything
-// read has been written; the relay finishes when both directions have. An error on either side
-// ends it at once. When it finishes it closes its fds, before the done callback runs.
+// The same rule holds for every transport: its buffers (a TLS record, an SSH window) come on
+// top of the one chunk the pump holds per direction.
 //
-// Ownership: the Relay owns its IoHandles (and so the fds). `*pool` and the reactor must
+// Half-close: EOF on a source (a FIN, a TLS close_notify) is passed on with the sink's
+// ShutdownWrite (shutdown(SHUT_WR), close_notify then SHUT_WR) once everything read has been
+// written; the relay finishes when both directions have. An error on either side ends it at
+// once. When it finishes it destroys its transports (closing the fds), before the done callback
+// runs.
+//
+// Ownership: the Relay owns its transports (and so the fds). `*pool` and the reactor must
 // outlive it. The done callback runs at most once; the Relay may be destroyed from inside it or
 // at any other time. Loop-thread only.
 
@@ -35,6 +43,7 @@
 #include "loop/poll.h"
 #include "loop/reactor.h"
 #include "loop/status.h"
+#include "proxy/transport/transport.h"
 
 namespace brokerproxy::proxy {
 
@@ -120,6 +129,10 @@ class Relay {
   // TLS ClientHello).
   Relay(PipePool* pool, Side a, Side b, const char* a_name, const char* b_name,
         std::string prefix_to_a, std::string prefix_to_b, DoneCallback done);
+  // The same between any two transports.
+  Relay(PipePool* pool, std::unique_ptr<Transport> a, std::unique_ptr<Transport> b,
+        const char* a_name, const char* b_name, std::string prefix_to_a, std::string prefix_to_b,
+        DoneCallback done);
   ~Relay();
   Relay(const Relay&) = delete;
   Relay& operator=(const Relay&) = delete;
@@ -127,12 +140,18 @@ class Relay {
   // Starts moving bytes (on a later loop turn: what is already readable moves then). The done
   // callback never runs inside this call.
   void Start();
+  // Ends now without the done callback: the transports are closed, the counters stay.
+  void Stop();
 
   const Counters& counters() const { return counters_; }
   // True once one direction has finished (a half-closed session).
   bool half_closed() const;
   // Milliseconds (loop time) of the last byte moved.
   uint64_t last_activity_ms() const { return last_activity_ms_; }
+  // Times a direction stopped reading because its sink was full (the backpressure at work).
+  uint64_t pauses() const { return pauses_; }
+  // Bytes held in the relay's pipes and buffers right now.
+  size_t buffered() const;
 
  private:
   struct Pump;
@@ -143,25 +162,28 @@ class Relay {
 
   PipePool* pool_;
   loop::Loop* loop_ = nullptr;
-  std::vector<loop::IoHandle> fds_;  // an entry is empty once closed
+  std::unique_ptr<Transport> a_;  // null once finished
+  std::unique_ptr<Transport> b_;
   std::unique_ptr<Pump> a_to_b_;
   std::unique_ptr<Pump> b_to_a_;
   Counters counters_;
   DoneCallback done_;
   uint64_t last_activity_ms_ = 0;
+  uint64_t pauses_ = 0;
   bool finished_ = false;
 };
 
-// A side as level-triggered libuv polls, for relays that move bytes in user space (TLS,
-// SSH channels): the fds leave the reactor, and the polls see whatever is pending.
+// The transport of a side: a socket, or a stdio pair.
+std::unique_ptr<Transport> SideTransport(Relay::Side side);
+
+// A side as level-triggered libuv polls, for the SSH channel splice (until it is a transport of
+// the pump): the fds leave the reactor, and the polls see whatever is pending.
 struct PollSide {
   loop::HandlePtr<loop::Poll> in;
   loop::HandlePtr<loop::Poll> out;  // null: same as `in`
 };
 Result<PollSide> ToPolls(loop::Loop& loop, Relay::Side side);
 Result<loop::HandlePtr<loop::Poll>> ToPoll(loop::Loop& loop, loop::IoHandle io);
-// And back: a socket a Poll watched, registered in `reactor` instead.
-Result<loop::IoHandle> ToIo(loop::Reactor& reactor, loop::HandlePtr<loop::Poll> poll);
 
 // Shared socket helpers for the proxy and the client.
 // TCP_NODELAY and keepalive (first probe after `keepalive_s` idle seconds; 0 = off) on a TCP

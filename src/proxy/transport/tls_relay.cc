@@ -2,7 +2,6 @@
 
 #include <openssl/err.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,24 +12,11 @@
 namespace brokerproxy::proxy {
 namespace {
 
-// Steps per event before yielding to other connections (epoll is level-triggered, and a
-// next-tick task resumes whatever is left).
-constexpr int kRoundsPerEvent = 16;
-// One TLS record's plaintext at most: what one SSL_read can return.
-constexpr size_t kRecordPlaintext = 16 * 1024;
+// What one SSL call may be given (its lengths are ints).
+int Clamp(size_t n) { return static_cast<int>(std::min<size_t>(n, 1 << 30)); }
 
-bool IsSocketFd(int fd) {
-  struct stat st {};
-  return fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
-}
-
-bool WouldBlock(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
-
-// One read buffer per thread serves every connection: reads are consumed before the next one.
-char* Scratch() {
-  static thread_local std::unique_ptr<char[]> buf(new char[TlsRelay::kReadChunk]);
-  return buf.get();
-}
+// One read of the inbox before Attach.
+constexpr size_t kInboxRead = 64 * 1024;
 
 }  // namespace
 
@@ -69,49 +55,377 @@ void ByteQueue::Consume(size_t n) {
   }
 }
 
-// ---- TlsRelay ----
+// ---- TlsTransport ----
 
-TlsRelay::TlsRelay(Role role, SslPtr ssl, loop::HandlePtr<loop::Poll> socket,
-                   std::string initial_ciphertext, const char* tls_name, Callbacks callbacks)
-    : role_(role),
-      ssl_(std::move(ssl)),
-      socket_(std::move(socket)),
-      tls_name_(tls_name),
-      cb_(std::move(callbacks)) {
-  rbio_ = BIO_new(BIO_s_mem());
-  wbio_ = BIO_new(BIO_s_mem());
-  // SSL_set_bio takes both (a null one is reported by the first SSL call as an error).
-  SSL_set_bio(ssl_.get(), rbio_, wbio_);
+BIO_METHOD* TlsTransport::Method() {
+  // Created once and never freed: it is shared by every connection of the process.
+  static BIO_METHOD* method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "brokerproxy socket");
+    if (m) {
+      BIO_meth_set_read(m, &TlsTransport::BioRead);
+      BIO_meth_set_write(m, &TlsTransport::BioWrite);
+      BIO_meth_set_ctrl(m, &TlsTransport::BioCtrl);
+    }
+    return m;
+  }();
+  return method;
+}
+
+TlsTransport::TlsTransport(Role role, SslPtr ssl, loop::IoHandle socket,
+                           std::string initial_ciphertext, const char* peer_name)
+    : role_(role), ssl_(std::move(ssl)), sock_(std::move(socket), true), peer_name_(peer_name) {
+  rbuf_.Append(initial_ciphertext);
+  BIO* bio = Method() ? BIO_new(Method()) : nullptr;
+  if (bio) {
+    BIO_set_data(bio, this);
+    BIO_set_init(bio, 1);
+  }
+  // SSL_set_bio takes the one reference for both directions (a null BIO is reported by the
+  // first SSL call as an error).
+  SSL_set_bio(ssl_.get(), bio, bio);
+  // A write that would block keeps its record in OpenSSL and is retried from the pump's
+  // buffer, which may have moved; each record written is reported at once.
+  SSL_set_mode(ssl_.get(), SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                               SSL_MODE_RELEASE_BUFFERS);
   if (role_ == Role::kServer) {
     SSL_set_accept_state(ssl_.get());
   } else {
     SSL_set_connect_state(ssl_.get());
   }
-  if (rbio_ && !initial_ciphertext.empty()) {
-    BIO_write(rbio_, initial_ciphertext.data(), static_cast<int>(initial_ciphertext.size()));
+}
+
+TlsTransport::~TlsTransport() {
+  ssl_.reset();  // before the socket: the BIO points here
+}
+
+int TlsTransport::BioRead(BIO* bio, char* buf, int len) {
+  auto* t = static_cast<TlsTransport*>(BIO_get_data(bio));
+  BIO_clear_retry_flags(bio);
+  if (len <= 0) return 0;
+  if (t->rbuf_.empty()) {
+    // The flag, not a syscall, says the socket is empty: an edge sets it again.
+    if (!t->sock_.open() || !t->sock_.readable()) {
+      BIO_set_retry_read(bio);
+      return -1;
+    }
+    // Read ahead: one recv for all the records that are queued, up to kBufferSize.
+    ssize_t n = t->sock_.Read(t->rbuf_.Reserve(kBufferSize), kBufferSize);
+    if (n <= 0) {
+      t->rbuf_.Consume(0);  // frees the reservation
+      if (n == 0) {
+        t->net_eof_ = true;
+        return 0;
+      }
+      if (n == -EAGAIN) {
+        BIO_set_retry_read(bio);
+        return -1;
+      }
+      t->net_errno_ = static_cast<int>(-n);
+      errno = t->net_errno_;
+      return -1;
+    }
+    t->rbuf_.Commit(static_cast<size_t>(n));
+  }
+  size_t n = std::min(t->rbuf_.size(), static_cast<size_t>(len));
+  std::memcpy(buf, t->rbuf_.data(), n);
+  t->rbuf_.Consume(n);
+  return static_cast<int>(n);
+}
+
+int TlsTransport::BioWrite(BIO* bio, const char* data, int len) {
+  auto* t = static_cast<TlsTransport*>(BIO_get_data(bio));
+  BIO_clear_retry_flags(bio);
+  if (len <= 0) return 0;
+  // Records are collected and sent together (FlushOut); a full buffer is sent first.
+  if (t->wbuf_.size() >= kBufferSize) {
+    Status s = t->FlushOut();
+    if (!s.ok()) {
+      errno = t->net_errno_;
+      return -1;
+    }
+    if (t->wbuf_.size() >= kBufferSize) {
+      BIO_set_retry_write(bio);
+      return -1;
+    }
+  }
+  t->wbuf_.Append(std::string_view(data, static_cast<size_t>(len)));
+  return len;
+}
+
+long TlsTransport::BioCtrl(BIO* bio, int cmd, long, void*) {
+  auto* t = static_cast<TlsTransport*>(BIO_get_data(bio));
+  switch (cmd) {
+    case BIO_CTRL_FLUSH:
+      // What the socket does not take now goes on the next writable edge.
+      if (t->FlushOut().ok()) return 1;
+      return 0;
+    case BIO_CTRL_EOF:
+      return t->net_eof_ && t->rbuf_.empty() ? 1 : 0;
+    case BIO_CTRL_PENDING:
+      return static_cast<long>(t->rbuf_.size());
+    case BIO_CTRL_WPENDING:
+      return static_cast<long>(t->wbuf_.size());
+    default:
+      return 0;
   }
 }
+
+Status TlsTransport::FlushOut() {
+  while (!wbuf_.empty()) {
+    if (!sock_.open()) return NetError("writing to the TLS connection", EPIPE);
+    if (!sock_.writable()) return Status::OK();  // a writable edge brings us back
+    ssize_t n = sock_.Write(wbuf_.data(), wbuf_.size());
+    if (n > 0) {
+      wbuf_.Consume(static_cast<size_t>(n));
+      continue;
+    }
+    if (n == -EAGAIN || n == 0) return Status::OK();
+    net_errno_ = static_cast<int>(-n);
+    return NetError("writing to the TLS connection", net_errno_);
+  }
+  return Status::OK();
+}
+
+Status TlsTransport::NetError(const char* what, int err) const {
+  return PosixError(std::string(what) + " (" + peer_name_ + ")", err);
+}
+
+Status TlsTransport::Failure(const char* what, bool reading) {
+  if (net_eof_) {
+    ERR_clear_error();
+    return Status::IOError(std::string("the ") + peer_name_ +
+                           " closed the connection without TLS close_notify (truncated)");
+  }
+  if (net_errno_ != 0) {
+    ERR_clear_error();
+    return NetError(reading ? "reading from the TLS connection" : "writing to the TLS connection",
+                    net_errno_);
+  }
+  return SslError(std::string(what) + peer_name_);
+}
+
+Status TlsTransport::HandshakeError() {
+  long verify = SSL_get_verify_result(ssl_.get());
+  if (role_ == Role::kClient && verify != X509_V_OK) {
+    ERR_clear_error();
+    return Status::PermissionDenied(std::string("the certificate of the ") + peer_name_ +
+                                    " does not verify: " + X509_verify_cert_error_string(verify));
+  }
+  if (net_eof_) {
+    ERR_clear_error();
+    return Status::Unavailable(std::string("the ") + peer_name_ +
+                               " closed the connection during the TLS handshake");
+  }
+  if (net_errno_ != 0) {
+    ERR_clear_error();
+    return NetError("TLS handshake", net_errno_);
+  }
+  return SslError(std::string("TLS handshake with the ") + peer_name_);
+}
+
+IoResult TlsTransport::Handshake() {
+  if (handshake_done_) return IoResult::Bytes(0);
+  ERR_clear_error();
+  int rc = SSL_do_handshake(ssl_.get());
+  int err = rc == 1 ? SSL_ERROR_NONE : SSL_get_error(ssl_.get(), rc);
+  // Best effort also on failure: the peer may learn why from the alert.
+  Status flushed = FlushOut();
+  if (rc == 1) {
+    handshake_done_ = true;
+    if (!flushed.ok()) return IoResult::Error(std::move(flushed));
+    return IoResult::Bytes(0);
+  }
+  if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+    if (net_eof_ || net_errno_ != 0) return IoResult::Error(HandshakeError());
+    if (!flushed.ok()) return IoResult::Error(std::move(flushed));
+    return IoResult::Again();
+  }
+  return IoResult::Error(HandshakeError());
+}
+
+IoResult TlsTransport::Read(char* buf, size_t cap) {
+  if (!error_.ok()) return IoResult::Error(error_);
+  size_t got = 0;
+  bool eof = false;
+  for (;;) {
+    read_wants_write_ = false;
+    while (got < cap) {
+      ERR_clear_error();
+      int n = SSL_read(ssl_.get(), buf + got, Clamp(cap - got));
+      if (n > 0) {
+        got += static_cast<size_t>(n);
+        continue;
+      }
+      int err = SSL_get_error(ssl_.get(), n);
+      if (err == SSL_ERROR_ZERO_RETURN) {
+        eof = true;  // close_notify: reported again by the next call if bytes came first
+        break;
+      }
+      if (err == SSL_ERROR_WANT_READ) break;
+      if (err == SSL_ERROR_WANT_WRITE) {  // a protocol answer waits for the socket
+        read_wants_write_ = true;
+        break;
+      }
+      error_ = Failure("TLS read from the ", true);
+      if (got == 0) return IoResult::Error(error_);
+      break;  // the bytes before the failure first
+    }
+    if (!wbuf_.empty()) {
+      Status s = FlushOut();
+      if (!s.ok() && error_.ok()) error_ = s;
+    }
+    // Blocked on a write that the flush made room for: go on (no edge would come).
+    if (got < cap && read_wants_write_ && error_.ok() && wbuf_.empty() && sock_.writable()) {
+      continue;
+    }
+    break;
+  }
+  if (got > 0) return IoResult::Bytes(got);
+  if (!error_.ok()) return IoResult::Error(error_);
+  return eof ? IoResult::Eof() : IoResult::Again();
+}
+
+IoResult TlsTransport::Write(const char* data, size_t len) {
+  if (!error_.ok()) return IoResult::Error(error_);
+  size_t put = 0;
+  for (;;) {
+    write_wants_read_ = false;
+    bool blocked = false;
+    while (put < len) {
+      ERR_clear_error();
+      int n = SSL_write(ssl_.get(), data + put, Clamp(len - put));
+      if (n > 0) {
+        put += static_cast<size_t>(n);
+        continue;
+      }
+      int err = SSL_get_error(ssl_.get(), n);
+      if (err == SSL_ERROR_WANT_WRITE) {
+        blocked = true;
+        break;
+      }
+      if (err == SSL_ERROR_WANT_READ) {
+        write_wants_read_ = true;
+        break;
+      }
+      error_ = Failure("TLS write to the ", false);
+      return IoResult::Error(error_);
+    }
+    Status s = FlushOut();
+    if (!s.ok()) {
+      error_ = s;
+      return IoResult::Error(error_);
+    }
+    // The records did not fit, and the flush made room while the socket stays writable: go
+    // on (no edge would come).
+    if (blocked && wbuf_.empty() && sock_.writable()) continue;
+    break;
+  }
+  return put > 0 ? IoResult::Bytes(put) : IoResult::Again();
+}
+
+bool TlsTransport::readable() const {
+  if (!error_.ok()) return true;  // the next call reports it
+  if (read_wants_write_) return sock_.writable();
+  return !rbuf_.empty() || SSL_pending(ssl_.get()) > 0 || sock_.readable();
+}
+
+bool TlsTransport::writable() const {
+  if (!error_.ok()) return true;
+  if (write_wants_read_) return !rbuf_.empty() || sock_.readable();
+  return sock_.writable();
+}
+
+IoResult TlsTransport::ShutdownWrite(bool last) {
+  if (!error_.ok()) return IoResult::Error(error_);
+  if (!close_notify_sent_) {
+    ERR_clear_error();
+    int rc = SSL_shutdown(ssl_.get());
+    if (rc < 0) {
+      int err = SSL_get_error(ssl_.get(), rc);
+      if (err != SSL_ERROR_WANT_WRITE && err != SSL_ERROR_WANT_READ) {
+        error_ = Failure("TLS close_notify to the ", false);
+        return IoResult::Error(error_);
+      }
+      // The alert did not fit behind the records waiting for the socket: OpenSSL sends it
+      // again on the next call.
+      Status s = FlushOut();
+      if (!s.ok()) {
+        error_ = s;
+        return IoResult::Error(error_);
+      }
+      return IoResult::Again();
+    }
+    close_notify_sent_ = true;
+  }
+  Status s = FlushOut();
+  if (!s.ok()) {
+    error_ = s;
+    return IoResult::Error(error_);
+  }
+  if (!wbuf_.empty()) return IoResult::Again();  // a writable edge brings the pump back
+  // The close_notify is out; the FIN follows it (now, or when the relay closes the socket).
+  if (!last) ::shutdown(sock_.fd(), SHUT_WR);
+  return IoResult::Eof();
+}
+
+void TlsTransport::SetCallback(const loop::IoWatch::Callback& cb) {
+  if (!sock_.open()) return;
+  if (!cb) {
+    sock_.watch()->SetCallback(nullptr);
+    return;
+  }
+  // Records collected while the socket was full go out on its next writable edge, whether or
+  // not the pump has more to write.
+  sock_.watch()->SetCallback([this, cb](loop::IoWatch* w) {
+    if (!wbuf_.empty() && error_.ok()) {
+      Status s = FlushOut();
+      if (!s.ok()) error_ = s;
+    }
+    cb(w);
+  });
+}
+
+void TlsTransport::Yield() {
+  if (sock_.open()) sock_.watch()->Yield();
+}
+
+void TlsTransport::Abort(std::string_view last) {
+  if (handshake_done_ && !close_notify_sent_ && error_.ok()) {
+    if (!last.empty()) {
+      ERR_clear_error();
+      (void)SSL_write(ssl_.get(), last.data(), Clamp(last.size()));
+    }
+    ERR_clear_error();
+    SSL_shutdown(ssl_.get());
+    ERR_clear_error();
+    close_notify_sent_ = true;
+  }
+  if (!sock_.open()) return;
+  int fd = sock_.handle().Release();
+  SendBestEffort(fd, std::string_view(wbuf_.data(), wbuf_.size()));
+  wbuf_.Consume(wbuf_.size());
+  CloseGracefully(fd);
+}
+
+// ---- TlsRelay ----
+
+TlsRelay::TlsRelay(Role role, SslPtr ssl, loop::IoHandle socket, std::string initial_ciphertext,
+                   const char* tls_name, Callbacks callbacks)
+    : tls_(std::make_unique<TlsTransport>(role, std::move(ssl), std::move(socket),
+                                          std::move(initial_ciphertext), tls_name)),
+      tls_raw_(tls_.get()),
+      tls_name_(tls_name),
+      cb_(std::move(callbacks)) {}
 
 TlsRelay::~TlsRelay() { *alive_ = false; }
 
 void TlsRelay::Start() {
   assert(!started_);
   started_ = true;
-  last_activity_ms_ = socket_->loop().Now();
-  socket_->Start(0, [this](int status, int) {
-    if (status < 0) {
-      int err = SocketError(socket_->fd());
-      Finish(NetError("connection", err ? err : ECONNRESET));
-      return;
-    }
-    Pump();
-  });
-  Kick();
-}
-
-void TlsRelay::Kick() {
-  if (finished_ || kick_.active()) return;
-  kick_ = loop::Post(socket_->loop(), [this] { Pump(); });
+  last_activity_ms_ = tls_->loop().Now();
+  tls_->SetCallback([this](loop::IoWatch*) { OnEvent(); });
+  // The ClientHello may be here already, and the socket's readiness is known from its edges.
+  tls_->Yield();
 }
 
 bool TlsRelay::Call(const std::function<void()>& cb) {
@@ -121,407 +435,137 @@ bool TlsRelay::Call(const std::function<void()>& cb) {
   return !alive.expired() && !finished_;
 }
 
-void TlsRelay::Pump() {
-  if (finished_) return;
-  bool more = false;
-  Status s = Work(&more);
+void TlsRelay::OnEvent() {
+  if (finished_ || relay_) return;
+  bool progress = false;
+  Status s = Work(&progress);
   if (!s.ok()) {
     Finish(std::move(s));
     return;
   }
+  if (progress) last_activity_ms_ = tls_->loop().Now();
   if (handshake_done_ && !handshake_reported_) {
     handshake_reported_ = true;
     if (!Call(cb_.on_handshake)) return;
+    if (relay_) return;
   }
-  if (!attached_ && (inbox_grew_ || (peer_done() && !peer_done_reported_))) {
+  if (inbox_grew_ || (peer_closed_ && !peer_done_reported_)) {
     inbox_grew_ = false;
-    peer_done_reported_ = peer_done();
+    peer_done_reported_ = peer_closed_;
     if (!Call(cb_.on_data)) return;
   }
-  if (down_done_ && up_done_) {
-    Finish(Status::OK());
-    return;
-  }
-  if (more) Kick();  // budget used up with work left
-  UpdateInterest();
 }
 
-Status TlsRelay::Work(bool* more) {
-  *more = false;
-  for (int round = 0; round < kRoundsPerEvent; ++round) {
-    bool progress = false;
-    BP_RETURN_IF_ERROR(FlushNet(&progress));
-    if (attached_) BP_RETURN_IF_ERROR(FlushPlain(&progress));
-    BP_RETURN_IF_ERROR(ReadNet(&progress));
-    BP_RETURN_IF_ERROR(Advance(&progress));
-    if (attached_) {
-      BP_RETURN_IF_ERROR(FlushPlain(&progress));
-      BP_RETURN_IF_ERROR(ReadPlain(&progress));
-    }
-    BP_RETURN_IF_ERROR(FlushNet(&progress));
-    if (!progress) return Status::OK();
-  }
-  *more = true;
-  return Status::OK();
-}
-
-size_t TlsRelay::buffered() const {
-  return net_out_.size() + app_.size() + plain_retry_.size() + BIO_ctrl_pending(rbio_) +
-         BIO_ctrl_pending(wbio_);
-}
-
-size_t TlsRelay::NetPending() const { return net_out_.size() + BIO_ctrl_pending(wbio_); }
-
-void TlsRelay::UpdateWatermarks() {
-  size_t net = NetPending();
-  if (!net_paused_ && net >= kHighWater) {
-    net_paused_ = true;
-    ++pauses_;
-  } else if (net_paused_ && net <= kLowWater) {
-    net_paused_ = false;
-  }
-  size_t app = app_.size();
-  if (!app_paused_ && app >= kHighWater) {
-    app_paused_ = true;
-    ++pauses_;
-  } else if (app_paused_ && app <= kLowWater) {
-    app_paused_ = false;
-  }
-}
-
-void TlsRelay::DrainWriteBio() {
-  if (!wbio_) return;
-  for (;;) {
-    size_t pending = BIO_ctrl_pending(wbio_);
-    if (pending == 0) break;
-    char* dst = net_out_.Reserve(pending);
-    int n = BIO_read(wbio_, dst, static_cast<int>(pending));
-    if (n <= 0) break;
-    net_out_.Commit(static_cast<size_t>(n));
-  }
-  UpdateWatermarks();
-}
-
-Status TlsRelay::NetError(const char* what, int err) const {
-  return PosixError(std::string(what) + " (" + tls_name_ + ")", err);
-}
-
-Status TlsRelay::PlainError(const char* what, int err) const {
-  return PosixError(std::string(what) + " " + plain_name_, err);
-}
-
-Status TlsRelay::FlushNet(bool* progress) {
-  int fd = socket_->fd();
-  while (!net_out_.empty()) {
-    ssize_t n = ::send(fd, net_out_.data(), net_out_.size(), MSG_NOSIGNAL);
-    if (n > 0) {
-      net_out_.Consume(static_cast<size_t>(n));
-      *progress = true;
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && WouldBlock(errno)) break;
-    return NetError("writing to the TLS connection", n < 0 ? errno : EPIPE);
-  }
-  UpdateWatermarks();
-  if (net_out_.empty() && close_notify_sent_ && !net_shut_) {
-    ::shutdown(fd, SHUT_WR);
-    net_shut_ = true;
-    up_done_ = true;
+Status TlsRelay::Work(bool* progress) {
+  if (!handshake_done_) {
+    IoResult r = tls_->Handshake();
+    if (r.kind == IoResult::Kind::kError) return r.error;
+    if (r.kind == IoResult::Kind::kAgain) return Status::OK();
+    handshake_done_ = true;
     *progress = true;
   }
-  return Status::OK();
-}
-
-bool TlsRelay::CanReadNet() const {
-  // Not gated by net_paused_: the peer's bytes must keep flowing while our own output waits
-  // for it, or two relays facing each other (the proxy and `connect --tls`) each stop reading
-  // because the other stopped reading (measured: a 2 GiB echo hung with both receive queues
-  // full). Bulk output is held back in CanReadPlain; what reading can still add (protocol
-  // answers such as KeyUpdate) is capped by kMaxNetPending.
-  return !net_eof_ && !peer_closed_ && !app_paused_ && NetPending() < kMaxNetPending &&
-         BIO_ctrl_pending(rbio_) < kMaxReadBio;
-}
-
-Status TlsRelay::ReadNet(bool* progress) {
-  if (!rbio_ || !CanReadNet()) return Status::OK();
-  char* buf = Scratch();
-  for (;;) {
-    ssize_t n = ::recv(socket_->fd(), buf, kReadChunk, 0);
-    if (n > 0) {
-      BIO_write(rbio_, buf, static_cast<int>(n));
-      last_activity_ms_ = socket_->loop().Now();
-      *progress = true;
-      return Status::OK();
-    }
-    if (n == 0) {
-      net_eof_ = true;
-      BIO_set_mem_eof_return(rbio_, 0);  // OpenSSL now sees EOF instead of "retry"
-      *progress = true;
-      return Status::OK();
-    }
-    if (errno == EINTR) continue;
-    if (WouldBlock(errno)) return Status::OK();
-    return NetError("reading from the TLS connection", errno);
+  while (!out_.empty()) {
+    IoResult r = tls_->Write(out_.data(), out_.size());
+    if (r.kind == IoResult::Kind::kError) return r.error;
+    if (r.kind != IoResult::Kind::kBytes) break;
+    out_.Consume(r.n);
+    *progress = true;
   }
-}
-
-Status TlsRelay::HandshakeError() {
-  long verify = SSL_get_verify_result(ssl_.get());
-  if (role_ == Role::kClient && verify != X509_V_OK) {
-    ERR_clear_error();
-    return Status::PermissionDenied(std::string("the certificate of the ") + tls_name_ +
-                                    " does not verify: " + X509_verify_cert_error_string(verify));
-  }
-  if (net_eof_) {
-    ERR_clear_error();
-    return Status::Unavailable(std::string("the ") + tls_name_ +
-                               " closed the connection during the TLS handshake");
-  }
-  return SslError(std::string("TLS handshake with the ") + tls_name_);
-}
-
-Status TlsRelay::Advance(bool* progress) {
-  if (!handshake_done_) {
-    ERR_clear_error();
-    int rc = SSL_do_handshake(ssl_.get());
-    int err = rc == 1 ? SSL_ERROR_NONE : SSL_get_error(ssl_.get(), rc);
-    DrainWriteBio();
-    if (rc == 1) {
-      handshake_done_ = true;
-      *progress = true;
-    } else if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-      if (net_eof_) return HandshakeError();
-      return Status::OK();
-    } else {
-      return HandshakeError();
-    }
-  }
-  // Decrypt while the plaintext side keeps up (and below the hard cap on TLS output: SSL_read
-  // may produce some, e.g. a KeyUpdate answer).
-  while (!peer_closed_ && !app_paused_ && NetPending() < kMaxNetPending) {
-    char* dst = app_.Reserve(kRecordPlaintext);
-    ERR_clear_error();
-    int n = SSL_read(ssl_.get(), dst, static_cast<int>(kRecordPlaintext));
-    int err = n > 0 ? SSL_ERROR_NONE : SSL_get_error(ssl_.get(), n);
-    DrainWriteBio();
-    if (n > 0) {
-      app_.Commit(static_cast<size_t>(n));
-      if (!attached_) inbox_grew_ = true;
-      UpdateWatermarks();
+  while (!peer_closed_ && inbox_.size() < kMaxInbox && tls_->readable()) {
+    IoResult r = tls_->Read(inbox_.Reserve(kInboxRead), kInboxRead);
+    if (r.kind == IoResult::Kind::kBytes) {
+      inbox_.Commit(r.n);
+      inbox_grew_ = true;
       *progress = true;
       continue;
     }
-    // Reserve() may have allocated for nothing: keep an empty queue free of memory.
-    if (app_.empty()) app_.Consume(0);
-    if (err == SSL_ERROR_ZERO_RETURN) {
+    if (inbox_.empty()) inbox_.Consume(0);  // frees the reservation
+    if (r.kind == IoResult::Kind::kError) return r.error;
+    if (r.kind == IoResult::Kind::kEof) {
       peer_closed_ = true;
       *progress = true;
-      return Status::OK();
     }
-    if (net_eof_) {
-      ERR_clear_error();
-      return Status::IOError(std::string("the ") + tls_name_ +
-                             " closed the connection without TLS close_notify (truncated)");
-    }
-    if (err == SSL_ERROR_WANT_READ) return Status::OK();
-    return SslError(std::string("TLS read from the ") + tls_name_);
+    break;
   }
   return Status::OK();
-}
-
-Status TlsRelay::FlushPlain(bool* progress) {
-  if (down_done_ || !plain_out_raw_) return Status::OK();
-  int fd = plain_out_raw_->fd();
-  while (!app_.empty()) {
-    ssize_t n = plain_out_is_socket_ ? ::send(fd, app_.data(), app_.size(), MSG_NOSIGNAL)
-                                     : ::write(fd, app_.data(), app_.size());
-    if (n > 0) {
-      app_.Consume(static_cast<size_t>(n));
-      counters_.tls_to_plain += static_cast<uint64_t>(n);
-      last_activity_ms_ = socket_->loop().Now();
-      *progress = true;
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && WouldBlock(errno)) break;
-    return PlainError("writing to the", n < 0 ? errno : EPIPE);
-  }
-  UpdateWatermarks();
-  if (app_.empty() && peer_closed_) {
-    // The peer's close_notify, passed on once everything before it was delivered.
-    if (plain_out_is_socket_) {
-      ::shutdown(fd, SHUT_WR);
-    } else if (plain_out_) {
-      plain_out_.reset();  // a pipe (stdout) has no half-close: closing it is the EOF
-      plain_out_raw_ = nullptr;
-    }
-    down_done_ = true;
-    *progress = true;
-  }
-  return Status::OK();
-}
-
-bool TlsRelay::CanReadPlain() const {
-  return attached_ && handshake_done_ && plain_in_ && !plain_eof_ && !net_paused_ &&
-         !close_notify_sent_;
-}
-
-Status TlsRelay::WritePlainToTls(std::string_view data, bool* accepted) {
-  *accepted = false;
-  ERR_clear_error();
-  int n = SSL_write(ssl_.get(), data.data(), static_cast<int>(data.size()));
-  int err = n > 0 ? SSL_ERROR_NONE : SSL_get_error(ssl_.get(), n);
-  DrainWriteBio();
-  if (n > 0) {
-    // Without SSL_MODE_ENABLE_PARTIAL_WRITE a memory BIO takes everything.
-    *accepted = true;
-    return Status::OK();
-  }
-  if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) return Status::OK();
-  return SslError(std::string("TLS write to the ") + tls_name_);
-}
-
-Status TlsRelay::ReadPlain(bool* progress) {
-  if (!CanReadPlain()) return Status::OK();
-  if (!plain_retry_.empty()) {
-    bool accepted = false;
-    BP_RETURN_IF_ERROR(WritePlainToTls(plain_retry_, &accepted));
-    if (!accepted) return Status::OK();
-    counters_.plain_to_tls += plain_retry_.size();
-    std::string().swap(plain_retry_);
-    *progress = true;
-    return Status::OK();
-  }
-  char* buf = Scratch();
-  for (;;) {
-    ssize_t n = ::read(plain_in_->fd(), buf, kReadChunk);
-    if (n > 0) {
-      bool accepted = false;
-      BP_RETURN_IF_ERROR(WritePlainToTls(std::string_view(buf, static_cast<size_t>(n)), &accepted));
-      if (accepted) {
-        counters_.plain_to_tls += static_cast<uint64_t>(n);
-      } else {
-        plain_retry_.assign(buf, static_cast<size_t>(n));
-      }
-      last_activity_ms_ = socket_->loop().Now();
-      *progress = true;
-      return Status::OK();
-    }
-    if (n == 0) {
-      plain_eof_ = true;
-      // The end of the plaintext side becomes close_notify (then SHUT_WR in FlushNet).
-      ERR_clear_error();
-      SSL_shutdown(ssl_.get());
-      ERR_clear_error();
-      DrainWriteBio();
-      close_notify_sent_ = true;
-      *progress = true;
-      return Status::OK();
-    }
-    if (errno == EINTR) continue;
-    if (WouldBlock(errno)) return Status::OK();
-    return PlainError("reading from the", errno);
-  }
-}
-
-void TlsRelay::UpdateInterest() {
-  if (finished_) return;
-  int events = CanReadNet() ? UV_READABLE : 0;
-  if (!net_out_.empty()) events |= UV_WRITABLE;
-  socket_->SetEvents(events);
-  if (!attached_) return;
-  int in = CanReadPlain() ? UV_READABLE : 0;
-  int out = (!down_done_ && !app_.empty()) ? UV_WRITABLE : 0;
-  if (plain_in_ && plain_out_raw_ == plain_in_.get()) {
-    plain_in_->SetEvents(in | out);
-    return;
-  }
-  if (plain_in_) plain_in_->SetEvents(in);
-  if (plain_out_raw_) plain_out_raw_->SetEvents(out);
 }
 
 void TlsRelay::Consume(size_t n) {
-  app_.Consume(std::min(n, app_.size()));
-  UpdateWatermarks();
-  Kick();
+  inbox_.Consume(std::min(n, inbox_.size()));
+  if (tls_ && !finished_) tls_->Yield();  // reading may resume
 }
 
 Status TlsRelay::Send(std::string_view plaintext) {
   assert(handshake_done_);
-  if (finished_) return Status::Unavailable("the TLS connection is closed");
-  if (!plain_retry_.empty()) {
-    plain_retry_.append(plaintext);
-  } else {
-    bool accepted = false;
-    BP_RETURN_IF_ERROR(WritePlainToTls(plaintext, &accepted));
-    if (!accepted) plain_retry_.assign(plaintext);
+  if (finished_ || !tls_) return Status::Unavailable("the TLS connection is closed");
+  if (out_.empty()) {
+    // Straight into the stream while the socket takes it; the rest waits, in order.
+    IoResult r = tls_->Write(plaintext.data(), plaintext.size());
+    if (r.kind == IoResult::Kind::kError) return r.error;
+    if (r.kind == IoResult::Kind::kBytes) plaintext.remove_prefix(r.n);
   }
-  Kick();
+  if (!plaintext.empty()) {
+    out_.Append(plaintext);
+    tls_->Yield();
+  }
   return Status::OK();
 }
 
-void TlsRelay::Attach(PollSide plain, const char* plain_name) {
-  assert(!attached_);
-  plain_name_ = plain_name;
-  plain_in_ = std::move(plain.in);
-  plain_out_ = std::move(plain.out);
-  plain_out_raw_ = plain_out_ ? plain_out_.get() : plain_in_.get();
-  plain_out_is_socket_ = IsSocketFd(plain_out_raw_->fd());
-  attached_ = true;
-  auto on_event = [this](loop::Poll* poll) {
-    return [this, poll](int status, int) {
-      if (status < 0) {
-        int err = SocketError(poll->fd());
-        Finish(PlainError("error on the", err ? err : ECONNRESET));
-        return;
-      }
-      Pump();
-    };
-  };
-  plain_in_->Start(0, on_event(plain_in_.get()));
-  if (plain_out_) plain_out_->Start(0, on_event(plain_out_.get()));
-  Kick();
+void TlsRelay::Attach(Relay::Side plain, const char* plain_name, PipePool* pool) {
+  assert(tls_ && !relay_);
+  if (!pool) {
+    // The pump's copy buffer; TLS never splices, so no pipe is taken from it.
+    own_pool_ = std::make_unique<PipePool>(PipePool::kSmallPipe, 1);
+    pool = own_pool_.get();
+  }
+  std::string to_plain(inbox_.data(), inbox_.size());
+  inbox_.Consume(inbox_.size());
+  inbox_at_attach_ = to_plain.size();
+  std::string to_tls(out_.data(), out_.size());
+  out_.Consume(out_.size());
+  relay_ =
+      std::make_unique<Relay>(pool, std::move(tls_), SideTransport(std::move(plain)), tls_name_,
+                              plain_name, std::move(to_tls), std::move(to_plain), [this](Status s) {
+                                tls_raw_ = nullptr;  // closed with the relay
+                                Finish(std::move(s));
+                              });
+  if (finished_) return;
+  relay_->Start();
 }
 
 void TlsRelay::Abort(std::string_view last) {
   if (finished_) return;
   finished_ = true;
-  kick_.Detach();
-  if (handshake_done_ && !close_notify_sent_) {
-    if (!last.empty()) {
-      bool accepted = false;
-      (void)WritePlainToTls(last, &accepted);
-    }
-    ERR_clear_error();
-    SSL_shutdown(ssl_.get());
-    ERR_clear_error();
-    DrainWriteBio();
+  if (tls_raw_) tls_raw_->Abort(last);
+  if (relay_) {
+    relay_->Stop();
+    tls_raw_ = nullptr;
   }
-  plain_in_.reset();
-  plain_out_.reset();
-  plain_out_raw_ = nullptr;
-  if (!socket_) return;
-  int fd = socket_->ReleaseFd();
-  socket_.reset();
-  if (!net_shut_) SendBestEffort(fd, std::string_view(net_out_.data(), net_out_.size()));
-  CloseGracefully(fd);
 }
 
 void TlsRelay::Finish(Status status) {
   if (finished_) return;
   finished_ = true;
-  kick_.Detach();
-  // A failed handshake leaves an alert in the write BIO: let the peer see it if it fits now.
-  DrainWriteBio();
-  if (socket_ && !net_shut_ && !net_out_.empty()) {
-    SendBestEffort(socket_->fd(), std::string_view(net_out_.data(), net_out_.size()));
-  }
-  if (socket_) socket_->Stop();
-  if (plain_in_) plain_in_->Stop();
-  if (plain_out_) plain_out_->Stop();
+  if (tls_) tls_->SetCallback(nullptr);
   auto done = std::move(cb_.on_done);
   if (done) done(std::move(status));  // may destroy this
+}
+
+const TlsRelay::Counters& TlsRelay::counters() const {
+  if (relay_) {
+    counters_.tls_to_plain = relay_->counters().a_to_b + inbox_at_attach_;
+    counters_.plain_to_tls = relay_->counters().b_to_a;
+  }
+  return counters_;
+}
+
+uint64_t TlsRelay::last_activity_ms() const {
+  return relay_ ? relay_->last_activity_ms() : last_activity_ms_;
+}
+
+size_t TlsRelay::buffered() const {
+  return inbox_.size() + out_.size() + (relay_ ? relay_->buffered() : 0) +
+         (tls_raw_ ? tls_raw_->buffered() : 0);
 }
 
 }  // namespace brokerproxy::proxy

@@ -1,43 +1,51 @@
-// TlsRelay: one TLS connection driven through memory BIOs, relayed to a plaintext endpoint.
+// TLS on the one byte pump: TlsTransport (OpenSSL driven over a reactor socket) and TlsRelay
+// (a TLS connection with its BROKER1 phase, then relayed to a plaintext endpoint).
 //
-// Both ends of brokerproxy's TLS path use it: the proxy terminating a client's TLS (kServer,
+// Both ends of brokerproxy's TLS path use them: the proxy terminating a client's TLS (kServer,
 // the plaintext side is the job's backend) and `connect --tls` (kClient, the plaintext side is
-// the local connection). OpenSSL never touches a socket: ciphertext read from the socket goes
-// into the read BIO, and after every SSL call whatever OpenSSL put into the write BIO is moved
-// out and sent with non-blocking send(2).
+// the local connection).
+//
+// TlsTransport gives OpenSSL a BIO of its own (BIO_meth_new) whose read and write are the
+// EdgeSocket's recv and send on the reactor fd (transport.h): a would-block clears the
+// IoWatch's readable or writable flag and asks OpenSSL to retry, so the TLS socket follows the
+// same edge-triggered rules as a plain one and never changes its epoll registration. OpenSSL
+// reads and writes the socket directly: no ciphertext is copied through memory BIOs, and
+// ciphertext waiting for a peer that does not read waits in the kernel's send buffer, not in
+// ours. SSL_MODE_ENABLE_PARTIAL_WRITE lets SSL_write return after each record, and a write
+// that would block keeps at most one record in OpenSSL until the pump retries it with the same
+// bytes (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER: the pump may have moved them).
+//
+// Memory is bounded whatever the peers do: the pump (relay.h) holds at most one 64 KiB chunk
+// per direction and reads a source only once its chunk is written, so a slow plaintext reader
+// stops SSL_read, which stops socket reads, and a slow TLS reader stops SSL_write, which stops
+// reads of the plaintext side. Reading the TLS socket is never gated on our own TLS output
+// (two relays facing each other, the proxy and `connect --tls`, would each wait for the other
+// to read); only an SSL_read that must write a protocol answer (KeyUpdate, an alert) waits for
+// the socket to take it, so a peer that sends but never reads gets nothing more read from it
+// once its receive window and our send buffer are full. Before Attach, the inbox holds at most
+// kMaxInbox bytes (plus one read), and reading stops there until the owner consumes. OpenSSL's
+// own record buffers are released when idle (SSL_MODE_RELEASE_BUFFERS).
+//
+// Half-close, through the pump's rules: the peer's close_notify is the TLS source's end of
+// stream and becomes shutdown(SHUT_WR) of the plaintext side once everything before it was
+// written there; EOF on the plaintext side becomes close_notify, then shutdown(SHUT_WR) of the
+// socket. A TCP EOF without close_notify is an error (a truncation), not an end of stream.
 //
 // Two phases. Until Attach(), plaintext from the peer collects in inbox() for the owner, who
 // speaks the BROKER1 exchange through it (reads the preamble or the "OK" line, Send()s the
-// reply). Attach() then relays plaintext both ways between the TLS stream and the plaintext
-// side; bytes still in the inbox go there first.
+// reply). Attach() hands the TlsTransport to a Relay with the plaintext side: bytes still in the
+// inbox go to the plaintext side first, and plaintext Send() could not write yet goes first to
+// the TLS stream.
 //
-// Memory is bounded whatever the peers do (docs/libraries.md, "Memory BIOs": a memory BIO
-// never says WANT_WRITE; without watermarks a slow reader made a prototype's RSS reach 816 MB):
-//   - ciphertext waiting for the socket (write BIO + send buffer) above kHighWater stops the
-//     bulk producer, reads from the plaintext side (so no SSL_write); they resume below
-//     kLowWater. Reading the socket and SSL_read go on (see CanReadNet: gating them on our
-//     own output deadlocks two relays facing each other) until kMaxNetPending, which only
-//     protocol answers (KeyUpdate, alerts) to a peer that sends but never reads can reach;
-//   - decrypted plaintext waiting for the plaintext side above kHighWater stops SSL_read and,
-//     with it, socket reads; the read BIO never holds more than kMaxReadBio plus one read;
-//   - one read of at most kReadChunk bytes from either side per step.
-// So a connection holds at most about kMaxNetPending + kHighWater + 2 x kReadChunk +
-// kMaxReadBio bytes of buffers, plus OpenSSL's record buffers (released when idle:
-// SSL_MODE_RELEASE_BUFFERS).
-//
-// Half-close (docs/libraries.md, "Memory BIOs"): the peer's close_notify becomes shutdown(SHUT_WR)
-// of the plaintext side once everything before it was written there; EOF on the plaintext side
-// becomes close_notify, and shutdown(SHUT_WR) of the socket once it is sent. The relay ends
-// when both directions have. A TCP EOF without close_notify is an error (a truncation), not an
-// end of stream.
-//
-// Callbacks never run inside a call of this API: work runs from the sockets' events or from a
-// next-tick task. Ownership: the owner holds the TlsRelay; it owns the SSL, the socket and,
-// after Attach(), the plaintext side's Polls. It may be destroyed at any time, including from
-// inside its callbacks. Loop-thread only.
+// Callbacks never run inside a call of this API: work runs from the socket's events or from a
+// later loop turn (IoWatch::Yield). Ownership: the owner holds the TlsRelay; it owns the SSL,
+// the socket and, after Attach(), the Relay with the plaintext side. It may be destroyed at any
+// time, including from inside its callbacks. Loop-thread only.
 
 #ifndef BROKERPROXY_PROXY_TRANSPORT_TLS_RELAY_H_
 #define BROKERPROXY_PROXY_TRANSPORT_TLS_RELAY_H_
+
+#include <openssl/ssl.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -46,12 +54,11 @@
 #include <string>
 #include <string_view>
 
-#include "loop/handle.h"
-#include "loop/poll.h"
+#include "loop/reactor.h"
 #include "loop/status.h"
-#include "loop/work.h"
 #include "proxy/tls/tls_context.h"
 #include "proxy/transport/relay.h"
+#include "proxy/transport/transport.h"
 
 namespace brokerproxy::proxy {
 
@@ -75,18 +82,85 @@ class ByteQueue {
   size_t end_ = 0;
 };
 
-class TlsRelay {
+// A TLS stream over a reactor socket, as a transport of the pump. Read() is SSL_read (kEof
+// on close_notify; an EOF without it is an error), Write() is SSL_write, ShutdownWrite() sends
+// close_notify, then shuts the socket down. Errors name the peer (`peer_name`, a string
+// literal: "client", "proxy").
+class TlsTransport final : public Transport {
  public:
   enum class Role { kServer, kClient };
 
-  static constexpr size_t kHighWater = 256 * 1024;
-  static constexpr size_t kLowWater = 64 * 1024;
-  static constexpr size_t kReadChunk = 64 * 1024;
-  static constexpr size_t kMaxReadBio = 64 * 1024;
-  // Ciphertext output beyond which even the peer's bytes stop being read. Bulk output stops at
-  // kHighWater (plus one read), so only protocol answers to a peer that sends but never reads
-  // can get here.
-  static constexpr size_t kMaxNetPending = 2 * kHighWater;
+  // `ssl`: a new SSL of a server or client context (its BIO is set here). `socket`: the
+  // connected TCP socket, in the reactor. `initial_ciphertext`: bytes already read from it (a
+  // buffered ClientHello), which OpenSSL reads first.
+  TlsTransport(Role role, SslPtr ssl, loop::IoHandle socket, std::string initial_ciphertext,
+               const char* peer_name);
+  ~TlsTransport() override;
+  TlsTransport(const TlsTransport&) = delete;
+  TlsTransport& operator=(const TlsTransport&) = delete;
+
+  // One step of the handshake: kBytes (with n == 0) once it is complete, kAgain while it waits
+  // for the socket, kError if it failed (a client's certificate check included).
+  IoResult Handshake();
+
+  IoResult Read(char* buf, size_t cap) override;
+  IoResult Write(const char* data, size_t len) override;
+  bool readable() const override;
+  bool writable() const override;
+  IoResult ShutdownWrite(bool last) override;
+  void SetCallback(const loop::IoWatch::Callback& cb) override;
+  void Yield() override;
+  loop::Loop& loop() const override { return sock_.watch()->reactor().loop(); }
+
+  // Ends at once: writes `last` (may be empty) and close_notify as far as the socket takes
+  // them right now, then closes the socket gracefully.
+  void Abort(std::string_view last);
+
+  // Ciphertext read ahead from the socket (one recv feeds several records), and ciphertext
+  // collected from SSL_write before one send: each holds at most this much (plus one record).
+  static constexpr size_t kBufferSize = 64 * 1024;
+
+  SSL* ssl() const { return ssl_.get(); }
+  bool handshake_done() const { return handshake_done_; }
+  // Ciphertext held in this transport's buffers.
+  size_t buffered() const { return rbuf_.size() + wbuf_.size(); }
+  bool close_notify_sent() const { return close_notify_sent_; }
+  // The socket reached EOF (with or without close_notify).
+  bool net_eof() const { return net_eof_; }
+
+ private:
+  static BIO_METHOD* Method();
+  static int BioRead(BIO* bio, char* buf, int len);
+  static int BioWrite(BIO* bio, const char* data, int len);
+  static long BioCtrl(BIO* bio, int cmd, long num, void* ptr);
+  Status HandshakeError();
+  Status NetError(const char* what, int err) const;
+  // The failure of an SSL call, as a status: a truncation, a socket error or OpenSSL's.
+  Status Failure(const char* what, bool reading);
+  // Sends what wbuf_ holds, as far as the socket takes it.
+  Status FlushOut();
+
+  Role role_;
+  SslPtr ssl_;
+  EdgeSocket sock_;
+  ByteQueue rbuf_;  // ciphertext read, not yet taken by OpenSSL (first: the ClientHello)
+  ByteQueue wbuf_;  // ciphertext from OpenSSL, not yet sent
+  const char* peer_name_;
+  Status error_;  // a failure found while the pump was not asking: reported by the next call
+  bool handshake_done_ = false;
+  bool net_eof_ = false;
+  int net_errno_ = 0;              // the socket call that failed, for error messages
+  bool read_wants_write_ = false;  // SSL_read must write first (a protocol answer)
+  bool write_wants_read_ = false;  // SSL_write must read first
+  bool close_notify_sent_ = false;
+};
+
+class TlsRelay {
+ public:
+  using Role = TlsTransport::Role;
+
+  // What the inbox holds before reading stops until the owner consumes (plus one read).
+  static constexpr size_t kMaxInbox = 256 * 1024;
 
   struct Callbacks {
     // The handshake completed (a client has verified the server's certificate chain and name).
@@ -104,12 +178,11 @@ class TlsRelay {
     uint64_t plain_to_tls = 0;  // read from the plaintext side and encrypted
   };
 
-  // `ssl`: a new SSL of a server or client context (the BIOs are set here). `socket`: the
-  // connected TCP socket for the TLS stream (no events requested yet). `initial_ciphertext`:
-  // bytes already read from it (the buffered ClientHello). `tls_name`/`plain_name` label
-  // errors ("client", "backend"); they must be string literals.
-  TlsRelay(Role role, SslPtr ssl, loop::HandlePtr<loop::Poll> socket,
-           std::string initial_ciphertext, const char* tls_name, Callbacks callbacks);
+  // `ssl`: a new SSL of a server or client context. `socket`: the connected TCP socket for the
+  // TLS stream, in the reactor. `initial_ciphertext`: bytes already read from it (the buffered
+  // ClientHello). `tls_name` labels errors ("client", "proxy"); a string literal.
+  TlsRelay(Role role, SslPtr ssl, loop::IoHandle socket, std::string initial_ciphertext,
+           const char* tls_name, Callbacks callbacks);
   ~TlsRelay();
   TlsRelay(const TlsRelay&) = delete;
   TlsRelay& operator=(const TlsRelay&) = delete;
@@ -118,93 +191,62 @@ class TlsRelay {
   void Start();
 
   bool handshake_done() const { return handshake_done_; }
-  SSL* ssl() const { return ssl_.get(); }
+  // Null once the relay finished.
+  SSL* ssl() const { return tls_raw_ ? tls_raw_->ssl() : nullptr; }
 
   // ---- before Attach() ----
-  // Plaintext received and not yet consumed (at most about kHighWater + 16 KiB).
-  std::string_view inbox() const { return std::string_view(app_.data(), app_.size()); }
+  // Plaintext received and not yet consumed (at most about kMaxInbox + 64 KiB).
+  std::string_view inbox() const { return std::string_view(inbox_.data(), inbox_.size()); }
   void Consume(size_t n);
-  // The peer sent close_notify (or closed the socket): inbox() will not grow any more.
-  bool peer_done() const { return peer_closed_ || net_eof_; }
-  // Encrypts `plaintext` into the TLS stream. REQUIRES: handshake_done().
+  // The peer sent close_notify: inbox() will not grow any more.
+  bool peer_done() const { return peer_closed_; }
+  // Encrypts `plaintext` into the TLS stream (what the socket does not take yet waits, in
+  // order). REQUIRES: handshake_done().
   Status Send(std::string_view plaintext);
-  // Relays between the TLS stream and `plain` from now on. Use `plain_name` in errors.
-  void Attach(PollSide plain, const char* plain_name);
+  // Relays between the TLS stream and `plain` from now on, with the pump's buffers from `pool`
+  // (null: a small pool of the relay's own). Use `plain_name` in errors (a string literal).
+  void Attach(Relay::Side plain, const char* plain_name, PipePool* pool = nullptr);
   // Ends the connection at once: sends `last` (may be empty) and close_notify as far as the
   // socket takes them right now, then closes the socket gracefully. No callback runs after.
   void Abort(std::string_view last);
 
   // ---- while relaying ----
-  const Counters& counters() const { return counters_; }
+  const Counters& counters() const;
   // True once one direction has finished.
-  bool half_closed() const { return down_done_ || up_done_; }
-  uint64_t last_activity_ms() const { return last_activity_ms_; }
-  // Pauses taken because a buffer crossed kHighWater (for tests and stats).
-  uint64_t pauses() const { return pauses_; }
-  // Bytes held in this relay's buffers and memory BIOs right now.
+  bool half_closed() const { return relay_ && relay_->half_closed(); }
+  uint64_t last_activity_ms() const;
+  // Pauses taken because a sink was full (for tests and stats).
+  uint64_t pauses() const { return relay_ ? relay_->pauses() : 0; }
+  // Bytes held in this relay's buffers right now (OpenSSL's record buffers aside).
   size_t buffered() const;
 
  private:
-  void Kick();
-  void Pump();
+  void OnEvent();
   Status Work(bool* progress);
-  Status FlushNet(bool* progress);
-  Status ReadNet(bool* progress);
-  Status Advance(bool* progress);
-  Status FlushPlain(bool* progress);
-  Status ReadPlain(bool* progress);
-  Status WritePlainToTls(std::string_view data, bool* accepted);
-  void DrainWriteBio();
-  void UpdateWatermarks();
-  bool CanReadNet() const;
-  bool CanReadPlain() const;
-  void UpdateInterest();
-  // Ends with `status` (flushing a pending alert best-effort first). May destroy this.
+  // Ends with `status`. May destroy this.
   void Finish(Status status);
   // Runs `cb` and says whether this object still exists and is not finished.
   bool Call(const std::function<void()>& cb);
-  size_t NetPending() const;
-  Status NetError(const char* what, int err) const;
-  Status PlainError(const char* what, int err) const;
-  Status HandshakeError();
 
-  Role role_;
-  SslPtr ssl_;
-  BIO* rbio_ = nullptr;  // owned by ssl_
-  BIO* wbio_ = nullptr;  // owned by ssl_
-  loop::HandlePtr<loop::Poll> socket_;
-  loop::HandlePtr<loop::Poll> plain_in_;
-  loop::HandlePtr<loop::Poll> plain_out_;  // null: same as plain_in_
-  loop::Poll* plain_out_raw_ = nullptr;
-  bool plain_out_is_socket_ = true;
+  std::unique_ptr<TlsTransport> tls_;  // until Attach()
+  TlsTransport* tls_raw_ = nullptr;    // the transport, wherever it is; null once closed
   const char* tls_name_;
-  const char* plain_name_ = "plaintext side";
   Callbacks cb_;
-
-  ByteQueue net_out_;        // ciphertext for the socket
-  ByteQueue app_;            // plaintext for the plaintext side (the inbox before Attach)
-  std::string plain_retry_;  // plaintext SSL_write did not take yet (renegotiation-free: rare)
+  ByteQueue inbox_;  // plaintext for the owner (then the plaintext side)
+  ByteQueue out_;    // plaintext Send() could not write yet
+  std::unique_ptr<PipePool> own_pool_;
+  std::unique_ptr<Relay> relay_;
+  mutable Counters counters_;
+  uint64_t inbox_at_attach_ = 0;  // payload handed to the relay as its prefix
 
   bool started_ = false;
   bool handshake_done_ = false;
   bool handshake_reported_ = false;
-  bool attached_ = false;
   bool inbox_grew_ = false;
+  bool peer_closed_ = false;  // close_notify received before Attach
   bool peer_done_reported_ = false;
-  bool net_eof_ = false;      // the socket's read side reached EOF
-  bool peer_closed_ = false;  // close_notify received
-  bool plain_eof_ = false;    // the plaintext side's read side reached EOF
-  bool close_notify_sent_ = false;
-  bool net_shut_ = false;    // shutdown(SHUT_WR) done on the socket
-  bool down_done_ = false;   // TLS -> plaintext finished (plaintext side shut down)
-  bool up_done_ = false;     // plaintext -> TLS finished (close_notify sent and flushed)
-  bool net_paused_ = false;  // ciphertext output above the high watermark
-  bool app_paused_ = false;  // plaintext output above the high watermark
   bool finished_ = false;
-  Counters counters_;
   uint64_t last_activity_ms_ = 0;
-  uint64_t pauses_ = 0;
-  loop::Pending kick_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 
