@@ -786,12 +786,12 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     Status lost;
     std::unique_ptr<ProxyPath> path;
     if (session) {
-      auto p =
-          NewSshPath(loop->get(), std::move(session), remote->target().ToString(), proxy_addr.host,
-                     proxy_addr.port, args.job, loaded.secret, kHandshakeTimeoutMs, [&](Status s) {
-                       lost = std::move(s);
-                       if (connector_ptr) connector_ptr->Stop();
-                     });
+      auto p = NewSshPath(reactor->get(), std::move(session), remote->target().ToString(),
+                          proxy_addr.host, proxy_addr.port, args.job, loaded.secret,
+                          kHandshakeTimeoutMs, [&](Status s) {
+                            lost = std::move(s);
+                            if (connector_ptr) connector_ptr->Stop();
+                          });
       if (!p.ok()) return p.status();
       path = std::move(p).value();
     } else if (args.tls) {

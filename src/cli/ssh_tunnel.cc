@@ -1,8 +1,8 @@
 // The SSH path of `connect --via`: one SSH session to the login node, driven nonblocking on the
-// loop (proxy/transport/ssh_splice.h); per local connection one direct-tcpip channel to the proxy
-// port as the login node sees it, the BROKER1 preamble (and what the local client already sent, see
-// EarlyBytes), the proxy's "OK", then a ChannelSplice between the local connection and the
-// channel. Closing a local connection closes only its channel.
+// reactor (proxy/transport/ssh_splice.h); per local connection one direct-tcpip channel to the
+// proxy port as the login node sees it, the BROKER1 preamble (and what the local client already
+// sent, see EarlyBytes), the proxy's "OK", then a ChannelSplice between the local connection and
+// the channel. Closing a local connection closes only its channel.
 
 #include <memory>
 #include <string>
@@ -55,10 +55,10 @@ class SshTunnel final : public Tunnel {
 
 class SshPath final : public ProxyPath {
  public:
-  SshPath(loop::Loop* loop, std::unique_ptr<proxy::SshTransport> transport, std::string via,
+  SshPath(loop::Reactor* reactor, std::unique_ptr<proxy::SshTransport> transport, std::string via,
           std::string host, int port, std::string job, std::string secret, int64_t timeout_ms,
           std::function<void(Status)> on_lost)
-      : loop_(loop),
+      : loop_(&reactor->loop()),
         transport_(std::move(transport)),
         via_(std::move(via)),
         host_(std::move(host)),
@@ -76,10 +76,7 @@ class SshPath final : public ProxyPath {
   }
 
   void Start() {
-    transport_->Start([this](int status) {
-      if (status < 0) lost_ = Status::Unavailable("the ssh connection to " + via_ + " failed");
-      Service();
-    });
+    transport_->Start([this] { Service(); });
   }
 
   std::unique_ptr<Tunnel> Open(proxy::Relay::Side local, std::string replay, Done done) override {
@@ -127,9 +124,7 @@ class SshPath final : public ProxyPath {
         on_lost_ = nullptr;
         cb(lost_);  // may destroy this path
       }
-      return;
     }
-    transport_->UpdateEvents();
   }
 
   // Runs Service() on a later loop turn.
@@ -259,17 +254,10 @@ void SshTunnel::Step() {
       std::string().swap(reply_);
       std::string up = early_.Stop();  // the local bytes libssh has not taken yet
       timer_.reset();
-      {
-        // The channel moves bytes in user space, on level-triggered polls.
-        auto local = proxy::ToPolls(*path_->loop_, std::move(local_));
-        if (!local.ok()) {
-          Fail(local.status());
-          return;
-        }
-        state_ = State::kSplicing;
-        splice_->Attach(std::move(local->in), std::move(local->out), std::move(down),
-                        std::move(up));
-      }
+      // The local side stays in the reactor; the splice takes over its callbacks.
+      state_ = State::kSplicing;
+      splice_->Attach(std::move(local_.in), std::move(local_.out), std::move(down), std::move(up));
+      local_ = proxy::Relay::Side{};
       [[fallthrough]];
     }
     case State::kSplicing:
@@ -284,19 +272,16 @@ void SshTunnel::Step() {
 
 }  // namespace
 
-Result<std::unique_ptr<ProxyPath>> NewSshPath(loop::Loop* loop, proxy::SshSessionPtr session,
+Result<std::unique_ptr<ProxyPath>> NewSshPath(loop::Reactor* reactor, proxy::SshSessionPtr session,
                                               std::string via, std::string host, int port,
                                               std::string job, std::string secret,
                                               int64_t handshake_timeout_ms,
                                               std::function<void(Status)> on_lost) {
   ssh_set_blocking(session.get(), 0);
-  int fd = ssh_get_fd(session.get());
-  auto poll = loop::Poll::Create(*loop, fd, loop::FdOwnership::kBorrowed);  // libssh owns it
-  if (!poll.ok()) return poll.status();
-  auto transport = proxy::SshTransport::Create(std::move(session), std::move(poll).value());
+  auto transport = proxy::SshTransport::Create(std::move(session), *reactor);
   if (!transport.ok()) return transport.status();
   (*transport)->set_disconnect_on_close(true);
-  auto path = std::make_unique<SshPath>(loop, std::move(transport).value(), std::move(via),
+  auto path = std::make_unique<SshPath>(reactor, std::move(transport).value(), std::move(via),
                                         std::move(host), port, std::move(job), std::move(secret),
                                         handshake_timeout_ms, std::move(on_lost));
   path->Start();

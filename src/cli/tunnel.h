@@ -144,11 +144,11 @@ std::unique_ptr<ProxyPath> NewDirectPath(loop::Reactor* reactor, proxy::PipePool
                                          std::string secret, int64_t handshake_timeout_ms);
 
 // Through the login node (ssh_tunnel.cc): `session` is connected and authenticated
-// (ssh_client.h); it becomes nonblocking and is driven on `loop`. Each tunnel is a direct-tcpip
+// (ssh_client.h); it becomes nonblocking and is driven on `reactor`. Each tunnel is a direct-tcpip
 // channel to `host`:`port` as the login node sees it (the proxy port on its loopback). `via`
 // names the login node in messages. `on_lost` runs once if the SSH session fails (every open
 // tunnel has ended then, and no new one can start); it may destroy the path.
-Result<std::unique_ptr<ProxyPath>> NewSshPath(loop::Loop* loop, proxy::SshSessionPtr session,
+Result<std::unique_ptr<ProxyPath>> NewSshPath(loop::Reactor* reactor, proxy::SshSessionPtr session,
                                               std::string via, std::string host, int port,
                                               std::string job, std::string secret,
                                               int64_t handshake_timeout_ms,

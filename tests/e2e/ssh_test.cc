@@ -14,11 +14,16 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "cli/ssh_client.h"
 #include "e2e/harness.h"
@@ -68,6 +73,142 @@ std::string EchoLine(int port, const std::string& text) {
   std::string got = ReadLine(fd).value_or("(closed)");
   close(fd);
   return got;
+}
+
+// A backend that reads nothing until Release(); then it reads each connection to EOF and
+// answers "<sha256 hex> <bytes>\n" before it shuts down writing (connections that send
+// nothing, the daemon's readiness probes, get no answer). Every wait is bounded.
+class StallingBackend {
+ public:
+  StallingBackend() {
+    listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        listen(listen_fd_, 16) != 0 ||
+        getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      ADD_FAILURE() << "cannot listen: " << strerror(errno);
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    acceptor_ = std::thread([this] { AcceptLoop(); });
+  }
+  ~StallingBackend() {
+    Release();
+    shutdown(listen_fd_, SHUT_RDWR);  // ends accept()
+    if (acceptor_.joinable()) acceptor_.join();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (int fd : fds_) shutdown(fd, SHUT_RDWR);
+    }
+    for (auto& t : workers_) t.join();
+    for (int fd : fds_) close(fd);
+    close(listen_fd_);
+  }
+  StallingBackend(const StallingBackend&) = delete;
+  StallingBackend& operator=(const StallingBackend&) = delete;
+
+  int port() const { return port_; }
+  void Release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    released_ = true;
+    released_cv_.notify_all();
+  }
+
+ private:
+  void AcceptLoop() {
+    for (;;) {
+      int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) {
+        if (errno == EINTR) continue;
+        return;
+      }
+      timeval tv{60, 0};
+      setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+      setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+      std::lock_guard<std::mutex> lock(mu_);
+      fds_.push_back(fd);
+      workers_.emplace_back([this, fd] { Serve(fd); });
+    }
+  }
+  void Serve(int fd) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      released_cv_.wait_for(lock, std::chrono::seconds(60), [this] { return released_; });
+    }
+    Sha256 sha;
+    uint64_t total = 0;
+    std::vector<char> buf(1 << 20);
+    for (ssize_t n; (n = recv(fd, buf.data(), buf.size(), 0)) > 0;) {
+      sha.Update(buf.data(), n);
+      total += n;
+    }
+    if (total > 0) SendAll(fd, sha.Hex() + " " + std::to_string(total) + "\n");
+    shutdown(fd, SHUT_WR);
+  }
+
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::thread acceptor_;
+  std::mutex mu_;
+  std::condition_variable released_cv_;
+  bool released_ = false;
+  std::vector<int> fds_;
+  std::vector<std::thread> workers_;
+};
+
+// Pushes Pattern bytes from *off on into `fd` without blocking, until everything up to
+// `total` is sent or the socket took nothing for `quiet_ms` (the path is full); at most 60 s.
+void PushUntilHeldBack(int fd, uint64_t total, uint64_t* off, int quiet_ms) {
+  std::vector<char> buf(256 * 1024);
+  auto start = Clock::now();
+  auto last = start;
+  while (*off < total && ElapsedMs(last) < quiet_ms && ElapsedMs(start) < 60000) {
+    pollfd p{fd, POLLOUT, 0};
+    if (poll(&p, 1, 50) <= 0) continue;
+    size_t chunk = std::min<uint64_t>(buf.size(), total - *off);
+    Pattern(*off, buf.data(), chunk);
+    ssize_t n = send(fd, buf.data(), chunk, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) {
+      *off += n;
+      last = Clock::now();
+    } else if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+      return;
+    }
+  }
+}
+
+// Through `port` (a forward to a StallingBackend): pushes until held back, then lets the
+// backend read, sends the rest and half-closes. The reply must cover every byte in order, and
+// the backend's EOF must follow it. Returns the bytes pushed while the backend stalled.
+uint64_t PushThroughAStall(int port, StallingBackend* backend, uint64_t total) {
+  int fd = ConnectTcp(port, "127.0.0.1", 60000);
+  EXPECT_GE(fd, 0);
+  if (fd < 0) return 0;
+  uint64_t off = 0;
+  PushUntilHeldBack(fd, total, &off, 1500);
+  uint64_t held = off;
+  backend->Release();
+  std::thread writer([&] {
+    std::vector<char> buf(1 << 20);
+    while (off < total) {
+      size_t chunk = std::min<uint64_t>(buf.size(), total - off);
+      Pattern(off, buf.data(), chunk);
+      if (!SendAll(fd, buf.data(), chunk)) break;
+      off += chunk;
+    }
+    shutdown(fd, SHUT_WR);  // the channel's EOF: the backend's read ends, and it answers
+  });
+  auto reply = ReadLine(fd);
+  writer.join();
+  EXPECT_EQ(off, total);
+  EXPECT_EQ(reply.value_or("(closed)"), PatternHash(total) + " " + std::to_string(total));
+  char c;
+  EXPECT_EQ(recv(fd, &c, 1, 0), 0) << "the backend's EOF follows its answer";
+  close(fd);
+  return held;
 }
 
 // The daemon (as on the login node), sshd in front of it, and a client configuration whose
@@ -437,6 +578,27 @@ TEST_F(ViaTest, ConnectCarriesManyConnectionsOverOneSession) {
 }
 
 // Makes daemon `d` (not started yet) listen on `address` instead of the harness's default.
+// connect --via's side of a channel: the local client pushes while the job's service reads
+// nothing, so the login node's window closes and connect stops reading the local socket; it
+// resumes (without a new edge on that socket) when the window reopens, and every byte arrives.
+TEST_F(ViaTest, ConnectHoldsTheClientBackWhileTheBackendStalls) {
+  StallingBackend backend;
+  std::string secret = daemon_.SaveJob("cs", backend.port());
+  ASSERT_FALSE(secret.empty());
+  ASSERT_EQ(RunVia({"query", "--accept-new-host-key"}).exit_code, 0);
+  auto connect =
+      Child::Spawn(Via({"connect", "cs", "--listen", "0"}), dir_ / "connect.log", ClientEnv());
+  ASSERT_TRUE(connect);
+  auto line = connect->WaitFor("listening on 127.0.0.1:", 30000);
+  ASSERT_TRUE(line) << connect->Output();
+  int port = std::stoi(line->substr(line->find("127.0.0.1:") + 10));
+  constexpr uint64_t kTotal = 128ull << 20;
+  uint64_t held = PushThroughAStall(port, &backend, kTotal);
+  EXPECT_LT(held, 64ull << 20) << "the client was not held back";
+  std::printf("pushed %llu KiB while the backend stalled\n",
+              static_cast<unsigned long long>(held >> 10));
+}
+
 void ListenOn(const Daemon& d, const std::string& address) {
   std::string config = ReadFile(d.config_path());
   size_t at = config.find("listen = 127.0.0.1:0\n");
@@ -926,6 +1088,66 @@ TEST_F(EndpointTest, HalfClosedChannelTimesOutAlone) {
   EXPECT_EQ(d.Log().find("reason=idle timeout"), std::string::npos) << "the session stayed";
   auto sj = ParseOut(d.Cli({"stats", "--json"}).out);
   EXPECT_EQ(JsonText(sj.get(), {"stats", "connections", "idle_closed"}), "1");
+  ssh_->Stop(SIGKILL);
+}
+
+// The endpoint's side of a channel, towards a backend that stops reading: the daemon holds at
+// most kToSocketCap, leaves the rest in libssh and stops growing the window, so the client is
+// held back and the daemon's memory stays bounded; once the backend reads, the bytes that
+// waited go out on the socket's writable edge, all of them, in order; the client's EOF reaches
+// the backend as SHUT_WR and its answer still comes back.
+TEST_F(EndpointTest, StalledBackendHoldsTheClientBackThenGetsEverything) {
+  std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
+  setenv("ASAN_OPTIONS", (asan + (asan.empty() ? "" : ":") + "quarantine_size_mb=1").c_str(), 1);
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  StallingBackend backend;
+  std::string secret = d.SaveJob("e7", backend.port());
+  ASSERT_FALSE(secret.empty());
+  int p = FreePort();
+  auto ssh = Forward(d.proxy_port(), "e7", secret, {p});
+  ASSERT_TRUE(ssh) << d.Log();
+  size_t base = RssOf(d.pid());
+  ASSERT_GT(base, 0u);
+
+  constexpr uint64_t kTotal = 128ull << 20;
+  std::atomic<size_t> peak{0};
+  std::atomic<bool> done{false};
+  std::thread sampler([&] {
+    while (!done) {
+      peak = std::max(peak.load(), RssOf(d.pid()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  uint64_t held = PushThroughAStall(p, &backend, kTotal);
+  done = true;
+  sampler.join();
+  EXPECT_LT(held, 64ull << 20) << "the client was not held back";
+  EXPECT_LT(peak.load(), base + (48u << 20)) << "base " << base << " peak " << peak.load();
+  std::printf("pushed %llu KiB while the backend stalled; daemon RSS base %zu KiB, peak %zu KiB\n",
+              static_cast<unsigned long long>(held >> 10), base >> 10, peak.load() >> 10);
+  ssh->Stop(SIGKILL);
+}
+
+// A client that half-closes its channel: the backend sees EOF (SHUT_WR on its socket, not a
+// close), answers, and the answer and then the backend's EOF come back through the channel.
+TEST_F(EndpointTest, HalfClosedChannelStillGetsTheReply) {
+  int p = StartForwarded("", "e8");
+  ASSERT_GE(p, 0);
+  for (uint64_t size : {uint64_t{1}, uint64_t{3} << 20}) {
+    int fd = ConnectTcp(p, "127.0.0.1", 30000);
+    ASSERT_GE(fd, 0);
+    ASSERT_TRUE(SendAll(fd, "upload\n"));
+    std::vector<char> buf(size);
+    Pattern(0, buf.data(), buf.size());
+    ASSERT_TRUE(SendAll(fd, buf.data(), buf.size()));
+    ASSERT_EQ(shutdown(fd, SHUT_WR), 0);
+    EXPECT_EQ(ReadLine(fd).value_or("(closed)"), PatternHash(size) + " " + std::to_string(size));
+    char c;
+    EXPECT_EQ(recv(fd, &c, 1, 0), 0);
+    close(fd);
+  }
+  EXPECT_EQ(EchoLine(p, "still here"), "still here") << "the session goes on";
   ssh_->Stop(SIGKILL);
 }
 

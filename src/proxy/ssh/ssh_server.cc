@@ -125,17 +125,16 @@ SshSession::~SshSession() {
 
 Status SshSession::Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client) {
   last_activity_ms_ = proxy_->loop()->Now();
-  int fd = client->ReleaseFd();  // the fd is libssh's from here on; the Poll only watches it
+  int fd = client->ReleaseFd();  // the fd is libssh's from here on
+  client.reset();
   SshSessionPtr session(ssh_new());
   if (!session) {
-    client.reset();
     ::close(fd);
     return Status::Internal("ssh_new failed");
   }
   if (ssh_bind_accept_fd(bind, session.get(), fd) != SSH_OK) {
     std::string err = ssh_get_error(static_cast<void*>(bind));
     bool owned = ssh_get_fd(session.get()) == fd;  // else ssh_free() will not close it
-    client.reset();
     session.reset();
     if (!owned) ::close(fd);
     return Status::Internal("ssh_bind_accept_fd: " + err);
@@ -145,12 +144,8 @@ Status SshSession::Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client) {
   // No server or message callback: every message (authentication, channel opens, requests)
   // queues in the session for TakeMessages(), so a channel open can be answered later.
   int rc = ssh_handle_key_exchange(session.get());  // sends our banner; SSH_AGAIN expected
-  if (rc == SSH_ERROR) {
-    Status err = SshError(session.get(), "ssh key exchange");
-    client.reset();
-    return err;
-  }
-  auto transport = SshTransport::Create(std::move(session), std::move(client));
+  if (rc == SSH_ERROR) return SshError(session.get(), "ssh key exchange");
+  auto transport = SshTransport::Create(std::move(session), *proxy_->reactor());
   if (!transport.ok()) return transport.status();
   transport_ = std::move(transport).value();
   auto timer = loop::Timer::Create(*proxy_->loop());
@@ -160,7 +155,7 @@ Status SshSession::Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client) {
   if (!more.ok()) return more.status();
   more_timer_ = std::move(more).value();
   proxy_->ArmDeadline(this, proxy_->options().handshake_timeout_ms);
-  transport_->Start([this](int status) { OnSocket(status); });
+  transport_->Start([this] { OnSocket(); });
   return Status::OK();
 }
 
@@ -376,24 +371,17 @@ void SshSession::RequestClose(const char* reason) {
   if (!close_reason_) close_reason_ = reason;
 }
 
-// ---- entry points from libuv ----
+// ---- entry points from the loop ----
 
-void SshSession::OnSocket(int status) {
+void SshSession::OnSocket() {
   if (state_ == State::kClosed) return;
-  if (status < 0) {
-    RequestClose("client socket error");
-  }
   Service();
 }
 
-void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> io) {
+void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> backend) {
   Channel* c = FindChannel(channel_id);
   if (c == nullptr || state_ == State::kClosed) return;
-  // Channels move bytes in user space on level-triggered polls.
-  Result<loop::HandlePtr<loop::Poll>> backend =
-      io.ok() ? ToPoll(*proxy_->loop(), std::move(io).value())
-              : Result<loop::HandlePtr<loop::Poll>>(io.status());
-  // Not inside libssh (a libuv callback): the held open can be answered here.
+  // Not inside libssh (a loop callback): the held open can be answered here.
   if (!backend.ok()) {
     proxy_->DialFailed(backend.status());  // counted like a connection's failed dial
     LOG_INFO("ssh %llu job=%s: backend unavailable: %s", static_cast<unsigned long long>(id()),
@@ -414,13 +402,14 @@ void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> io) {
   ++channels_opened_;
   c->splice = std::make_unique<ChannelSplice>(channel, [this] { Service(); });
   int keepalive = proxy_->options().keepalive_s;
-  TuneTcpSocket((*backend)->fd(), keepalive);
+  TuneTcpSocket(backend->fd(), keepalive);
   proxy_->stats().global().spliced++;
   JobCounters& jc = proxy_->stats().job(target_.job_id);
   jc.connections++;
   jc.active++;
   c->counted = true;
-  c->splice->Attach(std::move(backend).value(), nullptr, std::string(), std::string());
+  // The backend stays in the reactor, where the Dialer registered it.
+  c->splice->Attach(std::move(backend).value(), loop::IoHandle(), std::string(), std::string());
   Service();
 }
 
@@ -432,7 +421,7 @@ SshSession::Channel* SshSession::FindChannel(uint64_t id) {
 }
 
 void SshSession::Service() {
-  // Never re-entered: libssh callbacks do not call it, and entry points come from libuv.
+  // Never re-entered: libssh callbacks do not call it, and entry points come from the loop.
   if (state_ == State::kClosed || in_service_ || !transport_) return;
   in_service_ = true;
   if (!transport_->Process([this] { TakeMessages(); }).ok()) TransportEnded();
@@ -461,11 +450,7 @@ void SshSession::Service() {
   // The session may also have failed outside Process(): TakeMessages() reads from the socket
   // when the queue is empty (a bad banner during the key exchange fails it there).
   if (!transport_->alive()) TransportEnded();
-  if (close_reason_) {
-    Close(close_reason_);
-    return;
-  }
-  transport_->UpdateEvents();
+  if (close_reason_) Close(close_reason_);
 }
 
 void SshSession::TransportEnded() {

@@ -36,10 +36,11 @@
 //                sshpass and similar tools wait for).
 //   deadline   = key exchange plus authentication within handshake_timeout.
 //
-// Fd ownership: the sniffer only peeked, so the "SSH-" banner is still in the
-// kernel. The Handoff's Poll gives up its fd (ReleaseFd) to libssh (ssh_bind_accept_fd), which
-// owns it from then on and closes it in ssh_free(); the same Poll, now borrowing the fd, drives
-// libssh (SshTransport). No uv_tcp_t ever touches it.
+// Fd ownership: the sniffer only peeked, so the "SSH-" banner is still in the kernel. The
+// Handoff's Poll gives up its fd (ReleaseFd) to libssh (ssh_bind_accept_fd), which owns it
+// from then on and closes it in ssh_free() (or earlier, on the peer's EOF); a duplicate in the
+// proxy's reactor drives libssh (SshTransport). Channels' backend sockets stay in the reactor
+// where the Dialer registered them. No uv_tcp_t or uv_poll ever watches either.
 //
 // Ownership: the daemon owns the SshEndpoint and must keep it until the Proxy is destroyed;
 // the Proxy owns each SshSession (Connection). Loop-thread only.
@@ -162,8 +163,8 @@ class SshSession final : public Connection {
   // failures, pauses reading after one, and asks to close after too many.
   bool CheckSecret(const std::string& user, const char* secret);
 
-  // Entry points from libuv; each ends with Service().
-  void OnSocket(int status);
+  // Entry points from the loop (reactor edges, dials, timers); each ends with Service().
+  void OnSocket();
   void OnBackend(uint64_t channel_id, Result<loop::IoHandle> backend);
   // Runs after every entry point, outside libssh: process packets, move data, reap channels,
   // close if asked.

@@ -1,36 +1,97 @@
 #include "proxy/transport/ssh_splice.h"
 
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <utility>
 
 namespace brokerproxy::proxy {
 namespace {
 
-// ssh_event_dopoll rounds per socket event (each reads at most 4 KiB). epoll is level-triggered,
-// so what is left is reported again on the next loop iteration, after other sessions had a turn.
+// ssh_event_dopoll rounds per Process() (each reads at most 4 KiB). What is left stays
+// "readable" and the watch yields: read on a later loop turn, after other sessions had a turn.
 constexpr int kMaxRounds = 64;
-// Largest socket read handed to ssh_channel_write at once, and reads per socket event.
+// Largest socket read handed to ssh_channel_write at once, and reads per service step.
 constexpr size_t kChunk = 64 * 1024;
-constexpr int kReadsPerEvent = 4;
+constexpr int kReadsPerStep = 4;
 
 // One buffer for reads out of libssh: loop-thread only, and never used across a callback.
 char g_chunk[kChunk];
 // One buffer for socket reads, handed to libssh as they are (no copy unless libssh takes only
 // part). It stays in use across libssh calls, which may run callbacks, so it is not g_chunk:
-// only ReadSocket() uses it, and ReadSocket() runs only from a socket event, never nested.
+// only ReadSocket() uses it, and ReadSocket() runs only from a service step, never nested.
 char g_from_socket[kChunk];
 
-bool WouldBlock(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINTR; }
+// Edge-triggered socket I/O (loop/reactor.h): a call that finds the fd not ready clears its
+// readiness flag, so the next edge is what brings the splice back; a flag that is clear is
+// not tried at all.
+struct SocketIo {
+  size_t n = 0;          // bytes moved
+  bool blocked = false;  // not ready (the flag is cleared now), or the flag was clear
+  bool eof = false;      // read: the peer shut down its side
+  int err = 0;           // an errno that ends the splice
+};
+
+SocketIo SocketRead(loop::IoWatch* w, char* buf, size_t len) {
+  SocketIo r;
+  if (!w->readable()) {
+    r.blocked = true;
+    return r;
+  }
+  for (;;) {
+    ssize_t n = ::read(w->fd(), buf, len);
+    if (n > 0) {
+      r.n = static_cast<size_t>(n);
+    } else if (n == 0) {
+      r.eof = true;
+    } else if (errno == EINTR) {
+      continue;
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      w->ClearReadable();
+      r.blocked = true;
+    } else {
+      r.err = errno;
+    }
+    return r;
+  }
+}
+
+// Writes as much of `data` as the fd takes.
+SocketIo SocketWrite(loop::IoWatch* w, const char* data, size_t len) {
+  SocketIo r;
+  while (r.n < len) {
+    if (!w->writable()) {
+      r.blocked = true;
+      return r;
+    }
+    ssize_t n = ::write(w->fd(), data + r.n, len - r.n);
+    if (n > 0) {
+      r.n += static_cast<size_t>(n);
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      w->ClearWritable();
+    } else {
+      r.err = n < 0 ? errno : EIO;
+      return r;
+    }
+  }
+  return r;
+}
 
 }  // namespace
 
 // ---- SshTransport ----
 
 Result<std::unique_ptr<SshTransport>> SshTransport::Create(SshSessionPtr session,
-                                                           loop::HandlePtr<loop::Poll> poll) {
+                                                           loop::Reactor& reactor) {
+  int dup = ::fcntl(ssh_get_fd(session.get()), F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) return PosixError("duplicating the ssh socket", errno);
+  auto io = reactor.Add(dup, nullptr, loop::Reactor::Sharing::kShared);  // closes it on error
+  if (!io.ok()) return io.status();
   ssh_event event = ssh_event_new();
   if (event == nullptr) return Status::Internal("ssh_event_new failed");
   if (ssh_event_add_session(event, session.get()) != SSH_OK) {
@@ -38,12 +99,11 @@ Result<std::unique_ptr<SshTransport>> SshTransport::Create(SshSessionPtr session
     return SshError(session.get(), "ssh_event_add_session");
   }
   return std::unique_ptr<SshTransport>(
-      new SshTransport(std::move(session), std::move(poll), event));
+      new SshTransport(std::move(session), std::move(io).value(), event));
 }
 
 SshTransport::~SshTransport() {
-  // libuv: never close an fd an active poll watches. libssh closes it in ssh_free().
-  poll_.reset();
+  io_.reset();  // leaves the epoll set, closes the duplicate
   if (event_) {
     ssh_event_remove_session(event_, session_.get());
     ssh_event_free(event_);
@@ -52,25 +112,40 @@ SshTransport::~SshTransport() {
   session_.reset();
 }
 
-void SshTransport::Start(std::function<void(int status)> on_event) {
+void SshTransport::Start(std::function<void()> on_event) {
   on_event_ = std::move(on_event);
-  poll_->Start(UV_READABLE, [this](int status, int) {
+  io_->SetCallback([this](loop::IoWatch*) {
     // The owner may destroy this transport inside; nothing here touches it afterwards.
-    std::function<void(int)> cb = on_event_;
-    cb(status);
+    std::function<void()> cb = on_event_;
+    cb();
   });
-  UpdateEvents();
+  // What libssh left unread before the fd was registered gets no edge: look once.
+  io_->Yield();
+}
+
+bool SshTransport::Ready() const {
+  if (io_->readable()) return true;
+  return io_->writable() && (ssh_get_poll_flags(session_.get()) & SSH_WRITE_PENDING) != 0;
 }
 
 Status SshTransport::Process(const std::function<void()>& after_round) {
   // Paused: leave what the peer sent in the kernel (processing it would read it). Our own
   // output went out when it was queued (libssh tries at once), or goes out on resuming.
-  for (int i = 0; i < kMaxRounds && !paused_; ++i) {
-    int rc = ssh_event_dopoll(event_, 0);
-    if (after_round && rc != SSH_ERROR && alive()) after_round();
-    if (rc == SSH_ERROR) break;
-    if (rc == SSH_AGAIN) break;
-    if (!alive()) break;
+  if (!paused_ && Ready()) {
+    int i = 0;
+    for (; i < kMaxRounds; ++i) {
+      int rc = ssh_event_dopoll(event_, 0);
+      if (after_round && rc != SSH_ERROR && alive()) after_round();
+      if (rc == SSH_AGAIN) {
+        // poll() found nothing to read, and nothing libssh could write: wait for an edge.
+        io_->ClearReadable();
+        if (ssh_get_poll_flags(session_.get()) & SSH_WRITE_PENDING) io_->ClearWritable();
+        break;
+      }
+      if (rc == SSH_ERROR || !alive()) break;
+    }
+    // Cut short with the socket maybe still readable: again on a later loop turn.
+    if (i == kMaxRounds && alive()) io_->Yield();
   }
   int status = ssh_get_status(session_.get());
   if (status & SSH_CLOSED_ERROR) return SshError(session_.get(), "ssh session failed");
@@ -78,21 +153,7 @@ Status SshTransport::Process(const std::function<void()>& after_round) {
   return Status::OK();
 }
 
-void SshTransport::UpdateEvents() {
-  if (!poll_) return;
-  // Paused: nothing at all (Process() would not flush either, so writability would spin).
-  int events = 0;
-  if (!paused_) {
-    events = UV_READABLE;
-    if (ssh_get_poll_flags(session_.get()) & SSH_WRITE_PENDING) events |= UV_WRITABLE;
-  }
-  poll_->SetEvents(events);
-}
-
-void SshTransport::SetPaused(bool paused) {
-  paused_ = paused;
-  UpdateEvents();
-}
+void SshTransport::SetPaused(bool paused) { paused_ = paused; }
 
 bool SshTransport::alive() const {
   return (ssh_get_status(session_.get()) & (SSH_CLOSED | SSH_CLOSED_ERROR)) == 0;
@@ -119,21 +180,17 @@ ChannelSplice::~ChannelSplice() {
   in_.reset();
 }
 
-void ChannelSplice::Attach(loop::HandlePtr<loop::Poll> socket, loop::HandlePtr<loop::Poll> out,
-                           std::string to_socket, std::string to_channel) {
+void ChannelSplice::Attach(loop::IoHandle socket, loop::IoHandle out, std::string to_socket,
+                           std::string to_channel) {
   in_ = std::move(socket);
   out_ = std::move(out);
-  loop_ = &in_->loop();
+  loop_ = &in_->reactor().loop();
   to_socket_ = std::move(to_socket);
   to_socket_off_ = 0;
   to_channel_ = std::move(to_channel);
   Touch();
-  loop::Poll* in = in_.get();
-  in_->Start(0, [this, in](int status, int events) { OnSocketEvent(in, status, events); });
-  if (out_) {
-    loop::Poll* out = out_.get();
-    out_->Start(0, [this, out](int status, int events) { OnSocketEvent(out, status, events); });
-  }
+  in_->SetCallback([this](loop::IoWatch* w) { OnSocketEvent(w); });
+  if (out_) out_->SetCallback([this](loop::IoWatch* w) { OnSocketEvent(w); });
 }
 
 Result<std::string> ChannelSplice::ReadRaw(size_t max) {
@@ -158,6 +215,8 @@ void ChannelSplice::Touch() {
   if (loop_) last_activity_ms_ = loop_->Now();
 }
 
+// ---- the channel side ----
+
 int ChannelSplice::OnData(ssh_session, ssh_channel, void* data, uint32_t len, int is_stderr,
                           void* userdata) noexcept {
   auto* self = static_cast<ChannelSplice*>(userdata);
@@ -171,19 +230,12 @@ int ChannelSplice::OnData(ssh_session, ssh_channel, void* data, uint32_t len, in
   }
   const char* p = static_cast<const char*>(data);
   size_t consumed = 0;
-  // Straight to the socket when nothing is queued before it (the common case).
-  if (self->to_socket_off_ == self->to_socket_.size()) {
+  // Straight to the socket when nothing is queued before it (the common case). An error is
+  // seen again by the service step's next write.
+  if (self->pending_to_socket() == 0) {
     self->to_socket_.clear();
     self->to_socket_off_ = 0;
-    while (consumed < len) {
-      ssize_t n = ::write(self->out_fd(), p + consumed, len - consumed);
-      if (n > 0) {
-        consumed += n;
-        continue;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      break;  // full, or an error the service step will see on the next write
-    }
+    consumed = SocketWrite(self->out_watch(), p, len).n;
   }
   size_t room =
       kToSocketCap > self->pending_to_socket() ? kToSocketCap - self->pending_to_socket() : 0;
@@ -206,62 +258,10 @@ void ChannelSplice::OnClose(ssh_session, ssh_channel, void* userdata) noexcept {
   self->peer_closed_ = true;
 }
 
-void ChannelSplice::OnSocketEvent(loop::Poll* poll, int status, int events) {
-  if (finished_) return;
-  if (status < 0) {
-    int err = 0;
-    socklen_t len = sizeof(err);
-    getsockopt(poll->fd(), SOL_SOCKET, SO_ERROR, &err, &len);
-    Finish(PosixError("socket", err ? err : EIO));
-  } else {
-    if (events & UV_WRITABLE) FlushToSocket();
-    if (!finished_ && (events & (UV_READABLE | UV_DISCONNECT))) ReadSocket();
-  }
-  std::function<void()> kick = kick_;
-  kick();  // the owner's service step; may destroy this splice
-}
+uint32_t ChannelSplice::ChannelWindow() const { return ssh_channel_window_size(channel_); }
 
-bool ChannelSplice::FlushToSocket() {
-  while (to_socket_off_ < to_socket_.size()) {
-    ssize_t n =
-        ::write(out_fd(), to_socket_.data() + to_socket_off_, to_socket_.size() - to_socket_off_);
-    if (n > 0) {
-      to_socket_off_ += n;
-      Touch();
-      continue;
-    }
-    if (n < 0 && WouldBlock(errno)) {
-      // Keep the buffer compact: what was written goes, so it never outgrows kToSocketCap.
-      to_socket_.erase(0, to_socket_off_);
-      to_socket_off_ = 0;
-      return true;
-    }
-    Finish(PosixError("writing to the socket", n < 0 ? errno : EIO));
-    return false;
-  }
-  to_socket_.clear();
-  to_socket_off_ = 0;
-  return true;
-}
-
-void ChannelSplice::DrainRetained() {
-  // Only what libssh already holds: a read on an empty channel buffer would process packets.
-  while (retained_ > 0 && !finished_ && pending_to_socket() < kToSocketCap / 2) {
-    size_t want = std::min({retained_, kChunk, kToSocketCap - pending_to_socket()});
-    int n = ssh_channel_read_nonblocking(channel_, g_chunk, static_cast<uint32_t>(want), 0);
-    if (n <= 0) {
-      retained_ = 0;  // nothing there after all (EOF, or consumed by a callback meanwhile)
-      if (n == SSH_ERROR && !peer_closed_) {
-        Finish(SshError(ssh_channel_get_session(channel_), "reading from the channel"));
-      }
-      return;
-    }
-    retained_ = retained_ > static_cast<size_t>(n) ? retained_ - n : 0;
-    to_socket_.append(g_chunk, n);
-    to_socket_bytes_ += n;
-    Touch();
-    if (!FlushToSocket()) return;
-  }
+int ChannelSplice::ReadChannel(char* buf, size_t max) {
+  return ssh_channel_read_nonblocking(channel_, buf, static_cast<uint32_t>(max), 0);
 }
 
 size_t ChannelSplice::WriteChannel(const char* data, size_t len) {
@@ -283,30 +283,114 @@ size_t ChannelSplice::WriteChannel(const char* data, size_t len) {
   return done;
 }
 
-void ChannelSplice::PushPending() {
-  if (to_channel_.empty()) return;
-  to_channel_.erase(0, WriteChannel(to_channel_.data(), to_channel_.size()));
+bool ChannelSplice::SendChannelEof() {
+  if (ssh_channel_send_eof(channel_) == SSH_ERROR && !peer_closed_) {
+    Finish(SshError(ssh_channel_get_session(channel_), "sending EOF on the channel"));
+    return false;
+  }
+  eof_sent_ = true;
+  return true;
+}
+
+// ---- the socket side ----
+
+void ChannelSplice::OnSocketEvent(loop::IoWatch* watch) {
+  if (finished_) return;
+  // A failed socket (EPOLLERR) shows as readable and writable, but a read may not be due
+  // (window closed) and a write neither (nothing pending): ask for the error at once.
+  if (watch->hangup()) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (::getsockopt(watch->fd(), SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0) {
+      Finish(PosixError("socket", err));
+    }
+  }
+  std::function<void()> kick = kick_;
+  kick();  // the owner's service step (which moves the bytes); may destroy this splice
+}
+
+bool ChannelSplice::FlushToSocket() {
+  if (pending_to_socket() == 0) {
+    to_socket_.clear();
+    to_socket_off_ = 0;
+    return true;
+  }
+  SocketIo w = SocketWrite(out_watch(), to_socket_.data() + to_socket_off_, pending_to_socket());
+  to_socket_off_ += w.n;
+  if (w.n > 0) Touch();
+  if (w.err != 0) {
+    Finish(PosixError("writing to the socket", w.err));
+    return false;
+  }
+  if (pending_to_socket() == 0) {
+    to_socket_.clear();
+    to_socket_off_ = 0;
+  } else if (to_socket_off_ > 0) {
+    // Keep the buffer compact: what was written goes, so it never outgrows kToSocketCap.
+    to_socket_.erase(0, to_socket_off_);
+    to_socket_off_ = 0;
+  }
+  return true;
 }
 
 void ChannelSplice::ReadSocket() {
-  for (int i = 0; i < kReadsPerEvent && !finished_; ++i) {
+  for (int i = 0; !finished_; ++i) {
     if (socket_eof_ || peer_closed_ || !to_channel_.empty()) return;
-    uint32_t window = ssh_channel_window_size(channel_);
-    if (window == 0) return;
-    size_t want = std::min<size_t>(window, kChunk);
-    ssize_t n = ::read(in_->fd(), g_from_socket, want);
-    if (n < 0) {
-      if (WouldBlock(errno)) return;
-      Finish(PosixError("reading from the socket", errno));
+    uint32_t window = ChannelWindow();
+    if (window == 0) return;  // resumed by the service step after the window-adjust arrives
+    if (i == kReadsPerStep) {
+      in_->Yield();  // maybe more: on a later loop turn, after the other channels
       return;
     }
-    if (n == 0) {
+    SocketIo r = SocketRead(in_.get(), g_from_socket, std::min<size_t>(window, kChunk));
+    if (r.blocked) return;
+    if (r.err != 0) {
+      Finish(PosixError("reading from the socket", r.err));
+      return;
+    }
+    if (r.eof) {
       socket_eof_ = true;
       return;
     }
-    size_t taken = WriteChannel(g_from_socket, n);  // may run callbacks, for this channel too
-    if (taken < static_cast<size_t>(n)) to_channel_.assign(g_from_socket + taken, n - taken);
+    size_t taken = WriteChannel(g_from_socket, r.n);  // may run callbacks, for this channel too
+    if (taken < r.n) to_channel_.assign(g_from_socket + taken, r.n - taken);
   }
+}
+
+void ChannelSplice::ShutSocket() {
+  if (out_) {
+    out_.reset();  // a pipe (stdout): closing it is its EOF
+  } else {
+    ::shutdown(in_.fd(), SHUT_WR);
+  }
+  socket_shut_ = true;
+}
+
+// ---- joining them ----
+
+void ChannelSplice::DrainRetained() {
+  // Only what libssh already holds: a read on an empty channel buffer would process packets.
+  while (retained_ > 0 && !finished_ && pending_to_socket() < kToSocketCap / 2) {
+    size_t want = std::min({retained_, kChunk, kToSocketCap - pending_to_socket()});
+    int n = ReadChannel(g_chunk, want);
+    if (n <= 0) {
+      retained_ = 0;  // nothing there after all (EOF, or consumed by a callback meanwhile)
+      if (n == SSH_ERROR && !peer_closed_) {
+        Finish(SshError(ssh_channel_get_session(channel_), "reading from the channel"));
+      }
+      return;
+    }
+    retained_ = retained_ > static_cast<size_t>(n) ? retained_ - n : 0;
+    to_socket_.append(g_chunk, n);
+    to_socket_bytes_ += n;
+    Touch();
+    if (!FlushToSocket()) return;
+  }
+}
+
+void ChannelSplice::PushPending() {
+  if (to_channel_.empty()) return;
+  to_channel_.erase(0, WriteChannel(to_channel_.data(), to_channel_.size()));
 }
 
 void ChannelSplice::Service() {
@@ -316,46 +400,17 @@ void ChannelSplice::Service() {
   if (finished_) return;
   PushPending();
   if (finished_) return;
+  ReadSocket();
+  if (finished_) return;
   // The peer's EOF reaches the socket once everything before it was written.
-  if (peer_eof_ && !socket_shut_ && retained_ == 0 && pending_to_socket() == 0) {
-    if (out_) {
-      out_.reset();  // a pipe (stdout): closing it is its EOF
-    } else {
-      ::shutdown(in_->fd(), SHUT_WR);
-    }
-    socket_shut_ = true;
-  }
+  if (peer_eof_ && !socket_shut_ && retained_ == 0 && pending_to_socket() == 0) ShutSocket();
   // The socket's EOF reaches the peer once libssh took everything before it.
-  if (socket_eof_ && to_channel_.empty() && !eof_sent_ && !peer_closed_) {
-    if (ssh_channel_send_eof(channel_) == SSH_ERROR && !peer_closed_) {
-      Finish(SshError(ssh_channel_get_session(channel_), "sending EOF on the channel"));
-      return;
-    }
-    eof_sent_ = true;
+  if (socket_eof_ && to_channel_.empty() && !eof_sent_ && !peer_closed_ && !SendChannelEof()) {
+    return;
   }
   bool up_done = socket_shut_;
   bool down_done = eof_sent_ || peer_closed_;
-  if (up_done && down_done) {
-    Finish(Status::OK());
-    return;
-  }
-  UpdateInterest();
-}
-
-void ChannelSplice::UpdateInterest() {
-  if (!in_ || finished_) return;
-  int read = 0, write = 0;
-  if (!socket_eof_ && !peer_closed_ && to_channel_.empty() &&
-      ssh_channel_window_size(channel_) > 0) {
-    read = UV_READABLE;
-  }
-  if (pending_to_socket() > 0 && !socket_shut_) write = UV_WRITABLE;
-  if (out_) {
-    in_->SetEvents(read);
-    out_->SetEvents(write);
-  } else {
-    in_->SetEvents(read | write);
-  }
+  if (up_done && down_done) Finish(Status::OK());
 }
 
 void ChannelSplice::Fail(Status status) { Finish(std::move(status)); }
@@ -364,8 +419,9 @@ void ChannelSplice::Finish(Status status) {
   if (finished_) return;
   finished_ = true;
   status_ = std::move(status);
-  if (in_) in_->Stop();
-  if (out_) out_->Stop();
+  // The sockets stay open (and registered) until the splice is destroyed, but quiet.
+  if (in_) in_->SetCallback(nullptr);
+  if (out_) out_->SetCallback(nullptr);
 }
 
 }  // namespace brokerproxy::proxy

@@ -1,34 +1,43 @@
-// Running a nonblocking libssh session on the libuv loop, and splicing its channels to sockets.
-// Shared by the embedded endpoint (server side, ssh_server.h) and `connect --via` (client side,
-// cli/ssh_tunnel.cc). docs/libraries.md, "libssh 0.10", has the facts this relies on.
+// Running a nonblocking libssh session on the reactor (loop/reactor.h), and splicing its
+// channels to sockets. Shared by the embedded endpoint (server side, ssh_server.h) and
+// `connect --via` (client side, cli/ssh_tunnel.cc). docs/libraries.md, "libssh 0.10", has the
+// facts this relies on.
 //
 // How libssh is driven (SshTransport):
-//   - One uv_poll on the session's socket, never a uv_tcp_t: libssh reads and writes that fd
-//     itself. Readable always (unless paused), writable only while libssh has output pending
-//     (SSH_WRITE_PENDING).
-//   - On an event, ssh_event_dopoll(ev, 0) runs until it reports nothing ready, at most
-//     kMaxRounds times (each round reads at most 4 KiB: libssh's fixed MAX_BUF_SIZE). The
-//     owner then runs its service step, which moves channel data and recomputes the poll mask.
+//   - The session's socket is registered once in the edge-triggered reactor (a duplicate of
+//     libssh's fd, see SshTransport), never in a uv_tcp_t or uv_poll: libssh reads and writes
+//     its fd itself. There is no interest to
+//     keep up to date: an edge says the socket became readable, or writable again after libssh
+//     found it full (its output stays pending, SSH_WRITE_PENDING, until then).
+//   - After an edge, ssh_event_dopoll(ev, 0) runs until it reports nothing ready (SSH_AGAIN:
+//     the socket is drained, and libssh's pending output, if any, cannot go out now), at most
+//     kMaxRounds times (each round reads at most 4 KiB: libssh's fixed MAX_BUF_SIZE); past
+//     that the watch yields and the rest is read on a later loop turn, after other sessions.
+//     No round runs while no edge came since the last SSH_AGAIN: the owner's service step runs
+//     on every channel event too, and would otherwise cost a poll() each time. The owner then
+//     runs its service step, which moves channel data.
 //
 // Re-entrancy: almost every libssh call (channel write, read, close, send_eof, open) may
 // process incoming packets, so libssh callbacks (data, eof, close, and the session's message
 // callback) can fire inside any of them, for any channel. Therefore callbacks only record
 // state and move bytes to our own sockets; anything that calls libssh or frees an object runs
-// in the owner's service step, which is reached only from a libuv callback (never from inside
+// in the owner's service step, which is reached only from a loop callback (never from inside
 // libssh). Channels are freed by the owner's reap step after their callbacks were removed.
 //
 // Backpressure (ChannelSplice), both ways, bounded whatever the peers do:
 //   - channel -> socket: the data callback writes what the socket takes and keeps at most
-//     kToFdCap bytes; past that it consumes nothing, so libssh retains the rest in the channel
-//     buffer and stops regrowing the window (the peer stops sending). Retained bytes are offered
-//     again only when new data arrives, so once our buffer drains the service step pulls them
-//     with ssh_channel_read_nonblocking().
+//     kToSocketCap bytes; past that it consumes nothing, so libssh retains the rest in the
+//     channel buffer and stops regrowing the window (the peer stops sending). Retained bytes
+//     are offered again only when new data arrives, so once our buffer drains the service step
+//     pulls them with ssh_channel_read_nonblocking().
 //   - socket -> channel: the socket is read only while the peer's window is open
 //     (ssh_channel_window_size > 0; libssh 0.10 has no window-adjust callback, so this is
-//     re-checked after every packet batch) and nothing is pending; at most one window's worth
-//     (the peer's, 2 MiB for OpenSSH) sits in libssh's output buffer. A write that libssh
-//     accepts only in part (window, or 0 bytes during a rekey) keeps the rest in a small
-//     pending buffer and stops reading until it is accepted.
+//     re-checked in every service step, which runs after every packet batch) and nothing is
+//     pending; at most one window's worth (the peer's, 2 MiB for OpenSSH) sits in libssh's
+//     output buffer. A write that libssh accepts only in part (window, or 0 bytes during a
+//     rekey) keeps the rest in a small pending buffer and stops reading until it is accepted.
+//     Under edge triggering a socket left unread stays "readable" (IoWatch::readable()), so the
+//     service step resumes reading it without a new edge once the window reopens.
 //
 // Loop-thread only.
 
@@ -43,42 +52,45 @@
 #include <memory>
 #include <string>
 
-#include "loop/handle.h"
 #include "loop/loop.h"
-#include "loop/poll.h"
+#include "loop/reactor.h"
 #include "loop/status.h"
 #include "proxy/ssh/ssh_common.h"
 
 namespace brokerproxy::proxy {
 
-// One nonblocking libssh session and the uv_poll that drives it.
+// One nonblocking libssh session and the reactor watch that drives it.
 //
-// Ownership: owns the session (and through it the socket fd) and the Poll, which watches that
-// fd and must not own it (kBorrowed, or released with ReleaseFd()). Teardown order, as libuv
-// and libssh require: the poll is stopped and closed first, then the session leaves its
-// ssh_event, then ssh_free() closes the fd. Loop-thread only.
+// Ownership: owns the session (and through it the socket fd) and an IoHandle on a duplicate
+// of that fd (Sharing::kShared). libssh closes its own fd whenever it decides to (the peer's
+// EOF or SSH_MSG_DISCONNECT, a failed write: inside any libssh call), so the registered fd is
+// never libssh's: the epoll entry stays valid, and its number cannot be handed to another
+// socket, until the handle goes. Teardown order: the handle leaves the epoll set and closes
+// the duplicate first, then the session leaves its ssh_event, then ssh_free() closes libssh's
+// fd (the last reference: the peer sees the FIN then). Loop-thread only.
 class SshTransport {
  public:
-  // REQUIRES: `session` is connected, in nonblocking mode, and `poll` watches ssh_get_fd().
+  // REQUIRES: `session` is connected and in nonblocking mode.
   static Result<std::unique_ptr<SshTransport>> Create(SshSessionPtr session,
-                                                      loop::HandlePtr<loop::Poll> poll);
+                                                      loop::Reactor& reactor);
   ~SshTransport();
   SshTransport(const SshTransport&) = delete;
   SshTransport& operator=(const SshTransport&) = delete;
 
   ssh_session session() const { return session_.get(); }
 
-  // Starts watching the socket; `on_event` (the owner's entry point) runs on every event with
-  // the libuv status (negative on a socket error). It may destroy this transport.
-  void Start(std::function<void(int status)> on_event);
-  // Processes what the socket has for libssh (callbacks fire inside). Not OK once the session
-  // failed or the peer disconnected. `after_round`, if set, runs after every ssh_event_dopoll
-  // round, outside libssh (e.g. to take the messages the round queued in the session).
+  // Starts watching the socket; `on_event` (the owner's entry point) runs after every edge on
+  // it, and after a yield (see Process). It may destroy this transport.
+  void Start(std::function<void()> on_event);
+  // Processes what the socket has for libssh (callbacks fire inside) and sends libssh's pending
+  // output if the socket takes it; does nothing while no edge came since the socket was found
+  // drained. Not OK once the session failed or the peer disconnected. `after_round`, if set,
+  // runs after every ssh_event_dopoll round, outside libssh (e.g. to take the messages the
+  // round queued in the session).
   Status Process(const std::function<void()>& after_round = nullptr);
-  // Recomputes the poll mask: readable unless paused, writable while output is pending.
-  void UpdateEvents();
   // Stops (or resumes) all processing of the session, e.g. to slow down password guessing:
-  // what the peer sends waits in the kernel meanwhile.
+  // what the peer sends waits in the kernel meanwhile (the socket stays "readable", so
+  // processing resumes without a new edge).
   void SetPaused(bool paused);
   bool paused() const { return paused_; }
   // True until the session closed or failed.
@@ -87,13 +99,16 @@ class SshTransport {
   void set_disconnect_on_close(bool v) { disconnect_on_close_ = v; }
 
  private:
-  SshTransport(SshSessionPtr session, loop::HandlePtr<loop::Poll> poll, ssh_event event)
-      : session_(std::move(session)), poll_(std::move(poll)), event_(event) {}
+  SshTransport(SshSessionPtr session, loop::IoHandle io, ssh_event event)
+      : session_(std::move(session)), io_(std::move(io)), event_(event) {}
+  // Whether an edge (or a yield) came since libssh last found nothing to read and nothing it
+  // could write.
+  bool Ready() const;
 
   SshSessionPtr session_;
-  loop::HandlePtr<loop::Poll> poll_;
+  loop::IoHandle io_;
   ssh_event event_ = nullptr;
-  std::function<void(int)> on_event_;
+  std::function<void()> on_event_;
   bool paused_ = false;
   bool disconnect_on_close_ = false;
 };
@@ -108,9 +123,13 @@ class SshTransport {
 // Until Attach(), channel data stays in libssh (bounded by the window we advertise) and can be
 // read with ReadRaw() (the client reads the proxy's "OK" line that way).
 //
+// Shape: an SSH channel side (ReadChannel, WriteChannel, SendChannelEof, ChannelWindow and the
+// libssh callbacks) and a socket side on the reactor (ReadSocket/FlushToSocket over the
+// edge-triggered helpers in ssh_splice.cc), joined by Service().
+//
 // Ownership: owns the channel (freed, after its callbacks were removed, by the destructor) and
-// the socket's Poll. The owner must destroy it only outside libssh calls (its reap step), and
-// before the session. Loop-thread only.
+// the socket's IoHandle(s). The owner must destroy it only outside libssh calls (its reap
+// step), and before the session. Loop-thread only.
 class ChannelSplice {
  public:
   // `kick` is the owner's entry point for socket events: it runs after this splice handled an
@@ -122,21 +141,23 @@ class ChannelSplice {
 
   ssh_channel channel() const { return channel_; }
 
-  // Starts splicing with `socket` (a connected stream socket, owned by the Poll), or with a
-  // pair of fds (`out` non-null: e.g. stdin and stdout; the peer's EOF then closes `out`).
-  // `to_socket` is written before anything else from the channel, and `to_channel` before
-  // anything else from the socket.
-  void Attach(loop::HandlePtr<loop::Poll> socket, loop::HandlePtr<loop::Poll> out,
-              std::string to_socket, std::string to_channel);
-  bool attached() const { return in_ != nullptr; }
+  // Starts splicing with `socket` (a connected stream socket registered in the reactor), or
+  // with a pair of fds (`out` non-empty: e.g. stdin and stdout; the peer's EOF then closes
+  // `out`). Takes over the handles' callbacks; their readiness flags are kept, so bytes that
+  // arrived before are read without a new edge. `to_socket` is written before anything else
+  // from the channel, and `to_channel` before anything else from the socket.
+  void Attach(loop::IoHandle socket, loop::IoHandle out, std::string to_socket,
+              std::string to_channel);
+  bool attached() const { return static_cast<bool>(in_); }
 
   // Before Attach: reads up to `max` bytes the peer sent. Empty when nothing is there yet.
   Result<std::string> ReadRaw(size_t max);
   // Before Attach: writes `data` into the channel; returns the bytes libssh took (maybe 0).
   Result<size_t> WriteRaw(std::string_view data);
 
-  // Moves what can move now and updates the socket's poll mask. Call from the owner's service
-  // step, after every packet batch (the peer's window may have reopened).
+  // Moves what can move now. Call from the owner's service step, after every packet batch (the
+  // peer's window may have reopened). A socket read cut short by the per-step bound yields its
+  // watch, so the owner is called again on a later loop turn.
   void Service();
 
   // Ends the splice now with `status` (e.g. the backend could not be reached).
@@ -163,20 +184,32 @@ class ChannelSplice {
   static void OnEof(ssh_session session, ssh_channel channel, void* userdata) noexcept;
   static void OnClose(ssh_session session, ssh_channel channel, void* userdata) noexcept;
 
-  void OnSocketEvent(loop::Poll* poll, int status, int events);
-  int out_fd() const { return out_ ? out_->fd() : in_->fd(); }
-  // Socket -> channel, while the window allows.
-  void ReadSocket();
-  // Our buffer -> socket. False on a socket error (then finished).
-  bool FlushToSocket();
-  // libssh's retained bytes -> our buffer/socket.
-  void DrainRetained();
+  // ---- the channel side ----
+  // Bytes the peer may still be sent now (its window).
+  uint32_t ChannelWindow() const;
+  // Up to `max` bytes libssh holds for us, into `buf`: > 0 bytes, 0 nothing, < 0 an error.
+  int ReadChannel(char* buf, size_t max);
   // Hands `len` bytes to libssh; returns how many it took (all, when nobody is left to read
   // them or the splice failed). May run libssh callbacks, for this channel too.
   size_t WriteChannel(const char* data, size_t len);
+  // SSH_MSG_CHANNEL_EOF. False (and finished) on an error.
+  bool SendChannelEof();
+
+  // ---- the socket side ----
+  // Any edge on a socket: the owner's service step does the work.
+  void OnSocketEvent(loop::IoWatch* watch);
+  loop::IoWatch* out_watch() const { return out_ ? out_.get() : in_.get(); }
+  // Socket -> channel, while the window allows, at most kReadsPerStep reads (then it yields).
+  void ReadSocket();
+  // Our buffer -> socket. False on a socket error (then finished).
+  bool FlushToSocket();
+  // The peer's EOF -> the socket (SHUT_WR, or closing a separate `out`).
+  void ShutSocket();
+
+  // libssh's retained bytes -> our buffer/socket.
+  void DrainRetained();
   // to_channel_ -> libssh.
   void PushPending();
-  void UpdateInterest();
   void Finish(Status status);
   void Touch();
   size_t pending_to_socket() const { return to_socket_.size() - to_socket_off_; }
@@ -184,8 +217,8 @@ class ChannelSplice {
   ssh_channel channel_;
   std::function<void()> kick_;
   ssh_channel_callbacks_struct callbacks_{};
-  loop::HandlePtr<loop::Poll> in_;   // read side (and write side when out_ is null)
-  loop::HandlePtr<loop::Poll> out_;  // separate write side, or null
+  loop::IoHandle in_;   // read side (and write side when out_ is empty)
+  loop::IoHandle out_;  // separate write side, or empty
   loop::Loop* loop_ = nullptr;
 
   std::string to_socket_;     // from the channel, not yet written to the socket
