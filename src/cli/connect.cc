@@ -163,14 +163,14 @@ class Connector {
   Connector& operator=(const Connector&) = delete;
 
   Status Listen(const HostPort& address, const std::string& job) {
-    auto l =
-        proxy::Listener::Create(loop_, address, 60, [this](int fd, const sockaddr_storage& peer) {
-          if (!Admit(fd, peer)) {
-            ::close(fd);
-            return;
-          }
-          OnLocal(fd);
-        });
+    auto l = proxy::Listener::Create(reactor_, address, 60,
+                                     [this](int fd, const sockaddr_storage& peer) {
+                                       if (!Admit(fd, peer)) {
+                                         ::close(fd);
+                                         return;
+                                       }
+                                       OnLocal(fd);
+                                     });
     if (!l.ok()) return l.status();
     listener_ = std::move(l).value();
     std::printf("brokerproxy: listening on %s for job %s (proxy %s)\n",

@@ -8,23 +8,16 @@
 namespace brokerproxy::loop {
 namespace {
 
+// Events taken from the epoll set per dispatch. More pending keep the epoll fd readable, so
+// the next loop turn dispatches again.
 constexpr int kBatch = 256;
-// Batches drained per libuv wake-up before other handles get a turn.
-constexpr int kMaxBatches = 4;
 
 }  // namespace
 
 void IoWatch::Yield() {
-  if (yielded_ || dead_) return;
-  yielded_ = true;
-  Reactor* r = reactor_;
-  r->yielded_.push_back(this);
-  if (r->yield_scheduled_) return;
-  r->yield_scheduled_ = true;
-  std::weak_ptr<bool> alive = r->alive_;
-  r->loop_->Defer([r, alive] {
-    if (!alive.expired()) r->RunYielded();
-  });
+  if (dead_) return;
+  reactor_->Enqueue(this);
+  reactor_->ScheduleTurn();
 }
 
 IoHandle& IoHandle::operator=(IoHandle&& other) noexcept {
@@ -74,52 +67,88 @@ Reactor::~Reactor() {
 }
 
 Result<IoHandle> Reactor::Add(int fd, IoWatch::Callback cb, Sharing sharing) {
+  uint32_t slot;
+  if (!free_slots_.empty()) {
+    slot = free_slots_.back();
+  } else {
+    slot = static_cast<uint32_t>(slots_.size());
+  }
   auto* w = new IoWatch(this, fd);
   w->cb_ = std::move(cb);
   w->shared_ = sharing == Sharing::kShared;
+  w->slot_ = slot;
   epoll_event ev{};
   ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-  ev.data.ptr = w;
+  ev.data.u64 = Token(slot, slot < slots_.size() ? slots_[slot].generation : 0);
   if (::epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev) != 0) {
     Status s = PosixError("epoll_ctl", errno);
     ::close(fd);
     delete w;
     return s;
   }
+  if (slot < slots_.size()) {
+    free_slots_.pop_back();
+  } else {
+    slots_.emplace_back();
+  }
+  slots_[slot].watch = w;
   if (live_++ == 0) poll_->Ref();
   return IoHandle(w);
 }
 
 void Reactor::Dispatch() {
-  dispatching_ = true;
   epoll_event events[kBatch];
-  for (int batch = 0; batch < kMaxBatches; ++batch) {
-    int n = ::epoll_wait(epfd_, events, kBatch, 0);
-    for (int i = 0; i < n; ++i) {
-      auto* w = static_cast<IoWatch*>(events[i].data.ptr);
-      if (w->dead_) continue;  // closed earlier in this batch; its memory is still ours
-      uint32_t e = events[i].events;
-      if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) w->readable_ = true;
-      if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) w->writable_ = true;
-      if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) w->hangup_ = true;
-      if (w->cb_) RunCallback(w);
-    }
-    if (n < kBatch) break;
+  int n = ::epoll_wait(epfd_, events, kBatch, 0);
+  for (int i = 0; i < n; ++i) {
+    uint64_t token = events[i].data.u64;
+    auto slot = static_cast<uint32_t>(token);
+    // A stale event: its watch was freed (the entry outlived it through a dup of the fd), or
+    // closed earlier in this dispatch.
+    if (slot >= slots_.size() || Token(slot, slots_[slot].generation) != token) continue;
+    IoWatch* w = slots_[slot].watch;
+    if (w == nullptr || w->dead_) continue;
+    uint32_t e = events[i].events;
+    if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) w->readable_ = true;
+    if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) w->writable_ = true;
+    if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) w->hangup_ = true;
+    Enqueue(w);
   }
-  dispatching_ = false;
-  Reap();
+  RunDue();
 }
 
-void Reactor::RunYielded() {
-  yield_scheduled_ = false;
-  std::vector<IoWatch*> batch;
-  batch.swap(yielded_);
+void Reactor::Enqueue(IoWatch* w) {
+  if (w->queued_) return;  // keeps its place in line; its flags say what happened since
+  w->queued_ = true;
+  due_.push_back(w);
+}
+
+void Reactor::ScheduleTurn() {
+  if (turn_scheduled_) return;
+  turn_scheduled_ = true;
+  std::weak_ptr<bool> alive = alive_;
+  loop_->Defer([this, alive] {
+    if (alive.expired()) return;
+    turn_scheduled_ = false;
+    RunDue();
+  });
+}
+
+void Reactor::RunDue() {
   dispatching_ = true;
-  for (IoWatch* w : batch) {
-    w->yielded_ = false;
-    if (!w->dead_ && w->cb_) RunCallback(w);
+  // Those who get in line meanwhile (a Yield() from a callback) wait for the next turn.
+  size_t in_line = due_.size();
+  int served = 0;
+  for (; in_line > 0 && served < kDispatchBudget; --in_line) {
+    IoWatch* w = due_.front();
+    due_.pop_front();
+    w->queued_ = false;
+    if (w->dead_ || !w->cb_) continue;
+    RunCallback(w);
+    ++served;
   }
   dispatching_ = false;
+  // The rest wait for the next turn, when timers and other handles have had theirs.
+  if (!due_.empty()) ScheduleTurn();
   Reap();
 }
 
@@ -134,15 +163,19 @@ void Reactor::RunCallback(IoWatch* w) {
 void Reactor::Retire(IoWatch* w, bool close_fd) {
   w->dead_ = true;
   if (--live_ == 0) poll_->Unref();
-  // Closing a private fd also takes it out of the epoll set; a shared one would stay in it,
-  // reporting events for this watch after it is freed.
+  // Events still pending for the old generation, or arriving later through a dup of the fd,
+  // find another generation and are dropped; the slot may be reused at once.
+  Slot& slot = slots_[w->slot_];
+  slot.watch = nullptr;
+  ++slot.generation;
+  free_slots_.push_back(w->slot_);
   if (!close_fd || w->shared_) {
     epoll_event ev{};
     ::epoll_ctl(epfd_, EPOLL_CTL_DEL, w->fd_, &ev);
   }
   if (close_fd) ::close(w->fd_);
   dead_.push_back(w);
-  // Freed after whatever dispatch or yield list may still point at it.
+  // Freed after whatever dispatch or line of callbacks may still point at it.
   if (dispatching_ || reap_scheduled_) return;
   reap_scheduled_ = true;
   std::weak_ptr<bool> alive = alive_;
@@ -155,8 +188,8 @@ void Reactor::Reap() {
   reap_scheduled_ = false;
   std::vector<IoWatch*> keep;
   for (IoWatch* w : dead_) {
-    if (w->yielded_) {
-      keep.push_back(w);  // still on the yield list: freed after it ran
+    if (w->queued_) {
+      keep.push_back(w);  // still in line: freed after its turn came
     } else {
       delete w;
     }

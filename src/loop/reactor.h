@@ -14,6 +14,25 @@
 // EAGAIN, or remember that the fd is still ready (the flags do that) and come back without a
 // new edge: call Yield() to be called again on a later loop turn.
 //
+// Stale events: epoll keys an entry by the open file, not the descriptor, and close() removes
+// it only when the last descriptor of that file goes (a dup, a fork, SCM_RIGHTS or a library
+// that dups keeps it alive). So an event may arrive for a watch whose handle is long gone. An
+// event never carries a pointer: it carries a slot index and that slot's generation
+// (`epoll_event.data.u64`), and freeing a watch bumps its slot's generation, so a stale event
+// finds another generation and is dropped; a reused slot cannot be mistaken for the old one
+// (until 2^32 reuses of one slot while a stale entry lives). This costs no syscall; calling
+// EPOLL_CTL_DEL on every close would cost one per socket (two per proxied connection) and
+// still leaves the entry if a dup of the fd was made behind the reactor's back. Sharing::kShared
+// still asks for the DEL, only so that a descriptor known to be shared (stdin) stops waking the
+// loop after its handle is gone.
+//
+// A dispatch budget: the callbacks due (new edges and Yield()s) wait in one FIFO line, and one
+// dispatch, or one later turn, runs at most kDispatchBudget of them, and only those in line
+// when it began (a Yield() waits for the next turn); the rest keep their readiness flags and
+// their place and run on the next loop turn, after timers and the other handles had theirs (a
+// loop iteration may hold a turn and a dispatch: two budgets). A watch is in line at most
+// once, so no watch is served twice while another waits.
+//
 // The reactor keeps Loop::Run() from returning only while it has registered fds, like any
 // active handle.
 //
@@ -26,6 +45,7 @@
 #define BROKERPROXY_LOOP_REACTOR_H_
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -69,18 +89,20 @@ class IoWatch {
 
   Reactor* reactor_;
   int fd_;
+  uint32_t slot_ = 0;  // in the reactor's slot table, named by this watch's events
   bool readable_ = false;
   bool writable_ = false;
   bool hangup_ = false;
   bool dead_ = false;
-  bool yielded_ = false;
+  bool queued_ = false;  // in the reactor's line of callbacks due
   bool shared_ = false;  // other descriptors refer to the open file: leave epoll explicitly
   uint64_t callbacks_set_ = 0;
   Callback cb_;
 };
 
-// Unique owner of a registered fd. Destroying it closes the fd (which also leaves the epoll
-// set); Release() instead unregisters it and hands the still-open fd back.
+// Unique owner of a registered fd. Destroying it closes the fd (after which no event reaches the
+// watch, even if a dup of the fd keeps the epoll entry); Release() instead unregisters it and
+// hands the still-open fd back.
 class IoHandle {
  public:
   IoHandle() = default;
@@ -113,9 +135,12 @@ class Reactor {
   Reactor(const Reactor&) = delete;
   Reactor& operator=(const Reactor&) = delete;
 
-  // Whether other descriptors may refer to an fd's open file, as for a dup of stdin. epoll
-  // forgets an fd only when its open file is closed, so closing a shared one must leave the
-  // set first (one more syscall, which sockets the proxy accepted or dialled do not need).
+  // Callbacks run by one dispatch (or one later turn) at most; see the top of this file.
+  static constexpr int kDispatchBudget = 64;
+
+  // Whether other descriptors are known to refer to an fd's open file, as for a dup of stdin.
+  // Closing a shared one leaves the epoll set explicitly (one more syscall), so that its
+  // entry stops waking the loop; safety does not depend on it (see the top of this file).
   enum class Sharing { kPrivate, kShared };
   // Registers `fd` (non-blocking; ownership passes to the handle, also on failure, when the fd
   // is closed). An fd that is already readable or writable gets its first callback at once
@@ -129,8 +154,21 @@ class Reactor {
   friend class IoWatch;
   friend class IoHandle;
   explicit Reactor(Loop* loop) : loop_(loop) {}
+  // Slot index and generation of an epoll event (see the top of this file).
+  struct Slot {
+    IoWatch* watch = nullptr;
+    uint32_t generation = 0;
+  };
+  static uint64_t Token(uint32_t slot, uint32_t generation) {
+    return (static_cast<uint64_t>(generation) << 32) | slot;
+  }
   void Dispatch();
-  void RunYielded();
+  // Puts `w` at the end of the line of callbacks due, unless it is in it already.
+  void Enqueue(IoWatch* w);
+  // Runs up to kDispatchBudget callbacks from the head of the line; schedules a later turn
+  // for the rest.
+  void RunDue();
+  void ScheduleTurn();
   // Runs w's callback from a local (it may replace or clear itself, or drop its handle) and
   // keeps it unless it was replaced meanwhile.
   static void RunCallback(IoWatch* w);
@@ -143,8 +181,10 @@ class Reactor {
   size_t live_ = 0;
   bool dispatching_ = false;
   bool reap_scheduled_ = false;
-  bool yield_scheduled_ = false;
-  std::vector<IoWatch*> yielded_;
+  bool turn_scheduled_ = false;
+  std::vector<Slot> slots_;
+  std::vector<uint32_t> free_slots_;
+  std::deque<IoWatch*> due_;  // FIFO; dead watches in it are skipped (and freed after)
   std::vector<IoWatch*> dead_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };

@@ -4,6 +4,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <string>
+#include <vector>
+
 #include <gtest/gtest.h>
 
 #include "loop/timer.h"
@@ -152,6 +155,106 @@ TEST_F(ReactorTest, ClosingASharedDupLeavesTheSet) {
   EXPECT_EQ(calls, before);
   close(sv[0]);
   close(sv[1]);
+}
+
+// A dup made behind the reactor's back (a library, a fork, SCM_RIGHTS) keeps the epoll entry
+// after the handle closed its fd: its events must find neither the freed watch (ASan would
+// report a use after free) nor the watch that reuses its slot.
+TEST_F(ReactorTest, StaleEventsThroughADupReachNoWatch) {
+  int sv[2];
+  Pair(sv);
+  int dup = fcntl(sv[0], F_DUPFD_CLOEXEC, 3);
+  ASSERT_GE(dup, 0);
+  int calls = 0;
+  {
+    auto h = reactor_->Add(sv[0], [&](IoWatch*) { ++calls; });
+    ASSERT_TRUE(h.ok());
+    Spin();  // the first (writable) edge
+    ASSERT_EQ(calls, 1);
+  }
+  Spin();  // the watch is freed; the dup keeps its epoll entry
+  ASSERT_EQ(write(sv[1], "x", 1), 1);
+  Spin();
+  EXPECT_EQ(calls, 1);
+
+  int other[2];
+  Pair(other);
+  int other_calls = 0;
+  auto h2 = reactor_->Add(other[0], [&](IoWatch* w) {
+    ++other_calls;
+    w->ClearWritable();
+  });
+  ASSERT_TRUE(h2.ok());
+  Spin();
+  ASSERT_EQ(other_calls, 1) << "its own first edge";
+  ASSERT_EQ(write(sv[1], "y", 1), 1);  // a new edge on the old entry
+  Spin();
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(other_calls, 1) << "the old entry's event reached the watch in its slot";
+  close(dup);
+  close(sv[1]);
+  close(other[1]);
+}
+
+// Always-ready watches (they Yield() every time) cannot hold back a timer for more than a
+// budget's worth of callbacks per dispatch, and a watch that becomes ready meanwhile is served
+// before any of them gets a second turn.
+TEST_F(ReactorTest, DispatchBudgetLetsTimersAndLateSocketsIn) {
+  constexpr int kBusy = 4 * Reactor::kDispatchBudget;
+  auto timer = Timer::Create(*loop_);
+  ASSERT_TRUE(timer.ok());
+  int busy = 0;
+  int start = -1;
+  int timer_at = -1;
+  int late_at = -1;
+  int late[2];
+  Pair(late);
+  auto late_handle = reactor_->Add(late[0], [&](IoWatch* w) {
+    w->ClearWritable();
+    if (!w->readable()) return;
+    char c;
+    while (read(w->fd(), &c, 1) == 1) {
+    }
+    w->ClearReadable();
+    if (late_at < 0 && start >= 0) late_at = busy;
+  });
+  ASSERT_TRUE(late_handle.ok());
+  std::vector<IoHandle> handles;
+  std::vector<int> peers;
+  for (int i = 0; i < kBusy; ++i) {
+    int sv[2];
+    Pair(sv);
+    bool first = i == 0;
+    auto h = reactor_->Add(sv[0], [&, first](IoWatch* w) {
+      ++busy;
+      // On the first watch's third turn (all are cycling by then), from inside the busy
+      // work: a timer is due now and the late socket becomes readable.
+      if (first && start < 0 && busy > 2 * kBusy) {
+        start = busy;
+        (*timer)->Start(0, [&] { timer_at = busy; });
+        ASSERT_EQ(write(late[1], "z", 1), 1);
+      }
+      w->Yield();
+    });
+    ASSERT_TRUE(h.ok());
+    handles.push_back(std::move(h).value());
+    peers.push_back(sv[1]);
+  }
+  for (int turns = 0; (timer_at < 0 || late_at < 0) && turns < 100000; ++turns) {
+    loop_->Run(UV_RUN_ONCE);
+  }
+  ASSERT_GE(start, 0);
+  ASSERT_GE(timer_at, 0);
+  ASSERT_GE(late_at, 0);
+  // At most the rest of this turn's budget and one dispatch's.
+  EXPECT_LE(timer_at - start, 2 * Reactor::kDispatchBudget);
+  // In line behind each busy watch at most once (and one budget served just before its edge
+  // was collected).
+  EXPECT_LE(late_at - start, kBusy + Reactor::kDispatchBudget);
+  handles.clear();
+  late_handle->reset();
+  for (int p : peers) close(p);
+  close(late[1]);
 }
 
 TEST_F(ReactorTest, ManySocketsOneEpollSet) {

@@ -15,13 +15,11 @@
 namespace brokerproxy::proxy {
 namespace {
 
-// Connections accepted per readiness event before other work gets a turn.
-constexpr int kAcceptBatch = 64;
 constexpr uint64_t kPauseMs = 1000;
 
 }  // namespace
 
-Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostPort& address,
+Result<std::unique_ptr<Listener>> Listener::Create(loop::Reactor* reactor, const HostPort& address,
                                                    int keepalive_s, AcceptCallback on_accept,
                                                    OverloadCallback on_overload,
                                                    std::string overload_reply) {
@@ -65,25 +63,22 @@ Result<std::unique_ptr<Listener>> Listener::Create(loop::Loop* loop, const HostP
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
 
   std::unique_ptr<Listener> l(
-      new Listener(loop, std::move(on_accept), std::move(on_overload), std::move(overload_reply)));
+      new Listener(std::move(on_accept), std::move(on_overload), std::move(overload_reply)));
   l->spare_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
   l->address_ = loop::FormatAddress(reinterpret_cast<sockaddr*>(&bound));
   l->port_ = ntohs(bound.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&bound)->sin_port
                                               : reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port);
-  auto poll = loop::Poll::Create(*loop, fd, loop::FdOwnership::kOwned);
-  if (!poll.ok()) return poll.status();
-  l->poll_ = std::move(poll).value();
-  auto timer = loop::Timer::Create(*loop);
-  if (!timer.ok()) return timer.status();
+  auto timer = loop::Timer::Create(reactor->loop());
+  if (!timer.ok()) {
+    ::close(fd);
+    return timer.status();
+  }
   l->resume_ = std::move(timer).value();
   Listener* raw = l.get();
-  l->poll_->Start(UV_READABLE, [raw](int status, int) {
-    if (status < 0) {
-      LOG_ERROR("listener %s: %s", raw->address_.c_str(), uv_strerror(status));
-      return;
-    }
-    raw->OnReadable();
-  });
+  // Connections that arrived before this registration are reported by its first edge.
+  auto io = reactor->Add(fd, [raw](loop::IoWatch* w) { raw->OnReady(w); });
+  if (!io.ok()) return io.status();  // the reactor closed the fd
+  l->io_ = std::move(io).value();
   return l;
 }
 
@@ -91,12 +86,14 @@ Listener::~Listener() {
   if (spare_fd_ >= 0) ::close(spare_fd_);
 }
 
-void Listener::OnReadable() {
+void Listener::OnReady(loop::IoWatch* w) {
+  w->ClearWritable();  // a listening socket is never written to
+  if (paused_ || !w->readable()) return;
   for (int i = 0; i < kAcceptBatch; ++i) {
     sockaddr_storage peer{};
     socklen_t len = sizeof(peer);
-    int fd = ::accept4(poll_->fd(), reinterpret_cast<sockaddr*>(&peer), &len,
-                       SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int fd =
+        ::accept4(w->fd(), reinterpret_cast<sockaddr*>(&peer), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd >= 0) {
       overloaded_ = false;
       on_accept_(fd, peer);
@@ -104,8 +101,10 @@ void Listener::OnReadable() {
     }
     switch (errno) {
       case EAGAIN:
-      case EINTR:
+        w->ClearReadable();  // the next connection brings a new edge
         return;
+      case EINTR:
+        continue;
       case EMFILE:
         if (!overloaded_) {
           LOG_WARN("listener %s: out of file descriptors; turning new connections away",
@@ -116,7 +115,8 @@ void Listener::OnReadable() {
           case 0:
             continue;  // refused one; more may wait
           case EAGAIN:
-            return;  // no one else waits
+            w->ClearReadable();  // no one else waits
+            return;
           default:
             errno = EMFILE;
             break;
@@ -128,15 +128,21 @@ void Listener::OnReadable() {
         // The pending connection stays in the backlog; retrying now would spin.
         LOG_WARN("listener %s: cannot accept (%s); pausing for %llu ms", address_.c_str(),
                  std::strerror(errno), static_cast<unsigned long long>(kPauseMs));
-        poll_->Stop();
+        // The watch stays readable: resuming needs no new edge.
+        paused_ = true;
         if (on_overload_) on_overload_();
-        resume_->Start(kPauseMs, [this] { poll_->SetEvents(UV_READABLE); });
+        resume_->Start(kPauseMs, [this] {
+          paused_ = false;
+          io_->Yield();
+        });
         return;
       default:
         // ECONNABORTED and friends concern one connection only.
         continue;
     }
   }
+  // More may wait, with no new edge to say so: come back after the rest of the loop had a turn.
+  w->Yield();
 }
 
 int Listener::RefuseOne() {
@@ -145,7 +151,7 @@ int Listener::RefuseOne() {
     if (spare_fd_ < 0) return EMFILE;
   }
   ::close(spare_fd_);
-  int fd = ::accept4(poll_->fd(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  int fd = ::accept4(io_.fd(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
   int err = fd >= 0 ? 0 : errno;
   if (fd >= 0) {
     if (!overload_reply_.empty()) SendBestEffort(fd, overload_reply_);

@@ -1,6 +1,11 @@
-// Listener: one listening TCP socket of the proxy port, accepting with accept4() from a
-// uv_poll so accepted sockets arrive as raw non-blocking fds (sniffing peeks at them and the
-// relay splices them; libuv's uv_tcp_t would own them instead).
+// Listener: one listening TCP socket of the proxy port, registered in the Reactor like every
+// socket the proxy moves bytes on, accepting with accept4() so accepted sockets arrive as raw
+// non-blocking fds (sniffing peeks at them and the relay splices them; libuv's uv_tcp_t would
+// own them instead).
+//
+// The reactor is edge-triggered: one edge may stand for many waiting connections. Each turn
+// accepts at most kAcceptBatch of them, then yields to the rest of the loop and comes back
+// without a new edge; it stops only at EAGAIN.
 //
 // Backlog SOMAXCONN (a short backlog turned socat's p99 latency into a second). When the process
 // runs out of file descriptors (EMFILE), a spare descriptor held for the purpose is given up for
@@ -10,7 +15,7 @@
 // accept from. Each refusal and pause is counted through `on_overload` and logged once per
 // episode.
 //
-// Ownership: the Proxy owns its Listeners; `*loop` must outlive them. Loop-thread only.
+// Ownership: the Proxy owns its Listeners; `*reactor` must outlive them. Loop-thread only.
 
 #ifndef BROKERPROXY_PROXY_SERVER_LISTENER_H_
 #define BROKERPROXY_PROXY_SERVER_LISTENER_H_
@@ -24,7 +29,7 @@
 #include "loop/address.h"
 #include "loop/handle.h"
 #include "loop/loop.h"
-#include "loop/poll.h"
+#include "loop/reactor.h"
 #include "loop/timer.h"
 
 namespace brokerproxy::proxy {
@@ -40,35 +45,36 @@ class Listener {
   // IPv6; port 0 picks a free port) and listens. TCP_NODELAY and keepalive (`keepalive_s` idle
   // seconds, 0 = off) are set on the listening socket, which Linux copies to every accepted
   // one: no per-connection setsockopt().
-  static Result<std::unique_ptr<Listener>> Create(loop::Loop* loop, const HostPort& address,
+  static Result<std::unique_ptr<Listener>> Create(loop::Reactor* reactor, const HostPort& address,
                                                   int keepalive_s, AcceptCallback on_accept,
                                                   OverloadCallback on_overload = nullptr,
                                                   std::string overload_reply = "");
   ~Listener();
+
+  // Connections accepted per turn before the rest of the loop gets one.
+  static constexpr int kAcceptBatch = 64;
 
   // The bound address, with the real port ("127.0.0.1:7000", "[::1]:7000").
   const std::string& address() const { return address_; }
   int port() const { return port_; }
 
  private:
-  Listener(loop::Loop* loop, AcceptCallback on_accept, OverloadCallback on_overload,
-           std::string overload_reply)
-      : loop_(loop),
-        on_accept_(std::move(on_accept)),
+  Listener(AcceptCallback on_accept, OverloadCallback on_overload, std::string overload_reply)
+      : on_accept_(std::move(on_accept)),
         on_overload_(std::move(on_overload)),
         overload_reply_(std::move(overload_reply)) {}
-  void OnReadable();
+  void OnReady(loop::IoWatch* w);
   // Out of fds: accepts one connection in the spare fd's place and turns it away. Returns the
   // errno of that accept (0 if one was refused), or EMFILE if no spare fd is left.
   int RefuseOne();
 
-  loop::Loop* loop_;
   AcceptCallback on_accept_;
   OverloadCallback on_overload_;
   std::string overload_reply_;
   int spare_fd_ = -1;        // /dev/null, held so that one fd can always be freed
   bool overloaded_ = false;  // within an episode: log once
-  loop::HandlePtr<loop::Poll> poll_;
+  bool paused_ = false;      // no fds: accepting waits for `resume_`
+  loop::IoHandle io_;
   loop::HandlePtr<loop::Timer> resume_;
   std::string address_;
   int port_ = 0;

@@ -73,7 +73,7 @@ Status Proxy::Start() {
   sweep_timer_->Start(options_.sweep_interval_ms, options_.sweep_interval_ms, [this] { Sweep(); });
   for (const HostPort& addr : options_.listen) {
     auto l = Listener::Create(
-        loop_, addr, options_.keepalive_s,
+        reactor_.get(), addr, options_.keepalive_s,
         [this](int fd, const sockaddr_storage& peer) { OnAccept(fd, peer); },
         [this] { stats_.global().busy++; }, std::string(ErrorReply(ErrorCode::kBusy)));
     if (!l.ok()) return l.status();
