@@ -161,7 +161,7 @@ SshTunnel::SshTunnel(SshPath* path, proxy::Relay::Side local, std::string replay
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      preamble_(PreambleLine(path->job_, path->secret_)) {
+      preamble_(proxy::EncodePreamble(path->job_, path->secret_)) {
   early_.Preload(std::move(replay));
   ssh_channel ch = ssh_channel_new(path_->transport_->session());
   if (ch == nullptr) {
@@ -238,7 +238,7 @@ void SshTunnel::Step() {
         Fail(early_status);
         return;
       }
-      auto got = splice_->ReadRaw(kMaxReplyLine - reply_.size());
+      auto got = splice_->ReadRaw(proxy::kMaxReplyLine - reply_.size());
       if (!got.ok()) {
         Fail(Status::Unavailable("the proxy at " + path_->Describe() +
                                  " closed the connection during the handshake"));
@@ -247,13 +247,16 @@ void SshTunnel::Step() {
       reply_ += *got;
       size_t nl = reply_.find('\n');
       if (nl == std::string::npos) {
-        if (reply_.size() >= kMaxReplyLine) Fail(Status::IOError("the proxy's reply is too long"));
+        if (reply_.size() >= proxy::kMaxReplyLine)
+          Fail(Status::IOError("the proxy's reply is too long"));
         return;
       }
       std::string_view line = std::string_view(reply_).substr(0, nl);
-      Status s = StatusFromReply(line, path_->job_);
+      proxy::Reply reply = proxy::ParseReply(line);
+      Status s = proxy::ReplyStatus(reply, path_->job_);
       if (!s.ok()) {
-        if (IsRetryableRefusal(line)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
+        if (proxy::WorthRefetchingSecret(reply))
+          refused_ = Refused{std::move(local_), early_.StopAndReplay()};
         Fail(s);
         return;
       }

@@ -131,7 +131,7 @@ void TlsTunnel::OnHandshake() {
                                     "'); refusing to send the job's secret"));
     return;
   }
-  Status s = tls_->Send(PreambleLine(path_->ep_.job, path_->ep_.secret));
+  Status s = tls_->Send(proxy::EncodePreamble(path_->ep_.job, path_->ep_.secret));
   if (!s.ok()) {
     Finish(s);
     return;
@@ -151,7 +151,7 @@ void TlsTunnel::OnData() {
   std::string_view inbox = tls_->inbox();
   size_t nl = inbox.find('\n');
   if (nl == std::string_view::npos) {
-    if (inbox.size() >= kMaxReplyLine) {
+    if (inbox.size() >= proxy::kMaxReplyLine) {
       Finish(Status::IOError("the proxy's reply is too long"));
     } else if (tls_->peer_done()) {
       Finish(Status::Unavailable("the proxy closed the connection during the handshake"));
@@ -160,9 +160,11 @@ void TlsTunnel::OnData() {
   }
   std::string line(inbox.substr(0, nl));
   tls_->Consume(nl + 1);  // what follows "OK\n" is the backend's and stays in the inbox
-  Status s = StatusFromReply(line, path_->ep_.job);
+  proxy::Reply reply = proxy::ParseReply(line);
+  Status s = proxy::ReplyStatus(reply, path_->ep_.job);
   if (!s.ok()) {
-    if (IsRetryableRefusal(line)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
+    if (proxy::WorthRefetchingSecret(reply))
+      refused_ = Refused{std::move(local_), early_.StopAndReplay()};
     Finish(s);
     return;
   }

@@ -40,42 +40,6 @@ loop::HandlePtr<loop::Timer> HandshakeTimer(loop::Loop& loop, int64_t timeout_ms
   return std::move(t).value();
 }
 
-std::string PreambleLine(const std::string& job, const std::string& secret) {
-  return "BROKER1 " + job + " " + secret + "\n";
-}
-
-Status StatusFromReply(std::string_view line, const std::string& job) {
-  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-  if (line == "OK") return Status::OK();
-  std::string_view code = line.substr(0, 4) == "ERR " ? line.substr(4) : std::string_view();
-  std::string reply(line.substr(0, 80));
-  if (code == "denied") {
-    return Status::PermissionDenied("the proxy refused job " + job +
-                                    ": unknown job or wrong secret (" + reply + ")");
-  }
-  if (code == "unavailable") {
-    return Status::Unavailable("job " + job +
-                               " is registered but its service does not accept connections "
-                               "(not started yet, or stopped) (" +
-                               reply + ")");
-  }
-  if (code == "busy") {
-    return Status::ResourceExhausted("the proxy is busy or throttling job " + job +
-                                     "; try again shortly (" + reply + ")");
-  }
-  if (code == "timeout")
-    return Status::Timeout("the proxy timed out the handshake (" + reply + ")");
-  if (code == "bad-request") {
-    return Status::InvalidArgument("the proxy did not understand the handshake (" + reply + ")");
-  }
-  return Status::IOError("unexpected reply from the proxy: '" + reply + "'");
-}
-
-bool IsRetryableRefusal(std::string_view line) {
-  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-  return line == "ERR denied" || line == "ERR busy";
-}
-
 void EarlyBytes::Preload(std::string replay) {
   budget_ -= std::min(budget_, replay.size());
   pending_ = std::move(replay);
@@ -206,7 +170,7 @@ void DirectTunnel::OnConnected(Result<loop::IoHandle> upstream) {
   }
   upstream_ = std::move(upstream).value();
   proxy::TuneTcpSocket(upstream_->fd(), 60);
-  std::string line = PreambleLine(path_->ep_.job, path_->ep_.secret);
+  std::string line = proxy::EncodePreamble(path_->ep_.job, path_->ep_.secret);
   // An empty socket buffer takes the short line at once.
   if (proxy::SendBestEffort(upstream_->fd(), line) != line.size()) {
     Finish(Status::IOError("cannot send the handshake to the proxy"));
@@ -227,7 +191,7 @@ void DirectTunnel::PumpEarly() {
 
 void DirectTunnel::OnReadable() {
   if (!upstream_->readable()) return;
-  char buf[kMaxReplyLine];
+  char buf[proxy::kMaxReplyLine];
   // Consume the reply line only: the backend's first bytes may follow it in the same segment.
   ssize_t n = ::recv(upstream_->fd(), buf, sizeof(buf) - reply_.size(), MSG_PEEK);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) upstream_->ClearReadable();
@@ -250,13 +214,16 @@ void DirectTunnel::OnReadable() {
     upstream_->ClearReadable();
   }
   if (!nl) {
-    if (reply_.size() >= kMaxReplyLine) Finish(Status::IOError("the proxy's reply is too long"));
+    if (reply_.size() >= proxy::kMaxReplyLine)
+      Finish(Status::IOError("the proxy's reply is too long"));
     return;
   }
   reply_.pop_back();  // '\n'
-  Status s = StatusFromReply(reply_, path_->ep_.job);
+  proxy::Reply reply = proxy::ParseReply(reply_);
+  Status s = proxy::ReplyStatus(reply, path_->ep_.job);
   if (!s.ok()) {
-    if (IsRetryableRefusal(reply_)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
+    if (proxy::WorthRefetchingSecret(reply))
+      refused_ = Refused{std::move(local_), early_.StopAndReplay()};
     Finish(s);
     return;
   }

@@ -26,6 +26,7 @@
 #include "proxy/ssh/ssh_common.h"
 #include "proxy/transport/dialer.h"
 #include "proxy/transport/relay.h"
+#include "proxy/wire/broker1.h"
 
 namespace brokerproxy::cli {
 
@@ -40,8 +41,8 @@ struct Refused {
 class Tunnel {
  public:
   virtual ~Tunnel() = default;
-  // After the done callback reported the proxy's "ERR denied" or "ERR busy"
-  // (IsRetryableRefusal): the local side and its bytes.
+  // After the done callback reported a refusal worth re-fetching the secret for
+  // (proxy::WorthRefetchingSecret): the local side and its bytes.
   // nullopt after any other end, and on a second call.
   std::optional<Refused> TakeRefused() { return std::exchange(refused_, std::nullopt); }
 
@@ -122,20 +123,6 @@ class EarlyBytes {
   std::string sent_;  // what the sink took, kept for StopAndReplay()
   size_t budget_ = kMax;
 };
-
-// The BROKER1 line for `job` and `secret`, newline included.
-std::string PreambleLine(const std::string& job, const std::string& secret);
-
-// Longest reply line the proxy sends ("ERR unavailable\n" is 16 bytes), with room to spare.
-inline constexpr size_t kMaxReplyLine = 128;
-
-// Maps the proxy's reply line ("OK", "ERR denied", ...) to a Status a person can act on.
-Status StatusFromReply(std::string_view line, const std::string& job);
-// True for the refusals a secret fetched anew may turn around: "ERR denied" (an unknown job or
-// a wrong secret) and "ERR busy" (the proxy's answer to a wrong secret while the job or this
-// source is throttled, which the failures of a stale secret alone can bring about, as can
-// another user's; or a proxy out of room).
-bool IsRetryableRefusal(std::string_view line);
 
 // Plain TCP straight to the proxy port (on this machine, or reachable from it, e.g. through an
 // `ssh -L` the user set up).

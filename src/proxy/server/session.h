@@ -22,6 +22,7 @@
 #include "proxy/server/sniffer.h"
 #include "proxy/transport/dialer.h"
 #include "proxy/transport/relay.h"
+#include "proxy/wire/broker1.h"
 
 namespace brokerproxy::proxy {
 

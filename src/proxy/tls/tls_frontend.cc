@@ -13,6 +13,7 @@
 #include "proxy/transport/dialer.h"
 #include "proxy/transport/relay.h"
 #include "proxy/transport/tls_relay.h"
+#include "proxy/wire/broker1.h"
 
 namespace brokerproxy::proxy {
 namespace {
