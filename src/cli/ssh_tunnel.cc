@@ -43,9 +43,8 @@ class SshTunnel final : public Tunnel {
   ProxyPath::Done done_;
   std::unique_ptr<proxy::ChannelSplice> splice_;
   loop::HandlePtr<loop::Timer> timer_;
+  ClientHandshake hs_;
   std::string preamble_;  // not yet accepted by libssh
-  std::string reply_;
-  EarlyBytes early_;
   bool early_watched_ = false;
   bool finished_ = false;
   bool completed_ = false;
@@ -161,8 +160,8 @@ SshTunnel::SshTunnel(SshPath* path, proxy::Relay::Side local, std::string replay
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      preamble_(proxy::EncodePreamble(path->job_, path->secret_)) {
-  early_.Preload(std::move(replay));
+      hs_(path->job_, std::move(replay)),
+      preamble_(hs_.Preamble(path->secret_)) {
   ssh_channel ch = ssh_channel_new(path_->transport_->session());
   if (ch == nullptr) {
     Fail(Status::Unavailable("cannot create an ssh channel"));
@@ -188,7 +187,7 @@ void SshTunnel::Fail(Status status) {
   status_ = std::move(status);
   timer_.reset();
   if (splice_) splice_->Fail(status_);
-  early_.Stop();
+  hs_.Stop();
   local_ = proxy::Relay::Side{};  // closes the local connection if not spliced yet
 }
 
@@ -228,9 +227,9 @@ void SshTunnel::Step() {
       }
       if (!early_watched_) {
         early_watched_ = true;
-        early_.Watch(local_, [path = path_] { path->Service(); });
+        hs_.early().Watch(local_, [path = path_] { path->Service(); });
       }
-      Status early_status = early_.Pump([this](std::string_view data) -> size_t {
+      Status early_status = hs_.early().Pump([this](std::string_view data) -> size_t {
         auto n = splice_->WriteRaw(data);
         return n.ok() ? *n : 0;  // a failed channel shows in the reply
       });
@@ -238,31 +237,21 @@ void SshTunnel::Step() {
         Fail(early_status);
         return;
       }
-      auto got = splice_->ReadRaw(proxy::kMaxReplyLine - reply_.size());
+      auto got = splice_->ReadRaw(proxy::kMaxReplyLine);
       if (!got.ok()) {
         Fail(Status::Unavailable("the proxy at " + path_->Describe() +
                                  " closed the connection during the handshake"));
         return;
       }
-      reply_ += *got;
-      size_t nl = reply_.find('\n');
-      if (nl == std::string::npos) {
-        if (reply_.size() >= proxy::kMaxReplyLine)
-          Fail(Status::IOError("the proxy's reply is too long"));
-        return;
-      }
-      std::string_view line = std::string_view(reply_).substr(0, nl);
-      proxy::Reply reply = proxy::ParseReply(line);
-      Status s = proxy::ReplyStatus(reply, path_->job_);
+      size_t took = hs_.Feed(*got);
+      if (!hs_.done()) return;
+      std::string down = got->substr(took);  // the backend's first bytes, if any
+      std::string up;                        // the local bytes libssh has not taken yet
+      Status s = hs_.Conclude(local_, &up, &refused_);
       if (!s.ok()) {
-        if (proxy::WorthRefetchingSecret(reply))
-          refused_ = Refused{std::move(local_), early_.StopAndReplay()};
         Fail(s);
         return;
       }
-      std::string down = reply_.substr(nl + 1);  // the backend's first bytes, if any
-      std::string().swap(reply_);
-      std::string up = early_.Stop();  // the local bytes libssh has not taken yet
       timer_.reset();
       {
         // The channel moves bytes in user space, on level-triggered polls.

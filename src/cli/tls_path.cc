@@ -49,7 +49,7 @@ class TlsTunnel final : public Tunnel {
   proxy::Dialer dialer_;
   loop::HandlePtr<loop::Timer> timer_;
   std::unique_ptr<proxy::TlsRelay> tls_;
-  EarlyBytes early_;
+  ClientHandshake hs_;
   bool relaying_ = false;
 };
 
@@ -76,9 +76,8 @@ TlsTunnel::TlsTunnel(TlsPath* path, proxy::Relay::Side local, std::string replay
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      dialer_(path->ep_.reactor, &path->ep_.resolver) {
-  early_.Preload(std::move(replay));
-}
+      dialer_(path->ep_.reactor, &path->ep_.resolver),
+      hs_(path->ep_.job, std::move(replay)) {}
 
 void TlsTunnel::Start() {
   timer_ = HandshakeTimer(*path_->ep_.loop, path_->ep_.timeout_ms,
@@ -131,16 +130,16 @@ void TlsTunnel::OnHandshake() {
                                     "'); refusing to send the job's secret"));
     return;
   }
-  Status s = tls_->Send(proxy::EncodePreamble(path_->ep_.job, path_->ep_.secret));
+  Status s = tls_->Send(hs_.Preamble(path_->ep_.secret));
   if (!s.ok()) {
     Finish(s);
     return;
   }
-  early_.Watch(local_, [this] { PumpEarly(); });
+  hs_.early().Watch(local_, [this] { PumpEarly(); });
 }
 
 void TlsTunnel::PumpEarly() {
-  Status s = early_.Pump([this](std::string_view data) -> size_t {
+  Status s = hs_.early().Pump([this](std::string_view data) -> size_t {
     return tls_->Send(data).ok() ? data.size() : 0;  // a failed session ends the tunnel anyway
   });
   if (!s.ok()) Finish(s);
@@ -148,28 +147,22 @@ void TlsTunnel::PumpEarly() {
 
 void TlsTunnel::OnData() {
   if (relaying_) return;
-  std::string_view inbox = tls_->inbox();
-  size_t nl = inbox.find('\n');
-  if (nl == std::string_view::npos) {
-    if (inbox.size() >= proxy::kMaxReplyLine) {
-      Finish(Status::IOError("the proxy's reply is too long"));
-    } else if (tls_->peer_done()) {
+  // What follows the reply line is the backend's and stays in the inbox.
+  if (size_t took = hs_.Feed(tls_->inbox()); took > 0) tls_->Consume(took);
+  if (!hs_.done()) {
+    if (tls_->peer_done()) {
       Finish(Status::Unavailable("the proxy closed the connection during the handshake"));
     }
     return;
   }
-  std::string line(inbox.substr(0, nl));
-  tls_->Consume(nl + 1);  // what follows "OK\n" is the backend's and stays in the inbox
-  proxy::Reply reply = proxy::ParseReply(line);
-  Status s = proxy::ReplyStatus(reply, path_->ep_.job);
+  std::string up;
+  Status s = hs_.Conclude(local_, &up, &refused_);
   if (!s.ok()) {
-    if (proxy::WorthRefetchingSecret(reply))
-      refused_ = Refused{std::move(local_), early_.StopAndReplay()};
     Finish(s);
     return;
   }
   timer_.reset();
-  if (std::string up = early_.Stop(); !up.empty()) {
+  if (!up.empty()) {
     if (Status sent = tls_->Send(up); !sent.ok()) {
       Finish(sent);
       return;
@@ -186,7 +179,7 @@ void TlsTunnel::OnData() {
 
 void TlsTunnel::Finish(Status status) {
   timer_.reset();
-  early_.Stop();
+  hs_.Stop();
   local_ = proxy::Relay::Side{};
   if (tls_ && !relaying_) tls_->Abort("");
   ProxyPath::Done done = std::move(done_);

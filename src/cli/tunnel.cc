@@ -101,6 +101,32 @@ std::string EarlyBytes::StopAndReplay() {
   return all;
 }
 
+ClientHandshake::ClientHandshake(std::string job, std::string replay) : job_(std::move(job)) {
+  early_.Preload(std::move(replay));
+}
+
+size_t ClientHandshake::Feed(std::string_view from_proxy) { return reply_.Feed(from_proxy); }
+
+Status ClientHandshake::Conclude(proxy::Relay::Side& local, std::string* unsent,
+                                 std::optional<Refused>* refused) {
+  if (reply_.state() != proxy::ReplyReader::State::kDone) {
+    early_.Stop();
+    return Status::IOError("the proxy's reply is too long");
+  }
+  const proxy::Reply& reply = reply_.reply();
+  Status s = proxy::ReplyStatus(reply, job_);
+  if (s.ok()) {
+    *unsent = early_.Stop();
+    return s;
+  }
+  if (proxy::WorthRefetchingSecret(reply)) {
+    *refused = Refused{std::move(local), early_.StopAndReplay()};
+  } else {
+    early_.Stop();
+  }
+  return s;
+}
+
 namespace {
 
 class DirectPath;
@@ -123,8 +149,7 @@ class DirectTunnel final : public Tunnel {
   proxy::Dialer dialer_;
   loop::HandlePtr<loop::Timer> timer_;
   loop::IoHandle upstream_;
-  std::string reply_;
-  EarlyBytes early_;
+  ClientHandshake hs_;
   std::unique_ptr<proxy::Relay> relay_;
 };
 
@@ -151,9 +176,8 @@ DirectTunnel::DirectTunnel(DirectPath* path, proxy::Relay::Side local, std::stri
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      dialer_(path->ep_.reactor, &path->ep_.resolver) {
-  early_.Preload(std::move(replay));
-}
+      dialer_(path->ep_.reactor, &path->ep_.resolver),
+      hs_(path->ep_.job, std::move(replay)) {}
 
 void DirectTunnel::Start() {
   timer_ = HandshakeTimer(*path_->ep_.loop, path_->ep_.timeout_ms,
@@ -170,7 +194,7 @@ void DirectTunnel::OnConnected(Result<loop::IoHandle> upstream) {
   }
   upstream_ = std::move(upstream).value();
   proxy::TuneTcpSocket(upstream_->fd(), 60);
-  std::string line = proxy::EncodePreamble(path_->ep_.job, path_->ep_.secret);
+  std::string line = hs_.Preamble(path_->ep_.secret);
   // An empty socket buffer takes the short line at once.
   if (proxy::SendBestEffort(upstream_->fd(), line) != line.size()) {
     Finish(Status::IOError("cannot send the handshake to the proxy"));
@@ -178,11 +202,11 @@ void DirectTunnel::OnConnected(Result<loop::IoHandle> upstream) {
   }
   upstream_->SetCallback([this](loop::IoWatch*) { OnReadable(); });
   if (upstream_->readable()) upstream_->Yield();  // the reply may be there already
-  early_.Watch(local_, [this] { PumpEarly(); });
+  hs_.early().Watch(local_, [this] { PumpEarly(); });
 }
 
 void DirectTunnel::PumpEarly() {
-  Status s = early_.Pump([this](std::string_view data) -> size_t {
+  Status s = hs_.early().Pump([this](std::string_view data) -> size_t {
     ssize_t n = ::send(upstream_->fd(), data.data(), data.size(), MSG_NOSIGNAL);
     return n > 0 ? static_cast<size_t>(n) : 0;  // a failed send shows in the reply
   });
@@ -193,42 +217,30 @@ void DirectTunnel::OnReadable() {
   if (!upstream_->readable()) return;
   char buf[proxy::kMaxReplyLine];
   // Consume the reply line only: the backend's first bytes may follow it in the same segment.
-  ssize_t n = ::recv(upstream_->fd(), buf, sizeof(buf) - reply_.size(), MSG_PEEK);
+  ssize_t n = ::recv(upstream_->fd(), buf, sizeof(buf), MSG_PEEK);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) upstream_->ClearReadable();
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
   if (n <= 0) {
     Finish(Status::Unavailable("the proxy closed the connection during the handshake"));
     return;
   }
-  const char* nl = static_cast<const char*>(std::memchr(buf, '\n', n));
-  size_t take = nl ? static_cast<size_t>(nl - buf + 1) : static_cast<size_t>(n);
-  size_t old = reply_.size();
-  reply_.resize(old + take);
-  if (::recv(upstream_->fd(), reply_.data() + old, take, 0) != static_cast<ssize_t>(take)) {
+  size_t take = hs_.Feed(std::string_view(buf, static_cast<size_t>(n)));
+  if (take > 0 && ::recv(upstream_->fd(), buf, take, 0) != static_cast<ssize_t>(take)) {
     Finish(Status::IOError("reading the proxy's reply failed"));
     return;
   }
   // All that had arrived is consumed: newer bytes bring their own edge.
-  if (take == static_cast<size_t>(n) && n < static_cast<ssize_t>(sizeof(buf) - old) &&
-      !upstream_->hangup()) {
+  if (take == static_cast<size_t>(n) && take < sizeof(buf) && !upstream_->hangup()) {
     upstream_->ClearReadable();
   }
-  if (!nl) {
-    if (reply_.size() >= proxy::kMaxReplyLine)
-      Finish(Status::IOError("the proxy's reply is too long"));
-    return;
-  }
-  reply_.pop_back();  // '\n'
-  proxy::Reply reply = proxy::ParseReply(reply_);
-  Status s = proxy::ReplyStatus(reply, path_->ep_.job);
+  if (!hs_.done()) return;
+  std::string early;
+  Status s = hs_.Conclude(local_, &early, &refused_);
   if (!s.ok()) {
-    if (proxy::WorthRefetchingSecret(reply))
-      refused_ = Refused{std::move(local_), early_.StopAndReplay()};
     Finish(s);
     return;
   }
   timer_.reset();
-  std::string early = early_.Stop();
   relay_ = std::make_unique<proxy::Relay>(
       path_->pipes_, std::move(local_), proxy::Relay::Side{std::move(upstream_)},
       "local connection", "proxy", std::string(), std::move(early),
@@ -239,7 +251,7 @@ void DirectTunnel::OnReadable() {
 void DirectTunnel::Finish(Status status) {
   timer_.reset();
   // Nothing may run on the local side any more: its early-bytes callback would write upstream.
-  early_.Stop();
+  hs_.Stop();
   local_ = proxy::Relay::Side{};
   upstream_.reset();
   ProxyPath::Done done = std::move(done_);

@@ -124,6 +124,49 @@ class EarlyBytes {
   size_t budget_ = kMax;
 };
 
+// The client's side of the BROKER1 handshake (proxy/wire/broker1.h), whatever carries its bytes
+// (a TCP socket, TLS, an SSH channel; the tunnel moves them):
+//
+//   send Preamble() --> pipeline the local client's first bytes behind it (early())
+//     --> Feed() what the proxy sends until done() --> Conclude():
+//        OK            -> relay; the early bytes not sent yet go first, and what followed the
+//                         reply line (the backend's first bytes) was never fed, so the tunnel
+//                         still has it
+//        denied, busy  -> the error, and Refused: the local side and every byte read from it,
+//                         for a retry with the secret fetched anew
+//        anything else -> the error (a reply line too long, or no reply, too)
+//
+// Loop-thread only, like EarlyBytes.
+class ClientHandshake {
+ public:
+  // `replay`: bytes an earlier tunnel read from the local side (EarlyBytes::Preload).
+  ClientHandshake(std::string job, std::string replay);
+  // The preamble line with `secret` (the path's at the time it is sent), sent first, whole,
+  // before any early byte. Holds the secret: never logged.
+  std::string Preamble(std::string_view secret) const {
+    return proxy::EncodePreamble(job_, secret);
+  }
+  EarlyBytes& early() { return early_; }
+  // Takes bytes the proxy sent after the preamble went out and returns how many of them are
+  // the reply line's: the rest (after the newline) is the backend's, the caller keeps it. 0 once
+  // done().
+  size_t Feed(std::string_view from_proxy);
+  // The reply line is complete (or over its bound).
+  bool done() const { return reply_.state() != proxy::ReplyReader::State::kNeedMore; }
+  // REQUIRES done(). OK when the proxy said OK; then `*unsent` holds the early bytes not sent
+  // yet. Otherwise the reply's error, and for a refusal worth re-fetching the secret
+  // (proxy::WorthRefetchingSecret) `*refused` takes `local` and every byte read from it.
+  // Stops watching the local side in either case.
+  Status Conclude(proxy::Relay::Side& local, std::string* unsent, std::optional<Refused>* refused);
+  // Stops watching the local side (the tunnel ends).
+  void Stop() { early_.Stop(); }
+
+ private:
+  std::string job_;
+  EarlyBytes early_;
+  proxy::ReplyReader reply_;
+};
+
 // Plain TCP straight to the proxy port (on this machine, or reachable from it, e.g. through an
 // `ssh -L` the user set up).
 std::unique_ptr<ProxyPath> NewDirectPath(loop::Reactor* reactor, proxy::PipePool* pipes,

@@ -176,7 +176,9 @@ TEST(PreambleRoundTripTest, Alphabets) {
     EXPECT_EQ(IsSecretChar(c), secret) << i;
     // The parser agrees with the predicates.
     Preamble::State as_job = ParsePreamble(EncodePreamble(std::string(1, c), "ab")).state;
-    if (c != ' ') EXPECT_EQ(as_job == Preamble::State::kDone, job) << i;
+    if (c != ' ') {
+      EXPECT_EQ(as_job == Preamble::State::kDone, job) << i;
+    }
     if (c != '\n' && c != '\r') {
       Preamble::State as_secret = ParsePreamble(EncodePreamble("j", std::string(1, c))).state;
       EXPECT_EQ(as_secret == Preamble::State::kDone, secret) << i;
@@ -244,9 +246,21 @@ TEST(ReplyTest, ByteAtATimeSaysTheSame) {
 }
 
 TEST(ReplyTest, MalformedLinesAreUnknown) {
-  for (std::string_view line :
-       {"", "ok", "OK ", " OK", "OKAY", "ERR", "ERR ", "ERR  denied", "ERR denied ", "ERR DENIED",
-        "ERR nosuchcode", "err denied", "ERR denied\rx", std::string_view("O\0K", 3)}) {
+  const std::string_view lines[] = {"",
+                                    "ok",
+                                    "OK ",
+                                    " OK",
+                                    "OKAY",
+                                    "ERR",
+                                    "ERR ",
+                                    "ERR  denied",
+                                    "ERR denied ",
+                                    "ERR DENIED",
+                                    "ERR nosuchcode",
+                                    "err denied",
+                                    "ERR denied\rx",
+                                    std::string_view("O\0K", 3)};
+  for (std::string_view line : lines) {
     Reply r = ParseReply(line);
     EXPECT_EQ(r.kind, Reply::Kind::kUnknown) << line;
     EXPECT_FALSE(r.error.has_value()) << line;
@@ -290,7 +304,9 @@ TEST(ReplyTest, StatusAPersonCanActOn) {
     Status s = ReplyStatus(r, "myjob");
     EXPECT_EQ(s.code(), c.code) << c.line;
     EXPECT_NE(s.message().find(c.mentions), std::string::npos) << s.ToString();
-    if (!s.ok()) EXPECT_NE(s.message().find(c.line), std::string::npos) << s.ToString();
+    if (!s.ok()) {
+      EXPECT_NE(s.message().find(c.line), std::string::npos) << s.ToString();
+    }
     EXPECT_EQ(WorthRefetchingSecret(r), c.refetch) << c.line;
   }
   // A long unexpected line is quoted only in part.
