@@ -7,9 +7,9 @@
 // The same line goes inside TLS (`connect --tls`, TLS termination) and inside an SSH
 // direct-tcpip channel to the proxy port (`connect --via`). This module is the only place that
 // spells the magic and the reply strings: the proxy (server/session.cc, tls/tls_frontend.cc)
-// decodes preambles and encodes replies with it, `connect` (cli/tunnel.cc and its paths) encodes
-// preambles and decodes replies with it. Every parser here is bounded and incremental (a stream
-// split anywhere gives the same verdict), and none keeps a pointer into what it is fed.
+// decodes preambles and encodes replies with it, `connect` (proxy/client/tunnel.cc and its paths)
+// encodes preambles and decodes replies with it. Every parser here is bounded and incremental (a
+// stream split anywhere gives the same verdict), and none keeps a pointer into what it is fed.
 //
 // Bytes a client pipelines behind its preamble belong to the backend: the preamble parser
 // examines nothing past the newline, and the reply parser consumes nothing past it either (the

@@ -1,4 +1,4 @@
-#include "cli/tunnel.h"
+#include "proxy/client/tunnel.h"
 
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -14,7 +14,7 @@
 #include "loop/timer.h"
 #include "proxy/transport/dialer.h"
 
-namespace brokerproxy::cli {
+namespace brokerproxy::proxy::client {
 
 ProxyEndpoint::ProxyEndpoint(loop::Reactor* reactor, std::string host, int port, std::string job,
                              std::string secret, int64_t handshake_timeout_ms)
@@ -268,4 +268,4 @@ std::unique_ptr<ProxyPath> NewDirectPath(loop::Reactor* reactor, proxy::PipePool
                            handshake_timeout_ms));
 }
 
-}  // namespace brokerproxy::cli
+}  // namespace brokerproxy::proxy::client

@@ -8,8 +8,8 @@
 // The done callback runs at most once, never inside Open(), and the Tunnel may be destroyed
 // from inside it. Loop-thread only.
 
-#ifndef BROKERPROXY_CLI_TUNNEL_H_
-#define BROKERPROXY_CLI_TUNNEL_H_
+#ifndef BROKERPROXY_PROXY_CLIENT_TUNNEL_H_
+#define BROKERPROXY_PROXY_CLIENT_TUNNEL_H_
 
 #include <functional>
 #include <memory>
@@ -28,7 +28,7 @@
 #include "proxy/transport/relay.h"
 #include "proxy/wire/broker1.h"
 
-namespace brokerproxy::cli {
+namespace brokerproxy::proxy::client {
 
 // What a tunnel that the proxy refused with "ERR denied" or "ERR busy" gives back: the local side,
 // still open, and every byte read from it so far (sent to the proxy, which dropped them), so that
@@ -184,6 +184,6 @@ Result<std::unique_ptr<ProxyPath>> NewSshPath(loop::Loop* loop, proxy::SshSessio
                                               int64_t handshake_timeout_ms,
                                               std::function<void(Status)> on_lost);
 
-}  // namespace brokerproxy::cli
+}  // namespace brokerproxy::proxy::client
 
-#endif  // BROKERPROXY_CLI_TUNNEL_H_
+#endif  // BROKERPROXY_PROXY_CLIENT_TUNNEL_H_

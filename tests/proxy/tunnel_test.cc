@@ -3,7 +3,7 @@
 // code is classified: OK relays (the backend's bytes after the line are left to the tunnel),
 // denied and busy give the local side and its bytes back for a retry, anything else fails.
 
-#include "cli/tunnel.h"
+#include "proxy/client/tunnel.h"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -17,7 +17,7 @@
 #include "loop/loop.h"
 #include "loop/reactor.h"
 
-namespace brokerproxy::cli {
+namespace brokerproxy::proxy::client {
 namespace {
 
 const std::string kSecret(64, 'c');
@@ -193,4 +193,4 @@ TEST_F(ClientHandshakeTest, AReplyInPiecesIsReadUpToItsNewlineOnly) {
 }
 
 }  // namespace
-}  // namespace brokerproxy::cli
+}  // namespace brokerproxy::proxy::client

@@ -8,14 +8,14 @@
 #include <string>
 #include <vector>
 
-#include "cli/tunnel.h"
 #include "loop/address.h"
 #include "loop/handle.h"
 #include "loop/log.h"
 #include "loop/timer.h"
+#include "proxy/client/tunnel.h"
 #include "proxy/transport/ssh_splice.h"
 
-namespace brokerproxy::cli {
+namespace brokerproxy::proxy::client {
 namespace {
 
 class SshPath;
@@ -297,4 +297,4 @@ Result<std::unique_ptr<ProxyPath>> NewSshPath(loop::Loop* loop, proxy::SshSessio
   return std::unique_ptr<ProxyPath>(std::move(path));
 }
 
-}  // namespace brokerproxy::cli
+}  // namespace brokerproxy::proxy::client
