@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "proxy/server/sniffer.h"
+#include "proxy/wire/broker1.h"
 
 namespace brokerproxy::proxy {
 namespace {

@@ -1,12 +1,13 @@
 // The plain preamble "BROKER1 <job> <secret>\n" and the first-byte sniffer
-// (proxy/server/sniffer.h): what any client of the proxy port sends first, and what TLS clients
-// send inside TLS. Checks the verdict's contract and that feeding the reader in pieces never
-// changes it.
+// (proxy/wire/broker1.h, proxy/server/sniffer.h): what any client of the proxy port sends first,
+// and what TLS clients send inside TLS. Checks the verdict's contract and that feeding the reader
+// in pieces never changes it.
 
 #include <string>
 
 #include "fuzz.h"
 #include "proxy/server/sniffer.h"
+#include "proxy/wire/broker1.h"
 
 using brokerproxy::proxy::kMaxHttpMethodBytes;
 using brokerproxy::proxy::kMaxPreambleBytes;

@@ -17,9 +17,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cli/ca_trust.h"
 #include "cli/commands.h"
-#include "cli/tls_path.h"
-#include "cli/tunnel.h"
 #include "loop/address.h"
 #include "loop/handle.h"
 #include "loop/log.h"
@@ -29,6 +28,8 @@
 #include "loop/sock_diag.h"
 #include "loop/stream.h"
 #include "loop/work.h"
+#include "proxy/client/tls_path.h"
+#include "proxy/client/tunnel.h"
 #include "proxy/server/listener.h"
 #include "proxy/transport/relay.h"
 #include "registry/control_protocol.h"
@@ -36,6 +37,14 @@
 #include "registry/snapshot.h"
 
 namespace brokerproxy::cli {
+
+using proxy::client::NewDirectPath;
+using proxy::client::NewSshPath;
+using proxy::client::NewTlsPath;
+using proxy::client::ProxyPath;
+using proxy::client::Refused;
+using proxy::client::Tunnel;
+
 namespace {
 
 constexpr int64_t kHandshakeTimeoutMs = 30000;

@@ -26,7 +26,7 @@ struct ConnectArgs {
   // reports.
   bool proxy_given = false;
   bool tls = false;  // TLS to the proxy port
-  std::string ca;    // CA certificate for --tls; empty: see tls_path.h
+  std::string ca;    // CA certificate for --tls; empty: see ca_trust.h
   // --tls: the SHA-256 fingerprint the proxy's CA must have (ParseCaFingerprint's forms).
   std::string ca_fingerprint;
   // Where the secret comes from without --via: a file, "-" for stdin; empty: $BROKER_SECRET,

@@ -54,6 +54,7 @@
 #include "proxy/server/throttle.h"
 #include "proxy/transport/dialer.h"
 #include "proxy/transport/relay.h"
+#include "proxy/wire/broker1.h"
 #include "registry/job.h"
 #include "registry/registry.h"
 

@@ -12,7 +12,11 @@
 namespace brokerproxy::proxy {
 
 Session::Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& peer)
-    : Connection(proxy, peer), client_(std::move(client)) {}
+    : Connection(proxy, peer),
+      client_(std::move(client)),
+      admission_(proxy, this, "session", &target_,
+                 {[this](ErrorCode code, const char* reason) { Reject(code, reason); },
+                  [this](loop::IoHandle backend) { OnBackend(std::move(backend)); }}) {}
 
 Session::~Session() = default;
 
@@ -120,7 +124,11 @@ void Session::OnClientReadable(bool speculative) {
       return;
     case Preamble::State::kDone:
       std::string().swap(preamble_);
-      OnPreamble(p);
+      // Bytes after the preamble wait in the socket until the backend is up (kConnecting
+      // ignores the client's events; the readable flag keeps what is pending for the relay).
+      state_ = State::kConnecting;
+      admission_.Start(p, Admission::Channel::kPlain,
+                       /*may_complete_inline=*/true);  // the last thing this function does
       return;
   }
 }
@@ -173,52 +181,15 @@ void Session::RejectHttp() {
   Finish("bad-request: http request");
 }
 
-void Session::OnPreamble(const Preamble& p) {
-  if (!MatchesAny(proxy_->options().plain_allow, reinterpret_cast<const sockaddr*>(&peer()))) {
-    // Plain preambles carry the secret in clear: only from where a tunnel ends (loopback by
-    // default). Anywhere else must use TLS or SSH.
-    proxy_->stats().global().denied++;
-    target_.job_id = p.job_id;
-    Reject(ErrorCode::kDenied, "plain preamble from a source outside plain_allow");
-    return;
-  }
-  Proxy::Authorization auth = proxy_->Authorize(p.job_id, p.secret, this);
-  target_.job_id = p.job_id;
-  if (auth.error) {
-    Reject(*auth.error, *auth.error == ErrorCode::kBusy ? "throttled" : "denied");
-    return;
-  }
-  target_ = std::move(auth.target);
-  // Bytes after the preamble wait in the socket until the backend is up (kConnecting ignores
-  // the client's events; the readable flag keeps what is pending for the relay).
-  state_ = State::kConnecting;
-  proxy_->DialBackend(
-      this, target_, &dialer_, [this](Result<loop::IoHandle> r) { OnBackend(std::move(r)); },
-      /*may_complete_inline=*/true);  // the last thing this function does
-}
-
-void Session::OnBackend(Result<loop::IoHandle> backend) {
-  if (!backend.ok()) {
-    LOG_DEBUG("session %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
-              target_.job_id.c_str(), backend.status().ToString().c_str());
-    ErrorCode code = proxy_->DialFailed(backend.status());
-    Reject(code, code == ErrorCode::kBusy ? "out of file descriptors" : "backend unavailable");
-    return;
-  }
-  proxy_->ClearDeadline(this);
-  // The client socket inherited these from the listener.
-  TuneTcpSocket((*backend)->fd(), proxy_->options().keepalive_s);
+void Session::OnBackend(loop::IoHandle backend) {
   state_ = State::kSplicing;
-  proxy_->stats().global().spliced++;
-  JobCounters& jc = proxy_->stats().job(target_.job_id);
-  jc.connections++;
-  jc.active++;
+  admission_.Admitted();
   // "OK\n" goes out now, on a fresh socket with an empty buffer; only if it does not fit does
   // the relay carry the rest, before the backend's first bytes.
   size_t sent = SendBestEffort(client_.fd(), kReplyOk);
   relay_ = std::make_unique<Relay>(
-      proxy_->pipes(), Relay::Side{std::move(client_)}, Relay::Side{std::move(backend).value()},
-      "client", "backend", std::string(kReplyOk.substr(sent)), std::string(), [this](Status s) {
+      proxy_->pipes(), Relay::Side{std::move(client_)}, Relay::Side{std::move(backend)}, "client",
+      "backend", std::string(kReplyOk.substr(sent)), std::string(), [this](Status s) {
         if (s.ok()) {
           Finish("done");
           return;
@@ -227,7 +198,6 @@ void Session::OnBackend(Result<loop::IoHandle> backend) {
         Finish(reason.c_str());
       });
   relay_->Start();
-  dialer_.reset();  // its callback is running: the Dialer may go, it touches nothing after
 }
 
 void Session::Reject(ErrorCode code, const char* reason) {
@@ -249,8 +219,7 @@ void Session::OnDeadline() {
     return;
   }
   if (state_ == State::kConnecting) {
-    proxy_->stats().global().unavailable++;
-    Reject(ErrorCode::kUnavailable, "backend connect timeout");
+    admission_.OnDialDeadline();
     return;
   }
   proxy_->RecordSourceFailure(*this, "handshake timeout");
@@ -285,7 +254,6 @@ void Session::Close(const char* reason) { Finish(reason); }
 void Session::Finish(const char* reason) {
   if (finished_) return;
   finished_ = true;
-  bool spliced = state_ == State::kSplicing;
   state_ = State::kClosed;
   proxy_->ClearDeadline(this);
   uint64_t up = 0, down = 0;
@@ -294,10 +262,9 @@ void Session::Finish(const char* reason) {
     up = relay_->counters().a_to_b;
     down = relay_->counters().b_to_a;
   }
-  if (spliced) proxy_->stats().job(target_.job_id).active--;
+  admission_.Stop();  // the job's active count, if spliced
   // Release the sockets now (fds are precious); the object itself goes on a later turn.
   relay_.reset();
-  dialer_.reset();
   client_.reset();
   uint64_t ms = proxy_->loop()->Now() - started_ms();
   LOG_INFO("session %llu job=%s peer=%s up=%llu down=%llu duration=%llu.%03llus reason=%s",

@@ -1,6 +1,6 @@
 // Session: a connection from accept() until it is handed to a frontend or finishes as a plain
-// (BROKER1) session: sniff, read the preamble, check the secret, dial the backend, answer OK,
-// splice.
+// (BROKER1) session: sniff, read the preamble, check the secret and dial the backend (Admission,
+// admission.h), answer OK, splice.
 //
 //   kSniffing --'B'--> kPreamble --secret ok--> kConnecting --connected--> kSplicing --> closed
 //       |                  |                         |
@@ -18,10 +18,12 @@
 #include <string>
 
 #include "loop/reactor.h"
+#include "proxy/server/admission.h"
 #include "proxy/server/proxy.h"
 #include "proxy/server/sniffer.h"
 #include "proxy/transport/dialer.h"
 #include "proxy/transport/relay.h"
+#include "proxy/wire/broker1.h"
 
 namespace brokerproxy::proxy {
 
@@ -43,8 +45,8 @@ class Session final : public Connection {
 
   // `speculative`: try even though no edge said the socket is readable.
   void OnClientReadable(bool speculative);
-  void OnPreamble(const Preamble& p);
-  void OnBackend(Result<loop::IoHandle> backend);
+  // The Admission's callbacks: the backend is connected, or the client is refused.
+  void OnBackend(loop::IoHandle backend);
   // Passes the client socket to the TLS or SSH frontend and retires.
   void HandOff(Protocol p);
   // The client has not spoken within ssh_banner_delay: it is an SSH client waiting for our
@@ -64,7 +66,7 @@ class Session final : public Connection {
   loop::IoHandle client_;
   std::string preamble_;  // bytes of the preamble line read so far
   Target target_;
-  std::unique_ptr<Dialer> dialer_;
+  Admission admission_;
   std::unique_ptr<Relay> relay_;
   ByteReport bytes_;  // what of the relay's counters went to the stats already
 };

@@ -8,12 +8,14 @@
 #include <ctime>
 
 #include "loop/log.h"
+#include "proxy/server/admission.h"
 #include "proxy/server/sniffer.h"
 #include "proxy/tls/client_hello.h"
 #include "proxy/transport/dialer.h"
 #include "proxy/transport/relay.h"
 #include "proxy/transport/tls_relay.h"
 #include "proxy/transport/transport.h"
+#include "proxy/wire/broker1.h"
 
 namespace brokerproxy::proxy {
 namespace {
@@ -27,7 +29,10 @@ class TlsConnection final : public Connection {
   TlsConnection(Proxy* proxy, std::shared_ptr<TlsSettings> settings, Handoff handoff)
       : Connection(proxy, handoff.peer),
         settings_(std::move(settings)),
-        client_(std::move(handoff.client), /*is_socket=*/true) {}
+        client_(std::move(handoff.client), /*is_socket=*/true),
+        admission_(proxy, this, "tls", &target_,
+                   {[this](ErrorCode code, const char* reason) { Reject(code, reason); },
+                    [this](loop::IoHandle backend) { OnTerminatedBackend(std::move(backend)); }}) {}
 
   void Start() {
     proxy_->ArmDeadline(this, proxy_->options().handshake_timeout_ms);
@@ -51,8 +56,8 @@ class TlsConnection final : public Connection {
   void OnPassthroughBackend(Result<loop::IoHandle> backend);
   void StartTermination();
   void OnPlaintext();
-  void OnPreamble(const Preamble& p);
-  void OnTerminatedBackend(Result<loop::IoHandle> backend);
+  // The Admission's connected callback: answers OK inside TLS and relays.
+  void OnTerminatedBackend(loop::IoHandle backend);
   void OnTlsDone(Status status);
   // Ends the connection before any TLS session exists: answers with an alert (if `alert` !=
   // 0) while the socket is still ours, closes; counts a TLS failure if `tls_failure`.
@@ -77,10 +82,11 @@ class TlsConnection final : public Connection {
   PreambleReader preamble_;  // inside TLS; nothing is consumed from the inbox before kDone
   size_t preamble_fed_ = 0;  // bytes of the inbox fed to it
   Target target_;
-  std::unique_ptr<Dialer> dialer_;
-  std::unique_ptr<Relay> relay_;   // passthrough
-  std::unique_ptr<TlsRelay> tls_;  // termination
-  ByteReport bytes_;               // what of the counters went to the stats already
+  std::unique_ptr<Dialer> dialer_;  // passthrough
+  Admission admission_;             // termination: the preamble's secret, then the backend
+  std::unique_ptr<Relay> relay_;    // passthrough
+  std::unique_ptr<TlsRelay> tls_;   // termination
+  ByteReport bytes_;                // what of the counters went to the stats already
 };
 
 void TlsConnection::OnClientReadable() {
@@ -232,37 +238,15 @@ void TlsConnection::OnPlaintext() {
     case Preamble::State::kDone: {
       Preamble line = preamble_.Take();  // the secret is kept no longer than needed
       tls_->Consume(line.length);
-      OnPreamble(line);
+      state_ = State::kConnecting;
+      // No plain_allow check: inside TLS the secret is encrypted, so any source may send it.
+      admission_.Start(line, Admission::Channel::kTls, /*may_complete_inline=*/false);
       return;
     }
   }
 }
 
-void TlsConnection::OnPreamble(const Preamble& p) {
-  // No plain_allow check: inside TLS the secret is encrypted, so any source may send it.
-  Proxy::Authorization auth = proxy_->Authorize(p.job_id, p.secret, this);
-  target_.job_id = p.job_id;
-  if (auth.error) {
-    Reject(*auth.error, *auth.error == ErrorCode::kBusy ? "throttled" : "denied");
-    return;
-  }
-  target_ = std::move(auth.target);
-  state_ = State::kConnecting;
-  proxy_->DialBackend(this, target_, &dialer_,
-                      [this](Result<loop::IoHandle> r) { OnTerminatedBackend(std::move(r)); });
-}
-
-void TlsConnection::OnTerminatedBackend(Result<loop::IoHandle> backend) {
-  if (!backend.ok()) {
-    LOG_DEBUG("tls %llu: backend of job %s: %s", static_cast<unsigned long long>(id()),
-              target_.job_id.c_str(), backend.status().ToString().c_str());
-    ErrorCode code = proxy_->DialFailed(backend.status());
-    Reject(code, code == ErrorCode::kBusy ? "out of file descriptors" : "backend unavailable");
-    return;
-  }
-  proxy_->ClearDeadline(this);
-  int keepalive = proxy_->options().keepalive_s;
-  TuneTcpSocket((*backend)->fd(), keepalive);
+void TlsConnection::OnTerminatedBackend(loop::IoHandle backend) {
   Status s = tls_->Send(kReplyOk);
   if (!s.ok()) {
     std::string reason = s.message();
@@ -271,8 +255,7 @@ void TlsConnection::OnTerminatedBackend(Result<loop::IoHandle> backend) {
   }
   state_ = State::kRelaying;
   StartSplicing();
-  tls_->Attach(Relay::Side{std::move(backend).value()}, "backend", proxy_->pipes());
-  dialer_.reset();
+  tls_->Attach(Relay::Side{std::move(backend)}, "backend", proxy_->pipes());
 }
 
 void TlsConnection::OnTlsDone(Status status) {
@@ -286,10 +269,7 @@ void TlsConnection::OnTlsDone(Status status) {
 
 void TlsConnection::StartSplicing() {
   spliced_ = true;
-  proxy_->stats().global().spliced++;
-  JobCounters& jc = proxy_->stats().job(target_.job_id);
-  jc.connections++;
-  jc.active++;
+  admission_.Admitted();  // counted like a plain session's, passthrough too
 }
 
 void TlsConnection::FailHello(const char* reason, unsigned char alert, bool tls_failure) {
@@ -335,8 +315,7 @@ void TlsConnection::OnDeadline() {
       FailHello("backend connect timeout", kAlertInternalError, /*tls_failure=*/false);
       return;
     case State::kConnecting:
-      proxy_->stats().global().unavailable++;
-      Reject(ErrorCode::kUnavailable, "backend connect timeout");
+      admission_.OnDialDeadline();
       return;
     case State::kPassthrough:
     case State::kRelaying:
@@ -388,7 +367,7 @@ void TlsConnection::Finish(const char* reason) {
   proxy_->ClearDeadline(this);
   FlushCounters();
   uint64_t up = Up(), down = Down();
-  if (spliced_) proxy_->stats().job(target_.job_id).active--;
+  admission_.Stop();  // the job's active count, if spliced; a dial in progress
   // Release the sockets now (fds are precious); the object itself goes on a later turn.
   relay_.reset();
   tls_.reset();

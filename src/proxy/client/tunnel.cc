@@ -1,4 +1,4 @@
-#include "cli/tunnel.h"
+#include "proxy/client/tunnel.h"
 
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -14,7 +14,7 @@
 #include "loop/timer.h"
 #include "proxy/transport/dialer.h"
 
-namespace brokerproxy::cli {
+namespace brokerproxy::proxy::client {
 
 ProxyEndpoint::ProxyEndpoint(loop::Reactor* reactor, std::string host, int port, std::string job,
                              std::string secret, int64_t handshake_timeout_ms)
@@ -38,42 +38,6 @@ loop::HandlePtr<loop::Timer> HandshakeTimer(loop::Loop& loop, int64_t timeout_ms
   (*t)->Start(static_cast<uint64_t>(timeout_ms),
               [fail = std::move(fail), message] { fail(Status::Timeout(message)); });
   return std::move(t).value();
-}
-
-std::string PreambleLine(const std::string& job, const std::string& secret) {
-  return "BROKER1 " + job + " " + secret + "\n";
-}
-
-Status StatusFromReply(std::string_view line, const std::string& job) {
-  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-  if (line == "OK") return Status::OK();
-  std::string_view code = line.substr(0, 4) == "ERR " ? line.substr(4) : std::string_view();
-  std::string reply(line.substr(0, 80));
-  if (code == "denied") {
-    return Status::PermissionDenied("the proxy refused job " + job +
-                                    ": unknown job or wrong secret (" + reply + ")");
-  }
-  if (code == "unavailable") {
-    return Status::Unavailable("job " + job +
-                               " is registered but its service does not accept connections "
-                               "(not started yet, or stopped) (" +
-                               reply + ")");
-  }
-  if (code == "busy") {
-    return Status::ResourceExhausted("the proxy is busy or throttling job " + job +
-                                     "; try again shortly (" + reply + ")");
-  }
-  if (code == "timeout")
-    return Status::Timeout("the proxy timed out the handshake (" + reply + ")");
-  if (code == "bad-request") {
-    return Status::InvalidArgument("the proxy did not understand the handshake (" + reply + ")");
-  }
-  return Status::IOError("unexpected reply from the proxy: '" + reply + "'");
-}
-
-bool IsRetryableRefusal(std::string_view line) {
-  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-  return line == "ERR denied" || line == "ERR busy";
 }
 
 void EarlyBytes::Preload(std::string replay) {
@@ -137,6 +101,32 @@ std::string EarlyBytes::StopAndReplay() {
   return all;
 }
 
+ClientHandshake::ClientHandshake(std::string job, std::string replay) : job_(std::move(job)) {
+  early_.Preload(std::move(replay));
+}
+
+size_t ClientHandshake::Feed(std::string_view from_proxy) { return reply_.Feed(from_proxy); }
+
+Status ClientHandshake::Conclude(proxy::Relay::Side& local, std::string* unsent,
+                                 std::optional<Refused>* refused) {
+  if (reply_.state() != proxy::ReplyReader::State::kDone) {
+    early_.Stop();
+    return Status::IOError("the proxy's reply is too long");
+  }
+  const proxy::Reply& reply = reply_.reply();
+  Status s = proxy::ReplyStatus(reply, job_);
+  if (s.ok()) {
+    *unsent = early_.Stop();
+    return s;
+  }
+  if (proxy::WorthRefetchingSecret(reply)) {
+    *refused = Refused{std::move(local), early_.StopAndReplay()};
+  } else {
+    early_.Stop();
+  }
+  return s;
+}
+
 namespace {
 
 class DirectPath;
@@ -159,8 +149,7 @@ class DirectTunnel final : public Tunnel {
   proxy::Dialer dialer_;
   loop::HandlePtr<loop::Timer> timer_;
   loop::IoHandle upstream_;
-  std::string reply_;
-  EarlyBytes early_;
+  ClientHandshake hs_;
   std::unique_ptr<proxy::Relay> relay_;
 };
 
@@ -187,9 +176,8 @@ DirectTunnel::DirectTunnel(DirectPath* path, proxy::Relay::Side local, std::stri
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      dialer_(path->ep_.reactor, &path->ep_.resolver) {
-  early_.Preload(std::move(replay));
-}
+      dialer_(path->ep_.reactor, &path->ep_.resolver),
+      hs_(path->ep_.job, std::move(replay)) {}
 
 void DirectTunnel::Start() {
   timer_ = HandshakeTimer(*path_->ep_.loop, path_->ep_.timeout_ms,
@@ -206,7 +194,7 @@ void DirectTunnel::OnConnected(Result<loop::IoHandle> upstream) {
   }
   upstream_ = std::move(upstream).value();
   proxy::TuneTcpSocket(upstream_->fd(), 60);
-  std::string line = PreambleLine(path_->ep_.job, path_->ep_.secret);
+  std::string line = hs_.Preamble(path_->ep_.secret);
   // An empty socket buffer takes the short line at once.
   if (proxy::SendBestEffort(upstream_->fd(), line) != line.size()) {
     Finish(Status::IOError("cannot send the handshake to the proxy"));
@@ -214,11 +202,11 @@ void DirectTunnel::OnConnected(Result<loop::IoHandle> upstream) {
   }
   upstream_->SetCallback([this](loop::IoWatch*) { OnReadable(); });
   if (upstream_->readable()) upstream_->Yield();  // the reply may be there already
-  early_.Watch(local_, [this] { PumpEarly(); });
+  hs_.early().Watch(local_, [this] { PumpEarly(); });
 }
 
 void DirectTunnel::PumpEarly() {
-  Status s = early_.Pump([this](std::string_view data) -> size_t {
+  Status s = hs_.early().Pump([this](std::string_view data) -> size_t {
     ssize_t n = ::send(upstream_->fd(), data.data(), data.size(), MSG_NOSIGNAL);
     return n > 0 ? static_cast<size_t>(n) : 0;  // a failed send shows in the reply
   });
@@ -227,41 +215,32 @@ void DirectTunnel::PumpEarly() {
 
 void DirectTunnel::OnReadable() {
   if (!upstream_->readable()) return;
-  char buf[kMaxReplyLine];
+  char buf[proxy::kMaxReplyLine];
   // Consume the reply line only: the backend's first bytes may follow it in the same segment.
-  ssize_t n = ::recv(upstream_->fd(), buf, sizeof(buf) - reply_.size(), MSG_PEEK);
+  ssize_t n = ::recv(upstream_->fd(), buf, sizeof(buf), MSG_PEEK);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) upstream_->ClearReadable();
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
   if (n <= 0) {
     Finish(Status::Unavailable("the proxy closed the connection during the handshake"));
     return;
   }
-  const char* nl = static_cast<const char*>(std::memchr(buf, '\n', n));
-  size_t take = nl ? static_cast<size_t>(nl - buf + 1) : static_cast<size_t>(n);
-  size_t old = reply_.size();
-  reply_.resize(old + take);
-  if (::recv(upstream_->fd(), reply_.data() + old, take, 0) != static_cast<ssize_t>(take)) {
+  size_t take = hs_.Feed(std::string_view(buf, static_cast<size_t>(n)));
+  if (take > 0 && ::recv(upstream_->fd(), buf, take, 0) != static_cast<ssize_t>(take)) {
     Finish(Status::IOError("reading the proxy's reply failed"));
     return;
   }
   // All that had arrived is consumed: newer bytes bring their own edge.
-  if (take == static_cast<size_t>(n) && n < static_cast<ssize_t>(sizeof(buf) - old) &&
-      !upstream_->hangup()) {
+  if (take == static_cast<size_t>(n) && take < sizeof(buf) && !upstream_->hangup()) {
     upstream_->ClearReadable();
   }
-  if (!nl) {
-    if (reply_.size() >= kMaxReplyLine) Finish(Status::IOError("the proxy's reply is too long"));
-    return;
-  }
-  reply_.pop_back();  // '\n'
-  Status s = StatusFromReply(reply_, path_->ep_.job);
+  if (!hs_.done()) return;
+  std::string early;
+  Status s = hs_.Conclude(local_, &early, &refused_);
   if (!s.ok()) {
-    if (IsRetryableRefusal(reply_)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
     Finish(s);
     return;
   }
   timer_.reset();
-  std::string early = early_.Stop();
   relay_ = std::make_unique<proxy::Relay>(
       path_->pipes_, std::move(local_), proxy::Relay::Side{std::move(upstream_)},
       "local connection", "proxy", std::string(), std::move(early),
@@ -272,7 +251,7 @@ void DirectTunnel::OnReadable() {
 void DirectTunnel::Finish(Status status) {
   timer_.reset();
   // Nothing may run on the local side any more: its early-bytes callback would write upstream.
-  early_.Stop();
+  hs_.Stop();
   local_ = proxy::Relay::Side{};
   upstream_.reset();
   ProxyPath::Done done = std::move(done_);
@@ -289,4 +268,4 @@ std::unique_ptr<ProxyPath> NewDirectPath(loop::Reactor* reactor, proxy::PipePool
                            handshake_timeout_ms));
 }
 
-}  // namespace brokerproxy::cli
+}  // namespace brokerproxy::proxy::client

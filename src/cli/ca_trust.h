@@ -1,17 +1,5 @@
-// `connect --tls`: tunnels through the proxy port over TLS, from anywhere.
-//
-// Per local connection: TCP to the proxy port, a TLS client driven through memory BIOs on the
-// connect loop (proxy::TlsRelay, the same class that terminates TLS in the proxy), the proxy's
-// certificate verified against the broker CA (`--ca FILE`, or the CA fetched with the `ca`
-// op and kept in memory) and against the host name or address we connected to, and only then
-// the BROKER1 preamble inside TLS. After "OK" the local side is relayed with the same
-// backpressure rules as the proxy's.
-//
-// The CA also signs job certificates, whose names include backend hosts their users choose;
-// so the proxy's certificate must also carry the proxy profile (proxy::IsProxyCertificate)
-// before the secret is sent: a job's certificate can never impersonate the proxy.
-//
-// Ownership as for every ProxyPath (tunnel.h). Loop-thread only.
+// Which CA `connect --tls` trusts for the proxy's certificate (proxy/client/tls_path.h verifies
+// every tunnel against it).
 //
 // Where the CA comes from on a laptop, which has no daemon to ask (`connect` picks the first
 // that applies): `--ca FILE`; else the CA in the chain the proxy presents, accepted only if
@@ -24,19 +12,16 @@
 // every connection against that CA as usual. A daemon on this host (the login node) is asked
 // for its CA as before.
 
-#ifndef BROKERPROXY_CLI_TLS_PATH_H_
-#define BROKERPROXY_CLI_TLS_PATH_H_
+#ifndef BROKERPROXY_CLI_CA_TRUST_H_
+#define BROKERPROXY_CLI_CA_TRUST_H_
 
 #include <cstdint>
-#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
-#include "cli/tunnel.h"
-#include "loop/loop.h"
-#include "loop/reactor.h"
+#include "loop/status.h"
 #include "proxy/tls/tls_context.h"
 
 namespace brokerproxy::cli {
@@ -77,11 +62,6 @@ class CaPins {
   std::string path_;
 };
 
-// `ctx`: a client context from proxy::NewClientContext(ca_pem).
-std::unique_ptr<ProxyPath> NewTlsPath(loop::Reactor* reactor, proxy::SslCtxPtr ctx,
-                                      std::string host, int port, std::string job,
-                                      std::string secret, int64_t handshake_timeout_ms);
-
 }  // namespace brokerproxy::cli
 
-#endif  // BROKERPROXY_CLI_TLS_PATH_H_
+#endif  // BROKERPROXY_CLI_CA_TRUST_H_

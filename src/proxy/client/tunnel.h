@@ -8,8 +8,8 @@
 // The done callback runs at most once, never inside Open(), and the Tunnel may be destroyed
 // from inside it. Loop-thread only.
 
-#ifndef BROKERPROXY_CLI_TUNNEL_H_
-#define BROKERPROXY_CLI_TUNNEL_H_
+#ifndef BROKERPROXY_PROXY_CLIENT_TUNNEL_H_
+#define BROKERPROXY_PROXY_CLIENT_TUNNEL_H_
 
 #include <functional>
 #include <memory>
@@ -26,8 +26,9 @@
 #include "proxy/ssh/ssh_common.h"
 #include "proxy/transport/dialer.h"
 #include "proxy/transport/relay.h"
+#include "proxy/wire/broker1.h"
 
-namespace brokerproxy::cli {
+namespace brokerproxy::proxy::client {
 
 // What a tunnel that the proxy refused with "ERR denied" or "ERR busy" gives back: the local side,
 // still open, and every byte read from it so far (sent to the proxy, which dropped them), so that
@@ -40,8 +41,8 @@ struct Refused {
 class Tunnel {
  public:
   virtual ~Tunnel() = default;
-  // After the done callback reported the proxy's "ERR denied" or "ERR busy"
-  // (IsRetryableRefusal): the local side and its bytes.
+  // After the done callback reported a refusal worth re-fetching the secret for
+  // (proxy::WorthRefetchingSecret): the local side and its bytes.
   // nullopt after any other end, and on a second call.
   std::optional<Refused> TakeRefused() { return std::exchange(refused_, std::nullopt); }
 
@@ -123,19 +124,48 @@ class EarlyBytes {
   size_t budget_ = kMax;
 };
 
-// The BROKER1 line for `job` and `secret`, newline included.
-std::string PreambleLine(const std::string& job, const std::string& secret);
+// The client's side of the BROKER1 handshake (proxy/wire/broker1.h), whatever carries its bytes
+// (a TCP socket, TLS, an SSH channel; the tunnel moves them):
+//
+//   send Preamble() --> pipeline the local client's first bytes behind it (early())
+//     --> Feed() what the proxy sends until done() --> Conclude():
+//        OK            -> relay; the early bytes not sent yet go first, and what followed the
+//                         reply line (the backend's first bytes) was never fed, so the tunnel
+//                         still has it
+//        denied, busy  -> the error, and Refused: the local side and every byte read from it,
+//                         for a retry with the secret fetched anew
+//        anything else -> the error (a reply line too long, or no reply, too)
+//
+// Loop-thread only, like EarlyBytes.
+class ClientHandshake {
+ public:
+  // `replay`: bytes an earlier tunnel read from the local side (EarlyBytes::Preload).
+  ClientHandshake(std::string job, std::string replay);
+  // The preamble line with `secret` (the path's at the time it is sent), sent first, whole,
+  // before any early byte. Holds the secret: never logged.
+  std::string Preamble(std::string_view secret) const {
+    return proxy::EncodePreamble(job_, secret);
+  }
+  EarlyBytes& early() { return early_; }
+  // Takes bytes the proxy sent after the preamble went out and returns how many of them are
+  // the reply line's: the rest (after the newline) is the backend's, the caller keeps it. 0 once
+  // done().
+  size_t Feed(std::string_view from_proxy);
+  // The reply line is complete (or over its bound).
+  bool done() const { return reply_.state() != proxy::ReplyReader::State::kNeedMore; }
+  // REQUIRES done(). OK when the proxy said OK; then `*unsent` holds the early bytes not sent
+  // yet. Otherwise the reply's error, and for a refusal worth re-fetching the secret
+  // (proxy::WorthRefetchingSecret) `*refused` takes `local` and every byte read from it.
+  // Stops watching the local side in either case.
+  Status Conclude(proxy::Relay::Side& local, std::string* unsent, std::optional<Refused>* refused);
+  // Stops watching the local side (the tunnel ends).
+  void Stop() { early_.Stop(); }
 
-// Longest reply line the proxy sends ("ERR unavailable\n" is 16 bytes), with room to spare.
-inline constexpr size_t kMaxReplyLine = 128;
-
-// Maps the proxy's reply line ("OK", "ERR denied", ...) to a Status a person can act on.
-Status StatusFromReply(std::string_view line, const std::string& job);
-// True for the refusals a secret fetched anew may turn around: "ERR denied" (an unknown job or
-// a wrong secret) and "ERR busy" (the proxy's answer to a wrong secret while the job or this
-// source is throttled, which the failures of a stale secret alone can bring about, as can
-// another user's; or a proxy out of room).
-bool IsRetryableRefusal(std::string_view line);
+ private:
+  std::string job_;
+  EarlyBytes early_;
+  proxy::ReplyReader reply_;
+};
 
 // Plain TCP straight to the proxy port (on this machine, or reachable from it, e.g. through an
 // `ssh -L` the user set up).
@@ -154,6 +184,6 @@ Result<std::unique_ptr<ProxyPath>> NewSshPath(loop::Reactor* reactor, proxy::Ssh
                                               int64_t handshake_timeout_ms,
                                               std::function<void(Status)> on_lost);
 
-}  // namespace brokerproxy::cli
+}  // namespace brokerproxy::proxy::client
 
-#endif  // BROKERPROXY_CLI_TUNNEL_H_
+#endif  // BROKERPROXY_PROXY_CLIENT_TUNNEL_H_

@@ -8,15 +8,15 @@
 #include <string>
 #include <vector>
 
-#include "cli/tunnel.h"
 #include "loop/address.h"
 #include "loop/handle.h"
 #include "loop/lifetime.h"
 #include "loop/log.h"
 #include "loop/timer.h"
+#include "proxy/client/tunnel.h"
 #include "proxy/transport/ssh_splice.h"
 
-namespace brokerproxy::cli {
+namespace brokerproxy::proxy::client {
 namespace {
 
 class SshPath;
@@ -44,9 +44,8 @@ class SshTunnel final : public Tunnel {
   ProxyPath::Done done_;
   std::unique_ptr<proxy::ChannelSplice> splice_;
   loop::HandlePtr<loop::Timer> timer_;
+  ClientHandshake hs_;
   std::string preamble_;  // not yet accepted by libssh
-  std::string reply_;
-  EarlyBytes early_;
   bool early_watched_ = false;
   bool finished_ = false;
   bool completed_ = false;
@@ -154,8 +153,8 @@ SshTunnel::SshTunnel(SshPath* path, proxy::Relay::Side local, std::string replay
     : path_(path),
       local_(std::move(local)),
       done_(std::move(done)),
-      preamble_(PreambleLine(path->job_, path->secret_)) {
-  early_.Preload(std::move(replay));
+      hs_(path->job_, std::move(replay)),
+      preamble_(hs_.Preamble(path->secret_)) {
   ssh_channel ch = ssh_channel_new(path_->transport_->session());
   if (ch == nullptr) {
     Fail(Status::Unavailable("cannot create an ssh channel"));
@@ -181,7 +180,7 @@ void SshTunnel::Fail(Status status) {
   status_ = std::move(status);
   timer_.reset();
   if (splice_) splice_->Fail(status_);
-  early_.Stop();
+  hs_.Stop();
   local_ = proxy::Relay::Side{};  // closes the local connection if not spliced yet
 }
 
@@ -221,9 +220,9 @@ void SshTunnel::Step() {
       }
       if (!early_watched_) {
         early_watched_ = true;
-        early_.Watch(local_, [path = path_] { path->Service(); });
+        hs_.early().Watch(local_, [path = path_] { path->Service(); });
       }
-      Status early_status = early_.Pump([this](std::string_view data) -> size_t {
+      Status early_status = hs_.early().Pump([this](std::string_view data) -> size_t {
         auto n = splice_->WriteRaw(data);
         return n.ok() ? *n : 0;  // a failed channel shows in the reply
       });
@@ -231,28 +230,21 @@ void SshTunnel::Step() {
         Fail(early_status);
         return;
       }
-      auto got = splice_->ReadRaw(kMaxReplyLine - reply_.size());
+      auto got = splice_->ReadRaw(proxy::kMaxReplyLine);
       if (!got.ok()) {
         Fail(Status::Unavailable("the proxy at " + path_->Describe() +
                                  " closed the connection during the handshake"));
         return;
       }
-      reply_ += *got;
-      size_t nl = reply_.find('\n');
-      if (nl == std::string::npos) {
-        if (reply_.size() >= kMaxReplyLine) Fail(Status::IOError("the proxy's reply is too long"));
-        return;
-      }
-      std::string_view line = std::string_view(reply_).substr(0, nl);
-      Status s = StatusFromReply(line, path_->job_);
+      size_t took = hs_.Feed(*got);
+      if (!hs_.done()) return;
+      std::string down = got->substr(took);  // the backend's first bytes, if any
+      std::string up;                        // the local bytes libssh has not taken yet
+      Status s = hs_.Conclude(local_, &up, &refused_);
       if (!s.ok()) {
-        if (IsRetryableRefusal(line)) refused_ = Refused{std::move(local_), early_.StopAndReplay()};
         Fail(s);
         return;
       }
-      std::string down = reply_.substr(nl + 1);  // the backend's first bytes, if any
-      std::string().swap(reply_);
-      std::string up = early_.Stop();  // the local bytes libssh has not taken yet
       timer_.reset();
       // The local side stays in the reactor; the splice takes over its callbacks.
       state_ = State::kSplicing;
@@ -288,4 +280,4 @@ Result<std::unique_ptr<ProxyPath>> NewSshPath(loop::Reactor* reactor, proxy::Ssh
   return std::unique_ptr<ProxyPath>(std::move(path));
 }
 
-}  // namespace brokerproxy::cli
+}  // namespace brokerproxy::proxy::client

@@ -1,0 +1,78 @@
+#include "proxy/server/admission.h"
+
+#include "loop/log.h"
+
+namespace brokerproxy::proxy {
+
+Admission::Admission(Proxy* proxy, Connection* conn, const char* what, Target* target,
+                     Callbacks callbacks)
+    : proxy_(proxy), conn_(conn), what_(what), target_(target), cb_(std::move(callbacks)) {}
+
+Admission::~Admission() = default;
+
+void Admission::Start(const Preamble& preamble, Channel channel, bool may_complete_inline) {
+  target_->job_id = preamble.job_id;
+  if (channel == Channel::kPlain &&
+      !MatchesAny(proxy_->options().plain_allow,
+                  reinterpret_cast<const sockaddr*>(&conn_->peer()))) {
+    // Plain preambles carry the secret in clear: only from where a tunnel ends (loopback by
+    // default). Anywhere else must use TLS or SSH.
+    proxy_->stats().global().denied++;
+    cb_.reject(ErrorCode::kDenied, "plain preamble from a source outside plain_allow");
+    return;
+  }
+  // The secret is checked before the throttle (Proxy::Authorize).
+  Proxy::Authorization auth = proxy_->Authorize(preamble.job_id, preamble.secret, conn_);
+  if (auth.error) {
+    cb_.reject(*auth.error, *auth.error == ErrorCode::kBusy ? "throttled" : "denied");
+    return;
+  }
+  *target_ = std::move(auth.target);
+  dialing_ = true;
+  proxy_->DialBackend(
+      conn_, *target_, &dialer_, [this](Result<loop::IoHandle> r) { OnBackend(std::move(r)); },
+      may_complete_inline);  // the last thing this function does
+}
+
+void Admission::OnBackend(Result<loop::IoHandle> backend) {
+  dialing_ = false;
+  dialer_.reset();  // its callback is running: the Dialer may go, it touches nothing after
+  if (!backend.ok()) {
+    LOG_DEBUG("%s %llu: backend of job %s: %s", what_, static_cast<unsigned long long>(conn_->id()),
+              target_->job_id.c_str(), backend.status().ToString().c_str());
+    ErrorCode code = proxy_->DialFailed(backend.status());
+    cb_.reject(code, code == ErrorCode::kBusy ? "out of file descriptors" : "backend unavailable");
+    return;
+  }
+  proxy_->ClearDeadline(conn_);
+  // The client socket inherited these from the listener.
+  TuneTcpSocket((*backend)->fd(), proxy_->options().keepalive_s);
+  cb_.connected(std::move(backend).value());
+}
+
+void Admission::OnDialDeadline() {
+  dialing_ = false;
+  dialer_.reset();
+  proxy_->stats().global().unavailable++;
+  cb_.reject(ErrorCode::kUnavailable, "backend connect timeout");
+}
+
+void Admission::Admitted() {
+  if (admitted_) return;
+  admitted_ = true;
+  proxy_->stats().global().spliced++;
+  JobCounters& jc = proxy_->stats().job(target_->job_id);
+  jc.connections++;
+  jc.active++;
+}
+
+void Admission::Stop() {
+  dialing_ = false;
+  dialer_.reset();
+  if (admitted_) {
+    admitted_ = false;
+    proxy_->stats().job(target_->job_id).active--;
+  }
+}
+
+}  // namespace brokerproxy::proxy
