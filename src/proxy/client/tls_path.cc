@@ -5,7 +5,6 @@
 
 #include "loop/address.h"
 #include "loop/handle.h"
-#include "loop/poll.h"
 #include "loop/timer.h"
 #include "proxy/tls/certs.h"
 #include "proxy/transport/dialer.h"
@@ -95,9 +94,9 @@ void TlsTunnel::OnConnected(Result<loop::IoHandle> io) {
   cb.on_handshake = [this] { OnHandshake(); };
   cb.on_data = [this] { OnData(); };
   cb.on_done = [this](Status st) { Finish(std::move(st)); };
-  tls_ = std::make_unique<proxy::TlsRelay>(proxy::TlsRelay::Role::kClient, std::move(ssl),
-                                           std::move(upstream), std::string(), "proxy",
-                                           std::move(cb));
+  tls_ =
+      std::make_unique<proxy::TlsRelay>(proxy::TlsRelay::Role::kClient, std::move(ssl),
+                                        std::move(upstream), std::string(), "proxy", std::move(cb));
   tls_->Start();
 }
 

@@ -10,7 +10,6 @@
 
 #include "loop/address.h"
 #include "loop/handle.h"
-#include "loop/poll.h"
 #include "loop/timer.h"
 #include "proxy/transport/dialer.h"
 

@@ -44,7 +44,6 @@
 #include "loop/address.h"
 #include "loop/handle.h"
 #include "loop/loop.h"
-#include "loop/poll.h"
 #include "loop/reactor.h"
 #include "loop/timer.h"
 #include "proxy/server/backend_policy.h"
@@ -240,8 +239,8 @@ class Proxy {
   void ReturnChannelSlot();
   // A connection is done: it is destroyed on a later loop turn (never under its own callback).
   void Retire(Connection* conn);
-  // Used by the sniffing Session to pass a TLS or SSH connection on: the socket leaves the
-  // reactor for the frontend's Poll.
+  // Used by the sniffing Session to pass a TLS or SSH connection on: the socket, with what the
+  // reactor knows of its readiness, goes to the frontend.
   // The new connection takes over `from`'s source and unauthenticated handshake.
   bool HandOff(Protocol protocol, loop::IoHandle client, const Connection& from);
 

@@ -98,9 +98,7 @@ Result<std::unique_ptr<SshEndpoint>> SshEndpoint::Create(SshEndpointOptions opti
 Frontend SshEndpoint::frontend() {
   return [this](Proxy* proxy, Handoff handoff) -> std::unique_ptr<Connection> {
     auto session = std::make_unique<SshSession>(proxy, handoff.peer, &options_);
-    // libssh's session is watched by a level-triggered poll of its own.
-    auto poll = ToPoll(*proxy->loop(), std::move(handoff.client));
-    Status s = poll.ok() ? session->Start(bind_.get(), std::move(poll).value()) : poll.status();
+    Status s = session->Start(bind_.get(), std::move(handoff.client));
     if (!s.ok()) {
       proxy->stats().global().ssh_failures++;
       LOG_WARN("ssh: cannot start a session for %s: %s", session->PeerString().c_str(),
@@ -123,10 +121,10 @@ SshSession::~SshSession() {
   transport_.reset();
 }
 
-Status SshSession::Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client) {
+Status SshSession::Start(ssh_bind bind, loop::IoHandle client) {
   last_activity_ms_ = proxy_->loop()->Now();
-  int fd = client->ReleaseFd();  // the fd is libssh's from here on
-  client.reset();
+  // The fd is libssh's from here on; the transport watches a duplicate of it (SshTransport).
+  int fd = client.Release();
   SshSessionPtr session(ssh_new());
   if (!session) {
     ::close(fd);

@@ -37,7 +37,7 @@
 //   deadline   = key exchange plus authentication within handshake_timeout.
 //
 // Fd ownership: the sniffer only peeked, so the "SSH-" banner is still in the kernel. The
-// Handoff's Poll gives up its fd (ReleaseFd) to libssh (ssh_bind_accept_fd), which owns it
+// Handoff's IoHandle gives up its fd (Release) to libssh (ssh_bind_accept_fd), which owns it
 // from then on and closes it in ssh_free() (or earlier, on the peer's EOF); a duplicate in the
 // proxy's reactor drives libssh (SshTransport). Channels' backend sockets stay in the reactor
 // where the Dialer registered them. No uv_tcp_t or uv_poll ever watches either.
@@ -58,7 +58,6 @@
 #include <vector>
 
 #include "loop/handle.h"
-#include "loop/poll.h"
 #include "proxy/server/proxy.h"
 #include "proxy/ssh/ssh_common.h"
 #include "proxy/transport/dialer.h"
@@ -119,7 +118,7 @@ class SshSession final : public Connection {
 
   // Hands the client socket to libssh and starts the key exchange. On error nothing is left
   // open (the socket is closed) and the session must just be destroyed (never adopted).
-  Status Start(ssh_bind bind, loop::HandlePtr<loop::Poll> client);
+  Status Start(ssh_bind bind, loop::IoHandle client);
 
   void Close(const char* reason) override;
   void OnDeadline() override;

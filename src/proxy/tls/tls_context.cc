@@ -11,7 +11,7 @@ namespace {
 
 // TLS 1.2: forward secrecy (ECDHE) and AEAD only. TLS 1.3: OpenSSL's default suites (all
 // AEAD), with AES-128-GCM preferred over AES-256-GCM: as strong for this purpose and markedly
-// cheaper per byte on the proxy (docs/libraries.md, "Memory BIOs").
+// cheaper per byte on the proxy (docs/libraries.md, "Memory BIOs (the earlier design)").
 constexpr const char* kTls12Ciphers =
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-AES128-GCM-SHA256:"

@@ -385,25 +385,6 @@ void Relay::Finish(Status status) {
   if (done) done(std::move(status));  // may destroy this
 }
 
-// ---- conversions between reactor fds and libuv polls ----
-
-Result<loop::HandlePtr<loop::Poll>> ToPoll(loop::Loop& loop, loop::IoHandle io) {
-  if (!io) return loop::HandlePtr<loop::Poll>();
-  int fd = io.Release();
-  return loop::Poll::Create(loop, fd, loop::FdOwnership::kOwned);
-}
-
-Result<PollSide> ToPolls(loop::Loop& loop, Relay::Side side) {
-  PollSide out;
-  auto in = ToPoll(loop, std::move(side.in));
-  if (!in.ok()) return in.status();
-  out.in = std::move(in).value();
-  auto o = ToPoll(loop, std::move(side.out));
-  if (!o.ok()) return o.status();
-  out.out = std::move(o).value();
-  return out;
-}
-
 // ---- socket helpers ----
 
 void TuneTcpSocket(int fd, int keepalive_s) {

@@ -40,7 +40,6 @@
 #include <vector>
 
 #include "loop/handle.h"
-#include "loop/poll.h"
 #include "loop/reactor.h"
 #include "loop/status.h"
 #include "proxy/transport/transport.h"
@@ -175,15 +174,6 @@ class Relay {
 
 // The transport of a side: a socket, or a stdio pair.
 std::unique_ptr<Transport> SideTransport(Relay::Side side);
-
-// A side as level-triggered libuv polls, for the SSH channel splice (until it is a transport of
-// the pump): the fds leave the reactor, and the polls see whatever is pending.
-struct PollSide {
-  loop::HandlePtr<loop::Poll> in;
-  loop::HandlePtr<loop::Poll> out;  // null: same as `in`
-};
-Result<PollSide> ToPolls(loop::Loop& loop, Relay::Side side);
-Result<loop::HandlePtr<loop::Poll>> ToPoll(loop::Loop& loop, loop::IoHandle io);
 
 // Shared socket helpers for the proxy and the client.
 // TCP_NODELAY and keepalive (first probe after `keepalive_s` idle seconds; 0 = off) on a TCP
