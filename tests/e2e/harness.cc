@@ -940,18 +940,25 @@ void LoginSshd::NewHostKey() {
 }
 
 ::testing::AssertionResult LoginSshd::Start() {
-  port_ = 0;
-  return StartOnFreePort(
-      [this](int port, std::string* why) {
-        // The log grows over restarts: only what this start wrote counts.
-        size_t before = Log().size();
-        child_ = Child::Spawn(
-            {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port)},
-            dir_ + "/sshd.log");
-        return WaitListening(&child_, port, why, before,
-                             "Server listening on 127.0.0.1 port " + std::to_string(port) + ".");
-      },
-      &port_);
+  auto start = [this](int port, std::string* why) {
+    // The log grows over restarts: only what this start wrote counts.
+    size_t before = Log().size();
+    child_ = Child::Spawn(
+        {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port)},
+        dir_ + "/sshd.log");
+    return WaitListening(&child_, port, why, before,
+                         "Server listening on 127.0.0.1 port " + std::to_string(port) + ".");
+  };
+  // A restart keeps the port (known_hosts names the host by it) unless it was taken meanwhile.
+  if (port_ != 0) {
+    std::string why;
+    PortStart again = start(port_, &why);
+    if (again == PortStart::kStarted) return ::testing::AssertionSuccess();
+    if (again == PortStart::kFailed) {
+      return ::testing::AssertionFailure() << "sshd did not start again: " << why;
+    }
+  }
+  return StartOnFreePort(start, &port_);
 }
 
 void LoginSshd::Stop() {

@@ -369,7 +369,8 @@ class LoginSshd {
   // A fresh host key (the login node "was reinstalled"); takes effect at the next Start().
   void NewHostKey();
   // sshd cannot listen on port 0 and say which port it got: StartOnFreePort picks one, and
-  // another if it was taken before sshd bound it. port() is 0 until it started.
+  // another if it was taken before sshd bound it. port() is 0 until it started; a restart
+  // keeps the port unless another process took it meanwhile.
   ::testing::AssertionResult Start();
   void Stop();
 
