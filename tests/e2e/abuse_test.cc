@@ -197,10 +197,7 @@ TEST_F(AbuseTest, BadPreamblesAndHandshakeTimeoutsCountAgainstTheirSource) {
   EXPECT_EQ(silent, 0) << d.Log();
   std::string bob_line = "throttling local user " + std::to_string(bob_) + ":";
   std::string alice_line = "throttling local user " + std::to_string(alice_) + ":";
-  auto start = Clock::now();
-  while (CountOf(d.Log(), alice_line) == 0 && ElapsedMs(start) < 5000) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  WaitUntil([&] { return CountOf(d.Log(), alice_line) != 0; }, 5000);
   std::string log = d.Log();
   EXPECT_EQ(CountOf(log, bob_line), 1u) << log;
   EXPECT_EQ(CountOf(log, alice_line), 1u) << log;
@@ -230,9 +227,16 @@ std::string NonLoopbackAddress() {
 TEST_F(AbuseTest, RemoteSourceIsThrottledWithOneFail2banLine) {
   std::string addr = NonLoopbackAddress();
   if (addr.empty()) GTEST_SKIP() << "no address other than loopback";
-  int port = FreePort();
-  Daemon d(dir_, "", "listen = " + addr + ":" + std::to_string(port) + "\n");
+  // The proxy listens on that address alone, on a port it picks and reports.
+  Daemon d(dir_);
+  std::string config = ReadFile(d.config_path());
+  size_t at = config.find("listen = 127.0.0.1:0\n");
+  ASSERT_NE(at, std::string::npos) << config;
+  config.replace(at, 20, "listen = " + addr + ":0");
+  WriteFile(d.config_path(), config);
   ASSERT_TRUE(d.Start());
+  int port = d.proxy_port();
+  ASSERT_GT(port, 0) << d.Log();
   // Malformed preambles name no job: they count against the address alone.
   for (int i = 0; i < 15; ++i) {
     int fd = ConnectTcp(port, addr);
@@ -290,10 +294,7 @@ void ExpectOwnerGetsInDespiteSlowloris(const TempDir& dir, const Backend& backen
         JsonText(ParseOut(d.Cli({"stats", "--json"})).get(), {"stats", "connections", "accepted"});
     return n.empty() ? 0 : std::stoi(n);
   };
-  auto start = Clock::now();
-  while (accepted() < 100 && ElapsedMs(start) < 10000) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  WaitUntil([&] { return accepted() >= 100; }, 10000);
   int owner = AsUser(alice, [&] {
     int fd = -1;
     std::string r = Preamble(port, "BROKER1 alicejob " + secret + "\necho\nping\n", &fd);
@@ -716,28 +717,33 @@ TEST_F(AbuseTest, ConnectionsThroughAnSshForwardCountAgainstTheUserWhoseSshdMade
   std::unique_ptr<Child> sshd;
   int sshd_port = 0;
   // sshd cannot listen on port 0: a port taken before it bound it is picked again.
-  for (int attempt = 0; attempt < 5 && !sshd; ++attempt) {
-    sshd_port = FreePort();
-    sshd = Child::Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", sshd_dir / "sshd_config", "-p",
-                         std::to_string(sshd_port)},
-                        sshd_dir / ("sshd-" + std::to_string(attempt) + ".log"));
-    if (sshd && !sshd->WaitFor("Server listening on", 10000)) sshd.reset();
-  }
-  ASSERT_TRUE(sshd) << "sshd did not start";
-  int local = FreePort();
-  auto tunnel = Child::Spawn(
-      {"ssh", "-F", "/dev/null", "-i", key, "-o", "StrictHostKeyChecking=no", "-o",
-       "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
-       "-p", std::to_string(sshd_port), "-N", "-L",
-       std::to_string(local) + ":127.0.0.1:" + std::to_string(d.proxy_port()), "bp-bob@127.0.0.1"},
-      sshd_dir / "ssh.log");
-  ASSERT_TRUE(tunnel);
-  ASSERT_TRUE(WaitUntil([&] {
-    int fd = ConnectTcp(local);
-    if (fd >= 0) close(fd);
-    return fd >= 0;
-  })) << tunnel->Output()
-      << sshd->Output();
+  ASSERT_TRUE(StartOnFreePort(
+      [&](int port, std::string* why) {
+        size_t from = ReadFile(sshd_dir / "sshd.log").size();
+        sshd = Child::Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", sshd_dir / "sshd_config", "-p",
+                             std::to_string(port)},
+                            sshd_dir / "sshd.log");
+        return WaitListening(&sshd, port, why, from,
+                             "Server listening on 127.0.0.1 port " + std::to_string(port) + ".");
+      },
+      &sshd_port));
+  // Nor can ssh -L; it listens once a probe connection through it succeeds.
+  std::unique_ptr<Child> tunnel;
+  int local = 0;
+  ASSERT_TRUE(StartOnFreePort(
+      [&](int port, std::string* why) {
+        size_t from = ReadFile(sshd_dir / "ssh.log").size();
+        tunnel =
+            Child::Spawn({"ssh", "-F", "/dev/null", "-i", key, "-o", "StrictHostKeyChecking=no",
+                          "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o",
+                          "ExitOnForwardFailure=yes", "-p", std::to_string(sshd_port), "-N", "-L",
+                          std::to_string(port) + ":127.0.0.1:" + std::to_string(d.proxy_port()),
+                          "bp-bob@127.0.0.1"},
+                         sshd_dir / "ssh.log");
+        return WaitListening(&tunnel, port, why, from);
+      },
+      &local))
+      << ReadFile(sshd_dir / "sshd.log");
 
   // Wrong secrets through bob's forward (sent by this process, which runs as root: only the
   // socket sshd opened reaches the proxy) throttle bob, not root, not alice.

@@ -22,14 +22,12 @@ constexpr uid_t kNobody = 65534;
 // Polls `query --json` until `pred` holds for the job list, or the deadline.
 bool WaitForJobs(const Daemon& d, const std::function<bool(const cJSON* jobs)>& pred,
                  int timeout_ms = 15000, const RunOptions& opts = {}) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  while (std::chrono::steady_clock::now() < deadline) {
-    RunResult r = d.Cli({"query", "--json"}, opts);
-    auto j = ParseOut(r);
-    if (j && pred(cJSON_GetObjectItemCaseSensitive(j.get(), "jobs"))) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return false;
+  return WaitUntil(
+      [&] {
+        auto j = ParseOut(d.Cli({"query", "--json"}, opts));
+        return j && pred(cJSON_GetObjectItemCaseSensitive(j.get(), "jobs"));
+      },
+      timeout_ms);
 }
 
 const cJSON* FindJob(const cJSON* jobs, const std::string& id) {

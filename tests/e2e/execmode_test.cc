@@ -399,9 +399,7 @@ TEST_F(ExecModeTest, ConnectStopsAtOnceWhileTheSecretIsFetchedAgain) {
   // Denied, so `connect` asks the (stopped) daemon for the secret: its request waits in the
   // control socket's backlog.
   int pending = 0;
-  for (int i = 0; i < 2000 && (pending = PendingOnUnixSocket(control)) == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  WaitUntil([&] { return (pending = PendingOnUnixSocket(control)) != 0; });
   EXPECT_EQ(pending, 1) << connect->Output();
   EXPECT_EQ(proxy.handshakes(), 1);
   auto start = Clock::now();
@@ -478,7 +476,8 @@ TEST_F(ExecModeTest, AnExplicitPortSomeoneListensOnIsRefused) {
   EXPECT_EQ(d.Cli({"load", "pt"}).exit_code, 5) << "nothing saved";
   EXPECT_EQ(::access(ran.c_str(), F_OK), -1) << "the command did not run";
   // A free port is taken as given, and the command gets it.
-  int free = FreePort();
+  PortReservation idle;  // bound by the test, listened on by nothing
+  int free = idle.port();
   std::string out = dir_ / "out";
   RunResult ok = d.Cli({"save", "ssh", "--job-id", "pt", "--port", std::to_string(free), "--", "sh",
                         "-c", "echo {port} > " + out});

@@ -150,10 +150,7 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
     });
   }
   // The look-ups are under way once the blackhole hears them.
-  auto deadline = Clock::now() + std::chrono::seconds(10);
-  while (dns.queries() < 4 && Clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  WaitUntil([&] { return dns.queries() >= 4; }, 10000);
   EXPECT_GE(dns.queries(), 4);
 
   // Another user's saves: each a registry write on the pool.
@@ -278,12 +275,8 @@ TEST(HardenTest, ClientRefusesAControlSocketServedByAnotherUser) {
                             "SYSTEM:head -c 4096 >>" + got + " & echo '{\"ok\":true,\"jobs\":[]}'"},
                            dir / "socat.log", as_bob);
   ASSERT_TRUE(fake);
-  auto deadline = Clock::now() + std::chrono::seconds(10);
   struct stat st {};
-  while (::stat(sock.c_str(), &st) != 0 && Clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  ASSERT_EQ(::stat(sock.c_str(), &st), 0) << fake->Output();
+  ASSERT_TRUE(WaitUntil([&] { return ::stat(sock.c_str(), &st) == 0; }, 10000)) << fake->Output();
 
   Daemon d(dir);  // not started: only its config is used
   RunOptions as_alice;
@@ -323,11 +316,8 @@ TEST(HardenTest, ControlSocketModeComesFromBindNotChmod) {
   const std::string daemon_proc = "/proc/" + std::to_string(std::stoi(children));
   ASSERT_EQ(::kill(std::stoi(children), SIGTERM), 0);
   struct stat gone {};
-  auto deadline = Clock::now() + std::chrono::seconds(20);
-  while (::stat(daemon_proc.c_str(), &gone) == 0 && Clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  EXPECT_NE(::stat(daemon_proc.c_str(), &gone), 0) << "the daemon did not stop";
+  EXPECT_TRUE(WaitUntil([&] { return ::stat(daemon_proc.c_str(), &gone) != 0; }, 20000))
+      << "the daemon did not stop";
   d.Stop();
 }
 

@@ -20,6 +20,7 @@
 
 #include <dirent.h>
 #include <ftw.h>
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -579,16 +580,95 @@ bool WaitUntil(const std::function<bool()>& pred, int timeout_ms) {
   return pred();
 }
 
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+PortReservation::PortReservation() {
+  fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
+  if (fd_ < 0 || bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    ADD_FAILURE() << "cannot bind a loopback port: " << strerror(errno);
+    Release();
+    return;
+  }
+  port_ = ntohs(addr.sin_port);
+}
+
+int PortReservation::Listen(int backlog) {
+  if (fd_ < 0 || listen(fd_, backlog) != 0) return -1;
+  int fd = fd_;
+  fd_ = -1;
+  return fd;
+}
+
+void PortReservation::Release() {
+  if (fd_ >= 0) close(fd_);
+  fd_ = -1;
+}
+
+int FreePort() {
+  PortReservation reserved;
+  return reserved.port();
+}
+
+PortStart WaitListening(std::unique_ptr<Child>* child, int port, std::string* why, size_t from,
+                        const std::string& line, int timeout_ms) {
+  if (!*child) {
+    *why = "cannot spawn it";
+    return PortStart::kFailed;
+  }
+  auto output = [&] {
+    std::string out = (*child)->Output();
+    return out.substr(std::min(from, out.size()));
+  };
+  auto in_use = [&] { return output().find("Address already in use") != std::string::npos; };
+  bool listening = false;
+  WaitUntil(
+      [&] {
+        if (!line.empty()) {
+          listening = output().find(line) != std::string::npos;
+        } else {
+          int fd = ConnectTcp(port, "127.0.0.1", 1000);
+          listening = fd >= 0;
+          if (fd >= 0) close(fd);
+        }
+        return listening || in_use() || !(*child)->Running();
+      },
+      timeout_ms);
+  if (listening && (*child)->Running()) return PortStart::kStarted;
+  PortStart result = in_use() ? PortStart::kInUse : PortStart::kFailed;
+  *why = (*child)->Running() ? "not listening on port " + std::to_string(port) + " in time:\n"
+                             : "it exited:\n";
+  *why += output();
+  (*child)->Stop(SIGTERM, 5000);
+  child->reset();
+  return result;
+}
+
+::testing::AssertionResult StartOnFreePort(
+    const std::function<PortStart(int port, std::string* why)>& start, int* port, int attempts) {
+  std::string why;
+  for (int attempt = 1; attempt <= attempts; ++attempt) {
+    PortReservation reserved;
+    int candidate = reserved.port();
+    reserved.Release();  // the program binds it itself (not all of them set SO_REUSEADDR)
+    why.clear();
+    switch (start(candidate, &why)) {
+      case PortStart::kStarted:
+        *port = candidate;
+        return ::testing::AssertionSuccess();
+      case PortStart::kFailed:
+        return ::testing::AssertionFailure()
+               << "did not start on port " << candidate << ": " << why;
+      case PortStart::kInUse:
+        break;
+    }
+  }
+  return ::testing::AssertionFailure()
+         << "every one of " << attempts << " ports was taken before the program bound it: " << why;
 }
 
 // ---- other users ----
@@ -834,7 +914,7 @@ int PendingOnUnixSocket(const std::string& path) {
   return queued;
 }
 
-LoginSshd::LoginSshd(const TempDir& dir) : dir_(dir / "sshd"), port_(FreePort()) {
+LoginSshd::LoginSshd(const TempDir& dir) : dir_(dir / "sshd"), port_(0) {
   ::mkdir(dir_.c_str(), 0700);
   ::mkdir(home().c_str(), 0700);
   ::mkdir((home() + "/.ssh").c_str(), 0700);
@@ -860,20 +940,25 @@ void LoginSshd::NewHostKey() {
 }
 
 ::testing::AssertionResult LoginSshd::Start() {
-  for (int attempt = 0;; ++attempt) {
+  auto start = [this](int port, std::string* why) {
+    // The log grows over restarts: only what this start wrote counts.
+    size_t before = Log().size();
     child_ = Child::Spawn(
-        {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port_)},
+        {"/usr/sbin/sshd", "-D", "-e", "-f", dir_ + "/sshd_config", "-p", std::to_string(port)},
         dir_ + "/sshd.log");
-    if (child_ && child_->WaitFor("Server listening on", 10000)) {
-      return ::testing::AssertionSuccess();
+    return WaitListening(&child_, port, why, before,
+                         "Server listening on 127.0.0.1 port " + std::to_string(port) + ".");
+  };
+  // A restart keeps the port (known_hosts names the host by it) unless it was taken meanwhile.
+  if (port_ != 0) {
+    std::string why;
+    PortStart again = start(port_, &why);
+    if (again == PortStart::kStarted) return ::testing::AssertionSuccess();
+    if (again == PortStart::kFailed) {
+      return ::testing::AssertionFailure() << "sshd did not start again: " << why;
     }
-    std::string log = Log();
-    if (attempt == 4 || log.find("Address already in use") == std::string::npos) {
-      return ::testing::AssertionFailure() << "sshd did not start:\n" << log;
-    }
-    Stop();
-    port_ = FreePort();
   }
+  return StartOnFreePort(start, &port_);
 }
 
 void LoginSshd::Stop() {

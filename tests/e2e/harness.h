@@ -280,9 +280,55 @@ std::string JsonText(const cJSON* obj, std::initializer_list<const char*> path);
 // once more at the deadline, so a slow last step still counts).
 bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000);
 
-// A loopback port nothing listened on a moment ago (the kernel's pick, released at once), for
-// programs that cannot report the port they bound.
+// A loopback TCP port the test holds: a socket bound to 127.0.0.1 with SO_REUSEADDR, not
+// listening. Connections to it are refused, and while it is held no socket without
+// SO_REUSEADDR can bind it and no other listener can be picked on it (port 0 never yields a
+// bound port), unlike a port probed free and released at once, which any process may take
+// before the test uses it. A socket with SO_REUSEADDR (ListenAs, Listen() here, servers) may
+// still listen on it: that is how the test's own listener takes the port over later.
+class PortReservation {
+ public:
+  PortReservation();
+  ~PortReservation() { Release(); }
+  PortReservation(const PortReservation&) = delete;
+  PortReservation& operator=(const PortReservation&) = delete;
+
+  int port() const { return port_; }
+  // Starts listening on the held socket and hands it over (the caller closes it); -1 on error.
+  // The reservation holds nothing afterwards.
+  int Listen(int backlog = 16);
+  // Gives the port up.
+  void Release();
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
+
+// A loopback port nothing listened on a moment ago (the kernel's pick, released at once). It
+// races: another process may take the port before it is used. Use PortReservation or
+// StartOnFreePort instead; kept for the SSH endpoint's tests until they move.
 int FreePort();
+
+// How a third-party program started on a port it was given (see StartOnFreePort).
+enum class PortStart { kStarted, kInUse, kFailed };
+
+// Starts a program that cannot listen on port 0 and report the port it got (sshd, `ssh -L`,
+// haproxy): `start(port, &why)` starts it on `port` and says whether it listens (kStarted),
+// could not bind because the port was taken meanwhile (kInUse: it is stopped and started again
+// on another port, at most `attempts` times in all) or failed otherwise (kFailed, with `why`).
+// Each port is held (PortReservation) until right before `start`, so the window in which
+// another process may take it is the program's own start-up. On success `*port` is the port.
+::testing::AssertionResult StartOnFreePort(
+    const std::function<PortStart(int port, std::string* why)>& start, int* port, int attempts = 5);
+
+// For StartOnFreePort: waits up to `timeout_ms` for `child`, started on `port`, to listen: for
+// `line` in its output (when given; sshd says "Server listening on ..."), else for a connection
+// to 127.0.0.1:`port` to succeed (it is closed at once). kInUse if its output since byte `from`
+// says the address was in use, kFailed if it exited or the time passed; the child is stopped
+// then, and `*why` says what happened.
+PortStart WaitListening(std::unique_ptr<Child>* child, int port, std::string* why, size_t from = 0,
+                        const std::string& line = "", int timeout_ms = 30000);
 
 // The deterministic byte stream the backend and tests share: byte i = f(i).
 void Pattern(uint64_t offset, char* out, size_t len);
@@ -322,8 +368,9 @@ class LoginSshd {
 
   // A fresh host key (the login node "was reinstalled"); takes effect at the next Start().
   void NewHostKey();
-  // sshd cannot listen on port 0 and say which port it got, so the port is picked free and may
-  // be taken by another test before sshd binds it: then a new one is picked.
+  // sshd cannot listen on port 0 and say which port it got: StartOnFreePort picks one, and
+  // another if it was taken before sshd bound it. port() is 0 until it started; a restart
+  // keeps the port unless another process took it meanwhile.
   ::testing::AssertionResult Start();
   void Stop();
 

@@ -180,10 +180,11 @@ TEST_F(LimitsTest, ControlHogIsCappedAndItsSlotsComeBackWhenItDies) {
            "max_waits_per_user = 4\n");
   ASSERT_TRUE(d.Start());
   // Bob's job waits for a service that never comes: a wait on it stays pending.
+  PortReservation idle;
   std::string saved =
       ControlRequestAs(bob, d.socket_path(),
                        R"({"op":"save","job":"bob-job","type":"ssh","host":"127.0.0.1","port":)" +
-                           std::to_string(FreePort()) + R"(,"wait":true})");
+                           std::to_string(idle.port()) + R"(,"wait":true})");
   ASSERT_NE(saved.find("\"ok\":true"), std::string::npos) << saved;
 
   // 12 connections: 8 admitted, 4 refused; of the 8 waits, 4 park and 4 are refused.
@@ -245,7 +246,7 @@ class InFlightTest : public LimitsTest {
  protected:
   void SetUp() override {
     ASSERT_TRUE(d_.Start());
-    port_ = FreePort();
+    port_ = idle_.port();
     RunResult r =
         d_.Cli({"save", "ssh", "--job-id", "p", "--port", std::to_string(port_), "--pending"});
     ASSERT_EQ(r.exit_code, 0) << r;
@@ -263,6 +264,7 @@ class InFlightTest : public LimitsTest {
   }
 
   Daemon d_{dir_};
+  PortReservation idle_;  // the job's port: nothing listens there
   int port_ = 0;
 };
 
@@ -367,7 +369,8 @@ TEST_F(LimitsTest, MaxJobsPerUser) {
 TEST_F(LimitsTest, ProbeGivesUpAfterReadyTimeout) {
   Daemon d(dir_, "[registry]\nready_timeout = 2s\n");
   ASSERT_TRUE(d.Start());
-  int port = FreePort();
+  PortReservation idle;
+  int port = idle.port();
   ASSERT_EQ(d.Cli({"save", "ssh", "--job-id", "p1", "--port", std::to_string(port), "--pending"})
                 .exit_code,
             0);

@@ -75,7 +75,8 @@ TEST_F(NamesTest, AnotherUserGetsNoSpellingOfAJobNorItsCertificate) {
   WriteFile(ca, d.Cli({"ca"}).out);
   std::string alice_certs = CertDirOf(*alice, "alice-certs");
   std::string bob_certs = CertDirOf(*bob, "bob-certs");
-  int alice_port = FreePort();  // alice's service is not up yet: the port is idle
+  PortReservation idle;  // alice's service is not up yet: the port is idle
+  int alice_port = idle.port();
 
   RunResult saved = d.Cli({"save", "ssl", "--job-id", "abc", "--port", std::to_string(alice_port),
                            "--cert-dir", alice_certs, "--json"},
@@ -203,29 +204,12 @@ TEST_F(NamesTest, PreambleAndServerNameInAnyCaseReachTheJob) {
   // An ssl job saved as "WEB" is job "web": SNI arrives lower-cased and must find it.
   std::string ca = dir_ / "ca.pem";
   WriteFile(ca, d.Cli({"ca"}).out);
-  int port = FreePort();
-  auto server = Child::Spawn({BinaryPath(),
-                              "save",
-                              "ssl",
-                              "--job-id",
-                              "WEB",
-                              "--port",
-                              std::to_string(port),
-                              "--cert-dir",
-                              dir_ / "certs",
-                              "-c",
-                              d.config_path(),
-                              "--",
-                              "openssl",
-                              "s_server",
-                              "-accept",
-                              "127.0.0.1:{port}",
-                              "-cert",
-                              "{cert}",
-                              "-key",
-                              "{certkey}",
-                              "-www"},
-                             dir_ / "s_server.log");
+  // No --port: the save picks a free one from the port range and gives it to the command.
+  auto server =
+      Child::Spawn({BinaryPath(), "save", "ssl", "--job-id", "WEB", "--cert-dir", dir_ / "certs",
+                    "-c", d.config_path(), "--", "openssl", "s_server", "-accept",
+                    "127.0.0.1:{port}", "-cert", "{cert}", "-key", "{certkey}", "-www"},
+                   dir_ / "s_server.log");
   ASSERT_TRUE(server);
   ASSERT_TRUE(WaitUntil([&] {
     auto j = ParseOut(d.Cli({"load", "web", "--json"}));

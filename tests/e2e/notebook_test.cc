@@ -270,26 +270,27 @@ TEST_F(NotebookTest, ReachedThroughStockSshLWithSshpass) {
   size_t at = stats.out.find("[127.0.0.1]:" + std::to_string(daemon_.proxy_port()) + " ssh-");
   ASSERT_NE(at, std::string::npos) << stats;
   WriteFile(dir_ / "known_hosts", stats.out.substr(at, stats.out.find('\n', at) - at) + "\n", 0644);
-  int port = FreePort();  // ssh -L cannot listen on port 0
+  // ssh -L cannot listen on port 0: a free port, and another if it was taken meanwhile. It
+  // listens once logged in (ExitOnForwardFailure): a probe connection, closed at once.
   RunOptions o;
   o.uid = alice_;
   o.env = {"HOME=" + (dir_ / "nohome"), "SSH_AUTH_SOCK=", "SSHPASS=" + nb.token()};
-  auto ssh = Child::Spawn(
-      {"sshpass", "-e", "ssh", "-F", "/dev/null", "-N", "-L",
-       std::to_string(port) + ":" + nb.job() + ":1", "-p", std::to_string(daemon_.proxy_port()),
-       "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" + (dir_ / "known_hosts"),
-       "-o", "PubkeyAuthentication=no", "-o", "ExitOnForwardFailure=yes", nb.job() + "@127.0.0.1"},
-      dir_ / "sshpass.log", o);
-  ASSERT_TRUE(ssh);
-  // Listening once logged in (ExitOnForwardFailure): a probe connection, closed at once.
-  ASSERT_TRUE(WaitUntil(
-      [&] {
-        int fd = ConnectTcp(port, "127.0.0.1", 1000);
-        if (fd >= 0) ::close(fd);
-        return fd >= 0;
+  std::unique_ptr<Child> ssh;
+  int port = 0;
+  ASSERT_TRUE(StartOnFreePort(
+      [&](int p, std::string* why) {
+        size_t from = ReadFile(dir_ / "sshpass.log").size();
+        ssh = Child::Spawn(
+            {"sshpass", "-e", "ssh", "-F", "/dev/null", "-N", "-L",
+             std::to_string(p) + ":" + nb.job() + ":1", "-p", std::to_string(daemon_.proxy_port()),
+             "-o", "StrictHostKeyChecking=yes", "-o",
+             "UserKnownHostsFile=" + (dir_ / "known_hosts"), "-o", "PubkeyAuthentication=no", "-o",
+             "ExitOnForwardFailure=yes", nb.job() + "@127.0.0.1"},
+            dir_ / "sshpass.log", o);
+        return WaitListening(&ssh, p, why, from);
       },
-      30000))
-      << ssh->Output() << daemon_.Log();
+      &port))
+      << daemon_.Log();
   NotebookCheck check;
   check.uid = alice_;
   EXPECT_TRUE(CheckNotebook("http://127.0.0.1:" + std::to_string(port), nb.token(), check))

@@ -219,32 +219,40 @@ TEST_F(PolicyTest, AnotherUsersListenerIsNeverDialled) {
     RunOptions env;
     env.env = {"SSH_ASKPASS=" + askpass, "SSH_ASKPASS_REQUIRE=force", "DISPLAY=:0",
                "HOME=" + (dir_ / "nohome"), "SSH_AUTH_SOCK="};
-    int forward = FreePort();
-    auto ssh = Child::Spawn({"ssh",
-                             "-F",
-                             "/dev/null",
-                             "-p",
-                             std::to_string(d.proxy_port()),
-                             "-o",
-                             "StrictHostKeyChecking=no",
-                             "-o",
-                             "UserKnownHostsFile=" + (dir_ / "known_hosts"),
-                             "-o",
-                             "PubkeyAuthentication=no",
-                             "-o",
-                             "NumberOfPasswordPrompts=1",
-                             "-o",
-                             "ExitOnForwardFailure=yes",
-                             "-o",
-                             "ConnectTimeout=10",
-                             "-N",
-                             "-L",
-                             std::to_string(forward) + ":a1:1",
-                             "a1@127.0.0.1"},
-                            dir_ / "ssh.log", env);
-    ASSERT_TRUE(ssh);
-    int fd = -1;
-    ASSERT_TRUE(WaitUntil([&] { return (fd = ConnectTcp(forward)) >= 0; })) << ssh->Output();
+    // ssh -L cannot listen on port 0: a free port, and another if it was taken meanwhile.
+    std::unique_ptr<Child> ssh;
+    int forward = 0;
+    ASSERT_TRUE(StartOnFreePort(
+        [&](int p, std::string* why) {
+          size_t from = ReadFile(dir_ / "ssh.log").size();
+          ssh = Child::Spawn({"ssh",
+                              "-F",
+                              "/dev/null",
+                              "-p",
+                              std::to_string(d.proxy_port()),
+                              "-o",
+                              "StrictHostKeyChecking=no",
+                              "-o",
+                              "UserKnownHostsFile=" + (dir_ / "known_hosts"),
+                              "-o",
+                              "PubkeyAuthentication=no",
+                              "-o",
+                              "NumberOfPasswordPrompts=1",
+                              "-o",
+                              "ExitOnForwardFailure=yes",
+                              "-o",
+                              "ConnectTimeout=10",
+                              "-N",
+                              "-L",
+                              std::to_string(p) + ":a1:1",
+                              "a1@127.0.0.1"},
+                             dir_ / "ssh.log", env);
+          return WaitListening(&ssh, p, why, from);
+        },
+        &forward))
+        << d.Log();
+    int fd = ConnectTcp(forward);
+    ASSERT_GE(fd, 0) << ssh->Output();
     timeval tv{10, 0};
     ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     SendAll(fd, "ping\n");
@@ -298,7 +306,8 @@ TEST_F(PolicyTest, AnotherUsersListenerIsNeverDialled) {
 // max_connections. Refused at save, and at dial for a job saved before the port was the
 // proxy's (root's jobs too: they skip only the owner check).
 TEST_F(PolicyTest, TheProxysOwnPortIsNeverABackend) {
-  int later = FreePort();
+  PortReservation idle;
+  int later = idle.port();
   {
     Daemon d(dir_);
     ASSERT_TRUE(d.Start());

@@ -1,8 +1,10 @@
 // The proxy port end to end (issue 3's acceptance): the real daemon, real sockets, backends in
 // threads, `connect` as a real child process, and a real OpenSSH sshd behind --stdio.
 
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -10,6 +12,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <fstream>
+#include <optional>
+#include <sstream>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -285,6 +291,46 @@ TEST_F(ProxyTest, ListensOnIpv4AndIpv6) {
   ExpectStillServing();  // and IPv4 still works
 }
 
+// The daemon's end of the loopback connection whose client end is `fd`, as /proc/net/tcp
+// lists it: its TCP state (0x01 established, 0x08 close-wait: the FIN arrived) and how many
+// bytes (a FIN counts one) wait in its receive queue. nullopt if it is not listed.
+struct PeerEnd {
+  int state = 0;
+  long rx_queue = 0;
+};
+std::optional<PeerEnd> DaemonEndOf(int fd) {
+  sockaddr_in self{}, peer{};
+  socklen_t len = sizeof(self);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&self), &len) != 0) return std::nullopt;
+  len = sizeof(peer);
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) != 0) return std::nullopt;
+  std::ifstream in("/proc/net/tcp");
+  std::string line;
+  std::getline(in, line);  // the header
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string slot, local, remote, state, queues;
+    if (!(fields >> slot >> local >> remote >> state >> queues)) continue;
+    auto port_of = [](const std::string& a) {
+      return static_cast<int>(std::stoul(a.substr(a.find(':') + 1), nullptr, 16));
+    };
+    if (port_of(local) != ntohs(peer.sin_port) || port_of(remote) != ntohs(self.sin_port)) {
+      continue;
+    }
+    PeerEnd end;
+    end.state = static_cast<int>(std::stoul(state, nullptr, 16));
+    end.rx_queue = static_cast<long>(std::stoul(queues.substr(queues.find(':') + 1), nullptr, 16));
+    return end;
+  }
+  return std::nullopt;
+}
+
+// True once every byte sent on `fd` was acknowledged by the peer's kernel.
+bool AllAcked(int fd) {
+  int pending = -1;
+  return ioctl(fd, SIOCOUTQ, &pending) == 0 && pending == 0;
+}
+
 // A client that sends part of a preamble and then shuts down writing is dropped at once, not
 // kept until the handshake timeout. The daemon is stopped while the rest of the bytes and the
 // FIN arrive, so that both come with one event: after reading the bytes, nothing new will
@@ -294,11 +340,19 @@ TEST_F(ProxyTest, HalfClosedPartialPreambleIsDroppedAtOnce) {
   int fd = ConnectTcp(daemon_->proxy_port());
   ASSERT_GE(fd, 0);
   ASSERT_TRUE(SendAll(fd, "BROKER1 job1 "));
-  std::this_thread::sleep_for(milliseconds(200));  // read by the daemon
+  // Read by the daemon: arrived at its socket, and its receive queue is empty again.
+  ASSERT_TRUE(WaitUntil([&] {
+    auto end = DaemonEndOf(fd);
+    return AllAcked(fd) && end && end->rx_queue == 0;
+  })) << "the daemon did not read the first bytes";
   ASSERT_EQ(kill(daemon_->pid(), SIGSTOP), 0);
   ASSERT_TRUE(SendAll(fd, secret_.substr(0, 10)));
   shutdown(fd, SHUT_WR);
-  std::this_thread::sleep_for(milliseconds(100));
+  // The bytes and the FIN wait together in the stopped daemon's socket.
+  EXPECT_TRUE(WaitUntil([&] {
+    auto end = DaemonEndOf(fd);
+    return end && end->state == 0x08 && end->rx_queue >= 10;
+  })) << "the FIN did not arrive";
   auto start = steady_clock::now();
   ASSERT_EQ(kill(daemon_->pid(), SIGCONT), 0);
   EXPECT_EQ(ReadToEof(fd), "");  // closed without a reply (a timeout would answer ERR timeout)
@@ -404,10 +458,7 @@ TEST_F(ProxyTest, ClientResetsMidTransfer) {
   setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
   close(fd);  // RST
   // The daemon drops both ends; its fds come back.
-  auto deadline = steady_clock::now() + milliseconds(5000);
-  while (daemon_->OpenFds() > before + 2 && steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(milliseconds(20));
-  }
+  WaitUntil([&] { return daemon_->OpenFds() <= before + 2; }, 5000);
   EXPECT_LE(daemon_->OpenFds(), before + 2);  // at most one pooled pipe pair
   ExpectStillServing();
 }
@@ -433,11 +484,7 @@ TEST_F(ProxyTest, HalfCloseEachDirection) {
 
 // True once the daemon's log has `needle`, polling for up to `timeout_ms`.
 bool LogShows(const Daemon& d, const std::string& needle, int timeout_ms) {
-  for (int waited = 0;; waited += 50) {
-    if (d.Log().find(needle) != std::string::npos) return true;
-    if (waited >= timeout_ms) return false;
-    std::this_thread::sleep_for(milliseconds(50));
-  }
+  return WaitUntil([&] { return d.Log().find(needle) != std::string::npos; }, timeout_ms);
 }
 
 // idle_timeout closes a session nobody used for that long, half_close_timeout one that a side
@@ -482,12 +529,7 @@ TEST_F(ProxyTest, IdleAndHalfClosedSessionsTimeOut) {
   EXPECT_TRUE(SendAll(busy, "still here\n"));
   EXPECT_EQ(ReadLine(busy), "still here");
   // The half-closed one is gone too: what we send now is refused (a reset, then EPIPE).
-  ssize_t sent = 0;
-  for (int i = 0; i < 50 && sent >= 0; ++i) {
-    sent = send(half, "x", 1, MSG_NOSIGNAL);
-    std::this_thread::sleep_for(milliseconds(20));
-  }
-  EXPECT_LT(sent, 0);
+  EXPECT_TRUE(WaitUntil([&] { return send(half, "x", 1, MSG_NOSIGNAL) < 0; }, 2000));
   for (int fd : {idle, busy, half}) close(fd);
   EXPECT_NE(daemon_->Log().find("reason=idle timeout"), std::string::npos) << daemon_->Log();
   RunResult stats = daemon_->Cli({"stats", "--json"});
@@ -560,13 +602,14 @@ TEST_F(ProxyTest, NoDescriptorLeakAfterTenThousandSessions) {
     return ok.load();
   };
   EXPECT_EQ(run(200, 8), 200);  // warm up: the pipe pool reaches its working size
-  std::this_thread::sleep_for(milliseconds(300));
+  // Every warm-up session is over on the daemon's side too before its fds are counted.
+  ASSERT_TRUE(WaitUntil([&] {
+    auto stats = ParseOut(daemon_->Cli({"stats", "--json"}));
+    return JsonText(stats.get(), {"stats", "connections", "active"}) == "0";
+  })) << daemon_->Log();
   int before = daemon_->OpenFds();
   EXPECT_EQ(run(10000, 8), 10000);
-  auto deadline = steady_clock::now() + milliseconds(10000);
-  while (daemon_->OpenFds() != before && steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(milliseconds(50));
-  }
+  WaitUntil([&] { return daemon_->OpenFds() == before; }, 10000);
   EXPECT_EQ(daemon_->OpenFds(), before);
 }
 

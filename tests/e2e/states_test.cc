@@ -108,7 +108,8 @@ class StatesTest : public ::testing::Test {
 TEST_F(StatesTest, SaveWithoutWaitIsWaitingUntilSomethingListens) {
   Daemon d(dir_, "[registry]\nrecheck_interval = 0\n");
   ASSERT_TRUE(d.Start());
-  const int port = FreePort();
+  PortReservation reserved;  // refused until the test listens on it
+  const int port = reserved.port();
   RunResult save =
       d.Cli({"save", "ssh", "--job-id", "w1", "--port", std::to_string(port), "--json"});
   ASSERT_EQ(save.exit_code, 0) << save;
@@ -137,7 +138,8 @@ TEST_F(StatesTest, SaveWithoutWaitIsWaitingUntilSomethingListens) {
 TEST_F(StatesTest, RefusedProxiedConnectionMakesAReadyJobDownUntilItListensAgain) {
   Daemon d(dir_, "[registry]\nrecheck_interval = 0\n");
   ASSERT_TRUE(d.Start());
-  const int port = FreePort();
+  PortReservation reserved;  // refused until the test listens on it
+  const int port = reserved.port();
   std::string secret;
   {
     PortListener service(port);
@@ -186,7 +188,8 @@ TEST_F(StatesTest, AnotherUsersListenerMakesAReadyJobDown) {
   ASSERT_TRUE(alice && bob);
   Daemon d(dir_, "[registry]\nrecheck_interval = 0\n");
   ASSERT_TRUE(d.Start());
-  const int port = FreePort();
+  PortReservation reserved;  // refused until the test listens on it
+  const int port = reserved.port();
   int alices = ListenAs(*alice, "127.0.0.1", port);
   ASSERT_GE(alices, 0);
   std::string reply = ControlRequestAs(*alice, d.socket_path(),
@@ -224,7 +227,8 @@ TEST_F(StatesTest, AnotherUsersListenerMakesAReadyJobDown) {
 TEST_F(StatesTest, PeriodicRecheckFindsAStoppedBackend) {
   Daemon d(dir_, "[registry]\nrecheck_interval = 1s\n");
   ASSERT_TRUE(d.Start());
-  const int port = FreePort();
+  PortReservation reserved;  // refused until the test listens on it
+  const int port = reserved.port();
   {
     PortListener service(port);
     ASSERT_TRUE(service.ok());
@@ -247,7 +251,8 @@ TEST_F(StatesTest, PeriodicRecheckFindsAStoppedBackend) {
 TEST_F(StatesTest, ProbeGivingUpIsDownInQueryAndLoad) {
   Daemon d(dir_, "[registry]\nready_timeout = 1s\n");
   ASSERT_TRUE(d.Start());
-  const int port = FreePort();
+  PortReservation reserved;  // refused until the test listens on it
+  const int port = reserved.port();
   ASSERT_EQ(d.Cli({"save", "ssh", "--job-id", "g1", "--port", std::to_string(port)}).exit_code, 0);
   EXPECT_TRUE(WaitUntil([&] { return QueryState(d, "g1") == "down"; })) << d.Log();
   EXPECT_EQ(LoadState(d, "g1"), "down");

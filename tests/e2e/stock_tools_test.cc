@@ -95,20 +95,29 @@ TEST_F(StockToolsTest, SshpassLogsInWithTheSecret) {
   StartDaemon();
   std::string secret = daemon_->SaveJob("5001", backend_.port());
   ASSERT_FALSE(secret.empty());
-  int port = FreePort();
   // sshpass waits for a prompt containing "assword", whichever of password and
   // keyboard-interactive OpenSSH picks (it prefers keyboard-interactive): both ways.
   for (const char* method : {"keyboard-interactive", "password"}) {
     SCOPED_TRACE(method);
-    std::vector<std::string> argv = {"sshpass", "-p", secret};
-    std::vector<std::string> ssh =
-        Ssh("5001", {"-o", std::string("PreferredAuthentications=") + method, "-N", "-L",
-                     std::to_string(port) + ":5001:1"});
-    argv.insert(argv.end(), ssh.begin(), ssh.end());
-    RunOptions o;
-    o.env = {"HOME=" + (dir_ / "nohome"), "SSH_AUTH_SOCK="};
-    auto child = Child::Spawn(argv, dir_ / (std::string("sshpass-") + method + ".log"), o);
-    ASSERT_TRUE(child);
+    // ssh -L cannot listen on port 0: a free port, and another if it was taken meanwhile.
+    std::unique_ptr<Child> child;
+    int port = 0;
+    ASSERT_TRUE(StartOnFreePort(
+        [&](int p, std::string* why) {
+          std::vector<std::string> argv = {"sshpass", "-p", secret};
+          std::vector<std::string> ssh =
+              Ssh("5001", {"-o", std::string("PreferredAuthentications=") + method, "-N", "-L",
+                           std::to_string(p) + ":5001:1"});
+          argv.insert(argv.end(), ssh.begin(), ssh.end());
+          RunOptions o;
+          o.env = {"HOME=" + (dir_ / "nohome"), "SSH_AUTH_SOCK="};
+          std::string log = dir_ / (std::string("sshpass-") + method + ".log");
+          size_t from = ReadFile(log).size();
+          child = Child::Spawn(argv, log, o);
+          return WaitListening(&child, p, why, from);
+        },
+        &port))
+        << daemon_->Log();
     ExpectEcho(port);
     child->Stop(SIGKILL);
     if (HasFailure()) {
@@ -168,26 +177,33 @@ TEST_F(StockToolsTest, KeyscanGetsTheKeyThatStatsPrintsAndSshPinsIt) {
 
   // Pinned with that line alone, the stock client connects with strict checking.
   WriteFile(dir_ / "pinned", scanned + "\n", 0600);
-  int local = FreePort();
-  std::vector<std::string> argv = {"ssh",
-                                   "-F",
-                                   "/dev/null",
-                                   "-p",
-                                   port,
-                                   "-o",
-                                   "StrictHostKeyChecking=yes",
-                                   "-o",
-                                   "UserKnownHostsFile=" + (dir_ / "pinned"),
-                                   "-o",
-                                   "PubkeyAuthentication=no",
-                                   "-o",
-                                   "ExitOnForwardFailure=yes",
-                                   "-N",
-                                   "-L",
-                                   std::to_string(local) + ":5002:1",
-                                   "5002@127.0.0.1"};
-  auto ssh = Child::Spawn(argv, dir_ / "pinned.log", SecretEnv(secret));
-  ASSERT_TRUE(ssh);
+  std::unique_ptr<Child> ssh;
+  int local = 0;
+  ASSERT_TRUE(StartOnFreePort(
+      [&](int p, std::string* why) {
+        std::vector<std::string> argv = {"ssh",
+                                         "-F",
+                                         "/dev/null",
+                                         "-p",
+                                         port,
+                                         "-o",
+                                         "StrictHostKeyChecking=yes",
+                                         "-o",
+                                         "UserKnownHostsFile=" + (dir_ / "pinned"),
+                                         "-o",
+                                         "PubkeyAuthentication=no",
+                                         "-o",
+                                         "ExitOnForwardFailure=yes",
+                                         "-N",
+                                         "-L",
+                                         std::to_string(p) + ":5002:1",
+                                         "5002@127.0.0.1"};
+        size_t from = ReadFile(dir_ / "pinned.log").size();
+        ssh = Child::Spawn(argv, dir_ / "pinned.log", SecretEnv(secret));
+        return WaitListening(&ssh, p, why, from);
+      },
+      &local))
+      << daemon_->Log();
   ExpectEcho(local);
   ssh->Stop(SIGKILL);
   if (HasFailure()) ADD_FAILURE() << ReadFile(dir_ / "pinned.log");
@@ -267,7 +283,8 @@ TEST_F(StockToolsTest, ChannelRefusalsSayWhy) {
   std::string secret = daemon_->SaveJob("5005", backend_.port());
   ASSERT_FALSE(secret.empty());
   // A job whose service is not running: nothing listens on its port.
-  std::string down_secret = daemon_->SaveJob("5006", FreePort());
+  PortReservation idle;
+  std::string down_secret = daemon_->SaveJob("5006", idle.port());
   ASSERT_FALSE(down_secret.empty());
 
   RunResult other = RunCommand(Ssh("5005", {"-v", "-W", "127.0.0.1:22"}), SecretEnv(secret));
@@ -362,18 +379,20 @@ TEST_F(StockToolsTest, ProxyCommandWithANumericJobIdUsesPercentN) {
   // sshd cannot listen on port 0: a free port, and another if it was taken meanwhile.
   std::unique_ptr<Child> sshd;
   int sshd_port = 0;
-  for (int attempt = 0; attempt < 5 && !sshd; ++attempt) {
-    sshd_port = FreePort();
-    WriteFile(dir_ / "sshd_config",
-              "ListenAddress 127.0.0.1\nPort " + std::to_string(sshd_port) + "\nHostKey " + keys +
-                  "/host\nAuthorizedKeysFile " + keys +
-                  "/authorized_keys\nPidFile none\nUsePAM no\nStrictModes no\n"
-                  "PermitRootLogin prohibit-password\nPasswordAuthentication no\n");
-    sshd =
-        Child::Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", dir_ / "sshd_config"}, dir_ / "sshd.log");
-    if (!sshd->WaitFor("Server listening", 10000)) sshd.reset();
-  }
-  ASSERT_TRUE(sshd) << ReadFile(dir_ / "sshd.log");
+  ASSERT_TRUE(StartOnFreePort(
+      [&](int port, std::string* why) {
+        WriteFile(dir_ / "sshd_config",
+                  "ListenAddress 127.0.0.1\nPort " + std::to_string(port) + "\nHostKey " + keys +
+                      "/host\nAuthorizedKeysFile " + keys +
+                      "/authorized_keys\nPidFile none\nUsePAM no\nStrictModes no\n"
+                      "PermitRootLogin prohibit-password\nPasswordAuthentication no\n");
+        size_t from = ReadFile(dir_ / "sshd.log").size();
+        sshd = Child::Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", dir_ / "sshd_config"},
+                            dir_ / "sshd.log");
+        return WaitListening(&sshd, port, why, from,
+                             "Server listening on 127.0.0.1 port " + std::to_string(port) + ".");
+      },
+      &sshd_port));
   ASSERT_FALSE(daemon_->SaveJob("5003", sshd_port).empty());
 
   auto ssh_through = [&](const char* token) {

@@ -265,29 +265,12 @@ TEST_F(TlsTest, PassthroughToAnHttpsBackendStartedByExecMode) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   std::string ca = SaveCa(d);
-  int port = FreePort();
-  auto server = Child::Spawn({BinaryPath(),
-                              "save",
-                              "ssl",
-                              "--job-id",
-                              "web",
-                              "--port",
-                              std::to_string(port),
-                              "--cert-dir",
-                              dir_ / "certs",
-                              "-c",
-                              d.config_path(),
-                              "--",
-                              "openssl",
-                              "s_server",
-                              "-accept",
-                              "127.0.0.1:{port}",
-                              "-cert",
-                              "{cert}",
-                              "-key",
-                              "{certkey}",
-                              "-www"},
-                             dir_ / "s_server.log");
+  // No --port: the save picks a free one from the port range and gives it to the command.
+  auto server =
+      Child::Spawn({BinaryPath(), "save", "ssl", "--job-id", "web", "--cert-dir", dir_ / "certs",
+                    "-c", d.config_path(), "--", "openssl", "s_server", "-accept",
+                    "127.0.0.1:{port}", "-cert", "{cert}", "-key", "{certkey}", "-www"},
+                   dir_ / "s_server.log");
   ASSERT_TRUE(server);
   ASSERT_TRUE(WaitUntil([&] { return JobReady(d, "web"); })) << server->Output();
 
@@ -388,10 +371,10 @@ TEST_F(TlsTest, HeadlessChromiumLoadsAPageFromAnSslJob) {
                 std::to_string(body.size()) + "\\r\\nConnection: close\\r\\n\\r\\n%s' '" + body +
                 "'\n",
             0755);
-  int port = FreePort();
+  // No --port: the save picks a free one from the port range and gives it to the command.
   auto server = Child::Spawn(
-      {BinaryPath(), "save", "ssl", "--job-id", "chrome1", "--port", std::to_string(port),
-       "--cert-dir", dir_ / "certs", "-c", d.config_path(), "--", "socat",
+      {BinaryPath(), "save", "ssl", "--job-id", "chrome1", "--cert-dir", dir_ / "certs", "-c",
+       d.config_path(), "--", "socat",
        "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={cert},key={certkey},verify=0",
        "EXEC:" + script},
       dir_ / "socat.log");
@@ -497,18 +480,21 @@ TEST_F(TlsTest, ConnectSendsWhatTheClientSaysFirstWithThePreamble) {
   std::string secret = d.SaveJob("early", 1);
   ASSERT_FALSE(secret.empty());
   FakeProxy fake(6, 5000);
-  int port = FreePort();
-  auto front = Child::Spawn({"socat",
-                             "OPENSSL-LISTEN:" + std::to_string(port) +
-                                 ",bind=127.0.0.1,reuseaddr,fork,verify=0,cert=" + d.state_dir() +
-                                 "/server.pem,key=" + d.state_dir() + "/server-key.pem",
-                             "TCP:127.0.0.1:" + std::to_string(fake.port())},
-                            dir_ / "tls-front.log");
-  ASSERT_TRUE(WaitUntil([&] {
-    int fd = ConnectTcp(port);
-    if (fd >= 0) close(fd);
-    return fd >= 0;
-  }));
+  // socat cannot listen on port 0: a free port, and another if it was taken meanwhile.
+  std::unique_ptr<Child> front;
+  int port = 0;
+  ASSERT_TRUE(StartOnFreePort(
+      [&](int p, std::string* why) {
+        size_t from = ReadFile(dir_ / "tls-front.log").size();
+        front = Child::Spawn({"socat",
+                              "OPENSSL-LISTEN:" + std::to_string(p) +
+                                  ",bind=127.0.0.1,reuseaddr,fork,verify=0,cert=" + d.state_dir() +
+                                  "/server.pem,key=" + d.state_dir() + "/server-key.pem",
+                              "TCP:127.0.0.1:" + std::to_string(fake.port())},
+                             dir_ / "tls-front.log");
+        return WaitListening(&front, p, why, from);
+      },
+      &port));
   auto connect =
       Child::Spawn({BinaryPath(), "connect", "early", "--tls", "--listen", "127.0.0.1:0", "--proxy",
                     "127.0.0.1:" + std::to_string(port), "-c", d.config_path()},
@@ -570,21 +556,23 @@ TEST_F(TlsTest, AJobCertificateCannotImpersonateTheProxy) {
   WriteFile(certs + "/mitm.crt", mitm->cert_pem);
   WriteFile(certs + "/mitm.key", mitm->key_pem, 0600);
   // A fake proxy with that certificate, where the client expects the proxy.
-  int port = FreePort();
   std::string received = dir_ / "fake-received";
   WriteFile(received, "");
-  auto fake = Child::Spawn(
-      {"socat",
-       "OPENSSL-LISTEN:" + std::to_string(port) + ",bind=127.0.0.1,reuseaddr,fork,cert=" + certs +
-           "/mitm.crt,key=" + certs + "/mitm.key,verify=0",
-       "SYSTEM:cat >> " + received},
-      dir_ / "fake.log");
-  ASSERT_TRUE(WaitUntil([&] {
-    int fd = ConnectTcp(port);
-    if (fd < 0) return false;
-    close(fd);
-    return true;
-  }));
+  // socat cannot listen on port 0: a free port, and another if it was taken meanwhile.
+  std::unique_ptr<Child> fake;
+  int port = 0;
+  ASSERT_TRUE(StartOnFreePort(
+      [&](int p, std::string* why) {
+        size_t from = ReadFile(dir_ / "fake.log").size();
+        fake = Child::Spawn({"socat",
+                             "OPENSSL-LISTEN:" + std::to_string(p) +
+                                 ",bind=127.0.0.1,reuseaddr,fork,cert=" + certs +
+                                 "/mitm.crt,key=" + certs + "/mitm.key,verify=0",
+                             "SYSTEM:cat >> " + received},
+                            dir_ / "fake.log");
+        return WaitListening(&fake, p, why, from);
+      },
+      &port));
   Backend backend;
   ASSERT_FALSE(d.SaveJob("victim", backend.port()).empty());
   RunResult c = d.Cli(

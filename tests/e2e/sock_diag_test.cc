@@ -1,3 +1,7 @@
+// The owners of loopback listeners and connections, told by sock_diag (loop/sock_diag.h), with
+// sockets owned by real other users (created with useradd): it needs root and changes the
+// system's users, so it is an end-to-end suite, not a unit one.
+
 #include "loop/sock_diag.h"
 
 #include <gtest/gtest.h>
@@ -122,7 +126,8 @@ TEST_F(SockDiagTest, ConnectedSocketsOnThePortAreNotListeners) {
 }
 
 TEST_F(SockDiagTest, NothingListening) {
-  int port = FreePort();
+  PortReservation idle;  // bound, not listening
+  int port = idle.port();
   auto owner = ListenerOwnerOf("127.0.0.1", port);
   EXPECT_EQ(owner.status().code(), Status::Code::kNotFound) << owner.status().ToString();
   EXPECT_EQ(ListenerOwnerOf("127.0.0.1", 0).status().code(), Status::Code::kInvalidArgument);
@@ -167,7 +172,8 @@ TEST_F(SockDiagTest, PeerOwnerOfAnUnknownTupleIsNotFound) {
   ASSERT_GE(l.fd, 0);
   // The lookup would fall back to this listener; it must not be taken for the peer.
   auto local = loop::ParseNumericAddress("127.0.0.1", BoundPort(l.fd));
-  auto remote = loop::ParseNumericAddress("127.0.0.1", FreePort());
+  PortReservation idle;
+  auto remote = loop::ParseNumericAddress("127.0.0.1", idle.port());
   auto owner = loop::TcpPeerOwner(reinterpret_cast<const sockaddr*>(&*local),
                                   reinterpret_cast<const sockaddr*>(&*remote));
   EXPECT_EQ(owner.status().code(), Status::Code::kNotFound) << owner.status().ToString();
