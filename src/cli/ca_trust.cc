@@ -16,8 +16,8 @@
 
 #include "cli/control_client.h"
 #include "loop/address.h"
-#include "proxy/tls/certs.h"
 #include "loop/file.h"
+#include "proxy/tls/certs.h"
 #include "registry/snapshot.h"
 
 namespace brokerproxy::cli {
