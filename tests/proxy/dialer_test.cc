@@ -24,8 +24,8 @@
 namespace brokerproxy::proxy {
 namespace {
 
-// A non-blocking TCP socket on 127.0.0.1, port picked by the kernel; listening if `backlog` >= 0, else only
-// bound (connections to it are refused, and nothing else can take its port meanwhile).
+// A non-blocking TCP socket on 127.0.0.1, port picked by the kernel; listening if `backlog` >= 0,
+// else only bound (connections to it are refused, and nothing else can take its port meanwhile).
 struct LocalPort {
   explicit LocalPort(int backlog) {
     fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
