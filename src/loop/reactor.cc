@@ -61,7 +61,7 @@ Result<std::unique_ptr<Reactor>> Reactor::Create(Loop& loop) {
 }
 
 Reactor::~Reactor() {
-  *alive_ = false;
+  lifetime_.End();
   poll_.reset();  // closes the epoll fd
   for (IoWatch* w : dead_) delete w;
 }
@@ -125,12 +125,10 @@ void Reactor::Enqueue(IoWatch* w) {
 void Reactor::ScheduleTurn() {
   if (turn_scheduled_) return;
   turn_scheduled_ = true;
-  std::weak_ptr<bool> alive = alive_;
-  loop_->Defer([this, alive] {
-    if (alive.expired()) return;
+  loop_->Defer(lifetime_.Guard([this] {
     turn_scheduled_ = false;
     RunDue();
-  });
+  }));
 }
 
 void Reactor::RunDue() {
@@ -178,10 +176,7 @@ void Reactor::Retire(IoWatch* w, bool close_fd) {
   // Freed after whatever dispatch or line of callbacks may still point at it.
   if (dispatching_ || reap_scheduled_) return;
   reap_scheduled_ = true;
-  std::weak_ptr<bool> alive = alive_;
-  loop_->Defer([this, alive] {
-    if (!alive.expired()) Reap();
-  });
+  loop_->Defer(lifetime_.Guard([this] { Reap(); }));
 }
 
 void Reactor::Reap() {

@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "loop/handle.h"
+#include "loop/lifetime.h"
 #include "loop/loop.h"
 #include "loop/poll.h"
 
@@ -186,7 +187,7 @@ class Reactor {
   std::vector<uint32_t> free_slots_;
   std::deque<IoWatch*> due_;  // FIFO; dead watches in it are skipped (and freed after)
   std::vector<IoWatch*> dead_;
-  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  Lifetime lifetime_;  // last: guards the deferred turn and reap
 };
 
 }  // namespace brokerproxy::loop

@@ -55,7 +55,7 @@ Proxy::Proxy(loop::Loop* loop, const registry::Registry* registry, ProxyOptions 
       policy_(options_.backend_allow) {}
 
 Proxy::~Proxy() {
-  *alive_ = false;
+  lifetime_.End();
   Stop();
   graveyard_.clear();
 }
@@ -209,12 +209,10 @@ void Proxy::Retire(Connection* conn) {
   stats_.global().active = connections_.size();
   if (reap_scheduled_) return;
   reap_scheduled_ = true;
-  std::weak_ptr<bool> alive = alive_;
-  loop_->Defer([this, alive] {
-    if (alive.expired()) return;
+  loop_->Defer(lifetime_.Guard([this] {
     reap_scheduled_ = false;
     graveyard_.clear();
-  });
+  }));
 }
 
 bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const Connection& from) {

@@ -43,6 +43,7 @@
 
 #include "loop/address.h"
 #include "loop/handle.h"
+#include "loop/lifetime.h"
 #include "loop/loop.h"
 #include "loop/reactor.h"
 #include "loop/timer.h"
@@ -270,6 +271,8 @@ class Proxy {
   // Unauthenticated handshakes, oldest first (by id), and how many each source has.
   std::map<uint64_t, Connection*> handshakes_;
   std::unordered_map<std::string, int> handshakes_by_source_;
+  // Retired connections, freed on a later loop turn: loop::DeleteSoon scoped to the Proxy, since
+  // a connection refers to its Proxy to the end and so must not outlive it.
   std::vector<std::unique_ptr<Connection>> graveyard_;
   bool reap_scheduled_ = false;
   uint64_t next_id_ = 1;
@@ -278,7 +281,7 @@ class Proxy {
   uint64_t deadline_timer_at_ = 0;
   loop::HandlePtr<loop::Timer> sweep_timer_;
   std::unordered_map<int, Frontend> frontends_;
-  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  loop::Lifetime lifetime_;  // last
 };
 
 }  // namespace brokerproxy::proxy

@@ -417,7 +417,7 @@ TlsRelay::TlsRelay(Role role, SslPtr ssl, loop::IoHandle socket, std::string ini
       tls_name_(tls_name),
       cb_(std::move(callbacks)) {}
 
-TlsRelay::~TlsRelay() { *alive_ = false; }
+TlsRelay::~TlsRelay() { lifetime_.End(); }
 
 void TlsRelay::Start() {
   assert(!started_);
@@ -430,9 +430,9 @@ void TlsRelay::Start() {
 
 bool TlsRelay::Call(const std::function<void()>& cb) {
   if (!cb) return !finished_;
-  std::weak_ptr<bool> alive = alive_;
+  loop::Lifetime::Weak alive = lifetime_.weak();
   cb();
-  return !alive.expired() && !finished_;
+  return alive.alive() && !finished_;
 }
 
 void TlsRelay::OnEvent() {

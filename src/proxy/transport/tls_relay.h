@@ -54,6 +54,7 @@
 #include <string>
 #include <string_view>
 
+#include "loop/lifetime.h"
 #include "loop/reactor.h"
 #include "loop/status.h"
 #include "proxy/tls/tls_context.h"
@@ -247,7 +248,7 @@ class TlsRelay {
   bool peer_done_reported_ = false;
   bool finished_ = false;
   uint64_t last_activity_ms_ = 0;
-  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  loop::Lifetime lifetime_;  // last
 };
 
 }  // namespace brokerproxy::proxy
