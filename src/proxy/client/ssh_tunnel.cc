@@ -1,8 +1,8 @@
 // The SSH path of `connect --via`: one SSH session to the login node, driven nonblocking on the
 // reactor (proxy/transport/ssh_splice.h); per local connection one direct-tcpip channel to the
 // proxy port as the login node sees it, the BROKER1 preamble (and what the local client already
-// sent, see EarlyBytes), the proxy's "OK", then a ChannelSplice between the local connection and
-// the channel. Closing a local connection closes only its channel.
+// sent, see EarlyBytes), the proxy's "OK", then a ChannelSplice: the one pump (relay.h) between
+// the local connection and the channel. Closing a local connection closes only its channel.
 
 #include <memory>
 #include <string>

@@ -398,7 +398,8 @@ void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> backend) 
     return;
   }
   ++channels_opened_;
-  c->splice = std::make_unique<ChannelSplice>(channel, [this] { Service(); });
+  c->splice = std::make_unique<ChannelSplice>(
+      channel, [this] { Service(); }, proxy_->pipes());
   int keepalive = proxy_->options().keepalive_s;
   TuneTcpSocket(backend->fd(), keepalive);
   proxy_->stats().global().spliced++;

@@ -3,9 +3,9 @@
 //
 // Relay moves each direction (a Pump) between two transports (transport.h): plain sockets and
 // stdio pairs registered in the edge-triggered Reactor (loop/reactor.h), TLS streams
-// (tls_relay.h), later SSH channels. Between two plain sockets bulk data goes with splice(2)
-// through a kernel pipe, so bytes never enter user space and a chunk costs two syscalls; small
-// chunks (and anything that is not a plain socket: a tty, pipes on stdio, TLS) go through a
+// (tls_relay.h), SSH channels (ssh_splice.h). Between two plain sockets bulk data goes with
+// splice(2) through a kernel pipe, so bytes never enter user space and a chunk costs two syscalls;
+// small chunks (and anything that is not a plain socket: a tty, pipes on stdio, TLS) go through a
 // 64 KiB buffer with the transports' Read/Write, which for a few bytes is cheaper than a pipe.
 // Readiness is known from the reactor's flags, so the relay never changes an epoll
 // registration while it runs. The pipe is borrowed from a

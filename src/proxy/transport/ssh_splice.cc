@@ -14,73 +14,8 @@ namespace {
 // ssh_event_dopoll rounds per Process() (each reads at most 4 KiB). What is left stays
 // "readable" and the watch yields: read on a later loop turn, after other sessions had a turn.
 constexpr int kMaxRounds = 64;
-// Largest socket read handed to ssh_channel_write at once, and reads per service step.
+// Largest read out of libssh before Attach (ReadRaw).
 constexpr size_t kChunk = 64 * 1024;
-constexpr int kReadsPerStep = 4;
-
-// One buffer for reads out of libssh: loop-thread only, and never used across a callback.
-char g_chunk[kChunk];
-// One buffer for socket reads, handed to libssh as they are (no copy unless libssh takes only
-// part). It stays in use across libssh calls, which may run callbacks, so it is not g_chunk:
-// only ReadSocket() uses it, and ReadSocket() runs only from a service step, never nested.
-char g_from_socket[kChunk];
-
-// Edge-triggered socket I/O (loop/reactor.h): a call that finds the fd not ready clears its
-// readiness flag, so the next edge is what brings the splice back; a flag that is clear is
-// not tried at all.
-struct SocketIo {
-  size_t n = 0;          // bytes moved
-  bool blocked = false;  // not ready (the flag is cleared now), or the flag was clear
-  bool eof = false;      // read: the peer shut down its side
-  int err = 0;           // an errno that ends the splice
-};
-
-SocketIo SocketRead(loop::IoWatch* w, char* buf, size_t len) {
-  SocketIo r;
-  if (!w->readable()) {
-    r.blocked = true;
-    return r;
-  }
-  for (;;) {
-    ssize_t n = ::read(w->fd(), buf, len);
-    if (n > 0) {
-      r.n = static_cast<size_t>(n);
-    } else if (n == 0) {
-      r.eof = true;
-    } else if (errno == EINTR) {
-      continue;
-    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      w->ClearReadable();
-      r.blocked = true;
-    } else {
-      r.err = errno;
-    }
-    return r;
-  }
-}
-
-// Writes as much of `data` as the fd takes.
-SocketIo SocketWrite(loop::IoWatch* w, const char* data, size_t len) {
-  SocketIo r;
-  while (r.n < len) {
-    if (!w->writable()) {
-      r.blocked = true;
-      return r;
-    }
-    ssize_t n = ::write(w->fd(), data + r.n, len - r.n);
-    if (n > 0) {
-      r.n += static_cast<size_t>(n);
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      w->ClearWritable();
-    } else {
-      r.err = n < 0 ? errno : EIO;
-      return r;
-    }
-  }
-  return r;
-}
 
 }  // namespace
 
@@ -159,10 +94,86 @@ bool SshTransport::alive() const {
   return (ssh_get_status(session_.get()) & (SSH_CLOSED | SSH_CLOSED_ERROR)) == 0;
 }
 
+// ---- the socket side ----
+
+// The socket's transport as the relay sees it, plus what the splice needs to know: when the
+// peer's EOF reached the socket, and after every event, the owner's service step (which runs
+// libssh, and so may reopen a window or take queued messages).
+class ChannelSplice::SocketSide : public Transport {
+ public:
+  SocketSide(ChannelSplice* splice, std::unique_ptr<Transport> socket)
+      : splice_(splice), socket_(std::move(socket)) {}
+
+  IoResult Read(char* buf, size_t cap) override { return socket_->Read(buf, cap); }
+  IoResult Write(const char* data, size_t len) override { return socket_->Write(data, len); }
+  bool readable() const override { return socket_->readable(); }
+  bool writable() const override { return socket_->writable(); }
+  IoResult ShutdownWrite(bool last) override {
+    IoResult r = socket_->ShutdownWrite(last);
+    if (r.kind != IoResult::Kind::kAgain && r.kind != IoResult::Kind::kError) {
+      splice_->socket_shut_ = true;
+    }
+    return r;
+  }
+  EdgeSocket* splice_socket() override { return nullptr; }  // the other side is a channel
+  void Yield() override { socket_->Yield(); }
+  loop::Loop& loop() const override { return socket_->loop(); }
+  bool stream() const override { return socket_->stream(); }
+
+  void SetCallback(const loop::IoWatch::Callback& cb) override {
+    ChannelSplice* splice = splice_;
+    socket_->SetCallback([splice, cb](loop::IoWatch* watch) {
+      // The pump may end the relay (and so this transport) inside: nothing here is touched
+      // after it but the splice, which only the owner destroys, in `kick`.
+      std::function<void()> kick = splice->kick_;
+      // A failed socket (EPOLLERR) shows as readable and writable, but a read may not be due
+      // (window closed) and a write neither (nothing pending): ask for the error at once.
+      int err = watch && watch->hangup() ? SocketError(watch->fd()) : 0;
+      if (err != 0) {
+        splice->Finish(PosixError("socket", err));
+      } else {
+        cb(watch);
+      }
+      kick();  // the owner's service step; may destroy the splice
+    });
+  }
+
+ private:
+  ChannelSplice* splice_;
+  std::unique_ptr<Transport> socket_;
+};
+
+// ---- SshChannelTransport ----
+
+IoResult SshChannelTransport::Read(char* buf, size_t cap) { return splice_->ReadChannel(buf, cap); }
+
+IoResult SshChannelTransport::Write(const char* data, size_t len) {
+  return splice_->WriteChannel(data, len);
+}
+
+bool SshChannelTransport::readable() const {
+  return !splice_->finished_ && (splice_->retained_ > 0 || splice_->peer_eof_);
+}
+
+bool SshChannelTransport::writable() const {
+  return !splice_->finished_ && !splice_->window_blocked_;
+}
+
+IoResult SshChannelTransport::ShutdownWrite(bool) { return splice_->SendChannelEof(); }
+
+void SshChannelTransport::SetCallback(const loop::IoWatch::Callback& cb) { splice_->pump_ = cb; }
+
+void SshChannelTransport::Yield() { splice_->YieldPump(); }
+
 // ---- ChannelSplice ----
 
-ChannelSplice::ChannelSplice(ssh_channel channel, std::function<void()> kick)
-    : channel_(channel), kick_(std::move(kick)) {
+ChannelSplice::ChannelSplice(ssh_channel channel, std::function<void()> kick, PipePool* pool)
+    : channel_(channel), kick_(std::move(kick)), pool_(pool) {
+  if (pool_ == nullptr) {
+    // Only a copy buffer is ever taken (a channel cannot splice(2)).
+    own_pool_ = std::make_unique<PipePool>(PipePool::kSmallPipe, 1);
+    pool_ = own_pool_.get();
+  }
   callbacks_.userdata = this;
   callbacks_.channel_data_function = &ChannelSplice::OnData;
   callbacks_.channel_eof_function = &ChannelSplice::OnEof;
@@ -172,25 +183,30 @@ ChannelSplice::ChannelSplice(ssh_channel channel, std::function<void()> kick)
 }
 
 ChannelSplice::~ChannelSplice() {
+  relay_.reset();  // closes the socket(s); no libssh call in there
   // No callback may reach this object once it is gone: unhook first. ssh_channel_free() sends
   // CLOSE if the channel is still open; libssh frees its half once the peer's CLOSE arrives.
   ssh_remove_channel_callbacks(channel_, &callbacks_);
   ssh_channel_free(channel_);
-  out_.reset();
-  in_.reset();
 }
 
 void ChannelSplice::Attach(loop::IoHandle socket, loop::IoHandle out, std::string to_socket,
                            std::string to_channel) {
-  in_ = std::move(socket);
-  out_ = std::move(out);
-  loop_ = &in_->reactor().loop();
-  to_socket_ = std::move(to_socket);
-  to_socket_off_ = 0;
-  to_channel_ = std::move(to_channel);
-  Touch();
-  in_->SetCallback([this](loop::IoWatch* w) { OnSocketEvent(w); });
-  if (out_) out_->SetCallback([this](loop::IoWatch* w) { OnSocketEvent(w); });
+  loop::Loop* loop = &socket->reactor().loop();
+  Relay::Side side =
+      out ? Relay::Side(std::move(socket), std::move(out)) : Relay::Side(std::move(socket));
+  auto sock = std::make_unique<SocketSide>(this, SideTransport(std::move(side)));
+  socket_ = sock.get();
+  relay_ = std::make_unique<Relay>(pool_, std::move(sock),
+                                   std::make_unique<SshChannelTransport>(this, loop), "the socket",
+                                   "the channel", std::move(to_socket), std::move(to_channel),
+                                   [this](Status s) { OnRelayDone(std::move(s)); });
+  if (finished_) {
+    relay_->Stop();  // failed before it was attached: close the socket at once
+    socket_ = nullptr;
+    return;
+  }
+  relay_->Start();
 }
 
 Result<std::string> ChannelSplice::ReadRaw(size_t max) {
@@ -211,217 +227,132 @@ Result<size_t> ChannelSplice::WriteRaw(std::string_view data) {
   return static_cast<size_t>(n);
 }
 
-void ChannelSplice::Touch() {
-  if (loop_) last_activity_ms_ = loop_->Now();
-}
-
 // ---- the channel side ----
 
 int ChannelSplice::OnData(ssh_session, ssh_channel, void* data, uint32_t len, int is_stderr,
                           void* userdata) noexcept {
+  (void)data;
   auto* self = static_cast<ChannelSplice*>(userdata);
   if (is_stderr) return static_cast<int>(len);  // direct-tcpip has no stderr; drop it
   // Nowhere to go any more (or a peer that sends after its own EOF): dropped.
   if (self->finished_ || self->socket_shut_) return static_cast<int>(len);
-  if (!self->in_) {
-    // Not spliced yet (backend still connecting, reply line not read): leave it in libssh.
-    self->retained_ = len;
-    return 0;
-  }
-  const char* p = static_cast<const char*>(data);
-  size_t consumed = 0;
-  // Straight to the socket when nothing is queued before it (the common case). An error is
-  // seen again by the service step's next write.
-  if (self->pending_to_socket() == 0) {
-    self->to_socket_.clear();
-    self->to_socket_off_ = 0;
-    consumed = SocketWrite(self->out_watch(), p, len).n;
-  }
-  size_t room =
-      kToSocketCap > self->pending_to_socket() ? kToSocketCap - self->pending_to_socket() : 0;
-  size_t keep = std::min<size_t>(room, len - consumed);
-  self->to_socket_.append(p + consumed, keep);
-  consumed += keep;
-  self->to_socket_bytes_ += consumed;
-  self->retained_ = len - consumed;
-  self->Touch();
-  return static_cast<int>(consumed);
+  // Consume nothing: libssh keeps the bytes (`len` is all it holds for this channel) until the
+  // pump has room for them, and grows the window only as they are read.
+  self->retained_ = len;
+  self->wake_ = true;
+  self->YieldPump();
+  return 0;
 }
 
 void ChannelSplice::OnEof(ssh_session, ssh_channel, void* userdata) noexcept {
-  static_cast<ChannelSplice*>(userdata)->peer_eof_ = true;
+  auto* self = static_cast<ChannelSplice*>(userdata);
+  self->peer_eof_ = true;
+  self->wake_ = true;
+  self->YieldPump();
 }
 
 void ChannelSplice::OnClose(ssh_session, ssh_channel, void* userdata) noexcept {
   auto* self = static_cast<ChannelSplice*>(userdata);
   self->peer_eof_ = true;
   self->peer_closed_ = true;
+  self->wake_ = true;
+  self->YieldPump();
+}
+
+void ChannelSplice::YieldPump() {
+  // The pump's callback is the same on both of its transports: the socket's watch brings it.
+  if (socket_ != nullptr && !finished_) socket_->Yield();
 }
 
 uint32_t ChannelSplice::ChannelWindow() const { return ssh_channel_window_size(channel_); }
 
-int ChannelSplice::ReadChannel(char* buf, size_t max) {
-  return ssh_channel_read_nonblocking(channel_, buf, static_cast<uint32_t>(max), 0);
+IoResult ChannelSplice::ReadChannel(char* buf, size_t cap) {
+  // Only what libssh already holds: a read on an empty channel buffer would process packets.
+  if (retained_ > 0) {
+    size_t want = std::min({retained_, cap, size_t{UINT32_MAX}});
+    int n = ssh_channel_read_nonblocking(channel_, buf, static_cast<uint32_t>(want), 0);
+    if (n > 0) {
+      retained_ = retained_ > static_cast<size_t>(n) ? retained_ - n : 0;
+      return IoResult::Bytes(static_cast<size_t>(n));
+    }
+    retained_ = 0;  // nothing there after all (EOF, or consumed meanwhile)
+    if (n == SSH_EOF) return IoResult::Eof();
+    if (n == SSH_ERROR && !peer_closed_) {
+      return IoResult::Error(
+          SshError(ssh_channel_get_session(channel_), "reading from the channel"));
+    }
+  }
+  if (peer_eof_) return IoResult::Eof();
+  return IoResult::Again();  // readable() is false now: OnData brings the pump back
 }
 
-size_t ChannelSplice::WriteChannel(const char* data, size_t len) {
+IoResult ChannelSplice::WriteChannel(const char* data, size_t len) {
   size_t done = 0;
-  while (done < len && !finished_) {
-    if (peer_closed_) return len;  // nobody left to read it
-    int n = ssh_channel_write(channel_, data + done, static_cast<uint32_t>(len - done));
-    if (n < 0) {
-      if (!peer_closed_) {
-        Finish(SshError(ssh_channel_get_session(channel_), "writing to the channel"));
-      }
-      return len;
-    }
-    if (n == 0) break;  // window closed or a key exchange in progress: retry later
-    to_channel_bytes_ += n;
-    done += n;
-    Touch();
-  }
-  return done;
-}
-
-bool ChannelSplice::SendChannelEof() {
-  if (ssh_channel_send_eof(channel_) == SSH_ERROR && !peer_closed_) {
-    Finish(SshError(ssh_channel_get_session(channel_), "sending EOF on the channel"));
-    return false;
-  }
-  eof_sent_ = true;
-  return true;
-}
-
-// ---- the socket side ----
-
-void ChannelSplice::OnSocketEvent(loop::IoWatch* watch) {
-  if (finished_) return;
-  // A failed socket (EPOLLERR) shows as readable and writable, but a read may not be due
-  // (window closed) and a write neither (nothing pending): ask for the error at once.
-  if (watch->hangup()) {
-    int err = 0;
-    socklen_t len = sizeof(err);
-    if (::getsockopt(watch->fd(), SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0) {
-      Finish(PosixError("socket", err));
-    }
-  }
-  std::function<void()> kick = kick_;
-  kick();  // the owner's service step (which moves the bytes); may destroy this splice
-}
-
-bool ChannelSplice::FlushToSocket() {
-  if (pending_to_socket() == 0) {
-    to_socket_.clear();
-    to_socket_off_ = 0;
-    return true;
-  }
-  SocketIo w = SocketWrite(out_watch(), to_socket_.data() + to_socket_off_, pending_to_socket());
-  to_socket_off_ += w.n;
-  if (w.n > 0) Touch();
-  if (w.err != 0) {
-    Finish(PosixError("writing to the socket", w.err));
-    return false;
-  }
-  if (pending_to_socket() == 0) {
-    to_socket_.clear();
-    to_socket_off_ = 0;
-  } else if (to_socket_off_ > 0) {
-    // Keep the buffer compact: what was written goes, so it never outgrows kToSocketCap.
-    to_socket_.erase(0, to_socket_off_);
-    to_socket_off_ = 0;
-  }
-  return true;
-}
-
-void ChannelSplice::ReadSocket() {
-  for (int i = 0; !finished_; ++i) {
-    if (socket_eof_ || peer_closed_ || !to_channel_.empty()) return;
+  // Nobody is left to read after the peer's close: hold the bytes; the splice ends once the
+  // socket got what the peer sent before (Service).
+  while (done < len && !peer_closed_) {
     uint32_t window = ChannelWindow();
-    if (window == 0) return;  // resumed by the service step after the window-adjust arrives
-    if (i == kReadsPerStep) {
-      in_->Yield();  // maybe more: on a later loop turn, after the other channels
-      return;
+    if (window == 0) break;  // the service step calls the pump back once it reopens
+    uint32_t want = static_cast<uint32_t>(std::min<size_t>(len - done, window));
+    int n = ssh_channel_write(channel_, data + done, want);  // may run callbacks
+    if (n < 0) {
+      if (peer_closed_) break;
+      return IoResult::Error(SshError(ssh_channel_get_session(channel_), "writing to the channel"));
     }
-    SocketIo r = SocketRead(in_.get(), g_from_socket, std::min<size_t>(window, kChunk));
-    if (r.blocked) return;
-    if (r.err != 0) {
-      Finish(PosixError("reading from the socket", r.err));
-      return;
-    }
-    if (r.eof) {
-      socket_eof_ = true;
-      return;
-    }
-    size_t taken = WriteChannel(g_from_socket, r.n);  // may run callbacks, for this channel too
-    if (taken < r.n) to_channel_.assign(g_from_socket + taken, r.n - taken);
+    if (n == 0) break;  // a key exchange in progress: retry later
+    done += static_cast<size_t>(n);
   }
+  if (done > 0) return IoResult::Bytes(done);
+  window_blocked_ = true;
+  return IoResult::Again();
 }
 
-void ChannelSplice::ShutSocket() {
-  if (out_) {
-    out_.reset();  // a pipe (stdout): closing it is its EOF
-  } else {
-    ::shutdown(in_.fd(), SHUT_WR);
+IoResult ChannelSplice::SendChannelEof() {
+  if (!peer_closed_) {
+    if (ssh_channel_send_eof(channel_) == SSH_ERROR && !peer_closed_) {
+      return IoResult::Error(
+          SshError(ssh_channel_get_session(channel_), "sending EOF on the channel"));
+    }
+    eof_sent_ = true;
   }
-  socket_shut_ = true;
+  return IoResult::Eof();
 }
 
 // ---- joining them ----
 
-void ChannelSplice::DrainRetained() {
-  // Only what libssh already holds: a read on an empty channel buffer would process packets.
-  while (retained_ > 0 && !finished_ && pending_to_socket() < kToSocketCap / 2) {
-    size_t want = std::min({retained_, kChunk, kToSocketCap - pending_to_socket()});
-    int n = ReadChannel(g_chunk, want);
-    if (n <= 0) {
-      retained_ = 0;  // nothing there after all (EOF, or consumed by a callback meanwhile)
-      if (n == SSH_ERROR && !peer_closed_) {
-        Finish(SshError(ssh_channel_get_session(channel_), "reading from the channel"));
-      }
-      return;
-    }
-    retained_ = retained_ > static_cast<size_t>(n) ? retained_ - n : 0;
-    to_socket_.append(g_chunk, n);
-    to_socket_bytes_ += n;
-    Touch();
-    if (!FlushToSocket()) return;
-  }
-}
-
-void ChannelSplice::PushPending() {
-  if (to_channel_.empty()) return;
-  to_channel_.erase(0, WriteChannel(to_channel_.data(), to_channel_.size()));
-}
-
 void ChannelSplice::Service() {
-  if (finished_ || !in_) return;
-  if (!FlushToSocket()) return;
-  DrainRetained();
-  if (finished_) return;
-  PushPending();
-  if (finished_) return;
-  ReadSocket();
-  if (finished_) return;
-  // The peer's EOF reaches the socket once everything before it was written.
-  if (peer_eof_ && !socket_shut_ && retained_ == 0 && pending_to_socket() == 0) ShutSocket();
-  // The socket's EOF reaches the peer once libssh took everything before it.
-  if (socket_eof_ && to_channel_.empty() && !eof_sent_ && !peer_closed_ && !SendChannelEof()) {
-    return;
+  if (finished_ || !relay_) return;
+  // libssh 0.10 has no window-adjust callback: a window that reopened shows only here.
+  if (window_blocked_ && !peer_closed_ && ChannelWindow() > 0) {
+    window_blocked_ = false;
+    wake_ = true;
   }
-  bool up_done = socket_shut_;
-  bool down_done = eof_sent_ || peer_closed_;
-  if (up_done && down_done) Finish(Status::OK());
+  if (wake_) {
+    wake_ = false;
+    loop::IoWatch::Callback pump = pump_;
+    pump(nullptr);  // outside libssh: the pump may call it
+    if (finished_) return;
+  }
+  // The peer closed the channel and everything it sent reached the socket: nothing more can
+  // move (what the socket still sends has no reader).
+  if (peer_closed_ && socket_shut_) Finish(Status::OK());
 }
 
 void ChannelSplice::Fail(Status status) { Finish(std::move(status)); }
+
+void ChannelSplice::OnRelayDone(Status status) {
+  if (finished_) return;
+  finished_ = true;
+  status_ = std::move(status);
+  socket_ = nullptr;  // gone with the relay's transports
+}
 
 void ChannelSplice::Finish(Status status) {
   if (finished_) return;
   finished_ = true;
   status_ = std::move(status);
-  // The sockets stay open (and registered) until the splice is destroyed, but quiet.
-  if (in_) in_->SetCallback(nullptr);
-  if (out_) out_->SetCallback(nullptr);
+  socket_ = nullptr;
+  if (relay_) relay_->Stop();  // closes the socket(s); the counters stay
 }
 
 }  // namespace brokerproxy::proxy

@@ -24,20 +24,20 @@
 // in the owner's service step, which is reached only from a loop callback (never from inside
 // libssh). Channels are freed by the owner's reap step after their callbacks were removed.
 //
-// Backpressure (ChannelSplice), both ways, bounded whatever the peers do:
-//   - channel -> socket: the data callback writes what the socket takes and keeps at most
-//     kToSocketCap bytes; past that it consumes nothing, so libssh retains the rest in the
-//     channel buffer and stops regrowing the window (the peer stops sending). Retained bytes
-//     are offered again only when new data arrives, so once our buffer drains the service step
-//     pulls them with ssh_channel_read_nonblocking().
-//   - socket -> channel: the socket is read only while the peer's window is open
-//     (ssh_channel_window_size > 0; libssh 0.10 has no window-adjust callback, so this is
-//     re-checked in every service step, which runs after every packet batch) and nothing is
-//     pending; at most one window's worth (the peer's, 2 MiB for OpenSSH) sits in libssh's
-//     output buffer. A write that libssh accepts only in part (window, or 0 bytes during a
-//     rekey) keeps the rest in a small pending buffer and stops reading until it is accepted.
-//     Under edge triggering a socket left unread stays "readable" (IoWatch::readable()), so the
-//     service step resumes reading it without a new edge once the window reopens.
+// Channels are transports of the one pump (relay.h): ChannelSplice runs a Relay between an
+// SshChannelTransport and the socket's SocketTransport, so the watermark (one chunk per
+// direction), half-close, counters and last-activity are the pump's. What the channel adds:
+//   - channel -> socket: the data callback consumes nothing; it records how many bytes libssh
+//     holds for us and asks the pump to come back (Yield). The pump pulls them with
+//     ssh_channel_read_nonblocking() only when it has room, so past the one chunk in flight
+//     libssh retains the rest in the channel buffer and stops regrowing the window (the peer
+//     stops sending). readable() says bytes are retained, since no socket edge announces them.
+//   - socket -> channel: Write() hands bytes to libssh only while the peer's window is open
+//     (ssh_channel_window_size > 0); a write libssh accepts only in part (window, or 0 bytes
+//     during a rekey) is a short count or kAgain, and the pump keeps the rest. libssh 0.10 has
+//     no window-adjust callback, so the owner's service step (after every packet batch)
+//     re-checks the window and calls the pump back once it reopened. At most one window's worth
+//     (the peer's, 2 MiB for OpenSSH) sits in libssh's output buffer.
 //
 // Loop-thread only.
 
@@ -56,6 +56,8 @@
 #include "loop/reactor.h"
 #include "loop/status.h"
 #include "proxy/ssh/ssh_common.h"
+#include "proxy/transport/relay.h"
+#include "proxy/transport/transport.h"
 
 namespace brokerproxy::proxy {
 
@@ -113,6 +115,34 @@ class SshTransport {
   bool disconnect_on_close_ = false;
 };
 
+class ChannelSplice;
+
+// An SSH channel as a transport of the pump (transport.h): Read/Write are
+// ssh_channel_read/write_nonblocking, ShutdownWrite is SSH_MSG_CHANNEL_EOF, and readiness is
+// the channel's state as the libssh callbacks and the owner's service step recorded it (see
+// ChannelSplice). Yield() yields the socket's watch: the pump's callback is the same for both
+// of its transports. Its calls run libssh, so the pump must call them only outside libssh
+// (from the reactor, a yield, or the owner's service step). Owned by the splice's Relay; the
+// channel and its callbacks stay the splice's.
+class SshChannelTransport : public Transport {
+ public:
+  SshChannelTransport(ChannelSplice* splice, loop::Loop* loop) : splice_(splice), loop_(loop) {}
+
+  IoResult Read(char* buf, size_t cap) override;
+  IoResult Write(const char* data, size_t len) override;
+  bool readable() const override;
+  bool writable() const override;
+  IoResult ShutdownWrite(bool last) override;
+  void SetCallback(const loop::IoWatch::Callback& cb) override;
+  void Yield() override;
+  loop::Loop& loop() const override { return *loop_; }
+  bool stream() const override { return false; }
+
+ private:
+  ChannelSplice* splice_;
+  loop::Loop* loop_;
+};
+
 // One open SSH channel spliced to one stream socket (the job's backend on the server, a local
 // connection on the client), both directions, with half-close: the peer's EOF becomes
 // shutdown(SHUT_WR) of the socket once everything was written, and the socket's EOF becomes
@@ -123,18 +153,20 @@ class SshTransport {
 // Until Attach(), channel data stays in libssh (bounded by the window we advertise) and can be
 // read with ReadRaw() (the client reads the proxy's "OK" line that way).
 //
-// Shape: an SSH channel side (ReadChannel, WriteChannel, SendChannelEof, ChannelWindow and the
-// libssh callbacks) and a socket side on the reactor (ReadSocket/FlushToSocket over the
-// edge-triggered helpers in ssh_splice.cc), joined by Service().
+// Shape: the channel side (ReadChannel, WriteChannel, SendChannelEof, ChannelWindow and the
+// libssh callbacks, used by SshChannelTransport) and the socket's SocketTransport, joined by a
+// Relay (relay.h) from Attach() on. Service() turns what the owner's service step learned (data
+// retained, EOF, a window reopened, the peer's close) into calls of the pump.
 //
 // Ownership: owns the channel (freed, after its callbacks were removed, by the destructor) and
-// the socket's IoHandle(s). The owner must destroy it only outside libssh calls (its reap
-// step), and before the session. Loop-thread only.
+// the Relay (and through it the socket's IoHandle(s)). The owner must destroy it only outside
+// libssh calls (its reap step), and before the session. Loop-thread only.
 class ChannelSplice {
  public:
-  // `kick` is the owner's entry point for socket events: it runs after this splice handled an
-  // event on its socket, as the last thing, and may destroy the splice.
-  ChannelSplice(ssh_channel channel, std::function<void()> kick);
+  // `kick` is the owner's entry point for socket events: it runs after the pump handled an
+  // event on the socket, as the last thing, and may destroy the splice. `pool`: buffers for
+  // the pump (null: one of its own).
+  ChannelSplice(ssh_channel channel, std::function<void()> kick, PipePool* pool = nullptr);
   ~ChannelSplice();
   ChannelSplice(const ChannelSplice&) = delete;
   ChannelSplice& operator=(const ChannelSplice&) = delete;
@@ -148,7 +180,7 @@ class ChannelSplice {
   // from the channel, and `to_channel` before anything else from the socket.
   void Attach(loop::IoHandle socket, loop::IoHandle out, std::string to_socket,
               std::string to_channel);
-  bool attached() const { return static_cast<bool>(in_); }
+  bool attached() const { return static_cast<bool>(relay_); }
 
   // Before Attach: reads up to `max` bytes the peer sent. Empty when nothing is there yet.
   Result<std::string> ReadRaw(size_t max);
@@ -156,8 +188,7 @@ class ChannelSplice {
   Result<size_t> WriteRaw(std::string_view data);
 
   // Moves what can move now. Call from the owner's service step, after every packet batch (the
-  // peer's window may have reopened). A socket read cut short by the per-step bound yields its
-  // watch, so the owner is called again on a later loop turn.
+  // peer's window may have reopened, data may be retained), never from inside libssh.
   void Service();
 
   // Ends the splice now with `status` (e.g. the backend could not be reached).
@@ -171,71 +202,50 @@ class ChannelSplice {
   bool peer_eof() const { return peer_eof_; }
   bool peer_closed() const { return peer_closed_; }
   // Bytes moved so far: from the channel to the socket, and from the socket to the channel.
-  uint64_t to_socket_bytes() const { return to_socket_bytes_; }
-  uint64_t to_channel_bytes() const { return to_channel_bytes_; }
-  uint64_t last_activity_ms() const { return last_activity_ms_; }
-
-  // Bytes a splice holds towards its socket before it leaves data in libssh.
-  static constexpr size_t kToSocketCap = 256 * 1024;
+  uint64_t to_socket_bytes() const { return relay_ ? relay_->counters().b_to_a : 0; }
+  uint64_t to_channel_bytes() const { return relay_ ? relay_->counters().a_to_b : 0; }
+  uint64_t last_activity_ms() const { return relay_ ? relay_->last_activity_ms() : 0; }
 
  private:
+  friend class SshChannelTransport;
+  class SocketSide;
+
   static int OnData(ssh_session session, ssh_channel channel, void* data, uint32_t len,
                     int is_stderr, void* userdata) noexcept;
   static void OnEof(ssh_session session, ssh_channel channel, void* userdata) noexcept;
   static void OnClose(ssh_session session, ssh_channel channel, void* userdata) noexcept;
 
-  // ---- the channel side ----
+  // ---- the channel side (SshChannelTransport's calls) ----
   // Bytes the peer may still be sent now (its window).
   uint32_t ChannelWindow() const;
-  // Up to `max` bytes libssh holds for us, into `buf`: > 0 bytes, 0 nothing, < 0 an error.
-  int ReadChannel(char* buf, size_t max);
-  // Hands `len` bytes to libssh; returns how many it took (all, when nobody is left to read
-  // them or the splice failed). May run libssh callbacks, for this channel too.
-  size_t WriteChannel(const char* data, size_t len);
-  // SSH_MSG_CHANNEL_EOF. False (and finished) on an error.
-  bool SendChannelEof();
+  IoResult ReadChannel(char* buf, size_t cap);
+  IoResult WriteChannel(const char* data, size_t len);
+  IoResult SendChannelEof();
+  // Asks the pump to come back on a later loop turn (safe inside a libssh callback).
+  void YieldPump();
 
-  // ---- the socket side ----
-  // Any edge on a socket: the owner's service step does the work.
-  void OnSocketEvent(loop::IoWatch* watch);
-  loop::IoWatch* out_watch() const { return out_ ? out_.get() : in_.get(); }
-  // Socket -> channel, while the window allows, at most kReadsPerStep reads (then it yields).
-  void ReadSocket();
-  // Our buffer -> socket. False on a socket error (then finished).
-  bool FlushToSocket();
-  // The peer's EOF -> the socket (SHUT_WR, or closing a separate `out`).
-  void ShutSocket();
-
-  // libssh's retained bytes -> our buffer/socket.
-  void DrainRetained();
-  // to_channel_ -> libssh.
-  void PushPending();
+  // The relay's end: records it (the owner reaps the splice).
+  void OnRelayDone(Status status);
   void Finish(Status status);
-  void Touch();
-  size_t pending_to_socket() const { return to_socket_.size() - to_socket_off_; }
 
   ssh_channel channel_;
   std::function<void()> kick_;
   ssh_channel_callbacks_struct callbacks_{};
-  loop::IoHandle in_;   // read side (and write side when out_ is empty)
-  loop::IoHandle out_;  // separate write side, or empty
-  loop::Loop* loop_ = nullptr;
+  PipePool* pool_;
+  std::unique_ptr<PipePool> own_pool_;
+  std::unique_ptr<Relay> relay_;
+  Transport* socket_ = nullptr;   // the relay's socket side, while the relay runs
+  loop::IoWatch::Callback pump_;  // the relay's callback, for Service()
 
-  std::string to_socket_;     // from the channel, not yet written to the socket
-  size_t to_socket_off_ = 0;  // written part of to_socket_
-  size_t retained_ = 0;       // bytes libssh holds for us (offered, not consumed)
-  std::string to_channel_;    // read from the socket, not yet accepted by libssh
-
-  bool peer_eof_ = false;     // the peer sent EOF (or closed)
-  bool peer_closed_ = false;  // the peer closed the channel: nothing more can be sent to it
-  bool socket_shut_ = false;  // we shut down writing on the socket (peer's EOF passed on)
-  bool socket_eof_ = false;   // the socket reached EOF
-  bool eof_sent_ = false;     // we sent EOF on the channel (socket's EOF passed on)
+  size_t retained_ = 0;          // bytes libssh holds for us (offered, not consumed)
+  bool window_blocked_ = false;  // a write found the window closed (or libssh took nothing)
+  bool wake_ = false;            // the channel's state changed: Service() runs the pump
+  bool peer_eof_ = false;        // the peer sent EOF (or closed)
+  bool peer_closed_ = false;     // the peer closed the channel: nothing more can be sent to it
+  bool socket_shut_ = false;     // the peer's EOF was passed on to the socket
+  bool eof_sent_ = false;        // we sent EOF on the channel (socket's EOF passed on)
   bool finished_ = false;
   Status status_;
-  uint64_t to_socket_bytes_ = 0;
-  uint64_t to_channel_bytes_ = 0;
-  uint64_t last_activity_ms_ = 0;
 };
 
 }  // namespace brokerproxy::proxy

@@ -3,9 +3,9 @@
 // Every byte brokerproxy moves itself goes through Relay: two directions, each reading from
 // one transport into a buffer (or a kernel pipe) and writing it to the other. A transport hides
 // what an endpoint is: a plain socket or a stdio pair (SocketTransport, here), a TLS stream
-// (TlsTransport, tls_relay.h), and later an SSH channel. The pump alone owns the rules every
-// endpoint shares: one buffer in flight per direction (the watermark), half-close, per-direction
-// counters and last-activity time.
+// (TlsTransport, tls_relay.h), and an SSH channel (SshChannelTransport, ssh_splice.h). The pump
+// alone owns the rules every endpoint shares: one buffer in flight per direction (the watermark),
+// half-close, per-direction counters and last-activity time.
 //
 // EdgeSocket wraps the edge-triggered rules of the Reactor (loop/reactor.h) once: its calls
 // clear the IoWatch's readable/writable flag when the kernel says EAGAIN, and report EOF,
@@ -100,8 +100,10 @@ struct IoResult {
 //     splice(2) between each other; null for anything that transforms bytes (TLS, SSH).
 //   - SetCallback() routes every readiness event of the transport's fds to the pump; Yield()
 //     asks for a callback on a later loop turn without a new edge.
-// An SSH channel fits as a transport whose Read/Write are ssh_channel_read/write_nonblocking,
-// whose readiness comes from the session socket's IoWatch, and which has no splice_socket().
+// An SSH channel (SshChannelTransport, ssh_splice.h) is a transport whose Read/Write are
+// ssh_channel_read/write_nonblocking, whose readiness is what libssh's callbacks and the
+// session's service step recorded (bytes retained, EOF, the peer's window), whose Yield() yields
+// the socket on the pump's other side, and which has no splice_socket().
 class Transport {
  public:
   virtual ~Transport() = default;
