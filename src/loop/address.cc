@@ -304,12 +304,16 @@ bool IsLoopback(const sockaddr_storage& addr) {
   return false;
 }
 
-std::optional<uid_t> LoopbackPeerUid(int fd) {
+std::optional<uid_t> LoopbackPeerUid(int fd, const sockaddr_storage* peer) {
   sockaddr_storage local{}, remote{};
   socklen_t llen = sizeof(local), rlen = sizeof(remote);
-  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &llen) != 0 ||
-      getpeername(fd, reinterpret_cast<sockaddr*>(&remote), &rlen) != 0 ||
-      local.ss_family != remote.ss_family || !IsLoopback(remote)) {
+  if (peer != nullptr) {
+    remote = *peer;
+  } else if (getpeername(fd, reinterpret_cast<sockaddr*>(&remote), &rlen) != 0) {
+    return std::nullopt;
+  }
+  if (!IsLoopback(remote) || getsockname(fd, reinterpret_cast<sockaddr*>(&local), &llen) != 0 ||
+      local.ss_family != remote.ss_family) {
     return std::nullopt;
   }
   // The socket asked about is the client's: its own end is our peer.

@@ -59,8 +59,9 @@ bool IsLoopback(const sockaddr_storage& addr);
 // The uid that owns the other end of `fd`, an accepted TCP socket whose peer is on this host
 // (a loopback address): the kernel's socket table (sock_diag) knows it, so local clients, who
 // all share 127.0.0.1, can still be told apart. nullopt if the peer is not local, is gone, or
-// the lookup fails. One netlink round trip, answered by the kernel at once.
-std::optional<uid_t> LoopbackPeerUid(int fd);
+// the lookup fails. One netlink round trip, answered by the kernel at once. `peer` is the peer's
+// address, if known (as accept() returns it; saves a getpeername()).
+std::optional<uid_t> LoopbackPeerUid(int fd, const sockaddr_storage* peer = nullptr);
 
 // True if the connected TCP socket `fd` is connected to itself: a connect() to a local port
 // that nothing listens on can, when that port lies in the ephemeral range, be given the same

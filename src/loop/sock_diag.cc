@@ -68,26 +68,53 @@ struct Entry {
   bool v6only = false;
 };
 
+// A netlink socket kept open by each thread that asks (the daemon asks at every connection
+// from a local address, so opening and releasing a socket per query would cost three system
+// calls and the kernel's binding of a fresh netlink port each time). Every query carries its own
+// sequence number, so that anything left of an earlier one (a dump cut short, an answer that
+// came after its timeout) is skipped; a failed query closes the socket, and the next one opens
+// a fresh one.
 class DiagSocket {
  public:
-  ~DiagSocket() {
-    if (fd_ >= 0) ::close(fd_);
+  ~DiagSocket() { Close(); }
+
+  static DiagSocket& ForThisThread() {
+    thread_local DiagSocket socket;
+    return socket;
   }
 
   Status Open() {
+    if (fd_ >= 0) return Status::OK();
     fd_ = ::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     if (fd_ < 0) return PosixError("sock_diag: socket", errno);
     timeval tv{kReceiveTimeoutMs / 1000, (kReceiveTimeoutMs % 1000) * 1000};
     if (::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0) {
-      return PosixError("sock_diag: SO_RCVTIMEO", errno);
+      Status s = PosixError("sock_diag: SO_RCVTIMEO", errno);
+      Close();
+      return s;
     }
     return Status::OK();
   }
 
   // Sends `req` (with an optional bytecode attribute) and hands every answered socket to
-  // `each`. A dump ends with NLMSG_DONE; a single lookup with its one answer.
+  // `each`. A dump ends with NLMSG_DONE; a single lookup with its one answer. Any failure but
+  // NotFound closes the socket (what is left of the answer must not meet the next query).
   Status Query(const inet_diag_req_v2& req, bool dump, const void* bytecode, size_t bc_len,
                const std::function<void(const Entry&)>& each) {
+    BP_RETURN_IF_ERROR(Open());
+    Status s = Exchange(req, dump, bytecode, bc_len, each);
+    if (!s.ok() && s.code() != Status::Code::kNotFound) Close();
+    return s;
+  }
+
+ private:
+  void Close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  Status Exchange(const inet_diag_req_v2& req, bool dump, const void* bytecode, size_t bc_len,
+                  const std::function<void(const Entry&)>& each) {
     struct {
       nlmsghdr nlh;
       inet_diag_req_v2 req;
@@ -106,7 +133,9 @@ class DiagSocket {
     msg.nlh.nlmsg_len = static_cast<uint32_t>(len);
     msg.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
     msg.nlh.nlmsg_flags = NLM_F_REQUEST | (dump ? NLM_F_DUMP : 0);
-    msg.nlh.nlmsg_seq = 1;
+    uint32_t seq = ++seq_;
+    if (seq == 0) seq = ++seq_;  // 0 never names a query of ours
+    msg.nlh.nlmsg_seq = seq;
     sockaddr_nl kernel{};
     kernel.nl_family = AF_NETLINK;
     if (::sendto(fd_, &msg, len, 0, reinterpret_cast<const sockaddr*>(&kernel), sizeof(kernel)) <
@@ -128,7 +157,7 @@ class DiagSocket {
       int remaining = static_cast<int>(n);
       for (auto* h = reinterpret_cast<nlmsghdr*>(buf); NLMSG_OK(h, remaining);
            h = NLMSG_NEXT(h, remaining)) {
-        if (h->nlmsg_seq != 1) continue;  // not ours
+        if (h->nlmsg_seq != seq) continue;  // left of an earlier query
         if (h->nlmsg_type == NLMSG_DONE) return Status::OK();
         if (h->nlmsg_type == NLMSG_ERROR) {
           if (h->nlmsg_len < NLMSG_LENGTH(sizeof(nlmsgerr))) {
@@ -166,6 +195,7 @@ class DiagSocket {
 
  private:
   int fd_ = -1;
+  uint32_t seq_ = 0;
 };
 
 bool IsZero(const unsigned char* a, size_t n) {
@@ -234,8 +264,7 @@ Result<uid_t> TcpListenerOwner(const sockaddr* local) {
   // An IPv4 address may be served by IPv6 sockets too (wildcard or IPv4-mapped).
   for (int family : {AF_INET, AF_INET6}) {
     if (target->family == AF_INET6 && family == AF_INET) continue;
-    DiagSocket s;
-    BP_RETURN_IF_ERROR(s.Open());
+    DiagSocket& s = DiagSocket::ForThisThread();
     inet_diag_req_v2 req{};
     req.sdiag_family = static_cast<uint8_t>(family);
     req.sdiag_protocol = IPPROTO_TCP;
@@ -266,8 +295,7 @@ Result<uid_t> TcpPeerOwner(const sockaddr* local, const sockaddr* remote) {
   std::memcpy(req.id.idiag_dst, r->addr, 16);
   req.id.idiag_cookie[0] = INET_DIAG_NOCOOKIE;
   req.id.idiag_cookie[1] = INET_DIAG_NOCOOKIE;
-  DiagSocket s;
-  BP_RETURN_IF_ERROR(s.Open());
+  DiagSocket& s = DiagSocket::ForThisThread();
   std::optional<uid_t> owner;
   Status st = s.Query(req, /*dump=*/false, nullptr, 0, [&](const Entry& e) {
     // The lookup falls back to a listener when no connection matches; only an exact match
@@ -281,5 +309,7 @@ Result<uid_t> TcpPeerOwner(const sockaddr* local, const sockaddr* remote) {
   if (!owner) return Status::NotFound("no such socket: " + what);
   return *owner;
 }
+
+Status OpenSockDiag() { return DiagSocket::ForThisThread().Open(); }
 
 }  // namespace brokerproxy::loop

@@ -8,8 +8,9 @@
 //   - TcpPeerOwner: whose socket is at the other end of a loopback connection that was accepted
 //     (before a per-user listener serves it).
 //
-// Each call opens its own netlink socket, sends one request and reads the answer with a receive
-// timeout, so it blocks for at most about a second even if the kernel never answered; in
+// Each call sends one request on its thread's netlink socket (opened on the thread's first query
+// and kept: a daemon asks at every connection from a local address) and reads the answer with a
+// receive timeout, so it blocks for at most about a second even if the kernel never answered; in
 // practice the kernel answers within the send. The listener query asks only for listening
 // sockets on the one port (an inet_diag bytecode filter), not for every socket of the host.
 // Unprivileged callers may use both.
@@ -17,8 +18,8 @@
 // The answer describes the moment of the query: a socket may close and another take its place
 // right after. Callers that act on it shortly afterwards accept that window.
 //
-// Thread-safe (no shared state); blocking, so on an event loop only where a short syscall is
-// acceptable.
+// Thread-safe (a socket per thread, nothing else shared); blocking, so on an event loop only where
+// a short syscall is acceptable.
 
 #ifndef BROKERPROXY_LOOP_SOCK_DIAG_H_
 #define BROKERPROXY_LOOP_SOCK_DIAG_H_
@@ -47,6 +48,10 @@ Result<uid_t> TcpListenerOwner(const sockaddr* local);
 // `remote`. One exact lookup by the 4-tuple. Errors: NotFound if no such socket exists here
 // (e.g. the peer is on another host, or already closed); otherwise as TcpListenerOwner.
 Result<uid_t> TcpPeerOwner(const sockaddr* local, const sockaddr* remote);
+
+// Opens the calling thread's netlink socket now, if it is not open yet: a daemon calls it at
+// start, so that the descriptor is taken then, not by whichever connection asks first.
+Status OpenSockDiag();
 
 }  // namespace brokerproxy::loop
 

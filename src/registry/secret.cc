@@ -13,6 +13,16 @@ constexpr char kHexDigits[] = "0123456789abcdef";
 
 bool IsLowerHex(char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); }
 
+// SHA-256, fetched from the provider once: EVP_sha256() in EVP_Digest() would look it up (a
+// locked table) at every call, and a handshake makes two.
+const EVP_MD* Sha256() {
+  static const EVP_MD* md = [] {
+    const EVP_MD* fetched = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+    return fetched != nullptr ? fetched : EVP_sha256();
+  }();
+  return md;
+}
+
 }  // namespace
 
 Result<std::string> GenerateSecret(int bits) {
@@ -44,8 +54,8 @@ bool SecretMatches(std::string_view expected, std::string_view given) {
   unsigned int want_len = 0;
   unsigned int got_len = 0;
   bool hashed =
-      EVP_Digest(expected.data(), expected.size(), want, &want_len, EVP_sha256(), nullptr) == 1;
-  hashed &= EVP_Digest(given.data(), given.size(), got, &got_len, EVP_sha256(), nullptr) == 1;
+      EVP_Digest(expected.data(), expected.size(), want, &want_len, Sha256(), nullptr) == 1;
+  hashed &= EVP_Digest(given.data(), given.size(), got, &got_len, Sha256(), nullptr) == 1;
   // Fail closed: a hashing failure never authenticates.
   return hashed && want_len == got_len && CRYPTO_memcmp(want, got, want_len) == 0;
 }

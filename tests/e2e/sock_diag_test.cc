@@ -9,7 +9,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <dirent.h>
+
+#include <fstream>
 #include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
 
 #include "e2e/harness.h"
 #include "loop/work.h"
@@ -177,6 +184,69 @@ TEST_F(SockDiagTest, PeerOwnerOfAnUnknownTupleIsNotFound) {
   auto owner = loop::TcpPeerOwner(reinterpret_cast<const sockaddr*>(&*local),
                                   reinterpret_cast<const sockaddr*>(&*remote));
   EXPECT_EQ(owner.status().code(), Status::Code::kNotFound) << owner.status().ToString();
+}
+
+// The inodes of this process's NETLINK_SOCK_DIAG sockets (/proc/net/netlink, protocol 4, among
+// the inodes of /proc/self/fd).
+std::set<std::string> SockDiagSockets() {
+  std::set<std::string> mine;
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (dirent* e = ::readdir(d)) {
+      char target[64] = {};
+      std::string path = std::string("/proc/self/fd/") + e->d_name;
+      ssize_t n = ::readlink(path.c_str(), target, sizeof(target) - 1);
+      std::string t(target, n > 0 ? static_cast<size_t>(n) : 0);
+      if (t.rfind("socket:[", 0) == 0) mine.insert(t.substr(8, t.size() - 9));
+    }
+    ::closedir(d);
+  }
+  std::set<std::string> out;
+  std::ifstream table("/proc/self/net/netlink");
+  std::string line;
+  std::getline(table, line);  // the header
+  while (std::getline(table, line)) {
+    // sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+    std::istringstream in(line);
+    std::string sk, eth, field, inode;
+    in >> sk >> eth;
+    for (int i = 0; i < 7; ++i) in >> field;
+    in >> inode;
+    if (eth == "4" && mine.count(inode)) out.insert(inode);
+  }
+  return out;
+}
+
+// A daemon asks at every connection: one socket per thread serves all its queries, and answers
+// never cross between them (each query carries its own sequence number).
+TEST_F(SockDiagTest, OneSocketPerThreadServesEveryQuery) {
+  Fd l(ListenAs(alice_, "127.0.0.1", 0));
+  ASSERT_GE(l.fd, 0);
+  int port = BoundPort(l.fd);
+  const std::set<std::string> before = SockDiagSockets();  // other threads' (this one's)
+  auto thread_sockets = [&before] {
+    std::set<std::string> out;
+    for (const std::string& inode : SockDiagSockets()) {
+      if (!before.count(inode)) out.insert(inode);
+    }
+    return out;
+  };
+  std::set<std::string> first;
+  std::thread([&] {
+    Status error;
+    for (int i = 0; i < 20; ++i) {
+      auto listener = ListenerOwnerOf("127.0.0.1", port);
+      ASSERT_TRUE(listener.ok()) << listener.status().ToString();
+      EXPECT_EQ(*listener, alice_);
+      EXPECT_EQ(PeerOwnerVia(bob_, "127.0.0.1", &error), bob_) << error.ToString();
+      PortReservation idle;
+      EXPECT_EQ(ListenerOwnerOf("127.0.0.1", idle.port()).status().code(), Status::Code::kNotFound);
+      std::set<std::string> now = thread_sockets();
+      if (i == 0) first = now;
+      EXPECT_EQ(now, first) << "query " << i << " used another socket";
+    }
+  }).join();
+  EXPECT_EQ(first.size(), 1u) << "the thread's socket was not kept open";
+  EXPECT_TRUE(thread_sockets().empty()) << "the thread's socket outlived it";
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <ctime>
 
 #include "loop/log.h"
+#include "loop/sock_diag.h"
 #include "loop/stream.h"
 #include "loop/work.h"
 #include "proxy/server/session.h"
@@ -71,6 +72,9 @@ Status Proxy::Start() {
   if (!st.ok()) return st.status();
   sweep_timer_ = std::move(st).value();
   sweep_timer_->Start(options_.sweep_interval_ms, options_.sweep_interval_ms, [this] { Sweep(); });
+  // Local clients are told apart by sock_diag at every connection (SourceKey); its socket is
+  // taken now. Without it they all share one source, which is not a reason not to serve.
+  if (Status s = loop::OpenSockDiag(); !s.ok()) LOG_WARN("proxy: %s", s.ToString().c_str());
   for (const HostPort& addr : options_.listen) {
     auto l = Listener::Create(
         reactor_.get(), addr, options_.keepalive_s,
@@ -156,7 +160,7 @@ std::string Proxy::SourceKey(int fd, const sockaddr_storage& peer) const {
   if (!IsLoopback(peer)) return "addr:" + HostOf(peer);
   // Every `ssh -L` user arrives from 127.0.0.1: the owner of the client socket tells them
   // apart, so that one local user's failures or handshakes never count against another's.
-  std::optional<uid_t> uid = LoopbackPeerUid(fd);
+  std::optional<uid_t> uid = LoopbackPeerUid(fd, &peer);
   return uid ? "uid:" + std::to_string(*uid) : std::string();
 }
 
