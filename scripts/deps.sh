@@ -6,7 +6,7 @@
 # and its libFuzzer and sanitizer runtimes (scripts/fuzz.sh only; the tests do not need clang).
 set -euo pipefail
 build=(build-essential cmake ninja-build pkg-config libuv1-dev libssh-dev libssl-dev
-       libcjson-dev libcli11-dev libbenchmark-dev libgtest-dev socat procps)
+       libcjson-dev libcli11-dev libsystemd-dev libbenchmark-dev libgtest-dev socat procps)
 test=(openssh-server openssh-client haproxy chromium libnss3-tools curl ca-certificates
       openssl iproute2 iptables strace slurmctld slurmd slurm-client munge
       jupyter-notebook python3-websocket sshpass)

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cli/daemon_tls.h"
+#include "cli/service.h"
 #include "loop/handle.h"
 #include "loop/log.h"
 #include "loop/loop.h"
@@ -372,6 +373,15 @@ class Daemon {
     LOG_INFO("brokerproxy started: %zu job(s) loaded from %s; control socket %s; proxy port %s",
              registry_->size(), snapshot.c_str(), config_.control_socket.c_str(),
              addresses.c_str());
+    // Every listener is bound and listening: a connection made from now on is accepted.
+    auto service = ServiceNotifier::Create(loop_.get(), [this] {
+      size_t sessions = proxy_ ? proxy_->stats().global().active : 0;
+      return std::to_string(sessions) + " session(s), " + std::to_string(registry_->size()) +
+             " job(s)";
+    });
+    if (!service.ok()) return service.status();
+    service_ = std::move(service).value();
+    service_->Ready();
     return Status::OK();
   }
 
@@ -379,6 +389,7 @@ class Daemon {
 
   // Releases everything in dependency order, then closes the loop.
   Status Finish() {
+    service_.reset();
     renew_timer_.reset();
     renewal_ = loop::Pending();
     broker_.reset();
@@ -477,6 +488,7 @@ class Daemon {
     if (stopping_) return;
     stopping_ = true;
     LOG_INFO("received signal %d; shutting down", signum);
+    if (service_) service_->Stopping();
     control_->Close();
     renew_timer_.reset();
     if (proxy_) proxy_->Stop();
@@ -530,6 +542,7 @@ class Daemon {
   std::shared_ptr<proxy::TlsSettings> tls_settings_;
   loop::HandlePtr<loop::Timer> renew_timer_;
   loop::Pending renewal_;
+  std::unique_ptr<ServiceNotifier> service_;
   bool stopping_ = false;
 };
 

@@ -1,0 +1,111 @@
+// The daemon under a service manager (systemd, Type=notify): what it sends on $NOTIFY_SOCKET,
+// received here on a datagram socket of the test's own, as systemd would.
+
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include "e2e/harness.h"
+
+namespace brokerproxy::testing {
+namespace {
+
+// A datagram socket standing for the manager's notification socket.
+class NotifySocket {
+ public:
+  explicit NotifySocket(const std::string& path) : path_(path) {
+    fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    path.copy(a.sun_path, sizeof(a.sun_path) - 1);
+    ok_ = fd_ >= 0 && ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  }
+  ~NotifySocket() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  bool ok() const { return ok_; }
+  // The next message, or nullopt after `timeout_ms`.
+  std::optional<std::string> Next(int timeout_ms = 10000) {
+    pollfd p{fd_, POLLIN, 0};
+    if (::poll(&p, 1, timeout_ms) != 1) return std::nullopt;
+    char buf[4096];
+    ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+    if (n < 0) return std::nullopt;
+    return std::string(buf, static_cast<size_t>(n));
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  bool ok_ = false;
+};
+
+bool Has(const std::string& message, const std::string& line) {
+  return ("\n" + message + "\n").find("\n" + line + "\n") != std::string::npos;
+}
+
+TEST(ServiceTest, ReadyOnlyOnceEveryListenerAcceptsThenWatchdogAndStopping) {
+  TempDir dir;
+  NotifySocket notify(dir / "notify");
+  ASSERT_TRUE(notify.ok());
+  Daemon daemon(dir);
+  daemon.set_launcher({"env", "NOTIFY_SOCKET=" + (dir / "notify"), "WATCHDOG_USEC=300000"});
+  ASSERT_TRUE(daemon.Start());
+  auto first = notify.Next();
+  ASSERT_TRUE(first) << "no READY=1";
+  EXPECT_TRUE(Has(*first, "READY=1")) << *first;
+  EXPECT_NE(first->find("STATUS=0 session(s), 0 job(s)"), std::string::npos) << *first;
+  // Ready means served: the proxy port and the control socket answer now.
+  int fd = ConnectTcp(daemon.proxy_port(), "127.0.0.1", 2000);
+  EXPECT_GE(fd, 0);
+  if (fd >= 0) ::close(fd);
+  EXPECT_EQ(daemon.Cli({"query", "--json"}).exit_code, 0);
+
+  // Pings at half the period: at least four in 1.2 s (every 150 ms).
+  int pings = 0;
+  auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1200);
+  while (std::chrono::steady_clock::now() < until) {
+    auto m = notify.Next(1000);
+    if (m && Has(*m, "WATCHDOG=1")) ++pings;
+  }
+  EXPECT_GE(pings, 4);
+
+  EXPECT_EQ(daemon.Stop(SIGTERM), 0);
+  std::optional<std::string> last;
+  while (auto m = notify.Next(200)) last = m;
+  ASSERT_TRUE(last);
+  EXPECT_TRUE(Has(*last, "STOPPING=1")) << *last;
+}
+
+TEST(ServiceTest, NoWatchdogPingsUnlessAskedAndNothingWithoutAManager) {
+  TempDir dir;
+  NotifySocket notify(dir / "notify");
+  ASSERT_TRUE(notify.ok());
+  Daemon daemon(dir);
+  daemon.set_launcher({"env", "NOTIFY_SOCKET=" + (dir / "notify")});
+  ASSERT_TRUE(daemon.Start());
+  auto first = notify.Next();
+  ASSERT_TRUE(first);
+  EXPECT_TRUE(Has(*first, "READY=1")) << *first;
+  // Nothing else until the status refresh (10 s): no watchdog pings.
+  EXPECT_FALSE(notify.Next(700)) << "a message without a watchdog asked for";
+  EXPECT_EQ(daemon.Stop(SIGTERM), 0);
+  auto stopping = notify.Next();
+  ASSERT_TRUE(stopping);
+  EXPECT_TRUE(Has(*stopping, "STOPPING=1")) << *stopping;
+
+  // Without $NOTIFY_SOCKET the daemon sends nothing anywhere (and runs as usual).
+  Daemon plain(dir);
+  ASSERT_TRUE(plain.Start());
+  EXPECT_FALSE(notify.Next(300));
+  EXPECT_EQ(plain.Stop(SIGTERM), 0);
+}
+
+}  // namespace
+}  // namespace brokerproxy::testing
