@@ -39,5 +39,7 @@ kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true
 $bp query
 kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
 pids=()
+say "cpack: the Debian package (unit, site config, manual pages; docs/service.md)"
+(cd build && cpack -G DEB | tail -1)
 echo
 echo "Done. Run the daemon for real with: $bp run   (see README.md and config.ini.example)"

@@ -13,6 +13,7 @@
 #include <charconv>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "cli/daemon_tls.h"
@@ -550,6 +551,13 @@ class Daemon {
 
 Status RunDaemon(const Config& config) {
   SetLogLevel(config.log_level);
+  std::optional<LogFormat> format = ParseLogFormat(config.log_format);
+  if (!format) {
+    return Status::InvalidArgument("[broker] log_format: '" + config.log_format.substr(0, 40) +
+                                   "' is neither text nor json");
+  }
+  SetLogFormat(*format);
+  SetLogToJournal(StderrIsJournal());
   // Before anything uses the pool: DNS look-ups must never take every thread from disk writes.
   loop::ReserveThreadPool();
   Daemon daemon(config);

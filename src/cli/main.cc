@@ -15,12 +15,15 @@
 #include "cli/control_client.h"
 #include "cli/daemon.h"
 #include "cli/exit_codes.h"
+#include "cli/manpage.h"
 #include "cli/options.h"
 #include "cli/remote.h"
 #include "cli/ssh_client.h"
 
 namespace brokerproxy::cli {
 namespace {
+
+constexpr const char* kVersion = BROKERPROXY_VERSION;
 
 struct ClientFlags {
   bool json = false;
@@ -58,7 +61,7 @@ int Main(int argc, char** argv) {
 
   CLI::App app{"brokerproxy: reach services running inside batch jobs through one proxy port"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "brokerproxy 0.1.0");
+  app.set_version_flag("--version", std::string("brokerproxy ") + kVersion);
 
   ConfigFlags run_cfg;
   CLI::App* run = app.add_subcommand("run", "Run the daemon: registry, control socket and proxy");
@@ -263,6 +266,12 @@ int Main(int argc, char** argv) {
                          "Print config.ini.example (every option, its default and "
                          "meaning)");
   config_cmd->add_flag("--example", config_example, "Print the annotated example (default)");
+  int config_man = 0;
+  config_cmd
+      ->add_option("--man", config_man,
+                   "Print a manual page instead: 1 for brokerproxy(1), the commands; 5 for "
+                   "brokerproxy.ini(5), the options")
+      ->check(CLI::IsMember({1, 5}));
   (void)config_cfg;
 
   try {
@@ -366,7 +375,10 @@ int Main(int argc, char** argv) {
       return RunConnect(c, cl, remote, connect_args);
     });
   } else if (config_cmd->parsed()) {
-    std::fputs(GenerateExampleConfig().c_str(), stdout);
+    std::string text = config_man == 1   ? ManPageCommands(app, kVersion)
+                       : config_man == 5 ? ManPageConfig(kVersion)
+                                         : GenerateExampleConfig();
+    std::fputs(text.c_str(), stdout);
   }
 
   if (!status.ok()) {

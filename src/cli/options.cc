@@ -62,6 +62,14 @@ const std::vector<Entry>& Entries() {
         "handshake. Secrets are never logged at any level.",
         "--log-level", FlagScope::kAll},
        &Config::log_level},
+      {{"broker", "log_format", T::kString, "text",
+        "How the daemon writes its log lines: text (\"TIME level message\") or json (one "
+        "object per line with time, level, message and a field for every key=value word of "
+        "the message, such as a session's job, peer, up, down, duration and reason). Under "
+        "systemd (stderr is the journal) lines carry a priority prefix and no timestamp of "
+        "their own, since the journal stamps them.",
+        "--log-format", FlagScope::kDaemon},
+       &Config::log_format},
       {{"broker", "core_dumps", T::kInt, "0",
         "1 lets the daemon dump core (for debugging). By default it does not, and no other "
         "process of its user may attach to it or read its memory: a core or a debugger would "
@@ -580,6 +588,8 @@ void AppendComment(std::string_view text, size_t width, std::string* out) {
   *out += line + "\n";
 }
 
+}  // namespace
+
 const char* ScopeText(FlagScope scope) {
   switch (scope) {
     case FlagScope::kDaemon:
@@ -593,6 +603,8 @@ const char* ScopeText(FlagScope scope) {
   }
   return "";
 }
+
+namespace {
 
 const char* TypeName(OptionType type) {
   switch (type) {

@@ -35,6 +35,7 @@ struct Config {
                                // ${XDG_STATE_HOME:-~/.local/state}/brokerproxy
   std::string control_socket;  // default: <state_dir>/control.sock
   LogLevel log_level = LogLevel::kInfo;
+  std::string log_format = "text";
   int core_dumps = 0;                     // 1: leave the process dumpable (debugging)
   int max_control_clients = 1024;         // control connections of non-root users, together
   int max_control_clients_per_user = 64;  // control connections of one uid
@@ -162,6 +163,9 @@ class ConfigFlags {
 
 // The text of config.ini.example: every option, commented out, with its default and meaning.
 std::string GenerateExampleConfig();
+
+// Which commands take an option's dedicated flag, in words ("run", "every command", ...).
+const char* ScopeText(FlagScope scope);
 
 }  // namespace brokerproxy::cli
 

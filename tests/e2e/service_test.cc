@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <optional>
+#include <sstream>
 #include <string>
 
 #include "e2e/harness.h"
@@ -105,6 +107,77 @@ TEST(ServiceTest, NoWatchdogPingsUnlessAskedAndNothingWithoutAManager) {
   ASSERT_TRUE(plain.Start());
   EXPECT_FALSE(notify.Next(300));
   EXPECT_EQ(plain.Stop(SIGTERM), 0);
+}
+
+// log_format = json: every line is one JSON object, and a session's close line carries its job,
+// peer, bytes, duration and reason as fields.
+TEST(ServiceTest, JsonLogLinesCarryTheSessionAsFields) {
+  TempDir dir;
+  Backend backend;
+  Daemon daemon(dir, "[broker]\nlog_format = json\n");
+  ASSERT_TRUE(daemon.Start());
+  std::string secret = daemon.SaveJob("job1", backend.port());
+  ASSERT_FALSE(secret.empty());
+  int fd = ConnectTcp(daemon.proxy_port());
+  ASSERT_GE(fd, 0);
+  SendAll(fd, "BROKER1 job1 " + secret + "\necho\n");
+  ASSERT_EQ(ReadLine(fd, 256).value_or("<closed>"), "OK");
+  EchoResult r = EchoTransfer(fd, 1000);
+  EXPECT_EQ(r.received, r.sent);
+  ::close(fd);
+  ASSERT_TRUE(WaitUntil([&] { return daemon.Log().find("\"reason\":") != std::string::npos; }));
+  EXPECT_EQ(daemon.Stop(SIGTERM), 0);
+  std::istringstream lines(daemon.Log());
+  std::string line;
+  int objects = 0;
+  bool session_seen = false;
+  while (std::getline(lines, line)) {
+    registry::JsonPtr j = ParseOut(line);
+    ASSERT_TRUE(j) << "not JSON: " << line;
+    ++objects;
+    EXPECT_FALSE(JsonText(j.get(), {"time"}).empty()) << line;
+    EXPECT_FALSE(JsonText(j.get(), {"level"}).empty()) << line;
+    if (JsonText(j.get(), {"reason"}).empty()) continue;
+    session_seen = true;
+    EXPECT_EQ(JsonText(j.get(), {"job"}), "job1") << line;
+    EXPECT_EQ(JsonText(j.get(), {"reason"}), "done") << line;
+    EXPECT_EQ(JsonText(j.get(), {"peer"}).rfind("127.0.0.1:", 0), 0u) << line;
+    EXPECT_FALSE(JsonText(j.get(), {"duration"}).empty()) << line;
+    const cJSON* up = cJSON_GetObjectItemCaseSensitive(j.get(), "up");
+    ASSERT_TRUE(cJSON_IsNumber(up)) << line;
+    EXPECT_GE(up->valuedouble, 1000 + 5);  // "echo\n" and the payload
+  }
+  EXPECT_GE(objects, 3);
+  EXPECT_TRUE(session_seen);
+}
+
+// Under systemd, stderr is the journal ($JOURNAL_STREAM names it): priority prefixes, and no
+// timestamp of our own since journald stamps every line.
+TEST(ServiceTest, JournalLinesHavePrioritiesAndNoTimestamps) {
+  TempDir dir;
+  Daemon daemon(dir);
+  ASSERT_TRUE(daemon.Start());  // creates the log file the daemon's stderr goes to
+  EXPECT_EQ(daemon.Stop(SIGTERM), 0);
+  struct stat st {};
+  ASSERT_EQ(::stat((dir / "daemon.log").c_str(), &st), 0);
+  daemon.set_launcher(
+      {"env", "JOURNAL_STREAM=" + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino)});
+  ASSERT_TRUE(daemon.Start());
+  EXPECT_EQ(daemon.Stop(SIGTERM), 0);
+  std::istringstream lines(daemon.Log());
+  std::string line;
+  int count = 0;
+  while (std::getline(lines, line)) {
+    ++count;
+    EXPECT_EQ(line.rfind("<6>info  ", 0), 0u) << line;
+  }
+  EXPECT_GE(count, 2);
+  // Another stream in $JOURNAL_STREAM (stderr is not the journal): timestamps as usual.
+  daemon.set_launcher({"env", "JOURNAL_STREAM=1:2"});
+  ASSERT_TRUE(daemon.Start());
+  EXPECT_EQ(daemon.Stop(SIGTERM), 0);
+  std::string first = daemon.Log().substr(0, daemon.Log().find('\n'));
+  EXPECT_EQ(first.rfind("20", 0), 0u) << first;
 }
 
 }  // namespace
