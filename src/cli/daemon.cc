@@ -228,9 +228,22 @@ std::string KnownHostsLine(const std::string& address, const std::string& public
 // How often the proxy's certificate is checked for renewal.
 constexpr uint64_t kRenewCheckMs = 6 * 3600 * 1000;
 
+// The options a reload applies (see daemon.h); every other change waits for a restart. [client]
+// options do not concern the daemon.
+bool AppliedLive(const OptionSpec& spec) {
+  std::string_view section = spec.section, key = spec.key;
+  if (section == "proxy" || section == "client") return true;
+  if (section == "broker") return key == "log_level" || key == "log_format";
+  if (section == "registry") return key == "backend_allow";
+  if (section == "tls") return key == "tls_domain" || key == "ca_cert" || key == "ca_key";
+  if (section == "ssh") return key == "banner_delay";
+  return false;
+}
+
 class Daemon {
  public:
-  explicit Daemon(const Config& config) : config_(config) {}
+  Daemon(const Config& config, std::function<Result<Config>()> reread)
+      : config_(config), reread_(std::move(reread)) {}
 
   Status Start() {
     RaiseFileLimit(config_.max_connections);
@@ -365,7 +378,13 @@ class Daemon {
     for (int signum : {SIGTERM, SIGINT, SIGHUP}) {
       auto sig = loop::Signal::Create(*loop_);
       if (!sig.ok()) return sig.status();
-      BP_RETURN_IF_ERROR((*sig)->Start(signum, [this](int s) { Shutdown(s); }));
+      BP_RETURN_IF_ERROR((*sig)->Start(signum, [this](int s) {
+        if (s == SIGHUP) {
+          Reload();
+        } else {
+          Shutdown(s);
+        }
+      }));
       signals_.push_back(std::move(sig).value());
     }
     std::string addresses;
@@ -390,6 +409,7 @@ class Daemon {
 
   // Releases everything in dependency order, then closes the loop.
   Status Finish() {
+    reloading_ = loop::Pending();
     service_.reset();
     renew_timer_.reset();
     renewal_ = loop::Pending();
@@ -418,25 +438,8 @@ class Daemon {
         *loop_, [this, &tls] { tls = SetUpDaemonTls(config_); }, [&done] { done = true; });
     while (!done) loop_->Run(UV_RUN_ONCE);
     if (!tls.ok()) return tls.status();
-    cas_ = tls->cas;
     tls_settings_ = std::make_shared<proxy::TlsSettings>();
-    for (char c : config_.tls_domain) {
-      tls_settings_->domain += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    }
-    // The chain carries the CA that signed the proxy's certificate, so a client without a
-    // copy of it (a laptop) can check it against a fingerprint it was given or pinned.
-    auto ctx = proxy::NewServerContext(tls->server.cert_pem + cas_->current()->cert_pem(),
-                                       tls->server.key_pem);
-    if (!ctx.ok()) return ctx.status().WithContext("the proxy's TLS certificate");
-    tls_settings_->server_ctx = std::move(ctx).value();
-    if (auto cert = proxy::ParseCertificatePem(tls->server.cert_pem); cert.ok()) {
-      for (const std::string& name : proxy::SubjectAltNames(cert->get())) {
-        if (name.starts_with("DNS:")) tls_settings_->proxy_names.push_back(name.substr(4));
-      }
-    }
-    broker_->set_ca_provider([cas = cas_]() -> Result<std::string> { return cas->bundle_pem(); });
-    broker_->set_cert_issuer(
-        MakeCertIssuer(loop_.get(), cas_, tls_settings_->domain, config_.cert_days));
+    BP_RETURN_IF_ERROR(InstallTls(*tls, config_));
     broker_->set_id_check([settings = tls_settings_](const std::string& id) {
       return CheckJobIdAgainstProxyNames(id, settings->domain, settings->proxy_names);
     });
@@ -448,6 +451,106 @@ class Daemon {
              config_.ca_cert.c_str(), cas_->current()->Fingerprint().c_str(),
              tls_settings_->domain.c_str());
     return Status::OK();
+  }
+
+  // Puts the CA and the proxy's certificate in `tls` into service for what comes next: new TLS
+  // connections, `ca` answers, certificates issued by `save ssl`. Nothing is changed on error.
+  Status InstallTls(const DaemonTls& tls, const Config& config) {
+    // The chain carries the CA that signed the proxy's certificate, so a client without a
+    // copy of it (a laptop) can check it against a fingerprint it was given or pinned.
+    auto ctx = proxy::NewServerContext(tls.server.cert_pem + tls.cas->current()->cert_pem(),
+                                       tls.server.key_pem);
+    if (!ctx.ok()) return ctx.status().WithContext("the proxy's TLS certificate");
+    cas_ = tls.cas;
+    std::string domain;
+    for (char c : config.tls_domain) {
+      domain += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    }
+    tls_settings_->domain = domain;
+    tls_settings_->server_ctx = std::move(ctx).value();
+    tls_settings_->proxy_names.clear();
+    if (auto cert = proxy::ParseCertificatePem(tls.server.cert_pem); cert.ok()) {
+      for (const std::string& name : proxy::SubjectAltNames(cert->get())) {
+        if (name.starts_with("DNS:")) tls_settings_->proxy_names.push_back(name.substr(4));
+      }
+    }
+    broker_->set_ca_provider([cas = cas_]() -> Result<std::string> { return cas->bundle_pem(); });
+    broker_->set_cert_issuer(MakeCertIssuer(loop_.get(), cas_, domain, config.cert_days));
+    return Status::OK();
+  }
+
+  // SIGHUP (see daemon.h).
+  void Reload() {
+    if (stopping_) return;
+    if (reloading_.active()) {
+      LOG_WARN("reload: one is already in progress; this signal is ignored");
+      return;
+    }
+    if (service_) service_->Reloading();
+    Result<Config> next = reread_ ? reread_() : Result<Config>(config_);
+    Status s = next.ok() ? CheckConfig(*next) : next.status();
+    if (!s.ok()) {
+      LOG_ERROR("reload: the configuration has errors; the running one stays: %s",
+                s.message().c_str());
+      if (service_) service_->Reloaded();
+      return;
+    }
+    // The TLS material is read on the pool, as at start; the rest is applied when it is back,
+    // all at once.
+    auto tls = std::make_shared<Result<DaemonTls>>(Status::Internal("TLS set-up did not run"));
+    auto config = std::make_shared<const Config>(std::move(next).value());
+    reloading_ = loop::QueueWork(
+        *loop_, [tls, config] { *tls = SetUpDaemonTls(*config); },
+        [this, tls, config] {
+          if (!stopping_) ApplyConfig(*config, *tls);
+          if (service_) service_->Reloaded();
+        });
+  }
+
+  // Everything a reload could refuse, before anything is applied.
+  static Status CheckConfig(const Config& c) {
+    if (!ParseLogFormat(c.log_format)) {
+      return Status::InvalidArgument("[broker] log_format: '" + c.log_format.substr(0, 40) +
+                                     "' is neither text nor json");
+    }
+    BP_RETURN_IF_ERROR(ProxyOptionsFrom(c).status());
+    return ResolveSchedulerSettings(c).status();
+  }
+
+  void ApplyConfig(const Config& next, const Result<DaemonTls>& tls) {
+    if (!tls.ok()) {
+      LOG_ERROR("reload: the TLS material cannot be loaded; the running configuration stays: %s",
+                tls.status().message().c_str());
+      return;
+    }
+    std::vector<const OptionSpec*> changed = ChangedOptions(config_, next);
+    // The proxy first: binding a new address is what can still fail.
+    auto po = ProxyOptionsFrom(next);
+    Status s = po.ok() ? proxy_->Reconfigure(std::move(po).value()) : po.status();
+    if (s.ok()) s = InstallTls(*tls, next);
+    if (!s.ok()) {
+      LOG_ERROR("reload: %s; the running configuration stays", s.message().c_str());
+      return;
+    }
+    SetLogLevel(next.log_level);
+    SetLogFormat(*ParseLogFormat(next.log_format));
+    std::string applied, waiting;
+    Config kept = next;  // what the daemon now runs: `next`, minus what waits for a restart
+    for (const OptionSpec* spec : changed) {
+      std::string name = std::string(spec->section) + "." + spec->key;
+      if (AppliedLive(*spec)) {
+        applied += (applied.empty() ? "" : ", ") + name;
+        continue;
+      }
+      waiting += (waiting.empty() ? "" : ", ") + name;
+      CopyOption(*spec, config_, &kept);
+    }
+    config_ = std::move(kept);
+    LOG_INFO("reload: configuration applied (changed: %s); TLS material read again",
+             applied.empty() ? "nothing" : applied.c_str());
+    if (!waiting.empty()) {
+      LOG_WARN("reload: not applied, needs a restart: %s", waiting.c_str());
+    }
   }
 
   void RenewServerCert() {
@@ -492,6 +595,7 @@ class Daemon {
     if (service_) service_->Stopping();
     control_->Close();
     renew_timer_.reset();
+    reloading_ = loop::Pending();
     if (proxy_) proxy_->Stop();
     broker_.reset();  // drops probes, waits, the expiry timer
     WaitForStore();
@@ -544,12 +648,14 @@ class Daemon {
   loop::HandlePtr<loop::Timer> renew_timer_;
   loop::Pending renewal_;
   std::unique_ptr<ServiceNotifier> service_;
+  std::function<Result<Config>()> reread_;
+  loop::Pending reloading_;
   bool stopping_ = false;
 };
 
 }  // namespace
 
-Status RunDaemon(const Config& config) {
+Status RunDaemon(const Config& config, std::function<Result<Config>()> reread) {
   SetLogLevel(config.log_level);
   std::optional<LogFormat> format = ParseLogFormat(config.log_format);
   if (!format) {
@@ -560,7 +666,7 @@ Status RunDaemon(const Config& config) {
   SetLogToJournal(StderrIsJournal());
   // Before anything uses the pool: DNS look-ups must never take every thread from disk writes.
   loop::ReserveThreadPool();
-  Daemon daemon(config);
+  Daemon daemon(config, std::move(reread));
   Status s = daemon.Start();
   if (s.ok()) daemon.Run();
   Status f = daemon.Finish();

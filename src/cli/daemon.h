@@ -1,13 +1,23 @@
 // `brokerproxy run`: the daemon on the login node.
 //
 // One loop hosts the registry (Broker + Store), the control socket and the proxy listener.
-// SIGTERM, SIGINT and SIGHUP stop it cleanly: it stops accepting, lets a registry write in
-// flight land, closes every connection and exits 0.
+// SIGTERM and SIGINT stop it cleanly: it stops accepting, lets a registry write in flight land,
+// closes every connection and exits 0.
+//
+// SIGHUP reloads the configuration without touching an established session: the file is read
+// again (with the same -c, --set and flags), and a configuration with any error is rejected as
+// a whole, the running one staying. What can change live is applied: log_level, log_format, the
+// proxy's listen addresses (added ones bound, removed ones closed), its limits and timeouts,
+// plain_allow, backend_allow, the throttle, keepalive, banner_delay, tls_domain, and the TLS
+// material (the CA and the proxy's certificate are read again from their files). Every other
+// change is logged as needing a restart, and is not applied.
 
 #ifndef BROKERPROXY_CLI_DAEMON_H_
 #define BROKERPROXY_CLI_DAEMON_H_
 
 #include <sys/types.h>
+
+#include <functional>
 
 #include <vector>
 
@@ -26,7 +36,8 @@ struct SchedulerSettings {
 Result<SchedulerSettings> ResolveSchedulerSettings(const Config& config);
 
 // Runs in the foreground until stopped; returns the start-up error if it cannot start.
-Status RunDaemon(const Config& config);
+// `reread` resolves the configuration again for SIGHUP (nullptr: SIGHUP re-applies `config`).
+Status RunDaemon(const Config& config, std::function<Result<Config>()> reread = nullptr);
 
 }  // namespace brokerproxy::cli
 

@@ -868,4 +868,20 @@ std::string GenerateExampleConfig() {
   return out;
 }
 
+std::vector<const OptionSpec*> ChangedOptions(const Config& a, const Config& b) {
+  std::vector<const OptionSpec*> out;
+  for (size_t i = 0; i < Entries().size(); ++i) {
+    bool differs =
+        std::visit([&](auto member) { return !(a.*member == b.*member); }, Entries()[i].field);
+    if (differs) out.push_back(&OptionTable()[i]);
+  }
+  return out;
+}
+
+void CopyOption(const OptionSpec& spec, const Config& from, Config* to) {
+  size_t i = static_cast<size_t>(&spec - OptionTable().data());
+  if (i >= Entries().size()) return;
+  std::visit([&](auto member) { to->*member = from.*member; }, Entries()[i].field);
+}
+
 }  // namespace brokerproxy::cli

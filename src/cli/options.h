@@ -164,6 +164,11 @@ class ConfigFlags {
 // The text of config.ini.example: every option, commented out, with its default and meaning.
 std::string GenerateExampleConfig();
 
+// The options whose values differ between `a` and `b`, in the table's order.
+std::vector<const OptionSpec*> ChangedOptions(const Config& a, const Config& b);
+// Sets the option `spec` (an element of OptionTable()) of `*to` to its value in `from`.
+void CopyOption(const OptionSpec& spec, const Config& from, Config* to);
+
 // Which commands take an option's dedicated flag, in words ("run", "every command", ...).
 const char* ScopeText(FlagScope scope);
 

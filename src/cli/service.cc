@@ -46,6 +46,14 @@ void ServiceNotifier::Stopping() {
   Send("STOPPING=1\nSTATUS=stopping");
 }
 
+void ServiceNotifier::Reloading() {
+  if (active_) Send("RELOADING=1\nSTATUS=reloading the configuration");
+}
+
+void ServiceNotifier::Reloaded() {
+  if (active_) Send("READY=1\nSTATUS=" + status_());
+}
+
 void ServiceNotifier::Tick() {
   std::string message;
   if (watchdog_ms_ > 0) message = "WATCHDOG=1";

@@ -7,6 +7,7 @@
 //   STATUS=...  "N sessions, M jobs", refreshed periodically (systemctl status shows it);
 //   WATCHDOG=1  from the loop, at half the period the manager asked for ($WATCHDOG_USEC), so a
 //               loop that stops turning (a blocking call, a livelock) gets the daemon restarted;
+//   RELOADING=1, then READY=1, around a configuration reload (SIGHUP);
 //   STOPPING=1  when a signal begins the shutdown.
 //
 // Loop-thread only. The notifier must be destroyed before the loop.
@@ -51,6 +52,9 @@ class ServiceNotifier {
   void Ready();
   // STOPPING=1; the pings stop.
   void Stopping();
+  // RELOADING=1 when a reload begins; READY=1 (with STATUS=) when it is over, applied or not.
+  void Reloading();
+  void Reloaded();
 
  private:
   ServiceNotifier(loop::Loop* loop, StatusFn status) : loop_(loop), status_(std::move(status)) {}

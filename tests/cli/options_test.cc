@@ -774,5 +774,23 @@ TEST(ExampleConfigTest, CommittedFileIsUpToDate) {
       << path << " is stale; rerun this test with BROKERPROXY_UPDATE_EXAMPLE=1";
 }
 
+TEST(ChangedOptionsTest, NamesExactlyTheOptionsThatDifferAndCopiesOne) {
+  Config a = DefaultConfig();
+  Config b = a;
+  EXPECT_TRUE(ChangedOptions(a, b).empty());
+  b.log_level = LogLevel::kDebug;
+  b.listen.push_back({"127.0.0.2", 0});
+  b.port_range = {29000, 29999};
+  std::vector<std::string> names;
+  for (const OptionSpec* spec : ChangedOptions(a, b)) {
+    names.push_back(std::string(spec->section) + "." + spec->key);
+  }
+  EXPECT_EQ(names,
+            (std::vector<std::string>{"broker.log_level", "registry.port_range", "proxy.listen"}));
+  CopyOption(*ChangedOptions(a, b)[1], a, &b);  // port_range back
+  EXPECT_EQ(b.port_range, a.port_range);
+  EXPECT_EQ(ChangedOptions(a, b).size(), 2u);
+}
+
 }  // namespace
 }  // namespace brokerproxy::cli

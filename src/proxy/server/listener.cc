@@ -162,4 +162,11 @@ int Listener::RefuseOne() {
   return err;
 }
 
+void Listener::SetKeepalive(int keepalive_s) {
+  int on = keepalive_s > 0 ? 1 : 0;
+  (void)::setsockopt(io_.fd(), SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+  if (on)
+    (void)::setsockopt(io_.fd(), IPPROTO_TCP, TCP_KEEPIDLE, &keepalive_s, sizeof(keepalive_s));
+}
+
 }  // namespace brokerproxy::proxy

@@ -54,6 +54,9 @@ class Listener {
   // Connections accepted per turn before the rest of the loop gets one.
   static constexpr int kAcceptBatch = 64;
 
+  // Keepalive for the connections accepted from now on (0: off); see Create().
+  void SetKeepalive(int keepalive_s);
+
   // The bound address, with the real port ("127.0.0.1:7000", "[::1]:7000").
   const std::string& address() const { return address_; }
   int port() const { return port_; }

@@ -76,14 +76,24 @@ Status Proxy::Start() {
   // taken now. Without it they all share one source, which is not a reason not to serve.
   if (Status s = loop::OpenSockDiag(); !s.ok()) LOG_WARN("proxy: %s", s.ToString().c_str());
   for (const HostPort& addr : options_.listen) {
-    auto l = Listener::Create(
-        reactor_.get(), addr, options_.keepalive_s,
-        [this](int fd, const sockaddr_storage& peer) { OnAccept(fd, peer); },
-        [this] { stats_.global().busy++; }, std::string(ErrorReply(ErrorCode::kBusy)));
+    auto l = Listen(addr, options_.keepalive_s);
     if (!l.ok()) return l.status();
-    LOG_INFO("proxy listening on %s", (*l)->address().c_str());
     listeners_.push_back(std::move(l).value());
+    listener_specs_.push_back(addr);
   }
+  return UpdateOwnListeners();
+}
+
+Result<std::unique_ptr<Listener>> Proxy::Listen(const HostPort& addr, int keepalive_s) {
+  auto l = Listener::Create(
+      reactor_.get(), addr, keepalive_s,
+      [this](int fd, const sockaddr_storage& peer) { OnAccept(fd, peer); },
+      [this] { stats_.global().busy++; }, std::string(ErrorReply(ErrorCode::kBusy)));
+  if (l.ok()) LOG_INFO("proxy listening on %s", (*l)->address().c_str());
+  return l;
+}
+
+Status Proxy::UpdateOwnListeners() {
   std::vector<sockaddr_storage> bound;
   for (const auto& l : listeners_) {
     auto hp = ParseHostPort(l->address());
@@ -95,8 +105,45 @@ Status Proxy::Start() {
   return Status::OK();
 }
 
+Status Proxy::Reconfigure(ProxyOptions o) {
+  auto listed = [](const std::vector<HostPort>& list, const HostPort& a) {
+    return std::find(list.begin(), list.end(), a) != list.end();
+  };
+  // New addresses first: if one cannot be bound, nothing has changed yet.
+  std::vector<std::unique_ptr<Listener>> added;
+  std::vector<HostPort> added_specs;
+  for (const HostPort& addr : o.listen) {
+    if (listed(listener_specs_, addr) || listed(added_specs, addr)) continue;
+    auto l = Listen(addr, o.keepalive_s);
+    if (!l.ok()) return l.status().WithContext("listen " + addr.ToString());
+    added.push_back(std::move(l).value());
+    added_specs.push_back(addr);
+  }
+  for (size_t i = listeners_.size(); i-- > 0;) {
+    if (listed(o.listen, listener_specs_[i])) {
+      listeners_[i]->SetKeepalive(o.keepalive_s);
+      continue;
+    }
+    LOG_INFO("proxy no longer listening on %s", listeners_[i]->address().c_str());
+    listeners_.erase(listeners_.begin() + static_cast<std::ptrdiff_t>(i));
+    listener_specs_.erase(listener_specs_.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+  for (size_t i = 0; i < added.size(); ++i) {
+    listeners_.push_back(std::move(added[i]));
+    listener_specs_.push_back(added_specs[i]);
+  }
+  o.pipe_size = options_.pipe_size;
+  o.pipe_pool = options_.pipe_pool;
+  options_ = std::move(o);
+  throttle_.set_limits(options_.throttle_failures,
+                       static_cast<uint64_t>(options_.throttle_window_ms));
+  policy_ = BackendPolicy(options_.backend_allow);
+  return UpdateOwnListeners();
+}
+
 void Proxy::Stop() {
   listeners_.clear();
+  listener_specs_.clear();
   std::vector<Connection*> open;
   for (auto& [id, c] : connections_) open.push_back(c.get());
   for (Connection* c : open) c->Close("shutdown");

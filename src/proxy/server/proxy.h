@@ -162,6 +162,12 @@ class Proxy {
   Status Start();
   // Stops accepting and closes every connection.
   void Stop();
+  // Applies new options without touching established connections: listen addresses added
+  // are bound (all of them, or none and an error), those removed are closed (their
+  // connections stay); limits, timeouts, plain_allow, backend_allow, throttle and keepalive
+  // take effect for what happens next (a sweep applies the new idle timeouts to every
+  // session). pipe_size and pipe_pool stay as they were. REQUIRES: Start() succeeded.
+  Status Reconfigure(ProxyOptions options);
 
   // The bound addresses, e.g. {"127.0.0.1:7000"}.
   std::vector<std::string> addresses() const;
@@ -246,6 +252,9 @@ class Proxy {
   bool HandOff(Protocol protocol, loop::IoHandle client, const Connection& from);
 
  private:
+  Result<std::unique_ptr<Listener>> Listen(const HostPort& addr, int keepalive_s);
+  // Tells the backend policy which addresses are the proxy's own.
+  Status UpdateOwnListeners();
   void OnAccept(int fd, const sockaddr_storage& peer);
   std::string SourceKey(int fd, const sockaddr_storage& peer) const;
   // Counts `conn` as an unauthenticated handshake, and stops counting it.
@@ -266,6 +275,7 @@ class Proxy {
   DialObserver dial_observer_;
   std::unique_ptr<loop::Reactor> reactor_;
   std::vector<std::unique_ptr<Listener>> listeners_;
+  std::vector<HostPort> listener_specs_;  // what each of listeners_ was configured as
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
   size_t channel_slots_ = 0;
   // Unauthenticated handshakes, oldest first (by id), and how many each source has.

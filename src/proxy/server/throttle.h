@@ -38,6 +38,11 @@ class Throttle {
 
   size_t size() const { return entries_.size(); }
   bool enabled() const { return max_failures_ > 0 && window_ms_ > 0; }
+  // New limits, for the failures counted from now on (the ones counted so far stay).
+  void set_limits(int max_failures, uint64_t window_ms) {
+    max_failures_ = max_failures;
+    window_ms_ = window_ms;
+  }
 
  private:
   struct Entry {
