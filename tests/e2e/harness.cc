@@ -609,11 +609,6 @@ void PortReservation::Release() {
   fd_ = -1;
 }
 
-int FreePort() {
-  PortReservation reserved;
-  return reserved.port();
-}
-
 PortStart WaitListening(std::unique_ptr<Child>* child, int port, std::string* why, size_t from,
                         const std::string& line, int timeout_ms) {
   if (!*child) {

@@ -305,11 +305,6 @@ class PortReservation {
   int port_ = 0;
 };
 
-// A loopback port nothing listened on a moment ago (the kernel's pick, released at once). It
-// races: another process may take the port before it is used. Use PortReservation or
-// StartOnFreePort instead; kept for the SSH endpoint's tests until they move.
-int FreePort();
-
 // How a third-party program started on a port it was given (see StartOnFreePort).
 enum class PortStart { kStarted, kInUse, kFailed };
 

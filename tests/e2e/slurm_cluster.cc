@@ -8,7 +8,6 @@
 
 #include <chrono>
 #include <fstream>
-#include <set>
 #include <sstream>
 #include <thread>
 
@@ -117,10 +116,14 @@ std::string SlurmCluster::jobs_dir() const { return *dir_ / "jobs"; }
 
   // Ports: Slurm cannot be given port 0, since every client and daemon finds the others by
   // the ports written in slurm.conf, and slurmctld/slurmd cannot report a port the kernel
-  // picked. So take ports the kernel handed out a moment ago (and released), all distinct.
-  std::set<int> ports;
-  while (ports.size() < 1 + kNodes) ports.insert(FreePort());
-  std::vector<int> port(ports.begin(), ports.end());
+  // picked. So the test holds ports the kernel picked (bound, all distinct while held) until
+  // right before the daemons start: while held, no other process is handed one of them.
+  std::vector<std::unique_ptr<PortReservation>> reserved;
+  std::vector<int> port;
+  while (port.size() < 1 + kNodes) {
+    reserved.push_back(std::make_unique<PortReservation>());
+    port.push_back(reserved.back()->port());
+  }
 
   std::ostringstream conf;
   conf << "ClusterName=bptest\n"
@@ -179,6 +182,7 @@ std::string SlurmCluster::jobs_dir() const { return *dir_ / "jobs"; }
     Sleep(20);
   }
 
+  reserved.clear();  // slurmctld and slurmd bind them themselves
   RunOptions options;
   options.env = env_;
   slurmctld_ =

@@ -38,17 +38,6 @@ int64_t ElapsedMs(Clock::time_point since) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
 }
 
-// Connects to 127.0.0.1:port, retrying until something listens there.
-int ConnectWhenReady(int port, int timeout_ms = 15000) {
-  auto start = Clock::now();
-  while (ElapsedMs(start) < timeout_ms) {
-    int fd = ConnectTcp(port);
-    if (fd >= 0) return fd;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return -1;
-}
-
 size_t CountOf(const std::string& text, const std::string& needle) {
   size_t n = 0;
   for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) {
@@ -770,23 +759,47 @@ class EndpointTest : public ::testing::Test {
     o.timeout_ms = 30000;
     return o;
   }
-  // `ssh -N -L port:job:1 ...` in the background; returns once the forward accepts.
-  std::unique_ptr<Child> Forward(int proxy_port, const std::string& job, const std::string& secret,
-                                 const std::vector<int>& ports) {
-    std::vector<std::string> extra = {"-N"};
-    for (int p : ports) {
-      extra.push_back("-L");
-      extra.push_back(std::to_string(p) + ":" + job + ":1");  // the port is a placeholder
-    }
-    auto child =
-        Child::Spawn(Ssh(proxy_port, job, extra),
-                     dir_ / ("ssh" + std::to_string(++children_) + ".log"), SecretEnv(secret));
-    if (!child) return nullptr;
-    int fd = ConnectWhenReady(ports[0]);
-    if (fd < 0) return nullptr;
-    close(fd);
-    return child;
+  // `ssh -N -L PORT:<target>` in the background, one forward per entry of `targets` (a job's
+  // forward names the port only as a placeholder: "job:1"); returns once the first forward
+  // accepts, with the local ports in `*ports`. ssh -L cannot listen on port 0: StartOnFreePort
+  // picks the first port (another one if it was taken before ssh bound it), the others are held
+  // until ssh starts. Its output goes to log(); nullptr after a failed assertion.
+  std::unique_ptr<Child> ForwardTo(int proxy_port, const std::string& user,
+                                   const std::string& secret,
+                                   const std::vector<std::string>& targets,
+                                   std::vector<int>* ports) {
+    std::unique_ptr<Child> child;
+    int first = 0;
+    ::testing::AssertionResult started = StartOnFreePort(
+        [&](int port, std::string* why) {
+          std::vector<std::unique_ptr<PortReservation>> more;
+          ports->assign(1, port);
+          while (ports->size() < targets.size()) {
+            more.push_back(std::make_unique<PortReservation>());
+            ports->push_back(more.back()->port());
+          }
+          std::vector<std::string> extra = {"-N"};
+          for (size_t i = 0; i < targets.size(); ++i) {
+            extra.push_back("-L");
+            extra.push_back(std::to_string((*ports)[i]) + ":" + targets[i]);
+          }
+          more.clear();  // ssh binds them itself
+          child = Child::Spawn(Ssh(proxy_port, user, extra),
+                               dir_ / ("ssh" + std::to_string(++children_) + ".log"),
+                               SecretEnv(secret));
+          return WaitListening(&child, port, why);
+        },
+        &first);
+    EXPECT_TRUE(started);
+    return started ? std::move(child) : nullptr;
   }
+  // ForwardTo the job `job` (named as the user too), `count` forwards.
+  std::unique_ptr<Child> Forward(int proxy_port, const std::string& job, const std::string& secret,
+                                 std::vector<int>* ports, size_t count = 1) {
+    return ForwardTo(proxy_port, job, secret, std::vector<std::string>(count, job + ":1"), ports);
+  }
+  // The output of the last ssh started by ForwardTo.
+  std::string log() const { return dir_ / ("ssh" + std::to_string(children_) + ".log"); }
 
   // A daemon (with `proxy_extra` in its [proxy] section), a backend registered as `job`, and
   // `ssh -N -L` to it; returns the forward's local port, or -1 after a failed assertion.
@@ -796,10 +809,10 @@ class EndpointTest : public ::testing::Test {
     EXPECT_TRUE(daemon_->Start());
     std::string secret = daemon_->SaveJob(job, backend_->port());
     EXPECT_FALSE(secret.empty());
-    int port = FreePort();
-    ssh_ = Forward(daemon_->proxy_port(), job, secret, {port});
+    std::vector<int> ports;
+    ssh_ = Forward(daemon_->proxy_port(), job, secret, &ports);
     EXPECT_TRUE(ssh_) << daemon_->Log();
-    return ssh_ ? port : -1;
+    return ssh_ ? ports[0] : -1;
   }
 
   TempDir dir_;
@@ -816,9 +829,10 @@ TEST_F(EndpointTest, StockSshForwardsWithTheSecret) {
   Backend backend;
   std::string secret = d.SaveJob("e1", backend.port());
   ASSERT_FALSE(secret.empty());
-  int p1 = FreePort(), p2 = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e1", secret, {p1, p2});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e1", secret, &ports, 2);
   ASSERT_TRUE(ssh) << d.Log();
+  const int p1 = ports[0], p2 = ports[1];
 
   // Several channels at once, over two forwards of one session, data checked by hash.
   constexpr int kConns = 6;
@@ -888,9 +902,10 @@ TEST_F(EndpointTest, UserAndDestinationInAnyCaseReachTheJob) {
   Backend backend;
   std::string secret = d.SaveJob("abc", backend.port());
   ASSERT_FALSE(secret.empty());
-  int port = FreePort();
-  auto ssh = Forward(d.proxy_port(), "ABC", secret, {port});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "ABC", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
+  const int port = ports[0];
   int fd = ConnectTcp(port);
   ASSERT_GE(fd, 0);
   ASSERT_TRUE(SendAll(fd, "echo\nhello\n"));
@@ -902,13 +917,15 @@ TEST_F(EndpointTest, UserAndDestinationInAnyCaseReachTheJob) {
 TEST_F(EndpointTest, ChannelsToAServiceThatIsDownAreRefusedAndTheForwardGoesOn) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
-  int service_port = FreePort();  // nothing listens there yet
+  PortReservation service;  // refused: nothing listens there yet
+  const int service_port = service.port();
   std::string secret = d.SaveJob("e7", service_port);
   ASSERT_FALSE(secret.empty());
-  int port = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e7", secret, {port});  // its probe is refused too
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e7", secret, &ports);  // its probe is refused too
   ASSERT_TRUE(ssh) << d.Log();
-  std::string ssh_log = dir_ / ("ssh" + std::to_string(children_) + ".log");
+  const int port = ports[0];
+  std::string ssh_log = log();
   int fd = ConnectTcp(port);
   ASSERT_GE(fd, 0);
   EXPECT_FALSE(ReadLine(fd).has_value());  // ssh closes the local connection
@@ -935,8 +952,8 @@ TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
   Backend backend;
   std::string secret = d.SaveJob("e2", backend.port());
   ASSERT_FALSE(secret.empty());
-  int p = FreePort();
-  std::vector<std::string> forward = {"-N", "-L", std::to_string(p) + ":e2:1"};
+  PortReservation never;  // no login here gets as far as forwarding: ssh never listens on it
+  std::vector<std::string> forward = {"-N", "-L", std::to_string(never.port()) + ":e2:1"};
 
   std::string wrong = secret;
   wrong[0] = wrong[0] == 'a' ? 'b' : 'a';
@@ -954,18 +971,16 @@ TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
   EXPECT_NE(sh.err.find("open failed"), std::string::npos) << sh;
 
   // Right secret, but forwarding somewhere else than the job: the channel is refused.
-  int q = FreePort();
-  auto elsewhere =
-      Child::Spawn(Ssh(d.proxy_port(), "e2", {"-N", "-L", std::to_string(q) + ":127.0.0.1:22"}),
-                   dir_ / "elsewhere.log", SecretEnv(secret));
-  int fd = ConnectWhenReady(q);
+  std::vector<int> ports;
+  auto elsewhere = ForwardTo(d.proxy_port(), "e2", secret, {"127.0.0.1:22"}, &ports);
+  ASSERT_TRUE(elsewhere);
+  int fd = ConnectTcp(ports[0]);
   ASSERT_GE(fd, 0);
   EXPECT_EQ(ReadToEof(fd), "");  // closed at once, nothing reached
   close(fd);
   // SIGKILL: OpenSSH 9.2's client loop can miss a SIGTERM that lands just before its poll().
   elsewhere->Stop(SIGKILL);
-  EXPECT_NE(ReadFile(dir_ / "elsewhere.log").find("administratively prohibited"),
-            std::string::npos);
+  EXPECT_NE(ReadFile(log()).find("administratively prohibited"), std::string::npos);
   EXPECT_EQ(backend.connections(), 0);
 
   // A client that keeps guessing in one connection is dropped after 6 failures (libssh itself
@@ -1104,9 +1119,10 @@ TEST_F(EndpointTest, StalledBackendHoldsTheClientBackThenGetsEverything) {
   StallingBackend backend;
   std::string secret = d.SaveJob("e7", backend.port());
   ASSERT_FALSE(secret.empty());
-  int p = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e7", secret, {p});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e7", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
+  const int p = ports[0];
   size_t base = RssOf(d.pid());
   ASSERT_GT(base, 0u);
 
@@ -1156,9 +1172,10 @@ TEST_F(EndpointTest, StalledKeyExchangeTimesOutWhileOthersFlow) {
   ASSERT_TRUE(d.Start());
   Backend backend;
   std::string secret = d.SaveJob("e3", backend.port());
-  int p = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e3", secret, {p});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e3", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
+  const int p = ports[0];
 
   // Two clients stop mid-handshake: one after its banner, one inside its KEXINIT packet.
   auto start = Clock::now();
@@ -1231,9 +1248,10 @@ TEST_F(EndpointTest, SlowReadersKeepMemoryBounded) {
   ASSERT_TRUE(d.Start());
   Backend backend;
   std::string secret = d.SaveJob("e4", backend.port());
-  int p = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e4", secret, {p});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e4", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
+  const int p = ports[0];
   // Warm up (first channel, buffers), then take the baseline.
   {
     int fd = ConnectTcp(p);
