@@ -141,6 +141,38 @@ TEST_F(DialerTest, ConnectsToANameThroughTheCache) {
   if (accepted >= 0) ::close(accepted);
 }
 
+// A name with two addresses whose first refuses: the dial goes on to the second and connects
+// there, with one socket open in the end. (The cache is seeded: no name here has two addresses.)
+TEST_F(DialerTest, ANameWhoseFirstAddressRefusesConnectsToTheNext) {
+  LocalPort server(16);  // on 127.0.0.1 only: 127.0.0.2 on its port refuses
+  auto address = [](const char* ip) {
+    auto a = loop::ParseNumericAddress(ip, 0);
+    EXPECT_TRUE(a.has_value()) << ip;
+    return a.value_or(sockaddr_storage{});
+  };
+  cache_->SeedForTesting("backend.test", {address("127.0.0.2"), address("127.0.0.1")});
+  int fds = OpenFds();
+  std::vector<std::string> tried;
+  dialer_ = std::make_unique<Dialer>(reactor_.get(), cache_.get());
+  dialer_->set_check([&](const sockaddr_storage& addr) {
+    tried.push_back(loop::FormatAddress(reinterpret_cast<const sockaddr*>(&addr)));
+    return Status::OK();
+  });
+  dialer_->Dial("backend.test", server.port,
+                [this](Result<loop::IoHandle> r) { result_.emplace(std::move(r)); });
+  ASSERT_TRUE(RunUntil([&] { return result_.has_value(); }));
+  ASSERT_TRUE(result_->ok()) << result_->status().ToString();
+  const std::string port = std::to_string(server.port);
+  EXPECT_EQ(tried, (std::vector<std::string>{"127.0.0.2:" + port, "127.0.0.1:" + port}));
+  EXPECT_EQ(OpenFds(), fds + 1) << "only the connected socket is open";
+  int accepted = ::accept4(server.fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+  ASSERT_GE(accepted, 0) << "the second address was not connected to";
+  ASSERT_EQ(::write((*result_)->fd(), "x", 1), 1);
+  char c = 0;
+  EXPECT_EQ(::read(accepted, &c, 1), 1);
+  ::close(accepted);
+}
+
 TEST_F(DialerTest, ARefusedPortIsReportedRefusedOnALaterTurn) {
   LocalPort closed(/*backlog=*/-1);  // bound, not listening: refuses
   int fds = OpenFds();
