@@ -257,7 +257,7 @@ TEST_F(ProxyTest, DeniedAndMalformedHandshakes) {
   std::thread dripper([&] {
     for (char c : slow) {
       if (stop || send(fd, &c, 1, MSG_NOSIGNAL) != 1) return;
-      std::this_thread::sleep_for(milliseconds(100));
+      std::this_thread::sleep_for(milliseconds(100));  // a slow client's pace, not a wait
     }
   });
   EXPECT_EQ(ReadLine(fd).value_or("<closed>"), "ERR timeout");
@@ -506,7 +506,7 @@ TEST_F(ProxyTest, IdleAndHalfClosedSessionsTimeOut) {
     while (!stop) {
       bool ok = SendAll(busy, "ping\n") && ReadLine(busy) == "ping";
       (ok ? busy_good : busy_bad)++;
-      std::this_thread::sleep_for(milliseconds(250));
+      std::this_thread::sleep_for(milliseconds(250));  // the busy client's pace, not a wait
     }
   });
   // The half-closed one goes first, after its timeout (the sweep runs every second)...

@@ -365,9 +365,8 @@ TEST_F(ViaTest, AgentFirstThenIdentityFiles) {
   std::string sock = dir_ / "agent.sock";
   auto agent = Child::Spawn({"ssh-agent", "-D", "-a", sock}, dir_ / "agent.log");
   ASSERT_TRUE(agent);
-  for (int i = 0; i < 500 && access(sock.c_str(), F_OK) != 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  ASSERT_TRUE(WaitUntil([&] { return access(sock.c_str(), F_OK) == 0; }, 5000))
+      << ReadFile(dir_ / "agent.log");
   RunOptions with_agent = ClientEnv(sock);
   std::string key = sshd_.home() + "/.ssh/id_ed25519";
   RunResult add = RunCommand({"ssh-add", key}, with_agent);
@@ -476,9 +475,7 @@ TEST_F(ViaTest, ConnectStopsAtOnceWhileTheSecretIsFetchedAgain) {
   // Denied, so `connect` runs `load` on the login node over a new ssh session; that command's
   // request waits in the (stopped) daemon's backlog.
   int pending = 0;
-  for (int i = 0; i < 3000 && (pending = PendingOnUnixSocket(control)) == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  WaitUntil([&] { return (pending = PendingOnUnixSocket(control)) != 0; }, 30000);
   EXPECT_EQ(pending, 1) << connect->Output();
   EXPECT_EQ(proxy.handshakes(), 1);
   auto start = std::chrono::steady_clock::now();
@@ -1025,10 +1022,7 @@ TEST_F(EndpointTest, ChannelsCountAgainstMaxConnections) {
   // slot returns once the daemon saw the channel go).
   auto open_channel_soon = [&] {
     int fd = -1;
-    for (int tries = 0; tries < 100 && fd < 0; ++tries) {
-      fd = open_channel();
-      if (fd < 0) usleep(50 * 1000);
-    }
+    WaitUntil([&] { return (fd = open_channel()) >= 0; }, 5000);
     return fd;
   };
   std::vector<int> open;
@@ -1084,15 +1078,12 @@ TEST_F(EndpointTest, HalfClosedChannelTimesOutAlone) {
     auto sj = ParseOut(d.Cli({"stats", "--json"}).out);
     return JsonText(sj.get(), {"stats", "per_job", "e6", "active"});
   };
-  bool timed_out = false;
-  for (int i = 0; i < 100 && !timed_out; ++i) {
-    timed_out = d.Log().find(": half-close timeout") != std::string::npos;
-    if (!timed_out) usleep(100 * 1000);
-  }
-  EXPECT_TRUE(timed_out) << d.Log();
+  EXPECT_TRUE(
+      WaitUntil([&] { return d.Log().find(": half-close timeout") != std::string::npos; }, 10000))
+      << d.Log();
   EXPECT_GE(Clock::now() - eof_at, std::chrono::milliseconds(1000));
   std::string now_active;
-  for (int i = 0; i < 50 && (now_active = active()) != "1"; ++i) usleep(100 * 1000);
+  WaitUntil([&] { return (now_active = active()) == "1"; }, 5000);
   EXPECT_EQ(now_active, "1") << "only the open channel is left";
   close(half);
 
@@ -1206,10 +1197,7 @@ TEST_F(EndpointTest, StalledKeyExchangeTimesOutWhileOthersFlow) {
   EXPECT_GE(ms, 1500);
   EXPECT_LT(ms, 8000);
   // Each session logs its line right after releasing its socket.
-  auto deadline = Clock::now() + std::chrono::seconds(5);
-  while (CountOf(d.Log(), "reason=handshake timeout") < 2 && Clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  WaitUntil([&] { return CountOf(d.Log(), "reason=handshake timeout") >= 2; }, 5000);
   EXPECT_EQ(CountOf(d.Log(), "reason=handshake timeout"), 2u) << d.Log();
 
   // And the session still works afterwards.

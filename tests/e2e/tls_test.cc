@@ -684,6 +684,7 @@ TEST_F(TlsTest, AClientHelloInOneByteRecordsOnSeveralConnectionsIsReadToItsEnd) 
   // One record to each connection per round, a round every millisecond.
   auto start = Clock::now();
   for (size_t off = 0, round = 0; off < stream.size(); off += 6, ++round) {
+    // The slow sender's pace, not a wait.
     std::this_thread::sleep_until(start + std::chrono::microseconds(1000 * round));
     for (int fd : fds) ASSERT_TRUE(SendAll(fd, stream.data() + off, 6));
   }
