@@ -528,6 +528,7 @@ void Backend::Serve(int fd) {
       Pattern(off, buf.data(), chunk);
       if (!SendAll(fd, buf.data(), chunk)) break;
       off += chunk;
+      sent_ += chunk;
     }
     if (reset) {
       linger l{1, 0};
@@ -576,6 +577,20 @@ bool WaitUntil(const std::function<bool()>& pred, int timeout_ms) {
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   return pred();
+}
+
+uint64_t WaitUntilStill(const std::function<uint64_t()>& count, int timeout_ms) {
+  std::optional<uint64_t> last;
+  uint64_t now = 0;
+  WaitUntil(
+      [&] {
+        now = count();
+        bool still = last == now;
+        last = now;
+        return still;
+      },
+      timeout_ms);
+  return now;
 }
 
 PortReservation::PortReservation() {

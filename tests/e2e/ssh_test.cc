@@ -46,13 +46,6 @@ size_t CountOf(const std::string& text, const std::string& needle) {
   return n;
 }
 
-// Resident set of a process, from /proc.
-size_t RssOf(pid_t pid) {
-  std::string status = ReadFile("/proc/" + std::to_string(pid) + "/status");
-  size_t at = status.find("VmRSS:");
-  return at == std::string::npos ? 0 : std::stoull(status.substr(at + 6)) * 1024;
-}
-
 // One line through `port` (to an echo backend) on a new connection: the line echoed, or
 // "(closed)" if the connection closed first.
 std::string EchoLine(int port, const std::string& text) {
@@ -1099,12 +1092,10 @@ TEST_F(EndpointTest, HalfClosedChannelTimesOutAlone) {
 
 // The endpoint's side of a channel, towards a backend that stops reading: the daemon holds at
 // most kToSocketCap, leaves the rest in libssh and stops growing the window, so the client is
-// held back and the daemon's memory stays bounded; once the backend reads, the bytes that
-// waited go out on the socket's writable edge, all of them, in order; the client's EOF reaches
-// the backend as SHUT_WR and its answer still comes back.
+// held back (and the daemon's memory, measured in bench/, stays bounded); once the backend
+// reads, the bytes that waited go out on the socket's writable edge, all of them, in order; the
+// client's EOF reaches the backend as SHUT_WR and its answer still comes back.
 TEST_F(EndpointTest, StalledBackendHoldsTheClientBackThenGetsEverything) {
-  std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
-  setenv("ASAN_OPTIONS", (asan + (asan.empty() ? "" : ":") + "quarantine_size_mb=1").c_str(), 1);
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   StallingBackend backend;
@@ -1114,25 +1105,12 @@ TEST_F(EndpointTest, StalledBackendHoldsTheClientBackThenGetsEverything) {
   auto ssh = Forward(d.proxy_port(), "e7", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
   const int p = ports[0];
-  size_t base = RssOf(d.pid());
-  ASSERT_GT(base, 0u);
 
   constexpr uint64_t kTotal = 128ull << 20;
-  std::atomic<size_t> peak{0};
-  std::atomic<bool> done{false};
-  std::thread sampler([&] {
-    while (!done) {
-      peak = std::max(peak.load(), RssOf(d.pid()));
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-  });
   uint64_t held = PushThroughAStall(p, &backend, kTotal);
-  done = true;
-  sampler.join();
   EXPECT_LT(held, 64ull << 20) << "the client was not held back";
-  EXPECT_LT(peak.load(), base + (48u << 20)) << "base " << base << " peak " << peak.load();
-  std::printf("pushed %llu KiB while the backend stalled; daemon RSS base %zu KiB, peak %zu KiB\n",
-              static_cast<unsigned long long>(held >> 10), base >> 10, peak.load() >> 10);
+  std::printf("pushed %llu KiB while the backend stalled\n",
+              static_cast<unsigned long long>(held >> 10));
   ssh->Stop(SIGKILL);
 }
 
@@ -1210,28 +1188,25 @@ TEST_F(EndpointTest, StalledKeyExchangeTimesOutWhileOthersFlow) {
   EXPECT_EQ(r.received_bytes, 1u << 20);
 }
 
-// Pushes into `fd` for `ms` milliseconds without reading; returns the bytes the socket took.
-uint64_t PushFor(int fd, int ms) {
+// Pushes into `fd` without reading until `stop` (or an error), counting in `*pushed` the bytes
+// the socket took.
+void PushUntil(int fd, const std::atomic<bool>& stop, std::atomic<uint64_t>* pushed) {
   std::vector<char> buf(256 * 1024);
   Pattern(0, buf.data(), buf.size());
-  uint64_t total = 0;
-  auto start = Clock::now();
-  while (ElapsedMs(start) < ms) {
+  while (!stop) {
     pollfd p{fd, POLLOUT, 0};
     if (poll(&p, 1, 50) <= 0) continue;
     ssize_t n = send(fd, buf.data(), buf.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-    if (n > 0) total += n;
+    if (n > 0) *pushed += n;
     if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) break;
   }
-  return total;
 }
 
-TEST_F(EndpointTest, SlowReadersKeepMemoryBounded) {
-  // Under AddressSanitizer freed memory sits in a quarantine (256 MiB by default) that would
-  // show up as resident; a small one lets VmRSS measure what the daemon really holds. The
-  // daemon inherits this; without ASan the variable is ignored.
-  std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
-  setenv("ASAN_OPTIONS", (asan + (asan.empty() ? "" : ":") + "quarantine_size_mb=1").c_str(), 1);
+// Slow sides hold the other back through the channel's window instead of piling up in the
+// daemon: the fast side gets rid of no more than the buffers and windows on the way hold, where
+// a daemon that read on and buffered would take everything. The daemon's memory itself is
+// measured in bench/, never bounded in a test.
+TEST_F(EndpointTest, SlowSidesAreHeldBackThroughTheWindow) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   Backend backend;
@@ -1240,39 +1215,35 @@ TEST_F(EndpointTest, SlowReadersKeepMemoryBounded) {
   auto ssh = Forward(d.proxy_port(), "e4", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
   const int p = ports[0];
-  // Warm up (first channel, buffers), then take the baseline.
+  // Far more than the sockets, ssh's buffers and the channel windows on the way hold.
+  constexpr uint64_t kOnTheWay = 64ull << 20;
   {
     int fd = ConnectTcp(p);
     ASSERT_TRUE(SendAll(fd, "echo\n"));
     EXPECT_EQ(EchoTransfer(fd, 4 << 20).received_bytes, 4u << 20);
     close(fd);
   }
-  size_t base = RssOf(d.pid());
-  ASSERT_GT(base, 0u);
-  constexpr size_t kBound = 48u << 20;
 
-  // The backend reads slowly (64 KiB per 10 ms): the client cannot push much faster than
-  // that, so the bytes it gets rid of are bounded by the buffers on the way, not by the daemon.
+  // The backend reads slowly (64 KiB per 10 ms): the client is held back.
   int up = ConnectTcp(p);
+  ASSERT_GE(up, 0);
   ASSERT_TRUE(SendAll(up, "slowread\n"));
-  uint64_t pushed = PushFor(up, 3000);
-  size_t rss_up = RssOf(d.pid());
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> pushed{0};
+  std::thread writer([&] { PushUntil(up, stop, &pushed); });
+  uint64_t taken = WaitUntilStill([&] { return pushed.load(); });
+  EXPECT_LT(taken, kOnTheWay) << "the writer was not held back";
+  stop = true;
+  writer.join();
   close(up);
-  EXPECT_LT(pushed, 96ull << 20) << "the writer was not held back";
-  EXPECT_LT(rss_up, base + kBound) << "base " << base << " now " << rss_up;
 
   // The client does not read a large download: the daemon reads the backend only as the
-  // client's window allows.
+  // client's window allows, so the backend is held back.
   constexpr uint64_t kDown = 256ull << 20;
   int down = ConnectTcp(p, "127.0.0.1", 60000);
   ASSERT_TRUE(SendAll(down, "download " + std::to_string(kDown) + "\n"));
-  std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // the sweep flushes counters
-  size_t rss_down = RssOf(d.pid());
-  RunResult stats = d.Cli({"stats", "--json"});
-  uint64_t moved = std::stoull(
-      "0" + JsonText(ParseOut(stats.out).get(), {"stats", "per_job", "e4", "bytes_down"}));
-  EXPECT_LT(rss_down, base + kBound) << "base " << base << " now " << rss_down;
-  EXPECT_LT(moved, (4ull << 20) + (32ull << 20)) << "the daemon kept reading the backend";
+  uint64_t sent = WaitUntilStill([&] { return backend.sent(); });
+  EXPECT_LT(sent, kOnTheWay) << "the daemon kept reading the backend";
   // Then everything arrives intact.
   Sha256 sha;
   uint64_t total = 0;
@@ -1285,11 +1256,7 @@ TEST_F(EndpointTest, SlowReadersKeepMemoryBounded) {
   close(down);
   EXPECT_EQ(total, kDown);
   EXPECT_EQ(sha.Hex(), PatternHash(kDown));
-  size_t rss_end = RssOf(d.pid());
-  EXPECT_LT(rss_end, base + kBound);
-  std::printf(
-      "daemon RSS: base %zu KiB, slow backend %zu KiB, slow client %zu KiB, after %zu KiB\n",
-      base >> 10, rss_up >> 10, rss_down >> 10, rss_end >> 10);
+  ssh->Stop(SIGKILL);
 }
 
 }  // namespace
