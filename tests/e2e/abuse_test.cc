@@ -62,15 +62,11 @@ int AsUser(uid_t uid, const std::function<int()>& fn, int timeout_ms = 60000) {
   pid_t pid = fork();
   if (pid == 0) _exit(BecomeUser(uid) ? fn() : 100);
   if (pid < 0) return -1;
-  auto start = Clock::now();
   int status = 0;
-  while (waitpid(pid, &status, WNOHANG) == 0) {
-    if (ElapsedMs(start) > timeout_ms) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &status, 0);
-      return -1;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (!WaitUntil([&] { return waitpid(pid, &status, WNOHANG) != 0; }, timeout_ms)) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -1;
   }
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
@@ -364,15 +360,15 @@ struct SshClient {
   }
   // Channels to `job` keep opening for 10 s: false as soon as one is refused.
   bool KeepsOpening(const std::string& job) {
-    auto start = Clock::now();
-    while (ElapsedMs(start) < 10000) {
-      ssh_channel ch = Forward(job);
-      if (ch == nullptr) return false;
-      ssh_channel_close(ch);
-      ssh_channel_free(ch);
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return true;
+    return !WaitUntil(
+        [&] {
+          ssh_channel ch = Forward(job);
+          if (ch == nullptr) return true;
+          ssh_channel_close(ch);
+          ssh_channel_free(ch);
+          return false;
+        },
+        10000);
   }
 };
 
@@ -466,10 +462,7 @@ TEST_F(AbuseTest, SshSessionEndsWhenItsJobIsRemovedOrReplaced) {
   // Removed: the session ends, and no channel opens any more.
   EXPECT_EQ(d.Cli({"remove", "job7"}).exit_code, 0);
   EXPECT_FALSE(a.KeepsOpening("job7")) << "channels opened after remove\n" << d.Log();
-  auto start = Clock::now();
-  while (CountOf(d.Log(), "reason=job removed or replaced") < 1 && ElapsedMs(start) < 10000) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  WaitUntil([&] { return CountOf(d.Log(), "reason=job removed or replaced") >= 1; }, 10000);
   EXPECT_EQ(CountOf(d.Log(), "reason=job removed or replaced"), 1u) << d.Log();
 
   // Saved again, then again with a new secret: the session that proved the old one ends too.

@@ -83,7 +83,7 @@ TEST_F(ExecModeTest, TheCommandDiesWhenSaveIsKilled) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   std::string pid_file = dir_ / "service.pid";
-  // `exec`: the service is the process `save` started.
+  // `exec`: the service is the process `save` started (it sleeps to stay up: not a wait).
   auto save = StartSave(d, "k1", "echo $$ > " + pid_file + "; exec sleep 600");
   ASSERT_TRUE(save);
   std::string text = WaitForFile(pid_file);
@@ -102,6 +102,7 @@ TEST_F(ExecModeTest, WithoutATerminalTheCommandStaysInTheJobsSessionAndProcessGr
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   std::string pid_file = dir_ / "service.pid";
+  // A service that sleeps to stay up (not a wait).
   auto save = StartSave(d, "k2", "echo $$ > " + pid_file + "; exec sleep 600");
   ASSERT_TRUE(save);
   std::string text = WaitForFile(pid_file);
@@ -124,7 +125,8 @@ TEST_F(ExecModeTest, SigtermDeregistersTheJobBeforeTheCommandSeesIt) {
   ASSERT_TRUE(d.Start());
   std::string ready = dir_ / "ready";
   std::string seen = dir_ / "seen";
-  // The service asks the broker for its own job when its TERM trap runs.
+  // The service asks the broker for its own job when its TERM trap runs; it sleeps in a loop
+  // to stay up, which is not a wait.
   std::string load = BinaryPath() + " load k3 -c " + d.config_path() + " >/dev/null 2>&1";
   auto save =
       StartSave(d, "k3",
@@ -144,6 +146,7 @@ TEST_F(ExecModeTest, SigtermReachesTheCommandEvenWhenTheBrokerDoesNotAnswer) {
   ASSERT_TRUE(d.Start());
   std::string ready = dir_ / "ready";
   std::string seen = dir_ / "seen";
+  // A service that sleeps in a loop to stay up (not a wait).
   auto save = StartSave(d, "k7",
                         "trap 'echo term > " + seen + "; exit 0' TERM; echo up > " + ready +
                             "; while :; do sleep 0.05; done");
@@ -166,6 +169,8 @@ TEST_F(ExecModeTest, ADeregistrationThatFailedOnSigtermIsTriedAgainAtTheEnd) {
   std::string ready = dir_ / "ready";
   std::string seen = dir_ / "seen";
   std::string go = dir_ / "go";
+  // The service's trap holds its exit until the test makes `go` (its own bounded poll, in the
+  // child); otherwise it sleeps in a loop to stay up. Neither is a wait of the test's.
   auto save = StartSave(d, "k8",
                         "trap 'echo term > " + seen + "; while [ ! -e " + go +
                             " ]; do sleep 0.05; done; exit 0' TERM; echo up > " + ready +
@@ -188,6 +193,7 @@ TEST_F(ExecModeTest, ASecondSaveOfTheSameIdNeedsNameOrReplace) {
   ASSERT_TRUE(d.Start());
   std::string first_up = dir_ / "first.up";
   std::string first_go = dir_ / "first.go";
+  // A service that stays up until the test makes `first_go` (the child polls; not a wait).
   auto first = StartSave(
       d, "t4", "echo up > " + first_up + "; while [ ! -e " + first_go + " ]; do sleep 0.05; done");
   ASSERT_TRUE(first);
@@ -210,6 +216,7 @@ TEST_F(ExecModeTest, ASecondSaveOfTheSameIdNeedsNameOrReplace) {
 
   // With --replace the second takes the id over; the first one's exit leaves it alone.
   std::string second_secret = dir_ / "second.secret";
+  // A service that sleeps in a loop to stay up (not a wait).
   auto second = StartSave(
       d, "t4", "echo $BROKER_SECRET > " + second_secret + "; while :; do sleep 0.05; done",
       {"--replace"});
@@ -488,7 +495,8 @@ TEST_F(ExecModeTest, AnExplicitPortSomeoneListensOnIsRefused) {
 TEST_F(ExecModeTest, NothingListeningAfterReadyTimeoutIsWarnedAboutLoudly) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
-  // A command that never listens on its port (a misspelt flag, a service on its own default).
+  // A command that never listens on its port (a misspelt flag, a service on its own default);
+  // it sleeps in a loop to stay up, which is not a wait.
   auto save = StartSave(d, "rt", "while :; do sleep 0.05; done", {"--wait-timeout", "1s"});
   ASSERT_TRUE(save);
   auto warning = save->WaitFor("WARNING: nothing listens on 127.0.0.1:");
@@ -500,7 +508,8 @@ TEST_F(ExecModeTest, NothingListeningAfterReadyTimeoutIsWarnedAboutLoudly) {
   EXPECT_EQ(d.Cli({"load", "rt"}).exit_code, 0);
   EXPECT_EQ(save->Stop(SIGTERM, 30000), 128 + SIGTERM) << save->Output();
 
-  // A command that listens in time gets no warning, even well past the timeout.
+  // A command that listens in time gets no warning, even well past the timeout: its sleeps
+  // keep it running past the timeout, and then up (not waits).
   std::string done = dir_ / "done";
   auto listening = StartSave(d, "rt2",
                              "exec /usr/bin/python3 -c \"import socket,time; s=socket.socket(); "

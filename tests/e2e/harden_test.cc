@@ -10,10 +10,10 @@
 
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <atomic>
-#include <chrono>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "e2e/harness.h"
 #include "registry/json.h"
@@ -21,13 +21,8 @@
 namespace brokerproxy::testing {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-int64_t MsSince(Clock::time_point start) {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
-}
-
-// A UDP socket on 127.0.0.x:53 that reads queries and never answers.
+// A UDP socket on 127.0.0.x:53 that reads queries and answers none of them until Answer():
+// from then on each query, held or new, gets REFUSED, which ends a look-up at once.
 class DnsBlackhole {
  public:
   DnsBlackhole() {
@@ -41,12 +36,7 @@ class DnsBlackhole {
       if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
         timeval tv{0, 100 * 1000};
         setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-        thread_ = std::thread([this] {
-          char buf[2048];
-          while (!stop_) {
-            if (::recv(fd_, buf, sizeof(buf), 0) > 0) ++queries_;
-          }
-        });
+        thread_ = std::thread([this] { Serve(); });
         return;
       }
     }
@@ -59,21 +49,59 @@ class DnsBlackhole {
   }
   const std::string& address() const { return address_; }  // "" if no port 53 was free
   int queries() const { return queries_.load(); }
+  // Answers every query from now on (within the 100 ms the server thread waits at most).
+  void Answer() { answer_ = true; }
 
  private:
+  struct Query {
+    sockaddr_storage from;
+    socklen_t from_len;
+    std::string packet;
+  };
+  void Serve() {
+    std::vector<Query> held;
+    while (!stop_) {
+      char buf[2048];
+      Query q{};
+      q.from_len = sizeof(q.from);
+      ssize_t n =
+          ::recvfrom(fd_, buf, sizeof(buf), 0, reinterpret_cast<sockaddr*>(&q.from), &q.from_len);
+      if (n >= 12) {
+        ++queries_;
+        q.packet.assign(buf, n);
+        held.push_back(std::move(q));
+      }
+      if (!answer_) continue;
+      for (Query& h : held) {
+        // The query itself, turned into a response (QR) with RCODE REFUSED and no answers.
+        h.packet[2] = static_cast<char>(h.packet[2] | 0x80);
+        h.packet[3] = static_cast<char>((h.packet[3] & 0xf0) | 5);
+        ::sendto(fd_, h.packet.data(), h.packet.size(), 0,
+                 reinterpret_cast<const sockaddr*>(&h.from), h.from_len);
+      }
+      held.clear();
+    }
+  }
+
   int fd_ = -1;
   std::string address_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> answer_{false};
   std::atomic<int> queries_{0};
   std::thread thread_;
 };
 
 // One user's jobs whose backend names never resolve (DNS does not answer) are dialled by many
 // clients at once, and ssl jobs with such names saved (a save checks the backend policy on
-// what the name resolves to). Meanwhile another user's saves stay fast (registry writes share the
-// thread pool with look-ups), that user's job behind a name from /etc/hosts is reached at once (one
-// user's look-ups hold at most a share of the slots), and a numeric backend is reached. The daemon
-// runs in a private mount namespace whose /etc/resolv.conf names the blackhole.
+// what the name resolves to). Meanwhile another user's saves complete (registry writes share the
+// thread pool with look-ups), that user's job behind a name from /etc/hosts is reached (one
+// user's look-ups hold at most a share of the slots), a numeric backend is reached, and the
+// dials and ssl saves of the names that do not resolve are answered (the daemon's own look-up
+// timeout, not the resolver's): all of it while the look-ups still hold their pool threads, as
+// the daemon's shutdown, which waits for them, then shows. A save starved by the look-ups would
+// wait for a thread until the resolver gave up (30 s), and no look-up would be left at the end.
+// Nothing here is timed: DNS answers nothing until the test is done, and then answers all. The
+// daemon runs in a private mount namespace whose /etc/resolv.conf names the blackhole.
 TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   if (RunCommand({"unshare", "-m", "true"}).exit_code != 0) {
     GTEST_SKIP() << "unshare -m is not permitted here";
@@ -84,9 +112,10 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   DnsBlackhole dns;
   if (dns.address().empty()) GTEST_SKIP() << "no free 127.0.0.x:53";
   TempDir dir;
-  // One attempt of 10 s per look-up: long enough that the daemon's own timeout answers first.
+  // One attempt of 30 s (the resolver's longest) per look-up: far longer than the daemon's own
+  // timeout, and than anything the test waits for before DNS answers.
   WriteFile(dir / "resolv.conf",
-            "nameserver " + dns.address() + "\noptions timeout:10 attempts:1\n");
+            "nameserver " + dns.address() + "\noptions timeout:30 attempts:1\n");
   Daemon d(dir);
   d.set_launcher({"unshare", "-m", "--propagation", "private", "sh", "-c",
                   "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"", dir / "resolv.conf"});
@@ -99,11 +128,21 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   RunOptions as_bob;
   as_bob.uid = *bob;
   constexpr int kNames = 10;
+  // Saved all at once: a save of a name that does not resolve takes the look-up's timeout.
+  std::vector<RunResult> saves(kNames);
+  {
+    std::vector<std::thread> savers;
+    for (int i = 0; i < kNames; ++i) {
+      savers.emplace_back([&, i] {
+        saves[i] = d.Cli({"save", "ssh", "--job-id", "dns" + std::to_string(i), "--host",
+                          "nx" + std::to_string(i) + ".invalid", "--port", "5000", "--json"},
+                         as_alice);
+      });
+    }
+    for (auto& t : savers) t.join();
+  }
   std::vector<std::string> secrets;
-  for (int i = 0; i < kNames; ++i) {
-    RunResult r = d.Cli({"save", "ssh", "--job-id", "dns" + std::to_string(i), "--host",
-                         "nx" + std::to_string(i) + ".invalid", "--port", "5000", "--json"},
-                        as_alice);
+  for (const RunResult& r : saves) {
     ASSERT_EQ(r.exit_code, 0) << r;
     secrets.push_back(JsonText(ParseOut(r).get(), {"job", "secret"}));
   }
@@ -119,16 +158,13 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   // Every name dialled at once, each by two clients.
   std::vector<std::thread> clients;
   std::vector<std::string> replies(2 * kNames);
-  std::vector<int64_t> reply_ms(2 * kNames, -1);
-  auto start = Clock::now();
   for (int c = 0; c < 2 * kNames; ++c) {
     clients.emplace_back([&, c] {
-      int fd = ConnectTcp(d.proxy_port(), "127.0.0.1", 30000);
+      int fd = ConnectTcp(d.proxy_port(), "127.0.0.1", 60000);
       if (fd < 0) return;
       int i = c % kNames;
       if (SendAll(fd, "BROKER1 dns" + std::to_string(i) + " " + secrets[i] + "\n")) {
         replies[c] = ReadLine(fd).value_or("(closed)");
-        reply_ms[c] = MsSince(start);
       }
       ::close(fd);
     });
@@ -138,15 +174,12 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   ASSERT_EQ(::mkdir(cert_dir.c_str(), 0700), 0);
   ASSERT_EQ(::chown(cert_dir.c_str(), *alice, PrimaryGid(*alice)), 0);
   std::vector<RunResult> ssl_saves(kNames);
-  std::vector<int64_t> ssl_save_ms(kNames, -1);
   for (int i = 0; i < kNames; ++i) {
     clients.emplace_back([&, i] {
-      auto t0 = Clock::now();
       ssl_saves[i] =
           d.Cli({"save", "ssl", "--job-id", "ssl" + std::to_string(i), "--host",
                  "nxs" + std::to_string(i) + ".invalid", "--port", "5000", "--cert-dir", cert_dir},
                 as_alice);
-      ssl_save_ms[i] = MsSince(t0);
     });
   }
   // The look-ups are under way once the blackhole hears them.
@@ -154,54 +187,48 @@ TEST(HardenTest, SlowDnsStarvesNeitherSavesNorNumericDials) {
   EXPECT_GE(dns.queries(), 4);
 
   // Another user's saves: each a registry write on the pool.
-  int64_t slowest_save = 0;
   for (int i = 0; i < 3; ++i) {
-    auto t0 = Clock::now();
     RunResult r =
         d.Cli({"save", "ssh", "--job-id", "bob" + std::to_string(i), "--port", "5000"}, as_bob);
     EXPECT_EQ(r.exit_code, 0) << r;
-    slowest_save = std::max(slowest_save, MsSince(t0));
   }
-  // Generous for an ASan build on a loaded machine; starved writes wait for the look-ups (10 s
-  // each, a pool thread apiece).
-  EXPECT_LT(slowest_save, 4000) << "a save waited behind DNS look-ups";
 
-  // A numeric backend is reached at once.
-  auto t0 = Clock::now();
+  // A numeric backend is reached.
   int fd = ConnectTcp(d.proxy_port());
   ASSERT_GE(fd, 0);
   ASSERT_TRUE(SendAll(fd, "BROKER1 numeric " + numeric_secret + "\necho\nping\n"));
   EXPECT_EQ(ReadLine(fd).value_or("(closed)"), "OK");
   EXPECT_EQ(ReadLine(fd).value_or("(closed)"), "ping");
   ::close(fd);
-  EXPECT_LT(MsSince(t0), 4000);
 
   // Bob's named backend too: Alice's names hold at most her share of the look-ups.
-  t0 = Clock::now();
   fd = ConnectTcp(d.proxy_port());
   ASSERT_GE(fd, 0);
   ASSERT_TRUE(SendAll(fd, "BROKER1 bobnamed " + named_secret + "\necho\nping\n"));
   EXPECT_EQ(ReadLine(fd).value_or("(closed)"), "OK");
   EXPECT_EQ(ReadLine(fd).value_or("(closed)"), "ping");
   ::close(fd);
-  EXPECT_LT(MsSince(t0), 4000) << "another user's names held every look-up";
 
   for (auto& t : clients) t.join();
   // Each ssl save succeeds, its certificate without addresses for a name that did not resolve.
-  // The look-up gives up after 5 s, well before the resolver would (10 s, one at a time for
-  // each pool thread DNS may use).
-  for (int i = 0; i < kNames; ++i) {
-    EXPECT_EQ(ssl_saves[i].exit_code, 0) << ssl_saves[i];
-    EXPECT_LT(ssl_save_ms[i], 9000) << "ssl save " << i;
-  }
+  for (int i = 0; i < kNames; ++i) EXPECT_EQ(ssl_saves[i].exit_code, 0) << ssl_saves[i];
+  // A clear answer for each dial.
   for (int c = 0; c < 2 * kNames; ++c) {
-    // A clear answer, bounded by the resolver's timeout (5 s) plus a margin for the ASan build.
     EXPECT_TRUE(replies[c] == "ERR unavailable" || replies[c] == "ERR timeout")
         << "client " << c << ": " << replies[c];
-    EXPECT_GE(reply_ms[c], 0);
-    EXPECT_LT(reply_ms[c], 12000) << "client " << c;
   }
-  EXPECT_EQ(d.Stop(), 0);
+
+  // All of that happened while look-ups still held pool threads: the shutdown waits for them.
+  ASSERT_EQ(::kill(d.pid(), SIGTERM), 0);
+  EXPECT_TRUE(WaitUntil([&] {
+    return d.Log().find("DNS look-up(s) to return") != std::string::npos ||
+           d.Log().find("brokerproxy stopped") != std::string::npos;
+  }));
+  EXPECT_NE(d.Log().find("DNS look-up(s) to return"), std::string::npos)
+      << "the look-ups had returned: the rest may have waited for them\n"
+      << d.Log();
+  dns.Answer();  // they return now, and the daemon exits
+  EXPECT_EQ(d.Stop(0), 0);
 }
 
 // The daemon refuses a state or socket directory that another user could write to (plant a

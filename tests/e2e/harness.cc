@@ -212,19 +212,21 @@ Child::~Child() {
 }
 
 std::optional<std::string> Child::WaitFor(const std::string& needle, int timeout_ms) {
-  int64_t deadline = NowMs() + timeout_ms;
-  for (;;) {
-    std::string out = Output();
-    size_t at = out.find(needle);
-    if (at != std::string::npos) {
-      size_t start = out.rfind('\n', at);
-      start = start == std::string::npos ? 0 : start + 1;
-      size_t end = out.find('\n', at);
-      return out.substr(start, end == std::string::npos ? std::string::npos : end - start);
-    }
-    if (NowMs() > deadline || !Running()) return std::nullopt;
-    SleepMs(10);
-  }
+  std::string out;
+  size_t at = std::string::npos;
+  WaitUntil(
+      [&] {
+        bool running = Running();  // first: output written before an exit is still read
+        out = Output();
+        at = out.find(needle);
+        return at != std::string::npos || !running;
+      },
+      timeout_ms);
+  if (at == std::string::npos) return std::nullopt;
+  size_t start = out.rfind('\n', at);
+  start = start == std::string::npos ? 0 : start + 1;
+  size_t end = out.find('\n', at);
+  return out.substr(start, end == std::string::npos ? std::string::npos : end - start);
 }
 
 std::string Child::Output() const { return ReadFile(output_path_); }
@@ -242,16 +244,11 @@ bool Child::Running() {
 int Child::Stop(int signum, int timeout_ms) {
   if (status_) return *status_;
   kill(pid_, signum);
-  int64_t deadline = NowMs() + timeout_ms;
-  while (Running()) {
-    if (NowMs() > deadline) {
-      kill(pid_, SIGKILL);
-      int status = 0;
-      waitpid(pid_, &status, 0);
-      status_ = DecodeWaitStatus(status);
-      break;
-    }
-    SleepMs(5);
+  if (!WaitUntil([&] { return !Running(); }, timeout_ms)) {
+    kill(pid_, SIGKILL);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    status_ = DecodeWaitStatus(status);
   }
   return *status_;
 }
@@ -531,6 +528,7 @@ void Backend::Serve(int fd) {
       Pattern(off, buf.data(), chunk);
       if (!SendAll(fd, buf.data(), chunk)) break;
       off += chunk;
+      sent_ += chunk;
     }
     if (reset) {
       linger l{1, 0};
@@ -545,7 +543,7 @@ void Backend::Serve(int fd) {
     for (;;) {
       ssize_t n = recv(fd, buf.data(), 64 * 1024, 0);
       if (n <= 0) break;
-      SleepMs(10);
+      SleepMs(10);  // a slow reader on purpose: pacing, not a wait
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
@@ -575,9 +573,24 @@ bool WaitUntil(const std::function<bool()>& pred, int timeout_ms) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   while (std::chrono::steady_clock::now() < deadline) {
     if (pred()) return true;
+    // The poll interval of the one condition wait every other wait in the tests goes through.
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   return pred();
+}
+
+uint64_t WaitUntilStill(const std::function<uint64_t()>& count, int timeout_ms) {
+  std::optional<uint64_t> last;
+  uint64_t now = 0;
+  WaitUntil(
+      [&] {
+        now = count();
+        bool still = last == now;
+        last = now;
+        return still;
+      },
+      timeout_ms);
+  return now;
 }
 
 PortReservation::PortReservation() {
@@ -607,11 +620,6 @@ int PortReservation::Listen(int backlog) {
 void PortReservation::Release() {
   if (fd_ >= 0) close(fd_);
   fd_ = -1;
-}
-
-int FreePort() {
-  PortReservation reserved;
-  return reserved.port();
 }
 
 PortStart WaitListening(std::unique_ptr<Child>* child, int port, std::string* why, size_t from,

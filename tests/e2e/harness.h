@@ -175,6 +175,8 @@ class Backend {
   // Connections that sent at least one byte: the daemon's readiness probes, which connect and
   // close without one, are not counted.
   int connections() const { return connections_.load(); }
+  // Bytes the "download" and "reset" commands handed to the kernel so far, all connections.
+  uint64_t sent() const { return sent_.load(); }
 
  private:
   void AcceptLoop();
@@ -185,6 +187,7 @@ class Backend {
   int port_ = 0;
   std::atomic<bool> stop_{false};
   std::atomic<int> connections_{0};
+  std::atomic<uint64_t> sent_{0};
   std::thread acceptor_;
   std::mutex mu_;
   std::vector<std::thread> workers_;
@@ -279,6 +282,10 @@ std::string JsonText(const cJSON* obj, std::initializer_list<const char*> path);
 // Polls `pred` every 25 ms until it holds (true) or `timeout_ms` passed (false; `pred` is asked
 // once more at the deadline, so a slow last step still counts).
 bool WaitUntil(const std::function<bool()>& pred, int timeout_ms = 20000);
+// Polls `count` (bytes a sender got rid of) the same way until two looks in a row give the
+// same value: the sender is held back (or done). Returns the last value; after `timeout_ms`,
+// whatever it is then.
+uint64_t WaitUntilStill(const std::function<uint64_t()>& count, int timeout_ms = 20000);
 
 // A loopback TCP port the test holds: a socket bound to 127.0.0.1 with SO_REUSEADDR, not
 // listening. Connections to it are refused, and while it is held no socket without
@@ -304,11 +311,6 @@ class PortReservation {
   int fd_ = -1;
   int port_ = 0;
 };
-
-// A loopback port nothing listened on a moment ago (the kernel's pick, released at once). It
-// races: another process may take the port before it is used. Use PortReservation or
-// StartOnFreePort instead; kept for the SSH endpoint's tests until they move.
-int FreePort();
 
 // How a third-party program started on a port it was given (see StartOnFreePort).
 enum class PortStart { kStarted, kInUse, kFailed };

@@ -240,7 +240,7 @@ int getaddrinfo(const char* node, const char* service, const struct addrinfo* hi
                 struct addrinfo** res) {
   int (*real)(const char*, const char*, const struct addrinfo*, struct addrinfo**) =
       dlsym(RTLD_NEXT, "getaddrinfo");
-  if (node && strstr(node, "slow-dns")) sleep(20);
+  if (node && strstr(node, "slow-dns")) sleep(20); /* a slow name service, not a wait */
   return real(node, service, hints, res);
 }
 )");

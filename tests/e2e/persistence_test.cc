@@ -84,6 +84,7 @@ TEST(PersistenceTest, KillDashNineLosesNoAcknowledgedSave) {
   for (int round = 0; round < 8; ++round) {
     auto child = Child::Spawn({BinaryPath(), "run", "-c", d.config_path()}, dir / "early.log");
     ASSERT_TRUE(child);
+    // A random moment of start-up to kill it at, not a wait for anything.
     std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 400));
     child->Stop(SIGKILL);
   }
@@ -96,10 +97,8 @@ TEST(PersistenceTest, KillDashNineLosesNoAcknowledgedSave) {
     }
     SaveStream stream(d, "r" + std::to_string(round), 3);
     // Some saves acknowledged, then a kill at a random moment of the stream.
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (stream.acked() < 3 && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    WaitUntil([&] { return stream.acked() >= 3; }, 30000);
+    // A random moment of the stream to kill it at, not a wait for anything.
     std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 300));
     d.Stop(SIGKILL);
     std::vector<std::string> acked = stream.Finish();

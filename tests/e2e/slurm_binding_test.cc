@@ -104,6 +104,7 @@ TEST_F(SlurmBindingTest, SavesAreBoundToTheCallersRunningJobsAndEndWithThem) {
   EXPECT_EQ(JsonText(ParseOut(a_web_out).get(), {"job", "id"}), a + ".web") << a_web_out;
 
   // Bob's running job, a future id and a name that is no job: refused, saying why.
+  // (Its sleep is how long the job runs, not a wait.)
   std::string b = cluster.Sbatch(*bob_, {"--wrap", "sleep 120"}, &error);
   ASSERT_FALSE(b.empty()) << error;
   ASSERT_TRUE(cluster.WaitFor(b, "RUNNING")) << cluster.JobState(b);
@@ -126,6 +127,7 @@ TEST_F(SlurmBindingTest, SavesAreBoundToTheCallersRunningJobsAndEndWithThem) {
       << elsewhere;
 
   // An array task saves by its environment and is found as A_T.
+  // (Its sleep is how long the job runs, not a wait.)
   std::string arr = cluster.Sbatch(
       *alice_,
       {"--array=0-1", "--wrap",
@@ -138,6 +140,7 @@ TEST_F(SlurmBindingTest, SavesAreBoundToTheCallersRunningJobsAndEndWithThem) {
   EXPECT_EQ(found.exit_code, 0) << found;
 
   // A job that ends normally, and one that is cancelled: their entries go (interval 1s).
+  // (Its sleep is how long the job runs, not a wait.)
   std::string shortjob = cluster.Sbatch(
       *alice_, {"--wrap", SaveLine(cluster, "--port " + port, "short.json") + "; sleep 2"}, &error);
   ASSERT_FALSE(shortjob.empty()) << error;
@@ -156,6 +159,7 @@ TEST_F(SlurmBindingTest, EpilogIsForAdminsOnly) {
   Backend backend(Backend::OwnedBy(*alice_));
   std::string port = std::to_string(backend.port());
   std::string error;
+  // (Its sleep is how long the job runs, not a wait.)
   std::string a = cluster.Sbatch(
       *alice_, {"--wrap", SaveLine(cluster, "--port " + port, "e.json") + "; sleep 120"}, &error);
   ASSERT_FALSE(a.empty()) << error;
@@ -187,6 +191,7 @@ TEST_F(SlurmBindingTest, SchedulerDownRefusesSavesWhileSessionsFlow) {
   Backend backend(Backend::OwnedBy(*alice_));
   std::string port = std::to_string(backend.port());
   std::string error;
+  // (Its sleep is how long the job runs, not a wait.)
   std::string a =
       cluster.Sbatch(*alice_,
                      {"-w", "n1", "--wrap",
@@ -336,6 +341,7 @@ TEST_F(SlurmBindingTest, TheQuotaBoundsTheServicesOfAUser) {
   Backend backend(Backend::OwnedBy(*alice_));
   std::string port = std::to_string(backend.port());
   std::string error;
+  // (Its sleep is how long the job runs, not a wait.)
   std::string a = cluster.Sbatch(*alice_, {"-w", "n1", "--wrap", "sleep 120"}, &error);
   ASSERT_FALSE(a.empty()) << error;
   ASSERT_TRUE(cluster.WaitFor(a, "RUNNING")) << cluster.JobState(a);
@@ -360,6 +366,7 @@ TEST_F(SlurmBindingTest, EntryGoesWhenTheJobHitsItsTimeLimit) {
   StartDaemon(cluster);
   Backend backend(Backend::OwnedBy(*alice_));
   std::string error;
+  // (Its sleep is how long the job runs, not a wait.)
   std::string a = cluster.Sbatch(
       *alice_,
       {"-w", "n1", "--time=1", "--wrap",

@@ -6,11 +6,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <fstream>
-#include <set>
 #include <sstream>
-#include <thread>
 
 namespace brokerproxy::testing {
 
@@ -18,14 +15,6 @@ namespace {
 
 constexpr int kNodes = 2;
 constexpr int kCpusPerNode = 4;
-
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-void Sleep(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
 
 bool Executable(const std::string& path) { return access(path.c_str(), X_OK) == 0; }
 
@@ -117,10 +106,14 @@ std::string SlurmCluster::jobs_dir() const { return *dir_ / "jobs"; }
 
   // Ports: Slurm cannot be given port 0, since every client and daemon finds the others by
   // the ports written in slurm.conf, and slurmctld/slurmd cannot report a port the kernel
-  // picked. So take ports the kernel handed out a moment ago (and released), all distinct.
-  std::set<int> ports;
-  while (ports.size() < 1 + kNodes) ports.insert(FreePort());
-  std::vector<int> port(ports.begin(), ports.end());
+  // picked. So the test holds ports the kernel picked (bound, all distinct while held) until
+  // right before the daemons start: while held, no other process is handed one of them.
+  std::vector<std::unique_ptr<PortReservation>> reserved;
+  std::vector<int> port;
+  while (port.size() < 1 + kNodes) {
+    reserved.push_back(std::make_unique<PortReservation>());
+    port.push_back(reserved.back()->port());
+  }
 
   std::ostringstream conf;
   conf << "ClusterName=bptest\n"
@@ -171,14 +164,11 @@ std::string SlurmCluster::jobs_dir() const { return *dir_ / "jobs"; }
   env_ = {"SLURM_CONF=" + conf_path_};
 
   // munged creates its socket shortly after it starts.
-  int64_t deadline = NowMs() + 10000;
-  while (access(munge_socket.c_str(), F_OK) != 0) {
-    if (NowMs() > deadline || !munged_->Running()) {
-      return ::testing::AssertionFailure() << "munged did not start:\n" << Logs();
-    }
-    Sleep(20);
-  }
+  auto munge_up = [&] { return access(munge_socket.c_str(), F_OK) == 0; };
+  WaitUntil([&] { return munge_up() || !munged_->Running(); }, 10000);
+  if (!munge_up()) return ::testing::AssertionFailure() << "munged did not start:\n" << Logs();
 
+  reserved.clear();  // slurmctld and slurmd bind them themselves
   RunOptions options;
   options.env = env_;
   slurmctld_ =
@@ -189,25 +179,27 @@ std::string SlurmCluster::jobs_dir() const { return *dir_ / "jobs"; }
                                     d / ("slurmd-" + node + ".out"), options));
   }
 
-  deadline = NowMs() + 30000;
-  for (;;) {
-    RunResult r = Run({"sinfo", "-h", "-N", "-o", "%N %t"}, std::nullopt, 5000);
-    if (r.exit_code == 0) {
-      int idle = 0;
-      std::istringstream lines(r.out);
-      std::string name, state;
-      while (lines >> name >> state) idle += state == "idle";
-      if (idle == kNodes) return ::testing::AssertionSuccess();
-    }
-    bool alive = slurmctld_ && slurmctld_->Running();
-    for (auto& s : slurmds_) alive = alive && s && s->Running();
-    if (NowMs() > deadline || !alive) {
-      return ::testing::AssertionFailure()
-             << "the Slurm nodes did not become idle (" << r.out << r.err << "):\n"
-             << Logs();
-    }
-    Sleep(100);
-  }
+  RunResult r;
+  bool idle = false, alive = true;
+  WaitUntil(
+      [&] {
+        r = Run({"sinfo", "-h", "-N", "-o", "%N %t"}, std::nullopt, 5000);
+        if (r.exit_code == 0) {
+          int idle_nodes = 0;
+          std::istringstream lines(r.out);
+          std::string name, state;
+          while (lines >> name >> state) idle_nodes += state == "idle";
+          idle = idle_nodes == kNodes;
+        }
+        alive = slurmctld_ && slurmctld_->Running();
+        for (auto& s : slurmds_) alive = alive && s && s->Running();
+        return idle || !alive;
+      },
+      30000);
+  if (idle) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << "the Slurm nodes did not become idle (" << r.out << r.err << "):\n"
+         << Logs();
 }
 
 RunResult SlurmCluster::Run(std::vector<std::string> argv, std::optional<uid_t> uid,
@@ -249,12 +241,7 @@ std::string SlurmCluster::JobState(const std::string& id) const {
 }
 
 bool SlurmCluster::WaitFor(const std::string& id, const std::string& state, int timeout_ms) const {
-  int64_t deadline = NowMs() + timeout_ms;
-  for (;;) {
-    if (JobState(id) == state) return true;
-    if (NowMs() > deadline) return false;
-    Sleep(100);
-  }
+  return WaitUntil([&] { return JobState(id) == state; }, timeout_ms);
 }
 
 std::string SlurmCluster::Logs() const {
@@ -273,12 +260,12 @@ void SlurmCluster::StopAll() {
   // Jobs first, while the controller and the nodes can still end them (KillWait=2).
   if (slurmctld_ && slurmctld_->Running()) {
     Run({"scancel", "--partition=debug"}, std::nullopt, 10000);
-    int64_t deadline = NowMs() + 10000;
-    while (NowMs() < deadline) {
-      RunResult r = Run({"squeue", "-h", "-o", "%i"}, std::nullopt, 5000);
-      if (r.exit_code != 0 || Trim(r.out).empty()) break;
-      Sleep(100);
-    }
+    WaitUntil(
+        [&] {
+          RunResult r = Run({"squeue", "-h", "-o", "%i"}, std::nullopt, 5000);
+          return r.exit_code != 0 || Trim(r.out).empty();
+        },
+        10000);
   }
   for (auto& s : slurmds_) {
     if (s) s->Stop(SIGTERM, 5000);
@@ -288,12 +275,13 @@ void SlurmCluster::StopAll() {
   // slurmstepd and the jobs' processes are not our children (slurmd forks them away), but
   // they all inherited SLURM_CONF naming this cluster: whatever is left of them dies here.
   if (!env_.empty()) {
-    for (int round = 0; round < 50; ++round) {
-      std::vector<pid_t> left = ProcessesWithEnv(env_[0]);
-      if (left.empty()) break;
-      for (pid_t pid : left) kill(pid, SIGKILL);
-      Sleep(20);
-    }
+    WaitUntil(
+        [&] {
+          std::vector<pid_t> left = ProcessesWithEnv(env_[0]);
+          for (pid_t pid : left) kill(pid, SIGKILL);
+          return left.empty();
+        },
+        5000);
   }
   slurmds_.clear();
   slurmctld_.reset();

@@ -34,6 +34,7 @@ TEST(SlurmClusterTest, RunsJobsOfTestUsersAndStopsEverything) {
     std::printf("slurm cluster up in %.2f s\n", std::chrono::duration<double>(up - start).count());
     conf = cluster.conf_path();
     std::string error;
+    // (Its sleep is how long the job runs, not a wait.)
     std::string id = cluster.Sbatch(*alice, {"--wrap", "sleep 300"}, &error);
     ASSERT_FALSE(id.empty()) << error;
     ASSERT_TRUE(cluster.WaitFor(id, "RUNNING")) << cluster.JobState(id) << cluster.Logs();
@@ -70,12 +71,14 @@ TEST(SlurmSchedulerTest, ListSeesOwnersStatesHostsAndArrayTasks) {
   START_SLURM(cluster);
   std::string error;
   // Cancelled first, so the jobs below never wait for its CPU.
+  // (Its sleep is how long the job runs, not a wait.)
   std::string cancelled = cluster.Sbatch(*alice, {"--wrap", "sleep 300"}, &error);
   ASSERT_FALSE(cancelled.empty()) << error;
   ASSERT_TRUE(cluster.WaitFor(cancelled, "RUNNING")) << cluster.JobState(cancelled);
   ASSERT_TRUE(cluster.Scancel(cancelled));
   ASSERT_TRUE(cluster.WaitFor(cancelled, "CANCELLED")) << cluster.JobState(cancelled);
-  // A heterogeneous job of two components, L+0 and L+1.
+  // A heterogeneous job of two components, L+0 and L+1. (Here and below, a job's sleep is how
+  // long it runs, not a wait.)
   std::string het = cluster.Sbatch(*bob, {"-N1", "--wrap", "sleep 300", ":", "-N1"}, &error);
   ASSERT_FALSE(het.empty()) << error;
   std::string a = cluster.Sbatch(*alice, {"--wrap", "sleep 300"}, &error);

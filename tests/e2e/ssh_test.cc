@@ -38,30 +38,12 @@ int64_t ElapsedMs(Clock::time_point since) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
 }
 
-// Connects to 127.0.0.1:port, retrying until something listens there.
-int ConnectWhenReady(int port, int timeout_ms = 15000) {
-  auto start = Clock::now();
-  while (ElapsedMs(start) < timeout_ms) {
-    int fd = ConnectTcp(port);
-    if (fd >= 0) return fd;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return -1;
-}
-
 size_t CountOf(const std::string& text, const std::string& needle) {
   size_t n = 0;
   for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) {
     ++n;
   }
   return n;
-}
-
-// Resident set of a process, from /proc.
-size_t RssOf(pid_t pid) {
-  std::string status = ReadFile("/proc/" + std::to_string(pid) + "/status");
-  size_t at = status.find("VmRSS:");
-  return at == std::string::npos ? 0 : std::stoull(status.substr(at + 6)) * 1024;
 }
 
 // One line through `port` (to an echo backend) on a new connection: the line echoed, or
@@ -376,9 +358,8 @@ TEST_F(ViaTest, AgentFirstThenIdentityFiles) {
   std::string sock = dir_ / "agent.sock";
   auto agent = Child::Spawn({"ssh-agent", "-D", "-a", sock}, dir_ / "agent.log");
   ASSERT_TRUE(agent);
-  for (int i = 0; i < 500 && access(sock.c_str(), F_OK) != 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  ASSERT_TRUE(WaitUntil([&] { return access(sock.c_str(), F_OK) == 0; }, 5000))
+      << ReadFile(dir_ / "agent.log");
   RunOptions with_agent = ClientEnv(sock);
   std::string key = sshd_.home() + "/.ssh/id_ed25519";
   RunResult add = RunCommand({"ssh-add", key}, with_agent);
@@ -487,9 +468,7 @@ TEST_F(ViaTest, ConnectStopsAtOnceWhileTheSecretIsFetchedAgain) {
   // Denied, so `connect` runs `load` on the login node over a new ssh session; that command's
   // request waits in the (stopped) daemon's backlog.
   int pending = 0;
-  for (int i = 0; i < 3000 && (pending = PendingOnUnixSocket(control)) == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  WaitUntil([&] { return (pending = PendingOnUnixSocket(control)) != 0; }, 30000);
   EXPECT_EQ(pending, 1) << connect->Output();
   EXPECT_EQ(proxy.handshakes(), 1);
   auto start = std::chrono::steady_clock::now();
@@ -770,23 +749,47 @@ class EndpointTest : public ::testing::Test {
     o.timeout_ms = 30000;
     return o;
   }
-  // `ssh -N -L port:job:1 ...` in the background; returns once the forward accepts.
-  std::unique_ptr<Child> Forward(int proxy_port, const std::string& job, const std::string& secret,
-                                 const std::vector<int>& ports) {
-    std::vector<std::string> extra = {"-N"};
-    for (int p : ports) {
-      extra.push_back("-L");
-      extra.push_back(std::to_string(p) + ":" + job + ":1");  // the port is a placeholder
-    }
-    auto child =
-        Child::Spawn(Ssh(proxy_port, job, extra),
-                     dir_ / ("ssh" + std::to_string(++children_) + ".log"), SecretEnv(secret));
-    if (!child) return nullptr;
-    int fd = ConnectWhenReady(ports[0]);
-    if (fd < 0) return nullptr;
-    close(fd);
-    return child;
+  // `ssh -N -L PORT:<target>` in the background, one forward per entry of `targets` (a job's
+  // forward names the port only as a placeholder: "job:1"); returns once the first forward
+  // accepts, with the local ports in `*ports`. ssh -L cannot listen on port 0: StartOnFreePort
+  // picks the first port (another one if it was taken before ssh bound it), the others are held
+  // until ssh starts. Its output goes to log(); nullptr after a failed assertion.
+  std::unique_ptr<Child> ForwardTo(int proxy_port, const std::string& user,
+                                   const std::string& secret,
+                                   const std::vector<std::string>& targets,
+                                   std::vector<int>* ports) {
+    std::unique_ptr<Child> child;
+    int first = 0;
+    ::testing::AssertionResult started = StartOnFreePort(
+        [&](int port, std::string* why) {
+          std::vector<std::unique_ptr<PortReservation>> more;
+          ports->assign(1, port);
+          while (ports->size() < targets.size()) {
+            more.push_back(std::make_unique<PortReservation>());
+            ports->push_back(more.back()->port());
+          }
+          std::vector<std::string> extra = {"-N"};
+          for (size_t i = 0; i < targets.size(); ++i) {
+            extra.push_back("-L");
+            extra.push_back(std::to_string((*ports)[i]) + ":" + targets[i]);
+          }
+          more.clear();  // ssh binds them itself
+          child = Child::Spawn(Ssh(proxy_port, user, extra),
+                               dir_ / ("ssh" + std::to_string(++children_) + ".log"),
+                               SecretEnv(secret));
+          return WaitListening(&child, port, why);
+        },
+        &first);
+    EXPECT_TRUE(started);
+    return started ? std::move(child) : nullptr;
   }
+  // ForwardTo the job `job` (named as the user too), `count` forwards.
+  std::unique_ptr<Child> Forward(int proxy_port, const std::string& job, const std::string& secret,
+                                 std::vector<int>* ports, size_t count = 1) {
+    return ForwardTo(proxy_port, job, secret, std::vector<std::string>(count, job + ":1"), ports);
+  }
+  // The output of the last ssh started by ForwardTo.
+  std::string log() const { return dir_ / ("ssh" + std::to_string(children_) + ".log"); }
 
   // A daemon (with `proxy_extra` in its [proxy] section), a backend registered as `job`, and
   // `ssh -N -L` to it; returns the forward's local port, or -1 after a failed assertion.
@@ -796,10 +799,10 @@ class EndpointTest : public ::testing::Test {
     EXPECT_TRUE(daemon_->Start());
     std::string secret = daemon_->SaveJob(job, backend_->port());
     EXPECT_FALSE(secret.empty());
-    int port = FreePort();
-    ssh_ = Forward(daemon_->proxy_port(), job, secret, {port});
+    std::vector<int> ports;
+    ssh_ = Forward(daemon_->proxy_port(), job, secret, &ports);
     EXPECT_TRUE(ssh_) << daemon_->Log();
-    return ssh_ ? port : -1;
+    return ssh_ ? ports[0] : -1;
   }
 
   TempDir dir_;
@@ -816,9 +819,10 @@ TEST_F(EndpointTest, StockSshForwardsWithTheSecret) {
   Backend backend;
   std::string secret = d.SaveJob("e1", backend.port());
   ASSERT_FALSE(secret.empty());
-  int p1 = FreePort(), p2 = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e1", secret, {p1, p2});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e1", secret, &ports, 2);
   ASSERT_TRUE(ssh) << d.Log();
+  const int p1 = ports[0], p2 = ports[1];
 
   // Several channels at once, over two forwards of one session, data checked by hash.
   constexpr int kConns = 6;
@@ -888,9 +892,10 @@ TEST_F(EndpointTest, UserAndDestinationInAnyCaseReachTheJob) {
   Backend backend;
   std::string secret = d.SaveJob("abc", backend.port());
   ASSERT_FALSE(secret.empty());
-  int port = FreePort();
-  auto ssh = Forward(d.proxy_port(), "ABC", secret, {port});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "ABC", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
+  const int port = ports[0];
   int fd = ConnectTcp(port);
   ASSERT_GE(fd, 0);
   ASSERT_TRUE(SendAll(fd, "echo\nhello\n"));
@@ -902,13 +907,15 @@ TEST_F(EndpointTest, UserAndDestinationInAnyCaseReachTheJob) {
 TEST_F(EndpointTest, ChannelsToAServiceThatIsDownAreRefusedAndTheForwardGoesOn) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
-  int service_port = FreePort();  // nothing listens there yet
+  PortReservation service;  // refused: nothing listens there yet
+  const int service_port = service.port();
   std::string secret = d.SaveJob("e7", service_port);
   ASSERT_FALSE(secret.empty());
-  int port = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e7", secret, {port});  // its probe is refused too
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e7", secret, &ports);  // its probe is refused too
   ASSERT_TRUE(ssh) << d.Log();
-  std::string ssh_log = dir_ / ("ssh" + std::to_string(children_) + ".log");
+  const int port = ports[0];
+  std::string ssh_log = log();
   int fd = ConnectTcp(port);
   ASSERT_GE(fd, 0);
   EXPECT_FALSE(ReadLine(fd).has_value());  // ssh closes the local connection
@@ -935,8 +942,8 @@ TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
   Backend backend;
   std::string secret = d.SaveJob("e2", backend.port());
   ASSERT_FALSE(secret.empty());
-  int p = FreePort();
-  std::vector<std::string> forward = {"-N", "-L", std::to_string(p) + ":e2:1"};
+  PortReservation never;  // no login here gets as far as forwarding: ssh never listens on it
+  std::vector<std::string> forward = {"-N", "-L", std::to_string(never.port()) + ":e2:1"};
 
   std::string wrong = secret;
   wrong[0] = wrong[0] == 'a' ? 'b' : 'a';
@@ -954,18 +961,16 @@ TEST_F(EndpointTest, RefusesWrongSecretUnknownJobAndShell) {
   EXPECT_NE(sh.err.find("open failed"), std::string::npos) << sh;
 
   // Right secret, but forwarding somewhere else than the job: the channel is refused.
-  int q = FreePort();
-  auto elsewhere =
-      Child::Spawn(Ssh(d.proxy_port(), "e2", {"-N", "-L", std::to_string(q) + ":127.0.0.1:22"}),
-                   dir_ / "elsewhere.log", SecretEnv(secret));
-  int fd = ConnectWhenReady(q);
+  std::vector<int> ports;
+  auto elsewhere = ForwardTo(d.proxy_port(), "e2", secret, {"127.0.0.1:22"}, &ports);
+  ASSERT_TRUE(elsewhere);
+  int fd = ConnectTcp(ports[0]);
   ASSERT_GE(fd, 0);
   EXPECT_EQ(ReadToEof(fd), "");  // closed at once, nothing reached
   close(fd);
   // SIGKILL: OpenSSH 9.2's client loop can miss a SIGTERM that lands just before its poll().
   elsewhere->Stop(SIGKILL);
-  EXPECT_NE(ReadFile(dir_ / "elsewhere.log").find("administratively prohibited"),
-            std::string::npos);
+  EXPECT_NE(ReadFile(log()).find("administratively prohibited"), std::string::npos);
   EXPECT_EQ(backend.connections(), 0);
 
   // A client that keeps guessing in one connection is dropped after 6 failures (libssh itself
@@ -1010,10 +1015,7 @@ TEST_F(EndpointTest, ChannelsCountAgainstMaxConnections) {
   // slot returns once the daemon saw the channel go).
   auto open_channel_soon = [&] {
     int fd = -1;
-    for (int tries = 0; tries < 100 && fd < 0; ++tries) {
-      fd = open_channel();
-      if (fd < 0) usleep(50 * 1000);
-    }
+    WaitUntil([&] { return (fd = open_channel()) >= 0; }, 5000);
     return fd;
   };
   std::vector<int> open;
@@ -1069,15 +1071,12 @@ TEST_F(EndpointTest, HalfClosedChannelTimesOutAlone) {
     auto sj = ParseOut(d.Cli({"stats", "--json"}).out);
     return JsonText(sj.get(), {"stats", "per_job", "e6", "active"});
   };
-  bool timed_out = false;
-  for (int i = 0; i < 100 && !timed_out; ++i) {
-    timed_out = d.Log().find(": half-close timeout") != std::string::npos;
-    if (!timed_out) usleep(100 * 1000);
-  }
-  EXPECT_TRUE(timed_out) << d.Log();
+  EXPECT_TRUE(
+      WaitUntil([&] { return d.Log().find(": half-close timeout") != std::string::npos; }, 10000))
+      << d.Log();
   EXPECT_GE(Clock::now() - eof_at, std::chrono::milliseconds(1000));
   std::string now_active;
-  for (int i = 0; i < 50 && (now_active = active()) != "1"; ++i) usleep(100 * 1000);
+  WaitUntil([&] { return (now_active = active()) == "1"; }, 5000);
   EXPECT_EQ(now_active, "1") << "only the open channel is left";
   close(half);
 
@@ -1093,39 +1092,25 @@ TEST_F(EndpointTest, HalfClosedChannelTimesOutAlone) {
 
 // The endpoint's side of a channel, towards a backend that stops reading: the daemon holds at
 // most kToSocketCap, leaves the rest in libssh and stops growing the window, so the client is
-// held back and the daemon's memory stays bounded; once the backend reads, the bytes that
-// waited go out on the socket's writable edge, all of them, in order; the client's EOF reaches
-// the backend as SHUT_WR and its answer still comes back.
+// held back (and the daemon's memory, measured in bench/, stays bounded); once the backend
+// reads, the bytes that waited go out on the socket's writable edge, all of them, in order; the
+// client's EOF reaches the backend as SHUT_WR and its answer still comes back.
 TEST_F(EndpointTest, StalledBackendHoldsTheClientBackThenGetsEverything) {
-  std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
-  setenv("ASAN_OPTIONS", (asan + (asan.empty() ? "" : ":") + "quarantine_size_mb=1").c_str(), 1);
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   StallingBackend backend;
   std::string secret = d.SaveJob("e7", backend.port());
   ASSERT_FALSE(secret.empty());
-  int p = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e7", secret, {p});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e7", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
-  size_t base = RssOf(d.pid());
-  ASSERT_GT(base, 0u);
+  const int p = ports[0];
 
   constexpr uint64_t kTotal = 128ull << 20;
-  std::atomic<size_t> peak{0};
-  std::atomic<bool> done{false};
-  std::thread sampler([&] {
-    while (!done) {
-      peak = std::max(peak.load(), RssOf(d.pid()));
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-  });
   uint64_t held = PushThroughAStall(p, &backend, kTotal);
-  done = true;
-  sampler.join();
   EXPECT_LT(held, 64ull << 20) << "the client was not held back";
-  EXPECT_LT(peak.load(), base + (48u << 20)) << "base " << base << " peak " << peak.load();
-  std::printf("pushed %llu KiB while the backend stalled; daemon RSS base %zu KiB, peak %zu KiB\n",
-              static_cast<unsigned long long>(held >> 10), base >> 10, peak.load() >> 10);
+  std::printf("pushed %llu KiB while the backend stalled\n",
+              static_cast<unsigned long long>(held >> 10));
   ssh->Stop(SIGKILL);
 }
 
@@ -1156,9 +1141,10 @@ TEST_F(EndpointTest, StalledKeyExchangeTimesOutWhileOthersFlow) {
   ASSERT_TRUE(d.Start());
   Backend backend;
   std::string secret = d.SaveJob("e3", backend.port());
-  int p = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e3", secret, {p});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e3", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
+  const int p = ports[0];
 
   // Two clients stop mid-handshake: one after its banner, one inside its KEXINIT packet.
   auto start = Clock::now();
@@ -1189,10 +1175,7 @@ TEST_F(EndpointTest, StalledKeyExchangeTimesOutWhileOthersFlow) {
   EXPECT_GE(ms, 1500);
   EXPECT_LT(ms, 8000);
   // Each session logs its line right after releasing its socket.
-  auto deadline = Clock::now() + std::chrono::seconds(5);
-  while (CountOf(d.Log(), "reason=handshake timeout") < 2 && Clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  WaitUntil([&] { return CountOf(d.Log(), "reason=handshake timeout") >= 2; }, 5000);
   EXPECT_EQ(CountOf(d.Log(), "reason=handshake timeout"), 2u) << d.Log();
 
   // And the session still works afterwards.
@@ -1205,68 +1188,62 @@ TEST_F(EndpointTest, StalledKeyExchangeTimesOutWhileOthersFlow) {
   EXPECT_EQ(r.received_bytes, 1u << 20);
 }
 
-// Pushes into `fd` for `ms` milliseconds without reading; returns the bytes the socket took.
-uint64_t PushFor(int fd, int ms) {
+// Pushes into `fd` without reading until `stop` (or an error), counting in `*pushed` the bytes
+// the socket took.
+void PushUntil(int fd, const std::atomic<bool>& stop, std::atomic<uint64_t>* pushed) {
   std::vector<char> buf(256 * 1024);
   Pattern(0, buf.data(), buf.size());
-  uint64_t total = 0;
-  auto start = Clock::now();
-  while (ElapsedMs(start) < ms) {
+  while (!stop) {
     pollfd p{fd, POLLOUT, 0};
     if (poll(&p, 1, 50) <= 0) continue;
     ssize_t n = send(fd, buf.data(), buf.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-    if (n > 0) total += n;
+    if (n > 0) *pushed += n;
     if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) break;
   }
-  return total;
 }
 
-TEST_F(EndpointTest, SlowReadersKeepMemoryBounded) {
-  // Under AddressSanitizer freed memory sits in a quarantine (256 MiB by default) that would
-  // show up as resident; a small one lets VmRSS measure what the daemon really holds. The
-  // daemon inherits this; without ASan the variable is ignored.
-  std::string asan = std::getenv("ASAN_OPTIONS") ? std::getenv("ASAN_OPTIONS") : "";
-  setenv("ASAN_OPTIONS", (asan + (asan.empty() ? "" : ":") + "quarantine_size_mb=1").c_str(), 1);
+// Slow sides hold the other back through the channel's window instead of piling up in the
+// daemon: the fast side gets rid of no more than the buffers and windows on the way hold, where
+// a daemon that read on and buffered would take everything. The daemon's memory itself is
+// measured in bench/, never bounded in a test.
+TEST_F(EndpointTest, SlowSidesAreHeldBackThroughTheWindow) {
   Daemon d(dir_);
   ASSERT_TRUE(d.Start());
   Backend backend;
   std::string secret = d.SaveJob("e4", backend.port());
-  int p = FreePort();
-  auto ssh = Forward(d.proxy_port(), "e4", secret, {p});
+  std::vector<int> ports;
+  auto ssh = Forward(d.proxy_port(), "e4", secret, &ports);
   ASSERT_TRUE(ssh) << d.Log();
-  // Warm up (first channel, buffers), then take the baseline.
+  const int p = ports[0];
+  // Far more than the sockets, ssh's buffers and the channel windows on the way hold.
+  constexpr uint64_t kOnTheWay = 64ull << 20;
   {
     int fd = ConnectTcp(p);
     ASSERT_TRUE(SendAll(fd, "echo\n"));
     EXPECT_EQ(EchoTransfer(fd, 4 << 20).received_bytes, 4u << 20);
     close(fd);
   }
-  size_t base = RssOf(d.pid());
-  ASSERT_GT(base, 0u);
-  constexpr size_t kBound = 48u << 20;
 
-  // The backend reads slowly (64 KiB per 10 ms): the client cannot push much faster than
-  // that, so the bytes it gets rid of are bounded by the buffers on the way, not by the daemon.
+  // The backend reads slowly (64 KiB per 10 ms): the client is held back.
   int up = ConnectTcp(p);
+  ASSERT_GE(up, 0);
   ASSERT_TRUE(SendAll(up, "slowread\n"));
-  uint64_t pushed = PushFor(up, 3000);
-  size_t rss_up = RssOf(d.pid());
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> pushed{0};
+  std::thread writer([&] { PushUntil(up, stop, &pushed); });
+  uint64_t taken = WaitUntilStill([&] { return pushed.load(); });
+  EXPECT_LT(taken, kOnTheWay) << "the writer was not held back";
+  stop = true;
+  writer.join();
   close(up);
-  EXPECT_LT(pushed, 96ull << 20) << "the writer was not held back";
-  EXPECT_LT(rss_up, base + kBound) << "base " << base << " now " << rss_up;
 
   // The client does not read a large download: the daemon reads the backend only as the
-  // client's window allows.
+  // client's window allows, so the backend is held back.
   constexpr uint64_t kDown = 256ull << 20;
   int down = ConnectTcp(p, "127.0.0.1", 60000);
   ASSERT_TRUE(SendAll(down, "download " + std::to_string(kDown) + "\n"));
-  std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // the sweep flushes counters
-  size_t rss_down = RssOf(d.pid());
-  RunResult stats = d.Cli({"stats", "--json"});
-  uint64_t moved = std::stoull(
-      "0" + JsonText(ParseOut(stats.out).get(), {"stats", "per_job", "e4", "bytes_down"}));
-  EXPECT_LT(rss_down, base + kBound) << "base " << base << " now " << rss_down;
-  EXPECT_LT(moved, (4ull << 20) + (32ull << 20)) << "the daemon kept reading the backend";
+  uint64_t sent = WaitUntilStill([&] { return backend.sent(); });
+  EXPECT_LT(sent, kOnTheWay) << "the daemon kept reading the backend";
   // Then everything arrives intact.
   Sha256 sha;
   uint64_t total = 0;
@@ -1279,11 +1256,7 @@ TEST_F(EndpointTest, SlowReadersKeepMemoryBounded) {
   close(down);
   EXPECT_EQ(total, kDown);
   EXPECT_EQ(sha.Hex(), PatternHash(kDown));
-  size_t rss_end = RssOf(d.pid());
-  EXPECT_LT(rss_end, base + kBound);
-  std::printf(
-      "daemon RSS: base %zu KiB, slow backend %zu KiB, slow client %zu KiB, after %zu KiB\n",
-      base >> 10, rss_up >> 10, rss_down >> 10, rss_end >> 10);
+  ssh->Stop(SIGKILL);
 }
 
 }  // namespace

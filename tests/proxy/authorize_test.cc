@@ -1,7 +1,8 @@
 // The proxy's secret check (Proxy::Authorize, proxy/server/proxy.h) against a registry the test
 // fills in, on a Proxy that is never started: no socket, no listener. The throttle's windows
-// and lock-out expiry are driven with explicit times in throttle_test.cc; here the window is
-// longer than any test, so what is checked is the order of the checks and what is counted.
+// are driven with explicit times in throttle_test.cc; here the window is longer than any test,
+// so what is checked is the order of the checks and what is counted, and a lock-out ends only
+// when the test moves the proxy's throttle clock past it.
 
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -46,8 +47,10 @@ class AuthorizeTest : public ::testing::Test {
     loop_ = std::move(l).value();
     ProxyOptions o;
     o.throttle_failures = kFailures;
-    o.throttle_window_ms = 3600 * 1000;
+    o.throttle_window_ms = kWindowMs;
     proxy_ = std::make_unique<Proxy>(loop_.get(), &registry_, o);
+    now_ms_ = loop_->Now();
+    proxy_->set_throttle_clock_for_testing([this] { return now_ms_; });
     conn_ = std::make_unique<FakeConnection>(proxy_.get());
   }
   void TearDown() override {
@@ -74,6 +77,8 @@ class AuthorizeTest : public ::testing::Test {
     return proxy_->Authorize(id, secret, conn_.get());
   }
 
+  static constexpr uint64_t kWindowMs = 3600 * 1000;
+  uint64_t now_ms_ = 0;  // the proxy's throttle clock
   std::unique_ptr<loop::Loop> loop_;
   registry::Registry registry_{registry::Registry::Options{}};
   std::unique_ptr<Proxy> proxy_;
@@ -120,6 +125,28 @@ TEST_F(AuthorizeTest, RepeatedFailuresThrottleTheJobButNeverItsSecret) {
   // Other jobs are not throttled (the connection has no source key to count).
   Save("other");
   EXPECT_EQ(Authorize("other", "bad").error, ErrorCode::kDenied);
+}
+
+// A lock-out lasts one window from the failure that started it, by the proxy's clock: to its
+// last millisecond failures are answered busy, and then denied again, counted afresh.
+TEST_F(AuthorizeTest, ALockOutEndsOneWindowAfterItStarted) {
+  Save("web");
+  for (int i = 0; i < kFailures; ++i) {
+    EXPECT_EQ(Authorize("web", "bad").error, ErrorCode::kDenied) << i;
+  }
+  const uint64_t started = now_ms_;
+  EXPECT_EQ(Authorize("web", "bad").error, ErrorCode::kBusy);
+  now_ms_ = started + kWindowMs - 1;
+  EXPECT_EQ(Authorize("web", "bad").error, ErrorCode::kBusy) << "failures do not extend it";
+  EXPECT_EQ(proxy_->stats().global().throttled, 2u);
+  now_ms_ = started + kWindowMs;
+  EXPECT_EQ(Authorize("web", "bad").error, ErrorCode::kDenied) << "the lock-out is over";
+  // A new window: it takes kFailures failures again to be locked out.
+  for (int i = 1; i < kFailures; ++i) {
+    EXPECT_EQ(Authorize("web", "bad").error, ErrorCode::kDenied) << i;
+  }
+  EXPECT_EQ(Authorize("web", "bad").error, ErrorCode::kBusy);
+  EXPECT_EQ(proxy_->stats().global().throttled, 3u);
 }
 
 TEST_F(AuthorizeTest, OneThrottleKeyPerJobHoweverItsIdIsSpelt) {

@@ -13,7 +13,6 @@
 #include <fstream>
 #include <optional>
 #include <sstream>
-#include <thread>
 
 #include "e2e/harness.h"
 #include "loop/loop.h"
@@ -321,10 +320,7 @@ class SchedulerListTest : public ::testing::Test {
     scheduler_.reset();
     if (loop_) {
       // Let calls on the pool come back before the loop goes.
-      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-      while (loop_->Run(UV_RUN_NOWAIT) != 0 && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      }
+      ::brokerproxy::testing::WaitUntil([&] { return loop_->Run(UV_RUN_NOWAIT) == 0; }, 30000);
       EXPECT_TRUE(loop_->Close().ok());
     }
   }
@@ -376,6 +372,7 @@ TEST_F(SchedulerListTest, ListsJobsThroughTheCommandsAndCaches) {
 }
 
 TEST_F(SchedulerListTest, ConcurrentListCallsShareTheCallInFlight) {
+  // A slow command (not a wait): the calls must overlap it.
   Script("squeue", "sleep 0.5\ncat " + (dir_ / "squeue.json"));
   Make();
   int answered = 0, dropped_called = 0;
@@ -439,10 +436,7 @@ TEST_F(SchedulerListTest, ACallbackMayListAgainOrDestroyTheScheduler) {
   auto dropped = scheduler_->List(0, [&](Result<Scheduler::Table>) { ++late; });
   scheduler_.reset();
   // Until the call on the pool came back (the loop has nothing left then).
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (loop_->Run(UV_RUN_NOWAIT) != 0 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
+  ::brokerproxy::testing::WaitUntil([&] { return loop_->Run(UV_RUN_NOWAIT) == 0; }, 30000);
   EXPECT_EQ(late, 0);
 }
 
@@ -455,7 +449,7 @@ bool Gone(pid_t pid) {
 
 TEST_F(SchedulerListTest, ACommandPastItsTimeoutIsKilledWithItsChildren) {
   // The script and a child of it both hold the pipe: killing the script alone would leave
-  // the read waiting for the child.
+  // the read waiting for the child. (Its sleep is the command being slow, not a wait.)
   Script("squeue", "echo $$ > " + (dir_ / "sh.pid") + "\nsleep 60 &\necho $! > " +
                        (dir_ / "sleep.pid") + "\nwait");
   options_.call_timeout_ms = 500;
@@ -473,16 +467,14 @@ TEST_F(SchedulerListTest, ACommandPastItsTimeoutIsKilledWithItsChildren) {
   for (const char* file : {"sh.pid", "sleep.pid"}) {
     pid_t pid = std::atoi(ReadFile(dir_ / file).c_str());
     ASSERT_GT(pid, 1) << file;
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (!Gone(pid) && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    EXPECT_TRUE(Gone(pid)) << file << " " << pid;
+    EXPECT_TRUE(::brokerproxy::testing::WaitUntil([&] { return Gone(pid); }, 10000))
+        << file << " " << pid;
   }
 }
 
 TEST_F(SchedulerListTest, ACommandsLeftoverChildrenAreKilledWhenItExits) {
-  // A wrapper that leaves a child behind, holding none of the pipes.
+  // A wrapper that leaves a child behind, holding none of the pipes (a sleep: a child that
+  // would outlive it, not a wait).
   Script("squeue", "sleep 60 </dev/null >/dev/null 2>&1 &\necho $! > " + (dir_ / "sleep.pid") +
                        "\ncat " + (dir_ / "squeue.json"));
   Make();
@@ -490,11 +482,7 @@ TEST_F(SchedulerListTest, ACommandsLeftoverChildrenAreKilledWhenItExits) {
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   pid_t pid = std::atoi(ReadFile(dir_ / "sleep.pid").c_str());
   ASSERT_GT(pid, 1);
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!Gone(pid) && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  EXPECT_TRUE(Gone(pid)) << pid;
+  EXPECT_TRUE(::brokerproxy::testing::WaitUntil([&] { return Gone(pid); }, 10000)) << pid;
 }
 
 TEST_F(SchedulerListTest, TooMuchOutputIsAnError) {

@@ -22,7 +22,7 @@ class TlsTunnel final : public Tunnel {
   void Start();
 
  private:
-  void OnConnected(Result<loop::IoHandle> upstream);
+  void OnConnected(loop::IoHandle upstream);
   void OnHandshake();
   void OnData();
   void PumpEarly();
@@ -65,20 +65,13 @@ TlsTunnel::TlsTunnel(TlsPath* path, proxy::Relay::Side local, std::string replay
       hs_(path->ep_.job, std::move(replay)) {}
 
 void TlsTunnel::Start() {
-  timer_ = HandshakeTimer(*path_->ep_.loop, path_->ep_.timeout_ms,
-                          "no TLS session with the proxy at " + path_->Describe(),
-                          [this](Status s) { Finish(std::move(s)); });
-  dialer_.Dial(path_->ep_.host, path_->ep_.port,
-               [this](Result<loop::IoHandle> r) { OnConnected(std::move(r)); });
+  timer_ = path_->ep_.Reach(
+      &dialer_, "no TLS session with the proxy at " + path_->Describe(),
+      [this](Status s) { Finish(std::move(s)); },
+      [this](loop::IoHandle upstream) { OnConnected(std::move(upstream)); });
 }
 
-void TlsTunnel::OnConnected(Result<loop::IoHandle> io) {
-  if (!io.ok()) {
-    Finish(Status::Unavailable("cannot reach the proxy: " + io.status().message()));
-    return;
-  }
-  loop::IoHandle upstream = std::move(io).value();
-  proxy::TuneTcpSocket(upstream.fd(), 60);
+void TlsTunnel::OnConnected(loop::IoHandle upstream) {
   ERR_clear_error();
   proxy::SslPtr ssl(SSL_new(path_->ctx_.get()));
   if (!ssl) {

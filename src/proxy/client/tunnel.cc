@@ -28,6 +28,24 @@ ProxyEndpoint::ProxyEndpoint(loop::Reactor* reactor, std::string host, int port,
 
 std::string ProxyEndpoint::Address() const { return HostPort{host, port}.ToString(); }
 
+loop::HandlePtr<loop::Timer> ProxyEndpoint::Reach(proxy::Dialer* dialer, const std::string& what,
+                                                  std::function<void(Status)> fail,
+                                                  std::function<void(loop::IoHandle)> connected) {
+  auto timer = HandshakeTimer(*loop, timeout_ms, what, fail);
+  dialer->Dial(
+      host, port,
+      [fail = std::move(fail), connected = std::move(connected)](Result<loop::IoHandle> upstream) {
+        if (!upstream.ok()) {
+          fail(Status::Unavailable("cannot reach the proxy: " + upstream.status().message()));
+          return;
+        }
+        loop::IoHandle io = std::move(upstream).value();
+        proxy::TuneTcpSocket(io.fd(), 60);
+        connected(std::move(io));
+      });
+  return timer;
+}
+
 loop::HandlePtr<loop::Timer> HandshakeTimer(loop::Loop& loop, int64_t timeout_ms,
                                             const std::string& what,
                                             std::function<void(Status)> fail) {
@@ -137,7 +155,7 @@ class DirectTunnel final : public Tunnel {
   void Start();
 
  private:
-  void OnConnected(Result<loop::IoHandle> upstream);
+  void OnConnected(loop::IoHandle upstream);
   void OnReadable();
   void PumpEarly();
   void Finish(Status status);
@@ -179,20 +197,14 @@ DirectTunnel::DirectTunnel(DirectPath* path, proxy::Relay::Side local, std::stri
       hs_(path->ep_.job, std::move(replay)) {}
 
 void DirectTunnel::Start() {
-  timer_ = HandshakeTimer(*path_->ep_.loop, path_->ep_.timeout_ms,
-                          "no answer from the proxy at " + path_->Describe(),
-                          [this](Status s) { Finish(std::move(s)); });
-  dialer_.Dial(path_->ep_.host, path_->ep_.port,
-               [this](Result<loop::IoHandle> r) { OnConnected(std::move(r)); });
+  timer_ = path_->ep_.Reach(
+      &dialer_, "no answer from the proxy at " + path_->Describe(),
+      [this](Status s) { Finish(std::move(s)); },
+      [this](loop::IoHandle upstream) { OnConnected(std::move(upstream)); });
 }
 
-void DirectTunnel::OnConnected(Result<loop::IoHandle> upstream) {
-  if (!upstream.ok()) {
-    Finish(Status::Unavailable("cannot reach the proxy: " + upstream.status().message()));
-    return;
-  }
-  upstream_ = std::move(upstream).value();
-  proxy::TuneTcpSocket(upstream_->fd(), 60);
+void DirectTunnel::OnConnected(loop::IoHandle upstream) {
+  upstream_ = std::move(upstream);
   std::string line = hs_.Preamble(path_->ep_.secret);
   // An empty socket buffer takes the short line at once.
   if (proxy::SendBestEffort(upstream_->fd(), line) != line.size()) {

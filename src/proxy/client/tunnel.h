@@ -76,6 +76,14 @@ struct ProxyEndpoint {
                 std::string secret, int64_t handshake_timeout_ms);
   // "host:port", "[v6]:port".
   std::string Address() const;
+  // How a tunnel sets out for the proxy: starts its handshake deadline (HandshakeTimer: `fail`
+  // with a Timeout naming `what`) and dials the proxy with `dialer`; `connected` gets the
+  // socket, tuned for a tunnel, or `fail` is told that the proxy cannot be reached. Returns the
+  // deadline's timer, which the tunnel keeps until its handshake is done. Neither callback runs
+  // inside Reach().
+  loop::HandlePtr<loop::Timer> Reach(proxy::Dialer* dialer, const std::string& what,
+                                     std::function<void(Status)> fail,
+                                     std::function<void(loop::IoHandle)> connected);
 
   loop::Loop* loop;
   loop::Reactor* reactor;

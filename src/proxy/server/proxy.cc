@@ -289,7 +289,7 @@ bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const Connection& 
 Proxy::Authorization Proxy::Authorize(const std::string& requested_id, const std::string& secret,
                                       Connection* conn) {
   Authorization out;
-  uint64_t now = loop_->Now();
+  uint64_t now = ThrottleNow();
   // "ABC" is job "abc": one throttle key and one counter per job, however it is spelt.
   const std::string job_id = registry::CanonicalJobId(requested_id);
   // Callers pass only well-formed ids (the preamble parser, the SSH endpoint check first); this
@@ -334,7 +334,7 @@ Proxy::Authorization Proxy::Authorize(const std::string& requested_id, const std
 void Proxy::RecordSourceFailure(const Connection& conn, const char* what) {
   LOG_DEBUG("proxy: failed handshake from %s: %s", conn.PeerString().c_str(), what);
   if (conn.source().empty()) return;
-  if (throttle_.RecordFailure(conn.source(), loop_->Now())) LogThrottled(conn.source());
+  if (throttle_.RecordFailure(conn.source(), ThrottleNow())) LogThrottled(conn.source());
 }
 
 void Proxy::LogThrottled(const std::string& source_key) {
@@ -452,7 +452,7 @@ void Proxy::Sweep() {
   for (Connection* c : open) {
     if (!c->retired_) c->OnSweep(now);
   }
-  throttle_.Sweep(now);
+  throttle_.Sweep(ThrottleNow());
   stats_.Prune([this](const std::string& id) { return registry_->Find(id) != nullptr; });
 }
 

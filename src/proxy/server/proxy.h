@@ -200,6 +200,11 @@ class Proxy {
     Target target;
   };
   Authorization Authorize(const std::string& job_id, const std::string& secret, Connection* conn);
+  // The clock the throttle counts failures and lock-outs by, in ms: the loop's (loop::Loop::Now)
+  // unless a test replaces it to move past a lock-out without waiting for one. Before any
+  // handshake.
+  using ThrottleClock = std::function<uint64_t()>;
+  void set_throttle_clock_for_testing(ThrottleClock clock) { throttle_clock_ = std::move(clock); }
   // Counts a failed handshake that names no job (a bad preamble, a handshake timeout, an SSH
   // user name that is not a job id) against `conn`'s source; `what` is for the debug log.
   void RecordSourceFailure(const Connection& conn, const char* what);
@@ -260,6 +265,7 @@ class Proxy {
   // Counts `conn` as an unauthenticated handshake, and stops counting it.
   void StartHandshake(Connection* conn);
   void LogThrottled(const std::string& source_key);
+  uint64_t ThrottleNow() const { return throttle_clock_ ? throttle_clock_() : loop_->Now(); }
   void OnDeadlineTimer();
   void RearmDeadlineTimer();
   void Sweep();
@@ -269,6 +275,7 @@ class Proxy {
   ProxyOptions options_;
   Stats stats_;
   Throttle throttle_;
+  ThrottleClock throttle_clock_;  // empty: the loop's
   PipePool pipes_;
   ResolveCache resolver_;
   BackendPolicy policy_;

@@ -50,6 +50,11 @@ loop::Pending ResolveCache::Resolve(const std::string& host, int port, Callback 
   return loop::Resolve(*loop_, host, port, std::move(done), group);
 }
 
+void ResolveCache::SeedForTesting(const std::string& host, Addresses addresses) {
+  for (auto& a : addresses) SetPort(&a, 0);
+  entries_[host] = Entry{std::move(addresses), loop_->Now() + static_cast<uint64_t>(ttl_ms_)};
+}
+
 namespace {
 
 bool Established(int fd) {

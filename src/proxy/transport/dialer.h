@@ -45,6 +45,10 @@ class ResolveCache {
   loop::Pending Resolve(const std::string& host, int port, Callback cb,
                         uint64_t group = loop::kNoResolveGroup);
 
+  // Tests only: answers for `host` are `addresses` (ports ignored) for the next `ttl_ms`, as if
+  // looked up now, so a test can give a name several addresses without a name service.
+  void SeedForTesting(const std::string& host, Addresses addresses);
+
  private:
   struct Entry {
     Result<Addresses> addresses = Addresses{};  // with port 0, or the failure

@@ -11,67 +11,56 @@ namespace {
 
 constexpr unsigned kSpliceFlags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
 
-bool WouldBlock(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
+// Runs `call` (a non-blocking read, write or splice of the socket `io`) again while a signal
+// interrupts it. When it would block, the readiness it needed is spent: the edge the reactor
+// reported is cleared (`read_side` names which), so the pump waits for the next one, and
+// -EAGAIN is returned. Otherwise what it returned, or -errno.
+template <typename Call>
+ssize_t OnEdge(loop::IoWatch* io, bool read_side, Call call) {
+  for (;;) {
+    ssize_t n = call();
+    if (n >= 0) return n;
+    if (errno == EINTR) continue;
+    // EAGAIN also when the pipe of a splice is full, but the pump splices into empty pipes only.
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      if (read_side) {
+        io->ClearReadable();
+      } else {
+        io->ClearWritable();
+      }
+      return -EAGAIN;
+    }
+    return -errno;
+  }
+}
 
 }  // namespace
 
 // ---- EdgeSocket ----
 
 ssize_t EdgeSocket::Read(char* buf, size_t cap) {
-  for (;;) {
-    ssize_t n = is_socket_ ? ::recv(fd(), buf, cap, 0) : ::read(fd(), buf, cap);
-    if (n > 0) {
-      if (is_socket_ && static_cast<size_t>(n) < cap && !io_->hangup()) io_->ClearReadable();
-      return n;
-    }
-    if (n == 0) return 0;
-    if (errno == EINTR) continue;
-    if (WouldBlock(errno)) {
-      io_->ClearReadable();
-      return -EAGAIN;
-    }
-    return -errno;
-  }
+  ssize_t n = OnEdge(io_.get(), /*read_side=*/true, [&] {
+    return is_socket_ ? ::recv(fd(), buf, cap, 0) : ::read(fd(), buf, cap);
+  });
+  // A short read drained the socket: its edge is spent too (unless it hung up, which stays).
+  if (n > 0 && is_socket_ && static_cast<size_t>(n) < cap && !io_->hangup()) io_->ClearReadable();
+  return n;
 }
 
 ssize_t EdgeSocket::Write(const char* data, size_t len) {
-  for (;;) {
-    ssize_t n = is_socket_ ? ::send(fd(), data, len, MSG_NOSIGNAL) : ::write(fd(), data, len);
-    if (n >= 0) return n;
-    if (errno == EINTR) continue;
-    if (WouldBlock(errno)) {
-      io_->ClearWritable();
-      return -EAGAIN;
-    }
-    return -errno;
-  }
+  return OnEdge(io_.get(), /*read_side=*/false, [&] {
+    return is_socket_ ? ::send(fd(), data, len, MSG_NOSIGNAL) : ::write(fd(), data, len);
+  });
 }
 
 ssize_t EdgeSocket::SpliceIn(int pipe_write_fd, size_t len) {
-  for (;;) {
-    ssize_t n = ::splice(fd(), nullptr, pipe_write_fd, nullptr, len, kSpliceFlags);
-    if (n >= 0) return n;
-    if (errno == EINTR) continue;
-    // EAGAIN also when the pipe is full, but the pump splices into empty pipes only.
-    if (WouldBlock(errno)) {
-      io_->ClearReadable();
-      return -EAGAIN;
-    }
-    return -errno;
-  }
+  return OnEdge(io_.get(), /*read_side=*/true,
+                [&] { return ::splice(fd(), nullptr, pipe_write_fd, nullptr, len, kSpliceFlags); });
 }
 
 ssize_t EdgeSocket::SpliceOut(int pipe_read_fd, size_t len) {
-  for (;;) {
-    ssize_t n = ::splice(pipe_read_fd, nullptr, fd(), nullptr, len, kSpliceFlags);
-    if (n >= 0) return n;
-    if (errno == EINTR) continue;
-    if (WouldBlock(errno)) {
-      io_->ClearWritable();
-      return -EAGAIN;
-    }
-    return -errno;
-  }
+  return OnEdge(io_.get(), /*read_side=*/false,
+                [&] { return ::splice(pipe_read_fd, nullptr, fd(), nullptr, len, kSpliceFlags); });
 }
 
 void EdgeSocket::ShutdownWrite() {
