@@ -1,10 +1,12 @@
 #include "cli/daemon.h"
 
+#include <fcntl.h>
 #include <pwd.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -12,8 +14,11 @@
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "cli/daemon_tls.h"
@@ -21,6 +26,7 @@
 #include "loop/handle.h"
 #include "loop/log.h"
 #include "loop/loop.h"
+#include "loop/poll.h"
 #include "loop/signal.h"
 #include "loop/timer.h"
 #include "loop/work.h"
@@ -228,6 +234,61 @@ std::string KnownHostsLine(const std::string& address, const std::string& public
 // How often the proxy's certificate is checked for renewal.
 constexpr uint64_t kRenewCheckMs = 6 * 3600 * 1000;
 
+// What an old process hands a new one on upgrade, in $BROKERPROXY_HANDOVER:
+// "ready:FD;control:FD;listen:FD=HOST:PORT;..." (the fds are inherited across exec).
+constexpr const char* kHandoverEnv = "BROKERPROXY_HANDOVER";
+
+struct Handover {
+  int ready = -1;                                // written "ready\n" once the new process serves
+  int control = -1;                              // the control socket, listening
+  std::vector<std::pair<HostPort, int>> listen;  // the proxy's listening sockets
+};
+
+// Reads (and removes from the environment, so that no child sees it) what an old process handed
+// over; nothing if this process was started otherwise. A malformed value is an error.
+Result<Handover> TakeHandover() {
+  Handover h;
+  const char* env = std::getenv(kHandoverEnv);
+  if (env == nullptr) return h;
+  std::string text = env;
+  ::unsetenv(kHandoverEnv);
+  auto bad = [&] { return Status::InvalidArgument(std::string(kHandoverEnv) + ": malformed"); };
+  size_t start = 0;
+  while (start < text.size() && h.listen.size() < 64) {
+    size_t end = text.find(';', start);
+    if (end == std::string::npos) end = text.size();
+    std::string item = text.substr(start, end - start);
+    start = end + 1;
+    size_t colon = item.find(':');
+    if (colon == std::string::npos) return bad();
+    std::string kind = item.substr(0, colon), rest = item.substr(colon + 1);
+    std::string spec;
+    if (size_t eq = rest.find('='); eq != std::string::npos) {
+      spec = rest.substr(eq + 1);
+      rest = rest.substr(0, eq);
+    }
+    int fd = -1;
+    auto [ptr, ec] = std::from_chars(rest.data(), rest.data() + rest.size(), fd);
+    if (ec != std::errc() || ptr != rest.data() + rest.size() || fd < 3 ||
+        ::fcntl(fd, F_GETFD) < 0) {
+      return bad();
+    }
+    (void)::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    if (kind == "ready") {
+      h.ready = fd;
+    } else if (kind == "control") {
+      h.control = fd;
+    } else if (kind == "listen") {
+      auto hp = ParseHostPort(spec, std::nullopt, "", /*allow_zero=*/true);
+      if (!hp.ok()) return bad();
+      h.listen.emplace_back(*hp, fd);
+    } else {
+      return bad();
+    }
+  }
+  return h;
+}
+
 // The options a reload applies (see daemon.h); every other change waits for a restart. [client]
 // options do not concern the daemon.
 bool AppliedLive(const OptionSpec& spec) {
@@ -242,10 +303,18 @@ bool AppliedLive(const OptionSpec& spec) {
 
 class Daemon {
  public:
-  Daemon(const Config& config, std::function<Result<Config>()> reread)
-      : config_(config), reread_(std::move(reread)) {}
+  Daemon(const Config& config, std::function<Result<Config>()> reread,
+         std::vector<std::string> argv)
+      : config_(config), reread_(std::move(reread)), argv_(std::move(argv)) {}
 
   Status Start() {
+    auto handover = TakeHandover();
+    if (!handover.ok()) return handover.status();
+    handover_ = std::move(handover).value();
+    // The binary to run on upgrade: this path, whatever file is there by then.
+    char exe[4096];
+    ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n > 0) exe_.assign(exe, static_cast<size_t>(n));
     RaiseFileLimit(config_.max_connections);
     // The state dir holds the registry and keys (each 0600); others may traverse it to reach
     // the control socket and their own certificate directory, but not list it.
@@ -316,7 +385,12 @@ class Daemon {
           return broker_->Handle(std::move(req), caller, std::move(reply));
         },
         co);
-    BP_RETURN_IF_ERROR(control_->Listen(config_.control_socket));
+    if (handover_.control >= 0) {
+      BP_RETURN_IF_ERROR(control_->Adopt(handover_.control, config_.control_socket));
+      handover_.control = -1;
+    } else {
+      BP_RETURN_IF_ERROR(control_->Listen(config_.control_socket));
+    }
 
     auto po = ProxyOptionsFrom(config_);
     if (!po.ok()) return po.status();
@@ -340,6 +414,8 @@ class Daemon {
     proxy_->set_dial_observer([this](const std::string& id, uint64_t generation, bool connected) {
       if (broker_) broker_->OnBackendDial(id, generation, connected);
     });
+    proxy_->set_inherited(std::move(handover_.listen));
+    handover_.listen.clear();
     BP_RETURN_IF_ERROR(proxy_->Start());
     // What a laptop needs from `load` to reach the proxy without a daemon of its own: the
     // addresses it listens on, the TLS domain, and the current CA's fingerprint to check the
@@ -375,12 +451,14 @@ class Daemon {
       }
     });
 
-    for (int signum : {SIGTERM, SIGINT, SIGHUP}) {
+    for (int signum : {SIGTERM, SIGINT, SIGHUP, SIGUSR2}) {
       auto sig = loop::Signal::Create(*loop_);
       if (!sig.ok()) return sig.status();
       BP_RETURN_IF_ERROR((*sig)->Start(signum, [this](int s) {
         if (s == SIGHUP) {
           Reload();
+        } else if (s == SIGUSR2) {
+          Upgrade();
         } else {
           Shutdown(s);
         }
@@ -402,6 +480,14 @@ class Daemon {
     if (!service.ok()) return service.status();
     service_ = std::move(service).value();
     service_->Ready();
+    if (handover_.ready >= 0) {
+      // The old process hands over to this one now (it stops accepting and drains).
+      static constexpr char kReady[] = "ready\n";
+      ssize_t w = ::write(handover_.ready, kReady, sizeof(kReady) - 1);
+      (void)w;
+      ::close(handover_.ready);
+      handover_.ready = -1;
+    }
     return Status::OK();
   }
 
@@ -409,6 +495,16 @@ class Daemon {
 
   // Releases everything in dependency order, then closes the loop.
   Status Finish() {
+    ready_poll_.reset();
+    upgrade_timer_.reset();
+    drain_check_.reset();
+    if (upgrade_pid_ > 0) {  // stopped in the middle of an upgrade: the successor goes too
+      ::kill(upgrade_pid_, SIGKILL);
+      ::waitpid(upgrade_pid_, nullptr, 0);
+    }
+    if (control_fd_ >= 0) ::close(control_fd_);
+    if (handover_.ready >= 0) ::close(handover_.ready);
+    for (const auto& [addr, fd] : handover_.listen) ::close(fd);
     reloading_ = loop::Pending();
     service_.reset();
     renew_timer_.reset();
@@ -478,6 +574,161 @@ class Daemon {
     broker_->set_cert_issuer(MakeCertIssuer(loop_.get(), cas_, domain, config.cert_days));
     return Status::OK();
   }
+
+  // SIGUSR2 (see daemon.h): the control socket is released first, so that no request changes
+  // the registry while the new process loads it; once the registry file is written, the new
+  // process starts with every listening socket.
+  void Upgrade() {
+    if (stopping_ || draining_ || upgrade_pid_ > 0 || control_fd_ >= 0) {
+      LOG_WARN("upgrade: %s; this signal is ignored",
+               draining_ ? "this process has handed over already" : "one is in progress");
+      return;
+    }
+    if (exe_.empty() || argv_.empty()) {
+      LOG_ERROR("upgrade: this process does not know how it was started; not upgrading");
+      return;
+    }
+    control_fd_ = control_->Release();
+    if (control_fd_ < 0) {
+      LOG_ERROR("upgrade: cannot hand over the control socket; not upgrading");
+      Status s = control_->Listen(config_.control_socket);
+      if (!s.ok()) LOG_ERROR("upgrade: control socket: %s", s.ToString().c_str());
+      return;
+    }
+    LOG_INFO("upgrade: starting %s with this process's sockets", exe_.c_str());
+    WhenStoreIdle([this] { SpawnSuccessor(); });
+  }
+
+  // Runs `fn` once no registry write is in flight (checked every 10 ms).
+  void WhenStoreIdle(std::function<void()> fn) {
+    if (!store_->busy()) {
+      fn();
+      return;
+    }
+    auto t = loop::Timer::Create(*loop_);
+    if (!t.ok()) {
+      fn();
+      return;
+    }
+    upgrade_timer_ = std::move(t).value();
+    upgrade_timer_->Start(10,
+                          [this, fn = std::move(fn)]() mutable { WhenStoreIdle(std::move(fn)); });
+  }
+
+  void SpawnSuccessor() {
+    int ready[2];
+    if (::pipe2(ready, O_CLOEXEC) != 0) {
+      UpgradeFailed("pipe: " + std::string(std::strerror(errno)));
+      return;
+    }
+    std::vector<int> passed = {ready[1], control_fd_};
+    std::string env = std::string(kHandoverEnv) + "=ready:" + std::to_string(ready[1]) +
+                      ";control:" + std::to_string(control_fd_);
+    for (const auto& [addr, fd] : proxy_->DupListeners()) {
+      env += ";listen:" + std::to_string(fd) + "=" + addr.ToString();
+      passed.push_back(fd);
+    }
+    (void)::fcntl(ready[1], F_SETFD, 0);
+    (void)::fcntl(control_fd_, F_SETFD, 0);
+    // Everything the child needs is built before fork(): after it, only exec.
+    std::vector<std::string> envs;
+    for (char** e = environ; *e != nullptr; ++e) {
+      if (std::string_view(*e).starts_with(std::string(kHandoverEnv) + "=")) continue;
+      envs.emplace_back(*e);
+    }
+    envs.push_back(env);
+    std::vector<char*> envp, argv;
+    for (std::string& e : envs) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    for (std::string& a : argv_) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      ::execve(exe_.c_str(), argv.data(), envp.data());
+      ::_exit(127);
+    }
+    (void)::fcntl(control_fd_, F_SETFD, FD_CLOEXEC);
+    for (int fd : passed) {
+      if (fd != control_fd_) ::close(fd);
+    }
+    if (pid < 0) {
+      ::close(ready[0]);
+      UpgradeFailed("fork: " + std::string(std::strerror(errno)));
+      return;
+    }
+    upgrade_pid_ = pid;
+    auto poll = loop::Poll::Create(*loop_, ready[0], loop::FdOwnership::kOwned);
+    if (!poll.ok()) {
+      UpgradeFailed(poll.status().ToString());
+      return;
+    }
+    ready_poll_ = std::move(poll).value();
+    ready_poll_->Start(UV_READABLE, [this](int, int) {
+      char buf[16];
+      ssize_t n = ::read(ready_poll_->fd(), buf, sizeof(buf));
+      if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+      if (n > 0 && std::string_view(buf, static_cast<size_t>(n)).starts_with("ready")) {
+        HandedOver();
+      } else {
+        UpgradeFailed("the new process exited before it served (see its lines above)");
+      }
+    });
+    auto t = loop::Timer::Create(*loop_);
+    if (t.ok()) {
+      upgrade_timer_ = std::move(t).value();
+      upgrade_timer_->Start(kUpgradeTimeoutMs, [this] {
+        UpgradeFailed("the new process did not serve within " +
+                      std::to_string(kUpgradeTimeoutMs / 1000) + "s");
+      });
+    }
+  }
+
+  // The new process serves: this one stops accepting and writing the registry, and exits once
+  // its last session ends.
+  void HandedOver() {
+    ready_poll_.reset();
+    upgrade_timer_.reset();
+    pid_t successor = upgrade_pid_;
+    upgrade_pid_ = -1;
+    ::close(control_fd_);
+    control_fd_ = -1;
+    draining_ = true;
+    if (service_) service_->HandOver(successor);
+    proxy_->StopListening();
+    renew_timer_.reset();
+    reloading_ = loop::Pending();
+    broker_.reset();  // no expiry, reconciliation or probe writes from this process any more
+    LOG_INFO("upgrade: process %d serves now; this one finishes its %llu session(s), then exits",
+             static_cast<int>(successor),
+             static_cast<unsigned long long>(proxy_->stats().global().active));
+    auto t = loop::Timer::Create(*loop_);
+    if (!t.ok()) return;
+    drain_check_ = std::move(t).value();
+    drain_check_->Start(0, kDrainCheckMs, [this] {
+      if (proxy_->stats().global().active > 0) return;
+      drain_check_->Stop();
+      LOG_INFO("upgrade: the last session of the old process ended");
+      stopping_ = true;
+      WaitForStore();
+    });
+  }
+
+  void UpgradeFailed(const std::string& why) {
+    ready_poll_.reset();
+    upgrade_timer_.reset();
+    if (upgrade_pid_ > 0) {
+      ::kill(upgrade_pid_, SIGKILL);
+      ::waitpid(upgrade_pid_, nullptr, 0);
+      upgrade_pid_ = -1;
+    }
+    LOG_ERROR("upgrade: %s; this process goes on serving", why.c_str());
+    Status s = control_->Adopt(control_fd_, config_.control_socket);
+    control_fd_ = -1;
+    if (!s.ok()) LOG_ERROR("upgrade: control socket: %s", s.ToString().c_str());
+  }
+
+  static constexpr uint64_t kUpgradeTimeoutMs = 60000;
+  static constexpr uint64_t kDrainCheckMs = 250;
 
   // SIGHUP (see daemon.h).
   void Reload() {
@@ -592,7 +843,7 @@ class Daemon {
     if (stopping_) return;
     stopping_ = true;
     LOG_INFO("received signal %d; shutting down", signum);
-    if (service_) service_->Stopping();
+    if (service_ && !draining_) service_->Stopping();
     control_->Close();
     renew_timer_.reset();
     reloading_ = loop::Pending();
@@ -650,12 +901,22 @@ class Daemon {
   std::unique_ptr<ServiceNotifier> service_;
   std::function<Result<Config>()> reread_;
   loop::Pending reloading_;
+  std::vector<std::string> argv_;  // to start the successor with
+  std::string exe_;                // this binary's path (the file there may have been replaced)
+  Handover handover_;              // what a predecessor handed this process
+  int control_fd_ = -1;            // the control socket, during an upgrade
+  pid_t upgrade_pid_ = -1;         // the successor, until it serves
+  bool draining_ = false;          // handed over: only sessions are left
+  loop::HandlePtr<loop::Poll> ready_poll_;
+  loop::HandlePtr<loop::Timer> upgrade_timer_;
+  loop::HandlePtr<loop::Timer> drain_check_;
   bool stopping_ = false;
 };
 
 }  // namespace
 
-Status RunDaemon(const Config& config, std::function<Result<Config>()> reread) {
+Status RunDaemon(const Config& config, std::function<Result<Config>()> reread,
+                 std::vector<std::string> argv) {
   SetLogLevel(config.log_level);
   std::optional<LogFormat> format = ParseLogFormat(config.log_format);
   if (!format) {
@@ -666,7 +927,7 @@ Status RunDaemon(const Config& config, std::function<Result<Config>()> reread) {
   SetLogToJournal(StderrIsJournal());
   // Before anything uses the pool: DNS look-ups must never take every thread from disk writes.
   loop::ReserveThreadPool();
-  Daemon daemon(config, std::move(reread));
+  Daemon daemon(config, std::move(reread), std::move(argv));
   Status s = daemon.Start();
   if (s.ok()) daemon.Run();
   Status f = daemon.Finish();

@@ -319,7 +319,10 @@ int Main(int argc, char** argv) {
 
   if (run->parsed()) {
     auto config = resolve(run_cfg);
-    status = config.ok() ? RunDaemon(*config, [&] { return resolve(run_cfg); }) : config.status();
+    status = config.ok() ? RunDaemon(
+                               *config, [&] { return resolve(run_cfg); },
+                               std::vector<std::string>(argv, argv + argc))
+                         : config.status();
   } else if (save->parsed()) {
     save_args.format = save_flags.json || save_format == "json" ? OutputFormat::kJson
                        : save_format == "env"                   ? OutputFormat::kEnv

@@ -54,6 +54,14 @@ void ServiceNotifier::Reloaded() {
   if (active_) Send("READY=1\nSTATUS=" + status_());
 }
 
+void ServiceNotifier::HandOver(int successor) {
+  if (!active_) return;
+  if (timer_) timer_->Stop();
+  Send("MAINPID=" + std::to_string(successor) + "\nSTATUS=handed over to process " +
+       std::to_string(successor));
+  active_ = false;
+}
+
 void ServiceNotifier::Tick() {
   std::string message;
   if (watchdog_ms_ > 0) message = "WATCHDOG=1";

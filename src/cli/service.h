@@ -55,6 +55,9 @@ class ServiceNotifier {
   // RELOADING=1 when a reload begins; READY=1 (with STATUS=) when it is over, applied or not.
   void Reloading();
   void Reloaded();
+  // MAINPID=`successor`: the manager follows the new process (an upgrade); this one sends
+  // nothing more.
+  void HandOver(int successor);
 
  private:
   ServiceNotifier(loop::Loop* loop, StatusFn status) : loop_(loop), status_(std::move(status)) {}

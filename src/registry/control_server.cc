@@ -1,5 +1,6 @@
 #include "registry/control_server.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -77,17 +78,42 @@ Status ControlServer::Listen(const std::string& path) {
     }
     ::unlink(path.c_str());  // left behind by a daemon that did not exit cleanly
   }
-  auto pipe = loop::Pipe::Create(*loop_);
-  if (!pipe.ok()) return pipe.status();
-  listener_ = std::move(pipe).value();
+  // Bound here rather than by libuv, which would remove the path whenever its handle closes:
+  // on upgrade the socket outlives this process's handle (Release()).
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return PosixError("control socket", errno);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  path.copy(addr.sun_path, sizeof(addr.sun_path) - 1);
   // Anyone may connect; what they may do is decided per request from SO_PEERCRED. The socket
   // gets mode 0666 from bind() itself, under a umask: a chmod() by name afterwards would follow
   // whatever had replaced the socket in the meantime. (umask is per process; nothing else
   // creates files while the daemon starts.)
   const mode_t old_mask = ::umask(0111);
-  Status bound = listener_->Bind(path);
+  int rc = ::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr));
+  int bind_errno = errno;
   ::umask(old_mask);
-  BP_RETURN_IF_ERROR(bound);
+  if (rc != 0) {
+    ::close(fd);
+    return PosixError("bind " + path, bind_errno);
+  }
+  return Adopt(fd, path);
+}
+
+Status ControlServer::Adopt(int fd, const std::string& path) {
+  auto pipe = loop::Pipe::Create(*loop_);
+  if (!pipe.ok()) {
+    ::close(fd);
+    return pipe.status();
+  }
+  listener_ = std::move(pipe).value();
+  (void)::fcntl(fd, F_SETFD, FD_CLOEXEC);
+  Status opened = listener_->Open(fd);
+  if (!opened.ok()) {
+    ::close(fd);
+    listener_.reset();
+    return opened;
+  }
   path_ = path;
   return listener_->Listen(128, [this](Status s) {
     if (!s.ok()) {
@@ -96,6 +122,13 @@ Status ControlServer::Listen(const std::string& path) {
     }
     OnConnection();
   });
+}
+
+int ControlServer::Release() {
+  int fd = listener_ && listener_->fd() >= 0 ? ::fcntl(listener_->fd(), F_DUPFD, 3) : -1;
+  path_.clear();  // the socket stays for the next process
+  Close();
+  return fd;
 }
 
 void ControlServer::Close() {

@@ -76,6 +76,13 @@ class ControlServer {
   // Binds `path` (mode 0666: any local user may connect; SO_PEERCRED decides what they may
   // do). A stale socket left by a crashed daemon is replaced; a live one is an error.
   Status Listen(const std::string& path);
+  // The same on `fd`, a listening socket bound at `path` that this process was handed (an
+  // upgrade); owned from here, also on failure.
+  Status Adopt(int fd, const std::string& path);
+  // Stops taking connections and closes every client, but leaves the socket in place for
+  // another process: returns a duplicate of the listening socket (without close-on-exec; the
+  // caller owns it), or -1. Close() afterwards no longer removes the path.
+  int Release();
   // Stops listening, closes every client and removes the socket file.
   void Close();
 

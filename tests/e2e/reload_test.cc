@@ -242,5 +242,128 @@ TEST_F(ReloadTest, ABadConfigChangesNothingAndRestartOnlyChangesAreNamed) {
   EXPECT_EQ(daemon_->Stop(SIGTERM), 0);
 }
 
+// True once `pid` has exited (gone, or a zombie nobody reaped yet).
+bool Exited(pid_t pid) {
+  std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
+  if (stat.empty()) return true;
+  size_t paren = stat.rfind(')');
+  return paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'Z';
+}
+
+// SIGUSR2: a new process takes the listening sockets over while 100 sessions stream through
+// the old one and new connections keep coming; none is broken or refused, the old process
+// exits by itself once its sessions end, and the new one serves the registry and the port.
+TEST_F(ReloadTest, UpgradeHandsTheSocketsOverWithoutBreakingOrRefusingAnything) {
+  constexpr int kSessions = 100;
+  constexpr uint64_t kHalf = 128 * 1024;
+  std::mutex mu;
+  std::condition_variable cv;
+  int at_middle = 0;
+  bool handed_over = false;
+  std::atomic<int> broken{0};
+  std::vector<std::thread> sessions;
+  for (int i = 0; i < kSessions; ++i) {
+    sessions.emplace_back([&] {
+      int fd = Echo(daemon_->proxy_port());
+      bool ok = fd >= 0 && EchoPart(fd, 0, kHalf);
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        ++at_middle;
+        cv.notify_all();
+        cv.wait_for(lock, std::chrono::seconds(60), [&] { return handed_over; });
+      }
+      ok = ok && EchoPart(fd, kHalf, kHalf);
+      if (!ok) broken++;
+      if (fd >= 0) ::close(fd);
+    });
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(
+        cv.wait_for(lock, std::chrono::seconds(120), [&] { return at_middle == kSessions; }));
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> fresh{0}, refused{0};
+  std::thread newcomer([&] {
+    while (!stop) {
+      int fd = Echo(daemon_->proxy_port());
+      if (fd < 0) {
+        refused++;
+        continue;
+      }
+      if (EchoPart(fd, 0, 1000)) fresh++;
+      ::close(fd);
+    }
+  });
+  pid_t old_pid = daemon_->pid();
+  size_t from = daemon_->Log().size();
+  ::kill(old_pid, SIGUSR2);
+  std::string line;
+  ASSERT_TRUE(WaitUntil([&] {
+    std::string log = daemon_->Log();
+    size_t at = log.find("upgrade: process ", from);
+    if (at == std::string::npos) return false;
+    line = log.substr(at, log.find('\n', at) - at);
+    return true;
+  })) << daemon_->Log().substr(from);
+  pid_t successor = std::atoi(line.c_str() + std::string("upgrade: process ").size());
+  ASSERT_GT(successor, 0) << line;
+  ASSERT_NE(successor, old_pid);
+  struct Reaper {
+    pid_t pid;
+    ~Reaper() {
+      ::kill(pid, SIGTERM);
+      WaitUntil([&] { return Exited(pid); }, 20000);
+    }
+  } reaper{successor};
+  // The registry is the successor's now: control requests are its.
+  auto q = daemon_->Cli({"query", "--json"});
+  EXPECT_EQ(q.exit_code, 0) << q;
+  EXPECT_NE(q.out.find("job1"), std::string::npos) << q;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    handed_over = true;
+    cv.notify_all();
+  }
+  for (auto& t : sessions) t.join();
+  int after = fresh.load();
+  WaitUntil([&] { return fresh.load() >= after + 5; }, 20000);
+  stop = true;
+  newcomer.join();
+  EXPECT_EQ(broken.load(), 0);
+  EXPECT_EQ(refused.load(), 0);
+  EXPECT_GE(fresh.load(), after + 5);
+  // Its sessions over, the old process exits by itself, and the successor goes on serving.
+  EXPECT_TRUE(WaitUntil([&] { return Exited(old_pid); }, 20000)) << daemon_->Log().substr(from);
+  EXPECT_NE(daemon_->Log().find("the last session of the old process ended", from),
+            std::string::npos);
+  EXPECT_EQ(daemon_->Stop(SIGTERM), 0);  // reaps the old process
+  int fd = Echo(daemon_->proxy_port());
+  ASSERT_GE(fd, 0);
+  EXPECT_TRUE(EchoPart(fd, 0, 100000));
+  ::close(fd);
+  EXPECT_EQ(daemon_->Cli({"save", "ssh", "--job-id", "job2", "--port", "28999"}).exit_code, 0);
+}
+
+// A successor that cannot start (here: the configuration has an error by now) changes nothing:
+// it is gone, and this process serves control requests and the port as before.
+TEST_F(ReloadTest, AnUpgradeThatCannotStartLeavesTheOldProcessServing) {
+  WriteFile(daemon_->config_path(), base_config_ + "\n[broker]\nlog_level = loud\n");
+  size_t from = daemon_->Log().size();
+  ::kill(daemon_->pid(), SIGUSR2);
+  ASSERT_TRUE(WaitUntil([&] {
+    return daemon_->Log().find("this process goes on serving", from) != std::string::npos;
+  })) << daemon_->Log().substr(from);
+  WriteFile(daemon_->config_path(), base_config_);
+  auto q = daemon_->Cli({"query", "--json"});
+  EXPECT_EQ(q.exit_code, 0) << q;
+  EXPECT_NE(q.out.find("job1"), std::string::npos) << q;
+  int fd = Echo(daemon_->proxy_port());
+  ASSERT_GE(fd, 0);
+  EXPECT_TRUE(EchoPart(fd, 0, 10000));
+  ::close(fd);
+  EXPECT_EQ(daemon_->Stop(SIGTERM), 0);
+}
+
 }  // namespace
 }  // namespace brokerproxy::testing

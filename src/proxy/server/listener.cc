@@ -58,6 +58,24 @@ Result<std::unique_ptr<Listener>> Listener::Create(loop::Reactor* reactor, const
     ::close(fd);
     return s;
   }
+  return Adopt(reactor, fd, keepalive_s, std::move(on_accept), std::move(on_overload),
+               std::move(overload_reply));
+}
+
+Result<std::unique_ptr<Listener>> Listener::Adopt(loop::Reactor* reactor, int fd, int keepalive_s,
+                                                  AcceptCallback on_accept,
+                                                  OverloadCallback on_overload,
+                                                  std::string overload_reply) {
+  int listening = 0;
+  socklen_t optlen = sizeof(listening);
+  if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || !listening) {
+    ::close(fd);
+    return Status::InvalidArgument("descriptor " + std::to_string(fd) +
+                                   " is not a listening socket");
+  }
+  (void)::fcntl(fd, F_SETFD, FD_CLOEXEC);
+  (void)::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+  TuneTcpSocket(fd, keepalive_s);
   sockaddr_storage bound{};
   socklen_t len = sizeof(bound);
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);

@@ -49,7 +49,16 @@ class Listener {
                                                   int keepalive_s, AcceptCallback on_accept,
                                                   OverloadCallback on_overload = nullptr,
                                                   std::string overload_reply = "");
+  // The same over `fd`, a listening TCP socket this process was handed (an upgrade: the old
+  // process passed it on). The listener owns it from here, also on failure.
+  static Result<std::unique_ptr<Listener>> Adopt(loop::Reactor* reactor, int fd, int keepalive_s,
+                                                 AcceptCallback on_accept,
+                                                 OverloadCallback on_overload = nullptr,
+                                                 std::string overload_reply = "");
   ~Listener();
+
+  // The listening socket (for handing it to a new process: dup it).
+  int fd() const { return io_.fd(); }
 
   // Connections accepted per turn before the rest of the loop gets one.
   static constexpr int kAcceptBatch = 64;

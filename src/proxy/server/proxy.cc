@@ -1,6 +1,7 @@
 #include "proxy/server/proxy.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <unistd.h>
 
@@ -56,6 +57,7 @@ Proxy::Proxy(loop::Loop* loop, const registry::Registry* registry, ProxyOptions 
       policy_(options_.backend_allow) {}
 
 Proxy::~Proxy() {
+  for (const auto& [addr, fd] : inherited_) ::close(fd);
   lifetime_.End();
   Stop();
   graveyard_.clear();
@@ -75,13 +77,54 @@ Status Proxy::Start() {
   // Local clients are told apart by sock_diag at every connection (SourceKey); its socket is
   // taken now. Without it they all share one source, which is not a reason not to serve.
   if (Status s = loop::OpenSockDiag(); !s.ok()) LOG_WARN("proxy: %s", s.ToString().c_str());
+  std::vector<std::pair<HostPort, int>> inherited = std::move(inherited_);
+  inherited_.clear();
+  Status status;
   for (const HostPort& addr : options_.listen) {
-    auto l = Listen(addr, options_.keepalive_s);
-    if (!l.ok()) return l.status();
+    if (std::find(listener_specs_.begin(), listener_specs_.end(), addr) != listener_specs_.end()) {
+      continue;  // listed twice
+    }
+    auto it = std::find_if(inherited.begin(), inherited.end(),
+                           [&](const auto& p) { return p.first == addr; });
+    Result<std::unique_ptr<Listener>> l = Status::Internal("not listening");
+    if (it != inherited.end()) {
+      l = Listener::Adopt(
+          reactor_.get(), it->second, options_.keepalive_s,
+          [this](int fd, const sockaddr_storage& peer) { OnAccept(fd, peer); },
+          [this] { stats_.global().busy++; }, std::string(ErrorReply(ErrorCode::kBusy)));
+      inherited.erase(it);
+      if (l.ok()) LOG_INFO("proxy listening on %s (handed over)", (*l)->address().c_str());
+    } else {
+      l = Listen(addr, options_.keepalive_s);
+    }
+    if (!l.ok()) {
+      status = l.status();
+      break;
+    }
     listeners_.push_back(std::move(l).value());
     listener_specs_.push_back(addr);
   }
+  for (const auto& [addr, fd] : inherited) {
+    LOG_INFO("proxy: %s is no longer listed; its handed-over socket is closed",
+             addr.ToString().c_str());
+    ::close(fd);
+  }
+  BP_RETURN_IF_ERROR(status);
   return UpdateOwnListeners();
+}
+
+std::vector<std::pair<HostPort, int>> Proxy::DupListeners() const {
+  std::vector<std::pair<HostPort, int>> out;
+  for (size_t i = 0; i < listeners_.size(); ++i) {
+    int fd = ::fcntl(listeners_[i]->fd(), F_DUPFD, 3);  // without FD_CLOEXEC
+    if (fd >= 0) out.emplace_back(listener_specs_[i], fd);
+  }
+  return out;
+}
+
+void Proxy::StopListening() {
+  listeners_.clear();
+  listener_specs_.clear();
 }
 
 Result<std::unique_ptr<Listener>> Proxy::Listen(const HostPort& addr, int keepalive_s) {

@@ -169,6 +169,18 @@ class Proxy {
   // session). pipe_size and pipe_pool stay as they were. REQUIRES: Start() succeeded.
   Status Reconfigure(ProxyOptions options);
 
+  // Listening sockets handed over by an old process (an upgrade), by the listen address they
+  // were configured as: Start() adopts them instead of binding those addresses, and closes any
+  // left over. Call before Start().
+  void set_inherited(std::vector<std::pair<HostPort, int>> listeners) {
+    inherited_ = std::move(listeners);
+  }
+  // Duplicates of the listening sockets (without close-on-exec), with their listen addresses,
+  // for a new process; the caller owns them.
+  std::vector<std::pair<HostPort, int>> DupListeners() const;
+  // Stops accepting (a new process accepts on the same sockets); connections go on.
+  void StopListening();
+
   // The bound addresses, e.g. {"127.0.0.1:7000"}.
   std::vector<std::string> addresses() const;
   // Adds the proxy's counters to a `stats` reply; per-job counters only for jobs `caller` may
@@ -282,7 +294,8 @@ class Proxy {
   DialObserver dial_observer_;
   std::unique_ptr<loop::Reactor> reactor_;
   std::vector<std::unique_ptr<Listener>> listeners_;
-  std::vector<HostPort> listener_specs_;  // what each of listeners_ was configured as
+  std::vector<HostPort> listener_specs_;             // what each of listeners_ was configured as
+  std::vector<std::pair<HostPort, int>> inherited_;  // until Start()
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
   size_t channel_slots_ = 0;
   // Unauthenticated handshakes, oldest first (by id), and how many each source has.
