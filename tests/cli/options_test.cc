@@ -66,6 +66,7 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
   std::vector<std::string> expected = {"broker.state_dir",
                                        "broker.control_socket",
                                        "broker.log_level",
+                                       "broker.log_format",
                                        "broker.core_dumps",
                                        "broker.max_control_clients",
                                        "broker.max_control_clients_per_user",
