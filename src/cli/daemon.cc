@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cli/daemon_tls.h"
+#include "cli/registry_io.h"
 #include "cli/service.h"
 #include "loop/handle.h"
 #include "loop/log.h"
@@ -35,7 +36,10 @@
 #include "proxy/tls/tls_frontend.h"
 #include "registry/broker.h"
 #include "registry/control_server.h"
+#include "registry/redis_store.h"
 #include "registry/registry.h"
+#include "registry/seal.h"
+#include "registry/snapshot.h"
 #include "registry/store.h"
 
 namespace brokerproxy::cli {
@@ -325,14 +329,14 @@ class Daemon {
     BP_RETURN_IF_ERROR(
         CheckPrivateDirectory(DirName(config_.control_socket), "the control socket's directory"));
 
-    registry::Registry::Options ro;
-    ro.ports = config_.port_range;
-    ro.secret_bits = config_.secret_bits;
-    ro.default_ttl = config_.default_ttl_ms / 1000;
-    ro.max_jobs_per_user = static_cast<size_t>(config_.max_jobs_per_user);
-    registry_ = std::make_unique<registry::Registry>(ro);
+    registry_ = std::make_unique<registry::Registry>(RegistryOptionsFrom(config_));
     std::string snapshot = config_.state_dir + "/registry.json";
-    BP_RETURN_IF_ERROR(registry::Store::Load(snapshot, registry_.get()));
+    if (config_.store == "file") {
+      BP_RETURN_IF_ERROR(registry::FileStore::Load(snapshot, registry_.get()));
+    } else if (config_.store != "redis") {
+      return Status::InvalidArgument("[registry] store: '" + config_.store.substr(0, 40) +
+                                     "' is neither file nor redis");
+    }
 
     auto scheduler = ResolveSchedulerSettings(config_);
     if (!scheduler.ok()) return scheduler.status();
@@ -341,7 +345,15 @@ class Daemon {
     if (!loop.ok()) return loop.status();
     loop_ = std::move(loop).value();
     scheduler_ = registry::MakeScheduler(loop_.get(), scheduler->options);
-    store_ = std::make_unique<registry::Store>(loop_.get(), registry_.get(), snapshot);
+    if (config_.store == "redis") {
+      auto redis = OpenRedisStore(config_, loop_.get(), registry_.get());
+      if (!redis.ok()) return redis.status();
+      BP_RETURN_IF_ERROR((*redis)->Start());
+      snapshot = (*redis)->Name();
+      store_ = std::move(redis).value();
+    } else {
+      store_ = std::make_unique<registry::FileStore>(loop_.get(), registry_.get(), snapshot);
+    }
     registry::Broker::Options bo;
     bo.ready_timeout_ms = config_.ready_timeout_ms;
     bo.max_waits_per_user = static_cast<size_t>(config_.max_waits_per_user);

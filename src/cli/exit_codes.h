@@ -16,6 +16,7 @@ inline constexpr int kExitNotFound = 5;          // no such job
 inline constexpr int kExitExhausted = 6;         // port range (or another pool) exhausted
 inline constexpr int kExitTimeout = 7;           // a deadline passed (e.g. save --wait)
 inline constexpr int kExitAlreadyExists = 8;     // e.g. a daemon already runs on the socket
+inline constexpr int kExitStoreUnavailable = 9;  // the shared registry store is unreachable
 inline constexpr int kExitFailure = 10;          // anything else (I/O, corruption, internal)
 
 inline int ExitCodeFor(const Status& s) {
@@ -36,6 +37,8 @@ inline int ExitCodeFor(const Status& s) {
       return kExitTimeout;
     case Status::Code::kAlreadyExists:
       return kExitAlreadyExists;
+    case Status::Code::kStoreUnavailable:
+      return kExitStoreUnavailable;
     case Status::Code::kIOError:
     case Status::Code::kCorruption:
     case Status::Code::kInternal:

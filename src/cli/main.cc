@@ -17,6 +17,7 @@
 #include "cli/exit_codes.h"
 #include "cli/manpage.h"
 #include "cli/options.h"
+#include "cli/registry_io.h"
 #include "cli/remote.h"
 #include "cli/ssh_client.h"
 
@@ -215,6 +216,23 @@ int Main(int argc, char** argv) {
   ca->add_flag("--json", ca_flags.json, "Print the reply as JSON");
   ca_cfg.AddTo(ca, FlagScope::kClient);
 
+  ConfigFlags registry_cfg;
+  std::string registry_action;
+  std::string registry_file;
+  bool registry_replace = false;
+  CLI::App* registry_cmd = app.add_subcommand(
+      "registry",
+      "Move jobs between stores (docs/redis.md): `registry export > FILE` prints the configured "
+      "store's jobs in registry.json's format (secrets included); `registry import FILE` adds "
+      "them to the configured store (with store = file, the daemon must be stopped)");
+  registry_cmd->add_option("action", registry_action, "export or import")
+      ->required()
+      ->check(CLI::IsMember({"export", "import"}));
+  registry_cmd->add_option("file", registry_file, "import: the file to read");
+  registry_cmd->add_flag("--replace", registry_replace,
+                         "import: replace jobs of the same id (else the import is refused)");
+  registry_cfg.AddTo(registry_cmd, FlagScope::kDaemon);
+
   ConfigFlags connect_cfg;
   ConnectArgs connect_args;
   CLI::App* connect = app.add_subcommand(
@@ -377,6 +395,10 @@ int Main(int argc, char** argv) {
       if (connect_args.proxy.empty()) connect_args.proxy = c.proxy.ToString();
       return RunConnect(c, cl, remote, connect_args);
     });
+  } else if (registry_cmd->parsed()) {
+    auto config = resolve(registry_cfg);
+    status = config.ok() ? RunRegistry(*config, registry_action, registry_file, registry_replace)
+                         : config.status();
   } else if (config_cmd->parsed()) {
     std::string text = config_man == 1   ? ManPageCommands(app, kVersion)
                        : config_man == 5 ? ManPageConfig(kVersion)

@@ -152,6 +152,60 @@ const std::vector<Entry>& Entries() {
         "empty value admits no other host.",
         nullptr, kNo},
        &Config::backend_allow},
+      {{"registry", "store", T::kString, "file",
+        "Where the registry is kept: file (registry.json in state_dir, for one login node; the "
+        "default) or redis (one registry shared by the daemons of several login nodes, in the "
+        "Redis at store_address; see docs/redis.md). With redis, a job saved on any node is "
+        "served by every node within 100 ms, and saves and removes fail (exit code 9) while "
+        "Redis cannot be reached.",
+        nullptr, kNo},
+       &Config::store},
+      {{"registry", "store_address", T::kString, "",
+        "With store = redis, where Redis listens, unix:/path/to/redis.sock or host:port (a host "
+        "name "
+        "is resolved once, at start-up); or, with store_master_name, the Sentinels as a "
+        "comma-separated list of host:port, asked for the master at every (re)connect so that a "
+        "failover is followed without a restart.",
+        nullptr, kNo},
+       &Config::store_address},
+      {{"registry", "store_master_name", T::kString, "",
+        "With store = redis and Sentinels, the name the Sentinels monitor the master under (their "
+        "`sentinel monitor NAME ...`). Empty: store_address is Redis itself.",
+        nullptr, kNo},
+       &Config::store_master_name},
+      {{"registry", "store_password_file", T::kPath, "",
+        "With store = redis, a file (readable by root only) whose first line is Redis's password "
+        "(requirepass), sent with AUTH. Empty: no password.",
+        nullptr, kNo},
+       &Config::store_password_file},
+      {{"registry", "store_prefix", T::kString, "brokerproxy",
+        "With store = redis, the prefix of every key and of the channel the daemons share, so that "
+        "several clusters can use one Redis. Every login node of one cluster uses the same "
+        "prefix.",
+        nullptr, kNo},
+       &Config::store_prefix},
+      {{"registry", "store_key_file", T::kPath, "",
+        "With store = redis, 32 random bytes (head -c 32 /dev/urandom > FILE; chmod 600 FILE), the "
+        "same file on every login node. Every record is sealed with it (AES-256-GCM), so "
+        "neither Redis nor the network to it sees a secret. Required with store = redis; a "
+        "file others may read, or a key other than the one the store was first sealed with, is "
+        "a start-up error.",
+        nullptr, kNo},
+       &Config::store_key_file},
+      {{"registry", "store_replicas", T::kInt, "0",
+        "With store = redis, a save or remove is acknowledged once this many replicas confirmed it "
+        "(Redis WAIT, 2 s at most; 0 to 16). 0 acknowledges when the master has it: with "
+        "appendfsync everysec a crash of the master may lose the last second, and a failover "
+        "may lose what the replica had not received.",
+        nullptr, kNo, 0, 16},
+       &Config::store_replicas},
+      {{"registry", "store_max_view_age", T::kDuration, "5m",
+        "With store = redis, while Redis cannot be reached, handshakes for known jobs go on from "
+        "the "
+        "last synced view for this long; after that they are refused (and logged) until the "
+        "daemon is back in sync. Established sessions are never ended by it. 0: without limit.",
+        nullptr, kNo, 0, 86400},
+       &Config::store_max_view_age_ms},
       // [proxy]
       {{"proxy", "listen", T::kHostPortList, "127.0.0.1:7000",
         "Addresses of the proxy port, as host:port or [v6addr]:port; comma-separated, or repeat "

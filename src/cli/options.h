@@ -50,6 +50,14 @@ struct Config {
   int64_t recheck_interval_ms = 60000;  // each ready job's backend is dialled once per this; 0: off
   int max_jobs_per_user = 64;           // jobs one uid other than root may hold; 0: no limit
   std::vector<std::string> backend_allow{"0.0.0.0/0", "::/0"};  // each a valid Cidr
+  std::string store = "file";                                   // file | redis (docs/redis.md)
+  std::string store_address;        // redis: unix:PATH, host:port, or Sentinels' host:port,...
+  std::string store_master_name;    // redis: non-empty: store_address lists Sentinels
+  std::string store_password_file;  // redis: AUTH password (first line); empty: none
+  std::string store_prefix = "brokerproxy";  // redis: key prefix (one per cluster)
+  std::string store_key_file;                // redis: 32-byte sealing key, mode 0600
+  int store_replicas = 0;                    // redis: WAIT for this many replicas; 0: off
+  int64_t store_max_view_age_ms = 300000;    // redis: serve an unsynced view this long
 
   // [proxy]
   std::vector<HostPort> listen{{"127.0.0.1", 7000}};

@@ -22,6 +22,7 @@ constexpr CodeEntry kCodeNames[] = {
     {Status::Code::kResourceExhausted, "resource_exhausted"},
     {Status::Code::kTimeout, "timeout"},
     {Status::Code::kAlreadyExists, "already_exists"},
+    {Status::Code::kStoreUnavailable, "store_unavailable"},
     {Status::Code::kInternal, "internal"},
 };
 

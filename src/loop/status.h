@@ -34,6 +34,7 @@ class Status {
     kResourceExhausted,  // a bounded pool (ports, connections) is empty
     kTimeout,            // a deadline passed
     kAlreadyExists,      // the name is taken by someone else
+    kStoreUnavailable,   // the shared registry store (Redis) cannot take a change now
     kInternal,           // a bug or an impossible state
   };
 
@@ -62,6 +63,9 @@ class Status {
   }
   static Status Timeout(std::string_view msg) { return Status(Code::kTimeout, msg); }
   static Status AlreadyExists(std::string_view msg) { return Status(Code::kAlreadyExists, msg); }
+  static Status StoreUnavailable(std::string_view msg) {
+    return Status(Code::kStoreUnavailable, msg);
+  }
   static Status Internal(std::string_view msg) { return Status(Code::kInternal, msg); }
   // Builds a status from a code received over the wire or computed elsewhere.
   static Status FromCode(Code code, std::string_view msg) {

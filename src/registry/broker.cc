@@ -548,6 +548,7 @@ void Broker::AddStats(cJSON* stats, uid_t caller) {
   }
   cJSON_AddNumberToObject(stats, "waits", static_cast<double>(waits));
   cJSON_AddNumberToObject(stats, "probes", static_cast<double>(probes));
+  store_->AddStats(stats);
 }
 
 void Broker::Forget(const std::string& id, const Status& waiter_status) {
@@ -565,6 +566,7 @@ void Broker::SweepExpired() {
   auto removed = std::make_shared<std::vector<Job>>();
   store_->Commit(
       [this, ids, removed]() -> Result<Store::Undo> {
+        removed->clear();  // a shared store may run this again
         int64_t now = clock_();
         for (const auto& id : ids) {
           const Job* job = registry_->Find(id);

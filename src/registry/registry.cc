@@ -214,7 +214,7 @@ const Job* Registry::Authenticate(std::string_view id, std::string_view secret) 
   const Job* job = Find(id);
   // Hash and compare on both paths, so an unknown id answers in the time a wrong secret does.
   const bool match = SecretMatches(job != nullptr ? job->secret : dummy_secret_, secret);
-  return match ? job : nullptr;
+  return match && refusal_.empty() ? job : nullptr;
 }
 
 const Job* Registry::Find(std::string_view id) const {
@@ -252,6 +252,7 @@ Status Registry::SetReady(std::string_view id, bool ready) {
     return Status::NotFound("no " + DescribeId(CanonicalJobId(id)));
   }
   it->second.ready = ready;
+  if (track_changes_) touched_.push_back(it->first);
   return Status::OK();
 }
 
@@ -264,6 +265,7 @@ Status Registry::SetExpires(std::string_view id, int64_t expires) {
     return Status::NotFound("no " + DescribeId(CanonicalJobId(id)));
   }
   it->second.expires = expires;
+  if (track_changes_) touched_.push_back(it->first);
   return Status::OK();
 }
 
@@ -314,7 +316,16 @@ uint64_t Registry::Generation(std::string_view id) const {
   return it == generations_.end() ? 0 : it->second;
 }
 
+std::vector<std::string> Registry::TakeTouched() {
+  std::vector<std::string> ids;
+  ids.swap(touched_);
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
+}
+
 void Registry::Changed(const std::string& id, bool existed, bool removed) {
+  if (track_changes_) touched_.push_back(id);
   if (removed) {
     generations_.erase(id);
   } else {

@@ -148,6 +148,21 @@ class Registry {
   using Observer = std::function<void(const std::string& id)>;
   void set_observer(Observer observer) { observer_ = std::move(observer); }
 
+  // Change tracking, for stores that write changes rather than snapshots (registry/
+  // redis_store.h). While on, every method that changes a job (Save, Remove, SetReady,
+  // SetExpires, Put, Erase) notes its canonical id; TakeTouched() returns the ids noted since
+  // the last call (each once, sorted) and forgets them. Off by default.
+  void set_track_changes(bool on) {
+    track_changes_ = on;
+    touched_.clear();
+  }
+  std::vector<std::string> TakeTouched();
+
+  // Non-empty: Authenticate() refuses every secret (the view of a shared store is too old to
+  // trust, registry/redis_store.h). The reason is for logs; empty: normal.
+  void set_refusal(std::string reason) { refusal_ = std::move(reason); }
+  const std::string& refusal() const { return refusal_; }
+
  private:
   struct Hash {
     using is_transparent = void;
@@ -169,6 +184,9 @@ class Registry {
   std::unordered_map<std::string, uint64_t, Hash, std::equal_to<>> generations_;
   uint64_t next_generation_ = 1;
   Observer observer_;
+  bool track_changes_ = false;
+  std::vector<std::string> touched_;
+  std::string refusal_;
 };
 
 }  // namespace brokerproxy::registry

@@ -9,10 +9,10 @@
 
 namespace brokerproxy::registry {
 
-Store::Store(loop::Loop* loop, Registry* registry, std::string path)
+FileStore::FileStore(loop::Loop* loop, Registry* registry, std::string path)
     : loop_(loop), registry_(registry), path_(std::move(path)) {}
 
-Status Store::Load(const std::string& path, Registry* registry) {
+Status FileStore::Load(const std::string& path, Registry* registry) {
   auto data = ReadFileIfExists(path, kMaxSnapshotBytes);
   if (!data.ok()) return data.status();
   if (!data->has_value()) return Status::OK();  // first start
@@ -52,12 +52,12 @@ Status Store::Load(const std::string& path, Registry* registry) {
   return Status::OK();
 }
 
-void Store::Commit(Mutation mutation, Done done) {
+void FileStore::Commit(Mutation mutation, Done done) {
   queue_.push_back({std::move(mutation), std::move(done)});
   if (!writing_) StartBatch();
 }
 
-void Store::StartBatch() {
+void FileStore::StartBatch() {
   while (!queue_.empty()) {
     Entry e = std::move(queue_.front());
     queue_.pop_front();
@@ -80,7 +80,7 @@ void Store::StartBatch() {
       [this, result] { FinishBatch(*result); });
 }
 
-void Store::FinishBatch(Status status) {
+void FileStore::FinishBatch(Status status) {
   std::vector<Applied> batch;
   batch.swap(in_flight_);
   writing_ = false;

@@ -1,9 +1,11 @@
-// Store: makes registry changes durable before they are acknowledged.
+// Store: makes registry changes durable before they are acknowledged. Two kinds: FileStore
+// (below: registry.json in the state dir, the default) and RedisStore (registry/redis_store.h:
+// one registry shared by several login nodes). The Broker sees only this interface.
 //
-// Commit(mutation, done) applies `mutation` to the in-memory Registry on the loop thread, writes
-// the whole registry to disk on the thread pool (loop/file.h: temp file, fsync, rename, fsync
-// dir) and then calls `done(OK)`. If the write fails, the change is undone and `done` gets the
-// error, so the registry in memory never claims what the disk does not hold.
+// FileStore: Commit(mutation, done) applies `mutation` to the in-memory Registry on the loop
+// thread, writes the whole registry to disk on the thread pool (loop/file.h: temp file, fsync,
+// rename, fsync dir) and then calls `done(OK)`. If the write fails, the change is undone and `done`
+// gets the error, so the registry in memory never claims what the disk does not hold.
 //
 // Group commit: while one write is in flight, further mutations wait; when it lands they are
 // applied together and written once. Each waits for its own batch. A mutation that fails
@@ -26,10 +28,15 @@
 #include "loop/loop.h"
 #include "loop/status.h"
 #include "loop/work.h"
+#include "registry/json.h"
 #include "registry/registry.h"
 
 namespace brokerproxy::registry {
 
+// What every store does: apply a mutation to the in-memory Registry at once and call `done`
+// (always on a later loop turn) once the change is durable, or undo it and pass the error.
+// A mutation may be run more than once (a shared store runs it again, undone in between, when
+// another node changed the same jobs meanwhile): it must start from what it finds each time.
 class Store {
  public:
   // Changes the registry and returns how to undo that change, or an error (nothing changed).
@@ -37,9 +44,19 @@ class Store {
   using Mutation = std::function<Result<Undo>()>;
   using Done = std::function<void(Status)>;
 
-  Store(loop::Loop* loop, Registry* registry, std::string path);
-  Store(const Store&) = delete;
-  Store& operator=(const Store&) = delete;
+  virtual ~Store() = default;
+  virtual void Commit(Mutation mutation, Done done) = 0;
+  // True while a change is in flight or waits.
+  virtual bool busy() const = 0;
+  // Adds the store's members to a "stats" reply (nothing for the file store).
+  virtual void AddStats(cJSON* /*stats*/) const {}
+};
+
+class FileStore : public Store {
+ public:
+  FileStore(loop::Loop* loop, Registry* registry, std::string path);
+  FileStore(const FileStore&) = delete;
+  FileStore& operator=(const FileStore&) = delete;
 
   // Reads `path` into `*registry` (blocking: for start-up, before the loop serves anyone).
   // A missing file is an empty registry; a damaged one is Corruption naming the file. Jobs
@@ -48,10 +65,10 @@ class Store {
   // warning naming both ids and owners.
   static Status Load(const std::string& path, Registry* registry);
 
-  void Commit(Mutation mutation, Done done);
+  void Commit(Mutation mutation, Done done) override;
 
   // True while a write is in flight or mutations wait.
-  bool busy() const { return writing_ || !queue_.empty(); }
+  bool busy() const override { return writing_ || !queue_.empty(); }
   // Snapshot writes started so far (one per batch).
   uint64_t writes() const { return writes_; }
   const std::string& path() const { return path_; }

@@ -70,7 +70,7 @@ class BindingTest : public ::testing::Test {
     ASSERT_TRUE(l.ok());
     loop_ = std::move(l).value();
     scheduler_ = std::make_unique<FakeScheduler>(loop_.get());
-    store_ = std::make_unique<Store>(loop_.get(), &registry_, dir_ + "/registry.json");
+    store_ = std::make_unique<FileStore>(loop_.get(), &registry_, dir_ + "/registry.json");
   }
   void TearDown() override {
     broker_.reset();
@@ -151,7 +151,7 @@ class BindingTest : public ::testing::Test {
   std::unique_ptr<loop::Loop> loop_;
   Registry registry_{Registry::Options{}};
   std::unique_ptr<FakeScheduler> scheduler_;
-  std::unique_ptr<Store> store_;
+  std::unique_ptr<FileStore> store_;
   std::unique_ptr<Broker> broker_;
   int64_t now_ = 1'000'000;
 };

@@ -45,7 +45,7 @@ class BrokerClockTest : public ::testing::Test {
     socklen_t len = sizeof(a);
     ASSERT_EQ(::getsockname(refusing_fd_, reinterpret_cast<sockaddr*>(&a), &len), 0);
     backend_port_ = ntohs(a.sin_port);
-    store_ = std::make_unique<Store>(loop_.get(), &registry_, dir_ + "/registry.json");
+    store_ = std::make_unique<FileStore>(loop_.get(), &registry_, dir_ + "/registry.json");
     Broker::Options o;
     o.expiry_check_ms = 2;
     o.recheck_interval_ms = 0;
@@ -108,7 +108,7 @@ class BrokerClockTest : public ::testing::Test {
   std::string dir_;
   std::unique_ptr<loop::Loop> loop_;
   Registry registry_{Registry::Options{}};
-  std::unique_ptr<Store> store_;
+  std::unique_ptr<FileStore> store_;
   std::unique_ptr<Broker> broker_;
   int refusing_fd_ = -1;
   int backend_port_ = 0;
@@ -159,7 +159,7 @@ TEST_F(BrokerClockTest, AnExpiryIsPersisted) {
   // The registry's file no longer has it once the sweep's write landed.
   ASSERT_TRUE(RunUntil([&] { return !store_->busy(); }));
   Registry reloaded{Registry::Options{}};
-  Status s = Store::Load(dir_ + "/registry.json", &reloaded);
+  Status s = FileStore::Load(dir_ + "/registry.json", &reloaded);
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(reloaded.Find("a"), nullptr);
   EXPECT_NE(reloaded.Find("b"), nullptr);

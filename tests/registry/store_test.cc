@@ -43,12 +43,12 @@ class StoreTest : public ::testing::Test {
   std::string dir_;
   std::unique_ptr<loop::Loop> loop_;
   Registry registry_{Registry::Options{}};
-  std::unique_ptr<Store> store_;
+  std::unique_ptr<FileStore> store_;
 };
 
 TEST_F(StoreTest, DurableBeforeDoneAndGroupCommits) {
   std::string path = dir_ + "/registry.json";
-  store_ = std::make_unique<Store>(loop_.get(), &registry_, path);
+  store_ = std::make_unique<FileStore>(loop_.get(), &registry_, path);
   std::vector<std::string> order;
   for (const char* id : {"a", "b", "c"}) {
     store_->Commit(SaveJob(id), [&, id](Status s) {
@@ -74,12 +74,12 @@ TEST_F(StoreTest, DurableBeforeDoneAndGroupCommits) {
   EXPECT_EQ(st.st_mode & 0777, 0600u);
 
   Registry reloaded{Registry::Options{}};
-  ASSERT_TRUE(Store::Load(path, &reloaded).ok());
+  ASSERT_TRUE(FileStore::Load(path, &reloaded).ok());
   EXPECT_EQ(reloaded.size(), 3u);
 }
 
 TEST_F(StoreTest, FailedWriteUndoesTheChangeAndReportsIt) {
-  store_ = std::make_unique<Store>(loop_.get(), &registry_, dir_ + "/missing/registry.json");
+  store_ = std::make_unique<FileStore>(loop_.get(), &registry_, dir_ + "/missing/registry.json");
   Status result;
   store_->Commit(SaveJob("x"), [&](Status s) { result = s; });
   loop_->Run();
@@ -89,7 +89,7 @@ TEST_F(StoreTest, FailedWriteUndoesTheChangeAndReportsIt) {
 }
 
 TEST_F(StoreTest, InvalidMutationIsAnsweredAndSkipped) {
-  store_ = std::make_unique<Store>(loop_.get(), &registry_, dir_ + "/registry.json");
+  store_ = std::make_unique<FileStore>(loop_.get(), &registry_, dir_ + "/registry.json");
   Status bad, good;
   store_->Commit([]() -> Result<Store::Undo> { return Status::InvalidArgument("nope"); },
                  [&](Status s) { bad = s; });
@@ -101,10 +101,10 @@ TEST_F(StoreTest, InvalidMutationIsAnsweredAndSkipped) {
 }
 
 TEST_F(StoreTest, MissingFileIsAnEmptyRegistryDamagedOneIsRefused) {
-  EXPECT_TRUE(Store::Load(dir_ + "/none.json", &registry_).ok());
+  EXPECT_TRUE(FileStore::Load(dir_ + "/none.json", &registry_).ok());
   std::string path = dir_ + "/bad.json";
   ASSERT_TRUE(loop::WriteFileAtomic(path, "{\"format\":1,", 0600).ok());
-  Status s = Store::Load(path, &registry_);
+  Status s = FileStore::Load(path, &registry_);
   EXPECT_EQ(s.code(), Status::Code::kCorruption);
   EXPECT_NE(s.message().find(path), std::string::npos);
 }
@@ -132,7 +132,7 @@ TEST_F(StoreTest, IdsThatDifferOnlyInCaseLoadAsOneJobTheEarliest) {
   ASSERT_TRUE(loop::WriteFileAtomic(
                   path, EncodeSnapshot({&squatter, &late_upper, &owner, &other, &late_lower}), 0600)
                   .ok());
-  Status s = Store::Load(path, &registry_);
+  Status s = FileStore::Load(path, &registry_);
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(registry_.size(), 3u);
   ASSERT_NE(registry_.Find("abc"), nullptr);
@@ -147,7 +147,7 @@ TEST_F(StoreTest, IdsThatDifferOnlyInCaseLoadAsOneJobTheEarliest) {
 }
 
 TEST_F(StoreTest, DestroyingTheStoreMidWriteDropsTheCallbacks) {
-  store_ = std::make_unique<Store>(loop_.get(), &registry_, dir_ + "/registry.json");
+  store_ = std::make_unique<FileStore>(loop_.get(), &registry_, dir_ + "/registry.json");
   bool called = false;
   store_->Commit(SaveJob("z"), [&](Status) { called = true; });
   store_.reset();

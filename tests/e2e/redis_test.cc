@@ -1,0 +1,529 @@
+// The registry on Redis (`[registry] store = redis`), end to end: a real redis-server (AOF on)
+// on a Unix socket in a temp dir, and two daemons standing for two login nodes (their own
+// proxy ports, state dirs and control sockets) sharing it. Suites are named Redis* (CTest
+// labels e2e and redis); they skip where redis-server is not installed.
+
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "e2e/harness.h"
+#include "registry/json.h"
+
+namespace brokerproxy::testing {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::steady_clock;
+
+bool HaveRedis() { return ::access("/usr/bin/redis-server", X_OK) == 0; }
+
+// A redis-server on `dir`/NAME.sock with its data (AOF) in `dir`/NAME; no TCP port.
+class RedisServer {
+ public:
+  RedisServer(const TempDir& dir, const std::string& name)
+      : socket_(dir / (name + ".sock")), data_(dir / name), log_(dir / (name + ".log")) {
+    ::mkdir(data_.c_str(), 0700);
+  }
+  ::testing::AssertionResult Start() {
+    child_ = Child::Spawn({"/usr/bin/redis-server", "--port", "0", "--unixsocket", socket_,
+                           "--unixsocketperm", "700", "--dir", data_, "--appendonly", "yes",
+                           "--appendfsync", "always", "--save", "", "--daemonize", "no"},
+                          log_);
+    if (!child_) return ::testing::AssertionFailure() << "cannot spawn redis-server";
+    if (!WaitUntil([&] { return Cli({"PING"}).out == "PONG\n"; }, 20000)) {
+      return ::testing::AssertionFailure() << "redis-server did not start:\n" << ReadFile(log_);
+    }
+    return ::testing::AssertionSuccess();
+  }
+  void Kill() {
+    if (child_) child_->Stop(SIGKILL);
+    child_.reset();
+  }
+  RunResult Cli(std::vector<std::string> args) const {
+    std::vector<std::string> argv{"/usr/bin/redis-cli", "-s", socket_};
+    argv.insert(argv.end(), args.begin(), args.end());
+    RunOptions o;
+    o.timeout_ms = 10000;
+    return RunCommand(argv, o);
+  }
+  std::string address() const { return "unix:" + socket_; }
+  const std::string& data_dir() const { return data_; }
+
+ private:
+  std::string socket_;
+  std::string data_;
+  std::string log_;
+  std::unique_ptr<Child> child_;
+};
+
+std::string RegistrySection(const RedisServer& redis, const std::string& key_file) {
+  return "[registry]\nstore = redis\nstore_address = " + redis.address() +
+         "\nstore_key_file = " + key_file +
+         "\nstore_prefix = t\nport_range = 20000-27999\nready_timeout = 1s\n";
+}
+
+// One request on the daemon's control socket, in this process; the reply line ("" on error).
+std::string Control(const std::string& socket_path, const std::string& line) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return "";
+  timeval tv{20, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  socket_path.copy(addr.sun_path, sizeof(addr.sun_path) - 1);
+  std::string reply;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      SendAll(fd, line + "\n")) {
+    reply = ReadLine(fd, 1 << 24).value_or("");
+  }
+  ::close(fd);
+  return reply;
+}
+
+// Two login nodes on one Redis.
+class RedisTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveRedis()) GTEST_SKIP() << "redis-server is not installed (scripts/deps.sh --test)";
+    key_file_ = dir_ / "store.key";
+    WriteFile(key_file_, std::string(32, '\x5a'), 0600);
+    redis_ = std::make_unique<RedisServer>(dir_, "redis");
+    ASSERT_TRUE(redis_->Start());
+  }
+  // Each node has a directory of its own (config, state, control socket, log).
+  void StartNodes(int count = 2) {
+    for (int i = 0; i < count; ++i) {
+      node_dirs_.push_back(std::make_unique<TempDir>());
+      nodes_.push_back(
+          std::make_unique<Daemon>(*node_dirs_.back(), RegistrySection(*redis_, key_file_)));
+      ASSERT_TRUE(nodes_.back()->Start()) << "node " << i + 1;
+    }
+  }
+  bool Sees(const Daemon& d, const std::string& id) {
+    return d.Cli({"load", id, "--json"}).exit_code == 0;
+  }
+  std::string Stats(const Daemon& d) { return d.Cli({"stats", "--json"}).out; }
+
+  TempDir dir_;
+  std::string key_file_;
+  std::unique_ptr<RedisServer> redis_;
+  std::vector<std::unique_ptr<TempDir>> node_dirs_;
+  std::vector<std::unique_ptr<Daemon>> nodes_;
+};
+
+// Save on node 1, connect through node 2 (data hash-checked); remove on node 2, and node 1
+// refuses new sessions within 100 ms.
+TEST_F(RedisTest, SaveOnOneNodeServesOnTheOtherAndRemoveEndsItEverywhere) {
+  StartNodes();
+  Backend backend;
+  std::string secret = nodes_[0]->SaveJob("shared", backend.port());
+  ASSERT_FALSE(secret.empty()) << nodes_[0]->Log();
+  ASSERT_TRUE(WaitUntil([&] { return Sees(*nodes_[1], "shared"); }, 5000)) << nodes_[1]->Log();
+
+  int fd = ConnectTcp(nodes_[1]->proxy_port());
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(SendAll(fd, "BROKER1 shared " + secret + "\nupload\n"));
+  ASSERT_EQ(ReadLine(fd, 256).value_or("<closed>"), "OK");
+  constexpr uint64_t kBytes = 4 << 20;
+  Sha256 sha;
+  std::vector<char> buf(1 << 16);
+  for (uint64_t off = 0; off < kBytes; off += buf.size()) {
+    Pattern(off, buf.data(), buf.size());
+    sha.Update(buf.data(), buf.size());
+    ASSERT_TRUE(SendAll(fd, buf.data(), buf.size()));
+  }
+  ::shutdown(fd, SHUT_WR);
+  EXPECT_EQ(ReadLine(fd, 256).value_or(""), sha.Hex() + " " + std::to_string(kBytes));
+  ::close(fd);
+
+  RunResult removed = nodes_[1]->Cli({"remove", "shared"});
+  ASSERT_EQ(removed.exit_code, 0) << removed;
+  auto after = steady_clock::now();
+  bool refused = false;
+  while (steady_clock::now() - after < milliseconds(2000)) {
+    int c = ConnectTcp(nodes_[0]->proxy_port());
+    ASSERT_GE(c, 0);
+    SendAll(c, "BROKER1 shared " + secret + "\n");
+    std::string reply = ReadLine(c, 256).value_or("<closed>");
+    ::close(c);
+    if (reply != "OK") {
+      refused = true;
+      break;
+    }
+  }
+  auto took = std::chrono::duration_cast<milliseconds>(steady_clock::now() - after).count();
+  EXPECT_TRUE(refused);
+  EXPECT_LT(took, 100) << "node 1 still served the removed job " << took << " ms later";
+}
+
+// Two nodes saving 1,000 jobs each at once: every acknowledged save is on both nodes, and no
+// allocated port is handed out twice.
+TEST_F(RedisTest, ConcurrentSavesOnTwoNodesLoseNothingAndShareNoPort) {
+  StartNodes();
+  constexpr int kPerNode = 1000;
+  constexpr int kThreads = 4;
+  std::mutex mu;
+  std::map<std::string, std::string> ports;  // id -> port, from the save replies
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int node = 0; node < 2; ++node) {
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, node, t] {
+        for (int n = t; n < kPerNode; n += kThreads) {
+          std::string id = "n" + std::to_string(node + 1) + "-" + std::to_string(n);
+          std::string reply = Control(
+              nodes_[node]->socket_path(),
+              R"({"op":"save","job":")" + id + R"(","type":"ssh","host":"127.0.0.1","port":0})");
+          auto j = ParseOut(reply);
+          if (!j || JsonText(j.get(), {"ok"}) != "true") {
+            ++failures;
+            continue;
+          }
+          std::lock_guard<std::mutex> lock(mu);
+          ports[id] = JsonText(j.get(), {"port"});
+        }
+      });
+    }
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  std::set<std::string> distinct;
+  for (const auto& [id, port] : ports) {
+    EXPECT_TRUE(distinct.insert(port).second) << "port " << port << " given twice";
+  }
+  // Every acknowledged save is on every node, with the port it was given.
+  for (const auto& node : nodes_) {
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          auto j = ParseOut(Control(node->socket_path(), R"({"op":"query"})"));
+          const cJSON* jobs = j ? cJSON_GetObjectItemCaseSensitive(j.get(), "jobs") : nullptr;
+          return jobs != nullptr && cJSON_GetArraySize(jobs) == static_cast<int>(ports.size());
+        },
+        10000));
+    auto j = ParseOut(Control(node->socket_path(), R"({"op":"query"})"));
+    const cJSON* jobs = cJSON_GetObjectItemCaseSensitive(j.get(), "jobs");
+    std::map<std::string, std::string> seen;
+    for (const cJSON* job = jobs->child; job; job = job->next) {
+      seen[JsonText(job, {"id"})] = JsonText(job, {"port"});
+    }
+    EXPECT_EQ(seen, ports);
+  }
+}
+
+// kill -9 of redis-server during traffic: established sessions go on, known jobs still
+// connect, saves fail with the store's exit code (9) naming the store; after Redis restarts
+// from its AOF, every node resyncs and saves work again.
+TEST_F(RedisTest, RedisKilledSessionsGoOnSavesFailThenResync) {
+  StartNodes();
+  Backend backend;
+  std::string secret = nodes_[0]->SaveJob("steady", backend.port());
+  ASSERT_FALSE(secret.empty());
+  ASSERT_TRUE(WaitUntil([&] { return Sees(*nodes_[1], "steady"); }, 5000));
+  int session = ConnectTcp(nodes_[1]->proxy_port());
+  ASSERT_GE(session, 0);
+  ASSERT_TRUE(SendAll(session, "BROKER1 steady " + secret + "\necho\n"));
+  ASSERT_EQ(ReadLine(session, 256).value_or(""), "OK");
+
+  redis_->Kill();
+  for (const auto& node : nodes_) {
+    ASSERT_TRUE(WaitUntil(
+        [&] { return Stats(*node).find("\"disconnected\"") != std::string::npos; }, 10000))
+        << Stats(*node);
+  }
+  // The established session carries on.
+  ASSERT_TRUE(SendAll(session, "still here\n"));
+  EXPECT_EQ(ReadLine(session, 256).value_or(""), "still here");
+  // A known job still connects, through either node.
+  for (const auto& node : nodes_) {
+    int c = ConnectTcp(node->proxy_port());
+    ASSERT_GE(c, 0);
+    SendAll(c, "BROKER1 steady " + secret + "\necho\nping\n");
+    EXPECT_EQ(ReadLine(c, 256).value_or(""), "OK");
+    EXPECT_EQ(ReadLine(c, 256).value_or(""), "ping");
+    ::close(c);
+  }
+  // Saves and removes fail at once, with the documented exit code and the store named.
+  RunResult save = nodes_[0]->Cli({"save", "ssh", "--job-id", "during", "--port", "5000"});
+  EXPECT_EQ(save.exit_code, 9) << save;
+  EXPECT_NE(save.err.find("redis at " + redis_->address()), std::string::npos) << save;
+  RunResult remove = nodes_[1]->Cli({"remove", "steady"});
+  EXPECT_EQ(remove.exit_code, 9) << remove;
+
+  ASSERT_TRUE(redis_->Start());
+  for (const auto& node : nodes_) {
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          return node->Cli({"save", "ssh", "--job-id", "after-" + std::to_string(node->pid()),
+                            "--port", "5000"})
+                     .exit_code == 0;
+        },
+        15000))
+        << node->Log();
+  }
+  for (const auto& node : nodes_) {
+    EXPECT_TRUE(WaitUntil(
+        [&] {
+          return Sees(*node, "after-" + std::to_string(nodes_[0]->pid())) &&
+                 Sees(*node, "after-" + std::to_string(nodes_[1]->pid())) && Sees(*node, "steady");
+        },
+        5000));
+  }
+  ASSERT_TRUE(SendAll(session, "after\n"));
+  EXPECT_EQ(ReadLine(session, 256).value_or(""), "after");
+  ::close(session);
+}
+
+// Neither the keys nor the AOF show a secret, an owner's host, or anything in clear but ids,
+// revisions and allocated ports.
+TEST_F(RedisTest, NoSecretInClearInRedis) {
+  StartNodes();
+  std::vector<std::string> secrets;
+  for (int n = 0; n < 5; ++n) {
+    std::string s = nodes_[n % 2]->SaveJob("clear-" + std::to_string(n), 5000);
+    ASSERT_FALSE(s.empty());
+    secrets.push_back(s);
+  }
+  std::string dump;
+  RunResult keys = redis_->Cli({"--scan", "--pattern", "*"});
+  ASSERT_EQ(keys.exit_code, 0) << keys;
+  dump += keys.out;
+  EXPECT_NE(keys.out.find("t:jobs"), std::string::npos) << keys.out;
+  for (const char* key : {"t:jobs", "t:ports"}) dump += redis_->Cli({"HGETALL", key}).out;
+  dump += redis_->Cli({"GET", "t:keycheck"}).out;
+  std::string aof;
+  for (const char* f : {"appendonlydir/appendonly.aof.1.incr.aof", "appendonly.aof"}) {
+    aof += ReadFile(redis_->data_dir() + "/" + f);
+  }
+  EXPECT_NE(dump.find("clear-3"), std::string::npos);
+  EXPECT_NE(aof.find("clear-3"), std::string::npos) << "no AOF read";
+  for (const std::string& s : secrets) {
+    EXPECT_EQ(dump.find(s), std::string::npos) << "a secret is in clear in Redis";
+    EXPECT_EQ(aof.find(s), std::string::npos) << "a secret is in clear in the AOF";
+  }
+}
+
+// A daemon with another key than the store was sealed with, or with a key file others may
+// read, refuses to start with a message saying so.
+TEST_F(RedisTest, WrongKeyFileRefusesToStart) {
+  StartNodes();
+  ASSERT_FALSE(nodes_[0]->SaveJob("sealed", 5000).empty());
+  std::string other = dir_ / "other.key";
+  WriteFile(other, std::string(32, '\x33'), 0600);
+  TempDir third;
+  Daemon wrong(third, RegistrySection(*redis_, other));
+  EXPECT_FALSE(wrong.Start());
+  EXPECT_NE(wrong.Log().find("not the key this store's jobs are sealed with"), std::string::npos)
+      << wrong.Log();
+
+  std::string loose = dir_ / "loose.key";
+  WriteFile(loose, std::string(32, '\x5a'), 0644);
+  TempDir fourth;
+  Daemon readable(fourth, RegistrySection(*redis_, loose));
+  EXPECT_FALSE(readable.Start());
+  EXPECT_NE(readable.Log().find("must be readable by its owner only"), std::string::npos)
+      << readable.Log();
+}
+
+// `registry export | import` moves jobs, secrets included, from Redis to a file store and back;
+// jobs imported into Redis reach every node.
+TEST_F(RedisTest, ExportAndImportMoveJobsBetweenFileAndRedis) {
+  StartNodes();
+  auto secret_of = [](const Daemon& d, const std::string& id) {
+    auto j = ParseOut(d.Cli({"load", id, "--json"}));
+    return j ? JsonText(j.get(), {"job", "secret"}) : std::string();
+  };
+  std::map<std::string, std::string> secrets;
+  for (const char* id : {"move-1", "move-2", "move-3"}) {
+    secrets[id] = nodes_[0]->SaveJob(id, 5000);
+    ASSERT_FALSE(secrets[id].empty());
+  }
+  RunResult exported = nodes_[1]->Cli({"registry", "export"});
+  ASSERT_EQ(exported.exit_code, 0) << exported;
+  std::string dump = dir_ / "from-redis.json";
+  WriteFile(dump, exported.out, 0600);
+
+  TempDir file_dir;
+  Daemon single(file_dir, "[registry]\nport_range = 20000-27999\n");
+  RunResult imported = single.Cli({"registry", "import", dump});
+  ASSERT_EQ(imported.exit_code, 0) << imported;
+  ASSERT_TRUE(single.Start());
+  for (const auto& [id, secret] : secrets) EXPECT_EQ(secret_of(single, id), secret) << id;
+  // Importing into a running file store is refused.
+  EXPECT_NE(single.Cli({"registry", "import", dump}).exit_code, 0);
+
+  std::string own = single.SaveJob("from-file", 5000);
+  ASSERT_FALSE(own.empty());
+  single.Stop();
+  RunResult back = single.Cli({"registry", "export"});
+  ASSERT_EQ(back.exit_code, 0) << back;
+  std::string dump2 = dir_ / "from-file.json";
+  WriteFile(dump2, back.out, 0600);
+  // The three jobs are in Redis already: refused without --replace, taken with it.
+  RunResult refused = nodes_[0]->Cli({"registry", "import", dump2});
+  EXPECT_EQ(refused.exit_code, 8) << refused;
+  RunResult replaced = nodes_[0]->Cli({"registry", "import", dump2, "--replace"});
+  ASSERT_EQ(replaced.exit_code, 0) << replaced;
+  for (const auto& node : nodes_) {
+    EXPECT_TRUE(WaitUntil([&] { return secret_of(*node, "from-file") == own; }, 5000));
+    EXPECT_EQ(secret_of(*node, "move-2"), secrets["move-2"]);
+  }
+}
+
+// A Redis process on a loopback TCP port (a master, a replica or a Sentinel), started on a port
+// it is given (Redis cannot listen on port 0 and report it).
+class RedisProcess {
+ public:
+  // `args` follow the binary; "--port N" is added. `config` non-empty: written to
+  // `dir`/NAME.conf and passed first (Sentinels need a config file they can rewrite).
+  ::testing::AssertionResult Start(const TempDir& dir, const std::string& name,
+                                   const std::string& binary, std::vector<std::string> args,
+                                   const std::string& config = "") {
+    log_ = dir / (name + ".log");
+    std::string data = dir / name;
+    ::mkdir(data.c_str(), 0700);
+    return StartOnFreePort(
+        [&](int port, std::string* why) {
+          std::vector<std::string> argv{binary};
+          if (!config.empty()) {
+            std::string conf = dir / (name + ".conf");
+            WriteFile(conf, "port " + std::to_string(port) + "\n" + config, 0600);
+            argv.push_back(conf);
+          }
+          argv.insert(argv.end(), {"--port", std::to_string(port), "--bind", "127.0.0.1", "--dir",
+                                   data, "--daemonize", "no"});
+          argv.insert(argv.end(), args.begin(), args.end());
+          size_t from = ReadFile(log_).size();
+          child_ = Child::Spawn(argv, log_);
+          if (!child_) {
+            *why = "cannot spawn " + binary;
+            return PortStart::kFailed;
+          }
+          return WaitListening(&child_, port, why, from);
+        },
+        &port_);
+  }
+  void Kill() {
+    if (child_) child_->Stop(SIGKILL);
+    child_.reset();
+  }
+  int port() const { return port_; }
+  RunResult Cli(std::vector<std::string> args) const {
+    std::vector<std::string> argv{"/usr/bin/redis-cli", "-p", std::to_string(port_)};
+    argv.insert(argv.end(), args.begin(), args.end());
+    RunOptions o;
+    o.timeout_ms = 10000;
+    return RunCommand(argv, o);
+  }
+
+ private:
+  std::string log_;
+  int port_ = 0;
+  std::unique_ptr<Child> child_;
+};
+
+// Master, replica and three Sentinels on loopback; two daemons find the master through the
+// Sentinels and wait for one replica (store_replicas = 1). Killing the master: within the
+// Sentinels' failover time plus a few seconds, saves work again on every node, and no save
+// acknowledged before is lost.
+TEST(RedisSentinelTest, FailoverKeepsEveryAcknowledgedSaveAndSavesWorkAgain) {
+  if (!HaveRedis() || ::access("/usr/bin/redis-sentinel", X_OK) != 0) {
+    GTEST_SKIP() << "redis-server or redis-sentinel is not installed (scripts/deps.sh --test)";
+  }
+  TempDir dir;
+  std::string key_file = dir / "store.key";
+  WriteFile(key_file, std::string(32, '\x42'), 0600);
+  RedisProcess master;
+  ASSERT_TRUE(
+      master.Start(dir, "master", "/usr/bin/redis-server", {"--appendonly", "yes", "--save", ""}));
+  RedisProcess replica;
+  ASSERT_TRUE(replica.Start(dir, "replica", "/usr/bin/redis-server",
+                            {"--appendonly", "yes", "--save", "", "--replicaof", "127.0.0.1",
+                             std::to_string(master.port())}));
+  ASSERT_TRUE(WaitUntil([&] {
+    return replica.Cli({"INFO", "replication"}).out.find("master_link_status:up") !=
+           std::string::npos;
+  }));
+  std::vector<std::unique_ptr<RedisProcess>> sentinels;
+  std::string sentinel_list;
+  for (int i = 0; i < 3; ++i) {
+    sentinels.push_back(std::make_unique<RedisProcess>());
+    std::string config = "sentinel monitor bp 127.0.0.1 " + std::to_string(master.port()) +
+                         " 2\nsentinel down-after-milliseconds bp 1000\n"
+                         "sentinel failover-timeout bp 5000\n";
+    ASSERT_TRUE(sentinels.back()->Start(dir, "sentinel" + std::to_string(i),
+                                        "/usr/bin/redis-sentinel", {}, config));
+    sentinel_list +=
+        (i ? "," : "") + std::string("127.0.0.1:") + std::to_string(sentinels.back()->port());
+  }
+  // Every Sentinel knows the replica and the other Sentinels before the master goes.
+  for (auto& s : sentinels) {
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          std::string out = s->Cli({"SENTINEL", "master", "bp"}).out;
+          return out.find("num-slaves\n1") != std::string::npos &&
+                 out.find("num-other-sentinels\n2") != std::string::npos;
+        },
+        30000))
+        << s->Cli({"SENTINEL", "master", "bp"}).out;
+  }
+  std::string section =
+      "[registry]\nstore = redis\nstore_address = " + sentinel_list +
+      "\nstore_master_name = bp\nstore_replicas = 1\nstore_key_file = " + key_file +
+      "\nready_timeout = 1s\n";
+  std::vector<std::unique_ptr<TempDir>> node_dirs;
+  std::vector<std::unique_ptr<Daemon>> nodes;
+  for (int i = 0; i < 2; ++i) {
+    node_dirs.push_back(std::make_unique<TempDir>());
+    nodes.push_back(std::make_unique<Daemon>(*node_dirs.back(), section));
+    ASSERT_TRUE(nodes.back()->Start()) << "node " << i + 1;
+  }
+  std::vector<std::string> acked;
+  for (int n = 0; n < 20; ++n) {
+    std::string id = "before-" + std::to_string(n);
+    RunResult r = nodes[n % 2]->Cli({"save", "ssh", "--job-id", id, "--port", "5000"});
+    ASSERT_EQ(r.exit_code, 0) << r;
+    acked.push_back(id);
+  }
+
+  master.Kill();
+  auto killed = steady_clock::now();
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    std::string id = "after-" + std::to_string(i);
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          return nodes[i]->Cli({"save", "ssh", "--job-id", id, "--port", "5000"}).exit_code == 0;
+        },
+        30000))
+        << nodes[i]->Log();
+    acked.push_back(id);
+  }
+  auto took = std::chrono::duration_cast<milliseconds>(steady_clock::now() - killed).count();
+  // down-after-milliseconds (1 s) plus the election, plus a few seconds.
+  EXPECT_LT(took, 15000);
+  for (const auto& node : nodes) {
+    for (const std::string& id : acked) {
+      EXPECT_TRUE(WaitUntil(
+          [&] {
+            return node->Cli({"load", id}).exit_code == 0;
+          },
+          5000))
+          << id << " lost";
+    }
+  }
+}
+
+}  // namespace
+}  // namespace brokerproxy::testing
