@@ -78,7 +78,7 @@ constexpr char kDumpScript[] =
 
 constexpr char kKeyCheckText[] = "brokerproxy store key check";
 constexpr char kKeyCheckAad[] = "keycheck";
-constexpr int kMaxAttempts = 8;
+constexpr int kMaxAttempts = 32;
 constexpr int64_t kMaxBackoffMs = 5000;
 constexpr size_t kMaxMessageBytes = 64u << 20;
 
@@ -347,6 +347,9 @@ Status RedisStore::Start() {
   auto reconnect = loop::Timer::Create(*loop_);
   if (!reconnect.ok()) return reconnect.status();
   reconnect_timer_ = std::move(reconnect).value();
+  auto step = loop::Timer::Create(*loop_);
+  if (!step.ok()) return step.status();
+  step_timer_ = std::move(step).value();
   auto tick = loop::Timer::Create(*loop_);
   if (!tick.ok()) return tick.status();
   tick_timer_ = std::move(tick).value();
@@ -374,6 +377,7 @@ void RedisStore::AskSentinel(size_t index) {
     return;
   }
   sentinel_index_ = index;
+  LOG_DEBUG("registry store: asking Sentinel %s for the master", sentinels_[index].c_str());
   auto e = ParseEndpoint(sentinels_[index]);
   if (!e.ok()) {
     AskSentinel(index + 1);
@@ -392,6 +396,7 @@ void RedisStore::AskSentinel(size_t index) {
   sentinel_ = c;
   Send(c, {"SENTINEL", "get-master-addr-by-name", options_.master_name},
        [this, index](redisReply* r) {
+         step_timer_->Stop();
          redisAsyncContext* done = std::exchange(sentinel_, nullptr);
          if (done != nullptr) redisAsyncFree(done);  // inside its callback: freed after it
          if (r != nullptr && r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
@@ -402,9 +407,18 @@ void RedisStore::AskSentinel(size_t index) {
          }
          AskSentinel(index + 1);
        });
+  // hiredis's libuv adapter drops a poll error (a refused connection) without telling the
+  // context, so every step of a connection has a deadline of its own.
+  step_timer_->Start(static_cast<uint64_t>(options_.connect_timeout_ms), [this, index] {
+    ++epoch_;  // the freed context's callbacks must not move on a second time
+    redisAsyncContext* c = std::exchange(sentinel_, nullptr);
+    if (c != nullptr) redisAsyncFree(c);
+    AskSentinel(index + 1);
+  });
 }
 
 void RedisStore::ConnectTo(const std::string& address) {
+  LOG_DEBUG("registry store: connecting to %s", address.c_str());
   current_address_ = address;
   auto e = ParseEndpoint(address);
   if (!e.ok()) {
@@ -445,6 +459,7 @@ void RedisStore::ConnectTo(const std::string& address) {
           return;
         }
         bool was_stale = !registry_->refusal().empty();
+        step_timer_->Stop();
         state_ = State::kConnected;
         lost_at_ = 0;
         stale_logged_ = false;
@@ -465,6 +480,10 @@ void RedisStore::ConnectTo(const std::string& address) {
   const char* argv[] = {"SUBSCRIBE", channel.c_str()};
   size_t lens[] = {9, channel.size()};
   redisAsyncCommandArgv(sub_, &RedisStore::OnReply, sub_call_.get(), 2, argv, lens);
+  step_timer_->Start(static_cast<uint64_t>(options_.connect_timeout_ms), [this] {
+    Lost("no connection to " + current_address_ + " within " +
+         std::to_string(options_.connect_timeout_ms) + " ms");
+  });
 }
 
 void RedisStore::Send(redisAsyncContext* c, const std::vector<std::string>& argv,
@@ -516,6 +535,7 @@ void RedisStore::OnConnect(const redisAsyncContext* c, int status) {
   std::string why = c->errstr;
   if (c == self->sentinel_) {
     self->sentinel_ = nullptr;
+    ++self->epoch_;  // its pending question is answered with nothing next: ignore that
     self->AskSentinel(self->sentinel_index_ + 1);
     return;
   }
@@ -556,6 +576,7 @@ void RedisStore::Lost(const std::string& why) {
   if (lost_at_ == 0) lost_at_ = loop_->Now();
   ping_sent_at_ = 0;
   held_messages_.clear();
+  if (step_timer_) step_timer_->Stop();
   for (redisAsyncContext** slot : {&cmd_, &sub_, &sentinel_}) {
     redisAsyncContext* c = std::exchange(*slot, nullptr);
     if (c != nullptr) redisAsyncFree(c);

@@ -63,11 +63,11 @@ class RedisStore : public Store {
     std::string master_name;  // non-empty: `address` lists Sentinels
     std::string password;     // AUTH; empty: none
     std::string prefix = "brokerproxy";
-    int replicas = 0;                  // WAIT for this many replicas before acknowledging
-    int64_t wait_timeout_ms = 2000;    // how long WAIT may take
-    int64_t max_view_age_ms = 300000;  // serve from an unsynced view this long at most
-    int64_t connect_timeout_ms = 2000;
-    int64_t ping_interval_ms = 1000;  // a connection silent for 3 intervals is dropped
+    int replicas = 0;                   // WAIT for this many replicas before acknowledging
+    int64_t wait_timeout_ms = 2000;     // how long WAIT may take
+    int64_t max_view_age_ms = 300000;   // serve from an unsynced view this long at most
+    int64_t connect_timeout_ms = 2000;  // each step: a Sentinel's answer, connect + resync
+    int64_t ping_interval_ms = 1000;    // a connection silent for 3 intervals is dropped
   };
 
   // Connects (blocking), checks the key against P:keycheck (setting it on a fresh store) and
@@ -163,6 +163,7 @@ class RedisStore : public Store {
   bool closing_ = false;
   std::string current_address_;
   loop::HandlePtr<loop::Timer> reconnect_timer_;
+  loop::HandlePtr<loop::Timer> step_timer_;  // the deadline of the connection's current step
   loop::HandlePtr<loop::Timer> tick_timer_;
   int64_t backoff_ms_ = 100;
   uint64_t ping_sent_at_ = 0;  // loop time of the unanswered PING; 0: none

@@ -68,10 +68,11 @@ class RedisServer {
   std::unique_ptr<Child> child_;
 };
 
-std::string RegistrySection(const RedisServer& redis, const std::string& key_file) {
+std::string RegistrySection(const RedisServer& redis, const std::string& key_file,
+                            const std::string& ports = "20000-27999") {
   return "[registry]\nstore = redis\nstore_address = " + redis.address() +
-         "\nstore_key_file = " + key_file +
-         "\nstore_prefix = t\nport_range = 20000-27999\nready_timeout = 1s\n";
+         "\nstore_key_file = " + key_file + "\nstore_prefix = t\nport_range = " + ports +
+         "\nready_timeout = 1s\n";
 }
 
 // One request on the daemon's control socket, in this process; the reply line ("" on error).
@@ -104,11 +105,11 @@ class RedisTest : public ::testing::Test {
     ASSERT_TRUE(redis_->Start());
   }
   // Each node has a directory of its own (config, state, control socket, log).
-  void StartNodes(int count = 2) {
+  void StartNodes(int count = 2, const std::string& ports = "20000-27999") {
     for (int i = 0; i < count; ++i) {
       node_dirs_.push_back(std::make_unique<TempDir>());
       nodes_.push_back(
-          std::make_unique<Daemon>(*node_dirs_.back(), RegistrySection(*redis_, key_file_)));
+          std::make_unique<Daemon>(*node_dirs_.back(), RegistrySection(*redis_, key_file_, ports)));
       ASSERT_TRUE(nodes_.back()->Start()) << "node " << i + 1;
     }
   }
@@ -193,13 +194,14 @@ TEST_F(RedisTest, ConcurrentSavesOnTwoNodesLoseNothingAndShareNoPort) {
             continue;
           }
           std::lock_guard<std::mutex> lock(mu);
-          ports[id] = JsonText(j.get(), {"port"});
+          ports[id] = JsonText(j.get(), {"job", "port"});
         }
       });
     }
   }
   for (auto& t : threads) t.join();
   EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(ports.size(), 2u * kPerNode);
   std::set<std::string> distinct;
   for (const auto& [id, port] : ports) {
     EXPECT_TRUE(distinct.insert(port).second) << "port " << port << " given twice";
@@ -221,6 +223,47 @@ TEST_F(RedisTest, ConcurrentSavesOnTwoNodesLoseNothingAndShareNoPort) {
     }
     EXPECT_EQ(seen, ports);
   }
+  // The nodes did race for ports (or not); either way the store's counters say so.
+  for (const auto& node : nodes_) std::printf("%s\n", Stats(*node).c_str());
+}
+
+// Two nodes filling a range of 100 ports at once: they race for the same ports, the losers
+// are told by the store and take others, every port is handed out once, and the 101st save is
+// refused as exhausted (exit code 6).
+TEST_F(RedisTest, ContendedPortRangeHandsOutEveryPortOnce) {
+  StartNodes(2, "20000-20099");
+  std::mutex mu;
+  std::map<std::string, std::string> ports;
+  std::vector<std::string> errors;
+  std::vector<std::thread> threads;
+  for (int node = 0; node < 2; ++node) {
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, node, t] {
+        for (int n = t; n < 50; n += 4) {
+          std::string id = "c" + std::to_string(node + 1) + "-" + std::to_string(n);
+          std::string reply = Control(
+              nodes_[node]->socket_path(),
+              R"({"op":"save","job":")" + id + R"(","type":"ssh","host":"127.0.0.1","port":0})");
+          auto j = ParseOut(reply);
+          std::lock_guard<std::mutex> lock(mu);
+          if (!j || JsonText(j.get(), {"ok"}) != "true") {
+            errors.push_back(id + ": " + reply);
+            continue;
+          }
+          ports[id] = JsonText(j.get(), {"job", "port"});
+        }
+      });
+    }
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_TRUE(errors.empty()) << errors.front();
+  std::set<std::string> distinct;
+  for (const auto& [id, port] : ports) distinct.insert(port);
+  EXPECT_EQ(distinct.size(), 100u);
+  EXPECT_EQ(ports.size(), 100u);
+  RunResult full = nodes_[1]->Cli({"save", "ssh", "--job-id", "one-more"});
+  EXPECT_EQ(full.exit_code, 6) << full;
+  for (const auto& node : nodes_) std::printf("%s\n", Stats(*node).substr(0, 300).c_str());
 }
 
 // kill -9 of redis-server during traffic: established sessions go on, known jobs still
@@ -434,7 +477,7 @@ class RedisProcess {
   std::unique_ptr<Child> child_;
 };
 
-// Master, replica and three Sentinels on loopback; two daemons find the master through the
+// Master, two replicas and three Sentinels on loopback; two daemons find the master through the
 // Sentinels and wait for one replica (store_replicas = 1). Killing the master: within the
 // Sentinels' failover time plus a few seconds, saves work again on every node, and no save
 // acknowledged before is lost.
@@ -448,14 +491,18 @@ TEST(RedisSentinelTest, FailoverKeepsEveryAcknowledgedSaveAndSavesWorkAgain) {
   RedisProcess master;
   ASSERT_TRUE(
       master.Start(dir, "master", "/usr/bin/redis-server", {"--appendonly", "yes", "--save", ""}));
-  RedisProcess replica;
-  ASSERT_TRUE(replica.Start(dir, "replica", "/usr/bin/redis-server",
-                            {"--appendonly", "yes", "--save", "", "--replicaof", "127.0.0.1",
-                             std::to_string(master.port())}));
-  ASSERT_TRUE(WaitUntil([&] {
-    return replica.Cli({"INFO", "replication"}).out.find("master_link_status:up") !=
-           std::string::npos;
-  }));
+  // Two replicas, so that the promoted one still has a replica to confirm WAIT 1.
+  std::vector<std::unique_ptr<RedisProcess>> replicas;
+  for (int i = 0; i < 2; ++i) {
+    replicas.push_back(std::make_unique<RedisProcess>());
+    ASSERT_TRUE(replicas.back()->Start(dir, "replica" + std::to_string(i), "/usr/bin/redis-server",
+                                       {"--appendonly", "yes", "--save", "", "--replicaof",
+                                        "127.0.0.1", std::to_string(master.port())}));
+    ASSERT_TRUE(WaitUntil([&] {
+      return replicas.back()->Cli({"INFO", "replication"}).out.find("master_link_status:up") !=
+             std::string::npos;
+    }));
+  }
   std::vector<std::unique_ptr<RedisProcess>> sentinels;
   std::string sentinel_list;
   for (int i = 0; i < 3; ++i) {
@@ -468,12 +515,12 @@ TEST(RedisSentinelTest, FailoverKeepsEveryAcknowledgedSaveAndSavesWorkAgain) {
     sentinel_list +=
         (i ? "," : "") + std::string("127.0.0.1:") + std::to_string(sentinels.back()->port());
   }
-  // Every Sentinel knows the replica and the other Sentinels before the master goes.
+  // Every Sentinel knows the replicas and the other Sentinels before the master goes.
   for (auto& s : sentinels) {
     ASSERT_TRUE(WaitUntil(
         [&] {
           std::string out = s->Cli({"SENTINEL", "master", "bp"}).out;
-          return out.find("num-slaves\n1") != std::string::npos &&
+          return out.find("num-slaves\n2") != std::string::npos &&
                  out.find("num-other-sentinels\n2") != std::string::npos;
         },
         30000))
@@ -501,9 +548,13 @@ TEST(RedisSentinelTest, FailoverKeepsEveryAcknowledgedSaveAndSavesWorkAgain) {
   master.Kill();
   auto killed = steady_clock::now();
   for (size_t i = 0; i < nodes.size(); ++i) {
-    std::string id = "after-" + std::to_string(i);
+    // A save refused for want of a replica's confirmation may still be on the master: each
+    // attempt uses a fresh id.
+    int attempt = 0;
+    std::string id;
     ASSERT_TRUE(WaitUntil(
         [&] {
+          id = "after-" + std::to_string(i) + "-" + std::to_string(attempt++);
           return nodes[i]->Cli({"save", "ssh", "--job-id", id, "--port", "5000"}).exit_code == 0;
         },
         30000))
