@@ -329,6 +329,42 @@ TEST_F(RedisTest, RedisKilledSessionsGoOnSavesFailThenResync) {
   ::close(session);
 }
 
+// Past store_max_view_age without Redis, handshakes are refused (and logged, with the reason);
+// established sessions go on; back in sync, handshakes are served again.
+TEST_F(RedisTest, StaleViewRefusesHandshakesUntilResynced) {
+  node_dirs_.push_back(std::make_unique<TempDir>());
+  nodes_.push_back(std::make_unique<Daemon>(
+      *node_dirs_.back(), RegistrySection(*redis_, key_file_) + "store_max_view_age = 1s\n"));
+  ASSERT_TRUE(nodes_.back()->Start());
+  Daemon& node = *nodes_.back();
+  Backend backend;
+  std::string secret = node.SaveJob("aging", backend.port());
+  ASSERT_FALSE(secret.empty());
+  auto handshake = [&] {
+    int c = ConnectTcp(node.proxy_port());
+    if (c < 0) return std::string("<no connection>");
+    SendAll(c, "BROKER1 aging " + secret + "\necho\n");
+    std::string reply = ReadLine(c, 256).value_or("<closed>");
+    ::close(c);
+    return reply;
+  };
+  int session = ConnectTcp(node.proxy_port());
+  ASSERT_GE(session, 0);
+  ASSERT_TRUE(SendAll(session, "BROKER1 aging " + secret + "\necho\n"));
+  ASSERT_EQ(ReadLine(session, 256).value_or(""), "OK");
+
+  redis_->Kill();
+  ASSERT_TRUE(WaitUntil([&] { return handshake() != "OK"; }, 10000));
+  EXPECT_NE(Stats(node).find("\"refusing_handshakes\":true"), std::string::npos) << Stats(node);
+  EXPECT_NE(node.Log().find("older than store_max_view_age"), std::string::npos) << node.Log();
+  ASSERT_TRUE(SendAll(session, "still\n"));
+  EXPECT_EQ(ReadLine(session, 256).value_or(""), "still");
+
+  ASSERT_TRUE(redis_->Start());
+  EXPECT_TRUE(WaitUntil([&] { return handshake() == "OK"; }, 15000)) << node.Log();
+  ::close(session);
+}
+
 // Neither the keys nor the AOF show a secret, an owner's host, or anything in clear but ids,
 // revisions and allocated ports.
 TEST_F(RedisTest, NoSecretInClearInRedis) {
