@@ -651,12 +651,20 @@ void Broker::Reconcile() {
   // One pass at a time. Not listing_.active(): a token may stay active after its answer.
   if (reconciling_) return;
   reconciling_ = true;
-  int64_t asked = clock_();
-  int64_t max_age = options_.reconcile_interval_ms / 2;
-  listing_ = scheduler_->List(max_age, [this, asked](Result<Scheduler::Table> table) {
-    reconciling_ = false;
-    OnListing(asked, std::move(table));
-  });
+  // Daemons sharing a store (several login nodes) take turns: one lease holder lists, for two
+  // intervals, renewing it each pass; another takes over once the holder stops renewing.
+  store_->Lease("reconcile", options_.reconcile_interval_ms * 2, lifetime_.Guard([this](bool mine) {
+    if (!mine) {
+      reconciling_ = false;
+      return;
+    }
+    int64_t asked = clock_();
+    int64_t max_age = options_.reconcile_interval_ms / 2;
+    listing_ = scheduler_->List(max_age, [this, asked](Result<Scheduler::Table> table) {
+      reconciling_ = false;
+      OnListing(asked, std::move(table));
+    });
+  }));
 }
 
 void Broker::OnListing(int64_t asked, Result<std::shared_ptr<const JobTable>> table) {

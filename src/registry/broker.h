@@ -41,8 +41,9 @@
 // save the scheduler cannot answer is refused (Unavailable): never admitted unchecked. Every
 // `reconcile_interval_ms` one listing removes the entries whose job is gone, no longer runs
 // or has another owner, each logged with the reason, and moves expiries to the jobs' end
-// times; a listing that fails removes nothing. The "epilog" op, for root and `admin_uids`
-// only, removes a job's entries when the scheduler ends it.
+// times; a listing that fails removes nothing. Daemons that share a store (several login nodes,
+// registry/redis_store.h) take turns: only the holder of the store's "reconcile" lease lists. The
+// "epilog" op, for root and `admin_uids` only, removes a job's entries when the scheduler ends it.
 //
 // Ownership: the daemon owns the Broker; `*loop`, `*registry` and `*store` must outlive it.
 // Destroying it drops pending probes, waits and replies. Loop-thread only.

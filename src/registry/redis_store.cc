@@ -4,7 +4,9 @@
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <netdb.h>
+#include <openssl/rand.h>
 #include <openssl/sha.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <charconv>
@@ -75,6 +77,13 @@ return {'ok', rev}
 constexpr char kDumpScript[] =
     "return {redis.call('GET', KEYS[1]) or '0', redis.call('HGETALL', KEYS[2]), "
     "redis.call('GET', KEYS[3]) or ''}";
+
+// KEYS: P:lease:NAME. ARGV: this daemon's id, ttl in ms. 1 if the lease is (now) this daemon's.
+constexpr char kLeaseScript[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end "
+    "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
+    "return 0";
 
 constexpr char kKeyCheckText[] = "brokerproxy store key check";
 constexpr char kKeyCheckAad[] = "keycheck";
@@ -214,6 +223,12 @@ RedisStore::RedisStore(loop::Loop* loop, Registry* registry, Sealer sealer, Opti
       sealer_(std::move(sealer)),
       options_(std::move(options)),
       script_sha_(Sha1Hex(kCommitScript)) {
+  unsigned char id[12];
+  if (RAND_bytes(id, sizeof(id)) == 1) {
+    node_id_ = HexEncode(std::string_view(reinterpret_cast<const char*>(id), sizeof(id)));
+  } else {
+    node_id_ = std::to_string(::getpid()) + "-" + std::to_string(::time(nullptr));
+  }
   sub_call_ = std::make_unique<Call>();
   sub_call_->store = this;
   sub_call_->persistent = true;
@@ -577,6 +592,10 @@ void RedisStore::Lost(const std::string& why) {
   ping_sent_at_ = 0;
   held_messages_.clear();
   if (step_timer_) step_timer_->Stop();
+  for (auto& [serial, answer] : leases_) {
+    loop_->Defer([answer = std::move(answer)] { answer(false); });
+  }
+  leases_.clear();
   for (redisAsyncContext** slot : {&cmd_, &sub_, &sentinel_}) {
     redisAsyncContext* c = std::exchange(*slot, nullptr);
     if (c != nullptr) redisAsyncFree(c);
@@ -981,6 +1000,25 @@ void RedisStore::FinishBatch(Status status, bool undo) {
   DrainMessages();
   StartBatch();
   for (auto& a : batch) a.entry.done(status);
+}
+
+void RedisStore::Lease(const std::string& name, int64_t ttl_ms, std::function<void(bool)> fn) {
+  if (state_ != State::kConnected) {
+    loop_->Defer([fn = std::move(fn)] { fn(false); });
+    return;
+  }
+  // Kept here until answered: a connection lost first answers it with false (Lost()).
+  uint64_t serial = next_lease_++;
+  leases_.emplace(serial, std::move(fn));
+  Command({"EVAL", kLeaseScript, "1", options_.prefix + ":lease:" + name, node_id_,
+           std::to_string(ttl_ms)},
+          [this, serial](redisReply* r) {
+            auto it = leases_.find(serial);
+            if (it == leases_.end()) return;
+            auto answer = std::move(it->second);
+            leases_.erase(it);
+            answer(r != nullptr && r->type == REDIS_REPLY_INTEGER && r->integer == 1);
+          });
 }
 
 void RedisStore::AddStats(cJSON* stats) const {

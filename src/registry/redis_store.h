@@ -91,6 +91,10 @@ class RedisStore : public Store {
   // "conflicts", "resyncs", and "error" while not connected}.
   void AddStats(cJSON* stats) const override;
 
+  // P:lease:NAME holds this daemon's random id for `ttl_ms` (SET NX PX, renewed by its holder);
+  // false while Redis cannot be reached.
+  void Lease(const std::string& name, int64_t ttl_ms, std::function<void(bool)> fn) override;
+
   bool connected() const { return state_ == State::kConnected; }
   // A human name of the store for messages: "redis at ADDRESS".
   std::string Name() const;
@@ -150,6 +154,9 @@ class RedisStore : public Store {
   Sealer sealer_;
   Options options_;
   std::string script_sha_;
+  std::string node_id_;                                             // random, for leases
+  std::unordered_map<uint64_t, std::function<void(bool)>> leases_;  // asked, not answered
+  uint64_t next_lease_ = 0;
   std::vector<std::string> sentinels_;
 
   State state_ = State::kDisconnected;

@@ -50,6 +50,11 @@ class Store {
   virtual bool busy() const = 0;
   // Adds the store's members to a "stats" reply (nothing for the file store).
   virtual void AddStats(cJSON* /*stats*/) const {}
+  // Periodic work that one daemon at a time should do among those sharing the store (the
+  // scheduler reconciliation): `fn(true)` if this daemon holds, or now takes, the lease `name`
+  // for the next `ttl_ms`, else `fn(false)`. Always on a later loop turn. A store of one daemon
+  // always grants it.
+  virtual void Lease(const std::string& name, int64_t ttl_ms, std::function<void(bool)> fn) = 0;
 };
 
 class FileStore : public Store {
@@ -69,6 +74,10 @@ class FileStore : public Store {
 
   // True while a write is in flight or mutations wait.
   bool busy() const override { return writing_ || !queue_.empty(); }
+  void Lease(const std::string& /*name*/, int64_t /*ttl_ms*/,
+             std::function<void(bool)> fn) override {
+    loop_->Defer([fn = std::move(fn)] { fn(true); });
+  }
   // Snapshot writes started so far (one per batch).
   uint64_t writes() const { return writes_; }
   const std::string& path() const { return path_; }

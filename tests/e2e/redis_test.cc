@@ -19,7 +19,11 @@
 #include <thread>
 
 #include "e2e/harness.h"
+#include "loop/loop.h"
 #include "registry/json.h"
+#include "registry/redis_store.h"
+#include "registry/registry.h"
+#include "registry/seal.h"
 
 namespace brokerproxy::testing {
 namespace {
@@ -459,6 +463,51 @@ TEST_F(RedisTest, ExportAndImportMoveJobsBetweenFileAndRedis) {
     EXPECT_TRUE(WaitUntil([&] { return secret_of(*node, "from-file") == own; }, 5000));
     EXPECT_EQ(secret_of(*node, "move-2"), secrets["move-2"]);
   }
+}
+
+// The reconciliation lease, between two stores in this process: one holder at a time, which
+// renews it; once the holder stops renewing, the other takes it when it expires.
+TEST_F(RedisTest, LeaseIsHeldByOneDaemonAtATime) {
+  auto loop = loop::Loop::Create();
+  ASSERT_TRUE(loop.ok());
+  registry::Registry reg_a({}), reg_b({});
+  auto sealer = registry::Sealer::FromKey(std::string(32, '\x5a'));
+  ASSERT_TRUE(sealer.ok());
+  registry::RedisStore::Options o;
+  o.address = redis_->address();
+  o.prefix = "lease";
+  auto a = registry::RedisStore::Open(loop->get(), &reg_a, *sealer, o);
+  auto b = registry::RedisStore::Open(loop->get(), &reg_b, *sealer, o);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  ASSERT_TRUE((*a)->Start().ok());
+  ASSERT_TRUE((*b)->Start().ok());
+  // Runs the loop until `done` or 10 s passed.
+  auto run_until = [&](const std::function<bool()>& done) {
+    auto deadline = steady_clock::now() + std::chrono::seconds(10);
+    while (!done() && steady_clock::now() < deadline) (*loop)->Run(UV_RUN_ONCE);
+    return done();
+  };
+  ASSERT_TRUE(run_until([&] { return (*a)->connected() && (*b)->connected(); }));
+  auto ask = [&](registry::RedisStore* s) {
+    std::optional<bool> mine;
+    s->Lease("reconcile", 300, [&](bool m) { mine = m; });
+    run_until([&] { return mine.has_value(); });
+    return mine.value_or(false);
+  };
+  EXPECT_TRUE(ask(a->get()));
+  EXPECT_FALSE(ask(b->get()));
+  EXPECT_TRUE(ask(a->get()));  // renewed
+  EXPECT_FALSE(ask(b->get()));
+  // `a` stops asking: its lease runs out and `b` gets it.
+  bool taken = false;
+  auto deadline = steady_clock::now() + std::chrono::seconds(5);
+  while (!taken && steady_clock::now() < deadline) taken = ask(b->get());
+  EXPECT_TRUE(taken);
+  EXPECT_FALSE(ask(a->get()));
+  a->reset();
+  b->reset();
+  EXPECT_TRUE((*loop)->Close().ok());
 }
 
 // A Redis process on a loopback TCP port (a master, a replica or a Sentinel), started on a port
