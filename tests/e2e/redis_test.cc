@@ -40,11 +40,28 @@ class RedisServer {
       : socket_(dir / (name + ".sock")), data_(dir / name), log_(dir / (name + ".log")) {
     ::mkdir(data_.c_str(), 0700);
   }
-  ::testing::AssertionResult Start() {
-    child_ = Child::Spawn({"/usr/bin/redis-server", "--port", "0", "--unixsocket", socket_,
-                           "--unixsocketperm", "700", "--dir", data_, "--appendonly", "yes",
-                           "--appendfsync", "always", "--save", "", "--daemonize", "no"},
-                          log_);
+  // `password` non-empty: requirepass.
+  ::testing::AssertionResult Start(const std::string& password = "") {
+    std::vector<std::string> argv{"/usr/bin/redis-server",
+                                  "--port",
+                                  "0",
+                                  "--unixsocket",
+                                  socket_,
+                                  "--unixsocketperm",
+                                  "700",
+                                  "--dir",
+                                  data_,
+                                  "--appendonly",
+                                  "yes",
+                                  "--appendfsync",
+                                  "always",
+                                  "--save",
+                                  "",
+                                  "--daemonize",
+                                  "no"};
+    if (!password.empty()) argv.insert(argv.end(), {"--requirepass", password});
+    password_ = password;
+    child_ = Child::Spawn(argv, log_);
     if (!child_) return ::testing::AssertionFailure() << "cannot spawn redis-server";
     if (!WaitUntil([&] { return Cli({"PING"}).out == "PONG\n"; }, 20000)) {
       return ::testing::AssertionFailure() << "redis-server did not start:\n" << ReadFile(log_);
@@ -60,6 +77,7 @@ class RedisServer {
     argv.insert(argv.end(), args.begin(), args.end());
     RunOptions o;
     o.timeout_ms = 10000;
+    if (!password_.empty()) o.env.push_back("REDISCLI_AUTH=" + password_);
     return RunCommand(argv, o);
   }
   std::string address() const { return "unix:" + socket_; }
@@ -69,6 +87,7 @@ class RedisServer {
   std::string socket_;
   std::string data_;
   std::string log_;
+  std::string password_;
   std::unique_ptr<Child> child_;
 };
 
@@ -463,6 +482,37 @@ TEST_F(RedisTest, ExportAndImportMoveJobsBetweenFileAndRedis) {
     EXPECT_TRUE(WaitUntil([&] { return secret_of(*node, "from-file") == own; }, 5000));
     EXPECT_EQ(secret_of(*node, "move-2"), secrets["move-2"]);
   }
+}
+
+// With requirepass, the daemons authenticate with store_password_file (on the command and the
+// subscription connection alike); a wrong password is a start-up error naming the key.
+TEST(RedisAuthTest, PasswordFileAuthenticatesBothConnections) {
+  if (!HaveRedis()) GTEST_SKIP() << "redis-server is not installed (scripts/deps.sh --test)";
+  TempDir dir;
+  RedisServer redis(dir, "redis");
+  ASSERT_TRUE(redis.Start("s3cret-pass"));
+  std::string key = dir / "store.key";
+  WriteFile(key, std::string(32, '\x11'), 0600);
+  WriteFile(dir / "pass", "s3cret-pass\n", 0600);
+  WriteFile(dir / "wrong", "nope\n", 0600);
+  std::string section = RegistrySection(redis, key);
+  std::vector<std::unique_ptr<TempDir>> dirs;
+  std::vector<std::unique_ptr<Daemon>> nodes;
+  for (int i = 0; i < 2; ++i) {
+    dirs.push_back(std::make_unique<TempDir>());
+    nodes.push_back(std::make_unique<Daemon>(
+        *dirs.back(), section + "store_password_file = " + (dir / "pass") + "\n"));
+    ASSERT_TRUE(nodes.back()->Start());
+  }
+  ASSERT_FALSE(nodes[0]->SaveJob("authed", 5000).empty()) << nodes[0]->Log();
+  EXPECT_TRUE(WaitUntil([&] { return nodes[1]->Cli({"load", "authed"}).exit_code == 0; }, 5000));
+  EXPECT_EQ(nodes[0]->Log().find("s3cret-pass"), std::string::npos);
+
+  TempDir third;
+  Daemon wrong(third, section + "store_password_file = " + (dir / "wrong") + "\n");
+  EXPECT_FALSE(wrong.Start());
+  EXPECT_NE(wrong.Log().find("store_password_file"), std::string::npos) << wrong.Log();
+  EXPECT_EQ(wrong.Log().find("nope"), std::string::npos);
 }
 
 // The reconciliation lease, between two stores in this process: one holder at a time, which
