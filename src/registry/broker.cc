@@ -80,11 +80,13 @@ int64_t JobDeadline(const SchedulerJob& sj, int64_t end_grace_s) {
 }  // namespace
 
 Broker::Broker(loop::Loop* loop, Registry* registry, Store* store, Options options, Clock clock)
-    : loop_(loop),
-      registry_(registry),
-      store_(store),
-      options_(options),
-      clock_(std::move(clock)) {}
+    : loop_(loop), registry_(registry), store_(store), options_(options), clock_(std::move(clock)) {
+  // Another login node removed or replaced a job: this node's probe and waiters of it go.
+  store_->set_remote_observer(lifetime_.Guard([this](const std::string& id) {
+    job_deadlines_.erase(id);
+    Forget(id, Status::NotFound("job " + id + " was removed or replaced on another login node"));
+  }));
+}
 
 Broker::~Broker() { lifetime_.End(); }
 

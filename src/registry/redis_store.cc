@@ -729,17 +729,10 @@ Status RedisStore::ApplyDump(const redisReply* r) {
       fresh.erase(id);
       continue;
     }
-    const Job* current = registry_->Find(id);
-    if (current != nullptr && SameIdentity(*current, *job)) {
-      (void)registry_->SetReady(id, job->ready);
-      (void)registry_->SetExpires(id, job->expires);
-    } else {
-      Status s = registry_->Put(std::move(job).value());
-      if (!s.ok()) LOG_ERROR("registry store %s: %s", Name().c_str(), s.ToString().c_str());
-    }
+    (void)ApplyJob(std::move(job).value());
   }
   for (const Job* job : registry_->All()) {
-    if (!fresh.contains(job->id)) registry_->Erase(std::string(job->id));
+    if (!fresh.contains(job->id)) RemoveJob(std::string(job->id));
   }
   revs_.swap(fresh);
   synced_rev_ = rev;
@@ -754,7 +747,7 @@ void RedisStore::ApplyRecord(const std::string& id, uint64_t rev, const std::str
   Rev& known = revs_[id];
   if (rev <= known.rev) return;  // this daemon's own change, or older than what it holds
   if (value == nullptr) {
-    registry_->Erase(id);
+    RemoveJob(id);
     known = {rev, false};
     return;
   }
@@ -764,18 +757,37 @@ void RedisStore::ApplyRecord(const std::string& id, uint64_t rev, const std::str
     LOG_ERROR("registry store %s: %s; ignored", Name().c_str(), job.status().ToString().c_str());
     return;
   }
+  if (ApplyJob(std::move(job).value())) known = {rev, true};
+}
+
+bool RedisStore::ApplyJob(Job job) {
+  std::string id = job.id;
   const Job* current = registry_->Find(id);
-  if (current != nullptr && SameIdentity(*current, *job)) {
-    (void)registry_->SetReady(id, job->ready);
-    (void)registry_->SetExpires(id, job->expires);
-  } else {
-    Status s = registry_->Put(std::move(job).value());
-    if (!s.ok()) {
-      LOG_ERROR("registry store %s: %s", Name().c_str(), s.ToString().c_str());
-      return;
-    }
+  if (current != nullptr && SameIdentity(*current, job)) {
+    (void)registry_->SetReady(id, job.ready);
+    (void)registry_->SetExpires(id, job.expires);
+    return true;
   }
-  known = {rev, true};
+  bool replaced = current != nullptr;
+  Status s = registry_->Put(std::move(job));
+  if (!s.ok()) {
+    LOG_ERROR("registry store %s: %s", Name().c_str(), s.ToString().c_str());
+    return false;
+  }
+  if (replaced) NotifyRemote(id);
+  return true;
+}
+
+void RedisStore::RemoveJob(const std::string& id) {
+  if (registry_->Find(id) == nullptr) return;
+  registry_->Erase(id);
+  NotifyRemote(id);
+}
+
+void RedisStore::NotifyRemote(const std::string& id) {
+  if (!remote_observer_) return;
+  // Later, never inside: the observer may look at the registry, which is mid-update here.
+  loop_->Defer([observer = remote_observer_, id] { observer(id); });
 }
 
 void RedisStore::OnMessage(const std::string& payload) {

@@ -139,6 +139,11 @@ class RedisStore : public Store {
   Status ApplyDump(const redisReply* reply);
   // Applies one record (nullopt value: removed) if newer than what the view holds.
   void ApplyRecord(const std::string& id, uint64_t rev, const std::string* value);
+  // Puts `job` (or only its readiness and expiry, if it is the same job); false on a bad record.
+  bool ApplyJob(Job job);
+  void RemoveJob(const std::string& id);
+  // Tells the remote observer (store.h) that `id` was replaced or removed elsewhere.
+  void NotifyRemote(const std::string& id);
   void OnMessage(const std::string& payload);
   Result<Job> OpenRecord(const std::string& id, std::string_view value, uint64_t* rev) const;
   Status CheckKey(const redisReply* keycheck) const;

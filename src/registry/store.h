@@ -55,6 +55,15 @@ class Store {
   // for the next `ttl_ms`, else `fn(false)`. Always on a later loop turn. A store of one daemon
   // always grants it.
   virtual void Lease(const std::string& name, int64_t ttl_ms, std::function<void(bool)> fn) = 0;
+
+  // Called (on a later loop turn) with a job's id after another daemon sharing the store
+  // replaced or removed it; the registry shows the change already. Never called by a store of
+  // one daemon. Set it once; nullptr clears it.
+  using RemoteObserver = std::function<void(const std::string& id)>;
+  void set_remote_observer(RemoteObserver observer) { remote_observer_ = std::move(observer); }
+
+ protected:
+  RemoteObserver remote_observer_;
 };
 
 class FileStore : public Store {

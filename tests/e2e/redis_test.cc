@@ -193,6 +193,33 @@ TEST_F(RedisTest, SaveOnOneNodeServesOnTheOtherAndRemoveEndsItEverywhere) {
   EXPECT_LT(took, 100) << "node 1 still served the removed job " << took << " ms later";
 }
 
+// A `save --wait` pending on node 1 ends as soon as node 2 removes the job, not at ready_timeout.
+TEST_F(RedisTest, RemoveOnAnotherNodeReleasesWaiters) {
+  std::string section = RegistrySection(*redis_, key_file_);
+  section.replace(section.find("ready_timeout = 1s"), 18, "ready_timeout = 60s");
+  for (int i = 0; i < 2; ++i) {
+    node_dirs_.push_back(std::make_unique<TempDir>());
+    nodes_.push_back(std::make_unique<Daemon>(*node_dirs_.back(), section));
+    ASSERT_TRUE(nodes_.back()->Start());
+  }
+  PortReservation nothing_listens;
+  auto waiting = Child::Spawn(
+      {BinaryPath(), "save", "ssh", "--job-id", "waited", "--port",
+       std::to_string(nothing_listens.port()), "--wait", "-c", nodes_[0]->config_path()},
+      dir_ / "wait.out");
+  ASSERT_TRUE(waiting);
+  ASSERT_TRUE(WaitUntil([&] { return Sees(*nodes_[1], "waited"); }, 10000));
+  auto removed_at = steady_clock::now();
+  RunResult removed = nodes_[1]->Cli({"remove", "waited"});
+  ASSERT_EQ(removed.exit_code, 0) << removed;
+  int status = waiting->Wait(20000);
+  auto took = std::chrono::duration_cast<milliseconds>(steady_clock::now() - removed_at).count();
+  EXPECT_NE(status, 0);
+  EXPECT_LT(took, 5000) << ReadFile(dir_ / "wait.out");
+  EXPECT_NE(ReadFile(dir_ / "wait.out").find("another login node"), std::string::npos)
+      << ReadFile(dir_ / "wait.out");
+}
+
 // Two nodes saving 1,000 jobs each at once: every acknowledged save is on both nodes, and no
 // allocated port is handed out twice.
 TEST_F(RedisTest, ConcurrentSavesOnTwoNodesLoseNothingAndShareNoPort) {
