@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "loop/histogram.h"
 #include "loop/loop.h"
 #include "loop/status.h"
 #include "loop/work.h"
@@ -55,6 +56,9 @@ class Store {
   // Snapshot writes started so far (one per batch).
   uint64_t writes() const { return writes_; }
   const std::string& path() const { return path_; }
+  // How long each batch took to reach the disk, and how many writes failed.
+  const loop::Histogram& write_seconds() const { return write_seconds_; }
+  uint64_t write_failures() const { return write_failures_; }
 
  private:
   struct Entry {
@@ -75,6 +79,9 @@ class Store {
   std::vector<Applied> in_flight_;
   bool writing_ = false;
   uint64_t writes_ = 0;
+  uint64_t write_failures_ = 0;
+  uint64_t write_started_ns_ = 0;
+  loop::Histogram write_seconds_{loop::kLatencyBounds};
   loop::Pending write_;
 };
 
