@@ -4,16 +4,17 @@
 # strace, redis-server, redis-sentinel and redis-tools for the registry on Redis, slurmctld,
 # slurmd, slurm-client, munge for a private Slurm, and jupyter-notebook, python3-websocket,
 # sshpass for the laptop-side tests that drive a real notebook, systemd and man-db for checking
-# the packaged unit and manual pages); with --fuzz, clang and its libFuzzer and sanitizer
-# runtimes (scripts/fuzz.sh only; the tests do not need clang).
+# the packaged unit and manual pages, prometheus for promtool, which checks the metrics
+# endpoint's output); with --fuzz, clang and its libFuzzer and sanitizer runtimes
+# (scripts/fuzz.sh only; the tests do not need clang).
 set -euo pipefail
 build=(build-essential cmake ninja-build pkg-config libuv1-dev libssh-dev libssl-dev
-       libcjson-dev libcli11-dev libsystemd-dev libhiredis-dev libbenchmark-dev libgtest-dev
-       socat procps)
+       libcjson-dev libcli11-dev libsystemd-dev prometheus-cpp-dev libhttp-parser-dev
+       libhiredis-dev libbenchmark-dev libgtest-dev socat procps)
 test=(openssh-server openssh-client haproxy chromium libnss3-tools curl ca-certificates
       openssl iproute2 iptables strace slurmctld slurmd slurm-client munge
-      jupyter-notebook python3-websocket sshpass systemd man-db redis-server redis-sentinel
-      redis-tools)
+      jupyter-notebook python3-websocket sshpass systemd man-db prometheus redis-server
+      redis-sentinel redis-tools)
 fuzz=(clang libclang-rt-14-dev)
 want=("${build[@]}")
 [ "${1:-}" = "--test" ] && want+=("${test[@]}")

@@ -860,13 +860,48 @@ Status RunVerify(BrokerClient* client, const std::string& job_id, const std::str
   return Status::OK();
 }
 
-Status RunQuery(BrokerClient* client, OutputFormat format) {
-  auto reply = Ask(client, MakeRequest(Op::kQuery), format);
-  if (!reply.ok() || !*reply) return reply.status();
-  const cJSON* jobs = cJSON_GetObjectItemCaseSensitive(reply->get(), "jobs");
+// "42s", "17m", "3h05m", "2d04h": two units at most, for a column.
+std::string FormatIdle(int64_t s) {
+  char buf[32];
+  if (s < 60) {
+    std::snprintf(buf, sizeof(buf), "%llds", static_cast<long long>(s));
+  } else if (s < 3600) {
+    std::snprintf(buf, sizeof(buf), "%lldm", static_cast<long long>(s / 60));
+  } else if (s < 86400) {
+    std::snprintf(buf, sizeof(buf), "%lldh%02lldm", static_cast<long long>(s / 3600),
+                  static_cast<long long>(s % 3600 / 60));
+  } else {
+    std::snprintf(buf, sizeof(buf), "%lldd%02lldh", static_cast<long long>(s / 86400),
+                  static_cast<long long>(s % 86400 / 3600));
+  }
+  return buf;
+}
+
+Status RunQuery(BrokerClient* client, OutputFormat format, int64_t idle_for_ms) {
+  auto reply = client->Call(MakeRequest(Op::kQuery), kCallTimeoutMs);
+  if (!reply.ok()) return reply.status();
+  cJSON* jobs = cJSON_GetObjectItemCaseSensitive(reply->get(), "jobs");
   if (!cJSON_IsArray(jobs)) return Status::IOError("reply has no 'jobs'");
+  // How long a job has been idle, in seconds; -1 if the daemon does not say.
+  auto idle_of = [](const cJSON* j) -> int64_t {
+    const cJSON* idle = cJSON_GetObjectItemCaseSensitive(j, "idle");
+    return cJSON_IsNumber(idle) && idle->valuedouble >= 0 ? static_cast<int64_t>(idle->valuedouble)
+                                                          : -1;
+  };
+  if (idle_for_ms > 0) {
+    // Only the jobs idle at least that long (both outputs); the daemon's "down" list follows.
+    for (cJSON* j = jobs->child; j != nullptr;) {
+      cJSON* next = j->next;
+      if (idle_of(j) < idle_for_ms / 1000) cJSON_Delete(cJSON_DetachItemViaPointer(jobs, j));
+      j = next;
+    }
+  }
+  if (format == OutputFormat::kJson) {
+    PrintRaw(reply->get());
+    return Status::OK();
+  }
   if (cJSON_GetArraySize(jobs) == 0) {
-    std::printf("no jobs\n");
+    std::printf(idle_for_ms > 0 ? "no jobs idle that long\n" : "no jobs\n");
     return Status::OK();
   }
   // Older daemons give no "state": their "down" list, else "ready", decides.
@@ -875,7 +910,8 @@ Status RunQuery(BrokerClient* client, OutputFormat format) {
   for (const cJSON* d = cJSON_IsArray(down_list) ? down_list->child : nullptr; d; d = d->next) {
     if (cJSON_IsString(d)) down.insert(d->valuestring);
   }
-  std::printf("%-24s %-4s %-28s %-8s %s\n", "JOB", "TYPE", "BACKEND", "STATE", "EXPIRES");
+  std::printf("%-24s %-4s %-28s %-8s %-8s %s\n", "JOB", "TYPE", "BACKEND", "STATE", "IDLE",
+              "EXPIRES");
   for (const cJSON* j = jobs->child; j; j = j->next) {
     Job job;
     registry::JobState state = registry::JobState::kReady;
@@ -885,8 +921,11 @@ Status RunQuery(BrokerClient* client, OutputFormat format) {
       state = registry::JobState::kDown;
     }
     std::string backend = job.host + ":" + std::to_string(job.port);
-    std::printf("%-24s %-4s %-28s %-8s %s\n", job.id.c_str(), registry::JobTypeName(job.type),
-                backend.c_str(), registry::JobStateName(state), FormatTime(job.expires).c_str());
+    int64_t idle = idle_of(j);
+    std::string idle_text = idle < 0 ? "-" : FormatIdle(idle);
+    std::printf("%-24s %-4s %-28s %-8s %-8s %s\n", job.id.c_str(), registry::JobTypeName(job.type),
+                backend.c_str(), registry::JobStateName(state), idle_text.c_str(),
+                FormatTime(job.expires).c_str());
   }
   return Status::OK();
 }

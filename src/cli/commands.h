@@ -60,7 +60,9 @@ Status RunLoad(BrokerClient* client, const std::string& job, OutputFormat format
 // `secret` "-" reads it from stdin. Sets *match.
 Status RunVerify(BrokerClient* client, const std::string& job, const std::string& secret,
                  OutputFormat format, bool* match);
-Status RunQuery(BrokerClient* client, OutputFormat format);
+// Lists the caller's jobs with how long each has been idle (no session open, no bytes moving);
+// `idle_for_ms` > 0 keeps only the jobs idle at least that long.
+Status RunQuery(BrokerClient* client, OutputFormat format, int64_t idle_for_ms = 0);
 // With `if_secret` ("-": read from stdin), only if the job still has that secret: a newer
 // save of the id is left in place (AlreadyExists).
 Status RunRemove(BrokerClient* client, const std::string& job, const std::string& if_secret,

@@ -16,12 +16,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "cli/daemon_tls.h"
+#include "cli/metrics.h"
 #include "cli/registry_io.h"
 #include "cli/service.h"
 #include "loop/handle.h"
@@ -239,13 +241,15 @@ std::string KnownHostsLine(const std::string& address, const std::string& public
 constexpr uint64_t kRenewCheckMs = 6 * 3600 * 1000;
 
 // What an old process hands a new one on upgrade, in $BROKERPROXY_HANDOVER:
-// "ready:FD;control:FD;listen:FD=HOST:PORT;..." (the fds are inherited across exec).
+// "ready:FD;control:FD;listen:FD=HOST:PORT;metrics:FD=HOST:PORT;..." (the fds are inherited
+// across exec).
 constexpr const char* kHandoverEnv = "BROKERPROXY_HANDOVER";
 
 struct Handover {
-  int ready = -1;                                // written "ready\n" once the new process serves
-  int control = -1;                              // the control socket, listening
-  std::vector<std::pair<HostPort, int>> listen;  // the proxy's listening sockets
+  int ready = -1;                                 // written "ready\n" once the new process serves
+  int control = -1;                               // the control socket, listening
+  std::vector<std::pair<HostPort, int>> listen;   // the proxy's listening sockets
+  std::vector<std::pair<HostPort, int>> metrics;  // the metrics endpoint's
 };
 
 // Reads (and removes from the environment, so that no child sees it) what an old process handed
@@ -258,7 +262,7 @@ Result<Handover> TakeHandover() {
   ::unsetenv(kHandoverEnv);
   auto bad = [&] { return Status::InvalidArgument(std::string(kHandoverEnv) + ": malformed"); };
   size_t start = 0;
-  while (start < text.size() && h.listen.size() < 64) {
+  while (start < text.size() && h.listen.size() + h.metrics.size() < 128) {
     size_t end = text.find(';', start);
     if (end == std::string::npos) end = text.size();
     std::string item = text.substr(start, end - start);
@@ -282,10 +286,10 @@ Result<Handover> TakeHandover() {
       h.ready = fd;
     } else if (kind == "control") {
       h.control = fd;
-    } else if (kind == "listen") {
+    } else if (kind == "listen" || kind == "metrics") {
       auto hp = ParseHostPort(spec, std::nullopt, "", /*allow_zero=*/true);
       if (!hp.ok()) return bad();
-      h.listen.emplace_back(*hp, fd);
+      (kind == "listen" ? h.listen : h.metrics).emplace_back(*hp, fd);
     } else {
       return bad();
     }
@@ -297,7 +301,7 @@ Result<Handover> TakeHandover() {
 // options do not concern the daemon.
 bool AppliedLive(const OptionSpec& spec) {
   std::string_view section = spec.section, key = spec.key;
-  if (section == "proxy" || section == "client") return true;
+  if (section == "proxy" || section == "client" || section == "metrics") return true;
   if (section == "broker") return key == "log_level" || key == "log_format";
   if (section == "registry") return key == "backend_allow";
   if (section == "tls") return key == "tls_domain" || key == "ca_cert" || key == "ca_key";
@@ -463,6 +467,12 @@ class Daemon {
       }
     });
 
+    broker_->set_activity_provider([this](const registry::Job& job) { return LastActive(job); });
+    auto metrics = NewMetrics(config_.metrics_listen, std::move(handover_.metrics));
+    handover_.metrics.clear();
+    if (!metrics.ok()) return metrics.status();
+    metrics_ = std::move(metrics).value();
+
     for (int signum : {SIGTERM, SIGINT, SIGHUP, SIGUSR2}) {
       auto sig = loop::Signal::Create(*loop_);
       if (!sig.ok()) return sig.status();
@@ -483,6 +493,7 @@ class Daemon {
     LOG_INFO("brokerproxy started: %zu job(s) loaded from %s; control socket %s; proxy port %s",
              registry_->size(), snapshot.c_str(), config_.control_socket.c_str(),
              addresses.c_str());
+    if (metrics_) LogMetrics();
     // Every listener is bound and listening: a connection made from now on is accepted.
     auto service = ServiceNotifier::Create(loop_.get(), [this] {
       size_t sessions = proxy_ ? proxy_->stats().global().active : 0;
@@ -517,7 +528,9 @@ class Daemon {
     if (control_fd_ >= 0) ::close(control_fd_);
     if (handover_.ready >= 0) ::close(handover_.ready);
     for (const auto& [addr, fd] : handover_.listen) ::close(fd);
+    for (const auto& [addr, fd] : handover_.metrics) ::close(fd);
     reloading_ = loop::Pending();
+    metrics_.reset();
     service_.reset();
     renew_timer_.reset();
     renewal_ = loop::Pending();
@@ -537,6 +550,77 @@ class Daemon {
   }
 
  private:
+  // When `job` was last in use: now while a session is open, else its last session's end or
+  // bytes, but never before its save or this process's start (idleness before is unknown).
+  int64_t LastActive(const registry::Job& job) const {
+    int64_t last = std::max(job.created, start_time_);
+    if (!proxy_) return last;
+    const auto& jobs = proxy_->stats().jobs();
+    auto it = jobs.find(job.id);
+    if (it == jobs.end()) return last;
+    if (it->second.active > 0) return static_cast<int64_t>(::time(nullptr));
+    return std::max(last, it->second.last_active);
+  }
+
+  // A metrics endpoint on `listen` (none: nullptr), taking over `sockets` (fd with its
+  // configured address: what an old process handed over, or the running endpoint's own on
+  // reload) where they match; the others are closed.
+  Result<std::unique_ptr<MetricsServer>> NewMetrics(const std::vector<HostPort>& listen,
+                                                    std::vector<std::pair<HostPort, int>> sockets) {
+    if (listen.empty()) {
+      for (const auto& [addr, fd] : sockets) ::close(fd);
+      return std::unique_ptr<MetricsServer>();
+    }
+    return MetricsServer::Create(loop_.get(), listen, std::move(sockets),
+                                 [this] { return RenderMetrics(MetricsNow()); });
+  }
+
+  // Where scrapes go now, one line per address.
+  void LogMetrics() const {
+    if (!metrics_) {
+      LOG_INFO("metrics: off");
+      return;
+    }
+    for (const std::string& a : metrics_->addresses())
+      LOG_INFO("metrics: http://%s/metrics", a.c_str());
+  }
+
+  MetricsInput MetricsNow() const {
+    MetricsInput in;
+    in.version = BROKERPROXY_VERSION;
+    in.start_time = start_time_;
+    in.jobs = registry_->size();
+    if (control_) in.control_clients = control_->client_count();
+    if (proxy_) in.stats = &proxy_->stats();
+    in.store_write_seconds = &store_->write_seconds();
+    in.store_write_failures = store_->write_failures();
+    if (scheduler_) {
+      in.scheduler_call_seconds = &scheduler_->call_seconds();
+      in.scheduler_call_failures = scheduler_->call_failures();
+    }
+    in.per_job = config_.metrics_per_job != 0;
+    if (!in.per_job) return in;
+    const auto* counters = proxy_ ? &proxy_->stats().jobs() : nullptr;
+    for (const registry::Job* job : registry_->All()) {
+      MetricsInput::JobRow row{job->id, job->owner, LastActive(*job), nullptr};
+      if (counters) {
+        auto it = counters->find(job->id);
+        if (it != counters->end()) row.counters = &it->second;
+      }
+      in.job_rows.push_back(std::move(row));
+    }
+    // The most recently active first, so that a cap leaves out the jobs least worth watching.
+    auto cap = static_cast<size_t>(config_.metrics_max_job_series);
+    if (in.job_rows.size() > cap) {
+      std::nth_element(in.job_rows.begin(), in.job_rows.begin() + static_cast<long>(cap),
+                       in.job_rows.end(),
+                       [](const auto& a, const auto& b) { return a.last_active > b.last_active; });
+      in.job_rows_dropped = in.job_rows.size() - cap;
+      in.job_rows.resize(cap);
+    }
+    return in;
+  }
+
   // The CA, the proxy's certificate, the `ca` op and `save ssl`'s issuer. Keys and signatures
   // are made on the thread pool even here, before anything else runs on the loop.
   Status StartTls() {
@@ -640,6 +724,12 @@ class Daemon {
       env += ";listen:" + std::to_string(fd) + "=" + addr.ToString();
       passed.push_back(fd);
     }
+    for (const auto& [addr, fd] :
+         metrics_ ? metrics_->DupListeners() : std::vector<std::pair<HostPort, int>>()) {
+      env += ";metrics:" + std::to_string(fd) + "=" + addr.ToString();
+      (void)::fcntl(fd, F_SETFD, 0);  // inherited across exec
+      passed.push_back(fd);
+    }
     (void)::fcntl(ready[1], F_SETFD, 0);
     (void)::fcntl(control_fd_, F_SETFD, 0);
     // Everything the child needs is built before fork(): after it, only exec.
@@ -707,6 +797,7 @@ class Daemon {
     draining_ = true;
     if (service_) service_->HandOver(successor);
     proxy_->StopListening();
+    if (metrics_) metrics_->StopListening();
     renew_timer_.reset();
     reloading_ = loop::Pending();
     broker_.reset();  // no expiry, reconciliation or probe writes from this process any more
@@ -787,13 +878,25 @@ class Daemon {
       return;
     }
     std::vector<const OptionSpec*> changed = ChangedOptions(config_, next);
-    // The proxy first: binding a new address is what can still fail.
+    // Binding new addresses is what can still fail: the metrics endpoint is bound aside (it
+    // replaces the running one only once everything worked), then the proxy.
+    bool metrics_moved = next.metrics_listen != config_.metrics_listen;
+    Result<std::unique_ptr<MetricsServer>> metrics = std::unique_ptr<MetricsServer>();
+    if (metrics_moved) {
+      metrics = NewMetrics(next.metrics_listen, metrics_ ? metrics_->DupListeners()
+                                                         : std::vector<std::pair<HostPort, int>>());
+    }
+    Status s = metrics.status();
     auto po = ProxyOptionsFrom(next);
-    Status s = po.ok() ? proxy_->Reconfigure(std::move(po).value()) : po.status();
+    if (s.ok()) s = po.ok() ? proxy_->Reconfigure(std::move(po).value()) : po.status();
     if (s.ok()) s = InstallTls(*tls, next);
     if (!s.ok()) {
       LOG_ERROR("reload: %s; the running configuration stays", s.message().c_str());
       return;
+    }
+    if (metrics_moved) {
+      metrics_ = std::move(metrics).value();
+      LogMetrics();
     }
     SetLogLevel(next.log_level);
     SetLogFormat(*ParseLogFormat(next.log_format));
@@ -859,6 +962,7 @@ class Daemon {
     control_->Close();
     renew_timer_.reset();
     reloading_ = loop::Pending();
+    metrics_.reset();
     if (proxy_) proxy_->Stop();
     broker_.reset();  // drops probes, waits, the expiry timer
     WaitForStore();
@@ -911,6 +1015,8 @@ class Daemon {
   loop::HandlePtr<loop::Timer> renew_timer_;
   loop::Pending renewal_;
   std::unique_ptr<ServiceNotifier> service_;
+  std::unique_ptr<MetricsServer> metrics_;
+  int64_t start_time_ = static_cast<int64_t>(::time(nullptr));
   std::function<Result<Config>()> reread_;
   loop::Pending reloading_;
   std::vector<std::string> argv_;  // to start the successor with

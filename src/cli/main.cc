@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -20,6 +21,7 @@
 #include "cli/registry_io.h"
 #include "cli/remote.h"
 #include "cli/ssh_client.h"
+#include "loop/address.h"
 
 namespace brokerproxy::cli {
 namespace {
@@ -161,6 +163,10 @@ int Main(int argc, char** argv) {
   ClientFlags query_flags;
   CLI::App* query = app.add_subcommand("query", "List your jobs");
   query->add_flag("--json", query_flags.json, "Print the reply as JSON");
+  std::string idle_for;
+  query->add_option("--idle-for", idle_for,
+                    "Only jobs idle at least this long: no session open and no bytes moved (e.g. "
+                    "2h; counted from the job's save or the daemon's start, whichever is later)");
   query_cfg.AddTo(query, FlagScope::kClient);
   AddSshFlags(query, &accept_new_host_key);
 
@@ -366,7 +372,13 @@ int Main(int argc, char** argv) {
     if (status.ok() && !match) exit_code = kExitNoMatch;
   } else if (query->parsed()) {
     with_client(query_cfg, query_flags.json, [&](const Config&, BrokerClient* cl) {
-      return RunQuery(cl, FormatOf(query_flags));
+      int64_t idle_for_ms = 0;
+      if (!idle_for.empty()) {
+        Result<int64_t> ms = ParseDuration(idle_for);
+        if (!ms.ok()) return ms.status().WithContext("--idle-for");
+        idle_for_ms = std::max<int64_t>(*ms, 1000);
+      }
+      return RunQuery(cl, FormatOf(query_flags), idle_for_ms);
     });
   } else if (remove->parsed()) {
     with_client(remove_cfg, remove_flags.json, [&](const Config&, BrokerClient* cl) {

@@ -379,6 +379,26 @@ const std::vector<Entry>& Entries() {
         "PBS's qstat command (searched in PATH), e.g. an absolute path or a site wrapper.", nullptr,
         kNo},
        &Config::qstat},
+      // [metrics]
+      {{"metrics", "listen", T::kHostPortList, "",
+        "Addresses of the Prometheus metrics endpoint (GET /metrics, text exposition format), "
+        "served by the daemon's event loop: host:port, [v6addr]:port, or a bare port for "
+        "127.0.0.1. Empty (the default) serves no metrics. Anyone who can reach it reads "
+        "the counters without authenticating: keep it on loopback or a monitoring network.",
+        nullptr, kNo},
+       &Config::metrics_listen},
+      {{"metrics", "per_job", T::kInt, "0",
+        "1 adds series per job (sessions, bytes, refusals, last activity), labelled with the "
+        "job id and its owner's uid. Off by default: whoever can scrape the endpoint "
+        "then sees every user's job ids and when they were used. A removed job's series "
+        "disappear from the next scrape.",
+        nullptr, kNo, 0, 1},
+       &Config::metrics_per_job},
+      {{"metrics", "max_job_series", T::kInt, "1000",
+        "Most jobs a scrape describes with per_job (1 to 100000), the most recently active "
+        "first; brokerproxy_job_series_dropped says how many were left out.",
+        nullptr, kNo, 1, 100000},
+       &Config::metrics_max_job_series},
       // [client]
       {{"client", "broker", T::kString, "",
         "Login host where the daemon runs, as [user@]host[:port]; client commands started "
@@ -541,7 +561,10 @@ Status Assign(const Entry& entry, std::string_view value, bool append, Config* c
           M parsed;
           for (const std::string& item : *items) {
             if constexpr (std::is_same_v<M, std::vector<HostPort>>) {
-              Result<HostPort> hp = ParseHostPort(item, {}, "", /*allow_zero=*/true);
+              // A bare port listens on loopback.
+              bool bare = item.find_first_not_of("0123456789") == std::string::npos;
+              Result<HostPort> hp = ParseHostPort(bare ? "127.0.0.1:" + item : item, {}, "",
+                                                  /*allow_zero=*/true);
               if (!hp.ok()) return hp.status();
               parsed.push_back(*hp);
             } else {
@@ -550,7 +573,8 @@ Status Assign(const Entry& entry, std::string_view value, bool append, Config* c
               parsed.push_back(item);
             }
           }
-          if (spec.type == T::kHostPortList && parsed.empty()) {
+          // A list that is empty by default may be emptied again (turned off).
+          if (spec.type == T::kHostPortList && parsed.empty() && *spec.default_text != '\0') {
             return Bad("needs at least one address");
           }
           if (!append) field.clear();

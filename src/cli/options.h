@@ -94,6 +94,11 @@ struct Config {
   std::string sinfo = "sinfo";
   std::string qstat = "qstat";
 
+  // [metrics]
+  std::vector<HostPort> metrics_listen;  // empty: no metrics endpoint
+  int metrics_per_job = 0;               // 1: series per job, labelled with its id and owner
+  int metrics_max_job_series = 1000;     // jobs exposed per scrape, most recently active first
+
   // [client]
   std::string broker;                 // login host for --via; empty: the local daemon
   HostPort proxy{"127.0.0.1", 7000};  // the proxy port as the client reaches it

@@ -169,9 +169,17 @@ Broker::Cancel Broker::Handle(Request req, uid_t caller, Reply reply) {
       cJSON* jobs = cJSON_AddArrayToObject(body.get(), "jobs");
       // "down" repeats the down jobs' ids for clients that predate "state".
       cJSON* down = cJSON_AddArrayToObject(body.get(), "down");
+      int64_t now = clock_();
       for (const Job* job : registry_->List(caller)) {
         JobState state = StateOf(*job);
-        Adopt(jobs, nullptr, JobToJson(*job, SecretField::kOmit, state));
+        JsonPtr item = JobToJson(*job, SecretField::kOmit, state);
+        if (activity_provider_) {
+          int64_t last = activity_provider_(*job);
+          cJSON_AddNumberToObject(item.get(), "last_active", static_cast<double>(last));
+          cJSON_AddNumberToObject(item.get(), "idle",
+                                  static_cast<double>(std::max<int64_t>(0, now - last)));
+        }
+        Adopt(jobs, nullptr, std::move(item));
         if (state == JobState::kDown) {
           cJSON_AddItemToArray(down, cJSON_CreateString(job->id.c_str()));
         }

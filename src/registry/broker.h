@@ -86,6 +86,9 @@ class Broker {
   using StatsProvider = std::function<void(cJSON* stats, uid_t caller)>;
   // Adds members to a "load" reply for a laptop: where the proxy listens, how to check it.
   using LoadInfoProvider = std::function<void(cJSON* body)>;
+  // When `job` was last in use (unix seconds): a session open or bytes moving. `query` shows
+  // it, and how long ago that was.
+  using ActivityProvider = std::function<int64_t(const Job& job)>;
   // The broker CA certificate (PEM), or an error if TLS is not set up.
   using CaProvider = std::function<Result<std::string>()>;
   // Issues the certificate of ssl job `job` (its id, owner and backend host are set) for the
@@ -154,6 +157,7 @@ class Broker {
   JobState StateOf(const Job& job) const;
 
   void set_stats_provider(StatsProvider p) { stats_provider_ = std::move(p); }
+  void set_activity_provider(ActivityProvider p) { activity_provider_ = std::move(p); }
   void set_ca_provider(CaProvider p) { ca_provider_ = std::move(p); }
   void set_load_info_provider(LoadInfoProvider p) { load_info_provider_ = std::move(p); }
   void set_cert_issuer(CertIssuer i) { cert_issuer_ = std::move(i); }
@@ -227,6 +231,7 @@ class Broker {
   Options options_;
   Clock clock_;
   StatsProvider stats_provider_;
+  ActivityProvider activity_provider_;
   CaProvider ca_provider_;
   LoadInfoProvider load_info_provider_;
   CertIssuer cert_issuer_;

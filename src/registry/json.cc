@@ -181,9 +181,12 @@ Status JobFromJson(const cJSON* obj, SecretField secret, Job* job, JobState* sta
   // left out is replaced by a second "ready", which adds nothing).
   const char* secret_name = secret == SecretField::kInclude ? "secret" : "ready";
   const char* state_name = state != nullptr ? "state" : "ready";
-  BP_RETURN_IF_ERROR(
-      CheckFieldNames(obj, {"id", "type", "owner", "host", "port", "port_allocated", secret_name,
-                            "cert_path", "key_path", "created", "expires", "ready", state_name}));
+  // Replies also say when the job was last in use (read by their callers, not here).
+  const char* last_active_name = state != nullptr ? "last_active" : "ready";
+  const char* idle_name = state != nullptr ? "idle" : "ready";
+  BP_RETURN_IF_ERROR(CheckFieldNames(
+      obj, {"id", "type", "owner", "host", "port", "port_allocated", secret_name, "cert_path",
+            "key_path", "created", "expires", "ready", state_name, last_active_name, idle_name}));
   BP_RETURN_IF_ERROR(ReadString(obj, "id", /*required=*/true, &job->id));
   std::string type;
   BP_RETURN_IF_ERROR(ReadString(obj, "type", /*required=*/true, &type));

@@ -896,6 +896,7 @@ void RedisStore::StartBatch() {
     batch_revs_.push_back({id, {0, job != nullptr}});
   }
   writing_ = true;
+  write_started_ns_ = uv_hrtime();
   SendBatch(std::move(argv), /*use_eval=*/false);
 }
 
@@ -1001,11 +1002,16 @@ void RedisStore::FinishBatch(Status status, bool undo) {
   std::vector<Applied> batch;
   batch.swap(in_flight_);
   writing_ = false;
+  if (write_started_ns_ != 0) {
+    write_seconds_.Observe(static_cast<double>(uv_hrtime() - write_started_ns_) / 1e9);
+    write_started_ns_ = 0;
+  }
   if (undo) {
     for (auto it = batch.rbegin(); it != batch.rend(); ++it) it->undo();
     (void)registry_->TakeTouched();
   }
   if (!status.ok()) {
+    ++write_failures_;
     LOG_WARN("registry store: %zu change(s) %s: %s", batch.size(),
              undo ? "undone" : "not confirmed", status.message().c_str());
   }

@@ -189,6 +189,7 @@ class RedisStore : public Store {
   std::vector<Applied> in_flight_;
   std::vector<std::pair<std::string, Rev>> batch_revs_;  // ids of the batch in flight
   bool writing_ = false;
+  uint64_t write_started_ns_ = 0;           // uv_hrtime() when the batch in flight was sent
   std::vector<std::string> held_messages_;  // arrived while a batch was in flight
   uint64_t commits_ = 0;
   uint64_t conflicts_ = 0;

@@ -634,6 +634,7 @@ class CommandScheduler final : public Scheduler {
   void Start() {
     auto state = state_;
     auto result = std::make_shared<std::optional<Result<JobTable>>>();
+    call_started_ns_ = uv_hrtime();
     call_ = loop::QueueWork(
         *loop_,
         [state, result] {
@@ -646,6 +647,8 @@ class CommandScheduler final : public Scheduler {
   void Finish(Result<JobTable> result) {
     const char* name = SchedulerTypeName(type());
     Result<Table> answer = Status::Internal("unset");
+    call_seconds_.Observe(static_cast<double>(uv_hrtime() - call_started_ns_) / 1e9);
+    if (!result.ok()) ++call_failures_;
     if (result.ok()) {
       table_ = std::make_shared<const JobTable>(std::move(*result));
       table_at_ = loop_->Now();
@@ -667,6 +670,7 @@ class CommandScheduler final : public Scheduler {
   std::vector<Waiter> waiters_;
   Table table_;
   uint64_t table_at_ = 0;
+  uint64_t call_started_ns_ = 0;
 };
 
 }  // namespace

@@ -35,6 +35,7 @@
 #include <string_view>
 #include <vector>
 
+#include "loop/histogram.h"
 #include "loop/loop.h"
 #include "loop/status.h"
 #include "loop/work.h"
@@ -112,6 +113,14 @@ class Scheduler {
   // exited 1: ..."), InvalidArgument if its output cannot be read. Dropping the returned token
   // drops `done`; the call itself finishes (or times out) on its own.
   virtual loop::Pending List(int64_t max_age_ms, Done done) = 0;
+
+  // How long each call of the scheduler's command took, and how many failed.
+  const loop::Histogram& call_seconds() const { return call_seconds_; }
+  uint64_t call_failures() const { return call_failures_; }
+
+ protected:
+  loop::Histogram call_seconds_{loop::kLatencyBounds};
+  uint64_t call_failures_ = 0;
 };
 
 // nullptr for SchedulerType::kNone.

@@ -72,6 +72,7 @@ void FileStore::StartBatch() {
   if (in_flight_.empty()) return;
   writing_ = true;
   ++writes_;
+  write_started_ns_ = uv_hrtime();
   // Encode on the loop (fast, and the registry is loop-only); write on the pool.
   auto data = std::make_shared<std::string>(EncodeSnapshot(registry_->All()));
   auto result = std::make_shared<Status>();
@@ -84,7 +85,9 @@ void FileStore::FinishBatch(Status status) {
   std::vector<Applied> batch;
   batch.swap(in_flight_);
   writing_ = false;
+  write_seconds_.Observe(static_cast<double>(uv_hrtime() - write_started_ns_) / 1e9);
   if (!status.ok()) {
+    ++write_failures_;
     LOG_ERROR("cannot write the registry to %s: %s; %zu change(s) undone", path_.c_str(),
               status.ToString().c_str(), batch.size());
     for (auto it = batch.rbegin(); it != batch.rend(); ++it) it->undo();

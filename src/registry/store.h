@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "loop/histogram.h"
 #include "loop/loop.h"
 #include "loop/status.h"
 #include "loop/work.h"
@@ -62,8 +63,15 @@ class Store {
   using RemoteObserver = std::function<void(const std::string& id)>;
   void set_remote_observer(RemoteObserver observer) { remote_observer_ = std::move(observer); }
 
+  // How long each batch took to become durable (written to disk, or answered by Redis), and how
+  // many batches failed.
+  const loop::Histogram& write_seconds() const { return write_seconds_; }
+  uint64_t write_failures() const { return write_failures_; }
+
  protected:
   RemoteObserver remote_observer_;
+  loop::Histogram write_seconds_{loop::kLatencyBounds};
+  uint64_t write_failures_ = 0;
 };
 
 class FileStore : public Store {
@@ -110,6 +118,7 @@ class FileStore : public Store {
   std::vector<Applied> in_flight_;
   bool writing_ = false;
   uint64_t writes_ = 0;
+  uint64_t write_started_ns_ = 0;
   loop::Pending write_;
 };
 

@@ -46,6 +46,9 @@ void ExpectSameConfig(const Config& a, const Config& b) {
   EXPECT_EQ(a.broker, b.broker);
   EXPECT_EQ(a.proxy, b.proxy);
   EXPECT_EQ(a.remote_command, b.remote_command);
+  EXPECT_EQ(a.metrics_listen, b.metrics_listen);
+  EXPECT_EQ(a.metrics_per_job, b.metrics_per_job);
+  EXPECT_EQ(a.metrics_max_job_series, b.metrics_max_job_series);
 }
 
 // Parses `text` on top of the defaults; returns the error message, "" on success.
@@ -113,6 +116,9 @@ TEST(OptionTableTest, HasEveryConfigFieldWithTheDesignNames) {
                                        "scheduler.squeue",
                                        "scheduler.sinfo",
                                        "scheduler.qstat",
+                                       "metrics.listen",
+                                       "metrics.per_job",
+                                       "metrics.max_job_series",
                                        "client.broker",
                                        "client.proxy",
                                        "client.remote_command"};
@@ -392,7 +398,7 @@ INSTANTIATE_TEST_SUITE_P(
                   "test.ini:2: [proxy] secret_bits: unknown key; it belongs in [registry]"},
         BadConfig{"[proxy]\nmax_connections = 1\n[daemon]\n",
                   "test.ini:3: unknown section [daemon] (known: [broker] [registry] [proxy] "
-                  "[tls] [ssh] [scheduler] [client])"},
+                  "[tls] [ssh] [scheduler] [metrics] [client])"},
         BadConfig{"# header\nlisten = 127.0.0.1:1\n",
                   "test.ini:2: key 'listen' appears before any [section] header"},
         BadConfig{"[proxy]\nlisten 127.0.0.1:1\n",
@@ -514,6 +520,19 @@ TEST(ParseConfigTest, ListKeysAccumulateAndReplaceTheDefault) {
   EXPECT_EQ(c.listen, (std::vector<HostPort>{{"10.0.0.2", 2}}));
 }
 
+TEST(ParseConfigTest, ABarePortListensOnLoopbackAndMetricsMayBeOff) {
+  Config c;
+  ASSERT_EQ(ParseError("[metrics]\nlisten = 9470, [::1]:9471\nper_job = 1\n", &c), "");
+  EXPECT_EQ(c.metrics_listen, (std::vector<HostPort>{{"127.0.0.1", 9470}, {"::1", 9471}}));
+  EXPECT_EQ(c.metrics_per_job, 1);
+  // A list that is empty by default may be emptied again; the proxy's may not.
+  ASSERT_EQ(ParseError("[metrics]\nlisten =\n", &c), "");
+  EXPECT_TRUE(c.metrics_listen.empty());
+  EXPECT_NE(ParseError("[proxy]\nlisten =\n", &c), "");
+  EXPECT_NE(ParseError("[metrics]\nper_job = 2\n", &c), "");
+  EXPECT_NE(ParseError("[metrics]\nmax_job_series = 0\n", &c), "");
+}
+
 // ---- Files, overrides, flags ----
 
 class ConfigFileTest : public testing::Test {
@@ -599,7 +618,7 @@ TEST(ApplyOverrideTest, ErrorsNameSet) {
       {"proxy.max_connections", "--set 'proxy.max_connections': expected SECTION.KEY=VALUE"},
       {"daemon.x=1",
        "--set: unknown section [daemon] (known: [broker] [registry] [proxy] [tls] [ssh] "
-       "[scheduler] [client])"},
+       "[scheduler] [metrics] [client])"},
       {"proxy.port_range=1-2", "--set: [proxy] port_range: unknown key; it belongs in [registry]"},
       {"tls.tls_domain=\"x", "--set: [tls] tls_domain: unbalanced double quote"},
       {"tls.tls_domain=a\nb", "--set: [tls] tls_domain: the value contains a control character"},

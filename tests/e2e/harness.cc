@@ -340,8 +340,24 @@ std::string Daemon::SaveJob(const std::string& id, int backend_port, const std::
   return r.out.substr(at + 14, r.out.find('\n', at) - at - 14);
 }
 
+bool Exited(pid_t pid) {
+  std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
+  if (stat.empty()) return true;
+  size_t paren = stat.rfind(')');
+  return paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'Z';
+}
+
 pid_t Daemon::pid() const { return child_ ? child_->pid() : -1; }
 std::string Daemon::Log() const { return ReadFile(log_path_); }
+
+pid_t Daemon::Successor(size_t from) const {
+  static const std::string kLine = "upgrade: process ";
+  std::string log = Log();
+  size_t at = log.find(kLine, from);
+  if (at == std::string::npos) return -1;
+  pid_t pid = std::atoi(log.c_str() + at + kLine.size());
+  return pid > 0 ? pid : -1;
+}
 
 size_t Daemon::RssBytes() const {
   std::string status = ReadFile("/proc/" + std::to_string(pid()) + "/status");

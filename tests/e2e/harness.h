@@ -123,6 +123,9 @@ class Daemon {
   const std::string& socket_path() const { return socket_path_; }
   pid_t pid() const;
   std::string Log() const;
+  // After SIGUSR2: the pid of the new process that serves now, as logged since byte `from` of
+  // the log; -1 while no such line is there.
+  pid_t Successor(size_t from) const;
   // Resident memory (VmRSS) and open file descriptors of the daemon process.
   size_t RssBytes() const;
   int OpenFds() const;
@@ -257,6 +260,8 @@ void ExpectConnectSendsFirstBytesEarly(Child* connect, FakeProxy* fake,
 std::string ControlRequestAs(uid_t uid, const std::string& socket_path, const std::string& line);
 // True if `uid` can run programs here (see above).
 bool CanRunAs(uid_t uid);
+// True once `pid` has exited (gone, or a zombie nobody reaped yet).
+bool Exited(pid_t pid);
 // A real Unix user for isolation tests (e.g. "bp-alice", "bp-bob"), created with useradd (and a
 // group of its own) on first use; the tests run as root. nullopt if it cannot be created.
 std::optional<uid_t> TestUser(const std::string& name);

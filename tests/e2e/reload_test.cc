@@ -242,14 +242,6 @@ TEST_F(ReloadTest, ABadConfigChangesNothingAndRestartOnlyChangesAreNamed) {
   EXPECT_EQ(daemon_->Stop(SIGTERM), 0);
 }
 
-// True once `pid` has exited (gone, or a zombie nobody reaped yet).
-bool Exited(pid_t pid) {
-  std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
-  if (stat.empty()) return true;
-  size_t paren = stat.rfind(')');
-  return paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'Z';
-}
-
 // SIGUSR2: a new process takes the listening sockets over while 100 sessions stream through
 // the old one and new connections keep coming; none is broken or refused, the old process
 // exits by itself once its sessions end, and the new one serves the registry and the port.
@@ -298,16 +290,9 @@ TEST_F(ReloadTest, UpgradeHandsTheSocketsOverWithoutBreakingOrRefusingAnything) 
   pid_t old_pid = daemon_->pid();
   size_t from = daemon_->Log().size();
   ::kill(old_pid, SIGUSR2);
-  std::string line;
-  ASSERT_TRUE(WaitUntil([&] {
-    std::string log = daemon_->Log();
-    size_t at = log.find("upgrade: process ", from);
-    if (at == std::string::npos) return false;
-    line = log.substr(at, log.find('\n', at) - at);
-    return true;
-  })) << daemon_->Log().substr(from);
-  pid_t successor = std::atoi(line.c_str() + std::string("upgrade: process ").size());
-  ASSERT_GT(successor, 0) << line;
+  pid_t successor = -1;
+  ASSERT_TRUE(WaitUntil([&] { return (successor = daemon_->Successor(from)) > 0; }))
+      << daemon_->Log().substr(from);
   ASSERT_NE(successor, old_pid);
   struct Reaper {
     pid_t pid;

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <ctime>
 #include <set>
 #include <string>
 #include <vector>
@@ -107,6 +108,40 @@ TEST(StatsTest, JsonHasEveryGlobalCounterAndOnlyVisibleJobsInNaturalOrder) {
   for (const char* field : {"active", "bytes_up", "bytes_down"}) {
     EXPECT_EQ(Number(jobs, "job9", field), 0) << field;
   }
+}
+
+}  // namespace
+}  // namespace brokerproxy::proxy
+
+namespace brokerproxy::proxy {
+namespace {
+
+TEST(StatsTest, SessionsCountTheJobTimeTheirHandshakeAndDurationAndMarkActivity) {
+  Stats stats;
+  int64_t before = static_cast<int64_t>(::time(nullptr));
+  stats.SessionStarted("web", SessionKind::kTls, 0.003);
+  stats.SessionStarted("web", SessionKind::kSsh, 0.2);
+  EXPECT_EQ(stats.global().spliced, 2u);
+  EXPECT_EQ(stats.job("web").connections, 2u);
+  EXPECT_EQ(stats.job("web").active, 2u);
+  EXPECT_GE(stats.job("web").last_active, before);
+  EXPECT_EQ(stats.handshake_seconds(SessionKind::kTls).count(), 1u);
+  EXPECT_EQ(stats.handshake_seconds(SessionKind::kSsh).count(), 1u);
+  EXPECT_EQ(stats.handshake_seconds(SessionKind::kPlain).count(), 0u);
+  stats.SessionEnded("web", 42);
+  EXPECT_EQ(stats.job("web").active, 1u);
+  EXPECT_EQ(stats.session_seconds().count(), 1u);
+  EXPECT_DOUBLE_EQ(stats.session_seconds().sum(), 42);
+  // Bytes mark activity too, and the JSON shows it.
+  stats.job("db");
+  ByteReport r;
+  r.Flush(&stats, "db", 1, 0);
+  EXPECT_GE(stats.job("db").last_active, before);
+  registry::JsonPtr out(cJSON_CreateObject());
+  stats.AddToJson(out.get(), [](const std::string&) { return true; });
+  const cJSON* db = cJSON_GetObjectItemCaseSensitive(
+      cJSON_GetObjectItemCaseSensitive(out.get(), "per_job"), "db");
+  EXPECT_TRUE(cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(db, "last_active")));
 }
 
 }  // namespace

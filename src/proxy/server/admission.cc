@@ -4,9 +4,14 @@
 
 namespace brokerproxy::proxy {
 
-Admission::Admission(Proxy* proxy, Connection* conn, const char* what, Target* target,
-                     Callbacks callbacks)
-    : proxy_(proxy), conn_(conn), what_(what), target_(target), cb_(std::move(callbacks)) {}
+Admission::Admission(Proxy* proxy, Connection* conn, const char* what, SessionKind kind,
+                     Target* target, Callbacks callbacks)
+    : proxy_(proxy),
+      conn_(conn),
+      what_(what),
+      kind_(kind),
+      target_(target),
+      cb_(std::move(callbacks)) {}
 
 Admission::~Admission() = default;
 
@@ -60,10 +65,8 @@ void Admission::OnDialDeadline() {
 void Admission::Admitted() {
   if (admitted_) return;
   admitted_ = true;
-  proxy_->stats().global().spliced++;
-  JobCounters& jc = proxy_->stats().job(target_->job_id);
-  jc.connections++;
-  jc.active++;
+  admitted_ns_ = uv_hrtime();
+  proxy_->stats().SessionStarted(target_->job_id, kind_, conn_->SecondsSinceAccept());
 }
 
 void Admission::Stop() {
@@ -71,7 +74,8 @@ void Admission::Stop() {
   dialer_.reset();
   if (admitted_) {
     admitted_ = false;
-    proxy_->stats().job(target_->job_id).active--;
+    proxy_->stats().SessionEnded(target_->job_id,
+                                 static_cast<double>(uv_hrtime() - admitted_ns_) / 1e9);
   }
 }
 

@@ -43,10 +43,12 @@ class Admission {
     std::function<void(loop::IoHandle backend)> connected;
   };
 
-  // `what` names the connection kind in the debug log ("session", "tls"). `*target`: where
+  // `what` names the connection kind in the debug log ("session", "tls"); `kind` labels its
+  // handshake time in the metrics. `*target`: where
   // the connection keeps what it reaches (its job id is set as soon as the preamble names one,
   // for the log line, even when refused).
-  Admission(Proxy* proxy, Connection* conn, const char* what, Target* target, Callbacks callbacks);
+  Admission(Proxy* proxy, Connection* conn, const char* what, SessionKind kind, Target* target,
+            Callbacks callbacks);
   ~Admission();
   Admission(const Admission&) = delete;
   Admission& operator=(const Admission&) = delete;
@@ -58,11 +60,10 @@ class Admission {
   bool dialing() const { return dialing_; }
   // The connection's deadline passed while dialing(): counts and rejects (unavailable).
   void OnDialDeadline();
-  // The connection relays bytes for its job now: counts it (spliced, the job's connections and
-  // active). Once.
+  // The connection relays bytes for its job now: counts it (Stats::SessionStarted). Once.
   void Admitted();
   bool admitted() const { return admitted_; }
-  // Gives back the job's active count (if admitted) and drops a dial in progress. Idempotent.
+  // Ends the count (Stats::SessionEnded, if admitted) and drops a dial in progress. Idempotent.
   void Stop();
 
  private:
@@ -71,11 +72,13 @@ class Admission {
   Proxy* proxy_;
   Connection* conn_;
   const char* what_;
+  SessionKind kind_;
   Target* target_;
   Callbacks cb_;
   std::unique_ptr<Dialer> dialer_;
   bool dialing_ = false;
   bool admitted_ = false;
+  uint64_t admitted_ns_ = 0;
 };
 
 }  // namespace brokerproxy::proxy

@@ -19,13 +19,10 @@ constexpr uint64_t kPauseMs = 1000;
 
 }  // namespace
 
-Result<std::unique_ptr<Listener>> Listener::Create(loop::Reactor* reactor, const HostPort& address,
-                                                   int keepalive_s, AcceptCallback on_accept,
-                                                   OverloadCallback on_overload,
-                                                   std::string overload_reply) {
+Result<int> OpenListeningSocket(const HostPort& address, int keepalive_s) {
   std::string host = address.host;
   if (host == "*") host = "0.0.0.0";
-  // Start-up only (before the loop serves anyone), so a blocking lookup of "localhost" is fine.
+  // Start-up and reload only, so a blocking lookup of "localhost" is fine.
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -52,13 +49,22 @@ Result<std::unique_ptr<Listener>> Listener::Create(loop::Reactor* reactor, const
     ::close(fd);
     return s;
   }
-  TuneTcpSocket(fd, keepalive_s);
+  if (keepalive_s >= 0) TuneTcpSocket(fd, keepalive_s);
   if (::listen(fd, SOMAXCONN) != 0) {
     Status s = PosixError("listen " + address.ToString(), errno);
     ::close(fd);
     return s;
   }
-  return Adopt(reactor, fd, keepalive_s, std::move(on_accept), std::move(on_overload),
+  return fd;
+}
+
+Result<std::unique_ptr<Listener>> Listener::Create(loop::Reactor* reactor, const HostPort& address,
+                                                   int keepalive_s, AcceptCallback on_accept,
+                                                   OverloadCallback on_overload,
+                                                   std::string overload_reply) {
+  Result<int> fd = OpenListeningSocket(address, keepalive_s);
+  if (!fd.ok()) return fd.status();
+  return Adopt(reactor, *fd, keepalive_s, std::move(on_accept), std::move(on_overload),
                std::move(overload_reply));
 }
 

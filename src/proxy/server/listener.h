@@ -34,6 +34,12 @@
 
 namespace brokerproxy::proxy {
 
+// A non-blocking, close-on-exec TCP socket bound to `address` (as Listener::Create takes it) and
+// listening with backlog SOMAXCONN; the caller owns the fd. With `keepalive_s` >= 0 the socket is
+// tuned first (TuneTcpSocket), so that every connection it accepts inherits the options. Blocks
+// on a name lookup.
+Result<int> OpenListeningSocket(const HostPort& address, int keepalive_s = -1);
+
 class Listener {
  public:
   // A new connection: `fd` is non-blocking and close-on-exec, and now the callee's.

@@ -39,7 +39,11 @@ std::string HostOf(const sockaddr_storage& peer) {
 // ---- Connection ----
 
 Connection::Connection(Proxy* proxy, const sockaddr_storage& peer)
-    : proxy_(proxy), peer_(peer), started_ms_(proxy->loop()->Now()) {}
+    : proxy_(proxy), peer_(peer), started_ms_(proxy->loop()->Now()), accepted_ns_(uv_hrtime()) {}
+
+double Connection::SecondsSinceAccept() const {
+  return static_cast<double>(uv_hrtime() - accepted_ns_) / 1e9;
+}
 
 std::string Connection::PeerString() const {
   return loop::FormatAddress(reinterpret_cast<const sockaddr*>(&peer_));
@@ -320,7 +324,8 @@ bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const Connection& 
     return false;
   }
   client->SetCallback(nullptr);
-  std::unique_ptr<Connection> conn = it->second(this, Handoff{std::move(client), peer});
+  std::unique_ptr<Connection> conn =
+      it->second(this, Handoff{std::move(client), peer, from.accepted_ns()});
   if (conn) {
     conn->source_ = from.source_;
     Connection* raw = Adopt(std::move(conn));
@@ -366,6 +371,7 @@ Proxy::Authorization Proxy::Authorize(const std::string& requested_id, const std
   }
   if (known) stats_.job(job_id).denied++;
   if (!job_key.empty() && throttle_.RecordFailure(job_key, now)) {
+    stats_.global().throttled_episodes++;
     LOG_WARN("throttling job %s: %d failed handshakes within %s", LogSafe(job_id).c_str(),
              options_.throttle_failures, FormatDuration(options_.throttle_window_ms).c_str());
   }
@@ -381,6 +387,7 @@ void Proxy::RecordSourceFailure(const Connection& conn, const char* what) {
 }
 
 void Proxy::LogThrottled(const std::string& source_key) {
+  stats_.global().throttled_episodes++;
   std::string window = FormatDuration(options_.throttle_window_ms);
   if (source_key.starts_with("addr:")) {
     // One line per episode, in a form fail2ban can match: "throttling <HOST>: ...". Nothing a

@@ -108,6 +108,11 @@ class Connection {
   // "1.2.3.4:5678"
   std::string PeerString() const;
   uint64_t started_ms() const { return started_ms_; }
+  // Seconds since the client's TCP connection was accepted (for a frontend's connection, since
+  // the sniffer's: set_accepted_ns() from its Handoff), at nanosecond resolution.
+  double SecondsSinceAccept() const;
+  uint64_t accepted_ns() const { return accepted_ns_; }
+  void set_accepted_ns(uint64_t ns) { accepted_ns_ = ns; }
   // Who the throttle and the handshake limits count this connection against: "addr:<ip>" for a
   // remote address, "uid:<uid>" for a loopback client whose owner the kernel named, "" if
   // unknown (then only the job id is counted).
@@ -123,6 +128,7 @@ class Connection {
   uint64_t id_ = 0;
   sockaddr_storage peer_;
   uint64_t started_ms_ = 0;
+  uint64_t accepted_ns_ = 0;
   std::string source_;
   bool pending_ = false;  // an unauthenticated handshake, counted in the proxy's limits
   bool retired_ = false;
@@ -136,6 +142,7 @@ struct Handoff {
   loop::IoHandle
       client;  // in the reactor, no callback; its readiness flags as the sniffer left them
   sockaddr_storage peer;
+  uint64_t accepted_ns = 0;  // when the sniffing connection was accepted (uv_hrtime)
 };
 using Frontend = std::function<std::unique_ptr<Connection>(Proxy* proxy, Handoff handoff)>;
 

@@ -14,7 +14,7 @@ namespace brokerproxy::proxy {
 Session::Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& peer)
     : Connection(proxy, peer),
       client_(std::move(client)),
-      admission_(proxy, this, "session", &target_,
+      admission_(proxy, this, "session", SessionKind::kPlain, &target_,
                  {[this](ErrorCode code, const char* reason) { Reject(code, reason); },
                   [this](loop::IoHandle backend) { OnBackend(std::move(backend)); }}) {}
 

@@ -1,12 +1,25 @@
 #include "proxy/server/stats.h"
 
 #include <algorithm>
+#include <ctime>
 #include <utility>
 #include <vector>
 
 #include "registry/job.h"
 
 namespace brokerproxy::proxy {
+
+const char* SessionKindName(SessionKind kind) {
+  switch (kind) {
+    case SessionKind::kPlain:
+      return "plain";
+    case SessionKind::kTls:
+      return "tls";
+    case SessionKind::kSsh:
+      return "ssh";
+  }
+  return "plain";
+}
 
 std::pair<uint64_t, uint64_t> ByteReport::Flush(Stats* stats, const std::string& job, uint64_t up,
                                                 uint64_t down) {
@@ -21,7 +34,31 @@ std::pair<uint64_t, uint64_t> ByteReport::Flush(Stats* stats, const std::string&
   JobCounters& j = stats->job(job);
   j.bytes_up += new_up;
   j.bytes_down += new_down;
+  stats->Touch(job);
   return {new_up, new_down};
+}
+
+Stats::Stats()
+    : handshake_{loop::Histogram(loop::kLatencyBounds), loop::Histogram(loop::kLatencyBounds),
+                 loop::Histogram(loop::kLatencyBounds)},
+      duration_(loop::kDurationBounds) {}
+
+int64_t Stats::Now() { return static_cast<int64_t>(::time(nullptr)); }
+
+void Stats::SessionStarted(const std::string& job, SessionKind kind, double handshake_s) {
+  global_.spliced++;
+  JobCounters& j = jobs_[job];
+  j.connections++;
+  j.active++;
+  j.last_active = Now();
+  handshake_[static_cast<size_t>(kind)].Observe(handshake_s);
+}
+
+void Stats::SessionEnded(const std::string& job, double duration_s) {
+  JobCounters& j = jobs_[job];
+  if (j.active > 0) j.active--;
+  j.last_active = Now();
+  duration_.Observe(duration_s);
 }
 
 void Stats::Prune(const std::function<bool(const std::string&)>& exists) {
@@ -49,6 +86,7 @@ void Stats::AddToJson(cJSON* out, const std::function<bool(const std::string&)>&
   num(c, "unavailable", g.unavailable);
   num(c, "busy", g.busy);
   num(c, "throttled", g.throttled);
+  num(c, "throttled_episodes", g.throttled_episodes);
   num(c, "idle_closed", g.idle_closed);
   num(c, "tls_failures", g.tls_failures);
   num(c, "ssh_failures", g.ssh_failures);
@@ -71,6 +109,7 @@ void Stats::AddToJson(cJSON* out, const std::function<bool(const std::string&)>&
     num(o, "denied", j.denied);
     num(o, "bytes_up", j.bytes_up);
     num(o, "bytes_down", j.bytes_down);
+    if (j.last_active > 0) num(o, "last_active", static_cast<uint64_t>(j.last_active));
   }
 }
 

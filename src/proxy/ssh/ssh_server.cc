@@ -98,6 +98,7 @@ Result<std::unique_ptr<SshEndpoint>> SshEndpoint::Create(SshEndpointOptions opti
 Frontend SshEndpoint::frontend() {
   return [this](Proxy* proxy, Handoff handoff) -> std::unique_ptr<Connection> {
     auto session = std::make_unique<SshSession>(proxy, handoff.peer, &options_);
+    session->set_accepted_ns(handoff.accepted_ns);
     Status s = session->Start(bind_.get(), std::move(handoff.client));
     if (!s.ok()) {
       proxy->stats().global().ssh_failures++;
@@ -402,11 +403,11 @@ void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> backend) 
       channel, [this] { Service(); }, proxy_->pipes());
   int keepalive = proxy_->options().keepalive_s;
   TuneTcpSocket(backend->fd(), keepalive);
-  proxy_->stats().global().spliced++;
-  JobCounters& jc = proxy_->stats().job(target_.job_id);
-  jc.connections++;
-  jc.active++;
+  // A channel is a session of its own; its handshake ran from the TCP accept (key exchange and
+  // authentication included) to this channel's backend.
+  proxy_->stats().SessionStarted(target_.job_id, SessionKind::kSsh, SecondsSinceAccept());
   c->counted = true;
+  c->started_ns = uv_hrtime();
   // The backend stays in the reactor, where the Dialer registered it.
   c->splice->Attach(std::move(backend).value(), loop::IoHandle(), std::string(), std::string());
   Service();
@@ -482,7 +483,8 @@ void SshSession::EndChannel(Channel& c) {
   }
   last_activity_ms_ = std::max(last_activity_ms_, c.splice->last_activity_ms());
   if (c.counted) {
-    proxy_->stats().job(target_.job_id).active--;
+    proxy_->stats().SessionEnded(target_.job_id,
+                                 static_cast<double>(uv_hrtime() - c.started_ns) / 1e9);
     c.counted = false;
   }
   const Status& s = c.splice->status();

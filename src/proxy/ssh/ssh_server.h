@@ -137,9 +137,10 @@ class SshSession final : public Connection {
     std::unique_ptr<Dialer> dialer;
     bool refused = false;  // the open was answered with a refusal: reap it
     uint64_t dial_started_ms = 0;
-    ByteReport bytes;      // what of the splice's counters went to the stats already
-    bool counted = false;  // counted as an active connection of the job
-    bool slot = false;     // holds one of the proxy's max_connections
+    ByteReport bytes;         // what of the splice's counters went to the stats already
+    bool counted = false;     // counted as an active connection of the job
+    uint64_t started_ns = 0;  // when it was counted (uv_hrtime)
+    bool slot = false;        // holds one of the proxy's max_connections
   };
 
   // Takes and answers the messages queued in the session (see "messages" above); stops while

@@ -30,9 +30,11 @@ class TlsConnection final : public Connection {
       : Connection(proxy, handoff.peer),
         settings_(std::move(settings)),
         client_(std::move(handoff.client), /*is_socket=*/true),
-        admission_(proxy, this, "tls", &target_,
+        admission_(proxy, this, "tls", SessionKind::kTls, &target_,
                    {[this](ErrorCode code, const char* reason) { Reject(code, reason); },
-                    [this](loop::IoHandle backend) { OnTerminatedBackend(std::move(backend)); }}) {}
+                    [this](loop::IoHandle backend) { OnTerminatedBackend(std::move(backend)); }}) {
+    set_accepted_ns(handoff.accepted_ns);
+  }
 
   void Start() {
     proxy_->ArmDeadline(this, proxy_->options().handshake_timeout_ms);
