@@ -405,8 +405,13 @@ TEST_F(RedisTest, StaleViewRefusesHandshakesUntilResynced) {
 
   redis_->Kill();
   ASSERT_TRUE(WaitUntil([&] { return handshake() != "OK"; }, 10000));
+  // Refused as unavailable, not denied, and not counted toward the throttle: more handshakes
+  // than throttle_failures (10) now do not lock the job's owner out later.
+  for (int i = 0; i < 12; ++i) EXPECT_EQ(handshake(), "ERR unavailable");
   EXPECT_NE(Stats(node).find("\"refusing_handshakes\":true"), std::string::npos) << Stats(node);
   EXPECT_NE(node.Log().find("older than store_max_view_age"), std::string::npos) << node.Log();
+  EXPECT_NE(node.Log().find("handshake(s) (the last for job aging)"), std::string::npos)
+      << node.Log();
   ASSERT_TRUE(SendAll(session, "still\n"));
   EXPECT_EQ(ReadLine(session, 256).value_or(""), "still");
 

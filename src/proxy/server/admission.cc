@@ -29,7 +29,9 @@ void Admission::Start(const Preamble& preamble, Channel channel, bool may_comple
   // The secret is checked before the throttle (Proxy::Authorize).
   Proxy::Authorization auth = proxy_->Authorize(preamble.job_id, preamble.secret, conn_);
   if (auth.error) {
-    cb_.reject(*auth.error, *auth.error == ErrorCode::kBusy ? "throttled" : "denied");
+    cb_.reject(*auth.error, *auth.error == ErrorCode::kBusy          ? "throttled"
+                            : *auth.error == ErrorCode::kUnavailable ? "registry view too old"
+                                                                     : "denied");
     return;
   }
   *target_ = std::move(auth.target);

@@ -345,6 +345,22 @@ Proxy::Authorization Proxy::Authorize(const std::string& requested_id, const std
   bool valid_id = registry::ValidJobId(job_id);
   const registry::Job* known = valid_id ? registry_->Find(job_id) : nullptr;
   const registry::Job* job = registry_->Authenticate(job_id, secret);
+  if (!registry_->refusal().empty()) {
+    // The view of a shared registry is too old to trust (registry/redis_store.h): nobody is
+    // admitted and nobody is counted as failing, so the throttle does not lock out the owners
+    // of jobs once the view is current again.
+    ++stale_refusals_;
+    uint64_t now_ms = loop_->Now();
+    if (stale_logged_at_ == 0 || now_ms - stale_logged_at_ >= 10000) {
+      LOG_WARN("refused %llu handshake(s) (the last for job %s): %s",
+               static_cast<unsigned long long>(stale_refusals_), LogSafe(job_id).c_str(),
+               registry_->refusal().c_str());
+      stale_refusals_ = 0;
+      stale_logged_at_ = now_ms;
+    }
+    out.error = ErrorCode::kUnavailable;
+    return out;
+  }
   if (job && job->expires != 0 && job->expires <= static_cast<int64_t>(::time(nullptr))) {
     job = nullptr;  // expired, about to be swept
   }

@@ -295,6 +295,10 @@ class Proxy {
   Stats stats_;
   Throttle throttle_;
   ThrottleClock throttle_clock_;  // empty: the loop's
+  // Handshakes refused because the registry's view is too old, since the last log line about
+  // them, and when that was (loop ms; 0: never): one line per 10 s at most.
+  uint64_t stale_refusals_ = 0;
+  uint64_t stale_logged_at_ = 0;
   PipePool pipes_;
   ResolveCache resolver_;
   BackendPolicy policy_;

@@ -144,7 +144,10 @@ void TlsConnection::Route(const std::string& sni) {
       sni[sni.size() - domain.size() - 1] == '.') {
     std::string job_id = sni.substr(0, sni.size() - domain.size() - 1);
     const registry::Job* job = proxy_->registry().Find(job_id);
-    bool live = job && (job->expires == 0 || job->expires > static_cast<int64_t>(::time(nullptr)));
+    // A view too old to trust (registry/redis_store.h) routes nobody.
+    bool live = job &&
+                (job->expires == 0 || job->expires > static_cast<int64_t>(::time(nullptr))) &&
+                proxy_->registry().refusal().empty();
     if (live && job->type == registry::JobType::kSsl) {
       target_.job_id = job->id;
       target_.owner = job->owner;
