@@ -329,6 +329,33 @@ TEST_F(RedisTest, RedisKilledSessionsGoOnSavesFailThenResync) {
   ASSERT_GE(session, 0);
   ASSERT_TRUE(SendAll(session, "BROKER1 steady " + secret + "\necho\n"));
   ASSERT_EQ(ReadLine(session, 256).value_or(""), "OK");
+  // Saves stream into both nodes while Redis dies: every failure names the store's code, and
+  // every acknowledged save is there after the restart (the test's Redis fsyncs every write).
+  std::atomic<bool> stop{false};
+  std::mutex mu;
+  std::vector<std::string> acked;
+  std::set<std::string> failure_codes;
+  std::vector<std::thread> traffic;
+  for (int node = 0; node < 2; ++node) {
+    traffic.emplace_back([&, node] {
+      for (int n = 0; !stop.load(); ++n) {
+        std::string id = "t" + std::to_string(node) + "-" + std::to_string(n);
+        auto j = ParseOut(Control(
+            nodes_[node]->socket_path(),
+            R"({"op":"save","job":")" + id + R"(","type":"ssh","host":"127.0.0.1","port":0})"));
+        std::lock_guard<std::mutex> lock(mu);
+        if (j && JsonText(j.get(), {"ok"}) == "true") {
+          acked.push_back(id);
+        } else {
+          failure_codes.insert(j ? JsonText(j.get(), {"code"}) : "<no reply>");
+        }
+      }
+    });
+  }
+  ASSERT_TRUE(WaitUntil([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return acked.size() >= 20;
+  }));
 
   redis_->Kill();
   for (const auto& node : nodes_) {
@@ -336,6 +363,13 @@ TEST_F(RedisTest, RedisKilledSessionsGoOnSavesFailThenResync) {
         [&] { return Stats(*node).find("\"disconnected\"") != std::string::npos; }, 10000))
         << Stats(*node);
   }
+  ASSERT_TRUE(WaitUntil([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return !failure_codes.empty();
+  }));
+  stop = true;
+  for (auto& t : traffic) t.join();
+  EXPECT_EQ(failure_codes, std::set<std::string>{"store_unavailable"});
   // The established session carries on.
   ASSERT_TRUE(SendAll(session, "still here\n"));
   EXPECT_EQ(ReadLine(session, 256).value_or(""), "still here");
@@ -373,6 +407,16 @@ TEST_F(RedisTest, RedisKilledSessionsGoOnSavesFailThenResync) {
                  Sees(*node, "after-" + std::to_string(nodes_[1]->pid())) && Sees(*node, "steady");
         },
         5000));
+  }
+  EXPECT_GE(acked.size(), 20u);
+  for (const auto& node : nodes_) {
+    auto j = ParseOut(Control(node->socket_path(), R"({"op":"query"})"));
+    const cJSON* jobs = j ? cJSON_GetObjectItemCaseSensitive(j.get(), "jobs") : nullptr;
+    std::set<std::string> present;
+    for (const cJSON* job = jobs ? jobs->child : nullptr; job; job = job->next) {
+      present.insert(JsonText(job, {"id"}));
+    }
+    for (const std::string& id : acked) EXPECT_TRUE(present.count(id)) << id << " lost";
   }
   ASSERT_TRUE(SendAll(session, "after\n"));
   EXPECT_EQ(ReadLine(session, 256).value_or(""), "after");
