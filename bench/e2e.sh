@@ -19,7 +19,8 @@
 #   MEM_PEERS="brokerproxy haproxy haproxy-splice socat ssh-aes brokerproxy-ssh-aes brokerproxy-tls haproxy-tls"
 #                     peers whose memory is measured, with idle sessions and under slow readers
 #                     (socat and ssh only at the smallest count: a process or a channel per
-#                     session, and an SSH session takes at most 1,024 channels)
+#                     session, and an SSH session takes at most 1,024 channels); MEM_PEERS=""
+#                     measures none
 #   SLOW_STREAMS=8    slow readers (64 KiB every 10 ms each) for the slow-reader memory run
 #   PROFILE=0         1: also record `perf` of the daemon during a concurrency-32 handshake run
 #   OUT=bench/results where the results go
@@ -37,7 +38,7 @@ ENC_RUN_S=${ENC_RUN_S:-1}
 TRANSFER=${TRANSFER:-64M}
 PEERS=${PEERS:-"brokerproxy direct socat haproxy haproxy-splice ssh-aes ssh-chacha brokerproxy-ssh-aes brokerproxy-ssh-chacha brokerproxy-tls haproxy-tls"}
 IDLE_COUNTS=${IDLE_COUNTS:-"1000 8000"}
-MEM_PEERS=${MEM_PEERS:-"brokerproxy haproxy haproxy-splice socat ssh-aes brokerproxy-ssh-aes brokerproxy-tls haproxy-tls"}
+MEM_PEERS=${MEM_PEERS-"brokerproxy haproxy haproxy-splice socat ssh-aes brokerproxy-ssh-aes brokerproxy-tls haproxy-tls"}
 SLOW_STREAMS=${SLOW_STREAMS:-8}
 PROFILE=${PROFILE:-0}
 

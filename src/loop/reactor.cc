@@ -153,9 +153,9 @@ void Reactor::RunDue() {
 void Reactor::RunCallback(IoWatch* w) {
   IoWatch::Callback cb = std::move(w->cb_);
   w->cb_ = nullptr;
-  uint64_t set_before = w->callbacks_set_;
+  w->replaced_ = false;
   cb(w);
-  if (w->callbacks_set_ == set_before) w->cb_ = std::move(cb);
+  if (!w->replaced_) w->cb_ = std::move(cb);
 }
 
 void Reactor::Retire(IoWatch* w, bool close_fd) {

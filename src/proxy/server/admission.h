@@ -11,16 +11,15 @@
 // hence how "OK" and "ERR <code>" are sent, and its own log line. Admission counts what every
 // admitted connection counts (denied, unavailable, busy, spliced, per-job connections and
 // active), in the same order for both, and logs a failed dial at debug level as
-// "<what> <id>: backend of job <job>: <why>".
+// "session <id>: backend of job <job>: <why>" (or "tls <id>: ...").
 //
-// Ownership: a member of its Connection, which outlives it; callbacks run on the loop thread and
-// may end the connection (Stop() the Admission), but must not destroy it. Admission touches
-// nothing after calling one.
+// Ownership: a member of its Connection, which outlives it, as does the Client; the Client's
+// calls run on the loop thread and may end the connection (Stop() the Admission), but must not
+// destroy it. Admission touches nothing after calling one.
 
 #ifndef BROKERPROXY_PROXY_SERVER_ADMISSION_H_
 #define BROKERPROXY_PROXY_SERVER_ADMISSION_H_
 
-#include <functional>
 #include <memory>
 
 #include "loop/reactor.h"
@@ -35,20 +34,26 @@ class Admission {
   // How the preamble came: a plain one carries the secret in clear, so it is taken only from
   // sources in plain_allow; inside TLS any source may send it.
   enum class Channel { kPlain, kTls };
-  struct Callbacks {
+  // What the connection does with the outcome; Admission calls one of these as its last act.
+  // An interface the connection implements rather than callbacks it stores: nothing to
+  // allocate, and a pointer per connection instead of two std::function.
+  class Client {
+   public:
     // Answer "ERR <code>" and close; `reason` ends the connection's log line.
-    std::function<void(ErrorCode code, const char* reason)> reject;
+    virtual void Reject(ErrorCode code, const char* reason) = 0;
     // The backend is connected (and tuned); the deadline is cleared. Answer "OK" and start
     // relaying, then call Admitted().
-    std::function<void(loop::IoHandle backend)> connected;
+    virtual void Connected(loop::IoHandle backend) = 0;
+
+   protected:
+    ~Client() = default;
   };
 
-  // `what` names the connection kind in the debug log ("session", "tls"); `kind` labels its
-  // handshake time in the metrics. `*target`: where
-  // the connection keeps what it reaches (its job id is set as soon as the preamble names one,
-  // for the log line, even when refused).
-  Admission(Proxy* proxy, Connection* conn, const char* what, SessionKind kind, Target* target,
-            Callbacks callbacks);
+  // `client` is told the outcome (usually `conn` itself). `kind` labels the handshake time in
+  // the metrics and names the connection in the debug log ("session" for plain, "tls").
+  // `*target`: where the connection keeps what it reaches (its job id is set as soon as the
+  // preamble names one, for the log line, even when refused).
+  Admission(Connection* conn, Client* client, SessionKind kind, Target* target);
   ~Admission();
   Admission(const Admission&) = delete;
   Admission& operator=(const Admission&) = delete;
@@ -69,16 +74,16 @@ class Admission {
  private:
   void OnBackend(Result<loop::IoHandle> backend);
 
-  Proxy* proxy_;
+  Proxy* proxy() const { return conn_->proxy(); }
+
   Connection* conn_;
-  const char* what_;
-  SessionKind kind_;
+  Client* client_;
   Target* target_;
-  Callbacks cb_;
   std::unique_ptr<Dialer> dialer_;
+  uint64_t admitted_ns_ = 0;
+  SessionKind kind_;
   bool dialing_ = false;
   bool admitted_ = false;
-  uint64_t admitted_ns_ = 0;
 };
 
 }  // namespace brokerproxy::proxy

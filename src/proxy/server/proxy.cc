@@ -39,15 +39,17 @@ std::string HostOf(const sockaddr_storage& peer) {
 // ---- Connection ----
 
 Connection::Connection(Proxy* proxy, const sockaddr_storage& peer)
-    : proxy_(proxy), peer_(peer), started_ms_(proxy->loop()->Now()), accepted_ns_(uv_hrtime()) {}
+    : proxy_(proxy), peer_{}, started_ms_(proxy->loop()->Now()), accepted_ns_(uv_hrtime()) {
+  // The listeners are TCP: IPv4 or IPv6.
+  std::memcpy(&peer_, &peer,
+              peer.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in));
+}
 
 double Connection::SecondsSinceAccept() const {
   return static_cast<double>(uv_hrtime() - accepted_ns_) / 1e9;
 }
 
-std::string Connection::PeerString() const {
-  return loop::FormatAddress(reinterpret_cast<const sockaddr*>(&peer_));
-}
+std::string Connection::PeerString() const { return loop::FormatAddress(peer()); }
 
 // ---- Proxy ----
 
@@ -314,7 +316,8 @@ void Proxy::Retire(Connection* conn) {
 }
 
 bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const Connection& from) {
-  const sockaddr_storage& peer = from.peer();
+  sockaddr_storage peer{};
+  std::memcpy(&peer, from.peer(), sizeof(Connection::Peer));
   auto it = frontends_.find(static_cast<int>(protocol));
   if (it == frontends_.end()) {
     // Not enabled: best-effort answer in the only language every client shares here.

@@ -27,6 +27,7 @@
 #ifndef BROKERPROXY_PROXY_SERVER_PROXY_H_
 #define BROKERPROXY_PROXY_SERVER_PROXY_H_
 
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -104,7 +105,9 @@ class Connection {
   virtual void OnSweep(uint64_t now_ms) { (void)now_ms; }
 
   uint64_t id() const { return id_; }
-  const sockaddr_storage& peer() const { return peer_; }
+  Proxy* proxy() const { return proxy_; }
+  // The client's address (IPv4 or IPv6).
+  const sockaddr* peer() const { return &peer_.any; }
   // "1.2.3.4:5678"
   std::string PeerString() const;
   uint64_t started_ms() const { return started_ms_; }
@@ -125,14 +128,20 @@ class Connection {
 
  private:
   friend class Proxy;
+  // A TCP peer's address in 28 bytes rather than a sockaddr_storage's 128: kept per connection.
+  union Peer {
+    sockaddr any;
+    sockaddr_in in;
+    sockaddr_in6 in6;
+  };
   uint64_t id_ = 0;
-  sockaddr_storage peer_;
-  uint64_t started_ms_ = 0;
-  uint64_t accepted_ns_ = 0;
-  std::string source_;
+  Peer peer_;
   bool pending_ = false;  // an unauthenticated handshake, counted in the proxy's limits
   bool retired_ = false;
   bool has_deadline_ = false;
+  uint64_t started_ms_ = 0;
+  uint64_t accepted_ns_ = 0;
+  std::string source_;
   std::multimap<uint64_t, Connection*>::iterator deadline_;
 };
 

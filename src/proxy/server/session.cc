@@ -14,9 +14,7 @@ namespace brokerproxy::proxy {
 Session::Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& peer)
     : Connection(proxy, peer),
       client_(std::move(client)),
-      admission_(proxy, this, "session", SessionKind::kPlain, &target_,
-                 {[this](ErrorCode code, const char* reason) { Reject(code, reason); },
-                  [this](loop::IoHandle backend) { OnBackend(std::move(backend)); }}) {}
+      admission_(this, this, SessionKind::kPlain, &target_) {}
 
 Session::~Session() = default;
 
@@ -181,22 +179,22 @@ void Session::RejectHttp() {
   Finish("bad-request: http request");
 }
 
-void Session::OnBackend(loop::IoHandle backend) {
+void Session::Connected(loop::IoHandle backend) {
   state_ = State::kSplicing;
   admission_.Admitted();
   // "OK\n" goes out now, on a fresh socket with an empty buffer; only if it does not fit does
   // the relay carry the rest, before the backend's first bytes.
   size_t sent = SendBestEffort(client_.fd(), kReplyOk);
-  relay_ = std::make_unique<Relay>(
-      proxy_->pipes(), Relay::Side{std::move(client_)}, Relay::Side{std::move(backend)}, "client",
-      "backend", std::string(kReplyOk.substr(sent)), std::string(), [this](Status s) {
-        if (s.ok()) {
-          Finish("done");
-          return;
-        }
-        std::string reason = s.message();
-        Finish(reason.c_str());
-      });
+  relay_.emplace(proxy_->pipes(), Relay::Side{std::move(client_)}, Relay::Side{std::move(backend)},
+                 "client", "backend", std::string(kReplyOk.substr(sent)), std::string(),
+                 [this](Status s) {
+                   if (s.ok()) {
+                     Finish("done");
+                     return;
+                   }
+                   std::string reason = s.message();
+                   Finish(reason.c_str());
+                 });
   relay_->Start();
 }
 
@@ -228,7 +226,7 @@ void Session::OnDeadline() {
 
 void Session::FlushCounters() {
   if (!relay_) return;
-  const Relay::Counters& c = relay_->counters();
+  Relay::Counters c = relay_->counters();
   bytes_.Flush(&proxy_->stats(), target_.job_id, c.a_to_b, c.b_to_a);
 }
 

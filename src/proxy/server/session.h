@@ -14,7 +14,7 @@
 #ifndef BROKERPROXY_PROXY_SERVER_SESSION_H_
 #define BROKERPROXY_PROXY_SERVER_SESSION_H_
 
-#include <memory>
+#include <optional>
 #include <string>
 
 #include "loop/reactor.h"
@@ -27,7 +27,7 @@
 
 namespace brokerproxy::proxy {
 
-class Session final : public Connection {
+class Session final : public Connection, private Admission::Client {
  public:
   // Takes `client` (the accepted socket, registered in the proxy's reactor).
   Session(Proxy* proxy, loop::IoHandle client, const sockaddr_storage& peer);
@@ -45,8 +45,9 @@ class Session final : public Connection {
 
   // `speculative`: try even though no edge said the socket is readable.
   void OnClientReadable(bool speculative);
-  // The Admission's callbacks: the backend is connected, or the client is refused.
-  void OnBackend(loop::IoHandle backend);
+  // Admission::Client: the backend is connected (answer OK and relay), or the client is refused
+  // (Reject, below).
+  void Connected(loop::IoHandle backend) override;
   // Passes the client socket to the TLS or SSH frontend and retires.
   void HandOff(Protocol p);
   // The client has not spoken within ssh_banner_delay: it is an SSH client waiting for our
@@ -55,7 +56,7 @@ class Session final : public Connection {
   // Answers an HTTP request with a 400 and a hint, and closes.
   void RejectHttp();
   // Answers "ERR <code>" and closes.
-  void Reject(ErrorCode code, const char* reason);
+  void Reject(ErrorCode code, const char* reason) override;
   // Releases everything, logs the session line and retires.
   void Finish(const char* reason);
   void FlushCounters();
@@ -67,8 +68,8 @@ class Session final : public Connection {
   std::string preamble_;  // bytes of the preamble line read so far
   Target target_;
   Admission admission_;
-  std::unique_ptr<Relay> relay_;
-  ByteReport bytes_;  // what of the relay's counters went to the stats already
+  std::optional<Relay> relay_;  // in place rather than an allocation of its own
+  ByteReport bytes_;            // what of the relay's counters went to the stats already
 };
 
 }  // namespace brokerproxy::proxy

@@ -24,15 +24,13 @@ constexpr unsigned char kAlertDecodeError = 50;
 constexpr unsigned char kAlertInternalError = 80;
 constexpr unsigned char kAlertUnrecognizedName = 112;
 
-class TlsConnection final : public Connection {
+class TlsConnection final : public Connection, private Admission::Client {
  public:
   TlsConnection(Proxy* proxy, std::shared_ptr<TlsSettings> settings, Handoff handoff)
       : Connection(proxy, handoff.peer),
         settings_(std::move(settings)),
         client_(std::move(handoff.client), /*is_socket=*/true),
-        admission_(proxy, this, "tls", SessionKind::kTls, &target_,
-                   {[this](ErrorCode code, const char* reason) { Reject(code, reason); },
-                    [this](loop::IoHandle backend) { OnTerminatedBackend(std::move(backend)); }}) {
+        admission_(this, this, SessionKind::kTls, &target_) {
     set_accepted_ns(handoff.accepted_ns);
   }
 
@@ -58,14 +56,14 @@ class TlsConnection final : public Connection {
   void OnPassthroughBackend(Result<loop::IoHandle> backend);
   void StartTermination();
   void OnPlaintext();
-  // The Admission's connected callback: answers OK inside TLS and relays.
-  void OnTerminatedBackend(loop::IoHandle backend);
+  // Admission::Client: answers OK inside TLS and relays.
+  void Connected(loop::IoHandle backend) override;
   void OnTlsDone(Status status);
   // Ends the connection before any TLS session exists: answers with an alert (if `alert` !=
   // 0) while the socket is still ours, closes; counts a TLS failure if `tls_failure`.
   void FailHello(const char* reason, unsigned char alert, bool tls_failure = true);
-  // Inside TLS: "ERR <code>\n", close_notify, close.
-  void Reject(ErrorCode code, const char* reason);
+  // Admission::Client, and refusals of its own. Inside TLS: "ERR <code>\n", close_notify, close.
+  void Reject(ErrorCode code, const char* reason) override;
   void CountTlsFailure() { proxy_->stats().global().tls_failures++; }
   void StartSplicing();
   void FlushCounters();
@@ -251,7 +249,7 @@ void TlsConnection::OnPlaintext() {
   }
 }
 
-void TlsConnection::OnTerminatedBackend(loop::IoHandle backend) {
+void TlsConnection::Connected(loop::IoHandle backend) {
   Status s = tls_->Send(kReplyOk);
   if (!s.ok()) {
     std::string reason = s.message();

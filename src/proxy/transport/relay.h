@@ -26,9 +26,12 @@
 // once. When it finishes it destroys its transports (closing the fds), before the done callback
 // runs.
 //
-// Ownership: the Relay owns its transports (and so the fds). `*pool` and the reactor must
-// outlive it. The done callback runs at most once; the Relay may be destroyed from inside it or
-// at any other time. Loop-thread only.
+// Ownership: the Relay owns its transports (and so the fds). Both directions, and the transports
+// of socket sides, are members rather than separate allocations, so a relay between two sockets
+// allocates nothing while idle and lives inside its owner. `*pool` and the reactor must outlive
+// it.
+// The done callback runs at most once; the Relay may be destroyed from inside it or at any other
+// time. Loop-thread only.
 
 #ifndef BROKERPROXY_PROXY_TRANSPORT_RELAY_H_
 #define BROKERPROXY_PROXY_TRANSPORT_RELAY_H_
@@ -142,33 +145,72 @@ class Relay {
   // Ends now without the done callback: the transports are closed, the counters stay.
   void Stop();
 
-  const Counters& counters() const { return counters_; }
+  Counters counters() const { return {a_to_b_.moved, b_to_a_.moved}; }
   // True once one direction has finished (a half-closed session).
   bool half_closed() const;
   // Milliseconds (loop time) of the last byte moved.
   uint64_t last_activity_ms() const { return last_activity_ms_; }
   // Times a direction stopped reading because its sink was full (the backpressure at work).
-  uint64_t pauses() const { return pauses_; }
+  uint64_t pauses() const { return a_to_b_.pauses + b_to_a_.pauses; }
   // Bytes held in the relay's pipes and buffers right now.
   size_t buffered() const;
 
  private:
-  struct Pump;
+  // One direction: reads its source and writes what it read to the other direction's source
+  // (the sink). Embedded in the Relay; relay.cc has the rules.
+  struct Pump {
+    Transport* src = nullptr;
+    EdgeSocket* src_sock = nullptr;  // this and the other's set: may splice through a pipe
+    const char* src_name = "";
+    const Pump* other = nullptr;          // the opposite direction
+    uint64_t moved = 0;                   // payload bytes written to the sink
+    uint64_t pauses = 0;                  // times it stopped reading because the sink was full
+    std::unique_ptr<std::string> prefix;  // written to the sink before anything else
+    std::unique_ptr<char[]> buf;
+    PipePool::Pipe pipe;
+    uint32_t prefix_off = 0;
+    uint32_t in_pipe = 0;
+    uint32_t buf_len = 0;
+    uint32_t buf_off = 0;
+    bool splice_mode = true;  // both sockets: may splice through a pipe; else read/write only
+    bool bulk = false;        // splicing now (the last read filled the buffer)
+    bool has_pipe = false;
+    bool src_eof = false;
+    bool done = false;
+    bool blocked = false;  // waiting for the sink with bytes held (counted in pauses)
+
+    Transport* dst() const { return other->src; }
+    EdgeSocket* dst_sock() const { return other->src_sock; }
+    bool holding() const;
+    size_t held() const;
+    Status SrcError(const IoResult& r) const;
+    Status DstError(const IoResult& r) const;
+    void ReleaseHeld(PipePool* pool);
+    Status Drain();
+    Status Fill(PipePool* pool);
+    Status Step(PipePool* pool);
+    Status Wait();
+  };
+
+  // Sets up the two directions between `a` and `b`.
+  void Connect(Transport* a, Transport* b, const char* a_name, const char* b_name,
+               std::string prefix_to_a, std::string prefix_to_b);
   void OnEvent(loop::IoWatch* watch);
   // Runs a pump and handles its outcome; false if the relay ended.
   bool Run(Pump* p);
   void Finish(Status status);
 
   PipePool* pool_;
-  loop::Loop* loop_ = nullptr;
-  std::unique_ptr<Transport> a_;  // null once finished
-  std::unique_ptr<Transport> b_;
-  std::unique_ptr<Pump> a_to_b_;
-  std::unique_ptr<Pump> b_to_a_;
-  Counters counters_;
+  // The sides' transports: sockets (and stdio pairs) held in place, any other kind owned.
+  // Closed once finished.
+  SocketTransport socket_a_;
+  SocketTransport socket_b_;
+  std::unique_ptr<Transport> owned_a_;
+  std::unique_ptr<Transport> owned_b_;
+  Pump a_to_b_;
+  Pump b_to_a_;
   DoneCallback done_;
   uint64_t last_activity_ms_ = 0;
-  uint64_t pauses_ = 0;
   bool finished_ = false;
 };
 

@@ -124,6 +124,8 @@ class Transport {
 // A plain socket (one fd both ways) or a stdio pair (separate fds, not sockets).
 class SocketTransport : public Transport {
  public:
+  // None yet (closed): a place for one, e.g. inside a Relay.
+  SocketTransport() = default;
   explicit SocketTransport(loop::IoHandle socket) : in_(std::move(socket), true) {}
   SocketTransport(loop::IoHandle read, loop::IoHandle write)
       : in_(std::move(read), false), out_(std::move(write), false), pair_(true) {}
@@ -138,6 +140,11 @@ class SocketTransport : public Transport {
   void Yield() override;
   loop::Loop& loop() const override { return in_.watch()->reactor().loop(); }
   bool stream() const override { return !pair_; }
+  // Closes the fds now.
+  void Close() {
+    in_.Close();
+    out_.Close();
+  }
 
  private:
   const EdgeSocket& out() const { return pair_ ? out_ : in_; }
