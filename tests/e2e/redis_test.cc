@@ -173,6 +173,21 @@ TEST_F(RedisTest, SaveOnOneNodeServesOnTheOtherAndRemoveEndsItEverywhere) {
   EXPECT_EQ(ReadLine(fd, 256).value_or(""), sha.Hex() + " " + std::to_string(kBytes));
   ::close(fd);
 
+  // The same through `connect` on node 2: it loads the secret from node 2's daemon, which has
+  // the job only from the shared store, and tunnels to node 2's proxy port.
+  std::string upload(256 << 10, '\0');
+  Pattern(0, upload.data(), upload.size());
+  Sha256 upload_sha;
+  upload_sha.Update(upload.data(), upload.size());
+  RunOptions stdio;
+  stdio.stdin_data = "upload\n" + upload;
+  RunResult tunnel =
+      RunCommand({BinaryPath(), "connect", "shared", "--stdio", "-c", nodes_[1]->config_path(),
+                  "--proxy", "127.0.0.1:" + std::to_string(nodes_[1]->proxy_port())},
+                 stdio);
+  EXPECT_EQ(tunnel.exit_code, 0) << tunnel;
+  EXPECT_EQ(tunnel.out, upload_sha.Hex() + " " + std::to_string(upload.size()) + "\n") << tunnel;
+
   RunResult removed = nodes_[1]->Cli({"remove", "shared"});
   ASSERT_EQ(removed.exit_code, 0) << removed;
   auto after = steady_clock::now();
