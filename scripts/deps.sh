@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what building brokerproxy needs (Debian 12 packages only); with --test, also the
+# Installs what building brokerproxy and its Debian package needs (Debian 12 packages only;
+# `file` is what CPack's dependency scan runs on the binary); with --test, also the
 # real peers and tools the test suite drives (sshd, socat, haproxy, chromium, curl, iptables,
 # strace, redis-server, redis-sentinel and redis-tools for the registry on Redis, slurmctld,
 # slurmd, slurm-client, munge for a private Slurm, and jupyter-notebook, python3-websocket,
@@ -10,7 +11,7 @@
 set -euo pipefail
 build=(build-essential cmake ninja-build pkg-config libuv1-dev libssh-dev libssl-dev
        libcjson-dev libcli11-dev libsystemd-dev prometheus-cpp-dev libhttp-parser-dev
-       libhiredis-dev libbenchmark-dev libgtest-dev socat procps)
+       libhiredis-dev libbenchmark-dev libgtest-dev socat procps file)
 test=(openssh-server openssh-client haproxy chromium libnss3-tools curl ca-certificates
       openssl iproute2 iptables strace slurmctld slurmd slurm-client munge
       jupyter-notebook python3-websocket sshpass systemd man-db prometheus redis-server
