@@ -450,8 +450,11 @@ run_loadgen() {  # PEER REP MODE ARGS...
   local args=(--connect "127.0.0.1:${PORT[$peer]}")
   [[ -n ${PREAMBLE[$peer]} ]] && args+=(--preamble-file "${PREAMBLE[$peer]}")
   # `connect` sends its first bytes behind the preamble, and so do these peers' clients: the
-  # TLS path through `connect --tls` pipelines as the plain one does.
-  [[ $peer == brokerproxy-pipelined || $peer == brokerproxy-tls ]] && args+=(--pipeline)
+  # TLS path through `connect --tls` pipelines as the plain one does. Only handshakes have
+  # first bytes to pipeline (loadgen takes --pipeline in that mode alone).
+  if [[ $mode == handshake && ($peer == brokerproxy-pipelined || $peer == brokerproxy-tls) ]]; then
+    args+=(--pipeline)
+  fi
   local procs=${PROCS[$peer]} helpers=${HELPERS[$peer]:-}
   local cpu0=0 cpu1=0 hcpu0=0 hcpu1=0 bcpu0 bcpu1 out
   [[ -n $procs ]] && cpu0=$(tree_cpu $procs)
