@@ -10,7 +10,7 @@
 # (scripts/fuzz.sh only; the tests do not need clang).
 set -euo pipefail
 build=(build-essential cmake ninja-build pkg-config libuv1-dev libssh-dev libssl-dev
-       libcjson-dev libcli11-dev libsystemd-dev prometheus-cpp-dev libhttp-parser-dev
+       libcjson-dev libcli11-dev prometheus-cpp-dev libhttp-parser-dev
        libhiredis-dev libbenchmark-dev libgtest-dev socat procps file)
 test=(openssh-server openssh-client haproxy chromium libnss3-tools curl ca-certificates
       openssl iproute2 iptables strace slurmctld slurmd slurm-client munge

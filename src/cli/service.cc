@@ -1,14 +1,65 @@
 #include "cli/service.h"
 
-#include <systemd/sd-daemon.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 
 #include "loop/log.h"
 
 namespace brokerproxy::cli {
+namespace {
+
+// The manager's watchdog period in µs: $WATCHDOG_USEC, if $WATCHDOG_PID is unset or names this
+// process (it is meant for the main process alone); 0 otherwise.
+uint64_t WatchdogUsec() {
+  const char* usec = std::getenv("WATCHDOG_USEC");
+  if (usec == nullptr || *usec == '\0') return 0;
+  if (const char* pid = std::getenv("WATCHDOG_PID"); pid != nullptr && *pid != '\0') {
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long p = std::strtoull(pid, &end, 10);
+    if (errno != 0 || *end != '\0' || p != static_cast<unsigned long long>(::getpid())) return 0;
+  }
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long v = std::strtoull(usec, &end, 10);
+  if (errno != 0 || *end != '\0' || *usec == '-') return 0;
+  return v;
+}
+
+}  // namespace
+
+// The notification protocol (sd_notify(3)): one datagram of "KEY=VALUE" lines to the AF_UNIX
+// socket named by $NOTIFY_SOCKET, a path or, with a leading '@', an abstract name. The manager
+// learns the sender from the credentials the kernel attaches (SO_PASSCRED on its socket), so
+// nothing else is sent. Returns 0 or -errno.
+int NotifyServiceManager(std::string_view message) {
+  const char* name = std::getenv("NOTIFY_SOCKET");
+  if (name == nullptr || *name == '\0') return 0;
+  std::string_view path(name);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path) || (path[0] != '/' && path[0] != '@')) {
+    return -EINVAL;
+  }
+  path.copy(addr.sun_path, path.size());
+  if (path[0] == '@') addr.sun_path[0] = '\0';  // abstract: no terminating NUL either
+  auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() +
+                                    (path[0] == '/' ? 1 : 0));
+  int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  ssize_t n = ::sendto(fd, message.data(), message.size(), MSG_NOSIGNAL | MSG_DONTWAIT,
+                       reinterpret_cast<const sockaddr*>(&addr), len);
+  int err = n < 0 ? errno : 0;
+  ::close(fd);
+  return -err;
+}
 
 Result<std::unique_ptr<ServiceNotifier>> ServiceNotifier::Create(loop::Loop* loop,
                                                                  StatusFn status) {
@@ -16,11 +67,8 @@ Result<std::unique_ptr<ServiceNotifier>> ServiceNotifier::Create(loop::Loop* loo
   const char* socket = std::getenv("NOTIFY_SOCKET");
   n->active_ = socket != nullptr && socket[0] != '\0';
   if (!n->active_) return n;
-  uint64_t usec = 0;
-  // > 0 only if $WATCHDOG_USEC is set and $WATCHDOG_PID, if set, is this process.
-  if (sd_watchdog_enabled(/*unset_environment=*/0, &usec) > 0 && usec > 0) {
-    n->watchdog_ms_ = usec / 1000 > 0 ? usec / 1000 : 1;
-  }
+  if (uint64_t usec = WatchdogUsec(); usec > 0)
+    n->watchdog_ms_ = std::max<uint64_t>(usec / 1000, 1);
   auto timer = loop::Timer::Create(*loop);
   if (!timer.ok()) return timer.status();
   n->timer_ = std::move(timer).value();
@@ -75,10 +123,10 @@ void ServiceNotifier::Tick() {
 void ServiceNotifier::Send(const std::string& message) {
   // A datagram on a local socket: it does not block. A manager that went away is no reason to
   // stop serving; say so once.
-  int rc = sd_notify(/*unset_environment=*/0, message.c_str());
+  int rc = NotifyServiceManager(message);
   if (rc < 0 && !warned_) {
     warned_ = true;
-    LOG_WARN("sd_notify: %s", std::strerror(-rc));
+    LOG_WARN("notifying the service manager on $NOTIFY_SOCKET: %s", std::strerror(-rc));
   }
 }
 

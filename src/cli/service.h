@@ -1,6 +1,7 @@
-// Service: what the daemon tells a service manager (systemd, Type=notify) about itself, through
-// sd_notify(3) on $NOTIFY_SOCKET. Without that variable (a daemon started by hand or by a test)
-// every call here does nothing and costs nothing.
+// Service: what the daemon tells a service manager (systemd, Type=notify) about itself, in
+// sd_notify(3)'s protocol on $NOTIFY_SOCKET (spoken here: a datagram is all it takes, and
+// libsystemd would load seven libraries into the daemon for it). Without that variable (a daemon
+// started by hand or by a test) every call here does nothing and costs nothing.
 //
 //   READY=1     once the registry is loaded and every listener (proxy ports, control socket)
 //               accepts: the manager starts dependent units and reports the start as done;
@@ -19,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "loop/handle.h"
 #include "loop/loop.h"
@@ -26,6 +28,11 @@
 #include "loop/timer.h"
 
 namespace brokerproxy::cli {
+
+// Sends `message` (newline-separated KEY=VALUE assignments) to the socket $NOTIFY_SOCKET names:
+// a path, or an abstract name after '@'. 0 if sent or if the variable is unset; else -errno
+// (-EINVAL for an address of another form).
+int NotifyServiceManager(std::string_view message);
 
 class ServiceNotifier {
  public:

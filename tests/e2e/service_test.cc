@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstddef>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -21,12 +22,18 @@ namespace {
 // A datagram socket standing for the manager's notification socket.
 class NotifySocket {
  public:
+  // A path, or an abstract name after '@' (as $NOTIFY_SOCKET spells them).
   explicit NotifySocket(const std::string& path) : path_(path) {
     fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     sockaddr_un a{};
     a.sun_family = AF_UNIX;
     path.copy(a.sun_path, sizeof(a.sun_path) - 1);
-    ok_ = fd_ >= 0 && ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    socklen_t len = sizeof(a);
+    if (path[0] == '@') {
+      a.sun_path[0] = '\0';
+      len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size());
+    }
+    ok_ = fd_ >= 0 && ::bind(fd_, reinterpret_cast<sockaddr*>(&a), len) == 0;
   }
   ~NotifySocket() {
     if (fd_ >= 0) ::close(fd_);
@@ -107,6 +114,26 @@ TEST(ServiceTest, NoWatchdogPingsUnlessAskedAndNothingWithoutAManager) {
   ASSERT_TRUE(plain.Start());
   EXPECT_FALSE(notify.Next(300));
   EXPECT_EQ(plain.Stop(SIGTERM), 0);
+}
+
+// systemd names its socket by an abstract address too ("@..."); a watchdog period meant for
+// another process ($WATCHDOG_PID) is not this daemon's to keep.
+TEST(ServiceTest, AbstractSocketAndAWatchdogForAnotherProcess) {
+  TempDir dir;
+  std::string name = "@brokerproxy-test-notify-" + std::to_string(::getpid());
+  NotifySocket notify(name);
+  ASSERT_TRUE(notify.ok());
+  Daemon daemon(dir);
+  daemon.set_launcher({"env", "NOTIFY_SOCKET=" + name, "WATCHDOG_USEC=100000", "WATCHDOG_PID=1"});
+  ASSERT_TRUE(daemon.Start());
+  auto first = notify.Next();
+  ASSERT_TRUE(first) << "no READY=1 on the abstract socket";
+  EXPECT_TRUE(Has(*first, "READY=1")) << *first;
+  EXPECT_FALSE(notify.Next(600)) << "watchdog pings for a period meant for pid 1";
+  EXPECT_EQ(daemon.Stop(SIGTERM), 0);
+  auto stopping = notify.Next();
+  ASSERT_TRUE(stopping);
+  EXPECT_TRUE(Has(*stopping, "STOPPING=1")) << *stopping;
 }
 
 // log_format = json: every line is one JSON object, and a session's close line carries its job,
