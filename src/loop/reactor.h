@@ -72,6 +72,9 @@ class IoWatch {
   bool writable() const { return writable_; }
   void ClearReadable() { readable_ = false; }
   void ClearWritable() { writable_ = false; }
+  // Known another way, ahead of its edge (a connect() that completed at once): set as the edge
+  // would set it. The edge still comes, and finds the flag set.
+  void SetWritable() { writable_ = true; }
   // The peer shut down its side (EPOLLRDHUP) or the socket failed (EPOLLERR/EPOLLHUP).
   bool hangup() const { return hangup_; }
 

@@ -66,6 +66,9 @@ struct Entry {
   unsigned char src[16] = {};
   uid_t uid = 0;
   bool v6only = false;
+  // No inode: its owner closed it. What is left may still be the socket (its uid is right) or
+  // only a TIME_WAIT (or FIN_WAIT2) remnant, for which the kernel reports uid 0 whoever owned it.
+  bool closed = false;
 };
 
 // A netlink socket kept open by each thread that asks (the daemon asks at every connection
@@ -180,6 +183,7 @@ class DiagSocket {
         e.sport = ntohs(m->id.idiag_sport);
         std::memcpy(e.src, m->id.idiag_src, 16);
         e.uid = m->idiag_uid;
+        e.closed = m->idiag_inode == 0;
         int attr_len = static_cast<int>(h->nlmsg_len) - static_cast<int>(NLMSG_LENGTH(sizeof(*m)));
         for (auto* a = reinterpret_cast<const rtattr*>(m + 1); RTA_OK(a, attr_len);
              a = RTA_NEXT(a, attr_len)) {
@@ -297,15 +301,21 @@ Result<uid_t> TcpPeerOwner(const sockaddr* local, const sockaddr* remote) {
   req.id.idiag_cookie[1] = INET_DIAG_NOCOOKIE;
   DiagSocket& s = DiagSocket::ForThisThread();
   std::optional<uid_t> owner;
+  bool closed = false;
   Status st = s.Query(req, /*dump=*/false, nullptr, 0, [&](const Entry& e) {
     // The lookup falls back to a listener when no connection matches; only an exact match
     // answers the question.
     if (e.state != TCP_LISTEN && e.sport == l->port && SameAddress(e, *l)) {
       owner = e.uid;
+      closed = e.closed;
     }
   });
   std::string what = FormatAddress(local) + " -> " + FormatAddress(remote);
   if (!st.ok()) return st.WithContext(what);
+  // A remnant says uid 0: a client that closes at once must not pass for root.
+  if (owner && closed && *owner == 0) {
+    return Status::NotFound("closed, and the kernel no longer says by whom: " + what);
+  }
   if (!owner) return Status::NotFound("no such socket: " + what);
   return *owner;
 }

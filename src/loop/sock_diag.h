@@ -46,7 +46,8 @@ Result<uid_t> TcpListenerOwner(const sockaddr* local);
 // AF_INET or AF_INET6 with ports, IPv4-mapped taken as IPv4): for a connection accepted from a
 // local address, pass the accepted socket's peer address as `local` and its own address as
 // `remote`. One exact lookup by the 4-tuple. Errors: NotFound if no such socket exists here
-// (e.g. the peer is on another host, or already closed); otherwise as TcpListenerOwner.
+// (e.g. the peer is on another host), or if all that is left of it is the remnant of a closed
+// socket (which names no owner: the kernel says uid 0); otherwise as TcpListenerOwner.
 Result<uid_t> TcpPeerOwner(const sockaddr* local, const sockaddr* remote);
 
 // Opens the calling thread's netlink socket now, if it is not open yet: a daemon calls it at

@@ -174,6 +174,50 @@ TEST_F(SockDiagTest, PeerOwnerOfAnAcceptedLoopbackConnection) {
   }
 }
 
+// A client that closed its end leaves a remnant (TIME_WAIT, or FIN_WAIT2) that the kernel
+// reports as uid 0's: a client that sends its bytes and closes at once must not pass for root
+// (nor have its failures counted against root's).
+TEST_F(SockDiagTest, PeerOwnerOfAClientThatClosedIsNotRoot) {
+  Fd l(ListenAs(0, "127.0.0.1", 0));
+  ASSERT_GE(l.fd, 0);
+  auto addr = loop::ParseNumericAddress("127.0.0.1", BoundPort(l.fd));
+  Fd c(SocketAs(alice_, AF_INET));
+  ASSERT_GE(c.fd, 0);
+  ASSERT_EQ(::connect(c.fd, reinterpret_cast<const sockaddr*>(&*addr), sizeof(sockaddr_in)), 0);
+  Fd a(::accept(l.fd, nullptr, nullptr));
+  ASSERT_GE(a.fd, 0);
+  sockaddr_storage self{}, peer{};
+  socklen_t len = sizeof(self);
+  ASSERT_EQ(::getsockname(a.fd, reinterpret_cast<sockaddr*>(&self), &len), 0);
+  len = sizeof(peer);
+  ASSERT_EQ(::getpeername(a.fd, reinterpret_cast<sockaddr*>(&peer), &len), 0);
+  auto lookup = [&] {
+    return loop::TcpPeerOwner(reinterpret_cast<const sockaddr*>(&peer),
+                              reinterpret_cast<const sockaddr*>(&self));
+  };
+  auto open = lookup();
+  ASSERT_TRUE(open.ok()) << open.status().ToString();
+  EXPECT_EQ(*open, alice_);
+  ASSERT_TRUE(SendAll(c.fd, "BROKER1 job 00\n"));
+  ::close(c.fd);
+  c.fd = -1;
+  char buf[64];
+  ASSERT_GT(::recv(a.fd, buf, sizeof(buf), 0), 0);
+  ASSERT_EQ(::recv(a.fd, buf, sizeof(buf), 0), 0);  // the FIN is here: the client closed
+  // Closed but not gone (FIN_WAIT2): the socket itself, or already its remnant.
+  auto closing = lookup();
+  if (closing.ok()) {
+    EXPECT_EQ(*closing, alice_);
+  } else {
+    EXPECT_EQ(closing.status().code(), Status::Code::kNotFound) << closing.status().ToString();
+  }
+  // Our FIN puts the client's end in TIME_WAIT: a remnant only, whose uid the kernel gives as 0.
+  ASSERT_EQ(::shutdown(a.fd, SHUT_WR), 0);
+  auto gone = lookup();
+  EXPECT_EQ(gone.status().code(), Status::Code::kNotFound)
+      << (gone.ok() ? "uid " + std::to_string(*gone) : gone.status().ToString());
+}
+
 TEST_F(SockDiagTest, PeerOwnerOfAnUnknownTupleIsNotFound) {
   Fd l(ListenAs(alice_, "127.0.0.1", 0));
   ASSERT_GE(l.fd, 0);

@@ -5,6 +5,7 @@
 
 #include "proxy/server/admission.h"
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -178,6 +179,35 @@ TEST_F(AdmissionTest, OkWithPipelinedBytesDeliveredInOrder) {
   ::close(client);
   ::close(conn);
   ASSERT_TRUE(SpinUntil([&] { return proxy_->stats().job("job1").active == 0; }));
+}
+
+// A loopback backend is connected within connect(): the bytes pipelined behind the preamble
+// leave for it in the same loop turn as the OK, not a turn later, and count as payload.
+TEST_F(AdmissionTest, PipelinedBytesLeaveWithTheOk) {
+  StartProxy(ProxyOptions{});
+  int client = -1;
+  // Exchange() stops running the loop as soon as the OK line is there.
+  std::string got = Exchange(Preamble("job1", secret_) + "early", /*line_only=*/true, &client);
+  ASSERT_EQ(got, "OK\n");
+  int conn = ::accept4(backend_, nullptr, nullptr, SOCK_CLOEXEC);
+  ASSERT_GE(conn, 0);
+  pollfd p{conn, POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 2000), 1) << "the early bytes waited for another loop turn";
+  char buf[16];
+  ASSERT_EQ(::recv(conn, buf, sizeof(buf), MSG_DONTWAIT), 5);
+  EXPECT_EQ(std::string(buf, 5), "early");
+  ASSERT_EQ(::send(client, "later", 5, MSG_NOSIGNAL), 5);
+  std::string rest;
+  ::fcntl(conn, F_SETFL, O_NONBLOCK);
+  ASSERT_TRUE(SpinUntil([&] {
+    Drain(conn, &rest);
+    return rest.size() >= 5;
+  }));
+  EXPECT_EQ(rest, "later");
+  ::close(client);
+  ::close(conn);
+  ASSERT_TRUE(SpinUntil([&] { return proxy_->stats().job("job1").active == 0; }));
+  EXPECT_EQ(proxy_->stats().job("job1").bytes_up, 10u);
 }
 
 TEST_F(AdmissionTest, AWrongSecretIsDenied) {

@@ -222,7 +222,23 @@ void Proxy::OnAccept(int fd, const sockaddr_storage& peer) {
     refuse();
     return;
   }
-  std::string source = SourceKey(fd, peer);
+  // Every `ssh -L` user arrives from 127.0.0.1: the owner of the client socket tells them
+  // apart, so that one local user's failures or handshakes never count against another's. That
+  // takes a sock_diag round trip, made only when an answer depends on it: a failure to count,
+  // or this cap, which no source can reach while fewer handshakes than it are in progress at
+  // all. From there on every local client is looked up at once, as are those still unknown.
+  std::string source;
+  bool unknown = false;
+  if (!IsLoopback(peer)) {
+    source = "addr:" + HostOf(peer);
+  } else if (options_.max_handshakes_per_source > 0 &&
+             handshakes_.size() >= static_cast<size_t>(options_.max_handshakes_per_source)) {
+    LookUpHandshakeSources();
+    if (std::optional<uid_t> uid = LoopbackPeerUid(fd, &peer))
+      source = "uid:" + std::to_string(*uid);
+  } else {
+    unknown = true;
+  }
   if (!source.empty() && options_.max_handshakes_per_source > 0) {
     auto it = handshakes_by_source_.find(source);
     if (it != handshakes_by_source_.end() && it->second >= options_.max_handshakes_per_source) {
@@ -247,23 +263,36 @@ void Proxy::OnAccept(int fd, const sockaddr_storage& peer) {
   auto session = std::make_unique<Session>(this, std::move(io).value(), peer);
   Session* raw = session.get();
   raw->source_ = std::move(source);
+  raw->source_unknown_ = unknown;
   Adopt(std::move(session));
   StartHandshake(raw);
   raw->Start();
 }
 
-std::string Proxy::SourceKey(int fd, const sockaddr_storage& peer) const {
-  if (!IsLoopback(peer)) return "addr:" + HostOf(peer);
-  // Every `ssh -L` user arrives from 127.0.0.1: the owner of the client socket tells them
-  // apart, so that one local user's failures or handshakes never count against another's.
-  std::optional<uid_t> uid = LoopbackPeerUid(fd, &peer);
-  return uid ? "uid:" + std::to_string(*uid) : std::string();
+const std::string& Proxy::Source(Connection* conn, int fd) {
+  if (!conn->source_unknown_) return conn->source_;
+  conn->source_unknown_ = false;
+  if (conn->pending_) --handshakes_unknown_;
+  if (fd < 0) fd = conn->handshake_fd();
+  sockaddr_storage peer{};
+  std::memcpy(&peer, conn->peer(), sizeof(Connection::Peer));
+  std::optional<uid_t> uid = fd >= 0 ? LoopbackPeerUid(fd, &peer) : std::nullopt;
+  if (!uid) return conn->source_;  // unknown after all (e.g. the client closed already)
+  conn->source_ = "uid:" + std::to_string(*uid);
+  if (conn->pending_) ++handshakes_by_source_[conn->source_];
+  return conn->source_;
+}
+
+void Proxy::LookUpHandshakeSources() {
+  if (handshakes_unknown_ == 0) return;
+  for (const auto& [id, conn] : handshakes_) Source(conn);
 }
 
 void Proxy::StartHandshake(Connection* conn) {
   if (conn->pending_) return;
   conn->pending_ = true;
   handshakes_.emplace(conn->id_, conn);
+  if (conn->source_unknown_) ++handshakes_unknown_;
   if (!conn->source_.empty()) ++handshakes_by_source_[conn->source_];
 }
 
@@ -271,6 +300,7 @@ void Proxy::EndHandshake(Connection* conn) {
   if (!conn->pending_) return;
   conn->pending_ = false;
   handshakes_.erase(conn->id_);
+  if (conn->source_unknown_) --handshakes_unknown_;
   if (conn->source_.empty()) return;
   auto it = handshakes_by_source_.find(conn->source_);
   if (it != handshakes_by_source_.end() && --it->second <= 0) handshakes_by_source_.erase(it);
@@ -315,7 +345,9 @@ void Proxy::Retire(Connection* conn) {
   }));
 }
 
-bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, const Connection& from) {
+bool Proxy::HandOff(Protocol protocol, loop::IoHandle client, Connection& from) {
+  // The frontends hold the socket their own way: their source is settled before they start.
+  Source(&from, client.fd());
   sockaddr_storage peer{};
   std::memcpy(&peer, from.peer(), sizeof(Connection::Peer));
   auto it = frontends_.find(static_cast<int>(protocol));
@@ -380,7 +412,7 @@ Proxy::Authorization Proxy::Authorize(const std::string& requested_id, const std
     return out;
   }
   std::string job_key = valid_id ? "job:" + job_id : std::string();
-  const std::string& source = conn->source();
+  const std::string& source = Source(conn);
   bool throttled = (!job_key.empty() && throttle_.Blocked(job_key, now)) ||
                    (!source.empty() && throttle_.Blocked(source, now));
   if (throttled) {
@@ -399,10 +431,11 @@ Proxy::Authorization Proxy::Authorize(const std::string& requested_id, const std
   return out;
 }
 
-void Proxy::RecordSourceFailure(const Connection& conn, const char* what) {
+void Proxy::RecordSourceFailure(Connection& conn, const char* what) {
   LOG_DEBUG("proxy: failed handshake from %s: %s", conn.PeerString().c_str(), what);
-  if (conn.source().empty()) return;
-  if (throttle_.RecordFailure(conn.source(), ThrottleNow())) LogThrottled(conn.source());
+  const std::string& source = Source(&conn);
+  if (source.empty()) return;
+  if (throttle_.RecordFailure(source, ThrottleNow())) LogThrottled(source);
 }
 
 void Proxy::LogThrottled(const std::string& source_key) {

@@ -118,12 +118,17 @@ class Connection {
   void set_accepted_ns(uint64_t ns) { accepted_ns_ = ns; }
   // Who the throttle and the handshake limits count this connection against: "addr:<ip>" for a
   // remote address, "uid:<uid>" for a loopback client whose owner the kernel named, "" if
-  // unknown (then only the job id is counted).
+  // unknown (then only the job id is counted). A loopback client's owner is looked up only
+  // when something asks (Proxy::Source): see Proxy::OnAccept.
   const std::string& source() const { return source_; }
   // The job `id` was replaced or removed in the registry (Proxy::OnJobChanged).
   virtual void OnJobChanged(const std::string& id) { (void)id; }
 
  protected:
+  // The client's socket while the handshake runs, for a late lookup of its owner; -1 if this
+  // connection has none to offer (its source is then looked up before it is made).
+  virtual int handshake_fd() const { return -1; }
+
   Proxy* proxy_;
 
  private:
@@ -139,6 +144,7 @@ class Connection {
   bool pending_ = false;  // an unauthenticated handshake, counted in the proxy's limits
   bool retired_ = false;
   bool has_deadline_ = false;
+  bool source_unknown_ = false;  // a loopback client whose owner was not looked up yet
   uint64_t started_ms_ = 0;
   uint64_t accepted_ns_ = 0;
   std::string source_;
@@ -235,7 +241,7 @@ class Proxy {
   void set_throttle_clock_for_testing(ThrottleClock clock) { throttle_clock_ = std::move(clock); }
   // Counts a failed handshake that names no job (a bad preamble, a handshake timeout, an SSH
   // user name that is not a job id) against `conn`'s source; `what` is for the debug log.
-  void RecordSourceFailure(const Connection& conn, const char* what);
+  void RecordSourceFailure(Connection& conn, const char* what);
   // `conn` got past its handshake without a secret of ours (TLS passthrough to a live ssl job):
   // it no longer counts as an unauthenticated handshake.
   void EndHandshake(Connection* conn);
@@ -282,14 +288,18 @@ class Proxy {
   // Used by the sniffing Session to pass a TLS or SSH connection on: the socket, with what the
   // reactor knows of its readiness, goes to the frontend.
   // The new connection takes over `from`'s source and unauthenticated handshake.
-  bool HandOff(Protocol protocol, loop::IoHandle client, const Connection& from);
+  bool HandOff(Protocol protocol, loop::IoHandle client, Connection& from);
 
  private:
   Result<std::unique_ptr<Listener>> Listen(const HostPort& addr, int keepalive_s);
   // Tells the backend policy which addresses are the proxy's own.
   Status UpdateOwnListeners();
   void OnAccept(int fd, const sockaddr_storage& peer);
-  std::string SourceKey(int fd, const sockaddr_storage& peer) const;
+  // `conn`'s source, its owner looked up now if it was not yet (`fd`: its client socket, if
+  // the connection does not hold it).
+  const std::string& Source(Connection* conn, int fd = -1);
+  // Looks up the owners of all the handshakes in progress not looked up yet.
+  void LookUpHandshakeSources();
   // Counts `conn` as an unauthenticated handshake, and stops counting it.
   void StartHandshake(Connection* conn);
   void LogThrottled(const std::string& source_key);
@@ -321,6 +331,7 @@ class Proxy {
   // Unauthenticated handshakes, oldest first (by id), and how many each source has.
   std::map<uint64_t, Connection*> handshakes_;
   std::unordered_map<std::string, int> handshakes_by_source_;
+  size_t handshakes_unknown_ = 0;  // of handshakes_, those whose source_unknown_ is set
   // Retired connections, freed on a later loop turn: loop::DeleteSoon scoped to the Proxy, since
   // a connection refers to its Proxy to the end and so must not outlive it.
   std::vector<std::unique_ptr<Connection>> graveyard_;

@@ -36,8 +36,7 @@ void Session::OnClientReadable(bool speculative) {
   int fd = client_->fd();
   char buf[kMaxPreambleBytes];
   size_t room = kMaxPreambleBytes - preamble_.size();
-  // Peek first, so that only the preamble line is consumed: what follows it stays in the
-  // socket for the backend (sniffer.h), and TLS/SSH bytes stay for their frontends.
+  // Peek first: TLS and SSH bytes stay in the socket for their frontends (sniffer.h).
   ssize_t n = ::recv(fd, buf, room, MSG_PEEK);
   if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) client_->ClearReadable();
@@ -86,19 +85,19 @@ void Session::OnClientReadable(bool speculative) {
     state_ = State::kPreamble;
   }
   const char* nl = static_cast<const char*>(std::memchr(buf, '\n', n));
-  size_t take = nl ? static_cast<size_t>(nl - buf + 1) : static_cast<size_t>(n);
+  // All that was peeked is taken: the rest of the line, and the bytes a client pipelined behind
+  // it, which go to the backend first once it is up. One read instead of two, and those bytes
+  // are on their way within the loop turn that connects the backend.
   size_t old = preamble_.size();
-  preamble_.resize(old + take);
-  ssize_t got = ::recv(fd, preamble_.data() + old, take, 0);
-  if (got != static_cast<ssize_t>(take)) {  // the peeked bytes are there: this cannot fail
+  preamble_.resize(old + n);
+  ssize_t got = ::recv(fd, preamble_.data() + old, n, 0);
+  if (got != n) {  // the peeked bytes are there: this cannot fail
     Finish("client error during handshake");
     return;
   }
   // Everything that had arrived is consumed: anything newer brings its own edge, so no read is
   // needed to learn that the socket is empty (and the relay need not look at it first).
-  if (take == static_cast<size_t>(n) && static_cast<size_t>(n) < room && !client_->hangup()) {
-    client_->ClearReadable();
-  }
+  if (static_cast<size_t>(n) < room && !client_->hangup()) client_->ClearReadable();
   // Still readable while the line is incomplete means the client's FIN is waiting: no new edge
   // will report it, so come back for it on a later turn (and close then).
   auto wait_for_more = [this] {
@@ -121,9 +120,12 @@ void Session::OnClientReadable(bool speculative) {
       Reject(ErrorCode::kBadRequest, "bad preamble");
       return;
     case Preamble::State::kDone:
-      std::string().swap(preamble_);
-      // Bytes after the preamble wait in the socket until the backend is up (kConnecting
-      // ignores the client's events; the readable flag keeps what is pending for the relay).
+      // What follows the line is the backend's (at most kMaxPreambleBytes in all; anything
+      // later waits in the socket: kConnecting ignores the client's events, and the readable
+      // flag keeps what is pending for the relay).
+      preamble_.erase(0, p.length);
+      early_bytes_ = static_cast<uint16_t>(preamble_.size());
+      if (preamble_.empty()) std::string().swap(preamble_);
       state_ = State::kConnecting;
       admission_.Start(p, Admission::Channel::kPlain,
                        /*may_complete_inline=*/true);  // the last thing this function does
@@ -183,10 +185,11 @@ void Session::Connected(loop::IoHandle backend) {
   state_ = State::kSplicing;
   admission_.Admitted();
   // "OK\n" goes out now, on a fresh socket with an empty buffer; only if it does not fit does
-  // the relay carry the rest, before the backend's first bytes.
+  // the relay carry the rest, before the backend's first bytes. The client's early bytes go
+  // to the backend now too, if it is writable already (a loopback backend is, at once).
   size_t sent = SendBestEffort(client_.fd(), kReplyOk);
   relay_.emplace(proxy_->pipes(), Relay::Side{std::move(client_)}, Relay::Side{std::move(backend)},
-                 "client", "backend", std::string(kReplyOk.substr(sent)), std::string(),
+                 "client", "backend", std::string(kReplyOk.substr(sent)), std::move(preamble_),
                  [this](Status s) {
                    if (s.ok()) {
                      Finish("done");
@@ -195,7 +198,7 @@ void Session::Connected(loop::IoHandle backend) {
                    std::string reason = s.message();
                    Finish(reason.c_str());
                  });
-  relay_->Start();
+  relay_->Start(/*now=*/true);  // the last thing done here: it may finish the session
 }
 
 void Session::Reject(ErrorCode code, const char* reason) {
@@ -227,7 +230,7 @@ void Session::OnDeadline() {
 void Session::FlushCounters() {
   if (!relay_) return;
   Relay::Counters c = relay_->counters();
-  bytes_.Flush(&proxy_->stats(), target_.job_id, c.a_to_b, c.b_to_a);
+  bytes_.Flush(&proxy_->stats(), target_.job_id, c.a_to_b + early_bytes_, c.b_to_a);
 }
 
 void Session::OnSweep(uint64_t now_ms) {
@@ -257,7 +260,7 @@ void Session::Finish(const char* reason) {
   uint64_t up = 0, down = 0;
   if (relay_) {
     FlushCounters();
-    up = relay_->counters().a_to_b;
+    up = relay_->counters().a_to_b + early_bytes_;
     down = relay_->counters().b_to_a;
   }
   admission_.Stop();  // the job's active count, if spliced

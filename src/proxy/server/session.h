@@ -43,6 +43,8 @@ class Session final : public Connection, private Admission::Client {
  private:
   enum class State { kSniffing, kPreamble, kConnecting, kSplicing, kClosed };
 
+  int handshake_fd() const override { return client_.fd(); }
+
   // `speculative`: try even though no edge said the socket is readable.
   void OnClientReadable(bool speculative);
   // Admission::Client: the backend is connected (answer OK and relay), or the client is refused
@@ -64,8 +66,11 @@ class Session final : public Connection, private Admission::Client {
   State state_ = State::kSniffing;
   bool finished_ = false;
   bool banner_pending_ = false;  // the deadline armed is the banner delay, not the handshake's
+  // Bytes the client sent behind its preamble, read with it: they lead the relay's way to the
+  // backend as its prefix, which the relay does not count, so they are counted here.
+  uint16_t early_bytes_ = 0;
   loop::IoHandle client_;
-  std::string preamble_;  // bytes of the preamble line read so far
+  std::string preamble_;  // the preamble line read so far; once parsed, the early bytes
   Target target_;
   Admission admission_;
   std::optional<Relay> relay_;  // in place rather than an allocation of its own

@@ -13,9 +13,9 @@
 // How sniffed bytes are kept, so that none is lost, per protocol:
 //   - SSH: peeked only (MSG_PEEK). libssh reads the socket itself and has no API to inject bytes
 //     already read, so the banner must stay in the kernel.
-//   - Plain: the preamble line is consumed exactly up to its newline (peek to find it, then read
-//     that many bytes), so bytes the client pipelined after it stay in the kernel and are
-//     spliced to the backend first, in order; no user-space carry buffer is needed.
+//   - Plain: what was peeked is read at once, the line and the bytes a client pipelined behind
+//     it (at most kMaxPreambleBytes in all); those bytes are written to the backend first, in
+//     order, as soon as it is connected, and anything later stays in the kernel for the relay.
 //   - TLS: the ClientHello is consumed into a buffer (a partial record cannot be left in a
 //     level-triggered socket without busy-looping) and carried forward: replayed to the backend
 //     for passthrough, or fed to OpenSSL for termination.

@@ -156,6 +156,9 @@ void Dialer::Connected(bool established) {
     return;
   }
   socket_->SetCallback(nullptr);
+  // Connected within connect() (a loopback backend): writable now, a loop turn before the edge
+  // says so, so that bytes already waiting for the backend go at once.
+  if (established) socket_->SetWritable();
   Callback cb = std::move(cb_);
   if (observer_) observer_(/*connected=*/true, /*refused=*/false);
   cb(std::move(socket_));  // may destroy this

@@ -311,15 +311,19 @@ Relay::~Relay() {
   b_to_a_.ReleaseHeld(pool_);
 }
 
-void Relay::Start() {
+void Relay::Start(bool now) {
   last_activity_ms_ = a_to_b_.src->loop().Now();
   auto cb = [this](loop::IoWatch* w) { OnEvent(w); };
   a_to_b_.src->SetCallback(cb);
   b_to_a_.src->SetCallback(cb);
   // What the transports are already known to be ready for (a previous owner saw the edges)
-  // moves on the next turn; otherwise the next edge starts things.
+  // moves now or on the next turn; otherwise the next edge starts things.
   for (Pump* p : {&a_to_b_, &b_to_a_}) {
     if (p->holding() ? p->dst()->writable() : p->src->readable()) {
+      if (now) {
+        OnEvent(nullptr);  // may end the relay: the last thing done here
+        return;
+      }
       a_to_b_.src->Yield();
       break;
     }

@@ -139,9 +139,10 @@ class Relay {
   Relay(const Relay&) = delete;
   Relay& operator=(const Relay&) = delete;
 
-  // Starts moving bytes (on a later loop turn: what is already readable moves then). The done
-  // callback never runs inside this call.
-  void Start();
+  // Starts moving bytes. What the transports are already known to be ready for moves on a later
+  // loop turn, and the done callback never runs inside this call; or, with `now`, within this
+  // call, which may then end the relay (REQUIRES: the caller touches nothing of it afterwards).
+  void Start(bool now = false);
   // Ends now without the done callback: the transports are closed, the counters stay.
   void Stop();
 
