@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "e2e/harness.h"
+#include "support/socket_as.h"
 
 namespace brokerproxy::testing {
 namespace {
@@ -318,6 +319,49 @@ TEST_F(AbuseTest, HandshakesNeverTakeMoreThanTheirShare) {
   // max_connections, and a new one evicts the oldest, so alice's gets through.
   ExpectOwnerGetsInDespiteSlowloris(dir_, *backend_, alice_, bob_,
                                     "max_handshakes_per_source = 0\nhandshake_share = 50\n");
+}
+
+// A local client's owner is looked up only once an answer depends on it (Proxy::OnAccept), yet
+// the per-source cap holds: bob's first two handshakes are taken in while fewer than the cap are
+// in progress, so nobody looks up their owner; his third finds the cap reached, which settles
+// the owners of all three, and is turned away; alice, the same moment, is not.
+TEST_F(AbuseTest, PerSourceCapHoldsThoughLocalOwnersAreLookedUpLate) {
+  Daemon d(dir_, "", "max_handshakes_per_source = 2\nhandshake_timeout = 60s\n");
+  ASSERT_TRUE(d.Start());
+  RunOptions as_alice;
+  as_alice.uid = alice_;
+  std::string secret = d.SaveJob("alicejob", backend_->port(), "ssh", as_alice);
+  ASSERT_FALSE(secret.empty()) << d.Log();
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  to.sin_port = htons(static_cast<uint16_t>(d.proxy_port()));
+  std::vector<int> fds;
+  auto connect_as = [&](uid_t uid) {
+    int fd = SocketAs(uid, AF_INET);
+    if (fd >= 0) fds.push_back(fd);
+    return fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&to), sizeof(to)) == 0 ? fd : -1;
+  };
+  auto accepted = [&] {
+    std::string n =
+        JsonText(ParseOut(d.Cli({"stats", "--json"})).get(), {"stats", "connections", "accepted"});
+    return n.empty() ? 0 : std::stoi(n);
+  };
+  for (int i = 0; i < 2; ++i) {
+    int fd = connect_as(bob_);
+    ASSERT_GE(fd, 0);
+    ASSERT_TRUE(SendAll(fd, "BROKER1 "));  // a handshake that goes no further
+    ASSERT_TRUE(WaitUntil([&] { return accepted() >= i + 1; })) << d.Log();
+  }
+  int third = connect_as(bob_);
+  ASSERT_GE(third, 0);
+  EXPECT_EQ(ReadLine(third), "ERR busy") << d.Log();
+  int mine = connect_as(alice_);
+  ASSERT_GE(mine, 0);
+  ASSERT_TRUE(SendAll(mine, "BROKER1 alicejob " + secret + "\necho\nping\n"));
+  EXPECT_EQ(ReadLine(mine), "OK") << d.Log();
+  EXPECT_EQ(ReadLine(mine), "ping");
+  for (int fd : fds) ::close(fd);
 }
 
 // ---- a libssh client ----
