@@ -373,7 +373,9 @@ if wanted brokerproxy-ssh-aes || wanted brokerproxy-ssh-chacha; then
 fi
 
 # TLS termination: brokerproxy (no SNI, so the proxy terminates; the preamble goes inside TLS)
-# against HAProxy terminating TLS with the same certificate and key. Both are reached through
+# against HAProxy terminating TLS with the same certificate, key and chain (the daemon sends its
+# CA after its certificate, so that laptops can pin it: HAProxy is given the same two, since
+# the client's verification costs more with the CA than without). Both are reached through
 # one HAProxy acting as the TLS client (so the loadgen stays plaintext), with the same
 # settings: TLS 1.3, TLS_AES_128_GCM_SHA256, the chain verified against the broker's CA, no
 # session reuse (every connection a full handshake), no tickets on either terminator.
@@ -383,8 +385,9 @@ if wanted brokerproxy-tls || wanted haproxy-tls; then
   else
     start_daemon tls
     TLS_DAEMON_PID=$DPID TLS_DAEMON_PORT=$DPORT
-    for _ in $(seq 100); do [[ -s $T/tls/state/server-key.pem ]] && break; sleep 0.05; done
-    cat "$T/tls/state/server.pem" "$T/tls/state/server-key.pem" >"$T/tls/haproxy-crt.pem"
+    for _ in $(seq 100); do [[ -s $T/tls/state/server-key.pem && -s $T/tls/state/ca.pem ]] && break; sleep 0.05; done
+    cat "$T/tls/state/server.pem" "$T/tls/state/ca.pem" "$T/tls/state/server-key.pem" \
+      >"$T/tls/haproxy-crt.pem"
     chmod 600 "$T/tls/haproxy-crt.pem"
     HTLS_PORT=$(free_port)
     {

@@ -15,7 +15,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "e2e/harness.h"
 #include "loop/loop.h"
@@ -177,6 +179,52 @@ class TlsRelayTest : public ::testing::Test {
   Status server_status_, client_status_;
   bool server_done_ = false, client_done_ = false;
 };
+
+// Each check runs on a thread of its own: the spare blocks are per thread, and other tests on
+// the main thread leave some behind.
+template <typename F>
+void OnFreshThread(F f) {
+  std::thread t(f);
+  t.join();
+}
+
+TEST(ByteQueueTest, AnEmptiedQueueGivesItsBlockToTheNextOne) {
+  OnFreshThread([] {
+    EXPECT_EQ(ByteQueue::SpareBlocks(), 0u);
+    ByteQueue a;
+    a.Append("abc");
+    const char* block = a.data();
+    a.Consume(3);
+    EXPECT_TRUE(a.empty());
+    EXPECT_EQ(ByteQueue::SpareBlocks(), 1u);
+    ByteQueue b;
+    b.Append("x");
+    EXPECT_EQ(b.data(), block);  // the same 64 KiB, not a new allocation
+    EXPECT_EQ(ByteQueue::SpareBlocks(), 0u);
+  });
+}
+
+TEST(ByteQueueTest, SpareBlocksAreBoundedAndBiggerBuffersAreFreed) {
+  OnFreshThread([] {
+    {
+      std::vector<ByteQueue> queues(ByteQueue::kMaxSpareBlocks + 4);
+      for (ByteQueue& q : queues) q.Append("x");
+    }  // every block given back; those over the bound are freed
+    EXPECT_EQ(ByteQueue::SpareBlocks(), ByteQueue::kMaxSpareBlocks);
+
+    ByteQueue q;
+    std::string first(ByteQueue::kBlockSize - 10, 'a');
+    q.Append(first);  // one spare block
+    EXPECT_EQ(ByteQueue::SpareBlocks(), ByteQueue::kMaxSpareBlocks - 1);
+    q.Append(std::string(100, 'b'));  // outgrows it: the block goes back, the bytes move
+    EXPECT_EQ(ByteQueue::SpareBlocks(), ByteQueue::kMaxSpareBlocks);
+    ASSERT_EQ(q.size(), first.size() + 100);
+    EXPECT_EQ(std::string(q.data(), first.size()), first);
+    EXPECT_EQ(std::string(q.data() + first.size(), 100), std::string(100, 'b'));
+    q.Consume(q.size());  // a bigger buffer is freed, not kept
+    EXPECT_EQ(ByteQueue::SpareBlocks(), ByteQueue::kMaxSpareBlocks);
+  });
+}
 
 TEST_F(TlsRelayTest, RelaysBothWaysAndMapsHalfCloses) {
   Pair backend = SocketPair();

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cassert>
 #include <cerrno>
 #include <cstring>
@@ -22,21 +23,66 @@ constexpr size_t kInboxRead = 64 * 1024;
 
 // ---- ByteQueue ----
 
+namespace {
+
+// This thread's spare blocks (see ByteQueue), freed when the thread ends.
+class SpareBlockList {
+ public:
+  SpareBlockList() = default;
+  SpareBlockList(const SpareBlockList&) = delete;
+  SpareBlockList& operator=(const SpareBlockList&) = delete;
+  ~SpareBlockList() {
+    for (size_t i = 0; i < count_; ++i) delete[] blocks_[i];
+  }
+  char* Take() { return count_ > 0 ? blocks_[--count_] : new char[ByteQueue::kBlockSize]; }
+  void Give(char* block) {
+    if (count_ == blocks_.size()) {
+      delete[] block;
+    } else {
+      blocks_[count_++] = block;
+    }
+  }
+  size_t count() const { return count_; }
+
+ private:
+  std::array<char*, ByteQueue::kMaxSpareBlocks> blocks_{};
+  size_t count_ = 0;
+};
+
+thread_local SpareBlockList spare_blocks;
+
+}  // namespace
+
+size_t ByteQueue::SpareBlocks() { return spare_blocks.count(); }
+
+void ByteQueue::Release() {
+  if (buf_ != nullptr) {
+    if (cap_ == kBlockSize) {
+      spare_blocks.Give(buf_);
+    } else {
+      delete[] buf_;
+    }
+  }
+  buf_ = nullptr;
+  cap_ = begin_ = end_ = 0;
+}
+
 char* ByteQueue::Reserve(size_t n) {
-  if (cap_ - end_ >= n) return buf_.get() + end_;
+  if (cap_ - end_ >= n) return buf_ + end_;
   size_t used = size();
   if (used + n <= cap_) {
-    std::memmove(buf_.get(), buf_.get() + begin_, used);
+    std::memmove(buf_, buf_ + begin_, used);
   } else {
-    size_t cap = std::max(cap_ * 2, used + n);
-    std::unique_ptr<char[]> bigger(new char[cap]);
-    if (used > 0) std::memcpy(bigger.get(), buf_.get() + begin_, used);
-    buf_ = std::move(bigger);
+    size_t cap = std::max({cap_ * 2, used + n, kBlockSize});
+    char* bigger = cap == kBlockSize ? spare_blocks.Take() : new char[cap];
+    if (used > 0) std::memcpy(bigger, buf_ + begin_, used);
+    Release();
+    buf_ = bigger;
     cap_ = cap;
   }
   begin_ = 0;
   end_ = used;
-  return buf_.get() + end_;
+  return buf_ + end_;
 }
 
 void ByteQueue::Append(std::string_view bytes) {
@@ -48,11 +94,8 @@ void ByteQueue::Append(std::string_view bytes) {
 void ByteQueue::Consume(size_t n) {
   assert(n <= size());
   begin_ += n;
-  if (begin_ == end_) {
-    // Empty: give the memory back, so an idle connection costs nothing.
-    buf_.reset();
-    cap_ = begin_ = end_ = 0;
-  }
+  // Empty: give the memory back, so an idle connection costs nothing.
+  if (begin_ == end_) Release();
 }
 
 // ---- TlsTransport ----
