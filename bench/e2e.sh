@@ -385,7 +385,10 @@ if wanted brokerproxy-tls || wanted haproxy-tls; then
   else
     start_daemon tls
     TLS_DAEMON_PID=$DPID TLS_DAEMON_PORT=$DPORT
-    for _ in $(seq 100); do [[ -s $T/tls/state/server-key.pem && -s $T/tls/state/ca.pem ]] && break; sleep 0.05; done
+    for _ in $(seq 100); do
+      [[ -s $T/tls/state/server-key.pem && -s $T/tls/state/ca.pem ]] && break
+      sleep 0.05
+    done
     cat "$T/tls/state/server.pem" "$T/tls/state/ca.pem" "$T/tls/state/server-key.pem" \
       >"$T/tls/haproxy-crt.pem"
     chmod 600 "$T/tls/haproxy-crt.pem"
