@@ -13,6 +13,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <ctime>
 #include <functional>
 #include <string>
@@ -20,6 +21,7 @@
 #include "loop/loop.h"
 #include "proxy/server/proxy.h"
 #include "registry/registry.h"
+#include "support/tcp_segments.h"
 
 namespace brokerproxy::proxy {
 namespace {
@@ -135,6 +137,38 @@ class AdmissionTest : public ::testing::Test {
     return got;
   }
 
+  // Accepts the proxy's connection to the backend (non-blocking, in `*conn`; -1 if none came)
+  // and returns the first `n` bytes it brings (fewer if they do not come).
+  std::string AcceptAndRead(int* conn, size_t n) {
+    *conn = -1;
+    std::string got;
+    SpinUntil([&] {
+      if (*conn < 0) *conn = ::accept4(backend_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (*conn >= 0) Drain(*conn, &got);
+      return got.size() >= n;
+    });
+    return got;
+  }
+
+  // Starts the proxy with `held_ok_ms`, sends `request` as a client of a backend that says
+  // nothing, and returns how long the OK took to arrive; closes both ends after.
+  std::chrono::steady_clock::duration TimeToOk(int64_t held_ok_ms, const std::string& request) {
+    ProxyOptions o;
+    o.held_ok_ms = held_ok_ms;
+    StartProxy(o);
+    auto start = std::chrono::steady_clock::now();
+    int client = -1;
+    std::string got = Exchange(request, /*line_only=*/true, &client);
+    auto waited = std::chrono::steady_clock::now() - start;
+    EXPECT_EQ(got, "OK\n");
+    int conn = ::accept4(backend_, nullptr, nullptr, SOCK_CLOEXEC);
+    EXPECT_GE(conn, 0);
+    ::close(client);
+    ::close(conn);
+    EXPECT_TRUE(SpinUntil([&] { return proxy_->stats().job("job1").active == 0; }));
+    return waited;
+  }
+
   std::string Preamble(const std::string& job, const std::string& secret) {
     return EncodePreamble(job, secret);
   }
@@ -156,16 +190,8 @@ TEST_F(AdmissionTest, OkWithPipelinedBytesDeliveredInOrder) {
   EXPECT_EQ(got, "OK\n");
   // The backend got the bytes pipelined behind the preamble, and nothing of the preamble.
   int conn = -1;
-  ASSERT_TRUE(SpinUntil([&] {
-    if (conn < 0) conn = ::accept4(backend_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    return conn >= 0;
-  }));
-  std::string at_backend;
-  ASSERT_TRUE(SpinUntil([&] {
-    Drain(conn, &at_backend);
-    return at_backend.size() >= 11;
-  }));
-  EXPECT_EQ(at_backend, "first bytes");
+  EXPECT_EQ(AcceptAndRead(&conn, 11), "first bytes");
+  ASSERT_GE(conn, 0);
   ASSERT_EQ(::send(conn, "reply", 5, 0), 5);
   std::string back;
   ASSERT_TRUE(SpinUntil([&] {
@@ -208,6 +234,53 @@ TEST_F(AdmissionTest, PipelinedBytesLeaveWithTheOk) {
   ::close(conn);
   ASSERT_TRUE(SpinUntil([&] { return proxy_->stats().job("job1").active == 0; }));
   EXPECT_EQ(proxy_->stats().job("job1").bytes_up, 10u);
+}
+
+// A client that pipelined its request waits for the answer, not for the OK: the OK leaves in
+// the same segment as the backend's first bytes.
+TEST_F(AdmissionTest, AHeldOkLeavesInOneSegmentWithTheBackendsFirstBytes) {
+  ProxyOptions o;
+  o.held_ok_ms = 60000;  // however slowly this test runs, the answer comes first
+  StartProxy(o);
+  int client = ConnectTo(port_);
+  pollfd p{client, POLLOUT, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1);
+  std::string request = Preamble("job1", secret_) + "ping";
+  ASSERT_EQ(::send(client, request.data(), request.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(request.size()));
+  int conn = -1;
+  EXPECT_EQ(AcceptAndRead(&conn, 4), "ping");
+  ASSERT_GE(conn, 0);
+  std::string got;
+  Drain(client, &got);
+  EXPECT_EQ(got, "") << "the OK left before the backend's answer";
+  ASSERT_EQ(::send(conn, "pong", 4, 0), 4);
+  ASSERT_TRUE(SpinUntil([&] {
+    Drain(client, &got);
+    return got.size() >= 7;
+  }));
+  EXPECT_EQ(got, "OK\npong");
+  EXPECT_EQ(testing::DataSegmentsIn(client), 1u);
+  ::close(client);
+  ::close(conn);
+  ASSERT_TRUE(SpinUntil([&] { return proxy_->stats().job("job1").active == 0; }));
+}
+
+// A backend that says nothing does not keep the OK from a client that pipelined bytes: it
+// leaves alone after held_ok_ms, long before the kernel's own release (a retransmission
+// timeout, 200 ms or more). A client that waits for the OK before it sends more (connect, past
+// its 64 KiB of early bytes) is not held up by a backend waiting for those bytes.
+TEST_F(AdmissionTest, AHeldOkLeavesAloneWhenTheBackendSaysNothing) {
+  EXPECT_LT(TimeToOk(/*held_ok_ms=*/1, Preamble("job1", secret_) + "ping"),
+            std::chrono::milliseconds(150))
+      << "the OK waited for the kernel to send it, not for held_ok_ms";
+}
+
+// Without bytes behind the preamble, the client is waiting for the OK: it is not held (held,
+// it would take the kernel's 200 ms or more to leave).
+TEST_F(AdmissionTest, AClientThatPipelinedNothingGetsItsOkAtOnce) {
+  EXPECT_LT(TimeToOk(/*held_ok_ms=*/60000, Preamble("job1", secret_)),
+            std::chrono::milliseconds(150));
 }
 
 TEST_F(AdmissionTest, AWrongSecretIsDenied) {

@@ -83,6 +83,9 @@ struct ProxyOptions {
   // server's banner (ssh-keyscan) and handed to the SSH frontend, which sends it. 0: never.
   int64_t ssh_banner_delay_ms = 300;
   std::string tls_domain = "localhost";  // for the hint answered to HTTP requests
+  // How long the OK to a client that pipelined bytes behind its preamble may wait to leave in
+  // one segment with the backend's first bytes (Session::Connected). 0: it leaves at once.
+  int64_t held_ok_ms = 5;
 };
 
 class Proxy;

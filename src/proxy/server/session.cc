@@ -1,6 +1,7 @@
 #include "proxy/server/session.h"
 
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -184,10 +185,24 @@ void Session::RejectHttp() {
 void Session::Connected(loop::IoHandle backend) {
   state_ = State::kSplicing;
   admission_.Admitted();
-  // "OK\n" goes out now, on a fresh socket with an empty buffer; only if it does not fit does
+  // "OK\n" is written now, on a fresh socket with an empty buffer; only if it does not fit does
   // the relay carry the rest, before the backend's first bytes. The client's early bytes go
   // to the backend now too, if it is writable already (a loopback backend is, at once).
-  size_t sent = SendBestEffort(client_.fd(), kReplyOk);
+  //
+  // A client that pipelined bytes is not waiting for the OK to send: it waits for the answer.
+  // Its OK is then held back (MSG_MORE) to leave in one segment with the backend's first bytes,
+  // which saves a segment, its ACK and a wake-up of the client per connection. Anything sent
+  // to the client, its FIN included, takes the OK along. If the backend says nothing within
+  // held_ok_ms, the OK leaves alone (ReleaseHeldOk): a client that stops at a budget of early
+  // bytes until it sees the OK (connect does, at 64 KiB) waits no longer than that. The kernel
+  // alone would hold it for a retransmission timeout (200 ms or more).
+  int64_t hold_ms = proxy_->options().held_ok_ms;
+  bool hold = early_bytes_ > 0 && hold_ms > 0;
+  size_t sent = SendBestEffort(client_.fd(), kReplyOk, hold ? MSG_MORE : 0);
+  if (hold && sent == kReplyOk.size()) {
+    held_ok_fd_ = client_.fd();
+    proxy_->ArmDeadline(this, hold_ms);
+  }
   relay_.emplace(proxy_->pipes(), Relay::Side{std::move(client_)}, Relay::Side{std::move(backend)},
                  "client", "backend", std::string(kReplyOk.substr(sent)), std::move(preamble_),
                  [this](Status s) {
@@ -214,7 +229,20 @@ void Session::Reject(ErrorCode code, const char* reason) {
   Finish(why.c_str());
 }
 
+void Session::ReleaseHeldOk() {
+  if (held_ok_fd_ < 0) return;
+  // Setting TCP_NODELAY (already set) pushes what is queued; after the backend's first bytes
+  // took the OK along, there is nothing left to push.
+  int one = 1;
+  (void)::setsockopt(held_ok_fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  held_ok_fd_ = -1;
+}
+
 void Session::OnDeadline() {
+  if (state_ == State::kSplicing) {
+    ReleaseHeldOk();
+    return;
+  }
   if (banner_pending_ && state_ == State::kSniffing) {
     OnBannerDelay();
     return;
@@ -265,6 +293,7 @@ void Session::Finish(const char* reason) {
   }
   admission_.Stop();  // the job's active count, if spliced
   // Release the sockets now (fds are precious); the object itself goes on a later turn.
+  held_ok_fd_ = -1;  // a FIN, if the relay sent none, takes a held OK along when it closes
   relay_.reset();
   client_.reset();
   uint64_t ms = proxy_->loop()->Now() - started_ms();

@@ -59,6 +59,8 @@ class Session final : public Connection, private Admission::Client {
   void RejectHttp();
   // Answers "ERR <code>" and closes.
   void Reject(ErrorCode code, const char* reason) override;
+  // Sends an OK that Connected() held back for the backend's first bytes, if it still waits.
+  void ReleaseHeldOk();
   // Releases everything, logs the session line and retires.
   void Finish(const char* reason);
   void FlushCounters();
@@ -69,6 +71,8 @@ class Session final : public Connection, private Admission::Client {
   // Bytes the client sent behind its preamble, read with it: they lead the relay's way to the
   // backend as its prefix, which the relay does not count, so they are counted here.
   uint16_t early_bytes_ = 0;
+  // The client socket while the relay owns it, if its OK is held back (-1: nothing held).
+  int held_ok_fd_ = -1;
   loop::IoHandle client_;
   std::string preamble_;  // the preamble line read so far; once parsed, the early bytes
   Target target_;

@@ -390,10 +390,11 @@ void TuneTcpSocket(int fd, int keepalive_s) {
   }
 }
 
-size_t SendBestEffort(int fd, std::string_view data) {
+size_t SendBestEffort(int fd, std::string_view data, int flags) {
   size_t off = 0;
   while (off < data.size()) {
-    ssize_t n = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t n =
+        ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT | flags);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     off += n;

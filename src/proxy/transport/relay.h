@@ -223,8 +223,8 @@ std::unique_ptr<Transport> SideTransport(Relay::Side side);
 // socket.
 void TuneTcpSocket(int fd, int keepalive_s);
 // Best-effort write of a short reply on a non-blocking socket, for answers sent just before
-// closing; returns bytes written.
-size_t SendBestEffort(int fd, std::string_view data);
+// closing; returns bytes written. `flags` are added to send(2)'s (MSG_MORE, say).
+size_t SendBestEffort(int fd, std::string_view data, int flags = 0);
 // Half-closes, discards what the peer already sent (so close() sends FIN, not RST, and the
 // peer can read the last reply), then closes.
 void CloseGracefully(int fd);
