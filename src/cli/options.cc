@@ -255,8 +255,9 @@ const std::vector<Entry>& Entries() {
         "TCP keepalive idle time on client and backend connections, in whole seconds: the "
         "kernel probes a peer that has been silent this long, so dead peers are found even "
         "when idle_timeout is 0; the probes' interval and count stay the kernel's "
-        "(net.ipv4.tcp_keepalive_intvl and tcp_keepalive_probes). 0 turns keepalive off; at "
-        "most 32767s (the kernel's limit).",
+        "(net.ipv4.tcp_keepalive_intvl and tcp_keepalive_probes). Not on a backend at a "
+        "loopback address: the kernel answers the probes there for any process, so they would "
+        "find nothing. 0 turns keepalive off; at most 32767s (the kernel's limit).",
         nullptr, kNo, 0, 32767},
        &Config::keepalive_ms},
       {{"proxy", "throttle_failures", T::kInt, "10",

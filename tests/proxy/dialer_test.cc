@@ -4,7 +4,9 @@
 
 #include "proxy/transport/dialer.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -77,9 +79,11 @@ class DialerTest : public ::testing::Test {
     EXPECT_TRUE(loop_->Close().ok());
   }
 
-  // Starts a dial whose result lands in result_ and whose observer's verdict in observed_.
-  void Dial(const std::string& host, int port) {
+  // Starts a dial whose result lands in result_ and whose observer's verdict in observed_;
+  // `keepalive_s` >= 0: with Dialer::set_tuning(keepalive_s).
+  void Dial(const std::string& host, int port, int keepalive_s = -1) {
     dialer_ = std::make_unique<Dialer>(reactor_.get(), cache_.get());
+    if (keepalive_s >= 0) dialer_->set_tuning(keepalive_s);
     dialer_->set_observer(
         [this](bool connected, bool refused) { observed_ = std::make_pair(connected, refused); });
     in_dial_ = true;
@@ -126,6 +130,64 @@ TEST_F(DialerTest, ConnectsToAListeningPort) {
   EXPECT_EQ(c, 'x');
   ::close(accepted);
   EXPECT_EQ(calls_, 1);
+}
+
+// An int socket option of `fd` (-1 if it cannot be read).
+int IntOption(int fd, int level, int name) {
+  int v = -1;
+  socklen_t len = sizeof(v);
+  return ::getsockopt(fd, level, name, &v, &len) == 0 ? v : -1;
+}
+
+// A non-loopback IPv4 address of this host, if it has one.
+std::optional<std::string> NonLoopbackAddress() {
+  ifaddrs* list = nullptr;
+  if (::getifaddrs(&list) != 0) return std::nullopt;
+  std::optional<std::string> found;
+  for (ifaddrs* i = list; i != nullptr && !found; i = i->ifa_next) {
+    if (i->ifa_addr == nullptr || i->ifa_addr->sa_family != AF_INET) continue;
+    const auto* in = reinterpret_cast<const sockaddr_in*>(i->ifa_addr);
+    if ((ntohl(in->sin_addr.s_addr) >> 24) == 127) continue;
+    char text[INET_ADDRSTRLEN];
+    if (::inet_ntop(AF_INET, &in->sin_addr, text, sizeof(text)) != nullptr) found = text;
+  }
+  ::freeifaddrs(list);
+  return found;
+}
+
+// A loopback backend gets TCP_NODELAY but no keepalive: the kernel answers probes there for
+// any process, alive or hung, so they would find nothing, and cost two system calls per dial.
+TEST_F(DialerTest, TuningLeavesKeepaliveOffForALoopbackBackend) {
+  LocalPort server(16);
+  Dial("127.0.0.1", server.port, /*keepalive_s=*/45);
+  ASSERT_TRUE(RunUntil([&] { return result_.has_value(); }));
+  ASSERT_TRUE(result_->ok()) << result_->status().ToString();
+  int fd = (*result_)->fd();
+  EXPECT_EQ(IntOption(fd, IPPROTO_TCP, TCP_NODELAY), 1);
+  EXPECT_EQ(IntOption(fd, SOL_SOCKET, SO_KEEPALIVE), 0);
+}
+
+// A backend elsewhere (on another host, or this host's own network address) gets keepalive
+// with its first probe after keepalive_s.
+TEST_F(DialerTest, TuningTurnsKeepaliveOnForABackendOffLoopback) {
+  std::optional<std::string> address = NonLoopbackAddress();
+  if (!address) GTEST_SKIP() << "this host has no network address but loopback";
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  ASSERT_EQ(::inet_pton(AF_INET, address->c_str(), &a.sin_addr), 1);
+  socklen_t len = sizeof(a);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  ASSERT_EQ(::listen(fd, 4), 0);
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  Dial(*address, ntohs(a.sin_port), /*keepalive_s=*/45);
+  ASSERT_TRUE(RunUntil([&] { return result_.has_value(); }));
+  ASSERT_TRUE(result_->ok()) << result_->status().ToString();
+  int conn = (*result_)->fd();
+  EXPECT_EQ(IntOption(conn, IPPROTO_TCP, TCP_NODELAY), 1);
+  EXPECT_EQ(IntOption(conn, SOL_SOCKET, SO_KEEPALIVE), 1);
+  EXPECT_EQ(IntOption(conn, IPPROTO_TCP, TCP_KEEPIDLE), 45);
+  ::close(fd);
 }
 
 TEST_F(DialerTest, ConnectsToANameThroughTheCache) {

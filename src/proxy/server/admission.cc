@@ -53,8 +53,6 @@ void Admission::OnBackend(Result<loop::IoHandle> backend) {
     return;
   }
   proxy()->ClearDeadline(conn_);
-  // The client socket inherited these from the listener.
-  TuneTcpSocket((*backend)->fd(), proxy()->options().keepalive_s);
   client_->Connected(std::move(backend).value());
 }
 

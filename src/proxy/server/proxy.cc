@@ -486,6 +486,7 @@ void Proxy::DialBackend(Connection* conn, const Target& target, std::unique_ptr<
 std::unique_ptr<Dialer> Proxy::NewDialer(const Target& target) {
   auto dialer = std::make_unique<Dialer>(reactor(), resolver());
   dialer->set_resolve_group(target.owner);
+  dialer->set_tuning(options_.keepalive_s);  // a client socket inherits the listener's
   // One log line per dial, even if the name resolved to several refused addresses.
   dialer->set_check([this, job = target.job_id, owner = target.owner,
                      logged = false](const sockaddr_storage& a) mutable {

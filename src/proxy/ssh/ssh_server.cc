@@ -401,8 +401,6 @@ void SshSession::OnBackend(uint64_t channel_id, Result<loop::IoHandle> backend) 
   ++channels_opened_;
   c->splice = std::make_unique<ChannelSplice>(
       channel, [this] { Service(); }, proxy_->pipes());
-  int keepalive = proxy_->options().keepalive_s;
-  TuneTcpSocket(backend->fd(), keepalive);
   // A channel is a session of its own; its handshake ran from the TCP accept (key exchange and
   // authentication included) to this channel's backend.
   proxy_->stats().SessionStarted(target_.job_id, SessionKind::kSsh, SecondsSinceAccept());

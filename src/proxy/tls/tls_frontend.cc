@@ -181,8 +181,6 @@ void TlsConnection::OnPassthroughBackend(Result<loop::IoHandle> backend) {
     return;
   }
   proxy_->ClearDeadline(this);
-  // The client socket inherited its options from the listener.
-  TuneTcpSocket((*backend)->fd(), proxy_->options().keepalive_s);
   // Raw bytes both ways from here, spliced.
   state_ = State::kPassthrough;
   StartSplicing();

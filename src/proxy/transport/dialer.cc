@@ -156,6 +156,10 @@ void Dialer::Connected(bool established) {
     return;
   }
   socket_->SetCallback(nullptr);
+  if (keepalive_s_ >= 0) {
+    const sockaddr_storage& peer = addresses_[next_ - 1];
+    TuneTcpSocket(w->fd(), IsLoopback(peer) ? 0 : keepalive_s_);
+  }
   // Connected within connect() (a loopback backend): writable now, a loop turn before the edge
   // says so, so that bytes already waiting for the backend go at once.
   if (established) socket_->SetWritable();

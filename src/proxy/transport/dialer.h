@@ -89,6 +89,11 @@ class Dialer {
   // this Dialer. Before Dial().
   using Observer = std::function<void(bool connected, bool refused)>;
   void set_observer(Observer observer) { observer_ = std::move(observer); }
+  // Tunes the connected socket before the callback gets it: TCP_NODELAY, and keepalive with its
+  // first probe after `keepalive_s` idle seconds (0: off; TuneTcpSocket) unless the backend is on
+  // a loopback address, where the kernel answers the probes for any process, alive or hung, and
+  // reports a process's death itself: probes there find nothing. Before Dial().
+  void set_tuning(int keepalive_s) { keepalive_s_ = keepalive_s; }
 
  private:
   // Starts connecting to the next address; false when none is left.
@@ -106,6 +111,7 @@ class Dialer {
   AddressCheck check_;
   Observer observer_;
   bool refused_ = false;   // see set_observer()
+  int keepalive_s_ = -1;   // see set_tuning(); -1: not tuned
   std::string target_;     // "host:port", for messages
   loop::Pending pending_;  // a name being resolved, or a failure being reported
   std::vector<sockaddr_storage> addresses_;
