@@ -7,6 +7,8 @@
 #include "proxy/transport/tls_relay.h"
 
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -23,6 +25,7 @@
 #include "loop/loop.h"
 #include "loop/timer.h"
 #include "proxy/tls/certs.h"
+#include "support/tcp_segments.h"
 
 namespace brokerproxy::proxy {
 namespace {
@@ -168,6 +171,52 @@ class TlsRelayTest : public ::testing::Test {
     client_->Start();
   }
 
+  // A server and a client relay over a TCP connection on loopback (TCP_NODELAY on the server's
+  // end, as the proxy's client sockets have it): the client sends "HELLO\n" after the
+  // handshake, the server runs `on_hello` when it has read it, and what the client receives
+  // collects in client_got_. Returns the client's socket, for TCP_INFO.
+  int HelloOverTcp(std::function<void()> on_hello) {
+    int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    EXPECT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    EXPECT_EQ(::listen(listener, 1), 0);
+    EXPECT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&a), &len), 0);
+    int client_fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    EXPECT_EQ(::connect(client_fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    int server_fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    ::close(listener);
+    fcntl(client_fd, F_SETFL, fcntl(client_fd, F_GETFL) | O_NONBLOCK);
+    int one = 1;
+    ::setsockopt(server_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    TlsRelay::Callbacks s;
+    s.on_data = [this, on_hello] {
+      if (server_->inbox().substr(0, 6) != "HELLO\n") return;
+      server_->Consume(6);
+      on_hello();
+    };
+    s.on_done = [this](Status st) { server_status_ = st; };
+    server_ =
+        std::make_unique<TlsRelay>(TlsRelay::Role::kServer, SslPtr(SSL_new(server_ctx_.get())),
+                                   IoOf(server_fd), std::string(), "client", s);
+    SslPtr cssl(SSL_new(client_ctx_.get()));
+    EXPECT_TRUE(SetClientPeerName(cssl.get(), "localhost").ok());
+    TlsRelay::Callbacks c;
+    c.on_handshake = [this] { ASSERT_TRUE(client_->Send("HELLO\n").ok()); };
+    c.on_data = [this] {
+      client_got_.append(client_->inbox());
+      client_->Consume(client_->inbox().size());
+    };
+    c.on_done = [this](Status st) { client_status_ = st; };
+    client_ = std::make_unique<TlsRelay>(TlsRelay::Role::kClient, std::move(cssl), IoOf(client_fd),
+                                         std::string(), "proxy", c);
+    server_->Start();
+    client_->Start();
+    return client_fd;
+  }
+
   std::unique_ptr<loop::Loop> loop_;
   std::unique_ptr<loop::Reactor> reactor_;
   PipePool pool_{1 << 20, 4};
@@ -178,6 +227,7 @@ class TlsRelayTest : public ::testing::Test {
   std::unique_ptr<TlsRelay> client_;
   Status server_status_, client_status_;
   bool server_done_ = false, client_done_ = false;
+  std::string client_got_;  // HelloOverTcp()
 };
 
 // Each check runs on a thread of its own: the spare blocks are per thread, and other tests on
@@ -224,6 +274,35 @@ TEST(ByteQueueTest, SpareBlocksAreBoundedAndBiggerBuffersAreFreed) {
     q.Consume(q.size());  // a bigger buffer is freed, not kept
     EXPECT_EQ(ByteQueue::SpareBlocks(), ByteQueue::kMaxSpareBlocks);
   });
+}
+
+// A held answer (the proxy's OK to a client that pipelined its request) leaves in one TCP
+// segment with the records written after it.
+TEST_F(TlsRelayTest, HeldRecordsLeaveInOneSegmentWithTheNextOnes) {
+  uint32_t before = 0;
+  int client_fd = -1;
+  client_fd = HelloOverTcp([&] {
+    before = testing::DataSegmentsIn(client_fd);
+    ASSERT_TRUE(server_->Send("OK\n", /*hold=*/true).ok());
+    ASSERT_TRUE(server_->Send("pong").ok());
+  });
+  ASSERT_TRUE(RunUntil([&] { return client_got_.size() >= 7; })) << client_got_;
+  EXPECT_EQ(client_got_, "OK\npong");
+  EXPECT_EQ(testing::DataSegmentsIn(client_fd) - before, 1u);
+}
+
+// ReleaseHeld() sends a held answer that nothing followed, well before the kernel would (a
+// retransmission timeout: 200 ms or more).
+TEST_F(TlsRelayTest, ReleaseHeldSendsWhatNothingFollowed) {
+  std::chrono::steady_clock::time_point sent;
+  HelloOverTcp([&] {
+    sent = std::chrono::steady_clock::now();
+    ASSERT_TRUE(server_->Send("OK\n", /*hold=*/true).ok());
+    server_->ReleaseHeld();
+  });
+  ASSERT_TRUE(RunUntil([&] { return client_got_.size() >= 3; })) << client_got_;
+  EXPECT_EQ(client_got_, "OK\n");
+  EXPECT_LT(std::chrono::steady_clock::now() - sent, std::chrono::milliseconds(150));
 }
 
 TEST_F(TlsRelayTest, RelaysBothWaysAndMapsHalfCloses) {

@@ -75,6 +75,7 @@ class TlsConnection final : public Connection, private Admission::Client {
   State state_ = State::kHello;
   bool finished_ = false;
   bool spliced_ = false;
+  bool ok_held_ = false;  // the OK record waits in the kernel for the backend's first bytes
   const char* mode_ = "-";
   EdgeSocket client_;  // until TLS or the relay takes it
   std::string hello_;  // the ClientHello bytes, carried forward
@@ -248,7 +249,13 @@ void TlsConnection::OnPlaintext() {
 }
 
 void TlsConnection::Connected(loop::IoHandle backend) {
-  Status s = tls_->Send(kReplyOk);
+  // As on the plain path (Session::Connected): a client with bytes behind its preamble waits
+  // for the answer, so its OK record leaves with the backend's first bytes, or alone after
+  // held_ok_ms.
+  int64_t hold_ms = proxy_->options().held_ok_ms;
+  ok_held_ = !tls_->inbox().empty() && hold_ms > 0;
+  if (ok_held_) proxy_->ArmDeadline(this, hold_ms);
+  Status s = tls_->Send(kReplyOk, ok_held_);
   if (!s.ok()) {
     std::string reason = s.message();
     Finish(reason.c_str());
@@ -318,8 +325,11 @@ void TlsConnection::OnDeadline() {
     case State::kConnecting:
       admission_.OnDialDeadline();
       return;
-    case State::kPassthrough:
     case State::kRelaying:
+      if (ok_held_) tls_->ReleaseHeld();
+      ok_held_ = false;
+      return;
+    case State::kPassthrough:
     case State::kClosed:
       return;
   }

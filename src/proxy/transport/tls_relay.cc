@@ -1,5 +1,7 @@
 #include "proxy/transport/tls_relay.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -217,7 +219,7 @@ Status TlsTransport::FlushOut() {
   while (!wbuf_.empty()) {
     if (!sock_.open()) return NetError("writing to the TLS connection", EPIPE);
     if (!sock_.writable()) return Status::OK();  // a writable edge brings us back
-    ssize_t n = sock_.Write(wbuf_.data(), wbuf_.size());
+    ssize_t n = sock_.Write(wbuf_.data(), wbuf_.size(), hold_ ? MSG_MORE : 0);
     if (n > 0) {
       wbuf_.Consume(static_cast<size_t>(n));
       continue;
@@ -227,6 +229,11 @@ Status TlsTransport::FlushOut() {
     return NetError("writing to the TLS connection", net_errno_);
   }
   return Status::OK();
+}
+
+void TlsTransport::PushHeld() {
+  int one = 1;
+  if (sock_.open()) (void)::setsockopt(sock_.fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
 Status TlsTransport::NetError(const char* what, int err) const {
@@ -538,12 +545,14 @@ void TlsRelay::Consume(size_t n) {
   if (tls_ && !finished_) tls_->Yield();  // reading may resume
 }
 
-Status TlsRelay::Send(std::string_view plaintext) {
+Status TlsRelay::Send(std::string_view plaintext, bool hold) {
   assert(handshake_done_);
   if (finished_ || !tls_) return Status::Unavailable("the TLS connection is closed");
   if (out_.empty()) {
     // Straight into the stream while the socket takes it; the rest waits, in order.
+    tls_->set_hold(hold);
     IoResult r = tls_->Write(plaintext.data(), plaintext.size());
+    tls_->set_hold(false);
     if (r.kind == IoResult::Kind::kError) return r.error;
     if (r.kind == IoResult::Kind::kBytes) plaintext.remove_prefix(r.n);
   }
@@ -552,6 +561,10 @@ Status TlsRelay::Send(std::string_view plaintext) {
     tls_->Yield();
   }
   return Status::OK();
+}
+
+void TlsRelay::ReleaseHeld() {
+  if (tls_raw_) tls_raw_->PushHeld();
 }
 
 void TlsRelay::Attach(Relay::Side plain, const char* plain_name, PipePool* pool) {

@@ -134,6 +134,11 @@ class TlsTransport final : public Transport {
   // them right now, then closes the socket gracefully.
   void Abort(std::string_view last);
 
+  // While on, what is sent waits in the kernel (MSG_MORE) for the next send to take it along.
+  void set_hold(bool on) { hold_ = on; }
+  // Sends what the kernel holds back now (TCP_NODELAY pushes it).
+  void PushHeld();
+
   // Ciphertext read ahead from the socket (one recv feeds several records), and ciphertext
   // collected from SSL_write before one send: each holds at most this much (plus one record).
   static constexpr size_t kBufferSize = 64 * 1024;
@@ -171,6 +176,7 @@ class TlsTransport final : public Transport {
   bool read_wants_write_ = false;  // SSL_read must write first (a protocol answer)
   bool write_wants_read_ = false;  // SSL_write must read first
   bool close_notify_sent_ = false;
+  bool hold_ = false;  // see set_hold()
 };
 
 class TlsRelay {
@@ -219,8 +225,11 @@ class TlsRelay {
   // The peer sent close_notify: inbox() will not grow any more.
   bool peer_done() const { return peer_closed_; }
   // Encrypts `plaintext` into the TLS stream (what the socket does not take yet waits, in
-  // order). REQUIRES: handshake_done().
-  Status Send(std::string_view plaintext);
+  // order). With `hold`, its records wait in the kernel to leave in one segment with the next
+  // bytes written to the stream, or when ReleaseHeld() is called. REQUIRES: handshake_done().
+  Status Send(std::string_view plaintext, bool hold = false);
+  // Sends records that Send(..., hold) left in the kernel, if they are still there.
+  void ReleaseHeld();
   // Relays between the TLS stream and `plain` from now on, with the pump's buffers from `pool`
   // (null: a small pool of the relay's own). Use `plain_name` in errors (a string literal).
   void Attach(Relay::Side plain, const char* plain_name, PipePool* pool = nullptr);

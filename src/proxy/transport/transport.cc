@@ -47,9 +47,9 @@ ssize_t EdgeSocket::Read(char* buf, size_t cap) {
   return n;
 }
 
-ssize_t EdgeSocket::Write(const char* data, size_t len) {
+ssize_t EdgeSocket::Write(const char* data, size_t len, int flags) {
   return OnEdge(io_.get(), /*read_side=*/false, [&] {
-    return is_socket_ ? ::send(fd(), data, len, MSG_NOSIGNAL) : ::write(fd(), data, len);
+    return is_socket_ ? ::send(fd(), data, len, MSG_NOSIGNAL | flags) : ::write(fd(), data, len);
   });
 }
 

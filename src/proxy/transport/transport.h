@@ -52,8 +52,9 @@ class EdgeSocket {
   // edge. (Not a tty: it returns one line at a time. Not after a hangup: the end of the stream
   // must still be read.)
   ssize_t Read(char* buf, size_t cap);
-  // send(MSG_NOSIGNAL) on a socket (a vanished peer must not raise SIGPIPE), else write.
-  ssize_t Write(const char* data, size_t len);
+  // send(MSG_NOSIGNAL | `flags`) on a socket (a vanished peer must not raise SIGPIPE), else
+  // write.
+  ssize_t Write(const char* data, size_t len, int flags = 0);
   // splice(2) from this socket into a pipe's write end, or from a pipe's read end into it.
   ssize_t SpliceIn(int pipe_write_fd, size_t len);
   ssize_t SpliceOut(int pipe_read_fd, size_t len);
