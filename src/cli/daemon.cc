@@ -514,7 +514,14 @@ class Daemon {
     return Status::OK();
   }
 
-  void Run() { loop_->Run(); }
+  // Most of the daemon's wake-ups are the proxy's sockets: its reactor drives the loop.
+  void Run() {
+    if (proxy_) {
+      proxy_->reactor()->Run();
+    } else {
+      loop_->Run();
+    }
+  }
 
   // Releases everything in dependency order, then closes the loop.
   Status Finish() {

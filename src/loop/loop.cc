@@ -70,15 +70,16 @@ void Loop::Defer(std::function<void()> fn) {
   }
 }
 
-void Loop::OnIdle(uv_idle_t* idle) {
-  auto* self = static_cast<Loop*>(idle->data);
+void Loop::OnIdle(uv_idle_t* idle) { static_cast<Loop*>(idle->data)->RunDeferred(); }
+
+void Loop::RunDeferred() {
   std::vector<std::function<void()>> batch;
-  batch.swap(self->deferred_);
+  batch.swap(deferred_);
   for (auto& fn : batch) fn();
-  if (self->deferred_.empty() && self->idle_active_) {
-    uv_idle_stop(&self->idle_);
-    uv_unref(reinterpret_cast<uv_handle_t*>(&self->idle_));
-    self->idle_active_ = false;
+  if (deferred_.empty() && idle_active_) {
+    uv_idle_stop(&idle_);
+    uv_unref(reinterpret_cast<uv_handle_t*>(&idle_));
+    idle_active_ = false;
   }
 }
 

@@ -41,9 +41,20 @@ class Loop {
   uv_loop_t* get() { return &loop_; }
 
   // Runs until Stop() or until nothing is left to do. Returns what uv_run returned.
-  int Run(uv_run_mode mode = UV_RUN_DEFAULT) { return uv_run(&loop_, mode); }
-  // Makes Run() return after the current iteration.
-  void Stop() { uv_stop(&loop_); }
+  int Run(uv_run_mode mode = UV_RUN_DEFAULT) {
+    int r = uv_run(&loop_, mode);
+    stop_requested_ = false;
+    return r;
+  }
+  // Makes Run() (or Reactor::Run()) return after the current iteration.
+  void Stop() {
+    stop_requested_ = true;
+    uv_stop(&loop_);
+  }
+  // Stop() was called and the run it ends has not returned yet. For a driver of the loop
+  // other than Run() (Reactor::Run()), which clears it with ClearStop() on its way out.
+  bool stop_requested() const { return stop_requested_; }
+  void ClearStop() { stop_requested_ = false; }
 
   // The loop's cached time in milliseconds (monotonic).
   uint64_t Now() const { return uv_now(&loop_); }
@@ -52,6 +63,10 @@ class Loop {
   // it waits for the next. Used to destroy objects outside their own callback stack and to
   // deliver results known at once (docs/ARCHITECTURE.md, "Later, never inside").
   void Defer(std::function<void()> fn);
+  // Runs what was deferred until now (what these functions defer waits for the next call).
+  // The idle phase of every loop iteration does this; a driver of the loop other than Run()
+  // may do it between its own steps, outside any callback.
+  void RunDeferred();
 
   // Closes internal handles, runs the loop until every pending close callback has fired and
   // closes the uv loop. Fails (and leaves the loop open) when handles are still alive.
@@ -65,6 +80,7 @@ class Loop {
   uv_idle_t idle_{};
   bool idle_active_ = false;
   bool closed_ = false;
+  bool stop_requested_ = false;
   std::vector<std::function<void()>> deferred_;
 };
 

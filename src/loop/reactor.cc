@@ -12,6 +12,9 @@ namespace {
 // the next loop turn dispatches again.
 constexpr int kBatch = 256;
 
+// The token of libuv's epoll fd in the reactor's set under Reactor::Run(): no slot's.
+constexpr uint64_t kLoopToken = ~uint64_t{0};
+
 }  // namespace
 
 void IoWatch::Yield() {
@@ -98,9 +101,18 @@ Result<IoHandle> Reactor::Add(int fd, IoWatch::Callback cb, Sharing sharing) {
 
 void Reactor::Dispatch() {
   epoll_event events[kBatch];
-  int n = ::epoll_wait(epfd_, events, kBatch, 0);
+  Collect(events, ::epoll_wait(epfd_, events, kBatch, 0));
+  RunDue();
+}
+
+bool Reactor::Collect(const epoll_event* events, int n) {
+  bool loop_ready = false;
   for (int i = 0; i < n; ++i) {
     uint64_t token = events[i].data.u64;
+    if (token == kLoopToken) {
+      loop_ready = true;
+      continue;
+    }
     auto slot = static_cast<uint32_t>(token);
     // A stale event: its watch was freed (the entry outlived it through a dup of the fd), or
     // closed earlier in this dispatch.
@@ -113,7 +125,54 @@ void Reactor::Dispatch() {
     if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) w->hangup_ = true;
     Enqueue(w);
   }
-  RunDue();
+  return loop_ready;
+}
+
+bool Reactor::LoopDue() const {
+  uv_loop_t* uv = loop_->get();
+  // With no active handle libuv's timeout is 0, yet a non-blocking run would do nothing.
+  if (!uv_loop_alive(uv)) return false;
+  uv_update_time(uv);
+  return uv_backend_timeout(uv) == 0;
+}
+
+void Reactor::Run() {
+  uv_loop_t* uv = loop_->get();
+  const int uvfd = uv_backend_fd(uv);
+  // Swap the nesting: the reactor's fd leaves libuv's set (an epoll set may not hold one that
+  // holds it), libuv's joins the reactor's, level-triggered: readable while libuv has events.
+  // Stopping a poll only forgets the watcher; libuv drops the epoll entry lazily, at the next
+  // event it cannot deliver, so the entry is removed here, as libuv would have.
+  poll_->Stop();
+  epoll_event ev{};
+  (void)::epoll_ctl(uvfd, EPOLL_CTL_DEL, epfd_, &ev);
+  ev.events = EPOLLIN;
+  ev.data.u64 = kLoopToken;
+  if (::epoll_ctl(epfd_, EPOLL_CTL_ADD, uvfd, &ev) != 0) {
+    poll_->Start(UV_READABLE, [this](int, int) { Dispatch(); });
+    loop_->Run();
+    return;
+  }
+  epoll_event events[kBatch];
+  while (!loop_->stop_requested()) {
+    int timeout = -1;  // nothing but sockets here: wait for them
+    if (uv_loop_alive(uv)) {
+      uv_update_time(uv);
+      timeout = uv_backend_timeout(uv);
+    } else if (live_ == 0) {
+      break;  // nothing left anywhere
+    }
+    int n = ::epoll_wait(epfd_, events, kBatch, timeout);
+    if (n < 0) n = 0;  // EINTR: a signal, which libuv's own fd reports
+    uv_update_time(uv);
+    bool loop_ready = Collect(events, n);
+    RunDue();
+    loop_->RunDeferred();
+    if (loop_ready || LoopDue()) uv_run(uv, UV_RUN_NOWAIT);
+  }
+  loop_->ClearStop();
+  ::epoll_ctl(epfd_, EPOLL_CTL_DEL, uvfd, &ev);
+  poll_->Start(UV_READABLE, [this](int, int) { Dispatch(); });
 }
 
 void Reactor::Enqueue(IoWatch* w) {

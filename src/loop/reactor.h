@@ -36,6 +36,16 @@
 // The reactor keeps Loop::Run() from returning only while it has registered fds, like any
 // active handle.
 //
+// One wait per turn: under Loop::Run() the reactor's epoll fd sits in libuv's epoll set, so a
+// turn that moves bytes costs two epoll_wait calls (libuv's, which reports the reactor's fd,
+// then the reactor's own), and the kernel polls each ready socket twice. A process whose work
+// is mostly here (the daemon) runs the loop with Reactor::Run() instead, which swaps the
+// nesting: libuv's epoll fd joins the reactor's set, the reactor blocks (for as long as libuv's
+// next timer allows), and libuv runs one non-blocking iteration only when its own fd is ready,
+// a timer is due, or it has work queued. Deferred work runs after each dispatch. A libuv
+// watcher started from a callback enters libuv's epoll set only in libuv's next iteration;
+// until then uv_backend_timeout() is 0, so the reactor never blocks on a set that lacks it.
+//
 // Ownership: an IoHandle owns one registered fd (and closes it); the Reactor owns the IoWatch
 // records, which it frees only after the dispatch that may still reference them, so a callback
 // may drop any IoHandle, its own included. The Reactor must outlive every IoHandle. Loop-thread
@@ -43,6 +53,8 @@
 
 #ifndef BROKERPROXY_LOOP_REACTOR_H_
 #define BROKERPROXY_LOOP_REACTOR_H_
+
+#include <sys/epoll.h>
 
 #include <cstdint>
 #include <deque>
@@ -153,6 +165,12 @@ class Reactor {
   // (on a later loop turn).
   Result<IoHandle> Add(int fd, IoWatch::Callback cb, Sharing sharing = Sharing::kPrivate);
 
+  // Runs the loop as Loop::Run() does (until Loop::Stop(), or until neither libuv nor the
+  // reactor has anything left), with one blocking wait per turn (see the top of this file).
+  // Loop::Run() works as before once it returns. Not from inside a callback of this loop;
+  // the reactor must outlive the call.
+  void Run();
+
   Loop& loop() const { return *loop_; }
   size_t size() const { return live_; }
 
@@ -168,7 +186,12 @@ class Reactor {
   static uint64_t Token(uint32_t slot, uint32_t generation) {
     return (static_cast<uint64_t>(generation) << 32) | slot;
   }
+  // Collects the events pending now and runs the callbacks due (Loop::Run()'s way in).
   void Dispatch();
+  // Marks and lines up the watches that `events` name; reports whether one was libuv's fd.
+  bool Collect(const epoll_event* events, int n);
+  // Whether libuv has work for a non-blocking iteration now (time updated first).
+  bool LoopDue() const;
   // Puts `w` at the end of the line of callbacks due, unless it is in it already.
   void Enqueue(IoWatch* w);
   // Runs up to kDispatchBudget callbacks from the head of the line; schedules a later turn

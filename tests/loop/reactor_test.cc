@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include "loop/poll.h"
 #include "loop/timer.h"
 
 namespace brokerproxy::loop {
@@ -279,6 +280,159 @@ TEST_F(ReactorTest, ManySocketsOneEpollSet) {
   EXPECT_EQ(ready, kN);
   handles.clear();
   for (int p : peers) close(p);
+}
+
+// Under Reactor::Run() a turn that only moves bytes is one epoll_wait: libuv runs no iteration
+// (its prepare phase, which every uv_run iteration passes, stays silent). Afterwards Loop::Run()
+// dispatches the reactor's events again.
+TEST_F(ReactorTest, RunMovesBytesWithoutAnIterationOfLibuv) {
+  constexpr int kRounds = 1000;
+  uv_prepare_t prepare{};
+  int iterations = 0;
+  prepare.data = &iterations;
+  ASSERT_EQ(uv_prepare_init(loop_->get(), &prepare), 0);
+  ASSERT_EQ(uv_prepare_start(&prepare, [](uv_prepare_t* p) { ++*static_cast<int*>(p->data); }), 0);
+  int sv[2];
+  Pair(sv);
+  // Each end sends back what it reads until kRounds bytes went across.
+  int moved = 0;
+  auto bounce = [&](IoWatch* w) {
+    w->ClearWritable();
+    char c;
+    while (read(w->fd(), &c, 1) == 1) {
+      if (++moved == kRounds) {
+        loop_->Stop();
+        return;
+      }
+      ASSERT_EQ(write(w->fd(), "p", 1), 1);
+    }
+    w->ClearReadable();
+  };
+  auto a = reactor_->Add(sv[0], bounce);
+  auto b = reactor_->Add(sv[1], bounce);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_EQ(write(sv[0], "p", 1), 1);
+  int before = iterations;
+  reactor_->Run();
+  EXPECT_EQ(moved, kRounds);
+  EXPECT_LT(iterations - before, 10) << "libuv ran an iteration per turn";
+  // Loop::Run() drives the reactor as before.
+  ASSERT_EQ(write(sv[0], "p", 1), 1);
+  moved = 0;
+  Spin();
+  EXPECT_GT(moved, 0);
+  a->reset();
+  b->reset();
+  uv_close(reinterpret_cast<uv_handle_t*>(&prepare), nullptr);
+}
+
+// A libuv watcher started from a reactor callback is not in libuv's epoll set until libuv's next
+// iteration; Reactor::Run() must not block before that iteration ran.
+TEST_F(ReactorTest, RunRegistersLibuvWatchersStartedFromReactorCallbacks) {
+  int sv[2];
+  Pair(sv);
+  int pipefd[2];
+  ASSERT_EQ(pipe2(pipefd, O_NONBLOCK | O_CLOEXEC), 0);
+  ASSERT_EQ(write(pipefd[1], "x", 1), 1);  // readable from the start
+  auto watchdog = Timer::Create(*loop_);
+  ASSERT_TRUE(watchdog.ok());
+  bool watchdog_fired = false;
+  (*watchdog)->Start(5000, [&] {
+    watchdog_fired = true;
+    loop_->Stop();
+  });
+  HandlePtr<Poll> poll;
+  bool polled = false;
+  auto h = reactor_->Add(sv[0], [&](IoWatch* w) {
+    w->ClearWritable();
+    if (!w->readable() || poll) return;
+    auto p = Poll::Create(*loop_, pipefd[0], FdOwnership::kBorrowed);
+    ASSERT_TRUE(p.ok());
+    poll = std::move(p).value();
+    poll->Start(UV_READABLE, [&](int, int) {
+      polled = true;
+      poll->Stop();
+      loop_->Stop();
+    });
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_EQ(write(sv[1], "go", 2), 2);
+  reactor_->Run();
+  EXPECT_TRUE(polled);
+  EXPECT_FALSE(watchdog_fired) << "the new watcher waited for the next timer";
+  poll.reset();
+  watchdog->reset();
+  h->reset();
+  close(sv[1]);
+  close(pipefd[0]);
+  close(pipefd[1]);
+}
+
+// Under Reactor::Run() busy sockets that always yield still let a due timer, deferred work and
+// libuv's own fds in within a few budgets; Run() returns once nothing is left.
+TEST_F(ReactorTest, RunKeepsTimersAndLibuvHandlesGoingBesideBusySockets) {
+  constexpr int kBusy = 4 * Reactor::kDispatchBudget;
+  auto timer = Timer::Create(*loop_);
+  ASSERT_TRUE(timer.ok());
+  int pipefd[2];
+  ASSERT_EQ(pipe2(pipefd, O_NONBLOCK | O_CLOEXEC), 0);
+  auto poll = Poll::Create(*loop_, pipefd[0], FdOwnership::kBorrowed);
+  ASSERT_TRUE(poll.ok());
+  int busy = 0;
+  int start = -1;
+  int timer_at = -1;
+  int deferred_at = -1;
+  int polled_at = -1;
+  std::vector<IoHandle> handles;
+  std::vector<int> peers;
+  auto maybe_done = [&] {
+    if (timer_at >= 0 && deferred_at >= 0 && polled_at >= 0) handles.clear();  // idle: Run ends
+  };
+  (*poll)->Start(UV_READABLE, [&](int, int) {
+    char c;
+    while (read(pipefd[0], &c, 1) == 1) {
+    }
+    if (polled_at < 0) polled_at = busy;
+    (*poll)->Stop();
+    maybe_done();
+  });
+  (*poll)->Stop();  // started once the busy work is under way
+  for (int i = 0; i < kBusy; ++i) {
+    int sv[2];
+    Pair(sv);
+    bool first = i == 0;
+    auto h = reactor_->Add(sv[0], [&, first](IoWatch* w) {
+      ++busy;
+      if (first && start < 0 && busy > 2 * kBusy) {
+        start = busy;
+        (*timer)->Start(0, [&] {
+          timer_at = busy;
+          maybe_done();
+        });
+        loop_->Defer([&] {
+          deferred_at = busy;
+          maybe_done();
+        });
+        (*poll)->SetEvents(UV_READABLE);
+        ASSERT_EQ(write(pipefd[1], "z", 1), 1);
+      }
+      w->Yield();
+    });
+    ASSERT_TRUE(h.ok());
+    handles.push_back(std::move(h).value());
+    peers.push_back(sv[1]);
+  }
+  reactor_->Run();  // returns when the handles are gone and libuv has nothing active
+  ASSERT_GE(start, 0);
+  EXPECT_LE(timer_at - start, 3 * Reactor::kDispatchBudget);
+  EXPECT_LE(deferred_at - start, 3 * Reactor::kDispatchBudget);
+  EXPECT_LE(polled_at - start, 3 * Reactor::kDispatchBudget);
+  EXPECT_TRUE(handles.empty());
+  poll->reset();
+  timer->reset();
+  for (int p : peers) close(p);
+  close(pipefd[0]);
+  close(pipefd[1]);
 }
 
 }  // namespace
