@@ -822,7 +822,7 @@ Status RunConnect(const Config& config, BrokerClient* client, RemoteClient* remo
     if (!result.ok()) {
       connector.Stop();
     }
-    (*loop)->Run();
+    (*reactor)->Run();  // one wait per turn: nearly every wake-up is a tunnel's socket
     if (result.ok()) result = connector.failure();
     if (result.ok() && args.stdio) result = connector.stdio_status();
     if (result.ok() && !lost.ok()) result = lost;

@@ -39,10 +39,10 @@
 // One wait per turn: under Loop::Run() the reactor's epoll fd sits in libuv's epoll set, so a
 // turn that moves bytes costs two epoll_wait calls (libuv's, which reports the reactor's fd,
 // then the reactor's own), and the kernel polls each ready socket twice. A process whose work
-// is mostly here (the daemon) runs the loop with Reactor::Run() instead, which swaps the
-// nesting: libuv's epoll fd joins the reactor's set, the reactor blocks (for as long as libuv's
-// next timer allows), and libuv runs one non-blocking iteration only when its own fd is ready,
-// a timer is due, or it has work queued. Deferred work runs after each dispatch. A libuv
+// is mostly here (the daemon, `connect`) runs the loop with Reactor::Run() instead, which swaps
+// the nesting: libuv's epoll fd joins the reactor's set, the reactor blocks (for as long as
+// libuv's next timer allows), and libuv runs one non-blocking iteration only when its own fd is
+// ready, a timer is due, or it has work queued. Deferred work runs after each dispatch. A libuv
 // watcher started from a callback enters libuv's epoll set only in libuv's next iteration;
 // until then uv_backend_timeout() is 0, so the reactor never blocks on a set that lacks it.
 //
