@@ -55,9 +55,7 @@ Result<std::unique_ptr<Reactor>> Reactor::Create(Loop& loop) {
   auto poll = Poll::Create(loop, r->epfd_, FdOwnership::kOwned);
   if (!poll.ok()) return poll.status();  // the Poll closed the epoll fd
   r->poll_ = std::move(poll).value();
-  Reactor* raw = r.get();
-  // The epoll fd is readable while any socket in the set has an event pending.
-  r->poll_->Start(UV_READABLE, [raw](int, int) { raw->Dispatch(); });
+  r->Nest();
   // Like any handle, the reactor keeps Loop::Run() going only while it watches something.
   r->poll_->Unref();
   return r;
@@ -97,6 +95,11 @@ Result<IoHandle> Reactor::Add(int fd, IoWatch::Callback cb, Sharing sharing) {
   slots_[slot].watch = w;
   if (live_++ == 0) poll_->Ref();
   return IoHandle(w);
+}
+
+void Reactor::Nest() {
+  // The epoll fd is readable while any socket in the set has an event pending.
+  poll_->Start(UV_READABLE, [this](int, int) { Dispatch(); });
 }
 
 void Reactor::Dispatch() {
@@ -149,7 +152,7 @@ void Reactor::Run() {
   ev.events = EPOLLIN;
   ev.data.u64 = kLoopToken;
   if (::epoll_ctl(epfd_, EPOLL_CTL_ADD, uvfd, &ev) != 0) {
-    poll_->Start(UV_READABLE, [this](int, int) { Dispatch(); });
+    Nest();
     loop_->Run();
     return;
   }
@@ -163,7 +166,7 @@ void Reactor::Run() {
       break;  // nothing left anywhere
     }
     int n = ::epoll_wait(epfd_, events, kBatch, timeout);
-    if (n < 0) n = 0;  // EINTR: a signal, which libuv's own fd reports
+    if (n < 0) n = 0;  // only EINTR, on our own fd: a signal, which libuv's fd reports next
     uv_update_time(uv);
     bool loop_ready = Collect(events, n);
     RunDue();
@@ -172,7 +175,7 @@ void Reactor::Run() {
   }
   loop_->ClearStop();
   ::epoll_ctl(epfd_, EPOLL_CTL_DEL, uvfd, &ev);
-  poll_->Start(UV_READABLE, [this](int, int) { Dispatch(); });
+  Nest();
 }
 
 void Reactor::Enqueue(IoWatch* w) {

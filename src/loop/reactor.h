@@ -186,7 +186,9 @@ class Reactor {
   static uint64_t Token(uint32_t slot, uint32_t generation) {
     return (static_cast<uint64_t>(generation) << 32) | slot;
   }
-  // Collects the events pending now and runs the callbacks due (Loop::Run()'s way in).
+  // Loop::Run()'s way in: libuv watches the epoll fd and calls Dispatch() when it is readable.
+  void Nest();
+  // Collects the events pending now and runs the callbacks due.
   void Dispatch();
   // Marks and lines up the watches that `events` name; reports whether one was libuv's fd.
   bool Collect(const epoll_event* events, int n);

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,8 @@ class ReactorTest : public ::testing::Test {
     reactor_ = std::move(r).value();
   }
   void TearDown() override {
+    busy_handles_.clear();
+    for (int p : busy_peers_) close(p);
     reactor_.reset();
     loop_->Run();
     EXPECT_TRUE(loop_->Close().ok());
@@ -42,8 +45,34 @@ class ReactorTest : public ::testing::Test {
     ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
   }
 
+  // `n` always-ready watches: each callback counts itself in busy_ and Yield()s. On the first
+  // watch's third turn (all are cycling by then) `kick` runs once, from inside the busy work,
+  // after start_ took the count.
+  void AddBusy(int n, std::function<void()> kick) {
+    for (int i = 0; i < n; ++i) {
+      int sv[2];
+      Pair(sv);
+      bool first = i == 0;
+      auto h = reactor_->Add(sv[0], [this, n, first, kick](IoWatch* w) {
+        ++busy_;
+        if (first && start_ < 0 && busy_ > 2 * n) {
+          start_ = busy_;
+          kick();
+        }
+        w->Yield();
+      });
+      ASSERT_TRUE(h.ok());
+      busy_handles_.push_back(std::move(h).value());
+      busy_peers_.push_back(sv[1]);
+    }
+  }
+
   std::unique_ptr<Loop> loop_;
   std::unique_ptr<Reactor> reactor_;
+  int busy_ = 0;
+  int start_ = -1;
+  std::vector<IoHandle> busy_handles_;
+  std::vector<int> busy_peers_;
 };
 
 TEST_F(ReactorTest, EdgeTriggeredReadinessIsKeptInUserSpace) {
@@ -204,8 +233,6 @@ TEST_F(ReactorTest, DispatchBudgetLetsTimersAndLateSocketsIn) {
   constexpr int kBusy = 4 * Reactor::kDispatchBudget;
   auto timer = Timer::Create(*loop_);
   ASSERT_TRUE(timer.ok());
-  int busy = 0;
-  int start = -1;
   int timer_at = -1;
   int late_at = -1;
   int late[2];
@@ -217,44 +244,27 @@ TEST_F(ReactorTest, DispatchBudgetLetsTimersAndLateSocketsIn) {
     while (read(w->fd(), &c, 1) == 1) {
     }
     w->ClearReadable();
-    if (late_at < 0 && start >= 0) late_at = busy;
+    if (late_at < 0 && start_ >= 0) late_at = busy_;
   });
   ASSERT_TRUE(late_handle.ok());
-  std::vector<IoHandle> handles;
-  std::vector<int> peers;
-  for (int i = 0; i < kBusy; ++i) {
-    int sv[2];
-    Pair(sv);
-    bool first = i == 0;
-    auto h = reactor_->Add(sv[0], [&, first](IoWatch* w) {
-      ++busy;
-      // On the first watch's third turn (all are cycling by then), from inside the busy
-      // work: a timer is due now and the late socket becomes readable.
-      if (first && start < 0 && busy > 2 * kBusy) {
-        start = busy;
-        (*timer)->Start(0, [&] { timer_at = busy; });
-        ASSERT_EQ(write(late[1], "z", 1), 1);
-      }
-      w->Yield();
-    });
-    ASSERT_TRUE(h.ok());
-    handles.push_back(std::move(h).value());
-    peers.push_back(sv[1]);
-  }
+  // From inside the busy work: a timer is due now and the late socket becomes readable.
+  AddBusy(kBusy, [&] {
+    (*timer)->Start(0, [&] { timer_at = busy_; });
+    ASSERT_EQ(write(late[1], "z", 1), 1);
+  });
   for (int turns = 0; (timer_at < 0 || late_at < 0) && turns < 100000; ++turns) {
     loop_->Run(UV_RUN_ONCE);
   }
-  ASSERT_GE(start, 0);
+  ASSERT_GE(start_, 0);
   ASSERT_GE(timer_at, 0);
   ASSERT_GE(late_at, 0);
   // At most the rest of this turn's budget and one dispatch's.
-  EXPECT_LE(timer_at - start, 2 * Reactor::kDispatchBudget);
+  EXPECT_LE(timer_at - start_, 2 * Reactor::kDispatchBudget);
   // In line behind each busy watch at most once (and one budget served just before its edge
   // was collected).
-  EXPECT_LE(late_at - start, kBusy + Reactor::kDispatchBudget);
-  handles.clear();
+  EXPECT_LE(late_at - start_, kBusy + Reactor::kDispatchBudget);
+  busy_handles_.clear();
   late_handle->reset();
-  for (int p : peers) close(p);
   close(late[1]);
 }
 
@@ -378,59 +388,41 @@ TEST_F(ReactorTest, RunKeepsTimersAndLibuvHandlesGoingBesideBusySockets) {
   ASSERT_EQ(pipe2(pipefd, O_NONBLOCK | O_CLOEXEC), 0);
   auto poll = Poll::Create(*loop_, pipefd[0], FdOwnership::kBorrowed);
   ASSERT_TRUE(poll.ok());
-  int busy = 0;
-  int start = -1;
   int timer_at = -1;
   int deferred_at = -1;
   int polled_at = -1;
-  std::vector<IoHandle> handles;
-  std::vector<int> peers;
   auto maybe_done = [&] {
-    if (timer_at >= 0 && deferred_at >= 0 && polled_at >= 0) handles.clear();  // idle: Run ends
+    if (timer_at >= 0 && deferred_at >= 0 && polled_at >= 0) busy_handles_.clear();  // Run ends
   };
   (*poll)->Start(UV_READABLE, [&](int, int) {
     char c;
     while (read(pipefd[0], &c, 1) == 1) {
     }
-    if (polled_at < 0) polled_at = busy;
+    if (polled_at < 0) polled_at = busy_;
     (*poll)->Stop();
     maybe_done();
   });
   (*poll)->Stop();  // started once the busy work is under way
-  for (int i = 0; i < kBusy; ++i) {
-    int sv[2];
-    Pair(sv);
-    bool first = i == 0;
-    auto h = reactor_->Add(sv[0], [&, first](IoWatch* w) {
-      ++busy;
-      if (first && start < 0 && busy > 2 * kBusy) {
-        start = busy;
-        (*timer)->Start(0, [&] {
-          timer_at = busy;
-          maybe_done();
-        });
-        loop_->Defer([&] {
-          deferred_at = busy;
-          maybe_done();
-        });
-        (*poll)->SetEvents(UV_READABLE);
-        ASSERT_EQ(write(pipefd[1], "z", 1), 1);
-      }
-      w->Yield();
+  AddBusy(kBusy, [&] {
+    (*timer)->Start(0, [&] {
+      timer_at = busy_;
+      maybe_done();
     });
-    ASSERT_TRUE(h.ok());
-    handles.push_back(std::move(h).value());
-    peers.push_back(sv[1]);
-  }
+    loop_->Defer([&] {
+      deferred_at = busy_;
+      maybe_done();
+    });
+    (*poll)->SetEvents(UV_READABLE);
+    ASSERT_EQ(write(pipefd[1], "z", 1), 1);
+  });
   reactor_->Run();  // returns when the handles are gone and libuv has nothing active
-  ASSERT_GE(start, 0);
-  EXPECT_LE(timer_at - start, 3 * Reactor::kDispatchBudget);
-  EXPECT_LE(deferred_at - start, 3 * Reactor::kDispatchBudget);
-  EXPECT_LE(polled_at - start, 3 * Reactor::kDispatchBudget);
-  EXPECT_TRUE(handles.empty());
+  ASSERT_GE(start_, 0);
+  EXPECT_LE(timer_at - start_, 3 * Reactor::kDispatchBudget);
+  EXPECT_LE(deferred_at - start_, 3 * Reactor::kDispatchBudget);
+  EXPECT_LE(polled_at - start_, 3 * Reactor::kDispatchBudget);
+  EXPECT_TRUE(busy_handles_.empty());
   poll->reset();
   timer->reset();
-  for (int p : peers) close(p);
   close(pipefd[0]);
   close(pipefd[1]);
 }
